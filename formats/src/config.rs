@@ -1,0 +1,485 @@
+//! The VM config: one TOML schema shared by `vmboot`, `vmpack pack` and the packs themselves.
+//!
+//! The schema is documented in `docs/CONFIG.md`. Parsing is strict: unknown keys are errors,
+//! and every error names the file, line and column.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Guests smaller than this cannot hold a Linux kernel's boot structures and page tables.
+pub const MIN_LINUX_MEMORY_MIB: u64 = 16;
+/// 64 GiB: the largest guest we test and document.
+pub const MAX_MEMORY_MIB: u64 = 64 * 1024;
+/// One less than the xAPIC broadcast ID.
+pub const MAX_VCPUS: u32 = 254;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub name: String,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub cpu_template: CpuTemplate,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flat: Option<FlatBoot>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelBoot>,
+    #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    #[serde(default)]
+    pub serial: SerialConfig,
+}
+
+fn default_vcpus() -> u32 {
+    1
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuTemplate {
+    /// Everything the host's KVM supports.
+    #[default]
+    Host,
+    /// A conservative x86-64 feature set so a pack saved here restores on most hosts.
+    Baseline,
+}
+
+impl fmt::Display for CpuTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CpuTemplate::Host => "host",
+            CpuTemplate::Baseline => "baseline",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlatBoot {
+    pub image: PathBuf,
+    pub load_address: u64,
+    pub entry: u64,
+    pub mode: StartMode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartMode {
+    /// 16-bit real mode.
+    Real,
+    /// 64-bit long mode with identity-mapped low memory.
+    Long,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelBoot {
+    pub path: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub format: DiskFormat,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    #[default]
+    Raw,
+    Qcow2,
+}
+
+impl fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        })
+    }
+}
+
+impl std::str::FromStr for DiskFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw" => Ok(DiskFormat::Raw),
+            "qcow2" => Ok(DiskFormat::Qcow2),
+            other => Err(format!(
+                "unknown disk format '{other}' (expected raw or qcow2)"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    #[serde(default)]
+    pub output: SerialOutput,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialOutput {
+    #[default]
+    Stdout,
+    File,
+    None,
+}
+
+/// The boot source, exactly one per config.
+#[derive(Clone, Copy, Debug)]
+pub enum Boot<'a> {
+    Linux(&'a KernelBoot),
+    Flat(&'a FlatBoot),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    /// `line`/`column` are 1-based; absent when the problem is not tied to one place.
+    #[error("{path}{}: {message}", location(.line, .column))]
+    Invalid {
+        path: String,
+        line: Option<usize>,
+        column: Option<usize>,
+        message: String,
+    },
+}
+
+fn location(line: &Option<usize>, column: &Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!(":{l}:{c}"),
+        (Some(l), None) => format!(":{l}"),
+        _ => String::new(),
+    }
+}
+
+impl VmConfig {
+    /// Reads and validates a config file; relative paths are made absolute against its folder.
+    pub fn from_file(path: &Path) -> Result<VmConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        VmConfig::parse(&text, path)
+    }
+
+    /// Parses `text` as if read from `origin`: messages name `origin`, and relative paths
+    /// resolve against its folder.
+    pub fn parse(text: &str, origin: &Path) -> Result<VmConfig, ConfigError> {
+        let name = origin.display().to_string();
+        let mut cfg: VmConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = match e.span() {
+                Some(span) => {
+                    let (l, c) = line_col(text, span.start);
+                    (Some(l), Some(c))
+                }
+                None => (None, None),
+            };
+            ConfigError::Invalid {
+                path: name.clone(),
+                line,
+                column,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        if let Err((key, message)) = cfg.validate() {
+            let (line, column) = find_key(text, key).unzip();
+            return Err(ConfigError::Invalid {
+                path: name,
+                line,
+                column,
+                message,
+            });
+        }
+        let base = origin.parent().unwrap_or(Path::new("."));
+        let base = if base.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            base
+        };
+        cfg.resolve_paths(base);
+        Ok(cfg)
+    }
+
+    /// Checks what the TOML types cannot express. On failure returns the key the problem is
+    /// about (to locate it in the text) and what was expected.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.name.trim().is_empty() {
+            return Err(("name", "name must not be empty".into()));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err((
+                "vcpus",
+                format!("vcpus = {}: expected 1 to {MAX_VCPUS}", self.vcpus),
+            ));
+        }
+        if self.memory_mib == 0 || self.memory_mib > MAX_MEMORY_MIB {
+            return Err((
+                "memory_mib",
+                format!(
+                    "memory_mib = {}: expected 1 to {MAX_MEMORY_MIB}",
+                    self.memory_mib
+                ),
+            ));
+        }
+        match (&self.flat, &self.kernel) {
+            (Some(_), Some(_)) => {
+                return Err((
+                    "[kernel]",
+                    "both [flat] and [kernel] are given: expected exactly one boot source".into(),
+                ))
+            }
+            (None, None) => {
+                return Err((
+                    "name",
+                    "no boot source: expected a [kernel] or a [flat] table".into(),
+                ))
+            }
+            (Some(flat), None) => {
+                let mem = self.memory_bytes();
+                if flat.load_address >= mem {
+                    return Err((
+                        "load_address",
+                        format!(
+                            "load_address {:#x} is outside the guest's {} MiB of memory",
+                            flat.load_address, self.memory_mib
+                        ),
+                    ));
+                }
+                if flat.mode == StartMode::Real && flat.entry >= 0x10000 {
+                    return Err((
+                        "entry",
+                        format!(
+                            "entry {:#x}: real-mode guests start with CS = 0, so entry must be below 0x10000",
+                            flat.entry
+                        ),
+                    ));
+                }
+                if flat.entry >= mem {
+                    return Err((
+                        "entry",
+                        format!("entry {:#x} is outside guest memory", flat.entry),
+                    ));
+                }
+            }
+            (None, Some(_)) => {
+                if self.memory_mib < MIN_LINUX_MEMORY_MIB {
+                    return Err((
+                        "memory_mib",
+                        format!(
+                            "memory_mib = {}: a Linux guest needs at least {MIN_LINUX_MEMORY_MIB}",
+                            self.memory_mib
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.serial.output == SerialOutput::File && self.serial.path.is_none() {
+            return Err(("output", "serial output = \"file\" needs a path".into()));
+        }
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(f) = &mut self.flat {
+            abs(&mut f.image);
+        }
+        if let Some(k) = &mut self.kernel {
+            abs(&mut k.path);
+            if let Some(i) = &mut k.initrd {
+                abs(i);
+            }
+        }
+        for d in &mut self.disks {
+            abs(&mut d.path);
+        }
+        if let Some(p) = &mut self.serial.path {
+            abs(p);
+        }
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+
+    pub fn boot(&self) -> Boot<'_> {
+        match (&self.kernel, &self.flat) {
+            (Some(k), _) => Boot::Linux(k),
+            (None, Some(f)) => Boot::Flat(f),
+            // validate() guarantees one of them; a hand-built config without either is a
+            // programming error.
+            (None, None) => panic!("VmConfig without a boot source"),
+        }
+    }
+
+    /// Every host file the VM needs to boot (kernel, initrd or flat image), with a role name.
+    pub fn boot_files(&self) -> Vec<(&'static str, &Path)> {
+        let mut v = Vec::new();
+        if let Some(k) = &self.kernel {
+            v.push(("kernel", k.path.as_path()));
+            if let Some(i) = &k.initrd {
+                v.push(("initrd", i.as_path()));
+            }
+        }
+        if let Some(f) = &self.flat {
+            v.push(("image", f.image.as_path()));
+        }
+        v
+    }
+
+    pub fn to_toml_string(&self) -> String {
+        // Serializing plain structs of strings, integers and enums cannot fail.
+        toml::to_string_pretty(self).expect("VmConfig serializes to TOML")
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Locates `key = ...` (or a `[table]` header) in the text for error messages.
+fn find_key(text: &str, key: &str) -> Option<(usize, usize)> {
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        let hit = if key.starts_with('[') {
+            trimmed.starts_with(key)
+        } else {
+            trimmed
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        };
+        if hit {
+            return Some((i + 1, line.len() - trimmed.len() + 1));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<VmConfig, ConfigError> {
+        VmConfig::parse(text, Path::new("/cfg/vm.toml"))
+    }
+
+    const FLAT: &str = r#"
+name = "counter"
+memory_mib = 16
+[flat]
+image = "guests/bin/counter16.bin"
+load_address = 0x1000
+entry = 0x1000
+mode = "real"
+"#;
+
+    #[test]
+    fn flat_config_resolves_relative_paths() {
+        let c = parse(FLAT).unwrap();
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.cpu_template, CpuTemplate::Host);
+        let f = c.flat.as_ref().unwrap();
+        assert_eq!(f.image, Path::new("/cfg/guests/bin/counter16.bin"));
+        assert_eq!(f.mode, StartMode::Real);
+        assert!(matches!(c.boot(), Boot::Flat(_)));
+    }
+
+    #[test]
+    fn kernel_config_with_disks() {
+        let c = parse(
+            r#"
+name = "linux"
+vcpus = 2
+memory_mib = 256
+cpu_template = "baseline"
+[kernel]
+path = "/abs/vmlinuz"
+initrd = "initrd.img"
+cmdline = "console=ttyS0"
+[[disk]]
+path = "root.qcow2"
+format = "qcow2"
+[[disk]]
+path = "data.img"
+read_only = true
+[serial]
+output = "file"
+path = "serial.log"
+"#,
+        )
+        .unwrap();
+        let k = c.kernel.as_ref().unwrap();
+        assert_eq!(k.path, Path::new("/abs/vmlinuz"));
+        assert_eq!(k.initrd.as_deref(), Some(Path::new("/cfg/initrd.img")));
+        assert_eq!(c.disks.len(), 2);
+        assert_eq!(c.disks[0].format, DiskFormat::Qcow2);
+        assert_eq!(c.disks[1].format, DiskFormat::Raw);
+        assert!(c.disks[1].read_only);
+        assert_eq!(c.serial.path.as_deref(), Some(Path::new("/cfg/serial.log")));
+        let again = VmConfig::parse(&c.to_toml_string(), Path::new("/elsewhere/x.toml")).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_column() {
+        let e = parse("name = \"x\"\nmemory_mib = 16\nmemroy = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("/cfg/vm.toml:3:1: "), "{e}");
+        assert!(e.contains("memroy"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_located() {
+        let e = parse("name = \"x\"\nmemory_mib = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("/cfg/vm.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_are_located() {
+        let e = parse(&FLAT.replace("entry = 0x1000", "entry = 0x20000"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("/cfg/vm.toml:7:1: entry 0x20000"), "{e}");
+        let e = parse("name = \"x\"\nmemory_mib = 16\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no boot source"), "{e}");
+        let e = parse(&FLAT.replace("memory_mib = 16", "memory_mib = 0"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("/cfg/vm.toml:3:1: memory_mib = 0"), "{e}");
+    }
+}

@@ -1,0 +1,5 @@
+pub mod config;
+pub mod disk;
+pub mod host;
+pub mod pack;
+pub mod vm;

@@ -1,0 +1,1867 @@
+//! Control socket: HTTP/1.1 + JSON over a Unix socket (`--api-sock PATH`).
+//!
+//! Written by hand on `std::os::unix::net` so vmboot needs no async runtime: one accept thread,
+//! one thread per connection. The VMM plugs in through [`VmControl`]; this module knows nothing
+//! about KVM. The protocol is documented in `docs/API.md`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// Largest accepted request line + header block, in bytes.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Largest accepted request body, in bytes.
+pub const MAX_BODY_BYTES: u64 = 1024 * 1024;
+/// Media type of a streamed pack (`POST /vm/save`).
+pub const PACK_CONTENT_TYPE: &str = "application/vnd.vmpack";
+
+/// Save bodies are held back up to this size so that a controller failing early still gets a
+/// JSON error out instead of a truncated pack.
+const SAVE_BUFFER_BYTES: usize = 64 * 1024;
+
+/// What the API server needs from the VMM.
+///
+/// Guarantees the server gives the implementation:
+/// - `pause`, `resume`, `shutdown` and `save` are never called concurrently with each other
+///   (the server serializes them); `status` may be called at any time, also during a save.
+/// - A panic in a method is caught and answered with HTTP 500; the server keeps running.
+pub trait VmControl: Send + Sync {
+    /// The body of `GET /vm` (fields listed in `docs/API.md`). Must not block for long: it is
+    /// also called while a save streams.
+    fn status(&self) -> Value;
+    /// Return once every vCPU is out of `KVM_RUN` and parked, with in-flight port/MMIO
+    /// accesses completed. Idempotent; `ApiError::conflict` if the VM is stopped.
+    fn pause(&self) -> Result<(), ApiError>;
+    /// Let parked vCPUs run again. Idempotent; `ApiError::conflict` if the VM is stopped.
+    fn resume(&self) -> Result<(), ApiError>;
+    /// Ask the VM to end; vmboot then exits with status 0. Succeeds on a stopped VM too.
+    /// The 204 is written after this returns, so the main thread must stop the [`ApiServer`]
+    /// (drop it or call `stop`; `process::exit` skips destructors) before exiting: `stop`
+    /// waits up to `stop_grace` for answers in flight. Never stop the server from inside a
+    /// `VmControl` method: `stop` would wait for that very request.
+    fn shutdown(&self) -> Result<(), ApiError>;
+    /// Pause, write a pack of the VM to `out`, then follow `req.then` (`Resume` restores the
+    /// run state from before the save: a VM paused beforehand stays paused). Writes to `out`
+    /// fail once the client goes away or stops reading for `write_timeout`; on any failure
+    /// return the error and restore the run state from before the save, ignoring `then`.
+    /// An error returned before 64 KiB were written (and before any `flush`) reaches the
+    /// client as a JSON error with its status; after that the stream is cut short, which the
+    /// pack reader detects.
+    fn save(&self, req: &SaveRequest, out: &mut dyn Write) -> Result<(), ApiError>;
+}
+
+/// Body of `POST /vm/save`. Every field is optional; an empty body means all defaults.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SaveRequest {
+    /// Compression of memory and disk sections, e.g. `"zstd"` or `"none"`; `None` = the
+    /// controller's default. The controller validates the name (answer with `bad_request`).
+    #[serde(default)]
+    pub compress: Option<String>,
+    /// Compression level; `None` = the compressor's default.
+    #[serde(default)]
+    pub level: Option<i32>,
+    /// What the VM does once the pack is written.
+    #[serde(default)]
+    pub then: AfterSave,
+}
+
+/// What happens to the VM after `POST /vm/save`.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AfterSave {
+    /// Continue running (or stay paused if it was paused before the save).
+    #[default]
+    Resume,
+    /// End the VM as `PUT /vm/shutdown` would.
+    Stop,
+}
+
+/// An error a [`VmControl`] method reports, with the HTTP status the client sees.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+    /// 400: the request itself is wrong (e.g. an unknown compressor).
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, message)
+    }
+    /// 409: not possible in the VM's current state (e.g. pausing a stopped VM).
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(409, message)
+    }
+    /// 500: the VMM failed.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, message)
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (HTTP {})", self.message, self.status)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl From<String> for ApiError {
+    fn from(message: String) -> Self {
+        ApiError::internal(message)
+    }
+}
+
+impl From<&str> for ApiError {
+    fn from(message: &str) -> Self {
+        ApiError::internal(message)
+    }
+}
+
+impl From<io::Error> for ApiError {
+    fn from(e: io::Error) -> Self {
+        ApiError::internal(e.to_string())
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError::internal(format!("{e:#}"))
+    }
+}
+
+/// Tunables; [`Default`] is what vmboot uses.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Time allowed from the first byte of a request to its last (answered with 408).
+    pub request_timeout: Duration,
+    /// How long an idle keep-alive connection is kept open.
+    pub idle_timeout: Duration,
+    /// A response write that makes no progress for this long drops the connection, so a
+    /// client that stops reading cannot hold a save (and a paused VM) forever.
+    pub write_timeout: Duration,
+    /// Connections beyond this many are answered with 503.
+    pub max_connections: usize,
+    /// How long `stop` waits for requests in flight to be answered.
+    pub stop_grace: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(30),
+            max_connections: 64,
+            stop_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The running control socket. Dropping it (or [`ApiServer::stop`]) stops accepting, lets
+/// requests in flight finish (bounded by `stop_grace`) and removes the socket file.
+pub struct ApiServer {
+    path: PathBuf,
+    shared: Arc<Shared>,
+    accept_thread: Option<JoinHandle<()>>,
+    wake: Option<UnixStream>,
+    /// Identity of the socket file we created, so `stop` never removes someone else's.
+    socket_id: (u64, u64),
+}
+
+struct Shared {
+    ctl: Arc<dyn VmControl>,
+    opts: ServerOptions,
+    stopping: AtomicBool,
+    next_id: AtomicU64,
+    conns: Mutex<HashMap<u64, UnixStream>>,
+    conns_done: Condvar,
+    /// Serializes the state-changing controller calls.
+    op_lock: Mutex<()>,
+    saving: AtomicBool,
+}
+
+impl ApiServer {
+    /// Listen on `path` with default options.
+    pub fn start(path: &Path, ctl: Arc<dyn VmControl>) -> io::Result<ApiServer> {
+        Self::start_with(path, ctl, ServerOptions::default())
+    }
+
+    /// Listen on `path`. A stale socket file there (nobody listening) is replaced; anything
+    /// else at `path` is an error. The socket is made owner-only (0600) because a save
+    /// exposes all of guest memory.
+    pub fn start_with(
+        path: &Path,
+        ctl: Arc<dyn VmControl>,
+        opts: ServerOptions,
+    ) -> io::Result<ApiServer> {
+        remove_stale_socket(path)?;
+        let listener = UnixListener::bind(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on API socket {}: {e}", path.display()),
+            )
+        })?;
+        let meta = std::fs::symlink_metadata(path)?;
+        let socket_id = (meta.dev(), meta.ino());
+        let setup = (|| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            listener.set_nonblocking(true)?;
+            UnixStream::pair()
+        })();
+        let (wake_rx, wake_tx) = match setup {
+            Ok(pair) => pair,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
+        };
+        let shared = Arc::new(Shared {
+            ctl,
+            opts,
+            stopping: AtomicBool::new(false),
+            next_id: AtomicU64::new(0),
+            conns: Mutex::new(HashMap::new()),
+            conns_done: Condvar::new(),
+            op_lock: Mutex::new(()),
+            saving: AtomicBool::new(false),
+        });
+        let thread_shared = shared.clone();
+        let accept_thread = std::thread::Builder::new()
+            .name("api-accept".into())
+            .spawn(move || accept_loop(thread_shared, listener, wake_rx));
+        let accept_thread = match accept_thread {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
+        };
+        Ok(ApiServer {
+            path: path.to_path_buf(),
+            shared,
+            accept_thread: Some(accept_thread),
+            wake: Some(wake_tx),
+            socket_id,
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stop accepting, remove the socket file, close idle connections and wait up to
+    /// `stop_grace` for requests in flight to be answered. Idempotent.
+    pub fn stop(&mut self) {
+        let Some(accept_thread) = self.accept_thread.take() else {
+            return;
+        };
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        if let Some(mut wake) = self.wake.take() {
+            let _ = wake.write_all(b"x");
+        }
+        let _ = accept_thread.join();
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
+            if (meta.dev(), meta.ino()) == self.socket_id {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+        // Shutting down only the read side wakes idle readers with EOF while answers still
+        // being written (a 204 for /vm/shutdown, a pack stream) go out intact.
+        let deadline = Instant::now() + self.shared.opts.stop_grace;
+        let mut conns = lock(&self.shared.conns);
+        for stream in conns.values() {
+            let _ = stream.shutdown(Shutdown::Read);
+        }
+        while !conns.is_empty() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            conns = match self.shared.conns_done.wait_timeout(conns, deadline - now) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("cannot inspect {}: {e}", path.display()),
+            ))
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            ),
+        ));
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(
+            ErrorKind::AddrInUse,
+            format!(
+                "another process is listening on API socket {}",
+                path.display()
+            ),
+        ));
+    }
+    std::fs::remove_file(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot remove stale socket {}: {e}", path.display()),
+        )
+    })
+}
+
+fn accept_loop(shared: Arc<Shared>, listener: UnixListener, wake: UnixStream) {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if rc < 0 {
+            if io::Error::last_os_error().kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            // poll on two valid fds does not fail otherwise; avoid spinning if it does.
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        if fds[1].revents != 0 || shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        match listener.accept() {
+            Ok((stream, _)) => spawn_connection(&shared, stream),
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+            // Out of fds or similar: back off instead of spinning; the VM must not suffer.
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn spawn_connection(shared: &Arc<Shared>, stream: UnixStream) {
+    if stream.set_nonblocking(false).is_err() {
+        return;
+    }
+    let _ = stream.set_write_timeout(Some(shared.opts.write_timeout));
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    {
+        let mut conns = lock(&shared.conns);
+        if conns.len() >= shared.opts.max_connections {
+            drop(conns);
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let mut stream = stream;
+            let _ = stream.write_all(&error_response(503, "too many API connections", true));
+            // Short drain so the client reads the 503 rather than ECONNRESET, without letting
+            // a flood of connections stall the accept thread for long.
+            let _ = stream.shutdown(Shutdown::Write);
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
+            let mut sink = [0u8; 4096];
+            while let Ok(1..) = stream.read(&mut sink) {}
+            return;
+        }
+        match stream.try_clone() {
+            Ok(clone) => {
+                conns.insert(id, clone);
+            }
+            Err(_) => return,
+        }
+    }
+    let thread_shared = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("api-conn".into())
+        .spawn(move || {
+            let _guard = ConnGuard {
+                shared: thread_shared.clone(),
+                id,
+            };
+            serve_connection(&thread_shared, stream);
+        });
+    if spawned.is_err() {
+        let mut conns = lock(&shared.conns);
+        if let Some(mut stream) = conns.remove(&id) {
+            let _ = stream.write_all(&error_response(503, "cannot start API connection", true));
+        }
+        shared.conns_done.notify_all();
+    }
+}
+
+/// Deregisters a connection even when its thread unwinds.
+struct ConnGuard {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        lock(&self.shared.conns).remove(&self.id);
+        self.shared.conns_done.notify_all();
+    }
+}
+
+/// A parsed request.
+#[derive(Debug)]
+struct Request {
+    method: String,
+    path: String,
+    keep_alive: bool,
+    body: Vec<u8>,
+}
+
+/// A request that cannot be served; answered and the connection closed.
+#[derive(Debug)]
+struct HttpError {
+    status: u16,
+    message: String,
+}
+
+impl HttpError {
+    fn new(status: u16, message: impl Into<String>) -> Self {
+        HttpError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+enum ReadOutcome {
+    Request(Request),
+    /// The client closed, went idle past the timeout, or vanished mid-request: nobody to answer.
+    Closed,
+    Error(HttpError),
+}
+
+struct Connection {
+    stream: UnixStream,
+    /// Bytes read but not consumed yet (the start of a pipelined request).
+    buf: Vec<u8>,
+}
+
+fn serve_connection(shared: &Shared, stream: UnixStream) {
+    let mut conn = Connection {
+        stream,
+        buf: Vec::new(),
+    };
+    loop {
+        if shared.stopping.load(Ordering::SeqCst) && conn.buf.is_empty() {
+            return;
+        }
+        let req = match read_request(&mut conn, &shared.opts) {
+            ReadOutcome::Request(req) => req,
+            ReadOutcome::Closed => return,
+            ReadOutcome::Error(err) => {
+                let _ = conn
+                    .stream
+                    .write_all(&error_response(err.status, &err.message, true));
+                linger_close(&conn.stream);
+                return;
+            }
+        };
+        let keep_alive = req.keep_alive && !shared.stopping.load(Ordering::SeqCst);
+        match handle(shared, &req, &mut conn.stream, keep_alive) {
+            Ok(true) => {}
+            Ok(false) => {
+                linger_close(&conn.stream);
+                return;
+            }
+            // The client is gone; nothing left to tell it.
+            Err(_) => return,
+        }
+    }
+}
+
+/// Close so the client reads our last answer and then EOF: closing a Unix socket with unread
+/// input would hand the peer ECONNRESET instead.
+fn linger_close(stream: &UnixStream) {
+    let _ = stream.shutdown(Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut sink = [0u8; 8192];
+    let mut drained = 0usize;
+    let mut reader = stream;
+    while drained < MAX_BODY_BYTES as usize {
+        match reader.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
+}
+
+/// Reads more bytes into `conn.buf`, giving up at `deadline`. `Ok(false)` means EOF.
+fn fill(conn: &mut Connection, deadline: Instant) -> io::Result<bool> {
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    if remaining.is_zero() {
+        return Err(io::Error::from(ErrorKind::TimedOut));
+    }
+    conn.stream.set_read_timeout(Some(remaining))?;
+    let mut chunk = [0u8; 8192];
+    loop {
+        match conn.stream.read(&mut chunk) {
+            Ok(0) => return Ok(false),
+            Ok(n) => {
+                conn.buf.extend_from_slice(&chunk[..n]);
+                return Ok(true);
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
+fn read_request(conn: &mut Connection, opts: &ServerOptions) -> ReadOutcome {
+    let idle_deadline = Instant::now() + opts.idle_timeout;
+    let mut request_deadline: Option<Instant> = None;
+    let head_len = loop {
+        // Empty lines before a request line are allowed (RFC 9112 section 2.2).
+        let blank = conn
+            .buf
+            .iter()
+            .take_while(|&&b| b == b'\r' || b == b'\n')
+            .count();
+        conn.buf.drain(..blank);
+        if !conn.buf.is_empty() && request_deadline.is_none() {
+            request_deadline = Some(Instant::now() + opts.request_timeout);
+        }
+        if let Some(end) = find_head_end(&conn.buf) {
+            if end > MAX_HEADER_BYTES {
+                return ReadOutcome::Error(header_too_large());
+            }
+            break end;
+        }
+        if conn.buf.len() > MAX_HEADER_BYTES {
+            return ReadOutcome::Error(header_too_large());
+        }
+        match fill(conn, request_deadline.unwrap_or(idle_deadline)) {
+            Ok(true) => {}
+            Ok(false) => return ReadOutcome::Closed,
+            Err(e) if is_timeout(&e) && request_deadline.is_some() => {
+                return ReadOutcome::Error(request_timeout());
+            }
+            Err(_) => return ReadOutcome::Closed,
+        }
+    };
+    let deadline = request_deadline.unwrap_or(idle_deadline);
+    let head: Vec<u8> = conn.buf.drain(..head_len).collect();
+    let head = match parse_head(&head) {
+        Ok(head) => head,
+        Err(e) => return ReadOutcome::Error(e),
+    };
+    if head.content_length > MAX_BODY_BYTES {
+        return ReadOutcome::Error(HttpError::new(
+            413,
+            format!(
+                "request body of {} bytes exceeds the limit of {MAX_BODY_BYTES}",
+                head.content_length
+            ),
+        ));
+    }
+    let body_len = head.content_length as usize;
+    let must_continue = head.expect_continue && body_len > conn.buf.len();
+    if must_continue
+        && conn
+            .stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .is_err()
+    {
+        return ReadOutcome::Closed;
+    }
+    while conn.buf.len() < body_len {
+        match fill(conn, deadline) {
+            Ok(true) => {}
+            Ok(false) => return ReadOutcome::Closed,
+            Err(e) if is_timeout(&e) => return ReadOutcome::Error(request_timeout()),
+            Err(_) => return ReadOutcome::Closed,
+        }
+    }
+    let body: Vec<u8> = conn.buf.drain(..body_len).collect();
+    ReadOutcome::Request(Request {
+        method: head.method,
+        path: head.path,
+        keep_alive: head.keep_alive,
+        body,
+    })
+}
+
+fn header_too_large() -> HttpError {
+    HttpError::new(
+        431,
+        format!("request line and headers exceed {MAX_HEADER_BYTES} bytes"),
+    )
+}
+
+fn request_timeout() -> HttpError {
+    HttpError::new(408, "request not received in time")
+}
+
+/// Length of the head including its terminating empty line, if complete. Bare LF line ends
+/// are accepted, as RFC 9112 allows.
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while let Some(pos) = buf[i..].iter().position(|&b| b == b'\n') {
+        let nl = i + pos;
+        let next = &buf[nl + 1..];
+        if next.starts_with(b"\n") {
+            return Some(nl + 2);
+        }
+        if next.starts_with(b"\r\n") {
+            return Some(nl + 3);
+        }
+        i = nl + 1;
+    }
+    None
+}
+
+struct Head {
+    method: String,
+    path: String,
+    keep_alive: bool,
+    content_length: u64,
+    expect_continue: bool,
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn parse_head(head: &[u8]) -> Result<Head, HttpError> {
+    let text = std::str::from_utf8(head)
+        .map_err(|_| HttpError::new(400, "request head is not valid UTF-8"))?;
+    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    let request_line = lines.next().unwrap_or("");
+    let parts: Vec<&str> = request_line.split(' ').collect();
+    let [method, target, version] = parts[..] else {
+        return Err(HttpError::new(
+            400,
+            format!("malformed request line {:?}", clip(request_line)),
+        ));
+    };
+    if !is_token(method) {
+        return Err(HttpError::new(
+            400,
+            format!("malformed method {:?}", clip(method)),
+        ));
+    }
+    let http10 = match version {
+        "HTTP/1.1" => false,
+        "HTTP/1.0" => true,
+        v if v.starts_with("HTTP/") => {
+            return Err(HttpError::new(
+                505,
+                format!("HTTP version {:?} is not supported", clip(v)),
+            ))
+        }
+        v => {
+            return Err(HttpError::new(
+                400,
+                format!("malformed HTTP version {:?}", clip(v)),
+            ))
+        }
+    };
+    let path = request_path(target)?;
+
+    let mut content_length: Option<u64> = None;
+    let mut connection_close = false;
+    let mut connection_keep_alive = false;
+    let mut expect_continue = false;
+    for line in lines {
+        if line.is_empty() {
+            continue;
+        }
+        if line.starts_with([' ', '\t']) {
+            return Err(HttpError::new(400, "folded header lines are not allowed"));
+        }
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(HttpError::new(
+                400,
+                format!("malformed header line {:?}", clip(line)),
+            ));
+        };
+        if !is_token(name) {
+            return Err(HttpError::new(
+                400,
+                format!("malformed header name {:?}", clip(name)),
+            ));
+        }
+        let value = value.trim_matches([' ', '\t']);
+        if name.eq_ignore_ascii_case("content-length") {
+            let n = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+                value.parse::<u64>().ok()
+            } else {
+                None
+            };
+            let Some(n) = n else {
+                return Err(HttpError::new(
+                    400,
+                    format!("invalid Content-Length {:?}", clip(value)),
+                ));
+            };
+            if content_length.is_some_and(|old| old != n) {
+                return Err(HttpError::new(400, "conflicting Content-Length headers"));
+            }
+            content_length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(HttpError::new(
+                501,
+                "Transfer-Encoding is not supported; send the body with Content-Length",
+            ));
+        } else if name.eq_ignore_ascii_case("connection") {
+            for option in value.split(',').map(str::trim) {
+                connection_close |= option.eq_ignore_ascii_case("close");
+                connection_keep_alive |= option.eq_ignore_ascii_case("keep-alive");
+            }
+        } else if name.eq_ignore_ascii_case("expect") {
+            if !value.eq_ignore_ascii_case("100-continue") {
+                return Err(HttpError::new(
+                    417,
+                    format!("unsupported Expect {:?}", clip(value)),
+                ));
+            }
+            expect_continue = true;
+        }
+    }
+    let keep_alive = !connection_close && (!http10 || connection_keep_alive);
+    Ok(Head {
+        method: method.to_string(),
+        path,
+        keep_alive,
+        content_length: content_length.unwrap_or(0),
+        expect_continue,
+    })
+}
+
+/// The path of a request target, without query; absolute-form targets are reduced to it.
+fn request_path(target: &str) -> Result<String, HttpError> {
+    let mut rest = target;
+    if let Some(after) = rest.strip_prefix("http://") {
+        rest = after.find('/').map_or("/", |i| &after[i..]);
+    }
+    if !rest.starts_with('/') || rest.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(HttpError::new(
+            400,
+            format!("malformed request target {:?}", clip(target)),
+        ));
+    }
+    let path = rest.split(['?', '#']).next().unwrap_or("/");
+    Ok(path.to_string())
+}
+
+/// Keeps echoed client input in error messages short.
+fn clip(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        417 => "Expectation Failed",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        505 => "HTTP Version Not Supported",
+        _ => "Unknown",
+    }
+}
+
+fn response(
+    status: u16,
+    extra_headers: &[(&str, &str)],
+    body: Option<&Value>,
+    close: bool,
+) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 {status} {}\r\nServer: vmboot\r\n", reason(status));
+    for (name, value) in extra_headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if close {
+        out.push_str("Connection: close\r\n");
+    }
+    let body = body.map(|v| {
+        let mut text = v.to_string();
+        text.push('\n');
+        text
+    });
+    match &body {
+        Some(text) => out.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+            text.len()
+        )),
+        None if status == 204 => out.push_str("\r\n"),
+        None => out.push_str("Content-Length: 0\r\n\r\n"),
+    }
+    out.into_bytes()
+}
+
+fn error_response(status: u16, message: &str, close: bool) -> Vec<u8> {
+    let status = if (400..=599).contains(&status) {
+        status
+    } else {
+        500
+    };
+    response(status, &[], Some(&json!({ "error": message })), close)
+}
+
+/// Runs a controller call, turning a panic into a 500 so one bad call cannot kill the server.
+fn guarded<T>(f: impl FnOnce() -> Result<T, ApiError>) -> Result<T, ApiError> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(ApiError::internal(
+            "internal error: the VM controller panicked",
+        ))
+    })
+}
+
+/// Answers one request. `Ok(keep)` tells whether the connection stays open; `Err` means the
+/// client is gone.
+fn handle(
+    shared: &Shared,
+    req: &Request,
+    stream: &mut UnixStream,
+    keep_alive: bool,
+) -> io::Result<bool> {
+    let close = !keep_alive;
+    let method_not_allowed = |allow: &str| {
+        let body = json!({ "error": format!("method {} is not allowed on {}; use {allow}", req.method, req.path) });
+        response(405, &[("Allow", allow)], Some(&body), close)
+    };
+    let answer = match req.path.as_str() {
+        "/vm" => match req.method.as_str() {
+            "GET" => match guarded(|| Ok(shared.ctl.status())) {
+                Ok(status) => response(200, &[], Some(&status), close),
+                Err(e) => error_response(e.status, &e.message, close),
+            },
+            _ => method_not_allowed("GET"),
+        },
+        "/vm/pause" | "/vm/resume" | "/vm/shutdown" => {
+            if req.method != "PUT" {
+                method_not_allowed("PUT")
+            } else if shared.saving.load(Ordering::SeqCst) {
+                error_response(
+                    409,
+                    "a save is in progress; try again when it has finished",
+                    close,
+                )
+            } else {
+                let _op = lock(&shared.op_lock);
+                let ctl = &shared.ctl;
+                let result = guarded(|| match req.path.as_str() {
+                    "/vm/pause" => ctl.pause(),
+                    "/vm/resume" => ctl.resume(),
+                    _ => ctl.shutdown(),
+                });
+                match result {
+                    Ok(()) => response(204, &[], None, close),
+                    Err(e) => error_response(e.status, &e.message, close),
+                }
+            }
+        }
+        "/vm/save" => {
+            if req.method != "POST" {
+                method_not_allowed("POST")
+            } else {
+                return handle_save(shared, req, stream);
+            }
+        }
+        _ => error_response(404, &format!("no such endpoint: {}", req.path), close),
+    };
+    stream.write_all(&answer)?;
+    Ok(keep_alive)
+}
+
+fn handle_save(shared: &Shared, req: &Request, stream: &mut UnixStream) -> io::Result<bool> {
+    let save_req: SaveRequest = if req.body.iter().all(u8::is_ascii_whitespace) {
+        SaveRequest::default()
+    } else {
+        match serde_json::from_slice(&req.body) {
+            Ok(r) => r,
+            Err(e) => {
+                stream.write_all(&error_response(
+                    400,
+                    &format!("invalid save request: {e}"),
+                    true,
+                ))?;
+                return Ok(false);
+            }
+        }
+    };
+    if shared.saving.swap(true, Ordering::SeqCst) {
+        stream.write_all(&error_response(409, "another save is in progress", true))?;
+        return Ok(false);
+    }
+    struct SavingFlag<'a>(&'a AtomicBool);
+    impl Drop for SavingFlag<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+    let saving = SavingFlag(&shared.saving);
+    let op = lock(&shared.op_lock);
+
+    let mut out = SaveStream {
+        stream,
+        buf: Vec::with_capacity(SAVE_BUFFER_BYTES),
+        committed: false,
+        sent: 0,
+    };
+    let result = guarded(|| shared.ctl.save(&save_req, &mut out));
+    // Released before the last bytes go out, so a client acting on the answer right away
+    // does not find the save still "in progress".
+    drop(op);
+    drop(saving);
+    match result {
+        Ok(()) => {
+            out.commit()?;
+            out.stream.flush()?;
+        }
+        Err(e) if !out.committed => {
+            out.stream
+                .write_all(&error_response(e.status, &e.message, true))?;
+        }
+        Err(e) => {
+            // The client sees a pack cut short; its reader reports the missing trailer.
+            eprintln!(
+                "vmboot: API save failed after {} bytes were sent: {}",
+                out.sent, e.message
+            );
+        }
+    }
+    Ok(false)
+}
+
+/// The `Write` handed to [`VmControl::save`]: holds back the first bytes so an early failure
+/// can still become a JSON error, then streams.
+struct SaveStream<'a> {
+    stream: &'a mut UnixStream,
+    buf: Vec<u8>,
+    committed: bool,
+    sent: u64,
+}
+
+impl SaveStream<'_> {
+    fn commit(&mut self) -> io::Result<()> {
+        if !self.committed {
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nServer: vmboot\r\nContent-Type: {PACK_CONTENT_TYPE}\r\nConnection: close\r\n\r\n"
+            );
+            self.stream.write_all(head.as_bytes())?;
+            self.committed = true;
+        }
+        if !self.buf.is_empty() {
+            self.stream.write_all(&self.buf)?;
+            self.sent += self.buf.len() as u64;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
+impl Write for SaveStream<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.len() + data.len() > SAVE_BUFFER_BYTES {
+            self.commit()?;
+            if data.len() >= SAVE_BUFFER_BYTES {
+                self.stream.write_all(data)?;
+                self.sent += data.len() as u64;
+                return Ok(data.len());
+            }
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.commit()?;
+        self.stream.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api_client::ApiClient;
+    use std::sync::atomic::AtomicU32;
+
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum SaveMode {
+        Stream(u64),
+        FailBefore,
+        /// Writes this many bytes, then fails.
+        FailAfter(u64),
+        Panic,
+    }
+
+    struct Fake {
+        state: Mutex<&'static str>,
+        pauses: AtomicU32,
+        resumes: AtomicU32,
+        shutdowns: AtomicU32,
+        save_mode: Mutex<SaveMode>,
+        /// Outcome of the last save as the controller saw it.
+        last_save: Mutex<Option<Result<u64, String>>>,
+        last_request: Mutex<Option<SaveRequest>>,
+    }
+
+    impl Fake {
+        fn new() -> Arc<Fake> {
+            Arc::new(Fake {
+                state: Mutex::new("running"),
+                pauses: AtomicU32::new(0),
+                resumes: AtomicU32::new(0),
+                shutdowns: AtomicU32::new(0),
+                save_mode: Mutex::new(SaveMode::Stream(1000)),
+                last_save: Mutex::new(None),
+                last_request: Mutex::new(None),
+            })
+        }
+    }
+
+    fn pattern(i: u64) -> u8 {
+        (i.wrapping_mul(2_654_435_761) >> 13) as u8
+    }
+
+    fn write_pattern(out: &mut dyn Write, total: u64) -> io::Result<u64> {
+        let sizes = [1usize, 100, 70_000, 1 << 20, 4096];
+        let mut written = 0u64;
+        let mut k = 0;
+        while written < total {
+            let n = (sizes[k % sizes.len()] as u64).min(total - written) as usize;
+            k += 1;
+            let chunk: Vec<u8> = (written..written + n as u64).map(pattern).collect();
+            out.write_all(&chunk)?;
+            written += n as u64;
+        }
+        Ok(written)
+    }
+
+    impl VmControl for Fake {
+        fn status(&self) -> Value {
+            json!({
+                "state": *lock(&self.state),
+                "name": "fake",
+                "vcpus": 2,
+                "memory_mib": 16,
+                "uptime_ms": 5,
+                "unhandled_io": {"pio_reads": 0, "pio_writes": 0, "mmio_reads": 0, "mmio_writes": 0},
+                "last_save": null,
+            })
+        }
+        fn pause(&self) -> Result<(), ApiError> {
+            let mut state = lock(&self.state);
+            if *state == "stopped" {
+                return Err(ApiError::conflict("the VM is stopped"));
+            }
+            *state = "paused";
+            self.pauses.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn resume(&self) -> Result<(), ApiError> {
+            let mut state = lock(&self.state);
+            if *state == "stopped" {
+                return Err("the VM is stopped".into());
+            }
+            *state = "running";
+            self.resumes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn shutdown(&self) -> Result<(), ApiError> {
+            *lock(&self.state) = "stopped";
+            self.shutdowns.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn save(&self, req: &SaveRequest, out: &mut dyn Write) -> Result<(), ApiError> {
+            *lock(&self.last_request) = Some(req.clone());
+            let mode = *lock(&self.save_mode);
+            let result = match mode {
+                SaveMode::Stream(n) => write_pattern(out, n).map_err(|e| e.to_string()),
+                SaveMode::FailBefore => Err("disk snapshot failed".to_string()),
+                SaveMode::FailAfter(n) => match write_pattern(out, n) {
+                    Ok(_) => Err("memory read failed".to_string()),
+                    Err(e) => Err(e.to_string()),
+                },
+                SaveMode::Panic => panic!("fake controller panics on purpose"),
+            };
+            *lock(&self.last_save) = Some(result.clone());
+            result.map(|_| ()).map_err(ApiError::internal)
+        }
+    }
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        sock: PathBuf,
+        fake: Arc<Fake>,
+        server: ApiServer,
+    }
+
+    fn setup_with(opts: ServerOptions) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let fake = Fake::new();
+        let server = ApiServer::start_with(&sock, fake.clone(), opts).unwrap();
+        Setup {
+            _dir: dir,
+            sock,
+            fake,
+            server,
+        }
+    }
+
+    fn setup() -> Setup {
+        setup_with(ServerOptions::default())
+    }
+
+    /// Sends raw bytes and returns everything the server answers until it closes.
+    fn raw(sock: &Path, request: &[u8]) -> String {
+        String::from_utf8_lossy(&raw_bytes(sock, request)).into_owned()
+    }
+
+    fn raw_bytes(sock: &Path, request: &[u8]) -> Vec<u8> {
+        let mut s = UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(request).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        out
+    }
+
+    fn status_of(answer: &str) -> u16 {
+        answer
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn assert_alive(sock: &Path) {
+        let v = ApiClient::new(sock).get_json("/vm").unwrap();
+        assert_eq!(v["name"], "fake");
+    }
+
+    #[test]
+    fn status_returns_controller_json() {
+        let t = setup();
+        let v = ApiClient::new(&t.sock).get_json("/vm").unwrap();
+        assert_eq!(v["state"], "running");
+        assert_eq!(v["vcpus"], 2);
+        assert!(v["last_save"].is_null());
+        let answer = raw(
+            &t.sock,
+            b"GET /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(
+            answer.contains("Content-Type: application/json\r\n"),
+            "{answer}"
+        );
+    }
+
+    #[test]
+    fn pause_resume_and_conflict_when_stopped() {
+        let t = setup();
+        let c = ApiClient::new(&t.sock);
+        c.put("/vm/pause").unwrap();
+        c.put("/vm/pause").unwrap();
+        assert_eq!(c.get_json("/vm").unwrap()["state"], "paused");
+        assert_eq!(t.fake.pauses.load(Ordering::SeqCst), 2);
+        c.put("/vm/resume").unwrap();
+        assert_eq!(c.get_json("/vm").unwrap()["state"], "running");
+        let answer = raw(
+            &t.sock,
+            b"PUT /vm/pause HTTP/1.1\r\nConnection: close\r\n\r\n",
+        );
+        assert!(
+            answer.starts_with("HTTP/1.1 204 No Content\r\n"),
+            "{answer}"
+        );
+        assert!(!answer.contains("Content-Length"), "{answer}");
+
+        c.put("/vm/shutdown").unwrap();
+        assert_eq!(t.fake.shutdowns.load(Ordering::SeqCst), 1);
+        let err = c.put("/vm/pause").unwrap_err().to_string();
+        assert!(err.contains("HTTP 409"), "{err}");
+        assert!(err.contains("the VM is stopped"), "{err}");
+        assert!(err.contains(&t.sock.display().to_string()), "{err}");
+        let answer = raw(
+            &t.sock,
+            b"PUT /vm/pause HTTP/1.1\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(status_of(&answer), 409);
+        assert!(
+            answer.ends_with("{\"error\":\"the VM is stopped\"}\n"),
+            "{answer}"
+        );
+        // A plain String error from the controller maps to 500.
+        let err = c.put("/vm/resume").unwrap_err().to_string();
+        assert!(err.contains("HTTP 500"), "{err}");
+    }
+
+    #[test]
+    fn unknown_paths_and_wrong_methods() {
+        let t = setup();
+        let answer = raw(&t.sock, b"GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert_eq!(status_of(&answer), 404);
+        assert!(
+            answer.contains("\"error\":\"no such endpoint: /nope\""),
+            "{answer}"
+        );
+        let answer = raw(&t.sock, b"POST /vm HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert_eq!(status_of(&answer), 405);
+        assert!(answer.contains("Allow: GET\r\n"), "{answer}");
+        let answer = raw(
+            &t.sock,
+            b"GET /vm/pause HTTP/1.1\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(status_of(&answer), 405);
+        assert!(answer.contains("Allow: PUT\r\n"), "{answer}");
+        assert_eq!(t.fake.pauses.load(Ordering::SeqCst), 0);
+        let answer = raw(
+            &t.sock,
+            b"GET /vm/save HTTP/1.1\r\nConnection: close\r\n\r\n",
+        );
+        assert!(answer.contains("Allow: POST\r\n"), "{answer}");
+        // Query strings and absolute-form targets address the same resource.
+        let answer = raw(
+            &t.sock,
+            b"GET http://localhost/vm?x=1 HTTP/1.1\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(status_of(&answer), 200, "{answer}");
+    }
+
+    #[test]
+    fn malformed_requests_get_400_and_server_survives() {
+        let t = setup();
+        let cases: &[(&[u8], u16)] = &[
+            (b"GARBAGE\r\n\r\n", 400),
+            (b"GET /vm\r\n\r\n", 400),
+            (b"GET  /vm HTTP/1.1\r\n\r\n", 400),
+            (b"GET vm HTTP/1.1\r\n\r\n", 400),
+            (b"G(T /vm HTTP/1.1\r\n\r\n", 400),
+            (b"GET /vm HTTP/2.0\r\n\r\n", 505),
+            (b"GET /vm FTP/1.1\r\n\r\n", 400),
+            (b"GET /vm HTTP/1.1\r\nNoColonHere\r\n\r\n", 400),
+            (b"GET /vm HTTP/1.1\r\nBad Name: x\r\n\r\n", 400),
+            (b"GET /vm HTTP/1.1\r\nX: a\r\n  folded\r\n\r\n", 400),
+            (b"GET /vm HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+            (
+                b"GET /vm HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                400,
+            ),
+            (
+                b"GET /vm HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+                400,
+            ),
+            (
+                b"POST /vm/save HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                501,
+            ),
+            (b"\xff\xfe\x00\x01 /vm HTTP/1.1\r\n\r\n", 400),
+            (b"GET /vm HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n", 413),
+            (b"PUT /vm/pause HTTP/1.1\r\nExpect: magic\r\n\r\n", 417),
+        ];
+        for (request, expected) in cases {
+            let answer = raw(&t.sock, request);
+            assert_eq!(
+                status_of(&answer),
+                *expected,
+                "{:?} -> {answer}",
+                String::from_utf8_lossy(request)
+            );
+            assert!(answer.contains("Connection: close\r\n"), "{answer}");
+            assert!(answer.contains("{\"error\":"), "{answer}");
+        }
+        assert_eq!(t.fake.pauses.load(Ordering::SeqCst), 0);
+        assert_alive(&t.sock);
+    }
+
+    #[test]
+    fn oversized_header_block_gets_431() {
+        let t = setup();
+        let mut req = b"GET /vm HTTP/1.1\r\nX-Big: ".to_vec();
+        req.extend(std::iter::repeat_n(b'a', 20_000));
+        req.extend_from_slice(b"\r\n\r\n");
+        let answer = raw(&t.sock, &req);
+        assert_eq!(status_of(&answer), 431, "{answer}");
+        // A head that never ends is cut off at the limit too.
+        let mut s = UnixStream::connect(&t.sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut answer = String::new();
+        let junk = vec![b'x'; 4096];
+        for _ in 0..10 {
+            if s.write_all(&junk).is_err() {
+                break;
+            }
+        }
+        let _ = s.read_to_string(&mut answer);
+        assert_eq!(status_of(&answer), 431, "{answer}");
+        // Just under the limit is fine.
+        let mut req = b"GET /vm HTTP/1.1\r\nConnection: close\r\nX-Big: ".to_vec();
+        req.extend(std::iter::repeat_n(b'a', 15_000));
+        req.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(status_of(&raw(&t.sock, &req)), 200);
+    }
+
+    #[test]
+    fn keep_alive_and_pipelining() {
+        let t = setup();
+        let mut s = UnixStream::connect(&t.sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /vm HTTP/1.1\r\n\r\n").unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert_eq!(status_of(&first), 200, "{first}");
+        assert!(!first.contains("Connection: close"), "{first}");
+        // Three pipelined requests in one write, bare-LF line ends in the second one.
+        s.write_all(
+            b"PUT /vm/pause HTTP/1.1\r\n\r\nGET /vm HTTP/1.1\n\nPUT /vm/resume HTTP/1.1\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut rest = String::new();
+        s.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest.matches("HTTP/1.1 ").count(), 3, "{rest}");
+        assert!(rest.starts_with("HTTP/1.1 204"), "{rest}");
+        assert!(rest.contains("\"state\":\"paused\""), "{rest}");
+        assert_eq!(t.fake.resumes.load(Ordering::SeqCst), 1);
+        // HTTP/1.0 closes by default.
+        let answer = raw(&t.sock, b"GET /vm HTTP/1.0\r\n\r\n");
+        assert_eq!(status_of(&answer), 200);
+    }
+
+    #[test]
+    fn client_disconnecting_mid_request_is_harmless() {
+        let t = setup();
+        for partial in [
+            &b"GET /vm HT"[..],
+            b"PUT /vm/pause HTTP/1.1\r\nHost: x",
+            b"PUT /vm/pause HTTP/1.1\r\nContent-Length: 100\r\n\r\n0123456789",
+            b"POST /vm/save HTTP/1.1\r\nContent-Length: 50\r\n\r\n{\"then\":",
+        ] {
+            let mut s = UnixStream::connect(&t.sock).unwrap();
+            s.write_all(partial).unwrap();
+            drop(s);
+        }
+        // Connect and vanish without a byte.
+        drop(UnixStream::connect(&t.sock).unwrap());
+        assert_alive(&t.sock);
+        assert_eq!(t.fake.pauses.load(Ordering::SeqCst), 0);
+        assert!(lock(&t.fake.last_request).is_none());
+    }
+
+    #[test]
+    fn slow_request_gets_408() {
+        let t = setup_with(ServerOptions {
+            request_timeout: Duration::from_millis(300),
+            ..ServerOptions::default()
+        });
+        let mut s = UnixStream::connect(&t.sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /vm HTTP/1.1\r\n").unwrap();
+        let started = Instant::now();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert_eq!(status_of(&answer), 408, "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // Trickling bytes does not extend the deadline.
+        let mut s = UnixStream::connect(&t.sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let started = Instant::now();
+        for b in b"GET /vm HTTP/1.1\r\nX-Slow: abcdef" {
+            if s.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert_eq!(status_of(&answer), 408, "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_alive(&t.sock);
+    }
+
+    #[test]
+    fn idle_keep_alive_connection_is_closed_quietly() {
+        let t = setup_with(ServerOptions {
+            idle_timeout: Duration::from_millis(200),
+            ..ServerOptions::default()
+        });
+        let mut s = UnixStream::connect(&t.sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn twenty_concurrent_clients() {
+        let t = setup();
+        let threads: Vec<_> = (0..20)
+            .map(|i| {
+                let sock = t.sock.clone();
+                std::thread::spawn(move || {
+                    let c = ApiClient::new(&sock);
+                    for _ in 0..10 {
+                        assert_eq!(c.get_json("/vm").unwrap()["name"], "fake");
+                        c.put(if i % 2 == 0 {
+                            "/vm/pause"
+                        } else {
+                            "/vm/resume"
+                        })
+                        .unwrap();
+                    }
+                    // Also hold a keep-alive connection with several requests.
+                    let mut s = UnixStream::connect(&sock).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    s.write_all(
+                        b"GET /vm HTTP/1.1\r\n\r\nGET /vm HTTP/1.1\r\nConnection: close\r\n\r\n",
+                    )
+                    .unwrap();
+                    let mut answer = String::new();
+                    s.read_to_string(&mut answer).unwrap();
+                    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join().unwrap();
+        }
+        assert_eq!(t.fake.pauses.load(Ordering::SeqCst), 100);
+        assert_eq!(t.fake.resumes.load(Ordering::SeqCst), 100);
+    }
+
+    /// Checks streamed bytes against the fake's pattern without keeping them.
+    struct Verify {
+        pos: u64,
+    }
+
+    impl Write for Verify {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            for &b in data {
+                assert_eq!(b, pattern(self.pos), "byte {} differs", self.pos);
+                self.pos += 1;
+            }
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn save_streams_50_mb() {
+        let t = setup();
+        const SIZE: u64 = 50 * 1000 * 1000;
+        *lock(&t.fake.save_mode) = SaveMode::Stream(SIZE);
+        let mut verify = Verify { pos: 0 };
+        let body = json!({"compress": "zstd", "level": null, "then": "stop"});
+        let n = ApiClient::new(&t.sock)
+            .post_stream("/vm/save", &body, &mut verify)
+            .unwrap();
+        assert_eq!(n, SIZE);
+        assert_eq!(verify.pos, SIZE);
+        assert_eq!(*lock(&t.fake.last_save), Some(Ok(SIZE)));
+        let req = lock(&t.fake.last_request).clone().unwrap();
+        assert_eq!(
+            req,
+            SaveRequest {
+                compress: Some("zstd".into()),
+                level: None,
+                then: AfterSave::Stop
+            }
+        );
+        assert_alive(&t.sock);
+    }
+
+    #[test]
+    fn save_headers_and_defaults() {
+        let t = setup();
+        *lock(&t.fake.save_mode) = SaveMode::Stream(10);
+        let answer = raw(&t.sock, b"POST /vm/save HTTP/1.1\r\n\r\n");
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(
+            answer.contains("Content-Type: application/vnd.vmpack\r\n"),
+            "{answer}"
+        );
+        assert!(answer.contains("Connection: close\r\n"), "{answer}");
+        assert!(!answer.contains("Content-Length"), "{answer}");
+        let bytes = raw_bytes(
+            &t.sock,
+            b"POST /vm/save HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+        );
+        let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let expected: Vec<u8> = (0..10).map(pattern).collect();
+        assert_eq!(&bytes[head_end..], &expected[..]);
+        assert_eq!(
+            lock(&t.fake.last_request).clone().unwrap(),
+            SaveRequest::default()
+        );
+        // An empty save is still a 200 with an empty body.
+        *lock(&t.fake.save_mode) = SaveMode::Stream(0);
+        let mut out = Vec::new();
+        let n = ApiClient::new(&t.sock)
+            .post_stream("/vm/save", &json!({}), &mut out)
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn invalid_save_requests_get_400() {
+        let t = setup();
+        let c = ApiClient::new(&t.sock);
+        let mut out = Vec::new();
+        for body in [
+            json!({"then": "explode"}),
+            json!({"compres": "zstd"}),
+            json!({"level": "high"}),
+            json!([1]),
+        ] {
+            let err = c
+                .post_stream("/vm/save", &body, &mut out)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("HTTP 400") && err.contains("invalid save request"),
+                "{err}"
+            );
+        }
+        let answer = raw(
+            &t.sock,
+            b"POST /vm/save HTTP/1.1\r\nContent-Length: 5\r\n\r\n{nope",
+        );
+        assert_eq!(status_of(&answer), 400, "{answer}");
+        assert!(out.is_empty());
+        assert!(lock(&t.fake.last_request).is_none());
+    }
+
+    #[test]
+    fn save_error_before_streaming_is_json() {
+        let t = setup();
+        let c = ApiClient::new(&t.sock);
+        let mut out = Vec::new();
+        *lock(&t.fake.save_mode) = SaveMode::FailBefore;
+        let err = c
+            .post_stream("/vm/save", &json!({}), &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("HTTP 500") && err.contains("disk snapshot failed"),
+            "{err}"
+        );
+        assert!(err.contains(&t.sock.display().to_string()), "{err}");
+        let answer = raw(&t.sock, b"POST /vm/save HTTP/1.1\r\n\r\n");
+        assert!(
+            answer.contains("Content-Type: application/json"),
+            "{answer}"
+        );
+        assert!(
+            answer.ends_with("{\"error\":\"disk snapshot failed\"}\n"),
+            "{answer}"
+        );
+        // Bytes still held back count as "nothing written".
+        *lock(&t.fake.save_mode) = SaveMode::FailAfter(1000);
+        let err = c
+            .post_stream("/vm/save", &json!({}), &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("memory read failed"), "{err}");
+        assert!(out.is_empty());
+        // A panic becomes a 500 too.
+        *lock(&t.fake.save_mode) = SaveMode::Panic;
+        let err = c
+            .post_stream("/vm/save", &json!({}), &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("HTTP 500") && err.contains("panicked"),
+            "{err}"
+        );
+        // The saving flag and op lock were released.
+        c.put("/vm/pause").unwrap();
+    }
+
+    #[test]
+    fn save_error_mid_stream_truncates() {
+        let t = setup();
+        *lock(&t.fake.save_mode) = SaveMode::FailAfter(3_000_000);
+        let mut verify = Verify { pos: 0 };
+        let n = ApiClient::new(&t.sock)
+            .post_stream("/vm/save", &json!({}), &mut verify)
+            .unwrap();
+        assert!(n > 0 && n <= 3_000_000, "{n}");
+        assert_alive(&t.sock);
+    }
+
+    #[test]
+    fn client_leaving_mid_save_fails_the_save_not_the_server() {
+        let t = setup();
+        *lock(&t.fake.save_mode) = SaveMode::Stream(200 * 1000 * 1000);
+        let mut s = UnixStream::connect(&t.sock).unwrap();
+        s.write_all(b"POST /vm/save HTTP/1.1\r\n\r\n").unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        s.read_exact(&mut buf).unwrap();
+        drop(s);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while lock(&t.fake.last_save).is_none() {
+            assert!(Instant::now() < deadline, "save never ended");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let outcome = lock(&t.fake.last_save).clone().unwrap();
+        assert!(outcome.is_err(), "{outcome:?}");
+        assert_alive(&t.sock);
+        ApiClient::new(&t.sock).put("/vm/pause").unwrap();
+    }
+
+    #[test]
+    fn pause_during_save_conflicts() {
+        let t = setup();
+        *lock(&t.fake.save_mode) = SaveMode::Stream(50 * 1000 * 1000);
+        let mut s = UnixStream::connect(&t.sock).unwrap();
+        s.write_all(b"POST /vm/save HTTP/1.1\r\n\r\n").unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        s.read_exact(&mut buf).unwrap();
+        // The save is now blocked on our full socket buffer.
+        let c = ApiClient::new(&t.sock);
+        assert_eq!(c.get_json("/vm").unwrap()["name"], "fake");
+        let err = c.put("/vm/pause").unwrap_err().to_string();
+        assert!(
+            err.contains("HTTP 409") && err.contains("save is in progress"),
+            "{err}"
+        );
+        let err = c
+            .post_stream("/vm/save", &json!({}), &mut Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("HTTP 409"), "{err}");
+        drop(s);
+    }
+
+    #[test]
+    fn stale_socket_is_replaced_but_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        // A socket left behind by a dead process: bound, nobody listening.
+        drop(UnixListener::bind(&sock).unwrap());
+        assert!(sock.exists());
+        let mut server = ApiServer::start(&sock, Fake::new()).unwrap();
+        assert_alive(&sock);
+        // A second server must not steal a live socket.
+        let err = ApiServer::start(&sock, Fake::new()).err().unwrap();
+        assert_eq!(err.kind(), ErrorKind::AddrInUse, "{err}");
+        assert_alive(&sock);
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        server.stop();
+        assert!(!sock.exists());
+        server.stop();
+
+        let file = dir.path().join("not-a-socket");
+        std::fs::write(&file, b"keep me").unwrap();
+        let err = ApiServer::start(&file, Fake::new()).err().unwrap();
+        assert!(err.to_string().contains("is not a socket"), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    }
+
+    #[test]
+    fn stop_closes_idle_connections_and_removes_socket() {
+        let t = setup();
+        let mut idle = UnixStream::connect(&t.sock).unwrap();
+        idle.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut half = UnixStream::connect(&t.sock).unwrap();
+        half.write_all(b"GET /vm HTTP/1.1\r\n").unwrap();
+        assert_alive(&t.sock);
+        let Setup {
+            _dir, sock, server, ..
+        } = t;
+        let started = Instant::now();
+        drop(server);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!sock.exists());
+        let mut out = Vec::new();
+        idle.read_to_end(&mut out).unwrap();
+        assert!(out.is_empty());
+        let err = ApiClient::new(&sock)
+            .get_json("/vm")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot connect") && err.contains("--api-sock"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn too_many_connections_get_503() {
+        let t = setup_with(ServerOptions {
+            max_connections: 2,
+            ..ServerOptions::default()
+        });
+        let _a = UnixStream::connect(&t.sock).unwrap();
+        let _b = UnixStream::connect(&t.sock).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let answer = raw(&t.sock, b"GET /vm HTTP/1.1\r\n\r\n");
+        assert_eq!(status_of(&answer), 503, "{answer}");
+        drop(_a);
+        drop(_b);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let answer = raw(&t.sock, b"GET /vm HTTP/1.1\r\nConnection: close\r\n\r\n");
+            if status_of(&answer) == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{answer}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn curl_compatibility() {
+        let probe = std::process::Command::new("curl").arg("--version").output();
+        if !probe.is_ok_and(|o| o.status.success()) {
+            eprintln!("\n!!! SKIPPED curl_compatibility: curl is not installed !!!\n");
+            return;
+        }
+        let t = setup();
+        let curl = |args: &[&str]| {
+            let out = std::process::Command::new("curl")
+                .args(["-sS", "--max-time", "30", "--unix-socket"])
+                .arg(&t.sock)
+                .args(args)
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                out.stdout,
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let (ok, body, err) = curl(&["http://localhost/vm"]);
+        assert!(ok, "{err}");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["state"], "running");
+
+        let (ok, body, err) = curl(&[
+            "-X",
+            "PUT",
+            "-w",
+            "%{http_code}",
+            "http://localhost/vm/pause",
+        ]);
+        assert!(ok, "{err}");
+        assert_eq!(body, b"204");
+        assert_eq!(t.fake.pauses.load(Ordering::SeqCst), 1);
+
+        // Several requests over one keep-alive connection.
+        let (ok, body, err) = curl(&["http://localhost/vm", "http://localhost/vm"]);
+        assert!(ok, "{err}");
+        assert_eq!(
+            String::from_utf8_lossy(&body)
+                .matches("\"name\":\"fake\"")
+                .count(),
+            2
+        );
+
+        *lock(&t.fake.save_mode) = SaveMode::Stream(3_000_000);
+        let (ok, body, err) = curl(&[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"compress":"zstd","then":"resume"}"#,
+            "http://localhost/vm/save",
+        ]);
+        assert!(ok, "{err}");
+        assert_eq!(body.len(), 3_000_000);
+        assert!(body
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == pattern(i as u64)));
+
+        // A large body makes curl send "Expect: 100-continue"; the answer is still right.
+        let big = format!(
+            "{{\"compress\":\"zstd\",\"level\":3,\"then\":\"resume\"{}}}",
+            " ".repeat(5000)
+        );
+        let (ok, body, err) = curl(&[
+            "-X",
+            "POST",
+            "--data-binary",
+            &big,
+            "http://localhost/vm/save",
+        ]);
+        assert!(ok, "{err}");
+        assert_eq!(body.len(), 3_000_000);
+        assert_eq!(lock(&t.fake.last_request).clone().unwrap().level, Some(3));
+
+        let (_, body, _) = curl(&["-X", "DELETE", "http://localhost/vm"]);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert!(v["error"].as_str().unwrap().contains("not allowed"), "{v}");
+    }
+}

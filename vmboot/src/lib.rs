@@ -1,0 +1,26 @@
+//! vmboot: a small KVM launcher built on the rust-vmm crates.
+//!
+//! [`Vm::create`] boots a guest from a config (Linux bzImage/ELF or a flat binary),
+//! [`Vm::restore`] builds a fresh VM from a saved [`VmState`] plus guest memory, and
+//! [`VmHandle`] pauses, resumes and captures a running VM from other threads.
+
+pub mod api;
+pub mod api_client;
+pub mod compat;
+mod control;
+pub mod cpuid;
+pub mod devices;
+pub mod flat;
+pub mod linux;
+pub mod memory;
+pub mod mptable;
+pub mod msr;
+pub mod persist;
+pub mod samples;
+pub mod snapshot;
+pub mod vcpu;
+pub mod vmm;
+
+pub use memory::GuestMemoryInit;
+pub use persist::{VcpuState, VmState};
+pub use vmm::{BootPayload, ExitReason, RunOptions, SerialSink, Vm, VmHandle};

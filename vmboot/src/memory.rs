@@ -1,0 +1,341 @@
+//! Guest RAM: layout, allocation and the three ways of filling it.
+//!
+//! vmboot maps every RAM region itself (anonymous `MAP_PRIVATE | MAP_NORESERVE`, so a 32 GiB
+//! guest costs nothing until touched) and hands vm-memory non-owning views of those mappings.
+//! That lets a restore map pack file pieces copy-on-write on top of the reservation
+//! (`MAP_FIXED`) without vm-memory needing to know.
+
+use anyhow::{bail, Context, Result};
+use std::os::fd::AsRawFd;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+/// Start of the PCI/MMIO hole: RAM below 4 GiB ends here.
+pub const MMIO_HOLE_START: u64 = 3 << 30;
+/// RAM beyond the first 3 GiB continues here.
+pub const HIGH_RAM_START: u64 = 4 << 30;
+const PAGE: u64 = 4096;
+
+/// The guest-physical RAM regions `(gpa, size)` for a guest of `bytes` bytes: one region below
+/// the MMIO hole and, for guests larger than 3 GiB, a second one from 4 GiB.
+pub fn ram_layout(bytes: u64) -> Vec<(u64, u64)> {
+    if bytes <= MMIO_HOLE_START {
+        vec![(0, bytes)]
+    } else {
+        vec![
+            (0, MMIO_HOLE_START),
+            (HIGH_RAM_START, bytes - MMIO_HOLE_START),
+        ]
+    }
+}
+
+/// How a new VM's RAM gets its contents.
+pub enum GuestMemoryInit {
+    /// All zero (a fresh boot; the loader writes the payload afterwards).
+    Zeroed,
+    /// The closure receives every region as `(gpa, bytes)` and fills it (e.g. decompresses a
+    /// pack's memory section). The regions start zeroed.
+    #[allow(clippy::type_complexity)]
+    Fill(Box<dyn FnOnce(&mut [(u64, &mut [u8])]) -> Result<()>>),
+    /// Map the given file ranges privately (copy-on-write) at these GPAs; the guest's writes
+    /// never reach the file. Untouched ranges are zero.
+    MapPrivate {
+        file: std::fs::File,
+        /// `(gpa, file offset, len)`, all multiples of 4 KiB.
+        pieces: Vec<(u64, u64, u64)>,
+    },
+}
+
+impl std::fmt::Debug for GuestMemoryInit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuestMemoryInit::Zeroed => f.write_str("Zeroed"),
+            GuestMemoryInit::Fill(_) => f.write_str("Fill(..)"),
+            GuestMemoryInit::MapPrivate { pieces, .. } => {
+                write!(f, "MapPrivate({} pieces)", pieces.len())
+            }
+        }
+    }
+}
+
+struct RawRegion {
+    gpa: u64,
+    host: *mut u8,
+    size: usize,
+}
+
+/// Guest RAM owned by vmboot. The mappings live until this is dropped.
+pub struct GuestRam {
+    // Declared before `regions` so vm-memory's (non-owning) views are dropped first.
+    mem: GuestMemoryMmap,
+    regions: Vec<RawRegion>,
+}
+
+// SAFETY: the raw pointers are private mmap'ed memory that lives as long as `GuestRam`; all
+// shared access goes through vm-memory's volatile accessors or through `slices`, whose
+// callers guarantee the guest is not running.
+unsafe impl Send for GuestRam {}
+// SAFETY: see `Send`.
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    /// Maps `layout` (`(gpa, size)` pairs, sorted, page-aligned) and fills it per `init`.
+    pub fn new(layout: &[(u64, u64)], init: GuestMemoryInit) -> Result<GuestRam> {
+        // Regions are recorded as soon as they are mapped, so Drop unmaps them on any error.
+        let mut ram = GuestRam {
+            mem: GuestMemoryMmap::default(),
+            regions: Vec::with_capacity(layout.len()),
+        };
+        if layout.is_empty() {
+            bail!("guest has no RAM");
+        }
+        for &(gpa, size) in layout {
+            if size == 0 || size % PAGE != 0 || gpa % PAGE != 0 {
+                bail!("guest RAM region {gpa:#x}+{size:#x} is not page-aligned");
+            }
+            let len = usize::try_from(size).context("guest RAM region too large")?;
+            // SAFETY: a fresh anonymous mapping; no existing memory is affected.
+            let host = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if host == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("cannot reserve {} MiB of guest RAM", size >> 20));
+            }
+            ram.regions.push(RawRegion {
+                gpa,
+                host: host.cast(),
+                size: len,
+            });
+        }
+        let mut views = Vec::with_capacity(ram.regions.len());
+        for r in &ram.regions {
+            // SAFETY: `host..host+size` is the private anonymous mapping made above, with
+            // exactly these protection bits and flags.
+            let mmap = unsafe {
+                MmapRegion::build_raw(
+                    r.host,
+                    r.size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                )
+            }
+            .map_err(|e| anyhow::anyhow!("guest RAM view: {e}"))?;
+            views.push(
+                GuestRegionMmap::new(mmap, GuestAddress(r.gpa))
+                    .ok_or_else(|| anyhow::anyhow!("guest RAM region {:#x} overflows", r.gpa))?,
+            );
+        }
+        ram.mem = GuestMemoryMmap::from_regions(views)
+            .map_err(|e| anyhow::anyhow!("guest RAM layout: {e}"))?;
+        match init {
+            GuestMemoryInit::Zeroed => {}
+            GuestMemoryInit::Fill(f) => {
+                // SAFETY: the VM does not exist yet, so nobody else touches this memory.
+                let mut slices: Vec<(u64, &mut [u8])> = ram
+                    .regions
+                    .iter()
+                    .map(|r| {
+                        (r.gpa, unsafe {
+                            std::slice::from_raw_parts_mut(r.host, r.size)
+                        })
+                    })
+                    .collect();
+                f(&mut slices).context("filling guest memory")?;
+            }
+            GuestMemoryInit::MapPrivate { file, pieces } => ram.map_pieces(&file, &pieces)?,
+        }
+        Ok(ram)
+    }
+
+    fn map_pieces(&self, file: &std::fs::File, pieces: &[(u64, u64, u64)]) -> Result<()> {
+        let file_len = file.metadata().context("guest memory file")?.len();
+        for &(gpa, off, len) in pieces {
+            if len == 0 {
+                continue;
+            }
+            if gpa % PAGE != 0 || off % PAGE != 0 || len % PAGE != 0 {
+                bail!(
+                    "memory piece gpa {gpa:#x} offset {off:#x} len {len:#x} is not 4 KiB aligned"
+                );
+            }
+            let end = off
+                .checked_add(len)
+                .filter(|&e| e <= file_len)
+                .with_context(|| {
+                    format!(
+                        "memory piece at file offset {off:#x} len {len:#x} runs past the end of \
+                         the file ({file_len:#x} bytes)"
+                    )
+                })?;
+            let _ = end;
+            let r = self
+                .regions
+                .iter()
+                .find(|r| gpa >= r.gpa && gpa + len <= r.gpa + r.size as u64)
+                .with_context(|| {
+                    format!("memory piece gpa {gpa:#x} len {len:#x} is not inside guest RAM")
+                })?;
+            // SAFETY: the target range lies inside our own reservation (checked above), so
+            // MAP_FIXED replaces only pages vmboot owns; the file range exists (checked above),
+            // so guest accesses cannot hit SIGBUS.
+            let p = unsafe {
+                libc::mmap(
+                    r.host.add((gpa - r.gpa) as usize).cast(),
+                    len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    file.as_raw_fd(),
+                    off as libc::off_t,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error()).with_context(|| {
+                    format!("mapping memory piece gpa {gpa:#x} (file offset {off:#x})")
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// vm-memory view, for the loaders and `Bytes` accesses.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// `(slot, gpa, host address, size)` for KVM memory slots.
+    pub fn slots(&self) -> impl Iterator<Item = (u32, u64, u64, u64)> + '_ {
+        self.regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (i as u32, r.gpa, r.host as u64, r.size as u64))
+    }
+
+    /// `(gpa, size)` of every region.
+    pub fn layout(&self) -> Vec<(u64, u64)> {
+        self.regions
+            .iter()
+            .map(|r| (r.gpa, r.size as u64))
+            .collect()
+    }
+
+    /// Total RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.regions.iter().map(|r| r.size as u64).sum()
+    }
+
+    /// End of the region starting at GPA 0.
+    pub fn low_end(&self) -> u64 {
+        self.regions
+            .iter()
+            .find(|r| r.gpa == 0)
+            .map_or(0, |r| r.size as u64)
+    }
+
+    /// Every region as a byte slice.
+    ///
+    /// # Safety
+    /// No vCPU may run (and no device may write guest memory) while the slices live.
+    pub unsafe fn slices(&self) -> Vec<(u64, &[u8])> {
+        self.regions
+            .iter()
+            .map(|r| (r.gpa, unsafe { std::slice::from_raw_parts(r.host, r.size) }))
+            .collect()
+    }
+
+    /// Copies `len` bytes at `gpa`; fails if any byte lies outside RAM.
+    pub fn read(&self, gpa: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.mem
+            .read_slice(&mut buf, GuestAddress(gpa))
+            .with_context(|| format!("reading {len} bytes of guest memory at {gpa:#x}"))?;
+        Ok(buf)
+    }
+
+    pub fn read_u64(&self, gpa: u64) -> Result<u64> {
+        let b = self.read(gpa, 8)?;
+        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+
+    /// Writes `data` at `gpa`; fails if any byte lies outside RAM.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<()> {
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .with_context(|| format!("writing {} bytes of guest memory at {gpa:#x}", data.len()))
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        // vm-memory's views are non-owning; replace them so nothing refers to the mappings.
+        self.mem = GuestMemoryMmap::default();
+        for r in &self.regions {
+            // SAFETY: each region is a mapping this struct made and nothing else refers to it.
+            unsafe { libc::munmap(r.host.cast(), r.size) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn layout_splits_at_the_hole() {
+        assert_eq!(ram_layout(16 << 20), vec![(0, 16 << 20)]);
+        assert_eq!(ram_layout(3 << 30), vec![(0, 3 << 30)]);
+        assert_eq!(
+            ram_layout(32 << 30),
+            vec![(0, 3 << 30), (4 << 30, 29 << 30)]
+        );
+    }
+
+    #[test]
+    fn fill_and_map_private() {
+        let ram = GuestRam::new(
+            &[(0, 1 << 20)],
+            GuestMemoryInit::Fill(Box::new(|r| {
+                r[0].1[0x1000] = 7;
+                Ok(())
+            })),
+        )
+        .unwrap();
+        assert_eq!(ram.read(0x1000, 2).unwrap(), vec![7, 0]);
+        assert!(ram.read((1 << 20) - 1, 2).is_err());
+
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&vec![0xaa; 8192]).unwrap();
+        let ram = GuestRam::new(
+            &[(0, 1 << 20)],
+            GuestMemoryInit::MapPrivate {
+                file: f.try_clone().unwrap(),
+                pieces: vec![(0x3000, 4096, 4096)],
+            },
+        )
+        .unwrap();
+        assert_eq!(ram.read(0x2fff, 3).unwrap(), vec![0, 0xaa, 0xaa]);
+        ram.write(0x3000, &[1]).unwrap();
+        // Copy-on-write: the file keeps its bytes.
+        let mut back = vec![0u8; 1];
+        std::os::unix::fs::FileExt::read_at(&f, &mut back, 4096).unwrap();
+        assert_eq!(back, vec![0xaa]);
+        // Past the end of the file: refused instead of a later SIGBUS.
+        let err = GuestRam::new(
+            &[(0, 1 << 20)],
+            GuestMemoryInit::MapPrivate {
+                file: f,
+                pieces: vec![(0, 4096, 8192)],
+            },
+        )
+        .err()
+        .unwrap();
+        assert!(format!("{err:#}").contains("past the end"), "{err:#}");
+    }
+}

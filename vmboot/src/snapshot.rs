@@ -1,0 +1,756 @@
+//! Saving a running VM into a `.vmpack` and building a VM back from one.
+//!
+//! The pack holds, after the manifest and boot files, the vCPU/device state (JSON, see
+//! `docs/FORMAT.md`), the disks as of the pause, and one section per guest RAM region.
+//! The state comes before memory so a restore reading from a pipe knows the machine before
+//! the bulk of the bytes arrives.
+
+use crate::compat;
+use crate::memory::GuestMemoryInit;
+use crate::persist::{VmState, VM_STATE_VERSION};
+use crate::vmm::{BootPayload, RunOptions, Vm, VmHandle};
+use anyhow::{anyhow, bail, Context, Result};
+use kvm_ioctls::Kvm;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vmpack_formats::config::{DiskFormat, VmConfig};
+use vmpack_formats::pack::{
+    Codec, Compression, PackError, SectionSource, StreamEvent, StreamReader, WriteOptions,
+};
+use vmpack_formats::vm::{Manifest, VmPack, VmPackPlan};
+
+/// Guest memory is chunked finer than files and disks: a chunk holding one dirty page is
+/// stored whole, and on the mmap restore path every non-zero chunk is one mapping.
+pub const MEMORY_CHUNK_SIZE: u32 = 256 << 10;
+/// The serialized vmstate is small (a few KiB per vCPU); anything larger is hostile.
+const MAX_VMSTATE_LEN: u64 = 64 << 20;
+
+/// What a save produced.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SaveStats {
+    pub pause_ms: f64,
+    pub bytes: u64,
+    pub root_digest: String,
+    pub compress: String,
+}
+
+/// Writes the paused VM behind `handle` as a pack to `out`. The caller pauses and resumes.
+pub fn write_pack(
+    handle: &VmHandle,
+    compression: Compression,
+    level: Option<i32>,
+    out: &mut dyn Write,
+) -> Result<SaveStats> {
+    let started = Instant::now();
+    let state = handle
+        .save_state()
+        .context("capturing vCPU and device state")?;
+    let state_bytes = serde_json::to_vec(&state).context("serializing the vm state")?;
+    let cfg = handle.config();
+    let boot = payload_sources(handle.boot_payload());
+    let opts = WriteOptions {
+        compression,
+        level,
+        // Uncompressed memory stays page-aligned so restore can map it instead of copying.
+        aligned: compression == Compression::None,
+        ..WriteOptions::default()
+    };
+    let counted = CountingWriter { inner: out, n: 0 };
+    let summary = handle.with_memory(|regions| {
+        let memory: Vec<(u64, &dyn SectionSource)> = regions
+            .iter()
+            .map(|(gpa, bytes)| (*gpa, bytes as &dyn SectionSource))
+            .collect();
+        let plan = VmPackPlan {
+            memory,
+            vmstate: Some(&state_bytes),
+            disks: None,
+            files: Some(boot),
+            memory_chunk_size: Some(MEMORY_CHUNK_SIZE),
+        };
+        vmpack_formats::vm::write_vm_pack(counted, cfg, plan, &opts, &())
+    })?;
+    Ok(SaveStats {
+        pause_ms: started.elapsed().as_secs_f64() * 1000.0,
+        bytes: summary.bytes_written,
+        root_digest: hex::encode(summary.root_digest),
+        compress: compression.to_string(),
+    })
+}
+
+fn payload_sources(p: &BootPayload) -> Vec<(&'static str, &dyn SectionSource)> {
+    let mut v: Vec<(&'static str, &dyn SectionSource)> = Vec::new();
+    if let Some(k) = &p.kernel {
+        v.push(("kernel", k));
+    }
+    if let Some(i) = &p.initrd {
+        v.push(("initrd", i));
+    }
+    if let Some(i) = &p.image {
+        v.push(("image", i));
+    }
+    v
+}
+
+struct CountingWriter<'a> {
+    inner: &'a mut dyn Write,
+    n: u64,
+}
+
+impl Write for CountingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// When restore checks chunk hashes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum VerifyPolicy {
+    /// Verify every chunk the first time a pack file is restored on this host, then remember
+    /// it (keyed by root digest and the file's identity); later restores check only the
+    /// index digest. A pack read from a pipe is always verified.
+    Auto,
+    /// Verify every chunk on every restore.
+    Always,
+}
+
+/// Where restore reads the pack from.
+pub enum PackInput {
+    File(PathBuf),
+    /// Standard input (a pipe): read once, front to back.
+    Stdin,
+}
+
+pub struct RestoreOptions {
+    pub verify: VerifyPolicy,
+    pub run: RunOptions,
+    /// Folder for the private copies of the pack's disks; default: a fresh temporary folder.
+    pub work_dir: Option<PathBuf>,
+}
+
+/// What restore did before handing over the VM, for messages and `inspect`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RestoreInfo {
+    pub memory_path: &'static str,
+    pub verified: &'static str,
+    pub prepare_ms: f64,
+    pub warnings: Vec<String>,
+}
+
+/// Builds a VM from a pack, checked before any vCPU runs: integrity (per `verify`), format
+/// version, host CPU compatibility. The pack file is only read.
+pub fn restore(input: PackInput, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> {
+    match input {
+        PackInput::File(p) => restore_file(&p, opts),
+        PackInput::Stdin => restore_stream(std::io::stdin().lock(), "-", opts),
+    }
+}
+
+fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> {
+    let started = Instant::now();
+    let pack = VmPack::open(path)?;
+    let label = path.display().to_string();
+    let manifest = pack.manifest();
+    let state_section = manifest.vmstate.as_deref().ok_or_else(|| {
+        anyhow!("{label}: the pack holds a VM at rest, not a saved one (no vmstate section); boot it with `vmpack run`")
+    })?;
+    let reader = pack.reader();
+
+    let verified = match opts.verify {
+        VerifyPolicy::Always => {
+            reader.verify(&())?;
+            "verified every chunk"
+        }
+        VerifyPolicy::Auto => {
+            if verified_cache::is_verified(path, reader.root_digest()) {
+                "index digest checked; chunks verified on an earlier restore"
+            } else {
+                reader.verify(&())?;
+                verified_cache::record(path, reader.root_digest());
+                "verified every chunk (first restore of this file)"
+            }
+        }
+    };
+
+    let s = reader
+        .section(state_section)
+        .ok_or_else(|| anyhow!("{label}: section '{state_section}' is missing"))?;
+    let state_bytes = reader.read_section(s.id, MAX_VMSTATE_LEN)?;
+    let state = parse_state(&state_bytes, &label, state_section)?;
+    let mut warnings = check_host(&state, &label)?;
+
+    let payload = BootPayload {
+        kernel: optional_file(&pack, "kernel")?,
+        initrd: optional_file(&pack, "initrd")?,
+        image: optional_file(&pack, "image")?,
+    };
+
+    let work = WorkDir::new(opts.work_dir.as_deref())?;
+    let mut cfg = state.config.clone();
+    extract_disks(&pack, &mut cfg, &work.path)?;
+
+    let memory_path = manifest.memory_restore_path(reader).unwrap_or("none");
+    let init = memory_init(&pack, manifest, &state, memory_path == "mmap", &label)?;
+    let mut run = opts.run;
+    run.work_dir = Some(work.keep());
+    let prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if let Some(w) = tsc_warning(&state) {
+        warnings.push(w);
+    }
+    let vm = Vm::restore(&cfg, state, init, payload, &run)?;
+    Ok((
+        vm,
+        RestoreInfo {
+            memory_path,
+            verified,
+            prepare_ms,
+            warnings,
+        },
+    ))
+}
+
+/// Writes every disk of the pack to a private raw copy in `dir` and points `cfg` at them, so
+/// the guest's writes never reach the pack.
+fn extract_disks(pack: &VmPack, cfg: &mut VmConfig, dir: &Path) -> Result<()> {
+    let reader = pack.reader();
+    let label = pack.path().display().to_string();
+    for (i, d) in pack.manifest().disks.iter().enumerate() {
+        let s = reader
+            .section(&d.section)
+            .ok_or_else(|| anyhow!("{label}: section '{}' is missing", d.section))?;
+        let copy = dir.join(format!("disk{i}.img"));
+        let f = sparse_file(&copy, d.virtual_size)?;
+        reader.for_each_chunk_parallel(s.id, false, 0, &|off, data| {
+            use std::os::unix::fs::FileExt;
+            f.write_all_at(data, off)
+                .map_err(|e| io_pack_error(&copy, e))
+        })?;
+        if let Some(c) = cfg.disks.get_mut(i) {
+            c.path = copy;
+            c.format = DiskFormat::Raw;
+        }
+    }
+    Ok(())
+}
+
+/// Boots a pack that holds a VM at rest (made by `vmpack pack` or `import`) without
+/// unpacking it by hand: boot files are read from the pack, disks get private copies.
+pub fn boot_at_rest(path: &Path, verify: VerifyPolicy, run: RunOptions) -> Result<Vm> {
+    let pack = VmPack::open(path)?;
+    let label = path.display().to_string();
+    if pack.manifest().vmstate.is_some() {
+        bail!("{label}: the pack holds a saved VM; resume it with `vmpack restore`");
+    }
+    if verify == VerifyPolicy::Always
+        || !verified_cache::is_verified(path, pack.reader().root_digest())
+    {
+        pack.reader().verify(&())?;
+        verified_cache::record(path, pack.reader().root_digest());
+    }
+    let mut cfg = pack.config()?;
+    let payload = BootPayload {
+        kernel: optional_file(&pack, "kernel")?,
+        initrd: optional_file(&pack, "initrd")?,
+        image: optional_file(&pack, "image")?,
+    };
+    let work = WorkDir::new(None)?;
+    extract_disks(&pack, &mut cfg, &work.path)?;
+    let mut run = run;
+    run.work_dir = Some(work.keep());
+    Vm::create(&cfg, payload, &run)
+}
+
+fn optional_file(pack: &VmPack, role: &str) -> Result<Option<Vec<u8>>> {
+    if pack.manifest().file(role).is_none() {
+        return Ok(None);
+    }
+    Ok(Some(pack.boot_file(role)?))
+}
+
+fn parse_state(bytes: &[u8], label: &str, section: &str) -> Result<VmState> {
+    let state: VmState = serde_json::from_slice(bytes)
+        .map_err(|e| anyhow!("{label}: section '{section}': not a valid vm state: {e}"))?;
+    if state.version != VM_STATE_VERSION {
+        bail!(
+            "{label}: section '{section}': vm state version {} is not supported by this vmboot (it reads version {VM_STATE_VERSION})",
+            state.version
+        );
+    }
+    if state.vcpus.is_empty() || state.vcpus.len() != state.config.vcpus as usize {
+        bail!(
+            "{label}: section '{section}': {} vCPU states for a config with {} vCPUs",
+            state.vcpus.len(),
+            state.config.vcpus
+        );
+    }
+    Ok(state)
+}
+
+/// Refuses a pack whose guest was given CPU features this host's KVM cannot provide.
+fn check_host(state: &VmState, label: &str) -> Result<Vec<String>> {
+    let kvm = Kvm::new().context("opening /dev/kvm")?;
+    let host = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .context("KVM_GET_SUPPORTED_CPUID")?;
+    let guest = &state.vcpus[0].cpuid;
+    let missing = compat::missing_features(guest, host.as_slice());
+    if !missing.is_empty() {
+        bail!(
+            "{label}: the saved guest uses CPU features this host does not offer: {}; restore it on a host that has them, or save it from a VM booted with cpu_template = \"baseline\"",
+            missing.join(", ")
+        );
+    }
+    let mut warnings = Vec::new();
+    let (gv, hv) = (compat::vendor(guest), compat::vendor(host.as_slice()));
+    if gv != hv {
+        warnings.push(format!(
+            "the guest was saved on a {} CPU and runs on a {} CPU; vendor-specific code paths in the guest may misbehave",
+            gv.unwrap_or_default(),
+            hv.unwrap_or_default()
+        ));
+    }
+    Ok(warnings)
+}
+
+fn tsc_warning(state: &VmState) -> Option<String> {
+    let saved = state.vcpus[0].tsc_khz;
+    let host = Kvm::new().ok().and_then(|k| {
+        let vm = k.create_vm().ok()?;
+        let vcpu = vm.create_vcpu(0).ok()?;
+        vcpu.get_tsc_khz().ok()
+    })?;
+    compat::tsc_differs(saved, host).then(|| {
+        format!(
+            "the guest's TSC ran at {saved} kHz and this host's runs at {host} kHz; vmboot asks KVM to scale it, and where KVM cannot, the guest's TSC-based clock runs {:.4}x as fast as before",
+            host as f64 / saved as f64
+        )
+    })
+}
+
+fn memory_init(
+    pack: &VmPack,
+    manifest: &Manifest,
+    state: &VmState,
+    map: bool,
+    label: &str,
+) -> Result<GuestMemoryInit> {
+    let reader = pack.reader();
+    let mut sections = Vec::new();
+    for m in &manifest.memory {
+        let s = reader
+            .section(&m.section)
+            .ok_or_else(|| anyhow!("{label}: section '{}' is missing", m.section))?;
+        if !state
+            .memory_regions
+            .iter()
+            .any(|&(gpa, size)| gpa == m.gpa && size == m.size)
+        {
+            bail!(
+                "{label}: section '{}': memory region {:#x}+{:#x} does not match the saved machine",
+                m.section,
+                m.gpa,
+                m.size
+            );
+        }
+        sections.push((m.gpa, s.id));
+    }
+    if map {
+        let mut pieces = Vec::new();
+        for &(gpa, id) in &sections {
+            for c in reader.chunks(id) {
+                if c.codec == Codec::None {
+                    pieces.push((gpa + c.offset, c.payload_offset, c.ulen as u64));
+                }
+            }
+        }
+        let file = File::open(pack.path()).with_context(|| format!("opening {label}"))?;
+        return Ok(GuestMemoryInit::MapPrivate { file, pieces });
+    }
+    let path = pack.path().to_path_buf();
+    Ok(GuestMemoryInit::Fill(Box::new(move |regions| {
+        let pack = VmPack::open(&path)?;
+        let reader = pack.reader();
+        for &(gpa, id) in &sections {
+            let region = regions
+                .iter_mut()
+                .find(|(g, _)| *g == gpa)
+                .ok_or_else(|| anyhow!("no RAM region at {gpa:#x}"))?;
+            let dst = SharedSlice::new(region.1);
+            reader.for_each_chunk_parallel(id, false, 0, &|off, data| {
+                dst.write(off, data).map_err(|e| io_pack_error(&path, e))
+            })?;
+        }
+        Ok(())
+    })))
+}
+
+/// A byte slice that worker threads write disjoint ranges of.
+struct SharedSlice {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: writers write disjoint, bounds-checked ranges (one per chunk) while the owner of
+// the slice waits for them in a thread scope.
+unsafe impl Sync for SharedSlice {}
+
+impl SharedSlice {
+    fn new(s: &mut [u8]) -> Self {
+        SharedSlice {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+        }
+    }
+
+    fn write(&self, off: u64, data: &[u8]) -> std::io::Result<()> {
+        let end = off
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= self.len as u64)
+            .ok_or_else(|| {
+                std::io::Error::other(format!("chunk at {off:#x} runs past its RAM region"))
+            })?;
+        // SAFETY: `off..end` is inside the slice; chunks of one section never overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off as usize), data.len());
+        }
+        let _ = end;
+        Ok(())
+    }
+}
+
+/// Restore from a pipe: everything is verified as it streams past (there is no second
+/// reading), and the index at the end is checked before the VM runs.
+fn restore_stream<R: Read + 'static>(
+    input: R,
+    label: &str,
+    opts: RestoreOptions,
+) -> Result<(Vm, RestoreInfo)> {
+    let started = Instant::now();
+    let mut sr = StreamReader::new(input, label)?;
+    let work = WorkDir::new(opts.work_dir.as_deref())?;
+    let mut manifest: Option<Manifest> = None;
+    let mut current: Option<(String, u16)> = None;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut payload = BootPayload::default();
+    let mut state: Option<VmState> = None;
+    let mut disk_files: Vec<(usize, File, PathBuf)> = Vec::new();
+    // Read up to the first memory section; RAM is allocated by then and filled in place.
+    loop {
+        match sr.next_event()? {
+            StreamEvent::Section(info) => {
+                if info.kind == vmpack_formats::pack::kind::MEMORY {
+                    current = Some((info.name.clone(), info.kind));
+                    break;
+                }
+                current = Some((info.name.clone(), info.kind));
+                buf.clear();
+                if info.kind == vmpack_formats::pack::kind::DISK {
+                    let m = manifest
+                        .as_ref()
+                        .ok_or_else(|| anyhow!("{label}: disk before manifest"))?;
+                    let i = m
+                        .disks
+                        .iter()
+                        .position(|d| d.section == info.name)
+                        .ok_or_else(|| {
+                            anyhow!("{label}: section '{}' is not in the manifest", info.name)
+                        })?;
+                    let p = work.path.join(format!("disk{i}.img"));
+                    let f = sparse_file(&p, m.disks[i].virtual_size)?;
+                    disk_files.push((i, f, p));
+                }
+            }
+            StreamEvent::Chunk { offset, data, .. } => {
+                let (name, kind) = current
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("{label}: chunk outside a section"))?;
+                if *kind == vmpack_formats::pack::kind::DISK {
+                    use std::os::unix::fs::FileExt;
+                    let (_, f, p) = disk_files
+                        .last()
+                        .expect("disk file opened at section start");
+                    if data.iter().any(|&b| b != 0) {
+                        f.write_all_at(data, offset)
+                            .with_context(|| format!("writing {}", p.display()))?;
+                    }
+                } else {
+                    let limit = if *kind == vmpack_formats::pack::kind::FILE {
+                        vmpack_formats::vm::MAX_BOOT_FILE_LEN
+                    } else {
+                        MAX_VMSTATE_LEN
+                    };
+                    if buf.len() as u64 + data.len() as u64 > limit {
+                        bail!("{label}: section '{name}' is larger than {limit} bytes");
+                    }
+                    buf.extend_from_slice(data);
+                }
+            }
+            StreamEvent::SectionEnd(_) => {
+                let (name, kind) = current
+                    .take()
+                    .ok_or_else(|| anyhow!("{label}: section end outside a section"))?;
+                match kind {
+                    vmpack_formats::pack::kind::MANIFEST => {
+                        manifest = Some(Manifest::parse(&buf, label)?);
+                    }
+                    vmpack_formats::pack::kind::FILE => {
+                        let m = manifest
+                            .as_ref()
+                            .ok_or_else(|| anyhow!("{label}: file before manifest"))?;
+                        let role = m
+                            .files
+                            .iter()
+                            .find(|f| f.section == name)
+                            .map(|f| f.role.as_str())
+                            .unwrap_or("");
+                        let data = Some(std::mem::take(&mut buf));
+                        match role {
+                            "kernel" => payload.kernel = data,
+                            "initrd" => payload.initrd = data,
+                            "image" => payload.image = data,
+                            _ => {}
+                        }
+                    }
+                    vmpack_formats::pack::kind::VMSTATE => {
+                        state = Some(parse_state(&buf, label, &name)?);
+                    }
+                    _ => {}
+                }
+            }
+            StreamEvent::End(_) => break,
+        }
+    }
+    let manifest = manifest.ok_or_else(|| anyhow!("{label}: no manifest"))?;
+    let state = state.ok_or_else(|| {
+        anyhow!("{label}: the pack holds a VM at rest, not a saved one (no vmstate before memory)")
+    })?;
+    let mut warnings = check_host(&state, label)?;
+    if let Some(w) = tsc_warning(&state) {
+        warnings.push(w);
+    }
+    let mut cfg = state.config.clone();
+    for (i, _, p) in &disk_files {
+        if let Some(c) = cfg.disks.get_mut(*i) {
+            c.path = p.clone();
+            c.format = DiskFormat::Raw;
+        }
+    }
+    let first = current.map(|(n, _)| n);
+    let label_owned = label.to_string();
+    let gpas: Vec<(String, u64)> = manifest
+        .memory
+        .iter()
+        .map(|m| (m.section.clone(), m.gpa))
+        .collect();
+    let init = GuestMemoryInit::Fill(Box::new(move |regions| {
+        let mut section = first;
+        loop {
+            let ev = sr.next_event()?;
+            match ev {
+                StreamEvent::Section(info) => {
+                    if info.kind != vmpack_formats::pack::kind::MEMORY {
+                        bail!("{label_owned}: section '{}' after memory; expected memory sections last", info.name);
+                    }
+                    section = Some(info.name.clone());
+                }
+                StreamEvent::Chunk { offset, data, .. } => {
+                    let name = section.as_deref().unwrap_or("");
+                    let gpa = gpas
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, g)| *g)
+                        .ok_or_else(|| {
+                            anyhow!("{label_owned}: section '{name}' is not in the manifest")
+                        })?;
+                    let region = regions
+                        .iter_mut()
+                        .find(|(g, _)| *g == gpa)
+                        .ok_or_else(|| anyhow!("{label_owned}: no RAM region at {gpa:#x}"))?;
+                    let end = offset as usize + data.len();
+                    if end > region.1.len() {
+                        bail!("{label_owned}: section '{name}': chunk at {offset:#x} runs past its RAM region");
+                    }
+                    if data.iter().any(|&b| b != 0) {
+                        region.1[offset as usize..end].copy_from_slice(data);
+                    }
+                }
+                StreamEvent::SectionEnd(_) => section = None,
+                StreamEvent::End(_) => return Ok(()),
+            }
+        }
+    }));
+    let mut run = opts.run;
+    run.work_dir = Some(work.keep());
+    let prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let vm = Vm::restore(&cfg, state, init, payload, &run)?;
+    Ok((
+        vm,
+        RestoreInfo {
+            memory_path: "stream",
+            verified: "verified every chunk while streaming",
+            prepare_ms,
+            warnings,
+        },
+    ))
+}
+
+fn io_pack_error(path: &Path, e: std::io::Error) -> PackError {
+    PackError::new(
+        &path.display().to_string(),
+        vmpack_formats::pack::PackErrorKind::Io(e),
+    )
+}
+
+fn sparse_file(path: &Path, size: u64) -> Result<File> {
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.set_len(size)
+        .with_context(|| format!("sizing {}", path.display()))?;
+    Ok(f)
+}
+
+/// A per-restore folder for the private disk copies (the pack is never written).
+struct WorkDir {
+    path: PathBuf,
+}
+
+impl WorkDir {
+    fn new(base: Option<&Path>) -> Result<WorkDir> {
+        let base = base
+            .map(Path::to_path_buf)
+            .unwrap_or_else(std::env::temp_dir);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .subsec_nanos();
+        let path = base.join(format!("vmpack-restore-{}-{nanos:x}", std::process::id()));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(WorkDir { path })
+    }
+
+    /// Hands the folder to the VM, which removes it when it ends.
+    fn keep(self) -> PathBuf {
+        let p = self.path.clone();
+        std::mem::forget(self);
+        p
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Records of packs whose every chunk was verified on this host.
+///
+/// A record is keyed by the pack's root digest and names the file's device, inode, size and
+/// modification time: a pack rewritten in place (even with the same index) is verified
+/// again. It does not protect against silent media corruption after the first check; use
+/// `--verify always` for that.
+pub mod verified_cache {
+    use std::os::unix::fs::MetadataExt;
+    use std::path::{Path, PathBuf};
+
+    fn dir() -> Option<PathBuf> {
+        let base = std::env::var_os("VMPACK_CACHE_DIR")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("vmpack")))
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vmpack")))?;
+        Some(base.join("verified"))
+    }
+
+    fn identity(path: &Path) -> Option<String> {
+        let m = std::fs::metadata(path).ok()?;
+        Some(format!(
+            "{} {} {} {}.{}",
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec()
+        ))
+    }
+
+    pub fn is_verified(path: &Path, root: [u8; 32]) -> bool {
+        let (Some(d), Some(id)) = (dir(), identity(path)) else {
+            return false;
+        };
+        std::fs::read_to_string(d.join(hex::encode(root)))
+            .map(|s| s.lines().any(|l| l == id))
+            .unwrap_or(false)
+    }
+
+    /// Best effort: a cache that cannot be written only costs a later re-verification.
+    pub fn record(path: &Path, root: [u8; 32]) {
+        let (Some(d), Some(id)) = (dir(), identity(path)) else {
+            return;
+        };
+        if std::fs::create_dir_all(&d).is_err() {
+            return;
+        }
+        let file = d.join(hex::encode(root));
+        let mut text = std::fs::read_to_string(&file).unwrap_or_default();
+        text.push_str(&id);
+        text.push('\n');
+        let tmp = d.join(format!(".{}.tmp{}", hex::encode(root), std::process::id()));
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, &file);
+        }
+    }
+}
+
+/// Saves while the VM is paused and reports how long the guest stood still.
+pub fn save_paused(
+    handle: &VmHandle,
+    compression: Compression,
+    level: Option<i32>,
+    out: &mut dyn Write,
+) -> Result<SaveStats> {
+    let was_paused = handle.is_paused();
+    let t = Instant::now();
+    handle.pause().map_err(|e| anyhow!("{e}"))?;
+    let r = write_pack(handle, compression, level, out);
+    let pause = t.elapsed();
+    if !was_paused {
+        // The caller decides about resuming; the pause figure is what the guest saw.
+    }
+    let mut stats = r?;
+    stats.pause_ms = pause.as_secs_f64() * 1000.0;
+    Ok(stats)
+}
+
+/// Restores a pack and runs it until the guest ends; returns the guest's exit status.
+/// Progress and warnings go to stderr (unless `quiet`), so the guest's serial output on
+/// stdout stays clean.
+pub fn restore_and_run(input: PackInput, opts: RestoreOptions, quiet: bool) -> Result<i32> {
+    let t = Instant::now();
+    let (vm, info) = restore(input, opts)?;
+    for w in &info.warnings {
+        eprintln!("vmboot: warning: {w}");
+    }
+    if !quiet {
+        eprintln!(
+            "vmboot: restored in {:.1} ms (memory: {}; {})",
+            t.elapsed().as_secs_f64() * 1000.0,
+            info.memory_path,
+            info.verified
+        );
+    }
+    let reason = vm.run()?;
+    if reason.code != 0 {
+        eprintln!("vmboot: {} (exit status {})", reason.message, reason.code);
+    }
+    Ok(reason.code)
+}

@@ -1,0 +1,202 @@
+//! Per-vCPU setup, state capture/restore, and the crash report.
+
+use crate::memory::GuestRam;
+use crate::msr;
+use crate::persist::VcpuState;
+use anyhow::{Context, Result};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, CpuId, KVM_MP_STATE_RUNNABLE,
+};
+use kvm_ioctls::VcpuFd;
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+fn lapic_reg(l: &kvm_lapic_state, off: usize) -> u32 {
+    let b: Vec<u8> = l.regs[off..off + 4].iter().map(|&c| c as u8).collect();
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn set_lapic_reg(l: &mut kvm_lapic_state, off: usize, v: u32) {
+    for (i, b) in v.to_le_bytes().iter().enumerate() {
+        l.regs[off + i] = *b as _;
+    }
+}
+
+fn with_delivery_mode(reg: u32, mode: u32) -> u32 {
+    (reg & !0x700) | (mode << 8)
+}
+
+/// CPUID first (a LAPIC configured before CPUID misbehaves on this host), then LINT0 as
+/// ExtINT and LINT1 as NMI so the legacy PIC reaches the CPU.
+pub fn configure_new(fd: &VcpuFd, cpuid: &CpuId) -> Result<()> {
+    fd.set_cpuid2(cpuid).context("KVM_SET_CPUID2")?;
+    let mut l = fd.get_lapic().context("KVM_GET_LAPIC")?;
+    let lint0 = lapic_reg(&l, APIC_LVT0);
+    set_lapic_reg(
+        &mut l,
+        APIC_LVT0,
+        with_delivery_mode(lint0, APIC_MODE_EXTINT),
+    );
+    let lint1 = lapic_reg(&l, APIC_LVT1);
+    set_lapic_reg(&mut l, APIC_LVT1, with_delivery_mode(lint1, APIC_MODE_NMI));
+    fd.set_lapic(&l).context("KVM_SET_LAPIC")?;
+    // What firmware would leave behind: fast strings on, MTRRs on with write-back default.
+    msr::write(
+        fd,
+        &[
+            kvm_msr_entry {
+                index: msr::MSR_IA32_MISC_ENABLE,
+                data: 1,
+                ..Default::default()
+            },
+            kvm_msr_entry {
+                index: msr::MSR_MTRR_DEF_TYPE,
+                data: (1 << 11) | 6,
+                ..Default::default()
+            },
+        ],
+    )?;
+    Ok(())
+}
+
+/// Marks the boot vCPU runnable (needed with an in-kernel irqchip when the VMM set its
+/// registers directly).
+pub fn set_runnable(fd: &VcpuFd) -> Result<()> {
+    fd.set_mp_state(kvm_mp_state {
+        mp_state: KVM_MP_STATE_RUNNABLE,
+    })
+    .context("KVM_SET_MP_STATE")
+}
+
+/// Captures a vCPU that is outside KVM_RUN with any pending I/O completed.
+///
+/// `cpuid` is what vmboot gave the vCPU: KVM_GET_CPUID2 is not used because on some hosts
+/// (PVM, seen here) it reports bits the host's KVM cannot provide, which would make the pack
+/// unrestorable there.
+pub fn save(
+    id: u32,
+    fd: &VcpuFd,
+    msr_list: &[u32],
+    cpuid: &[kvm_cpuid_entry2],
+) -> Result<VcpuState> {
+    Ok(VcpuState {
+        id,
+        mp_state: fd.get_mp_state().context("KVM_GET_MP_STATE")?,
+        regs: fd.get_regs().context("KVM_GET_REGS")?,
+        sregs: fd.get_sregs().context("KVM_GET_SREGS")?,
+        xsave: fd.get_xsave().context("KVM_GET_XSAVE")?,
+        xcrs: fd.get_xcrs().context("KVM_GET_XCRS")?,
+        debugregs: fd.get_debug_regs().context("KVM_GET_DEBUGREGS")?,
+        lapic: fd.get_lapic().context("KVM_GET_LAPIC")?,
+        tsc_khz: fd.get_tsc_khz().context("KVM_GET_TSC_KHZ")?,
+        cpuid: cpuid.to_vec(),
+        msrs: msr::read(fd, msr_list).context("KVM_GET_MSRS")?,
+        vcpu_events: fd.get_vcpu_events().context("KVM_GET_VCPU_EVENTS")?,
+    })
+}
+
+/// Loads `s` into a fresh vCPU, in the order measured to work on this host (CPUID before
+/// LAPIC; MSRs and events last).
+pub fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
+    let id = s.id;
+    let cpuid = CpuId::from_entries(&s.cpuid)
+        .map_err(|e| anyhow::anyhow!("vCPU {id}: saved CPUID has too many entries: {e:?}"))?;
+    fd.set_cpuid2(&cpuid)
+        .with_context(|| format!("vCPU {id}: KVM_SET_CPUID2"))?;
+    let host_khz = fd.get_tsc_khz().unwrap_or(0);
+    if s.tsc_khz != 0 && host_khz != s.tsc_khz {
+        if let Err(e) = fd.set_tsc_khz(s.tsc_khz) {
+            eprintln!(
+                "vmboot: warning: vCPU {id}: the guest was saved with a {} kHz TSC but this host \
+                 runs at {host_khz} kHz and cannot scale it ({e}); guest time may drift",
+                s.tsc_khz
+            );
+        }
+    }
+    fd.set_mp_state(s.mp_state)
+        .with_context(|| format!("vCPU {id}: KVM_SET_MP_STATE"))?;
+    fd.set_regs(&s.regs)
+        .with_context(|| format!("vCPU {id}: KVM_SET_REGS"))?;
+    fd.set_sregs(&s.sregs)
+        .with_context(|| format!("vCPU {id}: KVM_SET_SREGS"))?;
+    // SAFETY: `kvm_xsave` is the fixed 4 KiB legacy layout, exactly what KVM_SET_XSAVE reads.
+    unsafe { fd.set_xsave(&s.xsave) }.with_context(|| format!("vCPU {id}: KVM_SET_XSAVE"))?;
+    fd.set_xcrs(&s.xcrs)
+        .with_context(|| format!("vCPU {id}: KVM_SET_XCRS"))?;
+    fd.set_debug_regs(&s.debugregs)
+        .with_context(|| format!("vCPU {id}: KVM_SET_DEBUGREGS"))?;
+    fd.set_lapic(&s.lapic)
+        .with_context(|| format!("vCPU {id}: KVM_SET_LAPIC"))?;
+    msr::write(fd, &s.msrs).with_context(|| format!("vCPU {id}: KVM_SET_MSRS"))?;
+    fd.set_vcpu_events(&s.vcpu_events)
+        .with_context(|| format!("vCPU {id}: KVM_SET_VCPU_EVENTS"))?;
+    Ok(())
+}
+
+const CR0_PG: u64 = 1 << 31;
+const EFER_LMA: u64 = 1 << 10;
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// Walks 4-level page tables at `cr3` for linear address `la`.
+pub fn translate_long(mem: &GuestRam, cr3: u64, la: u64) -> Option<u64> {
+    let mut table = cr3 & ADDR_MASK;
+    for level in (0..4u32).rev() {
+        let shift = 12 + 9 * level;
+        let e = mem.read_u64(table + ((la >> shift) & 511) * 8).ok()?;
+        if e & 1 == 0 {
+            return None;
+        }
+        if (level == 1 || level == 2) && e & 0x80 != 0 {
+            let span = (1u64 << shift) - 1;
+            return Some((e & ADDR_MASK & !span) | (la & span));
+        }
+        table = e & ADDR_MASK;
+    }
+    Some(table | (la & 0xfff))
+}
+
+/// "RIP ... CS base ... bytes at RIP ..." for a vCPU that stopped unexpectedly.
+pub fn crash_report(fd: &VcpuFd, mem: &GuestRam) -> String {
+    let (regs, sregs) = match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(r), Ok(s)) => (r, s),
+        (Err(e), _) | (_, Err(e)) => return format!("(registers unavailable: {e})"),
+    };
+    let linear = sregs.cs.base.wrapping_add(regs.rip);
+    let paged_long = sregs.cr0 & CR0_PG != 0 && sregs.efer & EFER_LMA != 0;
+    let mut bytes = Vec::new();
+    for i in 0..15u64 {
+        let la = linear.wrapping_add(i);
+        let pa = if paged_long {
+            translate_long(mem, sregs.cr3, la)
+        } else {
+            // Real mode, or 32-bit flat protected mode: identity.
+            Some(la)
+        };
+        match pa.and_then(|pa| mem.read(pa, 1).ok()) {
+            Some(b) => bytes.push(format!("{:02x}", b[0])),
+            None => break,
+        }
+    }
+    let code = if bytes.is_empty() {
+        "unreadable".to_string()
+    } else {
+        bytes.join(" ")
+    };
+    format!(
+        "RIP {:#x} (CS {:#x} base {:#x}, linear {linear:#x}{}), RSP {:#x}, RFLAGS {:#x}, \
+         CR0 {:#x} CR3 {:#x} CR4 {:#x} EFER {:#x}; code at RIP: {code}",
+        regs.rip,
+        sregs.cs.selector,
+        sregs.cs.base,
+        if paged_long { ", paged" } else { "" },
+        regs.rsp,
+        regs.rflags,
+        sregs.cr0,
+        sregs.cr3,
+        sregs.cr4,
+        sregs.efer,
+    )
+}

@@ -1,0 +1,890 @@
+//! The VM: KVM setup, vCPU threads, pause/resume, and state capture.
+//!
+//! Pausing is real: every vCPU thread leaves KVM_RUN and parks on a condvar. A vCPU is kicked
+//! by setting `immediate_exit` in its `kvm_run` page and sending it a real-time signal whose
+//! handler does nothing (the signal only has to interrupt the ioctl; `immediate_exit` covers
+//! the window where the signal lands just before KVM_RUN). Before parking, each vCPU does one
+//! more KVM_RUN with `immediate_exit = 1`, which completes an in-flight port IN/MMIO read
+//! (data in the register, RIP past the instruction) without running guest code, so the saved
+//! state never holds a half-done instruction.
+
+use crate::cpuid;
+use crate::devices::bus::lock;
+use crate::devices::serial::spawn_stdin_forwarder;
+pub use crate::devices::SerialSink;
+use crate::devices::{
+    Bus, DebugExit, IoAction, SerialDevice, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, I8042, I8042_PORT,
+};
+use crate::memory::{ram_layout, GuestMemoryInit, GuestRam};
+use crate::msr;
+use crate::persist::{DeviceStates, VmState, VM_STATE_VERSION};
+use crate::vcpu;
+use anyhow::{bail, Context, Result};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_irqchip, kvm_pit_config, kvm_run, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use vmpack_formats::config::{Boot, VmConfig};
+
+/// Where the TSS lives for KVM's real-mode emulation (3 pages below the BIOS area at 4 GiB).
+const TSS_ADDR: usize = 0xfffb_d000;
+
+/// Exit statuses for VM failures (guest-chosen statuses come from the debug-exit port).
+pub const EXIT_TRIPLE_FAULT: i32 = 70;
+pub const EXIT_INTERNAL_ERROR: i32 = 71;
+pub const EXIT_FAIL_ENTRY: i32 = 72;
+pub const EXIT_GUEST_CRASH: i32 = 73;
+pub const EXIT_UNEXPECTED: i32 = 74;
+pub const EXIT_KVM_ERROR: i32 = 75;
+
+/// How a VM ended: the process exit status vmboot uses and a one-line explanation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExitReason {
+    pub code: i32,
+    pub message: String,
+}
+
+/// Where the guest's serial output goes and whether host stdin feeds it.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    pub serial_out: SerialSink,
+    /// Start the HTTP control socket here (see docs/API.md).
+    pub api_sock: Option<PathBuf>,
+    /// Forward stdin to COM1 (only done when stdin is a terminal).
+    pub stdin_input: bool,
+    /// A folder owned by this VM (e.g. private disk copies of a restore), removed when
+    /// [`Vm::run`] returns.
+    pub work_dir: Option<PathBuf>,
+}
+
+/// The bytes a boot needs; read from the config's files or supplied by a pack.
+#[derive(Clone, Debug, Default)]
+pub struct BootPayload {
+    pub kernel: Option<Vec<u8>>,
+    pub initrd: Option<Vec<u8>>,
+    pub image: Option<Vec<u8>>,
+}
+
+/// Largest kernel/initrd/image vmboot reads (guest RAM is the real limit; this stops a
+/// mistaken path to a huge file before it is read).
+const MAX_PAYLOAD: u64 = 4 << 30;
+
+fn read_file(role: &str, p: &std::path::Path) -> Result<Vec<u8>> {
+    let len = std::fs::metadata(p)
+        .with_context(|| format!("{role} {}", p.display()))?
+        .len();
+    if len > MAX_PAYLOAD {
+        bail!("{role} {} is {len} bytes, more than 4 GiB", p.display());
+    }
+    std::fs::read(p).with_context(|| format!("reading {role} {}", p.display()))
+}
+
+impl BootPayload {
+    pub fn from_config(cfg: &VmConfig) -> Result<BootPayload> {
+        let mut p = BootPayload::default();
+        for (role, path) in cfg.boot_files() {
+            let bytes = read_file(role, path)?;
+            match role {
+                "kernel" => p.kernel = Some(bytes),
+                "initrd" => p.initrd = Some(bytes),
+                _ => p.image = Some(bytes),
+            }
+        }
+        Ok(p)
+    }
+}
+
+struct VcpuSlot {
+    id: u32,
+    /// What KVM_SET_CPUID2 was given (saved instead of reading it back, see vcpu::save).
+    cpuid: Vec<kvm_cpuid_entry2>,
+    fd: Mutex<VcpuFd>,
+    /// The vCPU's `kvm_run` page, for setting `immediate_exit` from other threads. Valid as
+    /// long as `fd` lives.
+    run: *mut kvm_run,
+    thread: Mutex<Option<libc::pthread_t>>,
+}
+
+// SAFETY: `run` points into the mmap owned by `fd`, which lives as long as the slot; other
+// threads only touch its `immediate_exit` byte, through an atomic.
+unsafe impl Send for VcpuSlot {}
+// SAFETY: see `Send`.
+unsafe impl Sync for VcpuSlot {}
+
+impl VcpuSlot {
+    fn kick(&self, signal: i32) {
+        // SAFETY: `run` is valid (see the struct); KVM reads this byte on KVM_RUN entry.
+        unsafe { AtomicU8::from_ptr(std::ptr::addr_of_mut!((*self.run).immediate_exit)) }
+            .store(1, Ordering::SeqCst);
+        if let Some(t) = *lock(&self.thread) {
+            // SAFETY: the thread is registered only while it runs (cleared before it exits).
+            unsafe { libc::pthread_kill(t, signal) };
+        }
+    }
+}
+
+#[derive(Default)]
+struct Control {
+    /// Pause requested (vCPUs park as soon as they see it).
+    paused: bool,
+    /// vCPU threads currently parked.
+    parked: usize,
+    /// vCPU threads started and not yet finished.
+    running: usize,
+    started: bool,
+    exit: Option<ExitReason>,
+}
+
+/// Controls a VM from any thread: pause, resume, shutdown, capture.
+pub struct VmHandle {
+    config: VmConfig,
+    /// Kept so a save can put the boot files into the pack, also for a restored VM whose
+    /// original files may not exist on this host.
+    payload: BootPayload,
+    last_save: Mutex<Option<serde_json::Value>>,
+    // Field order = drop order: vCPUs and devices before the VM, memory last.
+    vcpus: Vec<VcpuSlot>,
+    pio: Bus,
+    mmio: Bus,
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
+    vm: VmFd,
+    _kvm: Kvm,
+    mem: GuestRam,
+    msr_list: Vec<u32>,
+    ctl: Mutex<Control>,
+    cv: Condvar,
+    /// Fast-path copies of `ctl` for the vCPU loop.
+    pause_flag: AtomicBool,
+    stop_flag: AtomicBool,
+    created: Instant,
+    first_exit: OnceLock<Instant>,
+}
+
+/// A VM ready to run. [`Vm::run`] starts the vCPU threads and blocks until the guest ends.
+pub struct Vm {
+    handle: Arc<VmHandle>,
+    opts: RunOptions,
+}
+
+fn kick_signal() -> i32 {
+    libc::SIGRTMIN() + 1
+}
+
+extern "C" fn noop_handler(_: libc::c_int) {}
+
+fn install_kick_handler() -> Result<()> {
+    static ONCE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        // SAFETY: installs a handler that does nothing; no SA_RESTART so KVM_RUN returns EINTR.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = noop_handler as *const () as usize;
+            sa.sa_flags = 0;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error().to_string());
+            }
+        }
+        Ok(())
+    })
+    .clone()
+    .map_err(|e| anyhow::anyhow!("installing the vCPU kick signal handler: {e}"))
+}
+
+fn open_kvm() -> Result<Kvm> {
+    Kvm::new().map_err(|e| anyhow::anyhow!("cannot open /dev/kvm: {e}"))
+}
+
+fn validate(cfg: &VmConfig) -> Result<()> {
+    if cfg.vcpus == 0 || cfg.vcpus > vmpack_formats::config::MAX_VCPUS {
+        bail!("vcpus = {} (1..=254 supported)", cfg.vcpus);
+    }
+    if cfg.memory_mib == 0 || cfg.memory_mib > vmpack_formats::config::MAX_MEMORY_MIB {
+        bail!("memory_mib = {} (1..=65536 supported)", cfg.memory_mib);
+    }
+    if cfg.kernel.is_none() && cfg.flat.is_none() {
+        bail!("config has neither [kernel] nor [flat]");
+    }
+    Ok(())
+}
+
+struct Base {
+    kvm: Kvm,
+    vm: VmFd,
+    mem: GuestRam,
+    fds: Vec<VcpuFd>,
+}
+
+/// KVM VM with irqchip, PIT, memory slots and vCPUs (not configured yet), in the order that
+/// restores reliably on this host.
+fn build_base(cfg: &VmConfig, init: GuestMemoryInit) -> Result<Base> {
+    validate(cfg)?;
+    install_kick_handler()?;
+    let kvm = open_kvm()?;
+    let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
+    vm.set_tss_address(TSS_ADDR).context("KVM_SET_TSS_ADDR")?;
+    vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .context("KVM_CREATE_PIT2")?;
+    let mem = GuestRam::new(&ram_layout(cfg.memory_bytes()), init)?;
+    for (slot, gpa, host, size) in mem.slots() {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host,
+        };
+        // SAFETY: the host range is guest RAM owned by `mem`, which outlives the VM fd
+        // (VmHandle drops `vm` before `mem`).
+        unsafe { vm.set_user_memory_region(region) }.with_context(|| {
+            format!(
+                "KVM_SET_USER_MEMORY_REGION slot {slot} ({} MiB)",
+                size >> 20
+            )
+        })?;
+    }
+    let fds = (0..cfg.vcpus)
+        .map(|id| {
+            vm.create_vcpu(u64::from(id))
+                .with_context(|| format!("KVM_CREATE_VCPU {id}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Base { kvm, vm, mem, fds })
+}
+
+impl Vm {
+    /// Boots `cfg` from scratch with `payload`.
+    pub fn create(cfg: &VmConfig, payload: BootPayload, opts: &RunOptions) -> Result<Vm> {
+        let base = build_base(cfg, GuestMemoryInit::Zeroed)?;
+        let mut supported = base
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .context("KVM_GET_SUPPORTED_CPUID")?
+            .as_slice()
+            .to_vec();
+        cpuid::apply_template(&mut supported, cfg.cpu_template);
+        let mut cpuids = Vec::new();
+        for (id, fd) in base.fds.iter().enumerate() {
+            let c = cpuid::for_vcpu(&supported, id as u32, cfg.vcpus);
+            vcpu::configure_new(fd, &c).with_context(|| format!("configuring vCPU {id}"))?;
+            cpuids.push(c.as_slice().to_vec());
+        }
+        let kvm_list = base
+            .kvm
+            .get_msr_index_list()
+            .context("KVM_GET_MSR_INDEX_LIST")?
+            .as_slice()
+            .to_vec();
+        let msr_list = msr::filter_readable(&base.fds[0], msr::candidate_list(&kvm_list))?;
+
+        let bsp = &base.fds[0];
+        let sregs = bsp.get_sregs().context("KVM_GET_SREGS")?;
+        let (regs, sregs) = match cfg.boot() {
+            Boot::Flat(flat) => {
+                let image = payload
+                    .image
+                    .as_deref()
+                    .context("flat boot without an image in the payload")?;
+                crate::flat::load(&base.mem, flat, image, sregs)?
+            }
+            Boot::Linux(k) => {
+                let kernel = payload
+                    .kernel
+                    .as_deref()
+                    .context("Linux boot without a kernel in the payload")?;
+                crate::mptable::write(&base.mem, cfg.vcpus)?;
+                crate::linux::load(
+                    &base.mem,
+                    kernel,
+                    payload.initrd.as_deref(),
+                    &k.cmdline,
+                    sregs,
+                )?
+            }
+        };
+        bsp.set_sregs(&sregs).context("KVM_SET_SREGS")?;
+        bsp.set_regs(&regs).context("KVM_SET_REGS")?;
+        vcpu::set_runnable(bsp)?;
+        let serial = SerialDevice::new(&Default::default(), &opts.serial_out)?;
+        Vm::assemble(
+            cfg,
+            base,
+            cpuids,
+            msr_list,
+            serial,
+            I8042::new(),
+            payload,
+            opts,
+        )
+    }
+
+    /// Builds a fresh VM from `state` and guest memory. `payload` is not loaded (memory holds
+    /// the guest already); it is kept for later saves.
+    pub fn restore(
+        cfg: &VmConfig,
+        state: VmState,
+        memory: GuestMemoryInit,
+        payload: BootPayload,
+        opts: &RunOptions,
+    ) -> Result<Vm> {
+        if state.version != VM_STATE_VERSION {
+            bail!(
+                "saved VM state version {} is not supported (this vmboot reads version {})",
+                state.version,
+                VM_STATE_VERSION
+            );
+        }
+        if state.vcpus.len() != cfg.vcpus as usize {
+            bail!(
+                "saved state has {} vCPUs but the config says {}",
+                state.vcpus.len(),
+                cfg.vcpus
+            );
+        }
+        let layout = ram_layout(cfg.memory_bytes());
+        if state.memory_regions != layout {
+            bail!(
+                "saved memory layout {:x?} does not match the config's {} MiB ({layout:x?})",
+                state.memory_regions,
+                cfg.memory_mib
+            );
+        }
+        let base = build_base(cfg, memory)?;
+        base.vm.set_pit2(&state.pit2).context("KVM_SET_PIT2")?;
+        let mut clock = state.clock;
+        // Resume guest time at the saved value (see VmState::clock).
+        clock.flags = 0;
+        base.vm.set_clock(&clock).context("KVM_SET_CLOCK")?;
+        for (name, chip) in [
+            ("PIC master", &state.pic_master),
+            ("PIC slave", &state.pic_slave),
+            ("IOAPIC", &state.ioapic),
+        ] {
+            base.vm
+                .set_irqchip(chip)
+                .with_context(|| format!("KVM_SET_IRQCHIP ({name})"))?;
+        }
+        for (fd, s) in base.fds.iter().zip(&state.vcpus) {
+            vcpu::restore(fd, s)?;
+        }
+        let msr_list: Vec<u32> = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
+        let msr_list = msr::filter_readable(&base.fds[0], msr_list)?;
+        let serial = SerialDevice::new(&state.devices.serial, &opts.serial_out)?;
+        let cpuids = state.vcpus.iter().map(|v| v.cpuid.clone()).collect();
+        Vm::assemble(
+            cfg,
+            base,
+            cpuids,
+            msr_list,
+            serial,
+            I8042::new(),
+            payload,
+            opts,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        cfg: &VmConfig,
+        base: Base,
+        cpuids: Vec<Vec<kvm_cpuid_entry2>>,
+        msr_list: Vec<u32>,
+        serial: SerialDevice,
+        i8042: I8042,
+        payload: BootPayload,
+        opts: &RunOptions,
+    ) -> Result<Vm> {
+        base.vm
+            .register_irqfd(serial.irq_fd(), COM1_IRQ)
+            .context("KVM_IRQFD for COM1")?;
+        let serial = Arc::new(Mutex::new(serial));
+        let i8042 = Arc::new(Mutex::new(i8042));
+        let mut pio = Bus::new();
+        pio.insert(COM1_PORT, 8, serial.clone())?;
+        pio.insert(I8042_PORT, 5, i8042.clone())?;
+        pio.insert(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit)))?;
+        let vcpus = base
+            .fds
+            .into_iter()
+            .zip(cpuids)
+            .enumerate()
+            .map(|(id, (mut fd, cpuid))| {
+                let run: *mut kvm_run = fd.get_kvm_run();
+                VcpuSlot {
+                    id: id as u32,
+                    cpuid,
+                    fd: Mutex::new(fd),
+                    run,
+                    thread: Mutex::new(None),
+                }
+            })
+            .collect();
+        let handle = Arc::new(VmHandle {
+            config: cfg.clone(),
+            payload,
+            last_save: Mutex::new(None),
+            vcpus,
+            pio,
+            mmio: Bus::new(),
+            serial,
+            i8042,
+            vm: base.vm,
+            _kvm: base.kvm,
+            mem: base.mem,
+            msr_list,
+            ctl: Mutex::new(Control::default()),
+            cv: Condvar::new(),
+            pause_flag: AtomicBool::new(false),
+            stop_flag: AtomicBool::new(false),
+            created: Instant::now(),
+            first_exit: OnceLock::new(),
+        });
+        Ok(Vm {
+            handle,
+            opts: opts.clone(),
+        })
+    }
+
+    pub fn controller(&self) -> Arc<VmHandle> {
+        self.handle.clone()
+    }
+
+    /// Runs the guest until it ends (debug-exit port, i8042 reset, a fatal exit, or
+    /// [`VmHandle::shutdown`]).
+    pub fn run(self) -> Result<ExitReason> {
+        let h = self.handle;
+        let _api = match &self.opts.api_sock {
+            Some(path) => Some(
+                crate::api::ApiServer::start(path, h.clone() as Arc<dyn crate::api::VmControl>)
+                    .with_context(|| format!("API socket {}", path.display()))?,
+            ),
+            None => None,
+        };
+        // SAFETY: isatty only inspects fd 0.
+        if self.opts.stdin_input && unsafe { libc::isatty(0) } == 1 {
+            spawn_stdin_forwarder(h.serial().clone());
+        }
+        let mut threads = Vec::new();
+        {
+            let mut c = lock(&h.ctl);
+            if let Some(e) = &c.exit {
+                return Ok(e.clone());
+            }
+            c.started = true;
+            c.running = h.vcpus.len();
+        }
+        for idx in 0..h.vcpus.len() {
+            let hh = h.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{idx}"))
+                .spawn(move || hh.vcpu_loop(idx));
+            match t {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    lock(&h.ctl).running -= h.vcpus.len() - idx;
+                    h.request_exit(ExitReason {
+                        code: EXIT_KVM_ERROR,
+                        message: format!("cannot start vCPU thread {idx}: {e}"),
+                    });
+                    break;
+                }
+            }
+        }
+        let mut c = lock(&h.ctl);
+        while c.exit.is_none() {
+            c = h.cv.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+        // Wake parked vCPUs and bounce running ones out of KVM_RUN until all have finished.
+        while c.running > 0 {
+            drop(c);
+            h.kick_all();
+            c = lock(&h.ctl);
+            if c.running > 0 {
+                c =
+                    h.cv.wait_timeout(c, Duration::from_millis(20))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+            }
+        }
+        let reason = c.exit.clone().expect("checked above");
+        drop(c);
+        for t in threads {
+            let _ = t.join();
+        }
+        lock(&h.serial).flush();
+        if let Some(dir) = &self.opts.work_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        Ok(reason)
+    }
+}
+
+/// Unregisters a vCPU thread when it ends, also by panic, so `run` and `pause` never wait
+/// for a thread that is gone.
+struct ThreadDone<'a> {
+    h: &'a VmHandle,
+    idx: usize,
+}
+
+impl Drop for ThreadDone<'_> {
+    fn drop(&mut self) {
+        *lock(&self.h.vcpus[self.idx].thread) = None;
+        if std::thread::panicking() {
+            let mut c = lock(&self.h.ctl);
+            if c.exit.is_none() {
+                c.exit = Some(ExitReason {
+                    code: EXIT_KVM_ERROR,
+                    message: format!("vCPU {} thread panicked", self.idx),
+                });
+            }
+            self.h.stop_flag.store(true, Ordering::SeqCst);
+        }
+        let mut c = lock(&self.h.ctl);
+        c.running -= 1;
+        self.h.cv.notify_all();
+    }
+}
+
+enum Outcome {
+    Continue,
+    Exit(ExitReason),
+}
+
+impl VmHandle {
+    fn kick_all(&self) {
+        for v in &self.vcpus {
+            v.kick(kick_signal());
+        }
+    }
+
+    /// Ends the VM with `reason` unless it already ended (the first reason wins).
+    fn request_exit(&self, reason: ExitReason) {
+        let mut c = lock(&self.ctl);
+        if c.exit.is_none() {
+            c.exit = Some(reason);
+        }
+        self.stop_flag.store(true, Ordering::SeqCst);
+        self.cv.notify_all();
+        drop(c);
+        self.kick_all();
+    }
+
+    fn vcpu_loop(&self, idx: usize) {
+        let slot = &self.vcpus[idx];
+        let _done = ThreadDone { h: self, idx };
+        // SAFETY: pthread_self has no preconditions.
+        *lock(&slot.thread) = Some(unsafe { libc::pthread_self() });
+        loop {
+            if self.pause_flag.load(Ordering::SeqCst) || self.stop_flag.load(Ordering::SeqCst) {
+                complete_pending_io(&mut lock(&slot.fd));
+                let mut c = lock(&self.ctl);
+                if c.exit.is_some() {
+                    break;
+                }
+                if c.paused {
+                    c.parked += 1;
+                    self.cv.notify_all();
+                    while c.paused && c.exit.is_none() {
+                        c = self.cv.wait(c).unwrap_or_else(|p| p.into_inner());
+                    }
+                    c.parked -= 1;
+                    self.cv.notify_all();
+                }
+                continue;
+            }
+            let outcome = {
+                let mut fd = lock(&slot.fd);
+                self.run_once(slot.id, &mut fd)
+            };
+            if let Outcome::Exit(r) = outcome {
+                self.request_exit(r);
+            }
+        }
+    }
+
+    fn run_once(&self, id: u32, fd: &mut VcpuFd) -> Outcome {
+        let exit = fd.run();
+        if id == 0 {
+            self.first_exit.get_or_init(Instant::now);
+        }
+        let fatal = |code: i32, what: String, fd: &VcpuFd| {
+            Outcome::Exit(ExitReason {
+                code,
+                message: format!("vCPU {id}: {what}; {}", vcpu::crash_report(fd, &self.mem)),
+            })
+        };
+        match exit {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                self.pio.read(u64::from(port), data);
+                Outcome::Continue
+            }
+            Ok(VcpuExit::IoOut(port, data)) => match self.pio.write(u64::from(port), data) {
+                IoAction::Continue => Outcome::Continue,
+                IoAction::Exit { code, message } => Outcome::Exit(ExitReason { code, message }),
+            },
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.mmio.read(addr, data);
+                Outcome::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => match self.mmio.write(addr, data) {
+                IoAction::Continue => Outcome::Continue,
+                IoAction::Exit { code, message } => Outcome::Exit(ExitReason { code, message }),
+            },
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {
+                Outcome::Continue
+            }
+            Ok(VcpuExit::Shutdown) => fatal(
+                EXIT_TRIPLE_FAULT,
+                "guest triple fault (KVM_EXIT_SHUTDOWN)".into(),
+                fd,
+            ),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => fatal(
+                EXIT_FAIL_ENTRY,
+                format!(
+                    "KVM_EXIT_FAIL_ENTRY (hardware entry failure reason {reason:#x}, cpu {cpu})"
+                ),
+                fd,
+            ),
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active
+                // union member.
+                let internal = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal };
+                let n = (internal.ndata as usize).min(internal.data.len());
+                let what = match internal.suberror {
+                    1 => "emulation failure (an instruction KVM cannot emulate)".to_string(),
+                    2 => "simultaneous exception".to_string(),
+                    3 => "delivery event failure".to_string(),
+                    s => format!("suberror {s}"),
+                };
+                fatal(
+                    EXIT_INTERNAL_ERROR,
+                    format!(
+                        "KVM internal error: {what}, data {:x?}",
+                        &internal.data[..n]
+                    ),
+                    fd,
+                )
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => Outcome::Exit(ExitReason {
+                    code: 0,
+                    message: "guest powered off".into(),
+                }),
+                KVM_SYSTEM_EVENT_RESET => Outcome::Exit(ExitReason {
+                    code: 0,
+                    message: "guest requested a reset".into(),
+                }),
+                KVM_SYSTEM_EVENT_CRASH => {
+                    fatal(EXIT_GUEST_CRASH, "guest reported a crash".into(), fd)
+                }
+                k => fatal(EXIT_UNEXPECTED, format!("unexpected system event {k}"), fd),
+            },
+            Ok(other) => fatal(EXIT_UNEXPECTED, format!("unexpected exit {other:?}"), fd),
+            Err(e) if e.errno() == libc::EINTR => {
+                fd.set_kvm_immediate_exit(0);
+                Outcome::Continue
+            }
+            // An AP's KVM_RUN returns EAGAIN once after INIT/SIPI: re-enter.
+            Err(e) if e.errno() == libc::EAGAIN => Outcome::Continue,
+            Err(e) => fatal(EXIT_KVM_ERROR, format!("KVM_RUN failed: {e}"), fd),
+        }
+    }
+
+    /// Pauses the VM: returns once every vCPU thread is parked outside KVM_RUN.
+    pub fn pause(&self) -> Result<()> {
+        let mut c = lock(&self.ctl);
+        if let Some(e) = &c.exit {
+            bail!("the VM has ended ({})", e.message);
+        }
+        c.paused = true;
+        self.pause_flag.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.parked < c.running && c.exit.is_none() {
+            drop(c);
+            self.kick_all();
+            c = lock(&self.ctl);
+            if c.parked < c.running {
+                c = self
+                    .cv
+                    .wait_timeout(c, Duration::from_millis(10))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out pausing: {} of {} vCPUs parked",
+                    c.parked,
+                    c.running
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) -> Result<()> {
+        let mut c = lock(&self.ctl);
+        if let Some(e) = &c.exit {
+            bail!("the VM has ended ({})", e.message);
+        }
+        c.paused = false;
+        self.pause_flag.store(false, Ordering::SeqCst);
+        self.cv.notify_all();
+        Ok(())
+    }
+
+    /// Ends the VM; [`Vm::run`] then returns status 0.
+    pub fn shutdown(&self) {
+        self.request_exit(ExitReason {
+            code: 0,
+            message: "shutdown requested".into(),
+        });
+    }
+
+    /// True when a pause was requested and every running vCPU is parked.
+    pub fn is_paused(&self) -> bool {
+        let c = lock(&self.ctl);
+        c.paused && c.parked >= c.running
+    }
+
+    /// True when no vCPU can be in KVM_RUN: paused, not started yet, or ended.
+    fn is_quiescent(&self) -> bool {
+        let c = lock(&self.ctl);
+        !c.started || c.running == 0 || (c.paused && c.parked >= c.running)
+    }
+
+    /// Captures every vCPU, the in-kernel irqchip/PIT/clock and the device models.
+    /// Only while paused (or before [`Vm::run`], or after the VM ended).
+    pub fn save_state(&self) -> Result<VmState> {
+        if !self.is_quiescent() {
+            bail!("save_state needs a paused VM");
+        }
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| {
+                vcpu::save(v.id, &lock(&v.fd), &self.msr_list, &v.cpuid)
+                    .with_context(|| format!("saving vCPU {}", v.id))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let chip = |id| -> Result<kvm_irqchip> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.vm
+                .get_irqchip(&mut c)
+                .with_context(|| format!("KVM_GET_IRQCHIP {id}"))?;
+            Ok(c)
+        };
+        Ok(VmState {
+            version: VM_STATE_VERSION,
+            config: self.config.clone(),
+            memory_regions: self.mem.layout(),
+            pit2: self.vm.get_pit2().context("KVM_GET_PIT2")?,
+            clock: self.vm.get_clock().context("KVM_GET_CLOCK")?,
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            vcpus,
+            devices: DeviceStates {
+                serial: lock(&self.serial).state(),
+                i8042: lock(&self.i8042).state(),
+            },
+        })
+    }
+
+    /// Calls `f` with every guest RAM region as `(gpa, bytes)`. If the VM is running, it is
+    /// paused for the duration of the call (so the bytes are a consistent image) and resumed.
+    pub fn with_memory<R>(&self, f: impl FnOnce(&[(u64, &[u8])]) -> R) -> R {
+        let paused_here = !self.is_quiescent() && self.pause().is_ok();
+        // SAFETY: no vCPU is in KVM_RUN (quiescent, or paused just above; a failed pause means
+        // the VM ended, so its vCPUs are gone) and no device writes guest RAM.
+        let r = f(&unsafe { self.mem.slices() });
+        if paused_here {
+            let _ = self.resume();
+        }
+        r
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    pub fn boot_payload(&self) -> &BootPayload {
+        &self.payload
+    }
+
+    /// Remembers the figures of the latest save for `GET /vm`.
+    pub fn set_last_save(&self, v: serde_json::Value) {
+        *lock(&self.last_save) = Some(v);
+    }
+
+    /// Time from VM creation to the first exit of vCPU 0 (roughly, its first instructions).
+    pub fn first_exit_after_create(&self) -> Option<Duration> {
+        self.first_exit
+            .get()
+            .map(|t| t.duration_since(self.created))
+    }
+
+    /// Instant of vCPU 0's first exit.
+    pub fn first_exit_instant(&self) -> Option<Instant> {
+        self.first_exit.get().copied()
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let c = lock(&self.ctl);
+        // docs/API.md knows three states; a VM not started yet or still pausing is "running".
+        let state = if c.exit.is_some() {
+            "stopped"
+        } else if c.paused && c.parked >= c.running {
+            "paused"
+        } else {
+            "running"
+        };
+        let (pr, pw) = self.pio.unknown_counts();
+        let (mr, mw) = self.mmio.unknown_counts();
+        let mut v = json!({
+            "name": self.config.name,
+            "state": state,
+            "vcpus": self.config.vcpus,
+            "memory_mib": self.config.memory_mib,
+            "uptime_ms": self.created.elapsed().as_millis() as u64,
+            "unhandled_io": {
+                "port_reads": pr, "port_writes": pw, "mmio_reads": mr, "mmio_writes": mw,
+            },
+        });
+        if let Some(e) = &c.exit {
+            v["exit"] = json!({"code": e.code, "message": e.message});
+        }
+        drop(c);
+        v["last_save"] = lock(&self.last_save)
+            .clone()
+            .unwrap_or(serde_json::Value::Null);
+        v
+    }
+
+    pub(crate) fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
+        &self.serial
+    }
+}
+
+/// One KVM_RUN with `immediate_exit = 1`: KVM finishes an in-flight port IN / MMIO read
+/// (register written, RIP advanced) and returns EINTR without running guest code.
+fn complete_pending_io(fd: &mut VcpuFd) {
+    fd.set_kvm_immediate_exit(1);
+    let _ = fd.run();
+    fd.set_kvm_immediate_exit(0);
+}

@@ -1,0 +1,218 @@
+//! `vmpack inspect`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use serde_json::json;
+use vmpack_formats::pack::{kind, PackReader, SectionInfo};
+use vmpack_formats::vm::{Manifest, VmPack};
+
+use crate::util::human_bytes;
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// The pack to describe.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn kind_name(k: u16) -> String {
+    match k {
+        kind::MANIFEST => "manifest".into(),
+        kind::FILE => "file".into(),
+        kind::DISK => "disk".into(),
+        kind::MEMORY => "memory".into(),
+        kind::VMSTATE => "vmstate".into(),
+        other => format!("{other:#06x}"),
+    }
+}
+
+fn ratio(s: &SectionInfo) -> f64 {
+    if s.stored_bytes == 0 {
+        // All-zero or empty sections store nothing; report them as infinitely compressible
+        // with a finite stand-in so JSON stays numeric.
+        if s.size == 0 {
+            1.0
+        } else {
+            f64::MAX
+        }
+    } else {
+        s.size as f64 / s.stored_bytes as f64
+    }
+}
+
+fn fmt_ratio(s: &SectionInfo) -> String {
+    let r = ratio(s);
+    if r == f64::MAX {
+        "all zero".into()
+    } else {
+        format!("{r:.2}x")
+    }
+}
+
+pub fn run(a: InspectArgs) -> Result<()> {
+    // The container is described even when its manifest is broken; the manifest problem is
+    // then reported as the command's error.
+    let reader = PackReader::open(&a.file)?;
+    let vm = VmPack::open(&a.file);
+    let (manifest, manifest_err) = match &vm {
+        Ok(v) => (Some(v.manifest().clone()), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let config_err = vm
+        .as_ref()
+        .ok()
+        .and_then(|v| v.config().err())
+        .map(|e| e.to_string());
+    let restore = manifest
+        .as_ref()
+        .and_then(|m| m.memory_restore_path(&reader));
+    if a.json {
+        print_json(&a, &reader, manifest.as_ref(), &manifest_err, restore)?;
+    } else {
+        print_text(&a, &reader, manifest.as_ref(), restore);
+    }
+    if let Some(e) = manifest_err.or(config_err) {
+        anyhow::bail!("{e}");
+    }
+    Ok(())
+}
+
+fn print_json(
+    a: &InspectArgs,
+    r: &PackReader,
+    m: Option<&Manifest>,
+    manifest_err: &Option<String>,
+    restore: Option<&str>,
+) -> Result<()> {
+    let (major, minor) = r.version();
+    let sections: Vec<_> = r
+        .sections()
+        .iter()
+        .map(|s| {
+            let mut v = serde_json::to_value(s).unwrap_or_default();
+            v["kind_name"] = json!(kind_name(s.kind));
+            v["ratio"] = if ratio(s) == f64::MAX {
+                serde_json::Value::Null
+            } else {
+                json!(ratio(s))
+            };
+            v
+        })
+        .collect();
+    let out = json!({
+        "file": a.file.display().to_string(),
+        "file_size": r.file_size(),
+        "version": format!("{major}.{minor}"),
+        "aligned": r.aligned(),
+        "root_digest": hex::encode(r.root_digest()),
+        "manifest": m,
+        "manifest_error": manifest_err,
+        "sections": sections,
+        "memory_restore": restore,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Option<&str>) {
+    let (major, minor) = r.version();
+    println!(
+        "file:         {} ({})",
+        a.file.display(),
+        human_bytes(r.file_size())
+    );
+    println!(
+        "format:       vmpack {major}.{minor}{}",
+        if r.aligned() { ", aligned" } else { "" }
+    );
+    println!("root digest:  {}", hex::encode(r.root_digest()));
+    if let Some(m) = m {
+        println!("written by:   {} {}", m.tool, m.tool_version);
+        println!("created:      {}", m.created);
+        println!(
+            "host cpu:     {} family {} model {} stepping {}{}",
+            m.host.vendor,
+            m.host.family,
+            m.host.model,
+            m.host.stepping,
+            if m.host.model_name.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", m.host.model_name)
+            }
+        );
+        if !m.files.is_empty() {
+            println!("boot files:");
+            for f in &m.files {
+                println!(
+                    "  {:<7} {:<24} {:>10}  [{}]",
+                    f.role,
+                    f.name,
+                    human_bytes(f.size),
+                    f.section
+                );
+            }
+        }
+        if !m.disks.is_empty() {
+            println!("disks:");
+            for d in &m.disks {
+                println!(
+                    "  {:<7} {:<24} {:>10}  {} {} [{}]",
+                    d.index,
+                    d.name,
+                    human_bytes(d.virtual_size),
+                    d.format,
+                    if d.read_only { "ro" } else { "rw" },
+                    d.section
+                );
+            }
+        }
+        if m.memory.is_empty() {
+            println!("memory:       none (not a saved VM)");
+        } else {
+            let total: u64 = m.memory.iter().map(|x| x.size).sum();
+            println!(
+                "memory:       {} in {} region(s); restore would {}",
+                human_bytes(total),
+                m.memory.len(),
+                match restore {
+                    Some("mmap") => "map it from the file (aligned, uncompressed)",
+                    _ => "decompress it into fresh memory",
+                }
+            );
+            for x in &m.memory {
+                println!("  gpa {:#x} {} [{}]", x.gpa, human_bytes(x.size), x.section);
+            }
+        }
+        println!("vmstate:      {}", m.vmstate.as_deref().unwrap_or("none"));
+    }
+    println!("sections:");
+    println!(
+        "  {:>3} {:<8} {:<14} {:>12} {:>12} {:>9} {:>8} {:>8}",
+        "id", "kind", "name", "size", "stored", "ratio", "chunks", "zero"
+    );
+    for s in r.sections() {
+        println!(
+            "  {:>3} {:<8} {:<14} {:>12} {:>12} {:>9} {:>8} {:>8}",
+            s.id,
+            kind_name(s.kind),
+            s.name,
+            human_bytes(s.size),
+            human_bytes(s.stored_bytes),
+            fmt_ratio(s),
+            s.chunks,
+            s.zero_chunks
+        );
+    }
+    if let Some(m) = m {
+        println!("config:");
+        for line in m.config.lines() {
+            println!("  {line}");
+        }
+    }
+}

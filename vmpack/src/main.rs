@@ -1,0 +1,86 @@
+//! `vmpack`: pack a VM into one portable file, inspect, verify and unpack it.
+//!
+//! Each command lives in its own module and only parses arguments, calls the
+//! `vmpack_formats` library and reports; exit status 0 on success, 1 on any error
+//! (printed to stderr), 2 on bad usage.
+
+mod bench;
+mod inspect;
+mod output;
+mod pack;
+mod progress;
+mod unpack;
+mod util;
+mod verify;
+mod vm;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "vmpack",
+    version,
+    about = "Pack a virtual machine into one portable .vmpack file"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pack the VM a config describes (boot files and disks) into one file.
+    Pack(pack::PackArgs),
+    /// Pack a disk image with a generated config.
+    Import(pack::ImportArgs),
+    /// Show a pack's metadata, config and sections.
+    Inspect(inspect::InspectArgs),
+    /// Check every chunk and the index of a pack.
+    Verify(verify::VerifyArgs),
+    /// Unpack a pack into a folder (config, boot files, disks in their original format).
+    Unpack(unpack::UnpackArgs),
+    /// Unpack with every disk converted to one format.
+    Export(unpack::ExportArgs),
+    /// Measure packing speed and ratio against standard tools.
+    Bench(bench::BenchArgs),
+    /// Boot a config, a pack, or (with no argument) the built-in counter sample.
+    Run(vm::RunArgs),
+    /// Save a running VM (through its control socket) into one pack.
+    Save(vm::SaveArgs),
+    /// Resume a saved VM from a pack, in this process.
+    Restore(vm::RestoreArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Before any worker thread starts, so every thread inherits the blocked mask.
+    output::install_signal_cleanup();
+    let guest_status = |r: anyhow::Result<i32>| -> anyhow::Result<()> {
+        let code = r?;
+        if code != 0 {
+            std::process::exit(code);
+        }
+        Ok(())
+    };
+    let result = match cli.command {
+        Command::Run(a) => guest_status(vm::run(a)),
+        Command::Save(a) => vm::save(a),
+        Command::Restore(a) => guest_status(vm::restore(a)),
+        Command::Pack(a) => pack::run_pack(a),
+        Command::Import(a) => pack::run_import(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Verify(a) => verify::run(a),
+        Command::Unpack(a) => unpack::run_unpack(a),
+        Command::Export(a) => unpack::run_export(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmpack: {}", util::error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! `vmpack verify`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use clap::Args;
+use vmpack_formats::pack::{PackReader, StreamEvent, StreamReader};
+use vmpack_formats::vm::{Manifest, VmPack, MANIFEST_SECTION, MAX_MANIFEST_LEN};
+
+use crate::progress::Bar;
+use crate::util::human_bytes;
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// The pack to check; `-` reads it from stdin in one pass.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Print nothing on success.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+pub fn run(a: VerifyArgs) -> Result<()> {
+    if a.file == Path::new("-") {
+        return verify_stream(&a);
+    }
+    let reader = PackReader::open(&a.file)?;
+    let total: u64 = reader.sections().iter().map(|s| s.size).sum();
+    let bar = Bar::new(Some(total), "verifying", a.quiet);
+    let report = reader.verify(&bar)?;
+    bar.finish();
+    // The container is intact; a VM pack must also have a sound manifest.
+    VmPack::open(&a.file)?;
+    if !a.quiet {
+        println!(
+            "OK {}: {} sections, {} chunks ({} zero), {} checked, root digest {}",
+            a.file.display(),
+            report.sections,
+            report.chunks,
+            report.zero_chunks,
+            human_bytes(report.bytes),
+            hex::encode(reader.root_digest())
+        );
+    }
+    Ok(())
+}
+
+fn verify_stream(a: &VerifyArgs) -> Result<()> {
+    let stdin = std::io::stdin();
+    let mut sr = StreamReader::new(stdin.lock(), "<stdin>")?;
+    let bar = Bar::new(None, "verifying", a.quiet);
+    let mut manifest = Vec::new();
+    let mut manifest_id = None;
+    let mut first = true;
+    loop {
+        match sr.next_event()? {
+            StreamEvent::Section(s) => {
+                if first && s.name == MANIFEST_SECTION && s.size <= MAX_MANIFEST_LEN {
+                    manifest_id = Some(s.id);
+                }
+                first = false;
+            }
+            StreamEvent::Chunk { section, data, .. } => {
+                if Some(section) == manifest_id {
+                    manifest.extend_from_slice(data);
+                }
+                use vmpack_formats::pack::Progress;
+                bar.advance(data.len() as u64);
+            }
+            StreamEvent::SectionEnd(_) => {}
+            StreamEvent::End(summary) => {
+                bar.finish();
+                if manifest_id.is_none() {
+                    anyhow::bail!(
+                        "<stdin>: section '{MANIFEST_SECTION}': missing: the first section must be the manifest"
+                    );
+                }
+                let m = Manifest::parse(&manifest, "<stdin>")?;
+                m.check_sections(&summary.sections, "<stdin>")?;
+                if !a.quiet {
+                    let chunks: u64 = summary.sections.iter().map(|s| s.chunks).sum();
+                    let zero: u64 = summary.sections.iter().map(|s| s.zero_chunks).sum();
+                    let bytes: u64 = summary.sections.iter().map(|s| s.size).sum();
+                    println!(
+                        "OK <stdin>: {} sections, {chunks} chunks ({zero} zero), {} checked, root digest {}",
+                        summary.sections.len(),
+                        human_bytes(bytes),
+                        hex::encode(summary.root_digest)
+                    );
+                }
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Commands that run VMs: `run`, `save`, `restore`. The VMM is the vmboot library, running
+//! in this process; `save` talks to a running vmboot (or vmpack) over its control socket.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use vmboot::api_client::ApiClient;
+use vmboot::snapshot::{self, PackInput, RestoreOptions, VerifyPolicy};
+use vmboot::{BootPayload, RunOptions, SerialSink, Vm};
+use vmpack_formats::config::{SerialOutput, VmConfig};
+use vmpack_formats::pack::{Compression, MAGIC};
+
+use crate::output::AtomicFile;
+use crate::util::human_bytes;
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// A VM config (.toml) or a pack (.vmpack). Without it, the built-in counter sample
+    /// boots: a real-mode guest that prints 1 to 300 on its serial console and exits.
+    target: Option<PathBuf>,
+    /// Serve the HTTP control API on this Unix socket (see docs/API.md).
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Guest serial output: stdout, none, or a file path (overrides the config).
+    #[arg(long)]
+    serial_out: Option<String>,
+    /// When to check a pack's chunk hashes.
+    #[arg(long, value_enum, default_value = "auto")]
+    verify: VerifyPolicy,
+    /// Print nothing but errors.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+pub struct SaveArgs {
+    /// The control socket of the running VM (`vmboot run --api-sock PATH`).
+    #[arg(long)]
+    api_sock: PathBuf,
+    /// Output pack, or - for standard output (e.g. to pipe into `vmpack restore -`).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Compression of every chunk. `none` (the default) keeps guest memory page-aligned so
+    /// restore maps it straight from the pack; `zstd` makes smaller packs to move around.
+    #[arg(long, default_value = "none")]
+    compress: Compression,
+    /// Compression level (deflate 1-9, zstd 1-22).
+    #[arg(long)]
+    level: Option<i32>,
+    /// What the VM does after the save: keep running, or end.
+    #[arg(long, value_parser = ["resume", "stop"], default_value = "resume")]
+    then: String,
+    /// Print nothing but errors.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// A pack made by `vmpack save`, or - to read it from standard input.
+    pack: PathBuf,
+    /// Serve the HTTP control API on this Unix socket, so the VM can be saved again.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Guest serial output: stdout, none, or a file path.
+    #[arg(long, default_value = "stdout")]
+    serial_out: String,
+    /// When to check chunk hashes (docs/FORMAT.md, "Verification on restore").
+    #[arg(long, value_enum, default_value = "auto")]
+    verify: VerifyPolicy,
+    /// Print nothing but errors and warnings.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// The README's first command: a VM that needs no files at all.
+const BUILTIN_COUNTER: &str = r#"
+name = "counter"
+vcpus = 1
+memory_mib = 16
+[flat]
+image = "builtin-counter16.bin"
+load_address = 0x1000
+entry = 0x1000
+mode = "real"
+"#;
+
+fn sink(arg: Option<&str>, cfg: Option<&VmConfig>) -> SerialSink {
+    match arg {
+        Some("stdout") => SerialSink::Stdout,
+        Some("none") => SerialSink::None,
+        Some(p) => SerialSink::File(PathBuf::from(p)),
+        None => match cfg.map(|c| (c.serial.output, c.serial.path.clone())) {
+            Some((SerialOutput::None, _)) => SerialSink::None,
+            Some((SerialOutput::File, Some(p))) => SerialSink::File(p),
+            _ => SerialSink::Stdout,
+        },
+    }
+}
+
+fn is_pack(path: &Path) -> bool {
+    let mut magic = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && magic == MAGIC
+}
+
+/// Runs until the guest ends and returns its exit status (the process exits with it).
+pub fn run(a: RunArgs) -> Result<i32> {
+    let vm = match &a.target {
+        None => {
+            let cfg = VmConfig::parse(BUILTIN_COUNTER, Path::new("builtin/counter.toml"))?;
+            let payload = BootPayload {
+                image: Some(vmboot::samples::COUNTER16.to_vec()),
+                ..Default::default()
+            };
+            if !a.quiet {
+                eprintln!(
+                    "vmpack: booting the built-in counter sample (prints 1 to 300, then exits)"
+                );
+            }
+            Vm::create(&cfg, payload, &run_options(&a, Some(&cfg)))?
+        }
+        Some(p) if is_pack(p) => {
+            let pack = vmpack_formats::vm::VmPack::open(p)?;
+            if pack.manifest().vmstate.is_some() {
+                drop(pack);
+                return restore(RestoreArgs {
+                    pack: p.clone(),
+                    api_sock: a.api_sock,
+                    serial_out: a.serial_out.unwrap_or_else(|| "stdout".into()),
+                    verify: a.verify,
+                    quiet: a.quiet,
+                });
+            }
+            let cfg = pack.config()?;
+            drop(pack);
+            snapshot::boot_at_rest(p, a.verify, run_options(&a, Some(&cfg)))?
+        }
+        Some(p) => {
+            let cfg = VmConfig::from_file(p)?;
+            let payload = BootPayload::from_config(&cfg)?;
+            Vm::create(&cfg, payload, &run_options(&a, Some(&cfg)))?
+        }
+    };
+    let reason = vm.run()?;
+    if reason.code != 0 {
+        eprintln!("vmpack: {} (exit status {})", reason.message, reason.code);
+    }
+    Ok(reason.code)
+}
+
+fn run_options(a: &RunArgs, cfg: Option<&VmConfig>) -> RunOptions {
+    RunOptions {
+        serial_out: sink(a.serial_out.as_deref(), cfg),
+        api_sock: a.api_sock.clone(),
+        stdin_input: true,
+        ..Default::default()
+    }
+}
+
+pub fn save(a: SaveArgs) -> Result<()> {
+    let client = ApiClient::new(&a.api_sock);
+    let stop = a.then == "stop";
+    // For --then stop the VM is paused first and shut down only after the figures of the
+    // save have been read back, so they can be reported.
+    if stop {
+        client.put("/vm/pause")?;
+    }
+    let body = serde_json::json!({
+        "compress": a.compress.to_string(),
+        "level": a.level,
+        "then": "resume",
+    });
+    let t = Instant::now();
+    let bytes = if a.output.as_os_str() == "-" {
+        let stdout = std::io::stdout();
+        let mut lock = stdout.lock();
+        let n = client.post_stream("/vm/save", &body, &mut lock)?;
+        lock.flush()
+            .context("writing the pack to standard output")?;
+        n
+    } else {
+        let mut out = AtomicFile::create(&a.output)?;
+        let n = client.post_stream("/vm/save", &body, out.file())?;
+        // A stream cut short (the VM died mid-save) is caught here, before the rename.
+        check_complete(&a.output, out.file())?;
+        out.commit()?;
+        n
+    };
+    let wall = t.elapsed();
+    let status = client.get_json("/vm").unwrap_or_default();
+    if stop {
+        client.put("/vm/shutdown")?;
+    }
+    if !a.quiet {
+        let pause = status["last_save"]["pause_ms"].as_f64().unwrap_or(f64::NAN);
+        let digest = status["last_save"]["root_digest"].as_str().unwrap_or("?");
+        eprintln!(
+            "vmpack: saved {} to {} in {:.1} ms; guest paused {pause:.1} ms for the capture; root digest {digest}; VM {}",
+            human_bytes(bytes),
+            a.output.display(),
+            wall.as_secs_f64() * 1000.0,
+            if stop { "stopped" } else { "resumed" }
+        );
+    }
+    Ok(())
+}
+
+/// Opens the just-written temporary file as a pack: the trailer and index digest prove the
+/// stream arrived whole.
+fn check_complete(target: &Path, f: &mut std::fs::File) -> Result<()> {
+    f.flush()?;
+    let tmp = std::fs::read_link(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(f)
+    ))
+    .context("locating the temporary output")?;
+    vmpack_formats::pack::PackReader::open(&tmp).map_err(|e| {
+        anyhow::anyhow!(
+            "the pack received for {} is incomplete or damaged: {e}",
+            target.display()
+        )
+    })?;
+    Ok(())
+}
+
+pub fn restore(a: RestoreArgs) -> Result<i32> {
+    let input = if a.pack.as_os_str() == "-" {
+        PackInput::Stdin
+    } else {
+        if !a.pack.exists() {
+            bail!("{}: no such file", a.pack.display());
+        }
+        PackInput::File(a.pack.clone())
+    };
+    let run = RunOptions {
+        serial_out: sink(Some(&a.serial_out), None),
+        api_sock: a.api_sock,
+        stdin_input: !matches!(input, PackInput::Stdin),
+        ..Default::default()
+    };
+    snapshot::restore_and_run(
+        input,
+        RestoreOptions {
+            verify: a.verify,
+            run,
+            work_dir: None,
+        },
+        a.quiet,
+    )
+}
