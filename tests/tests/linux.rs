@@ -99,7 +99,10 @@ fn debian_kernel_boots_to_its_banner_and_resumes_from_a_mid_boot_snapshot() {
     eprintln!(
         "banner after {:.0} s: {}",
         started.elapsed().as_secs_f64(),
-        banner.lines().find(|l| l.contains("Linux version")).unwrap()
+        banner
+            .lines()
+            .find(|l| l.contains("Linux version"))
+            .unwrap()
     );
     // Save a little after the banner, in the middle of early boot.
     wait_for(&serial_a, "BIOS-e820", Duration::from_secs(120), &mut a);
@@ -113,7 +116,10 @@ fn debian_kernel_boots_to_its_banner_and_resumes_from_a_mid_boot_snapshot() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let _ = a.wait();
     let before = std::fs::read_to_string(&serial_a).unwrap();
-    assert!(!before.contains("Memory:"), "saved too late to prove anything:\n{before}");
+    assert!(
+        !before.contains("Memory:"),
+        "saved too late to prove anything:\n{before}"
+    );
 
     let mut b = spawn(&[
         "restore".as_ref(),

@@ -137,7 +137,10 @@ impl Running {
             String::from_utf8_lossy(&o.stderr)
         );
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("guest paused"), "save reports the pause: {err}");
+        assert!(
+            err.contains("guest paused"),
+            "save reports the pause: {err}"
+        );
     }
 
     /// Waits for the process to end; returns (exit code, stderr).
@@ -194,7 +197,11 @@ fn counter_continues_exactly(config: &str) {
         counter_text(300),
         "output before the save + after the restore must be one uninterrupted count"
     );
-    assert_eq!(sha256_file(&pack), digest, "restore must not modify the pack");
+    assert_eq!(
+        sha256_file(&pack),
+        digest,
+        "restore must not modify the pack"
+    );
 }
 
 #[test]
@@ -220,7 +227,11 @@ fn save_then_resume_keeps_the_original_running() {
     let (code, _) = a.finish(Duration::from_secs(60));
     assert_eq!(code, 0);
     let full = std::fs::read_to_string(dir.path().join("a.serial")).unwrap();
-    assert_eq!(full, counter_text(300), "the original kept counting to the end");
+    assert_eq!(
+        full,
+        counter_text(300),
+        "the original kept counting to the end"
+    );
 
     let b = Running::restore(dir.path(), &pack, "b");
     let (code, err) = b.finish(Duration::from_secs(60));
@@ -241,7 +252,16 @@ fn streamed_save_restores_from_a_pipe() {
     let a = Running::start(dir.path(), "counter.toml", "a");
     a.wait_for("\n10\n", Duration::from_secs(60));
     let mut save = Command::new(vmpack())
-        .args(["save", "--then", "stop", "--compress", "zstd", "-o", "-", "--api-sock"])
+        .args([
+            "save",
+            "--then",
+            "stop",
+            "--compress",
+            "zstd",
+            "-o",
+            "-",
+            "--api-sock",
+        ])
         .arg(&a.sock)
         .stdout(Stdio::piped())
         .spawn()
@@ -336,7 +356,11 @@ fn timer_interrupts_keep_their_rate_after_restore() {
         .collect();
     assert_eq!(lines.len(), 20, "20 report lines in all:\n{all}");
     for (i, (pit, _)) in lines.iter().enumerate() {
-        assert_eq!(*pit, 500 * (i as u64 + 1), "PIT ticks continue exactly:\n{all}");
+        assert_eq!(
+            *pit,
+            500 * (i as u64 + 1),
+            "PIT ticks continue exactly:\n{all}"
+        );
     }
     // LAPIC ticks per 500 PIT ticks stay near 500 on both sides of the restore (the two
     // timers run at about the same rate).
@@ -490,7 +514,11 @@ fn damaged_or_foreign_packs_are_refused_before_the_guest_runs() {
     let o = restore_output(&flipped);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(o.stdout.is_empty(), "the guest must not run: {:?}", o.stdout);
+    assert!(
+        o.stdout.is_empty(),
+        "the guest must not run: {:?}",
+        o.stdout
+    );
     assert!(
         err.contains("flipped.vmpack")
             && err.contains("section 'memory/0'")
@@ -500,7 +528,11 @@ fn damaged_or_foreign_packs_are_refused_before_the_guest_runs() {
 
     // Truncated.
     let truncated = dir.path().join("truncated.vmpack");
-    std::fs::write(&truncated, &std::fs::read(&good).unwrap()[..bytes.len() / 2]).unwrap();
+    std::fs::write(
+        &truncated,
+        &std::fs::read(&good).unwrap()[..bytes.len() / 2],
+    )
+    .unwrap();
     let o = restore_output(&truncated);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
@@ -519,7 +551,9 @@ fn damaged_or_foreign_packs_are_refused_before_the_guest_runs() {
                 // kvm_cpuid_entry2 as raw bytes: function, index, flags, eax, ebx, ecx, edx.
                 let b = e.as_array_mut().unwrap();
                 let word = |b: &[serde_json::Value], i: usize| -> u32 {
-                    (0..4).map(|k| (b[i * 4 + k].as_u64().unwrap() as u32) << (8 * k)).sum()
+                    (0..4)
+                        .map(|k| (b[i * 4 + k].as_u64().unwrap() as u32) << (8 * k))
+                        .sum()
                 };
                 let (function, index) = (word(b, 0), word(b, 1));
                 let mut set_all = |reg: usize| {

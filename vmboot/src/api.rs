@@ -61,6 +61,16 @@ pub trait VmControl: Send + Sync {
     /// client as a JSON error with its status; after that the stream is cut short, which the
     /// pack reader detects.
     fn save(&self, req: &SaveRequest, out: &mut dyn Write) -> Result<(), ApiError>;
+    /// `PUT /vm/serial/input`: give `bytes` to the guest's serial port, returning once they
+    /// are all in its receive FIFO.
+    fn serial_input(&self, _bytes: &[u8]) -> Result<(), ApiError> {
+        Err(ApiError::new(404, "this VM has no serial console"))
+    }
+    /// `GET /vm/serial/output?since=N`: the serial output from byte offset `since` on, as
+    /// `{"start", "next", "ended", "output"}` (see docs/API.md).
+    fn serial_output(&self, _since: u64) -> Result<Value, ApiError> {
+        Err(ApiError::new(404, "this VM has no serial console"))
+    }
 }
 
 /// Body of `POST /vm/save`. Every field is optional; an empty body means all defaults.
@@ -455,6 +465,8 @@ impl Drop for ConnGuard {
 struct Request {
     method: String,
     path: String,
+    /// The target's query string (after `?`), empty if none.
+    query: String,
     keep_alive: bool,
     body: Vec<u8>,
 }
@@ -631,6 +643,7 @@ fn read_request(conn: &mut Connection, opts: &ServerOptions) -> ReadOutcome {
     ReadOutcome::Request(Request {
         method: head.method,
         path: head.path,
+        query: head.query,
         keep_alive: head.keep_alive,
         body,
     })
@@ -668,6 +681,7 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
 struct Head {
     method: String,
     path: String,
+    query: String,
     keep_alive: bool,
     content_length: u64,
     expect_continue: bool,
@@ -714,6 +728,11 @@ fn parse_head(head: &[u8]) -> Result<Head, HttpError> {
         }
     };
     let path = request_path(target)?;
+    let query = target
+        .split('#')
+        .next()
+        .and_then(|t| t.split_once('?'))
+        .map_or(String::new(), |(_, q)| q.to_string());
 
     let mut content_length: Option<u64> = None;
     let mut connection_close = false;
@@ -777,6 +796,7 @@ fn parse_head(head: &[u8]) -> Result<Head, HttpError> {
     }
     let keep_alive = !connection_close && (!http10 || connection_keep_alive);
     Ok(Head {
+        query,
         method: method.to_string(),
         path,
         keep_alive,
@@ -915,6 +935,34 @@ fn handle(
                 });
                 match result {
                     Ok(()) => response(204, &[], None, close),
+                    Err(e) => error_response(e.status, &e.message, close),
+                }
+            }
+        }
+        "/vm/serial/input" => {
+            if req.method != "PUT" {
+                method_not_allowed("PUT")
+            } else {
+                match guarded(|| shared.ctl.serial_input(&req.body)) {
+                    Ok(()) => response(204, &[], None, close),
+                    Err(e) => error_response(e.status, &e.message, close),
+                }
+            }
+        }
+        "/vm/serial/output" => {
+            let since = req
+                .query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("since="))
+                .map(str::parse::<u64>);
+            if req.method != "GET" {
+                method_not_allowed("GET")
+            } else if let Some(Err(_)) = since {
+                error_response(400, "since must be a byte offset (a number)", close)
+            } else {
+                let since = since.and_then(Result::ok).unwrap_or(0);
+                match guarded(|| shared.ctl.serial_output(since)) {
+                    Ok(v) => response(200, &[], Some(&v), close),
                     Err(e) => error_response(e.status, &e.message, close),
                 }
             }

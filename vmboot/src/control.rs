@@ -23,12 +23,28 @@ impl VmControl for VmHandle {
         Ok(())
     }
 
+    fn serial_input(&self, bytes: &[u8]) -> Result<(), ApiError> {
+        VmHandle::serial_input(self, bytes, std::time::Duration::from_secs(5))
+            .map_err(|e| ApiError::conflict(format!("{e:#}")))
+    }
+
+    fn serial_output(&self, since: u64) -> Result<serde_json::Value, ApiError> {
+        let log = self
+            .serial_log()
+            .ok_or_else(|| ApiError::new(404, "this VM keeps no serial output"))?;
+        let (start, bytes) = log.since(usize::try_from(since).unwrap_or(usize::MAX));
+        Ok(serde_json::json!({
+            "start": start,
+            "next": start + bytes.len(),
+            "ended": self.status_json()["state"] == "stopped",
+            "output": String::from_utf8_lossy(&bytes),
+        }))
+    }
+
     fn save(&self, req: &SaveRequest, out: &mut dyn Write) -> Result<(), ApiError> {
         let compression = match req.compress.as_deref() {
             None => Compression::None,
-            Some(c) => c
-                .parse()
-                .map_err(|e| ApiError::bad_request(format!("{e}")))?,
+            Some(c) => c.parse().map_err(ApiError::bad_request)?,
         };
         let was_paused = self.is_paused();
         let result = crate::snapshot::save_paused(self, compression, req.level, out);

@@ -4,9 +4,12 @@
 //! [`Vm::restore`] builds a fresh VM from a saved [`VmState`] plus guest memory, and
 //! [`VmHandle`] pauses, resumes and captures a running VM from other threads.
 
+pub mod acpi;
 pub mod api;
 pub mod api_client;
+pub mod clone;
 pub mod compat;
+pub mod console;
 mod control;
 pub mod cpuid;
 pub mod devices;

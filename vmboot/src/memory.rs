@@ -68,6 +68,9 @@ pub struct GuestRam {
     // Declared before `regions` so vm-memory's (non-owning) views are dropped first.
     mem: GuestMemoryMmap,
     regions: Vec<RawRegion>,
+    /// `(gpa, len)` of ranges mapped from a file: their content is the file's even where the
+    /// guest never touched them.
+    file_backed: Vec<(u64, u64)>,
 }
 
 // SAFETY: the raw pointers are private mmap'ed memory that lives as long as `GuestRam`; all
@@ -84,6 +87,7 @@ impl GuestRam {
         let mut ram = GuestRam {
             mem: GuestMemoryMmap::default(),
             regions: Vec::with_capacity(layout.len()),
+            file_backed: Vec::new(),
         };
         if layout.is_empty() {
             bail!("guest has no RAM");
@@ -149,7 +153,10 @@ impl GuestRam {
                     .collect();
                 f(&mut slices).context("filling guest memory")?;
             }
-            GuestMemoryInit::MapPrivate { file, pieces } => ram.map_pieces(&file, &pieces)?,
+            GuestMemoryInit::MapPrivate { file, pieces } => {
+                ram.map_pieces(&file, &pieces)?;
+                ram.file_backed = pieces.iter().map(|&(gpa, _, len)| (gpa, len)).collect();
+            }
         }
         Ok(ram)
     }
@@ -249,6 +256,30 @@ impl GuestRam {
             .collect()
     }
 
+    /// Per region (in [`GuestRam::layout`] order), the byte ranges that may hold non-zero
+    /// data, relative to the region start. A page the guest never touched is neither present
+    /// nor swapped in the page table (`/proc/self/pagemap`) and, unless it is mapped from a
+    /// file, reads as zero: a save skips it without reading it, so saving a large, mostly
+    /// empty guest costs what it holds, not its size.
+    pub fn data_ranges(&self) -> Vec<Vec<std::ops::Range<u64>>> {
+        self.regions
+            .iter()
+            .map(|r| {
+                let Ok(mut ranges) = resident_ranges(r.host as u64, r.size as u64) else {
+                    // Without pagemap, every page may hold data.
+                    return std::iter::once(0..r.size as u64).collect();
+                };
+                for &(gpa, len) in &self.file_backed {
+                    let (start, end) = (gpa.max(r.gpa), (gpa + len).min(r.gpa + r.size as u64));
+                    if start < end {
+                        ranges.push(start - r.gpa..end - r.gpa);
+                    }
+                }
+                merge_ranges(ranges)
+            })
+            .collect()
+    }
+
     /// Copies `len` bytes at `gpa`; fails if any byte lies outside RAM.
     pub fn read(&self, gpa: u64, len: usize) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
@@ -337,5 +368,81 @@ mod tests {
         .err()
         .unwrap();
         assert!(format!("{err:#}").contains("past the end"), "{err:#}");
+    }
+}
+
+/// Ranges (relative to `addr`) of pages of this process that are present or swapped.
+fn resident_ranges(addr: u64, len: u64) -> std::io::Result<Vec<std::ops::Range<u64>>> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const BATCH: u64 = 64 * 1024;
+    let f = std::fs::File::open("/proc/self/pagemap")?;
+    let pages = len / PAGE;
+    let first = addr / PAGE;
+    let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+    let mut buf = vec![0u8; (BATCH * 8) as usize];
+    let mut page = 0;
+    while page < pages {
+        let n = BATCH.min(pages - page);
+        let bytes = &mut buf[..(n * 8) as usize];
+        f.read_exact_at(bytes, (first + page) * 8)?;
+        for (i, e) in bytes.chunks_exact(8).enumerate() {
+            let e = u64::from_le_bytes(e.try_into().expect("8-byte chunk"));
+            if e & (PRESENT | SWAPPED) == 0 {
+                continue;
+            }
+            let off = (page + i as u64) * PAGE;
+            match out.last_mut() {
+                Some(last) if last.end == off => last.end = off + PAGE,
+                _ => out.push(off..off + PAGE),
+            }
+        }
+        page += n;
+    }
+    Ok(out)
+}
+
+fn merge_ranges(mut v: Vec<std::ops::Range<u64>>) -> Vec<std::ops::Range<u64>> {
+    v.sort_by_key(|r| r.start);
+    let mut out: Vec<std::ops::Range<u64>> = Vec::with_capacity(v.len());
+    for r in v {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod data_range_tests {
+    use super::*;
+
+    #[test]
+    fn untouched_pages_are_not_data() {
+        let ram = GuestRam::new(&[(0, 64 << 20)], GuestMemoryInit::Zeroed).unwrap();
+        assert!(ram.data_ranges()[0].is_empty(), "{:?}", ram.data_ranges());
+        ram.write(0x10_0000, b"x").unwrap();
+        ram.write(0x20_3000, &[1u8; 8192]).unwrap();
+        assert_eq!(
+            ram.data_ranges()[0],
+            vec![0x10_0000..0x10_1000, 0x20_3000..0x20_5000]
+        );
+    }
+
+    #[test]
+    fn file_backed_pieces_are_data_even_untouched() {
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &[7u8; 0x4000]).unwrap();
+        let ram = GuestRam::new(
+            &[(0, 16 << 20)],
+            GuestMemoryInit::MapPrivate {
+                file: f,
+                pieces: vec![(0x8000, 0, 0x4000)],
+            },
+        )
+        .unwrap();
+        assert_eq!(ram.data_ranges()[0], vec![0x8000..0xc000]);
     }
 }

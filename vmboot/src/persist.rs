@@ -99,6 +99,9 @@ pub struct I8042State {}
 pub struct DeviceStates {
     pub serial: SerialDeviceState,
     pub i8042: I8042State,
+    /// One per `[[disk]]`, in config order (absent in packs from before virtio-blk).
+    #[serde(default)]
+    pub virtio_blk: Vec<crate::devices::virtio::VirtioBlkState>,
 }
 
 /// A whole paused VM except guest RAM.

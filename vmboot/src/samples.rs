@@ -22,6 +22,9 @@ pub const SMP: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/smp.bin"));
 /// Long mode: fills RAM above 2 MiB, prints "filled\n", waits ~3 s, checks,
 /// prints "memtest: N pages ok\n" and exits 0 (or reports a mismatch, exit 1).
 pub const MEMTEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memtest.bin"));
+/// Long mode: a key-value store on the serial console (`set k v`, `get k`, `count`,
+/// `quit`), each answer followed by the prompt "> "; sleeps in `hlt` between commands.
+pub const KVSTORE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kvstore.bin"));
 
 /// Every sample guest by name (the source file's stem).
 pub fn all() -> &'static [(&'static str, &'static [u8])] {
@@ -31,6 +34,7 @@ pub fn all() -> &'static [(&'static str, &'static [u8])] {
         ("timer", TIMER),
         ("smp", SMP),
         ("memtest", MEMTEST),
+        ("kvstore", KVSTORE),
     ]
 }
 

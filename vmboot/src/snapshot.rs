@@ -47,6 +47,8 @@ pub fn write_pack(
     let state = handle
         .save_state()
         .context("capturing vCPU and device state")?;
+    // The pack reads the disk files themselves: cached writes and qcow2 metadata go first.
+    handle.flush_disks()?;
     let state_bytes = serde_json::to_vec(&state).context("serializing the vm state")?;
     let cfg = handle.config();
     let boot = payload_sources(handle.boot_payload());
@@ -59,9 +61,16 @@ pub fn write_pack(
     };
     let counted = CountingWriter { inner: out, n: 0 };
     let summary = handle.with_memory(|regions| {
+        let ranges = handle.memory_data_ranges();
+        let sources: Vec<RamSource> = regions
+            .iter()
+            .zip(ranges)
+            .map(|((_, bytes), ranges)| RamSource { bytes, ranges })
+            .collect();
         let memory: Vec<(u64, &dyn SectionSource)> = regions
             .iter()
-            .map(|(gpa, bytes)| (*gpa, bytes as &dyn SectionSource))
+            .zip(&sources)
+            .map(|((gpa, _), src)| (*gpa, src as &dyn SectionSource))
             .collect();
         let plan = VmPackPlan {
             memory,
@@ -78,6 +87,24 @@ pub fn write_pack(
         root_digest: hex::encode(summary.root_digest),
         compress: compression.to_string(),
     })
+}
+
+/// A guest RAM region whose untouched pages are known to be zero.
+struct RamSource<'a> {
+    bytes: &'a [u8],
+    ranges: Vec<std::ops::Range<u64>>,
+}
+
+impl SectionSource for RamSource<'_> {
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.bytes.read_at(buf, offset)
+    }
+    fn data_ranges(&self) -> std::io::Result<Vec<std::ops::Range<u64>>> {
+        Ok(self.ranges.clone())
+    }
 }
 
 fn payload_sources(p: &BootPayload) -> Vec<(&'static str, &dyn SectionSource)> {
@@ -184,7 +211,7 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         .ok_or_else(|| anyhow!("{label}: section '{state_section}' is missing"))?;
     let state_bytes = reader.read_section(s.id, MAX_VMSTATE_LEN)?;
     let state = parse_state(&state_bytes, &label, state_section)?;
-    let mut warnings = check_host(&state, &label)?;
+    let warnings = check_host(&state, &label)?;
 
     let payload = BootPayload {
         kernel: optional_file(&pack, "kernel")?,
@@ -198,13 +225,8 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
 
     let memory_path = manifest.memory_restore_path(reader).unwrap_or("none");
     let init = memory_init(&pack, manifest, &state, memory_path == "mmap", &label)?;
-    let mut run = opts.run;
-    run.work_dir = Some(work.keep());
     let prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
-    if let Some(w) = tsc_warning(&state) {
-        warnings.push(w);
-    }
-    let vm = Vm::restore(&cfg, state, init, payload, &run)?;
+    let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, payload, run))?;
     Ok((
         vm,
         RestoreInfo {
@@ -262,9 +284,7 @@ pub fn boot_at_rest(path: &Path, verify: VerifyPolicy, run: RunOptions) -> Resul
     };
     let work = WorkDir::new(None)?;
     extract_disks(&pack, &mut cfg, &work.path)?;
-    let mut run = run;
-    run.work_dir = Some(work.keep());
-    Vm::create(&cfg, payload, &run)
+    work.hand_over(run, |run| Vm::create(&cfg, payload, run))
 }
 
 fn optional_file(pack: &VmPack, role: &str) -> Result<Option<Vec<u8>>> {
@@ -293,14 +313,27 @@ fn parse_state(bytes: &[u8], label: &str, section: &str) -> Result<VmState> {
     Ok(state)
 }
 
+/// KVM's supported CPUID, read once per process (clones restore many VMs in one process).
+fn host_cpuid() -> Result<&'static [kvm_bindings::kvm_cpuid_entry2]> {
+    static HOST: std::sync::OnceLock<Vec<kvm_bindings::kvm_cpuid_entry2>> =
+        std::sync::OnceLock::new();
+    if let Some(h) = HOST.get() {
+        return Ok(h);
+    }
+    let kvm = Kvm::new().context("opening /dev/kvm")?;
+    let list = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .context("KVM_GET_SUPPORTED_CPUID")?
+        .as_slice()
+        .to_vec();
+    Ok(HOST.get_or_init(|| list))
+}
+
 /// Refuses a pack whose guest was given CPU features this host's KVM cannot provide.
 fn check_host(state: &VmState, label: &str) -> Result<Vec<String>> {
-    let kvm = Kvm::new().context("opening /dev/kvm")?;
-    let host = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .context("KVM_GET_SUPPORTED_CPUID")?;
+    let host = host_cpuid()?;
     let guest = &state.vcpus[0].cpuid;
-    let missing = compat::missing_features(guest, host.as_slice());
+    let missing = compat::missing_features(guest, host);
     if !missing.is_empty() {
         bail!(
             "{label}: the saved guest uses CPU features this host does not offer: {}; restore it on a host that has them, or save it from a VM booted with cpu_template = \"baseline\"",
@@ -308,7 +341,7 @@ fn check_host(state: &VmState, label: &str) -> Result<Vec<String>> {
         );
     }
     let mut warnings = Vec::new();
-    let (gv, hv) = (compat::vendor(guest), compat::vendor(host.as_slice()));
+    let (gv, hv) = (compat::vendor(guest), compat::vendor(host));
     if gv != hv {
         warnings.push(format!(
             "the guest was saved on a {} CPU and runs on a {} CPU; vendor-specific code paths in the guest may misbehave",
@@ -317,21 +350,6 @@ fn check_host(state: &VmState, label: &str) -> Result<Vec<String>> {
         ));
     }
     Ok(warnings)
-}
-
-fn tsc_warning(state: &VmState) -> Option<String> {
-    let saved = state.vcpus[0].tsc_khz;
-    let host = Kvm::new().ok().and_then(|k| {
-        let vm = k.create_vm().ok()?;
-        let vcpu = vm.create_vcpu(0).ok()?;
-        vcpu.get_tsc_khz().ok()
-    })?;
-    compat::tsc_differs(saved, host).then(|| {
-        format!(
-            "the guest's TSC ran at {saved} kHz and this host's runs at {host} kHz; vmboot asks KVM to scale it, and where KVM cannot, the guest's TSC-based clock runs {:.4}x as fast as before",
-            host as f64 / saved as f64
-        )
-    })
 }
 
 fn memory_init(
@@ -410,8 +428,7 @@ impl SharedSlice {
     }
 
     fn write(&self, off: u64, data: &[u8]) -> std::io::Result<()> {
-        let end = off
-            .checked_add(data.len() as u64)
+        off.checked_add(data.len() as u64)
             .filter(|&e| e <= self.len as u64)
             .ok_or_else(|| {
                 std::io::Error::other(format!("chunk at {off:#x} runs past its RAM region"))
@@ -420,7 +437,6 @@ impl SharedSlice {
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off as usize), data.len());
         }
-        let _ = end;
         Ok(())
     }
 }
@@ -531,10 +547,7 @@ fn restore_stream<R: Read + 'static>(
     let state = state.ok_or_else(|| {
         anyhow!("{label}: the pack holds a VM at rest, not a saved one (no vmstate before memory)")
     })?;
-    let mut warnings = check_host(&state, label)?;
-    if let Some(w) = tsc_warning(&state) {
-        warnings.push(w);
-    }
+    let warnings = check_host(&state, label)?;
     let mut cfg = state.config.clone();
     for (i, _, p) in &disk_files {
         if let Some(c) = cfg.disks.get_mut(*i) {
@@ -586,10 +599,8 @@ fn restore_stream<R: Read + 'static>(
             }
         }
     }));
-    let mut run = opts.run;
-    run.work_dir = Some(work.keep());
     let prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let vm = Vm::restore(&cfg, state, init, payload, &run)?;
+    let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, payload, run))?;
     Ok((
         vm,
         RestoreInfo {
@@ -639,11 +650,17 @@ impl WorkDir {
         Ok(WorkDir { path })
     }
 
-    /// Hands the folder to the VM, which removes it when it ends.
-    fn keep(self) -> PathBuf {
-        let p = self.path.clone();
+    /// Hands the folder to the VM `build` makes, which removes it when it ends; if `build`
+    /// fails, the folder is removed here.
+    fn hand_over(
+        self,
+        mut run: RunOptions,
+        build: impl FnOnce(&RunOptions) -> Result<Vm>,
+    ) -> Result<Vm> {
+        run.work_dir = Some(self.path.clone());
+        let vm = build(&run)?;
         std::mem::forget(self);
-        p
+        Ok(vm)
     }
 }
 
@@ -718,14 +735,11 @@ pub fn save_paused(
     level: Option<i32>,
     out: &mut dyn Write,
 ) -> Result<SaveStats> {
-    let was_paused = handle.is_paused();
+    // The caller decides about resuming; the pause figure is what the guest saw.
     let t = Instant::now();
     handle.pause().map_err(|e| anyhow!("{e}"))?;
     let r = write_pack(handle, compression, level, out);
     let pause = t.elapsed();
-    if !was_paused {
-        // The caller decides about resuming; the pause figure is what the guest saw.
-    }
     let mut stats = r?;
     stats.pause_ms = pause.as_secs_f64() * 1000.0;
     Ok(stats)
@@ -748,9 +762,39 @@ pub fn restore_and_run(input: PackInput, opts: RestoreOptions, quiet: bool) -> R
             info.verified
         );
     }
+    // For `vmpack bench-snapshot`: VMBOOT_BENCH_TIMESTAMPS=1 prints CLOCK_MONOTONIC stamps
+    // (stderr) of "restore done, vCPUs starting" and of vCPU 0's first exit after restore.
+    if std::env::var_os("VMBOOT_BENCH_TIMESTAMPS").is_some() {
+        bench_stamps(&vm);
+    }
     let reason = vm.run()?;
     if reason.code != 0 {
         eprintln!("vmboot: {} (exit status {})", reason.message, reason.code);
     }
     Ok(reason.code)
+}
+
+/// See `VMBOOT_BENCH_TIMESTAMPS` in [`restore_and_run`]. Instants cannot be turned into
+/// CLOCK_MONOTONIC readings directly, so one pair taken together anchors the conversion.
+fn bench_stamps(vm: &Vm) {
+    fn monotonic_ns() -> u128 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: writes into a local timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+    }
+    let (anchor, anchor_ns) = (Instant::now(), monotonic_ns());
+    eprintln!("vmboot-bench: restored-monotonic-ns {anchor_ns}");
+    let h = vm.controller();
+    std::thread::spawn(move || loop {
+        if let Some(t) = h.first_exit_instant() {
+            let ns = anchor_ns + t.duration_since(anchor).as_nanos();
+            eprintln!("vmboot-bench: first-exit-monotonic-ns {ns}");
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    });
 }

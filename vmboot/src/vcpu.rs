@@ -107,12 +107,16 @@ pub fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
     fd.set_cpuid2(&cpuid)
         .with_context(|| format!("vCPU {id}: KVM_SET_CPUID2"))?;
     let host_khz = fd.get_tsc_khz().unwrap_or(0);
-    if s.tsc_khz != 0 && host_khz != s.tsc_khz {
+    // Within 250 ppm (Firecracker's threshold) the guest cannot tell; beyond it, ask KVM to
+    // scale the TSC, which needs hardware TSC scaling.
+    if s.tsc_khz != 0 && host_khz != 0 && crate::compat::tsc_differs(s.tsc_khz, host_khz) {
         if let Err(e) = fd.set_tsc_khz(s.tsc_khz) {
             eprintln!(
                 "vmboot: warning: vCPU {id}: the guest was saved with a {} kHz TSC but this host \
-                 runs at {host_khz} kHz and cannot scale it ({e}); guest time may drift",
-                s.tsc_khz
+                 runs at {host_khz} kHz and KVM cannot scale it ({e}); the guest's TSC now runs \
+                 {:.4}x as fast as before, so TSC-based clocks drift by that factor",
+                s.tsc_khz,
+                host_khz as f64 / s.tsc_khz as f64
             );
         }
     }

@@ -156,6 +156,9 @@ pub struct VmHandle {
     mmio: Bus,
     serial: Arc<Mutex<SerialDevice>>,
     i8042: Arc<Mutex<I8042>>,
+    /// virtio-blk devices; their I/O threads hold views of guest RAM, so they stop (on
+    /// drop) before `mem` goes.
+    blk: Vec<crate::devices::virtio::BlkHandle>,
     vm: VmFd,
     _kvm: Kvm,
     mem: GuestRam,
@@ -167,6 +170,8 @@ pub struct VmHandle {
     stop_flag: AtomicBool,
     created: Instant,
     first_exit: OnceLock<Instant>,
+    /// The guest's serial output, when a console or control socket needs it.
+    serial_log: Option<Arc<crate::console::SerialLog>>,
 }
 
 /// A VM ready to run. [`Vm::run`] starts the vCPU threads and blocks until the guest ends.
@@ -268,6 +273,7 @@ fn build_base(cfg: &VmConfig, init: GuestMemoryInit) -> Result<Base> {
 impl Vm {
     /// Boots `cfg` from scratch with `payload`.
     pub fn create(cfg: &VmConfig, payload: BootPayload, opts: &RunOptions) -> Result<Vm> {
+        let opts = &crate::console::with_log(opts);
         let base = build_base(cfg, GuestMemoryInit::Zeroed)?;
         let mut supported = base
             .kvm
@@ -306,11 +312,17 @@ impl Vm {
                     .as_deref()
                     .context("Linux boot without a kernel in the payload")?;
                 crate::mptable::write(&base.mem, cfg.vcpus)?;
+                crate::acpi::write(&base.mem, cfg.vcpus, cfg.disks.len())?;
+                let cmdline = format!(
+                    "{}{}",
+                    k.cmdline,
+                    crate::devices::virtio::cmdline_args(cfg.disks.len())
+                );
                 crate::linux::load(
                     &base.mem,
                     kernel,
                     payload.initrd.as_deref(),
-                    &k.cmdline,
+                    &cmdline,
                     sregs,
                 )?
             }
@@ -328,6 +340,7 @@ impl Vm {
             I8042::new(),
             payload,
             opts,
+            &[],
         )
     }
 
@@ -340,6 +353,7 @@ impl Vm {
         payload: BootPayload,
         opts: &RunOptions,
     ) -> Result<Vm> {
+        let opts = &crate::console::with_log(opts);
         if state.version != VM_STATE_VERSION {
             bail!(
                 "saved VM state version {} is not supported (this vmboot reads version {})",
@@ -393,6 +407,7 @@ impl Vm {
             I8042::new(),
             payload,
             opts,
+            &state.devices.virtio_blk,
         )
     }
 
@@ -406,6 +421,7 @@ impl Vm {
         i8042: I8042,
         payload: BootPayload,
         opts: &RunOptions,
+        blk_states: &[crate::devices::virtio::VirtioBlkState],
     ) -> Result<Vm> {
         base.vm
             .register_irqfd(serial.irq_fd(), COM1_IRQ)
@@ -416,6 +432,14 @@ impl Vm {
         pio.insert(COM1_PORT, 8, serial.clone())?;
         pio.insert(I8042_PORT, 5, i8042.clone())?;
         pio.insert(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit)))?;
+        let mut mmio = Bus::new();
+        let blk = crate::devices::virtio::attach_disks(
+            cfg,
+            &base.vm,
+            base.mem.memory(),
+            &mut mmio,
+            blk_states,
+        )?;
         let vcpus = base
             .fds
             .into_iter()
@@ -438,9 +462,10 @@ impl Vm {
             last_save: Mutex::new(None),
             vcpus,
             pio,
-            mmio: Bus::new(),
+            mmio,
             serial,
             i8042,
+            blk,
             vm: base.vm,
             _kvm: base.kvm,
             mem: base.mem,
@@ -451,6 +476,10 @@ impl Vm {
             stop_flag: AtomicBool::new(false),
             created: Instant::now(),
             first_exit: OnceLock::new(),
+            serial_log: match &opts.serial_out {
+                SerialSink::Console { log, .. } => Some(log.clone()),
+                _ => None,
+            },
         });
         Ok(Vm {
             handle,
@@ -460,6 +489,11 @@ impl Vm {
 
     pub fn controller(&self) -> Arc<VmHandle> {
         self.handle.clone()
+    }
+
+    /// The serial output log, if the VM's serial sink is [`SerialSink::Console`].
+    pub fn serial_log(&self) -> Option<Arc<crate::console::SerialLog>> {
+        self.handle.serial_log.clone()
     }
 
     /// Runs the guest until it ends (debug-exit port, i8042 reset, a fatal exit, or
@@ -731,6 +765,11 @@ impl VmHandle {
                 );
             }
         }
+        drop(c);
+        // Requests already taken off a queue complete before this returns.
+        for b in &self.blk {
+            b.pause();
+        }
         Ok(())
     }
 
@@ -741,6 +780,9 @@ impl VmHandle {
         }
         c.paused = false;
         self.pause_flag.store(false, Ordering::SeqCst);
+        for b in &self.blk {
+            b.resume();
+        }
         self.cv.notify_all();
         Ok(())
     }
@@ -802,6 +844,7 @@ impl VmHandle {
             devices: DeviceStates {
                 serial: lock(&self.serial).state(),
                 i8042: lock(&self.i8042).state(),
+                virtio_blk: self.blk.iter().map(|b| b.state()).collect(),
             },
         })
     }
@@ -819,8 +862,22 @@ impl VmHandle {
         r
     }
 
+    /// Per RAM region, the ranges that may hold data (see [`GuestRam::data_ranges`]).
+    pub fn memory_data_ranges(&self) -> Vec<Vec<std::ops::Range<u64>>> {
+        self.mem.data_ranges()
+    }
+
     pub fn config(&self) -> &VmConfig {
         &self.config
+    }
+
+    /// Flushes every disk backend (qcow2 metadata included), so the image files hold what
+    /// the guest wrote; call while paused before reading the disk files.
+    pub fn flush_disks(&self) -> Result<()> {
+        for (i, b) in self.blk.iter().enumerate() {
+            b.flush().with_context(|| format!("flushing disk {i}"))?;
+        }
+        Ok(())
     }
 
     pub fn boot_payload(&self) -> &BootPayload {
@@ -870,6 +927,9 @@ impl VmHandle {
             v["exit"] = json!({"code": e.code, "message": e.message});
         }
         drop(c);
+        if !self.blk.is_empty() {
+            v["disks"] = self.blk.iter().map(|b| b.status_json()).collect();
+        }
         v["last_save"] = lock(&self.last_save)
             .clone()
             .unwrap_or(serde_json::Value::Null);
@@ -878,6 +938,11 @@ impl VmHandle {
 
     pub(crate) fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
         &self.serial
+    }
+
+    /// The serial output log (see [`Vm::serial_log`]).
+    pub fn serial_log(&self) -> Option<&Arc<crate::console::SerialLog>> {
+        self.serial_log.as_ref()
     }
 }
 

@@ -5,10 +5,13 @@
 //! (printed to stderr), 2 on bad usage.
 
 mod bench;
+mod bench_clones;
+mod bench_snapshot;
 mod inspect;
 mod output;
 mod pack;
 mod progress;
+mod test_cmd;
 mod unpack;
 mod util;
 mod verify;
@@ -45,12 +48,18 @@ enum Command {
     Export(unpack::ExportArgs),
     /// Measure packing speed and ratio against standard tools.
     Bench(bench::BenchArgs),
+    /// Measure save/restore of Linux guests (pause, pack size, restore latency) against QEMU.
+    BenchSnapshot(bench_snapshot::BenchSnapshotArgs),
     /// Boot a config, a pack, or (with no argument) the built-in counter sample.
     Run(vm::RunArgs),
     /// Save a running VM (through its control socket) into one pack.
     Save(vm::SaveArgs),
     /// Resume a saved VM from a pack, in this process.
     Restore(vm::RestoreArgs),
+    /// Measure clone restore latency and memory against booting the same guest.
+    BenchClones(bench_clones::BenchClonesArgs),
+    /// Run test cases against a saved VM, each in a fresh clone (see docs/TESTING.md).
+    Test(test_cmd::TestArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +77,8 @@ fn main() -> ExitCode {
         Command::Run(a) => guest_status(vm::run(a)),
         Command::Save(a) => vm::save(a),
         Command::Restore(a) => guest_status(vm::restore(a)),
+        Command::BenchClones(a) => bench_clones::run(a),
+        Command::Test(a) => guest_status(test_cmd::run(a)),
         Command::Pack(a) => pack::run_pack(a),
         Command::Import(a) => pack::run_import(a),
         Command::Inspect(a) => inspect::run(a),
@@ -75,6 +86,7 @@ fn main() -> ExitCode {
         Command::Unpack(a) => unpack::run_unpack(a),
         Command::Export(a) => unpack::run_export(a),
         Command::Bench(a) => bench::run(a),
+        Command::BenchSnapshot(a) => bench_snapshot::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

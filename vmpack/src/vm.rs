@@ -73,6 +73,11 @@ pub struct RestoreArgs {
     /// Print nothing but errors and warnings.
     #[arg(long, short)]
     quiet: bool,
+    /// Run N identical clones at once (sharing the pack's memory pages). Clone i serves
+    /// its control socket at `SOCK.i`; its serial output goes to stdout as lines prefixed
+    /// `[i] `, or to `PATH.i` for `--serial-out PATH`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    clones: u32,
 }
 
 /// The README's first command: a VM that needs no files at all.
@@ -134,6 +139,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
                     serial_out: a.serial_out.unwrap_or_else(|| "stdout".into()),
                     verify: a.verify,
                     quiet: a.quiet,
+                    clones: 1,
                 });
             }
             let cfg = pack.config()?;
@@ -229,6 +235,18 @@ fn check_complete(target: &Path, f: &mut std::fs::File) -> Result<()> {
 }
 
 pub fn restore(a: RestoreArgs) -> Result<i32> {
+    if a.clones > 1 {
+        if a.pack.as_os_str() == "-" {
+            bail!("--clones needs a pack file, not standard input");
+        }
+        return crate::test_cmd::restore_clones(
+            &a.pack,
+            a.clones as usize,
+            a.api_sock.as_deref(),
+            &a.serial_out,
+            a.quiet,
+        );
+    }
     let input = if a.pack.as_os_str() == "-" {
         PackInput::Stdin
     } else {

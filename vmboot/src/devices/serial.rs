@@ -20,6 +20,11 @@ pub enum SerialSink {
     File(PathBuf),
     /// Kept in memory (tests, embedding).
     Capture(Arc<Mutex<Vec<u8>>>),
+    /// Into a console log that programs wait on (see `crate::console`), and on to `also`.
+    Console {
+        log: Arc<crate::console::SerialLog>,
+        also: Box<SerialSink>,
+    },
 }
 
 impl SerialSink {
@@ -35,6 +40,10 @@ impl SerialSink {
                     .with_context(|| format!("serial output file {}", p.display()))?,
             ),
             SerialSink::Capture(buf) => Box::new(Capture(buf.clone())),
+            SerialSink::Console { log, also } => Box::new(crate::console::LogWriter {
+                log: log.clone(),
+                also: also.writer()?,
+            }),
         })
     }
 }

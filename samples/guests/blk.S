@@ -1,0 +1,366 @@
+# build: load_address=0x100000
+# blk: a minimal virtio-blk driver (virtio-mmio device 0 at 0xd0000000), 64-bit long mode.
+# Load at 0x100000, entry 0x100000, mode "long" (samples/blk.toml); the disk needs at least
+# 64 sectors (32 KiB). It polls the used ring (no interrupts) and prints to COM1:
+#   "capacity N"                       disk size in 512-byte sectors
+#   "pass 0 sum=H"                     checksum of sectors 0..63 as found
+#   then for pass P = 1..3:
+#   "pass P written"                   64 single-sector writes of pattern(sector, P) done
+#   (~1 s pause, so a test can save here)
+#   "pass P sum=H bad=N"               one 32 KiB read of sectors 0..63: checksum, bad qwords
+#   "flush status=S", "id TEXT"        a FLUSH and a GET_ID request
+# and exits 0 (1 if any qword was wrong; 2-5 for driver failures). A read-only device
+# (VIRTIO_BLK_F_RO) gets one write instead, prints "write status=S" (1 = IOERR expected),
+# "pass 0 sum=H" and exits 0.
+
+	.equ	MMIO, 0xd0000000
+	.equ	PDPT, 0xa000		# the VMM's page tables; entry 3 maps 3..4 GiB
+	.equ	PD_HIGH, 0x204000	# our page directory for 3..4 GiB (uncached)
+	.equ	DESC, 0x200000
+	.equ	AVAIL, 0x201000
+	.equ	USED, 0x202000
+	.equ	HDR, 0x203000
+	.equ	STATUS, 0x203100
+	.equ	IDBUF, 0x203200
+	.equ	WBUF, 0x208000
+	.equ	RBUF, 0x210000
+	.equ	QSIZE, 16
+	.equ	NSECT, 64
+	.equ	PASSES, 3
+	.equ	WAIT_STEPS, 50		# x ~20 ms
+	.equ	POLL_LIMIT, 20000000
+
+	.code64
+	.text
+	.globl	_start
+_start:
+	cli
+	cld
+	# Zero the rings, the request area and our page directory.
+	mov	$DESC, %edi
+	mov	$((PD_HIGH + 0x1000 - DESC) / 8), %ecx
+	xor	%eax, %eax
+	rep stosq
+	# Map 0xc0000000..0xffffffff with 2 MiB pages, PCD|PWT (uncached), so the
+	# device registers are reachable.
+	mov	$PD_HIGH, %edi
+	mov	$0xc000009b, %eax
+	mov	$512, %ecx
+1:	mov	%rax, (%rdi)
+	add	$0x200000, %rax
+	add	$8, %rdi
+	dec	%ecx
+	jnz	1b
+	movq	$(PD_HIGH | 3), PDPT + 3 * 8
+	mov	%cr3, %rax
+	mov	%rax, %cr3
+
+	mov	$MMIO, %r12d
+	movl	$0, 0x70(%r12)		# reset
+	movl	$1, 0x70(%r12)		# ACKNOWLEDGE
+	movl	$3, 0x70(%r12)		# DRIVER
+	cmpl	$0x74726976, (%r12)	# "virt"
+	jne	fail_probe
+	cmpl	$2, 4(%r12)		# version 2 (virtio 1.x layout)
+	jne	fail_probe
+	cmpl	$2, 8(%r12)		# block device
+	jne	fail_probe
+	movl	$1, 0x14(%r12)		# device features 32..63
+	testl	$1, 0x10(%r12)		# VERSION_1
+	jz	fail_probe
+	movl	$0, 0x14(%r12)
+	mov	0x10(%r12), %eax
+	and	$((1 << 5) | (1 << 9)), %eax	# RO, FLUSH
+	mov	%eax, features(%rip)
+	movl	$1, 0x24(%r12)
+	movl	$1, 0x20(%r12)		# VERSION_1
+	movl	$0, 0x24(%r12)
+	mov	%eax, 0x20(%r12)
+	movl	$0xb, 0x70(%r12)	# FEATURES_OK
+	testl	$8, 0x70(%r12)
+	jz	fail_probe
+
+	lea	s_capacity(%rip), %rsi
+	call	puts
+	mov	0x100(%r12), %rax	# capacity (config space)
+	call	print_dec
+	call	newline
+	cmp	$NSECT, %rax
+	jb	fail_small
+
+	movl	$0, 0x30(%r12)		# queue 0
+	cmpl	$QSIZE, 0x34(%r12)
+	jb	fail_probe
+	movl	$QSIZE, 0x38(%r12)
+	movl	$DESC, 0x80(%r12)
+	movl	$0, 0x84(%r12)
+	movl	$AVAIL, 0x90(%r12)
+	movl	$0, 0x94(%r12)
+	movl	$USED, 0xa0(%r12)
+	movl	$0, 0xa4(%r12)
+	movw	$1, AVAIL		# VRING_AVAIL_F_NO_INTERRUPT: we poll
+	movl	$1, 0x44(%r12)		# queue ready
+	movl	$0xf, 0x70(%r12)	# DRIVER_OK
+
+	testl	$(1 << 5), features(%rip)
+	jnz	read_only
+
+	xor	%r13d, %r13d		# pass 0: what the disk holds now
+	call	read_check
+	mov	$1, %r13d
+pass_loop:
+	xor	%ebx, %ebx
+2:	mov	$WBUF, %edi
+	call	fill
+	mov	$1, %eax		# VIRTIO_BLK_T_OUT
+	mov	$WBUF, %esi
+	mov	$512, %ecx
+	xor	%r8d, %r8d
+	call	submit
+	test	%al, %al
+	jnz	fail_status
+	inc	%ebx
+	cmp	$NSECT, %ebx
+	jb	2b
+	lea	s_pass(%rip), %rsi
+	call	puts
+	mov	%r13, %rax
+	call	print_dec
+	lea	s_written(%rip), %rsi
+	call	puts
+	call	wait
+	call	read_check
+	call	wait
+	inc	%r13d
+	cmp	$PASSES, %r13d
+	jbe	pass_loop
+
+	mov	$4, %eax		# VIRTIO_BLK_T_FLUSH
+	xor	%ebx, %ebx
+	xor	%ecx, %ecx
+	call	submit
+	lea	s_flush(%rip), %rsi
+	call	puts
+	movzbl	%al, %eax
+	call	print_dec
+	call	newline
+
+	mov	$8, %eax		# VIRTIO_BLK_T_GET_ID
+	xor	%ebx, %ebx
+	mov	$IDBUF, %esi
+	mov	$20, %ecx
+	mov	$2, %r8d
+	call	submit
+	test	%al, %al
+	jnz	fail_status
+	lea	s_id(%rip), %rsi
+	call	puts
+	mov	$IDBUF, %esi
+	call	puts
+	call	newline
+
+	mov	bad_total(%rip), %rax
+	test	%rax, %rax
+	setnz	%al
+	jmp	exit
+
+read_only:
+	lea	s_ro(%rip), %rsi
+	call	puts
+	xor	%ebx, %ebx
+	mov	$WBUF, %edi
+	mov	$1, %r13d
+	call	fill
+	mov	$1, %eax
+	mov	$WBUF, %esi
+	mov	$512, %ecx
+	xor	%r8d, %r8d
+	call	submit
+	lea	s_wstatus(%rip), %rsi
+	call	puts
+	movzbl	%al, %eax
+	call	print_dec
+	call	newline
+	xor	%r13d, %r13d
+	call	read_check
+	xor	%eax, %eax
+	jmp	exit
+
+# read_check: read sectors 0..63 in one request, print "pass R13 sum=H bad=N"
+# (bad counts qwords differing from pattern(sector, R13); not printed for pass 0).
+read_check:
+	push	%rbx
+	xor	%eax, %eax		# VIRTIO_BLK_T_IN
+	xor	%ebx, %ebx
+	mov	$RBUF, %esi
+	mov	$(NSECT * 512), %ecx
+	mov	$2, %r8d
+	call	submit
+	test	%al, %al
+	jnz	fail_status
+	mov	$0xcbf29ce484222325, %r9	# checksum
+	mov	$0x100000001b3, %r11
+	xor	%r10d, %r10d		# bad qwords
+	xor	%ebx, %ebx
+1:	mov	$WBUF, %edi
+	call	fill
+	mov	%ebx, %esi
+	shl	$9, %esi
+	add	$RBUF, %esi
+	xor	%ecx, %ecx
+2:	mov	(%rsi,%rcx,8), %rax
+	xor	%rax, %r9		# FNV-style: h = (h ^ v) * prime
+	imul	%r11, %r9
+	cmp	WBUF(,%rcx,8), %rax
+	je	3f
+	inc	%r10
+3:	inc	%ecx
+	cmp	$64, %ecx
+	jb	2b
+	inc	%ebx
+	cmp	$NSECT, %ebx
+	jb	1b
+	lea	s_pass(%rip), %rsi
+	call	puts
+	mov	%r13, %rax
+	call	print_dec
+	lea	s_sum(%rip), %rsi
+	call	puts
+	mov	%r9, %rax
+	call	print_hex
+	test	%r13, %r13
+	jz	4f
+	lea	s_bad(%rip), %rsi
+	call	puts
+	mov	%r10, %rax
+	call	print_dec
+	add	%r10, bad_total(%rip)
+4:	call	newline
+	pop	%rbx
+	ret
+
+# fill: 64 qwords at RDI = pattern(sector RBX, pass R13): (RBX << 16 | R13) * K + i.
+fill:
+	push	%rax
+	push	%rcx
+	push	%rdx
+	mov	%rbx, %rax
+	shl	$16, %rax
+	or	%r13, %rax
+	mov	$0x9e3779b97f4a7c15, %rdx
+	imul	%rdx, %rax
+	xor	%ecx, %ecx
+1:	mov	%rax, (%rdi,%rcx,8)
+	inc	%rax
+	inc	%ecx
+	cmp	$64, %ecx
+	jb	1b
+	pop	%rdx
+	pop	%rcx
+	pop	%rax
+	ret
+
+# submit: one request and wait for it. EAX = type, RBX = sector, RSI = buffer,
+# ECX = buffer length (0: no data descriptor), R8 = 2 if the device writes the buffer.
+# Returns the status byte in EAX.
+submit:
+	push	%rdx
+	push	%rdi
+	mov	%eax, HDR
+	movl	$0, HDR + 4
+	mov	%rbx, HDR + 8
+	movb	$0xff, STATUS
+	movq	$HDR, DESC
+	movl	$16, DESC + 8
+	movw	$1, DESC + 12		# NEXT
+	movw	$1, DESC + 14
+	test	%ecx, %ecx
+	jnz	1f
+	movw	$2, DESC + 14		# header -> status
+1:	mov	%rsi, DESC + 16
+	mov	%ecx, DESC + 24
+	mov	%r8d, %edx
+	or	$1, %edx
+	mov	%dx, DESC + 28
+	movw	$2, DESC + 30
+	movq	$STATUS, DESC + 32
+	movl	$1, DESC + 40
+	movw	$2, DESC + 44		# WRITE
+	movw	$0, DESC + 46
+	movzwl	AVAIL + 2, %edx
+	mov	%edx, %edi
+	and	$(QSIZE - 1), %edi
+	movw	$0, AVAIL + 4(,%rdi,2)
+	inc	%edx
+	movw	%dx, AVAIL + 2
+	movl	$0, 0x50(%r12)		# QueueNotify
+	mov	$POLL_LIMIT, %edi
+2:	cmpw	%dx, USED + 2
+	je	3f
+	pause
+	dec	%edi
+	jnz	2b
+	lea	s_timeout(%rip), %rsi
+	call	puts
+	mov	$4, %al
+	jmp	exit
+3:	movzbl	STATUS, %eax
+	pop	%rdi
+	pop	%rdx
+	ret
+
+wait:
+	push	%rbx
+	mov	$WAIT_STEPS, %ebx
+1:	call	delay_step
+	dec	%ebx
+	jnz	1b
+	pop	%rbx
+	ret
+
+newline:
+	push	%rax
+	mov	$'\n', %al
+	call	putc
+	pop	%rax
+	ret
+
+fail_probe:
+	lea	s_probe(%rip), %rsi
+	call	puts
+	mov	$2, %al
+	jmp	exit
+fail_status:
+	push	%rax
+	lea	s_status(%rip), %rsi
+	call	puts
+	pop	%rax
+	movzbl	%al, %eax
+	call	print_dec
+	call	newline
+	mov	$3, %al
+	jmp	exit
+fail_small:
+	lea	s_small(%rip), %rsi
+	call	puts
+	mov	$5, %al
+	jmp	exit
+
+	.include "lib64.inc"
+
+features:	.long	0
+	.balign	8
+bad_total:	.quad	0
+s_capacity:	.asciz	"capacity "
+s_pass:		.asciz	"pass "
+s_written:	.asciz	" written\n"
+s_sum:		.asciz	" sum="
+s_bad:		.asciz	" bad="
+s_flush:	.asciz	"flush status="
+s_id:		.asciz	"id "
+s_ro:		.asciz	"read-only disk\n"
+s_wstatus:	.asciz	"write status="
+s_timeout:	.asciz	"request timed out\n"
+s_probe:	.asciz	"virtio-blk probe failed\n"
+s_status:	.asciz	"request failed, status "
+s_small:	.asciz	"disk smaller than 64 sectors\n"

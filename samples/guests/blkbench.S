@@ -1,0 +1,257 @@
+# build: load_address=0x100000
+# blkbench: virtio-blk throughput from the guest's side (queue depth 1, 4 KiB requests).
+# Disk 0 must hold at least 64 MiB. Four phases of COUNT requests each, every one framed by
+# lines the host timestamps: "start seqwrite" .. "end seqwrite", then seqread (the same
+# 8 MiB), randwrite and randread (4 KiB blocks anywhere in the first 64 MiB, picked by the
+# LCG x = x * 6364136223846793005 + 1442695040888963407, block = (x >> 33) & 16383, x0 = 1).
+# Exits 0 (3 if a request fails). Used by the ignored benchmark in vmboot/tests/virtio_blk.rs.
+
+	.equ	MMIO, 0xd0000000
+	.equ	PDPT, 0xa000
+	.equ	PD_HIGH, 0x204000
+	.equ	DESC, 0x200000
+	.equ	AVAIL, 0x201000
+	.equ	USED, 0x202000
+	.equ	HDR, 0x203000
+	.equ	STATUS, 0x203100
+	.equ	IDBUF, 0x203200
+	.equ	WBUF, 0x208000
+	.equ	RBUF, 0x210000
+	.equ	QSIZE, 16
+	.equ	NSECT, 64
+	.equ	POLL_LIMIT, 20000000
+	.equ	COUNT, 2048
+	.equ	BLOCKS_MASK, 16383
+
+	.code64
+	.text
+	.globl	_start
+_start:
+	cli
+	cld
+	# Zero the rings, the request area and our page directory.
+	mov	$DESC, %edi
+	mov	$((PD_HIGH + 0x1000 - DESC) / 8), %ecx
+	xor	%eax, %eax
+	rep stosq
+	# Map 0xc0000000..0xffffffff with 2 MiB pages, PCD|PWT (uncached), so the
+	# device registers are reachable.
+	mov	$PD_HIGH, %edi
+	mov	$0xc000009b, %eax
+	mov	$512, %ecx
+1:	mov	%rax, (%rdi)
+	add	$0x200000, %rax
+	add	$8, %rdi
+	dec	%ecx
+	jnz	1b
+	movq	$(PD_HIGH | 3), PDPT + 3 * 8
+	mov	%cr3, %rax
+	mov	%rax, %cr3
+
+	mov	$MMIO, %r12d
+	movl	$0, 0x70(%r12)		# reset
+	movl	$1, 0x70(%r12)		# ACKNOWLEDGE
+	movl	$3, 0x70(%r12)		# DRIVER
+	cmpl	$0x74726976, (%r12)	# "virt"
+	jne	fail_probe
+	cmpl	$2, 4(%r12)		# version 2 (virtio 1.x layout)
+	jne	fail_probe
+	cmpl	$2, 8(%r12)		# block device
+	jne	fail_probe
+	movl	$1, 0x14(%r12)		# device features 32..63
+	testl	$1, 0x10(%r12)		# VERSION_1
+	jz	fail_probe
+	movl	$0, 0x14(%r12)
+	mov	0x10(%r12), %eax
+	and	$((1 << 5) | (1 << 9)), %eax	# RO, FLUSH
+	mov	%eax, features(%rip)
+	movl	$1, 0x24(%r12)
+	movl	$1, 0x20(%r12)		# VERSION_1
+	movl	$0, 0x24(%r12)
+	mov	%eax, 0x20(%r12)
+	movl	$0xb, 0x70(%r12)	# FEATURES_OK
+	testl	$8, 0x70(%r12)
+	jz	fail_probe
+
+	lea	s_capacity(%rip), %rsi
+	call	puts
+	mov	0x100(%r12), %rax	# capacity (config space)
+	call	print_dec
+	call	newline
+	cmp	$NSECT, %rax
+	jb	fail_small
+
+	movl	$0, 0x30(%r12)		# queue 0
+	cmpl	$QSIZE, 0x34(%r12)
+	jb	fail_probe
+	movl	$QSIZE, 0x38(%r12)
+	movl	$DESC, 0x80(%r12)
+	movl	$0, 0x84(%r12)
+	movl	$AVAIL, 0x90(%r12)
+	movl	$0, 0x94(%r12)
+	movl	$USED, 0xa0(%r12)
+	movl	$0, 0xa4(%r12)
+	movw	$1, AVAIL		# VRING_AVAIL_F_NO_INTERRUPT: we poll
+	movl	$1, 0x44(%r12)		# queue ready
+	movl	$0xf, 0x70(%r12)	# DRIVER_OK
+
+
+	cmp	$(64 << 11), %rax
+	jb	fail_small
+	mov	$WBUF, %edi
+	mov	$512, %ecx
+	mov	$0x5a5a5a5a5a5a5a5a, %rax
+	rep stosq
+
+	lea	s_seqwrite(%rip), %r15
+	mov	$1, %r14d		# VIRTIO_BLK_T_OUT
+	xor	%r13d, %r13d		# sequential
+	call	phase
+	lea	s_seqread(%rip), %r15
+	xor	%r14d, %r14d
+	call	phase
+	lea	s_randwrite(%rip), %r15
+	mov	$1, %r14d
+	mov	$1, %r13d
+	call	phase
+	lea	s_randread(%rip), %r15
+	xor	%r14d, %r14d
+	call	phase
+	xor	%eax, %eax
+	jmp	exit
+
+# phase: COUNT 4 KiB requests of type R14, sequential (R13 = 0) or random; prints
+# "start NAME" / "end NAME" (NAME at R15).
+phase:
+	lea	s_start(%rip), %rsi
+	call	puts
+	mov	%r15, %rsi
+	call	puts
+	call	newline
+	mov	$1, %r10		# LCG state
+	xor	%r9d, %r9d		# request number
+1:	mov	%r9, %rbx
+	test	%r13, %r13
+	jz	2f
+	mov	$6364136223846793005, %rax
+	imul	%rax, %r10
+	mov	$1442695040888963407, %rax
+	add	%rax, %r10
+	mov	%r10, %rbx
+	shr	$33, %rbx
+	and	$BLOCKS_MASK, %ebx
+2:	shl	$3, %rbx		# 4 KiB block -> sector
+	mov	%r14d, %eax
+	mov	$WBUF, %esi
+	test	%eax, %eax
+	jnz	3f
+	mov	$RBUF, %esi
+3:	mov	$4096, %ecx
+	xor	%r8d, %r8d
+	test	%eax, %eax
+	jnz	4f
+	mov	$2, %r8d
+4:	call	submit
+	test	%al, %al
+	jnz	fail_status
+	inc	%r9
+	cmp	$COUNT, %r9
+	jb	1b
+	lea	s_end(%rip), %rsi
+	call	puts
+	mov	%r15, %rsi
+	call	puts
+	call	newline
+	ret
+
+# submit: one request and wait for it. EAX = type, RBX = sector, RSI = buffer,
+# ECX = buffer length (0: no data descriptor), R8 = 2 if the device writes the buffer.
+# Returns the status byte in EAX.
+submit:
+	push	%rdx
+	push	%rdi
+	mov	%eax, HDR
+	movl	$0, HDR + 4
+	mov	%rbx, HDR + 8
+	movb	$0xff, STATUS
+	movq	$HDR, DESC
+	movl	$16, DESC + 8
+	movw	$1, DESC + 12		# NEXT
+	movw	$1, DESC + 14
+	test	%ecx, %ecx
+	jnz	1f
+	movw	$2, DESC + 14		# header -> status
+1:	mov	%rsi, DESC + 16
+	mov	%ecx, DESC + 24
+	mov	%r8d, %edx
+	or	$1, %edx
+	mov	%dx, DESC + 28
+	movw	$2, DESC + 30
+	movq	$STATUS, DESC + 32
+	movl	$1, DESC + 40
+	movw	$2, DESC + 44		# WRITE
+	movw	$0, DESC + 46
+	movzwl	AVAIL + 2, %edx
+	mov	%edx, %edi
+	and	$(QSIZE - 1), %edi
+	movw	$0, AVAIL + 4(,%rdi,2)
+	inc	%edx
+	movw	%dx, AVAIL + 2
+	movl	$0, 0x50(%r12)		# QueueNotify
+	mov	$POLL_LIMIT, %edi
+2:	cmpw	%dx, USED + 2
+	je	3f
+	pause
+	dec	%edi
+	jnz	2b
+	lea	s_timeout(%rip), %rsi
+	call	puts
+	mov	$4, %al
+	jmp	exit
+3:	movzbl	STATUS, %eax
+	pop	%rdi
+	pop	%rdx
+	ret
+
+newline:
+	push	%rax
+	mov	$'\n', %al
+	call	putc
+	pop	%rax
+	ret
+
+fail_probe:
+	lea	s_probe(%rip), %rsi
+	call	puts
+	mov	$2, %al
+	jmp	exit
+fail_status:
+	push	%rax
+	lea	s_status(%rip), %rsi
+	call	puts
+	pop	%rax
+	movzbl	%al, %eax
+	call	print_dec
+	call	newline
+	mov	$3, %al
+	jmp	exit
+fail_small:
+	lea	s_small(%rip), %rsi
+	call	puts
+	mov	$5, %al
+	jmp	exit
+
+	.include "lib64.inc"
+
+features:	.long	0
+s_capacity:	.asciz	"capacity "
+s_start:	.asciz	"start "
+s_end:		.asciz	"end "
+s_seqwrite:	.asciz	"seqwrite"
+s_seqread:	.asciz	"seqread"
+s_randwrite:	.asciz	"randwrite"
+s_randread:	.asciz	"randread"
+s_timeout:	.asciz	"request timed out\n"
+s_probe:	.asciz	"virtio-blk probe failed\n"
+s_status:	.asciz	"request failed, status "
+s_small:	.asciz	"disk smaller than 64 MiB\n"

@@ -1,0 +1,203 @@
+//! `vmpack bench-clones`: what a clone of a saved VM costs next to booting the same guest.
+//!
+//! The guest is the kvstore sample with `--memory-mib` of RAM. For each count N, N clones
+//! are restored at once (one thread each) from an uncompressed pack, each answers one
+//! command, and the host memory they hold is measured; then the same with N fresh boots from
+//! the config. Latency is from the start of the restore (or boot) to the guest's answer.
+
+use crate::test_cmd::{prepare_source, start_clone, WorkBase};
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vmboot::console::{Console, SerialLog};
+use vmboot::{BootPayload, RunOptions, SerialSink, Vm};
+use vmpack_formats::config::VmConfig;
+use vmpack_formats::pack::Compression;
+
+#[derive(Args)]
+pub struct BenchClonesArgs {
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u64,
+    /// Numbers of concurrent clones to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10, 100])]
+    counts: Vec<usize>,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn console_opts(log: &Arc<SerialLog>) -> RunOptions {
+    RunOptions {
+        serial_out: SerialSink::Console {
+            log: log.clone(),
+            also: Box::new(SerialSink::None),
+        },
+        ..Default::default()
+    }
+}
+
+fn boot(cfg: &VmConfig) -> Result<Console> {
+    let log = SerialLog::new();
+    let payload = BootPayload {
+        image: Some(vmboot::samples::KVSTORE.to_vec()),
+        ..Default::default()
+    };
+    Console::start(Vm::create(cfg, payload, &console_opts(&log))?)
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes: counts guest pages, KVM's kernel memory and
+/// page tables alike, which per-process RSS would miss.
+fn mem_available() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| anyhow!("no MemAvailable in /proc/meminfo"))
+}
+
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+struct Row {
+    what: &'static str,
+    n: usize,
+    median_ms: f64,
+    max_ms: f64,
+    mem_mib: f64,
+    rss_mib: f64,
+}
+
+/// Starts `n` VMs at once with `start`, waits for each to answer, measures, stops them.
+fn measure(
+    what: &'static str,
+    n: usize,
+    start: &(dyn Fn(usize) -> Result<Console> + Sync),
+    ready: &str,
+) -> Result<Row> {
+    let (avail0, rss0) = (mem_available()?, rss());
+    let results: Vec<Result<(Console, f64)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                s.spawn(move || -> Result<(Console, f64)> {
+                    let t = Instant::now();
+                    let mut c = start(i)?;
+                    if ready.starts_with("get") {
+                        c.send(ready)?;
+                        c.expect("^1\n> ", TIMEOUT)?;
+                    } else {
+                        c.expect(ready, TIMEOUT)?;
+                    }
+                    Ok((c, t.elapsed().as_secs_f64() * 1000.0))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("thread panicked"))))
+            .collect()
+    });
+    let (avail1, rss1) = (mem_available()?, rss());
+    let mut lat = Vec::new();
+    let mut consoles = Vec::new();
+    let mut first_err = None;
+    for r in results {
+        match r {
+            Ok((c, ms)) => {
+                consoles.push(c);
+                lat.push(ms);
+            }
+            Err(e) => first_err = first_err.or(Some(e)),
+        }
+    }
+    for c in consoles {
+        let _ = c.stop();
+    }
+    if let Some(e) = first_err {
+        return Err(e.context(format!("{what} x{n}")));
+    }
+    lat.sort_by(f64::total_cmp);
+    Ok(Row {
+        what,
+        n,
+        median_ms: lat[lat.len() / 2],
+        max_ms: lat[lat.len() - 1],
+        mem_mib: avail0.saturating_sub(avail1) as f64 / (1 << 20) as f64,
+        rss_mib: rss1.saturating_sub(rss0) as f64 / (1 << 20) as f64,
+    })
+}
+
+pub fn run(a: BenchClonesArgs) -> Result<()> {
+    let work = WorkBase::new("bench")?;
+    let text = format!(
+        "name = \"kvstore\"\nmemory_mib = {}\n[flat]\nimage = \"kvstore.bin\"\n\
+         load_address = 0x100000\nentry = 0x100000\nmode = \"long\"\n",
+        a.memory_mib
+    );
+    let cfg = VmConfig::parse(&text, Path::new("/bench/kvstore.toml"))?;
+
+    // The pack: boot, set a key, save uncompressed (the mappable form), stop.
+    let pack = work.clone_dir(usize::MAX)?.join("kvstore.vmpack");
+    {
+        let mut c = boot(&cfg)?;
+        c.expect("> $", TIMEOUT)?;
+        c.send("set a 1\n")?;
+        c.expect("ok\n> ", TIMEOUT)?;
+        let mut f = std::fs::File::create(&pack)?;
+        vmboot::snapshot::save_paused(c.handle(), Compression::None, None, &mut f)?;
+        f.sync_all()?;
+        c.stop()?;
+    }
+    let src = prepare_source(&pack, true)?;
+    eprintln!(
+        "vmpack: {} MiB kvstore guest; pack {:.1} MiB; counts {:?}",
+        a.memory_mib,
+        std::fs::metadata(&src)?.len() as f64 / (1 << 20) as f64,
+        a.counts
+    );
+    let clone_start = |i: usize| {
+        start_clone(
+            &src,
+            &work,
+            i,
+            RunOptions {
+                serial_out: SerialSink::None,
+                ..Default::default()
+            },
+        )
+    };
+    let boot_start = |_: usize| boot(&cfg);
+    let mut rows = Vec::new();
+    for &n in &a.counts {
+        rows.push(measure("clone", n, &clone_start, "get a\n")?);
+        // A clone's work folders are not reused; keep numbering unique per round.
+        for i in 0..n {
+            let _ = std::fs::remove_dir_all(work_dir_of(&work, i));
+        }
+        rows.push(measure("boot", n, &boot_start, "> $")?);
+    }
+    println!("what   count  latency median  latency max  extra memory (MemAvailable)  extra RSS");
+    for r in &rows {
+        println!(
+            "{:<5}  {:>5}  {:>11.1} ms  {:>8.1} ms  {:>22.1} MiB  {:>6.1} MiB",
+            r.what, r.n, r.median_ms, r.max_ms, r.mem_mib, r.rss_mib
+        );
+    }
+    println!("(latency: from the start of the restore or boot to the guest's first answer; clones answer `get a`, boots print their prompt)");
+    Ok(())
+}
+
+fn work_dir_of(work: &WorkBase, i: usize) -> std::path::PathBuf {
+    work.path().join(format!("clone-{i}"))
+}

@@ -1,0 +1,487 @@
+//! Snapshot-based testing: `vmpack test PACK CASES.toml` runs every case in a fresh clone
+//! of the saved VM, and `vmpack restore PACK --clones N` runs N clones side by side.
+//!
+//! Clones are restored in this process, each with its own KVM VM and vCPU threads. Their
+//! memory maps the same uncompressed pack privately (see `vmboot::clone`), so a clone costs
+//! the pages it writes; its disks are private copies in a work folder removed with it.
+
+use crate::output::AtomicFile;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use regex::bytes::Regex;
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use vmboot::clone::{mappable_pack, Source};
+use vmboot::console::Console;
+use vmboot::snapshot::{verified_cache, PackInput, RestoreOptions, VerifyPolicy};
+use vmboot::{RunOptions, SerialSink};
+
+/// Time limit of a step that names none (the file's `timeout_ms` overrides it).
+const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+
+#[derive(Args)]
+pub struct TestArgs {
+    /// A pack made by `vmpack save` (compressed packs are expanded once into a cache).
+    pack: PathBuf,
+    /// The test cases (TOML, see docs/TESTING.md).
+    cases: PathBuf,
+    /// Cases run at the same time, each in its own clone.
+    #[arg(short = 'j', long, default_value_t = 1)]
+    jobs: usize,
+    /// Also write the results as JUnit XML here.
+    #[arg(long)]
+    junit: Option<PathBuf>,
+    /// Print only the summary and failures.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CasesFile {
+    /// Default time limit per step, in milliseconds.
+    timeout_ms: Option<u64>,
+    #[serde(default, rename = "case")]
+    cases: Vec<CaseDef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaseDef {
+    name: String,
+    send: Option<String>,
+    expect: Option<String>,
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    steps: Vec<StepDef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepDef {
+    send: Option<String>,
+    expect: Option<String>,
+    timeout_ms: Option<u64>,
+}
+
+struct Step {
+    send: Option<String>,
+    expect: Option<Regex>,
+    timeout: Duration,
+}
+
+pub struct Case {
+    name: String,
+    steps: Vec<Step>,
+}
+
+/// Reads and checks a cases file: every pattern compiles, names are unique.
+fn load_cases(path: &Path) -> Result<Vec<Case>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: CasesFile = toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    if file.cases.is_empty() {
+        bail!("{}: no [[case]] entries", path.display());
+    }
+    let default = file.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+    let mut names = HashSet::new();
+    let mut cases = Vec::new();
+    for (i, c) in file.cases.into_iter().enumerate() {
+        let label = format!("{}: case {} ({:?})", path.display(), i + 1, c.name);
+        if !names.insert(c.name.clone()) {
+            bail!("{label}: the name is used twice");
+        }
+        let mut defs = Vec::new();
+        if c.send.is_some() || c.expect.is_some() {
+            defs.push(StepDef {
+                send: c.send,
+                expect: c.expect,
+                timeout_ms: c.timeout_ms,
+            });
+        }
+        defs.extend(c.steps);
+        if defs.is_empty() {
+            bail!("{label}: nothing to do (give send/expect or steps)");
+        }
+        let mut steps = Vec::new();
+        for (j, d) in defs.into_iter().enumerate() {
+            let expect = d
+                .expect
+                .as_deref()
+                .map(Regex::new)
+                .transpose()
+                .map_err(|e| anyhow!("{label}: step {}: bad expect pattern: {e}", j + 1))?;
+            steps.push(Step {
+                send: d.send,
+                expect,
+                timeout: Duration::from_millis(d.timeout_ms.or(c.timeout_ms).unwrap_or(default)),
+            });
+        }
+        cases.push(Case {
+            name: c.name,
+            steps,
+        });
+    }
+    Ok(cases)
+}
+
+/// A folder for the clones' work folders, removed with everything in it when dropped.
+pub struct WorkBase(PathBuf);
+
+impl WorkBase {
+    pub fn new(what: &str) -> Result<WorkBase> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+        let p =
+            std::env::temp_dir().join(format!("vmpack-{what}-{}-{nanos:x}", std::process::id()));
+        std::fs::create_dir(&p).with_context(|| format!("creating {}", p.display()))?;
+        Ok(WorkBase(p))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// A fresh folder for clone `i` (restore makes its own folder inside).
+    pub fn clone_dir(&self, i: usize) -> Result<PathBuf> {
+        let p = self.0.join(format!("clone-{i}"));
+        std::fs::create_dir(&p).with_context(|| format!("creating {}", p.display()))?;
+        Ok(p)
+    }
+}
+
+impl Drop for WorkBase {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The pack clones restore from (expanded into the cache if compressed), verified once
+/// here so the clones themselves only check the index digest.
+pub fn prepare_source(pack: &Path, quiet: bool) -> Result<PathBuf> {
+    if !pack.exists() {
+        bail!("{}: no such file", pack.display());
+    }
+    let t = Instant::now();
+    let (src, how) = mappable_pack(pack)?;
+    if !quiet {
+        match how {
+            Source::Direct => {}
+            Source::Cached => eprintln!(
+                "vmpack: using the expanded copy {} of the compressed pack",
+                src.display()
+            ),
+            Source::Expanded => eprintln!(
+                "vmpack: expanded the compressed pack into {} in {:.0} ms (reused next time)",
+                src.display(),
+                t.elapsed().as_secs_f64() * 1000.0
+            ),
+        }
+    }
+    let p = vmpack_formats::vm::VmPack::open(&src)?;
+    let root = p.reader().root_digest();
+    if !verified_cache::is_verified(&src, root) {
+        p.reader().verify(&())?;
+        verified_cache::record(&src, root);
+    }
+    Ok(src)
+}
+
+/// Restores one clone of `src` driven through its console.
+pub fn start_clone(src: &Path, work: &WorkBase, i: usize, run: RunOptions) -> Result<Console> {
+    let (console, info) = Console::restore(
+        PackInput::File(src.to_path_buf()),
+        RestoreOptions {
+            verify: VerifyPolicy::Auto,
+            run,
+            work_dir: Some(work.clone_dir(i)?),
+        },
+    )?;
+    for w in &info.warnings {
+        eprintln!("vmpack: warning: clone {i}: {w}");
+    }
+    Ok(console)
+}
+
+struct CaseResult {
+    name: String,
+    passed: bool,
+    secs: f64,
+    message: String,
+    output: String,
+}
+
+fn run_case(src: &Path, work: &WorkBase, i: usize, case: &Case) -> CaseResult {
+    let t = Instant::now();
+    let mut result = CaseResult {
+        name: case.name.clone(),
+        passed: false,
+        secs: 0.0,
+        message: String::new(),
+        output: String::new(),
+    };
+    let run = RunOptions {
+        serial_out: SerialSink::None,
+        ..Default::default()
+    };
+    match start_clone(src, work, i, run) {
+        Err(e) => result.message = format!("restore failed: {e:#}"),
+        Ok(mut console) => {
+            let mut failure = None;
+            for (j, step) in case.steps.iter().enumerate() {
+                if let Some(s) = &step.send {
+                    if let Err(e) = console.send(s) {
+                        failure = Some(format!("step {}: sending {s:?}: {e:#}", j + 1));
+                        break;
+                    }
+                }
+                if let Some(re) = &step.expect {
+                    if let Err(e) = console.expect_re(re, step.timeout) {
+                        failure = Some(format!("step {}: {e:#}", j + 1));
+                        break;
+                    }
+                }
+            }
+            result.output = console.output();
+            match console.stop() {
+                Err(e) if failure.is_none() => {
+                    failure = Some(format!("stopping the clone: {e:#}"));
+                }
+                Ok(r) if failure.is_none() && r.code != 0 && r.message != "shutdown requested" => {
+                    failure = Some(format!("the VM ended: {} (status {})", r.message, r.code));
+                }
+                _ => {}
+            }
+            result.passed = failure.is_none();
+            result.message = failure.unwrap_or_default();
+        }
+    }
+    result.secs = t.elapsed().as_secs_f64();
+    result
+}
+
+pub fn run(a: TestArgs) -> Result<i32> {
+    let cases = load_cases(&a.cases)?;
+    let jobs = a.jobs.clamp(1, cases.len());
+    let src = prepare_source(&a.pack, a.quiet)?;
+    let work = WorkBase::new("test")?;
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<CaseResult>>> =
+        Mutex::new((0..cases.len()).map(|_| None).collect());
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(case) = cases.get(i) else { break };
+                let r = run_case(&src, &work, i, case);
+                if !a.quiet {
+                    eprintln!(
+                        "vmpack: {} {} ({:.0} ms)",
+                        if r.passed { "pass" } else { "FAIL" },
+                        r.name,
+                        r.secs * 1000.0
+                    );
+                }
+                results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+            });
+        }
+    });
+    let total = started.elapsed().as_secs_f64();
+    drop(work);
+    let results: Vec<CaseResult> = results
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .map(|r| r.expect("every case ran"))
+        .collect();
+    let failed = results.iter().filter(|r| !r.passed).count();
+
+    let mut out = std::io::stdout().lock();
+    let width = results
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    writeln!(out, "{:<width$}  result  time", "case")?;
+    for r in &results {
+        writeln!(
+            out,
+            "{:<width$}  {:<6}  {:.0} ms",
+            r.name,
+            if r.passed { "pass" } else { "FAIL" },
+            r.secs * 1000.0
+        )?;
+    }
+    for r in results.iter().filter(|r| !r.passed) {
+        writeln!(out, "\n--- {} failed: {}", r.name, r.message)?;
+        writeln!(out, "--- serial output of {}:", r.name)?;
+        for line in r.output.lines() {
+            writeln!(out, "  | {line}")?;
+        }
+    }
+    writeln!(
+        out,
+        "\n{} passed, {} failed ({} cases, {jobs} at a time, {total:.2} s)",
+        results.len() - failed,
+        failed,
+        results.len()
+    )?;
+    if let Some(path) = &a.junit {
+        let mut f = AtomicFile::create(path)?;
+        f.file()
+            .write_all(junit_xml(&results, total).as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        f.commit()?;
+    }
+    Ok(if failed == 0 { 0 } else { 1 })
+}
+
+fn xml_escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&apos;"),
+            // XML 1.0 allows no other control characters.
+            '\t' | '\n' | '\r' => o.push(c),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\x{:02x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+fn junit_xml(results: &[CaseResult], total: f64) -> String {
+    let failed = results.iter().filter(|r| !r.passed).count();
+    let mut x = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    x.push_str(&format!(
+        "<testsuites tests=\"{}\" failures=\"{failed}\" time=\"{total:.3}\">\n<testsuite name=\"vmpack test\" tests=\"{}\" failures=\"{failed}\" errors=\"0\" time=\"{total:.3}\">\n",
+        results.len(),
+        results.len()
+    ));
+    for r in results {
+        x.push_str(&format!(
+            "  <testcase classname=\"vmpack\" name=\"{}\" time=\"{:.3}\">\n",
+            xml_escape(&r.name),
+            r.secs
+        ));
+        if !r.passed {
+            x.push_str(&format!(
+                "    <failure message=\"{}\">{}</failure>\n",
+                xml_escape(&r.message),
+                xml_escape(&r.output)
+            ));
+        }
+        x.push_str(&format!(
+            "    <system-out>{}</system-out>\n  </testcase>\n",
+            xml_escape(&r.output)
+        ));
+    }
+    x.push_str("</testsuite>\n</testsuites>\n");
+    x
+}
+
+/// `vmpack restore PACK --clones N`: N clones at once, until they have all ended.
+/// Clone i serves its control socket at `SOCK.i`; its serial output goes to stdout with
+/// lines prefixed `[i] `, to `PATH.i` for `--serial-out PATH`, or nowhere.
+pub fn restore_clones(
+    pack: &Path,
+    n: usize,
+    api_sock: Option<&Path>,
+    serial_out: &str,
+    quiet: bool,
+) -> Result<i32> {
+    let src = prepare_source(pack, quiet)?;
+    let work = WorkBase::new("clones")?;
+    let t = Instant::now();
+    let mut consoles = Vec::with_capacity(n);
+    for i in 0..n {
+        let suffixed = |p: &Path| {
+            let mut s = p.as_os_str().to_owned();
+            s.push(format!(".{i}"));
+            PathBuf::from(s)
+        };
+        let run = RunOptions {
+            serial_out: match serial_out {
+                "stdout" | "none" => SerialSink::None,
+                p => SerialSink::File(suffixed(Path::new(p))),
+            },
+            api_sock: api_sock.map(suffixed),
+            ..Default::default()
+        };
+        consoles.push(start_clone(&src, &work, i, run)?);
+    }
+    if !quiet {
+        eprintln!(
+            "vmpack: {n} clones running ({:.1} ms to restore them all)",
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+    let prefix = serial_out == "stdout";
+    let logs: Vec<_> = consoles.iter().map(|c| c.log().clone()).collect();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let mut status = 0;
+    std::thread::scope(|s| {
+        if prefix {
+            s.spawn(|| {
+                let mut offsets = vec![0usize; logs.len()];
+                loop {
+                    let last = done.load(Ordering::SeqCst);
+                    let mut out = std::io::stdout().lock();
+                    for (i, log) in logs.iter().enumerate() {
+                        let (start, bytes) = log.since(offsets[i]);
+                        // Whole lines only, until the end, when the rest goes out too.
+                        let upto = if last {
+                            bytes.len()
+                        } else {
+                            bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1)
+                        };
+                        for line in bytes[..upto].split_inclusive(|&b| b == b'\n') {
+                            let _ = write!(out, "[{i}] ");
+                            let _ = out.write_all(line);
+                            if !line.ends_with(b"\n") {
+                                let _ = writeln!(out);
+                            }
+                        }
+                        offsets[i] = start + upto;
+                    }
+                    let _ = out.flush();
+                    if last {
+                        break;
+                    }
+                    drop(out);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
+        for (i, c) in consoles.drain(..).enumerate() {
+            match c.wait() {
+                Ok(r) if r.code != 0 => {
+                    eprintln!("vmpack: clone {i}: {} (exit status {})", r.message, r.code);
+                    if status == 0 {
+                        status = r.code;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("vmpack: clone {i}: {e:#}");
+                    status = 1;
+                }
+            }
+        }
+        done.store(true, Ordering::SeqCst);
+    });
+    Ok(status)
+}
