@@ -6,7 +6,7 @@
 #   "pass 0 sum=H"                     checksum of sectors 0..63 as found
 #   then for pass P = 1..3:
 #   "pass P written"                   64 single-sector writes of pattern(sector, P) done
-#   (~1 s pause, so a test can save here)
+#   (~2 s pause, so a test can save here)
 #   "pass P sum=H bad=N"               one 32 KiB read of sectors 0..63: checksum, bad qwords
 #   "flush status=S", "id TEXT"        a FLUSH and a GET_ID request
 # and exits 0 (1 if any qword was wrong; 2-5 for driver failures). A read-only device
@@ -27,7 +27,7 @@
 	.equ	QSIZE, 16
 	.equ	NSECT, 64
 	.equ	PASSES, 3
-	.equ	WAIT_STEPS, 50		# x ~20 ms
+	.equ	WAIT_STEPS, 100		# x ~20 ms
 	.equ	POLL_LIMIT, 20000000
 
 	.code64
@@ -36,50 +36,11 @@
 _start:
 	cli
 	cld
-	# Zero the rings, the request area and our page directory.
-	mov	$DESC, %edi
-	mov	$((PD_HIGH + 0x1000 - DESC) / 8), %ecx
-	xor	%eax, %eax
-	rep stosq
-	# Map 0xc0000000..0xffffffff with 2 MiB pages, PCD|PWT (uncached), so the
-	# device registers are reachable.
-	mov	$PD_HIGH, %edi
-	mov	$0xc000009b, %eax
-	mov	$512, %ecx
-1:	mov	%rax, (%rdi)
-	add	$0x200000, %rax
-	add	$8, %rdi
-	dec	%ecx
-	jnz	1b
-	movq	$(PD_HIGH | 3), PDPT + 3 * 8
-	mov	%cr3, %rax
-	mov	%rax, %cr3
-
-	mov	$MMIO, %r12d
-	movl	$0, 0x70(%r12)		# reset
-	movl	$1, 0x70(%r12)		# ACKNOWLEDGE
-	movl	$3, 0x70(%r12)		# DRIVER
-	cmpl	$0x74726976, (%r12)	# "virt"
-	jne	fail_probe
-	cmpl	$2, 4(%r12)		# version 2 (virtio 1.x layout)
-	jne	fail_probe
-	cmpl	$2, 8(%r12)		# block device
-	jne	fail_probe
-	movl	$1, 0x14(%r12)		# device features 32..63
-	testl	$1, 0x10(%r12)		# VERSION_1
-	jz	fail_probe
-	movl	$0, 0x14(%r12)
-	mov	0x10(%r12), %eax
-	and	$((1 << 5) | (1 << 9)), %eax	# RO, FLUSH
+	call	virtio_map_mmio
+	mov	$((1 << 5) | (1 << 9)), %eax	# RO, FLUSH
+	call	virtio_blk_setup
+	jc	fail_probe
 	mov	%eax, features(%rip)
-	movl	$1, 0x24(%r12)
-	movl	$1, 0x20(%r12)		# VERSION_1
-	movl	$0, 0x24(%r12)
-	mov	%eax, 0x20(%r12)
-	movl	$0xb, 0x70(%r12)	# FEATURES_OK
-	testl	$8, 0x70(%r12)
-	jz	fail_probe
-
 	lea	s_capacity(%rip), %rsi
 	call	puts
 	mov	0x100(%r12), %rax	# capacity (config space)
@@ -87,20 +48,6 @@ _start:
 	call	newline
 	cmp	$NSECT, %rax
 	jb	fail_small
-
-	movl	$0, 0x30(%r12)		# queue 0
-	cmpl	$QSIZE, 0x34(%r12)
-	jb	fail_probe
-	movl	$QSIZE, 0x38(%r12)
-	movl	$DESC, 0x80(%r12)
-	movl	$0, 0x84(%r12)
-	movl	$AVAIL, 0x90(%r12)
-	movl	$0, 0x94(%r12)
-	movl	$USED, 0xa0(%r12)
-	movl	$0, 0xa4(%r12)
-	movw	$1, AVAIL		# VRING_AVAIL_F_NO_INTERRUPT: we poll
-	movl	$1, 0x44(%r12)		# queue ready
-	movl	$0xf, 0x70(%r12)	# DRIVER_OK
 
 	testl	$(1 << 5), features(%rip)
 	jnz	read_only
@@ -347,6 +294,7 @@ fail_small:
 	jmp	exit
 
 	.include "lib64.inc"
+	.include "virtio.inc"
 
 features:	.long	0
 	.balign	8

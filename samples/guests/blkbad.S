@@ -47,42 +47,10 @@
 _start:
 	cli
 	cld
-	mov	$DESC, %edi
-	mov	$((PD_HIGH + 0x1000 - DESC) / 8), %ecx
+	call	virtio_map_mmio
 	xor	%eax, %eax
-	rep stosq
-	mov	$PD_HIGH, %edi
-	mov	$0xc000009b, %eax
-	mov	$512, %ecx
-1:	mov	%rax, (%rdi)
-	add	$0x200000, %rax
-	add	$8, %rdi
-	dec	%ecx
-	jnz	1b
-	movq	$(PD_HIGH | 3), PDPT + 3 * 8
-	mov	%cr3, %rax
-	mov	%rax, %cr3
-
-	mov	$MMIO, %r12d
-	movl	$0, 0x70(%r12)
-	movl	$3, 0x70(%r12)
-	cmpl	$0x74726976, (%r12)
-	jne	fail_probe
-	movl	$1, 0x24(%r12)
-	movl	$1, 0x20(%r12)		# VERSION_1 only
-	movl	$0, 0x24(%r12)
-	movl	$0, 0x20(%r12)
-	movl	$0xb, 0x70(%r12)
-	testl	$8, 0x70(%r12)
-	jz	fail_probe
-	movl	$0, 0x30(%r12)
-	movl	$QSIZE, 0x38(%r12)
-	movl	$DESC, 0x80(%r12)
-	movl	$AVAIL, 0x90(%r12)
-	movl	$USED, 0xa0(%r12)
-	movw	$1, AVAIL		# no interrupts: we poll
-	movl	$1, 0x44(%r12)
-	movl	$0xf, 0x70(%r12)
+	call	virtio_blk_setup
+	jc	fail_probe
 
 	# 1: read into a buffer outside guest RAM.
 	HDR	0, 0
@@ -231,6 +199,7 @@ fail_probe:
 	jmp	exit
 
 	.include "lib64.inc"
+	.include "virtio.inc"
 
 s_case:		.asciz	"case "
 s_status:	.asciz	" status="

@@ -68,13 +68,7 @@ fn debian_kernel_boots_to_its_banner_and_resumes_from_a_mid_boot_snapshot() {
         );
         return;
     }
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        eprintln!("\n*** SKIPPED: /dev/kvm cannot be opened; the Linux test did not run ***\n");
+    if !common::kvm_available("the Linux test") {
         return;
     }
     let _ = vmpack();

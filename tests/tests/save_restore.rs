@@ -12,24 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("\n*** SKIPPED: /dev/kvm cannot be opened; save/restore tests did not run ***\n");
-    }
-    ok
-}
 
-fn samples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .join("samples")
-}
 
 /// A VM started with `vmboot run CONFIG --api-sock`, serial output to a file.
 struct Running {
@@ -46,7 +29,7 @@ impl Running {
         let serial = dir.join(format!("{tag}.serial"));
         let child = Command::new(bin("vmboot"))
             .arg("run")
-            .arg(samples().join(config))
+            .arg(common::samples_dir().join(config))
             .arg("--api-sock")
             .arg(&sock)
             .arg("--serial-out")
@@ -174,7 +157,7 @@ fn sha256_file(p: &Path) -> String {
 }
 
 fn counter_continues_exactly(config: &str) {
-    if !kvm_available() {
+    if !common::kvm_available("save/restore tests") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -216,7 +199,7 @@ fn long_mode_counter_continues_with_the_next_number() {
 
 #[test]
 fn save_then_resume_keeps_the_original_running() {
-    if !kvm_available() {
+    if !common::kvm_available("save/restore tests") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -245,7 +228,7 @@ fn save_then_resume_keeps_the_original_running() {
 
 #[test]
 fn streamed_save_restores_from_a_pipe() {
-    if !kvm_available() {
+    if !common::kvm_available("save/restore tests") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -288,7 +271,7 @@ fn streamed_save_restores_from_a_pipe() {
 
 #[test]
 fn save_restore_chain_and_two_restores_of_one_pack() {
-    if !kvm_available() {
+    if !common::kvm_available("save/restore tests") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -326,7 +309,7 @@ fn save_restore_chain_and_two_restores_of_one_pack() {
 
 #[test]
 fn timer_interrupts_keep_their_rate_after_restore() {
-    if !kvm_available() {
+    if !common::kvm_available("save/restore tests") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -375,7 +358,7 @@ fn timer_interrupts_keep_their_rate_after_restore() {
 
 #[test]
 fn both_vcpus_continue_after_restore() {
-    if !kvm_available() {
+    if !common::kvm_available("save/restore tests") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -417,7 +400,7 @@ fn memory_of(pack: &Path) -> Vec<u8> {
 
 #[test]
 fn memory_is_identical_after_restore() {
-    if !kvm_available() {
+    if !common::kvm_available("save/restore tests") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -486,7 +469,7 @@ fn restore_output(pack: &Path) -> Output {
 
 #[test]
 fn damaged_or_foreign_packs_are_refused_before_the_guest_runs() {
-    if !kvm_available() {
+    if !common::kvm_available("save/restore tests") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

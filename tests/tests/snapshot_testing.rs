@@ -11,17 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("\n*** SKIPPED: /dev/kvm cannot be opened; snapshot testing not checked ***\n");
-    }
-    ok
-}
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -143,7 +132,7 @@ fn assert_empty(dir: &Path) {
 
 #[test]
 fn cases_are_isolated_and_failures_show_output() {
-    if !kvm_available() {
+    if !common::kvm_available("snapshot testing") {
         return;
     }
     let t = tempfile::tempdir().unwrap();
@@ -240,7 +229,7 @@ fn cases_are_isolated_and_failures_show_output() {
 
 #[test]
 fn fifty_clones_of_a_compressed_pack() {
-    if !kvm_available() {
+    if !common::kvm_available("snapshot testing") {
         return;
     }
     let t = tempfile::tempdir().unwrap();
@@ -288,7 +277,7 @@ fn fifty_clones_of_a_compressed_pack() {
 
 #[test]
 fn restore_clones_each_with_a_socket() {
-    if !kvm_available() {
+    if !common::kvm_available("snapshot testing") {
         return;
     }
     let t = tempfile::tempdir().unwrap();

@@ -539,8 +539,19 @@ fn measure_qemu(d: &Path, g: &Guest, kernel: &Path) -> Result<QemuRow> {
     while !h.cmd("info status")?.contains("running") {
         std::thread::sleep(Duration::from_millis(5));
     }
+    // QEMU's firmware (SeaBIOS and the linuxboot ROM, emulated here) copies the initrd into
+    // RAM before it enters the kernel; in long mode the data is in place, as in vmboot.
+    loop {
+        if h.cmd("info registers")?.contains("CS64") {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(300) {
+            bail!("QEMU guest not in long mode after 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     eprintln!(
-        "  qemu: {} MiB guest up in {:.0} ms",
+        "  qemu: {} MiB guest in the kernel after {:.0} ms",
         g.mib,
         t0.elapsed().as_secs_f64() * 1000.0
     );
@@ -550,7 +561,8 @@ fn measure_qemu(d: &Path, g: &Guest, kernel: &Path) -> Result<QemuRow> {
     }
     let target = format!("exec:cat > '{}'", file.display());
     let t = Instant::now();
-    let r = h.cmd(&format!("migrate \"{target}\""))?;
+    // Without -d the monitor command waits for the end, polling once a second.
+    let r = h.cmd(&format!("migrate -d \"{target}\""))?;
     if r.to_lowercase().contains("error") {
         bail!("QEMU migrate: {}", r.trim());
     }
@@ -568,12 +580,13 @@ fn measure_qemu(d: &Path, g: &Guest, kernel: &Path) -> Result<QemuRow> {
     let mut row = QemuRow {
         save_s,
         downtime_ms: field(&info, "downtime:").unwrap_or(f64::NAN),
-        bytes: std::fs::metadata(&file)?.len(),
         ..Default::default()
     };
     let _ = h.s.write_all(b"quit\n");
     drop(h);
     q.finish(Duration::from_secs(5));
+    // After QEMU ends, `cat` has written everything.
+    row.bytes = std::fs::metadata(&file)?.len();
     eprintln!(
         "  qemu save: downtime {:.1} ms, wall {:.2} s, {:.1} MB",
         row.downtime_ms,

@@ -227,3 +227,25 @@ pub fn same_file(a: &Path, b: &Path) {
     let y = std::fs::read(b).unwrap_or_else(|e| panic!("{}: {e}", b.display()));
     assert!(x == y, "{} and {} differ", a.display(), b.display());
 }
+
+/// True when /dev/kvm opens for read and write. Otherwise says SKIPPED loudly (naming what
+/// did not run), so a machine without KVM never passes the KVM tests silently.
+pub fn kvm_available(what: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("\n*** SKIPPED: /dev/kvm cannot be opened; {what} did not run ***\n");
+    }
+    ok
+}
+
+/// The workspace's `samples/` folder.
+pub fn samples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .join("samples")
+}
