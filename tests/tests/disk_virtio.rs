@@ -34,7 +34,6 @@ fn guest_image() -> PathBuf {
     p
 }
 
-
 /// What the disk starts with: noise everywhere, so reads of unwritten data are checked too.
 fn initial_content() -> Vec<u8> {
     noise(DISK_SIZE as usize, 77)

@@ -12,8 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-
-
 /// A VM started with `vmboot run CONFIG --api-sock`, serial output to a file.
 struct Running {
     child: Child,
