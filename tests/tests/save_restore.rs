@@ -299,6 +299,15 @@ fn save_restore_chain_and_two_restores_of_one_pack() {
         "save, restore, save, restore continues one count"
     );
 
+    // The restored VM carried the boot image from the first pack into the second.
+    let image = |p: &Path| {
+        let r = vmpack_formats::pack::PackReader::open(p).unwrap();
+        let s = r.section("boot/image").expect("boot/image section");
+        r.read_section(s.id, 1 << 20).unwrap()
+    };
+    assert_eq!(image(&p1), image(&p2));
+    assert!(!image(&p2).is_empty());
+
     // A second restore of the first pack replays the same continuation.
     let d = Running::restore(dir.path(), &p1, "d");
     assert_eq!(d.finish(Duration::from_secs(60)).0, 0);

@@ -26,4 +26,4 @@ pub mod vmm;
 
 pub use memory::GuestMemoryInit;
 pub use persist::{VcpuState, VmState};
-pub use vmm::{BootPayload, ExitReason, RunOptions, SerialSink, Vm, VmHandle};
+pub use vmm::{BootFiles, BootPayload, ExitReason, RunOptions, SerialSink, Vm, VmHandle};

@@ -8,12 +8,13 @@
 use crate::compat;
 use crate::memory::GuestMemoryInit;
 use crate::persist::{VmState, VM_STATE_VERSION};
-use crate::vmm::{BootPayload, RunOptions, Vm, VmHandle};
+use crate::vmm::{BootFiles, BootPayload, RunOptions, Vm, VmHandle};
 use anyhow::{anyhow, bail, Context, Result};
 use kvm_ioctls::Kvm;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmpack_formats::config::{DiskFormat, VmConfig};
 use vmpack_formats::pack::{
@@ -51,7 +52,9 @@ pub fn write_pack(
     handle.flush_disks()?;
     let state_bytes = serde_json::to_vec(&state).context("serializing the vm state")?;
     let cfg = handle.config();
-    let boot = payload_sources(handle.boot_payload());
+    let boot_sources = payload_sources(handle.boot_payload());
+    let boot: Vec<(&str, &dyn SectionSource)> =
+        boot_sources.iter().map(|(r, s)| (*r, &**s)).collect();
     let opts = WriteOptions {
         compression,
         level,
@@ -107,18 +110,92 @@ impl SectionSource for RamSource<'_> {
     }
 }
 
-fn payload_sources(p: &BootPayload) -> Vec<(&'static str, &dyn SectionSource)> {
-    let mut v: Vec<(&'static str, &dyn SectionSource)> = Vec::new();
-    if let Some(k) = &p.kernel {
-        v.push(("kernel", k));
-    }
-    if let Some(i) = &p.initrd {
-        v.push(("initrd", i));
-    }
-    if let Some(i) = &p.image {
-        v.push(("image", i));
+fn payload_sources(p: &BootFiles) -> Vec<(&'static str, Box<dyn SectionSource + '_>)> {
+    let mut v: Vec<(&'static str, Box<dyn SectionSource + '_>)> = Vec::new();
+    match p {
+        BootFiles::Bytes(p) => {
+            for (role, bytes) in [
+                ("kernel", &p.kernel),
+                ("initrd", &p.initrd),
+                ("image", &p.image),
+            ] {
+                if let Some(b) = bytes {
+                    v.push((role, Box::new(b.as_slice())));
+                }
+            }
+        }
+        BootFiles::Pack(pack) => {
+            for f in &pack.manifest().files {
+                let role = match f.role.as_str() {
+                    "kernel" => "kernel",
+                    "initrd" => "initrd",
+                    "image" => "image",
+                    _ => continue,
+                };
+                if let Some(s) = pack.reader().section(&f.section) {
+                    v.push((
+                        role,
+                        Box::new(PackSection {
+                            reader: pack.reader(),
+                            id: s.id,
+                            size: s.size,
+                        }),
+                    ));
+                }
+            }
+        }
     }
     v
+}
+
+/// A section of another pack, read chunk by chunk (copying boot files from the pack a VM
+/// was restored from into its next save without holding them in memory).
+struct PackSection<'a> {
+    reader: &'a vmpack_formats::pack::PackReader,
+    id: u32,
+    size: u64,
+}
+
+impl SectionSource for PackSection<'_> {
+    fn len(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let chunks = self.reader.chunks(self.id);
+        let end = offset + buf.len() as u64;
+        let first = chunks.partition_point(|c| c.offset + c.ulen as u64 <= offset);
+        let mut tmp = Vec::new();
+        for c in chunks[first..].iter().take_while(|c| c.offset < end) {
+            let (from, to) = (offset.max(c.offset), end.min(c.offset + c.ulen as u64));
+            let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            if c.codec == Codec::Zero {
+                dst.fill(0);
+                continue;
+            }
+            tmp.resize(c.ulen as usize, 0);
+            self.reader
+                .read_chunk(c, true, &mut tmp)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            dst.copy_from_slice(&tmp[(from - c.offset) as usize..(to - c.offset) as usize]);
+        }
+        Ok(())
+    }
+
+    fn data_ranges(&self) -> std::io::Result<Vec<std::ops::Range<u64>>> {
+        let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+        for c in self.reader.chunks(self.id) {
+            if c.codec == Codec::Zero {
+                continue;
+            }
+            let r = c.offset..c.offset + c.ulen as u64;
+            match out.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => out.push(r),
+            }
+        }
+        Ok(out)
+    }
 }
 
 struct CountingWriter<'a> {
@@ -182,7 +259,7 @@ pub fn restore(input: PackInput, opts: RestoreOptions) -> Result<(Vm, RestoreInf
 
 fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> {
     let started = Instant::now();
-    let pack = VmPack::open(path)?;
+    let pack = Arc::new(VmPack::open(path)?);
     let label = path.display().to_string();
     let manifest = pack.manifest();
     let state_section = manifest.vmstate.as_deref().ok_or_else(|| {
@@ -213,12 +290,6 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     let state = parse_state(&state_bytes, &label, state_section)?;
     let warnings = check_host(&state, &label)?;
 
-    let payload = BootPayload {
-        kernel: optional_file(&pack, "kernel")?,
-        initrd: optional_file(&pack, "initrd")?,
-        image: optional_file(&pack, "image")?,
-    };
-
     let work = WorkDir::new(opts.work_dir.as_deref())?;
     let mut cfg = state.config.clone();
     extract_disks(&pack, &mut cfg, &work.path)?;
@@ -226,7 +297,8 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     let memory_path = manifest.memory_restore_path(reader).unwrap_or("none");
     let init = memory_init(&pack, manifest, &state, memory_path == "mmap", &label)?;
     let prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, payload, run))?;
+    let files = BootFiles::Pack(pack.clone());
+    let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, files, run))?;
     Ok((
         vm,
         RestoreInfo {

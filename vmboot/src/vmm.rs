@@ -87,6 +87,22 @@ fn read_file(role: &str, p: &std::path::Path) -> Result<Vec<u8>> {
     std::fs::read(p).with_context(|| format!("reading {role} {}", p.display()))
 }
 
+/// The boot files a VM keeps so a save can put them into its pack.
+pub enum BootFiles {
+    /// Held in memory (read from the config's files, or from a pack read through a pipe).
+    Bytes(BootPayload),
+    /// Still in the pack the VM was restored from: read only if the VM is saved again, so a
+    /// restore never pays for reading (and hashing) a kernel and initrd the guest's memory
+    /// already holds. The open file keeps working even if the pack is deleted meanwhile.
+    Pack(Arc<vmpack_formats::vm::VmPack>),
+}
+
+impl From<BootPayload> for BootFiles {
+    fn from(p: BootPayload) -> Self {
+        BootFiles::Bytes(p)
+    }
+}
+
 impl BootPayload {
     pub fn from_config(cfg: &VmConfig) -> Result<BootPayload> {
         let mut p = BootPayload::default();
@@ -148,7 +164,7 @@ pub struct VmHandle {
     config: VmConfig,
     /// Kept so a save can put the boot files into the pack, also for a restored VM whose
     /// original files may not exist on this host.
-    payload: BootPayload,
+    payload: BootFiles,
     last_save: Mutex<Option<serde_json::Value>>,
     // Field order = drop order: vCPUs and devices before the VM, memory last.
     vcpus: Vec<VcpuSlot>,
@@ -338,7 +354,7 @@ impl Vm {
             msr_list,
             serial,
             I8042::new(),
-            payload,
+            payload.into(),
             opts,
             &[],
         )
@@ -350,9 +366,10 @@ impl Vm {
         cfg: &VmConfig,
         state: VmState,
         memory: GuestMemoryInit,
-        payload: BootPayload,
+        payload: impl Into<BootFiles>,
         opts: &RunOptions,
     ) -> Result<Vm> {
+        let payload = payload.into();
         let opts = &crate::console::with_log(opts);
         if state.version != VM_STATE_VERSION {
             bail!(
@@ -419,7 +436,7 @@ impl Vm {
         msr_list: Vec<u32>,
         serial: SerialDevice,
         i8042: I8042,
-        payload: BootPayload,
+        payload: BootFiles,
         opts: &RunOptions,
         blk_states: &[crate::devices::virtio::VirtioBlkState],
     ) -> Result<Vm> {
@@ -880,7 +897,7 @@ impl VmHandle {
         Ok(())
     }
 
-    pub fn boot_payload(&self) -> &BootPayload {
+    pub fn boot_payload(&self) -> &BootFiles {
         &self.payload
     }
 

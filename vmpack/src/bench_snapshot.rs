@@ -88,7 +88,7 @@ fn make_initrd(path: &Path, mib: u64) -> Result<()> {
     while written < total {
         let n = (total - written).min(STRIPE as u64) as usize;
         let b = &mut buf[..n];
-        if stripe % 2 == 0 {
+        if stripe.is_multiple_of(2) {
             for c in b.chunks_mut(8) {
                 let v = rng.next().to_le_bytes();
                 c.copy_from_slice(&v[..c.len()]);
