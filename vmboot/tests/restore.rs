@@ -122,7 +122,7 @@ fn pause_save_restore_continues_counting() {
         }
         Ok(())
     }));
-    let vm2 = Vm::restore(&cfg, state, init, Default::default(), &opts2).unwrap();
+    let vm2 = Vm::restore(&cfg, state, init, BootPayload::default(), &opts2).unwrap();
     let h2 = vm2.controller();
     let runner2 = std::thread::spawn(move || vm2.run().unwrap());
     wait_for(&out2, 3, Duration::from_secs(30));
@@ -193,7 +193,7 @@ fn map_private_restore_from_a_file() {
             file,
             pieces: vec![(0, 0, 0x201000)],
         },
-        Default::default(),
+        BootPayload::default(),
         &RunOptions {
             serial_out: SerialSink::Capture(out2.clone()),
             ..Default::default()
@@ -268,7 +268,7 @@ fn smp_guest_survives_pause_save_restore() {
             }
             Ok(())
         })),
-        Default::default(),
+        BootPayload::default(),
         &RunOptions {
             serial_out: SerialSink::Capture(out2.clone()),
             ..Default::default()

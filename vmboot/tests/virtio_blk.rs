@@ -96,7 +96,7 @@ fn pauses_drain_the_device_and_state_round_trips() {
         &small,
         state,
         GuestMemoryInit::Zeroed,
-        Default::default(),
+        BootPayload::default(),
         &RunOptions::default(),
     ) {
         Ok(_) => panic!("restore with a smaller disk succeeded"),
