@@ -46,17 +46,16 @@ impl VmControl for VmHandle {
             None => Compression::None,
             Some(c) => c.parse().map_err(ApiError::bad_request)?,
         };
+        // A VM paused before the save stays paused; one that was running resumes (as early
+        // as the save allows) unless it is to stop.
         let was_paused = self.is_paused();
-        let result = crate::snapshot::save_paused(self, compression, req.level, out);
+        let resume = !was_paused && req.then == AfterSave::Resume;
+        let result = crate::snapshot::save(self, compression, req.level, resume, out);
         match result {
             Ok(stats) => {
                 self.set_last_save(serde_json::to_value(&stats).unwrap_or_default());
-                match req.then {
-                    AfterSave::Stop => VmHandle::shutdown(self),
-                    AfterSave::Resume if !was_paused => {
-                        VmHandle::resume(self).map_err(|e| ApiError::internal(format!("{e:#}")))?
-                    }
-                    AfterSave::Resume => {}
+                if req.then == AfterSave::Stop {
+                    VmHandle::shutdown(self);
                 }
                 Ok(())
             }

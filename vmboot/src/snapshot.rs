@@ -37,21 +37,92 @@ pub struct SaveStats {
     pub compress: String,
 }
 
-/// Writes the paused VM behind `handle` as a pack to `out`. The caller pauses and resumes.
-pub fn write_pack(
+/// Saves the VM behind `handle` as a pack to `out`.
+///
+/// The VM is paused while its state is captured. With `resume_after`, and when nothing the
+/// pack still has to read can change under it (no writable disk) and a copy fits in memory,
+/// the guest's resident RAM is copied while paused and the guest resumes at once: hashing,
+/// compressing and writing then run from the copy, so the pause is the capture plus one
+/// memcpy instead of the whole write. Otherwise the VM stays paused until the pack is
+/// written, and resumes after it only if `resume_after`.
+pub fn save(
     handle: &VmHandle,
     compression: Compression,
     level: Option<i32>,
+    resume_after: bool,
     out: &mut dyn Write,
 ) -> Result<SaveStats> {
-    let started = Instant::now();
-    let state = handle
-        .save_state()
-        .context("capturing vCPU and device state")?;
-    // The pack reads the disk files themselves: cached writes and qcow2 metadata go first.
-    handle.flush_disks()?;
-    let state_bytes = serde_json::to_vec(&state).context("serializing the vm state")?;
-    let cfg = handle.config();
+    let t = Instant::now();
+    handle.pause().map_err(|e| anyhow!("{e}"))?;
+    let captured = (|| -> Result<_> {
+        let state = handle
+            .save_state()
+            .context("capturing vCPU and device state")?;
+        // The pack reads the disk files themselves: cached writes and qcow2 metadata go first.
+        handle.flush_disks()?;
+        let state_bytes = serde_json::to_vec(&state).context("serializing the vm state")?;
+        let early =
+            resume_after && handle.config().disks.iter().all(|d| d.read_only) && copy_fits(handle);
+        let copy = if early { Some(copy_ram(handle)?) } else { None };
+        Ok((state_bytes, copy))
+    })();
+    let (state_bytes, copy) = match captured {
+        Ok(c) => c,
+        Err(e) => {
+            if resume_after {
+                let _ = handle.resume();
+            }
+            return Err(e);
+        }
+    };
+    let mut pause = None;
+    if copy.is_some() {
+        handle.resume().map_err(|e| anyhow!("{e}"))?;
+        pause = Some(t.elapsed());
+    }
+    let written = match &copy {
+        Some(regions) => {
+            let memory: Vec<(u64, &dyn SectionSource)> = regions
+                .iter()
+                .map(|r| (r.gpa, r as &dyn SectionSource))
+                .collect();
+            write_pack(handle, &state_bytes, memory, compression, level, out)
+        }
+        None => handle.with_memory(|regions| {
+            let sources: Vec<RamSource> = regions
+                .iter()
+                .zip(handle.memory_data_ranges())
+                .map(|((_, bytes), ranges)| RamSource { bytes, ranges })
+                .collect();
+            let memory: Vec<(u64, &dyn SectionSource)> = regions
+                .iter()
+                .zip(&sources)
+                .map(|((gpa, _), src)| (*gpa, src as &dyn SectionSource))
+                .collect();
+            write_pack(handle, &state_bytes, memory, compression, level, out)
+        }),
+    };
+    let pause = pause.unwrap_or_else(|| t.elapsed());
+    if copy.is_none() && resume_after {
+        handle.resume().map_err(|e| anyhow!("{e}"))?;
+    }
+    let summary = written?;
+    Ok(SaveStats {
+        pause_ms: pause.as_secs_f64() * 1000.0,
+        bytes: summary.bytes_written,
+        root_digest: hex::encode(summary.root_digest),
+        compress: compression.to_string(),
+    })
+}
+
+fn write_pack(
+    handle: &VmHandle,
+    state_bytes: &[u8],
+    memory: Vec<(u64, &dyn SectionSource)>,
+    compression: Compression,
+    level: Option<i32>,
+    out: &mut dyn Write,
+) -> Result<vmpack_formats::pack::PackSummary> {
     let boot_sources = payload_sources(handle.boot_payload());
     let boot: Vec<(&str, &dyn SectionSource)> =
         boot_sources.iter().map(|(r, s)| (*r, &**s)).collect();
@@ -62,33 +133,120 @@ pub fn write_pack(
         aligned: compression == Compression::None,
         ..WriteOptions::default()
     };
+    let plan = VmPackPlan {
+        memory,
+        vmstate: Some(state_bytes),
+        disks: None,
+        files: Some(boot),
+        memory_chunk_size: Some(MEMORY_CHUNK_SIZE),
+    };
     let counted = CountingWriter { inner: out, n: 0 };
-    let summary = handle.with_memory(|regions| {
-        let ranges = handle.memory_data_ranges();
-        let sources: Vec<RamSource> = regions
-            .iter()
-            .zip(ranges)
-            .map(|((_, bytes), ranges)| RamSource { bytes, ranges })
-            .collect();
-        let memory: Vec<(u64, &dyn SectionSource)> = regions
-            .iter()
-            .zip(&sources)
-            .map(|((gpa, _), src)| (*gpa, src as &dyn SectionSource))
-            .collect();
-        let plan = VmPackPlan {
-            memory,
-            vmstate: Some(&state_bytes),
-            disks: None,
-            files: Some(boot),
-            memory_chunk_size: Some(MEMORY_CHUNK_SIZE),
-        };
-        vmpack_formats::vm::write_vm_pack(counted, cfg, plan, &opts, &())
-    })?;
-    Ok(SaveStats {
-        pause_ms: started.elapsed().as_secs_f64() * 1000.0,
-        bytes: summary.bytes_written,
-        root_digest: hex::encode(summary.root_digest),
-        compress: compression.to_string(),
+    Ok(vmpack_formats::vm::write_vm_pack(
+        counted,
+        handle.config(),
+        plan,
+        &opts,
+        &(),
+    )?)
+}
+
+/// Whether copying the guest's resident RAM leaves this host comfortable: at most half of
+/// what the kernel reports as available.
+fn copy_fits(handle: &VmHandle) -> bool {
+    let resident: u64 = handle
+        .memory_data_ranges()
+        .iter()
+        .flatten()
+        .map(|r| r.end - r.start)
+        .sum();
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024);
+    resident <= available / 2
+}
+
+/// A private copy of one guest RAM region's resident pages, taken while the VM is paused.
+/// Pages that were not resident stay untouched (zero, costing nothing) in the copy.
+struct RamCopy {
+    gpa: u64,
+    ptr: *mut u8,
+    len: usize,
+    ranges: Vec<std::ops::Range<u64>>,
+}
+
+// SAFETY: the mapping is owned by the struct and only read after the copy is made.
+unsafe impl Send for RamCopy {}
+// SAFETY: see Send; shared access is read-only.
+unsafe impl Sync for RamCopy {}
+
+impl Drop for RamCopy {
+    fn drop(&mut self) {
+        // SAFETY: `ptr..ptr+len` is the mapping made in `copy_ram`, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+impl RamCopy {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: a live private mapping of `len` bytes, no longer written.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl SectionSource for RamCopy {
+    fn len(&self) -> u64 {
+        self.len as u64
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.bytes().read_at(buf, offset)
+    }
+    fn data_ranges(&self) -> std::io::Result<Vec<std::ops::Range<u64>>> {
+        Ok(self.ranges.clone())
+    }
+}
+
+fn copy_ram(handle: &VmHandle) -> Result<Vec<RamCopy>> {
+    let ranges = handle.memory_data_ranges();
+    handle.with_memory(|regions| {
+        let mut copies = Vec::with_capacity(regions.len());
+        for ((gpa, src), ranges) in regions.iter().zip(ranges) {
+            let src: &[u8] = src;
+            // SAFETY: a fresh anonymous mapping; no existing memory is affected.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    src.len(),
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if ptr == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error())
+                    .context("mapping a copy of guest RAM for the save");
+            }
+            let copy = RamCopy {
+                gpa: *gpa,
+                ptr: ptr.cast(),
+                len: src.len(),
+                ranges,
+            };
+            for r in &copy.ranges {
+                let (a, b) = (r.start as usize, r.end as usize);
+                // SAFETY: `a..b` lies inside both the region and its same-sized copy.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src[a..b].as_ptr(), copy.ptr.add(a), b - a)
+                };
+            }
+            copies.push(copy);
+        }
+        Ok(copies)
     })
 }
 
@@ -798,23 +956,6 @@ pub mod verified_cache {
             let _ = std::fs::rename(&tmp, &file);
         }
     }
-}
-
-/// Saves while the VM is paused and reports how long the guest stood still.
-pub fn save_paused(
-    handle: &VmHandle,
-    compression: Compression,
-    level: Option<i32>,
-    out: &mut dyn Write,
-) -> Result<SaveStats> {
-    // The caller decides about resuming; the pause figure is what the guest saw.
-    let t = Instant::now();
-    handle.pause().map_err(|e| anyhow!("{e}"))?;
-    let r = write_pack(handle, compression, level, out);
-    let pause = t.elapsed();
-    let mut stats = r?;
-    stats.pause_ms = pause.as_secs_f64() * 1000.0;
-    Ok(stats)
 }
 
 /// Restores a pack and runs it until the guest ends; returns the guest's exit status.

@@ -155,7 +155,7 @@ pub fn run(a: BenchClonesArgs) -> Result<()> {
         c.send("set a 1\n")?;
         c.expect("ok\n> ", TIMEOUT)?;
         let mut f = std::fs::File::create(&pack)?;
-        vmboot::snapshot::save_paused(c.handle(), Compression::None, None, &mut f)?;
+        vmboot::snapshot::save(c.handle(), Compression::None, None, false, &mut f)?;
         f.sync_all()?;
         c.stop()?;
     }
