@@ -26,4 +26,7 @@ pub mod vmm;
 
 pub use memory::GuestMemoryInit;
 pub use persist::{VcpuState, VmState};
-pub use vmm::{BootFiles, BootPayload, ExitReason, RunOptions, SerialSink, Vm, VmHandle};
+pub use vmm::{
+    block_exit_signals, terminate_on_signals, BootFiles, BootPayload, ExitReason, RunOptions,
+    SerialSink, Vm, VmHandle,
+};

@@ -85,6 +85,7 @@ fn run(config: PathBuf, api_sock: Option<PathBuf>, serial_out: Option<String>) -
         ..Default::default()
     };
     let vm = Vm::create(&cfg, payload, &opts)?;
+    vmboot::terminate_on_signals(vm.controller());
     let reason = vm.run()?;
     if reason.code != 0 {
         eprintln!("vmboot: {} (exit status {})", reason.message, reason.code);
@@ -171,6 +172,9 @@ fn bench(sizes: &[u64], runs: usize) -> Result<i32> {
 
 fn main() {
     let cli = Cli::parse();
+    // Before any thread starts, so every thread inherits the mask; the VM's own signal
+    // thread turns them into a clean end.
+    vmboot::block_exit_signals();
     let result = match cli.cmd {
         Cmd::Run {
             config,

@@ -980,6 +980,7 @@ pub fn restore_and_run(input: PackInput, opts: RestoreOptions, quiet: bool) -> R
     if std::env::var_os("VMBOOT_BENCH_TIMESTAMPS").is_some() {
         bench_stamps(&vm);
     }
+    crate::vmm::terminate_on_signals(vm.controller());
     let reason = vm.run()?;
     if reason.code != 0 {
         eprintln!("vmboot: {} (exit status {})", reason.message, reason.code);

@@ -804,6 +804,15 @@ impl VmHandle {
         Ok(())
     }
 
+    /// Ends the VM because the process got `signal`; [`Vm::run`] then returns 128 + signal,
+    /// after the usual cleanup (socket and work folder removed).
+    pub fn terminate(&self, signal: i32) {
+        self.request_exit(ExitReason {
+            code: 128 + signal,
+            message: format!("terminated by signal {signal}"),
+        });
+    }
+
     /// Ends the VM; [`Vm::run`] then returns status 0.
     pub fn shutdown(&self) {
         self.request_exit(ExitReason {
@@ -969,4 +978,41 @@ fn complete_pending_io(fd: &mut VcpuFd) {
     fd.set_kvm_immediate_exit(1);
     let _ = fd.run();
     fd.set_kvm_immediate_exit(0);
+}
+
+/// SIGINT, SIGTERM and SIGHUP: the signals that end a VM cleanly.
+fn exit_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and every thread it starts later.
+/// Call it first thing in `main`, before any VM exists, then hand the VM to
+/// [`terminate_on_signals`]: a signal that arrives in between stays pending until then.
+pub fn block_exit_signals() {
+    let set = exit_signals();
+    // SAFETY: changes only this thread's mask, with a valid set.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// Ends `vm` cleanly (see [`VmHandle::terminate`]) when one of the blocked exit signals
+/// arrives, so Ctrl-C or `kill` never leaves a socket or a work folder behind.
+pub fn terminate_on_signals(vm: Arc<VmHandle>) {
+    let set = exit_signals();
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: waits on a valid set of signals blocked in every thread.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                vm.terminate(sig);
+            }
+        });
 }
