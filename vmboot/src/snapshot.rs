@@ -210,6 +210,42 @@ impl SectionSource for RamCopy {
     }
 }
 
+/// Copies `copy.ranges` of `src` into `copy` on every core: the copy runs while the guest is
+/// paused, and its cost is mostly first-touch page faults, which spread across cores.
+fn parallel_copy(src: &[u8], copy: &RamCopy) {
+    const PIECE: u64 = 8 << 20;
+    let pieces: Vec<std::ops::Range<u64>> = copy
+        .ranges
+        .iter()
+        .flat_map(|r| {
+            (r.start..r.end)
+                .step_by(PIECE as usize)
+                .map(move |a| a..(a + PIECE).min(r.end))
+        })
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let dst = copy.ptr as usize;
+    std::thread::scope(|s| {
+        for _ in 0..threads.min(pieces.len()).max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(r) = pieces.get(i) else { break };
+                let (a, b) = (r.start as usize, r.end as usize);
+                // SAFETY: `a..b` lies inside both the region and its same-sized copy, and
+                // no two pieces overlap.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        src[a..b].as_ptr(),
+                        (dst as *mut u8).add(a),
+                        b - a,
+                    )
+                };
+            });
+        }
+    });
+}
+
 fn copy_ram(handle: &VmHandle) -> Result<Vec<RamCopy>> {
     let ranges = handle.memory_data_ranges();
     handle.with_memory(|regions| {
@@ -237,13 +273,7 @@ fn copy_ram(handle: &VmHandle) -> Result<Vec<RamCopy>> {
                 len: src.len(),
                 ranges,
             };
-            for r in &copy.ranges {
-                let (a, b) = (r.start as usize, r.end as usize);
-                // SAFETY: `a..b` lies inside both the region and its same-sized copy.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(src[a..b].as_ptr(), copy.ptr.add(a), b - a)
-                };
-            }
+            parallel_copy(src, &copy);
             copies.push(copy);
         }
         Ok(copies)
