@@ -121,6 +121,11 @@ impl AtomicFile {
         self.file.as_mut().expect("file present until commit")
     }
 
+    /// Where the data is until [`AtomicFile::commit`] renames it.
+    pub fn temp_path(&self) -> &Path {
+        &self.temp
+    }
+
     /// Makes the data durable and moves it to the target name.
     pub fn commit(mut self) -> Result<()> {
         let f = self.file.take().expect("file present until commit");

@@ -193,8 +193,15 @@ pub fn save(a: SaveArgs) -> Result<()> {
     } else {
         let mut out = AtomicFile::create(&a.output)?;
         let n = client.post_stream("/vm/save", &body, out.file())?;
-        // A stream cut short (the VM died mid-save) is caught here, before the rename.
-        check_complete(&a.output, out.file())?;
+        out.file().flush()?;
+        // A stream cut short (the VM died mid-save) is caught here, before the rename: the
+        // trailer and index digest prove the pack arrived whole.
+        vmpack_formats::pack::PackReader::open(out.temp_path()).map_err(|e| {
+            anyhow::anyhow!(
+                "the pack received for {} is incomplete or damaged: {e}",
+                a.output.display()
+            )
+        })?;
         out.commit()?;
         n
     };
@@ -214,24 +221,6 @@ pub fn save(a: SaveArgs) -> Result<()> {
             if stop { "stopped" } else { "resumed" }
         );
     }
-    Ok(())
-}
-
-/// Opens the just-written temporary file as a pack: the trailer and index digest prove the
-/// stream arrived whole.
-fn check_complete(target: &Path, f: &mut std::fs::File) -> Result<()> {
-    f.flush()?;
-    let tmp = std::fs::read_link(format!(
-        "/proc/self/fd/{}",
-        std::os::fd::AsRawFd::as_raw_fd(f)
-    ))
-    .context("locating the temporary output")?;
-    vmpack_formats::pack::PackReader::open(&tmp).map_err(|e| {
-        anyhow::anyhow!(
-            "the pack received for {} is incomplete or damaged: {e}",
-            target.display()
-        )
-    })?;
     Ok(())
 }
 
