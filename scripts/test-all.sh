@@ -9,6 +9,7 @@ command -v as >/dev/null || need+=(binutils)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v zstd >/dev/null || need+=(zstd)
 command -v cpio >/dev/null || need+=(cpio)
+command -v lz4 >/dev/null || need+=(lz4)
 command -v curl >/dev/null || need+=(curl)
 command -v sha256sum >/dev/null || need+=(coreutils)
 if [ ${#need[@]} -gt 0 ]; then

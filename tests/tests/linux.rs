@@ -141,3 +141,41 @@ fn debian_kernel_boots_to_its_banner_and_resumes_from_a_mid_boot_snapshot() {
         "the restored kernel must continue, not boot again:\n{after}"
     );
 }
+
+#[test]
+fn debian_kernel_as_elf_vmlinux_boots_to_its_memory_line() {
+    let kernel = kernel_dir().join("out/vmlinux");
+    if !kernel.exists() {
+        eprintln!(
+            "\n*** SKIPPED: {} is missing; samples/linux/fetch-kernel.sh extracts it (needs lz4) ***\n",
+            kernel.display()
+        );
+        return;
+    }
+    if !common::kvm_available("the ELF vmlinux test") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let serial = dir.path().join("elf.serial");
+    let config = kernel_dir().join("linux-elf.toml");
+    let mut vm = spawn(&[
+        "run".as_ref(),
+        config.as_os_str(),
+        "--serial-out".as_ref(),
+        serial.as_os_str(),
+    ]);
+    // The ELF entry point is the kernel proper: no self-decompression, the banner comes at
+    // once, and early boot goes on to set up memory.
+    let log = wait_for(&serial, "Memory:", Duration::from_secs(240), &mut vm);
+    let _ = vm.kill();
+    let _ = vm.wait();
+    assert!(log.contains("Linux version 6."), "{log}");
+    assert!(
+        log.contains("Command line: console=ttyS0"),
+        "the kernel got our command line:\n{log}"
+    );
+    assert!(
+        log.contains("BIOS-e820"),
+        "the kernel read our e820 map:\n{log}"
+    );
+}
