@@ -25,7 +25,7 @@ use crate::disk::{self, DiskImage, DiskSource};
 use crate::host::HostCpu;
 use crate::pack::{
     kind, Codec, FileSource, PackError, PackErrorKind, PackReader, PackSummary, PackWriter,
-    Progress, SectionInfo, SectionSource, StreamEvent, StreamReader, WriteOptions,
+    Progress, SectionInfo, SectionRange, SectionSource, StreamEvent, StreamReader, WriteOptions,
 };
 
 /// Value of [`Manifest::format`].
@@ -84,6 +84,11 @@ pub struct FileEntry {
     /// File name when unpacked (one path component).
     pub name: String,
     pub size: u64,
+    /// For a saved VM whose guest RAM still holds this file byte for byte (an initrd where
+    /// the loader put it): its guest physical address. `section` then names the MEMORY
+    /// section holding it, and the pack has no FILE section for it, so it is stored once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_memory: Option<u64>,
 }
 
 /// A disk, in config order.
@@ -154,6 +159,9 @@ pub struct VmPackPlan<'a> {
     pub files: Option<Vec<(&'static str, &'a dyn SectionSource)>>,
     /// Chunk size for memory sections (finer than files: zero pages are elided per chunk).
     pub memory_chunk_size: Option<u32>,
+    /// Boot files that guest memory holds byte for byte, as `(role, guest physical
+    /// address)`: recorded `in_memory` instead of being stored a second time.
+    pub files_in_memory: Vec<(&'static str, u64)>,
 }
 
 /// A VM pack ready to be written: inputs opened, manifest built.
@@ -251,6 +259,7 @@ impl<'a> PreparedPack<'a> {
                     section: format!("boot/{role}"),
                     name,
                     size: src.source().len(),
+                    in_memory: None,
                 },
                 src,
             ));
@@ -315,6 +324,20 @@ impl<'a> PreparedPack<'a> {
                 )
             })
             .collect();
+        for (role, gpa) in &plan.files_in_memory {
+            let Some((e, _)) = files.iter_mut().find(|(e, _)| e.role == *role) else {
+                continue;
+            };
+            let holder = memory.iter().find(|(m, _)| {
+                gpa.checked_sub(m.gpa)
+                    .and_then(|off| off.checked_add(e.size))
+                    .is_some_and(|end| end <= m.size)
+            });
+            if let Some((m, _)) = holder {
+                e.section = m.section.clone();
+                e.in_memory = Some(*gpa);
+            }
+        }
 
         let (created, created_unix) = now_rfc3339();
         let manifest = Manifest {
@@ -346,7 +369,11 @@ impl<'a> PreparedPack<'a> {
 
     /// Uncompressed bytes [`PreparedPack::write`] reports through its progress.
     pub fn total_bytes(&self) -> u64 {
-        self.files.iter().map(|(e, _)| e.size).sum::<u64>()
+        self.files
+            .iter()
+            .filter(|(e, _)| e.in_memory.is_none())
+            .map(|(e, _)| e.size)
+            .sum::<u64>()
             + self.disks.iter().map(|(e, _)| e.virtual_size).sum::<u64>()
             + self.memory.iter().map(|(e, _)| e.size).sum::<u64>()
             + self.vmstate.map_or(0, |v| v.len() as u64)
@@ -371,7 +398,7 @@ impl<'a> PreparedPack<'a> {
             &manifest,
             &(),
         )?;
-        for (e, src) in &self.files {
+        for (e, src) in self.files.iter().filter(|(e, _)| e.in_memory.is_none()) {
             w.add_section(
                 kind::FILE,
                 &e.section,
@@ -550,7 +577,22 @@ impl Manifest {
             Ok(())
         };
         for f in &self.files {
-            find(&f.section, kind::FILE, Some(f.size))?;
+            match f.in_memory {
+                None => find(&f.section, kind::FILE, Some(f.size))?,
+                Some(gpa) => {
+                    find(&f.section, kind::MEMORY, None)?;
+                    self.memory_offset(&f.section, gpa, f.size).ok_or_else(|| {
+                        VmPackError::Invalid {
+                            file: file.to_string(),
+                            section: f.section.clone(),
+                            message: format!(
+                                "{} {gpa:#x}+{:#x} is not inside this memory region",
+                                f.role, f.size
+                            ),
+                        }
+                    })?;
+                }
+            }
         }
         for d in &self.disks {
             find(&d.section, kind::DISK, Some(d.virtual_size))?;
@@ -586,6 +628,14 @@ impl Manifest {
             other => VmPackError::Config(other),
         })?;
         Ok(cfg)
+    }
+
+    /// Offset within memory section `section` of `len` bytes at guest address `gpa`, if
+    /// they lie inside it.
+    pub fn memory_offset(&self, section: &str, gpa: u64, len: u64) -> Option<u64> {
+        let m = self.memory.iter().find(|m| m.section == section)?;
+        let off = gpa.checked_sub(m.gpa)?;
+        (off.checked_add(len)? <= m.size).then_some(off)
     }
 
     /// The file entry for a boot role.
@@ -675,7 +725,48 @@ impl VmPack {
                 message: format!("the pack has no {role} file"),
             })?;
         let s = self.section(&entry.section)?;
-        Ok(self.reader.read_section(s.id, MAX_BOOT_FILE_LEN)?)
+        let Some(gpa) = entry.in_memory else {
+            return Ok(self.reader.read_section(s.id, MAX_BOOT_FILE_LEN)?);
+        };
+        if entry.size > MAX_BOOT_FILE_LEN {
+            return Err(VmPackError::Invalid {
+                file: self.file_label(),
+                section: entry.section.clone(),
+                message: format!("{role} of {} bytes is too large", entry.size),
+            });
+        }
+        let src = self.boot_file_source(entry, s.id, gpa)?;
+        let mut buf = vec![0u8; entry.size as usize];
+        src.read_at(&mut buf, 0)
+            .map_err(|e| io_err(&self.path, e))?;
+        Ok(buf)
+    }
+
+    /// A boot file's bytes as a section source (from its FILE section, or from guest
+    /// memory for files stored `in_memory`).
+    pub fn boot_file_range(&self, entry: &FileEntry) -> Result<SectionRange<'_>, VmPackError> {
+        let s = self.section(&entry.section)?;
+        match entry.in_memory {
+            None => Ok(SectionRange::whole(&self.reader, s.id)),
+            Some(gpa) => self.boot_file_source(entry, s.id, gpa),
+        }
+    }
+
+    fn boot_file_source(
+        &self,
+        entry: &FileEntry,
+        id: u32,
+        gpa: u64,
+    ) -> Result<SectionRange<'_>, VmPackError> {
+        let off = self
+            .manifest
+            .memory_offset(&entry.section, gpa, entry.size)
+            .ok_or_else(|| VmPackError::Invalid {
+                file: self.file_label(),
+                section: entry.section.clone(),
+                message: format!("{} is not inside this memory region", entry.role),
+            })?;
+        SectionRange::part(&self.reader, id, off, entry.size).map_err(|e| io_err(&self.path, e))
     }
 
     fn section(&self, name: &str) -> Result<&SectionInfo, VmPackError> {
@@ -952,7 +1043,7 @@ impl Extractor {
             .manifest
             .files
             .iter()
-            .filter(|f| f.section == s.name)
+            .filter(|f| f.section == s.name && f.in_memory.is_none())
             .map(|f| f.size)
             .chain(
                 self.manifest
@@ -978,7 +1069,12 @@ impl Extractor {
                 });
             }
         }
-        if let Some(f) = self.manifest.files.iter().find(|f| f.section == s.name) {
+        if let Some(f) = self
+            .manifest
+            .files
+            .iter()
+            .find(|f| f.section == s.name && f.in_memory.is_none())
+        {
             return create_file(self.dir.join(&f.name), s.size).map(Some);
         }
         if let Some(d) = self.manifest.disks.iter().find(|d| d.section == s.name) {
@@ -1015,6 +1111,40 @@ impl Extractor {
 
     /// Writes the config and returns it with absolute paths into the folder.
     pub fn finish(self) -> Result<VmConfig, VmPackError> {
+        // Boot files stored in guest memory are cut out of the unpacked memory images.
+        for f in &self.manifest.files {
+            let Some(gpa) = f.in_memory else { continue };
+            let invalid = |message: String| VmPackError::Invalid {
+                file: self.file.clone(),
+                section: f.section.clone(),
+                message,
+            };
+            let i = self
+                .manifest
+                .memory
+                .iter()
+                .position(|m| m.section == f.section)
+                .ok_or_else(|| invalid("not a memory section of this pack".into()))?;
+            let off = self
+                .manifest
+                .memory_offset(&f.section, gpa, f.size)
+                .ok_or_else(|| invalid(format!("{} is not inside this region", f.role)))?;
+            let from = self.dir.join(format!("memory-{i}.raw"));
+            let to = self.dir.join(&f.name);
+            let mut src = File::open(&from).map_err(|e| io_err(&from, e))?;
+            io::Seek::seek(&mut src, io::SeekFrom::Start(off)).map_err(|e| io_err(&from, e))?;
+            let mut dst = File::create(&to).map_err(|e| io_err(&to, e))?;
+            let n =
+                io::copy(&mut io::Read::take(src, f.size), &mut dst).map_err(|e| io_err(&to, e))?;
+            if n != f.size {
+                return Err(invalid(format!(
+                    "{} ends early in {}",
+                    f.role,
+                    from.display()
+                )));
+            }
+            dst.sync_data().map_err(|e| io_err(&to, e))?;
+        }
         let mut cfg = self.manifest.config_at(&self.dir, &self.file)?;
         for (i, d) in cfg.disks.iter_mut().enumerate() {
             if let Some(name) = self.disk_names.get(i) {
@@ -1181,5 +1311,41 @@ mod tests {
             assert!(!is_safe_name(n), "{n}");
         }
         assert!(is_safe_name("root.qcow2"));
+    }
+
+    #[test]
+    fn in_memory_boot_files_must_lie_inside_their_memory_region() {
+        let mut m: Manifest = serde_json::from_str(
+            r#"{"format":"vmpack","tool":"t","tool_version":"0","created":"x",
+            "host":{"vendor":"","family":0,"model":0,"stepping":0,"model_name":""},
+            "config":"","files":[{"role":"initrd","section":"memory/0","name":"i","size":4096,"in_memory":8192}],
+            "disks":[],"memory":[{"section":"memory/0","gpa":0,"size":16384}],"vmstate":"vmstate"}"#,
+        )
+        .unwrap();
+        let mem = SectionInfo {
+            id: 0,
+            kind: kind::MEMORY,
+            name: "memory/0".into(),
+            meta: serde_json::json!({}),
+            size: 16384,
+            chunk_size: 4096,
+            stored_bytes: 0,
+            chunks: 4,
+            zero_chunks: 4,
+        };
+        let vmstate = SectionInfo {
+            id: 1,
+            kind: kind::VMSTATE,
+            name: "vmstate".into(),
+            ..mem.clone()
+        };
+        let all = [mem, vmstate];
+        m.check_sections(&all, "p.vmpack").unwrap();
+        assert_eq!(m.memory_offset("memory/0", 8192, 4096), Some(8192));
+        m.files[0].in_memory = Some(16384 - 100);
+        let e = m.check_sections(&all, "p.vmpack").unwrap_err().to_string();
+        assert!(e.contains("not inside this memory region"), "{e}");
+        m.files[0].in_memory = Some(u64::MAX - 10);
+        assert!(m.check_sections(&all, "p.vmpack").is_err());
     }
 }

@@ -115,6 +115,26 @@ fn debian_kernel_boots_to_its_banner_and_resumes_from_a_mid_boot_snapshot() {
         "saved too late to prove anything:\n{before}"
     );
 
+    // The initrd still lies where the loader put it, so the pack keeps it there only once,
+    // and unpacking cuts it back out byte for byte.
+    let pack_reader = vmpack_formats::vm::VmPack::open(&pack).unwrap();
+    let initrd = pack_reader.manifest().file("initrd").unwrap();
+    assert!(initrd.in_memory.is_some(), "{initrd:?}");
+    assert!(pack_reader.reader().section("boot/initrd").is_none());
+    drop(pack_reader);
+    let unpacked = dir.path().join("unpacked");
+    let o = Command::new(vmpack())
+        .args(["unpack", "-q", "-o"])
+        .arg(&unpacked)
+        .arg(&pack)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(unpacked.join("initrd.img")).unwrap(),
+        std::fs::read(kernel_dir().join("out/initrd.img")).unwrap()
+    );
+
     let mut b = spawn(&[
         "restore".as_ref(),
         pack.as_os_str(),

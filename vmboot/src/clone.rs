@@ -191,6 +191,10 @@ fn expand(pack: &VmPack, out_path: &Path) -> Result<()> {
                 .collect(),
         ),
         memory_chunk_size: Some(crate::snapshot::MEMORY_CHUNK_SIZE),
+        files_in_memory: ["kernel", "initrd", "image"]
+            .into_iter()
+            .filter_map(|role| Some((role, manifest.file(role)?.in_memory?)))
+            .collect(),
     };
     let opts = WriteOptions {
         compression: Compression::None,

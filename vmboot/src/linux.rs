@@ -50,14 +50,16 @@ pub fn e820(mem: &GuestRam) -> Vec<(u64, u64)> {
     v
 }
 
-/// Loads kernel, initrd, command line, boot_params and page tables; returns vCPU 0's state.
+/// Loads kernel, initrd, command line, boot_params and page tables; returns vCPU 0's state
+/// and where the initrd went (`(gpa, len)`), which a save uses to avoid storing it twice.
 pub fn load(
     mem: &GuestRam,
     kernel: &[u8],
     initrd: Option<&[u8]>,
     cmdline: &str,
     mut sregs: kvm_sregs,
-) -> Result<(kvm_regs, kvm_sregs)> {
+) -> Result<(kvm_regs, kvm_sregs, Option<(u64, u64)>)> {
+    let mut initrd_at = None;
     let gm = mem.memory();
     let (entry, mut hdr, kernel_end) = if is_elf(kernel) {
         let r = Elf::load(
@@ -133,6 +135,7 @@ pub fn load(
                 )
             })?;
         mem.write(addr, initrd).context("writing the initrd")?;
+        initrd_at = Some((addr, initrd.len() as u64));
         hdr.ramdisk_image = addr as u32;
         hdr.ramdisk_size = initrd.len() as u32;
     }
@@ -168,5 +171,5 @@ pub fn load(
         rsi: ZERO_PAGE,
         ..Default::default()
     };
-    Ok((regs, sregs))
+    Ok((regs, sregs, initrd_at))
 }

@@ -118,6 +118,9 @@ pub struct VmState {
     pub pic_master: kvm_irqchip,
     pub pic_slave: kvm_irqchip,
     pub ioapic: kvm_irqchip,
+    /// Where the loader put the initrd, `(gpa, len)` (Linux guests booted with one).
+    #[serde(default)]
+    pub initrd: Option<(u64, u64)>,
     pub vcpus: Vec<VcpuState>,
     pub devices: DeviceStates,
 }

@@ -133,12 +133,17 @@ fn write_pack(
         aligned: compression == Compression::None,
         ..WriteOptions::default()
     };
+    let files_in_memory = match handle.initrd_at() {
+        Some((gpa, len)) if held_in_memory(&boot, &memory, gpa, len)? => vec![("initrd", gpa)],
+        _ => Vec::new(),
+    };
     let plan = VmPackPlan {
         memory,
         vmstate: Some(state_bytes),
         disks: None,
         files: Some(boot),
         memory_chunk_size: Some(MEMORY_CHUNK_SIZE),
+        files_in_memory,
     };
     let counted = CountingWriter { inner: out, n: 0 };
     Ok(vmpack_formats::vm::write_vm_pack(
@@ -148,6 +153,43 @@ fn write_pack(
         &opts,
         &(),
     )?)
+}
+
+/// Whether guest RAM (`memory`, as `(gpa, contents)`) still holds the boot initrd byte for
+/// byte at `gpa`, so the pack can record it there instead of storing it a second time.
+fn held_in_memory(
+    boot: &[(&str, &dyn SectionSource)],
+    memory: &[(u64, &dyn SectionSource)],
+    gpa: u64,
+    len: u64,
+) -> Result<bool> {
+    let Some((_, file)) = boot.iter().find(|(role, _)| *role == "initrd") else {
+        return Ok(false);
+    };
+    let Some((base, ram)) = memory
+        .iter()
+        .find(|(base, ram)| gpa >= *base && gpa + len <= *base + ram.len())
+    else {
+        return Ok(false);
+    };
+    if file.len() != len {
+        return Ok(false);
+    }
+    const STEP: u64 = 1 << 20;
+    let (mut a, mut b) = (vec![0u8; STEP as usize], vec![0u8; STEP as usize]);
+    let mut off = 0;
+    while off < len {
+        let n = STEP.min(len - off) as usize;
+        file.read_at(&mut a[..n], off)
+            .context("reading the initrd to compare it with guest RAM")?;
+        ram.read_at(&mut b[..n], gpa - base + off)
+            .context("reading guest RAM")?;
+        if a[..n] != b[..n] {
+            return Ok(false);
+        }
+        off += n as u64;
+    }
+    Ok(true)
 }
 
 /// Whether copying the guest's resident RAM leaves this host comfortable: at most half of
@@ -320,70 +362,27 @@ fn payload_sources(p: &BootFiles) -> Vec<(&'static str, Box<dyn SectionSource + 
                     "image" => "image",
                     _ => continue,
                 };
-                if let Some(s) = pack.reader().section(&f.section) {
-                    v.push((
-                        role,
-                        Box::new(PackSection {
-                            reader: pack.reader(),
-                            id: s.id,
-                            size: s.size,
-                        }),
-                    ));
+                if let Ok(src) = pack.boot_file_range(f) {
+                    v.push((role, Box::new(src)));
                 }
+            }
+        }
+        BootFiles::Stream { payload, initrd } => {
+            for (role, bytes) in [
+                ("kernel", &payload.kernel),
+                ("initrd", &payload.initrd),
+                ("image", &payload.image),
+            ] {
+                if let Some(b) = bytes {
+                    v.push((role, Box::new(b.as_slice())));
+                }
+            }
+            if let Some(b) = initrd.get() {
+                v.push(("initrd", Box::new(b.as_slice())));
             }
         }
     }
     v
-}
-
-/// A section of another pack, read chunk by chunk (copying boot files from the pack a VM
-/// was restored from into its next save without holding them in memory).
-struct PackSection<'a> {
-    reader: &'a vmpack_formats::pack::PackReader,
-    id: u32,
-    size: u64,
-}
-
-impl SectionSource for PackSection<'_> {
-    fn len(&self) -> u64 {
-        self.size
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let chunks = self.reader.chunks(self.id);
-        let end = offset + buf.len() as u64;
-        let first = chunks.partition_point(|c| c.offset + c.ulen as u64 <= offset);
-        let mut tmp = Vec::new();
-        for c in chunks[first..].iter().take_while(|c| c.offset < end) {
-            let (from, to) = (offset.max(c.offset), end.min(c.offset + c.ulen as u64));
-            let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
-            if c.codec == Codec::Zero {
-                dst.fill(0);
-                continue;
-            }
-            tmp.resize(c.ulen as usize, 0);
-            self.reader
-                .read_chunk(c, true, &mut tmp)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            dst.copy_from_slice(&tmp[(from - c.offset) as usize..(to - c.offset) as usize]);
-        }
-        Ok(())
-    }
-
-    fn data_ranges(&self) -> std::io::Result<Vec<std::ops::Range<u64>>> {
-        let mut out: Vec<std::ops::Range<u64>> = Vec::new();
-        for c in self.reader.chunks(self.id) {
-            if c.codec == Codec::Zero {
-                continue;
-            }
-            let r = c.offset..c.offset + c.ulen as u64;
-            match out.last_mut() {
-                Some(last) if last.end == r.start => last.end = r.end,
-                _ => out.push(r),
-            }
-        }
-        Ok(out)
-    }
 }
 
 struct CountingWriter<'a> {
@@ -822,6 +821,13 @@ fn restore_stream<R: Read + 'static>(
         .iter()
         .map(|m| (m.section.clone(), m.gpa))
         .collect();
+    // An initrd the pack kept only in guest memory is copied out once memory is complete,
+    // so a later save of this VM still has it even if the guest overwrites that memory.
+    let initrd_in_ram = manifest
+        .file("initrd")
+        .and_then(|f| Some((f.in_memory?, f.size)));
+    let initrd = Arc::new(std::sync::OnceLock::new());
+    let initrd_slot = initrd.clone();
     let init = GuestMemoryInit::Fill(Box::new(move |regions| {
         let mut section = first;
         loop {
@@ -855,12 +861,27 @@ fn restore_stream<R: Read + 'static>(
                     }
                 }
                 StreamEvent::SectionEnd(_) => section = None,
-                StreamEvent::End(_) => return Ok(()),
+                StreamEvent::End(_) => {
+                    if let Some((gpa, len)) = initrd_in_ram {
+                        let bytes = regions
+                            .iter()
+                            .find_map(|(base, ram)| {
+                                let off = usize::try_from(gpa.checked_sub(*base)?).ok()?;
+                                ram.get(off..off.checked_add(usize::try_from(len).ok()?)?)
+                            })
+                            .ok_or_else(|| {
+                                anyhow!("{label_owned}: the initrd at {gpa:#x} is not in guest RAM")
+                            })?;
+                        let _ = initrd_slot.set(bytes.to_vec());
+                    }
+                    return Ok(());
+                }
             }
         }
     }));
     let prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, payload, run))?;
+    let files = BootFiles::Stream { payload, initrd };
+    let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, files, run))?;
     Ok((
         vm,
         RestoreInfo {

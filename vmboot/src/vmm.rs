@@ -95,6 +95,12 @@ pub enum BootFiles {
     /// restore never pays for reading (and hashing) a kernel and initrd the guest's memory
     /// already holds. The open file keeps working even if the pack is deleted meanwhile.
     Pack(Arc<vmpack_formats::vm::VmPack>),
+    /// Read from a pipe: the files that came as sections, plus an initrd that the pack kept
+    /// only in guest memory, copied out while that memory streamed in.
+    Stream {
+        payload: BootPayload,
+        initrd: Arc<OnceLock<Vec<u8>>>,
+    },
 }
 
 impl From<BootPayload> for BootFiles {
@@ -166,6 +172,9 @@ pub struct VmHandle {
     /// original files may not exist on this host.
     payload: BootFiles,
     last_save: Mutex<Option<serde_json::Value>>,
+    /// Where the loader put the initrd (`(gpa, len)`), kept across saves: while guest RAM
+    /// still holds it there, a save records it instead of storing it twice.
+    initrd_at: OnceLock<(u64, u64)>,
     // Field order = drop order: vCPUs and devices before the VM, memory last.
     vcpus: Vec<VcpuSlot>,
     pio: Bus,
@@ -314,13 +323,14 @@ impl Vm {
 
         let bsp = &base.fds[0];
         let sregs = bsp.get_sregs().context("KVM_GET_SREGS")?;
-        let (regs, sregs) = match cfg.boot() {
+        let (regs, sregs, initrd_at) = match cfg.boot() {
             Boot::Flat(flat) => {
                 let image = payload
                     .image
                     .as_deref()
                     .context("flat boot without an image in the payload")?;
-                crate::flat::load(&base.mem, flat, image, sregs)?
+                let (regs, sregs) = crate::flat::load(&base.mem, flat, image, sregs)?;
+                (regs, sregs, None)
             }
             Boot::Linux(k) => {
                 let kernel = payload
@@ -347,7 +357,7 @@ impl Vm {
         bsp.set_regs(&regs).context("KVM_SET_REGS")?;
         vcpu::set_runnable(bsp)?;
         let serial = SerialDevice::new(&Default::default(), &opts.serial_out)?;
-        Vm::assemble(
+        let vm = Vm::assemble(
             cfg,
             base,
             cpuids,
@@ -357,7 +367,11 @@ impl Vm {
             payload.into(),
             opts,
             &[],
-        )
+        )?;
+        if let Some(at) = initrd_at {
+            let _ = vm.handle.initrd_at.set(at);
+        }
+        Ok(vm)
     }
 
     /// Builds a fresh VM from `state` and guest memory. `payload` is not loaded (memory holds
@@ -415,7 +429,8 @@ impl Vm {
         let msr_list = msr::filter_readable(&base.fds[0], msr_list)?;
         let serial = SerialDevice::new(&state.devices.serial, &opts.serial_out)?;
         let cpuids = state.vcpus.iter().map(|v| v.cpuid.clone()).collect();
-        Vm::assemble(
+        let initrd_at = state.initrd;
+        let vm = Vm::assemble(
             cfg,
             base,
             cpuids,
@@ -425,7 +440,11 @@ impl Vm {
             payload,
             opts,
             &state.devices.virtio_blk,
-        )
+        )?;
+        if let Some(at) = initrd_at {
+            let _ = vm.handle.initrd_at.set(at);
+        }
+        Ok(vm)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -477,6 +496,7 @@ impl Vm {
             config: cfg.clone(),
             payload,
             last_save: Mutex::new(None),
+            initrd_at: OnceLock::new(),
             vcpus,
             pio,
             mmio,
@@ -866,6 +886,7 @@ impl VmHandle {
             pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
             pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
             ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            initrd: self.initrd_at.get().copied(),
             vcpus,
             devices: DeviceStates {
                 serial: lock(&self.serial).state(),
@@ -904,6 +925,11 @@ impl VmHandle {
             b.flush().with_context(|| format!("flushing disk {i}"))?;
         }
         Ok(())
+    }
+
+    /// Where the loader put the initrd, `(gpa, len)`.
+    pub fn initrd_at(&self) -> Option<(u64, u64)> {
+        self.initrd_at.get().copied()
     }
 
     pub fn boot_payload(&self) -> &BootFiles {

@@ -149,12 +149,15 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
         if !m.files.is_empty() {
             println!("boot files:");
             for f in &m.files {
+                let place = match f.in_memory {
+                    Some(gpa) => format!("in guest RAM at {gpa:#x}, [{}]", f.section),
+                    None => format!("[{}]", f.section),
+                };
                 println!(
-                    "  {:<7} {:<24} {:>10}  [{}]",
+                    "  {:<7} {:<24} {:>10}  {place}",
                     f.role,
                     f.name,
                     human_bytes(f.size),
-                    f.section
                 );
             }
         }

@@ -8,6 +8,7 @@
 mod codec;
 mod error;
 mod layout;
+mod range;
 mod reader;
 mod source;
 mod stream;
@@ -17,6 +18,7 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use error::{PackError, PackErrorKind};
+pub use range::SectionRange;
 pub use reader::{ChunkFn, PackReader, VerifyReport};
 pub use source::{FileSource, SectionSource};
 pub use stream::{StreamEvent, StreamReader};
