@@ -50,6 +50,9 @@ pub fn e820(mem: &GuestRam) -> Vec<(u64, u64)> {
     v
 }
 
+/// vCPU 0's registers and special registers, and where the initrd went (`(gpa, len)`).
+pub type Loaded = (kvm_regs, kvm_sregs, Option<(u64, u64)>);
+
 /// Loads kernel, initrd, command line, boot_params and page tables; returns vCPU 0's state
 /// and where the initrd went (`(gpa, len)`), which a save uses to avoid storing it twice.
 pub fn load(
@@ -58,7 +61,7 @@ pub fn load(
     initrd: Option<&[u8]>,
     cmdline: &str,
     mut sregs: kvm_sregs,
-) -> Result<(kvm_regs, kvm_sregs, Option<(u64, u64)>)> {
+) -> Result<Loaded> {
     let mut initrd_at = None;
     let gm = mem.memory();
     let (entry, mut hdr, kernel_end) = if is_elf(kernel) {
