@@ -207,55 +207,6 @@ fill:
 	pop	%rax
 	ret
 
-# submit: one request and wait for it. EAX = type, RBX = sector, RSI = buffer,
-# ECX = buffer length (0: no data descriptor), R8 = 2 if the device writes the buffer.
-# Returns the status byte in EAX.
-submit:
-	push	%rdx
-	push	%rdi
-	mov	%eax, HDR
-	movl	$0, HDR + 4
-	mov	%rbx, HDR + 8
-	movb	$0xff, STATUS
-	movq	$HDR, DESC
-	movl	$16, DESC + 8
-	movw	$1, DESC + 12		# NEXT
-	movw	$1, DESC + 14
-	test	%ecx, %ecx
-	jnz	1f
-	movw	$2, DESC + 14		# header -> status
-1:	mov	%rsi, DESC + 16
-	mov	%ecx, DESC + 24
-	mov	%r8d, %edx
-	or	$1, %edx
-	mov	%dx, DESC + 28
-	movw	$2, DESC + 30
-	movq	$STATUS, DESC + 32
-	movl	$1, DESC + 40
-	movw	$2, DESC + 44		# WRITE
-	movw	$0, DESC + 46
-	movzwl	AVAIL + 2, %edx
-	mov	%edx, %edi
-	and	$(QSIZE - 1), %edi
-	movw	$0, AVAIL + 4(,%rdi,2)
-	inc	%edx
-	movw	%dx, AVAIL + 2
-	movl	$0, 0x50(%r12)		# QueueNotify
-	mov	$POLL_LIMIT, %edi
-2:	cmpw	%dx, USED + 2
-	je	3f
-	pause
-	dec	%edi
-	jnz	2b
-	lea	s_timeout(%rip), %rsi
-	call	puts
-	mov	$4, %al
-	jmp	exit
-3:	movzbl	STATUS, %eax
-	pop	%rdi
-	pop	%rdx
-	ret
-
 wait:
 	push	%rbx
 	mov	$WAIT_STEPS, %ebx
