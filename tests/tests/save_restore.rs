@@ -146,6 +146,26 @@ impl Running {
     }
 }
 
+/// Runs `config` until its serial output shows `marker`, saves it with `--then stop`,
+/// restores the pack in a new process and lets the guest finish there (exit status 0).
+/// Returns the pack, its SHA-256 taken before the restore, and the serial output before the
+/// save and after the restore.
+fn save_stop_restore(dir: &Path, config: &str, marker: &str) -> (PathBuf, String, String, String) {
+    let pack = dir.join("saved.vmpack");
+    let a = Running::start(dir, config, "a");
+    a.wait_for(marker, Duration::from_secs(60));
+    a.save(&pack, "stop", "none");
+    let (code, err) = a.finish(Duration::from_secs(30));
+    assert_eq!(code, 0, "original vmboot after --then stop: {err}");
+    let before = std::fs::read_to_string(dir.join("a.serial")).unwrap();
+    let digest = sha256_file(&pack);
+    let b = Running::restore(dir, &pack, "b");
+    let (code, err) = b.finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "restored guest exit status; stderr: {err}");
+    let after = std::fs::read_to_string(dir.join("b.serial")).unwrap();
+    (pack, digest, before, after)
+}
+
 fn counter_text(last: u32) -> String {
     (1..=last).map(|i| format!("{i}\n")).collect()
 }
@@ -159,19 +179,7 @@ fn counter_continues_exactly(config: &str) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let pack = dir.path().join("counter.vmpack");
-    let a = Running::start(dir.path(), config, "a");
-    a.wait_for("\n20\n", Duration::from_secs(60));
-    a.save(&pack, "stop", "none");
-    let (code, err) = a.finish(Duration::from_secs(30));
-    assert_eq!(code, 0, "original vmboot after --then stop: {err}");
-    let before = std::fs::read_to_string(dir.path().join("a.serial")).unwrap();
-
-    let digest = sha256_file(&pack);
-    let b = Running::restore(dir.path(), &pack, "b");
-    let (code, err) = b.finish(Duration::from_secs(60));
-    assert_eq!(code, 0, "restored guest exit status; stderr: {err}");
-    let after = std::fs::read_to_string(dir.path().join("b.serial")).unwrap();
+    let (pack, digest, before, after) = save_stop_restore(dir.path(), config, "\n20\n");
     assert!(!after.is_empty(), "the restored guest printed nothing");
     assert_eq!(
         format!("{before}{after}"),
@@ -320,19 +328,8 @@ fn timer_interrupts_keep_their_rate_after_restore() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let pack = dir.path().join("t.vmpack");
-    let a = Running::start(dir.path(), "timer.toml", "a");
-    a.wait_for("pit=3000 ", Duration::from_secs(60));
-    a.save(&pack, "stop", "none");
-    a.finish(Duration::from_secs(30));
-    let b = Running::restore(dir.path(), &pack, "b");
-    let (code, err) = b.finish(Duration::from_secs(60));
-    assert_eq!(code, 0, "{err}");
-    let all = format!(
-        "{}{}",
-        std::fs::read_to_string(dir.path().join("a.serial")).unwrap(),
-        std::fs::read_to_string(dir.path().join("b.serial")).unwrap()
-    );
+    let (_, _, before, after) = save_stop_restore(dir.path(), "timer.toml", "pit=3000 ");
+    let all = format!("{before}{after}");
     let lines: Vec<(u64, u64)> = all
         .lines()
         .map(|l| {
@@ -369,16 +366,7 @@ fn both_vcpus_continue_after_restore() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let pack = dir.path().join("smp.vmpack");
-    let a = Running::start(dir.path(), "smp.toml", "a");
-    a.wait_for("cpu1 20\n", Duration::from_secs(60));
-    a.save(&pack, "stop", "none");
-    a.finish(Duration::from_secs(30));
-    let b = Running::restore(dir.path(), &pack, "b");
-    let (code, err) = b.finish(Duration::from_secs(60));
-    assert_eq!(code, 0, "{err}");
-    let before = std::fs::read_to_string(dir.path().join("a.serial")).unwrap();
-    let after = std::fs::read_to_string(dir.path().join("b.serial")).unwrap();
+    let (_, _, before, after) = save_stop_restore(dir.path(), "smp.toml", "cpu1 20\n");
     let all = format!("{before}{after}");
     for cpu in ["cpu0", "cpu1"] {
         let seq: Vec<u32> = all
