@@ -348,28 +348,6 @@ find_key:
 	pop	%rax
 	ret
 
-# set_gate: IDT entry ECX -> handler RAX (64-bit interrupt gate, current CS).
-set_gate:
-	push	%rdx
-	push	%rdi
-	lea	idt(%rip), %rdi
-	mov	%ecx, %edx
-	shl	$4, %edx
-	add	%rdx, %rdi
-	mov	%ax, (%rdi)
-	mov	%cs, %dx
-	mov	%dx, 2(%rdi)
-	movw	$0x8e00, 4(%rdi)
-	mov	%rax, %rdx
-	shr	$16, %rdx
-	mov	%dx, 6(%rdi)
-	shr	$16, %rdx
-	mov	%edx, 8(%rdi)
-	movl	$0, 12(%rdi)
-	pop	%rdi
-	pop	%rdx
-	ret
-
 # The main loop reads the data itself; the interrupt only has to end `hlt`.
 com1_handler:
 	push	%rax
@@ -390,6 +368,7 @@ fault_handler:
 	jmp	exit
 
 	.include "lib64.inc"
+	.include "idt.inc"
 	.include "lapic.inc"
 
 s_ready:	.asciz	"kvstore ready\n"

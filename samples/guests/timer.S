@@ -118,28 +118,6 @@ wait:
 	mov	$0, %al
 	jmp	exit
 
-# set_gate: IDT entry ECX -> handler RAX (64-bit interrupt gate, current CS).
-set_gate:
-	push	%rdx
-	push	%rdi
-	lea	idt(%rip), %rdi
-	mov	%ecx, %edx
-	shl	$4, %edx
-	add	%rdx, %rdi
-	mov	%ax, (%rdi)
-	mov	%cs, %dx
-	mov	%dx, 2(%rdi)
-	movw	$0x8e00, 4(%rdi)
-	mov	%rax, %rdx
-	shr	$16, %rdx
-	mov	%dx, 6(%rdi)
-	shr	$16, %rdx
-	mov	%edx, 8(%rdi)
-	movl	$0, 12(%rdi)
-	pop	%rdi
-	pop	%rdx
-	ret
-
 pit_handler:
 	push	%rax
 	incq	pit_count(%rip)
@@ -194,6 +172,7 @@ stubs:
 	.endr
 
 	.include "lib64.inc"
+	.include "idt.inc"
 	.include "lapic.inc"
 
 s_pit:		.asciz	"pit="
