@@ -20,12 +20,17 @@ pub(crate) const INDEX_SECTION_FIXED: usize = 56;
 pub(crate) const INDEX_CHUNK: usize = 80;
 /// Largest PAD frame body; aligned mode needs at most 4095 + 8.
 pub(crate) const MAX_PAD: u32 = 1 << 20;
+/// Largest SIGN frame body (one armored SSH signature is well under 2 KiB; RSA-16384 under 8).
+pub const MAX_SIGNATURE_LEN: usize = 64 << 10;
+/// Most SIGN frames one pack may carry.
+pub const MAX_SIGNATURES: usize = 64;
 
 pub(crate) const TAG_SECT: [u8; 4] = *b"SECT";
 pub(crate) const TAG_CHNK: [u8; 4] = *b"CHNK";
 pub(crate) const TAG_PAD: [u8; 4] = *b"PAD ";
 pub(crate) const TAG_SEND: [u8; 4] = *b"SEND";
 pub(crate) const TAG_INDX: [u8; 4] = *b"INDX";
+pub(crate) const TAG_SIGN: [u8; 4] = *b"SIGN";
 pub(crate) const TAG_TRLR: [u8; 4] = *b"TRLR";
 pub(crate) const END_MAGIC: [u8; 8] = *b"\x89VMPEND\n";
 

@@ -10,6 +10,7 @@ mod error;
 mod layout;
 mod range;
 mod reader;
+mod skeleton;
 mod source;
 mod stream;
 mod writer;
@@ -18,8 +19,10 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use error::{PackError, PackErrorKind};
+pub use layout::{MAX_SIGNATURES, MAX_SIGNATURE_LEN};
 pub use range::SectionRange;
 pub use reader::{ChunkFn, PackReader, VerifyReport};
+pub use skeleton::Skeleton;
 pub use source::{FileSource, SectionSource};
 pub use stream::{StreamEvent, StreamReader};
 pub use writer::PackWriter;

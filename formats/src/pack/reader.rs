@@ -13,7 +13,7 @@ use super::layout::{
     INDEX_CHUNK, INDEX_FIXED, INDEX_SECTION_FIXED, MAX_PAD, SECT_FIXED, SEND_FRAME_LEN, TAG_INDX,
     TAG_PAD, TRAILER_LEN,
 };
-use super::{ChunkEntry, Codec, Progress, SectionInfo, MAX_SECTIONS};
+use super::{ChunkEntry, Codec, Progress, SectionInfo, Skeleton, MAX_SECTIONS};
 
 /// Result of [`PackReader::verify`].
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -434,7 +434,166 @@ impl PackReader {
             }
             cursor = d.send_offset + SEND_FRAME_LEN as u64;
         }
-        self.skip_pads(cursor, self.index_offset, None)
+        super::skeleton::scan_tail(&self.file, &self.name, cursor, self.index_offset)?;
+        Ok(())
+    }
+
+    /// End of the last `SEND` frame (or of the header): where signatures may follow.
+    fn data_end(&self) -> u64 {
+        self.descs
+            .last()
+            .map_or(HEADER_LEN as u64, |d| d.send_offset + SEND_FRAME_LEN as u64)
+    }
+
+    fn tail(&self) -> Result<super::skeleton::Tail, PackError> {
+        super::skeleton::scan_tail(&self.file, &self.name, self.data_end(), self.index_offset)
+    }
+
+    /// The bodies of the pack's `SIGN` frames (docs/FORMAT.md §3.6), in file order. The
+    /// signatures are not checked here.
+    pub fn signatures(&self) -> Result<Vec<Vec<u8>>, PackError> {
+        Ok(self.tail()?.signatures)
+    }
+
+    /// Everything but the chunk payloads. Fails for a pack whose padding is not canonical
+    /// (every gap between frames one `PAD` frame, as every vmpack writer makes it).
+    pub fn skeleton(&self) -> Result<Skeleton, PackError> {
+        let tail = self.tail()?;
+        let mut header = [0u8; HEADER_LEN];
+        let mut index =
+            vec![0u8; (self.file_size - TRAILER_LEN as u64 - self.index_offset) as usize];
+        let io = |x: std::io::Error| self.err(PackErrorKind::Io(x));
+        self.file.read_exact_at(&mut header, 0).map_err(io)?;
+        self.file
+            .read_exact_at(&mut index, self.index_offset)
+            .map_err(io)?;
+        let s = Skeleton::from_parts(
+            header,
+            index,
+            self.index_offset,
+            tail.signatures,
+            self.descs.clone(),
+            self.chunks.clone(),
+            self.ranges.clone(),
+        );
+        s.check_canonical(&self.name)?;
+        Ok(s)
+    }
+
+    /// Reads a chunk's stored payload (`clen` bytes, compressed or not) into `out`, after
+    /// checking its frame header against the index and, for compressed codecs, its CRC-32.
+    /// With `verify`, also checks the SHA-256 of the decoded bytes.
+    pub fn read_payload(
+        &self,
+        e: &ChunkEntry,
+        verify: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<(), PackError> {
+        out.clear();
+        if e.codec == Codec::Zero {
+            return Ok(());
+        }
+        let mut scratch = std::mem::take(out);
+        let mut plain = if verify && e.codec != Codec::None {
+            vec![0u8; e.ulen as usize]
+        } else {
+            Vec::new()
+        };
+        match e.codec {
+            Codec::None => {
+                scratch.resize(e.ulen as usize, 0);
+                let r = self.read_chunk_with(e, verify, &mut scratch, &mut Vec::new());
+                *out = scratch;
+                r
+            }
+            _ if verify => {
+                let r = self.read_chunk_with(e, true, &mut plain, &mut scratch);
+                scratch.drain(..CHNK_FRAME_HEADER);
+                *out = scratch;
+                r
+            }
+            _ => {
+                scratch.resize(CHNK_FRAME_HEADER + e.clen as usize, 0);
+                let io = |x: std::io::Error| self.chunk_err(e, PackErrorKind::Io(x));
+                self.file
+                    .read_exact_at(&mut scratch, e.frame_offset())
+                    .map_err(io)?;
+                if scratch[..CHNK_FRAME_HEADER] != layout::encode_chunk_header(e) {
+                    return Err(self.chunk_err(
+                        e,
+                        PackErrorKind::ChecksumMismatch(
+                            "chunk frame header differs from the index".into(),
+                        ),
+                    ));
+                }
+                if layout::crc32(&scratch[CHNK_FRAME_HEADER..]) != e.payload_crc32 {
+                    return Err(self.chunk_err(
+                        e,
+                        PackErrorKind::ChecksumMismatch("payload does not match its CRC-32".into()),
+                    ));
+                }
+                scratch.drain(..CHNK_FRAME_HEADER);
+                *out = scratch;
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes this pack to `out` with `signatures` as its `SIGN` frames (replacing any it
+    /// has): the bytes before them are copied, the index moves after them, the root digest
+    /// stays the same.
+    pub fn write_with_signatures(
+        &self,
+        signatures: Vec<Vec<u8>>,
+        out: &mut File,
+    ) -> Result<u64, PackError> {
+        let tail = self.tail()?;
+        let mut header = [0u8; HEADER_LEN];
+        let mut index =
+            vec![0u8; (self.file_size - TRAILER_LEN as u64 - self.index_offset) as usize];
+        let io = |x: std::io::Error| self.err(PackErrorKind::Io(x));
+        self.file.read_exact_at(&mut header, 0).map_err(io)?;
+        self.file
+            .read_exact_at(&mut index, self.index_offset)
+            .map_err(io)?;
+        let new_len: u64 = signatures
+            .iter()
+            .map(|s| (FRAME_PREFIX + s.len()) as u64)
+            .sum();
+        let index_offset = tail.sign_start + new_len;
+        if signatures.len() > layout::MAX_SIGNATURES
+            || signatures
+                .iter()
+                .any(|s| s.len() > layout::MAX_SIGNATURE_LEN)
+        {
+            return Err(self.err(PackErrorKind::Limit(format!(
+                "more than {} signatures or one over {} bytes",
+                layout::MAX_SIGNATURES,
+                layout::MAX_SIGNATURE_LEN
+            ))));
+        }
+        let mut src = &self.file;
+        use std::io::{Read, Seek, Write};
+        let wio = |x: std::io::Error| PackError::new("<output>", PackErrorKind::Io(x));
+        src.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
+        let copied = std::io::copy(&mut Read::take(&mut src, tail.sign_start), out).map_err(wio)?;
+        if copied != tail.sign_start {
+            return Err(self.err(PackErrorKind::Truncated));
+        }
+        for s in &signatures {
+            out.write_all(&layout::TAG_SIGN).map_err(wio)?;
+            out.write_all(&(s.len() as u32).to_le_bytes())
+                .map_err(wio)?;
+            out.write_all(s).map_err(wio)?;
+        }
+        out.write_all(&index).map_err(wio)?;
+        out.write_all(&layout::encode_trailer(
+            index_offset,
+            index.len() as u64,
+            &self.root,
+        ))
+        .map_err(wio)?;
+        Ok(index_offset + index.len() as u64 + TRAILER_LEN as u64)
     }
 
     fn skip_pads(&self, mut from: u64, to: u64, section: Option<&str>) -> Result<(), PackError> {

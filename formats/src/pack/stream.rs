@@ -3,8 +3,9 @@ use std::io::{ErrorKind, Read};
 use super::codec;
 use super::error::{PackError, PackErrorKind};
 use super::layout::{
-    self, u32_at, SectDesc, CHNK_FIXED, FRAME_PREFIX, HEADER_LEN, MAX_PAD, SECT_FIXED, SEND_BODY,
-    TAG_CHNK, TAG_INDX, TAG_PAD, TAG_SECT, TAG_SEND, TRAILER_LEN,
+    self, u32_at, SectDesc, CHNK_FIXED, FRAME_PREFIX, HEADER_LEN, MAX_PAD, MAX_SIGNATURES,
+    MAX_SIGNATURE_LEN, SECT_FIXED, SEND_BODY, TAG_CHNK, TAG_INDX, TAG_PAD, TAG_SECT, TAG_SEND,
+    TAG_SIGN, TRAILER_LEN,
 };
 use super::{
     kind, ChunkEntry, Codec, PackSummary, SectionInfo, MAX_META_LEN, MAX_NAME_LEN, MAX_SECTIONS,
@@ -50,6 +51,8 @@ pub struct StreamReader<R: Read> {
     data: Vec<u8>,
     done: Option<PackSummary>,
     failed: bool,
+    /// SIGN frames seen (they come after the last section).
+    signatures: usize,
 }
 
 fn corrupt(m: impl Into<String>) -> PackErrorKind {
@@ -76,6 +79,7 @@ impl<R: Read> StreamReader<R> {
             data: Vec::new(),
             done: None,
             failed: false,
+            signatures: 0,
         };
         let mut h = [0u8; HEADER_LEN];
         s.read(&mut h)?;
@@ -153,6 +157,13 @@ impl<R: Read> StreamReader<R> {
             self.read(&mut p)?;
             let len = u32_at(&p, 4) as usize;
             let tag: [u8; 4] = p[0..4].try_into().unwrap();
+            if self.signatures > 0 && tag != TAG_SIGN && tag != TAG_INDX {
+                return Err(self
+                    .err(corrupt(
+                        "only SIGN frames and the index may follow a SIGN frame",
+                    ))
+                    .at(off));
+            }
             match tag {
                 TAG_PAD => {
                     if len > MAX_PAD as usize {
@@ -164,6 +175,22 @@ impl<R: Read> StreamReader<R> {
                             self.in_section(corrupt("PAD frame contains non-zero bytes"), off)
                         );
                     }
+                }
+                TAG_SIGN => {
+                    // Signatures (docs/FORMAT.md §3.6) follow the last section; they are
+                    // checked from a file, not while streaming.
+                    if self.cur.is_some() {
+                        return Err(self.in_section(corrupt("SIGN frame inside a section"), off));
+                    }
+                    self.signatures += 1;
+                    if len > MAX_SIGNATURE_LEN || self.signatures > MAX_SIGNATURES {
+                        return Err(self
+                            .err(PackErrorKind::Limit(format!(
+                                "SIGN frame of {len} bytes or more than {MAX_SIGNATURES} of them"
+                            )))
+                            .at(off));
+                    }
+                    self.read_vec(len)?;
                 }
                 TAG_SECT => return self.sect(off, len),
                 TAG_CHNK => {
