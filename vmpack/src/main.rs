@@ -11,6 +11,8 @@ mod inspect;
 mod output;
 mod pack;
 mod progress;
+mod registry_cmd;
+mod sign;
 mod test_cmd;
 mod unpack;
 mod util;
@@ -60,6 +62,14 @@ enum Command {
     BenchClones(bench_clones::BenchClonesArgs),
     /// Run test cases against a saved VM, each in a fresh clone (see docs/TESTING.md).
     Test(test_cmd::TestArgs),
+    /// Push a pack to an OCI registry (only the chunks the registry lacks are uploaded).
+    Push(registry_cmd::PushArgs),
+    /// Pull a pack from an OCI registry (only the chunks the local cache lacks are fetched).
+    Pull(registry_cmd::PullArgs),
+    /// List or prune the local chunk cache.
+    Cache(registry_cmd::CacheArgs),
+    /// Sign a pack's root digest with an SSH key (the signature is kept in the pack).
+    Sign(sign::SignArgs),
 }
 
 fn main() -> ExitCode {
@@ -87,6 +97,10 @@ fn main() -> ExitCode {
         Command::Export(a) => unpack::run_export(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchSnapshot(a) => bench_snapshot::run(a),
+        Command::Push(a) => registry_cmd::run_push(a),
+        Command::Pull(a) => registry_cmd::run_pull(a),
+        Command::Cache(a) => registry_cmd::run_cache(a),
+        Command::Sign(a) => sign::run_sign(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

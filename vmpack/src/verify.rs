@@ -15,6 +15,10 @@ pub struct VerifyArgs {
     /// The pack to check; `-` reads it from stdin in one pass.
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
+    /// Also require a good signature from a key in this allowed-signers file (git's
+    /// format, see `ssh-keygen(1)`); exit 1 naming the signer found otherwise.
+    #[arg(long, value_name = "FILE")]
+    pub allowed_signers: Option<PathBuf>,
     /// Print nothing on success.
     #[arg(short, long)]
     pub quiet: bool,
@@ -22,6 +26,9 @@ pub struct VerifyArgs {
 
 pub fn run(a: VerifyArgs) -> Result<()> {
     if a.file == Path::new("-") {
+        if a.allowed_signers.is_some() {
+            anyhow::bail!("--allowed-signers needs a pack file, not standard input");
+        }
         return verify_stream(&a);
     }
     let reader = PackReader::open(&a.file)?;
@@ -41,6 +48,13 @@ pub fn run(a: VerifyArgs) -> Result<()> {
             human_bytes(report.bytes),
             hex::encode(reader.root_digest())
         );
+    }
+    if let Some(allowed) = &a.allowed_signers {
+        for good in crate::sign::require_signature(&a.file, allowed)? {
+            if !a.quiet {
+                println!("{}", crate::sign::describe_good(&good));
+            }
+        }
     }
     Ok(())
 }

@@ -40,8 +40,15 @@ pub struct SaveArgs {
     #[arg(long)]
     api_sock: PathBuf,
     /// Output pack, or - for standard output (e.g. to pipe into `vmpack restore -`).
-    #[arg(short, long)]
-    output: PathBuf,
+    /// Optional with --push (the pack then goes through a temporary file).
+    #[arg(short, long, required_unless_present = "push")]
+    output: Option<PathBuf>,
+    /// Also push the pack to this registry reference (REGISTRY/REPOSITORY:TAG); only the
+    /// chunks the registry lacks are uploaded.
+    #[arg(long, value_name = "REF")]
+    push: Option<String>,
+    #[command(flatten)]
+    registry: crate::registry_cmd::RegistryArgs,
     /// Compression of every chunk. `none` (the default) keeps guest memory page-aligned so
     /// restore maps it straight from the pack; `zstd` makes smaller packs to move around.
     #[arg(long, default_value = "none")]
@@ -73,6 +80,12 @@ pub struct RestoreArgs {
     /// Print nothing but errors and warnings.
     #[arg(long, short)]
     quiet: bool,
+    /// Refuse a pack without a good signature from a key in --allowed-signers.
+    #[arg(long, requires = "allowed_signers")]
+    require_signature: bool,
+    /// Allowed-signers file (git's format) for --require-signature.
+    #[arg(long, value_name = "FILE")]
+    allowed_signers: Option<PathBuf>,
     /// Run N identical clones at once (sharing the pack's memory pages). Clone i serves
     /// its control socket at `SOCK.i`; its serial output goes to stdout as lines prefixed
     /// `[i] `, or to `PATH.i` for `--serial-out PATH`.
@@ -140,6 +153,8 @@ pub fn run(a: RunArgs) -> Result<i32> {
                     verify: a.verify,
                     quiet: a.quiet,
                     clones: 1,
+                    require_signature: false,
+                    allowed_signers: None,
                 });
             }
             let cfg = pack.config()?;
@@ -170,6 +185,32 @@ fn run_options(a: &RunArgs, cfg: Option<&VmConfig>) -> RunOptions {
 }
 
 pub fn save(a: SaveArgs) -> Result<()> {
+    // Resolve the registry (and read a password from stdin) before the VM is touched.
+    let push = match &a.push {
+        Some(r) => {
+            let reference = vmpack_registry::Reference::parse(r)?;
+            if a.output.as_deref() == Some(Path::new("-")) {
+                bail!("--push needs a pack file (-o FILE) or none, not standard output");
+            }
+            Some(a.registry.client(&reference)?)
+        }
+        None => None,
+    };
+    // Without -o the pack goes to a temporary file next to the chunk cache, removed after.
+    let scratch = match &a.output {
+        Some(_) => None,
+        None => {
+            let root = vmpack_registry::cache::cache_root()
+                .context("no cache folder for the temporary pack: set VMPACK_CACHE_DIR or give -o")?;
+            std::fs::create_dir_all(&root)?;
+            Some(tempfile::Builder::new().prefix(".save-").suffix(".vmpack").tempdir_in(&root)?)
+        }
+    };
+    let output = match (&a.output, &scratch) {
+        (Some(o), _) => o.clone(),
+        (None, Some(d)) => d.path().join("pack.vmpack"),
+        (None, None) => unreachable!("clap requires -o without --push"),
+    };
     let client = ApiClient::new(&a.api_sock);
     let stop = a.then == "stop";
     // For --then stop the VM is paused first and shut down only after the figures of the
@@ -183,7 +224,7 @@ pub fn save(a: SaveArgs) -> Result<()> {
         "then": "resume",
     });
     let t = Instant::now();
-    let bytes = if a.output.as_os_str() == "-" {
+    let bytes = if output.as_os_str() == "-" {
         let stdout = std::io::stdout();
         let mut lock = stdout.lock();
         let n = client.post_stream("/vm/save", &body, &mut lock)?;
@@ -191,7 +232,7 @@ pub fn save(a: SaveArgs) -> Result<()> {
             .context("writing the pack to standard output")?;
         n
     } else {
-        let mut out = AtomicFile::create(&a.output)?;
+        let mut out = AtomicFile::create(&output)?;
         let n = client.post_stream("/vm/save", &body, out.file())?;
         out.file().flush()?;
         // A stream cut short (the VM died mid-save) is caught here, before the rename: the
@@ -199,7 +240,7 @@ pub fn save(a: SaveArgs) -> Result<()> {
         vmpack_formats::pack::PackReader::open(out.temp_path()).map_err(|e| {
             anyhow::anyhow!(
                 "the pack received for {} is incomplete or damaged: {e}",
-                a.output.display()
+                output.display()
             )
         })?;
         out.commit()?;
@@ -216,15 +257,32 @@ pub fn save(a: SaveArgs) -> Result<()> {
         eprintln!(
             "vmpack: saved {} to {} in {:.1} ms; guest paused {pause:.1} ms for the capture; root digest {digest}; VM {}",
             human_bytes(bytes),
-            a.output.display(),
+            if scratch.is_some() { "a temporary file".into() } else { output.display().to_string() },
             wall.as_secs_f64() * 1000.0,
             if stop { "stopped" } else { "resumed" }
         );
+    }
+    if let Some(client) = push {
+        let report = crate::registry_cmd::push_file(&output, &client, a.quiet)?;
+        if !a.quiet {
+            crate::registry_cmd::print_push(&report, &output);
+        }
     }
     Ok(())
 }
 
 pub fn restore(a: RestoreArgs) -> Result<i32> {
+    if a.require_signature {
+        if a.pack.as_os_str() == "-" {
+            bail!("--require-signature needs a pack file, not standard input");
+        }
+        let allowed = a.allowed_signers.as_deref().expect("clap requires --allowed-signers");
+        for good in crate::sign::require_signature(&a.pack, allowed)? {
+            if !a.quiet {
+                eprintln!("vmpack: {}: {}", a.pack.display(), crate::sign::describe_good(&good));
+            }
+        }
+    }
     if a.clones > 1 {
         if a.pack.as_os_str() == "-" {
             bail!("--clones needs a pack file, not standard input");

@@ -1,0 +1,342 @@
+//! `vmpack push`, `vmpack pull` and `vmpack cache`: packs through OCI registries, with the
+//! local chunk cache (the work is in the `vmpack_registry` crate).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use vmpack_formats::pack::PackReader;
+use vmpack_registry::{ChunkCache, Client, ClientOptions, Credentials, Reference};
+
+use crate::output::AtomicFile;
+use crate::progress::Bar;
+use crate::util::human_bytes;
+
+/// How to reach a registry (shared by push, pull, `save --push`, `test REF`).
+#[derive(Args, Clone, Default)]
+pub struct RegistryArgs {
+    /// Registry login; the password is read from standard input (with --password-stdin).
+    /// Without it, docker's config (~/.docker/config.json, $DOCKER_CONFIG) and its
+    /// credential helpers are used, else no login.
+    #[arg(long, requires = "password_stdin")]
+    pub username: Option<String>,
+    /// Read the password for --username from standard input.
+    #[arg(long, requires = "username")]
+    pub password_stdin: bool,
+    /// Allow plain HTTP to a registry that is not on loopback (loopback always may).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Blob transfers at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub transfers: u32,
+}
+
+impl RegistryArgs {
+    pub fn client(&self, reference: &Reference) -> Result<Client> {
+        let credentials = match &self.username {
+            Some(u) => {
+                let mut pw = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut pw)
+                    .context("reading the password from standard input")?;
+                let pw = pw.trim_end_matches(['\n', '\r']).to_string();
+                if pw.is_empty() {
+                    bail!("--password-stdin: standard input held no password");
+                }
+                Some(Credentials {
+                    username: u.clone(),
+                    password: pw,
+                })
+            }
+            None => None,
+        };
+        Client::new(
+            reference,
+            ClientOptions {
+                insecure: self.insecure,
+                credentials,
+                parallel: self.transfers as usize,
+                ..Default::default()
+            },
+        )
+    }
+}
+
+#[derive(Args)]
+pub struct PushArgs {
+    /// The pack to push (it is verified first).
+    #[arg(value_name = "PACK")]
+    pack: PathBuf,
+    /// Where: REGISTRY/REPOSITORY:TAG, e.g. localhost:5000/team/vm:v1.
+    #[arg(value_name = "REF")]
+    reference: String,
+    #[command(flatten)]
+    registry: RegistryArgs,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Print nothing but errors.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+pub struct PullArgs {
+    /// What: REGISTRY/REPOSITORY:TAG or REGISTRY/REPOSITORY@sha256:DIGEST.
+    #[arg(value_name = "REF")]
+    reference: String,
+    /// The pack file to write (the same bytes that were pushed).
+    #[arg(short, long, value_name = "PACK")]
+    output: PathBuf,
+    #[command(flatten)]
+    registry: RegistryArgs,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Print nothing but errors.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+pub fn run_push(a: PushArgs) -> Result<()> {
+    let reference = Reference::parse(&a.reference)?;
+    let client = a.registry.client(&reference)?;
+    let report = push_file(&a.pack, &client, a.quiet)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if !a.quiet {
+        print_push(&report, &a.pack);
+    }
+    Ok(())
+}
+
+/// Pushes with progress bars; shared with `save --push`.
+pub fn push_file(pack: &Path, client: &Client, quiet: bool) -> Result<vmpack_registry::PushReport> {
+    let reader = PackReader::open(pack)?;
+    let total: u64 = reader.sections().iter().map(|s| s.size).sum();
+    let stored = reader.file_size();
+    drop(reader);
+    let verify = Bar::new(Some(total), "verifying", quiet);
+    let bar = Bar::new(Some(stored), "pushing", quiet);
+    let t = Instant::now();
+    let r = vmpack_registry::push(pack, client, &verify, &bar)
+        .with_context(|| format!("pushing {} to {}", pack.display(), client.reference()))?;
+    bar.finish();
+    verify.finish();
+    if !quiet {
+        eprintln!("vmpack: pushed in {:.2} s", t.elapsed().as_secs_f64());
+    }
+    Ok(r)
+}
+
+pub fn print_push(r: &vmpack_registry::PushReport, pack: &Path) {
+    println!(
+        "pushed {} to {} ({}): {} chunks in {} blobs; uploaded {} blobs ({}), {} already there ({}); root digest {}{}",
+        pack.display(),
+        r.reference,
+        r.digest,
+        r.chunks,
+        r.blobs,
+        r.uploaded_blobs,
+        human_bytes(r.uploaded_bytes),
+        r.present_blobs,
+        human_bytes(r.present_bytes),
+        r.root_digest,
+        match r.signatures {
+            0 => String::new(),
+            n => format!(
+                "; {n} signature(s) as referrers{}",
+                if r.referrers_api == Some(false) { " (tag fallback)" } else { "" }
+            ),
+        }
+    );
+}
+
+pub fn run_pull(a: PullArgs) -> Result<()> {
+    let reference = Reference::parse(&a.reference)?;
+    let client = a.registry.client(&reference)?;
+    let cache = ChunkCache::open_default()?;
+    let (report, _) = pull_to(&client, &cache, &a.output, a.quiet)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if !a.quiet {
+        println!(
+            "pulled {} ({}) to {}: {}, {} chunks in {} blobs; fetched {} blobs ({}), {} from the cache ({}); root digest {}",
+            report.reference,
+            report.digest,
+            a.output.display(),
+            human_bytes(report.size),
+            report.chunks,
+            report.blobs,
+            report.fetched_blobs,
+            human_bytes(report.fetched_bytes),
+            report.cached_blobs,
+            human_bytes(report.cached_bytes),
+            report.root_digest
+        );
+    }
+    Ok(())
+}
+
+/// Pulls into `output` (written under a temporary name, fully verified, then renamed).
+pub fn pull_to(
+    client: &Client,
+    cache: &ChunkCache,
+    output: &Path,
+    quiet: bool,
+) -> Result<(vmpack_registry::PullReport, f64)> {
+    let t = Instant::now();
+    let mut out = AtomicFile::create(output)?;
+    let bar = Bar::new(None, "pulling", quiet);
+    let report = {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, out.file());
+        let r = vmpack_registry::pull(client, cache, &mut w, &bar)
+            .with_context(|| format!("pulling {} into {}", client.reference(), output.display()))?;
+        std::io::Write::flush(&mut w)?;
+        r
+    };
+    bar.finish();
+    // Every byte is checked before the file takes its name: the index against the root
+    // digest, every chunk against its SHA-256 (and CRC-32).
+    let reader = PackReader::open(out.temp_path())?;
+    let total: u64 = reader.sections().iter().map(|s| s.size).sum();
+    let vbar = Bar::new(Some(total), "verifying", quiet);
+    reader
+        .verify(&vbar)
+        .with_context(|| format!("the pack pulled from {} is damaged", client.reference()))?;
+    vbar.finish();
+    if format!("sha256:{}", hex::encode(reader.root_digest())) != report.root_digest {
+        bail!("{}: the pulled pack's root digest differs from the registry's", client.reference());
+    }
+    let root = reader.root_digest();
+    drop(reader);
+    out.commit()?;
+    // Checked just now: the first restore need not check again.
+    vmboot::snapshot::verified_cache::record(output, root);
+    Ok((report, t.elapsed().as_secs_f64()))
+}
+
+#[derive(Args)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    command: CacheCommand,
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Show what the cache holds: chunks, expanded packs, verified records.
+    Ls {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Accepted for symmetry; ls prints only its listing.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Remove cached chunks (least recently used first) and expanded packs.
+    Prune {
+        /// Keep up to this many bytes of chunks (suffixes K, M, G); default: keep none.
+        #[arg(long, value_parser = parse_size, default_value = "0")]
+        keep: u64,
+        /// Print nothing but errors.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mul) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let m = match s[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1u64 << 40,
+                u => return Err(format!("unknown unit '{u}' (K, M, G, T)")),
+            };
+            (&s[..i], m)
+        }
+        None => (s, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .map_err(|e| format!("{s}: {e}"))
+        .map(|n| n.saturating_mul(mul))
+}
+
+fn dir_usage(dir: &Path) -> (u64, u64) {
+    let mut n = 0;
+    let mut bytes = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if let Ok(m) = e.metadata() {
+                if m.is_file() && !e.file_name().to_string_lossy().starts_with('.') {
+                    n += 1;
+                    bytes += m.len();
+                }
+            }
+        }
+    }
+    (n, bytes)
+}
+
+pub fn run_cache(a: CacheArgs) -> Result<()> {
+    let root = vmpack_registry::cache::cache_root()
+        .context("no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
+    let chunks = ChunkCache::at(&root);
+    match a.command {
+        CacheCommand::Ls { json, .. } => {
+            let entries = chunks.entries()?;
+            let chunk_bytes: u64 = entries.iter().map(|e| e.1).sum();
+            let (expanded, expanded_bytes) = dir_usage(&root.join("expanded"));
+            let (verified, _) = dir_usage(&root.join("verified"));
+            let (pulled, pulled_bytes) = dir_usage(&root.join("pulled"));
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "path": root,
+                        "chunks": {"count": entries.len(), "bytes": chunk_bytes},
+                        "expanded": {"count": expanded, "bytes": expanded_bytes},
+                        "pulled": {"count": pulled, "bytes": pulled_bytes},
+                        "verified": {"count": verified},
+                    }))?
+                );
+            } else {
+                println!("{}", root.display());
+                println!("  chunks    {:>6}  {}", entries.len(), human_bytes(chunk_bytes));
+                println!("  expanded  {:>6}  {}", expanded, human_bytes(expanded_bytes));
+                println!("  pulled    {:>6}  {}", pulled, human_bytes(pulled_bytes));
+                println!("  verified  {:>6}  records", verified);
+            }
+        }
+        CacheCommand::Prune { keep, quiet } => {
+            let (n, freed) = chunks.prune(keep)?;
+            let mut packs = 0;
+            let mut pack_bytes = 0;
+            for sub in ["expanded", "pulled"] {
+                if let Ok(rd) = std::fs::read_dir(root.join(sub)) {
+                    for e in rd.flatten() {
+                        let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                        if std::fs::remove_file(e.path()).is_ok() {
+                            packs += 1;
+                            pack_bytes += len;
+                        }
+                    }
+                }
+            }
+            if !quiet {
+                println!(
+                    "removed {n} chunks ({}) and {packs} cached packs ({}) from {}",
+                    human_bytes(freed),
+                    human_bytes(pack_bytes),
+                    root.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
