@@ -114,9 +114,29 @@ fn print_json(
         "manifest_error": manifest_err,
         "sections": sections,
         "memory_restore": restore,
+        "signatures": signatures(r),
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+/// The pack's signatures as `{key, signature}` (armored text); not checked against any
+/// allowed signers here.
+fn signatures(r: &PackReader) -> Vec<serde_json::Value> {
+    let root = r.root_digest();
+    r.signatures()
+        .unwrap_or_default()
+        .iter()
+        .map(|s| {
+            let key = vmpack_registry::signature::check_own(s, &root)
+                .map_err(|e| e.to_string());
+            json!({
+                "key": key.as_ref().ok(),
+                "problem": key.as_ref().err(),
+                "signature": String::from_utf8_lossy(s),
+            })
+        })
+        .collect()
 }
 
 fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Option<&str>) {
@@ -131,6 +151,14 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
         if r.aligned() { ", aligned" } else { "" }
     );
     println!("root digest:  {}", hex::encode(r.root_digest()));
+    let sigs = signatures(r);
+    if !sigs.is_empty() {
+        let keys: Vec<String> = sigs
+            .iter()
+            .map(|s| s["key"].as_str().unwrap_or("unreadable").to_string())
+            .collect();
+        println!("signatures:   {} (unchecked; `vmpack verify --allowed-signers FILE` checks them)", keys.join(", "));
+    }
     if let Some(m) = m {
         println!("written by:   {} {}", m.tool, m.tool_version);
         println!("created:      {}", m.created);
