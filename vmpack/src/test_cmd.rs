@@ -26,10 +26,23 @@ const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 
 #[derive(Args)]
 pub struct TestArgs {
-    /// A pack made by `vmpack save` (compressed packs are expanded once into a cache).
-    pack: PathBuf,
+    /// A pack made by `vmpack save` (compressed packs are expanded once into a cache), or a
+    /// registry reference (REGISTRY/REPOSITORY:TAG), pulled into the cache first.
+    #[arg(value_name = "PACK|REF", required_unless_present = "merge_junit")]
+    pack: Option<String>,
     /// The test cases (TOML, see docs/TESTING.md).
-    cases: PathBuf,
+    #[arg(required_unless_present = "merge_junit")]
+    cases: Option<PathBuf>,
+    /// Run only the K-th of N parts of the cases (1 <= K <= N). A case's part depends on
+    /// its name alone, so it is stable when cases are added, removed or reordered.
+    #[arg(long, value_name = "K/N", value_parser = parse_shard)]
+    shard: Option<(u64, u64)>,
+    /// Merge these JUnit files (written by `vmpack test --junit`, e.g. one per shard) into
+    /// the one --junit names, print the summary, and exit 1 if any case failed.
+    #[arg(long, value_name = "XML", num_args = 1.., conflicts_with_all = ["pack", "cases", "shard"], requires = "junit")]
+    merge_junit: Vec<PathBuf>,
+    #[command(flatten)]
+    registry: crate::registry_cmd::RegistryArgs,
     /// Cases run at the same time, each in its own clone.
     #[arg(short = 'j', long, default_value_t = 1)]
     jobs: usize,
@@ -267,10 +280,81 @@ fn run_case(src: &Path, work: &WorkBase, i: usize, case: &Case) -> CaseResult {
     result
 }
 
+fn parse_shard(s: &str) -> Result<(u64, u64), String> {
+    let bad = || format!("{s}: expected K/N with 1 <= K <= N, e.g. 2/4");
+    let (k, n) = s.split_once('/').ok_or_else(bad)?;
+    let (k, n): (u64, u64) = (k.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+    if k == 0 || n == 0 || k > n {
+        return Err(bad());
+    }
+    Ok((k, n))
+}
+
+/// The part (0-based, of `n`) a case belongs to: the first 8 bytes of the SHA-256 of its
+/// name, big-endian, modulo `n`.
+pub fn shard_of(name: &str, n: u64) -> u64 {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(name.as_bytes());
+    u64::from_be_bytes(h[..8].try_into().expect("8 bytes")) % n
+}
+
+/// A pack file, or a registry reference pulled (once) into the cache's `pulled/` folder.
+fn local_pack(a: &TestArgs, arg: &str) -> Result<PathBuf> {
+    let p = Path::new(arg);
+    if p.exists() || !vmpack_registry::Reference::looks_like(arg) {
+        return Ok(p.to_path_buf());
+    }
+    let reference = vmpack_registry::Reference::parse(arg)?;
+    let client = a.registry.client(&reference)?;
+    let top = client
+        .get_manifest(reference.manifest_reference())?
+        .ok_or_else(|| anyhow!("{reference}: not found in the registry"))?;
+    let root = vmpack_registry::cache::cache_root()
+        .context("no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
+    let dir = root.join("pulled");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let target = dir.join(format!("{}.vmpack", top.digest.trim_start_matches("sha256:")));
+    if vmpack_formats::pack::PackReader::open(&target).is_ok() {
+        return Ok(target);
+    }
+    let cache = vmpack_registry::ChunkCache::open_default()?;
+    let (r, secs) = crate::registry_cmd::pull_to(&client, &cache, &target, a.quiet)?;
+    if !a.quiet {
+        eprintln!(
+            "vmpack: pulled {reference} in {secs:.2} s: fetched {} blobs, {} from the chunk cache",
+            r.fetched_blobs, r.cached_blobs
+        );
+    }
+    Ok(target)
+}
+
 pub fn run(a: TestArgs) -> Result<i32> {
-    let cases = load_cases(&a.cases)?;
+    if !a.merge_junit.is_empty() {
+        let out = a.junit.as_deref().expect("clap requires --junit");
+        return merge_junit(&a.merge_junit, out, a.quiet);
+    }
+    let (pack_arg, cases_path) = match (&a.pack, &a.cases) {
+        (Some(p), Some(c)) => (p.clone(), c.clone()),
+        _ => bail!("give PACK|REF and CASES"),
+    };
+    let mut cases = load_cases(&cases_path)?;
+    if let Some((k, n)) = a.shard {
+        let all = cases.len();
+        cases.retain(|c| shard_of(&c.name, n) == k - 1);
+        if !a.quiet {
+            eprintln!("vmpack: shard {k}/{n}: {} of {all} cases", cases.len());
+        }
+        if cases.is_empty() {
+            println!("0 passed, 0 failed (shard {k}/{n} of {all} cases is empty)");
+            if let Some(path) = &a.junit {
+                write_junit(path, &[], 0.0)?;
+            }
+            return Ok(0);
+        }
+    }
     let jobs = a.jobs.clamp(1, cases.len());
-    let src = prepare_source(&a.pack, a.quiet)?;
+    let pack = local_pack(&a, &pack_arg)?;
+    let src = prepare_source(&pack, a.quiet)?;
     let work = WorkBase::new("test")?;
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<CaseResult>>> =
@@ -336,12 +420,89 @@ pub fn run(a: TestArgs) -> Result<i32> {
         results.len()
     )?;
     if let Some(path) = &a.junit {
-        let mut f = AtomicFile::create(path)?;
-        f.file()
-            .write_all(junit_xml(&results, total).as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
-        f.commit()?;
+        write_junit(path, &results, total)?;
     }
+    Ok(if failed == 0 { 0 } else { 1 })
+}
+
+fn write_junit(path: &Path, results: &[CaseResult], total: f64) -> Result<()> {
+    let mut f = AtomicFile::create(path)?;
+    f.file()
+        .write_all(junit_xml(results, total).as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.commit()
+}
+
+/// Attribute `name="…"` of an XML start tag (our own JUnit output: double quotes).
+fn xml_attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
+    let key = format!(" {name}=\"");
+    let start = tag.find(&key)? + key.len();
+    let len = tag[start..].find('"')?;
+    Some(&tag[start..start + len])
+}
+
+/// `vmpack test --merge-junit A.xml B.xml … --junit ALL.xml`: every `<testcase>` of the
+/// inputs, in order, in one suite; exit status 1 if any failed.
+fn merge_junit(inputs: &[PathBuf], out: &Path, quiet: bool) -> Result<i32> {
+    let mut cases: Vec<String> = Vec::new();
+    let (mut failed, mut time) = (0usize, 0f64);
+    let mut names = HashSet::new();
+    for p in inputs {
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        if !text.contains("<testsuite") {
+            bail!("{}: not a JUnit XML file (no <testsuite>)", p.display());
+        }
+        let mut rest = text.as_str();
+        while let Some(start) = rest.find("<testcase") {
+            let after = &rest[start..];
+            let tag_end = after
+                .find('>')
+                .ok_or_else(|| anyhow!("{}: unterminated <testcase>", p.display()))?;
+            let tag = &after[..tag_end + 1];
+            let end = if tag.ends_with("/>") {
+                tag_end + 1
+            } else {
+                after
+                    .find("</testcase>")
+                    .ok_or_else(|| anyhow!("{}: <testcase> without </testcase>", p.display()))?
+                    + "</testcase>".len()
+            };
+            let block = &after[..end];
+            let name = xml_attr(tag, "name").unwrap_or("");
+            if !names.insert(name.to_string()) {
+                bail!("{}: case {name:?} appears in two of the merged files", p.display());
+            }
+            if block.contains("<failure") || block.contains("<error") {
+                failed += 1;
+            }
+            time += xml_attr(tag, "time").and_then(|t| t.parse().ok()).unwrap_or(0.0);
+            cases.push(format!("  {block}\n"));
+            rest = &after[end..];
+        }
+    }
+    let mut x = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    x.push_str(&format!(
+        "<testsuites tests=\"{n}\" failures=\"{failed}\" time=\"{time:.3}\">\n<testsuite name=\"vmpack test\" tests=\"{n}\" failures=\"{failed}\" errors=\"0\" time=\"{time:.3}\">\n",
+        n = cases.len()
+    ));
+    for c in &cases {
+        x.push_str(c);
+    }
+    x.push_str("</testsuite>\n</testsuites>\n");
+    let mut f = AtomicFile::create(out)?;
+    f.file()
+        .write_all(x.as_bytes())
+        .with_context(|| format!("writing {}", out.display()))?;
+    f.commit()?;
+    if !quiet {
+        eprintln!("vmpack: merged {} files into {}", inputs.len(), out.display());
+    }
+    println!(
+        "{} passed, {failed} failed ({} cases from {} files)",
+        cases.len() - failed,
+        cases.len(),
+        inputs.len()
+    );
     Ok(if failed == 0 { 0 } else { 1 })
 }
 
