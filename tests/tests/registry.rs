@@ -1,0 +1,579 @@
+//! Packs through a real OCI registry (Debian's `docker-registry`, the CNCF distribution
+//! registry) on 127.0.0.1, through the real binaries: push, pull, `cmp`; skopeo reads the
+//! manifest; the chunk cache; split manifests; basic auth; a registry killed mid-push and
+//! mid-pull; a blob altered in the registry's storage; SSH signatures checked both ways with
+//! `ssh-keygen`; the dedupe of a second save. All traffic stays on loopback and every wait
+//! is bounded.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn have(tool: &str, what: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        eprintln!("\n*** SKIPPED: {tool} not found (scripts/test-all.sh installs it); {what} did not run ***\n");
+    }
+    found
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A `docker-registry` on 127.0.0.1 with its storage in a temp folder; killed on drop.
+struct Registry {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Registry {
+    fn start(dir: &Path, htpasswd: Option<&Path>) -> Registry {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let store = dir.join("store");
+        std::fs::create_dir_all(&store).unwrap();
+        let auth = match htpasswd {
+            Some(p) => format!(
+                "auth: {{htpasswd: {{realm: vmpack-test, path: {}}}}}\n",
+                p.display()
+            ),
+            None => String::new(),
+        };
+        std::fs::write(
+            dir.join("config.yml"),
+            format!(
+                "version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\nhttp: {{addr: 127.0.0.1:{port}}}\n{auth}",
+                store.display()
+            ),
+        )
+        .unwrap();
+        let mut r = Registry {
+            child: None,
+            port,
+            dir: dir.to_path_buf(),
+        };
+        r.restart();
+        r
+    }
+
+    /// (Re)starts the registry on the same port and storage.
+    fn restart(&mut self) {
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(self.dir.join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting docker-registry");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("the registry to listen", Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The data files of the blobs the registry stores.
+    fn blob_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let base = self.dir.join("store/docker/registry/v2/blobs/sha256");
+        for d in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            for b in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
+                let data = b.path().join("data");
+                if data.exists() {
+                    out.push(data);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// vmpack with its cache in `dir/cache`.
+fn vm(dir: &Path, args: &[&str]) -> Output {
+    vm_env(dir, args, &[])
+}
+
+fn vm_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(vmpack());
+    c.current_dir(dir)
+        .env("VMPACK_CACHE_DIR", dir.join("cache"))
+        .env("DOCKER_CONFIG", dir.join("docker"))
+        .args(args)
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn vm_stdin(dir: &Path, args: &[&str], input: &[u8]) -> Output {
+    let mut child = Command::new(vmpack())
+        .current_dir(dir)
+        .env("VMPACK_CACHE_DIR", dir.join("cache"))
+        .env("DOCKER_CONFIG", dir.join("docker"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_str(&ok(o)).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)))
+}
+
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+/// A packed VM at rest with a raw disk of `mib` MiB: random in its first three quarters,
+/// zeros after (1 MiB chunks, uncompressible, so one blob per MiB).
+fn make_pack(dir: &Path, name: &str, mib: usize, seed: u64) -> PathBuf {
+    let sub = dir.join(format!("{name}-src"));
+    std::fs::create_dir_all(&sub).unwrap();
+    let mut disk = noise(mib << 20, seed);
+    let z = disk.len() * 3 / 4;
+    disk[z..].fill(0);
+    std::fs::write(sub.join("disk.img"), disk).unwrap();
+    std::fs::write(sub.join("image.bin"), [0xf4u8; 512]).unwrap();
+    std::fs::write(
+        sub.join("vm.toml"),
+        "name = \"reg\"\nvcpus = 1\nmemory_mib = 16\n[flat]\nimage = \"image.bin\"\nload_address = 0x1000\nentry = 0x1000\nmode = \"real\"\n[[disk]]\npath = \"disk.img\"\nformat = \"raw\"\n",
+    )
+    .unwrap();
+    let pack = dir.join(format!("{name}.vmpack"));
+    ok(&vm(
+        dir,
+        &["pack", sub.join("vm.toml").to_str().unwrap(), "-o", pack.to_str().unwrap(), "-q"],
+    ));
+    pack
+}
+
+fn same_file(a: &Path, b: &Path) {
+    let st = Command::new("cmp").arg(a).arg(b).status().unwrap();
+    assert!(st.success(), "{} and {} differ", a.display(), b.display());
+}
+
+fn skopeo_raw(reference: &str) -> serde_json::Value {
+    let o = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "skopeo: {}", stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn push_pull_is_bit_for_bit_with_cache_and_split_manifests() {
+    if !have("docker-registry", "the registry tests") || !have("skopeo", "the registry tests") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let reg = Registry::start(&d.join("reg"), None);
+    let pack = make_pack(d, "a", 8, 1);
+    let r = format!("{}/team/vm:v1", reg.host());
+
+    let pushed = json(&vm(d, &["push", pack.to_str().unwrap(), &r, "--json", "-q"]));
+    assert_eq!(pushed["chunks"], 8, "{pushed}"); // 6 MiB of disk data + image + manifest
+    assert_eq!(pushed["blobs"], 10); // and the index and the config
+    assert_eq!(pushed["present_blobs"], 0);
+
+    // skopeo reads what vmpack wrote: an OCI 1.1 manifest with our artifactType.
+    let m = skopeo_raw(&r);
+    assert_eq!(m["artifactType"], "application/vnd.vmpack.pack.v1", "{m}");
+    assert_eq!(m["config"]["mediaType"], "application/vnd.vmpack.pack.config.v1+json");
+    assert_eq!(m["layers"].as_array().unwrap().len(), 9);
+
+    let out = d.join("pulled.vmpack");
+    let pulled = json(&vm(d, &["pull", &r, "-o", out.to_str().unwrap(), "--json", "-q"]));
+    same_file(&pack, &out);
+    assert_eq!(pulled["fetched_blobs"], 8, "{pulled}");
+    assert_eq!(pulled["digest"], pushed["digest"]);
+
+    // The chunk cache: a second pull (by digest) fetches nothing.
+    let by_digest = format!("{}/team/vm@{}", reg.host(), pushed["digest"].as_str().unwrap());
+    let out2 = d.join("again.vmpack");
+    let again = json(&vm(d, &["pull", &by_digest, "-o", out2.to_str().unwrap(), "--json", "-q"]));
+    assert_eq!(again["fetched_blobs"], 0, "{again}");
+    assert_eq!(again["cached_blobs"], 8);
+    same_file(&pack, &out2);
+    let ls = json(&vm(d, &["cache", "ls", "--json"]));
+    assert_eq!(ls["chunks"]["count"], 8, "{ls}");
+
+    // Pushing the same pack again uploads nothing; to another tag neither.
+    let re = json(&vm(d, &["push", pack.to_str().unwrap(), &format!("{}/team/vm:v2", reg.host()), "--json", "-q"]));
+    assert_eq!(re["uploaded_blobs"], 0, "{re}");
+
+    // More chunks than one manifest holds: an image index of parts; pulled identically.
+    let split = format!("{}/team/split:v1", reg.host());
+    ok(&vm_env(d, &["push", pack.to_str().unwrap(), &split, "-q"], &[("VMPACK_OCI_MAX_LAYERS", "3")]));
+    let idx = skopeo_raw(&split);
+    assert_eq!(idx["mediaType"], "application/vnd.oci.image.index.v1+json", "{idx}");
+    assert_eq!(idx["manifests"].as_array().unwrap().len(), 3); // head (index + 2 chunks) + 3 + 3
+    ok(&vm(d, &["cache", "prune", "-q"]));
+    assert_eq!(json(&vm(d, &["cache", "ls", "--json"]))["chunks"]["count"], 0);
+    let out3 = d.join("split.vmpack");
+    ok(&vm(d, &["pull", &split, "-o", out3.to_str().unwrap(), "-q"]));
+    same_file(&pack, &out3);
+
+    // Errors name what failed.
+    let e = fails(&vm(d, &["pull", &format!("{}/team/none:v1", reg.host()), "-o", "x.vmpack"]));
+    assert!(e.contains("not found in the registry"), "{e}");
+    assert!(!d.join("x.vmpack").exists());
+    let e = fails(&vm(d, &["push", pack.to_str().unwrap(), &format!("{}/team/vm", reg.host())]));
+    assert!(e.contains("give a tag"), "{e}");
+}
+
+#[test]
+fn basic_auth_from_the_command_line_and_docker_config() {
+    if !have("docker-registry", "the registry auth test") || !have("htpasswd", "the registry auth test") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let pw = d.join("htpasswd");
+    let o = Command::new("htpasswd").args(["-Bbc"]).arg(&pw).args(["alice", "s3cret"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let reg = Registry::start(&d.join("reg"), Some(&pw));
+    let pack = make_pack(d, "a", 2, 2);
+    let r = format!("{}/team/vm:v1", reg.host());
+
+    let e = fails(&vm(d, &["push", pack.to_str().unwrap(), &r]));
+    assert!(e.contains("wants a login"), "{e}");
+    let o = vm_stdin(d, &["push", pack.to_str().unwrap(), &r, "--username", "alice", "--password-stdin", "-q"], b"wrong\n");
+    let e = fails(&o);
+    assert!(e.contains("401") || e.contains("refused the login"), "{e}");
+    ok(&vm_stdin(d, &["push", pack.to_str().unwrap(), &r, "--username", "alice", "--password-stdin", "-q"], b"s3cret\n"));
+
+    // docker login's file: {"auths": {"HOST": {"auth": base64("user:pass")}}}.
+    std::fs::create_dir_all(d.join("docker")).unwrap();
+    std::fs::write(
+        d.join("docker/config.json"),
+        format!("{{\"auths\": {{\"{}\": {{\"auth\": \"YWxpY2U6czNjcmV0\"}}}}}}", reg.host()),
+    )
+    .unwrap();
+    let out = d.join("pulled.vmpack");
+    ok(&vm(d, &["pull", &r, "-o", out.to_str().unwrap(), "-q"]));
+    same_file(&pack, &out);
+}
+
+#[test]
+fn a_registry_killed_mid_push_and_mid_pull_leaves_no_half_file() {
+    if !have("docker-registry", "the registry interruption test") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let mut reg = Registry::start(&d.join("reg"), None);
+    let pack = make_pack(d, "big", 96, 3); // 72 one-MiB blobs
+    let r = format!("{}/team/big:v1", reg.host());
+
+    let push = |d: &Path| {
+        Command::new(vmpack())
+            .current_dir(d)
+            .env("VMPACK_CACHE_DIR", d.join("cache"))
+            .env("DOCKER_CONFIG", d.join("docker"))
+            .args(["push", pack.to_str().unwrap(), &r, "--transfers", "1", "-q"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let child = push(d);
+    wait_for("a few blobs in the registry", Duration::from_secs(60), || reg.blob_files().len() >= 4);
+    reg.kill();
+    let o = child.wait_with_output().unwrap();
+    let e = fails(&o);
+    assert!(e.contains("pushing"), "{e}");
+    reg.restart();
+    // The tag does not exist yet: the manifest goes last.
+    let e = fails(&vm(d, &["pull", &r, "-o", "none.vmpack"]));
+    assert!(e.contains("not found"), "{e}");
+    let done = json(&vm(d, &["push", pack.to_str().unwrap(), &r, "--json", "-q"]));
+    assert!(done["present_blobs"].as_u64().unwrap() >= 3, "the rerun reuses what arrived: {done}");
+
+    let out = d.join("out").join("pulled.vmpack");
+    std::fs::create_dir_all(d.join("out")).unwrap();
+    let pull = Command::new(vmpack())
+        .current_dir(d)
+        .env("VMPACK_CACHE_DIR", d.join("cache"))
+        .env("DOCKER_CONFIG", d.join("docker"))
+        .args(["pull", &r, "-o", out.to_str().unwrap(), "--transfers", "1", "-q"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let chunks = d.join("cache/chunks/sha256");
+    let cached = || std::fs::read_dir(&chunks).map_or(0, |r| r.count());
+    wait_for("a few chunks in the cache", Duration::from_secs(60), || cached() >= 4);
+    reg.kill();
+    let o = pull.wait_with_output().unwrap();
+    fails(&o);
+    let left: Vec<_> = std::fs::read_dir(d.join("out")).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    reg.restart();
+    let res = json(&vm(d, &["pull", &r, "-o", out.to_str().unwrap(), "--json", "-q"]));
+    assert!(res["cached_blobs"].as_u64().unwrap() >= 3, "the rerun reuses the cache: {res}");
+    same_file(&pack, &out);
+}
+
+#[test]
+fn a_blob_altered_in_the_registry_is_refused_naming_the_chunk() {
+    if !have("docker-registry", "the altered-blob test") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let reg = Registry::start(&d.join("reg"), None);
+    let pack = make_pack(d, "a", 4, 4);
+    let r = format!("{}/team/vm:v1", reg.host());
+    ok(&vm(d, &["push", pack.to_str().unwrap(), &r, "-q"]));
+    // The disk's chunk 1: its digest is the SHA-256 of the second MiB of the disk.
+    let disk = std::fs::read(d.join("a-src/disk.img")).unwrap();
+    use sha2::{Digest, Sha256};
+    let hex = hex::encode(Sha256::digest(&disk[1 << 20..2 << 20]));
+    let data = reg
+        .blob_files()
+        .into_iter()
+        .find(|p| p.parent().unwrap().file_name().unwrap().to_str() == Some(hex.as_str()))
+        .expect("the chunk's blob in the registry's storage");
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[12345] ^= 0x40;
+    std::fs::write(&data, bytes).unwrap();
+    let out = d.join("pulled.vmpack");
+    let e = fails(&vm(d, &["pull", &r, "-o", out.to_str().unwrap()]));
+    assert!(e.contains("section 'disk/0' chunk 1"), "{e}");
+    assert!(e.contains(&hex), "{e}");
+    assert!(!out.exists());
+    assert_eq!(json(&vm(d, &["cache", "ls", "--json"]))["chunks"]["count"].as_u64().unwrap() < 6, true);
+}
+
+fn keygen(dir: &Path, name: &str, comment: &str) -> (PathBuf, String) {
+    let key = dir.join(name);
+    let o = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let mut it = public.split_whitespace();
+    let line = format!("{comment} {} {}\n", it.next().unwrap(), it.next().unwrap());
+    (key, line)
+}
+
+#[test]
+fn signatures_checked_both_ways_with_ssh_keygen_and_pushed_as_referrers() {
+    if !have("ssh-keygen", "the signature test") || !have("docker-registry", "the signature test") || !have("skopeo", "the signature test") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let pack = make_pack(d, "a", 2, 5);
+    let root = json(&vm(d, &["inspect", "--json", pack.to_str().unwrap()]))["root_digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (alice, alice_line) = keygen(d, "alice", "alice@example.com");
+    let (bob, bob_line) = keygen(d, "bob", "bob@example.com");
+    std::fs::write(d.join("allowed_alice"), &alice_line).unwrap();
+    std::fs::write(d.join("allowed_bob"), &bob_line).unwrap();
+
+    // The message is the root digest in hex and a newline.
+    let msg = ok(&vm(d, &["sign", pack.to_str().unwrap(), "--message"]));
+    assert_eq!(msg, format!("{root}\n"));
+    std::fs::write(d.join("msg"), &msg).unwrap();
+
+    // Unsigned: refused.
+    let e = fails(&vm(d, &["verify", pack.to_str().unwrap(), "--allowed-signers", "allowed_alice"]));
+    assert!(e.contains("not signed"), "{e}");
+
+    // vmpack signs; ssh-keygen verifies it.
+    let signed = d.join("signed.vmpack");
+    ok(&vm(d, &["sign", pack.to_str().unwrap(), "--key", alice.to_str().unwrap(), "-o", signed.to_str().unwrap(), "-q"]));
+    let info = json(&vm(d, &["inspect", "--json", signed.to_str().unwrap()]));
+    assert_eq!(info["root_digest"].as_str().unwrap(), root, "signing keeps the root digest");
+    std::fs::write(d.join("vm.sig"), info["signatures"][0]["signature"].as_str().unwrap()).unwrap();
+    let o = Command::new("ssh-keygen")
+        .args(["-Y", "verify", "-f", "allowed_alice", "-I", "alice@example.com", "-n", "vmpack", "-s", "vm.sig"])
+        .current_dir(d)
+        .stdin(std::fs::File::open(d.join("msg")).unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "ssh-keygen refused vmpack's signature: {}{}", stdout(&o), stderr(&o));
+    let good = ok(&vm(d, &["verify", signed.to_str().unwrap(), "--allowed-signers", "allowed_alice"]));
+    assert!(good.contains("good signature by alice@example.com"), "{good}");
+
+    // A signer not in the file is refused, naming the key found.
+    let e = fails(&vm(d, &["verify", signed.to_str().unwrap(), "--allowed-signers", "allowed_bob"]));
+    let fp = info["signatures"][0]["key"].as_str().unwrap();
+    assert!(e.contains(fp) && e.contains("not in the allowed signers"), "{e}");
+    let e = fails(&vm(d, &["restore", signed.to_str().unwrap(), "--require-signature", "--allowed-signers", "allowed_bob"]));
+    assert!(e.contains(fp), "{e}");
+    let e = fails(&vm(d, &["restore", pack.to_str().unwrap(), "--require-signature", "--allowed-signers", "allowed_alice"]));
+    assert!(e.contains("not signed"), "{e}");
+
+    // ssh-keygen signs the documented message; vmpack attaches and verifies it.
+    let o = Command::new("ssh-keygen")
+        .args(["-Y", "sign", "-n", "vmpack", "-f"])
+        .arg(&bob)
+        .arg(d.join("msg"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    ok(&vm(d, &["sign", signed.to_str().unwrap(), "--signature", "msg.sig", "-q"]));
+    let good = ok(&vm(d, &["verify", signed.to_str().unwrap(), "--allowed-signers", "allowed_bob"]));
+    assert!(good.contains("good signature by bob@example.com"), "{good}");
+    // A signature over another message is not attached.
+    std::fs::write(d.join("other"), "something else\n").unwrap();
+    Command::new("ssh-keygen").args(["-Y", "sign", "-n", "vmpack", "-f"]).arg(&bob).arg(d.join("other")).output().unwrap();
+    let e = fails(&vm(d, &["sign", signed.to_str().unwrap(), "--signature", "other.sig"]));
+    assert!(e.contains("not over this pack's root digest"), "{e}");
+    // A byte flipped in the data is caught by verify before any signature is considered.
+    let mut bad = std::fs::read(&signed).unwrap();
+    bad[1000] ^= 1;
+    std::fs::write(d.join("bad.vmpack"), bad).unwrap();
+    fails(&vm(d, &["verify", "bad.vmpack", "--allowed-signers", "allowed_alice"]));
+
+    // Pushed: the signatures travel inside the pack and as OCI referrers (this registry has
+    // no referrers API: the sha256-<digest> tag lists them).
+    let reg = Registry::start(&d.join("reg"), None);
+    let r = format!("{}/team/signed:v1", reg.host());
+    let pushed = json(&vm(d, &["push", signed.to_str().unwrap(), &r, "--json", "-q"]));
+    assert_eq!(pushed["signatures"], 2);
+    assert_eq!(pushed["referrers_api"], false);
+    let tag = pushed["digest"].as_str().unwrap().replace(':', "-");
+    let refs = skopeo_raw(&format!("{}/team/signed:{tag}", reg.host()));
+    let list = refs["manifests"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{refs}");
+    assert!(list.iter().all(|m| m["artifactType"] == "application/vnd.vmpack.signature.v1"));
+    let sigm = skopeo_raw(&format!("{}/team/signed@{}", reg.host(), list[0]["digest"].as_str().unwrap()));
+    assert_eq!(sigm["subject"]["digest"], pushed["digest"], "{sigm}");
+    let out = d.join("pulled.vmpack");
+    ok(&vm(d, &["pull", &r, "-o", out.to_str().unwrap(), "-q"]));
+    same_file(&signed, &out);
+    ok(&vm(d, &["verify", out.to_str().unwrap(), "--allowed-signers", "allowed_bob", "-q"]));
+}
+
+/// One HTTP request over a control socket.
+fn http(sock: &Path, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    use std::io::Read;
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let status = answer.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = answer.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string());
+    (status, body)
+}
+
+#[test]
+fn a_second_save_uploads_only_the_changed_chunks() {
+    if !kvm_available("the registry dedupe test") || !have("docker-registry", "the registry dedupe test") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let reg = Registry::start(&d.join("reg"), None);
+    let sock = d.join("kv.sock");
+    let mut guest = Command::new(bin("vmboot"))
+        .args(["run", "--serial-out", "none", "--api-sock"])
+        .arg(&sock)
+        .arg(samples_dir().join("kvstore.toml"))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let output = |sock: &Path| {
+        let (_, body) = http(sock, "GET", "/vm/serial/output?since=0", b"");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["output"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    wait_for("the prompt", Duration::from_secs(20), || {
+        sock.exists() && UnixStream::connect(&sock).is_ok() && output(&sock).ends_with("> ")
+    });
+    let r = format!("{}/team/kv:latest", reg.host());
+    let first = ok(&vm(d, &["save", "--api-sock", sock.to_str().unwrap(), "-o", "one.vmpack", "--push", &r, "-q"]));
+    assert!(first.is_empty(), "quiet: {first}");
+    let one = json(&vm(d, &["push", "one.vmpack", &r, "--json", "-q"]));
+    assert_eq!(one["uploaded_blobs"], 0, "{one}");
+    let (st, _) = http(&sock, "PUT", "/vm/serial/input", b"set answer 42\n");
+    assert_eq!(st, 204);
+    wait_for("the answer", Duration::from_secs(20), || output(&sock).ends_with("ok\n> "));
+    // The second save goes straight to the registry (no -o): only changed chunks travel.
+    ok(&vm(d, &["save", "--api-sock", sock.to_str().unwrap(), "--push", &r, "--then", "stop", "-q"]));
+    assert!(guest.wait().unwrap().success());
+    let out = d.join("two.vmpack");
+    let two = json(&vm(d, &["pull", &r, "-o", out.to_str().unwrap(), "--json", "-q"]));
+    let info = json(&vm(d, &["inspect", "--json", out.to_str().unwrap()]));
+    let stored: u64 = info["sections"].as_array().unwrap().iter().map(|s| s["stored_bytes"].as_u64().unwrap()).sum();
+    let fetched = two["fetched_bytes"].as_u64().unwrap();
+    eprintln!("second save: {stored} bytes stored, {fetched} fetched by a pull after the first");
+    assert!(two["cached_blobs"].as_u64().unwrap() >= 1, "{two}");
+    assert!(fetched < stored, "{two}");
+    // The pulled second save resumes: its answer is there.
+    let cases = d.join("cases.toml");
+    std::fs::write(&cases, "[[case]]\nname = \"the answer survived\"\nsend = \"get answer\\n\"\nexpect = '42'\n").unwrap();
+    ok(&vm(d, &["test", &r, cases.to_str().unwrap(), "-q"]));
+}
