@@ -360,19 +360,16 @@ impl Client {
     }
 
     /// Uploads a blob: POST for a session, then one PUT with the data, or PATCH pieces of
-    /// [`UPLOAD_PIECE`] bytes and a closing PUT. A failed sequence starts over (bounded).
+    /// [`UPLOAD_PIECE`] bytes and a closing PUT. Each request is retried on its own; a
+    /// sequence that still fails (e.g. the session was lost) starts over once.
     pub fn upload_blob(&self, digest: &str, data: &[u8]) -> Result<()> {
-        let mut attempt = 0;
-        loop {
-            match self.upload_once(digest, data) {
-                Ok(()) => return Ok(()),
-                Err(e) if attempt < self.opts.retries => {
-                    let _ = e;
-                    self.sleep_backoff(attempt);
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
+        match self.upload_once(digest, data) {
+            Ok(()) => Ok(()),
+            Err(_) if self.opts.retries > 0 => {
+                self.sleep_backoff(0);
+                self.upload_once(digest, data)
             }
+            Err(e) => Err(e),
         }
     }
 

@@ -628,7 +628,9 @@ pub fn pull(
                         pack.chunk_name(first_user[digest])
                     )));
                 }
-                Err(e) if attempt >= retries => return Err(e),
+                // Requests are retried inside the client; this restarts a blob whose body
+                // broke off midway, once.
+                Err(e) if attempt >= retries.min(1) => return Err(e),
                 Err(_) => {
                     // Start the blob over; its bytes so far are not counted twice.
                     attempt += 1;

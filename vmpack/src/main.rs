@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_clones;
+mod bench_registry;
 mod bench_snapshot;
 mod inspect;
 mod output;
@@ -68,6 +69,8 @@ enum Command {
     Pull(registry_cmd::PullArgs),
     /// List or prune the local chunk cache.
     Cache(registry_cmd::CacheArgs),
+    /// Measure what chunk sizes make a second push of a changed guest send to a registry.
+    BenchRegistry(bench_registry::BenchRegistryArgs),
     /// Sign a pack's root digest with an SSH key (the signature is kept in the pack).
     Sign(sign::SignArgs),
 }
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
         Command::Pull(a) => registry_cmd::run_pull(a),
         Command::Cache(a) => registry_cmd::run_cache(a),
         Command::Sign(a) => sign::run_sign(a),
+        Command::BenchRegistry(a) => bench_registry::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
