@@ -12,6 +12,11 @@ command -v cpio >/dev/null || need+=(cpio)
 command -v lz4 >/dev/null || need+=(lz4)
 command -v curl >/dev/null || need+=(curl)
 command -v sha256sum >/dev/null || need+=(coreutils)
+# The registry tests: a local OCI registry, an independent reader, auth files, SSH signatures.
+command -v docker-registry >/dev/null || need+=(docker-registry)
+command -v skopeo >/dev/null || need+=(skopeo)
+command -v htpasswd >/dev/null || need+=(apache2-utils)
+command -v ssh-keygen >/dev/null || need+=(openssh-client)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "== installing: ${need[*]}"

@@ -556,12 +556,13 @@ fn a_second_save_uploads_only_the_changed_chunks() {
     let r = format!("{}/team/kv:latest", reg.host());
     let first = ok(&vm(d, &["save", "--api-sock", sock.to_str().unwrap(), "-o", "one.vmpack", "--push", &r, "-q"]));
     assert!(first.is_empty(), "quiet: {first}");
-    let one = json(&vm(d, &["push", "one.vmpack", &r, "--json", "-q"]));
-    assert_eq!(one["uploaded_blobs"], 0, "{one}");
+    // A pull fills the chunk cache with the first save's chunks.
+    ok(&vm(d, &["pull", &r, "-o", "one-pulled.vmpack", "-q"]));
+    same_file(&d.join("one.vmpack"), &d.join("one-pulled.vmpack"));
     let (st, _) = http(&sock, "PUT", "/vm/serial/input", b"set answer 42\n");
     assert_eq!(st, 204);
     wait_for("the answer", Duration::from_secs(20), || output(&sock).ends_with("ok\n> "));
-    // The second save goes straight to the registry (no -o): only changed chunks travel.
+    // The second save goes straight to the registry (no -o) and replaces the tag.
     ok(&vm(d, &["save", "--api-sock", sock.to_str().unwrap(), "--push", &r, "--then", "stop", "-q"]));
     assert!(guest.wait().unwrap().success());
     let out = d.join("two.vmpack");
@@ -569,9 +570,15 @@ fn a_second_save_uploads_only_the_changed_chunks() {
     let info = json(&vm(d, &["inspect", "--json", out.to_str().unwrap()]));
     let stored: u64 = info["sections"].as_array().unwrap().iter().map(|s| s["stored_bytes"].as_u64().unwrap()).sum();
     let fetched = two["fetched_bytes"].as_u64().unwrap();
-    eprintln!("second save: {stored} bytes stored, {fetched} fetched by a pull after the first");
     assert!(two["cached_blobs"].as_u64().unwrap() >= 1, "{two}");
     assert!(fetched < stored, "{two}");
+    // The same on the push side: the second save after the first uploads only what changed.
+    let r2 = format!("{}/team/kv2:latest", reg.host());
+    ok(&vm(d, &["push", "one.vmpack", &r2, "-q"]));
+    let up = json(&vm(d, &["push", out.to_str().unwrap(), &r2, "--json", "-q"]));
+    let uploaded = up["uploaded_bytes"].as_u64().unwrap();
+    eprintln!("second save: {stored} bytes of chunks; push uploaded {uploaded}, pull fetched {fetched}");
+    assert!(uploaded < stored && up["present_blobs"].as_u64().unwrap() >= 1, "{up}");
     // The pulled second save resumes: its answer is there.
     let cases = d.join("cases.toml");
     std::fs::write(&cases, "[[case]]\nname = \"the answer survived\"\nsend = \"get answer\\n\"\nexpect = '42'\n").unwrap();
