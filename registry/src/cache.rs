@@ -26,16 +26,17 @@ pub struct ChunkCache {
 
 fn hex_of(digest: &str) -> Option<&str> {
     let h = digest.strip_prefix("sha256:")?;
-    (h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-        .then_some(h)
+    (h.len() == 64
+        && h.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+    .then_some(h)
 }
 
 impl ChunkCache {
     /// The cache under [`cache_root`].
     pub fn open_default() -> Result<ChunkCache> {
-        let root = cache_root().context(
-            "no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME",
-        )?;
+        let root = cache_root()
+            .context("no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
         Ok(ChunkCache::at(&root))
     }
 
@@ -58,7 +59,9 @@ impl ChunkCache {
     /// Whether the cache holds `digest` with `size` bytes (a size mismatch is a damaged
     /// entry, removed here).
     pub fn contains(&self, digest: &str, size: u64) -> bool {
-        let Some(p) = self.path(digest) else { return false };
+        let Some(p) = self.path(digest) else {
+            return false;
+        };
         match std::fs::metadata(&p) {
             Ok(m) if m.len() == size => true,
             Ok(_) => {
@@ -127,7 +130,11 @@ impl ChunkCache {
                 continue;
             }
             let m = ent.metadata()?;
-            out.push((digest, m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+            out.push((
+                digest,
+                m.len(),
+                m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            ));
         }
         Ok(out)
     }
@@ -147,9 +154,16 @@ impl ChunkCache {
             removed += 1;
             freed += size;
         }
+        // Leftovers of killed transfers; a transfer running now is younger than an hour.
         if let Ok(rd) = std::fs::read_dir(&self.dir) {
             for ent in rd.flatten() {
-                if ent.file_name().to_string_lossy().starts_with(".incoming-") {
+                let old = ent
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age.as_secs() > 3600);
+                if old && ent.file_name().to_string_lossy().starts_with(".incoming-") {
                     let _ = std::fs::remove_file(ent.path());
                 }
             }

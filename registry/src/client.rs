@@ -206,7 +206,9 @@ impl Client {
                     self.authenticate(&challenge)?;
                     authed = true;
                 }
-                Ok(resp) if retryable_status(resp.status().as_u16()) && attempt < self.opts.retries => {
+                Ok(resp)
+                    if retryable_status(resp.status().as_u16()) && attempt < self.opts.retries =>
+                {
                     self.sleep_backoff(attempt);
                     attempt += 1;
                 }
@@ -268,7 +270,10 @@ impl Client {
                     .run(b.body(())?)
                     .with_context(|| format!("{host}: getting a token from {realm}"))?;
                 if resp.status() != 200 {
-                    return Err(status_error(&format!("{host}: token from {realm}"), &mut resp));
+                    return Err(status_error(
+                        &format!("{host}: token from {realm}"),
+                        &mut resp,
+                    ));
                 }
                 let v: serde_json::Value = serde_json::from_slice(
                     &resp.body_mut().with_config().limit(1 << 20).read_to_vec()?,
@@ -328,7 +333,12 @@ impl Client {
     /// Stores a manifest or index under a tag or its digest. Returns its digest and
     /// whether the registry processed its `subject` (the `OCI-Subject` header: a registry
     /// with the referrers API).
-    pub fn put_manifest(&self, reference: &str, media_type: &str, bytes: &[u8]) -> Result<(String, bool)> {
+    pub fn put_manifest(
+        &self,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<(String, bool)> {
         if bytes.len() as u64 > MAX_MANIFEST_LEN {
             bail!(
                 "{}: manifest of {} bytes is over the {MAX_MANIFEST_LEN}-byte limit registries enforce",
@@ -355,7 +365,10 @@ impl Client {
         match resp.status().as_u16() {
             200 => Ok(true),
             404 => Ok(false),
-            _ => Err(status_error(&format!("{}: blob {digest}", self.reference), &mut resp)),
+            _ => Err(status_error(
+                &format!("{}: blob {digest}", self.reference),
+                &mut resp,
+            )),
         }
     }
 
@@ -389,7 +402,10 @@ impl Client {
                 let mut resp = self.send(
                     "PATCH",
                     &location,
-                    &[("Content-Type", "application/octet-stream"), ("Content-Range", &range)],
+                    &[
+                        ("Content-Type", "application/octet-stream"),
+                        ("Content-Range", &range),
+                    ],
                     Some(&data[off..end]),
                 )?;
                 if resp.status() != 202 {
@@ -472,8 +488,16 @@ impl Client {
     /// the first bytes of one). A registry that ignores `Range` and sends the whole blob
     /// is handled by cutting the range out, if the blob is at most `max_whole` bytes.
     /// The bytes are not verified here: the caller checks them against the pack index.
-    pub fn get_blob_range(&self, digest: &str, range: Range<u64>, max_whole: u64) -> Result<Vec<u8>> {
-        let what = format!("{}: blob {digest} bytes {}..{}", self.reference, range.start, range.end);
+    pub fn get_blob_range(
+        &self,
+        digest: &str,
+        range: Range<u64>,
+        max_whole: u64,
+    ) -> Result<Vec<u8>> {
+        let what = format!(
+            "{}: blob {digest} bytes {}..{}",
+            self.reference, range.start, range.end
+        );
         if range.is_empty() {
             return Ok(Vec::new());
         }
@@ -490,7 +514,11 @@ impl Client {
                 Ok(v)
             }
             200 => {
-                let v = resp.body_mut().with_config().limit(max_whole).read_to_vec()?;
+                let v = resp
+                    .body_mut()
+                    .with_config()
+                    .limit(max_whole)
+                    .read_to_vec()?;
                 v.get(range.start as usize..range.end as usize)
                     .map(|s| s.to_vec())
                     .ok_or_else(|| anyhow!("{what}: the blob is only {} bytes", v.len()))
@@ -512,7 +540,10 @@ pub struct BlobMismatch {
 fn transient(e: &ureq::Error) -> bool {
     matches!(
         e,
-        ureq::Error::Io(_) | ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed | ureq::Error::Protocol(_)
+        ureq::Error::Io(_)
+            | ureq::Error::Timeout(_)
+            | ureq::Error::ConnectionFailed
+            | ureq::Error::Protocol(_)
     )
 }
 
@@ -521,7 +552,9 @@ fn parse_challenge_params(s: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut rest = s.trim();
     while !rest.is_empty() {
-        let Some((k, after)) = rest.split_once('=') else { break };
+        let Some((k, after)) = rest.split_once('=') else {
+            break;
+        };
         let k = k.trim().trim_start_matches(',').trim().to_ascii_lowercase();
         let after = after.trim_start();
         let (v, remaining) = if let Some(q) = after.strip_prefix('"') {
@@ -590,6 +623,9 @@ mod tests {
         assert_eq!(p[0], ("realm".into(), "https://auth.example/token".into()));
         assert_eq!(p[1], ("service".into(), "registry.example".into()));
         assert_eq!(p[2], ("scope".into(), "repository:a/b:pull,push".into()));
-        assert_eq!(form_encode("repository:a/b:pull"), "repository%3Aa%2Fb%3Apull");
+        assert_eq!(
+            form_encode("repository:a/b:pull"),
+            "repository%3Aa%2Fb%3Apull"
+        );
     }
 }

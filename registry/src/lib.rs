@@ -14,5 +14,5 @@ pub mod signature;
 
 pub use cache::ChunkCache;
 pub use client::{Client, ClientOptions, Credentials};
-pub use oci::{pull, push, resolve, fetch_chunk, PullReport, PushReport, RemotePack};
+pub use oci::{fetch_chunk, pull, push, resolve, PullReport, PushReport, RemotePack};
 pub use reference::Reference;

@@ -83,7 +83,11 @@ fn max_layers() -> usize {
 }
 
 /// Runs `work(i)` for i in 0..n on `threads` threads; stops at the first error.
-pub fn parallel_for(n: usize, threads: usize, work: &(dyn Fn(usize) -> Result<()> + Sync)) -> Result<()> {
+pub fn parallel_for(
+    n: usize,
+    threads: usize,
+    work: &(dyn Fn(usize) -> Result<()> + Sync),
+) -> Result<()> {
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let first: Mutex<Option<(usize, anyhow::Error)>> = Mutex::new(None);
@@ -161,7 +165,11 @@ pub fn push(
     let threads = client.options().parallel.max(1);
 
     // Layer digests: an uncompressed chunk's is its SHA-256, already in the index.
-    let chunks: Vec<&ChunkEntry> = skel.chunks().iter().filter(|c| c.codec != Codec::Zero).collect();
+    let chunks: Vec<&ChunkEntry> = skel
+        .chunks()
+        .iter()
+        .filter(|c| c.codec != Codec::Zero)
+        .collect();
     let digests: Vec<Mutex<String>> = chunks
         .iter()
         .map(|c| {
@@ -181,7 +189,10 @@ pub fn push(
         *digests[i].lock().unwrap() = sha256_digest(&buf);
         Ok(())
     })?;
-    let digests: Vec<String> = digests.into_iter().map(|m| m.into_inner().unwrap()).collect();
+    let digests: Vec<String> = digests
+        .into_iter()
+        .map(|m| m.into_inner().unwrap())
+        .collect();
 
     let config = PackConfig {
         format: "vmpack".into(),
@@ -235,13 +246,21 @@ pub fn push(
         parts.push(serde_json::to_vec(&m)?);
     }
     if parts.len() + 1 > MAX_PARTS {
-        bail!("{}: {} chunks need more than {MAX_PARTS} manifests", path.display(), chunks.len());
+        bail!(
+            "{}: {} chunks need more than {MAX_PARTS} manifests",
+            path.display(),
+            chunks.len()
+        );
     }
     let head = ImageManifestBuilder::default()
         .schema_version(2u32)
         .media_type(MediaType::ImageManifest)
         .artifact_type(other(ARTIFACT_TYPE))
-        .config(descriptor(other(CONFIG_MEDIA), &config_digest, config_bytes.len() as u64)?)
+        .config(descriptor(
+            other(CONFIG_MEDIA),
+            &config_digest,
+            config_bytes.len() as u64,
+        )?)
         .layers(layers)
         .build()?;
     let head_bytes = serde_json::to_vec(&head)?;
@@ -255,8 +274,16 @@ pub fn push(
         }
     }
     let mut wanted: Vec<(String, u64, BlobSource)> = vec![
-        (index_digest.clone(), index_bytes.len() as u64, BlobSource::Bytes(index_bytes)),
-        (config_digest.clone(), config_bytes.len() as u64, BlobSource::Bytes(&config_bytes)),
+        (
+            index_digest.clone(),
+            index_bytes.len() as u64,
+            BlobSource::Bytes(index_bytes),
+        ),
+        (
+            config_digest.clone(),
+            config_bytes.len() as u64,
+            BlobSource::Bytes(&config_bytes),
+        ),
     ];
     if !parts.is_empty() || !skel.signatures().is_empty() {
         wanted.push((empty_digest.clone(), 2, BlobSource::Bytes(EMPTY_BLOB)));
@@ -266,8 +293,12 @@ pub fn push(
     }
     let mut seen = HashSet::new();
     wanted.retain(|(d, _, _)| seen.insert(d.clone()));
-    let (up_blobs, up_bytes, have_blobs, have_bytes) =
-        (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let (up_blobs, up_bytes, have_blobs, have_bytes) = (
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    );
     parallel_for(wanted.len(), threads, &|i| {
         let (digest, size, src) = &wanted[i];
         if present.contains(digest) || client.blob_exists(digest)? {
@@ -297,7 +328,8 @@ pub fn push(
         (d, MEDIA_MANIFEST, head_bytes.len() as u64)
     } else {
         let mut entries = Vec::new();
-        let (hd, _) = client.put_manifest(&sha256_digest(&head_bytes), MEDIA_MANIFEST, &head_bytes)?;
+        let (hd, _) =
+            client.put_manifest(&sha256_digest(&head_bytes), MEDIA_MANIFEST, &head_bytes)?;
         let mut e = descriptor(MediaType::ImageManifest, &hd, head_bytes.len() as u64)?;
         e.set_artifact_type(Some(other(ARTIFACT_TYPE)));
         entries.push(e);
@@ -322,7 +354,11 @@ pub fn push(
 
     let mut referrers_api = None;
     let subject = descriptor(
-        if top.1 == MEDIA_INDEX { MediaType::ImageIndex } else { MediaType::ImageManifest },
+        if top.1 == MEDIA_INDEX {
+            MediaType::ImageIndex
+        } else {
+            MediaType::ImageManifest
+        },
         &top.0,
         top.2,
     )?;
@@ -362,7 +398,11 @@ pub fn push_signature(client: &Client, subject: &Descriptor, sig: &[u8]) -> Resu
         .media_type(MediaType::ImageManifest)
         .artifact_type(other(SIGNATURE_ARTIFACT_TYPE))
         .config(descriptor(MediaType::EmptyJSON, &empty, 2)?)
-        .layers(vec![descriptor(other(SIGNATURE_MEDIA), &sd, sig.len() as u64)?])
+        .layers(vec![descriptor(
+            other(SIGNATURE_MEDIA),
+            &sd,
+            sig.len() as u64,
+        )?])
         .subject(subject.clone())
         .build()?;
     let mb = serde_json::to_vec(&m)?;
@@ -380,7 +420,11 @@ pub fn push_signature(client: &Client, subject: &Descriptor, sig: &[u8]) -> Resu
             .manifests(Vec::new())
             .build()?,
     };
-    if !index.manifests().iter().any(|d| d.digest().to_string() == md) {
+    if !index
+        .manifests()
+        .iter()
+        .any(|d| d.digest().to_string() == md)
+    {
         let mut d = descriptor(MediaType::ImageManifest, &md, mb.len() as u64)?;
         d.set_artifact_type(Some(other(SIGNATURE_ARTIFACT_TYPE)));
         let mut list = index.manifests().clone();
@@ -409,18 +453,27 @@ fn resolve_manifests(
     let manifests = if is_index {
         let index: ImageIndex = serde_json::from_slice(&top.bytes)
             .with_context(|| format!("{what}: not an OCI image index"))?;
-        if index.artifact_type().as_ref().map(|m| m.to_string()).as_deref() != Some(ARTIFACT_TYPE) {
+        if index
+            .artifact_type()
+            .as_ref()
+            .map(|m| m.to_string())
+            .as_deref()
+            != Some(ARTIFACT_TYPE)
+        {
             bail!("{what}: not a vmpack pack (image index without artifactType {ARTIFACT_TYPE})");
         }
         if index.manifests().is_empty() || index.manifests().len() > MAX_PARTS {
-            bail!("{what}: a pack has 1 to {MAX_PARTS} manifests, this index lists {}", index.manifests().len());
+            bail!(
+                "{what}: a pack has 1 to {MAX_PARTS} manifests, this index lists {}",
+                index.manifests().len()
+            );
         }
         let mut out = Vec::new();
         for d in index.manifests() {
             let digest = d.digest().to_string();
-            let m = client
-                .get_manifest(&digest)?
-                .ok_or_else(|| anyhow!("{what}: manifest {digest} listed by the index is missing"))?;
+            let m = client.get_manifest(&digest)?.ok_or_else(|| {
+                anyhow!("{what}: manifest {digest} listed by the index is missing")
+            })?;
             out.push(parse_manifest(&m.bytes, &what)?);
         }
         out
@@ -435,7 +488,8 @@ fn resolve_manifests(
         );
     }
     for p in &manifests[1..] {
-        if p.artifact_type().as_ref().map(|m| m.to_string()).as_deref() != Some(PART_ARTIFACT_TYPE) {
+        if p.artifact_type().as_ref().map(|m| m.to_string()).as_deref() != Some(PART_ARTIFACT_TYPE)
+        {
             bail!("{what}: a part manifest without artifactType {PART_ARTIFACT_TYPE}");
         }
     }
@@ -462,7 +516,11 @@ impl RemotePack {
     }
 
     fn chunk_name(&self, c: &ChunkEntry) -> String {
-        format!("section '{}' chunk {}", self.skeleton.section_name(c.section), c.seq)
+        format!(
+            "section '{}' chunk {}",
+            self.skeleton.section_name(c.section),
+            c.seq
+        )
     }
 }
 
@@ -478,11 +536,15 @@ pub fn resolve(client: &Client) -> Result<RemotePack> {
     if cfg_desc.media_type().to_string() != CONFIG_MEDIA || cfg_desc.size() > MAX_CONFIG_LEN {
         bail!("{what}: the config is not a vmpack config of at most {MAX_CONFIG_LEN} bytes");
     }
-    let cfg_bytes = fetch_small(client, &cfg_desc.digest().to_string(), cfg_desc.size())?;
-    let cfg: PackConfig = serde_json::from_slice(&cfg_bytes)
-        .with_context(|| format!("{what}: the config blob"))?;
+    let cfg_bytes = fetch_small(client, cfg_desc.digest().as_ref(), cfg_desc.size())?;
+    let cfg: PackConfig =
+        serde_json::from_slice(&cfg_bytes).with_context(|| format!("{what}: the config blob"))?;
     if cfg.format != "vmpack" || cfg.mapping != 1 {
-        bail!("{what}: config format '{}' mapping {} (this vmpack reads mapping 1)", cfg.format, cfg.mapping);
+        bail!(
+            "{what}: config format '{}' mapping {} (this vmpack reads mapping 1)",
+            cfg.format,
+            cfg.mapping
+        );
     }
     let idx_desc = head
         .layers()
@@ -490,7 +552,10 @@ pub fn resolve(client: &Client) -> Result<RemotePack> {
         .filter(|l| l.media_type().to_string() == INDEX_MEDIA)
         .ok_or_else(|| anyhow!("{what}: the first layer is not the pack index"))?;
     if idx_desc.digest().to_string() != cfg.root_digest || idx_desc.size() > MAX_INDEX_LEN {
-        bail!("{what}: the index layer does not match the root digest {}", cfg.root_digest);
+        bail!(
+            "{what}: the index layer does not match the root digest {}",
+            cfg.root_digest
+        );
     }
     let index = fetch_small(client, &cfg.root_digest, idx_desc.size())?;
     let header: [u8; 32] = hex::decode(&cfg.header)
@@ -505,16 +570,27 @@ pub fn resolve(client: &Client) -> Result<RemotePack> {
         .with_context(|| format!("{what}: a signature in the config"))?;
     let skeleton = Skeleton::new(&what, header, index, cfg.index_offset, signatures)?;
     if skeleton.file_size() != cfg.size {
-        bail!("{what}: the config says {} bytes, the index implies {}", cfg.size, skeleton.file_size());
+        bail!(
+            "{what}: the config says {} bytes, the index implies {}",
+            cfg.size,
+            skeleton.file_size()
+        );
     }
     let layers: Vec<&Descriptor> = head.layers()[1..]
         .iter()
         .chain(manifests[1..].iter().flat_map(|m| m.layers().iter()))
         .collect();
-    let chunks: Vec<&ChunkEntry> =
-        skeleton.chunks().iter().filter(|c| c.codec != Codec::Zero).collect();
+    let chunks: Vec<&ChunkEntry> = skeleton
+        .chunks()
+        .iter()
+        .filter(|c| c.codec != Codec::Zero)
+        .collect();
     if layers.len() != chunks.len() {
-        bail!("{what}: {} chunk layers for {} stored chunks", layers.len(), chunks.len());
+        bail!(
+            "{what}: {} chunk layers for {} stored chunks",
+            layers.len(),
+            chunks.len()
+        );
     }
     let mut blobs = HashMap::with_capacity(chunks.len());
     for (c, l) in chunks.iter().zip(&layers) {
@@ -554,7 +630,11 @@ pub fn fetch_chunk(client: &Client, pack: &RemotePack, chunk: &ChunkEntry) -> Re
     };
     let data = client.get_blob_range(digest, 0..*size, *size)?;
     if sha256_digest(&data) != *digest {
-        bail!("{}: {}: the registry's blob {digest} does not match its digest", client.reference(), pack.chunk_name(chunk));
+        bail!(
+            "{}: {}: the registry's blob {digest} does not match its digest",
+            client.reference(),
+            pack.chunk_name(chunk)
+        );
     }
     Ok(data)
 }
@@ -587,8 +667,12 @@ pub fn pull(
     progress: &dyn Progress,
 ) -> Result<PullReport> {
     let pack = resolve(client)?;
-    let chunks: Vec<&ChunkEntry> =
-        pack.skeleton.chunks().iter().filter(|c| c.codec != Codec::Zero).collect();
+    let chunks: Vec<&ChunkEntry> = pack
+        .skeleton
+        .chunks()
+        .iter()
+        .filter(|c| c.codec != Codec::Zero)
+        .collect();
     // Distinct blobs, each named by the first chunk that uses it.
     let mut first_user: HashMap<&str, &ChunkEntry> = HashMap::new();
     let mut unique: Vec<(&str, u64)> = Vec::new();
@@ -603,8 +687,8 @@ pub fn pull(
         .filter(|(d, s)| !cache.contains(d, *s))
         .copied()
         .collect();
-    let cached_bytes: u64 = unique.iter().map(|u| u.1).sum::<u64>()
-        - missing.iter().map(|m| m.1).sum::<u64>();
+    let cached_bytes: u64 =
+        unique.iter().map(|u| u.1).sum::<u64>() - missing.iter().map(|m| m.1).sum::<u64>();
     progress.advance(cached_bytes);
     let fetched = AtomicU64::new(0);
     let retries = client.options().retries;
@@ -634,7 +718,9 @@ pub fn pull(
                 Err(_) => {
                     // Start the blob over; its bytes so far are not counted twice.
                     attempt += 1;
-                    std::thread::sleep(client.options().backoff.saturating_mul(1 << attempt.min(5)));
+                    std::thread::sleep(
+                        client.options().backoff.saturating_mul(1 << attempt.min(5)),
+                    );
                 }
             }
             let _ = counted;

@@ -28,7 +28,11 @@ impl Reference {
                 let hex = d
                     .strip_prefix("sha256:")
                     .ok_or_else(|| bad("the digest must be sha256:<64 hex digits>"))?;
-                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+                if hex.len() != 64
+                    || !hex
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+                {
                     return Err(bad("the digest must be sha256:<64 lowercase hex digits>"));
                 }
                 (r, Some(d.to_string()))
@@ -47,20 +51,26 @@ impl Reference {
         if let Some(t) = &tag {
             let ok = !t.is_empty()
                 && t.len() <= 128
-                && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
                 && !t.starts_with(['.', '-']);
             if !ok {
-                return Err(bad("a tag is 1-128 of [A-Za-z0-9_.-], not starting with '.' or '-'"));
+                return Err(bad(
+                    "a tag is 1-128 of [A-Za-z0-9_.-], not starting with '.' or '-'",
+                ));
             }
         }
         if repo.is_empty()
             || !repo.split('/').all(|c| {
                 !c.is_empty()
-                    && c.bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+                    && c.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)
+                    })
             })
         {
-            return Err(bad("repository names are lowercase path components of [a-z0-9._-]"));
+            return Err(bad(
+                "repository names are lowercase path components of [a-z0-9._-]",
+            ));
         }
         let (registry, repository) = match first {
             Some("docker.io") | Some("index.docker.io") | None => {
@@ -157,7 +167,10 @@ mod tests {
         let r = Reference::parse("ghcr.io/org/vm:latest").unwrap();
         assert!(!r.is_loopback());
         let r = Reference::parse("ubuntu:22.04").unwrap();
-        assert_eq!((r.registry.as_str(), r.repository.as_str()), ("docker.io", "library/ubuntu"));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("docker.io", "library/ubuntu")
+        );
         assert!(Reference::parse("localhost:5000/vm").is_err());
         assert!(Reference::parse("localhost:5000/VM:x").is_err());
         assert!(Reference::looks_like("localhost:5000/vm:x"));

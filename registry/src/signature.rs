@@ -74,7 +74,8 @@ fn tokens(line: &str) -> Vec<String> {
 /// `cert-authority` (such lines are skipped: vmpack checks plain keys),
 /// `valid-after`/`valid-before` (refused: vmpack signatures carry no time).
 pub fn parse_allowed_signers(path: &Path) -> Result<Vec<AllowedSigner>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line = raw.trim();
@@ -86,10 +87,13 @@ pub fn parse_allowed_signers(path: &Path) -> Result<Vec<AllowedSigner>> {
         if t.len() < 3 {
             bail!("{}: expected `principals [options] keytype key`", at());
         }
-        let is_keytype = |s: &str| {
-            s.starts_with("ssh-") || s.starts_with("ecdsa-") || s.starts_with("sk-")
+        let is_keytype =
+            |s: &str| s.starts_with("ssh-") || s.starts_with("ecdsa-") || s.starts_with("sk-");
+        let (options, rest) = if is_keytype(&t[1]) {
+            (None, &t[1..])
+        } else {
+            (Some(&t[1]), &t[2..])
         };
-        let (options, rest) = if is_keytype(&t[1]) { (None, &t[1..]) } else { (Some(&t[1]), &t[2..]) };
         if rest.len() < 2 {
             bail!("{}: no key after the options", at());
         }
@@ -102,7 +106,9 @@ pub fn parse_allowed_signers(path: &Path) -> Result<Vec<AllowedSigner>> {
                 let (k, v) = opt.split_once('=').unwrap_or((opt.as_str(), ""));
                 let v = v.trim_matches('"');
                 match k.to_ascii_lowercase().as_str() {
-                    "namespaces" => namespaces = Some(v.split(',').map(|s| s.trim().to_string()).collect()),
+                    "namespaces" => {
+                        namespaces = Some(v.split(',').map(|s| s.trim().to_string()).collect())
+                    }
                     "cert-authority" => cert_authority = true,
                     "valid-after" | "valid-before" => bail!(
                         "{}: option {k} is not supported (vmpack signatures carry no signing time)",
@@ -159,7 +165,10 @@ pub struct SignatureCheck {
 fn describe(key: &PublicKey) -> String {
     format!(
         "{} {}",
-        key.algorithm().as_str().trim_start_matches("ssh-").to_ascii_uppercase(),
+        key.algorithm()
+            .as_str()
+            .trim_start_matches("ssh-")
+            .to_ascii_uppercase(),
         key.fingerprint(HashAlg::Sha256)
     )
 }
@@ -179,15 +188,23 @@ pub fn check(sig: &[u8], root: &[u8; 32], allowed: &[AllowedSigner]) -> Signatur
     let key = PublicKey::from(parsed.public_key().clone());
     let name = describe(&key);
     if parsed.namespace() != NAMESPACE {
-        return bad(Some(name), format!("namespace is '{}', not '{NAMESPACE}'", parsed.namespace()));
+        return bad(
+            Some(name),
+            format!("namespace is '{}', not '{NAMESPACE}'", parsed.namespace()),
+        );
     }
     if let Err(e) = key.verify(NAMESPACE, &message(root), &parsed) {
-        return bad(Some(name), format!("does not match this pack's root digest ({e})"));
+        return bad(
+            Some(name),
+            format!("does not match this pack's root digest ({e})"),
+        );
     }
     let entry = allowed.iter().find(|a| {
         !a.cert_authority
             && a.key.key_data() == key.key_data()
-            && a.namespaces.as_ref().is_none_or(|ns| ns.iter().any(|n| n == NAMESPACE || n == "*"))
+            && a.namespaces
+                .as_ref()
+                .is_none_or(|ns| ns.iter().any(|n| n == NAMESPACE || n == "*"))
     });
     match entry {
         Some(a) => SignatureCheck {
@@ -211,7 +228,10 @@ pub fn check_own(sig: &[u8], root: &[u8; 32]) -> Result<String> {
     let parsed = SshSig::from_pem(sig).map_err(|e| anyhow!("not an SSH signature: {e}"))?;
     let key = PublicKey::from(parsed.public_key().clone());
     if parsed.namespace() != NAMESPACE {
-        bail!("the signature's namespace is '{}', not '{NAMESPACE}'", parsed.namespace());
+        bail!(
+            "the signature's namespace is '{}', not '{NAMESPACE}'",
+            parsed.namespace()
+        );
     }
     key.verify(NAMESPACE, &message(root), &parsed)
         .map_err(|e| anyhow!("the signature is not over this pack's root digest ({e})"))?;

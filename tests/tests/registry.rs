@@ -193,7 +193,13 @@ fn make_pack(dir: &Path, name: &str, mib: usize, seed: u64) -> PathBuf {
     let pack = dir.join(format!("{name}.vmpack"));
     ok(&vm(
         dir,
-        &["pack", sub.join("vm.toml").to_str().unwrap(), "-o", pack.to_str().unwrap(), "-q"],
+        &[
+            "pack",
+            sub.join("vm.toml").to_str().unwrap(),
+            "-o",
+            pack.to_str().unwrap(),
+            "-q",
+        ],
     ));
     pack
 }
@@ -224,7 +230,10 @@ fn push_pull_is_bit_for_bit_with_cache_and_split_manifests() {
     let pack = make_pack(d, "a", 8, 1);
     let r = format!("{}/team/vm:v1", reg.host());
 
-    let pushed = json(&vm(d, &["push", pack.to_str().unwrap(), &r, "--json", "-q"]));
+    let pushed = json(&vm(
+        d,
+        &["push", pack.to_str().unwrap(), &r, "--json", "-q"],
+    ));
     assert_eq!(pushed["chunks"], 8, "{pushed}"); // 6 MiB of disk data + image + manifest
     assert_eq!(pushed["blobs"], 10); // and the index and the config
     assert_eq!(pushed["present_blobs"], 0);
@@ -232,19 +241,39 @@ fn push_pull_is_bit_for_bit_with_cache_and_split_manifests() {
     // skopeo reads what vmpack wrote: an OCI 1.1 manifest with our artifactType.
     let m = skopeo_raw(&r);
     assert_eq!(m["artifactType"], "application/vnd.vmpack.pack.v1", "{m}");
-    assert_eq!(m["config"]["mediaType"], "application/vnd.vmpack.pack.config.v1+json");
+    assert_eq!(
+        m["config"]["mediaType"],
+        "application/vnd.vmpack.pack.config.v1+json"
+    );
     assert_eq!(m["layers"].as_array().unwrap().len(), 9);
 
     let out = d.join("pulled.vmpack");
-    let pulled = json(&vm(d, &["pull", &r, "-o", out.to_str().unwrap(), "--json", "-q"]));
+    let pulled = json(&vm(
+        d,
+        &["pull", &r, "-o", out.to_str().unwrap(), "--json", "-q"],
+    ));
     same_file(&pack, &out);
     assert_eq!(pulled["fetched_blobs"], 8, "{pulled}");
     assert_eq!(pulled["digest"], pushed["digest"]);
 
     // The chunk cache: a second pull (by digest) fetches nothing.
-    let by_digest = format!("{}/team/vm@{}", reg.host(), pushed["digest"].as_str().unwrap());
+    let by_digest = format!(
+        "{}/team/vm@{}",
+        reg.host(),
+        pushed["digest"].as_str().unwrap()
+    );
     let out2 = d.join("again.vmpack");
-    let again = json(&vm(d, &["pull", &by_digest, "-o", out2.to_str().unwrap(), "--json", "-q"]));
+    let again = json(&vm(
+        d,
+        &[
+            "pull",
+            &by_digest,
+            "-o",
+            out2.to_str().unwrap(),
+            "--json",
+            "-q",
+        ],
+    ));
     assert_eq!(again["fetched_blobs"], 0, "{again}");
     assert_eq!(again["cached_blobs"], 8);
     same_file(&pack, &out2);
@@ -252,38 +281,82 @@ fn push_pull_is_bit_for_bit_with_cache_and_split_manifests() {
     assert_eq!(ls["chunks"]["count"], 8, "{ls}");
 
     // Pushing the same pack again uploads nothing; to another tag neither.
-    let re = json(&vm(d, &["push", pack.to_str().unwrap(), &format!("{}/team/vm:v2", reg.host()), "--json", "-q"]));
+    let re = json(&vm(
+        d,
+        &[
+            "push",
+            pack.to_str().unwrap(),
+            &format!("{}/team/vm:v2", reg.host()),
+            "--json",
+            "-q",
+        ],
+    ));
     assert_eq!(re["uploaded_blobs"], 0, "{re}");
 
     // More chunks than one manifest holds: an image index of parts; pulled identically.
     let split = format!("{}/team/split:v1", reg.host());
-    ok(&vm_env(d, &["push", pack.to_str().unwrap(), &split, "-q"], &[("VMPACK_OCI_MAX_LAYERS", "3")]));
+    ok(&vm_env(
+        d,
+        &["push", pack.to_str().unwrap(), &split, "-q"],
+        &[("VMPACK_OCI_MAX_LAYERS", "3")],
+    ));
     let idx = skopeo_raw(&split);
-    assert_eq!(idx["mediaType"], "application/vnd.oci.image.index.v1+json", "{idx}");
+    assert_eq!(
+        idx["mediaType"], "application/vnd.oci.image.index.v1+json",
+        "{idx}"
+    );
     assert_eq!(idx["manifests"].as_array().unwrap().len(), 3); // head (index + 2 chunks) + 3 + 3
     ok(&vm(d, &["cache", "prune", "-q"]));
-    assert_eq!(json(&vm(d, &["cache", "ls", "--json"]))["chunks"]["count"], 0);
+    assert_eq!(
+        json(&vm(d, &["cache", "ls", "--json"]))["chunks"]["count"],
+        0
+    );
     let out3 = d.join("split.vmpack");
-    ok(&vm(d, &["pull", &split, "-o", out3.to_str().unwrap(), "-q"]));
+    ok(&vm(
+        d,
+        &["pull", &split, "-o", out3.to_str().unwrap(), "-q"],
+    ));
     same_file(&pack, &out3);
 
     // Errors name what failed.
-    let e = fails(&vm(d, &["pull", &format!("{}/team/none:v1", reg.host()), "-o", "x.vmpack"]));
+    let e = fails(&vm(
+        d,
+        &[
+            "pull",
+            &format!("{}/team/none:v1", reg.host()),
+            "-o",
+            "x.vmpack",
+        ],
+    ));
     assert!(e.contains("not found in the registry"), "{e}");
     assert!(!d.join("x.vmpack").exists());
-    let e = fails(&vm(d, &["push", pack.to_str().unwrap(), &format!("{}/team/vm", reg.host())]));
+    let e = fails(&vm(
+        d,
+        &[
+            "push",
+            pack.to_str().unwrap(),
+            &format!("{}/team/vm", reg.host()),
+        ],
+    ));
     assert!(e.contains("give a tag"), "{e}");
 }
 
 #[test]
 fn basic_auth_from_the_command_line_and_docker_config() {
-    if !have("docker-registry", "the registry auth test") || !have("htpasswd", "the registry auth test") {
+    if !have("docker-registry", "the registry auth test")
+        || !have("htpasswd", "the registry auth test")
+    {
         return;
     }
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
     let pw = d.join("htpasswd");
-    let o = Command::new("htpasswd").args(["-Bbc"]).arg(&pw).args(["alice", "s3cret"]).output().unwrap();
+    let o = Command::new("htpasswd")
+        .args(["-Bbc"])
+        .arg(&pw)
+        .args(["alice", "s3cret"])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let reg = Registry::start(&d.join("reg"), Some(&pw));
     let pack = make_pack(d, "a", 2, 2);
@@ -291,16 +364,43 @@ fn basic_auth_from_the_command_line_and_docker_config() {
 
     let e = fails(&vm(d, &["push", pack.to_str().unwrap(), &r]));
     assert!(e.contains("wants a login"), "{e}");
-    let o = vm_stdin(d, &["push", pack.to_str().unwrap(), &r, "--username", "alice", "--password-stdin", "-q"], b"wrong\n");
+    let o = vm_stdin(
+        d,
+        &[
+            "push",
+            pack.to_str().unwrap(),
+            &r,
+            "--username",
+            "alice",
+            "--password-stdin",
+            "-q",
+        ],
+        b"wrong\n",
+    );
     let e = fails(&o);
     assert!(e.contains("401") || e.contains("refused the login"), "{e}");
-    ok(&vm_stdin(d, &["push", pack.to_str().unwrap(), &r, "--username", "alice", "--password-stdin", "-q"], b"s3cret\n"));
+    ok(&vm_stdin(
+        d,
+        &[
+            "push",
+            pack.to_str().unwrap(),
+            &r,
+            "--username",
+            "alice",
+            "--password-stdin",
+            "-q",
+        ],
+        b"s3cret\n",
+    ));
 
     // docker login's file: {"auths": {"HOST": {"auth": base64("user:pass")}}}.
     std::fs::create_dir_all(d.join("docker")).unwrap();
     std::fs::write(
         d.join("docker/config.json"),
-        format!("{{\"auths\": {{\"{}\": {{\"auth\": \"YWxpY2U6czNjcmV0\"}}}}}}", reg.host()),
+        format!(
+            "{{\"auths\": {{\"{}\": {{\"auth\": \"YWxpY2U6czNjcmV0\"}}}}}}",
+            reg.host()
+        ),
     )
     .unwrap();
     let out = d.join("pulled.vmpack");
@@ -332,7 +432,11 @@ fn a_registry_killed_mid_push_and_mid_pull_leaves_no_half_file() {
             .unwrap()
     };
     let child = push(d);
-    wait_for("a few blobs in the registry", Duration::from_secs(60), || reg.blob_files().len() >= 4);
+    wait_for(
+        "a few blobs in the registry",
+        Duration::from_secs(60),
+        || reg.blob_files().len() >= 4,
+    );
     reg.kill();
     let o = child.wait_with_output().unwrap();
     let e = fails(&o);
@@ -341,8 +445,14 @@ fn a_registry_killed_mid_push_and_mid_pull_leaves_no_half_file() {
     // The tag does not exist yet: the manifest goes last.
     let e = fails(&vm(d, &["pull", &r, "-o", "none.vmpack"]));
     assert!(e.contains("not found"), "{e}");
-    let done = json(&vm(d, &["push", pack.to_str().unwrap(), &r, "--json", "-q"]));
-    assert!(done["present_blobs"].as_u64().unwrap() >= 3, "the rerun reuses what arrived: {done}");
+    let done = json(&vm(
+        d,
+        &["push", pack.to_str().unwrap(), &r, "--json", "-q"],
+    ));
+    assert!(
+        done["present_blobs"].as_u64().unwrap() >= 3,
+        "the rerun reuses what arrived: {done}"
+    );
 
     let out = d.join("out").join("pulled.vmpack");
     std::fs::create_dir_all(d.join("out")).unwrap();
@@ -350,7 +460,15 @@ fn a_registry_killed_mid_push_and_mid_pull_leaves_no_half_file() {
         .current_dir(d)
         .env("VMPACK_CACHE_DIR", d.join("cache"))
         .env("DOCKER_CONFIG", d.join("docker"))
-        .args(["pull", &r, "-o", out.to_str().unwrap(), "--transfers", "1", "-q"])
+        .args([
+            "pull",
+            &r,
+            "-o",
+            out.to_str().unwrap(),
+            "--transfers",
+            "1",
+            "-q",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -358,15 +476,23 @@ fn a_registry_killed_mid_push_and_mid_pull_leaves_no_half_file() {
         .unwrap();
     let chunks = d.join("cache/chunks/sha256");
     let cached = || std::fs::read_dir(&chunks).map_or(0, |r| r.count());
-    wait_for("a few chunks in the cache", Duration::from_secs(60), || cached() >= 4);
+    wait_for("a few chunks in the cache", Duration::from_secs(60), || {
+        cached() >= 4
+    });
     reg.kill();
     let o = pull.wait_with_output().unwrap();
     fails(&o);
     let left: Vec<_> = std::fs::read_dir(d.join("out")).unwrap().collect();
     assert!(left.is_empty(), "left behind: {left:?}");
     reg.restart();
-    let res = json(&vm(d, &["pull", &r, "-o", out.to_str().unwrap(), "--json", "-q"]));
-    assert!(res["cached_blobs"].as_u64().unwrap() >= 3, "the rerun reuses the cache: {res}");
+    let res = json(&vm(
+        d,
+        &["pull", &r, "-o", out.to_str().unwrap(), "--json", "-q"],
+    ));
+    assert!(
+        res["cached_blobs"].as_u64().unwrap() >= 3,
+        "the rerun reuses the cache: {res}"
+    );
     same_file(&pack, &out);
 }
 
@@ -398,7 +524,13 @@ fn a_blob_altered_in_the_registry_is_refused_naming_the_chunk() {
     assert!(e.contains("section 'disk/0' chunk 1"), "{e}");
     assert!(e.contains(&hex), "{e}");
     assert!(!out.exists());
-    assert_eq!(json(&vm(d, &["cache", "ls", "--json"]))["chunks"]["count"].as_u64().unwrap() < 6, true);
+    assert_eq!(
+        json(&vm(d, &["cache", "ls", "--json"]))["chunks"]["count"]
+            .as_u64()
+            .unwrap()
+            < 6,
+        true
+    );
 }
 
 fn keygen(dir: &Path, name: &str, comment: &str) -> (PathBuf, String) {
@@ -417,7 +549,10 @@ fn keygen(dir: &Path, name: &str, comment: &str) -> (PathBuf, String) {
 
 #[test]
 fn signatures_checked_both_ways_with_ssh_keygen_and_pushed_as_referrers() {
-    if !have("ssh-keygen", "the signature test") || !have("docker-registry", "the signature test") || !have("skopeo", "the signature test") {
+    if !have("ssh-keygen", "the signature test")
+        || !have("docker-registry", "the signature test")
+        || !have("skopeo", "the signature test")
+    {
         return;
     }
     let t = tempfile::tempdir().unwrap();
@@ -438,32 +573,115 @@ fn signatures_checked_both_ways_with_ssh_keygen_and_pushed_as_referrers() {
     std::fs::write(d.join("msg"), &msg).unwrap();
 
     // Unsigned: refused.
-    let e = fails(&vm(d, &["verify", pack.to_str().unwrap(), "--allowed-signers", "allowed_alice"]));
+    let e = fails(&vm(
+        d,
+        &[
+            "verify",
+            pack.to_str().unwrap(),
+            "--allowed-signers",
+            "allowed_alice",
+        ],
+    ));
     assert!(e.contains("not signed"), "{e}");
 
     // vmpack signs; ssh-keygen verifies it.
     let signed = d.join("signed.vmpack");
-    ok(&vm(d, &["sign", pack.to_str().unwrap(), "--key", alice.to_str().unwrap(), "-o", signed.to_str().unwrap(), "-q"]));
+    ok(&vm(
+        d,
+        &[
+            "sign",
+            pack.to_str().unwrap(),
+            "--key",
+            alice.to_str().unwrap(),
+            "-o",
+            signed.to_str().unwrap(),
+            "-q",
+        ],
+    ));
     let info = json(&vm(d, &["inspect", "--json", signed.to_str().unwrap()]));
-    assert_eq!(info["root_digest"].as_str().unwrap(), root, "signing keeps the root digest");
-    std::fs::write(d.join("vm.sig"), info["signatures"][0]["signature"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        info["root_digest"].as_str().unwrap(),
+        root,
+        "signing keeps the root digest"
+    );
+    std::fs::write(
+        d.join("vm.sig"),
+        info["signatures"][0]["signature"].as_str().unwrap(),
+    )
+    .unwrap();
     let o = Command::new("ssh-keygen")
-        .args(["-Y", "verify", "-f", "allowed_alice", "-I", "alice@example.com", "-n", "vmpack", "-s", "vm.sig"])
+        .args([
+            "-Y",
+            "verify",
+            "-f",
+            "allowed_alice",
+            "-I",
+            "alice@example.com",
+            "-n",
+            "vmpack",
+            "-s",
+            "vm.sig",
+        ])
         .current_dir(d)
         .stdin(std::fs::File::open(d.join("msg")).unwrap())
         .output()
         .unwrap();
-    assert!(o.status.success(), "ssh-keygen refused vmpack's signature: {}{}", stdout(&o), stderr(&o));
-    let good = ok(&vm(d, &["verify", signed.to_str().unwrap(), "--allowed-signers", "allowed_alice"]));
-    assert!(good.contains("good signature by alice@example.com"), "{good}");
+    assert!(
+        o.status.success(),
+        "ssh-keygen refused vmpack's signature: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let good = ok(&vm(
+        d,
+        &[
+            "verify",
+            signed.to_str().unwrap(),
+            "--allowed-signers",
+            "allowed_alice",
+        ],
+    ));
+    assert!(
+        good.contains("good signature by alice@example.com"),
+        "{good}"
+    );
 
     // A signer not in the file is refused, naming the key found.
-    let e = fails(&vm(d, &["verify", signed.to_str().unwrap(), "--allowed-signers", "allowed_bob"]));
+    let e = fails(&vm(
+        d,
+        &[
+            "verify",
+            signed.to_str().unwrap(),
+            "--allowed-signers",
+            "allowed_bob",
+        ],
+    ));
     let fp = info["signatures"][0]["key"].as_str().unwrap();
-    assert!(e.contains(fp) && e.contains("not in the allowed signers"), "{e}");
-    let e = fails(&vm(d, &["restore", signed.to_str().unwrap(), "--require-signature", "--allowed-signers", "allowed_bob"]));
+    assert!(
+        e.contains(fp) && e.contains("not in the allowed signers"),
+        "{e}"
+    );
+    let e = fails(&vm(
+        d,
+        &[
+            "restore",
+            signed.to_str().unwrap(),
+            "--require-signature",
+            "--allowed-signers",
+            "allowed_bob",
+        ],
+    ));
     assert!(e.contains(fp), "{e}");
-    let e = fails(&vm(d, &["restore", pack.to_str().unwrap(), "--require-signature", "--allowed-signers", "allowed_alice"]));
+    let e = fails(&vm(
+        d,
+        &[
+            "restore",
+            pack.to_str().unwrap(),
+            "--require-signature",
+            "--allowed-signers",
+            "allowed_alice",
+        ],
+    ));
     assert!(e.contains("not signed"), "{e}");
 
     // ssh-keygen signs the documented message; vmpack attaches and verifies it.
@@ -474,38 +692,84 @@ fn signatures_checked_both_ways_with_ssh_keygen_and_pushed_as_referrers() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    ok(&vm(d, &["sign", signed.to_str().unwrap(), "--signature", "msg.sig", "-q"]));
-    let good = ok(&vm(d, &["verify", signed.to_str().unwrap(), "--allowed-signers", "allowed_bob"]));
+    ok(&vm(
+        d,
+        &[
+            "sign",
+            signed.to_str().unwrap(),
+            "--signature",
+            "msg.sig",
+            "-q",
+        ],
+    ));
+    let good = ok(&vm(
+        d,
+        &[
+            "verify",
+            signed.to_str().unwrap(),
+            "--allowed-signers",
+            "allowed_bob",
+        ],
+    ));
     assert!(good.contains("good signature by bob@example.com"), "{good}");
     // A signature over another message is not attached.
     std::fs::write(d.join("other"), "something else\n").unwrap();
-    Command::new("ssh-keygen").args(["-Y", "sign", "-n", "vmpack", "-f"]).arg(&bob).arg(d.join("other")).output().unwrap();
-    let e = fails(&vm(d, &["sign", signed.to_str().unwrap(), "--signature", "other.sig"]));
+    Command::new("ssh-keygen")
+        .args(["-Y", "sign", "-n", "vmpack", "-f"])
+        .arg(&bob)
+        .arg(d.join("other"))
+        .output()
+        .unwrap();
+    let e = fails(&vm(
+        d,
+        &["sign", signed.to_str().unwrap(), "--signature", "other.sig"],
+    ));
     assert!(e.contains("not over this pack's root digest"), "{e}");
     // A byte flipped in the data is caught by verify before any signature is considered.
     let mut bad = std::fs::read(&signed).unwrap();
     bad[1000] ^= 1;
     std::fs::write(d.join("bad.vmpack"), bad).unwrap();
-    fails(&vm(d, &["verify", "bad.vmpack", "--allowed-signers", "allowed_alice"]));
+    fails(&vm(
+        d,
+        &["verify", "bad.vmpack", "--allowed-signers", "allowed_alice"],
+    ));
 
     // Pushed: the signatures travel inside the pack and as OCI referrers (this registry has
     // no referrers API: the sha256-<digest> tag lists them).
     let reg = Registry::start(&d.join("reg"), None);
     let r = format!("{}/team/signed:v1", reg.host());
-    let pushed = json(&vm(d, &["push", signed.to_str().unwrap(), &r, "--json", "-q"]));
+    let pushed = json(&vm(
+        d,
+        &["push", signed.to_str().unwrap(), &r, "--json", "-q"],
+    ));
     assert_eq!(pushed["signatures"], 2);
     assert_eq!(pushed["referrers_api"], false);
     let tag = pushed["digest"].as_str().unwrap().replace(':', "-");
     let refs = skopeo_raw(&format!("{}/team/signed:{tag}", reg.host()));
     let list = refs["manifests"].as_array().unwrap();
     assert_eq!(list.len(), 2, "{refs}");
-    assert!(list.iter().all(|m| m["artifactType"] == "application/vnd.vmpack.signature.v1"));
-    let sigm = skopeo_raw(&format!("{}/team/signed@{}", reg.host(), list[0]["digest"].as_str().unwrap()));
+    assert!(list
+        .iter()
+        .all(|m| m["artifactType"] == "application/vnd.vmpack.signature.v1"));
+    let sigm = skopeo_raw(&format!(
+        "{}/team/signed@{}",
+        reg.host(),
+        list[0]["digest"].as_str().unwrap()
+    ));
     assert_eq!(sigm["subject"]["digest"], pushed["digest"], "{sigm}");
     let out = d.join("pulled.vmpack");
     ok(&vm(d, &["pull", &r, "-o", out.to_str().unwrap(), "-q"]));
     same_file(&signed, &out);
-    ok(&vm(d, &["verify", out.to_str().unwrap(), "--allowed-signers", "allowed_bob", "-q"]));
+    ok(&vm(
+        d,
+        &[
+            "verify",
+            out.to_str().unwrap(),
+            "--allowed-signers",
+            "allowed_bob",
+            "-q",
+        ],
+    ));
 }
 
 /// One HTTP request over a control socket.
@@ -522,14 +786,22 @@ fn http(sock: &Path, method: &str, path: &str, body: &[u8]) -> (u16, String) {
     s.write_all(body).unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
-    let status = answer.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = answer.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string());
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
     (status, body)
 }
 
 #[test]
 fn a_second_save_uploads_only_the_changed_chunks() {
-    if !kvm_available("the registry dedupe test") || !have("docker-registry", "the registry dedupe test") {
+    if !kvm_available("the registry dedupe test")
+        || !have("docker-registry", "the registry dedupe test")
+    {
         return;
     }
     let t = tempfile::tempdir().unwrap();
@@ -554,33 +826,79 @@ fn a_second_save_uploads_only_the_changed_chunks() {
         sock.exists() && UnixStream::connect(&sock).is_ok() && output(&sock).ends_with("> ")
     });
     let r = format!("{}/team/kv:latest", reg.host());
-    let first = ok(&vm(d, &["save", "--api-sock", sock.to_str().unwrap(), "-o", "one.vmpack", "--push", &r, "-q"]));
+    let first = ok(&vm(
+        d,
+        &[
+            "save",
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "-o",
+            "one.vmpack",
+            "--push",
+            &r,
+            "-q",
+        ],
+    ));
     assert!(first.is_empty(), "quiet: {first}");
     // A pull fills the chunk cache with the first save's chunks.
     ok(&vm(d, &["pull", &r, "-o", "one-pulled.vmpack", "-q"]));
     same_file(&d.join("one.vmpack"), &d.join("one-pulled.vmpack"));
     let (st, _) = http(&sock, "PUT", "/vm/serial/input", b"set answer 42\n");
     assert_eq!(st, 204);
-    wait_for("the answer", Duration::from_secs(20), || output(&sock).ends_with("ok\n> "));
+    wait_for("the answer", Duration::from_secs(20), || {
+        output(&sock).ends_with("ok\n> ")
+    });
     // The second save goes straight to the registry (no -o) and replaces the tag.
-    ok(&vm(d, &["save", "--api-sock", sock.to_str().unwrap(), "--push", &r, "--then", "stop", "-q"]));
+    ok(&vm(
+        d,
+        &[
+            "save",
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--push",
+            &r,
+            "--then",
+            "stop",
+            "-q",
+        ],
+    ));
     assert!(guest.wait().unwrap().success());
     let out = d.join("two.vmpack");
-    let two = json(&vm(d, &["pull", &r, "-o", out.to_str().unwrap(), "--json", "-q"]));
+    let two = json(&vm(
+        d,
+        &["pull", &r, "-o", out.to_str().unwrap(), "--json", "-q"],
+    ));
     let info = json(&vm(d, &["inspect", "--json", out.to_str().unwrap()]));
-    let stored: u64 = info["sections"].as_array().unwrap().iter().map(|s| s["stored_bytes"].as_u64().unwrap()).sum();
+    let stored: u64 = info["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stored_bytes"].as_u64().unwrap())
+        .sum();
     let fetched = two["fetched_bytes"].as_u64().unwrap();
     assert!(two["cached_blobs"].as_u64().unwrap() >= 1, "{two}");
     assert!(fetched < stored, "{two}");
     // The same on the push side: the second save after the first uploads only what changed.
     let r2 = format!("{}/team/kv2:latest", reg.host());
     ok(&vm(d, &["push", "one.vmpack", &r2, "-q"]));
-    let up = json(&vm(d, &["push", out.to_str().unwrap(), &r2, "--json", "-q"]));
+    let up = json(&vm(
+        d,
+        &["push", out.to_str().unwrap(), &r2, "--json", "-q"],
+    ));
     let uploaded = up["uploaded_bytes"].as_u64().unwrap();
-    eprintln!("second save: {stored} bytes of chunks; push uploaded {uploaded}, pull fetched {fetched}");
-    assert!(uploaded < stored && up["present_blobs"].as_u64().unwrap() >= 1, "{up}");
+    eprintln!(
+        "second save: {stored} bytes of chunks; push uploaded {uploaded}, pull fetched {fetched}"
+    );
+    assert!(
+        uploaded < stored && up["present_blobs"].as_u64().unwrap() >= 1,
+        "{up}"
+    );
     // The pulled second save resumes: its answer is there.
     let cases = d.join("cases.toml");
-    std::fs::write(&cases, "[[case]]\nname = \"the answer survived\"\nsend = \"get answer\\n\"\nexpect = '42'\n").unwrap();
+    std::fs::write(
+        &cases,
+        "[[case]]\nname = \"the answer survived\"\nsend = \"get answer\\n\"\nexpect = '42'\n",
+    )
+    .unwrap();
     ok(&vm(d, &["test", &r, cases.to_str().unwrap(), "-q"]));
 }

@@ -118,7 +118,13 @@ fn measure(
     let slug: String = scheme
         .name()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     let reference = Reference::parse(&format!(
         "{}/bench/{what}-{pattern}-{slug}-{run}:t",
@@ -135,9 +141,15 @@ fn measure(
     let c2 = scheme.cut(after);
     let d1: Vec<String> = c1.iter().map(|&(o, l)| digest(&before[o..o + l])).collect();
     let d2: Vec<String> = c2.iter().map(|&(o, l)| digest(&after[o..o + l])).collect();
-    let push = |chunks: &[(usize, usize)], ds: &[String], data: &[u8], known: &HashSet<String>| -> Result<(usize, u64)> {
+    let push = |chunks: &[(usize, usize)],
+                ds: &[String],
+                data: &[u8],
+                known: &HashSet<String>|
+     -> Result<(usize, u64)> {
         let mut seen = HashSet::new();
-        let list: Vec<usize> = (0..chunks.len()).filter(|&i| seen.insert(ds[i].clone())).collect();
+        let list: Vec<usize> = (0..chunks.len())
+            .filter(|&i| seen.insert(ds[i].clone()))
+            .collect();
         let (n, bytes) = (AtomicU64::new(0), AtomicU64::new(0));
         parallel_for(list.len(), a.transfers, &|j| {
             let i = list[j];
@@ -175,7 +187,11 @@ fn measure(
         .map(|(c, d)| (d.clone(), c.1 as u64))
         .collect();
     let blobs = all.len();
-    let changed: Vec<(String, u64)> = all.iter().filter(|(d, _)| !known.contains(d)).cloned().collect();
+    let changed: Vec<(String, u64)> = all
+        .iter()
+        .filter(|(d, _)| !known.contains(d))
+        .cloned()
+        .collect();
     let cold_pull_s = pull(all)?;
     let warm_pull_s = pull(changed)?;
     Ok(Row {

@@ -128,8 +128,7 @@ fn signatures(r: &PackReader) -> Vec<serde_json::Value> {
         .unwrap_or_default()
         .iter()
         .map(|s| {
-            let key = vmpack_registry::signature::check_own(s, &root)
-                .map_err(|e| e.to_string());
+            let key = vmpack_registry::signature::check_own(s, &root).map_err(|e| e.to_string());
             json!({
                 "key": key.as_ref().ok(),
                 "problem": key.as_ref().err(),
@@ -157,7 +156,10 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
             .iter()
             .map(|s| s["key"].as_str().unwrap_or("unreadable").to_string())
             .collect();
-        println!("signatures:   {} (unchecked; `vmpack verify --allowed-signers FILE` checks them)", keys.join(", "));
+        println!(
+            "signatures:   {} (unchecked; `vmpack verify --allowed-signers FILE` checks them)",
+            keys.join(", ")
+        );
     }
     if let Some(m) = m {
         println!("written by:   {} {}", m.tool, m.tool_version);

@@ -208,7 +208,10 @@ pub fn pull_to(
         .with_context(|| format!("the pack pulled from {} is damaged", client.reference()))?;
     vbar.finish();
     if format!("sha256:{}", hex::encode(reader.root_digest())) != report.root_digest {
-        bail!("{}: the pulled pack's root digest differs from the registry's", client.reference());
+        bail!(
+            "{}: the pulled pack's root digest differs from the registry's",
+            client.reference()
+        );
     }
     let root = reader.root_digest();
     drop(reader);
@@ -249,7 +252,11 @@ enum CacheCommand {
 fn parse_size(s: &str) -> Result<u64, String> {
     let (num, mul) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
         Some((i, _)) => {
-            let m = match s[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+            let m = match s[i..]
+                .to_ascii_uppercase()
+                .trim_end_matches("IB")
+                .trim_end_matches('B')
+            {
                 "" => 1,
                 "K" => 1 << 10,
                 "M" => 1 << 20,
@@ -307,8 +314,16 @@ pub fn run_cache(a: CacheArgs) -> Result<()> {
                 );
             } else {
                 println!("{}", root.display());
-                println!("  chunks    {:>6}  {}", entries.len(), human_bytes(chunk_bytes));
-                println!("  expanded  {:>6}  {}", expanded, human_bytes(expanded_bytes));
+                println!(
+                    "  chunks    {:>6}  {}",
+                    entries.len(),
+                    human_bytes(chunk_bytes)
+                );
+                println!(
+                    "  expanded  {:>6}  {}",
+                    expanded,
+                    human_bytes(expanded_bytes)
+                );
                 println!("  pulled    {:>6}  {}", pulled, human_bytes(pulled_bytes));
                 println!("  verified  {:>6}  records", verified);
             }

@@ -49,8 +49,9 @@ pub fn run_sign(a: SignArgs) -> Result<()> {
         }
         (None, Some(file)) => {
             let sig = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-            let who = signature::check_own(&sig, &root)
-                .with_context(|| format!("{}: cannot attach to {}", file.display(), a.pack.display()))?;
+            let who = signature::check_own(&sig, &root).with_context(|| {
+                format!("{}: cannot attach to {}", file.display(), a.pack.display())
+            })?;
             (sig, who)
         }
         _ => bail!("give --key KEY, --signature FILE or --message"),
@@ -68,7 +69,10 @@ pub fn run_sign(a: SignArgs) -> Result<()> {
     // The signed pack must read back with the same root digest before it replaces anything.
     let check = PackReader::open(out.temp_path())?;
     if check.root_digest() != root {
-        bail!("{}: the signed pack's root digest changed", target.display());
+        bail!(
+            "{}: the signed pack's root digest changed",
+            target.display()
+        );
     }
     drop(check);
     drop(reader);

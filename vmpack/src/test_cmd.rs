@@ -283,7 +283,10 @@ fn run_case(src: &Path, work: &WorkBase, i: usize, case: &Case) -> CaseResult {
 fn parse_shard(s: &str) -> Result<(u64, u64), String> {
     let bad = || format!("{s}: expected K/N with 1 <= K <= N, e.g. 2/4");
     let (k, n) = s.split_once('/').ok_or_else(bad)?;
-    let (k, n): (u64, u64) = (k.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+    let (k, n): (u64, u64) = (
+        k.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
     if k == 0 || n == 0 || k > n {
         return Err(bad());
     }
@@ -313,7 +316,10 @@ fn local_pack(a: &TestArgs, arg: &str) -> Result<PathBuf> {
         .context("no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
     let dir = root.join("pulled");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let target = dir.join(format!("{}.vmpack", top.digest.trim_start_matches("sha256:")));
+    let target = dir.join(format!(
+        "{}.vmpack",
+        top.digest.trim_start_matches("sha256:")
+    ));
     if vmpack_formats::pack::PackReader::open(&target).is_ok() {
         return Ok(target);
     }
@@ -448,7 +454,8 @@ fn merge_junit(inputs: &[PathBuf], out: &Path, quiet: bool) -> Result<i32> {
     let (mut failed, mut time) = (0usize, 0f64);
     let mut names = HashSet::new();
     for p in inputs {
-        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
         if !text.contains("<testsuite") {
             bail!("{}: not a JUnit XML file (no <testsuite>)", p.display());
         }
@@ -470,12 +477,17 @@ fn merge_junit(inputs: &[PathBuf], out: &Path, quiet: bool) -> Result<i32> {
             let block = &after[..end];
             let name = xml_attr(tag, "name").unwrap_or("");
             if !names.insert(name.to_string()) {
-                bail!("{}: case {name:?} appears in two of the merged files", p.display());
+                bail!(
+                    "{}: case {name:?} appears in two of the merged files",
+                    p.display()
+                );
             }
             if block.contains("<failure") || block.contains("<error") {
                 failed += 1;
             }
-            time += xml_attr(tag, "time").and_then(|t| t.parse().ok()).unwrap_or(0.0);
+            time += xml_attr(tag, "time")
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0.0);
             cases.push(format!("  {block}\n"));
             rest = &after[end..];
         }
@@ -495,7 +507,11 @@ fn merge_junit(inputs: &[PathBuf], out: &Path, quiet: bool) -> Result<i32> {
         .with_context(|| format!("writing {}", out.display()))?;
     f.commit()?;
     if !quiet {
-        eprintln!("vmpack: merged {} files into {}", inputs.len(), out.display());
+        eprintln!(
+            "vmpack: merged {} files into {}",
+            inputs.len(),
+            out.display()
+        );
     }
     println!(
         "{} passed, {failed} failed ({} cases from {} files)",

@@ -200,10 +200,16 @@ pub fn save(a: SaveArgs) -> Result<()> {
     let scratch = match &a.output {
         Some(_) => None,
         None => {
-            let root = vmpack_registry::cache::cache_root()
-                .context("no cache folder for the temporary pack: set VMPACK_CACHE_DIR or give -o")?;
+            let root = vmpack_registry::cache::cache_root().context(
+                "no cache folder for the temporary pack: set VMPACK_CACHE_DIR or give -o",
+            )?;
             std::fs::create_dir_all(&root)?;
-            Some(tempfile::Builder::new().prefix(".save-").suffix(".vmpack").tempdir_in(&root)?)
+            Some(
+                tempfile::Builder::new()
+                    .prefix(".save-")
+                    .suffix(".vmpack")
+                    .tempdir_in(&root)?,
+            )
         }
     };
     let output = match (&a.output, &scratch) {
@@ -276,10 +282,17 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         if a.pack.as_os_str() == "-" {
             bail!("--require-signature needs a pack file, not standard input");
         }
-        let allowed = a.allowed_signers.as_deref().expect("clap requires --allowed-signers");
+        let allowed = a
+            .allowed_signers
+            .as_deref()
+            .expect("clap requires --allowed-signers");
         for good in crate::sign::require_signature(&a.pack, allowed)? {
             if !a.quiet {
-                eprintln!("vmpack: {}: {}", a.pack.display(), crate::sign::describe_good(&good));
+                eprintln!(
+                    "vmpack: {}: {}",
+                    a.pack.display(),
+                    crate::sign::describe_good(&good)
+                );
             }
         }
     }
