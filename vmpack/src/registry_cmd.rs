@@ -107,7 +107,7 @@ pub fn run_push(a: PushArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if !a.quiet {
-        print_push(&report, &a.pack);
+        print_push(&report, &a.pack.display().to_string());
     }
     Ok(())
 }
@@ -131,10 +131,10 @@ pub fn push_file(pack: &Path, client: &Client, quiet: bool) -> Result<vmpack_reg
     Ok(r)
 }
 
-pub fn print_push(r: &vmpack_registry::PushReport, pack: &Path) {
+pub fn print_push(r: &vmpack_registry::PushReport, pack: &str) {
     println!(
         "pushed {} to {} ({}): {} chunks in {} blobs; uploaded {} blobs ({}), {} already there ({}); root digest {}{}",
-        pack.display(),
+        pack,
         r.reference,
         r.digest,
         r.chunks,

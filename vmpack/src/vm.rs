@@ -271,7 +271,11 @@ pub fn save(a: SaveArgs) -> Result<()> {
     if let Some(client) = push {
         let report = crate::registry_cmd::push_file(&output, &client, a.quiet)?;
         if !a.quiet {
-            crate::registry_cmd::print_push(&report, &output);
+            let label = match &a.output {
+                Some(o) => o.display().to_string(),
+                None => "the saved VM".to_string(),
+            };
+            crate::registry_cmd::print_push(&report, &label);
         }
     }
     Ok(())
