@@ -307,9 +307,9 @@ fn push_pull_is_bit_for_bit_with_cache_and_split_manifests() {
     );
     assert_eq!(idx["manifests"].as_array().unwrap().len(), 3); // head (index + 2 chunks) + 3 + 3
     ok(&vm(d, &["cache", "prune", "-q"]));
-    assert!(
-        !d.join("cache/chunks/sha256").join(&hex).exists(),
-        "a refused blob never enters the chunk cache"
+    assert_eq!(
+        json(&vm(d, &["cache", "ls", "--json"]))["chunks"]["count"],
+        0
     );
     let out3 = d.join("split.vmpack");
     ok(&vm(
@@ -524,12 +524,9 @@ fn a_blob_altered_in_the_registry_is_refused_naming_the_chunk() {
     assert!(e.contains("section 'disk/0' chunk 1"), "{e}");
     assert!(e.contains(&hex), "{e}");
     assert!(!out.exists());
-    assert_eq!(
-        json(&vm(d, &["cache", "ls", "--json"]))["chunks"]["count"]
-            .as_u64()
-            .unwrap()
-            < 6,
-        true
+    assert!(
+        !d.join("cache/chunks/sha256").join(&hex).exists(),
+        "a refused blob never enters the chunk cache"
     );
 }
 
