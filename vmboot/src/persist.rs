@@ -108,7 +108,11 @@ pub struct DeviceStates {
 #[derive(Serialize, Deserialize)]
 pub struct VmState {
     pub version: u32,
-    pub config: VmConfig,
+    /// Written by vmboot before the manifest became the config's only authority (see
+    /// docs/FORMAT.md §12.2); a restore checks it against the manifest's config and never
+    /// uses it otherwise. New saves leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<VmConfig>,
     /// Guest RAM regions `(gpa, size)` the memory image must cover.
     pub memory_regions: Vec<(u64, u64)>,
     pub pit2: kvm_pit_state2,
@@ -129,7 +133,6 @@ impl std::fmt::Debug for VmState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VmState")
             .field("version", &self.version)
-            .field("name", &self.config.name)
             .field("vcpus", &self.vcpus.len())
             .field("memory_regions", &self.memory_regions)
             .finish_non_exhaustive()

@@ -879,7 +879,8 @@ impl VmHandle {
         };
         Ok(VmState {
             version: VM_STATE_VERSION,
-            config: self.config.clone(),
+            // The pack's manifest carries the config (its one authoritative copy).
+            config: None,
             memory_regions: self.mem.layout(),
             pit2: self.vm.get_pit2().context("KVM_GET_PIT2")?,
             clock: self.vm.get_clock().context("KVM_GET_CLOCK")?,

@@ -249,3 +249,56 @@ pub fn samples_dir() -> PathBuf {
         .expect("tests/ lives in the workspace")
         .join("samples")
 }
+
+/// Rewrites a pack section by section: `edit` gets each section's name and bytes and
+/// returns the new bytes, or `None` to leave the section out. The result is an intact
+/// container (fresh digests), so only the VM layer's own checks can refuse it.
+pub fn rewrite_pack(src: &Path, dst: &Path, edit: impl Fn(&str, Vec<u8>) -> Option<Vec<u8>>) {
+    use vmpack_formats::pack::{Compression, PackReader, PackWriter, WriteOptions};
+    let r = PackReader::open(src).unwrap();
+    let out = std::fs::File::create(dst).unwrap();
+    let mut w = PackWriter::new(
+        out,
+        WriteOptions {
+            aligned: r.aligned(),
+            compression: Compression::None,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for s in r.sections() {
+        let Some(bytes) = edit(&s.name, r.read_section(s.id, 1 << 30).unwrap()) else {
+            continue;
+        };
+        w.add_section_with(
+            s.kind,
+            &s.name,
+            s.meta.clone(),
+            &bytes,
+            s.chunk_size,
+            Compression::None,
+            &(),
+        )
+        .unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// [`rewrite_pack`] for the usual case: edit the manifest and the vmstate as JSON.
+pub fn rewrite_pack_json(
+    src: &Path,
+    dst: &Path,
+    manifest: impl Fn(&mut serde_json::Value),
+    vmstate: impl Fn(&mut serde_json::Value),
+) {
+    rewrite_pack(src, dst, |name, data| {
+        let edit: &dyn Fn(&mut serde_json::Value) = match name {
+            "manifest" => &manifest,
+            "vmstate" => &vmstate,
+            _ => return Some(data),
+        };
+        let mut v: serde_json::Value = serde_json::from_slice(&data).unwrap();
+        edit(&mut v);
+        Some(serde_json::to_vec(&v).unwrap())
+    });
+}
