@@ -478,3 +478,78 @@ fn a_packed_config_cannot_name_a_host_boot_file() {
         "{err}"
     );
 }
+
+#[test]
+fn a_vmstate_with_a_short_kvm_structure_is_refused() {
+    if !common::kvm_available("pack trust tests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // kvm-bindings would zero-pad the missing bytes of the local APIC.
+    let short = dir.path().join("short-lapic.vmpack");
+    rewrite_pack_json(
+        &old_pack(),
+        &short,
+        |_| {},
+        |s| {
+            s["vcpus"][0]["lapic"]
+                .as_array_mut()
+                .unwrap()
+                .truncate(1000);
+        },
+    );
+    for stdin in [false, true] {
+        let err = fails(&restore(dir.path(), &short, stdin));
+        assert!(
+            err.contains("section 'vmstate'")
+                && err.contains("lapic: 1000 bytes where kvm_lapic_state has 1024"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_restored_queue_larger_than_the_device_allows_is_refused() {
+    if !common::kvm_available("pack trust tests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let huge = d.join("huge-queue.vmpack");
+    rewrite_pack_json(
+        &old_pack(),
+        &huge,
+        |_| {},
+        |s| {
+            let q = &mut s["devices"]["virtio_blk"][0]["transport"]["queues"][0];
+            q["max_size"] = json!(32768);
+            q["size"] = json!(32768);
+        },
+    );
+    let err = fails(&restore(d, &huge, false));
+    assert!(
+        err.contains("virtqueue 0: maximum size 32768 where the device's is 256"),
+        "{err}"
+    );
+    // The device's own maximum, but a queue size above it.
+    rewrite_pack_json(
+        &old_pack(),
+        &huge,
+        |_| {},
+        |s| s["devices"]["virtio_blk"][0]["transport"]["queues"][0]["size"] = json!(512),
+    );
+    let err = fails(&restore(d, &huge, false));
+    assert!(err.contains("virtqueue 0: size 512"), "{err}");
+    // Features the device never offered (VIRTIO_RING_F_INDIRECT_DESC, bit 28).
+    rewrite_pack_json(
+        &old_pack(),
+        &huge,
+        |_| {},
+        |s| {
+            let t = &mut s["devices"]["virtio_blk"][0]["transport"];
+            t["acked_features"] = json!((1u64 << 32) | (1 << 28));
+        },
+    );
+    let err = fails(&restore(d, &huge, false));
+    assert!(err.contains("never offered (0x10000000)"), "{err}");
+}

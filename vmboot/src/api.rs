@@ -984,7 +984,16 @@ fn handle_save(shared: &Shared, req: &Request, stream: &mut UnixStream) -> io::R
     let save_req: SaveRequest = if req.body.iter().all(u8::is_ascii_whitespace) {
         SaveRequest::default()
     } else {
-        match serde_json::from_slice(&req.body) {
+        // serde would also take a JSON array for the struct (`[]` = all defaults); the
+        // body is an object or nothing.
+        let parsed = serde_json::from_slice::<Value>(&req.body).and_then(|v| {
+            if v.is_object() {
+                serde_json::from_value(v)
+            } else {
+                Err(serde::de::Error::custom("the body must be a JSON object"))
+            }
+        });
+        match parsed {
             Ok(r) => r,
             Err(e) => {
                 stream.write_all(&error_response(
@@ -1624,6 +1633,10 @@ mod tests {
             json!({"compres": "zstd"}),
             json!({"level": "high"}),
             json!([1]),
+            json!([]),
+            json!(["zstd", 3, "stop"]),
+            json!("zstd"),
+            json!(null),
         ] {
             let err = c
                 .post_stream("/vm/save", &body, &mut out)

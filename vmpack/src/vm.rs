@@ -46,7 +46,7 @@ pub struct SaveArgs {
     /// restore maps it straight from the pack; `zstd` makes smaller packs to move around.
     #[arg(long, default_value = "none")]
     compress: Compression,
-    /// Compression level (deflate 1-9, zstd 1-22).
+    /// Compression level (deflate 0-9, zstd -7..=22 except 0).
     #[arg(long)]
     level: Option<i32>,
     /// What the VM does after the save: keep running, or end.
