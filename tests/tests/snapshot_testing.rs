@@ -5,7 +5,6 @@ mod common;
 
 use common::*;
 use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -348,3 +348,100 @@ fn a_guest_flooding_its_disk_cannot_stall_a_pause() {
     assert_eq!(disk(&s, "errors"), 2, "{s}");
     assert_eq!(disk(&s, "queued"), 0, "{s}");
 }
+
+/// Runs `vmboot ARGS` under `ulimit -v kib` (stdin from `input`); returns status and stderr.
+fn under_ulimit(kib: u64, args: &str, input: Option<&Path>, cache: &Path) -> (Option<i32>, String) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "ulimit -v {kib}; exec '{}' {args}",
+            bin("vmboot").display()
+        ))
+        .env("VMPACK_CACHE_DIR", cache)
+        .stdout(Stdio::null());
+    match input {
+        Some(p) => cmd.stdin(std::fs::File::open(p).unwrap()),
+        None => cmd.stdin(Stdio::null()),
+    };
+    let o = cmd.output().unwrap();
+    let code = o.status.code().or(o.status.signal().map(|s| 128 + s));
+    (code, String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn restore_short_of_memory_fails_cleanly() {
+    if !common::kvm_available("low-memory restore test") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let pack = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/counter-v0.1-main.vmpack");
+    // Below some limit the dynamic loader itself fails; start where vmboot runs at all.
+    let floor = (4..128u64)
+        .map(|m| m * 1024)
+        .find(|&k| under_ulimit(k, "--version", None, &cache).0 == Some(0))
+        .expect("vmboot never starts under ulimit -v");
+    const STEP: u64 = 512;
+    for stdin in [false, true] {
+        let (args, input) = if stdin {
+            (
+                "restore - --serial-out none".to_string(),
+                Some(pack.as_path()),
+            )
+        } else {
+            (
+                format!(
+                    "restore '{}' --serial-out none --verify always",
+                    pack.display()
+                ),
+                None,
+            )
+        };
+        // From the floor up until a restore succeeds: every limit in between makes some
+        // allocation, thread or codec context fail somewhere along the restore.
+        let (mut kib, mut clean, mut aborted) = (floor, 0, 0);
+        loop {
+            let (code, err) = under_ulimit(kib, &args, input, &cache);
+            assert!(
+                !err.contains("panicked")
+                    && !err.contains("failed to spawn thread")
+                    && !err.contains("null pointer when creating new context"),
+                "ulimit -v {kib} (stdin: {stdin}): {err}"
+            );
+            match code {
+                Some(0) => break,
+                Some(1) => {
+                    assert!(
+                        err.lines().any(|l| l.starts_with("vmboot: error: ")),
+                        "{kib}: {err}"
+                    );
+                    if ["cannot start", "zstd", "chunk buffer"]
+                        .iter()
+                        .any(|m| err.contains(m))
+                    {
+                        clean += 1;
+                    }
+                }
+                // The global allocator aborts on a failed small allocation, and a stack
+                // that cannot grow is a SIGSEGV: neither is a thread or codec failure.
+                Some(134) if err.contains("memory allocation of") => aborted += 1,
+                Some(139) => aborted += 1,
+                other => panic!("ulimit -v {kib} (stdin: {stdin}): status {other:?}: {err}"),
+            }
+            kib += STEP;
+            assert!(
+                kib < floor + (256 << 10),
+                "no restore succeeded below {kib} KiB"
+            );
+        }
+        eprintln!(
+            "stdin {stdin}: {clean} clean thread/codec/buffer errors, {aborted} allocator aborts \
+             between {floor} and {kib} KiB"
+        );
+        assert!(
+            clean > 0,
+            "no limit reached a thread, codec or buffer failure"
+        );
+    }
+}

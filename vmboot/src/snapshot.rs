@@ -268,23 +268,24 @@ fn parallel_copy(src: &[u8], copy: &RamCopy) {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let dst = copy.ptr as usize;
+    let worker = || loop {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(r) = pieces.get(i) else { break };
+        let (a, b) = (r.start as usize, r.end as usize);
+        // SAFETY: `a..b` lies inside both the region and its same-sized copy, and no two
+        // pieces overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src[a..b].as_ptr(), (dst as *mut u8).add(a), b - a)
+        };
+    };
     std::thread::scope(|s| {
-        for _ in 0..threads.min(pieces.len()).max(1) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(r) = pieces.get(i) else { break };
-                let (a, b) = (r.start as usize, r.end as usize);
-                // SAFETY: `a..b` lies inside both the region and its same-sized copy, and
-                // no two pieces overlap.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        src[a..b].as_ptr(),
-                        (dst as *mut u8).add(a),
-                        b - a,
-                    )
-                };
-            });
+        // Helpers only speed the copy up: with none, this thread copies everything.
+        for _ in 1..threads.min(pieces.len()) {
+            if std::thread::Builder::new().spawn_scoped(s, worker).is_err() {
+                break;
+            }
         }
+        worker();
     });
 }
 
@@ -1169,7 +1170,7 @@ pub fn restore_and_run(input: PackInput, opts: RestoreOptions, quiet: bool) -> R
     if std::env::var_os("VMBOOT_BENCH_TIMESTAMPS").is_some() {
         bench_stamps(&vm);
     }
-    crate::vmm::terminate_on_signals(vm.controller());
+    crate::vmm::terminate_on_signals(vm.controller())?;
     let reason = vm.run()?;
     if reason.code != 0 {
         eprintln!("vmboot: {} (exit status {})", reason.message, reason.code);
@@ -1192,7 +1193,7 @@ fn bench_stamps(vm: &Vm) {
     let (anchor, anchor_ns) = (Instant::now(), monotonic_ns());
     eprintln!("vmboot-bench: restored-monotonic-ns {anchor_ns}");
     let h = vm.controller();
-    std::thread::spawn(move || loop {
+    let watcher = std::thread::Builder::new().spawn(move || loop {
         if let Some(t) = h.first_exit_instant() {
             let ns = anchor_ns + t.duration_since(anchor).as_nanos();
             eprintln!("vmboot-bench: first-exit-monotonic-ns {ns}");
@@ -1200,4 +1201,7 @@ fn bench_stamps(vm: &Vm) {
         }
         std::thread::sleep(Duration::from_micros(100));
     });
+    if let Err(e) = watcher {
+        eprintln!("vmboot-bench: no first-exit stamp: cannot start a thread: {e}");
+    }
 }

@@ -178,7 +178,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
             Vm::create(&cfg, payload, &run_options(&a, Some(&cfg)))?
         }
     };
-    vmboot::terminate_on_signals(vm.controller());
+    vmboot::terminate_on_signals(vm.controller())?;
     let reason = vm.run()?;
     if reason.code != 0 {
         eprintln!("vmpack: {} (exit status {})", reason.message, reason.code);
