@@ -308,8 +308,8 @@ fn a_guest_flooding_its_disk_cannot_stall_a_pause() {
                 let r = std::fs::read_to_string(&serial)
                     .unwrap()
                     .lines()
-                    .filter_map(|l| l.strip_prefix("round ")?.split(' ').next()?.parse().ok())
-                    .last()
+                    .rev()
+                    .find_map(|l| l.strip_prefix("round ")?.split(' ').next()?.parse().ok())
                     .unwrap_or(r);
                 round_paused = round_paused.max(r);
                 let a = vm.status();

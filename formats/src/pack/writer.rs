@@ -256,13 +256,13 @@ impl<W: Write> PackWriter<W> {
                 if let Err(e) = spawned {
                     if started == 0 {
                         return Err(PackError::new(
-                            &file_name,
+                            file_name,
                             PackErrorKind::Io(std::io::Error::new(
                                 e.kind(),
                                 format!("cannot start a compression thread: {e}"),
                             )),
                         )
-                        .section(&sec_name));
+                        .section(sec_name));
                     }
                     break;
                 }
