@@ -140,7 +140,18 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
         }
     }
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut vm = ImportedVm::new(if stem == "vm" { "firecracker" } else { &stem });
+    // The config has no name; a generic file name yields to its folder's.
+    let folder = base
+        .canonicalize()
+        .ok()
+        .and_then(|b| b.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    let name = if matches!(stem.as_str(), "vm" | "config" | "vm_config") && !folder.is_empty() {
+        folder
+    } else {
+        stem
+    };
+    let mut vm = ImportedVm::new(&name);
     let mc = &v["machine-config"];
     let num = |x: &Value, what: &str| -> Result<u64> {
         x.as_u64().ok_or_else(|| err(&label, format!("machine-config.{what}: required, a positive integer")))

@@ -206,7 +206,8 @@ pub fn descriptor(
         );
     }
     w.close();
-    if kernel.is_some() || vm.cpu_template != CpuTemplate::Host {
+    let read_only: Vec<usize> = (0..vm.disks.len()).filter(|&i| vm.disks[i].read_only).collect();
+    if kernel.is_some() || vm.cpu_template != CpuTemplate::Host || !read_only.is_empty() {
         w.open("vmpack:BootSection", &[("ovf:required", "false")]);
         w.leaf("Info", &[], Some("Direct Linux kernel boot and CPU template (vmpack)"));
         if kernel.is_some() {
@@ -219,6 +220,9 @@ pub fn descriptor(
             w.leaf("vmpack:CommandLine", &[], Some(&vm.cmdline));
         }
         w.leaf("vmpack:CpuTemplate", &[], Some(&vm.cpu_template.to_string()));
+        for i in read_only {
+            w.leaf("vmpack:ReadOnly", &[("ovf:diskId", &format!("vmdisk{}", i + 1))], None);
+        }
         w.close();
     }
     w.close();
@@ -532,12 +536,17 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
     }
     let mut kernel_ref = None;
     let mut initrd_ref = None;
+    let mut read_only_ids: Vec<String> = Vec::new();
     for s in vs.children().filter(|c| c.is_element()) {
         let n = s.tag_name().name();
         if s.tag_name().namespace() == Some(NS_VMPACK) && n == "BootSection" {
             kernel_ref = child(s, "Kernel").and_then(|k| attr(k, "fileRef")).map(str::to_string);
             initrd_ref = child(s, "Initrd").and_then(|k| attr(k, "fileRef")).map(str::to_string);
             vm.cmdline = child_text(s, "CommandLine").unwrap_or("").to_string();
+            read_only_ids = children(s, "ReadOnly")
+                .filter_map(|r| attr(r, "diskId"))
+                .map(str::to_string)
+                .collect();
             if child_text(s, "CpuTemplate") == Some("baseline") {
                 vm.cpu_template = CpuTemplate::Baseline;
             }
@@ -573,7 +582,7 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
         vm.disks.push(ImportedDisk {
             name: stem,
             format: DiskFormat::Qcow2,
-            read_only: false,
+            read_only: read_only_ids.contains(id),
             source: Box::new(r),
         });
     }

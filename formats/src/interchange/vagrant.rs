@@ -36,6 +36,7 @@ pub fn vagrantfile(vm: &ExportVm<'_>) -> String {
     let mut v = String::from(
         "# Written by vmpack export (vagrant-libvirt provider).\nVagrant.configure(\"2\") do |config|\n  config.vm.provider :libvirt do |libvirt|\n    libvirt.driver = \"kvm\"\n",
     );
+    v.push_str(&format!("    libvirt.title = {}\n", ruby_str(&vm.name)));
     v.push_str(&format!("    libvirt.memory = {}\n", vm.memory_mib));
     v.push_str(&format!("    libvirt.cpus = {}\n", vm.vcpus));
     match vm.cpu_template {
@@ -130,6 +131,7 @@ struct Settings {
     initrd: Option<String>,
     cmd_line: Option<String>,
     cpu_mode: Option<String>,
+    title: Option<String>,
 }
 
 fn ruby_literal(v: &str) -> Option<String> {
@@ -176,6 +178,7 @@ fn parse_vagrantfile(text: &str) -> (Settings, Vec<String>) {
             "cpus" => s.cpus = rhs.parse().ok(),
             "cmd_line" => s.cmd_line = ruby_literal(rhs),
             "cpu_mode" => s.cpu_mode = ruby_literal(rhs),
+            "title" => s.title = ruby_literal(rhs),
             "kernel" | "initrd" => {
                 // `File.join(File.dirname(__FILE__), "vmlinuz")` or a plain literal: the
                 // last string literal is the file name inside the box.
@@ -294,6 +297,12 @@ pub fn import(path: &Path, scratch_parent: &Path, strict: bool) -> Result<Import
         DEFAULT_MEMORY_MIB
     }));
     vm.vcpus = settings.cpus.unwrap_or(1);
+    if let Some(t) = &settings.title {
+        vm.name = super::sanitize_name(t);
+        if vm.disks.len() == 1 {
+            vm.disks[0].name = format!("{}.{}", vm.name, super::ext(vm.disks[0].format));
+        }
+    }
     if matches!(settings.cpu_mode.as_deref(), Some("custom")) {
         vm.cpu_template = CpuTemplate::Baseline;
     }
