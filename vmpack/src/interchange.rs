@@ -22,7 +22,6 @@ use crate::util::Usage;
 /// Options of `vmpack export` that only some formats take.
 pub struct ExportOpts {
     pub disk_format: Option<DiskFormat>,
-    pub ovf_version: Option<ovf::OvfVersion>,
     pub quiet: bool,
     pub json: bool,
 }
@@ -45,9 +44,6 @@ pub fn export(pack_path: &Path, eco: Ecosystem, out: &Path, o: &ExportOpts) -> R
             _ => "raw",
         }))
         .into());
-    }
-    if o.ovf_version.is_some() && eco != Ecosystem::Ova {
-        return Err(Usage("--ovf-version applies to --format ova only".into()).into());
     }
     if pack_path == Path::new("-") {
         return Err(Usage(format!("--format {eco} reads a pack file, not standard input")).into());
@@ -144,8 +140,9 @@ pub fn export(pack_path: &Path, eco: Ecosystem, out: &Path, o: &ExportOpts) -> R
             let mtime = m.created_unix;
             let files = if eco == Ecosystem::Ova {
                 let base = vm.name.clone();
-                let v = o.ovf_version.unwrap_or(ovf::OvfVersion::V1);
-                let s = ovf::export_ova(&vm, &mut *f.file(), &base, v, mtime, &bar)?;
+                // OVF 1.0: what VirtualBox, VMware and virt-v2v all read (virt-v2v does not
+                // read the 2.0 namespace); import takes both.
+                let s = ovf::export_ova(&vm, &mut *f.file(), &base, ovf::OvfVersion::V1, mtime, &bar)?;
                 s.members.into_iter().map(|(n, _)| n).chain([format!("{base}.mf")]).collect()
             } else {
                 let parent = parent_dir(out);

@@ -40,9 +40,6 @@ pub struct ExportArgs {
     /// libvirt only: format of the disk images (default qcow2).
     #[arg(long, value_name = "raw|qcow2")]
     pub disk_format: Option<DiskFormat>,
-    /// ova only: OVF version of the descriptor (default 1.0).
-    #[arg(long, value_name = "1.0|2.0")]
-    pub ovf_version: Option<vmpack_formats::interchange::ovf::OvfVersion>,
     /// Print a JSON summary (files written, notes, the command to run next) on stdout.
     #[arg(long)]
     pub json: bool,
@@ -58,9 +55,9 @@ pub fn run_unpack(a: UnpackArgs) -> Result<()> {
 pub fn run_export(a: ExportArgs) -> Result<()> {
     match a.format {
         ExportFormat::Disk(f) => {
-            if a.disk_format.is_some() || a.ovf_version.is_some() || a.json {
+            if a.disk_format.is_some() || a.json {
                 return Err(crate::util::Usage(
-                    "--disk-format, --ovf-version and --json apply to the libvirt, vagrant, ova and firecracker formats".into(),
+                    "--disk-format and --json apply to the libvirt, vagrant, ova and firecracker formats".into(),
                 )
                 .into());
             }
@@ -72,7 +69,6 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
             &a.output,
             &crate::interchange::ExportOpts {
                 disk_format: a.disk_format,
-                ovf_version: a.ovf_version,
                 quiet: a.quiet,
                 json: a.json,
             },

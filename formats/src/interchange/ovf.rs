@@ -716,6 +716,10 @@ mod tests {
         let f = std::fs::File::create(&p).unwrap();
         export_ova(&vm(&disk, &kernel), f, "t", OvfVersion::V1, 0, &()).unwrap();
         let got = import(&p, true).unwrap();
+        // The OVF 2.0 namespace reads the same.
+        let p2 = t.path().join("t2.ova");
+        export_ova(&vm(&disk, &kernel), std::fs::File::create(&p2).unwrap(), "t", OvfVersion::V2, 0, &()).unwrap();
+        assert_eq!(import(&p2, true).unwrap().memory_mib, Some(128));
         assert_eq!(got.vcpus, 2);
         assert_eq!(got.memory_mib, Some(128));
         assert_eq!(got.cpu_template, CpuTemplate::Baseline);
