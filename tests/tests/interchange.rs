@@ -644,3 +644,44 @@ fn terabyte_vmdk_without_data_imports_sparse() {
     assert_eq!(meta.len(), 1 << 40);
     assert!(std::os::unix::fs::MetadataExt::blocks(&meta) * 512 < 1 << 20, "the unpacked disk is sparse");
 }
+
+#[test]
+fn saved_pack_exports_its_cold_definition() {
+    if !kvm_available("the export of a saved pack") {
+        return;
+    }
+    let elf = linux_out().join("vmlinux");
+    assert!(elf.exists(), "samples/linux/fetch-kernel.sh has not extracted {}", elf.display());
+    let t = tempfile::tempdir().unwrap();
+    let vm = make_vm_with(t.path(), "saved", 1, "vmlinux");
+    let sock = t.path().join("api.sock");
+    let mut child = Command::new(bin("vmboot"))
+        .args(["run", s(&vm.dir.join("vm.toml")), "--api-sock", s(&sock), "--serial-out", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no control socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let saved = t.path().join("saved.vmpack");
+    ok(&run(t.path(), &["save", "--api-sock", s(&sock), "-o", s(&saved), "--then", "stop", "-q"]));
+    let _ = child.wait();
+    let out = t.path().join("fc");
+    let o = run(t.path(), &["export", s(&saved), "--format", "firecracker", "-o", s(&out)]);
+    ok(&o);
+    let err = stderr(&o);
+    assert!(err.contains("saved run state") && err.contains("stays behind"), "{err}");
+    assert!(err.contains("no other VMM can resume"), "{err}");
+    let mut files: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["data.img", "initrd.img", "root.img", "vm.json", "vmlinux"]);
+    qemu_img(&["compare", s(&vm.dir.join("root.img")), s(&out.join("root.img"))]);
+    same_file(&elf, &out.join("vmlinux"));
+}
