@@ -350,11 +350,13 @@ fn timer_interrupts_keep_their_rate_after_restore() {
         );
     }
     // LAPIC ticks per 500 PIT ticks stay near 500 on both sides of the restore (the two
-    // timers run at about the same rate).
+    // timers run at about the same rate). The bounds are loose because KVM re-injects lost
+    // PIT ticks but not LAPIC ones, so a loaded host loses some LAPIC ticks; the failures
+    // this guards against are a timer that stops (0) or runs twice (about 1000).
     for w in lines.windows(2) {
         let d = w[1].1 - w[0].1;
         assert!(
-            (350..=650).contains(&d),
+            (200..=800).contains(&d),
             "LAPIC ticks per 500 PIT ticks = {d}, timers out of step after restore:\n{all}"
         );
     }
