@@ -78,11 +78,23 @@ fn make_vm_with(root: &Path, name: &str, vcpus: u32, kernel: &str) -> Vm {
     sparse_raw(
         &dir.join("root.img"),
         48 << 20,
-        &[(0, marker), (30 << 20, noise(2 << 20, 8)), ((48 << 20) - 512, vec![0x5a; 512])],
+        &[
+            (0, marker),
+            (30 << 20, noise(2 << 20, 8)),
+            ((48 << 20) - 512, vec![0x5a; 512]),
+        ],
     );
     let raw = dir.join("data.raw");
     sparse_raw(&raw, 16 << 20, &[(4096, noise(1 << 20, 9))]);
-    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), dir.join("data.qcow2").to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        dir.join("data.qcow2").to_str().unwrap(),
+    ]);
     std::fs::remove_file(&raw).unwrap();
     std::fs::write(
         dir.join("vm.toml"),
@@ -94,7 +106,10 @@ fn make_vm_with(root: &Path, name: &str, vcpus: u32, kernel: &str) -> Vm {
     )
     .unwrap();
     let pack = root.join(format!("{name}.vmpack"));
-    ok(&run(&dir, &["pack", "vm.toml", "-o", pack.to_str().unwrap(), "-q"]));
+    ok(&run(
+        &dir,
+        &["pack", "vm.toml", "-o", pack.to_str().unwrap(), "-q"],
+    ));
     Vm {
         dir,
         pack,
@@ -108,11 +123,8 @@ fn s(p: &Path) -> &str {
 
 /// The config a pack holds, as JSON-ish TOML text parsed by the formats crate.
 fn pack_config(pack: &Path) -> vmpack_formats::config::VmConfig {
-    let js: serde_json::Value = serde_json::from_str(&ok(&run(
-        Path::new("/"),
-        &["inspect", "--json", s(pack)],
-    )))
-    .unwrap();
+    let js: serde_json::Value =
+        serde_json::from_str(&ok(&run(Path::new("/"), &["inspect", "--json", s(pack)]))).unwrap();
     vmpack_formats::config::VmConfig::parse(
         js["manifest"]["config"].as_str().unwrap(),
         Path::new("/x/vm.toml"),
@@ -136,17 +148,28 @@ fn check_roundtrip(vm: &Vm, imported: &Path, work: &Path, same_name: bool, same_
     assert_eq!(ka.cmdline, kb.cmdline, "cmdline");
     assert_eq!(ka.initrd.is_some(), kb.initrd.is_some(), "initrd");
     assert_eq!(a.disks.len(), b.disks.len(), "disk count");
-    let un = work.join(format!("unpacked-{}", imported.file_stem().unwrap().to_string_lossy()));
+    let un = work.join(format!(
+        "unpacked-{}",
+        imported.file_stem().unwrap().to_string_lossy()
+    ));
     ok(&run(work, &["unpack", s(imported), "-o", s(&un), "-q"]));
     for (da, db) in a.disks.iter().zip(&b.disks) {
         if same_ro {
-            assert_eq!(da.read_only, db.read_only, "read_only of {}", da.path.display());
+            assert_eq!(
+                da.read_only,
+                db.read_only,
+                "read_only of {}",
+                da.path.display()
+            );
         }
         let src = vm.dir.join(da.path.file_name().unwrap());
         let dst = un.join(db.path.file_name().unwrap());
         qemu_img(&["compare", s(&src), s(&dst)]);
     }
-    same_file(&vm.dir.join("initrd.img"), &un.join(kb.initrd.as_ref().unwrap().file_name().unwrap()));
+    same_file(
+        &vm.dir.join("initrd.img"),
+        &un.join(kb.initrd.as_ref().unwrap().file_name().unwrap()),
+    );
 }
 
 fn import(work: &Path, src: &Path, out: &Path, extra: &[&str]) -> String {
@@ -183,7 +206,10 @@ fn libvirtd() {
     }
     let t = Instant::now();
     while !answers() {
-        assert!(t.elapsed() < Duration::from_secs(30), "libvirtd did not answer within 30 s");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "libvirtd did not answer within 30 s"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -217,13 +243,31 @@ fn libvirt_export_is_valid_defined_and_imports_back() {
     let name = format!("vmpack-ic-{}", std::process::id());
     let vm = make_vm(t.path(), &name, 2);
     let out = t.path().join("lv");
-    let text = ok(&run(t.path(), &["export", s(&vm.pack), "--format", "libvirt", "-o", s(&out)]));
+    let text = ok(&run(
+        t.path(),
+        &["export", s(&vm.pack), "--format", "libvirt", "-o", s(&out)],
+    ));
     assert!(text.contains("virsh define"), "{text}");
     let xml = std::fs::read_to_string(out.join("domain.xml")).unwrap();
-    for want in ["<memory unit=\"MiB\">256</memory>", "<vcpu>2</vcpu>", "host-passthrough", "bus=\"virtio\"", "<readonly/>", "console=ttyS0", "<kernel>", "<initrd>", "type=\"qcow2\""] {
+    for want in [
+        "<memory unit=\"MiB\">256</memory>",
+        "<vcpu>2</vcpu>",
+        "host-passthrough",
+        "bus=\"virtio\"",
+        "<readonly/>",
+        "console=ttyS0",
+        "<kernel>",
+        "<initrd>",
+        "type=\"qcow2\"",
+    ] {
         assert!(xml.contains(want), "{want} missing:\n{xml}");
     }
-    tool(t.path(), "virt-xml-validate", &[s(&out.join("domain.xml")), "domain"], &[]);
+    tool(
+        t.path(),
+        "virt-xml-validate",
+        &[s(&out.join("domain.xml")), "domain"],
+        &[],
+    );
     virsh(&["define", s(&out.join("domain.xml"))]);
     let _d = Domain(name.clone());
     let info = virsh(&["dominfo", &name]);
@@ -255,18 +299,36 @@ fn libvirt_boots_the_exported_linux() {
     libvirtd();
     let t = tempfile::tempdir().unwrap();
     // QEMU runs as libvirt's own user: it must reach the files.
-    std::fs::set_permissions(t.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        t.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let name = format!("vmpack-boot-{}", std::process::id());
     let vm = make_vm_with(t.path(), &name, 1, "vmlinux");
     let out = t.path().join("lv");
-    ok(&run(t.path(), &["export", s(&vm.pack), "--format", "libvirt", "-o", s(&out), "-q"]));
+    ok(&run(
+        t.path(),
+        &[
+            "export",
+            s(&vm.pack),
+            "--format",
+            "libvirt",
+            "-o",
+            s(&out),
+            "-q",
+        ],
+    ));
     tool(t.path(), "chmod", &["-R", "a+rX", s(&out)], &[]);
     virsh(&["define", s(&out.join("domain.xml"))]);
     let _d = Domain(name.clone());
     virsh(&["start", &name]);
     use std::os::unix::fs::FileTypeExt;
     assert!(
-        std::fs::metadata("/dev/null").unwrap().file_type().is_char_device(),
+        std::fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device(),
         "/dev/null is no longer a device after starting the domain"
     );
     // On this host's emulated KVM the banner of the ELF kernel appears after about 40 s
@@ -298,7 +360,18 @@ fn ova_export_is_read_by_qemu_img_and_virt_v2v_and_imports_back() {
     {
         let version = "1.0";
         let ova = t.path().join(format!("vm-{version}.ova"));
-        ok(&run(t.path(), &["export", s(&vm.pack), "--format", "ova", "-o", s(&ova), "-q"]));
+        ok(&run(
+            t.path(),
+            &[
+                "export",
+                s(&vm.pack),
+                "--format",
+                "ova",
+                "-o",
+                s(&ova),
+                "-q",
+            ],
+        ));
         let x = t.path().join(format!("x-{version}"));
         std::fs::create_dir(&x).unwrap();
         let list = tool(&x, "tar", &["-xvf", s(&ova)], &[]);
@@ -322,11 +395,26 @@ fn ova_export_is_read_by_qemu_img_and_virt_v2v_and_imports_back() {
             assert!(check.contains("No errors"), "{check}");
             qemu_img(&["compare", s(&vm.dir.join(orig)), s(&x.join(vmdk))]);
         }
-        let v2v = tool(t.path(), "virt-v2v", &["-i", "ova", s(&ova), "--print-source"], &[]);
+        let v2v = tool(
+            t.path(),
+            "virt-v2v",
+            &["-i", "ova", s(&ova), "--print-source"],
+            &[],
+        );
         assert!(v2v.contains("memory: 268435456 (bytes)"), "{v2v}");
         assert!(v2v.contains("nr vCPUs: 2"), "{v2v}");
-        let disks = v2v.split("disks:").nth(1).unwrap().split("removable media:").next().unwrap();
-        assert_eq!(disks.lines().filter(|l| !l.trim().is_empty()).count(), 2, "{v2v}");
+        let disks = v2v
+            .split("disks:")
+            .nth(1)
+            .unwrap()
+            .split("removable media:")
+            .next()
+            .unwrap();
+        assert_eq!(
+            disks.lines().filter(|l| !l.trim().is_empty()).count(),
+            2,
+            "{v2v}"
+        );
         let back = t.path().join(format!("back-{version}.vmpack"));
         import(t.path(), &ova, &back, &["--strict", "-q"]);
         check_roundtrip(&vm, &back, t.path(), true, true);
@@ -338,14 +426,39 @@ fn ovf_with_vmdks_made_by_qemu_img_imports() {
     let t = tempfile::tempdir().unwrap();
     let vm = make_vm(t.path(), "qemuvmdk", 1);
     let ova = t.path().join("vm.ova");
-    ok(&run(t.path(), &["export", s(&vm.pack), "--format", "ova", "-o", s(&ova), "-q"]));
+    ok(&run(
+        t.path(),
+        &[
+            "export",
+            s(&vm.pack),
+            "--format",
+            "ova",
+            "-o",
+            s(&ova),
+            "-q",
+        ],
+    ));
     let x = t.path().join("x");
     std::fs::create_dir(&x).unwrap();
     tool(&x, "tar", &["-xf", s(&ova)], &[]);
     // Replace our VMDKs with QEMU's: stream-optimized for one, monolithicSparse (QEMU's
     // default subformat, uncompressed grains) for the other; drop the now stale manifest.
-    qemu_img(&["convert", "-O", "vmdk", "-o", "subformat=streamOptimized", s(&vm.dir.join("root.img")), s(&x.join("root.vmdk"))]);
-    qemu_img(&["convert", "-O", "vmdk", s(&vm.dir.join("data.qcow2")), s(&x.join("data.vmdk"))]);
+    qemu_img(&[
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        s(&vm.dir.join("root.img")),
+        s(&x.join("root.vmdk")),
+    ]);
+    qemu_img(&[
+        "convert",
+        "-O",
+        "vmdk",
+        s(&vm.dir.join("data.qcow2")),
+        s(&x.join("data.vmdk")),
+    ]);
     std::fs::remove_file(x.join("qemuvmdk.mf")).unwrap();
     let back = t.path().join("back.vmpack");
     let err = import(t.path(), &x.join("qemuvmdk.ovf"), &back, &[]);
@@ -361,13 +474,24 @@ fn vagrant_box_is_added_by_vagrant_and_imports_back() {
     let t = tempfile::tempdir().unwrap();
     let vm = make_vm(t.path(), "boxtest", 2);
     let bx = t.path().join("vm.box");
-    let o = run(t.path(), &["export", s(&vm.pack), "--format", "vagrant", "-o", s(&bx)]);
+    let o = run(
+        t.path(),
+        &["export", s(&vm.pack), "--format", "vagrant", "-o", s(&bx)],
+    );
     ok(&o);
     assert!(stderr(&o).contains("read-only"), "{}", stderr(&o));
     let home = t.path().join("vagrant-home");
     let env = [("VAGRANT_HOME", home.as_path())];
-    let added = tool(t.path(), "vagrant", &["box", "add", "--name", "vmpack-boxtest", s(&bx)], &env);
-    assert!(added.contains("Successfully added box 'vmpack-boxtest'"), "{added}");
+    let added = tool(
+        t.path(),
+        "vagrant",
+        &["box", "add", "--name", "vmpack-boxtest", s(&bx)],
+        &env,
+    );
+    assert!(
+        added.contains("Successfully added box 'vmpack-boxtest'"),
+        "{added}"
+    );
     assert!(added.contains("'libvirt'"), "{added}");
     let list = tool(t.path(), "vagrant", &["box", "list"], &env);
     assert!(list.contains("vmpack-boxtest (libvirt"), "{list}");
@@ -385,26 +509,68 @@ fn vagrant_package_layout_imports() {
     std::fs::create_dir(&b).unwrap();
     let raw = t.path().join("d.raw");
     sparse_raw(&raw, 40 << 20, &[(1 << 20, noise(500_000, 11))]);
-    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&b.join("box.img"))]);
-    std::fs::write(b.join("metadata.json"), "{\n  \"provider\": \"libvirt\",\n  \"format\": \"qcow2\",\n  \"virtual_size\": 1\n}\n").unwrap();
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        s(&raw),
+        s(&b.join("box.img")),
+    ]);
+    std::fs::write(
+        b.join("metadata.json"),
+        "{\n  \"provider\": \"libvirt\",\n  \"format\": \"qcow2\",\n  \"virtual_size\": 1\n}\n",
+    )
+    .unwrap();
     std::fs::write(b.join("Vagrantfile"), "Vagrant.configure(\"2\") do |config|\n  config.vm.provider :libvirt do |libvirt|\n    libvirt.driver = \"kvm\"\n  end\nend\n").unwrap();
     let bx = t.path().join("packaged.box");
-    tool(&b, "tar", &["czf", s(&bx), "metadata.json", "Vagrantfile", "box.img"], &[]);
+    tool(
+        &b,
+        "tar",
+        &["czf", s(&bx), "metadata.json", "Vagrantfile", "box.img"],
+        &[],
+    );
     std::fs::write(t.path().join("vmlinuz"), noise(100_000, 12)).unwrap();
     let out = t.path().join("p.vmpack");
     // No kernel in the box: it boots through firmware, which vmboot does not do.
     let err = fails(&run(t.path(), &["import", s(&bx), "-o", s(&out)]));
     assert!(err.contains("--kernel"), "{err}");
     assert!(!out.exists());
-    let err = import(t.path(), &bx, &out, &["--kernel", "vmlinuz", "--cmdline", "console=ttyS0 root=/dev/vda"]);
+    let err = import(
+        t.path(),
+        &bx,
+        &out,
+        &[
+            "--kernel",
+            "vmlinuz",
+            "--cmdline",
+            "console=ttyS0 root=/dev/vda",
+        ],
+    );
     assert!(err.contains("512 MiB"), "{err}");
     let c = pack_config(&out);
     assert_eq!((c.memory_mib, c.vcpus), (512, 1));
     assert_eq!(c.disks.len(), 1);
     let un = t.path().join("u");
     ok(&run(t.path(), &["unpack", s(&out), "-o", s(&un), "-q"]));
-    qemu_img(&["compare", s(&raw), s(&un.join(c.disks[0].path.file_name().unwrap()))]);
-    let err = fails(&run(t.path(), &["import", s(&bx), "-o", s(&t.path().join("q.vmpack")), "--kernel", "vmlinuz", "--strict"]));
+    qemu_img(&[
+        "compare",
+        s(&raw),
+        s(&un.join(c.disks[0].path.file_name().unwrap())),
+    ]);
+    let err = fails(&run(
+        t.path(),
+        &[
+            "import",
+            s(&bx),
+            "-o",
+            s(&t.path().join("q.vmpack")),
+            "--kernel",
+            "vmlinuz",
+            "--strict",
+        ],
+    ));
     assert!(err.contains("--strict"), "{err}");
 }
 
@@ -415,15 +581,36 @@ fn firecracker_export_follows_the_api_and_imports_back() {
     let t = tempfile::tempdir().unwrap();
     let vm = make_vm(t.path(), "fctest", 2);
     let out = t.path().join("fc");
-    let o = run(t.path(), &["export", s(&vm.pack), "--format", "firecracker", "-o", s(&out), "--json"]);
+    let o = run(
+        t.path(),
+        &[
+            "export",
+            s(&vm.pack),
+            "--format",
+            "firecracker",
+            "-o",
+            s(&out),
+            "--json",
+        ],
+    );
     let js: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
-    assert!(js["next"].as_str().unwrap().contains("firecracker --no-api --config-file vm.json"), "{js}");
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("vm.json")).unwrap()).unwrap();
+    assert!(
+        js["next"]
+            .as_str()
+            .unwrap()
+            .contains("firecracker --no-api --config-file vm.json"),
+        "{js}"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("vm.json")).unwrap()).unwrap();
     assert_eq!(cfg["machine-config"]["vcpu_count"], 2);
     assert_eq!(cfg["machine-config"]["mem_size_mib"], 256);
     assert_eq!(cfg["boot-source"]["kernel_image_path"], "vmlinux");
     assert_eq!(cfg["boot-source"]["initrd_path"], "initrd.img");
-    assert!(cfg["boot-source"]["boot_args"].as_str().unwrap().contains("console=ttyS0"));
+    assert!(cfg["boot-source"]["boot_args"]
+        .as_str()
+        .unwrap()
+        .contains("console=ttyS0"));
     let drives = cfg["drives"].as_array().unwrap();
     assert_eq!(drives.len(), 2);
     assert_eq!(drives[1]["is_read_only"], true);
@@ -438,14 +625,27 @@ fn firecracker_export_follows_the_api_and_imports_back() {
         if elf.exists() {
             same_file(&elf, &out.join("vmlinux"));
         }
-        assert_eq!(&std::fs::read(out.join("vmlinux")).unwrap()[..4], b"\x7fELF");
+        assert_eq!(
+            &std::fs::read(out.join("vmlinux")).unwrap()[..4],
+            b"\x7fELF"
+        );
     }
     let back = t.path().join("back.vmpack");
     import(t.path(), &out.join("vm.json"), &back, &["--strict", "-q"]);
     check_roundtrip(&vm, &back, t.path(), false, true);
     // Odd vCPU counts above 1 are refused, as Firecracker would.
     let vm3 = make_vm(&t.path().join("three"), "fc3", 3);
-    let err = fails(&run(t.path(), &["export", s(&vm3.pack), "--format", "firecracker", "-o", s(&t.path().join("fc3"))]));
+    let err = fails(&run(
+        t.path(),
+        &[
+            "export",
+            s(&vm3.pack),
+            "--format",
+            "firecracker",
+            "-o",
+            s(&t.path().join("fc3")),
+        ],
+    ));
     assert!(err.contains("even number"), "{err}");
     assert!(!t.path().join("fc3").exists());
 }
@@ -456,19 +656,63 @@ fn firecracker_export_follows_the_api_and_imports_back() {
 fn options_for_one_format_are_refused_for_others() {
     let t = tempfile::tempdir().unwrap();
     let vm = make_vm(t.path(), "opts", 1);
-    let o = run(t.path(), &["export", s(&vm.pack), "--format", "ova", "--disk-format", "raw", "-o", "x.ova"]);
+    let o = run(
+        t.path(),
+        &[
+            "export",
+            s(&vm.pack),
+            "--format",
+            "ova",
+            "--disk-format",
+            "raw",
+            "-o",
+            "x.ova",
+        ],
+    );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("--disk-format applies to --format libvirt only"), "{}", stderr(&o));
-    let o = run(t.path(), &["export", s(&vm.pack), "--format", "raw", "--disk-format", "raw", "-o", "x"]);
+    assert!(
+        stderr(&o).contains("--disk-format applies to --format libvirt only"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(
+        t.path(),
+        &[
+            "export",
+            s(&vm.pack),
+            "--format",
+            "raw",
+            "--disk-format",
+            "raw",
+            "-o",
+            "x",
+        ],
+    );
     assert_eq!(o.status.code(), Some(2));
-    let o = run(t.path(), &["import", s(&vm.dir.join("root.img")), "--memory", "64", "--kernel", s(&vm.dir.join("vmlinuz")), "--strict", "-o", "y.vmpack"]);
+    let o = run(
+        t.path(),
+        &[
+            "import",
+            s(&vm.dir.join("root.img")),
+            "--memory",
+            "64",
+            "--kernel",
+            s(&vm.dir.join("vmlinuz")),
+            "--strict",
+            "-o",
+            "y.vmpack",
+        ],
+    );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(!t.path().join("x.ova").exists() && !t.path().join("y.vmpack").exists());
     // A flat guest has no counterpart in these ecosystems.
     let f = t.path().join("flat");
     flat_vm(&f, false);
     ok(&run(&f, &["pack", "vm.toml", "-o", "flat.vmpack", "-q"]));
-    let err = fails(&run(&f, &["export", "flat.vmpack", "--format", "libvirt", "-o", "lv"]));
+    let err = fails(&run(
+        &f,
+        &["export", "flat.vmpack", "--format", "libvirt", "-o", "lv"],
+    ));
     assert!(err.contains("flat image"), "{err}");
 }
 
@@ -521,7 +765,18 @@ fn hostile_inputs_are_refused_and_write_nothing() {
     let t = tempfile::tempdir().unwrap();
     let vm = make_vm(t.path(), "hostile", 1);
     let ova = t.path().join("good.ova");
-    ok(&run(t.path(), &["export", s(&vm.pack), "--format", "ova", "-o", s(&ova), "-q"]));
+    ok(&run(
+        t.path(),
+        &[
+            "export",
+            s(&vm.pack),
+            "--format",
+            "ova",
+            "-o",
+            s(&ova),
+            "-q",
+        ],
+    ));
     let x = t.path().join("x");
     std::fs::create_dir(&x).unwrap();
     tool(&x, "tar", &["-xf", s(&ova)], &[]);
@@ -543,8 +798,22 @@ fn hostile_inputs_are_refused_and_write_nothing() {
         assert!(now.is_empty(), "{name}: left {now:?}");
     };
     // Tar path traversal and absolute names.
-    refuse("trav.ova", raw_tar(&[("hostile.ovf", ovf.clone(), b'0', ""), ("../../evil", b"x".to_vec(), b'0', "")]), "not a plain file name");
-    refuse("abs.ova", raw_tar(&[("hostile.ovf", ovf.clone(), b'0', ""), ("/tmp/evil", b"x".to_vec(), b'0', "")]), "not a plain file name");
+    refuse(
+        "trav.ova",
+        raw_tar(&[
+            ("hostile.ovf", ovf.clone(), b'0', ""),
+            ("../../evil", b"x".to_vec(), b'0', ""),
+        ]),
+        "not a plain file name",
+    );
+    refuse(
+        "abs.ova",
+        raw_tar(&[
+            ("hostile.ovf", ovf.clone(), b'0', ""),
+            ("/tmp/evil", b"x".to_vec(), b'0', ""),
+        ]),
+        "not a plain file name",
+    );
     // A manifest that lies about a disk.
     let mut root = member("root.vmdk");
     let mf = String::from_utf8(member("hostile.mf")).unwrap();
@@ -560,22 +829,35 @@ fn hostile_inputs_are_refused_and_write_nothing() {
             ("hostile.mf", mf.into_bytes(), b'0', ""),
         ])
     };
-    refuse("lie.ova", members(root.clone(), mf.clone()), "SHA256(root.vmdk)");
+    refuse(
+        "lie.ova",
+        members(root.clone(), mf.clone()),
+        "SHA256(root.vmdk)",
+    );
     // A VMDK whose grain table points outside the file (manifest updated to match, so the
     // VMDK reader itself must catch it).
     let mut bad = member("root.vmdk");
     let len = bad.len();
-    let gd = u64::from_le_bytes(bad[len - 1024 + 56..len - 1024 + 64].try_into().unwrap()) as usize * 512;
+    let gd = u64::from_le_bytes(bad[len - 1024 + 56..len - 1024 + 64].try_into().unwrap()) as usize
+        * 512;
     bad[gd..gd + 4].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
     let digest = |b: &[u8]| {
         use sha2::Digest;
         hex::encode(sha2::Sha256::digest(b))
     };
     let old = digest(&member("root.vmdk"));
-    refuse("gt.ova", members(bad.clone(), mf.replace(&old, &digest(&bad))), "outside the file");
+    refuse(
+        "gt.ova",
+        members(bad.clone(), mf.replace(&old, &digest(&bad))),
+        "outside the file",
+    );
     // A lying OVF capacity.
     let ovf_text = String::from_utf8(ovf.clone()).unwrap();
-    let lying = ovf_text.replacen(&format!("ovf:capacity=\"{}\"", 48 << 20), &format!("ovf:capacity=\"{}\"", 64 << 20), 1);
+    let lying = ovf_text.replacen(
+        &format!("ovf:capacity=\"{}\"", 48 << 20),
+        &format!("ovf:capacity=\"{}\"", 64 << 20),
+        1,
+    );
     assert_ne!(lying, ovf_text);
     let mf2 = mf.replace(&digest(&ovf), &digest(lying.as_bytes()));
     let t2 = raw_tar(&[
@@ -588,7 +870,19 @@ fn hostile_inputs_are_refused_and_write_nothing() {
     ]);
     refuse("cap.ova", t2, "the VMDK says");
     // A .box with a symlink member.
-    refuse("link.box", raw_tar(&[("metadata.json", b"{\"provider\":\"libvirt\"}".to_vec(), b'0', ""), ("box.img", vec![], b'2', "/etc/shadow")]), "symbolic link");
+    refuse(
+        "link.box",
+        raw_tar(&[
+            (
+                "metadata.json",
+                b"{\"provider\":\"libvirt\"}".to_vec(),
+                b'0',
+                "",
+            ),
+            ("box.img", vec![], b'2', "/etc/shadow"),
+        ]),
+        "symbolic link",
+    );
     // libvirt XML naming host devices or files outside its folder.
     let dom = |dev: &str| {
         format!("<domain type='kvm'><name>h</name><memory unit='MiB'>64</memory><os><type>hvm</type><kernel>vmlinuz</kernel></os><devices>{dev}</devices></domain>").into_bytes()
@@ -602,12 +896,19 @@ fn hostile_inputs_are_refused_and_write_nothing() {
         assert!(!work.join("out.vmpack").exists());
     };
     refuse_xml("<disk type='block' device='disk'><source dev='/dev/vda'/><target dev='vda' bus='virtio'/></disk>", "/dev/vda");
-    refuse_xml("<disk type='file' device='disk'><source file='/etc/passwd'/><target dev='vda'/></disk>", "outside the folder");
+    refuse_xml(
+        "<disk type='file' device='disk'><source file='/etc/passwd'/><target dev='vda'/></disk>",
+        "outside the folder",
+    );
     refuse_xml("<disk type='file' device='disk'><source file='../src/root.img'/><target dev='vda'/></disk>", "outside the folder");
     refuse_xml("<hostdev mode='subsystem' type='usb'/>", "hostdev");
     std::fs::remove_file(work.join("vmlinuz")).unwrap();
     std::fs::remove_file(work.join("d.xml")).unwrap();
-    assert_eq!(tree(t.path()), before, "nothing may appear outside the output");
+    assert_eq!(
+        tree(t.path()),
+        before,
+        "nothing may appear outside the output"
+    );
 }
 
 #[test]
@@ -616,8 +917,19 @@ fn terabyte_vmdk_without_data_imports_sparse() {
     // written by hand. Importing must neither allocate nor write a terabyte.
     let t = tempfile::tempdir().unwrap();
     let raw = t.path().join("big.raw");
-    std::fs::File::create(&raw).unwrap().set_len(1 << 40).unwrap();
-    qemu_img(&["convert", "-O", "vmdk", "-o", "subformat=streamOptimized", s(&raw), s(&t.path().join("big.vmdk"))]);
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(1 << 40)
+        .unwrap();
+    qemu_img(&[
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        s(&raw),
+        s(&t.path().join("big.vmdk")),
+    ]);
     std::fs::remove_file(&raw).unwrap();
     let ovf = format!(
         "<?xml version=\"1.0\"?>\n<Envelope xmlns=\"http://schemas.dmtf.org/ovf/envelope/1\" xmlns:ovf=\"http://schemas.dmtf.org/ovf/envelope/1\" xmlns:rasd=\"http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData\">\n\
@@ -633,16 +945,37 @@ fn terabyte_vmdk_without_data_imports_sparse() {
     std::fs::write(t.path().join("big.ovf"), ovf).unwrap();
     std::fs::write(t.path().join("vmlinuz"), noise(50_000, 3)).unwrap();
     let p = t.path().join("big.vmpack");
-    let js: serde_json::Value = serde_json::from_str(&ok(&run(t.path(), &["import", "big.ovf", "--kernel", "vmlinuz", "--json", "-o", s(&p)]))).unwrap();
+    let js: serde_json::Value = serde_json::from_str(&ok(&run(
+        t.path(),
+        &[
+            "import",
+            "big.ovf",
+            "--kernel",
+            "vmlinuz",
+            "--json",
+            "-o",
+            s(&p),
+        ],
+    )))
+    .unwrap();
     assert_eq!(js["disks"][0]["virtual_size"], 1u64 << 40);
     // No data, only the index of its zero chunks (about 160 bytes per MiB).
-    assert!(std::fs::metadata(&p).unwrap().len() < 256 << 20, "the pack stores no data");
+    assert!(
+        std::fs::metadata(&p).unwrap().len() < 256 << 20,
+        "the pack stores no data"
+    );
     let un = t.path().join("u");
-    ok(&run(t.path(), &["export", s(&p), "--format", "raw", "-o", s(&un), "-q"]));
+    ok(&run(
+        t.path(),
+        &["export", s(&p), "--format", "raw", "-o", s(&un), "-q"],
+    ));
     let img = un.join("big.img");
     let meta = std::fs::metadata(&img).unwrap();
     assert_eq!(meta.len(), 1 << 40);
-    assert!(std::os::unix::fs::MetadataExt::blocks(&meta) * 512 < 1 << 20, "the unpacked disk is sparse");
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&meta) * 512 < 1 << 20,
+        "the unpacked disk is sparse"
+    );
 }
 
 #[test]
@@ -651,12 +984,23 @@ fn saved_pack_exports_its_cold_definition() {
         return;
     }
     let elf = linux_out().join("vmlinux");
-    assert!(elf.exists(), "samples/linux/fetch-kernel.sh has not extracted {}", elf.display());
+    assert!(
+        elf.exists(),
+        "samples/linux/fetch-kernel.sh has not extracted {}",
+        elf.display()
+    );
     let t = tempfile::tempdir().unwrap();
     let vm = make_vm_with(t.path(), "saved", 1, "vmlinux");
     let sock = t.path().join("api.sock");
     let mut child = Command::new(bin("vmboot"))
-        .args(["run", s(&vm.dir.join("vm.toml")), "--api-sock", s(&sock), "--serial-out", "none"])
+        .args([
+            "run",
+            s(&vm.dir.join("vm.toml")),
+            "--api-sock",
+            s(&sock),
+            "--serial-out",
+            "none",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -668,20 +1012,52 @@ fn saved_pack_exports_its_cold_definition() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let saved = t.path().join("saved.vmpack");
-    ok(&run(t.path(), &["save", "--api-sock", s(&sock), "-o", s(&saved), "--then", "stop", "-q"]));
+    ok(&run(
+        t.path(),
+        &[
+            "save",
+            "--api-sock",
+            s(&sock),
+            "-o",
+            s(&saved),
+            "--then",
+            "stop",
+            "-q",
+        ],
+    ));
     let _ = child.wait();
     let out = t.path().join("fc");
-    let o = run(t.path(), &["export", s(&saved), "--format", "firecracker", "-o", s(&out)]);
+    let o = run(
+        t.path(),
+        &[
+            "export",
+            s(&saved),
+            "--format",
+            "firecracker",
+            "-o",
+            s(&out),
+        ],
+    );
     ok(&o);
     let err = stderr(&o);
-    assert!(err.contains("saved run state") && err.contains("stays behind"), "{err}");
+    assert!(
+        err.contains("saved run state") && err.contains("stays behind"),
+        "{err}"
+    );
     assert!(err.contains("no other VMM can resume"), "{err}");
     let mut files: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     files.sort();
-    assert_eq!(files, ["data.img", "initrd.img", "root.img", "vm.json", "vmlinux"]);
-    qemu_img(&["compare", s(&vm.dir.join("root.img")), s(&out.join("root.img"))]);
+    assert_eq!(
+        files,
+        ["data.img", "initrd.img", "root.img", "vm.json", "vmlinux"]
+    );
+    qemu_img(&[
+        "compare",
+        s(&vm.dir.join("root.img")),
+        s(&out.join("root.img")),
+    ]);
     same_file(&elf, &out.join("vmlinux"));
 }

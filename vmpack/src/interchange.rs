@@ -38,15 +38,21 @@ fn saved_state_note(pack: &VmPack) -> Option<String> {
 
 pub fn export(pack_path: &Path, eco: Ecosystem, out: &Path, o: &ExportOpts) -> Result<()> {
     if o.disk_format.is_some() && eco != Ecosystem::Libvirt {
-        return Err(Usage(format!("--disk-format applies to --format libvirt only ({eco} disks are {})", match eco {
-            Ecosystem::Vagrant => "qcow2",
-            Ecosystem::Ova => "streamOptimized VMDK",
-            _ => "raw",
-        }))
+        return Err(Usage(format!(
+            "--disk-format applies to --format libvirt only ({eco} disks are {})",
+            match eco {
+                Ecosystem::Vagrant => "qcow2",
+                Ecosystem::Ova => "streamOptimized VMDK",
+                _ => "raw",
+            }
+        ))
         .into());
     }
     if pack_path == Path::new("-") {
-        return Err(Usage(format!("--format {eco} reads a pack file, not standard input")).into());
+        return Err(Usage(format!(
+            "--format {eco} reads a pack file, not standard input"
+        ))
+        .into());
     }
     let pack = VmPack::open(pack_path)?;
     let label = pack_path.display().to_string();
@@ -67,16 +73,17 @@ pub fn export(pack_path: &Path, eco: Ecosystem, out: &Path, o: &ExportOpts) -> R
     let initrd = range("initrd")?;
     let mut disk_ranges = Vec::new();
     for d in &m.disks {
-        let s = pack.reader().section(&d.section).with_context(|| {
-            format!("{label}: section '{}': missing from the pack", d.section)
-        })?;
+        let s = pack
+            .reader()
+            .section(&d.section)
+            .with_context(|| format!("{label}: section '{}': missing from the pack", d.section))?;
         disk_ranges.push(SectionRange::whole(pack.reader(), s.id));
     }
-    let stems = ic::unique_stems(m.disks.iter().map(|d| {
-        d.name
-            .rsplit_once('.')
-            .map_or(d.name.as_str(), |(s, _)| s)
-    }));
+    let stems = ic::unique_stems(
+        m.disks
+            .iter()
+            .map(|d| d.name.rsplit_once('.').map_or(d.name.as_str(), |(s, _)| s)),
+    );
     let vm = ExportVm {
         name: ic::sanitize_name(&cfg.name),
         vcpus: cfg.vcpus,
@@ -84,7 +91,11 @@ pub fn export(pack_path: &Path, eco: Ecosystem, out: &Path, o: &ExportOpts) -> R
         cpu_template: cfg.cpu_template,
         kernel: kernel.as_ref().map(|k| k as &dyn SectionSource),
         initrd: initrd.as_ref().map(|k| k as &dyn SectionSource),
-        cmdline: cfg.kernel.as_ref().map(|k| k.cmdline.clone()).unwrap_or_default(),
+        cmdline: cfg
+            .kernel
+            .as_ref()
+            .map(|k| k.cmdline.clone())
+            .unwrap_or_default(),
         disks: m
             .disks
             .iter()
@@ -129,9 +140,16 @@ pub fn export(pack_path: &Path, eco: Ecosystem, out: &Path, o: &ExportOpts) -> R
             };
             dir.commit()?;
             let next = if eco == Ecosystem::Libvirt {
-                format!("virsh define {}", final_dir.join(libvirt::DOMAIN_FILE).display())
+                format!(
+                    "virsh define {}",
+                    final_dir.join(libvirt::DOMAIN_FILE).display()
+                )
             } else {
-                format!("cd {} && firecracker --no-api --config-file {}", final_dir.display(), firecracker::CONFIG_FILE)
+                format!(
+                    "cd {} && firecracker --no-api --config-file {}",
+                    final_dir.display(),
+                    firecracker::CONFIG_FILE
+                )
             };
             (files, next)
         }
@@ -142,19 +160,29 @@ pub fn export(pack_path: &Path, eco: Ecosystem, out: &Path, o: &ExportOpts) -> R
                 let base = vm.name.clone();
                 // OVF 1.0: what VirtualBox, VMware and virt-v2v all read (virt-v2v does not
                 // read the 2.0 namespace); import takes both.
-                let s = ovf::export_ova(&vm, &mut *f.file(), &base, ovf::OvfVersion::V1, mtime, &bar)?;
-                s.members.into_iter().map(|(n, _)| n).chain([format!("{base}.mf")]).collect()
+                let s =
+                    ovf::export_ova(&vm, &mut *f.file(), &base, ovf::OvfVersion::V1, mtime, &bar)?;
+                s.members
+                    .into_iter()
+                    .map(|(n, _)| n)
+                    .chain([format!("{base}.mf")])
+                    .collect()
             } else {
                 let parent = parent_dir(out);
                 let scratch = tempfile::Builder::new()
                     .prefix(".vmpack-export-")
                     .tempdir_in(&parent)
-                    .with_context(|| format!("creating a scratch folder in {}", parent.display()))?;
+                    .with_context(|| {
+                        format!("creating a scratch folder in {}", parent.display())
+                    })?;
                 vagrant::export_box(&vm, &mut *f.file(), scratch.path(), mtime, &bar)?
             };
             f.commit()?;
             let next = if eco == Ecosystem::Ova {
-                format!("virt-v2v -i ova {} (or import it in VirtualBox/VMware)", out.display())
+                format!(
+                    "virt-v2v -i ova {} (or import it in VirtualBox/VMware)",
+                    out.display()
+                )
             } else {
                 format!("vagrant box add --name {} {}", vm.name, out.display())
             };
@@ -233,13 +261,22 @@ fn detect(src: &Path, from: Option<&str>) -> Result<Detected> {
         }
         Some("firecracker") => Detected::Firecracker,
         Some("disk") => Detected::DiskImage,
-        Some(other) => return Err(Usage(format!("--from {other}: expected auto, libvirt, vagrant, ova, ovf, firecracker or disk")).into()),
+        Some(other) => {
+            return Err(Usage(format!(
+                "--from {other}: expected auto, libvirt, vagrant, ova, ovf, firecracker or disk"
+            ))
+            .into())
+        }
     })
 }
 
 /// Reads an ecosystem's files into a config plus sources, applying the options. `None` for
 /// a plain disk image (handled by the existing import).
-pub fn read_source(src: &Path, o: &ImportOpts, out: &Path) -> Result<Option<(ImportedVm, &'static str)>> {
+pub fn read_source(
+    src: &Path,
+    o: &ImportOpts,
+    out: &Path,
+) -> Result<Option<(ImportedVm, &'static str)>> {
     let kind = detect(src, o.from.as_deref())?;
     let label = src.display().to_string();
     let (vm, what) = match kind {
@@ -253,7 +290,10 @@ pub fn read_source(src: &Path, o: &ImportOpts, out: &Path) -> Result<Option<(Imp
         Detected::Ova => (ovf::import(src, o.strict), "OVA"),
         Detected::Ovf => (ovf::import(src, o.strict), "OVF"),
         Detected::Firecracker => (firecracker::import(src, o.strict), "Firecracker config"),
-        Detected::Vagrant => (vagrant::import(src, &parent_dir(out), o.strict), "Vagrant box"),
+        Detected::Vagrant => (
+            vagrant::import(src, &parent_dir(out), o.strict),
+            "Vagrant box",
+        ),
     };
     let vm = vm.with_context(|| format!("import failed ({what})"))?;
     let _ = label;
@@ -315,7 +355,11 @@ pub fn import(src: &Path, o: ImportOpts, w: &crate::pack::WriteArgs) -> Result<b
             "import failed: {label}: the {what} boots from its disk through firmware (BIOS/UEFI), which vmboot does not do; pass --kernel PATH [--initrd PATH] [--cmdline TEXT] to boot its disks with a Linux kernel"
         );
     }
-    let memory = vm.memory_mib.with_context(|| format!("import failed: {label}: the {what} does not say how much memory; pass --memory MIB"))?;
+    let memory = vm.memory_mib.with_context(|| {
+        format!(
+            "import failed: {label}: the {what} does not say how much memory; pass --memory MIB"
+        )
+    })?;
     let cfg = VmConfig {
         name: vm.name.clone(),
         vcpus: vm.vcpus,
@@ -353,7 +397,12 @@ pub fn import(src: &Path, o: ImportOpts, w: &crate::pack::WriteArgs) -> Result<b
         files.push(("image", f.source.as_ref()));
     }
     let plan = VmPackPlan {
-        disks: Some(vm.disks.iter().map(|d| d.source.as_ref() as &dyn SectionSource).collect()),
+        disks: Some(
+            vm.disks
+                .iter()
+                .map(|d| d.source.as_ref() as &dyn SectionSource)
+                .collect(),
+        ),
         files: Some(files),
         ..Default::default()
     };
@@ -364,10 +413,7 @@ pub fn import(src: &Path, o: ImportOpts, w: &crate::pack::WriteArgs) -> Result<b
             eprintln!("vmpack: warning: {label}: not carried into the pack: {d}");
         }
     }
-    let w2 = crate::pack::WriteArgs {
-        quiet,
-        ..w.clone()
-    };
+    let w2 = crate::pack::WriteArgs { quiet, ..w.clone() };
     crate::pack::write_prepared(&cfg, prepared, &w2)?;
     if o.json {
         let js = serde_json::json!({

@@ -242,13 +242,22 @@ pub fn run_import(a: ImportArgs) -> Result<()> {
         return Ok(());
     }
     if a.json {
-        return Err(crate::util::Usage("--json applies to libvirt, Vagrant, OVA/OVF and Firecracker sources".into()).into());
+        return Err(crate::util::Usage(
+            "--json applies to libvirt, Vagrant, OVA/OVF and Firecracker sources".into(),
+        )
+        .into());
     }
     let Some(memory) = a.memory else {
-        return Err(crate::util::Usage("--memory MIB is required when importing a disk image".into()).into());
+        return Err(crate::util::Usage(
+            "--memory MIB is required when importing a disk image".into(),
+        )
+        .into());
     };
     if a.kernel.is_none() && (a.initrd.is_some() || a.cmdline.is_some()) {
-        return Err(crate::util::Usage("--initrd and --cmdline need --kernel for a disk image".into()).into());
+        return Err(crate::util::Usage(
+            "--initrd and --cmdline need --kernel for a disk image".into(),
+        )
+        .into());
     }
     let disk = absolute(&a.source)?;
     let format = detect_format(&disk)?;

@@ -10,12 +10,7 @@ use vmpack_formats::interchange::{firecracker, libvirt, ovf};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(dir) = tempfile::tempdir() else { return };
-    for (name, f) in [
-        ("d.xml", 0),
-        ("d.ovf", 1),
-        ("d.ova", 1),
-        ("d.json", 2),
-    ] {
+    for (name, f) in [("d.xml", 0), ("d.ovf", 1), ("d.ova", 1), ("d.json", 2)] {
         let p = dir.path().join(name);
         if std::fs::write(&p, data).is_err() {
             return;

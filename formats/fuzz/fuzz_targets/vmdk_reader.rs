@@ -10,12 +10,18 @@ use vmpack_formats::interchange::vmdk::{FileSlice, VmdkReader};
 use vmpack_formats::pack::SectionSource;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(mut f) = tempfile::tempfile() else { return };
+    let Ok(mut f) = tempfile::tempfile() else {
+        return;
+    };
     if f.write_all(data).is_err() {
         return;
     }
-    let Ok(slice) = FileSlice::whole(f) else { return };
-    let Ok(r) = VmdkReader::open(slice) else { return };
+    let Ok(slice) = FileSlice::whole(f) else {
+        return;
+    };
+    let Ok(r) = VmdkReader::open(slice) else {
+        return;
+    };
     let Ok(ranges) = r.data_ranges() else { return };
     // Read at most 4 MiB of what the grain tables say is there.
     let mut budget: u64 = 4 << 20;

@@ -32,7 +32,11 @@ pub fn first_member_name(head: &[u8]) -> String {
 
 /// Checks a member and returns its plain name, or `None` for entries that are skipped
 /// (the archive's own `./` folder and global PAX headers).
-fn check_entry<R: Read>(e: &tar::Entry<'_, R>, label: &str, nested_ok: bool) -> Result<Option<String>> {
+fn check_entry<R: Read>(
+    e: &tar::Entry<'_, R>,
+    label: &str,
+    nested_ok: bool,
+) -> Result<Option<String>> {
     let raw = String::from_utf8_lossy(&e.path_bytes()).into_owned();
     let kind = e.header().entry_type();
     if kind.is_pax_global_extensions() {
@@ -102,7 +106,10 @@ pub fn list(path: &Path) -> Result<(Arc<File>, Vec<Member>)> {
                 return Err(err(&label, format!("more than {MAX_MEMBERS} members")));
             }
             if members.iter().any(|m| m.name == name) {
-                return Err(err(&label, format!("member '{name}' appears twice: refused")));
+                return Err(err(
+                    &label,
+                    format!("member '{name}' appears twice: refused"),
+                ));
             }
             let offset = e.raw_file_position();
             let size = e.size();
@@ -128,7 +135,10 @@ pub fn read_small(file: &Arc<File>, m: &Member, limit: u64, label: &str) -> Resu
     if m.size > limit {
         return Err(err(
             label,
-            format!("member '{}' is {} bytes, above the {limit}-byte limit", m.name, m.size),
+            format!(
+                "member '{}' is {} bytes, above the {limit}-byte limit",
+                m.name, m.size
+            ),
         ));
     }
     let mut b = vec![0u8; m.size as usize];
@@ -169,14 +179,20 @@ pub fn extract<R: Read>(
             return Err(err(label, format!("more than {MAX_MEMBERS} members")));
         }
         if out.iter().any(|m| m.name == name) {
-            return Err(err(label, format!("member '{name}' appears twice: refused")));
+            return Err(err(
+                label,
+                format!("member '{name}' appears twice: refused"),
+            ));
         }
         if !want(&name) {
             continue;
         }
         let size = e.size();
         if size > crate::vm::MAX_DISK_SIZE {
-            return Err(err(label, format!("member '{name}' declares {size} bytes: too large")));
+            return Err(err(
+                label,
+                format!("member '{name}' declares {size} bytes: too large"),
+            ));
         }
         let path = dir.join(&name);
         let f = std::fs::OpenOptions::new()
@@ -201,7 +217,10 @@ pub fn extract<R: Read>(
             off += n as u64;
         }
         if off != size {
-            return Err(err(label, format!("member '{name}': truncated ({off} of {size} bytes)")));
+            return Err(err(
+                label,
+                format!("member '{name}': truncated ({off} of {size} bytes)"),
+            ));
         }
         out.push(Member {
             name,
@@ -265,7 +284,8 @@ impl<W: Write + Seek> TarWriter<W> {
         self.pad(size)?;
         let after = self.w.stream_position()?;
         self.w.seek(SeekFrom::Start(start))?;
-        self.w.write_all(header(name, size, self.mtime)?.as_bytes())?;
+        self.w
+            .write_all(header(name, size, self.mtime)?.as_bytes())?;
         self.w.seek(SeekFrom::Start(after))?;
         Ok(size)
     }
@@ -318,22 +338,40 @@ pub(crate) mod tests {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("a.tar");
         for (members, want) in [
-            (vec![("../evil", &b"x"[..], b'0', "")], "not a plain file name"),
-            (vec![("/etc/evil", &b"x"[..], b'0', "")], "not a plain file name"),
+            (
+                vec![("../evil", &b"x"[..], b'0', "")],
+                "not a plain file name",
+            ),
+            (
+                vec![("/etc/evil", &b"x"[..], b'0', "")],
+                "not a plain file name",
+            ),
             (vec![("a/b", &b"x"[..], b'0', "")], "not a plain file name"),
-            (vec![("box.img", &b""[..], b'2', "/etc/shadow")], "symbolic link"),
+            (
+                vec![("box.img", &b""[..], b'2', "/etc/shadow")],
+                "symbolic link",
+            ),
             (vec![("box.img", &b""[..], b'1', "x")], "hard link"),
-            (vec![("x", &b"1"[..], b'0', ""), ("x", &b"2"[..], b'0', "")], "twice"),
+            (
+                vec![("x", &b"1"[..], b'0', ""), ("x", &b"2"[..], b'0', "")],
+                "twice",
+            ),
         ] {
             std::fs::write(&p, raw_tar(&members)).unwrap();
             let e = list(&p).err().expect("refused").to_string();
             assert!(e.contains(want), "{e}");
             let out = t.path().join("x");
             std::fs::create_dir_all(&out).unwrap();
-            let e = extract(std::fs::File::open(&p).unwrap(), "a.tar", &out, false, &|_| true)
-                .err()
-                .expect("refused")
-                .to_string();
+            let e = extract(
+                std::fs::File::open(&p).unwrap(),
+                "a.tar",
+                &out,
+                false,
+                &|_| true,
+            )
+            .err()
+            .expect("refused")
+            .to_string();
             assert!(e.contains(want), "{e}");
             std::fs::remove_dir_all(&out).unwrap();
         }
@@ -356,6 +394,9 @@ pub(crate) mod tests {
         let (file, m) = list(&p).unwrap();
         assert_eq!(m.len(), 2);
         assert_eq!(m[1].name, "d.vmdk");
-        assert_eq!(read_small(&file, &m[1], 2000, "a").unwrap(), vec![7u8; 1000]);
+        assert_eq!(
+            read_small(&file, &m[1], 2000, "a").unwrap(),
+            vec![7u8; 1000]
+        );
     }
 }

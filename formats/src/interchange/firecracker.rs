@@ -21,7 +21,9 @@ pub const MAX_VCPUS: u32 = 32;
 /// Checks what Firecracker would refuse, before anything is written.
 pub fn check_exportable(vm: &ExportVm<'_>) -> std::result::Result<(), String> {
     if vm.kernel.is_none() {
-        return Err("Firecracker boots only a Linux kernel, and this pack boots a flat image".into());
+        return Err(
+            "Firecracker boots only a Linux kernel, and this pack boots a flat image".into(),
+        );
     }
     if vm.vcpus > MAX_VCPUS || (vm.vcpus > 1 && vm.vcpus % 2 == 1) {
         return Err(format!(
@@ -129,17 +131,28 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let text = super::read_text(path)?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| err(&label, format!("not valid JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| err(&label, "not a JSON object"))?;
+    let v: Value =
+        serde_json::from_str(&text).map_err(|e| err(&label, format!("not valid JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| err(&label, "not a JSON object"))?;
     let mut dropped = Vec::new();
     for k in obj.keys() {
         match k.as_str() {
             "boot-source" | "drives" | "machine-config" => {}
             k if DROPPABLE.contains(&k) => dropped.push(format!("\"{k}\"")),
-            k => return Err(err(&label, format!("unknown key \"{k}\" (Firecracker would refuse it too)"))),
+            k => {
+                return Err(err(
+                    &label,
+                    format!("unknown key \"{k}\" (Firecracker would refuse it too)"),
+                ))
+            }
         }
     }
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     // The config has no name; a generic file name yields to its folder's.
     let folder = base
         .canonicalize()
@@ -154,7 +167,12 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
     let mut vm = ImportedVm::new(&name);
     let mc = &v["machine-config"];
     let num = |x: &Value, what: &str| -> Result<u64> {
-        x.as_u64().ok_or_else(|| err(&label, format!("machine-config.{what}: required, a positive integer")))
+        x.as_u64().ok_or_else(|| {
+            err(
+                &label,
+                format!("machine-config.{what}: required, a positive integer"),
+            )
+        })
     };
     vm.vcpus = u32::try_from(num(&mc["vcpu_count"], "vcpu_count")?)
         .map_err(|_| err(&label, "machine-config.vcpu_count: too large"))?;
@@ -170,7 +188,11 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
     let kpath = bs["kernel_image_path"]
         .as_str()
         .ok_or_else(|| err(&label, "boot-source.kernel_image_path: required"))?;
-    let k = super::resolve_inside(base, kpath, &format!("{label}: boot-source.kernel_image_path"))?;
+    let k = super::resolve_inside(
+        base,
+        kpath,
+        &format!("{label}: boot-source.kernel_image_path"),
+    )?;
     vm.kernel = Some(ImportedFile {
         name: file_name(&k, "vmlinux"),
         source: Box::new(FileSource::open(&k).map_err(io_err(k.display()))?),
@@ -188,7 +210,10 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
         return Err(err(&label, format!("more than {MAX_DISKS} drives")));
     }
     // Firecracker attaches the root device first, as /dev/vda.
-    let mut ordered: Vec<&Value> = drives.iter().filter(|d| d["is_root_device"] == true).collect();
+    let mut ordered: Vec<&Value> = drives
+        .iter()
+        .filter(|d| d["is_root_device"] == true)
+        .collect();
     if ordered.len() > 1 {
         return Err(err(&label, "more than one drive has is_root_device = true"));
     }
@@ -196,7 +221,10 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
     for (i, d) in ordered.iter().enumerate() {
         let id = d["drive_id"].as_str().unwrap_or("?");
         if d.get("socket").is_some() {
-            return Err(err(&label, format!("drive {id} is a vhost-user socket: refused")));
+            return Err(err(
+                &label,
+                format!("drive {id} is a vhost-user socket: refused"),
+            ));
         }
         let p = d["path_on_host"]
             .as_str()
@@ -210,7 +238,9 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
                 None => "root=/dev/vda".into(),
             };
             // What Firecracker adds to the command line for its root device.
-            cmdline = format!("{cmdline} {root} {}", if ro { "ro" } else { "rw" }).trim().to_string();
+            cmdline = format!("{cmdline} {root} {}", if ro { "ro" } else { "rw" })
+                .trim()
+                .to_string();
         }
         for k in ["rate_limiter", "io_engine", "cache_type"] {
             if d.get(k).is_some() {
@@ -230,7 +260,13 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
     }
     vm.cmdline = cmdline;
     if strict && !dropped.is_empty() {
-        return Err(err(&label, format!("--strict: not carried into the pack: {}", dropped.join("; "))));
+        return Err(err(
+            &label,
+            format!(
+                "--strict: not carried into the pack: {}",
+                dropped.join("; ")
+            ),
+        ));
     }
     vm.dropped = dropped;
     Ok(vm)
@@ -262,7 +298,11 @@ mod tests {
             kernel: Some(&k),
             initrd: Some(&k),
             cmdline: "console=ttyS0".into(),
-            disks: vec![super::super::ExportDisk { stem: "root".into(), source: &d, read_only: true }],
+            disks: vec![super::super::ExportDisk {
+                stem: "root".into(),
+                source: &d,
+                read_only: true,
+            }],
         };
         let c = config_json(&vm, true, &[("root".into(), "root.img".into(), true)]);
         let keys = |v: &Value| -> Vec<String> { v.as_object().unwrap().keys().cloned().collect() };
@@ -270,7 +310,10 @@ mod tests {
         let bs = &c["boot-source"];
         assert!(bs["kernel_image_path"].is_string());
         for k in keys(bs) {
-            assert!(["kernel_image_path", "boot_args", "initrd_path"].contains(&k.as_str()), "{k}");
+            assert!(
+                ["kernel_image_path", "boot_args", "initrd_path"].contains(&k.as_str()),
+                "{k}"
+            );
         }
         let drive = &c["drives"][0];
         for req in ["drive_id", "is_root_device", "path_on_host", "is_read_only"] {
@@ -278,11 +321,21 @@ mod tests {
         }
         assert!(drive["is_root_device"].is_boolean() && drive["is_read_only"].is_boolean());
         let mc = &c["machine-config"];
-        assert!(mc["vcpu_count"].as_u64().is_some_and(|n| (1..=32).contains(&n)));
+        assert!(mc["vcpu_count"]
+            .as_u64()
+            .is_some_and(|n| (1..=32).contains(&n)));
         assert!(mc["mem_size_mib"].is_u64());
         for k in keys(mc) {
             assert!(
-                ["vcpu_count", "mem_size_mib", "smt", "cpu_template", "track_dirty_pages", "huge_pages"].contains(&k.as_str()),
+                [
+                    "vcpu_count",
+                    "mem_size_mib",
+                    "smt",
+                    "cpu_template",
+                    "track_dirty_pages",
+                    "huge_pages"
+                ]
+                .contains(&k.as_str()),
                 "{k}"
             );
         }

@@ -64,7 +64,9 @@ pub fn vmlinux(k: &[u8]) -> Result<Vec<u8>, String> {
             let (data, size) = payload.split_at(payload.len() - 4);
             let size = u32::from_le_bytes(size.try_into().expect("4")) as u64;
             if size > MAX_VMLINUX {
-                return Err(format!("vmlinux of {size} bytes exceeds the {MAX_VMLINUX}-byte limit"));
+                return Err(format!(
+                    "vmlinux of {size} bytes exceeds the {MAX_VMLINUX}-byte limit"
+                ));
             }
             let out = decompress(data, size)?;
             check_elf(&out)?;

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use super::xml::{self, attr, child, child_text, Writer};
 use super::{
-    copy_to_file, err, read_text, resolve_inside, write_disk, ExportVm, ImportedDisk,
-    ImportedFile, ImportedVm, Result, MAX_DISKS,
+    copy_to_file, err, read_text, resolve_inside, write_disk, ExportVm, ImportedDisk, ImportedFile,
+    ImportedVm, Result, MAX_DISKS,
 };
 use crate::config::{CpuTemplate, DiskFormat};
 use crate::pack::{FileSource, Progress};
@@ -62,20 +62,31 @@ pub fn export(
     let mut w = Writer::new();
     w.open("domain", &[("type", "kvm")]);
     w.leaf("name", &[], Some(&vm.name));
-    w.leaf("memory", &[("unit", "MiB")], Some(&vm.memory_mib.to_string()));
+    w.leaf(
+        "memory",
+        &[("unit", "MiB")],
+        Some(&vm.memory_mib.to_string()),
+    );
     w.leaf("vcpu", &[], Some(&vm.vcpus.to_string()));
     match vm.cpu_template {
         CpuTemplate::Host => {
             w.leaf("cpu", &[("mode", "host-passthrough")], None);
         }
         CpuTemplate::Baseline => {
-            w.open("cpu", &[("mode", "custom"), ("match", "exact"), ("check", "none")]);
+            w.open(
+                "cpu",
+                &[("mode", "custom"), ("match", "exact"), ("check", "none")],
+            );
             w.leaf("model", &[("fallback", "allow")], Some(BASELINE_MODEL));
             w.close();
         }
     }
     w.open("os", &[]);
-    w.leaf("type", &[("arch", "x86_64"), ("machine", "pc")], Some("hvm"));
+    w.leaf(
+        "type",
+        &[("arch", "x86_64"), ("machine", "pc")],
+        Some("hvm"),
+    );
     if let Some(k) = &kernel {
         w.leaf("kernel", &[], Some(&k.to_string_lossy()));
         if let Some(i) = &initrd {
@@ -86,7 +97,10 @@ pub fn export(
         w.leaf("boot", &[("dev", "hd")], None);
     }
     w.close();
-    w.open("features", &[]).leaf("acpi", &[], None).leaf("apic", &[], None).close();
+    w.open("features", &[])
+        .leaf("acpi", &[], None)
+        .leaf("apic", &[], None)
+        .close();
     w.leaf("clock", &[("offset", "utc")], None);
     // vmboot ends the VM when the guest resets; keep that meaning.
     w.leaf("on_poweroff", &[], Some("destroy"));
@@ -106,7 +120,11 @@ pub fn export(
     }
     let log = final_dir.join(SERIAL_LOG);
     w.open("serial", &[("type", "pty")]);
-    w.leaf("log", &[("file", &log.to_string_lossy()), ("append", "off")], None);
+    w.leaf(
+        "log",
+        &[("file", &log.to_string_lossy()), ("append", "off")],
+        None,
+    );
     w.leaf("target", &[("port", "0")], None);
     w.close();
     w.open("console", &[("type", "pty")]);
@@ -188,12 +206,18 @@ const QUIET_DEVICES: &[&str] = &["emulator", "controller", "memballoon", "consol
 /// when `strict`.
 pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
     let label = path.display().to_string();
-    let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let text = read_text(path)?;
     let doc = xml::parse(&text, &label)?;
     let dom = doc.root_element();
     if dom.tag_name().name() != "domain" {
-        return Err(err(&label, format!("root element <{}> is not <domain>", dom.tag_name().name())));
+        return Err(err(
+            &label,
+            format!("root element <{}> is not <domain>", dom.tag_name().name()),
+        ));
     }
     match attr(dom, "type") {
         Some("kvm") | Some("qemu") | None => {}
@@ -215,10 +239,10 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
         .map(str::trim)
         .and_then(|t| t.parse().ok())
         .ok_or_else(|| err(&label, "<memory>: not a number"))?;
-    let ub = unit_bytes(unit).ok_or_else(|| err(&label, format!("<memory unit='{unit}'>: unknown unit")))?;
-    vm.memory_mib = Some(
-        super::to_mib(value, ub).ok_or_else(|| err(&label, "<memory>: too large"))?,
-    );
+    let ub = unit_bytes(unit)
+        .ok_or_else(|| err(&label, format!("<memory unit='{unit}'>: unknown unit")))?;
+    vm.memory_mib =
+        Some(super::to_mib(value, ub).ok_or_else(|| err(&label, "<memory>: too large"))?);
     if let Some(v) = child(dom, "vcpu") {
         vm.vcpus = v
             .text()
@@ -248,7 +272,10 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
     if let Some(os) = child(dom, "os") {
         if let Some(t) = child_text(os, "type") {
             if t != "hvm" {
-                return Err(err(&label, format!("<os><type>{t}</type>: only hvm guests can be imported")));
+                return Err(err(
+                    &label,
+                    format!("<os><type>{t}</type>: only hvm guests can be imported"),
+                ));
             }
         }
         if let Some(k) = child_text(os, "kernel") {
@@ -259,7 +286,8 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
         }
         vm.cmdline = child_text(os, "cmdline").unwrap_or("").to_string();
         if child(os, "loader").is_some() {
-            dropped.push("firmware <loader> (UEFI/custom BIOS): vmboot boots kernels directly".into());
+            dropped
+                .push("firmware <loader> (UEFI/custom BIOS): vmboot boots kernels directly".into());
         }
     }
     for c in dom.children().filter(|c| c.is_element()) {
@@ -271,13 +299,19 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
 
     let devices = child(dom, "devices");
     let mut serials = 0;
-    for d in devices.iter().flat_map(|d| d.children()).filter(|c| c.is_element()) {
+    for d in devices
+        .iter()
+        .flat_map(|d| d.children())
+        .filter(|c| c.is_element())
+    {
         let n = d.tag_name().name();
         match n {
             "disk" => {
                 let dtype = attr(d, "type").unwrap_or("file");
                 let device = attr(d, "device").unwrap_or("disk");
-                let target = child(d, "target").and_then(|t| attr(t, "dev")).unwrap_or("?");
+                let target = child(d, "target")
+                    .and_then(|t| attr(t, "dev"))
+                    .unwrap_or("?");
                 let source = child(d, "source");
                 if matches!(dtype, "block" | "dir" | "nvme" | "vhostuser") {
                     let what = source
@@ -293,13 +327,21 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
                     continue;
                 }
                 if dtype != "file" {
-                    dropped.push(format!("disk {target} of type '{dtype}' (only file disks are imported)"));
+                    dropped.push(format!(
+                        "disk {target} of type '{dtype}' (only file disks are imported)"
+                    ));
                     continue;
                 }
                 let file = source.and_then(|s| attr(s, "file")).ok_or_else(|| {
-                    err(&label, format!("disk {target}: <source file=...> is missing"))
+                    err(
+                        &label,
+                        format!("disk {target}: <source file=...> is missing"),
+                    )
                 })?;
-                let fmt = match child(d, "driver").and_then(|dr| attr(dr, "type")).unwrap_or("raw") {
+                let fmt = match child(d, "driver")
+                    .and_then(|dr| attr(dr, "type"))
+                    .unwrap_or("raw")
+                {
                     "raw" => DiskFormat::Raw,
                     "qcow2" => DiskFormat::Qcow2,
                     other => {
@@ -310,7 +352,10 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
                     }
                 };
                 if child(d, "backingStore").is_some_and(|b| b.has_children()) {
-                    return Err(err(&label, format!("disk {target} has a backing chain; flatten it first")));
+                    return Err(err(
+                        &label,
+                        format!("disk {target} has a backing chain; flatten it first"),
+                    ));
                 }
                 let p = resolve_inside(base, file, &format!("{label}: disk {target}"))?;
                 if vm.disks.len() >= MAX_DISKS {
@@ -335,8 +380,13 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
             }
             "serial" => {
                 if attr(d, "type") == Some("dev") {
-                    let p = child(d, "source").and_then(|s| attr(s, "path")).unwrap_or("?");
-                    return Err(err(&label, format!("serial port on host device '{p}': refused")));
+                    let p = child(d, "source")
+                        .and_then(|s| attr(s, "path"))
+                        .unwrap_or("?");
+                    return Err(err(
+                        &label,
+                        format!("serial port on host device '{p}': refused"),
+                    ));
                 }
                 serials += 1;
                 if serials > 1 {
@@ -352,7 +402,10 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
             "input" if attr(d, "bus") == Some("ps2") => {}
             n if QUIET_DEVICES.contains(&n) => {}
             other => {
-                let t = attr(d, "type").or(attr(d, "model")).map(|t| format!(" ({t})")).unwrap_or_default();
+                let t = attr(d, "type")
+                    .or(attr(d, "model"))
+                    .map(|t| format!(" ({t})"))
+                    .unwrap_or_default();
                 dropped.push(format!("<{other}>{t}"));
             }
         }
@@ -376,7 +429,10 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
     if strict && !dropped.is_empty() {
         return Err(err(
             &label,
-            format!("--strict: not carried into the pack: {}", dropped.join("; ")),
+            format!(
+                "--strict: not carried into the pack: {}",
+                dropped.join("; ")
+            ),
         ));
     }
     vm.dropped = dropped;
@@ -416,7 +472,11 @@ mod tests {
         let e = import(&x, false).err().unwrap().to_string();
         assert!(e.contains("outside the folder"), "{e}");
         std::fs::write(&x, dom("<hostdev mode='subsystem' type='pci'/>")).unwrap();
-        assert!(import(&x, false).err().unwrap().to_string().contains("hostdev"));
+        assert!(import(&x, false)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("hostdev"));
         std::fs::write(&x, dom("<interface type='network'/><graphics type='vnc'/>")).unwrap();
         let vm = import(&x, false).unwrap();
         assert_eq!(vm.memory_mib, Some(64));

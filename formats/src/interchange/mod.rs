@@ -427,7 +427,14 @@ mod tests {
         assert!(resolve_inside(t.path(), "a.img", "x").is_ok());
         let abs = t.path().join("a.img");
         assert!(resolve_inside(t.path(), abs.to_str().unwrap(), "x").is_ok());
-        for bad in ["../a.img", "/etc/passwd", "/dev/sda", "link", "sub/../../x", "sub"] {
+        for bad in [
+            "../a.img",
+            "/etc/passwd",
+            "/dev/sda",
+            "link",
+            "sub/../../x",
+            "sub",
+        ] {
             let e = resolve_inside(t.path(), bad, "x").unwrap_err().to_string();
             assert!(e.contains("refused") || e.contains("No such"), "{bad}: {e}");
         }
@@ -437,6 +444,9 @@ mod tests {
     fn names_are_sanitized() {
         assert_eq!(sanitize_name("my vm/1"), "my-vm-1");
         assert_eq!(sanitize_name(".."), "imported");
-        assert_eq!(unique_stems(["a", "a", ""].into_iter()), ["a", "a-1", "disk2"]);
+        assert_eq!(
+            unique_stems(["a", "a", ""].into_iter()),
+            ["a", "a-1", "disk2"]
+        );
     }
 }

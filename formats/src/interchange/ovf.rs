@@ -26,8 +26,10 @@ use crate::pack::{Progress, SectionSource};
 
 pub const NS_OVF1: &str = "http://schemas.dmtf.org/ovf/envelope/1";
 pub const NS_OVF2: &str = "http://schemas.dmtf.org/ovf/envelope/2";
-const NS_RASD: &str = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData";
-const NS_VSSD: &str = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData";
+const NS_RASD: &str =
+    "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData";
+const NS_VSSD: &str =
+    "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData";
 /// Namespace of vmpack's own OVF section (direct kernel boot, CPU template).
 pub const NS_VMPACK: &str = "urn:vmpack:ovf:1";
 const VMDK_STREAM_FORMAT: &str =
@@ -109,7 +111,11 @@ pub fn descriptor(
     );
     w.open("References", &[]);
     for (i, (name, _)) in disk_files.iter().enumerate() {
-        w.leaf("File", &[("ovf:id", &format!("file{}", i + 1)), ("ovf:href", name)], None);
+        w.leaf(
+            "File",
+            &[("ovf:id", &format!("file{}", i + 1)), ("ovf:href", name)],
+            None,
+        );
     }
     if let Some(k) = kernel {
         w.leaf("File", &[("ovf:id", "kernel"), ("ovf:href", k)], None);
@@ -206,10 +212,16 @@ pub fn descriptor(
         );
     }
     w.close();
-    let read_only: Vec<usize> = (0..vm.disks.len()).filter(|&i| vm.disks[i].read_only).collect();
+    let read_only: Vec<usize> = (0..vm.disks.len())
+        .filter(|&i| vm.disks[i].read_only)
+        .collect();
     if kernel.is_some() || vm.cpu_template != CpuTemplate::Host || !read_only.is_empty() {
         w.open("vmpack:BootSection", &[("ovf:required", "false")]);
-        w.leaf("Info", &[], Some("Direct Linux kernel boot and CPU template (vmpack)"));
+        w.leaf(
+            "Info",
+            &[],
+            Some("Direct Linux kernel boot and CPU template (vmpack)"),
+        );
         if kernel.is_some() {
             w.leaf("vmpack:Kernel", &[("ovf:fileRef", "kernel")], None);
         }
@@ -219,9 +231,17 @@ pub fn descriptor(
         if kernel.is_some() {
             w.leaf("vmpack:CommandLine", &[], Some(&vm.cmdline));
         }
-        w.leaf("vmpack:CpuTemplate", &[], Some(&vm.cpu_template.to_string()));
+        w.leaf(
+            "vmpack:CpuTemplate",
+            &[],
+            Some(&vm.cpu_template.to_string()),
+        );
         for i in read_only {
-            w.leaf("vmpack:ReadOnly", &[("ovf:diskId", &format!("vmdisk{}", i + 1))], None);
+            w.leaf(
+                "vmpack:ReadOnly",
+                &[("ovf:diskId", &format!("vmdisk{}", i + 1))],
+                None,
+            );
         }
         w.close();
     }
@@ -243,7 +263,12 @@ pub fn export_ova<W: Write + Seek>(
     let disk_files: Vec<(String, u64)> = vm
         .disks
         .iter()
-        .map(|d| (format!("{}.vmdk", d.stem), d.source.len().div_ceil(vmdk::SECTOR) * vmdk::SECTOR))
+        .map(|d| {
+            (
+                format!("{}.vmdk", d.stem),
+                d.source.len().div_ceil(vmdk::SECTOR) * vmdk::SECTOR,
+            )
+        })
         .collect();
     let kernel = vm.kernel.map(|_| "vmlinuz");
     let initrd = vm.initrd.map(|_| "initrd.img");
@@ -253,7 +278,10 @@ pub fn export_ova<W: Write + Seek>(
     let ovf_name = format!("{base}.ovf");
     tw.add(&ovf_name, desc.as_bytes()).map_err(ioe)?;
     members.push((ovf_name, hex::encode(sha2::Sha256::digest(desc.as_bytes()))));
-    let mut streamed = |tw: &mut TarWriter<W>, name: &str, f: &dyn Fn(&mut Hashing<&mut W>) -> std::io::Result<u64>| -> Result<()> {
+    let mut streamed = |tw: &mut TarWriter<W>,
+                        name: &str,
+                        f: &dyn Fn(&mut Hashing<&mut W>) -> std::io::Result<u64>|
+     -> Result<()> {
         let mut digest = String::new();
         tw.add_streamed(name, |w| {
             let mut h = Hashing {
@@ -271,7 +299,12 @@ pub fn export_ova<W: Write + Seek>(
     };
     for (d, (name, _)) in vm.disks.iter().zip(&disk_files) {
         streamed(&mut tw, name, &|w| {
-            vmdk::write_stream_optimized(std::io::BufWriter::with_capacity(1 << 20, w), name, d.source, progress)
+            vmdk::write_stream_optimized(
+                std::io::BufWriter::with_capacity(1 << 20, w),
+                name,
+                d.source,
+                progress,
+            )
         })?;
     }
     for (src, name) in [(vm.kernel, kernel), (vm.initrd, initrd)] {
@@ -316,7 +349,12 @@ impl Files {
                 .iter()
                 .find(|m| m.name == name)
                 .map(|m| archive::slice(f, m))
-                .ok_or_else(|| err(label, format!("'{name}' is referenced but not in the archive"))),
+                .ok_or_else(|| {
+                    err(
+                        label,
+                        format!("'{name}' is referenced but not in the archive"),
+                    )
+                }),
             Files::Folder(base) => {
                 if !crate::vm::is_safe_name(name) {
                     return Err(err(label, format!("file reference '{name}': not a plain file name next to the descriptor: refused")));
@@ -340,7 +378,10 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
         if !first.name.ends_with(".ovf") {
             return Err(err(
                 &label,
-                format!("the first member is '{}', not the .ovf descriptor", first.name),
+                format!(
+                    "the first member is '{}', not the .ovf descriptor",
+                    first.name
+                ),
             ));
         }
         let text = archive::read_small(&file, first, super::MAX_TEXT_LEN, &label)?;
@@ -370,12 +411,20 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
             .to_path_buf();
         let mf = path.with_extension("mf");
         let manifest = if mf.exists() {
-            let name = mf.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let name = mf
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             Some((name, super::read_text(&mf)?))
         } else {
             None
         };
-        let own = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let own = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         (text, (Files::Folder(base), vec![own]), manifest)
     };
     let (files, archive_names) = files;
@@ -391,7 +440,12 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
                 if line.is_empty() {
                     continue;
                 }
-                let bad = || err(&label, format!("{mf_name}, line {}: not 'ALGO(file)= digest'", n + 1));
+                let bad = || {
+                    err(
+                        &label,
+                        format!("{mf_name}, line {}: not 'ALGO(file)= digest'", n + 1),
+                    )
+                };
                 let (lhs, digest) = line.split_once('=').ok_or_else(bad)?;
                 let (algo, rest) = lhs.split_once('(').ok_or_else(bad)?;
                 let file = rest.trim_end().strip_suffix(')').ok_or_else(bad)?;
@@ -420,7 +474,10 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
     let env = doc.root_element();
     let ns = env.tag_name().namespace().unwrap_or("");
     if env.tag_name().name() != "Envelope" || !(ns == NS_OVF1 || ns == NS_OVF2) {
-        return Err(err(&label, format!("{ovf_name}: root is not an OVF 1.x/2.x <Envelope>")));
+        return Err(err(
+            &label,
+            format!("{ovf_name}: root is not an OVF 1.x/2.x <Envelope>"),
+        ));
     }
     let mut refs: Vec<(String, String)> = Vec::new();
     if let Some(r) = child(env, "References") {
@@ -428,10 +485,19 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
             let id = attr(f, "id").unwrap_or("").to_string();
             let href = attr(f, "href").unwrap_or("").to_string();
             if attr(f, "compression").is_some_and(|c| c != "identity") {
-                return Err(err(&label, format!("file '{href}' is compressed ({}); not supported", attr(f, "compression").unwrap_or(""))));
+                return Err(err(
+                    &label,
+                    format!(
+                        "file '{href}' is compressed ({}); not supported",
+                        attr(f, "compression").unwrap_or("")
+                    ),
+                ));
             }
             if attr(f, "chunkSize").is_some() {
-                return Err(err(&label, format!("file '{href}' is split in chunks; not supported")));
+                return Err(err(
+                    &label,
+                    format!("file '{href}' is split in chunks; not supported"),
+                ));
             }
             refs.push((id, href));
         }
@@ -439,7 +505,10 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
     if manifest.is_some() {
         for (_, href) in &refs {
             if !checked.contains(href) {
-                return Err(err(&label, format!("'{href}' is not listed in the manifest: refused")));
+                return Err(err(
+                    &label,
+                    format!("'{href}' is not listed in the manifest: refused"),
+                ));
             }
         }
     }
@@ -447,36 +516,65 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
         refs.iter()
             .find(|(i, _)| i == id)
             .map(|(_, h)| h.as_str())
-            .ok_or_else(|| err(&label, format!("file reference '{id}' is not in <References>")))
+            .ok_or_else(|| {
+                err(
+                    &label,
+                    format!("file reference '{id}' is not in <References>"),
+                )
+            })
     };
     // diskId → (href, capacity in bytes)
     let mut disk_defs: Vec<(String, String, u64)> = Vec::new();
     if let Some(ds) = child(env, "DiskSection") {
         for d in children(ds, "Disk") {
             let id = attr(d, "diskId").unwrap_or("").to_string();
-            let fref = attr(d, "fileRef").ok_or_else(|| err(&label, format!("disk '{id}' has no fileRef (empty disks are not imported)")))?;
+            let fref = attr(d, "fileRef").ok_or_else(|| {
+                err(
+                    &label,
+                    format!("disk '{id}' has no fileRef (empty disks are not imported)"),
+                )
+            })?;
             let cap: u64 = attr(d, "capacity")
                 .and_then(|c| c.trim().parse().ok())
                 .ok_or_else(|| err(&label, format!("disk '{id}': capacity is not a number")))?;
             let units = attr(d, "capacityAllocationUnits").unwrap_or("byte");
-            let mult = alloc_units(units)
-                .ok_or_else(|| err(&label, format!("disk '{id}': unknown capacityAllocationUnits '{units}'")))?;
+            let mult = alloc_units(units).ok_or_else(|| {
+                err(
+                    &label,
+                    format!("disk '{id}': unknown capacityAllocationUnits '{units}'"),
+                )
+            })?;
             let bytes = cap
                 .checked_mul(mult)
                 .filter(|b| *b <= vmdk::MAX_CAPACITY)
-                .ok_or_else(|| err(&label, format!("disk '{id}': capacity {cap} × {mult} exceeds the {} TiB limit", vmdk::MAX_CAPACITY >> 40)))?;
+                .ok_or_else(|| {
+                    err(
+                        &label,
+                        format!(
+                            "disk '{id}': capacity {cap} × {mult} exceeds the {} TiB limit",
+                            vmdk::MAX_CAPACITY >> 40
+                        ),
+                    )
+                })?;
             disk_defs.push((id, href(fref)?.to_string(), bytes));
         }
     }
-    let vs = children(env, "VirtualSystem")
-        .next()
-        .ok_or_else(|| err(&label, "no <VirtualSystem> (a VirtualSystemCollection is not imported)"))?;
-    if children(env, "VirtualSystem").count() > 1 || child(env, "VirtualSystemCollection").is_some() {
+    let vs = children(env, "VirtualSystem").next().ok_or_else(|| {
+        err(
+            &label,
+            "no <VirtualSystem> (a VirtualSystemCollection is not imported)",
+        )
+    })?;
+    if children(env, "VirtualSystem").count() > 1 || child(env, "VirtualSystemCollection").is_some()
+    {
         return Err(err(&label, "more than one virtual system: not supported"));
     }
     for s in env.children().filter(|c| c.is_element()) {
         let n = s.tag_name().name();
-        if !matches!(n, "References" | "DiskSection" | "NetworkSection" | "VirtualSystem") {
+        if !matches!(
+            n,
+            "References" | "DiskSection" | "NetworkSection" | "VirtualSystem"
+        ) {
             section_unknown(s, &label, &mut dropped)?;
         }
         if n == "NetworkSection" {
@@ -485,14 +583,21 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
             }
         }
     }
-    let name = child_text(vs, "Name").or(attr(vs, "id")).unwrap_or("imported");
+    let name = child_text(vs, "Name")
+        .or(attr(vs, "id"))
+        .unwrap_or("imported");
     let mut vm = ImportedVm::new(name);
     let hw = child(vs, "VirtualHardwareSection")
         .ok_or_else(|| err(&label, "no <VirtualHardwareSection>"))?;
     let mut disk_order: Vec<String> = Vec::new();
-    for it in hw.children().filter(|c| c.is_element() && c.tag_name().name().ends_with("Item")) {
+    for it in hw
+        .children()
+        .filter(|c| c.is_element() && c.tag_name().name().ends_with("Item"))
+    {
         let field = |k: &'static str| child_text(it, k);
-        let rtype: u32 = field("ResourceType").and_then(|t| t.parse().ok()).unwrap_or(0);
+        let rtype: u32 = field("ResourceType")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
         let what = field("ElementName").unwrap_or("?").to_string();
         match rtype {
             3 => {
@@ -505,8 +610,12 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
                     .and_then(|q| q.parse().ok())
                     .ok_or_else(|| err(&label, "memory item: VirtualQuantity is not a number"))?;
                 let units = field("AllocationUnits").unwrap_or("byte * 2^20");
-                let mult = alloc_units(units)
-                    .ok_or_else(|| err(&label, format!("memory item: unknown AllocationUnits '{units}'")))?;
+                let mult = alloc_units(units).ok_or_else(|| {
+                    err(
+                        &label,
+                        format!("memory item: unknown AllocationUnits '{units}'"),
+                    )
+                })?;
                 vm.memory_mib = Some(
                     super::to_mib(q, mult).ok_or_else(|| err(&label, "memory item: too large"))?,
                 );
@@ -540,8 +649,12 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
     for s in vs.children().filter(|c| c.is_element()) {
         let n = s.tag_name().name();
         if s.tag_name().namespace() == Some(NS_VMPACK) && n == "BootSection" {
-            kernel_ref = child(s, "Kernel").and_then(|k| attr(k, "fileRef")).map(str::to_string);
-            initrd_ref = child(s, "Initrd").and_then(|k| attr(k, "fileRef")).map(str::to_string);
+            kernel_ref = child(s, "Kernel")
+                .and_then(|k| attr(k, "fileRef"))
+                .map(str::to_string);
+            initrd_ref = child(s, "Initrd")
+                .and_then(|k| attr(k, "fileRef"))
+                .map(str::to_string);
             vm.cmdline = child_text(s, "CommandLine").unwrap_or("").to_string();
             read_only_ids = children(s, "ReadOnly")
                 .filter_map(|r| attr(r, "diskId"))
@@ -552,15 +665,24 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
             }
             continue;
         }
-        if !matches!(n, "Info" | "Name" | "VirtualHardwareSection" | "OperatingSystemSection" | "AnnotationSection") {
+        if !matches!(
+            n,
+            "Info"
+                | "Name"
+                | "VirtualHardwareSection"
+                | "OperatingSystemSection"
+                | "AnnotationSection"
+        ) {
             section_unknown(s, &label, &mut dropped)?;
         }
     }
     for id in &disk_order {
-        let (_, href, cap) = disk_defs
-            .iter()
-            .find(|(i, _, _)| i == id)
-            .ok_or_else(|| err(&label, format!("disk item names '{id}', which <DiskSection> does not define")))?;
+        let (_, href, cap) = disk_defs.iter().find(|(i, _, _)| i == id).ok_or_else(|| {
+            err(
+                &label,
+                format!("disk item names '{id}', which <DiskSection> does not define"),
+            )
+        })?;
         if vm.disks.len() >= MAX_DISKS {
             return Err(err(&label, format!("more than {MAX_DISKS} disks")));
         }
@@ -575,10 +697,16 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
         if r.capacity() != cap.div_ceil(vmdk::SECTOR) * vmdk::SECTOR {
             return Err(err(
                 &dl,
-                format!("the descriptor says the disk holds {cap} bytes, the VMDK says {}: refused", r.capacity()),
+                format!(
+                    "the descriptor says the disk holds {cap} bytes, the VMDK says {}: refused",
+                    r.capacity()
+                ),
             ));
         }
-        let stem = Path::new(href).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem = Path::new(href)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         vm.disks.push(ImportedDisk {
             name: stem,
             format: DiskFormat::Qcow2,
@@ -590,10 +718,17 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
     for (d, s) in vm.disks.iter_mut().zip(stems) {
         d.name = format!("{s}.qcow2");
     }
-    for (r, slot, fallback) in [(kernel_ref, &mut vm.kernel, "vmlinuz"), (initrd_ref, &mut vm.initrd, "initrd.img")] {
+    for (r, slot, fallback) in [
+        (kernel_ref, &mut vm.kernel, "vmlinuz"),
+        (initrd_ref, &mut vm.initrd, "initrd.img"),
+    ] {
         if let Some(id) = r {
             let h = href(&id)?;
-            let name = if crate::vm::is_safe_name(h) { h } else { fallback };
+            let name = if crate::vm::is_safe_name(h) {
+                h
+            } else {
+                fallback
+            };
             *slot = Some(ImportedFile {
                 name: name.to_string(),
                 source: Box::new(files.open(h, &label)?),
@@ -601,7 +736,13 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
         }
     }
     if strict && !dropped.is_empty() {
-        return Err(err(&label, format!("--strict: not carried into the pack: {}", dropped.join("; "))));
+        return Err(err(
+            &label,
+            format!(
+                "--strict: not carried into the pack: {}",
+                dropped.join("; ")
+            ),
+        ));
     }
     vm.dropped = dropped;
     Ok(vm)
@@ -643,12 +784,33 @@ impl FileData<'_> {
 
 /// A section this reader does not know: refused when the descriptor says it is required
 /// (the OVF rule), listed as dropped otherwise.
-fn section_unknown(s: roxmltree::Node<'_, '_>, label: &str, dropped: &mut Vec<String>) -> Result<()> {
+fn section_unknown(
+    s: roxmltree::Node<'_, '_>,
+    label: &str,
+    dropped: &mut Vec<String>,
+) -> Result<()> {
     let n = s.tag_name().name();
     let required = attr(s, "required").is_none_or(|r| r != "false");
-    let known_optional = matches!(n, "ProductSection" | "EulaSection" | "StartupSection" | "DeploymentOptionSection" | "ResourceAllocationSection" | "InstallSection" | "AnnotationSection" | "Info");
-    if required && !known_optional && s.tag_name().namespace() != Some(NS_OVF1) && s.tag_name().namespace() != Some(NS_OVF2) {
-        return Err(err(label, format!("section <{n}> is marked required and is not understood: refused")));
+    let known_optional = matches!(
+        n,
+        "ProductSection"
+            | "EulaSection"
+            | "StartupSection"
+            | "DeploymentOptionSection"
+            | "ResourceAllocationSection"
+            | "InstallSection"
+            | "AnnotationSection"
+            | "Info"
+    );
+    if required
+        && !known_optional
+        && s.tag_name().namespace() != Some(NS_OVF1)
+        && s.tag_name().namespace() != Some(NS_OVF2)
+    {
+        return Err(err(
+            label,
+            format!("section <{n}> is marked required and is not understood: refused"),
+        ));
     }
     if n != "Info" {
         dropped.push(format!("OVF section <{n}>"));
@@ -718,7 +880,15 @@ mod tests {
         let got = import(&p, true).unwrap();
         // The OVF 2.0 namespace reads the same.
         let p2 = t.path().join("t2.ova");
-        export_ova(&vm(&disk, &kernel), std::fs::File::create(&p2).unwrap(), "t", OvfVersion::V2, 0, &()).unwrap();
+        export_ova(
+            &vm(&disk, &kernel),
+            std::fs::File::create(&p2).unwrap(),
+            "t",
+            OvfVersion::V2,
+            0,
+            &(),
+        )
+        .unwrap();
         assert_eq!(import(&p2, true).unwrap().memory_mib, Some(128));
         assert_eq!(got.vcpus, 2);
         assert_eq!(got.memory_mib, Some(128));
@@ -730,10 +900,16 @@ mod tests {
         assert!(back == disk);
         // Alter one byte of the kernel: the manifest no longer matches.
         let mut bytes = std::fs::read(&p).unwrap();
-        let i = bytes.windows(64).position(|w| w.iter().all(|&b| b == 0x42)).unwrap();
+        let i = bytes
+            .windows(64)
+            .position(|w| w.iter().all(|&b| b == 0x42))
+            .unwrap();
         bytes[i] = 0x43;
         std::fs::write(&p, &bytes).unwrap();
         let e = import(&p, false).err().unwrap().to_string();
-        assert!(e.contains("SHA256(vmlinuz)") && e.contains("refused"), "{e}");
+        assert!(
+            e.contains("SHA256(vmlinuz)") && e.contains("refused"),
+            "{e}"
+        );
     }
 }

@@ -51,7 +51,10 @@ pub fn vagrantfile(vm: &ExportVm<'_>) -> String {
         if vm.initrd.is_some() {
             v.push_str("    libvirt.initrd = File.join(File.dirname(__FILE__), \"initrd.img\")\n");
         }
-        v.push_str(&format!("    libvirt.cmd_line = {}\n", ruby_str(&vm.cmdline)));
+        v.push_str(&format!(
+            "    libvirt.cmd_line = {}\n",
+            ruby_str(&vm.cmdline)
+        ));
     }
     v.push_str("  end\nend\n");
     v
@@ -86,18 +89,21 @@ pub fn export_box<W: Write + Seek>(
     let mut names = Vec::new();
     let meta_text = serde_json::to_string_pretty(&meta).expect("JSON") + "\n";
     tw.add("metadata.json", meta_text.as_bytes()).map_err(ioe)?;
-    tw.add("Vagrantfile", vagrantfile(vm).as_bytes()).map_err(ioe)?;
+    tw.add("Vagrantfile", vagrantfile(vm).as_bytes())
+        .map_err(ioe)?;
     names.extend(["metadata.json".to_string(), "Vagrantfile".to_string()]);
     for (i, d) in vm.disks.iter().enumerate() {
         let name = disk_member(i);
         let tmp = scratch.join(&name);
         {
-            let img = disk::create_disk(&tmp, DiskFormat::Qcow2, d.source.len()).map_err(io_err(&name))?;
+            let img = disk::create_disk(&tmp, DiskFormat::Qcow2, d.source.len())
+                .map_err(io_err(&name))?;
             super::copy_to_disk(d.source, img.as_ref(), progress).map_err(io_err(&name))?;
         }
         let f = std::fs::File::open(&tmp).map_err(io_err(&name))?;
         let mut src = f;
-        tw.add_streamed(&name, |w| std::io::copy(&mut src, w)).map_err(ioe)?;
+        tw.add_streamed(&name, |w| std::io::copy(&mut src, w))
+            .map_err(ioe)?;
         let _ = std::fs::remove_file(&tmp);
         names.push(name);
     }
@@ -182,12 +188,12 @@ fn parse_vagrantfile(text: &str) -> (Settings, Vec<String>) {
             "kernel" | "initrd" => {
                 // `File.join(File.dirname(__FILE__), "vmlinuz")` or a plain literal: the
                 // last string literal is the file name inside the box.
-                let lit = rhs
-                    .rfind(['"', '\''])
-                    .and_then(|end| {
-                        let q = rhs.as_bytes()[end] as char;
-                        rhs[..end].rfind(q).map(|start| rhs[start + 1..end].to_string())
-                    });
+                let lit = rhs.rfind(['"', '\'']).and_then(|end| {
+                    let q = rhs.as_bytes()[end] as char;
+                    rhs[..end]
+                        .rfind(q)
+                        .map(|start| rhs[start + 1..end].to_string())
+                });
                 if key == "kernel" {
                     s.kernel = lit;
                 } else {
@@ -224,8 +230,8 @@ pub fn import(path: &Path, scratch_parent: &Path, strict: bool) -> Result<Import
         return Err(err(&label, "no metadata.json: not a Vagrant box"));
     }
     let meta_text = super::read_text(&scratch.path().join("metadata.json"))?;
-    let meta: serde_json::Value = serde_json::from_str(&meta_text)
-        .map_err(|e| err(&label, format!("metadata.json: {e}")))?;
+    let meta: serde_json::Value =
+        serde_json::from_str(&meta_text).map_err(|e| err(&label, format!("metadata.json: {e}")))?;
     let provider = meta["provider"].as_str().unwrap_or("");
     let stem = path
         .file_stem()
@@ -244,7 +250,9 @@ pub fn import(path: &Path, scratch_parent: &Path, strict: bool) -> Result<Import
     if provider != "libvirt" {
         return Err(err(
             &label,
-            format!("metadata.json: provider '{provider}' (libvirt and virtualbox boxes are imported)"),
+            format!(
+                "metadata.json: provider '{provider}' (libvirt and virtualbox boxes are imported)"
+            ),
         ));
     }
     let mut vm = ImportedVm::new(&stem);
@@ -259,22 +267,38 @@ pub fn import(path: &Path, scratch_parent: &Path, strict: bool) -> Result<Import
                 )
             })
             .collect(),
-        None => vec![("box.img".into(), meta["format"].as_str().map(str::to_string))],
+        None => vec![(
+            "box.img".into(),
+            meta["format"].as_str().map(str::to_string),
+        )],
     };
     if disk_list.len() > MAX_DISKS {
         return Err(err(&label, format!("more than {MAX_DISKS} disks")));
     }
     for (i, (name, fmt)) in disk_list.iter().enumerate() {
         if !crate::vm::is_safe_name(name) {
-            return Err(err(&label, format!("metadata.json names disk '{name}': not a plain file name in the box: refused")));
+            return Err(err(
+                &label,
+                format!(
+                    "metadata.json names disk '{name}': not a plain file name in the box: refused"
+                ),
+            ));
         }
         if !has(name) {
-            return Err(err(&label, format!("metadata.json names disk '{name}', which the box does not hold")));
+            return Err(err(
+                &label,
+                format!("metadata.json names disk '{name}', which the box does not hold"),
+            ));
         }
         let format = match fmt.as_deref().unwrap_or("qcow2") {
             "qcow2" => DiskFormat::Qcow2,
             "raw" => DiskFormat::Raw,
-            other => return Err(err(&label, format!("disk '{name}': format '{other}' (qcow2 and raw are imported)"))),
+            other => {
+                return Err(err(
+                    &label,
+                    format!("disk '{name}': format '{other}' (qcow2 and raw are imported)"),
+                ))
+            }
         };
         let p = scratch.path().join(name);
         vm.disks.push(ImportedDisk {
@@ -293,7 +317,9 @@ pub fn import(path: &Path, scratch_parent: &Path, strict: bool) -> Result<Import
         (Settings::default(), Vec::new())
     };
     vm.memory_mib = Some(settings.memory.unwrap_or_else(|| {
-        dropped.push(format!("memory not set in the box: vagrant-libvirt's default, {DEFAULT_MEMORY_MIB} MiB"));
+        dropped.push(format!(
+            "memory not set in the box: vagrant-libvirt's default, {DEFAULT_MEMORY_MIB} MiB"
+        ));
         DEFAULT_MEMORY_MIB
     }));
     vm.vcpus = settings.cpus.unwrap_or(1);
@@ -306,10 +332,16 @@ pub fn import(path: &Path, scratch_parent: &Path, strict: bool) -> Result<Import
     if matches!(settings.cpu_mode.as_deref(), Some("custom")) {
         vm.cpu_template = CpuTemplate::Baseline;
     }
-    for (which, slot) in [(settings.kernel.clone(), &mut vm.kernel), (settings.initrd.clone(), &mut vm.initrd)] {
+    for (which, slot) in [
+        (settings.kernel.clone(), &mut vm.kernel),
+        (settings.initrd.clone(), &mut vm.initrd),
+    ] {
         if let Some(n) = which {
             if !crate::vm::is_safe_name(&n) || !has(&n) {
-                return Err(err(&label, format!("the Vagrantfile names '{n}', which is not a file of the box: refused")));
+                return Err(err(
+                    &label,
+                    format!("the Vagrantfile names '{n}', which is not a file of the box: refused"),
+                ));
             }
             let p = scratch.path().join(&n);
             *slot = Some(ImportedFile {
@@ -325,7 +357,10 @@ pub fn import(path: &Path, scratch_parent: &Path, strict: bool) -> Result<Import
             unread.len()
         ));
     }
-    for m in got.iter().filter(|m| m.name != "metadata.json" && m.name != "Vagrantfile") {
+    for m in got
+        .iter()
+        .filter(|m| m.name != "metadata.json" && m.name != "Vagrantfile")
+    {
         let used = disk_list.iter().any(|(n, _)| *n == m.name)
             || settings.kernel.as_deref() == Some(m.name.as_str())
             || settings.initrd.as_deref() == Some(m.name.as_str());
@@ -334,7 +369,13 @@ pub fn import(path: &Path, scratch_parent: &Path, strict: bool) -> Result<Import
         }
     }
     if strict && !dropped.is_empty() {
-        return Err(err(&label, format!("--strict: not carried into the pack: {}", dropped.join("; "))));
+        return Err(err(
+            &label,
+            format!(
+                "--strict: not carried into the pack: {}",
+                dropped.join("; ")
+            ),
+        ));
     }
     vm.dropped = dropped;
     vm.scratch = Some(scratch);

@@ -228,9 +228,7 @@ impl VmdkReader {
     pub fn open(src: FileSlice) -> io::Result<VmdkReader> {
         let len = src.len();
         if len < SECTOR {
-            return Err(invalid(format!(
-                "{len} bytes: too short for a VMDK header"
-            )));
+            return Err(invalid(format!("{len} bytes: too short for a VMDK header")));
         }
         let mut hb = [0u8; 512];
         src.read_exact_at(&mut hb, 0)?;
@@ -426,7 +424,10 @@ impl VmdkReader {
                 self.grain_bytes
             )));
         }
-        if (start + 12).checked_add(size).is_none_or(|e| e > self.src.len()) {
+        if (start + 12)
+            .checked_add(size)
+            .is_none_or(|e| e > self.src.len())
+        {
             return Err(invalid(format!(
                 "grain at sector {sector}: {size} compressed bytes run past the end of the file"
             )));
@@ -437,9 +438,9 @@ impl VmdkReader {
         let mut n = 0;
         // Reads at most one grain; anything beyond is an error, not an allocation.
         while n < out.len() {
-            let r = dec.read(&mut out[n..]).map_err(|e| {
-                invalid(format!("grain at sector {sector}: bad deflate data: {e}"))
-            })?;
+            let r = dec
+                .read(&mut out[n..])
+                .map_err(|e| invalid(format!("grain at sector {sector}: bad deflate data: {e}")))?;
             if r == 0 {
                 break;
             }
@@ -472,7 +473,12 @@ fn read_descriptor(src: &FileSlice, h: &Header) -> Option<String> {
         .into_owned();
     text.lines()
         .find_map(|l| l.trim().strip_prefix("createType"))
-        .map(|v| v.trim_start_matches([' ', '=']).trim().trim_matches('"').to_string())
+        .map(|v| {
+            v.trim_start_matches([' ', '='])
+                .trim()
+                .trim_matches('"')
+                .to_string()
+        })
 }
 
 impl SectionSource for VmdkReader {
@@ -726,7 +732,10 @@ mod tests {
         let gd = u64_at(&out[len - 1024..], 56) as usize * 512;
         out[gd..gd + 4].copy_from_slice(&0x00ff_ffffu32.to_le_bytes());
         let e = VmdkReader::open(slice_of(&out)).unwrap_err().to_string();
-        assert!(e.contains("grain table 0") && e.contains("outside the file"), "{e}");
+        assert!(
+            e.contains("grain table 0") && e.contains("outside the file"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -44,7 +44,10 @@ pub fn children<'a, 'i>(
         .filter(move |c| c.is_element() && c.tag_name().name() == name)
 }
 
-pub fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, name: &'static str) -> Option<roxmltree::Node<'a, 'i>> {
+pub fn child<'a, 'i>(
+    n: roxmltree::Node<'a, 'i>,
+    name: &'static str,
+) -> Option<roxmltree::Node<'a, 'i>> {
     children(n, name).next()
 }
 
