@@ -358,7 +358,7 @@ pub(crate) mod tests {
             ),
         ] {
             std::fs::write(&p, raw_tar(&members)).unwrap();
-            let e = list(&p).err().expect("refused").to_string();
+            let e = list(&p).expect_err("refused").to_string();
             assert!(e.contains(want), "{e}");
             let out = t.path().join("x");
             std::fs::create_dir_all(&out).unwrap();
@@ -369,8 +369,7 @@ pub(crate) mod tests {
                 false,
                 &|_| true,
             )
-            .err()
-            .expect("refused")
+            .expect_err("refused")
             .to_string();
             assert!(e.contains(want), "{e}");
             std::fs::remove_dir_all(&out).unwrap();

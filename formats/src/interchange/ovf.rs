@@ -630,7 +630,7 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
             // Controllers: the pack's disks are virtio.
             5 | 6 | 20 => {}
             10 => dropped.push(format!("network adapter '{what}'")),
-            14 | 15 | 16 => dropped.push(format!("removable drive '{what}'")),
+            14..=16 => dropped.push(format!("removable drive '{what}'")),
             23 => dropped.push(format!("USB controller '{what}'")),
             24 => dropped.push(format!("graphics '{what}'")),
             35 => dropped.push(format!("sound card '{what}'")),
@@ -851,6 +851,8 @@ mod tests {
         assert_eq!(alloc_units("byte * 2^99"), None);
     }
 
+    // Vec<u8> (not [u8]) is the sized SectionSource that coerces to a trait object.
+    #[allow(clippy::ptr_arg)]
     fn vm<'a>(disk: &'a Vec<u8>, kernel: &'a Vec<u8>) -> ExportVm<'a> {
         ExportVm {
             name: "t".into(),
