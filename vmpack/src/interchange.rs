@@ -91,6 +91,8 @@ pub fn export(pack_path: &Path, eco: Ecosystem, out: &Path, o: &ExportOpts) -> R
         cpu_template: cfg.cpu_template,
         kernel: kernel.as_ref().map(|k| k as &dyn SectionSource),
         initrd: initrd.as_ref().map(|k| k as &dyn SectionSource),
+        kernel_name: ic::boot_file_name(m.file("kernel").map(|f| f.name.as_str()), "vmlinuz"),
+        initrd_name: ic::boot_file_name(m.file("initrd").map(|f| f.name.as_str()), "initrd.img"),
         cmdline: cfg
             .kernel
             .as_ref()

@@ -297,6 +297,8 @@ mod tests {
             cpu_template: CpuTemplate::Host,
             kernel: Some(&k),
             initrd: Some(&k),
+            kernel_name: "vmlinux".into(),
+            initrd_name: "initrd.img".into(),
             cmdline: "console=ttyS0".into(),
             disks: vec![super::super::ExportDisk {
                 stem: "root".into(),

@@ -44,14 +44,14 @@ pub fn export(
     let mut kernel = None;
     let mut initrd = None;
     if let Some(k) = vm.kernel {
-        copy_to_file(k, &dir.join("vmlinuz"), progress)?;
-        files.push("vmlinuz".to_string());
-        kernel = Some(final_dir.join("vmlinuz"));
+        copy_to_file(k, &dir.join(&vm.kernel_name), progress)?;
+        files.push(vm.kernel_name.clone());
+        kernel = Some(final_dir.join(&vm.kernel_name));
     }
     if let Some(i) = vm.initrd {
-        copy_to_file(i, &dir.join("initrd.img"), progress)?;
-        files.push("initrd.img".to_string());
-        initrd = Some(final_dir.join("initrd.img"));
+        copy_to_file(i, &dir.join(&vm.initrd_name), progress)?;
+        files.push(vm.initrd_name.clone());
+        initrd = Some(final_dir.join(&vm.initrd_name));
     }
     let mut disks = Vec::new();
     for d in &vm.disks {

@@ -216,8 +216,33 @@ pub struct ExportVm<'a> {
     /// Kernel, initrd and command line when the pack boots a Linux kernel directly.
     pub kernel: Option<&'a dyn SectionSource>,
     pub initrd: Option<&'a dyn SectionSource>,
+    /// File names the kernel and initrd get (see [`boot_file_name`]).
+    pub kernel_name: String,
+    pub initrd_name: String,
     pub cmdline: String,
     pub disks: Vec<ExportDisk<'a>>,
+}
+
+/// The name a boot file keeps in an export: its name in the pack when that is a plain name
+/// no export uses for anything else, `fallback` otherwise.
+pub fn boot_file_name(name: Option<&str>, fallback: &str) -> String {
+    let reserved_ext = [
+        ".img", ".qcow2", ".vmdk", ".ovf", ".mf", ".xml", ".json", ".log",
+    ];
+    match name {
+        Some(n)
+            if crate::vm::is_safe_name(n)
+                && n.len() <= 64
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+                && !n.starts_with(['.', '-'])
+                && n != "Vagrantfile"
+                && !reserved_ext.iter().any(|e| n.ends_with(e) && n != fallback) =>
+        {
+            n.to_string()
+        }
+        _ => fallback.to_string(),
+    }
 }
 
 /// `dir/name`, refusing names that are not one plain component.

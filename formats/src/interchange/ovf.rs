@@ -270,8 +270,8 @@ pub fn export_ova<W: Write + Seek>(
             )
         })
         .collect();
-    let kernel = vm.kernel.map(|_| "vmlinuz");
-    let initrd = vm.initrd.map(|_| "initrd.img");
+    let kernel = vm.kernel.map(|_| vm.kernel_name.as_str());
+    let initrd = vm.initrd.map(|_| vm.initrd_name.as_str());
     let desc = descriptor(vm, version, &disk_files, kernel, initrd);
     let mut tw = TarWriter::new(out, mtime);
     let mut members = Vec::new();
@@ -861,6 +861,8 @@ mod tests {
             cpu_template: CpuTemplate::Baseline,
             kernel: Some(kernel),
             initrd: None,
+            kernel_name: "vmlinuz".into(),
+            initrd_name: "initrd.img".into(),
             cmdline: "console=ttyS0 a=<b>".into(),
             disks: vec![super::super::ExportDisk {
                 stem: "root".into(),

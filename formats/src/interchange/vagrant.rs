@@ -47,9 +47,15 @@ pub fn vagrantfile(vm: &ExportVm<'_>) -> String {
         )),
     }
     if vm.kernel.is_some() {
-        v.push_str("    libvirt.kernel = File.join(File.dirname(__FILE__), \"vmlinuz\")\n");
+        v.push_str(&format!(
+            "    libvirt.kernel = File.join(File.dirname(__FILE__), \"{}\")\n",
+            vm.kernel_name
+        ));
         if vm.initrd.is_some() {
-            v.push_str("    libvirt.initrd = File.join(File.dirname(__FILE__), \"initrd.img\")\n");
+            v.push_str(&format!(
+                "    libvirt.initrd = File.join(File.dirname(__FILE__), \"{}\")\n",
+                vm.initrd_name
+            ));
         }
         v.push_str(&format!(
             "    libvirt.cmd_line = {}\n",
@@ -107,7 +113,10 @@ pub fn export_box<W: Write + Seek>(
         let _ = std::fs::remove_file(&tmp);
         names.push(name);
     }
-    for (src, name) in [(vm.kernel, "vmlinuz"), (vm.initrd, "initrd.img")] {
+    for (src, name) in [
+        (vm.kernel, vm.kernel_name.as_str()),
+        (vm.initrd, vm.initrd_name.as_str()),
+    ] {
         if let Some(s) = src {
             tw.add_streamed(name, |w| {
                 let mut buf = vec![0u8; 1 << 20];
@@ -396,6 +405,8 @@ mod tests {
             cpu_template: CpuTemplate::Host,
             kernel: Some(&k),
             initrd: Some(&k),
+            kernel_name: "vmlinuz".into(),
+            initrd_name: "initrd.img".into(),
             cmdline: "console=ttyS0 it's \\ \"q\"".into(),
             disks: vec![],
         };
