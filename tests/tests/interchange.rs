@@ -1061,3 +1061,65 @@ fn saved_pack_exports_its_cold_definition() {
     ]);
     same_file(&elf, &out.join("vmlinux"));
 }
+
+#[test]
+fn an_imported_domain_boots_under_vmboot() {
+    if !kvm_available("the boot of an imported libvirt domain") {
+        return;
+    }
+    let elf = linux_out().join("vmlinux");
+    assert!(
+        elf.exists(),
+        "samples/linux/fetch-kernel.sh has not extracted {}",
+        elf.display()
+    );
+    let t = tempfile::tempdir().unwrap();
+    let vm = make_vm_with(t.path(), "reboot", 1, "vmlinux");
+    let lv = t.path().join("lv");
+    ok(&run(
+        t.path(),
+        &[
+            "export",
+            s(&vm.pack),
+            "--format",
+            "libvirt",
+            "-o",
+            s(&lv),
+            "-q",
+        ],
+    ));
+    let imported = t.path().join("imported.vmpack");
+    import(
+        t.path(),
+        &lv.join("domain.xml"),
+        &imported,
+        &["--strict", "-q"],
+    );
+    let serial = t.path().join("serial.log");
+    let mut child = Command::new(vmpack())
+        .current_dir(t.path())
+        .args(["run", s(&imported), "--serial-out", s(&serial), "-q"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let found = loop {
+        let text = std::fs::read_to_string(&serial).unwrap_or_default();
+        if text.contains("Linux version") {
+            break true;
+        }
+        if child.try_wait().unwrap().is_some() || t0.elapsed() > Duration::from_secs(300) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        found,
+        "no kernel banner from the imported pack:\n{}",
+        std::fs::read_to_string(&serial).unwrap_or_default()
+    );
+}
