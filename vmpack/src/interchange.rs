@@ -37,6 +37,16 @@ fn saved_state_note(pack: &VmPack) -> Option<String> {
 }
 
 pub fn export(pack_path: &Path, eco: Ecosystem, out: &Path, o: &ExportOpts) -> Result<()> {
+    export_inner(pack_path, eco, out, o).map_err(|e| {
+        if e.downcast_ref::<Usage>().is_some() || e.to_string().starts_with("cannot export") {
+            e
+        } else {
+            e.context(format!("cannot export the pack as {eco}"))
+        }
+    })
+}
+
+fn export_inner(pack_path: &Path, eco: Ecosystem, out: &Path, o: &ExportOpts) -> Result<()> {
     if o.disk_format.is_some() && eco != Ecosystem::Libvirt {
         return Err(Usage(format!(
             "--disk-format applies to --format libvirt only ({eco} disks are {})",
@@ -60,7 +70,7 @@ pub fn export(pack_path: &Path, eco: Ecosystem, out: &Path, o: &ExportOpts) -> R
     let m = pack.manifest();
     if cfg.kernel.is_none() {
         bail!(
-            "export failed: {label}: the pack boots a flat image, which {eco} cannot express (it boots Linux kernels or disks); use --format raw or qcow2"
+            "cannot export the pack: {label}: it boots a flat image, which {eco} cannot express (it boots Linux kernels or disks); use --format raw or qcow2"
         );
     }
     let range = |role: &str| -> Result<Option<SectionRange<'_>>> {
@@ -297,7 +307,7 @@ pub fn read_source(
             "Vagrant box",
         ),
     };
-    let vm = vm.with_context(|| format!("import failed ({what})"))?;
+    let vm = vm.with_context(|| format!("cannot import the {what}"))?;
     let _ = label;
     Ok(Some((vm, what)))
 }
@@ -354,12 +364,12 @@ pub fn import(src: &Path, o: ImportOpts, w: &crate::pack::WriteArgs) -> Result<b
     };
     if vm.kernel.is_none() && flat_image.is_none() {
         bail!(
-            "import failed: {label}: the {what} boots from its disk through firmware (BIOS/UEFI), which vmboot does not do; pass --kernel PATH [--initrd PATH] [--cmdline TEXT] to boot its disks with a Linux kernel"
+            "cannot import the {what}: {label}: it boots from its disk through firmware (BIOS/UEFI), which vmboot does not do; pass --kernel PATH [--initrd PATH] [--cmdline TEXT] to boot its disks with a Linux kernel"
         );
     }
     let memory = vm.memory_mib.with_context(|| {
         format!(
-            "import failed: {label}: the {what} does not say how much memory; pass --memory MIB"
+            "cannot import the {what}: {label}: it does not say how much memory; pass --memory MIB"
         )
     })?;
     let cfg = VmConfig {

@@ -338,16 +338,17 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
                         format!("disk {target}: <source file=...> is missing"),
                     )
                 })?;
-                let fmt = match child(d, "driver")
+                let driver = child(d, "driver")
                     .and_then(|dr| attr(dr, "type"))
-                    .unwrap_or("raw")
-                {
+                    .unwrap_or("raw");
+                let fmt = match driver {
                     "raw" => DiskFormat::Raw,
-                    "qcow2" => DiskFormat::Qcow2,
+                    // Decoded by vmpack's VMDK reader; the pack keeps it as qcow2.
+                    "qcow2" | "vmdk" => DiskFormat::Qcow2,
                     other => {
                         return Err(err(
                             &label,
-                            format!("disk {target}: format '{other}' (raw and qcow2 are imported)"),
+                            format!("disk {target}: format '{other}' (raw, qcow2 and sparse VMDK are imported)"),
                         ))
                     }
                 };
@@ -369,7 +370,18 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
                     name: stem,
                     format: fmt,
                     read_only: child(d, "readonly").is_some(),
-                    source: super::open_named_disk(&p, fmt)?,
+                    source: if driver == "vmdk" {
+                        let label = p.display().to_string();
+                        let f = std::fs::File::open(&p).map_err(super::io_err(&label))?;
+                        let slice =
+                            super::vmdk::FileSlice::whole(f).map_err(super::io_err(&label))?;
+                        Box::new(
+                            super::vmdk::VmdkReader::open(slice)
+                                .map_err(|e| err(&label, e.to_string()))?,
+                        )
+                    } else {
+                        super::open_named_disk(&p, fmt)?
+                    },
                 });
             }
             "hostdev" => {
