@@ -914,7 +914,7 @@ fn hostile_inputs_are_refused_and_write_nothing() {
 #[test]
 fn terabyte_vmdk_without_data_imports_sparse() {
     // A 1 TiB stream-optimized disk with no data: made by QEMU from a sparse file, the OVF
-    // written by hand. Importing must neither allocate nor write a terabyte.
+    // written by hand, both in an OVA. Importing must neither allocate nor write a terabyte.
     let t = tempfile::tempdir().unwrap();
     let raw = t.path().join("big.raw");
     std::fs::File::create(&raw)
@@ -944,12 +944,15 @@ fn terabyte_vmdk_without_data_imports_sparse() {
     );
     std::fs::write(t.path().join("big.ovf"), ovf).unwrap();
     std::fs::write(t.path().join("vmlinuz"), noise(50_000, 3)).unwrap();
+    // As an OVA: the disk is decoded from inside the archive.
+    tool(t.path(), "tar", &["cf", "big.ova", "big.ovf", "big.vmdk"], &[]);
+    std::fs::remove_file(t.path().join("big.vmdk")).unwrap();
     let p = t.path().join("big.vmpack");
     let js: serde_json::Value = serde_json::from_str(&ok(&run(
         t.path(),
         &[
             "import",
-            "big.ovf",
+            "big.ova",
             "--kernel",
             "vmlinuz",
             "--json",
