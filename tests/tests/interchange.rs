@@ -945,7 +945,12 @@ fn terabyte_vmdk_without_data_imports_sparse() {
     std::fs::write(t.path().join("big.ovf"), ovf).unwrap();
     std::fs::write(t.path().join("vmlinuz"), noise(50_000, 3)).unwrap();
     // As an OVA: the disk is decoded from inside the archive.
-    tool(t.path(), "tar", &["cf", "big.ova", "big.ovf", "big.vmdk"], &[]);
+    tool(
+        t.path(),
+        "tar",
+        &["cf", "big.ova", "big.ovf", "big.vmdk"],
+        &[],
+    );
     std::fs::remove_file(t.path().join("big.vmdk")).unwrap();
     let p = t.path().join("big.vmpack");
     let js: serde_json::Value = serde_json::from_str(&ok(&run(

@@ -313,6 +313,9 @@ pub fn read_source(
 }
 
 pub fn import(src: &Path, o: ImportOpts, w: &crate::pack::WriteArgs) -> Result<bool> {
+    if o.json && w.output == Path::new("-") {
+        return Err(Usage("--json and -o - would both write to standard output".into()).into());
+    }
     let Some((mut vm, what)) = read_source(src, &o, &w.output)? else {
         return Ok(false);
     };
