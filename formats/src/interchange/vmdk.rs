@@ -399,6 +399,17 @@ impl VmdkReader {
 
     /// Fills `out` (one grain, or the disk's tail) with grain `index`.
     fn read_grain(&self, index: u64, out: &mut [u8]) -> io::Result<()> {
+        if self.compressed && (out.len() as u64) < self.grain_bytes {
+            // The last grain may be stored whole even where the disk ends inside it.
+            let mut whole = vec![0u8; self.grain_bytes as usize];
+            self.read_full_grain(index, &mut whole)?;
+            out.copy_from_slice(&whole[..out.len()]);
+            return Ok(());
+        }
+        self.read_full_grain(index, out)
+    }
+
+    fn read_full_grain(&self, index: u64, out: &mut [u8]) -> io::Result<()> {
         let Some(sector) = self.lookup(index).filter(|&s| s > 1) else {
             out.fill(0);
             return Ok(());
@@ -618,29 +629,44 @@ pub fn write_stream_optimized<W: Write>(
     let n_gts = total_grains.div_ceil(GTES_PER_GT);
     // Sparse map of the grains written: (grain index, sector).
     let mut written: Vec<(u64, u32)> = Vec::new();
-    let mut buf = vec![0u8; grain_bytes as usize];
-    let mut comp = Vec::with_capacity(grain_bytes as usize + 1024);
-    let mut last_grain: Option<u64> = None;
-    for r in src.data_ranges()? {
-        let first = r.start / grain_bytes;
-        let end = r.end.div_ceil(grain_bytes);
-        for g in first..end {
-            if last_grain.is_some_and(|l| g <= l) {
-                continue;
-            }
-            last_grain = Some(g);
-            let off = g * grain_bytes;
-            let n = (size - off).min(grain_bytes) as usize;
-            src.read_at(&mut buf[..n], off)?;
-            buf[n..].fill(0);
-            progress.advance(n as u64);
-            if crate::disk::is_zero(&buf) {
-                continue;
-            }
-            comp.clear();
-            let mut enc = flate2::write::ZlibEncoder::new(&mut comp, flate2::Compression::fast());
-            enc.write_all(&buf)?;
-            enc.finish()?;
+    // Grains are read in order, compressed in batches on every core, and written in order.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    let batch_len = 64 * threads;
+    let mut batch: Vec<(u64, Vec<u8>)> = Vec::with_capacity(batch_len);
+    let flush = |batch: &mut Vec<(u64, Vec<u8>)>,
+                 w: &mut Counted<W>,
+                 written: &mut Vec<(u64, u32)>|
+     -> io::Result<()> {
+        let per = batch.len().div_ceil(threads).max(1);
+        let compressed: Vec<io::Result<Vec<u8>>> = std::thread::scope(|sc| {
+            let handles: Vec<_> = batch
+                .chunks(per)
+                .map(|part| {
+                    sc.spawn(move || {
+                        part.iter()
+                            .map(|(_, data)| {
+                                let mut comp = Vec::with_capacity(data.len() / 2);
+                                let mut enc = flate2::write::ZlibEncoder::new(
+                                    &mut comp,
+                                    flate2::Compression::fast(),
+                                );
+                                enc.write_all(data)?;
+                                enc.finish()?;
+                                Ok(comp)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("compression worker"))
+                .collect()
+        });
+        for ((g, _), comp) in batch.iter().zip(compressed) {
+            let comp = comp?;
             let sector = u32::try_from(w.sector())
                 .map_err(|_| invalid("VMDK export: the image would exceed 2 TiB of data"))?;
             let mut mh = [0u8; 12];
@@ -649,9 +675,43 @@ pub fn write_stream_optimized<W: Write>(
             w.put(&mh)?;
             w.put(&comp)?;
             w.pad_to_sector()?;
-            written.push((g, sector));
+            written.push((*g, sector));
         }
+        batch.clear();
+        Ok(())
+    };
+    // Sources are read a window (1 MiB, aligned) at a time: a pack section decompresses
+    // whole chunks, so grain-sized reads would decompress each chunk many times.
+    const WINDOW: u64 = 1 << 20;
+    let mut window = vec![0u8; WINDOW as usize];
+    let mut next_grain = 0u64;
+    for r in src.data_ranges()? {
+        let mut pos = (r.start / grain_bytes * grain_bytes).max(next_grain * grain_bytes);
+        let r_end = (r.end.div_ceil(grain_bytes) * grain_bytes)
+            .min(size.div_ceil(grain_bytes) * grain_bytes);
+        while pos < r_end {
+            let wend = ((pos / WINDOW + 1) * WINDOW).min(r_end);
+            let readable = wend.min(size) - pos;
+            let wl = (wend - pos) as usize;
+            src.read_at(&mut window[..readable as usize], pos)?;
+            window[readable as usize..wl].fill(0);
+            progress.advance(readable);
+            for (k, grain) in window[..wl].chunks(grain_bytes as usize).enumerate() {
+                if crate::disk::is_zero(grain) {
+                    continue;
+                }
+                let mut buf = grain.to_vec();
+                buf.resize(grain_bytes as usize, 0);
+                batch.push((pos / grain_bytes + k as u64, buf));
+                if batch.len() == batch_len {
+                    flush(&mut batch, &mut w, &mut written)?;
+                }
+            }
+            pos = wend;
+        }
+        next_grain = next_grain.max(r_end / grain_bytes);
     }
+    flush(&mut batch, &mut w, &mut written)?;
 
     // Grain tables that hold at least one grain, each after its marker; empty ones are left
     // out (their directory entry stays 0), as VirtualBox does.
@@ -720,6 +780,20 @@ mod tests {
         let mut part = vec![0u8; 1000];
         r.read_at(&mut part, 99_500).unwrap();
         assert_eq!(part, disk[99_500..100_500]);
+    }
+
+    #[test]
+    fn odd_sizes_round_up_to_a_sector() {
+        let mut disk = vec![0u8; (3 << 20) + 700];
+        disk[(3 << 20) + 10..].fill(0x33);
+        disk[5] = 1;
+        let mut out = Vec::new();
+        write_stream_optimized(&mut out, "d.vmdk", &disk, &()).unwrap();
+        let r = VmdkReader::open(slice_of(&out)).unwrap();
+        assert_eq!(r.capacity(), (3 << 20) + 1024);
+        let mut back = vec![0u8; r.capacity() as usize];
+        r.read_at(&mut back, 0).unwrap();
+        assert!(back[..disk.len()] == disk[..] && back[disk.len()..].iter().all(|&b| b == 0));
     }
 
     #[test]
