@@ -11,6 +11,7 @@ command -v zstd >/dev/null || need+=(zstd)
 command -v cpio >/dev/null || need+=(cpio)
 command -v lz4 >/dev/null || need+=(lz4)
 command -v curl >/dev/null || need+=(curl)
+command -v strace >/dev/null || need+=(strace)
 command -v sha256sum >/dev/null || need+=(coreutils)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then

@@ -248,9 +248,19 @@ impl<'a> PreparedPack<'a> {
                 .files
                 .as_ref()
                 .and_then(|g| g.iter().find(|(r, _)| *r == role).map(|(_, s)| *s));
-            let src = match given {
-                Some(s) => BootInput::Given(s),
-                None => BootInput::Opened(FileSource::open(path).map_err(|e| io_err(path, e))?),
+            let src = match (given, &plan.files) {
+                (Some(s), _) => BootInput::Given(s),
+                // A caller that supplies the files (a running or restored VM) never has a
+                // path opened in their place: the config may come from a pack.
+                (None, Some(_)) => {
+                    return Err(VmPackError::Usage(format!(
+                        "the config's {role} '{}' was not supplied with the VM's boot files",
+                        path.display()
+                    )))
+                }
+                (None, None) => {
+                    BootInput::Opened(FileSource::open(path).map_err(|e| io_err(path, e))?)
+                }
             };
             let name = unique_name(path, role, &mut taken);
             files.push((

@@ -8,7 +8,9 @@
 # Cases: 1 data buffer outside guest RAM; 2 sector past the end of the disk; 3 unknown
 # request type; 4 header only (no status descriptor); 5 `next` index past the queue size;
 # 6 status byte outside guest RAM; 7 data length not a multiple of 512; 8 header shorter
-# than 16 bytes; 9 GET_ID into a device-readable buffer; 10 DISCARD past the end.
+# than 16 bytes; 9 GET_ID into a device-readable buffer; 10 DISCARD past the end; 11 a
+# descriptor whose `next` is itself (a loop); 12 an indirect descriptor table, a feature
+# the device never offers (its status byte is the table's last descriptor).
 
 	.equ	MMIO, 0xd0000000
 	.equ	PDPT, 0xa000
@@ -19,19 +21,21 @@
 	.equ	HDR, 0x203000
 	.equ	STATUS, 0x203100
 	.equ	SEG, 0x203200
+	.equ	TABLE, 0x203400		# case 12's indirect table
 	.equ	BUF, 0x208000
 	.equ	OUTSIDE, 0x7ff00000	# not guest RAM (the config has 16 MiB)
 	.equ	QSIZE, 16
 	.equ	POLL_LIMIT, 20000000
 	.equ	F_NEXT, 1
 	.equ	F_WRITE, 2
+	.equ	F_INDIRECT, 4
 
 # DESC i, addr, len, flags, next: fill descriptor i.
-.macro	DESC i, addr, len, flags, next
-	movq	$\addr, DESC + 16 * \i
-	movl	$\len, DESC + 16 * \i + 8
-	movw	$\flags, DESC + 16 * \i + 12
-	movw	$\next, DESC + 16 * \i + 14
+.macro	DESC i, addr, len, flags, next, table=DESC
+	movq	$\addr, \table + 16 * \i
+	movl	$\len, \table + 16 * \i + 8
+	movw	$\flags, \table + 16 * \i + 12
+	movw	$\next, \table + 16 * \i + 14
 .endm
 
 # HDR type, sector: fill the request header.
@@ -108,6 +112,21 @@ _start:
 	DESC	1, SEG, 16, F_NEXT, 2
 	mov	$10, %ebx
 	call	post
+	# 11: a loop: the data descriptor's `next` is itself. Served, it would read a few KiB
+	# into STATUS.. and report success there.
+	HDR	0, 0
+	DESC	0, HDR, 16, F_NEXT, 1
+	DESC	1, STATUS, 512, F_NEXT | F_WRITE, 1
+	mov	$11, %ebx
+	call	post
+	# 12: a good read, but through an indirect table.
+	DESC	0, HDR, 16, F_NEXT, 1, TABLE
+	DESC	1, BUF, 512, F_NEXT | F_WRITE, 2, TABLE
+	DESC	2, STATUS, 1, F_WRITE, 0, TABLE
+	DESC	0, TABLE, 48, F_INDIRECT, 0
+	mov	$12, %ebx
+	call	post
+	DESC	0, HDR, 16, F_NEXT, 1
 
 	# A good write and read-back of sector 5 still work.
 	mov	$BUF, %edi

@@ -460,6 +460,8 @@ fn malformed_requests_get_error_statuses() {
          case 8 status=1 len=1\n\
          case 9 status=1 len=1\n\
          case 10 status=1 len=1\n\
+         case 11 status=1 len=1\n\
+         case 12 status=1 len=1\n\
          recovered write=0 read=0 match=1\n",
         "stderr:\n{err}"
     );

@@ -425,36 +425,6 @@ fn memory_is_identical_after_restore() {
     assert_eq!(first_diff, None, "RAM above 2 MiB differs after restore");
 }
 
-/// Rewrites a pack section by section, letting `edit` change any section's bytes.
-fn rewrite_pack(src: &Path, dst: &Path, edit: impl Fn(&str, Vec<u8>) -> Vec<u8>) {
-    use vmpack_formats::pack::{PackReader, PackWriter, WriteOptions};
-    let r = PackReader::open(src).unwrap();
-    let out = std::fs::File::create(dst).unwrap();
-    let mut w = PackWriter::new(
-        out,
-        WriteOptions {
-            aligned: r.aligned(),
-            compression: vmpack_formats::pack::Compression::None,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    for s in r.sections() {
-        let bytes = edit(&s.name, r.read_section(s.id, 1 << 30).unwrap());
-        w.add_section_with(
-            s.kind,
-            &s.name,
-            s.meta.clone(),
-            &bytes,
-            s.chunk_size,
-            vmpack_formats::pack::Compression::None,
-            &(),
-        )
-        .unwrap();
-    }
-    w.finish().unwrap();
-}
-
 fn restore_output(pack: &Path) -> Output {
     Command::new(bin("vmboot"))
         .arg("restore")
@@ -521,9 +491,9 @@ fn damaged_or_foreign_packs_are_refused_before_the_guest_runs() {
 
     // A guest that was given CPU features no host offers all of.
     let foreign = dir.path().join("foreign.vmpack");
-    rewrite_pack(&good, &foreign, |name, data| {
+    common::rewrite_pack(&good, &foreign, |name, data| {
         if name != "vmstate" {
-            return data;
+            return Some(data);
         }
         let mut v: serde_json::Value = serde_json::from_slice(&data).unwrap();
         for vcpu in v["vcpus"].as_array_mut().unwrap() {
@@ -555,7 +525,7 @@ fn damaged_or_foreign_packs_are_refused_before_the_guest_runs() {
                 }
             }
         }
-        serde_json::to_vec(&v).unwrap()
+        Some(serde_json::to_vec(&v).unwrap())
     });
     let o = restore_output(&foreign);
     let err = String::from_utf8_lossy(&o.stderr);

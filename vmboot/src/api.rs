@@ -218,15 +218,16 @@ impl ApiServer {
     }
 
     /// Listen on `path`. A stale socket file there (nobody listening) is replaced; anything
-    /// else at `path` is an error. The socket is made owner-only (0600) because a save
-    /// exposes all of guest memory.
+    /// else at `path` is an error. The socket is owner-only (0600) from the moment it
+    /// appears at `path`, and only connections from this process's effective user are
+    /// served, because a save exposes all of guest memory.
     pub fn start_with(
         path: &Path,
         ctl: Arc<dyn VmControl>,
         opts: ServerOptions,
     ) -> io::Result<ApiServer> {
         remove_stale_socket(path)?;
-        let listener = UnixListener::bind(path).map_err(|e| {
+        let listener = bind_private(path).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("cannot listen on API socket {}: {e}", path.display()),
@@ -235,7 +236,6 @@ impl ApiServer {
         let meta = std::fs::symlink_metadata(path)?;
         let socket_id = (meta.dev(), meta.ino());
         let setup = (|| {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
             listener.set_nonblocking(true)?;
             UnixStream::pair()
         })();
@@ -327,6 +327,69 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Binds a socket at `path` that nobody else can ever reach: it is bound inside a fresh
+/// folder of mode 0700 next to `path`, made 0600 there, and renamed into place (never over
+/// an existing file). Binding at `path` directly and chmod'ing afterwards would leave a
+/// window in which the socket has the umask's permissions; setting the umask around the
+/// bind would change it for every thread of the process.
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = tempfile::Builder::new()
+        .prefix(".vmboot-")
+        .rand_bytes(6)
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(parent)?;
+    let tmp = dir.path().join("s");
+    let listener = UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+            .map_err(|_| io::Error::new(ErrorKind::InvalidInput, "path contains a NUL byte"))
+    };
+    let (from, to) = (c(&tmp)?, c(path)?);
+    // SAFETY: two valid NUL-terminated paths.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(listener)
+}
+
+/// The effective uid of the process at the other end of a Unix socket (`SO_PEERCRED`).
+fn peer_uid(stream: &UnixStream) -> io::Result<libc::uid_t> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
 fn remove_stale_socket(path: &Path) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
@@ -404,21 +467,29 @@ fn spawn_connection(shared: &Arc<Shared>, stream: UnixStream) {
     if stream.set_nonblocking(false).is_err() {
         return;
     }
+    // Socket permissions are the first line; this one holds even if someone loosens them.
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    match peer_uid(&stream) {
+        Ok(uid) if uid == me => {}
+        other => {
+            let who =
+                other.map_or_else(|e| format!("an unknown user ({e})"), |u| format!("uid {u}"));
+            refuse(
+                stream,
+                403,
+                &format!("this VM's control socket serves only uid {me}, not {who}"),
+            );
+            return;
+        }
+    }
     let _ = stream.set_write_timeout(Some(shared.opts.write_timeout));
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     {
         let mut conns = lock(&shared.conns);
         if conns.len() >= shared.opts.max_connections {
             drop(conns);
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-            let mut stream = stream;
-            let _ = stream.write_all(&error_response(503, "too many API connections", true));
-            // Short drain so the client reads the 503 rather than ECONNRESET, without letting
-            // a flood of connections stall the accept thread for long.
-            let _ = stream.shutdown(Shutdown::Write);
-            let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
-            let mut sink = [0u8; 4096];
-            while let Ok(1..) = stream.read(&mut sink) {}
+            refuse(stream, 503, "too many API connections");
             return;
         }
         match stream.try_clone() {
@@ -445,6 +516,18 @@ fn spawn_connection(shared: &Arc<Shared>, stream: UnixStream) {
         }
         shared.conns_done.notify_all();
     }
+}
+
+/// Answers a connection that will not be served with `status` and closes it, from the
+/// accept thread: a short write timeout and drain, so the client reads the answer rather
+/// than ECONNRESET, without letting a flood of connections stall the accept thread.
+fn refuse(mut stream: UnixStream, status: u16, message: &str) {
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = stream.write_all(&error_response(status, message, true));
+    let _ = stream.shutdown(Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
+    let mut sink = [0u8; 4096];
+    while let Ok(1..) = stream.read(&mut sink) {}
 }
 
 /// Deregisters a connection even when its thread unwinds.
@@ -832,6 +915,7 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         204 => "No Content",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
@@ -984,7 +1068,16 @@ fn handle_save(shared: &Shared, req: &Request, stream: &mut UnixStream) -> io::R
     let save_req: SaveRequest = if req.body.iter().all(u8::is_ascii_whitespace) {
         SaveRequest::default()
     } else {
-        match serde_json::from_slice(&req.body) {
+        // serde would also take a JSON array for the struct (`[]` = all defaults); the
+        // body is an object or nothing.
+        let parsed = serde_json::from_slice::<Value>(&req.body).and_then(|v| {
+            if v.is_object() {
+                serde_json::from_value(v)
+            } else {
+                Err(serde::de::Error::custom("the body must be a JSON object"))
+            }
+        });
+        match parsed {
             Ok(r) => r,
             Err(e) => {
                 stream.write_all(&error_response(
@@ -1624,6 +1717,10 @@ mod tests {
             json!({"compres": "zstd"}),
             json!({"level": "high"}),
             json!([1]),
+            json!([]),
+            json!(["zstd", 3, "stop"]),
+            json!("zstd"),
+            json!(null),
         ] {
             let err = c
                 .post_stream("/vm/save", &body, &mut out)

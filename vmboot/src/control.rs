@@ -46,6 +46,9 @@ impl VmControl for VmHandle {
             None => Compression::None,
             Some(c) => c.parse().map_err(ApiError::bad_request)?,
         };
+        compression
+            .check_level(req.level)
+            .map_err(ApiError::bad_request)?;
         // A VM paused before the save stays paused; one that was running resumes (as early
         // as the save allows) unless it is to stop.
         let was_paused = self.is_paused();

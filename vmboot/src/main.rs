@@ -85,7 +85,7 @@ fn run(config: PathBuf, api_sock: Option<PathBuf>, serial_out: Option<String>) -
         ..Default::default()
     };
     let vm = Vm::create(&cfg, payload, &opts)?;
-    vmboot::terminate_on_signals(vm.controller());
+    vmboot::terminate_on_signals(vm.controller())?;
     let reason = vm.run()?;
     if reason.code != 0 {
         eprintln!("vmboot: {} (exit status {})", reason.message, reason.code);

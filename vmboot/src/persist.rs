@@ -14,22 +14,143 @@ use vmpack_formats::config::VmConfig;
 /// Bumped whenever a field changes meaning or is added/removed.
 pub const VM_STATE_VERSION: u32 = 1;
 
+/// KVM structures must arrive at exactly their ABI size. kvm-bindings' own `Deserialize`
+/// zero-pads a short byte array and ignores the tail of a long one, so a vmstate with a
+/// truncated `lapic` would restore a vCPU from made-up zeros; these refuse it, naming the
+/// field and the sizes.
+mod exact {
+    use serde::de::value::BytesDeserializer;
+    use serde::de::{DeserializeOwned, DeserializeSeed, Deserializer, Error, SeqAccess, Visitor};
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    /// Collects a byte array, remembering only its first `max` bytes but counting all.
+    struct Bytes(usize);
+
+    impl<'de> Visitor<'de> for Bytes {
+        type Value = (Vec<u8>, usize);
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an array of bytes")
+        }
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+            Ok((v[..v.len().min(self.0)].to_vec(), v.len()))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut v = Vec::with_capacity(self.0);
+            let mut n = 0usize;
+            while let Some(b) = seq.next_element::<u8>()? {
+                if n < self.0 {
+                    v.push(b);
+                }
+                n += 1;
+            }
+            Ok((v, n))
+        }
+    }
+
+    fn short_name<T>() -> &'static str {
+        let n = std::any::type_name::<T>();
+        n.rsplit("::").next().unwrap_or(n)
+    }
+
+    /// One KVM structure `T` named `field`.
+    struct Exact<T>(String, PhantomData<T>);
+
+    impl<'de, T: DeserializeOwned> DeserializeSeed<'de> for Exact<T> {
+        type Value = T;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
+            let size = std::mem::size_of::<T>();
+            let (bytes, n) = d.deserialize_bytes(Bytes(size))?;
+            if n != size {
+                return Err(D::Error::custom(format!(
+                    "{}: {n} bytes where {} has {size}",
+                    self.0,
+                    short_name::<T>()
+                )));
+            }
+            T::deserialize(BytesDeserializer::<D::Error>::new(&bytes))
+        }
+    }
+
+    struct List<T>(&'static str, PhantomData<T>);
+
+    impl<'de, T: DeserializeOwned> Visitor<'de> for List<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a list of {}", short_name::<T>())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut v = Vec::new();
+            while let Some(x) =
+                seq.next_element_seed(Exact::<T>(format!("{}[{}]", self.0, v.len()), PhantomData))?
+            {
+                v.push(x);
+            }
+            Ok(v)
+        }
+    }
+
+    macro_rules! fields {
+        ($($name:ident),* $(,)?) => {$(
+            pub fn $name<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<T, D::Error> {
+                Exact::<T>(stringify!($name).to_string(), PhantomData).deserialize(d)
+            }
+        )*};
+    }
+    fields!(
+        mp_state,
+        regs,
+        sregs,
+        xsave,
+        xcrs,
+        debugregs,
+        lapic,
+        vcpu_events,
+        pit2,
+        clock,
+        pic_master,
+        pic_slave,
+        ioapic,
+    );
+
+    macro_rules! lists {
+        ($($name:ident),* $(,)?) => {$(
+            pub fn $name<'de, D: Deserializer<'de>, T: DeserializeOwned>(
+                d: D,
+            ) -> Result<Vec<T>, D::Error> {
+                d.deserialize_seq(List::<T>(stringify!($name), PhantomData))
+            }
+        )*};
+    }
+    lists!(cpuid, msrs);
+}
+
 /// One vCPU, captured outside KVM_RUN with any pending port I/O completed.
 #[derive(Serialize, Deserialize)]
 pub struct VcpuState {
     pub id: u32,
+    #[serde(deserialize_with = "exact::mp_state")]
     pub mp_state: kvm_mp_state,
+    #[serde(deserialize_with = "exact::regs")]
     pub regs: kvm_regs,
+    #[serde(deserialize_with = "exact::sregs")]
     pub sregs: kvm_sregs,
     /// The full XSAVE area (not KVM_GET_FPU, which loses SSE state on restore).
+    #[serde(deserialize_with = "exact::xsave")]
     pub xsave: kvm_xsave,
+    #[serde(deserialize_with = "exact::xcrs")]
     pub xcrs: kvm_xcrs,
+    #[serde(deserialize_with = "exact::debugregs")]
     pub debugregs: kvm_debugregs,
+    #[serde(deserialize_with = "exact::lapic")]
     pub lapic: kvm_lapic_state,
     /// TSC frequency the guest saw, in kHz.
     pub tsc_khz: u32,
+    #[serde(deserialize_with = "exact::cpuid")]
     pub cpuid: Vec<kvm_cpuid_entry2>,
+    #[serde(deserialize_with = "exact::msrs")]
     pub msrs: Vec<kvm_msr_entry>,
+    #[serde(deserialize_with = "exact::vcpu_events")]
     pub vcpu_events: kvm_vcpu_events,
 }
 
@@ -108,15 +229,24 @@ pub struct DeviceStates {
 #[derive(Serialize, Deserialize)]
 pub struct VmState {
     pub version: u32,
-    pub config: VmConfig,
+    /// Written by vmboot before the manifest became the config's only authority (see
+    /// docs/FORMAT.md §12.2); a restore checks it against the manifest's config and never
+    /// uses it otherwise. New saves leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<VmConfig>,
     /// Guest RAM regions `(gpa, size)` the memory image must cover.
     pub memory_regions: Vec<(u64, u64)>,
+    #[serde(deserialize_with = "exact::pit2")]
     pub pit2: kvm_pit_state2,
     /// kvmclock at save time; restored with flags 0 so guest time resumes at this value
     /// (the guest does not see the time it spent saved).
+    #[serde(deserialize_with = "exact::clock")]
     pub clock: kvm_clock_data,
+    #[serde(deserialize_with = "exact::pic_master")]
     pub pic_master: kvm_irqchip,
+    #[serde(deserialize_with = "exact::pic_slave")]
     pub pic_slave: kvm_irqchip,
+    #[serde(deserialize_with = "exact::ioapic")]
     pub ioapic: kvm_irqchip,
     /// Where the loader put the initrd, `(gpa, len)` (Linux guests booted with one).
     #[serde(default)]
@@ -129,7 +259,6 @@ impl std::fmt::Debug for VmState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VmState")
             .field("version", &self.version)
-            .field("name", &self.config.name)
             .field("vcpus", &self.vcpus.len())
             .field("memory_regions", &self.memory_regions)
             .finish_non_exhaustive()
@@ -139,6 +268,76 @@ impl std::fmt::Debug for VmState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn vcpu_json() -> serde_json::Value {
+        let v = VcpuState {
+            id: 0,
+            mp_state: Default::default(),
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: Default::default(),
+            xcrs: Default::default(),
+            debugregs: Default::default(),
+            lapic: Default::default(),
+            tsc_khz: 1,
+            cpuid: vec![Default::default(); 2],
+            msrs: vec![Default::default(); 3],
+            vcpu_events: Default::default(),
+        };
+        serde_json::to_value(&v).unwrap()
+    }
+
+    fn parse(v: &serde_json::Value) -> Result<(), String> {
+        serde_json::from_value::<VcpuState>(v.clone())
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn kvm_structures_must_have_their_exact_size() {
+        let good = vcpu_json();
+        assert!(parse(&good).is_ok());
+        let size = |f: &str| good[f].as_array().unwrap().len();
+        assert_eq!(size("lapic"), 1024);
+        for field in [
+            "mp_state",
+            "regs",
+            "sregs",
+            "xsave",
+            "xcrs",
+            "debugregs",
+            "lapic",
+            "vcpu_events",
+        ] {
+            let n = size(field);
+            let mut short = good.clone();
+            short[field].as_array_mut().unwrap().pop();
+            let err = parse(&short).unwrap_err();
+            assert!(
+                err.contains(&format!("{field}: {} bytes where", n - 1))
+                    && err.contains(&format!("has {n}")),
+                "{field}: {err}"
+            );
+            let mut long = good.clone();
+            long[field].as_array_mut().unwrap().push(0.into());
+            let err = parse(&long).unwrap_err();
+            assert!(err.contains(&format!("{field}: {} bytes", n + 1)), "{err}");
+        }
+        let mut short_entry = good.clone();
+        short_entry["cpuid"][1].as_array_mut().unwrap().truncate(8);
+        let err = parse(&short_entry).unwrap_err();
+        assert!(
+            err.contains("cpuid[1]: 8 bytes where kvm_cpuid_entry2 has 40"),
+            "{err}"
+        );
+        let mut short_msr = good.clone();
+        short_msr["msrs"][2].as_array_mut().unwrap().pop();
+        let err = parse(&short_msr).unwrap_err();
+        assert!(
+            err.contains("msrs[2]: 15 bytes where kvm_msr_entry has 16"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn serial_default_is_power_on_state() {

@@ -268,23 +268,24 @@ fn parallel_copy(src: &[u8], copy: &RamCopy) {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let dst = copy.ptr as usize;
+    let worker = || loop {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(r) = pieces.get(i) else { break };
+        let (a, b) = (r.start as usize, r.end as usize);
+        // SAFETY: `a..b` lies inside both the region and its same-sized copy, and no two
+        // pieces overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src[a..b].as_ptr(), (dst as *mut u8).add(a), b - a)
+        };
+    };
     std::thread::scope(|s| {
-        for _ in 0..threads.min(pieces.len()).max(1) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(r) = pieces.get(i) else { break };
-                let (a, b) = (r.start as usize, r.end as usize);
-                // SAFETY: `a..b` lies inside both the region and its same-sized copy, and
-                // no two pieces overlap.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        src[a..b].as_ptr(),
-                        (dst as *mut u8).add(a),
-                        b - a,
-                    )
-                };
-            });
+        // Helpers only speed the copy up: with none, this thread copies everything.
+        for _ in 1..threads.min(pieces.len()) {
+            if std::thread::Builder::new().spawn_scoped(s, worker).is_err() {
+                break;
+            }
         }
+        worker();
     });
 }
 
@@ -470,16 +471,15 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         }
     };
 
+    let work = WorkDir::new(opts.work_dir.as_deref())?;
+    let cfg = pack_config(manifest, &label, &work.path)?;
     let s = reader
         .section(state_section)
         .ok_or_else(|| anyhow!("{label}: section '{state_section}' is missing"))?;
     let state_bytes = reader.read_section(s.id, MAX_VMSTATE_LEN)?;
-    let state = parse_state(&state_bytes, &label, state_section)?;
+    let state = parse_state(&state_bytes, &label, state_section, &cfg)?;
     let warnings = check_host(&state, &label)?;
-
-    let work = WorkDir::new(opts.work_dir.as_deref())?;
-    let mut cfg = state.config.clone();
-    extract_disks(&pack, &mut cfg, &work.path)?;
+    extract_disks(&pack, &work.path)?;
 
     let memory_path = manifest.memory_restore_path(reader).unwrap_or("none");
     let init = memory_init(&pack, manifest, &state, memory_path == "mmap", &label)?;
@@ -497,28 +497,126 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     ))
 }
 
-/// Writes every disk of the pack to a private raw copy in `dir` and points `cfg` at them, so
-/// the guest's writes never reach the pack.
-fn extract_disks(pack: &VmPack, cfg: &mut VmConfig, dir: &Path) -> Result<()> {
+/// Writes every disk of the pack to its private raw copy in `dir` (where [`pack_config`]
+/// points the config), so the guest's writes never reach the pack.
+fn extract_disks(pack: &VmPack, dir: &Path) -> Result<()> {
     let reader = pack.reader();
     let label = pack.path().display().to_string();
     for (i, d) in pack.manifest().disks.iter().enumerate() {
         let s = reader
             .section(&d.section)
             .ok_or_else(|| anyhow!("{label}: section '{}' is missing", d.section))?;
-        let copy = dir.join(format!("disk{i}.img"));
+        let copy = disk_copy_path(dir, i);
         let f = sparse_file(&copy, d.virtual_size)?;
         reader.for_each_chunk_parallel(s.id, false, 0, &|off, data| {
             use std::os::unix::fs::FileExt;
             f.write_all_at(data, off)
                 .map_err(|e| io_pack_error(&copy, e))
         })?;
-        if let Some(c) = cfg.disks.get_mut(i) {
-            c.path = copy;
-            c.format = DiskFormat::Raw;
-        }
     }
     Ok(())
+}
+
+/// The private copy of disk `i` in a restore's work folder.
+fn disk_copy_path(work: &Path, i: usize) -> PathBuf {
+    work.join(format!("disk{i}.img"))
+}
+
+/// The config to build a pack's VM from, made so that nothing in the pack can name a host
+/// path: the manifest's config is the only authority (docs/FORMAT.md §12), each of its
+/// `[[disk]]`s must be one of the pack's disk sections and becomes the private raw copy in
+/// `work`, each boot file must be one of the pack's files (the VM gets the bytes, never a
+/// path), and a `[serial]` path is reduced to a name in `work` (output goes where the
+/// command line says, never where the pack says).
+pub fn pack_config(manifest: &Manifest, label: &str, work: &Path) -> Result<VmConfig> {
+    let mut cfg = manifest.config_at(work, label)?;
+    let refuse = |what: String| -> anyhow::Error {
+        anyhow!("{label}: section 'manifest': {what}; a pack's disks and boot files come only from its own sections")
+    };
+    let mut boot = Vec::new();
+    for (role, path) in cfg.boot_files() {
+        let f = manifest.file(role).ok_or_else(|| {
+            refuse(format!(
+                "the config names {role} '{}', which the pack does not hold",
+                path.display()
+            ))
+        })?;
+        boot.push((role, work.join(&f.name)));
+    }
+    for (role, p) in boot {
+        match role {
+            "kernel" => cfg.kernel.as_mut().expect("has a kernel").path = p,
+            "initrd" => cfg.kernel.as_mut().expect("has a kernel").initrd = Some(p),
+            _ => cfg.flat.as_mut().expect("has an image").image = p,
+        }
+    }
+    if let Some(d) = cfg.disks.get(manifest.disks.len()) {
+        return Err(refuse(format!(
+            "config [[disk]] {} ('{}') has no disk section in the pack",
+            manifest.disks.len(),
+            d.path.display()
+        )));
+    }
+    if let Some(d) = manifest.disks.get(cfg.disks.len()) {
+        return Err(refuse(format!(
+            "disk section '{}' has no [[disk]] in the config",
+            d.section
+        )));
+    }
+    for (i, (c, m)) in cfg.disks.iter_mut().zip(&manifest.disks).enumerate() {
+        if c.read_only != m.read_only {
+            return Err(refuse(format!(
+                "config [[disk]] {i} says read_only = {}, disk section '{}' says {}",
+                c.read_only, m.section, m.read_only
+            )));
+        }
+        c.path = disk_copy_path(work, i);
+        c.format = DiskFormat::Raw;
+    }
+    if let Some(p) = &mut cfg.serial.path {
+        let name = p
+            .file_name()
+            .filter(|n| vmpack_formats::vm::is_safe_name(&n.to_string_lossy()))
+            .map_or_else(|| "serial.log".into(), |n| n.to_owned());
+        *p = work.join(name);
+    }
+    Ok(cfg)
+}
+
+/// The fields in which two configs differ, file paths aside (a vmstate's copy of the
+/// config names the saving host's files, the manifest's names the pack's).
+fn config_differences(a: &VmConfig, b: &VmConfig) -> Vec<&'static str> {
+    fn strip(c: &VmConfig) -> VmConfig {
+        let mut c = c.clone();
+        if let Some(k) = &mut c.kernel {
+            k.path = PathBuf::new();
+            k.initrd = k.initrd.as_ref().map(|_| PathBuf::new());
+        }
+        if let Some(f) = &mut c.flat {
+            f.image = PathBuf::new();
+        }
+        for d in &mut c.disks {
+            d.path = PathBuf::new();
+        }
+        c.serial.path = c.serial.path.as_ref().map(|_| PathBuf::new());
+        c
+    }
+    let (a, b) = (strip(a), strip(b));
+    let mut v = Vec::new();
+    let mut check = |name, same: bool| {
+        if !same {
+            v.push(name);
+        }
+    };
+    check("name", a.name == b.name);
+    check("vcpus", a.vcpus == b.vcpus);
+    check("memory_mib", a.memory_mib == b.memory_mib);
+    check("cpu_template", a.cpu_template == b.cpu_template);
+    check("flat", a.flat == b.flat);
+    check("kernel", a.kernel == b.kernel);
+    check("disk", a.disks == b.disks);
+    check("serial", a.serial == b.serial);
+    v
 }
 
 /// Boots a pack that holds a VM at rest (made by `vmpack pack` or `import`) without
@@ -535,14 +633,14 @@ pub fn boot_at_rest(path: &Path, verify: VerifyPolicy, run: RunOptions) -> Resul
         pack.reader().verify(&())?;
         verified_cache::record(path, pack.reader().root_digest());
     }
-    let mut cfg = pack.config()?;
+    let work = WorkDir::new(None)?;
+    let cfg = pack_config(pack.manifest(), &label, &work.path)?;
     let payload = BootPayload {
         kernel: optional_file(&pack, "kernel")?,
         initrd: optional_file(&pack, "initrd")?,
         image: optional_file(&pack, "image")?,
     };
-    let work = WorkDir::new(None)?;
-    extract_disks(&pack, &mut cfg, &work.path)?;
+    extract_disks(&pack, &work.path)?;
     work.hand_over(run, |run| Vm::create(&cfg, payload, run))
 }
 
@@ -553,7 +651,8 @@ fn optional_file(pack: &VmPack, role: &str) -> Result<Option<Vec<u8>>> {
     Ok(Some(pack.boot_file(role)?))
 }
 
-fn parse_state(bytes: &[u8], label: &str, section: &str) -> Result<VmState> {
+/// Parses the vmstate and checks it against `cfg`, the manifest's config.
+fn parse_state(bytes: &[u8], label: &str, section: &str, cfg: &VmConfig) -> Result<VmState> {
     let state: VmState = serde_json::from_slice(bytes)
         .map_err(|e| anyhow!("{label}: section '{section}': not a valid vm state: {e}"))?;
     if state.version != VM_STATE_VERSION {
@@ -562,11 +661,22 @@ fn parse_state(bytes: &[u8], label: &str, section: &str) -> Result<VmState> {
             state.version
         );
     }
-    if state.vcpus.is_empty() || state.vcpus.len() != state.config.vcpus as usize {
+    // Packs from older vmboots hold a second copy of the config; one that disagrees with
+    // the manifest's is refused rather than guessed at.
+    if let Some(old) = &state.config {
+        let diff = config_differences(old, cfg);
+        if !diff.is_empty() {
+            bail!(
+                "{label}: section '{section}': its config differs from the manifest's in {}",
+                diff.join(", ")
+            );
+        }
+    }
+    if state.vcpus.is_empty() || state.vcpus.len() != cfg.vcpus as usize {
         bail!(
             "{label}: section '{section}': {} vCPU states for a config with {} vCPUs",
             state.vcpus.len(),
-            state.config.vcpus
+            cfg.vcpus
         );
     }
     Ok(state)
@@ -711,6 +821,7 @@ fn restore_stream<R: Read + 'static>(
     let mut sr = StreamReader::new(input, label)?;
     let work = WorkDir::new(opts.work_dir.as_deref())?;
     let mut manifest: Option<Manifest> = None;
+    let mut cfg: Option<VmConfig> = None;
     let mut current: Option<(String, u16)> = None;
     let mut buf: Vec<u8> = Vec::new();
     let mut payload = BootPayload::default();
@@ -737,7 +848,18 @@ fn restore_stream<R: Read + 'static>(
                         .ok_or_else(|| {
                             anyhow!("{label}: section '{}' is not in the manifest", info.name)
                         })?;
-                    let p = work.path.join(format!("disk{i}.img"));
+                    if info.size != m.disks[i].virtual_size {
+                        bail!(
+                            "{label}: section '{}' holds {} bytes, the manifest says {}",
+                            info.name,
+                            info.size,
+                            m.disks[i].virtual_size
+                        );
+                    }
+                    if disk_files.iter().any(|(j, _, _)| *j == i) {
+                        bail!("{label}: section '{}' appears twice", info.name);
+                    }
+                    let p = disk_copy_path(&work.path, i);
                     let f = sparse_file(&p, m.disks[i].virtual_size)?;
                     disk_files.push((i, f, p));
                 }
@@ -773,7 +895,9 @@ fn restore_stream<R: Read + 'static>(
                     .ok_or_else(|| anyhow!("{label}: section end outside a section"))?;
                 match kind {
                     vmpack_formats::pack::kind::MANIFEST => {
-                        manifest = Some(Manifest::parse(&buf, label)?);
+                        let m = Manifest::parse(&buf, label)?;
+                        cfg = Some(pack_config(&m, label, &work.path)?);
+                        manifest = Some(m);
                     }
                     vmpack_formats::pack::kind::FILE => {
                         let m = manifest
@@ -794,7 +918,10 @@ fn restore_stream<R: Read + 'static>(
                         }
                     }
                     vmpack_formats::pack::kind::VMSTATE => {
-                        state = Some(parse_state(&buf, label, &name)?);
+                        let c = cfg
+                            .as_ref()
+                            .ok_or_else(|| anyhow!("{label}: vm state before manifest"))?;
+                        state = Some(parse_state(&buf, label, &name, c)?);
                     }
                     _ => {}
                 }
@@ -806,14 +933,26 @@ fn restore_stream<R: Read + 'static>(
     let state = state.ok_or_else(|| {
         anyhow!("{label}: the pack holds a VM at rest, not a saved one (no vmstate before memory)")
     })?;
-    let warnings = check_host(&state, label)?;
-    let mut cfg = state.config.clone();
-    for (i, _, p) in &disk_files {
-        if let Some(c) = cfg.disks.get_mut(*i) {
-            c.path = p.clone();
-            c.format = DiskFormat::Raw;
+    let cfg = cfg.ok_or_else(|| anyhow!("{label}: no manifest"))?;
+    // Every disk and boot file comes from the stream: one that never arrived is missing,
+    // whatever the config says.
+    for (i, d) in manifest.disks.iter().enumerate() {
+        if !disk_files.iter().any(|(j, _, _)| *j == i) {
+            bail!("{label}: section '{}' is missing before memory", d.section);
         }
     }
+    for f in manifest.files.iter().filter(|f| f.in_memory.is_none()) {
+        let got = match f.role.as_str() {
+            "kernel" => payload.kernel.is_some(),
+            "initrd" => payload.initrd.is_some(),
+            "image" => payload.image.is_some(),
+            _ => true,
+        };
+        if !got {
+            bail!("{label}: section '{}' is missing before memory", f.section);
+        }
+    }
+    let warnings = check_host(&state, label)?;
     let first = current.map(|(n, _)| n);
     let label_owned = label.to_string();
     let gpas: Vec<(String, u64)> = manifest
@@ -1031,7 +1170,7 @@ pub fn restore_and_run(input: PackInput, opts: RestoreOptions, quiet: bool) -> R
     if std::env::var_os("VMBOOT_BENCH_TIMESTAMPS").is_some() {
         bench_stamps(&vm);
     }
-    crate::vmm::terminate_on_signals(vm.controller());
+    crate::vmm::terminate_on_signals(vm.controller())?;
     let reason = vm.run()?;
     if reason.code != 0 {
         eprintln!("vmboot: {} (exit status {})", reason.message, reason.code);
@@ -1054,7 +1193,7 @@ fn bench_stamps(vm: &Vm) {
     let (anchor, anchor_ns) = (Instant::now(), monotonic_ns());
     eprintln!("vmboot-bench: restored-monotonic-ns {anchor_ns}");
     let h = vm.controller();
-    std::thread::spawn(move || loop {
+    let watcher = std::thread::Builder::new().spawn(move || loop {
         if let Some(t) = h.first_exit_instant() {
             let ns = anchor_ns + t.duration_since(anchor).as_nanos();
             eprintln!("vmboot-bench: first-exit-monotonic-ns {ns}");
@@ -1062,4 +1201,7 @@ fn bench_stamps(vm: &Vm) {
         }
         std::thread::sleep(Duration::from_micros(100));
     });
+    if let Err(e) = watcher {
+        eprintln!("vmboot-bench: no first-exit stamp: cannot start a thread: {e}");
+    }
 }

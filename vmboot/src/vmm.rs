@@ -549,6 +549,7 @@ impl Vm {
             spawn_stdin_forwarder(h.serial().clone());
         }
         let mut threads = Vec::new();
+        let mut not_started = None;
         {
             let mut c = lock(&h.ctl);
             if let Some(e) = &c.exit {
@@ -566,10 +567,12 @@ impl Vm {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     lock(&h.ctl).running -= h.vcpus.len() - idx;
+                    let message = format!("cannot start vCPU thread {idx}: {e}");
                     h.request_exit(ExitReason {
                         code: EXIT_KVM_ERROR,
-                        message: format!("cannot start vCPU thread {idx}: {e}"),
+                        message: message.clone(),
                     });
+                    not_started = Some(message);
                     break;
                 }
             }
@@ -598,6 +601,10 @@ impl Vm {
         lock(&h.serial).flush();
         if let Some(dir) = &self.opts.work_dir {
             let _ = std::fs::remove_dir_all(dir);
+        }
+        // The VM never ran as a whole: vmboot could not start it (status 1), not a KVM failure.
+        if let Some(m) = not_started {
+            bail!("{m}");
         }
         Ok(reason)
     }
@@ -879,7 +886,8 @@ impl VmHandle {
         };
         Ok(VmState {
             version: VM_STATE_VERSION,
-            config: self.config.clone(),
+            // The pack's manifest carries the config (its one authoritative copy).
+            config: None,
             memory_regions: self.mem.layout(),
             pit2: self.vm.get_pit2().context("KVM_GET_PIT2")?,
             clock: self.vm.get_clock().context("KVM_GET_CLOCK")?,
@@ -1029,10 +1037,11 @@ pub fn block_exit_signals() {
 }
 
 /// Ends `vm` cleanly (see [`VmHandle::terminate`]) when one of the blocked exit signals
-/// arrives, so Ctrl-C or `kill` never leaves a socket or a work folder behind.
-pub fn terminate_on_signals(vm: Arc<VmHandle>) {
+/// arrives, so Ctrl-C or `kill` never leaves a socket or a work folder behind. Fails if
+/// the thread that waits for them cannot start (the signals would stay blocked).
+pub fn terminate_on_signals(vm: Arc<VmHandle>) -> Result<()> {
     let set = exit_signals();
-    let _ = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
             let mut sig: libc::c_int = 0;
@@ -1040,5 +1049,7 @@ pub fn terminate_on_signals(vm: Arc<VmHandle>) {
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
                 vm.terminate(sig);
             }
-        });
+        })
+        .context("cannot start the thread that handles Ctrl-C and kill")?;
+    Ok(())
 }

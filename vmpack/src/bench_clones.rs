@@ -90,7 +90,7 @@ fn measure(
     let results: Vec<Result<(Console, f64)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..n)
             .map(|i| {
-                s.spawn(move || -> Result<(Console, f64)> {
+                std::thread::Builder::new().spawn_scoped(s, move || -> Result<(Console, f64)> {
                     let t = Instant::now();
                     let mut c = start(i)?;
                     if ready.starts_with("get") {
@@ -105,7 +105,10 @@ fn measure(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("thread panicked"))))
+            .map(|h| match h {
+                Ok(h) => h.join().unwrap_or_else(|_| Err(anyhow!("thread panicked"))),
+                Err(e) => Err(anyhow!("cannot start a thread: {e}")),
+            })
             .collect()
     });
     let (avail1, rss1) = (mem_available()?, rss());

@@ -387,14 +387,16 @@ fn restore_ours(bins: &Bins, d: &Path, pack: &Path, wait: Duration) -> Result<Re
     let mut p = Proc::spawn(cmd, "vmboot restore")?;
     let stderr = p.child.stderr.take().context("no stderr pipe")?;
     let (tx, rx) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
+    let reader = std::thread::Builder::new()
+        .spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
             }
-        }
-    });
+        })
+        .context("cannot start a thread")?;
     let mut log = String::new();
     let mut ready: Option<u128> = None;
     let mut first: Option<u128> = None;

@@ -116,19 +116,9 @@ fn parse_mode(s: &str) -> Result<StartMode, String> {
 }
 
 pub fn write_options(a: &WriteArgs) -> Result<WriteOptions> {
-    if let Some(l) = a.level {
-        let ok = match a.compress {
-            Compression::None => false,
-            Compression::Deflate => (0..=9).contains(&l),
-            Compression::Zstd => (-7..=22).contains(&l) && l != 0,
-        };
-        if !ok {
-            bail!(
-                "--level {l} is not valid for {} (deflate: 0-9, zstd: -7..=22 except 0, none: no level)",
-                a.compress
-            );
-        }
-    }
+    a.compress
+        .check_level(a.level)
+        .map_err(|e| anyhow::anyhow!("--{e}"))?;
     Ok(WriteOptions {
         compression: a.compress,
         level: a.level,

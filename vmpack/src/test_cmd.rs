@@ -276,22 +276,28 @@ pub fn run(a: TestArgs) -> Result<i32> {
     let results: Mutex<Vec<Option<CaseResult>>> =
         Mutex::new((0..cases.len()).map(|_| None).collect());
     let started = Instant::now();
+    let worker = || loop {
+        let i = next.fetch_add(1, Ordering::SeqCst);
+        let Some(case) = cases.get(i) else { break };
+        let r = run_case(&src, &work, i, case);
+        if !a.quiet {
+            eprintln!(
+                "vmpack: {} {} ({:.0} ms)",
+                if r.passed { "pass" } else { "FAIL" },
+                r.name,
+                r.secs * 1000.0
+            );
+        }
+        results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+    };
     std::thread::scope(|s| {
-        for _ in 0..jobs {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                let Some(case) = cases.get(i) else { break };
-                let r = run_case(&src, &work, i, case);
-                if !a.quiet {
-                    eprintln!(
-                        "vmpack: {} {} ({:.0} ms)",
-                        if r.passed { "pass" } else { "FAIL" },
-                        r.name,
-                        r.secs * 1000.0
-                    );
-                }
-                results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
-            });
+        // Short of threads, fewer jobs run at once; with none, this thread runs them all.
+        let mut started = 0;
+        while started < jobs && std::thread::Builder::new().spawn_scoped(s, worker).is_ok() {
+            started += 1;
+        }
+        if started == 0 {
+            worker();
         }
     });
     let total = started.elapsed().as_secs_f64();
@@ -433,9 +439,10 @@ pub fn restore_clones(
     let logs: Vec<_> = consoles.iter().map(|c| c.log().clone()).collect();
     let done = std::sync::atomic::AtomicBool::new(false);
     let mut status = 0;
+    let mut no_printer = None;
     std::thread::scope(|s| {
         if prefix {
-            s.spawn(|| {
+            let printer = std::thread::Builder::new().spawn_scoped(s, || {
                 let mut offsets = vec![0usize; logs.len()];
                 loop {
                     let last = done.load(Ordering::SeqCst);
@@ -465,6 +472,10 @@ pub fn restore_clones(
                     std::thread::sleep(Duration::from_millis(20));
                 }
             });
+            if let Err(e) = printer {
+                no_printer = Some(e);
+                return;
+            }
         }
         for (i, c) in consoles.drain(..).enumerate() {
             match c.wait() {
@@ -483,5 +494,11 @@ pub fn restore_clones(
         }
         done.store(true, Ordering::SeqCst);
     });
+    if let Some(e) = no_printer {
+        for c in consoles {
+            let _ = c.stop();
+        }
+        bail!("cannot start the thread that prints the clones' output: {e}");
+    }
     Ok(status)
 }

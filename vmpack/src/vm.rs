@@ -46,7 +46,7 @@ pub struct SaveArgs {
     /// restore maps it straight from the pack; `zstd` makes smaller packs to move around.
     #[arg(long, default_value = "none")]
     compress: Compression,
-    /// Compression level (deflate 1-9, zstd 1-22).
+    /// Compression level (deflate 0-9, zstd -7..=22 except 0).
     #[arg(long)]
     level: Option<i32>,
     /// What the VM does after the save: keep running, or end.
@@ -105,6 +105,28 @@ fn sink(arg: Option<&str>, cfg: Option<&VmConfig>) -> SerialSink {
     }
 }
 
+/// Serial output of a packed VM: where the command line says; else the packed config's
+/// `stdout` or `none`. A packed `output = "file"` is ignored with a notice: a pack never
+/// chooses a host path to write.
+fn packed_sink(a: &RunArgs, cfg: &VmConfig, pack: &Path) -> SerialSink {
+    if a.serial_out.is_some() {
+        return sink(a.serial_out.as_deref(), None);
+    }
+    match cfg.serial.output {
+        SerialOutput::None => SerialSink::None,
+        SerialOutput::Stdout => SerialSink::Stdout,
+        SerialOutput::File => {
+            if !a.quiet {
+                eprintln!(
+                    "vmpack: {}: the packed config's [serial] file is ignored; serial output goes to stdout (--serial-out PATH writes it to a file)",
+                    pack.display()
+                );
+            }
+            SerialSink::Stdout
+        }
+    }
+}
+
 fn is_pack(path: &Path) -> bool {
     let mut magic = [0u8; 8];
     std::fs::File::open(path)
@@ -144,7 +166,11 @@ pub fn run(a: RunArgs) -> Result<i32> {
             }
             let cfg = pack.config()?;
             drop(pack);
-            snapshot::boot_at_rest(p, a.verify, run_options(&a, Some(&cfg)))?
+            let run = RunOptions {
+                serial_out: packed_sink(&a, &cfg, p),
+                ..run_options(&a, None)
+            };
+            snapshot::boot_at_rest(p, a.verify, run)?
         }
         Some(p) => {
             let cfg = VmConfig::from_file(p)?;
@@ -152,7 +178,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
             Vm::create(&cfg, payload, &run_options(&a, Some(&cfg)))?
         }
     };
-    vmboot::terminate_on_signals(vm.controller());
+    vmboot::terminate_on_signals(vm.controller())?;
     let reason = vm.run()?;
     if reason.code != 0 {
         eprintln!("vmpack: {} (exit status {})", reason.message, reason.code);

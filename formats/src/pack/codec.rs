@@ -8,7 +8,15 @@ use flate2::{Compress, Decompress, FlushCompress, FlushDecompress, Status};
 pub(crate) enum Compressor {
     None,
     Deflate(Box<Compress>),
-    Zstd(Box<zstd::bulk::Compressor<'static>>),
+    Zstd(Box<zstd::zstd_safe::CCtx<'static>>),
+}
+
+/// zstd's own constructors panic when the context cannot be allocated; these say so.
+fn zstd_context_error(what: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::OutOfMemory,
+        format!("cannot create a zstd {what} context (out of memory)"),
+    )
 }
 
 impl Compressor {
@@ -24,7 +32,16 @@ impl Compressor {
             }
             Compression::Zstd => {
                 let lvl = level.unwrap_or(1);
-                Compressor::Zstd(Box::new(zstd::bulk::Compressor::new(lvl)?))
+                let mut c = zstd::zstd_safe::CCtx::try_create()
+                    .ok_or_else(|| zstd_context_error("compression"))?;
+                c.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(lvl))
+                    .map_err(|code| {
+                        std::io::Error::other(format!(
+                            "zstd level {lvl}: {}",
+                            zstd::zstd_safe::get_error_name(code)
+                        ))
+                    })?;
+                Compressor::Zstd(Box::new(c))
             }
         })
     }
@@ -59,7 +76,7 @@ impl Compressor {
             }
             Compressor::Zstd(c) => {
                 out.resize(cap, 0);
-                match c.compress_to_buffer(data, &mut out[..]) {
+                match c.compress2(&mut out[..], data) {
                     Ok(n) => {
                         out.truncate(n);
                         Ok(Codec::Zstd)
@@ -70,6 +87,20 @@ impl Compressor {
             }
         }
     }
+}
+
+/// Resizes a chunk buffer to `n` bytes; short of memory, an error instead of the abort a
+/// plain `resize` would be.
+pub(crate) fn sized(buf: &mut Vec<u8>, n: usize) -> Result<(), PackErrorKind> {
+    buf.try_reserve_exact(n.saturating_sub(buf.len()))
+        .map_err(|e| {
+            PackErrorKind::Io(std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                format!("cannot allocate a {n}-byte chunk buffer: {e}"),
+            ))
+        })?;
+    buf.resize(n, 0);
+    Ok(())
 }
 
 /// Decodes `payload` into exactly `out.len()` bytes; anything producing more or fewer
@@ -115,10 +146,15 @@ pub(crate) fn decompress(
             Ok(())
         }
         Codec::Zstd => {
-            let mut d = zstd::bulk::Decompressor::new().map_err(|e| bad(format!("zstd: {e}")))?;
-            let n = d
-                .decompress_to_buffer(payload, out)
-                .map_err(|e| bad(format!("zstd (declared {} bytes): {e}", out.len())))?;
+            let mut d = zstd::zstd_safe::DCtx::try_create()
+                .ok_or_else(|| PackErrorKind::Io(zstd_context_error("decompression")))?;
+            let n = d.decompress(out, payload).map_err(|code| {
+                bad(format!(
+                    "zstd (declared {} bytes): {}",
+                    out.len(),
+                    zstd::zstd_safe::get_error_name(code)
+                ))
+            })?;
             if n != out.len() {
                 return Err(bad(format!(
                     "zstd frame decodes to {n} bytes, declared {}",

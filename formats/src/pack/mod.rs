@@ -99,6 +99,26 @@ impl FromStr for Compression {
     }
 }
 
+impl Compression {
+    /// Checks a compression level: deflate 0–9, zstd −7..=22 except 0, and none takes no
+    /// level. A level outside is an error, never clamped.
+    pub fn check_level(self, level: Option<i32>) -> Result<(), String> {
+        let Some(l) = level else { return Ok(()) };
+        let ok = match self {
+            Compression::None => false,
+            Compression::Deflate => (0..=9).contains(&l),
+            Compression::Zstd => (-7..=22).contains(&l) && l != 0,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "level {l} is not valid for {self} (deflate: 0-9, zstd: -7..=22 except 0, none: no level)"
+            ))
+        }
+    }
+}
+
 impl fmt::Display for Compression {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

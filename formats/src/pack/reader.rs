@@ -231,7 +231,8 @@ impl PackReader {
                 self.file.read_exact_at(out, e.payload_offset).map_err(io)?;
             }
             _ => {
-                scratch.resize(CHNK_FRAME_HEADER + e.clen as usize, 0);
+                codec::sized(scratch, CHNK_FRAME_HEADER + e.clen as usize)
+                    .map_err(|k| self.chunk_err(e, k))?;
                 self.file
                     .read_exact_at(scratch, e.frame_offset())
                     .map_err(io)?;
@@ -341,30 +342,46 @@ impl PackReader {
         let next = AtomicUsize::new(0);
         let stop = AtomicBool::new(false);
         let first_err: Mutex<Option<PackError>> = Mutex::new(None);
+        let fail = |err: PackError| {
+            stop.store(true, Ordering::Relaxed);
+            let mut g = first_err.lock().unwrap_or_else(|p| p.into_inner());
+            // Keep the error at the lowest file offset for stable messages.
+            let replace = match &*g {
+                None => true,
+                Some(old) => err.offset < old.offset,
+            };
+            if replace {
+                *g = Some(err);
+            }
+        };
+        let worker = || {
+            let mut buf = Vec::new();
+            let mut scratch = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(e) = list.get(i) else { break };
+                if let Err(k) = codec::sized(&mut buf, e.ulen as usize) {
+                    fail(self.chunk_err(e, k));
+                    break;
+                }
+                if let Err(err) = work(e, &mut buf, &mut scratch) {
+                    fail(err);
+                    break;
+                }
+            }
+        };
         std::thread::scope(|s| {
+            let mut started = 0;
             for _ in 0..threads {
-                s.spawn(|| {
-                    let mut buf = Vec::new();
-                    let mut scratch = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(e) = list.get(i) else { break };
-                        buf.resize(e.ulen as usize, 0);
-                        if let Err(err) = work(e, &mut buf, &mut scratch) {
-                            stop.store(true, Ordering::Relaxed);
-                            let mut g = first_err.lock().unwrap_or_else(|p| p.into_inner());
-                            // Keep the error at the lowest file offset for stable messages.
-                            let replace = match &*g {
-                                None => true,
-                                Some(old) => err.offset < old.offset,
-                            };
-                            if replace {
-                                *g = Some(err);
-                            }
-                            break;
-                        }
-                    }
-                });
+                // Workers are a speed-up: short of threads (memory, limits), fewer do the
+                // work, and with none this thread does it.
+                match std::thread::Builder::new().spawn_scoped(s, worker) {
+                    Ok(_) => started += 1,
+                    Err(_) => break,
+                }
+            }
+            if started == 0 {
+                worker();
             }
         });
         match first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {

@@ -268,8 +268,9 @@ impl<R: Read> StreamReader<R> {
             .map_err(|k| cerr(self, k))?;
         // Bounded: clen <= ulen <= chunk size <= MAX_CHUNK_SIZE, all checked above.
         let mut payload = std::mem::take(&mut self.payload);
-        payload.resize(e.clen as usize, 0);
-        let r = self.read(&mut payload);
+        let r = codec::sized(&mut payload, e.clen as usize)
+            .map_err(|k| self.err(k))
+            .and_then(|()| self.read(&mut payload));
         self.payload = payload;
         r.map_err(|x| cerr(self, x.kind))?;
         if matches!(e.codec, Codec::Deflate | Codec::Zstd)
@@ -280,7 +281,7 @@ impl<R: Read> StreamReader<R> {
                 PackErrorKind::ChecksumMismatch("payload does not match its CRC-32".into()),
             ));
         }
-        self.data.resize(e.ulen as usize, 0);
+        codec::sized(&mut self.data, e.ulen as usize).map_err(|k| cerr(self, k))?;
         codec::decompress(e.codec, &self.payload, &mut self.data).map_err(|k| cerr(self, k))?;
         if e.codec != Codec::Zero && layout::sha256(&self.data) != e.sha256 {
             return Err(cerr(

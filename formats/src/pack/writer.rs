@@ -217,11 +217,11 @@ impl<W: Write> PackWriter<W> {
         let job_rx = Mutex::new(job_rx);
         let (res_tx, res_rx) = mpsc::channel::<Result<Done, PackError>>();
         std::thread::scope(|s| -> Result<(), PackError> {
-            for _ in 0..threads {
+            for started in 0..threads {
                 let res_tx = res_tx.clone();
                 let job_rx = &job_rx;
                 let (sec_name, file_name) = (&sec_name, &file_name);
-                s.spawn(move || {
+                let spawned = std::thread::Builder::new().spawn_scoped(s, move || {
                     let mut comp = match Compressor::new(compression, level) {
                         Ok(c) => c,
                         Err(e) => {
@@ -252,6 +252,20 @@ impl<W: Write> PackWriter<W> {
                         }
                     }
                 });
+                // Fewer workers only cost speed; none at all is an error.
+                if let Err(e) = spawned {
+                    if started == 0 {
+                        return Err(PackError::new(
+                            file_name,
+                            PackErrorKind::Io(std::io::Error::new(
+                                e.kind(),
+                                format!("cannot start a compression thread: {e}"),
+                            )),
+                        )
+                        .section(sec_name));
+                    }
+                    break;
+                }
             }
             drop(res_tx);
 

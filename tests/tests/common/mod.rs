@@ -249,3 +249,84 @@ pub fn samples_dir() -> PathBuf {
         .expect("tests/ lives in the workspace")
         .join("samples")
 }
+
+/// Rewrites a pack section by section: `edit` gets each section's name and bytes and
+/// returns the new bytes, or `None` to leave the section out. The result is an intact
+/// container (fresh digests), so only the VM layer's own checks can refuse it.
+pub fn rewrite_pack(src: &Path, dst: &Path, edit: impl Fn(&str, Vec<u8>) -> Option<Vec<u8>>) {
+    use vmpack_formats::pack::{Compression, PackReader, PackWriter, WriteOptions};
+    let r = PackReader::open(src).unwrap();
+    let out = std::fs::File::create(dst).unwrap();
+    let mut w = PackWriter::new(
+        out,
+        WriteOptions {
+            aligned: r.aligned(),
+            compression: Compression::None,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for s in r.sections() {
+        let Some(bytes) = edit(&s.name, r.read_section(s.id, 1 << 30).unwrap()) else {
+            continue;
+        };
+        w.add_section_with(
+            s.kind,
+            &s.name,
+            s.meta.clone(),
+            &bytes,
+            s.chunk_size,
+            Compression::None,
+            &(),
+        )
+        .unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// [`rewrite_pack`] for the usual case: edit the manifest and the vmstate as JSON.
+pub fn rewrite_pack_json(
+    src: &Path,
+    dst: &Path,
+    manifest: impl Fn(&mut serde_json::Value),
+    vmstate: impl Fn(&mut serde_json::Value),
+) {
+    rewrite_pack(src, dst, |name, data| {
+        let edit: &dyn Fn(&mut serde_json::Value) = match name {
+            "manifest" => &manifest,
+            "vmstate" => &vmstate,
+            _ => return Some(data),
+        };
+        let mut v: serde_json::Value = serde_json::from_slice(&data).unwrap();
+        edit(&mut v);
+        Some(serde_json::to_vec(&v).unwrap())
+    });
+}
+
+/// One HTTP request over a control socket; returns status and body.
+pub fn http(sock: &Path, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    (status, body)
+}

@@ -136,7 +136,7 @@ impl BusDevice for SerialDevice {
 /// Forwards stdin to the UART from a background thread (only when stdin is a terminal; a
 /// piped stdin would otherwise race the test harness).
 pub fn spawn_stdin_forwarder(dev: Arc<Mutex<SerialDevice>>) {
-    let _ = std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("serial-stdin".into())
         .spawn(move || {
             let mut buf = [0u8; 64];
@@ -161,4 +161,9 @@ pub fn spawn_stdin_forwarder(dev: Arc<Mutex<SerialDevice>>) {
                 }
             }
         });
+    if let Err(e) = spawned {
+        eprintln!(
+            "vmboot: warning: keyboard input to the guest is off: cannot start a thread: {e}"
+        );
+    }
 }

@@ -12,7 +12,7 @@ use crate::devices::bus::lock;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use virtio_bindings::virtio_blk::*;
@@ -27,12 +27,22 @@ use vmpack_formats::disk::DiskImage;
 pub const SECTOR_SIZE: u64 = 512;
 /// Ring size offered to drivers.
 pub const QUEUE_SIZE: u16 = 256;
-/// Largest data segment count per request we tell the driver about.
-const SEG_MAX: u32 = 128;
+/// Largest data segment count per request (advertised as `seg_max`, enforced).
+pub const SEG_MAX: u32 = 128;
+/// Largest data segment a driver should send (advertised as `size_max`).
+pub const SIZE_MAX: u32 = 64 << 10;
+/// Largest data of one request: what `seg_max` × `size_max` lets a driver send. A larger
+/// request fails with `VIRTIO_BLK_S_IOERR` before any I/O, so one request (and with it a
+/// pause, which waits for the request in progress) touches at most 8 MiB of guest RAM.
+pub const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
+/// Requests served per hold of the device lock; between requests the I/O thread stops at
+/// once when a pause is requested.
+pub const BATCH: usize = 16;
 /// Largest piece of a request the device buffers at once.
 const IO_CHUNK: usize = 1 << 20;
-/// Discard / write-zeroes limits advertised in the config space.
-const MAX_DISCARD_SECTORS: u32 = u32::MAX >> 9;
+/// Discard / write-zeroes limits advertised in the config space (and enforced): the same
+/// 8 MiB as a read or write, since a backend may have to write the zeros.
+const MAX_DISCARD_SECTORS: u32 = (MAX_REQUEST_BYTES / SECTOR_SIZE) as u32;
 const MAX_DISCARD_SEG: u32 = 1;
 /// Only the first few warnings are printed; all are counted.
 const PRINTED_WARNINGS: u64 = 10;
@@ -69,6 +79,7 @@ impl Blk {
         let read_only = read_only || disk.is_read_only();
         let size = disk.virtual_size();
         let mut features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX)
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
             | (1 << VIRTIO_BLK_F_FLUSH);
@@ -80,6 +91,7 @@ impl Blk {
         // struct virtio_blk_config, little endian, up to write_zeroes_may_unmap.
         let mut config = vec![0u8; 60];
         config[0..8].copy_from_slice(&(size / SECTOR_SIZE).to_le_bytes());
+        config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         config[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
@@ -122,19 +134,49 @@ impl Blk {
         }
     }
 
-    /// Serves every request available in `q`; true if any completed.
-    pub fn process_queue(&self, q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut any = false;
-        while let Some(chain) = q.pop_descriptor_chain(mem) {
+    /// Serves up to `budget` requests available in `q`, checking `hold` before each: a
+    /// pause stops the work at the next request boundary. Returns how many completed and
+    /// whether more may be waiting.
+    pub fn process_queue(
+        &self,
+        q: &mut Queue,
+        mem: &GuestMemoryMmap,
+        hold: &AtomicBool,
+        budget: usize,
+    ) -> (usize, bool) {
+        let (table, size) = (q.desc_table(), q.size());
+        for served in 0..budget {
+            if hold.load(Ordering::Acquire) {
+                return (served, false);
+            }
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                return (served, false);
+            };
             let head = chain.head_index();
+            let checked = check_chain(mem, table, size, head);
+            // For a malformed chain this is only where its status byte would be.
             let descs: Vec<Descriptor> = chain.collect();
-            let used_len = self.handle(&descs, mem);
+            let used_len = match checked {
+                Ok(()) => self.handle(&descs, mem),
+                Err(m) => self.refuse(&descs, mem, &m),
+            };
             if let Err(e) = q.add_used(mem, head, used_len) {
                 self.warn(&format!("cannot add to the used ring: {e}"));
             }
-            any = true;
         }
-        any
+        (budget, true)
+    }
+
+    /// Completes a malformed chain without serving it: `VIRTIO_BLK_S_IOERR` in its last
+    /// descriptor if the device may write it, as for any failed request.
+    fn refuse(&self, descs: &[Descriptor], mem: &GuestMemoryMmap, why: &str) -> u32 {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        self.warn(&format!("malformed descriptor chain: {why}"));
+        match descs.last().filter(|d| d.is_write_only() && d.len() >= 1) {
+            Some(d) if mem.write_obj(VIRTIO_BLK_S_IOERR as u8, d.addr()).is_ok() => 1,
+            _ => 0,
+        }
     }
 
     /// Runs one request; returns the number of bytes written into guest buffers.
@@ -183,6 +225,18 @@ impl Blk {
         let kind = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
         let sector = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
         let data = &descs[1..descs.len() - 1];
+        if data.len() > SEG_MAX as usize {
+            return Err(ReqError::Io(format!(
+                "{} data segments (at most {SEG_MAX})",
+                data.len()
+            )));
+        }
+        let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
+        if total > MAX_REQUEST_BYTES {
+            return Err(ReqError::Io(format!(
+                "request of {total} bytes (at most {MAX_REQUEST_BYTES})"
+            )));
+        }
         match kind {
             VIRTIO_BLK_T_IN => self.read(sector, data, mem),
             VIRTIO_BLK_T_OUT => {
@@ -325,6 +379,11 @@ impl Blk {
                 .map_err(|e| ReqError::Io(format!("{what} segment at {:#x}: {e}", gpa.0)))?;
             let sector = u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes"));
             let count = u32::from_le_bytes(seg[8..12].try_into().expect("4 bytes"));
+            if count > MAX_DISCARD_SECTORS {
+                return Err(ReqError::Io(format!(
+                    "{what} of {count} sectors (at most {MAX_DISCARD_SECTORS})"
+                )));
+            }
             let len = u64::from(count) * SECTOR_SIZE;
             let off = self.range(sector, len)?;
             let r = if discard {
@@ -341,6 +400,40 @@ impl Blk {
             }
         }
         Ok(())
+    }
+}
+
+/// Walks the chain from `head` in the descriptor table itself, where virtio-queue's
+/// iterator would hide what makes it invalid here: a `next` past the queue, a loop (the
+/// iterator just stops after `size` descriptors, so a looping chain reads as a long valid
+/// one) and an indirect descriptor (the iterator follows it, though
+/// `VIRTIO_RING_F_INDIRECT_DESC` is never offered).
+fn check_chain(mem: &GuestMemoryMmap, table: u64, size: u16, head: u16) -> Result<(), String> {
+    let mut seen = vec![false; usize::from(size)];
+    let mut i = head;
+    loop {
+        let slot = seen
+            .get_mut(usize::from(i))
+            .ok_or_else(|| format!("descriptor {i} is past the queue size {size}"))?;
+        if *slot {
+            return Err(format!(
+                "the chain from {head} loops back to descriptor {i}"
+            ));
+        }
+        *slot = true;
+        let at = GuestAddress(table + 16 * u64::from(i));
+        let d: Descriptor = mem
+            .read_obj(at)
+            .map_err(|e| format!("descriptor {i} at {:#x}: {e}", at.0))?;
+        if d.refers_to_indirect_table() {
+            return Err(format!(
+                "descriptor {i} is indirect, but VIRTIO_RING_F_INDIRECT_DESC was never offered"
+            ));
+        }
+        if !d.has_next() {
+            return Ok(());
+        }
+        i = d.next();
     }
 }
 
@@ -384,6 +477,10 @@ pub struct BlkHandle {
     pub counters: Arc<BlkCounters>,
     pub base: u64,
     pub gsi: u32,
+    /// Set while a pause is requested or in force: the I/O thread stops between requests,
+    /// so taking the device lock waits for one request at most.
+    hold: Arc<AtomicBool>,
+    mem: GuestMemoryMmap,
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
 }
@@ -431,13 +528,15 @@ impl BlkHandle {
             None => BlkTransport::new(blk, irq, kick)?,
         };
         let dev = Arc::new(Mutex::new(t));
+        let hold = Arc::new(AtomicBool::new(false));
         let thread = {
             let dev = dev.clone();
             let mem = mem.clone();
+            let hold = hold.clone();
             let stop = stop.try_clone().context("cloning the stop eventfd")?;
             std::thread::Builder::new()
                 .name(format!("virtio-blk{index}"))
-                .spawn(move || io_thread(&dev, &mem, &notify, &stop))
+                .spawn(move || io_thread(&dev, &mem, &notify, &stop, &hold))
                 .context("starting the virtio-blk I/O thread")?
         };
         // Requests a restored guest had queued before the save.
@@ -447,6 +546,8 @@ impl BlkHandle {
             counters,
             base,
             gsi,
+            hold,
+            mem: mem.clone(),
             stop,
             thread: Some(thread),
         })
@@ -461,26 +562,40 @@ impl BlkHandle {
         }
     }
 
-    /// Waits for the request batch in progress and keeps the I/O thread off the queues.
+    /// Waits for the request in progress (at most one, whatever the guest queued) and keeps
+    /// the I/O thread off the queues.
     pub fn pause(&self) {
+        self.hold.store(true, Ordering::Release);
         lock(&self.dev).paused = true;
     }
 
     pub fn resume(&self) {
         let mut t = lock(&self.dev);
         t.paused = false;
+        self.hold.store(false, Ordering::Release);
         // Notifications that arrived while paused were consumed without serving them.
         t.kick();
     }
 
     pub fn status_json(&self) -> serde_json::Value {
         let c = &self.counters;
+        let queued = {
+            let t = lock(&self.dev);
+            let q = &t.queues[0];
+            if t.is_active() {
+                q.avail_idx(&self.mem, Ordering::Acquire)
+                    .map_or(0, |a| (a - std::num::Wrapping(q.next_avail())).0)
+            } else {
+                0
+            }
+        };
         serde_json::json!({
             "mmio_base": self.base,
             "gsi": self.gsi,
             "requests": c.requests.load(Ordering::Relaxed),
             "errors": c.errors.load(Ordering::Relaxed),
             "warnings": c.warnings.load(Ordering::Relaxed),
+            "queued": queued,
         })
     }
 
@@ -491,6 +606,7 @@ impl BlkHandle {
 
 impl Drop for BlkHandle {
     fn drop(&mut self) {
+        self.hold.store(true, Ordering::Release);
         let _ = self.stop.write(1);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -498,7 +614,13 @@ impl Drop for BlkHandle {
     }
 }
 
-fn io_thread(dev: &Mutex<BlkTransport>, mem: &GuestMemoryMmap, notify: &EventFd, stop: &EventFd) {
+fn io_thread(
+    dev: &Mutex<BlkTransport>,
+    mem: &GuestMemoryMmap,
+    notify: &EventFd,
+    stop: &EventFd,
+    hold: &AtomicBool,
+) {
     loop {
         let mut fds = [
             libc::pollfd {
@@ -527,17 +649,27 @@ fn io_thread(dev: &Mutex<BlkTransport>, mem: &GuestMemoryMmap, notify: &EventFd,
             continue;
         }
         let _ = notify.read();
+        serve(dev, mem, hold);
+    }
+}
+
+/// Serves the queue in batches of at most [`BATCH`] requests, taking the device lock per
+/// batch (so vCPU register accesses get in between) and stopping when `hold` is set.
+fn serve(dev: &Mutex<BlkTransport>, mem: &GuestMemoryMmap, hold: &AtomicBool) {
+    loop {
         let mut t = lock(dev);
         if t.paused || !t.is_active() {
-            continue;
+            return;
         }
         let t = &mut *t;
         let q = &mut t.queues[0];
-        let any = t.device.process_queue(q, mem);
+        let (served, more) = t.device.process_queue(q, mem, hold, BATCH);
         // Without EVENT_IDX this honours the driver's VRING_AVAIL_F_NO_INTERRUPT.
-        let notify_guest = any && q.needs_notification(mem).unwrap_or(true);
-        if notify_guest {
+        if served > 0 && q.needs_notification(mem).unwrap_or(true) {
             t.signal_used();
+        }
+        if !more {
+            return;
         }
     }
 }

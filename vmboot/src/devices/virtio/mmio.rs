@@ -151,7 +151,35 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 t.queues.len()
             );
         }
-        for (i, q) in s.queues.iter().enumerate() {
+        let offered = t.device.features();
+        if s.acked_features & !offered != 0 {
+            anyhow::bail!(
+                "saved driver features {:#x} include features the device never offered ({:#x})",
+                s.acked_features,
+                s.acked_features & !offered
+            );
+        }
+        let event_idx =
+            s.acked_features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
+        // virtio-queue trusts the saved maximum; the device's own is the limit.
+        for (i, (q, max)) in s.queues.iter().zip(t.device.queue_max_sizes()).enumerate() {
+            if q.max_size != max {
+                anyhow::bail!(
+                    "saved virtqueue {i}: maximum size {} where the device's is {max}",
+                    q.max_size
+                );
+            }
+            if q.size > max || (q.size != 0 && !q.size.is_power_of_two()) {
+                anyhow::bail!(
+                    "saved virtqueue {i}: size {} (the device allows powers of two up to {max})",
+                    q.size
+                );
+            }
+            if q.event_idx_enabled && !event_idx {
+                anyhow::bail!(
+                    "saved virtqueue {i}: event index enabled but VIRTIO_RING_F_EVENT_IDX was not negotiated"
+                );
+            }
             t.queues[i] = Queue::try_from(QueueState::from(q))
                 .map_err(|e| anyhow::anyhow!("saved virtqueue {i}: {e}"))?;
         }
@@ -260,8 +288,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
             VIRTIO_MMIO_QUEUE_NUM if queue_writable => {
+                // A value that does not fit 16 bits must not wrap into a valid size.
+                let size = u16::try_from(v).unwrap_or(0);
                 if let Some(q) = self.selected_queue() {
-                    q.set_size(v as u16);
+                    q.set_size(size);
                 }
             }
             VIRTIO_MMIO_QUEUE_READY if queue_writable => {
