@@ -1131,3 +1131,27 @@ fn an_imported_domain_boots_under_vmboot() {
         std::fs::read_to_string(&serial).unwrap_or_default()
     );
 }
+
+#[test]
+fn writing_to_dev_null_keeps_the_device() {
+    // Outputs are renamed into place; a device target must be written in place instead, or
+    // `-o /dev/null` run as root replaces the host's /dev/null with a regular file (which
+    // then breaks libvirt's domain start, among everything else).
+    use std::os::unix::fs::FileTypeExt;
+    let t = tempfile::tempdir().unwrap();
+    flat_vm(t.path(), false);
+    ok(&run(
+        t.path(),
+        &["pack", "vm.toml", "-o", "/dev/null", "-q"],
+    ));
+    let vm = make_vm(&t.path().join("k"), "devnull", 1);
+    let err = fails(&run(
+        t.path(),
+        &["export", s(&vm.pack), "--format", "ova", "-o", "/dev/null"],
+    ));
+    assert!(err.contains("not a regular file"), "{err}");
+    assert!(std::fs::metadata("/dev/null")
+        .unwrap()
+        .file_type()
+        .is_char_device());
+}

@@ -167,6 +167,12 @@ fn export_inner(pack_path: &Path, eco: Ecosystem, out: &Path, o: &ExportOpts) ->
         }
         Ecosystem::Vagrant | Ecosystem::Ova => {
             let mut f = AtomicFile::create(out)?;
+            if f.is_special() {
+                bail!(
+                    "{}: not a regular file; the {eco} archive is written with seeks (member headers are patched after the data), so write it to a file",
+                    out.display()
+                );
+            }
             let mtime = m.created_unix;
             let files = if eco == Ecosystem::Ova {
                 let base = vm.name.clone();
