@@ -186,6 +186,11 @@ const LIBVIRT: &str = "qemu:///system";
 
 /// Starts virtlogd and libvirtd (no systemd needed) unless they already answer.
 fn libvirtd() {
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::metadata("/dev/null").is_ok_and(|m| m.file_type().is_char_device()),
+        "/dev/null on this host is not a device (something replaced it with a regular file); libvirt cannot start domains: restore it with `rm /dev/null && mknod -m 666 /dev/null c 1 3`"
+    );
     need("virsh");
     need("libvirtd");
     need("virtlogd");
@@ -1133,25 +1138,80 @@ fn an_imported_domain_boots_under_vmboot() {
 }
 
 #[test]
-fn writing_to_dev_null_keeps_the_device() {
+fn writing_to_a_device_keeps_the_device() {
     // Outputs are renamed into place; a device target must be written in place instead, or
     // `-o /dev/null` run as root replaces the host's /dev/null with a regular file (which
-    // then breaks libvirt's domain start, among everything else).
+    // then breaks libvirt's domain start, among everything else). A private node, so the
+    // test does not depend on (or damage) the host's /dev/null.
     use std::os::unix::fs::FileTypeExt;
     let t = tempfile::tempdir().unwrap();
-    flat_vm(t.path(), false);
-    ok(&run(
+    let null = t.path().join("null");
+    tool(
         t.path(),
-        &["pack", "vm.toml", "-o", "/dev/null", "-q"],
-    ));
+        "mknod",
+        &["-m", "666", s(&null), "c", "1", "3"],
+        &[],
+    );
+    let is_dev = || {
+        std::fs::metadata(&null)
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    };
+    flat_vm(t.path(), false);
+    ok(&run(t.path(), &["pack", "vm.toml", "-o", s(&null), "-q"]));
+    assert!(is_dev(), "pack -o DEVICE replaced the device");
     let vm = make_vm(&t.path().join("k"), "devnull", 1);
     let err = fails(&run(
         t.path(),
-        &["export", s(&vm.pack), "--format", "ova", "-o", "/dev/null"],
+        &["export", s(&vm.pack), "--format", "ova", "-o", s(&null)],
     ));
     assert!(err.contains("not a regular file"), "{err}");
-    assert!(std::fs::metadata("/dev/null")
-        .unwrap()
-        .file_type()
-        .is_char_device());
+    assert!(is_dev());
+}
+
+#[test]
+fn virtualbox_provider_box_imports_through_its_ovf() {
+    // A VirtualBox-provider box: metadata.json, box.ovf and its VMDK, as `vagrant package`
+    // writes for VirtualBox (here the OVF and VMDK come from an OVA export).
+    let t = tempfile::tempdir().unwrap();
+    let vm = make_vm(t.path(), "vbox", 2);
+    let ova = t.path().join("vm.ova");
+    ok(&run(
+        t.path(),
+        &[
+            "export",
+            s(&vm.pack),
+            "--format",
+            "ova",
+            "-o",
+            s(&ova),
+            "-q",
+        ],
+    ));
+    let b = t.path().join("b");
+    std::fs::create_dir(&b).unwrap();
+    tool(&b, "tar", &["-xf", s(&ova)], &[]);
+    std::fs::rename(b.join("vbox.ovf"), b.join("box.ovf")).unwrap();
+    std::fs::remove_file(b.join("vbox.mf")).unwrap();
+    std::fs::write(b.join("metadata.json"), "{\"provider\": \"virtualbox\"}\n").unwrap();
+    let bx = t.path().join("vbox.box");
+    tool(
+        &b,
+        "tar",
+        &[
+            "czf",
+            s(&bx),
+            "metadata.json",
+            "box.ovf",
+            "root.vmdk",
+            "data.vmdk",
+            "vmlinuz",
+            "initrd.img",
+        ],
+        &[],
+    );
+    let back = t.path().join("back.vmpack");
+    import(t.path(), &bx, &back, &["-q"]);
+    check_roundtrip(&vm, &back, t.path(), true, true);
 }
