@@ -29,6 +29,35 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
+# The export/import tests check each format with its own ecosystem's tool (tests/tests/
+# interchange.rs): libvirt (virsh, virt-xml-validate, libvirtd, virtlogd, QEMU), Vagrant,
+# virt-v2v. About 30 s to install here. A failed install fails the run: those tests must not
+# pass without their oracle.
+ic=()
+command -v virsh >/dev/null || ic+=(libvirt-clients)
+command -v libvirtd >/dev/null || ic+=(libvirt-daemon-system libvirt-daemon-driver-qemu)
+command -v xmllint >/dev/null || ic+=(libxml2-utils)
+command -v qemu-system-x86_64 >/dev/null || ic+=(qemu-system-x86)
+command -v vagrant >/dev/null || ic+=(vagrant)
+command -v virt-v2v >/dev/null || ic+=(virt-v2v)
+if [ ${#ic[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "missing tools for the export/import tests (${ic[*]}): install them with apt-get, or run as root" >&2
+    exit 1
+  fi
+  echo "== installing the export/import oracles: ${ic[*]}"
+  start=$(date +%s)
+  apt-get update -qq
+  # Debian's QEMU system emulator conflicts with a newer qemu-utils from backports: take
+  # bookworm's qemu-utils along (qemu-img 7.2 reads and writes every format the tests use).
+  extra=()
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -s -qq --no-install-recommends "${ic[@]}" >/dev/null 2>&1; then
+    extra=(--allow-downgrades "qemu-utils/$(. /etc/os-release && echo "$VERSION_CODENAME")")
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${extra[@]}" "${ic[@]}" >/dev/null
+  echo "== installed in $(( $(date +%s) - start )) s"
+fi
+
 if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
   echo "== /dev/kvm is available: KVM tests will run"
 else

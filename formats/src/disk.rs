@@ -344,6 +344,28 @@ impl Qcow2Disk {
         Ok(Qcow2Disk::from_access(FormatAccess::new(q), read_only))
     }
 
+    /// Opens an image from an untrusted source read-only: a backing file or external data
+    /// file named in its header is refused, never opened.
+    pub fn open_untrusted(path: &Path) -> io::Result<Qcow2Disk> {
+        let file = <imago::file::File as Storage>::open(
+            imago::StorageOpenOptions::new().filename(path).write(false),
+        )
+        .map_err(|e| with_path(path, e))?;
+        let q = Qcow2::<imago::file::File>::builder(file)
+            .write(false)
+            .open(imago::DenyImplicitOpenGate::default())
+            .map_err(|e| {
+                with_path(
+                    path,
+                    io::Error::new(
+                        e.kind(),
+                        format!("{e} (images with a backing or external data file are not imported; flatten it with `qemu-img convert` first)"),
+                    ),
+                )
+            })?;
+        Ok(Qcow2Disk::from_access(FormatAccess::new(q), true))
+    }
+
     /// Formats a new qcow2 image (64 KiB clusters, no backing file) that reads as zeros.
     pub fn create(path: &Path, size: u64) -> io::Result<Qcow2Disk> {
         let file = imago::file::File::create_open(

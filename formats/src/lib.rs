@@ -1,5 +1,6 @@
 pub mod config;
 pub mod disk;
 pub mod host;
+pub mod interchange;
 pub mod pack;
 pub mod vm;

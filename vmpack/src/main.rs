@@ -9,6 +9,7 @@ mod bench_clones;
 mod bench_registry;
 mod bench_snapshot;
 mod inspect;
+mod interchange;
 mod output;
 mod pack;
 mod progress;
@@ -39,7 +40,7 @@ struct Cli {
 enum Command {
     /// Pack the VM a config describes (boot files and disks) into one file.
     Pack(pack::PackArgs),
-    /// Pack a disk image with a generated config.
+    /// Pack a VM from another ecosystem (libvirt, Vagrant, OVA/OVF, Firecracker) or a disk image.
     Import(pack::ImportArgs),
     /// Show a pack's metadata, config and sections.
     Inspect(inspect::InspectArgs),
@@ -47,7 +48,7 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Unpack a pack into a folder (config, boot files, disks in their original format).
     Unpack(unpack::UnpackArgs),
-    /// Unpack with every disk converted to one format.
+    /// Export a pack as raw/qcow2 disks or for libvirt, Vagrant, OVA or Firecracker.
     Export(unpack::ExportArgs),
     /// Measure packing speed and ratio against standard tools.
     Bench(bench::BenchArgs),
@@ -110,6 +111,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vmpack: {}", util::error_chain(&e));
+            if e.downcast_ref::<util::Usage>().is_some() {
+                return ExitCode::from(2);
+            }
             ExitCode::from(1)
         }
     }

@@ -100,12 +100,31 @@ pub struct AtomicFile {
     target: PathBuf,
     temp: PathBuf,
     file: Option<File>,
+    /// The target is a device or FIFO (`-o /dev/null`): written in place, never renamed
+    /// over (a rename would replace `/dev/null` with a regular file for the whole host).
+    special: bool,
 }
 
 impl AtomicFile {
     pub fn create(target: &Path) -> Result<AtomicFile> {
         if target.is_dir() {
             bail!("{}: is a directory", target.display());
+        }
+        if let Ok(meta) = std::fs::metadata(target) {
+            use std::os::unix::fs::FileTypeExt;
+            let t = meta.file_type();
+            if t.is_char_device() || t.is_block_device() || t.is_fifo() {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(target)
+                    .with_context(|| format!("opening {}", target.display()))?;
+                return Ok(AtomicFile {
+                    target: target.to_path_buf(),
+                    temp: target.to_path_buf(),
+                    file: Some(file),
+                    special: true,
+                });
+            }
         }
         let temp = temp_sibling(target)?;
         register(&temp);
@@ -114,7 +133,13 @@ impl AtomicFile {
             target: target.to_path_buf(),
             temp,
             file: Some(file),
+            special: false,
         })
+    }
+
+    /// True when the target is a device or FIFO written in place (nothing to read back).
+    pub fn is_special(&self) -> bool {
+        self.special
     }
 
     pub fn file(&mut self) -> &mut File {
@@ -129,6 +154,9 @@ impl AtomicFile {
     /// Makes the data durable and moves it to the target name.
     pub fn commit(mut self) -> Result<()> {
         let f = self.file.take().expect("file present until commit");
+        if self.special {
+            return Ok(());
+        }
         f.sync_all()
             .with_context(|| format!("syncing {}", self.temp.display()))?;
         drop(f);
@@ -146,7 +174,7 @@ impl AtomicFile {
 
 impl Drop for AtomicFile {
     fn drop(&mut self) {
-        if self.file.is_some() {
+        if self.file.is_some() && !self.special {
             let _ = std::fs::remove_file(&self.temp);
             unregister(&self.temp);
         }

@@ -48,26 +48,30 @@ pub struct PackArgs {
 /// image (`--image` with `--load-address`, `--entry`, `--mode`) is the alternative.
 #[derive(Args)]
 pub struct ImportArgs {
-    /// Disk image to import (raw or qcow2, detected by its header).
-    #[arg(value_name = "DISK_IMAGE")]
-    pub disk: PathBuf,
-    /// Guest memory in MiB.
+    /// What to import: a disk image (raw or qcow2), a libvirt domain XML, a Vagrant .box,
+    /// an .ova or .ovf, or a Firecracker config JSON (recognized by content).
+    #[arg(value_name = "SOURCE")]
+    pub source: PathBuf,
+    /// Read SOURCE as this kind instead of recognizing it.
+    #[arg(long, value_name = "auto|libvirt|vagrant|ova|ovf|firecracker|disk")]
+    pub from: Option<String>,
+    /// Guest memory in MiB (required for a disk image; overrides the source's otherwise).
     #[arg(long, value_name = "MIB")]
-    pub memory: u64,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub vcpus: u32,
-    /// VM name (default: the disk file's stem).
+    pub memory: Option<u64>,
+    /// Number of vCPUs (default: the source's, or 1).
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u32>,
+    /// VM name (default: the source's, or the file's stem).
     #[arg(long)]
     pub name: Option<String>,
     /// Linux kernel (bzImage or ELF vmlinux) to boot the disk with.
     #[arg(long, value_name = "PATH", conflicts_with = "image")]
     pub kernel: Option<PathBuf>,
     /// Initrd for --kernel.
-    #[arg(long, value_name = "PATH", requires = "kernel")]
+    #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line for --kernel.
-    #[arg(long, value_name = "TEXT", requires = "kernel")]
+    /// Kernel command line.
+    #[arg(long, value_name = "TEXT")]
     pub cmdline: Option<String>,
     /// Flat binary image to boot instead of a kernel.
     #[arg(long, value_name = "PATH", requires_all = ["load_address", "entry", "mode"])]
@@ -81,9 +85,16 @@ pub struct ImportArgs {
     /// Flat image start mode: real (16-bit) or long (64-bit).
     #[arg(long, value_name = "real|long", value_parser = parse_mode, requires = "image")]
     pub mode: Option<StartMode>,
-    /// Attach the disk read-only.
+    /// Attach the disks read-only.
     #[arg(long)]
     pub read_only: bool,
+    /// Refuse the import when anything of the source would be dropped (devices, settings
+    /// the pack cannot carry) instead of warning.
+    #[arg(long)]
+    pub strict: bool,
+    /// Print a JSON summary (what was imported, what was dropped) on stdout.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub write: WriteArgs,
 }
@@ -123,8 +134,13 @@ pub fn run_pack(a: PackArgs) -> Result<()> {
 
 /// Writes the pack for `cfg` to the output the arguments name, atomically for files.
 pub fn write_pack(cfg: &VmConfig, w: &WriteArgs) -> Result<()> {
-    let opts = write_options(w)?;
     let prepared = PreparedPack::new(cfg, VmPackPlan::default())?;
+    write_prepared(cfg, prepared, w)
+}
+
+/// Writes a prepared pack (inputs already open) to the output the arguments name.
+pub fn write_prepared(cfg: &VmConfig, prepared: PreparedPack<'_>, w: &WriteArgs) -> Result<()> {
+    let opts = write_options(w)?;
     let bar = Bar::new(Some(prepared.total_bytes()), "packing", w.quiet);
     let summary = if w.output == Path::new("-") {
         if stdout_is_terminal() {
@@ -176,8 +192,64 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     std::fs::canonicalize(p).with_context(|| p.display().to_string())
 }
 
+/// Checks a config built from options with the rules of config files; the generated text's
+/// line numbers mean nothing to the user, so only the message is kept.
+pub fn validate_generated(cfg: &VmConfig) -> Result<()> {
+    let text = cfg.to_toml_string();
+    if let Err(e) = VmConfig::parse(&text, Path::new("import.toml")) {
+        let msg = match e {
+            vmpack_formats::config::ConfigError::Invalid { message, .. } => message,
+            other => other.to_string(),
+        };
+        bail!("invalid import options: {msg}");
+    }
+    Ok(())
+}
+
 pub fn run_import(a: ImportArgs) -> Result<()> {
-    let disk = absolute(&a.disk)?;
+    if a.initrd.is_some() && a.kernel.is_none() && a.from.as_deref() == Some("disk") {
+        return Err(crate::util::Usage("--initrd needs --kernel for a disk image".into()).into());
+    }
+    let opts = crate::interchange::ImportOpts {
+        from: a.from.clone(),
+        memory: a.memory,
+        vcpus: a.vcpus,
+        name: a.name.clone(),
+        kernel: a.kernel.clone(),
+        initrd: a.initrd.clone(),
+        cmdline: a.cmdline.clone(),
+        flat: a.image.as_ref().map(|img| FlatBoot {
+            image: img.clone(),
+            load_address: a.load_address.unwrap_or_default(),
+            entry: a.entry.unwrap_or_default(),
+            mode: a.mode.unwrap_or(StartMode::Long),
+        }),
+        read_only: a.read_only,
+        strict: a.strict,
+        json: a.json,
+    };
+    if crate::interchange::import(&a.source, opts, &a.write)? {
+        return Ok(());
+    }
+    if a.json {
+        return Err(crate::util::Usage(
+            "--json applies to libvirt, Vagrant, OVA/OVF and Firecracker sources".into(),
+        )
+        .into());
+    }
+    let Some(memory) = a.memory else {
+        return Err(crate::util::Usage(
+            "--memory MIB is required when importing a disk image".into(),
+        )
+        .into());
+    };
+    if a.kernel.is_none() && (a.initrd.is_some() || a.cmdline.is_some()) {
+        return Err(crate::util::Usage(
+            "--initrd and --cmdline need --kernel for a disk image".into(),
+        )
+        .into());
+    }
+    let disk = absolute(&a.source)?;
     let format = detect_format(&disk)?;
     let name = match &a.name {
         Some(n) => n.clone(),
@@ -212,8 +284,8 @@ pub fn run_import(a: ImportArgs) -> Result<()> {
     };
     let cfg = VmConfig {
         name,
-        vcpus: a.vcpus,
-        memory_mib: a.memory,
+        vcpus: a.vcpus.unwrap_or(1),
+        memory_mib: memory,
         cpu_template: CpuTemplate::Host,
         flat,
         kernel,
@@ -224,15 +296,6 @@ pub fn run_import(a: ImportArgs) -> Result<()> {
         }],
         serial: SerialConfig::default(),
     };
-    // Validate with the same rules as config files; the generated text's line numbers
-    // mean nothing to the user, so only the message is kept.
-    let text = cfg.to_toml_string();
-    if let Err(e) = VmConfig::parse(&text, Path::new("import.toml")) {
-        let msg = match e {
-            vmpack_formats::config::ConfigError::Invalid { message, .. } => message,
-            other => other.to_string(),
-        };
-        bail!("invalid import options: {msg}");
-    }
+    validate_generated(&cfg)?;
     write_pack(&cfg, &a.write)
 }

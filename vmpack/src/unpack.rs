@@ -7,6 +7,7 @@ use clap::Args;
 use vmpack_formats::config::DiskFormat;
 use vmpack_formats::vm::{extract_stream, VmPack};
 
+use crate::interchange::ExportFormat;
 use crate::output::AtomicDir;
 use crate::progress::Bar;
 
@@ -25,15 +26,23 @@ pub struct UnpackArgs {
 
 #[derive(Args)]
 pub struct ExportArgs {
-    /// The pack; `-` reads it from stdin in one pass.
+    /// The pack; `-` reads it from stdin in one pass (raw and qcow2 only).
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
-    /// Format of every disk written.
-    #[arg(long, value_name = "raw|qcow2")]
-    pub format: DiskFormat,
-    /// Folder to create (or an empty one to fill).
-    #[arg(short, long, value_name = "DIR")]
+    /// raw or qcow2: a folder with vm.toml and every disk in that format. libvirt: a folder
+    /// with domain.xml for `virsh define`. vagrant: a .box file. ova: an .ova file.
+    /// firecracker: a folder with vm.json for `firecracker --config-file`.
+    #[arg(long, value_name = "raw|qcow2|libvirt|vagrant|ova|firecracker")]
+    pub format: ExportFormat,
+    /// Folder (raw, qcow2, libvirt, firecracker) or file (vagrant, ova) to create.
+    #[arg(short, long, value_name = "DIR|FILE")]
     pub output: PathBuf,
+    /// libvirt only: format of the disk images (default qcow2).
+    #[arg(long, value_name = "raw|qcow2")]
+    pub disk_format: Option<DiskFormat>,
+    /// Print a JSON summary (files written, notes, the command to run next) on stdout.
+    #[arg(long)]
+    pub json: bool,
     /// Print nothing on success.
     #[arg(short, long)]
     pub quiet: bool,
@@ -44,7 +53,27 @@ pub fn run_unpack(a: UnpackArgs) -> Result<()> {
 }
 
 pub fn run_export(a: ExportArgs) -> Result<()> {
-    extract(&a.file, &a.output, Some(a.format), a.quiet)
+    match a.format {
+        ExportFormat::Disk(f) => {
+            if a.disk_format.is_some() || a.json {
+                return Err(crate::util::Usage(
+                    "--disk-format and --json apply to the libvirt, vagrant, ova and firecracker formats".into(),
+                )
+                .into());
+            }
+            extract(&a.file, &a.output, Some(f), a.quiet)
+        }
+        ExportFormat::Eco(eco) => crate::interchange::export(
+            &a.file,
+            eco,
+            &a.output,
+            &crate::interchange::ExportOpts {
+                disk_format: a.disk_format,
+                quiet: a.quiet,
+                json: a.json,
+            },
+        ),
+    }
 }
 
 fn extract(file: &Path, out: &Path, format: Option<DiskFormat>, quiet: bool) -> Result<()> {
