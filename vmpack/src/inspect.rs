@@ -18,6 +18,9 @@ pub struct InspectArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Print nothing; the exit status alone says whether FILE is a readable pack.
+    #[arg(long, short, conflicts_with = "json")]
+    pub quiet: bool,
 }
 
 fn kind_name(k: u16) -> String {
@@ -71,7 +74,8 @@ pub fn run(a: InspectArgs) -> Result<()> {
     let restore = manifest
         .as_ref()
         .and_then(|m| m.memory_restore_path(&reader));
-    if a.json {
+    if a.quiet {
+    } else if a.json {
         print_json(&a, &reader, manifest.as_ref(), &manifest_err, restore)?;
     } else {
         print_text(&a, &reader, manifest.as_ref(), restore);
@@ -116,7 +120,7 @@ fn print_json(
         "memory_restore": restore,
         "signatures": signatures(r),
     });
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    crate::outln!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
 
@@ -140,31 +144,31 @@ fn signatures(r: &PackReader) -> Vec<serde_json::Value> {
 
 fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Option<&str>) {
     let (major, minor) = r.version();
-    println!(
+    crate::outln!(
         "file:         {} ({})",
         a.file.display(),
         human_bytes(r.file_size())
     );
-    println!(
+    crate::outln!(
         "format:       vmpack {major}.{minor}{}",
         if r.aligned() { ", aligned" } else { "" }
     );
-    println!("root digest:  {}", hex::encode(r.root_digest()));
+    crate::outln!("root digest:  {}", hex::encode(r.root_digest()));
     let sigs = signatures(r);
     if !sigs.is_empty() {
         let keys: Vec<String> = sigs
             .iter()
             .map(|s| s["key"].as_str().unwrap_or("unreadable").to_string())
             .collect();
-        println!(
+        crate::outln!(
             "signatures:   {} (unchecked; `vmpack verify --allowed-signers FILE` checks them)",
             keys.join(", ")
         );
     }
     if let Some(m) = m {
-        println!("written by:   {} {}", m.tool, m.tool_version);
-        println!("created:      {}", m.created);
-        println!(
+        crate::outln!("written by:   {} {}", m.tool, m.tool_version);
+        crate::outln!("created:      {}", m.created);
+        crate::outln!(
             "host cpu:     {} family {} model {} stepping {}{}",
             m.host.vendor,
             m.host.family,
@@ -177,13 +181,13 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
             }
         );
         if !m.files.is_empty() {
-            println!("boot files:");
+            crate::outln!("boot files:");
             for f in &m.files {
                 let place = match f.in_memory {
                     Some(gpa) => format!("in guest RAM at {gpa:#x}, [{}]", f.section),
                     None => format!("[{}]", f.section),
                 };
-                println!(
+                crate::outln!(
                     "  {:<7} {:<24} {:>10}  {place}",
                     f.role,
                     f.name,
@@ -192,9 +196,9 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
             }
         }
         if !m.disks.is_empty() {
-            println!("disks:");
+            crate::outln!("disks:");
             for d in &m.disks {
-                println!(
+                crate::outln!(
                     "  {:<7} {:<24} {:>10}  {} {} [{}]",
                     d.index,
                     d.name,
@@ -206,10 +210,10 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
             }
         }
         if m.memory.is_empty() {
-            println!("memory:       none (not a saved VM)");
+            crate::outln!("memory:       none (not a saved VM)");
         } else {
             let total: u64 = m.memory.iter().map(|x| x.size).sum();
-            println!(
+            crate::outln!(
                 "memory:       {} in {} region(s); restore would {}",
                 human_bytes(total),
                 m.memory.len(),
@@ -219,18 +223,25 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
                 }
             );
             for x in &m.memory {
-                println!("  gpa {:#x} {} [{}]", x.gpa, human_bytes(x.size), x.section);
+                crate::outln!("  gpa {:#x} {} [{}]", x.gpa, human_bytes(x.size), x.section);
             }
         }
-        println!("vmstate:      {}", m.vmstate.as_deref().unwrap_or("none"));
+        crate::outln!("vmstate:      {}", m.vmstate.as_deref().unwrap_or("none"));
     }
-    println!("sections:");
-    println!(
+    crate::outln!("sections:");
+    crate::outln!(
         "  {:>3} {:<8} {:<14} {:>12} {:>12} {:>9} {:>8} {:>8}",
-        "id", "kind", "name", "size", "stored", "ratio", "chunks", "zero"
+        "id",
+        "kind",
+        "name",
+        "size",
+        "stored",
+        "ratio",
+        "chunks",
+        "zero"
     );
     for s in r.sections() {
-        println!(
+        crate::outln!(
             "  {:>3} {:<8} {:<14} {:>12} {:>12} {:>9} {:>8} {:>8}",
             s.id,
             kind_name(s.kind),
@@ -243,9 +254,9 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
         );
     }
     if let Some(m) = m {
-        println!("config:");
+        crate::outln!("config:");
         for line in m.config.lines() {
-            println!("  {line}");
+            crate::outln!("  {line}");
         }
     }
 }

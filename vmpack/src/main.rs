@@ -23,7 +23,7 @@ mod vm;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -74,12 +74,80 @@ enum Command {
     BenchRegistry(bench_registry::BenchRegistryArgs),
     /// Sign a pack's root digest with an SSH key (the signature is kept in the pack).
     Sign(sign::SignArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(CompletionsArgs),
+    /// Write the manual pages (vmpack.1 and one per command) into a folder.
+    Man(ManArgs),
+}
+
+#[derive(clap::Args)]
+struct CompletionsArgs {
+    /// The shell the script is for.
+    shell: clap_complete::Shell,
+    /// Accepted for uniformity; the script is the only output.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
+struct ManArgs {
+    /// Folder to write the pages into (created if missing).
+    #[arg(short, long, value_name = "DIR")]
+    output: std::path::PathBuf,
+    /// Print nothing on success.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn completions(a: CompletionsArgs) -> anyhow::Result<()> {
+    let _ = a.quiet;
+    let mut buf = Vec::new();
+    clap_complete::generate(a.shell, &mut Cli::command(), "vmpack", &mut buf);
+    crate::out!("{}", String::from_utf8_lossy(&buf));
+    Ok(())
+}
+
+fn man(a: ManArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(&a.output)
+        .with_context(|| format!("cannot write manual pages: {}", a.output.display()))?;
+    let mut pages = 0;
+    let root = Cli::command();
+    let mut cmds = vec![(String::from("vmpack"), root.clone())];
+    for sub in root.get_subcommands() {
+        cmds.push((format!("vmpack-{}", sub.get_name()), sub.clone()));
+    }
+    for (name, cmd) in cmds {
+        let mut buf = Vec::new();
+        // clap names are 'static; a handful of short strings for a process about to end.
+        let static_name: &'static str = Box::leak(name.clone().into_boxed_str());
+        let cmd = cmd.name(static_name).version(env!("CARGO_PKG_VERSION"));
+        clap_mangen::Man::new(cmd)
+            .render(&mut buf)
+            .with_context(|| format!("cannot render the manual page of {name}"))?;
+        let path = a.output.join(format!("{name}.1"));
+        let mut f = output::AtomicFile::create(&path)
+            .with_context(|| format!("cannot write manual pages: {}", path.display()))?;
+        std::io::Write::write_all(f.file(), &buf)
+            .with_context(|| format!("cannot write manual pages: {}", path.display()))?;
+        f.commit()?;
+        pages += 1;
+    }
+    if !a.quiet {
+        crate::outln!("wrote {pages} manual pages to {}", a.output.display());
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Before any worker thread starts, so every thread inherits the blocked mask.
-    output::install_signal_cleanup();
+    // Before any worker thread starts, so every thread inherits the blocked mask. Commands
+    // that run a VM hand the signals to the VM instead, which ends cleanly: its control
+    // sockets and work folders are removed, as `vmboot run` does.
+    match &cli.command {
+        Command::Run(_) | Command::Restore(_) => vmboot::block_exit_signals(),
+        _ => output::install_signal_cleanup(),
+    }
     let guest_status = |r: anyhow::Result<i32>| -> anyhow::Result<()> {
         let code = r?;
         if code != 0 {
@@ -91,7 +159,10 @@ fn main() -> ExitCode {
         Command::Run(a) => guest_status(vm::run(a)),
         Command::Save(a) => vm::save(a),
         Command::Restore(a) => guest_status(vm::restore(a)),
-        Command::BenchClones(a) => bench_clones::run(a),
+        Command::BenchClones(a) => {
+            util::set_quiet(a.quiet);
+            bench_clones::run(a)
+        }
         Command::Test(a) => guest_status(test_cmd::run(a)),
         Command::Pack(a) => pack::run_pack(a),
         Command::Import(a) => pack::run_import(a),
@@ -99,13 +170,24 @@ fn main() -> ExitCode {
         Command::Verify(a) => verify::run(a),
         Command::Unpack(a) => unpack::run_unpack(a),
         Command::Export(a) => unpack::run_export(a),
-        Command::Bench(a) => bench::run(a),
-        Command::BenchSnapshot(a) => bench_snapshot::run(a),
+        Command::Bench(a) => {
+            util::set_quiet(a.quiet);
+            bench::run(a)
+        }
+        Command::BenchSnapshot(a) => {
+            util::set_quiet(a.quiet);
+            bench_snapshot::run(a)
+        }
         Command::Push(a) => registry_cmd::run_push(a),
         Command::Pull(a) => registry_cmd::run_pull(a),
         Command::Cache(a) => registry_cmd::run_cache(a),
         Command::Sign(a) => sign::run_sign(a),
-        Command::BenchRegistry(a) => bench_registry::run(a),
+        Command::BenchRegistry(a) => {
+            util::set_quiet(a.quiet);
+            bench_registry::run(a)
+        }
+        Command::Completions(a) => completions(a),
+        Command::Man(a) => man(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -351,7 +351,7 @@ pub fn run(a: TestArgs) -> Result<i32> {
             eprintln!("vmpack: shard {k}/{n}: {} of {all} cases", cases.len());
         }
         if cases.is_empty() {
-            println!("0 passed, 0 failed (shard {k}/{n} of {all} cases is empty)");
+            crate::outln!("0 passed, 0 failed (shard {k}/{n} of {all} cases is empty)");
             if let Some(path) = &a.junit {
                 write_junit(path, &[], 0.0)?;
             }
@@ -519,7 +519,7 @@ fn merge_junit(inputs: &[PathBuf], out: &Path, quiet: bool) -> Result<i32> {
             out.display()
         );
     }
-    println!(
+    crate::outln!(
         "{} passed, {failed} failed ({} cases from {} files)",
         cases.len() - failed,
         cases.len(),
@@ -606,6 +606,8 @@ pub fn restore_clones(
         };
         consoles.push(start_clone(&src, &work, i, run)?);
     }
+    // Ctrl-C or kill ends every clone cleanly: their sockets and work folders go away.
+    vmboot::terminate_all_on_signals(consoles.iter().map(|c| c.handle().clone()).collect())?;
     if !quiet {
         eprintln!(
             "vmpack: {n} clones running ({:.1} ms to restore them all)",

@@ -39,7 +39,7 @@ pub fn run(a: VerifyArgs) -> Result<()> {
     // The container is intact; a VM pack must also have a sound manifest.
     VmPack::open(&a.file)?;
     if !a.quiet {
-        println!(
+        crate::outln!(
             "OK {}: {} sections, {} chunks ({} zero), {} checked, root digest {}",
             a.file.display(),
             report.sections,
@@ -52,7 +52,7 @@ pub fn run(a: VerifyArgs) -> Result<()> {
     if let Some(allowed) = &a.allowed_signers {
         for good in crate::sign::require_signature(&a.file, allowed)? {
             if !a.quiet {
-                println!("{}", crate::sign::describe_good(&good));
+                crate::outln!("{}", crate::sign::describe_good(&good));
             }
         }
     }
@@ -95,7 +95,7 @@ fn verify_stream(a: &VerifyArgs) -> Result<()> {
                     let chunks: u64 = summary.sections.iter().map(|s| s.chunks).sum();
                     let zero: u64 = summary.sections.iter().map(|s| s.zero_chunks).sum();
                     let bytes: u64 = summary.sections.iter().map(|s| s.size).sum();
-                    println!(
+                    crate::outln!(
                         "OK <stdin>: {} sections, {chunks} chunks ({zero} zero), {} checked, root digest {}",
                         summary.sections.len(),
                         human_bytes(bytes),
