@@ -97,6 +97,10 @@ pub struct RestoreArgs {
     /// `[i] `, or to `PATH.i` for `--serial-out PATH`.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     clones: u32,
+    /// With --clones: once all clones run, print one JSON line on stdout (`clones`,
+    /// `sockets`, `milliseconds`) before any serial output.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The README's first command: a VM that needs no files at all.
@@ -181,6 +185,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
                     verify: a.verify,
                     quiet: a.quiet,
                     clones: 1,
+                    json: false,
                     require_signature: false,
                     allowed_signers: None,
                 });
@@ -371,6 +376,9 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
             }
         }
     }
+    if a.json && a.clones < 2 {
+        return Err(crate::util::Usage("--json applies to --clones N (N >= 2)".into()).into());
+    }
     if a.clones > 1 {
         if a.pack.as_os_str() == "-" {
             bail!("--clones needs a pack file, not standard input");
@@ -381,6 +389,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
             a.api_sock.as_deref(),
             &a.serial_out,
             a.quiet,
+            a.json,
         );
     }
     let input = if a.pack.as_os_str() == "-" {
