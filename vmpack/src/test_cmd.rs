@@ -438,7 +438,8 @@ pub fn run(a: TestArgs) -> Result<i32> {
         .max()
         .unwrap_or(4)
         .max(4);
-    writeln!(out, "{:<width$}  result  time", "case").unwrap_or_else(|e| crate::util::stdout_failed(e));
+    writeln!(out, "{:<width$}  result  time", "case")
+        .unwrap_or_else(|e| crate::util::stdout_failed(e));
     for r in &results {
         writeln!(
             out,
@@ -446,11 +447,14 @@ pub fn run(a: TestArgs) -> Result<i32> {
             r.name,
             if r.passed { "pass" } else { "FAIL" },
             r.secs * 1000.0
-        ).unwrap_or_else(|e| crate::util::stdout_failed(e));
+        )
+        .unwrap_or_else(|e| crate::util::stdout_failed(e));
     }
     for r in results.iter().filter(|r| !r.passed) {
-        writeln!(out, "\n--- {} failed: {}", r.name, r.message).unwrap_or_else(|e| crate::util::stdout_failed(e));
-        writeln!(out, "--- serial output of {}:", r.name).unwrap_or_else(|e| crate::util::stdout_failed(e));
+        writeln!(out, "\n--- {} failed: {}", r.name, r.message)
+            .unwrap_or_else(|e| crate::util::stdout_failed(e));
+        writeln!(out, "--- serial output of {}:", r.name)
+            .unwrap_or_else(|e| crate::util::stdout_failed(e));
         for line in r.output.lines() {
             writeln!(out, "  | {line}").unwrap_or_else(|e| crate::util::stdout_failed(e));
         }
@@ -461,7 +465,8 @@ pub fn run(a: TestArgs) -> Result<i32> {
         results.len() - failed,
         failed,
         results.len()
-    ).unwrap_or_else(|e| crate::util::stdout_failed(e));
+    )
+    .unwrap_or_else(|e| crate::util::stdout_failed(e));
     if let Some(path) = &a.junit {
         write_junit(path, &results, total)?;
     }
