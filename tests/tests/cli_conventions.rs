@@ -308,6 +308,34 @@ fn messages_name_the_real_problem() {
         assert!(!err.contains("not empty"), "{fmt}: {err}");
     }
 
+    // One shape: `vmpack: <what failed>: <file or socket>: <why>[; <what to do>]`.
+    let err = fails(&run(
+        d,
+        &["export", "missing.vmpack", "--format", "raw", "-o", "out"],
+    ));
+    assert!(
+        err.starts_with("vmpack: cannot export: missing.vmpack: No such file or directory"),
+        "{err}"
+    );
+    let err = fails(&run(
+        d,
+        &["save", "--api-sock", "no.sock", "-o", "x.vmpack"],
+    ));
+    assert!(
+        err.starts_with(
+            "vmpack: cannot save: no.sock: cannot connect to the VM's control socket: "
+        ) && err
+            .trim_end()
+            .ends_with("; is a VM running with --api-sock no.sock?"),
+        "{err}"
+    );
+    let err = fails(&run(d, &["verify", "missing.vmpack"]));
+    assert!(
+        err.starts_with("vmpack: verification failed: missing.vmpack: "),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+
     // A small file that is no pack is "not a vmpack file", like a large one; only a file
     // that starts like a pack can be a truncated one.
     std::fs::write(d.join("small.txt"), b"abc").unwrap();
@@ -316,7 +344,9 @@ fn messages_name_the_real_problem() {
     for f in ["small.txt", "empty"] {
         let err = fails(&run(d, &["inspect", f]));
         assert!(
-            err.contains(&format!("{f}: file offset 0: not a vmpack file")),
+            err.starts_with(&format!(
+                "vmpack: cannot inspect: {f}: file offset 0: not a vmpack file"
+            )),
             "{err}"
         );
     }
@@ -339,7 +369,9 @@ fn messages_name_the_real_problem() {
         &["pack", counter.to_str().unwrap(), "-o", "nodir/x.vmpack"],
     ));
     assert!(
-        err.contains("nodir/x.vmpack: folder nodir does not exist; create it first"),
+        err.starts_with(
+            "vmpack: cannot pack: nodir/x.vmpack: folder nodir does not exist; create it first"
+        ),
         "{err}"
     );
     assert!(!err.contains(".tmp"), "{err}");

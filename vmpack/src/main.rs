@@ -109,8 +109,7 @@ fn completions(a: CompletionsArgs) -> anyhow::Result<()> {
 
 fn man(a: ManArgs) -> anyhow::Result<()> {
     use anyhow::Context;
-    std::fs::create_dir_all(&a.output)
-        .with_context(|| format!("cannot write manual pages: {}", a.output.display()))?;
+    std::fs::create_dir_all(&a.output).with_context(|| a.output.display().to_string())?;
     let mut pages = 0;
     let root = Cli::command();
     let mut cmds = vec![(String::from("vmpack"), root.clone())];
@@ -124,12 +123,10 @@ fn man(a: ManArgs) -> anyhow::Result<()> {
         let cmd = cmd.name(static_name).version(env!("CARGO_PKG_VERSION"));
         clap_mangen::Man::new(cmd)
             .render(&mut buf)
-            .with_context(|| format!("cannot render the manual page of {name}"))?;
+            .with_context(|| format!("rendering {name}"))?;
         let path = a.output.join(format!("{name}.1"));
-        let mut f = output::AtomicFile::create(&path)
-            .with_context(|| format!("cannot write manual pages: {}", path.display()))?;
-        std::io::Write::write_all(f.file(), &buf)
-            .with_context(|| format!("cannot write manual pages: {}", path.display()))?;
+        let mut f = output::AtomicFile::create(&path)?;
+        std::io::Write::write_all(f.file(), &buf).with_context(|| path.display().to_string())?;
         f.commit()?;
         pages += 1;
     }
@@ -148,6 +145,29 @@ fn main() -> ExitCode {
         Command::Run(_) | Command::Restore(_) => vmboot::block_exit_signals(),
         _ => output::install_signal_cleanup(),
     }
+    // The first part of every error: what failed (docs/CLI.md's error shape).
+    let what = match &cli.command {
+        Command::Pack(_) => "cannot pack",
+        Command::Import(_) => "cannot import",
+        Command::Inspect(_) => "cannot inspect",
+        Command::Verify(_) => "verification failed",
+        Command::Unpack(_) => "cannot unpack",
+        Command::Export(_) => "cannot export",
+        Command::Run(_) => "cannot run",
+        Command::Save(_) => "cannot save",
+        Command::Restore(_) => "cannot restore",
+        Command::Test(_) => "cannot test",
+        Command::Push(_) => "cannot push",
+        Command::Pull(_) => "cannot pull",
+        Command::Cache(_) => "cannot use the chunk cache",
+        Command::Sign(_) => "cannot sign",
+        Command::Completions(_) => "cannot write the completion script",
+        Command::Man(_) => "cannot write the manual pages",
+        Command::Bench(_)
+        | Command::BenchSnapshot(_)
+        | Command::BenchClones(_)
+        | Command::BenchRegistry(_) => "benchmark failed",
+    };
     let guest_status = |r: anyhow::Result<i32>| -> anyhow::Result<()> {
         let code = r?;
         if code != 0 {
@@ -192,9 +212,15 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vmpack: {}", util::error_chain(&e));
+            let text = util::error_chain(&e);
             if e.downcast_ref::<util::Usage>().is_some() {
+                eprintln!("vmpack: {text}");
                 return ExitCode::from(2);
+            }
+            if text.starts_with("cannot ") || text.starts_with(what) {
+                eprintln!("vmpack: {text}");
+            } else {
+                eprintln!("vmpack: {what}: {text}");
             }
             ExitCode::from(1)
         }
