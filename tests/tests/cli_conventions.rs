@@ -541,3 +541,36 @@ fn run_restore_and_clones_remove_their_sockets_on_signals() {
         );
     }
 }
+
+#[test]
+fn verify_json_is_one_document() {
+    let t = tempfile::tempdir().unwrap();
+    let counter = samples_dir().join("counter.toml");
+    ok(&run(
+        t.path(),
+        &["pack", counter.to_str().unwrap(), "-o", "c.vmpack"],
+    ));
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(&run(t.path(), &["verify", "c.vmpack", "--json"]))).unwrap();
+    assert_eq!(j["file"], "c.vmpack");
+    assert!(j["chunks"].as_u64().unwrap() > 0, "{j}");
+    let inspect: serde_json::Value =
+        serde_json::from_str(&ok(&run(t.path(), &["inspect", "c.vmpack", "--json"]))).unwrap();
+    assert!(
+        inspect
+            .to_string()
+            .contains(j["root_digest"].as_str().unwrap()),
+        "{j}\n{inspect}"
+    );
+    let bytes = std::fs::read(t.path().join("c.vmpack")).unwrap();
+    let o = run_with_stdin(t.path(), &["verify", "-", "--json"], &bytes);
+    let s: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!(s["root_digest"], j["root_digest"]);
+    // --json with --quiet is a usage error, not silence.
+    assert_eq!(
+        run(t.path(), &["verify", "c.vmpack", "--json", "--quiet"])
+            .status
+            .code(),
+        Some(2)
+    );
+}
