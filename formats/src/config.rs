@@ -37,22 +37,59 @@ fn default_vcpus() -> u32 {
     1
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// The CPU model the guest sees; each is defined bit by bit in `docs/CPU-TEMPLATES.md`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum CpuTemplate {
     /// Everything the host's KVM supports.
     #[default]
+    #[serde(rename = "host")]
     Host,
-    /// A conservative x86-64 feature set so a pack saved here restores on most hosts.
+    /// x86-64-v1 (alias `baseline`): what every x86-64 CPU has.
+    #[serde(rename = "x86-64-v1", alias = "baseline")]
     Baseline,
+    /// x86-64-v2: v1 plus CMPXCHG16B, LAHF/SAHF, POPCNT, SSE3, SSSE3, SSE4.1, SSE4.2.
+    #[serde(rename = "x86-64-v2")]
+    V2,
+    /// x86-64-v3: v2 plus AVX, AVX2, BMI1, BMI2, F16C, FMA, LZCNT, MOVBE, XSAVE.
+    #[serde(rename = "x86-64-v3")]
+    V3,
+    /// x86-64-v4: v3 plus AVX-512 F, BW, CD, DQ, VL.
+    #[serde(rename = "x86-64-v4")]
+    V4,
+}
+
+impl CpuTemplate {
+    /// Every template, from the least to the most demanding named level, `host` last.
+    pub const ALL: [CpuTemplate; 5] = [
+        CpuTemplate::Baseline,
+        CpuTemplate::V2,
+        CpuTemplate::V3,
+        CpuTemplate::V4,
+        CpuTemplate::Host,
+    ];
+
+    /// The template a name (as in a config, including the alias `baseline`) stands for.
+    pub fn from_name(name: &str) -> Option<CpuTemplate> {
+        match name {
+            "baseline" => Some(CpuTemplate::Baseline),
+            _ => CpuTemplate::ALL.into_iter().find(|t| t.name() == name),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuTemplate::Host => "host",
+            CpuTemplate::Baseline => "x86-64-v1",
+            CpuTemplate::V2 => "x86-64-v2",
+            CpuTemplate::V3 => "x86-64-v3",
+            CpuTemplate::V4 => "x86-64-v4",
+        }
+    }
 }
 
 impl fmt::Display for CpuTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            CpuTemplate::Host => "host",
-            CpuTemplate::Baseline => "baseline",
-        })
+        f.write_str(self.name())
     }
 }
 

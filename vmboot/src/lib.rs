@@ -14,6 +14,8 @@ mod control;
 pub mod cpuid;
 pub mod devices;
 pub mod flat;
+pub mod host_info;
+pub mod kvm_caps;
 pub mod linux;
 pub mod memory;
 pub mod mptable;
