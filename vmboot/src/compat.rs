@@ -392,7 +392,7 @@ pub fn judge(saved: &SavedGuest, target: &HostFingerprint) -> Judgement {
         target.cpu.vendor.clone(),
     );
     let gv = gv.trim_matches(char::from(0)).to_string();
-    if !hv.is_empty() && gv != hv {
+    if !hv.is_empty() && !gv.is_empty() && gv != hv {
         let message = format!("the guest was saved on a {gv} CPU and this host has a {hv} CPU");
         if saved.template == CpuTemplate::Host {
             push(&mut reasons, Verdict::Refused, 
@@ -434,6 +434,85 @@ pub fn judge(saved: &SavedGuest, target: &HostFingerprint) -> Judgement {
         .max()
         .unwrap_or(Verdict::Ok);
     Judgement { verdict, reasons }
+}
+
+/// A saved pack as `vmpack compat` reads it, without KVM.
+pub struct SavedPack {
+    /// `None` when the vm state's version is not the one this vmboot reads (the verdict is
+    /// then the version refusal alone).
+    pub state: Option<crate::persist::VmState>,
+    pub version: u32,
+    pub template: CpuTemplate,
+}
+
+impl SavedPack {
+    /// Reads the manifest's config and the vm state of the pack at `path`.
+    pub fn open(path: &std::path::Path) -> anyhow::Result<SavedPack> {
+        use anyhow::anyhow;
+        let label = path.display().to_string();
+        let pack = vmpack_formats::vm::VmPack::open(path)?;
+        let section = pack.manifest().vmstate.clone().ok_or_else(|| {
+            anyhow!("{label}: the pack holds a VM at rest, not a saved one (no vmstate section); only saved VMs get a verdict")
+        })?;
+        let template = pack.config()?.cpu_template;
+        let reader = pack.reader();
+        let s = reader
+            .section(&section)
+            .ok_or_else(|| anyhow!("{label}: section '{section}' is missing"))?;
+        let bytes = reader.read_section(s.id, crate::snapshot::MAX_VMSTATE_LEN)?;
+        #[derive(serde::Deserialize)]
+        struct Version {
+            version: u32,
+        }
+        let v: Version = serde_json::from_slice(&bytes)
+            .map_err(|e| anyhow!("{label}: section '{section}': not a valid vm state: {e}"))?;
+        let state = if v.version == crate::persist::VM_STATE_VERSION {
+            Some(serde_json::from_slice(&bytes).map_err(|e| {
+                anyhow!("{label}: section '{section}': not a valid vm state: {e}")
+            })?)
+        } else {
+            None
+        };
+        Ok(SavedPack {
+            state,
+            version: v.version,
+            template,
+        })
+    }
+
+    /// The verdict for `target`.
+    pub fn judge(&self, target: &HostFingerprint) -> Judgement {
+        match &self.state {
+            Some(state) if !state.vcpus.is_empty() => {
+                let v = &state.vcpus[0];
+                judge(
+                    &SavedGuest {
+                        vmstate_version: state.version,
+                        template: self.template,
+                        cpuid: &v.cpuid,
+                        msrs: &v.msrs,
+                        tsc_khz: v.tsc_khz,
+                    },
+                    target,
+                )
+            }
+            _ => judge(
+                &SavedGuest {
+                    vmstate_version: self.version,
+                    template: self.template,
+                    cpuid: &[],
+                    msrs: &[],
+                    tsc_khz: 0,
+                },
+                target,
+            ),
+        }
+    }
+
+    /// The fingerprint of the host that saved the pack, if recorded.
+    pub fn saved_on(&self) -> Option<&HostFingerprint> {
+        self.state.as_ref().and_then(|s| s.saved_on.as_ref())
+    }
 }
 
 #[cfg(test)]

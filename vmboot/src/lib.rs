@@ -10,6 +10,7 @@ pub mod api_client;
 pub mod clone;
 pub mod compat;
 pub mod console;
+pub mod cpu_fit;
 mod control;
 pub mod cpuid;
 pub mod devices;

@@ -25,7 +25,7 @@ use vmpack_formats::vm::{Manifest, VmPack, VmPackPlan};
 /// stored whole, and on the mmap restore path every non-zero chunk is one mapping.
 pub const MEMORY_CHUNK_SIZE: u32 = 256 << 10;
 /// The serialized vmstate is small (a few KiB per vCPU); anything larger is hostile.
-const MAX_VMSTATE_LEN: u64 = 64 << 20;
+pub(crate) const MAX_VMSTATE_LEN: u64 = 64 << 20;
 
 /// What a save produced.
 #[derive(Clone, Debug, serde::Serialize)]
