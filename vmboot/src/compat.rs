@@ -288,15 +288,27 @@ pub const MUST_EXIST_MSRS: &[(u32, &str)] = &[
     (0xc000_0103, "TSC_AUX"),
 ];
 
-/// Paravirtual MSRs (kvmclock, async page faults, steal time, PV EOI): must exist when the
-/// guest enabled them (non-zero), since the guest then reads memory KVM keeps up to date.
-const KVM_PV_MSRS: std::ops::RangeInclusive<u32> = 0x4b56_4d00..=0x4b56_4dff;
+/// KVM's paravirtual MSRs that point KVM at guest memory it keeps up to date (kvmclock, async
+/// page faults, steal time, PV EOI): must exist when the guest enabled them (non-zero).
+pub const KVM_PV_MSRS: &[(u32, &str)] = &[
+    (0x11, "KVM_WALL_CLOCK"),
+    (0x12, "KVM_SYSTEM_TIME"),
+    (0x4b56_4d00, "KVM_WALL_CLOCK_NEW"),
+    (0x4b56_4d01, "KVM_SYSTEM_TIME_NEW"),
+    (0x4b56_4d02, "KVM_ASYNC_PF_EN"),
+    (0x4b56_4d03, "KVM_STEAL_TIME"),
+    (0x4b56_4d04, "KVM_PV_EOI_EN"),
+];
 
 fn msr_name(index: u32) -> String {
     MUST_EXIST_MSRS
         .iter()
+        .chain(KVM_PV_MSRS)
         .find(|(i, _)| *i == index)
-        .map_or_else(|| format!("{index:#x}"), |(_, n)| format!("{n} ({index:#x})"))
+        .map_or_else(
+            || format!("{index:#x}"),
+            |(_, n)| format!("{n} ({index:#x})"),
+        )
 }
 
 /// The verdict for running `saved` on the host `target` describes.
@@ -318,7 +330,9 @@ fn push(
 pub fn judge(saved: &SavedGuest, target: &HostFingerprint) -> Judgement {
     let mut reasons = Vec::new();
     if saved.vmstate_version != target.vmstate_version {
-        push(&mut reasons, Verdict::Refused, 
+        push(
+            &mut reasons,
+            Verdict::Refused,
             "vmstate_version",
             format!(
                 "vm state version {} cannot be restored by vmboot {} (it reads version {})",
@@ -330,7 +344,9 @@ pub fn judge(saved: &SavedGuest, target: &HostFingerprint) -> Judgement {
     let host_cpuid = crate::host_info::kvm_cpuid(target);
     let missing = missing_features(saved.cpuid, &host_cpuid);
     if !missing.is_empty() {
-        push(&mut reasons, Verdict::Refused, 
+        push(
+            &mut reasons,
+            Verdict::Refused,
             "cpu_features",
             format!(
                 "the saved guest uses CPU features this host does not offer: {}",
@@ -339,9 +355,12 @@ pub fn judge(saved: &SavedGuest, target: &HostFingerprint) -> Judgement {
             missing,
         );
     }
-    let missing_caps = crate::kvm_caps::missing_required(target.kvm_caps.iter().map(String::as_str));
+    let missing_caps =
+        crate::kvm_caps::missing_required(target.kvm_caps.iter().map(String::as_str));
     if !missing_caps.is_empty() {
-        push(&mut reasons, Verdict::Refused, 
+        push(
+            &mut reasons,
+            Verdict::Refused,
             "kvm_caps",
             format!(
                 "this host's KVM lacks capabilities vmboot needs: {}",
@@ -356,11 +375,16 @@ pub fn judge(saved: &SavedGuest, target: &HostFingerprint) -> Judgement {
         .filter(|m| !target.msrs.contains(&m.index))
         .filter(|m| m.data != 0 || MUST_EXIST_MSRS.iter().any(|(i, _)| *i == m.index))
         .partition(|m| {
-            MUST_EXIST_MSRS.iter().any(|(i, _)| *i == m.index) || KVM_PV_MSRS.contains(&m.index)
+            MUST_EXIST_MSRS
+                .iter()
+                .chain(KVM_PV_MSRS)
+                .any(|(i, _)| *i == m.index)
         });
     if !must.is_empty() {
         let names: Vec<String> = must.iter().map(|m| msr_name(m.index)).collect();
-        push(&mut reasons, Verdict::Refused, 
+        push(
+            &mut reasons,
+            Verdict::Refused,
             "msrs",
             format!(
                 "this host cannot restore MSRs the guest depends on: {}",
@@ -371,7 +395,9 @@ pub fn judge(saved: &SavedGuest, target: &HostFingerprint) -> Judgement {
     }
     if !may.is_empty() {
         let names: Vec<String> = may.iter().map(|m| msr_name(m.index)).collect();
-        push(&mut reasons, Verdict::OkWithWarnings, 
+        push(
+            &mut reasons,
+            Verdict::OkWithWarnings,
             "msrs",
             format!(
                 "MSRs this host does not have are dropped (the guest sees them reset): {}",
@@ -381,7 +407,7 @@ pub fn judge(saved: &SavedGuest, target: &HostFingerprint) -> Judgement {
         );
     }
     if !target.kvm_caps.iter().any(|c| c == "KVM_CAP_KVMCLOCK_CTRL") {
-        push(&mut reasons, Verdict::OkWithWarnings, 
+        push(&mut reasons, Verdict::OkWithWarnings,
             "kvm_caps",
             "this host's KVM lacks KVM_CAP_KVMCLOCK_CTRL: a long pause may look like a soft lockup to a Linux guest".into(),
             vec!["KVM_CAP_KVMCLOCK_CTRL".into()],
@@ -395,13 +421,13 @@ pub fn judge(saved: &SavedGuest, target: &HostFingerprint) -> Judgement {
     if !hv.is_empty() && !gv.is_empty() && gv != hv {
         let message = format!("the guest was saved on a {gv} CPU and this host has a {hv} CPU");
         if saved.template == CpuTemplate::Host {
-            push(&mut reasons, Verdict::Refused, 
+            push(&mut reasons, Verdict::Refused,
                 "cpu_vendor",
                 format!("{message}; a guest booted with cpu_template = \"host\" has taken the saving vendor's code paths (save it with an x86-64-v* template to move it across vendors)"),
                 vec![],
             );
         } else {
-            push(&mut reasons, Verdict::OkWithWarnings, 
+            push(&mut reasons, Verdict::OkWithWarnings,
                 "cpu_vendor",
                 format!("{message}; the {} template's features exist on both, but the guest still sees the saving CPU's vendor string and may run vendor-specific code", saved.template),
                 vec![],
@@ -410,7 +436,9 @@ pub fn judge(saved: &SavedGuest, target: &HostFingerprint) -> Judgement {
     }
     if saved.tsc_khz != 0 && target.tsc_khz != 0 && tsc_differs(saved.tsc_khz, target.tsc_khz) {
         let factor = target.tsc_khz as f64 / saved.tsc_khz as f64;
-        push(&mut reasons, Verdict::OkWithWarnings, 
+        push(
+            &mut reasons,
+            Verdict::OkWithWarnings,
             "tsc",
             if target.tsc_scaling {
                 format!(
@@ -466,13 +494,14 @@ impl SavedPack {
         }
         let v: Version = serde_json::from_slice(&bytes)
             .map_err(|e| anyhow!("{label}: section '{section}': not a valid vm state: {e}"))?;
-        let state = if v.version == crate::persist::VM_STATE_VERSION {
-            Some(serde_json::from_slice(&bytes).map_err(|e| {
-                anyhow!("{label}: section '{section}': not a valid vm state: {e}")
-            })?)
-        } else {
-            None
-        };
+        let state =
+            if v.version == crate::persist::VM_STATE_VERSION {
+                Some(serde_json::from_slice(&bytes).map_err(|e| {
+                    anyhow!("{label}: section '{section}': not a valid vm state: {e}")
+                })?)
+            } else {
+                None
+            };
         Ok(SavedPack {
             state,
             version: v.version,

@@ -91,9 +91,10 @@ pub fn fit(hosts: &[HostFingerprint]) -> Result<Fit, String> {
     let mut out: Vec<kvm_cpuid_entry2> = cpuids[0]
         .iter()
         .filter(|e| {
-            cpuids
-                .iter()
-                .all(|c| c.iter().any(|x| x.function == e.function && x.index == e.index))
+            cpuids.iter().all(|c| {
+                c.iter()
+                    .any(|x| x.function == e.function && x.index == e.index)
+            })
         })
         .copied()
         .collect();
@@ -208,7 +209,11 @@ pub fn fit(hosts: &[HostFingerprint]) -> Result<Fit, String> {
             fingerprint_version: FINGERPRINT_VERSION,
             name: format!(
                 "fit of {}",
-                hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", ")
+                hosts
+                    .iter()
+                    .map(|h| h.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             cpu: HostCpu {
                 vendor: if vendors.iter().all(|v| *v == vendors[0]) {

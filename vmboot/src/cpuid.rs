@@ -174,7 +174,9 @@ pub fn apply_template(
     entries.retain(|e| {
         !(HIDDEN_LEAVES.contains(&e.function)
             || (e.function == 7 && e.index >= 1)
-            || (e.function == 0xd && e.index >= 2 && (e.index >= 64 || xcr0 & (1u64 << e.index) == 0)))
+            || (e.function == 0xd
+                && e.index >= 2
+                && (e.index >= 64 || xcr0 & (1u64 << e.index) == 0)))
     });
     let mask = |e: &kvm_cpuid_entry2, reg: u8| -> u32 {
         allowed

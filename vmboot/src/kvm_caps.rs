@@ -51,7 +51,9 @@ pub fn present(kvm: &Kvm) -> Vec<&'static str> {
 }
 
 /// The required capabilities missing from a list of present ones.
-pub fn missing_required<'a>(present: impl IntoIterator<Item = &'a str> + Clone) -> Vec<&'static str> {
+pub fn missing_required<'a>(
+    present: impl IntoIterator<Item = &'a str> + Clone,
+) -> Vec<&'static str> {
     CAPS.iter()
         .filter(|(_, _, need)| *need == Need::Required)
         .map(|(_, n, _)| *n)
@@ -90,6 +92,9 @@ mod tests {
             .copied()
             .filter(|n| *n != "KVM_CAP_XSAVE" && *n != "KVM_CAP_TSC_CONTROL")
             .collect();
-        assert_eq!(missing_required(without.iter().copied()), vec!["KVM_CAP_XSAVE"]);
+        assert_eq!(
+            missing_required(without.iter().copied()),
+            vec!["KVM_CAP_XSAVE"]
+        );
     }
 }

@@ -72,7 +72,9 @@ pub fn host_info(a: HostInfoArgs) -> Result<()> {
     );
     println!(
         "highest level: {}",
-        f.highest_level.as_deref().unwrap_or("none (not even x86-64-v1)")
+        f.highest_level
+            .as_deref()
+            .unwrap_or("none (not even x86-64-v1)")
     );
     println!("kvm features:  {}", f.features.join(" "));
     println!("kvm cpuid:     {} entries", f.kvm_cpuid.len());
@@ -275,7 +277,10 @@ pub fn template(a: TemplateArgs) -> Result<u8> {
         }
         return Ok(if level.is_some() { 0 } else { 1 });
     }
-    let out = a.output.as_deref().expect("clap requires --output with --fit");
+    let out = a
+        .output
+        .as_deref()
+        .expect("clap requires --output with --fit");
     let fit = vmboot::cpu_fit::fit(&hosts).map_err(anyhow::Error::msg)?;
     write_atomic(
         out,

@@ -79,7 +79,14 @@ pub fn run(a: InspectArgs) -> Result<()> {
         None => None,
     };
     if a.json {
-        print_json(&a, &reader, manifest.as_ref(), &manifest_err, restore, &saved_on)?;
+        print_json(
+            &a,
+            &reader,
+            manifest.as_ref(),
+            &manifest_err,
+            restore,
+            &saved_on,
+        )?;
     } else {
         print_text(&a, &reader, manifest.as_ref(), restore);
         if let Some(h) = &saved_on {
