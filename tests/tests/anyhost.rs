@@ -707,3 +707,98 @@ fn restore_refuses_with_compats_words() {
     assert!(o.stdout.is_empty(), "the guest must not run");
     assert!(common::stderr(&o).contains(words), "{}", common::stderr(&o));
 }
+
+#[test]
+fn custom_template_files_fitted_or_firecracker() {
+    if !common::kvm_available("custom CPU template tests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (here, host) = host_fingerprint(d);
+    // The fleet is this host and one without CX16 (and so without what needs it).
+    let mut older = host.clone();
+    set_feature(&mut older, "cx16", false);
+    let older_path = d.join("older.json");
+    std::fs::write(&older_path, serde_json::to_vec(&older).unwrap()).unwrap();
+    std::fs::create_dir(d.join("templates")).unwrap();
+    let o = common::run(
+        d,
+        &[
+            "template",
+            "--fit",
+            here.to_str().unwrap(),
+            older_path.to_str().unwrap(),
+            "-o",
+            "templates/fleet.json",
+        ],
+    );
+    common::ok(&o);
+
+    // Relative to the config's folder.
+    let cfg = write_config(d, "fleet", "cpuid", 1, "templates/fleet.json");
+    let out = common::ok(&vmboot_run(&cfg));
+    let seen = &parse_cpuid(&out)[&0];
+    assert!(!has(seen, "cx16"), "the fit hides cx16:\n{out}");
+    assert!(has(seen, "sse2") && has(seen, "lm"), "{out}");
+    assert_eq!(seen[&(0xa, 0)], [0; 4], "normalised: no PMU");
+
+    // Saved with it: the pack fits both hosts and resumes here exactly.
+    let counter_cfg = write_config(d, "fc", "counter64", 1, "templates/fleet.json");
+    let pack = d.join("fleet.vmpack");
+    let before = boot_and_save(d, &counter_cfg, "\n20\n", &pack);
+    let o = common::run(
+        d,
+        &[
+            "compat",
+            pack.to_str().unwrap(),
+            "--host",
+            here.to_str().unwrap(),
+            "--host",
+            older_path.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", common::stdout(&o));
+    let after = common::ok(&common::run(
+        d,
+        &["restore", pack.to_str().unwrap(), "--serial-out", "stdout"],
+    ));
+    assert_eq!(format!("{before}{after}"), counter(300));
+    // A pack at rest cannot carry the file: booting it is refused, naming it.
+    let at_rest = d.join("rest.vmpack");
+    common::ok(&common::run(
+        d,
+        &[
+            "pack",
+            counter_cfg.to_str().unwrap(),
+            "-o",
+            at_rest.to_str().unwrap(),
+        ],
+    ));
+    let err = common::fails(&common::run(d, &["run", at_rest.to_str().unwrap()]));
+    assert!(err.contains("CPU template file 'fleet.json'"), "{err}");
+
+    // Firecracker's format: bitmaps of 0, 1 and x, most significant bit first.
+    let mut clear_cx16 = ['x'; 32];
+    clear_cx16[31 - 13] = '0';
+    let fc = json!({"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
+        "modifiers": [{"register": "ecx", "bitmap": format!("0b{}", clear_cx16.iter().collect::<String>())}]}],
+        "msr_modifiers": []});
+    std::fs::write(d.join("fc.json"), fc.to_string()).unwrap();
+    let out = common::ok(&vmboot_run(&write_config(d, "fcc", "cpuid", 1, "fc.json")));
+    assert!(!has(&parse_cpuid(&out)[&0], "cx16"), "{out}");
+    let mut set_avx = ['x'; 32];
+    set_avx[31 - 28] = '1';
+    let fc = json!({"cpuid_modifiers": [{"leaf": 1, "subleaf": 0,
+        "modifiers": [{"register": "ecx", "bitmap": format!("0b{}", set_avx.iter().collect::<String>())}]}]});
+    std::fs::write(d.join("avx.json"), fc.to_string()).unwrap();
+    let o = vmboot_run(&write_config(d, "fca", "cpuid", 1, "avx.json"));
+    if !fingerprint_has(&host, "avx") {
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            common::stderr(&o).contains("sets CPU features this host's KVM does not offer: avx"),
+            "{}",
+            common::stderr(&o)
+        );
+    }
+}

@@ -517,7 +517,7 @@ impl SavedPack {
                 judge(
                     &SavedGuest {
                         vmstate_version: state.version,
-                        template: self.template,
+                        template: self.template.clone(),
                         cpuid: &v.cpuid,
                         msrs: &v.msrs,
                         tsc_khz: v.tsc_khz,
@@ -528,7 +528,7 @@ impl SavedPack {
             _ => judge(
                 &SavedGuest {
                     vmstate_version: self.version,
-                    template: self.template,
+                    template: self.template.clone(),
                     cpuid: &[],
                     msrs: &[],
                     tsc_khz: 0,

@@ -44,7 +44,7 @@ pub fn common_level(hosts: &[HostFingerprint]) -> Option<CpuTemplate> {
         .take_while(|t| {
             cpuids
                 .iter()
-                .all(|c| crate::cpuid::missing_for(*t, c).is_empty())
+                .all(|c| crate::cpuid::missing_for(t, c).is_empty())
         })
         .last()
 }
@@ -161,12 +161,7 @@ pub fn fit(hosts: &[HostFingerprint]) -> Result<Fit, String> {
     if !has("avx512f") {
         xcr0 &= !0xe0;
     }
-    let xsave_max = out
-        .iter()
-        .filter(|e| e.function == 0xd && e.index >= 2 && e.index < 64)
-        .filter(|e| xcr0 & (1u64 << e.index) != 0)
-        .map(|e| e.ebx.saturating_add(e.eax))
-        .fold(576, u32::max);
+    let xsave_max = crate::cpuid::xsave_size(&out, xcr0);
     out.retain(|e| {
         !(e.function == 0xd && e.index >= 2 && (e.index >= 64 || xcr0 & (1u64 << e.index) == 0))
     });

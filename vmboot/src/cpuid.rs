@@ -69,9 +69,9 @@ const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 
 /// The features a named level requires (empty for `host`).
-pub fn required(t: CpuTemplate) -> Vec<&'static str> {
+pub fn required(t: &CpuTemplate) -> Vec<&'static str> {
     let lists: &[&[&str]] = match t {
-        CpuTemplate::Host => &[],
+        CpuTemplate::Host | CpuTemplate::Custom(_) => &[],
         CpuTemplate::Baseline => &[V1_REQUIRED],
         CpuTemplate::V2 => &[V1_REQUIRED, V2_REQUIRED],
         CpuTemplate::V3 => &[V1_REQUIRED, V2_REQUIRED, V3_REQUIRED],
@@ -81,7 +81,7 @@ pub fn required(t: CpuTemplate) -> Vec<&'static str> {
 }
 
 /// Every feature bit a named level passes to the guest when the host has it.
-fn allowed(t: CpuTemplate) -> Vec<FeatureBit> {
+fn allowed(t: &CpuTemplate) -> Vec<FeatureBit> {
     let mut names = required(t);
     names.extend(V1_ALLOWED);
     if matches!(t, CpuTemplate::V3 | CpuTemplate::V4) {
@@ -93,7 +93,7 @@ fn allowed(t: CpuTemplate) -> Vec<FeatureBit> {
         .collect()
 }
 
-fn xcr0(t: CpuTemplate) -> u64 {
+fn xcr0(t: &CpuTemplate) -> u64 {
     match t {
         CpuTemplate::V3 => XCR0_V3,
         CpuTemplate::V4 => XCR0_V4,
@@ -102,7 +102,7 @@ fn xcr0(t: CpuTemplate) -> u64 {
 }
 
 /// The named template's required features that `supported` (KVM's CPUID) lacks.
-pub fn missing_for(t: CpuTemplate, supported: &[kvm_cpuid_entry2]) -> Vec<&'static str> {
+pub fn missing_for(t: &CpuTemplate, supported: &[kvm_cpuid_entry2]) -> Vec<&'static str> {
     required(t)
         .into_iter()
         .filter(|n| {
@@ -117,7 +117,7 @@ pub fn highest_level(supported: &[kvm_cpuid_entry2]) -> Option<CpuTemplate> {
     CpuTemplate::ALL
         .into_iter()
         .filter(|t| *t != CpuTemplate::Host)
-        .take_while(|t| missing_for(*t, supported).is_empty())
+        .take_while(|t| missing_for(t, supported).is_empty())
         .last()
 }
 
@@ -145,14 +145,22 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2]) {
 }
 
 /// Applies `template` to KVM's supported entries (once per VM). Refuses a template whose
-/// required features the host's KVM lacks, naming them.
+/// required features the host's KVM lacks, naming them. A custom template is read from its
+/// file (a host config's own file; packs never name one, see `snapshot::pack_config`).
 pub fn apply_template(
     entries: &mut Vec<kvm_cpuid_entry2>,
-    template: CpuTemplate,
+    template: &CpuTemplate,
 ) -> Result<(), String> {
     normalize(entries);
-    if template == CpuTemplate::Host {
-        return Ok(());
+    match template {
+        CpuTemplate::Host => return Ok(()),
+        CpuTemplate::Custom(path) => {
+            let custom = crate::cpu_custom::load(path)?;
+            custom.apply(entries, &path.display().to_string())?;
+            normalize(entries);
+            return Ok(());
+        }
+        _ => {}
     }
     let missing = missing_for(template, entries);
     if !missing.is_empty() {
@@ -215,6 +223,17 @@ pub fn apply_template(
         }
     }
     Ok(())
+}
+
+/// The standard-format XSAVE area size for the components in `xcr0`, from the host's layout
+/// (leaf 0xD subleaves: size in EAX, offset in EBX).
+pub fn xsave_size(entries: &[kvm_cpuid_entry2], xcr0: u64) -> u32 {
+    entries
+        .iter()
+        .filter(|e| e.function == 0xd && e.index >= 2 && e.index < 64)
+        .filter(|e| xcr0 & (1u64 << e.index) != 0)
+        .map(|e| e.ebx.saturating_add(e.eax))
+        .fold(XSAVE_LEGACY_SIZE, u32::max)
 }
 
 /// The entries for vCPU `id` of `count`: topology and hypervisor bit.
@@ -346,7 +365,7 @@ mod tests {
     #[test]
     fn levels_pass_exactly_their_bits() {
         let mut v1 = modern();
-        apply_template(&mut v1, CpuTemplate::Baseline).unwrap();
+        apply_template(&mut v1, &CpuTemplate::Baseline).unwrap();
         assert_eq!(get(&v1, 0, 0).ebx, 0x6874_7541, "vendor kept");
         assert_eq!(get(&v1, 1, 0).ecx & 1, 0, "sse3 hidden");
         assert_ne!(get(&v1, 1, 0).edx & (1 << 26), 0, "sse2 kept");
@@ -357,7 +376,7 @@ mod tests {
         assert_eq!(get(&v1, 0xa, 0).eax, 0, "no PMU");
 
         let mut v3 = modern();
-        apply_template(&mut v3, CpuTemplate::V3).unwrap();
+        apply_template(&mut v3, &CpuTemplate::V3).unwrap();
         assert_eq!(get(&v3, 7, 0).ebx, (1 << 3) | (1 << 5) | (1 << 8));
         assert_eq!(get(&v3, 0xd, 0).eax, 7);
         assert_eq!(get(&v3, 0xd, 0).ecx, 0x240 + 0x100, "XSAVE size up to AVX");
@@ -365,7 +384,7 @@ mod tests {
         assert!(v3.iter().all(|e| !(e.function == 7 && e.index > 0)));
 
         let mut v4 = modern();
-        apply_template(&mut v4, CpuTemplate::V4).unwrap();
+        apply_template(&mut v4, &CpuTemplate::V4).unwrap();
         assert_eq!(get(&v4, 0xd, 0).eax, 0xe7);
         assert_eq!(get(&v4, 0xd, 0).ecx, 0x580 + 0x400);
         assert_eq!(get(&v4, 0xd, 1).eax, 0);
@@ -376,17 +395,17 @@ mod tests {
     fn a_level_the_host_lacks_is_refused_by_name() {
         let mut host = modern();
         host[2].ebx &= !(1 << 5); // no AVX2
-        assert_eq!(missing_for(CpuTemplate::V3, &host), vec!["avx2"]);
-        let err = apply_template(&mut host.clone(), CpuTemplate::V4).unwrap_err();
+        assert_eq!(missing_for(&CpuTemplate::V3, &host), vec!["avx2"]);
+        let err = apply_template(&mut host.clone(), &CpuTemplate::V4).unwrap_err();
         assert!(err.contains("avx2"), "{err}");
-        assert!(apply_template(&mut host, CpuTemplate::V2).is_ok());
+        assert!(apply_template(&mut host, &CpuTemplate::V2).is_ok());
     }
 
     #[test]
     fn topology_has_core_level_subleaves() {
         let mut e = modern();
         e.push(entry(0xb, 0, 0, 0, 0, 1));
-        apply_template(&mut e, CpuTemplate::Baseline).unwrap();
+        apply_template(&mut e, &CpuTemplate::Baseline).unwrap();
         let c = for_vcpu(&e, 3, 4).unwrap();
         let c = c.as_slice();
         let l1 = get(c, 1, 0);

@@ -11,6 +11,7 @@ pub mod clone;
 pub mod compat;
 pub mod console;
 mod control;
+pub mod cpu_custom;
 pub mod cpu_fit;
 pub mod cpuid;
 pub mod devices;

@@ -572,6 +572,13 @@ pub fn pack_config(manifest: &Manifest, label: &str, work: &Path) -> Result<VmCo
         c.path = disk_copy_path(work, i);
         c.format = DiskFormat::Raw;
     }
+    // A saved VM's CPUID is in its vm state, so a template file is never needed to resume
+    // it; the name is kept for display only and never opened (`boot_at_rest` refuses it).
+    if let CpuTemplate::Custom(p) = &mut cfg.cpu_template {
+        *p = p
+            .file_name()
+            .map_or_else(|| "template.json".into(), PathBuf::from);
+    }
     if let Some(p) = &mut cfg.serial.path {
         let name = p
             .file_name()
@@ -634,6 +641,12 @@ pub fn boot_at_rest(path: &Path, verify: VerifyPolicy, run: RunOptions) -> Resul
     }
     let work = WorkDir::new(None)?;
     let cfg = pack_config(pack.manifest(), &label, &work.path)?;
+    if let CpuTemplate::Custom(p) = &cfg.cpu_template {
+        bail!(
+            "{label}: section 'manifest': the config names the CPU template file '{}', which packs do not carry; boot the VM from its config, or pack it with a named template",
+            p.display()
+        );
+    }
     let payload = BootPayload {
         kernel: optional_file(&pack, "kernel")?,
         initrd: optional_file(&pack, "initrd")?,
@@ -697,7 +710,7 @@ pub fn saved_guest<'a>(state: &'a VmState, template: CpuTemplate) -> compat::Sav
 /// same check, against this host's fingerprint); returns the warnings.
 fn check_host(state: &VmState, cfg: &VmConfig, label: &str) -> Result<Vec<String>> {
     let host = crate::host_info::fingerprint()?;
-    let j = compat::judge(&saved_guest(state, cfg.cpu_template), host);
+    let j = compat::judge(&saved_guest(state, cfg.cpu_template.clone()), host);
     if j.verdict == compat::Verdict::Refused {
         bail!(
             "{label}: refused on this host: {}; `vmpack compat {label}` explains",

@@ -308,7 +308,7 @@ impl Vm {
             .context("KVM_GET_SUPPORTED_CPUID")?
             .as_slice()
             .to_vec();
-        cpuid::apply_template(&mut supported, cfg.cpu_template).map_err(|e| anyhow::anyhow!(e))?;
+        cpuid::apply_template(&mut supported, &cfg.cpu_template).map_err(|e| anyhow::anyhow!(e))?;
         let mut cpuids = Vec::new();
         for (id, fd) in base.fds.iter().enumerate() {
             let c = cpuid::for_vcpu(&supported, id as u32, cfg.vcpus)?;

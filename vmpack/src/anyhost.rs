@@ -265,12 +265,12 @@ pub fn template(a: TemplateArgs) -> Result<u8> {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&serde_json::json!({
-                    "level": level.map(|t| t.to_string()),
+                    "level": level.as_ref().map(|t| t.to_string()),
                     "hosts": per_host,
                 }))?
             );
         } else if !a.quiet {
-            match level {
+            match &level {
                 Some(t) => println!("{t}"),
                 None => println!("none"),
             }

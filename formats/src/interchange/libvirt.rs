@@ -28,10 +28,10 @@ const LEVEL_MODELS: [(CpuTemplate, &str); 4] = [
 ];
 
 /// The libvirt CPU model exported for a named template other than `host`.
-pub fn model_for(t: CpuTemplate) -> &'static str {
+pub fn model_for(t: &CpuTemplate) -> &'static str {
     LEVEL_MODELS
         .iter()
-        .find(|(l, _)| *l == t)
+        .find(|(l, _)| l == t)
         .map_or(BASELINE_MODEL, |(_, m)| m)
 }
 
@@ -40,7 +40,7 @@ pub fn template_for(model: &str) -> Option<CpuTemplate> {
     LEVEL_MODELS
         .iter()
         .find(|(_, m)| *m == model)
-        .map(|(t, _)| *t)
+        .map(|(t, _)| t.clone())
 }
 
 /// Options of `--format libvirt`.
@@ -93,7 +93,7 @@ pub fn export(
         Some(&vm.memory_mib.to_string()),
     );
     w.leaf("vcpu", &[], Some(&vm.vcpus.to_string()));
-    match vm.cpu_template {
+    match &vm.cpu_template {
         CpuTemplate::Host => {
             w.leaf("cpu", &[("mode", "host-passthrough")], None);
         }

@@ -39,7 +39,7 @@ pub fn vagrantfile(vm: &ExportVm<'_>) -> String {
     v.push_str(&format!("    libvirt.title = {}\n", ruby_str(&vm.name)));
     v.push_str(&format!("    libvirt.memory = {}\n", vm.memory_mib));
     v.push_str(&format!("    libvirt.cpus = {}\n", vm.vcpus));
-    match vm.cpu_template {
+    match &vm.cpu_template {
         CpuTemplate::Host => v.push_str("    libvirt.cpu_mode = \"host-passthrough\"\n"),
         t => v.push_str(&format!(
             "    libvirt.cpu_mode = \"custom\"\n    libvirt.cpu_model = \"{}\"\n",
