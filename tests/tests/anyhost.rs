@@ -317,7 +317,7 @@ fn topology_is_consistent_for_1_2_and_4_vcpus() {
 }
 
 /// `vmboot run CONFIG --api-sock`, saved with `vmpack save --then stop` once `marker` shows.
-fn boot_and_save(dir: &Path, config: &Path, marker: &str, pack: &Path) -> String {
+fn boot_and_save(config: &Path, marker: &str, pack: &Path) -> String {
     let sock = pack.with_extension("sock");
     let serial = pack.with_extension("serial");
     let _ = std::fs::remove_file(&sock);
@@ -381,7 +381,7 @@ fn an_x86_64_v2_guest_continues_exactly_or_is_refused_by_name() {
     };
     let cfg = write_config(dir.path(), "c", "counter64", 1, t);
     let pack = dir.path().join("c.vmpack");
-    let before = boot_and_save(dir.path(), &cfg, "\n20\n", &pack);
+    let before = boot_and_save(&cfg, "\n20\n", &pack);
     let o = common::run(dir.path(), &["compat", pack.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0), "{}", common::stdout(&o));
     let o = common::run(
@@ -432,14 +432,12 @@ fn compat_verdicts_for_simulated_hosts() {
     let (_, host) = host_fingerprint(d);
     let v1 = d.join("v1.vmpack");
     boot_and_save(
-        d,
         &write_config(d, "v1", "counter64", 1, "x86-64-v1"),
         "\n5\n",
         &v1,
     );
     let hostpack = d.join("host.vmpack");
     boot_and_save(
-        d,
         &write_config(d, "h", "counter64", 1, "host"),
         "\n5\n",
         &hostpack,
@@ -661,7 +659,6 @@ fn restore_refuses_with_compats_words() {
     let d = dir.path();
     let pack = d.join("v1.vmpack");
     boot_and_save(
-        d,
         &write_config(d, "v1", "counter64", 1, "x86-64-v1"),
         "\n5\n",
         &pack,
@@ -746,7 +743,7 @@ fn custom_template_files_fitted_or_firecracker() {
     // Saved with it: the pack fits both hosts and resumes here exactly.
     let counter_cfg = write_config(d, "fc", "counter64", 1, "templates/fleet.json");
     let pack = d.join("fleet.vmpack");
-    let before = boot_and_save(d, &counter_cfg, "\n20\n", &pack);
+    let before = boot_and_save(&counter_cfg, "\n20\n", &pack);
     let o = common::run(
         d,
         &[
