@@ -262,6 +262,8 @@ fn build_base(cfg: &VmConfig, init: GuestMemoryInit) -> Result<Base> {
     validate(cfg)?;
     install_kick_handler()?;
     let kvm = open_kvm()?;
+    // Measured now (once per process) so a save records it without lengthening the pause.
+    crate::host_info::fingerprint()?;
     let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
     vm.set_tss_address(TSS_ADDR).context("KVM_SET_TSS_ADDR")?;
     vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
