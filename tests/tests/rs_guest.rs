@@ -478,3 +478,116 @@ fn rs_guest_read_only_disk() {
     );
     assert!(std::fs::read(&disk).unwrap() == initial_content());
 }
+
+const BENCH_PHASES: [(&str, u64, u64); 6] = [
+    ("seqwrite", 2048, 4096),
+    ("seqread", 2048, 4096),
+    ("randwrite", 2048, 4096),
+    ("randread", 2048, 4096),
+    ("seqwrite64k", 1024, 65536),
+    ("seqread64k", 1024, 65536),
+];
+
+/// Seconds per phase between the guest's "start NAME" and "end NAME" lines, as vmboot's
+/// stdout delivers them; None for phases the guest does not run.
+fn bench_guest(dir: &Path, image: &Path, fmt: &str, last: &str) -> Vec<Option<f64>> {
+    let disk = dir.join(format!(
+        "bench-{}.{fmt}",
+        image.file_stem().unwrap().to_string_lossy()
+    ));
+    let _ = std::fs::remove_file(&disk);
+    if fmt == "raw" {
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+    } else {
+        qemu_img(&["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "64M"]);
+    }
+    let cfg = dir.join("bench.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"bench\"\nmemory_mib = 16\n[flat]\nimage = \"{}\"\nload_address = 0x100000\n\
+             entry = 0x100000\nmode = \"long\"\n[[disk]]\npath = \"{}\"\nformat = \"{fmt}\"\n",
+            image.display(),
+            disk.display()
+        ),
+    )
+    .unwrap();
+    let mut r = spawn(&["run", cfg.to_str().unwrap()], dir);
+    let mut seen: Vec<(String, Instant)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let exited = r.child.try_wait().unwrap().is_some();
+        let ended = seen.iter().any(|(s, _)| s == last);
+        for l in r.out.lock().unwrap().lines() {
+            if (l.starts_with("start ") || l.starts_with("end "))
+                && !seen.iter().any(|(s, _)| s == l)
+            {
+                seen.push((l.to_string(), Instant::now()));
+            }
+        }
+        if ended || exited {
+            break;
+        }
+        assert!(Instant::now() < deadline, "benchmark guest stalled");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let (code, out, err) = r.finish(RUN_TIMEOUT);
+    assert_eq!(code, 0, "{out}{err}");
+    let at = |l: String| seen.iter().find(|(s, _)| *s == l).map(|(_, t)| *t);
+    BENCH_PHASES
+        .iter()
+        .map(|&(n, _, _)| {
+            Some(
+                at(format!("end {n}"))?
+                    .duration_since(at(format!("start {n}"))?)
+                    .as_secs_f64(),
+            )
+        })
+        .collect()
+}
+
+/// Guest-side virtio-blk throughput through `virtio-drivers` (interrupts) next to the
+/// assembly blkbench guest (polling), same phases, one request in flight, through the real
+/// vmboot: `cargo test --release -p vmpack-e2e --test rs_guest -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark"]
+fn bench_rs_guest_blk() {
+    if !kvm_available("the Rust guest benchmark") {
+        return;
+    }
+    let _ = bin("vmboot"); // its build script assembles blkbench.bin
+    let asm = workspace().join("samples/guests/bin/blkbench.bin");
+    let rs = guest_bin_dir().join("rsblkbench.bin");
+    let d = tempfile::tempdir().unwrap();
+    println!("MiB/s (requests/s); one request in flight");
+    println!(
+        "{:<6} {:<12} {:>8} {:>22} {:>22}",
+        "format", "phase", "request", "virtio-drivers + irq", "assembly, polling"
+    );
+    for fmt in ["raw", "qcow2"] {
+        if fmt == "qcow2" && !have_qemu_img() {
+            continue;
+        }
+        let r = bench_guest(d.path(), &rs, fmt, "end seqread64k");
+        let a = bench_guest(d.path(), &asm, fmt, "end randread");
+        for (i, &(phase, count, size)) in BENCH_PHASES.iter().enumerate() {
+            let cell = |t: Option<f64>| match t {
+                Some(t) => format!(
+                    "{:.2} ({:.0})",
+                    (count * size) as f64 / (1 << 20) as f64 / t,
+                    count as f64 / t
+                ),
+                None => "-".into(),
+            };
+            println!(
+                "{fmt:<6} {phase:<12} {:>8} {:>22} {:>22}",
+                format!("{} KiB", size / 1024),
+                cell(r[i]),
+                cell(a[i])
+            );
+        }
+    }
+}

@@ -8,9 +8,10 @@
 //!   "pass P written"             64 single-sector writes of pattern(sector, P), then ~2 s asleep
 //!   "pass P sum=H bad=N"         one 32 KiB read of sectors 0..63, then ~1 s asleep
 //!   "flush status=0", "id TEXT"  a FLUSH and a GET_ID request
+//!   "rng ok"                     only with a virtio-rng device: 32 bytes of entropy came
 //!   "interrupts ok"              the disk's interrupt arrived (exit 4 if it never did)
 //! then exits 0 (1 if any qword read back was wrong; 2-5 driver failures, 6 CPU exception,
-//! 9 panic). A read-only disk gets one write instead, which must fail: "read-only disk",
+//! 7 rng failure, 9 panic). A read-only disk gets one write instead, which must fail: "read-only disk",
 //! "write status=1" (IOERR), "pass 0 sum=H", exit 0.
 //!
 //! Every data request is submitted with `*_blocks_nb`, and the guest sleeps in `hlt` until
@@ -26,6 +27,7 @@ mod rt;
 
 use core::ptr::addr_of_mut;
 use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk, SECTOR_SIZE};
+use virtio_drivers::device::rng::VirtIORng;
 use virtio_drivers::transport::mmio::MmioTransport;
 use virtio_drivers::Error;
 
@@ -33,6 +35,7 @@ const NSECT: usize = 64;
 const PASSES: u64 = 3;
 const DISK_SLOT: usize = 0;
 const VIRTIO_ID_BLOCK: u32 = 2;
+const VIRTIO_ID_RNG: u32 = 4;
 
 type Blk = VirtIOBlk<rt::GuestHal, MmioTransport<'static>>;
 
@@ -118,6 +121,37 @@ fn read_check(blk: &mut Blk, pass: u64) -> u64 {
     }
 }
 
+/// With a virtio-rng device among the slots, 32 bytes through the crate's rng driver:
+/// "rng ok" when they came and are not all alike (exit 7 otherwise). Without one, nothing.
+fn rng_check(slots: &[Option<rt::Slot>]) {
+    let Some(slot) = slots
+        .iter()
+        .flatten()
+        .find(|s| s.device_id == VIRTIO_ID_RNG)
+    else {
+        return;
+    };
+    let mut rng = match VirtIORng::<rt::GuestHal, _>::new(rt::transport(slot.index)) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("virtio-rng probe failed: {e:?}");
+            rt::exit(7)
+        }
+    };
+    rt::route_device_irq(slot.index);
+    rng.enable_interrupts();
+    let mut buf = [0u8; 32];
+    let got = rng.request_entropy(&mut buf);
+    rng.ack_interrupt();
+    match got {
+        Ok(32) if buf.iter().any(|&b| b != buf[0]) => println!("rng ok"),
+        other => {
+            println!("rng failed: {other:?} {buf:02x?}");
+            rt::exit(7)
+        }
+    }
+}
+
 pub fn guest_main() -> ! {
     let (slots, n) = rt::probe();
     match slots[DISK_SLOT] {
@@ -184,6 +218,8 @@ pub fn guest_main() -> ! {
     blk.ack_interrupt();
     let id = core::str::from_utf8(&id[..len]).unwrap_or("?");
     println!("id {id}");
+
+    rng_check(&slots[..n]);
 
     // Edge-triggered pulses that arrive while one is still pending merge (as on hardware), so
     // the count is not one per request; every wait above ended in `hlt`, which only an
