@@ -489,8 +489,8 @@ const BENCH_PHASES: [(&str, u64, u64); 6] = [
 ];
 
 /// Seconds per phase between the guest's "start NAME" and "end NAME" lines, as vmboot's
-/// stdout delivers them; None for phases the guest does not run.
-fn bench_guest(dir: &Path, image: &Path, fmt: &str, last: &str) -> Vec<Option<f64>> {
+/// stdout delivers them, by phase name.
+fn bench_guest(dir: &Path, image: &Path, fmt: &str, last: &str) -> Vec<(String, f64)> {
     let disk = dir.join(format!(
         "bench-{}.{fmt}",
         image.file_stem().unwrap().to_string_lossy()
@@ -536,15 +536,11 @@ fn bench_guest(dir: &Path, image: &Path, fmt: &str, last: &str) -> Vec<Option<f6
     }
     let (code, out, err) = r.finish(RUN_TIMEOUT);
     assert_eq!(code, 0, "{out}{err}");
-    let at = |l: String| seen.iter().find(|(s, _)| *s == l).map(|(_, t)| *t);
-    BENCH_PHASES
-        .iter()
-        .map(|&(n, _, _)| {
-            Some(
-                at(format!("end {n}"))?
-                    .duration_since(at(format!("start {n}"))?)
-                    .as_secs_f64(),
-            )
+    seen.iter()
+        .filter_map(|(l, t0)| {
+            let name = l.strip_prefix("start ")?;
+            let (_, t1) = seen.iter().find(|(e, _)| *e == format!("end {name}"))?;
+            Some((name.to_string(), t1.duration_since(*t0).as_secs_f64()))
         })
         .collect()
 }
@@ -564,16 +560,22 @@ fn bench_rs_guest_blk() {
     let d = tempfile::tempdir().unwrap();
     println!("MiB/s (requests/s); one request in flight");
     println!(
-        "{:<6} {:<12} {:>8} {:>22} {:>22}",
-        "format", "phase", "request", "virtio-drivers + irq", "assembly, polling"
+        "{:<6} {:<12} {:>8} {:>22} {:>22} {:>22}",
+        "format",
+        "phase",
+        "request",
+        "virtio-drivers, irq",
+        "virtio-drivers, poll",
+        "assembly, poll"
     );
     for fmt in ["raw", "qcow2"] {
         if fmt == "qcow2" && !have_qemu_img() {
             continue;
         }
-        let r = bench_guest(d.path(), &rs, fmt, "end seqread64k");
+        let r = bench_guest(d.path(), &rs, fmt, "end seqread64k-poll");
         let a = bench_guest(d.path(), &asm, fmt, "end randread");
-        for (i, &(phase, count, size)) in BENCH_PHASES.iter().enumerate() {
+        let find = |v: &[(String, f64)], n: String| v.iter().find(|(p, _)| *p == n).map(|x| x.1);
+        for &(phase, count, size) in &BENCH_PHASES {
             let cell = |t: Option<f64>| match t {
                 Some(t) => format!(
                     "{:.2} ({:.0})",
@@ -583,10 +585,11 @@ fn bench_rs_guest_blk() {
                 None => "-".into(),
             };
             println!(
-                "{fmt:<6} {phase:<12} {:>8} {:>22} {:>22}",
+                "{fmt:<6} {phase:<12} {:>8} {:>22} {:>22} {:>22}",
                 format!("{} KiB", size / 1024),
-                cell(r[i]),
-                cell(a[i])
+                cell(find(&r, phase.to_string())),
+                cell(find(&r, format!("{phase}-poll"))),
+                cell(find(&a, phase.to_string()))
             );
         }
     }

@@ -11,13 +11,13 @@
 //!   "rng ok"                     only with a virtio-rng device: 32 bytes of entropy came
 //!   "interrupts ok"              the disk's interrupt arrived (exit 4 if it never did)
 //! then exits 0 (1 if any qword read back was wrong; 2-5 driver failures, 6 CPU exception,
-//! 7 rng failure, 9 panic). A read-only disk gets one write instead, which must fail: "read-only disk",
-//! "write status=1" (IOERR), "pass 0 sum=H", exit 0.
+//! 7 rng failure, 9 panic). A read-only disk gets one write instead, which must fail:
+//! "read-only disk", "write status=1" (IOERR), "pass 0 sum=H", exit 0.
 //!
 //! Every data request is submitted with `*_blocks_nb`, and the guest sleeps in `hlt` until
 //! the disk's interrupt (IOAPIC pin 5 -> vector 0x30) shows the request in the used ring.
 //! FLUSH and GET_ID use the crate's blocking calls (it offers no other), which spin on the
-//! used ring; their interrupts still arrive and are counted.
+//! used ring; their interrupts still arrive.
 #![no_std]
 #![no_main]
 

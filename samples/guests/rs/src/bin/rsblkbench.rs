@@ -4,8 +4,10 @@
 //! "randwrite" and "randread" (4 KiB blocks in the first 64 MiB, picked by the LCG
 //! x = x * 6364136223846793005 + 1442695040888963407, block = (x >> 33) & 16383, x0 = 1),
 //! then "seqwrite64k" and "seqread64k": 1024 requests of 64 KiB over the first 64 MiB.
-//! Each phase is framed by "start NAME" / "end NAME" lines the host timestamps. Disk 0 must
-//! hold at least 64 MiB. Exits 0 (3 if a request fails, 2 without a disk).
+//! Then all six again with interrupts off, spinning on the used ring ("NAME-poll"): the
+//! difference is the cost of sleeping in `hlt` and being woken by the interrupt. Each phase
+//! is framed by "start NAME" / "end NAME" lines the host timestamps. Disk 0 must hold at
+//! least 64 MiB. Exits 0 (3 if a request fails, 2 without a disk).
 #![no_std]
 #![no_main]
 
@@ -24,7 +26,7 @@ const BIG: usize = 64 << 10;
 
 static mut BUF: [u8; BIG] = [0; BIG];
 
-fn request(blk: &mut Blk, write: bool, sector: usize, buf: &mut [u8]) {
+fn request(blk: &mut Blk, poll: bool, write: bool, sector: usize, buf: &mut [u8]) {
     let mut req = BlkReq::default();
     let mut resp = BlkResp::default();
     // SAFETY: req, buf and resp stay untouched until the request completes below.
@@ -39,8 +41,14 @@ fn request(blk: &mut Blk, write: bool, sector: usize, buf: &mut [u8]) {
         println!("submit failed");
         rt::exit(3)
     };
-    rt::wait_for(|| blk.peek_used() == Some(token));
-    blk.ack_interrupt();
+    if poll {
+        while blk.peek_used() != Some(token) {
+            core::hint::spin_loop();
+        }
+    } else {
+        rt::wait_for(|| blk.peek_used() == Some(token));
+        blk.ack_interrupt();
+    }
     // SAFETY: the same buffers as submitted.
     let r = unsafe {
         if write {
@@ -69,33 +77,39 @@ pub fn guest_main() -> ! {
     blk.enable_interrupts();
     // SAFETY: one request at a time uses the buffer.
     let buf = unsafe { &mut *addr_of_mut!(BUF) };
-    for (name, write, random) in [
-        ("seqwrite", true, false),
-        ("seqread", false, false),
-        ("randwrite", true, true),
-        ("randread", false, true),
-    ] {
-        println!("start {name}");
-        let mut x: u64 = 1;
-        for i in 0..COUNT {
-            let block = if random {
-                x = x
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                (x >> 33) & 16383
-            } else {
-                i
-            };
-            request(&mut blk, write, block as usize * 8, &mut buf[..4096]);
+    for poll in [false, true] {
+        if poll {
+            blk.disable_interrupts();
         }
-        println!("end {name}");
-    }
-    for (name, write) in [("seqwrite64k", true), ("seqread64k", false)] {
-        println!("start {name}");
-        for i in 0..1024 {
-            request(&mut blk, write, i * (BIG / 512), buf);
+        let suffix = if poll { "-poll" } else { "" };
+        for (name, write, random) in [
+            ("seqwrite", true, false),
+            ("seqread", false, false),
+            ("randwrite", true, true),
+            ("randread", false, true),
+        ] {
+            println!("start {name}{suffix}");
+            let mut x: u64 = 1;
+            for i in 0..COUNT {
+                let block = if random {
+                    x = x
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    (x >> 33) & 16383
+                } else {
+                    i
+                };
+                request(&mut blk, poll, write, block as usize * 8, &mut buf[..4096]);
+            }
+            println!("end {name}{suffix}");
         }
-        println!("end {name}");
+        for (name, write) in [("seqwrite64k", true), ("seqread64k", false)] {
+            println!("start {name}{suffix}");
+            for i in 0..1024 {
+                request(&mut blk, poll, write, i * (BIG / 512), buf);
+            }
+            println!("end {name}{suffix}");
+        }
     }
     rt::exit(0)
 }
