@@ -479,6 +479,36 @@ fn rs_guest_read_only_disk() {
     assert!(std::fs::read(&disk).unwrap() == initial_content());
 }
 
+/// `samples/rsblk.toml` as shipped, beside its image and a fresh 1 MiB disk, as the README
+/// runs it.
+#[test]
+fn rs_guest_sample_config_boots() {
+    if !kvm_available("Rust guest tests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("guests/bin")).unwrap();
+    std::fs::copy(
+        guest_bin_dir().join("rsblk.bin"),
+        d.join("guests/bin/rsblk.bin"),
+    )
+    .unwrap();
+    std::fs::copy(samples_dir().join("rsblk.toml"), d.join("rsblk.toml")).unwrap();
+    std::fs::File::create(d.join("blk-disk.img"))
+        .unwrap()
+        .set_len(DISK_SIZE)
+        .unwrap();
+    let (code, out, err) = spawn(&["run", "rsblk.toml"], d).finish(RUN_TIMEOUT);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.starts_with("capacity 2048\n"), "{out}");
+    assert!(
+        out.contains("pass 3 sum=") && out.contains(" bad=0\n"),
+        "{out}"
+    );
+    assert!(out.ends_with("id vmboot-disk0\ninterrupts ok\n"), "{out}");
+}
+
 const BENCH_PHASES: [(&str, u64, u64); 6] = [
     ("seqwrite", 2048, 4096),
     ("seqread", 2048, 4096),
