@@ -60,7 +60,7 @@ fi
 
 # The Rust test guest (samples/guests/rs, tests/tests/rs_guest.rs) is no_std on the
 # x86_64-unknown-none target; built once here, so a build failure shows up on its own.
-if ! rustup target list --installed | grep -qx x86_64-unknown-none; then
+if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx x86_64-unknown-none; then
   echo "== installing the Rust target x86_64-unknown-none"
   rustup target add x86_64-unknown-none
 fi
