@@ -19,9 +19,15 @@ fi
 cd "$here"
 cargo build --release --locked --quiet
 mkdir -p "$out"
+# vmboot's build script watches samples/guests: a file there is replaced only when its bytes
+# change, so a rebuild that changed nothing does not make cargo rebuild vmboot.
 for b in rsblk rsblkbench; do
-  tmp="$(mktemp "$out/.$b.XXXXXX")"
-  chmod 644 "$tmp"
-  objcopy -O binary "$CARGO_TARGET_DIR/x86_64-unknown-none/release/$b" "$tmp"
-  mv -f "$tmp" "$out/$b.bin"
+  flat="$CARGO_TARGET_DIR/$b.bin"
+  objcopy -O binary "$CARGO_TARGET_DIR/x86_64-unknown-none/release/$b" "$flat"
+  if ! cmp -s "$flat" "$out/$b.bin"; then
+    tmp="$(mktemp "$out/.$b.XXXXXX")"
+    cat "$flat" > "$tmp"
+    chmod 644 "$tmp"
+    mv -f "$tmp" "$out/$b.bin"
+  fi
 done
