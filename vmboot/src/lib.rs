@@ -31,6 +31,6 @@ pub mod vmm;
 pub use memory::GuestMemoryInit;
 pub use persist::{VcpuState, VmState};
 pub use vmm::{
-    block_exit_signals, terminate_on_signals, BootFiles, BootPayload, ExitReason, RunOptions,
-    SerialSink, Vm, VmHandle,
+    block_exit_signals, terminate_all_on_signals, terminate_on_signals, BootFiles, BootPayload,
+    ExitReason, RunOptions, SerialSink, Vm, VmHandle,
 };

@@ -1045,6 +1045,11 @@ pub fn block_exit_signals() {
 /// arrives, so Ctrl-C or `kill` never leaves a socket or a work folder behind. Fails if
 /// the thread that waits for them cannot start (the signals would stay blocked).
 pub fn terminate_on_signals(vm: Arc<VmHandle>) -> Result<()> {
+    terminate_all_on_signals(vec![vm])
+}
+
+/// [`terminate_on_signals`] for several VMs of one process (clones): a signal ends them all.
+pub fn terminate_all_on_signals(vms: Vec<Arc<VmHandle>>) -> Result<()> {
     let set = exit_signals();
     std::thread::Builder::new()
         .name("signals".into())
@@ -1052,7 +1057,9 @@ pub fn terminate_on_signals(vm: Arc<VmHandle>) -> Result<()> {
             let mut sig: libc::c_int = 0;
             // SAFETY: waits on a valid set of signals blocked in every thread.
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                vm.terminate(sig);
+                for vm in &vms {
+                    vm.terminate(sig);
+                }
             }
         })
         .context("cannot start the thread that handles Ctrl-C and kill")?;
