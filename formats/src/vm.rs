@@ -892,6 +892,7 @@ pub fn extract_stream<R: io::Read>(
                 section,
                 offset,
                 data,
+                zero,
             } => {
                 if Some(section) == manifest_id && extractor.is_none() {
                     if manifest_bytes.len() as u64 + data.len() as u64 > MAX_MANIFEST_LEN {
@@ -899,7 +900,7 @@ pub fn extract_stream<R: io::Read>(
                     }
                     manifest_bytes.extend_from_slice(data);
                 } else if let Some((id, k)) = &sink {
-                    if *id == section {
+                    if *id == section && !zero {
                         k.write(offset, data).map_err(|e| io_err(&k.path, e))?;
                     }
                 }

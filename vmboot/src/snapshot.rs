@@ -864,7 +864,9 @@ fn restore_stream<R: Read + 'static>(
                     disk_files.push((i, f, p));
                 }
             }
-            StreamEvent::Chunk { offset, data, .. } => {
+            StreamEvent::Chunk {
+                offset, data, zero, ..
+            } => {
                 let (name, kind) = current
                     .as_ref()
                     .ok_or_else(|| anyhow!("{label}: chunk outside a section"))?;
@@ -873,7 +875,7 @@ fn restore_stream<R: Read + 'static>(
                     let (_, f, p) = disk_files
                         .last()
                         .expect("disk file opened at section start");
-                    if data.iter().any(|&b| b != 0) {
+                    if !zero && data.iter().any(|&b| b != 0) {
                         f.write_all_at(data, offset)
                             .with_context(|| format!("writing {}", p.display()))?;
                     }
@@ -978,7 +980,9 @@ fn restore_stream<R: Read + 'static>(
                     }
                     section = Some(info.name.clone());
                 }
-                StreamEvent::Chunk { offset, data, .. } => {
+                StreamEvent::Chunk {
+                    offset, data, zero, ..
+                } => {
                     let name = section.as_deref().unwrap_or("");
                     let gpa = gpas
                         .iter()
@@ -995,7 +999,7 @@ fn restore_stream<R: Read + 'static>(
                     if end > region.1.len() {
                         bail!("{label_owned}: section '{name}': chunk at {offset:#x} runs past its RAM region");
                     }
-                    if data.iter().any(|&b| b != 0) {
+                    if !zero && data.iter().any(|&b| b != 0) {
                         region.1[offset as usize..end].copy_from_slice(data);
                     }
                 }

@@ -32,6 +32,10 @@ use clap::{Parser, Subcommand};
     about = "Pack a virtual machine into one portable .vmpack file"
 )]
 struct Cli {
+    /// Let an output replace an existing file whose permissions deny you writing it (the
+    /// new file keeps the old one's mode). Never replaces a symbolic link or writes through one.
+    #[arg(long, global = true)]
+    force: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -80,6 +84,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before any worker thread starts, so every thread inherits the blocked mask.
     output::install_signal_cleanup();
+    output::set_force(cli.force);
+    // A write past RLIMIT_FSIZE fails with EFBIG instead of killing the process, so a failed
+    // save still removes its temporary and resumes the VM it paused.
+    // SAFETY: setting a signal's disposition to ignore has no handler to be unsafe in.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let guest_status = |r: anyhow::Result<i32>| -> anyhow::Result<()> {
         let code = r?;
         if code != 0 {
