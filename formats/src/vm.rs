@@ -616,6 +616,41 @@ impl Manifest {
         Ok(())
     }
 
+    /// Checks the memory sections against the VM's memory before any of them is read: each
+    /// region and their total must fit in `memory_mib` of the packed config (itself at most
+    /// [`crate::config::MAX_MEMORY_MIB`]). `offset` gives a section's file offset for the
+    /// message, where known.
+    pub fn check_memory(
+        &self,
+        file: &str,
+        offset: &dyn Fn(&str) -> Option<u64>,
+    ) -> Result<(), VmPackError> {
+        if self.memory.is_empty() {
+            return Ok(());
+        }
+        // Only memory_mib is used: the base folder is never touched.
+        let cfg = self.config_at(Path::new("/nonexistent"), file)?;
+        let limit = cfg.memory_mib << 20;
+        let mut total = 0u64;
+        for m in &self.memory {
+            total = total.saturating_add(m.size);
+            if m.size > limit || total > limit || m.gpa.checked_add(m.size).is_none() {
+                let at = offset(&m.section)
+                    .map(|o| format!("file offset {o}: "))
+                    .unwrap_or_default();
+                return Err(VmPackError::Invalid {
+                    file: file.to_string(),
+                    section: m.section.clone(),
+                    message: format!(
+                        "{at}memory region {:#x}+{:#x} ({} bytes) does not fit in the VM's memory (memory_mib = {}, {limit} bytes in all); refused before reading it",
+                        m.gpa, m.size, m.size, cfg.memory_mib
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The packed config, with file paths resolved against `base` (where the files are or
     /// will be unpacked). `file` names the pack in error messages.
     pub fn config_at(&self, base: &Path, file: &str) -> Result<VmConfig, VmPackError> {
@@ -691,6 +726,11 @@ impl VmPack {
         let file = path.display().to_string();
         let manifest = read_manifest(&reader, &file)?;
         manifest.check_sections(reader.sections(), &file)?;
+        manifest.check_memory(&file, &|name| {
+            reader
+                .section(name)
+                .and_then(|s| reader.section_offset(s.id))
+        })?;
         Ok(VmPack {
             reader,
             manifest,

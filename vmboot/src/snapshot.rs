@@ -832,6 +832,10 @@ fn restore_stream<R: Read + 'static>(
         match sr.next_event()? {
             StreamEvent::Section(info) => {
                 if info.kind == vmpack_formats::pack::kind::MEMORY {
+                    let m = manifest
+                        .as_ref()
+                        .ok_or_else(|| anyhow!("{label}: memory before manifest"))?;
+                    check_stream_memory(m, info, label)?;
                     current = Some((info.name.clone(), info.kind));
                     break;
                 }
@@ -898,6 +902,7 @@ fn restore_stream<R: Read + 'static>(
                 match kind {
                     vmpack_formats::pack::kind::MANIFEST => {
                         let m = Manifest::parse(&buf, label)?;
+                        m.check_memory(label, &|_| None)?;
                         cfg = Some(pack_config(&m, label, &work.path)?);
                         manifest = Some(m);
                     }
@@ -969,6 +974,7 @@ fn restore_stream<R: Read + 'static>(
         .and_then(|f| Some((f.in_memory?, f.size)));
     let initrd = Arc::new(std::sync::OnceLock::new());
     let initrd_slot = initrd.clone();
+    let manifest_mem = manifest.clone();
     let init = GuestMemoryInit::Fill(Box::new(move |regions| {
         let mut section = first;
         loop {
@@ -978,6 +984,7 @@ fn restore_stream<R: Read + 'static>(
                     if info.kind != vmpack_formats::pack::kind::MEMORY {
                         bail!("{label_owned}: section '{}' after memory; expected memory sections last", info.name);
                     }
+                    check_stream_memory(&manifest_mem, info, &label_owned)?;
                     section = Some(info.name.clone());
                 }
                 StreamEvent::Chunk {
@@ -1034,6 +1041,25 @@ fn restore_stream<R: Read + 'static>(
             warnings,
         },
     ))
+}
+
+/// A memory section read from a stream must be one the manifest lists, with its size (the
+/// manifest's sizes were checked against the VM's memory), before any of its chunks is read.
+fn check_stream_memory(
+    m: &Manifest,
+    info: &vmpack_formats::pack::SectionInfo,
+    label: &str,
+) -> Result<()> {
+    match m.memory.iter().find(|r| r.section == info.name) {
+        Some(r) if r.size == info.size => Ok(()),
+        Some(r) => bail!(
+            "{label}: section '{}': holds {} bytes, the manifest says {}; refused before reading it",
+            info.name,
+            info.size,
+            r.size
+        ),
+        None => bail!("{label}: section '{}' is not in the manifest", info.name),
+    }
 }
 
 fn io_pack_error(path: &Path, e: std::io::Error) -> PackError {

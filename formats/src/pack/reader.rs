@@ -153,6 +153,10 @@ impl PackReader {
     pub fn section(&self, name: &str) -> Option<&SectionInfo> {
         self.infos.iter().find(|s| s.name == name)
     }
+    /// File offset of a section's `SECT` frame, for messages.
+    pub fn section_offset(&self, section: u32) -> Option<u64> {
+        self.descs.get(section as usize).map(|d| d.sect_offset)
+    }
     /// The chunks of a section in order; empty for an unknown id.
     pub fn chunks(&self, section: u32) -> &[ChunkEntry] {
         match self.ranges.get(section as usize) {

@@ -1,0 +1,186 @@
+//! Hostile packs that are intact containers: sizes that claim far more than the file holds,
+//! names made to collide or to inject terminal escapes, and restores short of memory. Each
+//! is refused (or handled) by the real binaries with a message, never a panic, and at a
+//! cost bounded by the file's size.
+
+mod common;
+
+use common::{bin, fails, flat_vm, ok, run, vmpack};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use vmpack_formats::pack::{Compression, PackReader, PackWriter, SectionSource, WriteOptions};
+
+const TIB: u64 = 1 << 40;
+const CHUNK: u32 = 64 << 20;
+
+/// `len` bytes that are all zero: the writer stores them as zero chunks without reading.
+struct Zeros(u64);
+
+impl SectionSource for Zeros {
+    fn len(&self) -> u64 {
+        self.0
+    }
+    fn read_at(&self, buf: &mut [u8], _offset: u64) -> std::io::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+    fn data_ranges(&self) -> std::io::Result<Vec<std::ops::Range<u64>>> {
+        Ok(Vec::new())
+    }
+}
+
+/// Rewrites `src` into `dst`: section `big` becomes `size` bytes of 64 MiB zero chunks, and
+/// `manifest` edits the manifest (JSON).
+fn inflate(src: &Path, dst: &Path, big: &str, size: u64, manifest: impl Fn(&mut Value)) {
+    let r = PackReader::open(src).unwrap();
+    let out = std::fs::File::create(dst).unwrap();
+    let mut w = PackWriter::new(
+        out,
+        WriteOptions {
+            aligned: false,
+            compression: Compression::None,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for s in r.sections() {
+        let mut meta = s.meta.clone();
+        if s.name == big {
+            if meta.get("virtual_size").is_some() {
+                meta["virtual_size"] = size.into();
+            }
+            w.add_section_with(
+                s.kind,
+                &s.name,
+                meta,
+                &Zeros(size),
+                CHUNK,
+                Compression::None,
+                &(),
+            )
+            .unwrap();
+            continue;
+        }
+        let mut bytes = r.read_section(s.id, 1 << 30).unwrap();
+        if s.name == "manifest" {
+            let mut v: Value = serde_json::from_slice(&bytes).unwrap();
+            manifest(&mut v);
+            bytes = serde_json::to_vec(&v).unwrap();
+        }
+        w.add_section_with(
+            s.kind,
+            &s.name,
+            meta,
+            &bytes,
+            s.chunk_size,
+            Compression::None,
+            &(),
+        )
+        .unwrap();
+    }
+    w.finish().unwrap();
+}
+
+fn old_pack() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/counter-v0.1-main.vmpack")
+}
+
+/// A disk of 1 TiB in 16384 zero chunks, in a pack of under 3 MB: every chunk is checked
+/// (its frame header against the index), none is materialised, by `verify FILE` and
+/// `verify -`.
+#[test]
+fn a_terabyte_of_zero_chunks_is_verified_by_its_headers() {
+    let t = tempfile::tempdir().unwrap();
+    flat_vm(t.path(), false);
+    ok(&run(t.path(), &["pack", "vm.toml", "-o", "small.vmpack"]));
+    let big = t.path().join("big.vmpack");
+    inflate(&t.path().join("small.vmpack"), &big, "disk/0", TIB, |m| {
+        m["disks"][0]["virtual_size"] = TIB.into();
+    });
+    assert!(std::fs::metadata(&big).unwrap().len() < 3 << 20);
+    let zero = TIB / CHUNK as u64;
+    let o = ok(&run(t.path(), &["verify", "big.vmpack"]));
+    assert!(o.starts_with("OK big.vmpack:"), "{o}");
+    assert!(o.contains(&format!(" zero)")), "{o}");
+    let zeros: u64 = o
+        .split(" zero)")
+        .next()
+        .and_then(|s| s.rsplit('(').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(zeros >= zero, "{o}");
+    let o = Command::new(vmpack())
+        .args(["verify", "-"])
+        .stdin(std::fs::File::open(&big).unwrap())
+        .output()
+        .unwrap();
+    let out = ok(&o);
+    assert!(out.contains(&format!("({zeros} zero)")), "{out}");
+    // One flipped byte in a zero chunk's frame header is still found.
+    let mut bytes = std::fs::read(&big).unwrap();
+    let r = PackReader::open(&big).unwrap();
+    let s = r.section("disk/0").unwrap();
+    let c = &r.chunks(s.id)[777];
+    bytes[c.frame_offset() as usize + 20] ^= 1;
+    std::fs::write(t.path().join("flip.vmpack"), &bytes).unwrap();
+    let err = fails(&run(t.path(), &["verify", "flip.vmpack"]));
+    assert!(
+        err.contains("section 'disk/0'") && err.contains("chunk 777"),
+        "{err}"
+    );
+}
+
+/// A saved VM of 16 MiB whose memory section claims 1 TiB: refused by `verify`, by
+/// `vmboot restore FILE` and by `vmboot restore -` before any chunk of it is read, naming
+/// the section and (for a file) its offset.
+#[test]
+fn a_memory_section_larger_than_the_vms_memory_is_refused_before_reading() {
+    let t = tempfile::tempdir().unwrap();
+    let big = t.path().join("mem.vmpack");
+    inflate(&old_pack(), &big, "memory/0", TIB, |m| {
+        m["memory"][0]["size"] = TIB.into();
+    });
+    let off = {
+        let r = PackReader::open(&big).unwrap();
+        r.section_offset(r.section("memory/0").unwrap().id).unwrap()
+    };
+    let expect = format!(
+        "section 'memory/0': file offset {off}: memory region 0x0+0x10000000000 ({TIB} bytes) does not fit in the VM's memory (memory_mib = 16"
+    );
+    let err = fails(&run(t.path(), &["verify", "mem.vmpack"]));
+    assert!(err.contains(&expect), "{err}");
+    let o = Command::new(bin("vmboot"))
+        .current_dir(t.path())
+        .env("VMPACK_CACHE_DIR", t.path().join("cache"))
+        .args(["restore", "mem.vmpack"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = fails(&o);
+    assert!(err.contains(&expect), "{err}");
+    let o = Command::new(bin("vmboot"))
+        .current_dir(t.path())
+        .env("VMPACK_CACHE_DIR", t.path().join("cache"))
+        .args(["restore", "-"])
+        .stdin(std::fs::File::open(&big).unwrap())
+        .output()
+        .unwrap();
+    let err = fails(&o);
+    assert!(
+        err.contains("section 'memory/0': memory region 0x0+0x10000000000"),
+        "{err}"
+    );
+    // A stream whose section is larger than its manifest entry: refused at the section.
+    let lie = t.path().join("lie.vmpack");
+    inflate(&old_pack(), &lie, "memory/0", TIB, |_| {});
+    let o = Command::new(bin("vmboot"))
+        .current_dir(t.path())
+        .env("VMPACK_CACHE_DIR", t.path().join("cache"))
+        .args(["restore", "-"])
+        .stdin(std::fs::File::open(&lie).unwrap())
+        .output()
+        .unwrap();
+    let err = fails(&o);
+    assert!(err.contains("section 'memory/0'"), "{err}");
+}
