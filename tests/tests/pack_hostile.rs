@@ -184,3 +184,130 @@ fn a_memory_section_larger_than_the_vms_memory_is_refused_before_reading() {
     let err = fails(&o);
     assert!(err.contains("section 'memory/0'"), "{err}");
 }
+
+/// Rewrites `src` into `dst` with `edit` applied to its manifest (JSON).
+fn edit_manifest(src: &Path, dst: &Path, edit: impl Fn(&mut Value)) {
+    common::rewrite_pack_json(src, dst, edit, |_| {});
+}
+
+#[track_caller]
+fn no_raw_controls(what: &str, bytes: &[u8]) {
+    let s = String::from_utf8_lossy(bytes);
+    assert!(
+        !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t'),
+        "{what} holds a raw control character: {s:?}"
+    );
+}
+
+/// Unpack writes `vm.toml`, `vmstate.bin` and `memory-N.raw` itself: a pack whose boot file
+/// takes one of those names is refused (it would be overwritten by the memory dump), and a
+/// config's file of that name is packed under another name.
+#[test]
+fn generated_names_are_reserved() {
+    let t = tempfile::tempdir().unwrap();
+    for name in ["memory-0.raw", "vmstate.bin", "vm.toml"] {
+        let bad = t.path().join("bad.vmpack");
+        edit_manifest(&old_pack(), &bad, |m| m["files"][0]["name"] = name.into());
+        let out = t.path().join("out");
+        let err = fails(&run(
+            t.path(),
+            &["unpack", "bad.vmpack", "-o", out.to_str().unwrap()],
+        ));
+        assert!(
+            err.contains(&format!(
+                "section 'manifest': file name '{name}' is reserved"
+            )),
+            "{err}"
+        );
+        assert!(!out.exists());
+        let err = fails(&run(t.path(), &["verify", "bad.vmpack"]));
+        assert!(err.contains("is reserved"), "{err}");
+    }
+    // Packing a guest image that happens to be called memory-0.raw: it gets another name.
+    let src = t.path().join("src");
+    flat_vm(&src, false);
+    std::fs::rename(src.join("guests/counter.bin"), src.join("memory-0.raw")).unwrap();
+    let cfg = std::fs::read_to_string(src.join("vm.toml"))
+        .unwrap()
+        .replace("guests/counter.bin", "memory-0.raw");
+    std::fs::write(src.join("vm.toml"), cfg).unwrap();
+    ok(&run(&src, &["pack", "vm.toml", "-o", "p.vmpack"]));
+    ok(&run(&src, &["unpack", "p.vmpack", "-o", "u"]));
+    assert!(!src.join("u/memory-0.raw").exists());
+    assert_eq!(
+        std::fs::read(src.join("u/image")).unwrap(),
+        common::FLAT_GUEST
+    );
+}
+
+/// Names with control characters: refused when packing, refused on read, and whatever a
+/// pack holds reaches the terminal escaped (inspect's text and JSON, every error message).
+#[test]
+fn control_characters_in_names_are_refused_and_never_printed_raw() {
+    let t = tempfile::tempdir().unwrap();
+    // At pack time.
+    let src = t.path().join("src");
+    flat_vm(&src, false);
+    let evil = "g\u{1b}]0;owned\u{7}.bin";
+    std::fs::copy(src.join("guests/counter.bin"), src.join(evil)).unwrap();
+    let cfg = std::fs::read_to_string(src.join("vm.toml"))
+        .unwrap()
+        .replace("guests/counter.bin", "g\\u001b]0;owned\\u0007.bin");
+    std::fs::write(src.join("evil.toml"), cfg).unwrap();
+    let o = run(&src, &["pack", "evil.toml", "-o", "e.vmpack"]);
+    let err = fails(&o);
+    no_raw_controls("pack's message", &o.stderr);
+    assert!(
+        err.contains("g\\u{1b}]0;owned\\u{7}.bin: the file name contains control characters"),
+        "{err}"
+    );
+    assert!(!src.join("e.vmpack").exists());
+
+    // On read: a boot file name, the VM name in the config, a C1 control in a field.
+    let bad = t.path().join("bad.vmpack");
+    edit_manifest(&old_pack(), &bad, |m| {
+        m["files"][0]["name"] = "evil\u{1b}[2J.bin".into();
+        m["tool"] = "vmpack\u{9b}31m".into();
+        m["config"] = m["config"]
+            .as_str()
+            .unwrap()
+            .replace("name = \"counter\"", "name = \"x\u{1b}[31m\"")
+            .into();
+    });
+    let out = t.path().join("out");
+    let o = run(
+        t.path(),
+        &["unpack", "bad.vmpack", "-o", out.to_str().unwrap()],
+    );
+    let err = fails(&o);
+    no_raw_controls("unpack's message", &o.stderr);
+    assert!(
+        err.contains("file name 'evil\\u{1b}[2J.bin' contains control characters"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    for args in [
+        &["inspect", "bad.vmpack"][..],
+        &["inspect", "bad.vmpack", "--json"],
+    ] {
+        let o = run(t.path(), args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        no_raw_controls("inspect's output", &o.stdout);
+        no_raw_controls("inspect's message", &o.stderr);
+        assert!(String::from_utf8_lossy(&o.stderr).contains("contains control characters"));
+    }
+    // A manifest that is valid but carries controls in free text: shown escaped.
+    let text = t.path().join("text.vmpack");
+    edit_manifest(&old_pack(), &text, |m| {
+        m["tool"] = "vmpack\u{9b}31m\u{1b}[5m".into();
+    });
+    let o = run(t.path(), &["inspect", "text.vmpack"]);
+    let shown = ok(&o);
+    no_raw_controls("inspect's text", &o.stdout);
+    assert!(shown.contains("vmpack\\u{9b}31m\\u{1b}[5m"), "{shown}");
+    let o = run(t.path(), &["inspect", "text.vmpack", "--json"]);
+    let shown = ok(&o);
+    no_raw_controls("inspect's JSON", &o.stdout);
+    let v: Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(v["manifest"]["tool"], "vmpack\u{9b}31m\u{1b}[5m");
+}

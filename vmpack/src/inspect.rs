@@ -74,12 +74,40 @@ pub fn run(a: InspectArgs) -> Result<()> {
     if a.json {
         print_json(&a, &reader, manifest.as_ref(), &manifest_err, restore)?;
     } else {
-        print_text(&a, &reader, manifest.as_ref(), restore);
+        print!(
+            "{}",
+            vmpack_formats::vm::printable_lines(&text_report(
+                &a,
+                &reader,
+                manifest.as_ref(),
+                restore
+            ))
+        );
     }
     if let Some(e) = manifest_err.or(config_err) {
         anyhow::bail!("{e}");
     }
     Ok(())
+}
+
+/// serde_json escapes U+0000-U+001F; DEL and the C1 controls (U+0080-U+009F, e.g. CSI) are
+/// escaped here too. They can only occur inside strings, where `\uXXXX` is valid JSON.
+fn escape_json(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' {
+                format!("\\u{:04x}", c as u32)
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+macro_rules! outln {
+    ($o:ident, $($t:tt)*) => {
+        let _ = writeln!($o, $($t)*);
+    };
 }
 
 fn print_json(
@@ -116,7 +144,7 @@ fn print_json(
         "memory_restore": restore,
         "signatures": signatures(r),
     });
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    println!("{}", escape_json(&serde_json::to_string_pretty(&out)?));
     Ok(())
 }
 
@@ -138,33 +166,44 @@ fn signatures(r: &PackReader) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Option<&str>) {
+fn text_report(
+    a: &InspectArgs,
+    r: &PackReader,
+    m: Option<&Manifest>,
+    restore: Option<&str>,
+) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     let (major, minor) = r.version();
-    println!(
+    outln!(
+        out,
         "file:         {} ({})",
         a.file.display(),
         human_bytes(r.file_size())
     );
-    println!(
+    outln!(
+        out,
         "format:       vmpack {major}.{minor}{}",
         if r.aligned() { ", aligned" } else { "" }
     );
-    println!("root digest:  {}", hex::encode(r.root_digest()));
+    outln!(out, "root digest:  {}", hex::encode(r.root_digest()));
     let sigs = signatures(r);
     if !sigs.is_empty() {
         let keys: Vec<String> = sigs
             .iter()
             .map(|s| s["key"].as_str().unwrap_or("unreadable").to_string())
             .collect();
-        println!(
+        outln!(
+            out,
             "signatures:   {} (unchecked; `vmpack verify --allowed-signers FILE` checks them)",
             keys.join(", ")
         );
     }
     if let Some(m) = m {
-        println!("written by:   {} {}", m.tool, m.tool_version);
-        println!("created:      {}", m.created);
-        println!(
+        outln!(out, "written by:   {} {}", m.tool, m.tool_version);
+        outln!(out, "created:      {}", m.created);
+        outln!(
+            out,
             "host cpu:     {} family {} model {} stepping {}{}",
             m.host.vendor,
             m.host.family,
@@ -177,13 +216,14 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
             }
         );
         if !m.files.is_empty() {
-            println!("boot files:");
+            outln!(out, "boot files:");
             for f in &m.files {
                 let place = match f.in_memory {
                     Some(gpa) => format!("in guest RAM at {gpa:#x}, [{}]", f.section),
                     None => format!("[{}]", f.section),
                 };
-                println!(
+                outln!(
+                    out,
                     "  {:<7} {:<24} {:>10}  {place}",
                     f.role,
                     f.name,
@@ -192,9 +232,10 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
             }
         }
         if !m.disks.is_empty() {
-            println!("disks:");
+            outln!(out, "disks:");
             for d in &m.disks {
-                println!(
+                outln!(
+                    out,
                     "  {:<7} {:<24} {:>10}  {} {} [{}]",
                     d.index,
                     d.name,
@@ -206,10 +247,11 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
             }
         }
         if m.memory.is_empty() {
-            println!("memory:       none (not a saved VM)");
+            outln!(out, "memory:       none (not a saved VM)");
         } else {
             let total: u64 = m.memory.iter().map(|x| x.size).sum();
-            println!(
+            outln!(
+                out,
                 "memory:       {} in {} region(s); restore would {}",
                 human_bytes(total),
                 m.memory.len(),
@@ -219,18 +261,37 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
                 }
             );
             for x in &m.memory {
-                println!("  gpa {:#x} {} [{}]", x.gpa, human_bytes(x.size), x.section);
+                outln!(
+                    out,
+                    "  gpa {:#x} {} [{}]",
+                    x.gpa,
+                    human_bytes(x.size),
+                    x.section
+                );
             }
         }
-        println!("vmstate:      {}", m.vmstate.as_deref().unwrap_or("none"));
+        outln!(
+            out,
+            "vmstate:      {}",
+            m.vmstate.as_deref().unwrap_or("none")
+        );
     }
-    println!("sections:");
-    println!(
+    outln!(out, "sections:");
+    outln!(
+        out,
         "  {:>3} {:<8} {:<14} {:>12} {:>12} {:>9} {:>8} {:>8}",
-        "id", "kind", "name", "size", "stored", "ratio", "chunks", "zero"
+        "id",
+        "kind",
+        "name",
+        "size",
+        "stored",
+        "ratio",
+        "chunks",
+        "zero"
     );
     for s in r.sections() {
-        println!(
+        outln!(
+            out,
             "  {:>3} {:<8} {:<14} {:>12} {:>12} {:>9} {:>8} {:>8}",
             s.id,
             kind_name(s.kind),
@@ -243,9 +304,10 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
         );
     }
     if let Some(m) = m {
-        println!("config:");
+        outln!(out, "config:");
         for line in m.config.lines() {
-            println!("  {line}");
+            outln!(out, "  {line}");
         }
     }
+    out
 }

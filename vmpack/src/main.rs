@@ -121,7 +121,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vmpack: {}", util::error_chain(&e));
+            // Messages quote names from packs and configs: never a raw control character.
+            eprintln!(
+                "vmpack: {}",
+                vmpack_formats::vm::printable_lines(&util::error_chain(&e))
+            );
             if e.downcast_ref::<util::Usage>().is_some() {
                 return ExitCode::from(2);
             }
