@@ -311,3 +311,105 @@ fn control_characters_in_names_are_refused_and_never_printed_raw() {
     let v: Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(v["manifest"]["tool"], "vmpack\u{9b}31m\u{1b}[5m");
 }
+
+/// Runs `vmpack ARGS` under `ulimit -v KIB` (in a `sh -c` wrapper); returns the exit status
+/// (128+N for a signal) and stderr.
+fn vmpack_under_ulimit(
+    kib: u64,
+    args: &str,
+    input: Option<&Path>,
+    dir: &Path,
+) -> (Option<i32>, String) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "ulimit -v {kib}; exec '{}' {args}",
+            vmpack().display()
+        ))
+        .current_dir(dir)
+        .env("VMPACK_CACHE_DIR", dir.join("cache"))
+        .stdout(Stdio::null());
+    match input {
+        Some(p) => cmd.stdin(std::fs::File::open(p).unwrap()),
+        None => cmd.stdin(Stdio::null()),
+    };
+    let o = cmd.output().unwrap();
+    let code = o.status.code().or(o.status.signal().map(|s| 128 + s));
+    (code, String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// `vmpack restore` (file and stdin), `verify` and `unpack` under every `ulimit -v` from the
+/// lowest at which vmpack starts up to the first that succeeds: a clean `vmpack:` error
+/// (status 1) or success, never a panic, a failed thread spawn or a null codec context.
+#[test]
+fn vmpack_short_of_memory_fails_cleanly() {
+    let t = tempfile::tempdir().unwrap();
+    let pack = old_pack();
+    let floor = (4..256u64)
+        .map(|m| m * 1024)
+        .find(|&k| vmpack_under_ulimit(k, "--version", None, t.path()).0 == Some(0))
+        .expect("vmpack never starts under ulimit -v");
+    let kvm = common::kvm_available("low-memory vmpack restore");
+    // A pack with real work for the worker threads and codecs: zstd chunks of a 64 MiB disk.
+    let src = t.path().join("src");
+    flat_vm(&src, false);
+    ok(&run(
+        &src,
+        &["pack", "vm.toml", "-o", "z.vmpack", "--compress", "zstd"],
+    ));
+    let z = src.join("z.vmpack");
+    let zp = z.display().to_string();
+    let p = pack.display().to_string();
+    let mut cases: Vec<(String, Option<&Path>)> = vec![
+        (format!("verify '{zp}'"), None),
+        (format!("unpack '{zp}' -o out"), None),
+        ("verify -".to_string(), Some(z.as_path())),
+    ];
+    if kvm {
+        cases.push((
+            format!("restore '{p}' --serial-out none --verify always"),
+            None,
+        ));
+        cases.push((
+            "restore - --serial-out none".to_string(),
+            Some(pack.as_path()),
+        ));
+    }
+    const STEP: u64 = 2048;
+    for (args, input) in cases {
+        let mut kib = floor;
+        let mut failures = 0;
+        loop {
+            let _ = std::fs::remove_dir_all(t.path().join("out"));
+            let (code, err) = vmpack_under_ulimit(kib, &args, input, t.path());
+            assert!(
+                !err.contains("panicked")
+                    && !err.contains("failed to spawn thread")
+                    && !err.contains("null pointer when creating new context"),
+                "ulimit -v {kib}: vmpack {args}: {err}"
+            );
+            match code {
+                Some(0) => break,
+                Some(1) => {
+                    assert!(
+                        err.lines().any(|l| l.starts_with("vmpack: ")),
+                        "{kib}: {err}"
+                    );
+                    failures += 1;
+                }
+                // The global allocator aborts on a failed small allocation, and a stack
+                // that cannot grow is a SIGSEGV: neither is a thread or codec failure.
+                Some(134) if err.contains("memory allocation of") => {}
+                Some(139) => {}
+                other => panic!("ulimit -v {kib}: vmpack {args}: status {other:?}: {err}"),
+            }
+            kib += STEP;
+            assert!(
+                kib < floor + (512 << 10),
+                "vmpack {args}: no run succeeded below {kib} KiB"
+            );
+        }
+        eprintln!("vmpack {args}: {failures} clean failures between {floor} and {kib} KiB");
+    }
+}
