@@ -472,12 +472,7 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     };
 
     let work = WorkDir::new(opts.work_dir.as_deref())?;
-    let cfg = pack_config(manifest, &label, &work.path)?;
-    let s = reader
-        .section(state_section)
-        .ok_or_else(|| anyhow!("{label}: section '{state_section}' is missing"))?;
-    let state_bytes = reader.read_section(s.id, MAX_VMSTATE_LEN)?;
-    let state = parse_state(&state_bytes, &label, state_section, &cfg)?;
+    let (cfg, state) = checked_state(&pack, state_section, &label, &work.path)?;
     let warnings = check_host(&state, &label)?;
     extract_disks(&pack, &work.path)?;
 
@@ -495,6 +490,60 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
             warnings,
         },
     ))
+}
+
+/// The config and saved state of a pack, with every check that needs no KVM: the config
+/// built only from the pack's own sections, the vmstate's parse (every KVM structure of
+/// exactly its size), its agreement with the config, and each memory section matching a
+/// saved RAM region. Nothing is written; `work` only names where disk copies would go.
+fn checked_state(
+    pack: &VmPack,
+    state_section: &str,
+    label: &str,
+    work: &Path,
+) -> Result<(VmConfig, VmState)> {
+    let manifest = pack.manifest();
+    let reader = pack.reader();
+    let cfg = pack_config(manifest, label, work)?;
+    let s = reader
+        .section(state_section)
+        .ok_or_else(|| anyhow!("{label}: section '{state_section}' is missing"))?;
+    let state_bytes = reader.read_section(s.id, MAX_VMSTATE_LEN)?;
+    let state = parse_state(&state_bytes, label, state_section, &cfg)?;
+    check_memory_regions(manifest, &state, label)?;
+    Ok((cfg, state))
+}
+
+/// Every check [`restore`] makes on a pack file before KVM is touched (for fuzzing and for
+/// tools that vet a pack): [`VmPack::open`]'s, then the config and vmstate checks. The
+/// device-state checks (virtqueue sizes and features) run when the devices are rebuilt.
+pub fn check_pack_before_kvm(path: &Path) -> Result<()> {
+    let pack = VmPack::open(path)?;
+    let label = path.display().to_string();
+    let Some(state_section) = pack.manifest().vmstate.clone() else {
+        let _ = pack.config()?;
+        return Ok(());
+    };
+    checked_state(&pack, &state_section, &label, Path::new("/nonexistent"))?;
+    Ok(())
+}
+
+fn check_memory_regions(manifest: &Manifest, state: &VmState, label: &str) -> Result<()> {
+    for m in &manifest.memory {
+        if !state
+            .memory_regions
+            .iter()
+            .any(|&(gpa, size)| gpa == m.gpa && size == m.size)
+        {
+            bail!(
+                "{label}: section '{}': memory region {:#x}+{:#x} does not match the saved machine",
+                m.section,
+                m.gpa,
+                m.size
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Writes every disk of the pack to its private raw copy in `dir` (where [`pack_config`]
