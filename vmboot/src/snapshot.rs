@@ -280,12 +280,18 @@ fn parallel_copy(src: &[u8], copy: &RamCopy) {
     };
     std::thread::scope(|s| {
         // Helpers only speed the copy up: with none, this thread copies everything.
+        let mut handles = Vec::new();
         for _ in 1..threads.min(pieces.len()) {
-            if std::thread::Builder::new().spawn_scoped(s, worker).is_err() {
-                break;
+            match std::thread::Builder::new().spawn_scoped(s, worker) {
+                Ok(h) => handles.push(h),
+                Err(_) => break,
             }
         }
         worker();
+        // Joined, not just left to the scope: a join also waits for the threads' exit.
+        for h in handles {
+            let _ = h.join();
+        }
     });
 }
 

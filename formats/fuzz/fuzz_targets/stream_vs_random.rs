@@ -10,8 +10,10 @@ use vmpack_formats::pack::{kind, Codec, PackReader, StreamEvent, StreamReader};
 
 /// (section, offset, length, SHA-256 of the bytes or None for a zero chunk)
 type Chunk = (u32, u64, usize, Option<[u8; 32]>);
+/// (name, size) of every section, and every chunk.
+type Content = (Vec<(String, u64)>, Vec<Chunk>);
 
-fn stream(bytes: &[u8]) -> Option<(Vec<(String, u64)>, Vec<Chunk>)> {
+fn stream(bytes: &[u8]) -> Option<Content> {
     let mut sr = StreamReader::new(bytes, "fuzz").ok()?;
     let mut chunks = Vec::new();
     loop {
@@ -42,7 +44,7 @@ fn stream(bytes: &[u8]) -> Option<(Vec<(String, u64)>, Vec<Chunk>)> {
     }
 }
 
-fn random(path: &std::path::Path) -> Option<(Vec<(String, u64)>, Vec<Chunk>)> {
+fn random(path: &std::path::Path) -> Option<Content> {
     let r = PackReader::open(path).ok()?;
     r.verify(&()).ok()?;
     let mut chunks = Vec::new();

@@ -390,17 +390,23 @@ impl PackReader {
             }
         };
         std::thread::scope(|s| {
-            let mut started = 0;
+            let mut handles = Vec::new();
             for _ in 0..threads {
                 // Workers are a speed-up: short of threads (memory, limits), fewer do the
                 // work, and with none this thread does it.
                 match std::thread::Builder::new().spawn_scoped(s, worker) {
-                    Ok(_) => started += 1,
+                    Ok(h) => handles.push(h),
                     Err(_) => break,
                 }
             }
-            if started == 0 {
+            if handles.is_empty() {
                 worker();
+            }
+            // Joined, not just left to the scope: a scope waits for the closures, a join also
+            // for the threads' exit (their thread-local destructors), which leak checkers
+            // (libFuzzer's) would otherwise report as leaks.
+            for h in handles {
+                let _ = h.join();
             }
         });
         match first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
