@@ -253,6 +253,10 @@ pub struct VmState {
     pub initrd: Option<(u64, u64)>,
     pub vcpus: Vec<VcpuState>,
     pub devices: DeviceStates,
+    /// Fingerprint of the host that saved the VM (docs/FORMAT.md §12.2); absent in packs
+    /// from vmboots before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_on: Option<vmpack_formats::host::HostFingerprint>,
 }
 
 impl std::fmt::Debug for VmState {

@@ -231,7 +231,9 @@ fn install_kick_handler() -> Result<()> {
 }
 
 fn open_kvm() -> Result<Kvm> {
-    Kvm::new().map_err(|e| anyhow::anyhow!("cannot open /dev/kvm: {e}"))
+    let kvm = Kvm::new().map_err(|e| anyhow::anyhow!("cannot open /dev/kvm: {e}"))?;
+    crate::kvm_caps::check(&kvm)?;
+    Ok(kvm)
 }
 
 fn validate(cfg: &VmConfig) -> Result<()> {
@@ -260,6 +262,8 @@ fn build_base(cfg: &VmConfig, init: GuestMemoryInit) -> Result<Base> {
     validate(cfg)?;
     install_kick_handler()?;
     let kvm = open_kvm()?;
+    // Measured now (once per process) so a save records it without lengthening the pause.
+    crate::host_info::fingerprint()?;
     let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
     vm.set_tss_address(TSS_ADDR).context("KVM_SET_TSS_ADDR")?;
     vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
@@ -306,10 +310,10 @@ impl Vm {
             .context("KVM_GET_SUPPORTED_CPUID")?
             .as_slice()
             .to_vec();
-        cpuid::apply_template(&mut supported, cfg.cpu_template);
+        cpuid::apply_template(&mut supported, &cfg.cpu_template).map_err(|e| anyhow::anyhow!(e))?;
         let mut cpuids = Vec::new();
         for (id, fd) in base.fds.iter().enumerate() {
-            let c = cpuid::for_vcpu(&supported, id as u32, cfg.vcpus);
+            let c = cpuid::for_vcpu(&supported, id as u32, cfg.vcpus)?;
             vcpu::configure_new(fd, &c).with_context(|| format!("configuring vCPU {id}"))?;
             cpuids.push(c.as_slice().to_vec());
         }
@@ -901,6 +905,7 @@ impl VmHandle {
                 i8042: lock(&self.i8042).state(),
                 virtio_blk: self.blk.iter().map(|b| b.state()).collect(),
             },
+            saved_on: Some(crate::host_info::fingerprint()?.clone()),
         })
     }
 
