@@ -5,6 +5,8 @@
 //! Run with `cargo fuzz run interchange_xml` from `formats/`.
 #![no_main]
 
+mod common;
+
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 use vmpack_formats::interchange::{firecracker, libvirt, ovf};
@@ -12,9 +14,8 @@ use vmpack_formats::interchange::{firecracker, libvirt, ovf};
 /// One folder per process: a fresh one per input cost most of each run. Every input's
 /// file is removed before the next, so each still reads its file alone in the folder.
 fn dir() -> &'static std::path::Path {
-    static D: OnceLock<tempfile::TempDir> = OnceLock::new();
-    D.get_or_init(|| tempfile::tempdir().expect("a scratch folder"))
-        .path()
+    static D: OnceLock<std::path::PathBuf> = OnceLock::new();
+    D.get_or_init(|| common::scratch_dir("xml"))
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -30,9 +30,8 @@ fn only_out(sandbox: &Path) {
 /// One sandbox per process (a fresh one per input cost most of each run), emptied after
 /// every input so each starts from the same empty sandbox.
 fn sandbox() -> &'static Path {
-    static S: OnceLock<tempfile::TempDir> = OnceLock::new();
-    S.get_or_init(|| tempfile::tempdir().expect("a sandbox folder"))
-        .path()
+    static S: OnceLock<std::path::PathBuf> = OnceLock::new();
+    S.get_or_init(|| common::scratch_dir("sandbox"))
 }
 
 fn empty(sandbox: &Path) {
