@@ -12,17 +12,19 @@ pub mod compat;
 pub mod console;
 mod control;
 pub mod cpuid;
+pub mod device_manager;
 pub mod devices;
 pub mod flat;
 pub mod linux;
-pub mod memory;
 pub mod mptable;
 pub mod msr;
 pub mod persist;
 pub mod samples;
 pub mod snapshot;
-pub mod vcpu;
 pub mod vmm;
+pub mod vstate;
+
+pub use vstate::{memory, vcpu};
 
 pub use memory::GuestMemoryInit;
 pub use persist::{VcpuState, VmState};

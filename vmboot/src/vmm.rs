@@ -9,33 +9,28 @@
 //! state never holds a half-done instruction.
 
 use crate::cpuid;
+use crate::device_manager::DeviceManager;
 use crate::devices::bus::lock;
 use crate::devices::serial::spawn_stdin_forwarder;
 pub use crate::devices::SerialSink;
-use crate::devices::{
-    Bus, DebugExit, IoAction, SerialDevice, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, I8042, I8042_PORT,
-};
+use crate::devices::{DebugExit, IoAction, SerialDevice, COM1_IRQ, I8042};
 use crate::memory::{ram_layout, GuestMemoryInit, GuestRam};
 use crate::msr;
 use crate::persist::{DeviceStates, VmState, VM_STATE_VERSION};
-use crate::vcpu;
+use crate::vcpu::{self, complete_pending_io, install_kick_handler, Vcpu};
+use crate::vstate::vm::{KvmVm, VmLevelState};
 use anyhow::{bail, Context, Result};
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_irqchip, kvm_pit_config, kvm_run, kvm_userspace_memory_region,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    kvm_cpuid_entry2, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde_json::json;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use vmpack_formats::config::{Boot, VmConfig};
-
-/// Where the TSS lives for KVM's real-mode emulation (3 pages below the BIOS area at 4 GiB).
-const TSS_ADDR: usize = 0xfffb_d000;
 
 /// Exit statuses for VM failures (guest-chosen statuses come from the debug-exit port).
 pub const EXIT_TRIPLE_FAULT: i32 = 70;
@@ -124,35 +119,6 @@ impl BootPayload {
     }
 }
 
-struct VcpuSlot {
-    id: u32,
-    /// What KVM_SET_CPUID2 was given (saved instead of reading it back, see vcpu::save).
-    cpuid: Vec<kvm_cpuid_entry2>,
-    fd: Mutex<VcpuFd>,
-    /// The vCPU's `kvm_run` page, for setting `immediate_exit` from other threads. Valid as
-    /// long as `fd` lives.
-    run: *mut kvm_run,
-    thread: Mutex<Option<libc::pthread_t>>,
-}
-
-// SAFETY: `run` points into the mmap owned by `fd`, which lives as long as the slot; other
-// threads only touch its `immediate_exit` byte, through an atomic.
-unsafe impl Send for VcpuSlot {}
-// SAFETY: see `Send`.
-unsafe impl Sync for VcpuSlot {}
-
-impl VcpuSlot {
-    fn kick(&self, signal: i32) {
-        // SAFETY: `run` is valid (see the struct); KVM reads this byte on KVM_RUN entry.
-        unsafe { AtomicU8::from_ptr(std::ptr::addr_of_mut!((*self.run).immediate_exit)) }
-            .store(1, Ordering::SeqCst);
-        if let Some(t) = *lock(&self.thread) {
-            // SAFETY: the thread is registered only while it runs (cleared before it exits).
-            unsafe { libc::pthread_kill(t, signal) };
-        }
-    }
-}
-
 #[derive(Default)]
 struct Control {
     /// Pause requested (vCPUs park as soon as they see it).
@@ -176,16 +142,9 @@ pub struct VmHandle {
     /// still holds it there, a save records it instead of storing it twice.
     initrd_at: OnceLock<(u64, u64)>,
     // Field order = drop order: vCPUs and devices before the VM, memory last.
-    vcpus: Vec<VcpuSlot>,
-    pio: Bus,
-    mmio: Bus,
-    serial: Arc<Mutex<SerialDevice>>,
-    i8042: Arc<Mutex<I8042>>,
-    /// virtio-blk devices; their I/O threads hold views of guest RAM, so they stop (on
-    /// drop) before `mem` goes.
-    blk: Vec<crate::devices::virtio::BlkHandle>,
-    vm: VmFd,
-    _kvm: Kvm,
+    vcpus: Vec<Vcpu>,
+    devices: Devices,
+    vm: KvmVm,
     mem: GuestRam,
     msr_list: Vec<u32>,
     ctl: Mutex<Control>,
@@ -205,35 +164,6 @@ pub struct Vm {
     opts: RunOptions,
 }
 
-fn kick_signal() -> i32 {
-    libc::SIGRTMIN() + 1
-}
-
-extern "C" fn noop_handler(_: libc::c_int) {}
-
-fn install_kick_handler() -> Result<()> {
-    static ONCE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    ONCE.get_or_init(|| {
-        // SAFETY: installs a handler that does nothing; no SA_RESTART so KVM_RUN returns EINTR.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = noop_handler as *const () as usize;
-            sa.sa_flags = 0;
-            libc::sigemptyset(&mut sa.sa_mask);
-            if libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error().to_string());
-            }
-        }
-        Ok(())
-    })
-    .clone()
-    .map_err(|e| anyhow::anyhow!("installing the vCPU kick signal handler: {e}"))
-}
-
-fn open_kvm() -> Result<Kvm> {
-    Kvm::new().map_err(|e| anyhow::anyhow!("cannot open /dev/kvm: {e}"))
-}
-
 fn validate(cfg: &VmConfig) -> Result<()> {
     if cfg.vcpus == 0 || cfg.vcpus > vmpack_formats::config::MAX_VCPUS {
         bail!("vcpus = {} (1..=254 supported)", cfg.vcpus);
@@ -248,10 +178,57 @@ fn validate(cfg: &VmConfig) -> Result<()> {
 }
 
 struct Base {
-    kvm: Kvm,
-    vm: VmFd,
+    vm: KvmVm,
     mem: GuestRam,
     fds: Vec<VcpuFd>,
+}
+
+/// The devices of a VM: the registry (with the buses) and typed handles to the ones vmboot
+/// talks to directly.
+struct Devices {
+    dm: DeviceManager,
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
+    /// virtio-blk devices; their I/O threads hold views of guest RAM, so they stop (on
+    /// drop) before guest memory goes.
+    blk: Vec<crate::devices::virtio::BlkHandle>,
+}
+
+impl Devices {
+    /// Builds every device of `cfg` (from saved states on a restore) and registers it.
+    fn new(
+        cfg: &VmConfig,
+        base: &Base,
+        serial: SerialDevice,
+        blk_states: &[crate::devices::virtio::VirtioBlkState],
+    ) -> Result<Devices> {
+        base.vm
+            .fd
+            .register_irqfd(serial.irq_fd(), COM1_IRQ)
+            .context("KVM_IRQFD for COM1")?;
+        let serial = Arc::new(Mutex::new(serial));
+        let i8042 = Arc::new(Mutex::new(I8042::new()));
+        let mut dm = DeviceManager::new();
+        crate::device_manager::add_pc_devices(
+            &mut dm,
+            serial.clone(),
+            i8042.clone(),
+            Arc::new(Mutex::new(DebugExit)),
+        )?;
+        let blk = crate::devices::virtio::attach_disks(
+            cfg,
+            &base.vm.fd,
+            base.mem.memory(),
+            &mut dm,
+            blk_states,
+        )?;
+        Ok(Devices {
+            dm,
+            serial,
+            i8042,
+            blk,
+        })
+    }
 }
 
 /// KVM VM with irqchip, PIT, memory slots and vCPUs (not configured yet), in the order that
@@ -259,40 +236,17 @@ struct Base {
 fn build_base(cfg: &VmConfig, init: GuestMemoryInit) -> Result<Base> {
     validate(cfg)?;
     install_kick_handler()?;
-    let kvm = open_kvm()?;
-    let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
-    vm.set_tss_address(TSS_ADDR).context("KVM_SET_TSS_ADDR")?;
-    vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
-    vm.create_pit2(kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    })
-    .context("KVM_CREATE_PIT2")?;
+    let vm = KvmVm::new()?;
     let mem = GuestRam::new(&ram_layout(cfg.memory_bytes()), init)?;
-    for (slot, gpa, host, size) in mem.slots() {
-        let region = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: host,
-        };
-        // SAFETY: the host range is guest RAM owned by `mem`, which outlives the VM fd
-        // (VmHandle drops `vm` before `mem`).
-        unsafe { vm.set_user_memory_region(region) }.with_context(|| {
-            format!(
-                "KVM_SET_USER_MEMORY_REGION slot {slot} ({} MiB)",
-                size >> 20
-            )
-        })?;
-    }
+    vm.map_memory(&mem)?;
     let fds = (0..cfg.vcpus)
         .map(|id| {
-            vm.create_vcpu(u64::from(id))
+            vm.fd
+                .create_vcpu(u64::from(id))
                 .with_context(|| format!("KVM_CREATE_VCPU {id}"))
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Base { kvm, vm, mem, fds })
+    Ok(Base { vm, mem, fds })
 }
 
 impl Vm {
@@ -301,6 +255,7 @@ impl Vm {
         let opts = &crate::console::with_log(opts);
         let base = build_base(cfg, GuestMemoryInit::Zeroed)?;
         let mut supported = base
+            .vm
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .context("KVM_GET_SUPPORTED_CPUID")?
@@ -314,6 +269,7 @@ impl Vm {
             cpuids.push(c.as_slice().to_vec());
         }
         let kvm_list = base
+            .vm
             .kvm
             .get_msr_index_list()
             .context("KVM_GET_MSR_INDEX_LIST")?
@@ -321,6 +277,8 @@ impl Vm {
             .to_vec();
         let msr_list = msr::filter_readable(&base.fds[0], msr::candidate_list(&kvm_list))?;
 
+        let serial = SerialDevice::new(&Default::default(), &opts.serial_out)?;
+        let devices = Devices::new(cfg, &base, serial, &[])?;
         let bsp = &base.fds[0];
         let sregs = bsp.get_sregs().context("KVM_GET_SREGS")?;
         let (regs, sregs, initrd_at) = match cfg.boot() {
@@ -338,12 +296,8 @@ impl Vm {
                     .as_deref()
                     .context("Linux boot without a kernel in the payload")?;
                 crate::mptable::write(&base.mem, cfg.vcpus)?;
-                crate::acpi::write(&base.mem, cfg.vcpus, cfg.disks.len())?;
-                let cmdline = format!(
-                    "{}{}",
-                    k.cmdline,
-                    crate::devices::virtio::cmdline_args(cfg.disks.len())
-                );
+                crate::acpi::write(&base.mem, cfg.vcpus, &devices.dm)?;
+                let cmdline = format!("{}{}", k.cmdline, devices.dm.virtio_cmdline());
                 crate::linux::load(
                     &base.mem,
                     kernel,
@@ -356,18 +310,7 @@ impl Vm {
         bsp.set_sregs(&sregs).context("KVM_SET_SREGS")?;
         bsp.set_regs(&regs).context("KVM_SET_REGS")?;
         vcpu::set_runnable(bsp)?;
-        let serial = SerialDevice::new(&Default::default(), &opts.serial_out)?;
-        let vm = Vm::assemble(
-            cfg,
-            base,
-            cpuids,
-            msr_list,
-            serial,
-            I8042::new(),
-            payload.into(),
-            opts,
-            &[],
-        )?;
+        let vm = Vm::assemble(cfg, base, devices, cpuids, msr_list, payload.into(), opts)?;
         if let Some(at) = initrd_at {
             let _ = vm.handle.initrd_at.set(at);
         }
@@ -408,89 +351,44 @@ impl Vm {
             );
         }
         let base = build_base(cfg, memory)?;
-        base.vm.set_pit2(&state.pit2).context("KVM_SET_PIT2")?;
-        let mut clock = state.clock;
-        // Resume guest time at the saved value (see VmState::clock).
-        clock.flags = 0;
-        base.vm.set_clock(&clock).context("KVM_SET_CLOCK")?;
-        for (name, chip) in [
-            ("PIC master", &state.pic_master),
-            ("PIC slave", &state.pic_slave),
-            ("IOAPIC", &state.ioapic),
-        ] {
-            base.vm
-                .set_irqchip(chip)
-                .with_context(|| format!("KVM_SET_IRQCHIP ({name})"))?;
-        }
+        base.vm.restore_state(&VmLevelState {
+            pit2: state.pit2,
+            clock: state.clock,
+            pic_master: state.pic_master,
+            pic_slave: state.pic_slave,
+            ioapic: state.ioapic,
+        })?;
         for (fd, s) in base.fds.iter().zip(&state.vcpus) {
             vcpu::restore(fd, s)?;
         }
         let msr_list: Vec<u32> = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
         let msr_list = msr::filter_readable(&base.fds[0], msr_list)?;
         let serial = SerialDevice::new(&state.devices.serial, &opts.serial_out)?;
+        let devices = Devices::new(cfg, &base, serial, &state.devices.virtio_blk)?;
         let cpuids = state.vcpus.iter().map(|v| v.cpuid.clone()).collect();
         let initrd_at = state.initrd;
-        let vm = Vm::assemble(
-            cfg,
-            base,
-            cpuids,
-            msr_list,
-            serial,
-            I8042::new(),
-            payload,
-            opts,
-            &state.devices.virtio_blk,
-        )?;
+        let vm = Vm::assemble(cfg, base, devices, cpuids, msr_list, payload, opts)?;
         if let Some(at) = initrd_at {
             let _ = vm.handle.initrd_at.set(at);
         }
         Ok(vm)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn assemble(
         cfg: &VmConfig,
         base: Base,
+        devices: Devices,
         cpuids: Vec<Vec<kvm_cpuid_entry2>>,
         msr_list: Vec<u32>,
-        serial: SerialDevice,
-        i8042: I8042,
         payload: BootFiles,
         opts: &RunOptions,
-        blk_states: &[crate::devices::virtio::VirtioBlkState],
     ) -> Result<Vm> {
-        base.vm
-            .register_irqfd(serial.irq_fd(), COM1_IRQ)
-            .context("KVM_IRQFD for COM1")?;
-        let serial = Arc::new(Mutex::new(serial));
-        let i8042 = Arc::new(Mutex::new(i8042));
-        let mut pio = Bus::new();
-        pio.insert(COM1_PORT, 8, serial.clone())?;
-        pio.insert(I8042_PORT, 5, i8042.clone())?;
-        pio.insert(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit)))?;
-        let mut mmio = Bus::new();
-        let blk = crate::devices::virtio::attach_disks(
-            cfg,
-            &base.vm,
-            base.mem.memory(),
-            &mut mmio,
-            blk_states,
-        )?;
         let vcpus = base
             .fds
             .into_iter()
             .zip(cpuids)
             .enumerate()
-            .map(|(id, (mut fd, cpuid))| {
-                let run: *mut kvm_run = fd.get_kvm_run();
-                VcpuSlot {
-                    id: id as u32,
-                    cpuid,
-                    fd: Mutex::new(fd),
-                    run,
-                    thread: Mutex::new(None),
-                }
-            })
+            .map(|(id, (fd, cpuid))| Vcpu::new(id as u32, fd, cpuid))
             .collect();
         let handle = Arc::new(VmHandle {
             config: cfg.clone(),
@@ -498,13 +396,8 @@ impl Vm {
             last_save: Mutex::new(None),
             initrd_at: OnceLock::new(),
             vcpus,
-            pio,
-            mmio,
-            serial,
-            i8042,
-            blk,
+            devices,
             vm: base.vm,
-            _kvm: base.kvm,
             mem: base.mem,
             msr_list,
             ctl: Mutex::new(Control::default()),
@@ -598,7 +491,7 @@ impl Vm {
         for t in threads {
             let _ = t.join();
         }
-        lock(&h.serial).flush();
+        lock(&h.devices.serial).flush();
         if let Some(dir) = &self.opts.work_dir {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -644,7 +537,7 @@ enum Outcome {
 impl VmHandle {
     fn kick_all(&self) {
         for v in &self.vcpus {
-            v.kick(kick_signal());
+            v.kick();
         }
     }
 
@@ -706,18 +599,20 @@ impl VmHandle {
         };
         match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
-                self.pio.read(u64::from(port), data);
+                self.devices.dm.pio.read(u64::from(port), data);
                 Outcome::Continue
             }
-            Ok(VcpuExit::IoOut(port, data)) => match self.pio.write(u64::from(port), data) {
-                IoAction::Continue => Outcome::Continue,
-                IoAction::Exit { code, message } => Outcome::Exit(ExitReason { code, message }),
-            },
+            Ok(VcpuExit::IoOut(port, data)) => {
+                match self.devices.dm.pio.write(u64::from(port), data) {
+                    IoAction::Continue => Outcome::Continue,
+                    IoAction::Exit { code, message } => Outcome::Exit(ExitReason { code, message }),
+                }
+            }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                self.mmio.read(addr, data);
+                self.devices.dm.mmio.read(addr, data);
                 Outcome::Continue
             }
-            Ok(VcpuExit::MmioWrite(addr, data)) => match self.mmio.write(addr, data) {
+            Ok(VcpuExit::MmioWrite(addr, data)) => match self.devices.dm.mmio.write(addr, data) {
                 IoAction::Continue => Outcome::Continue,
                 IoAction::Exit { code, message } => Outcome::Exit(ExitReason { code, message }),
             },
@@ -811,7 +706,7 @@ impl VmHandle {
         }
         drop(c);
         // Requests already taken off a queue complete before this returns.
-        for b in &self.blk {
+        for b in &self.devices.blk {
             b.pause();
         }
         Ok(())
@@ -824,7 +719,7 @@ impl VmHandle {
         }
         c.paused = false;
         self.pause_flag.store(false, Ordering::SeqCst);
-        for b in &self.blk {
+        for b in &self.devices.blk {
             b.resume();
         }
         self.cv.notify_all();
@@ -869,37 +764,25 @@ impl VmHandle {
         let vcpus = self
             .vcpus
             .iter()
-            .map(|v| {
-                vcpu::save(v.id, &lock(&v.fd), &self.msr_list, &v.cpuid)
-                    .with_context(|| format!("saving vCPU {}", v.id))
-            })
+            .map(|v| v.save(&self.msr_list))
             .collect::<Result<Vec<_>>>()?;
-        let chip = |id| -> Result<kvm_irqchip> {
-            let mut c = kvm_irqchip {
-                chip_id: id,
-                ..Default::default()
-            };
-            self.vm
-                .get_irqchip(&mut c)
-                .with_context(|| format!("KVM_GET_IRQCHIP {id}"))?;
-            Ok(c)
-        };
+        let vm = self.vm.save_state()?;
         Ok(VmState {
             version: VM_STATE_VERSION,
             // The pack's manifest carries the config (its one authoritative copy).
             config: None,
             memory_regions: self.mem.layout(),
-            pit2: self.vm.get_pit2().context("KVM_GET_PIT2")?,
-            clock: self.vm.get_clock().context("KVM_GET_CLOCK")?,
-            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
-            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
-            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit2: vm.pit2,
+            clock: vm.clock,
+            pic_master: vm.pic_master,
+            pic_slave: vm.pic_slave,
+            ioapic: vm.ioapic,
             initrd: self.initrd_at.get().copied(),
             vcpus,
             devices: DeviceStates {
-                serial: lock(&self.serial).state(),
-                i8042: lock(&self.i8042).state(),
-                virtio_blk: self.blk.iter().map(|b| b.state()).collect(),
+                serial: lock(&self.devices.serial).state(),
+                i8042: lock(&self.devices.i8042).state(),
+                virtio_blk: self.devices.blk.iter().map(|b| b.state()).collect(),
             },
         })
     }
@@ -929,7 +812,7 @@ impl VmHandle {
     /// Flushes every disk backend (qcow2 metadata included), so the image files hold what
     /// the guest wrote; call while paused before reading the disk files.
     pub fn flush_disks(&self) -> Result<()> {
-        for (i, b) in self.blk.iter().enumerate() {
+        for (i, b) in self.devices.blk.iter().enumerate() {
             b.flush().with_context(|| format!("flushing disk {i}"))?;
         }
         Ok(())
@@ -971,8 +854,8 @@ impl VmHandle {
         } else {
             "running"
         };
-        let (pr, pw) = self.pio.unknown_counts();
-        let (mr, mw) = self.mmio.unknown_counts();
+        let (pr, pw) = self.devices.dm.pio.unknown_counts();
+        let (mr, mw) = self.devices.dm.mmio.unknown_counts();
         let mut v = json!({
             "name": self.config.name,
             "state": state,
@@ -987,8 +870,8 @@ impl VmHandle {
             v["exit"] = json!({"code": e.code, "message": e.message});
         }
         drop(c);
-        if !self.blk.is_empty() {
-            v["disks"] = self.blk.iter().map(|b| b.status_json()).collect();
+        if !self.devices.blk.is_empty() {
+            v["disks"] = self.devices.blk.iter().map(|b| b.status_json()).collect();
         }
         v["last_save"] = lock(&self.last_save)
             .clone()
@@ -997,21 +880,13 @@ impl VmHandle {
     }
 
     pub(crate) fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
-        &self.serial
+        &self.devices.serial
     }
 
     /// The serial output log (see [`Vm::serial_log`]).
     pub fn serial_log(&self) -> Option<&Arc<crate::console::SerialLog>> {
         self.serial_log.as_ref()
     }
-}
-
-/// One KVM_RUN with `immediate_exit = 1`: KVM finishes an in-flight port IN / MMIO read
-/// (register written, RIP advanced) and returns EINTR without running guest code.
-fn complete_pending_io(fd: &mut VcpuFd) {
-    fd.set_kvm_immediate_exit(1);
-    let _ = fd.run();
-    fd.set_kvm_immediate_exit(0);
 }
 
 /// SIGINT, SIGTERM and SIGHUP: the signals that end a VM cleanly.
