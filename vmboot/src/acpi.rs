@@ -189,25 +189,14 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn registry(virtio: usize) -> DeviceManager {
-        use crate::devices::{BusDevice, IoAction};
-        use std::sync::{Arc, Mutex};
-        struct Null;
-        impl BusDevice for Null {
-            fn read(&mut self, _: u64, d: &mut [u8]) {
-                d.fill(0);
-            }
-            fn write(&mut self, _: u64, _: &[u8]) -> IoAction {
-                IoAction::Continue
-            }
-        }
-        let n = || Arc::new(Mutex::new(Null)) as Arc<Mutex<dyn BusDevice>>;
+        use crate::device_manager::tests::null_virtio;
+        let n =
+            || null_virtio().0 as std::sync::Arc<std::sync::Mutex<dyn crate::devices::BusDevice>>;
         let mut dm = DeviceManager::new();
-        crate::device_manager::add_pc_devices(&mut dm, n(), n(), n()).unwrap();
+        crate::device_manager::add_pc_devices(&mut dm, (n(), None), (n(), None), n()).unwrap();
         for i in 0..virtio {
-            dm.add_virtio_mmio(&format!("virtio-blk{i}"), |_, _| {
-                Ok(Arc::new(Mutex::new(Null)))
-            })
-            .unwrap();
+            dm.add_virtio_mmio(&format!("virtio-blk{i}"), |_, _| Ok(null_virtio()))
+                .unwrap();
         }
         dm
     }

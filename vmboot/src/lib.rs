@@ -30,5 +30,5 @@ pub use memory::GuestMemoryInit;
 pub use persist::{VcpuState, VmState};
 pub use vmm::{
     block_exit_signals, terminate_on_signals, BootFiles, BootPayload, ExitReason, RunOptions,
-    SerialSink, Vm, VmHandle,
+    SerialSink, ValidState, Vm, VmHandle,
 };

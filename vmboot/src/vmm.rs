@@ -16,9 +16,11 @@ pub use crate::devices::SerialSink;
 use crate::devices::{DebugExit, IoAction, SerialDevice, COM1_IRQ, I8042};
 use crate::memory::{ram_layout, GuestMemoryInit, GuestRam};
 use crate::msr;
-use crate::persist::{DeviceStates, VmState, VM_STATE_VERSION};
+use crate::persist::{
+    DeviceState, Persist, VmState, VCPU_STATE_VERSION, VM_LEVEL_STATE_VERSION, VM_STATE_VERSION,
+};
 use crate::vcpu::{self, complete_pending_io, install_kick_handler, Vcpu};
-use crate::vstate::vm::{KvmVm, VmLevelState};
+use crate::vstate::vm::KvmVm;
 use anyhow::{bail, Context, Result};
 use kvm_bindings::{
     kvm_cpuid_entry2, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
@@ -183,51 +185,135 @@ struct Base {
     fds: Vec<VcpuFd>,
 }
 
-/// The devices of a VM: the registry (with the buses) and typed handles to the ones vmboot
-/// talks to directly.
+/// The devices of a VM: the registry (with the buses) and COM1, which vmboot also talks
+/// to directly (host input, the final flush).
 struct Devices {
+    /// Dropped before guest memory: the virtio-blk I/O threads hold views of it.
     dm: DeviceManager,
     serial: Arc<Mutex<SerialDevice>>,
-    i8042: Arc<Mutex<I8042>>,
-    /// virtio-blk devices; their I/O threads hold views of guest RAM, so they stop (on
-    /// drop) before guest memory goes.
-    blk: Vec<crate::devices::virtio::BlkHandle>,
 }
 
 impl Devices {
-    /// Builds every device of `cfg` (from saved states on a restore) and registers it.
+    /// The ids of the devices a VM of `cfg` has that keep state, in registration order.
+    fn ids(cfg: &VmConfig) -> Vec<String> {
+        let mut ids = vec!["com1".to_string(), "i8042".to_string()];
+        ids.extend((0..cfg.disks.len()).map(crate::devices::virtio::blk_id));
+        ids
+    }
+
+    /// Checks a saved device's state without building anything.
+    fn validate_state(d: &DeviceState) -> Result<()> {
+        match d.id.as_str() {
+            "com1" => d.decode::<SerialDevice>().map(drop),
+            "i8042" => d.decode::<I8042>().map(drop),
+            _ => d
+                .decode::<crate::devices::virtio::BlkHandle>()?
+                .validate()
+                .with_context(|| format!("device {}", d.id)),
+        }
+    }
+
+    /// Builds every device of `cfg` (from its saved state on a restore, power-on state
+    /// otherwise) and registers it.
     fn new(
         cfg: &VmConfig,
         base: &Base,
-        serial: SerialDevice,
-        blk_states: &[crate::devices::virtio::VirtioBlkState],
+        sink: &SerialSink,
+        saved: &[DeviceState],
     ) -> Result<Devices> {
+        let find = |id: &str| saved.iter().find(|d| d.id == id);
+        let serial = match find("com1") {
+            Some(s) => SerialDevice::restore(sink.clone(), &s.decode::<SerialDevice>()?)?,
+            None => SerialDevice::new(&Default::default(), sink)?,
+        };
         base.vm
             .fd
             .register_irqfd(serial.irq_fd(), COM1_IRQ)
             .context("KVM_IRQFD for COM1")?;
+        let i8042 = match find("i8042") {
+            Some(s) => I8042::restore((), &s.decode::<I8042>()?)?,
+            None => I8042::new(),
+        };
         let serial = Arc::new(Mutex::new(serial));
-        let i8042 = Arc::new(Mutex::new(I8042::new()));
+        let i8042 = Arc::new(Mutex::new(i8042));
         let mut dm = DeviceManager::new();
         crate::device_manager::add_pc_devices(
             &mut dm,
-            serial.clone(),
-            i8042.clone(),
+            (serial.clone(), Some(serial.clone())),
+            (i8042.clone(), Some(i8042)),
             Arc::new(Mutex::new(DebugExit)),
         )?;
-        let blk = crate::devices::virtio::attach_disks(
-            cfg,
-            &base.vm.fd,
-            base.mem.memory(),
-            &mut dm,
-            blk_states,
-        )?;
-        Ok(Devices {
-            dm,
-            serial,
-            i8042,
-            blk,
-        })
+        crate::devices::virtio::attach_disks(cfg, &base.vm.fd, base.mem.memory(), &mut dm, find)?;
+        Ok(Devices { dm, serial })
+    }
+}
+
+/// A [`VmState`] that passed [`VmState::validate`] for a config: what [`Vm::restore`] takes,
+/// so the checks run once, before any KVM call.
+pub struct ValidState(VmState);
+
+impl std::ops::Deref for ValidState {
+    type Target = VmState;
+    fn deref(&self) -> &VmState {
+        &self.0
+    }
+}
+
+impl VmState {
+    /// Every check of a saved state against the config that needs no KVM and no backend:
+    /// versions of the state and of each component, vCPU count, memory layout, the set of
+    /// devices, and each device's state (decoded and checked). A restore then checks only
+    /// what needs the opened backends (a disk's size and read-only-ness).
+    pub fn validate(self, cfg: &VmConfig) -> Result<ValidState> {
+        validate(cfg)?;
+        crate::persist::check_version("vm state", self.version, VM_STATE_VERSION)?;
+        crate::persist::check_version("VM-level state", self.vm.version, VM_LEVEL_STATE_VERSION)?;
+        if self.vcpus.len() != cfg.vcpus as usize {
+            bail!(
+                "saved state has {} vCPUs but the config says {}",
+                self.vcpus.len(),
+                cfg.vcpus
+            );
+        }
+        for v in &self.vcpus {
+            crate::persist::check_version(
+                &format!("vCPU {}", v.id),
+                v.version,
+                VCPU_STATE_VERSION,
+            )?;
+        }
+        let layout = ram_layout(cfg.memory_bytes());
+        if self.memory_regions != layout {
+            bail!(
+                "saved memory layout {:x?} does not match the config's {} MiB ({layout:x?})",
+                self.memory_regions,
+                cfg.memory_mib
+            );
+        }
+        let ids = Devices::ids(cfg);
+        for (i, d) in self.devices.iter().enumerate() {
+            if !ids.contains(&d.id) || self.devices[..i].iter().any(|e| e.id == d.id) {
+                bail!(
+                    "the saved VM has a device {} that a VM of this config does not have (or has it twice)",
+                    d.id
+                );
+            }
+            Devices::validate_state(d)?;
+        }
+        // A pack saved before vmboot had disks holds none (its guest never saw them); any
+        // other must hold every disk.
+        let blk = self
+            .devices
+            .iter()
+            .filter(|d| d.id.starts_with("virtio-blk"))
+            .count();
+        if blk != 0 && blk != cfg.disks.len() {
+            bail!(
+                "the saved VM has {blk} virtio-blk devices but the config has {} disks",
+                cfg.disks.len()
+            );
+        }
+        Ok(ValidState(self))
     }
 }
 
@@ -277,8 +363,7 @@ impl Vm {
             .to_vec();
         let msr_list = msr::filter_readable(&base.fds[0], msr::candidate_list(&kvm_list))?;
 
-        let serial = SerialDevice::new(&Default::default(), &opts.serial_out)?;
-        let devices = Devices::new(cfg, &base, serial, &[])?;
+        let devices = Devices::new(cfg, &base, &opts.serial_out, &[])?;
         let bsp = &base.fds[0];
         let sregs = bsp.get_sregs().context("KVM_GET_SREGS")?;
         let (regs, sregs, initrd_at) = match cfg.boot() {
@@ -317,54 +402,26 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Builds a fresh VM from `state` and guest memory. `payload` is not loaded (memory holds
-    /// the guest already); it is kept for later saves.
+    /// Builds a fresh VM from a validated `state` and guest memory. `payload` is not loaded
+    /// (memory holds the guest already); it is kept for later saves.
     pub fn restore(
         cfg: &VmConfig,
-        state: VmState,
+        state: ValidState,
         memory: GuestMemoryInit,
         payload: impl Into<BootFiles>,
         opts: &RunOptions,
     ) -> Result<Vm> {
+        let state = state.0;
         let payload = payload.into();
         let opts = &crate::console::with_log(opts);
-        if state.version != VM_STATE_VERSION {
-            bail!(
-                "saved VM state version {} is not supported (this vmboot reads version {})",
-                state.version,
-                VM_STATE_VERSION
-            );
-        }
-        if state.vcpus.len() != cfg.vcpus as usize {
-            bail!(
-                "saved state has {} vCPUs but the config says {}",
-                state.vcpus.len(),
-                cfg.vcpus
-            );
-        }
-        let layout = ram_layout(cfg.memory_bytes());
-        if state.memory_regions != layout {
-            bail!(
-                "saved memory layout {:x?} does not match the config's {} MiB ({layout:x?})",
-                state.memory_regions,
-                cfg.memory_mib
-            );
-        }
         let base = build_base(cfg, memory)?;
-        base.vm.restore_state(&VmLevelState {
-            pit2: state.pit2,
-            clock: state.clock,
-            pic_master: state.pic_master,
-            pic_slave: state.pic_slave,
-            ioapic: state.ioapic,
-        })?;
+        base.vm.restore_state(&state.vm)?;
         for (fd, s) in base.fds.iter().zip(&state.vcpus) {
             vcpu::restore(fd, s)?;
         }
         let msr_list: Vec<u32> = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
         let msr_list = msr::filter_readable(&base.fds[0], msr_list)?;
-        let serial = SerialDevice::new(&state.devices.serial, &opts.serial_out)?;
-        let devices = Devices::new(cfg, &base, serial, &state.devices.virtio_blk)?;
+        let devices = Devices::new(cfg, &base, &opts.serial_out, &state.devices)?;
         let cpuids = state.vcpus.iter().map(|v| v.cpuid.clone()).collect();
         let initrd_at = state.initrd;
         let vm = Vm::assemble(cfg, base, devices, cpuids, msr_list, payload, opts)?;
@@ -706,8 +763,8 @@ impl VmHandle {
         }
         drop(c);
         // Requests already taken off a queue complete before this returns.
-        for b in &self.devices.blk {
-            b.pause();
+        for (_, d) in self.devices.dm.objects() {
+            d.pause();
         }
         Ok(())
     }
@@ -719,8 +776,8 @@ impl VmHandle {
         }
         c.paused = false;
         self.pause_flag.store(false, Ordering::SeqCst);
-        for b in &self.devices.blk {
-            b.resume();
+        for (_, d) in self.devices.dm.objects() {
+            d.resume();
         }
         self.cv.notify_all();
         Ok(())
@@ -766,24 +823,21 @@ impl VmHandle {
             .iter()
             .map(|v| v.save(&self.msr_list))
             .collect::<Result<Vec<_>>>()?;
-        let vm = self.vm.save_state()?;
+        let devices = self
+            .devices
+            .dm
+            .objects()
+            .map(|(id, d)| d.save(id))
+            .collect::<Result<Vec<_>>>()?;
         Ok(VmState {
             version: VM_STATE_VERSION,
             // The pack's manifest carries the config (its one authoritative copy).
             config: None,
             memory_regions: self.mem.layout(),
-            pit2: vm.pit2,
-            clock: vm.clock,
-            pic_master: vm.pic_master,
-            pic_slave: vm.pic_slave,
-            ioapic: vm.ioapic,
+            vm: self.vm.save_state()?,
             initrd: self.initrd_at.get().copied(),
             vcpus,
-            devices: DeviceStates {
-                serial: lock(&self.devices.serial).state(),
-                i8042: lock(&self.devices.i8042).state(),
-                virtio_blk: self.devices.blk.iter().map(|b| b.state()).collect(),
-            },
+            devices,
         })
     }
 
@@ -812,8 +866,8 @@ impl VmHandle {
     /// Flushes every disk backend (qcow2 metadata included), so the image files hold what
     /// the guest wrote; call while paused before reading the disk files.
     pub fn flush_disks(&self) -> Result<()> {
-        for (i, b) in self.devices.blk.iter().enumerate() {
-            b.flush().with_context(|| format!("flushing disk {i}"))?;
+        for (id, d) in self.devices.dm.objects() {
+            d.flush().with_context(|| format!("flushing {id}"))?;
         }
         Ok(())
     }
@@ -870,8 +924,13 @@ impl VmHandle {
             v["exit"] = json!({"code": e.code, "message": e.message});
         }
         drop(c);
-        if !self.devices.blk.is_empty() {
-            v["disks"] = self.devices.blk.iter().map(|b| b.status_json()).collect();
+        for (_, d) in self.devices.dm.objects() {
+            if let Some((list, entry)) = d.status() {
+                match v[list].as_array_mut() {
+                    Some(a) => a.push(entry),
+                    None => v[list] = json!([entry]),
+                }
+            }
         }
         v["last_save"] = lock(&self.last_save)
             .clone()

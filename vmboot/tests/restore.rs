@@ -108,7 +108,7 @@ fn pause_save_restore_continues_counting() {
 
     // Through a serializer, as a pack would store it.
     let json = serde_json::to_vec(&state).unwrap();
-    let state: VmState = serde_json::from_slice(&json).unwrap();
+    let state = VmState::parse(&json).unwrap();
 
     let out2 = Arc::new(Mutex::new(Vec::new()));
     let opts2 = RunOptions {
@@ -122,7 +122,14 @@ fn pause_save_restore_continues_counting() {
         }
         Ok(())
     }));
-    let vm2 = Vm::restore(&cfg, state, init, BootPayload::default(), &opts2).unwrap();
+    let vm2 = Vm::restore(
+        &cfg,
+        state.validate(&cfg).unwrap(),
+        init,
+        BootPayload::default(),
+        &opts2,
+    )
+    .unwrap();
     let h2 = vm2.controller();
     let runner2 = std::thread::spawn(move || vm2.run().unwrap());
     wait_for(&out2, 3, Duration::from_secs(30));
@@ -188,7 +195,7 @@ fn map_private_restore_from_a_file() {
     let file = std::fs::File::open(&mem_path).unwrap();
     let vm2 = Vm::restore(
         &cfg,
-        state,
+        state.validate(&cfg).unwrap(),
         GuestMemoryInit::MapPrivate {
             file,
             pieces: vec![(0, 0, 0x201000)],
@@ -261,7 +268,7 @@ fn smp_guest_survives_pause_save_restore() {
     let out2 = Arc::new(Mutex::new(Vec::new()));
     let vm2 = Vm::restore(
         &cfg,
-        state,
+        state.validate(&cfg).unwrap(),
         GuestMemoryInit::Fill(Box::new(move |regions| {
             for ((_, dst), (_, src)) in regions.iter_mut().zip(&memory) {
                 dst.copy_from_slice(src);

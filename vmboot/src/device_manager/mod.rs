@@ -1,11 +1,13 @@
 //! The device registry: every device of a VM with its id, bus ranges and interrupt line,
 //! handed out by [`resources::Resources`]. The port and MMIO buses, the kernel command
 //! line's `virtio_mmio.device=` arguments and the ACPI tables (MADT overrides, DSDT) are
-//! all derived from this one list, never written by hand.
+//! all derived from this one list, never written by hand; pause, resume, save, flush and
+//! status loop over its devices ([`DeviceManager::objects`]).
 
 pub mod resources;
 
 use crate::devices::{Bus, BusDevice};
+use crate::persist::VmDevice;
 use anyhow::{Context, Result};
 use resources::Resources;
 use std::sync::{Arc, Mutex};
@@ -58,6 +60,12 @@ impl DeviceInfo {
     }
 }
 
+/// A virtio-mmio device as registered: its transport (on the MMIO bus) and the device as
+/// paused and saved.
+pub type VirtioParts<T> = (Arc<Mutex<T>>, Arc<dyn VmDevice>);
+/// A legacy device as registered: on the port bus, and as paused and saved if it has state.
+pub type LegacyParts = (Arc<Mutex<dyn BusDevice>>, Option<Arc<dyn VmDevice>>);
+
 /// The registry plus the buses its devices sit on.
 #[derive(Default)]
 pub struct DeviceManager {
@@ -65,6 +73,9 @@ pub struct DeviceManager {
     pub mmio: Bus,
     resources: Resources,
     devices: Vec<DeviceInfo>,
+    /// The devices with state or work of their own, by id, in registration order (the
+    /// order of the vmstate's `devices`).
+    objects: Vec<(String, Arc<dyn VmDevice>)>,
 }
 
 impl DeviceManager {
@@ -74,6 +85,11 @@ impl DeviceManager {
 
     pub fn devices(&self) -> &[DeviceInfo] {
         &self.devices
+    }
+
+    /// Every device with state or work of its own, with its id.
+    pub fn objects(&self) -> impl Iterator<Item = (&str, &Arc<dyn VmDevice>)> + '_ {
+        self.objects.iter().map(|(id, d)| (id.as_str(), d))
     }
 
     pub fn device(&self, id: &str) -> Option<&DeviceInfo> {
@@ -88,11 +104,13 @@ impl DeviceManager {
     }
 
     /// A legacy device at fixed ports with a fixed ISA line; `dev` is `None` for devices KVM
-    /// emulates itself. Every range of `info.pio` routes to `dev`.
+    /// emulates itself. Every range of `info.pio` routes to `dev`; `object` is the device
+    /// as saved and paused (if it has state).
     pub fn add_legacy(
         &mut self,
         mut info: DeviceInfo,
         dev: Option<Arc<Mutex<dyn BusDevice>>>,
+        object: Option<Arc<dyn VmDevice>>,
     ) -> Result<()> {
         self.check_id(&info.id)?;
         if let Some(g) = info.gsi {
@@ -110,17 +128,21 @@ impl DeviceManager {
             }
             None => info.in_kernel = true,
         }
+        if let Some(o) = object {
+            self.objects.push((info.id.clone(), o));
+        }
         self.devices.push(info);
         Ok(())
     }
 
     /// A virtio-mmio device: allocates its window and GSI, lets `make` build the device for
-    /// them (registering its ioeventfds and irqfd), puts it on the MMIO bus and records it.
-    /// Returns the window base and GSI.
+    /// them (registering its ioeventfds and irqfd; returning its transport for the bus and
+    /// the device as saved and paused), puts it on the MMIO bus and records it. Returns the
+    /// window base and GSI.
     pub fn add_virtio_mmio<T: BusDevice + 'static>(
         &mut self,
         id: &str,
-        make: impl FnOnce(u64, u32) -> Result<Arc<Mutex<T>>>,
+        make: impl FnOnce(u64, u32) -> Result<VirtioParts<T>>,
     ) -> Result<(u64, u32)> {
         self.check_id(id)?;
         // Allocated on a copy so a failure leaves nothing half-claimed.
@@ -130,9 +152,10 @@ impl DeviceManager {
             .allocate(VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SIZE)
             .with_context(|| format!("device {id}"))?;
         let gsi = res.allocate_gsi().with_context(|| format!("device {id}"))?;
-        let dev = make(base, gsi)?;
+        let (dev, object) = make(base, gsi)?;
         self.mmio.insert(base, VIRTIO_MMIO_SIZE, dev)?;
         self.resources = res;
+        self.objects.push((id.to_string(), object));
         self.devices.push(DeviceInfo {
             mmio: Some((base, VIRTIO_MMIO_SIZE)),
             gsi: Some(gsi),
@@ -177,8 +200,8 @@ impl DeviceManager {
 /// debug-exit port, at their fixed places.
 pub fn add_pc_devices(
     dm: &mut DeviceManager,
-    serial: Arc<Mutex<dyn BusDevice>>,
-    i8042: Arc<Mutex<dyn BusDevice>>,
+    serial: LegacyParts,
+    i8042: LegacyParts,
     debug_exit: Arc<Mutex<dyn BusDevice>>,
 ) -> Result<()> {
     use crate::devices::{COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, I8042_IRQ, I8042_PORT};
@@ -189,6 +212,7 @@ pub fn add_pc_devices(
             isa_irq: Some(0),
             ..DeviceInfo::new("pit")
         },
+        None,
         None,
     )?;
     dm.add_legacy(
@@ -202,7 +226,8 @@ pub fn add_pc_devices(
             }),
             ..DeviceInfo::new("com1")
         },
-        Some(serial),
+        Some(serial.0),
+        serial.1,
     )?;
     // Data port 0x60 and command/status port 0x64: one device, two ranges; the model sees
     // offsets 0 and 4.
@@ -217,7 +242,8 @@ pub fn add_pc_devices(
             }),
             ..DeviceInfo::new("i8042")
         },
-        Some(i8042),
+        Some(i8042.0),
+        i8042.1,
     )?;
     dm.add_legacy(
         DeviceInfo {
@@ -225,11 +251,12 @@ pub fn add_pc_devices(
             ..DeviceInfo::new("debug-exit")
         },
         Some(debug_exit),
+        None,
     )
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::devices::IoAction;
 
@@ -243,16 +270,31 @@ mod tests {
         }
     }
 
+    struct NullState;
+    impl crate::persist::Pausable for NullState {}
+    impl VmDevice for NullState {
+        fn save(&self, id: &str) -> Result<crate::persist::DeviceState> {
+            Ok(crate::persist::DeviceState {
+                id: id.into(),
+                version: 1,
+                state: serde_json::Value::Null,
+            })
+        }
+    }
+
+    /// A device for the registry that does nothing.
+    pub(crate) fn null_virtio() -> VirtioParts<Null> {
+        (Arc::new(Mutex::new(Null)), Arc::new(NullState))
+    }
+
     #[test]
     fn registry_places_and_describes() {
         let mut dm = DeviceManager::new();
         let n = || Arc::new(Mutex::new(Null)) as Arc<Mutex<dyn BusDevice>>;
-        add_pc_devices(&mut dm, n(), n(), n()).unwrap();
+        add_pc_devices(&mut dm, (n(), None), (n(), None), n()).unwrap();
         for i in 0..3 {
             let at = dm
-                .add_virtio_mmio(&format!("virtio-blk{i}"), |_, _| {
-                    Ok(Arc::new(Mutex::new(Null)))
-                })
+                .add_virtio_mmio(&format!("virtio-blk{i}"), |_, _| Ok(null_virtio()))
                 .unwrap();
             assert_eq!(at, (0xd000_0000 + i * 0x1000, 5 + i as u32));
         }
@@ -263,16 +305,16 @@ mod tests {
         );
         assert_eq!(dm.isa_overrides(), vec![(0, 0)]);
         assert!(dm
-            .add_virtio_mmio("virtio-blk0", |_, _| Ok(Arc::new(Mutex::new(Null))))
+            .add_virtio_mmio("virtio-blk0", |_, _| Ok(null_virtio()))
             .is_err());
         // A failed device leaves its window and line free for the next one.
         assert!(dm
-            .add_virtio_mmio("bad", |_, _| -> Result<Arc<Mutex<Null>>> {
+            .add_virtio_mmio("bad", |_, _| -> Result<VirtioParts<Null>> {
                 anyhow::bail!("no")
             })
             .is_err());
         let at = dm
-            .add_virtio_mmio("next", |_, _| Ok(Arc::new(Mutex::new(Null))))
+            .add_virtio_mmio("next", |_, _| Ok(null_virtio()))
             .unwrap();
         assert_eq!(at, (0xd000_3000, 8));
         let mut b = [0u8; 1];

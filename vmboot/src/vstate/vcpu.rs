@@ -178,6 +178,7 @@ pub fn save(
     cpuid: &[kvm_cpuid_entry2],
 ) -> Result<VcpuState> {
     Ok(VcpuState {
+        version: crate::persist::VCPU_STATE_VERSION,
         id,
         mp_state: fd.get_mp_state().context("KVM_GET_MP_STATE")?,
         regs: fd.get_regs().context("KVM_GET_REGS")?,

@@ -2,24 +2,16 @@
 //! kvmclock, and the guest RAM slots.
 
 use crate::memory::GuestRam;
+use crate::persist::{VmLevelState, VM_LEVEL_STATE_VERSION};
 use anyhow::{Context, Result};
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 
 /// Where the TSS lives for KVM's real-mode emulation (3 pages below the BIOS area at 4 GiB).
 const TSS_ADDR: usize = 0xfffb_d000;
-
-/// The in-kernel devices' state, as captured from a paused VM.
-pub struct VmLevelState {
-    pub pit2: kvm_pit_state2,
-    pub clock: kvm_clock_data,
-    pub pic_master: kvm_irqchip,
-    pub pic_slave: kvm_irqchip,
-    pub ioapic: kvm_irqchip,
-}
 
 /// A KVM VM with its irqchip and PIT.
 pub struct KvmVm {
@@ -78,6 +70,7 @@ impl KvmVm {
             Ok(c)
         };
         Ok(VmLevelState {
+            version: VM_LEVEL_STATE_VERSION,
             pit2: self.fd.get_pit2().context("KVM_GET_PIT2")?,
             clock: self.fd.get_clock().context("KVM_GET_CLOCK")?,
             pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,

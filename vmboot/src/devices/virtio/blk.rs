@@ -9,6 +9,7 @@
 
 use super::mmio::{MmioTransport, MmioTransportState, VirtioDevice};
 use crate::devices::bus::lock;
+use crate::persist::{DeviceState, Pausable, Persist, VmDevice};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::os::fd::AsRawFd;
@@ -74,20 +75,37 @@ pub struct Blk {
     counters: Arc<BlkCounters>,
 }
 
+/// The features offered for a read-only or writable disk.
+pub fn offered_features(read_only: bool) -> u64 {
+    let common = (1u64 << VIRTIO_F_VERSION_1)
+        | (1 << VIRTIO_BLK_F_SIZE_MAX)
+        | (1 << VIRTIO_BLK_F_SEG_MAX)
+        | (1 << VIRTIO_BLK_F_BLK_SIZE)
+        | (1 << VIRTIO_BLK_F_FLUSH);
+    if read_only {
+        common | (1 << VIRTIO_BLK_F_RO)
+    } else {
+        common | (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+    }
+}
+
+impl VirtioBlkState {
+    /// What can be checked before the disk is open: the transport against the features a
+    /// disk of either kind is offered (the restore checks the exact set once the image is
+    /// open and its size).
+    pub fn validate(&self) -> Result<()> {
+        self.transport.validate(
+            offered_features(true) | offered_features(false),
+            &[QUEUE_SIZE],
+        )
+    }
+}
+
 impl Blk {
     pub fn new(index: usize, disk: Box<dyn DiskImage>, read_only: bool) -> Blk {
         let read_only = read_only || disk.is_read_only();
         let size = disk.virtual_size();
-        let mut features = (1u64 << VIRTIO_F_VERSION_1)
-            | (1 << VIRTIO_BLK_F_SIZE_MAX)
-            | (1 << VIRTIO_BLK_F_SEG_MAX)
-            | (1 << VIRTIO_BLK_F_BLK_SIZE)
-            | (1 << VIRTIO_BLK_F_FLUSH);
-        if read_only {
-            features |= 1 << VIRTIO_BLK_F_RO;
-        } else {
-            features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
-        }
+        let features = offered_features(read_only);
         // struct virtio_blk_config, little endian, up to write_zeroes_may_unmap.
         let mut config = vec![0u8; 60];
         config[0..8].copy_from_slice(&(size / SECTOR_SIZE).to_le_bytes());
@@ -562,21 +580,6 @@ impl BlkHandle {
         }
     }
 
-    /// Waits for the request in progress (at most one, whatever the guest queued) and keeps
-    /// the I/O thread off the queues.
-    pub fn pause(&self) {
-        self.hold.store(true, Ordering::Release);
-        lock(&self.dev).paused = true;
-    }
-
-    pub fn resume(&self) {
-        let mut t = lock(&self.dev);
-        t.paused = false;
-        self.hold.store(false, Ordering::Release);
-        // Notifications that arrived while paused were consumed without serving them.
-        t.kick();
-    }
-
     pub fn status_json(&self) -> serde_json::Value {
         let c = &self.counters;
         let queued = {
@@ -601,6 +604,60 @@ impl BlkHandle {
 
     pub fn flush(&self) -> std::io::Result<()> {
         lock(&self.dev).device.disk.flush()
+    }
+}
+
+/// What a virtio-blk device is built from besides its state.
+pub struct BlkArgs<'a> {
+    pub vm: &'a kvm_ioctls::VmFd,
+    pub mem: &'a GuestMemoryMmap,
+    pub blk: Blk,
+    pub base: u64,
+    pub gsi: u32,
+}
+
+impl<'a> Persist<'a> for BlkHandle {
+    type State = VirtioBlkState;
+    type ConstructorArgs = BlkArgs<'a>;
+    const VERSION: u32 = 1;
+
+    fn save(&self) -> Result<VirtioBlkState> {
+        Ok(self.state())
+    }
+
+    fn restore(a: BlkArgs<'a>, state: &VirtioBlkState) -> Result<BlkHandle> {
+        BlkHandle::start(a.vm, a.mem, a.blk, a.base, a.gsi, Some(state))
+    }
+}
+
+impl Pausable for BlkHandle {
+    /// Waits for the request in progress (at most one, whatever the guest queued) and keeps
+    /// the I/O thread off the queues.
+    fn pause(&self) {
+        self.hold.store(true, Ordering::Release);
+        lock(&self.dev).paused = true;
+    }
+
+    fn resume(&self) {
+        let mut t = lock(&self.dev);
+        t.paused = false;
+        self.hold.store(false, Ordering::Release);
+        // Notifications that arrived while paused were consumed without serving them.
+        t.kick();
+    }
+}
+
+impl VmDevice for BlkHandle {
+    fn save(&self, id: &str) -> Result<DeviceState> {
+        DeviceState::new(id, self)
+    }
+
+    fn status(&self) -> Option<(&'static str, serde_json::Value)> {
+        Some(("disks", self.status_json()))
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        BlkHandle::flush(self)
     }
 }
 

@@ -94,6 +94,50 @@ pub struct MmioTransportState {
     pub queues: Vec<VirtqState>,
 }
 
+impl MmioTransportState {
+    /// Checks a saved transport against a device offering `offered` features and queues of
+    /// `max_sizes`: what virtio-queue itself would trust.
+    pub fn validate(&self, offered: u64, max_sizes: &[u16]) -> anyhow::Result<()> {
+        if self.queues.len() != max_sizes.len() {
+            anyhow::bail!(
+                "saved virtio device has {} queues, the device has {}",
+                self.queues.len(),
+                max_sizes.len()
+            );
+        }
+        if self.acked_features & !offered != 0 {
+            anyhow::bail!(
+                "saved driver features {:#x} include features the device never offered ({:#x})",
+                self.acked_features,
+                self.acked_features & !offered
+            );
+        }
+        let event_idx =
+            self.acked_features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
+        // virtio-queue trusts the saved maximum; the device's own is the limit.
+        for (i, (q, &max)) in self.queues.iter().zip(max_sizes).enumerate() {
+            if q.max_size != max {
+                anyhow::bail!(
+                    "saved virtqueue {i}: maximum size {} where the device's is {max}",
+                    q.max_size
+                );
+            }
+            if q.size > max || (q.size != 0 && !q.size.is_power_of_two()) {
+                anyhow::bail!(
+                    "saved virtqueue {i}: size {} (the device allows powers of two up to {max})",
+                    q.size
+                );
+            }
+            if q.event_idx_enabled && !event_idx {
+                anyhow::bail!(
+                    "saved virtqueue {i}: event index enabled but VIRTIO_RING_F_EVENT_IDX was not negotiated"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct MmioTransport<D: VirtioDevice> {
     pub device: D,
     pub queues: Vec<Queue>,
@@ -144,42 +188,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
         s: &MmioTransportState,
     ) -> anyhow::Result<Self> {
         let mut t = Self::new(device, irq, kick)?;
-        if s.queues.len() != t.queues.len() {
-            anyhow::bail!(
-                "saved virtio device has {} queues, the device has {}",
-                s.queues.len(),
-                t.queues.len()
-            );
-        }
-        let offered = t.device.features();
-        if s.acked_features & !offered != 0 {
-            anyhow::bail!(
-                "saved driver features {:#x} include features the device never offered ({:#x})",
-                s.acked_features,
-                s.acked_features & !offered
-            );
-        }
-        let event_idx =
-            s.acked_features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
-        // virtio-queue trusts the saved maximum; the device's own is the limit.
-        for (i, (q, max)) in s.queues.iter().zip(t.device.queue_max_sizes()).enumerate() {
-            if q.max_size != max {
-                anyhow::bail!(
-                    "saved virtqueue {i}: maximum size {} where the device's is {max}",
-                    q.max_size
-                );
-            }
-            if q.size > max || (q.size != 0 && !q.size.is_power_of_two()) {
-                anyhow::bail!(
-                    "saved virtqueue {i}: size {} (the device allows powers of two up to {max})",
-                    q.size
-                );
-            }
-            if q.event_idx_enabled && !event_idx {
-                anyhow::bail!(
-                    "saved virtqueue {i}: event index enabled but VIRTIO_RING_F_EVENT_IDX was not negotiated"
-                );
-            }
+        s.validate(t.device.features(), &t.device.queue_max_sizes())?;
+        for (i, q) in s.queues.iter().enumerate() {
             t.queues[i] = Queue::try_from(QueueState::from(q))
                 .map_err(|e| anyhow::anyhow!("saved virtqueue {i}: {e}"))?;
         }

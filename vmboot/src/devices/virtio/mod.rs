@@ -9,58 +9,59 @@
 pub mod blk;
 pub mod mmio;
 
-pub use blk::{Blk, BlkHandle, VirtioBlkState};
+pub use blk::{Blk, BlkArgs, BlkHandle, VirtioBlkState};
 
 use crate::device_manager::DeviceManager;
+use crate::persist::{DeviceState, Persist, VmDevice};
 use anyhow::{bail, Context, Result};
+use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
 use vmpack_formats::config::VmConfig;
 
 /// Devices that fit on the dynamic GSIs (5..=23).
 pub const MAX_DEVICES: usize = 19;
 
-/// Opens every disk of `cfg`, registers a virtio-blk device for it with `dm` and starts its I/O
-/// thread. `states` are the saved devices of a restore (empty for a fresh boot, or for a
-/// pack saved before vmboot had disks, whose guest never saw them).
-pub fn attach_disks(
+/// The registry id of the virtio-blk device of `[[disk]]` `i`.
+pub fn blk_id(i: usize) -> String {
+    format!("virtio-blk{i}")
+}
+
+/// Opens every disk of `cfg`, registers a virtio-blk device for it with `dm` and starts its
+/// I/O thread. `saved` finds a device's saved state by id on a restore (none on a fresh
+/// boot, or for a pack saved before vmboot had disks, whose guest never saw them).
+pub fn attach_disks<'s>(
     cfg: &VmConfig,
     vm: &kvm_ioctls::VmFd,
     mem: &GuestMemoryMmap,
     dm: &mut DeviceManager,
-    states: &[VirtioBlkState],
-) -> Result<Vec<BlkHandle>> {
+    saved: impl Fn(&str) -> Option<&'s DeviceState>,
+) -> Result<()> {
     if cfg.disks.len() > MAX_DEVICES {
         bail!(
             "{} disks configured; vmboot supports at most {MAX_DEVICES}",
             cfg.disks.len()
         );
     }
-    if !states.is_empty() && states.len() != cfg.disks.len() {
-        bail!(
-            "the saved VM has {} virtio-blk devices but the config has {} disks",
-            states.len(),
-            cfg.disks.len()
-        );
-    }
-    let mut out = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
         let image = vmpack_formats::disk::open_disk(&d.path, d.format, d.read_only)
             .with_context(|| format!("disk {i} ({})", d.path.display()))?;
-        let mut handle = None;
-        dm.add_virtio_mmio(&format!("virtio-blk{i}"), |base, gsi| {
-            let h = BlkHandle::start(
+        let id = blk_id(i);
+        let state = saved(&id).map(|s| s.decode::<BlkHandle>()).transpose()?;
+        dm.add_virtio_mmio(&id, |base, gsi| {
+            let args = BlkArgs {
                 vm,
                 mem,
-                Blk::new(i, image, d.read_only),
+                blk: Blk::new(i, image, d.read_only),
                 base,
                 gsi,
-                states.get(i),
-            )?;
+            };
+            let h = Arc::new(match &state {
+                Some(s) => BlkHandle::restore(args, s)?,
+                None => BlkHandle::start(args.vm, mem, args.blk, base, gsi, None)?,
+            });
             let dev = h.dev.clone();
-            handle = Some(h);
-            Ok(dev)
+            Ok((dev, h as Arc<dyn VmDevice>))
         })?;
-        out.extend(handle);
     }
-    Ok(out)
+    Ok(())
 }
