@@ -961,29 +961,60 @@ fn exit_signals() -> libc::sigset_t {
     }
 }
 
-/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and every thread it starts later.
-/// Call it first thing in `main`, before any VM exists, then hand the VM to
-/// [`terminate_on_signals`]: a signal that arrives in between stays pending until then.
+/// The VM the exit signals end (weak: a finished VM is not kept alive for this), and a
+/// signal that came while there was none.
+type SignalTarget = (Option<std::sync::Weak<VmHandle>>, Option<i32>);
+static SIGNAL_TARGET: Mutex<SignalTarget> = Mutex::new((None, None));
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and every thread it starts later,
+/// and starts the thread that waits for them (now, while the process is small: under a
+/// tight memory limit it is the VM's own allocations that fail, cleanly). Call it first
+/// thing in `main`, before any VM exists, then hand the VM to [`terminate_on_signals`]: a
+/// signal that arrives in between is kept until then.
 pub fn block_exit_signals() {
     let set = exit_signals();
     // SAFETY: changes only this thread's mask, with a valid set.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    // A failure is reported by terminate_on_signals.
+    let _ = signal_thread();
+}
+
+/// Starts the signal-waiting thread once per process.
+fn signal_thread() -> Result<()> {
+    static STARTED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    STARTED
+        .get_or_init(|| {
+            let set = exit_signals();
+            std::thread::Builder::new()
+                .name("signals".into())
+                .spawn(move || loop {
+                    let mut sig: libc::c_int = 0;
+                    // SAFETY: waits on a valid set of signals blocked in every thread.
+                    if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                        let mut t = lock(&SIGNAL_TARGET);
+                        match t.0.as_ref().and_then(std::sync::Weak::upgrade) {
+                            Some(vm) => vm.terminate(sig),
+                            None => t.1 = Some(sig),
+                        }
+                    }
+                })
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!("cannot start the thread that handles Ctrl-C and kill: {e}"))
 }
 
 /// Ends `vm` cleanly (see [`VmHandle::terminate`]) when one of the blocked exit signals
-/// arrives, so Ctrl-C or `kill` never leaves a socket or a work folder behind. Fails if
-/// the thread that waits for them cannot start (the signals would stay blocked).
+/// arrives (or arrived since [`block_exit_signals`]), so Ctrl-C or `kill` never leaves a
+/// socket or a work folder behind. Fails if the thread that waits for them cannot start
+/// (the signals would stay blocked).
 pub fn terminate_on_signals(vm: Arc<VmHandle>) -> Result<()> {
-    let set = exit_signals();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: waits on a valid set of signals blocked in every thread.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                vm.terminate(sig);
-            }
-        })
-        .context("cannot start the thread that handles Ctrl-C and kill")?;
+    signal_thread()?;
+    let mut t = lock(&SIGNAL_TARGET);
+    if let Some(sig) = t.1.take() {
+        vm.terminate(sig);
+    }
+    t.0 = Some(Arc::downgrade(&vm));
     Ok(())
 }
