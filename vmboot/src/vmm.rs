@@ -1018,3 +1018,164 @@ pub fn terminate_on_signals(vm: Arc<VmHandle>) -> Result<()> {
     t.0 = Some(Arc::downgrade(&vm));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::mmio::{MmioTransportState, VirtqState};
+    use crate::devices::virtio::VirtioBlkState;
+    use crate::persist::{SerialDeviceState, VcpuState, VmLevelState};
+
+    fn cfg(disks: usize) -> VmConfig {
+        let mut t = "name = \"t\"\nmemory_mib = 16\n[flat]\nimage = \"g.bin\"\nload_address = 0x100000\nentry = 0x100000\nmode = \"long\"\n"
+            .to_string();
+        for i in 0..disks {
+            t += &format!("[[disk]]\npath = \"d{i}.img\"\n");
+        }
+        VmConfig::parse(&t, std::path::Path::new("t.toml")).unwrap()
+    }
+
+    fn dev(id: &str, version: u32, state: impl serde::Serialize) -> DeviceState {
+        DeviceState {
+            id: id.into(),
+            version,
+            state: serde_json::to_value(state).unwrap(),
+        }
+    }
+
+    fn blk() -> VirtioBlkState {
+        VirtioBlkState {
+            transport: MmioTransportState {
+                queues: vec![VirtqState {
+                    max_size: 256,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            disk_size: 1 << 20,
+            read_only: false,
+        }
+    }
+
+    /// A state as a VM of `cfg(disks)` saves it (through JSON, as in a pack).
+    fn state(disks: usize) -> VmState {
+        let mut devices = vec![
+            dev("com1", 1, SerialDeviceState::default()),
+            dev("i8042", 1, serde_json::json!({})),
+        ];
+        for i in 0..disks {
+            devices.push(dev(&format!("virtio-blk{i}"), 1, blk()));
+        }
+        let s = VmState {
+            version: VM_STATE_VERSION,
+            config: None,
+            memory_regions: ram_layout(16 << 20),
+            initrd: None,
+            vm: VmLevelState {
+                version: 1,
+                pit2: Default::default(),
+                clock: Default::default(),
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+            },
+            vcpus: vec![VcpuState {
+                version: 1,
+                id: 0,
+                mp_state: Default::default(),
+                regs: Default::default(),
+                sregs: Default::default(),
+                xsave: Default::default(),
+                xcrs: Default::default(),
+                debugregs: Default::default(),
+                lapic: Default::default(),
+                tsc_khz: 1,
+                cpuid: vec![],
+                msrs: vec![],
+                vcpu_events: Default::default(),
+            }],
+            devices,
+        };
+        VmState::parse(&serde_json::to_vec(&s).unwrap()).unwrap()
+    }
+
+    fn refused(s: VmState, c: &VmConfig) -> String {
+        match s.validate(c) {
+            Ok(_) => panic!("validated"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn validate_applies_the_compatibility_rule() {
+        assert!(state(2).validate(&cfg(2)).is_ok());
+        // A pack from before disks: its disks start at power-on.
+        assert!(state(0).validate(&cfg(2)).is_ok());
+        let err = refused(state(1), &cfg(2));
+        assert!(
+            err.contains("the saved VM has 1 virtio-blk devices but the config has 2 disks"),
+            "{err}"
+        );
+        let err = refused(state(2), &cfg(1));
+        assert!(err.contains("device virtio-blk1"), "{err}");
+        // A newer component version is refused by name; older ones are read.
+        let mut s = state(1);
+        s.devices[2].version = 2;
+        let err = refused(s, &cfg(1));
+        assert!(
+            err.contains(
+                "device virtio-blk0: state version 2 is not supported (this vmboot reads versions 1 to 1)"
+            ),
+            "{err}"
+        );
+        let mut s = state(1);
+        s.vcpus[0].version = 2;
+        assert!(refused(s, &cfg(1)).contains("vCPU 0: state version 2"));
+        let mut s = state(1);
+        s.vm.version = 2;
+        assert!(refused(s, &cfg(1)).contains("VM-level state: state version 2"));
+        let mut s = state(1);
+        s.devices.push(s.devices[0].clone());
+        assert!(refused(s, &cfg(1)).contains("device com1"));
+        // A device's state is checked before any KVM call.
+        let mut s = state(1);
+        s.devices[2].state["transport"]["queues"][0]["size"] = 512.into();
+        assert!(refused(s, &cfg(1)).contains("virtqueue 0: size 512"));
+        let mut v = serde_json::to_value(state(1)).unwrap();
+        v["version"] = 3.into();
+        let err = format!(
+            "{:#}",
+            VmState::parse(&serde_json::to_vec(&v).unwrap()).unwrap_err()
+        );
+        assert!(
+            err.contains(
+                "vm state version 3 is not supported by this vmboot (it reads versions 1 and 2)"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn version_1_reads_as_version_2() {
+        let mut v = serde_json::to_value(state(1)).unwrap();
+        let o = v.as_object_mut().unwrap();
+        let vm = o.remove("vm").unwrap();
+        for k in ["pit2", "clock", "pic_master", "pic_slave", "ioapic"] {
+            o.insert(k.into(), vm[k].clone());
+        }
+        o.insert("version".into(), 1.into());
+        o["vcpus"][0].as_object_mut().unwrap().remove("version");
+        let d = o["devices"].clone();
+        o.insert(
+            "devices".into(),
+            serde_json::json!({"serial": d[0]["state"], "i8042": {}, "virtio_blk": [d[2]["state"]]}),
+        );
+        let s = VmState::parse(&serde_json::to_vec(&v).unwrap()).unwrap();
+        assert_eq!(s.version, 1);
+        assert_eq!(s.vcpus[0].version, 1);
+        let ids: Vec<&str> = s.devices.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["com1", "i8042", "virtio-blk0"]);
+        assert_eq!(s.devices[2].state, serde_json::to_value(blk()).unwrap());
+        assert!(s.validate(&cfg(1)).is_ok());
+    }
+}
