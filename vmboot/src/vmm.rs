@@ -188,7 +188,9 @@ struct Base {
 /// The devices of a VM: the registry (with the buses) and COM1, which vmboot also talks
 /// to directly (host input, the final flush).
 struct Devices {
-    /// Dropped before guest memory: the virtio-blk I/O threads hold views of it.
+    /// Serves every virtio queue; stopped (dropped) first, while the devices and guest
+    /// memory it uses are still there.
+    _worker: crate::devices::virtio::Worker,
     dm: DeviceManager,
     serial: Arc<Mutex<SerialDevice>>,
 }
@@ -207,7 +209,7 @@ impl Devices {
             "com1" => d.decode::<SerialDevice>().map(drop),
             "i8042" => d.decode::<I8042>().map(drop),
             _ => d
-                .decode::<crate::devices::virtio::BlkHandle>()?
+                .decode::<Arc<crate::devices::virtio::BlkHandle>>()?
                 .validate()
                 .with_context(|| format!("device {}", d.id)),
         }
@@ -243,8 +245,20 @@ impl Devices {
             (i8042.clone(), Some(i8042)),
             Arc::new(Mutex::new(DebugExit)),
         )?;
-        crate::devices::virtio::attach_disks(cfg, &base.vm.fd, base.mem.memory(), &mut dm, find)?;
-        Ok(Devices { dm, serial })
+        let worker = crate::devices::virtio::Worker::start()?;
+        crate::devices::virtio::attach_disks(
+            cfg,
+            &base.vm.fd,
+            base.mem.memory(),
+            &worker,
+            &mut dm,
+            find,
+        )?;
+        Ok(Devices {
+            _worker: worker,
+            dm,
+            serial,
+        })
     }
 }
 

@@ -107,9 +107,7 @@ impl<D: VirtioDevice> QueueServer for VirtioMmio<D> {
             let Some(q) = t.queues.get_mut(idx) else {
                 return;
             };
-            let (served, more) = t
-                .device
-                .process_queue(idx, q, &self.mem, &self.hold, BATCH);
+            let (served, more) = t.device.process_queue(idx, q, &self.mem, &self.hold, BATCH);
             // Without EVENT_IDX this honours the driver's VRING_AVAIL_F_NO_INTERRUPT.
             if served > 0 && q.needs_notification(&self.mem).unwrap_or(true) {
                 t.signal_used();

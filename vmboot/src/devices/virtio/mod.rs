@@ -7,9 +7,13 @@
 //! with `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`), both generated from the registry.
 
 pub mod blk;
+pub mod device;
 pub mod mmio;
+pub mod worker;
 
 pub use blk::{Blk, BlkArgs, BlkHandle, VirtioBlkState};
+pub use device::VirtioMmio;
+pub use worker::Worker;
 
 use crate::device_manager::DeviceManager;
 use crate::persist::{DeviceState, Persist, VmDevice};
@@ -26,13 +30,14 @@ pub fn blk_id(i: usize) -> String {
     format!("virtio-blk{i}")
 }
 
-/// Opens every disk of `cfg`, registers a virtio-blk device for it with `dm` and starts its
-/// I/O thread. `saved` finds a device's saved state by id on a restore (none on a fresh
+/// Opens every disk of `cfg` and registers a virtio-blk device for it with `dm`, served by
+/// `worker`. `saved` finds a device's saved state by id on a restore (none on a fresh
 /// boot, or for a pack saved before vmboot had disks, whose guest never saw them).
 pub fn attach_disks<'s>(
     cfg: &VmConfig,
     vm: &kvm_ioctls::VmFd,
     mem: &GuestMemoryMmap,
+    worker: &Worker,
     dm: &mut DeviceManager,
     saved: impl Fn(&str) -> Option<&'s DeviceState>,
 ) -> Result<()> {
@@ -46,19 +51,22 @@ pub fn attach_disks<'s>(
         let image = vmpack_formats::disk::open_disk(&d.path, d.format, d.read_only)
             .with_context(|| format!("disk {i} ({})", d.path.display()))?;
         let id = blk_id(i);
-        let state = saved(&id).map(|s| s.decode::<BlkHandle>()).transpose()?;
+        let state = saved(&id)
+            .map(|s| s.decode::<Arc<BlkHandle>>())
+            .transpose()?;
         dm.add_virtio_mmio(&id, |base, gsi| {
             let args = BlkArgs {
                 vm,
                 mem,
+                worker,
                 blk: Blk::new(i, image, d.read_only),
                 base,
                 gsi,
             };
-            let h = Arc::new(match &state {
-                Some(s) => BlkHandle::restore(args, s)?,
-                None => BlkHandle::start(args.vm, mem, args.blk, base, gsi, None)?,
-            });
+            let h = match &state {
+                Some(s) => Arc::<BlkHandle>::restore(args, s)?,
+                None => args.start()?,
+            };
             let dev = h.dev.clone();
             Ok((dev, h as Arc<dyn VmDevice>))
         })?;
