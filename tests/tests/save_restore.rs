@@ -536,3 +536,34 @@ fn damaged_or_foreign_packs_are_refused_before_the_guest_runs() {
         "names the missing features: {err}"
     );
 }
+
+/// The LAPIC timer in TSC-deadline mode (how Linux drives it), re-armed from its handler,
+/// keeps firing across six saves and restores in new processes: the output is one unbroken
+/// sequence and the guest finishes (vmboot writes the deadline MSR last and turns a spent
+/// deadline into an immediate one).
+#[test]
+fn tsc_deadline_timer_keeps_ticking_across_restores() {
+    if !common::kvm_available("save/restore tests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut all = String::new();
+    let mut r = Running::start(d, "tscdl.toml", "r0");
+    for i in 1..=6 {
+        r.wait_for(&format!("tick {}\n", i * 300), Duration::from_secs(60));
+        let pack = d.join(format!("p{i}.vmpack"));
+        r.save(&pack, "stop", "none");
+        let serial = r.serial.clone();
+        let (code, err) = r.finish(Duration::from_secs(30));
+        assert_eq!(code, 0, "vmboot after save {i}: {err}");
+        all += &std::fs::read_to_string(serial).unwrap();
+        r = Running::restore(d, &pack, &format!("r{i}"));
+    }
+    let serial = r.serial.clone();
+    let (code, err) = r.finish(Duration::from_secs(60));
+    all += &std::fs::read_to_string(serial).unwrap();
+    assert_eq!(code, 0, "the last restore: {err}\n{all}");
+    let want: String = (1..=60).map(|i| format!("tick {}\n", i * 100)).collect();
+    assert_eq!(all, want);
+}

@@ -429,9 +429,14 @@ impl Vm {
         let payload = payload.into();
         let opts = &crate::console::with_log(opts);
         let base = build_base(cfg, memory)?;
-        base.vm.restore_state(&state.vm)?;
+        // vCPUs before the VM-level irqchip and PIT, as Firecracker does: the LAPICs exist
+        // in their saved state before the IOAPIC and PIC route anything to them.
         for (fd, s) in base.fds.iter().zip(&state.vcpus) {
             vcpu::restore(fd, s)?;
+        }
+        base.vm.restore_state(&state.vm)?;
+        for fd in &base.fds {
+            tell_kvmclock_paused(fd);
         }
         let msr_list: Vec<u32> = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
         let msr_list = msr::filter_readable(&base.fds[0], msr_list)?;
@@ -776,6 +781,9 @@ impl VmHandle {
             }
         }
         drop(c);
+        for v in &self.vcpus {
+            tell_kvmclock_paused(&lock(&v.fd));
+        }
         // Requests already taken off a queue complete before this returns.
         for (_, d) in self.devices.dm.objects() {
             d.pause();
@@ -960,6 +968,14 @@ impl VmHandle {
     pub fn serial_log(&self) -> Option<&Arc<crate::console::SerialLog>> {
         self.serial_log.as_ref()
     }
+}
+
+/// KVM_KVMCLOCK_CTRL: tells a guest using kvmclock that it was stopped by the host (the
+/// PVCLOCK_GUEST_STOPPED flag), so the time it spent paused or saved is not taken for a
+/// soft lockup. KVM refuses it (EINVAL) when the guest has not enabled kvmclock: nothing to
+/// tell then.
+fn tell_kvmclock_paused(fd: &VcpuFd) {
+    let _ = fd.kvmclock_ctrl();
 }
 
 /// SIGINT, SIGTERM and SIGHUP: the signals that end a VM cleanly.

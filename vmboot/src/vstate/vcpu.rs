@@ -230,10 +230,51 @@ pub fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
         .with_context(|| format!("vCPU {id}: KVM_SET_DEBUGREGS"))?;
     fd.set_lapic(&s.lapic)
         .with_context(|| format!("vCPU {id}: KVM_SET_LAPIC"))?;
-    msr::write(fd, &s.msrs).with_context(|| format!("vCPU {id}: KVM_SET_MSRS"))?;
+    let (msrs, deadline) = tsc_deadline_last(&s.msrs, &s.lapic);
+    msr::write(fd, &msrs).with_context(|| format!("vCPU {id}: KVM_SET_MSRS"))?;
     fd.set_vcpu_events(&s.vcpu_events)
         .with_context(|| format!("vCPU {id}: KVM_SET_VCPU_EVENTS"))?;
+    // Last, once the TSC and the LAPIC's timer mode are in place: KVM arms the timer from
+    // it relative to the guest's TSC.
+    if let Some(d) = deadline {
+        msr::write(fd, &[d]).with_context(|| format!("vCPU {id}: KVM_SET_MSRS (TSC deadline)"))?;
+    }
     Ok(())
+}
+
+/// LAPIC timer mode bits (LVT timer, bits 18:17) of the TSC-deadline mode.
+const LVTT_TSC_DEADLINE: u32 = 2 << 17;
+const APIC_LVTT: usize = 0x320;
+
+/// Splits off IA32_TSC_DEADLINE to be written after everything else (Firecracker does the
+/// same). A deadline of 0 in TSC-deadline mode means it fired and the guest has not armed
+/// the next one yet; restored as 0, KVM would leave the vCPU without timer interrupts if the
+/// pending one is lost, so it becomes the saved TSC: the timer fires once more at once and
+/// the guest's handler re-arms it.
+fn tsc_deadline_last(
+    msrs: &[kvm_msr_entry],
+    lapic: &kvm_lapic_state,
+) -> (Vec<kvm_msr_entry>, Option<kvm_msr_entry>) {
+    let mut rest = Vec::with_capacity(msrs.len());
+    let mut deadline = None;
+    for m in msrs {
+        if m.index == msr::MSR_IA32_TSC_DEADLINE {
+            deadline = Some(*m);
+        } else {
+            rest.push(*m);
+        }
+    }
+    let tsc = msrs
+        .iter()
+        .find(|m| m.index == msr::MSR_IA32_TSC)
+        .map(|m| m.data);
+    let deadline_mode = lapic_reg(lapic, APIC_LVTT) & (3 << 17) == LVTT_TSC_DEADLINE;
+    if let (Some(d), Some(tsc)) = (deadline.as_mut(), tsc) {
+        if d.data == 0 && deadline_mode {
+            d.data = tsc;
+        }
+    }
+    (rest, deadline)
 }
 
 const CR0_PG: u64 = 1 << 31;
@@ -299,4 +340,41 @@ pub fn crash_report(fd: &VcpuFd, mem: &GuestRam) -> String {
         sregs.cr4,
         sregs.efer,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u32, data: u64) -> kvm_msr_entry {
+        kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_tsc_deadline_is_written_last_and_a_spent_one_fires_again() {
+        let msrs = [
+            entry(msr::MSR_IA32_TSC, 5000),
+            entry(msr::MSR_IA32_TSC_DEADLINE, 0),
+            entry(msr::MSR_EFER, 0x500),
+        ];
+        let mut lapic = kvm_lapic_state::default();
+        let (rest, d) = tsc_deadline_last(&msrs, &lapic);
+        assert_eq!(
+            rest.iter().map(|m| m.index).collect::<Vec<_>>(),
+            [msr::MSR_IA32_TSC, msr::MSR_EFER]
+        );
+        // Not in TSC-deadline mode: 0 stays 0.
+        assert_eq!(d.unwrap().data, 0);
+        set_lapic_reg(&mut lapic, APIC_LVTT, LVTT_TSC_DEADLINE | 0x40);
+        assert_eq!(tsc_deadline_last(&msrs, &lapic).1.unwrap().data, 5000);
+        let armed = [
+            entry(msr::MSR_IA32_TSC, 5000),
+            entry(msr::MSR_IA32_TSC_DEADLINE, 9000),
+        ];
+        assert_eq!(tsc_deadline_last(&armed, &lapic).1.unwrap().data, 9000);
+    }
 }
