@@ -60,6 +60,14 @@ if [ ${#ic[@]} -gt 0 ]; then
   echo "== installed in $(( $(date +%s) - start )) s"
 fi
 
+# The Rust test guest (samples/guests/rs, tests/tests/rs_guest.rs) is no_std on the
+# x86_64-unknown-none target; built once here, so a build failure shows up on its own.
+if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx x86_64-unknown-none; then
+  echo "== installing the Rust target x86_64-unknown-none"
+  rustup target add x86_64-unknown-none
+fi
+bash samples/guests/rs/build.sh
+
 if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
   echo "== /dev/kvm is available: KVM tests will run"
 else

@@ -1,0 +1,6 @@
+//! Passes the linker script, which places `_start` at the documented load address.
+fn main() {
+    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap();
+    println!("cargo:rustc-link-arg=-T{dir}/link.ld");
+    println!("cargo:rerun-if-changed=link.ld");
+}
