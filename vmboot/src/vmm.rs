@@ -200,6 +200,9 @@ impl Devices {
     fn ids(cfg: &VmConfig) -> Vec<String> {
         let mut ids = vec!["com1".to_string(), "i8042".to_string()];
         ids.extend((0..cfg.disks.len()).map(crate::devices::virtio::blk_id));
+        if cfg.rng {
+            ids.push(crate::devices::virtio::rng::ID.to_string());
+        }
         ids
     }
 
@@ -208,6 +211,10 @@ impl Devices {
         match d.id.as_str() {
             "com1" => d.decode::<SerialDevice>().map(drop),
             "i8042" => d.decode::<I8042>().map(drop),
+            crate::devices::virtio::rng::ID => d
+                .decode::<Arc<crate::devices::virtio::rng::RngHandle>>()?
+                .validate()
+                .with_context(|| format!("device {}", d.id)),
             _ => d
                 .decode::<Arc<crate::devices::virtio::BlkHandle>>()?
                 .validate()
@@ -254,6 +261,16 @@ impl Devices {
             &mut dm,
             find,
         )?;
+        if cfg.rng {
+            let id = crate::devices::virtio::rng::ID;
+            crate::devices::virtio::rng::attach(
+                &base.vm.fd,
+                base.mem.memory(),
+                &worker,
+                &mut dm,
+                find(id),
+            )?;
+        }
         Ok(Devices {
             _worker: worker,
             dm,

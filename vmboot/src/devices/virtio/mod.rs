@@ -9,6 +9,7 @@
 pub mod blk;
 pub mod device;
 pub mod mmio;
+pub mod rng;
 pub mod worker;
 
 pub use blk::{Blk, BlkArgs, BlkHandle, VirtioBlkState};
