@@ -40,22 +40,88 @@ fn default_vcpus() -> u32 {
     1
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// The CPU model the guest sees; each is defined bit by bit in `docs/CPU-TEMPLATES.md`.
+/// In TOML a name (`host`, `x86-64-v1` or `baseline`, `x86-64-v2`, `x86-64-v3`,
+/// `x86-64-v4`) or the path of a template file ending in `.json`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub enum CpuTemplate {
     /// Everything the host's KVM supports.
     #[default]
     Host,
-    /// A conservative x86-64 feature set so a pack saved here restores on most hosts.
+    /// x86-64-v1 (alias `baseline`): what every x86-64 CPU has.
     Baseline,
+    /// x86-64-v2: v1 plus CMPXCHG16B, LAHF/SAHF, POPCNT, SSE3, SSSE3, SSE4.1, SSE4.2.
+    V2,
+    /// x86-64-v3: v2 plus AVX, AVX2, BMI1, BMI2, F16C, FMA, LZCNT, MOVBE, XSAVE.
+    V3,
+    /// x86-64-v4: v3 plus AVX-512 F, BW, CD, DQ, VL.
+    V4,
+    /// A template file (`vmpack template --fit` output, or a Firecracker custom CPU
+    /// template), relative to the config's folder.
+    Custom(PathBuf),
+}
+
+impl Serialize for CpuTemplate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            CpuTemplate::Custom(p) => s.serialize_str(&p.to_string_lossy()),
+            t => s.serialize_str(t.name()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for CpuTemplate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if let Some(t) = CpuTemplate::from_name(&s) {
+            return Ok(t);
+        }
+        if s.ends_with(".json") {
+            return Ok(CpuTemplate::Custom(PathBuf::from(s)));
+        }
+        Err(serde::de::Error::custom(format!(
+            "unknown cpu_template '{s}': expected host, x86-64-v1 (baseline), x86-64-v2, x86-64-v3, x86-64-v4 or a template file ending in .json"
+        )))
+    }
+}
+
+impl CpuTemplate {
+    /// Every template, from the least to the most demanding named level, `host` last.
+    pub const ALL: [CpuTemplate; 5] = [
+        CpuTemplate::Baseline,
+        CpuTemplate::V2,
+        CpuTemplate::V3,
+        CpuTemplate::V4,
+        CpuTemplate::Host,
+    ];
+
+    /// The template a name (as in a config, including the alias `baseline`) stands for.
+    pub fn from_name(name: &str) -> Option<CpuTemplate> {
+        match name {
+            "baseline" => Some(CpuTemplate::Baseline),
+            _ => CpuTemplate::ALL.into_iter().find(|t| t.name() == name),
+        }
+    }
+
+    /// The name of a named template; a custom one's is its file name.
+    pub fn name(&self) -> &str {
+        match self {
+            CpuTemplate::Host => "host",
+            CpuTemplate::Baseline => "x86-64-v1",
+            CpuTemplate::V2 => "x86-64-v2",
+            CpuTemplate::V3 => "x86-64-v3",
+            CpuTemplate::V4 => "x86-64-v4",
+            CpuTemplate::Custom(p) => p.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
+        }
+    }
 }
 
 impl fmt::Display for CpuTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            CpuTemplate::Host => "host",
-            CpuTemplate::Baseline => "baseline",
-        })
+        match self {
+            CpuTemplate::Custom(p) => write!(f, "{}", p.display()),
+            t => f.write_str(t.name()),
+        }
     }
 }
 
@@ -323,6 +389,9 @@ impl VmConfig {
             abs(&mut d.path);
         }
         if let Some(p) = &mut self.serial.path {
+            abs(p);
+        }
+        if let CpuTemplate::Custom(p) = &mut self.cpu_template {
             abs(p);
         }
     }

@@ -241,6 +241,13 @@ impl<'a> PreparedPack<'a> {
     pub fn new(cfg: &VmConfig, plan: VmPackPlan<'a>) -> Result<PreparedPack<'a>, VmPackError> {
         let mut taken = HashSet::new();
         let mut out_cfg = cfg.clone();
+        // A template file stays on the host; the pack names it (its effect, the CPUID, is
+        // in a saved VM's vm state).
+        if let crate::config::CpuTemplate::Custom(p) = &mut out_cfg.cpu_template {
+            *p = p
+                .file_name()
+                .map_or_else(|| "template.json".into(), PathBuf::from);
+        }
 
         let mut files = Vec::new();
         for (role, path) in cfg.boot_files() {

@@ -342,6 +342,10 @@ pub struct VmState {
     pub vcpus: Vec<VcpuState>,
     /// One per registered device that has state, in registration order.
     pub devices: Vec<DeviceState>,
+    /// Fingerprint of the host that saved the VM (docs/FORMAT.md §12.2); absent in packs
+    /// from vmboots before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_on: Option<vmpack_formats::host::HostFingerprint>,
 }
 
 /// Version 1 of the vmstate (vmboot 0.1.0): VM-level fields at the top, devices by kind.
@@ -364,6 +368,8 @@ struct VmStateV1 {
     initrd: Option<(u64, u64)>,
     vcpus: Vec<VcpuState>,
     devices: DeviceStatesV1,
+    #[serde(default)]
+    saved_on: Option<vmpack_formats::host::HostFingerprint>,
 }
 
 #[derive(Deserialize)]
@@ -432,6 +438,7 @@ impl From<VmStateV1> for VmState {
             },
             vcpus: v1.vcpus,
             devices,
+            saved_on: v1.saved_on,
         }
     }
 }

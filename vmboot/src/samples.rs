@@ -26,6 +26,10 @@ pub const MEMTEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memtest.bin
 /// `quit`), each answer followed by the prompt "> "; sleeps in `hlt` between commands.
 pub const KVSTORE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kvstore.bin"));
 
+/// Long mode, any vCPU count: every vCPU prints the CPUID it sees, one line per
+/// (leaf, subleaf): "cpuid APIC LEAF.SUB EAX EBX ECX EDX\n"; then "cpuid done N\n", exit 0.
+pub const CPUID: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cpuid.bin"));
+
 /// Every sample guest by name (the source file's stem).
 pub fn all() -> &'static [(&'static str, &'static [u8])] {
     &[
@@ -35,6 +39,7 @@ pub fn all() -> &'static [(&'static str, &'static [u8])] {
         ("smp", SMP),
         ("memtest", MEMTEST),
         ("kvstore", KVSTORE),
+        ("cpuid", CPUID),
     ]
 }
 

@@ -11,13 +11,12 @@ use crate::persist::VmState;
 use crate::vmm::ValidState;
 use crate::vmm::{BootFiles, BootPayload, RunOptions, Vm, VmHandle};
 use anyhow::{anyhow, bail, Context, Result};
-use kvm_ioctls::Kvm;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmpack_formats::config::{DiskFormat, VmConfig};
+use vmpack_formats::config::{CpuTemplate, DiskFormat, VmConfig};
 use vmpack_formats::pack::{
     Codec, Compression, PackError, SectionSource, StreamEvent, StreamReader, WriteOptions,
 };
@@ -27,7 +26,7 @@ use vmpack_formats::vm::{Manifest, VmPack, VmPackPlan};
 /// stored whole, and on the mmap restore path every non-zero chunk is one mapping.
 pub const MEMORY_CHUNK_SIZE: u32 = 256 << 10;
 /// The serialized vmstate is small (a few KiB per vCPU); anything larger is hostile.
-const MAX_VMSTATE_LEN: u64 = 64 << 20;
+pub(crate) const MAX_VMSTATE_LEN: u64 = 64 << 20;
 
 /// What a save produced.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -479,7 +478,7 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         .ok_or_else(|| anyhow!("{label}: section '{state_section}' is missing"))?;
     let state_bytes = reader.read_section(s.id, MAX_VMSTATE_LEN)?;
     let state = parse_state(&state_bytes, &label, state_section, &cfg)?;
-    let warnings = check_host(&state, &label)?;
+    let warnings = check_host(&state, &cfg, &label)?;
     extract_disks(&pack, &work.path)?;
 
     let memory_path = manifest.memory_restore_path(reader).unwrap_or("none");
@@ -574,6 +573,13 @@ pub fn pack_config(manifest: &Manifest, label: &str, work: &Path) -> Result<VmCo
         c.path = disk_copy_path(work, i);
         c.format = DiskFormat::Raw;
     }
+    // A saved VM's CPUID is in its vm state, so a template file is never needed to resume
+    // it; the name is kept for display only and never opened (`boot_at_rest` refuses it).
+    if let CpuTemplate::Custom(p) = &mut cfg.cpu_template {
+        *p = p
+            .file_name()
+            .map_or_else(|| "template.json".into(), PathBuf::from);
+    }
     if let Some(p) = &mut cfg.serial.path {
         let name = p
             .file_name()
@@ -636,6 +642,12 @@ pub fn boot_at_rest(path: &Path, verify: VerifyPolicy, run: RunOptions) -> Resul
     }
     let work = WorkDir::new(None)?;
     let cfg = pack_config(pack.manifest(), &label, &work.path)?;
+    if let CpuTemplate::Custom(p) = &cfg.cpu_template {
+        bail!(
+            "{label}: section 'manifest': the config names the CPU template file '{}', which packs do not carry; boot the VM from its config, or pack it with a named template",
+            p.display()
+        );
+    }
     let payload = BootPayload {
         kernel: optional_file(&pack, "kernel")?,
         initrd: optional_file(&pack, "initrd")?,
@@ -673,43 +685,30 @@ fn parse_state(bytes: &[u8], label: &str, section: &str, cfg: &VmConfig) -> Resu
         .map_err(|e| anyhow!("{label}: section '{section}': {e:#}"))
 }
 
-/// KVM's supported CPUID, read once per process (clones restore many VMs in one process).
-fn host_cpuid() -> Result<&'static [kvm_bindings::kvm_cpuid_entry2]> {
-    static HOST: std::sync::OnceLock<Vec<kvm_bindings::kvm_cpuid_entry2>> =
-        std::sync::OnceLock::new();
-    if let Some(h) = HOST.get() {
-        return Ok(h);
+/// The saved guest as [`compat::judge`] reads it.
+pub fn saved_guest<'a>(state: &'a VmState, template: CpuTemplate) -> compat::SavedGuest<'a> {
+    let v = &state.vcpus[0];
+    compat::SavedGuest {
+        vmstate_version: state.version,
+        template,
+        cpuid: &v.cpuid,
+        msrs: &v.msrs,
+        tsc_khz: v.tsc_khz,
     }
-    let kvm = Kvm::new().context("opening /dev/kvm")?;
-    let list = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .context("KVM_GET_SUPPORTED_CPUID")?
-        .as_slice()
-        .to_vec();
-    Ok(HOST.get_or_init(|| list))
 }
 
-/// Refuses a pack whose guest was given CPU features this host's KVM cannot provide.
-fn check_host(state: &VmState, label: &str) -> Result<Vec<String>> {
-    let host = host_cpuid()?;
-    let guest = &state.vcpus[0].cpuid;
-    let missing = compat::missing_features(guest, host);
-    if !missing.is_empty() {
+/// Refuses a pack this host cannot resume, with the reasons `vmpack compat` gives (the
+/// same check, against this host's fingerprint); returns the warnings.
+fn check_host(state: &VmState, cfg: &VmConfig, label: &str) -> Result<Vec<String>> {
+    let host = crate::host_info::fingerprint()?;
+    let j = compat::judge(&saved_guest(state, cfg.cpu_template.clone()), host);
+    if j.verdict == compat::Verdict::Refused {
         bail!(
-            "{label}: the saved guest uses CPU features this host does not offer: {}; restore it on a host that has them, or save it from a VM booted with cpu_template = \"baseline\"",
-            missing.join(", ")
+            "{label}: refused on this host: {}; `vmpack compat {label}` explains",
+            j.summary(compat::Verdict::Refused)
         );
     }
-    let mut warnings = Vec::new();
-    let (gv, hv) = (compat::vendor(guest), compat::vendor(host));
-    if gv != hv {
-        warnings.push(format!(
-            "the guest was saved on a {} CPU and runs on a {} CPU; vendor-specific code paths in the guest may misbehave",
-            gv.unwrap_or_default(),
-            hv.unwrap_or_default()
-        ));
-    }
-    Ok(warnings)
+    Ok(j.reasons.into_iter().map(|r| r.message).collect())
 }
 
 fn memory_init(
@@ -943,7 +942,7 @@ fn restore_stream<R: Read + 'static>(
             bail!("{label}: section '{}' is missing before memory", f.section);
         }
     }
-    let warnings = check_host(&state, label)?;
+    let warnings = check_host(&state, &cfg, label)?;
     let first = current.map(|(n, _)| n);
     let label_owned = label.to_string();
     let gpas: Vec<(String, u64)> = manifest

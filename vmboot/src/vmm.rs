@@ -354,6 +354,8 @@ fn build_base(cfg: &VmConfig, init: GuestMemoryInit) -> Result<Base> {
     validate(cfg)?;
     install_kick_handler()?;
     let vm = KvmVm::new()?;
+    // Measured now (once per process) so a save records it without lengthening the pause.
+    crate::host_info::fingerprint()?;
     let mem = GuestRam::new(&ram_layout(cfg.memory_bytes()), init)?;
     vm.map_memory(&mem)?;
     let fds = (0..cfg.vcpus)
@@ -378,10 +380,10 @@ impl Vm {
             .context("KVM_GET_SUPPORTED_CPUID")?
             .as_slice()
             .to_vec();
-        cpuid::apply_template(&mut supported, cfg.cpu_template);
+        cpuid::apply_template(&mut supported, &cfg.cpu_template).map_err(|e| anyhow::anyhow!(e))?;
         let mut cpuids = Vec::new();
         for (id, fd) in base.fds.iter().enumerate() {
-            let c = cpuid::for_vcpu(&supported, id as u32, cfg.vcpus);
+            let c = cpuid::for_vcpu(&supported, id as u32, cfg.vcpus)?;
             vcpu::configure_new(fd, &c).with_context(|| format!("configuring vCPU {id}"))?;
             cpuids.push(c.as_slice().to_vec());
         }
@@ -877,6 +879,7 @@ impl VmHandle {
             initrd: self.initrd_at.get().copied(),
             vcpus,
             devices,
+            saved_on: Some(crate::host_info::fingerprint()?.clone()),
         })
     }
 
@@ -1142,6 +1145,7 @@ mod tests {
                 vcpu_events: Default::default(),
             }],
             devices,
+            saved_on: None,
         };
         VmState::parse(&serde_json::to_vec(&s).unwrap()).unwrap()
     }

@@ -71,15 +71,61 @@ pub fn run(a: InspectArgs) -> Result<()> {
     let restore = manifest
         .as_ref()
         .and_then(|m| m.memory_restore_path(&reader));
+    // The host that saved the VM, recorded in the vm state (docs/FORMAT.md §12.2).
+    let saved_on = match manifest.as_ref().and_then(|m| m.vmstate.as_ref()) {
+        Some(_) => vmboot::compat::SavedPack::open(&a.file)
+            .ok()
+            .and_then(|p| p.saved_on().map(saved_on_json)),
+        None => None,
+    };
     if a.json {
-        print_json(&a, &reader, manifest.as_ref(), &manifest_err, restore)?;
+        print_json(
+            &a,
+            &reader,
+            manifest.as_ref(),
+            &manifest_err,
+            restore,
+            &saved_on,
+        )?;
     } else {
         print_text(&a, &reader, manifest.as_ref(), restore);
+        if let Some(h) = &saved_on {
+            println!(
+                "saved on:     {}: {} family {} model {}, KVM features up to {}, TSC {} kHz (scaling {}), kernel {}, vmboot {}",
+                h["name"].as_str().unwrap_or(""),
+                h["cpu"]["vendor"].as_str().unwrap_or(""),
+                h["cpu"]["family"],
+                h["cpu"]["model"],
+                h["highest_level"].as_str().unwrap_or("none"),
+                h["tsc_khz"],
+                if h["tsc_scaling"] == json!(true) { "available" } else { "not available" },
+                h["kernel"].as_str().unwrap_or(""),
+                h["vmboot_version"].as_str().unwrap_or(""),
+            );
+        }
     }
     if let Some(e) = manifest_err.or(config_err) {
         anyhow::bail!("{e}");
     }
     Ok(())
+}
+
+/// The saving host's fingerprint without its raw CPUID and MSR list (`vmpack compat` reads
+/// those).
+fn saved_on_json(f: &vmpack_formats::host::HostFingerprint) -> serde_json::Value {
+    json!({
+        "name": f.name,
+        "cpu": f.cpu,
+        "highest_level": f.highest_level,
+        "features": f.features,
+        "kvm_caps": f.kvm_caps,
+        "msrs": f.msrs.len(),
+        "tsc_khz": f.tsc_khz,
+        "tsc_scaling": f.tsc_scaling,
+        "kernel": f.kernel,
+        "vmboot_version": f.vmboot_version,
+        "vmstate_version": f.vmstate_version,
+    })
 }
 
 fn print_json(
@@ -88,6 +134,7 @@ fn print_json(
     m: Option<&Manifest>,
     manifest_err: &Option<String>,
     restore: Option<&str>,
+    saved_on: &Option<serde_json::Value>,
 ) -> Result<()> {
     let (major, minor) = r.version();
     let sections: Vec<_> = r
@@ -115,6 +162,7 @@ fn print_json(
         "sections": sections,
         "memory_restore": restore,
         "signatures": signatures(r),
+        "saved_on": saved_on,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

@@ -146,7 +146,7 @@ fn export_inner(pack_path: &Path, eco: Ecosystem, out: &Path, o: &ExportOpts) ->
                     notes.push("the kernel was a bzImage: its ELF vmlinux was extracted (Firecracker loads ELF kernels only)".into());
                 }
                 if vm.cpu_template != vmpack_formats::config::CpuTemplate::Host {
-                    notes.push("the baseline CPU template has no Firecracker equivalent (its templates are vendor-specific); none is set".into());
+                    notes.push(format!("the {} CPU template has no Firecracker equivalent (its templates are vendor-specific); none is set", vm.cpu_template));
                 }
                 e.files
             };
@@ -385,7 +385,7 @@ pub fn import(src: &Path, o: ImportOpts, w: &crate::pack::WriteArgs) -> Result<b
         name: vm.name.clone(),
         vcpus: vm.vcpus,
         memory_mib: memory,
-        cpu_template: vm.cpu_template,
+        cpu_template: vm.cpu_template.clone(),
         rng: false,
         flat: flat_image.as_ref().map(|(f, fb)| FlatBoot {
             image: PathBuf::from(&f.name),

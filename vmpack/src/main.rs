@@ -4,6 +4,7 @@
 //! `vmpack_formats` library and reports; exit status 0 on success, 1 on any error
 //! (printed to stderr), 2 on bad usage.
 
+mod anyhost;
 mod bench;
 mod bench_clones;
 mod bench_registry;
@@ -72,6 +73,12 @@ enum Command {
     Cache(registry_cmd::CacheArgs),
     /// Measure what chunk sizes make a second push of a changed guest send to a registry.
     BenchRegistry(bench_registry::BenchRegistryArgs),
+    /// Print this host's fingerprint (CPU, KVM CPUID, MSRs, capabilities, TSC) for `compat` and `template`.
+    HostInfo(anyhost::HostInfoArgs),
+    /// Tell whether a saved pack resumes on this host or on fingerprinted hosts: ok, ok with warnings, refused.
+    Compat(anyhost::CompatArgs),
+    /// The CPU a fleet shares: `--level` (highest x86-64 level) or `--fit` (a template file).
+    Template(anyhost::TemplateArgs),
     /// Sign a pack's root digest with an SSH key (the signature is kept in the pack).
     Sign(sign::SignArgs),
 }
@@ -84,6 +91,13 @@ fn main() -> ExitCode {
         let code = r?;
         if code != 0 {
             std::process::exit(code);
+        }
+        Ok(())
+    };
+    let exit_status = |r: anyhow::Result<u8>| -> anyhow::Result<()> {
+        let code = r?;
+        if code != 0 {
+            std::process::exit(code.into());
         }
         Ok(())
     };
@@ -105,6 +119,9 @@ fn main() -> ExitCode {
         Command::Pull(a) => registry_cmd::run_pull(a),
         Command::Cache(a) => registry_cmd::run_cache(a),
         Command::Sign(a) => sign::run_sign(a),
+        Command::HostInfo(a) => anyhost::host_info(a),
+        Command::Compat(a) => exit_status(anyhost::compat(a)),
+        Command::Template(a) => exit_status(anyhost::template(a)),
         Command::BenchRegistry(a) => bench_registry::run(a),
     };
     match result {

@@ -18,6 +18,31 @@ pub const SERIAL_LOG: &str = "serial.log";
 /// CPU model named for the baseline template (QEMU's generic x86-64 model).
 pub const BASELINE_MODEL: &str = "qemu64";
 
+/// QEMU's named CPU model closest to each x86-64 level (QEMU has no models named after
+/// the levels): the oldest CPU generation that has every feature of the level.
+const LEVEL_MODELS: [(CpuTemplate, &str); 4] = [
+    (CpuTemplate::Baseline, BASELINE_MODEL),
+    (CpuTemplate::V2, "Nehalem"),
+    (CpuTemplate::V3, "Haswell-noTSX"),
+    (CpuTemplate::V4, "Skylake-Server-noTSX-IBRS"),
+];
+
+/// The libvirt CPU model exported for a named template other than `host`.
+pub fn model_for(t: &CpuTemplate) -> &'static str {
+    LEVEL_MODELS
+        .iter()
+        .find(|(l, _)| l == t)
+        .map_or(BASELINE_MODEL, |(_, m)| m)
+}
+
+/// The template a libvirt CPU model is imported as, for the models [`model_for`] writes.
+pub fn template_for(model: &str) -> Option<CpuTemplate> {
+    LEVEL_MODELS
+        .iter()
+        .find(|(_, m)| *m == model)
+        .map(|(t, _)| t.clone())
+}
+
 /// Options of `--format libvirt`.
 #[derive(Clone, Copy, Debug)]
 pub struct ExportOptions {
@@ -68,16 +93,16 @@ pub fn export(
         Some(&vm.memory_mib.to_string()),
     );
     w.leaf("vcpu", &[], Some(&vm.vcpus.to_string()));
-    match vm.cpu_template {
+    match &vm.cpu_template {
         CpuTemplate::Host => {
             w.leaf("cpu", &[("mode", "host-passthrough")], None);
         }
-        CpuTemplate::Baseline => {
+        t => {
             w.open(
                 "cpu",
                 &[("mode", "custom"), ("match", "exact"), ("check", "none")],
             );
-            w.leaf("model", &[("fallback", "allow")], Some(BASELINE_MODEL));
+            w.leaf("model", &[("fallback", "allow")], Some(model_for(t)));
             w.close();
         }
     }
@@ -254,9 +279,9 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
         match attr(cpu, "mode").unwrap_or("custom") {
             "host-passthrough" | "host-model" | "maximum" => vm.cpu_template = CpuTemplate::Host,
             _ => {
-                vm.cpu_template = CpuTemplate::Baseline;
                 let model = child_text(cpu, "model").unwrap_or("(none)");
-                if model != BASELINE_MODEL {
+                vm.cpu_template = template_for(model).unwrap_or(CpuTemplate::Baseline);
+                if template_for(model).is_none() {
                     dropped.push(format!(
                         "CPU model '{model}': mapped to the baseline template"
                     ));

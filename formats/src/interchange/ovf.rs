@@ -660,8 +660,8 @@ pub fn import(path: &Path, strict: bool) -> Result<ImportedVm> {
                 .filter_map(|r| attr(r, "diskId"))
                 .map(str::to_string)
                 .collect();
-            if child_text(s, "CpuTemplate") == Some("baseline") {
-                vm.cpu_template = CpuTemplate::Baseline;
+            if let Some(t) = child_text(s, "CpuTemplate").and_then(CpuTemplate::from_name) {
+                vm.cpu_template = t;
             }
             continue;
         }

@@ -39,11 +39,11 @@ pub fn vagrantfile(vm: &ExportVm<'_>) -> String {
     v.push_str(&format!("    libvirt.title = {}\n", ruby_str(&vm.name)));
     v.push_str(&format!("    libvirt.memory = {}\n", vm.memory_mib));
     v.push_str(&format!("    libvirt.cpus = {}\n", vm.vcpus));
-    match vm.cpu_template {
+    match &vm.cpu_template {
         CpuTemplate::Host => v.push_str("    libvirt.cpu_mode = \"host-passthrough\"\n"),
-        CpuTemplate::Baseline => v.push_str(&format!(
+        t => v.push_str(&format!(
             "    libvirt.cpu_mode = \"custom\"\n    libvirt.cpu_model = \"{}\"\n",
-            super::libvirt::BASELINE_MODEL
+            super::libvirt::model_for(t)
         )),
     }
     if vm.kernel.is_some() {

@@ -24,6 +24,7 @@ impl KvmVm {
     /// restores reliably on this host.
     pub fn new() -> Result<KvmVm> {
         let kvm = Kvm::new().map_err(|e| anyhow::anyhow!("cannot open /dev/kvm: {e}"))?;
+        crate::kvm_caps::check(&kvm)?;
         let fd = kvm.create_vm().context("KVM_CREATE_VM")?;
         fd.set_tss_address(TSS_ADDR).context("KVM_SET_TSS_ADDR")?;
         fd.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
