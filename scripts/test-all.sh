@@ -79,5 +79,8 @@ if [ "${VMPACK_SKIP_LINUX:-0}" != 1 ]; then
   bash samples/linux/fetch-kernel.sh || echo "== could not fetch the Debian kernel: the Linux test will print SKIPPED"
 fi
 
+# Exactly the README's first command: same profile, same packages, same feature set, so a
+# machine that ran it rebuilds nothing here (`cargo build -p X` could unify features
+# differently and rebuild dependencies). The tests use these binaries (target/debug).
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=2

@@ -271,7 +271,8 @@ fn bad_inputs_are_refused_with_location() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
-    let err = fails(&run(
+    // A level outside the codec's range is a usage error (status 2), as in `save`.
+    let o = run(
         &src,
         &[
             "pack",
@@ -283,8 +284,9 @@ fn bad_inputs_are_refused_with_location() {
             "--level",
             "30",
         ],
-    ));
-    assert!(err.contains("--level 30"), "{err}");
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--level 30"), "{}", stderr(&o));
     let o = run(
         &src,
         &["pack", "vm.toml", "-o", "x.vmpack", "--compress", "lzma"],

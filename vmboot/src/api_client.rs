@@ -128,13 +128,14 @@ impl ApiClient {
     fn connect(&self) -> Result<UnixStream> {
         let stream = UnixStream::connect(&self.socket).map_err(|e| {
             let hint = match e.kind() {
-                ErrorKind::NotFound | ErrorKind::ConnectionRefused => {
-                    " (is vmboot running with --api-sock?)"
-                }
-                _ => "",
+                ErrorKind::NotFound | ErrorKind::ConnectionRefused => format!(
+                    "; is a VM running with --api-sock {}?",
+                    self.socket.display()
+                ),
+                _ => String::new(),
             };
             anyhow!(
-                "cannot connect to vmboot API socket {}: {e}{hint}",
+                "{}: cannot connect to the VM's control socket: {e}{hint}",
                 self.socket.display()
             )
         })?;

@@ -33,6 +33,6 @@ pub use vstate::{memory, vcpu};
 pub use memory::GuestMemoryInit;
 pub use persist::{VcpuState, VmState};
 pub use vmm::{
-    block_exit_signals, terminate_on_signals, BootFiles, BootPayload, ExitReason, RunOptions,
-    SerialSink, ValidState, Vm, VmHandle,
+    block_exit_signals, terminate_all_on_signals, terminate_on_signals, BootFiles, BootPayload,
+    ExitReason, RunOptions, SerialSink, ValidState, Vm, VmHandle,
 };

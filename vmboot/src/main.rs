@@ -19,6 +19,9 @@ struct Cli {
 enum Cmd {
     /// Boot CONFIG and run until the guest ends; exits with the guest's status.
     Run {
+        /// The VM config (TOML: vcpus, memory, kernel or flat image, disks, serial; see
+        /// docs/CONFIG.md). Relative paths inside it are relative to its folder.
+        #[arg(value_name = "CONFIG")]
         config: PathBuf,
         /// Serve the HTTP control API on this Unix socket.
         #[arg(long)]
@@ -26,6 +29,9 @@ enum Cmd {
         /// Guest serial output: stdout, none, or a file path (overrides the config's [serial]).
         #[arg(long)]
         serial_out: Option<String>,
+        /// Print nothing but errors (the guest's serial output is governed by --serial-out).
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Build a fresh VM from a pack made by `vmpack save` and resume it where it stopped.
     Restore {
@@ -55,6 +61,9 @@ enum Cmd {
         runs: usize,
         #[arg(long, hide = true)]
         child: Option<u64>,
+        /// Accepted for uniformity: the results are the only output.
+        #[arg(long, short)]
+        quiet: bool,
     },
 }
 
@@ -75,7 +84,12 @@ fn sink_for(cfg: &VmConfig, arg: Option<&str>) -> SerialSink {
     }
 }
 
-fn run(config: PathBuf, api_sock: Option<PathBuf>, serial_out: Option<String>) -> Result<i32> {
+fn run(
+    config: PathBuf,
+    api_sock: Option<PathBuf>,
+    serial_out: Option<String>,
+    quiet: bool,
+) -> Result<i32> {
     let cfg = VmConfig::from_file(&config)?;
     let payload = BootPayload::from_config(&cfg)?;
     let opts = RunOptions {
@@ -87,10 +101,41 @@ fn run(config: PathBuf, api_sock: Option<PathBuf>, serial_out: Option<String>) -
     let vm = Vm::create(&cfg, payload, &opts)?;
     vmboot::terminate_on_signals(vm.controller())?;
     let reason = vm.run()?;
+    // The guest's failure is the message even with --quiet: it is why the status is not 0.
+    let _ = quiet;
     if reason.code != 0 {
         eprintln!("vmboot: {} (exit status {})", reason.message, reason.code);
     }
     Ok(reason.code)
+}
+
+/// `outer: inner: innermost`, skipping causes whose text an outer message already holds
+/// (an error that displays its source would otherwise print it twice).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
+/// Ends the process quietly when stdout's reader has gone away (`| head -1`).
+fn outln(line: std::fmt::Arguments) {
+    use std::io::Write;
+    if let Err(e) = writeln!(std::io::stdout(), "{line}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("vmboot: cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
 }
 
 fn monotonic_ns() -> u128 {
@@ -129,13 +174,15 @@ fn bench_child(mib: u64) -> Result<i32> {
     let reason = vm.run()?;
     let first = h.first_exit_instant().context("the guest never ran")?;
     let first_ns = now_ns + first.duration_since(start).as_nanos();
-    println!("first-exit-monotonic-ns {first_ns}");
+    outln(format_args!("first-exit-monotonic-ns {first_ns}"));
     Ok(reason.code)
 }
 
 fn bench(sizes: &[u64], runs: usize) -> Result<i32> {
     let exe = std::env::current_exe().context("locating vmboot")?;
-    println!("time from process start to the first guest instruction (median of {runs} runs)");
+    outln(format_args!(
+        "time from process start to the first guest instruction (median of {runs} runs)"
+    ));
     for &mib in sizes {
         let mut samples = Vec::new();
         for _ in 0..runs.max(1) {
@@ -159,13 +206,13 @@ fn bench(sizes: &[u64], runs: usize) -> Result<i32> {
             samples.push((t1 - t0) as f64 / 1e6);
         }
         samples.sort_by(|a, b| a.total_cmp(b));
-        println!(
+        outln(format_args!(
             "{:>6} MiB: {:8.2} ms (min {:.2}, max {:.2})",
             mib,
             samples[samples.len() / 2],
             samples[0],
             samples[samples.len() - 1]
-        );
+        ));
     }
     Ok(0)
 }
@@ -204,7 +251,8 @@ fn main() {
             config,
             api_sock,
             serial_out,
-        } => run(config, api_sock, serial_out),
+            quiet,
+        } => run(config, api_sock, serial_out, quiet),
         Cmd::Restore {
             pack,
             api_sock,
@@ -237,6 +285,7 @@ fn main() {
                     work_dir: None,
                 },
                 quiet,
+                "vmboot",
             )
         }
         Cmd::BenchStart {
@@ -247,7 +296,7 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("vmboot: error: {e:#}");
+            eprintln!("vmboot: error: {}", error_chain(&e));
             std::process::exit(1);
         }
     }

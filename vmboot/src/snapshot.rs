@@ -1141,15 +1141,21 @@ pub mod verified_cache {
 /// Restores a pack and runs it until the guest ends; returns the guest's exit status.
 /// Progress and warnings go to stderr (unless `quiet`), so the guest's serial output on
 /// stdout stays clean.
-pub fn restore_and_run(input: PackInput, opts: RestoreOptions, quiet: bool) -> Result<i32> {
+/// `prog` (`vmboot`, `vmpack`) starts each message.
+pub fn restore_and_run(
+    input: PackInput,
+    opts: RestoreOptions,
+    quiet: bool,
+    prog: &str,
+) -> Result<i32> {
     let t = Instant::now();
     let (vm, info) = restore(input, opts)?;
     for w in &info.warnings {
-        eprintln!("vmboot: warning: {w}");
+        eprintln!("{prog}: warning: {w}");
     }
     if !quiet {
         eprintln!(
-            "vmboot: restored in {:.1} ms (memory: {}; {})",
+            "{prog}: restored in {:.1} ms (memory: {}; {})",
             t.elapsed().as_secs_f64() * 1000.0,
             info.memory_path,
             info.verified
@@ -1163,7 +1169,7 @@ pub fn restore_and_run(input: PackInput, opts: RestoreOptions, quiet: bool) -> R
     crate::vmm::terminate_on_signals(vm.controller())?;
     let reason = vm.run()?;
     if reason.code != 0 {
-        eprintln!("vmboot: {} (exit status {})", reason.message, reason.code);
+        eprintln!("{prog}: {} (exit status {})", reason.message, reason.code);
     }
     Ok(reason.code)
 }

@@ -1011,10 +1011,10 @@ fn exit_signals() -> libc::sigset_t {
     }
 }
 
-/// The VM the exit signals end (weak: a finished VM is not kept alive for this), and a
+/// The VMs the exit signals end (weak: a finished VM is not kept alive for this), and a
 /// signal that came while there was none.
-type SignalTarget = (Option<std::sync::Weak<VmHandle>>, Option<i32>);
-static SIGNAL_TARGET: Mutex<SignalTarget> = Mutex::new((None, None));
+type SignalTarget = (Vec<std::sync::Weak<VmHandle>>, Option<i32>);
+static SIGNAL_TARGET: Mutex<SignalTarget> = Mutex::new((Vec::new(), None));
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and every thread it starts later,
 /// and starts the thread that waits for them (now, while the process is small: under a
@@ -1042,9 +1042,12 @@ fn signal_thread() -> Result<()> {
                     // SAFETY: waits on a valid set of signals blocked in every thread.
                     if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
                         let mut t = lock(&SIGNAL_TARGET);
-                        match t.0.as_ref().and_then(std::sync::Weak::upgrade) {
-                            Some(vm) => vm.terminate(sig),
-                            None => t.1 = Some(sig),
+                        let vms: Vec<_> = t.0.iter().filter_map(std::sync::Weak::upgrade).collect();
+                        if vms.is_empty() {
+                            t.1 = Some(sig);
+                        }
+                        for vm in vms {
+                            vm.terminate(sig);
                         }
                     }
                 })
@@ -1060,12 +1063,21 @@ fn signal_thread() -> Result<()> {
 /// socket or a work folder behind. Fails if the thread that waits for them cannot start
 /// (the signals would stay blocked).
 pub fn terminate_on_signals(vm: Arc<VmHandle>) -> Result<()> {
+    terminate_all_on_signals(vec![vm])
+}
+
+/// [`terminate_on_signals`] for several VMs of one process (clones): a signal ends them all.
+pub fn terminate_all_on_signals(vms: Vec<Arc<VmHandle>>) -> Result<()> {
     signal_thread()?;
     let mut t = lock(&SIGNAL_TARGET);
     if let Some(sig) = t.1.take() {
-        vm.terminate(sig);
+        for vm in &vms {
+            vm.terminate(sig);
+        }
     }
-    t.0 = Some(Arc::downgrade(&vm));
+    // VMs handed over earlier stay targets while they live.
+    t.0.retain(|w| w.strong_count() > 0);
+    t.0.extend(vms.iter().map(Arc::downgrade));
     Ok(())
 }
 

@@ -49,7 +49,7 @@ pub fn host_info(a: HostInfoArgs) -> Result<()> {
         return Ok(());
     }
     if a.json && a.output.is_none() {
-        print!("{json}");
+        crate::out!("{json}");
         return Ok(());
     }
     let caps_missing = vmboot::kvm_caps::CAPS
@@ -57,8 +57,8 @@ pub fn host_info(a: HostInfoArgs) -> Result<()> {
         .filter(|(_, n, _)| !f.kvm_caps.iter().any(|c| c == n))
         .map(|(_, n, _)| *n)
         .collect::<Vec<_>>();
-    println!("host:          {}", f.name);
-    println!(
+    crate::outln!("host:          {}", f.name);
+    crate::outln!(
         "cpu:           {} family {} model {} stepping {}{}",
         f.cpu.vendor,
         f.cpu.family,
@@ -70,16 +70,16 @@ pub fn host_info(a: HostInfoArgs) -> Result<()> {
             format!(" ({})", f.cpu.model_name)
         }
     );
-    println!(
+    crate::outln!(
         "highest level: {}",
         f.highest_level
             .as_deref()
             .unwrap_or("none (not even x86-64-v1)")
     );
-    println!("kvm features:  {}", f.features.join(" "));
-    println!("kvm cpuid:     {} entries", f.kvm_cpuid.len());
-    println!("msrs:          {} saveable", f.msrs.len());
-    println!(
+    crate::outln!("kvm features:  {}", f.features.join(" "));
+    crate::outln!("kvm cpuid:     {} entries", f.kvm_cpuid.len());
+    crate::outln!("msrs:          {} saveable", f.msrs.len());
+    crate::outln!(
         "kvm caps:      {} of {} vmboot uses{}",
         f.kvm_caps.len(),
         vmboot::kvm_caps::CAPS.len(),
@@ -89,7 +89,7 @@ pub fn host_info(a: HostInfoArgs) -> Result<()> {
             format!(" (missing: {})", caps_missing.join(", "))
         }
     );
-    println!(
+    crate::outln!(
         "tsc:           {} kHz, scaling {}",
         f.tsc_khz,
         if f.tsc_scaling {
@@ -98,13 +98,14 @@ pub fn host_info(a: HostInfoArgs) -> Result<()> {
             "not available"
         }
     );
-    println!("kernel:        {}", f.kernel);
-    println!(
+    crate::outln!("kernel:        {}", f.kernel);
+    crate::outln!(
         "vmboot:        {} (vm state version {})",
-        f.vmboot_version, f.vmstate_version
+        f.vmboot_version,
+        f.vmstate_version
     );
     if let Some(out) = &a.output {
-        println!("wrote {}", out.display());
+        crate::outln!("wrote {}", out.display());
     }
     Ok(())
 }
@@ -181,14 +182,14 @@ pub fn compat(a: CompatArgs) -> Result<u8> {
                 Some(f) => format!("{} ({})", f.display(), host.name),
                 None => format!("this host ({})", host.name),
             };
-            println!("{}: {who}: {}", a.pack.display(), j.verdict);
+            crate::outln!("{}: {who}: {}", a.pack.display(), j.verdict);
             for r in &j.reasons {
                 let sev = if r.severity == Verdict::Refused {
                     "refused"
                 } else {
                     "warning"
                 };
-                println!("  {sev}: {}", r.message);
+                crate::outln!("  {sev}: {}", r.message);
             }
         }
     }
@@ -209,7 +210,7 @@ pub fn compat(a: CompatArgs) -> Result<u8> {
             "verdict": worst,
             "hosts": results,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&v)?);
     }
     Ok(match worst {
         Verdict::Ok => 0,
@@ -262,7 +263,7 @@ pub fn template(a: TemplateArgs) -> Result<u8> {
                     })
                 })
                 .collect();
-            println!(
+            crate::outln!(
                 "{}",
                 serde_json::to_string_pretty(&serde_json::json!({
                     "level": level.as_ref().map(|t| t.to_string()),
@@ -271,8 +272,8 @@ pub fn template(a: TemplateArgs) -> Result<u8> {
             );
         } else if !a.quiet {
             match &level {
-                Some(t) => println!("{t}"),
-                None => println!("none"),
+                Some(t) => crate::outln!("{t}"),
+                None => crate::outln!("none"),
             }
         }
         return Ok(if level.is_some() { 0 } else { 1 });
@@ -287,7 +288,7 @@ pub fn template(a: TemplateArgs) -> Result<u8> {
         (serde_json::to_string_pretty(&fit.fingerprint)? + "\n").as_bytes(),
     )?;
     if a.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "output": out.display().to_string(),
@@ -298,14 +299,14 @@ pub fn template(a: TemplateArgs) -> Result<u8> {
             }))?
         );
     } else if !a.quiet {
-        println!(
+        crate::outln!(
             "wrote {}: {} features every host has (highest named level: {})",
             out.display(),
             fit.fingerprint.features.len(),
             fit.fingerprint.highest_level.as_deref().unwrap_or("none")
         );
         if !fit.removed.is_empty() {
-            println!(
+            crate::outln!(
                 "removed with a missing feature they depend on: {}",
                 fit.removed.join(", ")
             );

@@ -24,6 +24,9 @@ pub struct BenchArgs {
     /// Skip the 20 GiB sparse-file run.
     #[arg(long)]
     pub no_sparse: bool,
+    /// Print only the results (no progress notes).
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 /// wyrand: fast and good enough to defeat compressors.
@@ -151,7 +154,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let size = a.size_mib << 20;
     let mib = size as f64 / (1 << 20) as f64;
     let input = d.join("input.bin");
-    eprintln!("building {} MiB input in {} ...", a.size_mib, d.display());
+    crate::note!("building {} MiB input in {} ...", a.size_mib, d.display());
     make_input(&input, size)?;
 
     let mut rows = Vec::new();
@@ -214,14 +217,21 @@ pub fn run(a: BenchArgs) -> Result<()> {
         theirs,
     });
 
-    println!(
+    crate::outln!(
         "input: {} MiB in 4 MiB stripes (random, random, zeros, text), warm page cache, {} threads",
         a.size_mib,
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    println!(
+    crate::outln!(
         "{:<18} {:>9} {:>9} {:>8} | {:<12} {:>9} {:>9} {:>8}",
-        "vmpack", "time s", "MiB/s", "ratio", "reference", "time s", "MiB/s", "ratio"
+        "vmpack",
+        "time s",
+        "MiB/s",
+        "ratio",
+        "reference",
+        "time s",
+        "MiB/s",
+        "ratio"
     );
     let ratio = |out: u64| {
         if out == 0 {
@@ -235,7 +245,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             Some((nm, t, out)) => (nm.to_string(), format!("{t:.2}"), (t, ratio(out))),
             None => ("(missing)".to_string(), "-".into(), (0.0, "-".into())),
         };
-        println!(
+        crate::outln!(
             "{:<18} {:>9.2} {:>9.0} {:>8} | {:<12} {:>9} {:>9} {:>8}",
             r.what,
             r.ours.0,
@@ -285,7 +295,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let t0 = Instant::now();
         PackReader::open(&out)?.verify(&())?;
         let tv = t0.elapsed().as_secs_f64();
-        println!(
+        crate::outln!(
             "sparse: 20 GiB file with 100 MiB of data -> zstd pack in {t:.2} s ({} bytes, verify {tv:.2} s)",
             n
         );

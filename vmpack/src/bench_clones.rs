@@ -24,6 +24,9 @@ pub struct BenchClonesArgs {
     /// Numbers of concurrent clones to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10, 100])]
     counts: Vec<usize>,
+    /// Print only the results (no progress notes).
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -163,7 +166,7 @@ pub fn run(a: BenchClonesArgs) -> Result<()> {
         c.stop()?;
     }
     let src = prepare_source(&pack, true)?;
-    eprintln!(
+    crate::note!(
         "vmpack: {} MiB kvstore guest; pack {:.1} MiB; counts {:?}",
         a.memory_mib,
         std::fs::metadata(&src)?.len() as f64 / (1 << 20) as f64,
@@ -190,14 +193,21 @@ pub fn run(a: BenchClonesArgs) -> Result<()> {
         }
         rows.push(measure("boot", n, &boot_start, "> $")?);
     }
-    println!("what   count  latency median  latency max  extra memory (MemAvailable)  extra RSS");
+    crate::outln!(
+        "what   count  latency median  latency max  extra memory (MemAvailable)  extra RSS"
+    );
     for r in &rows {
-        println!(
+        crate::outln!(
             "{:<5}  {:>5}  {:>11.1} ms  {:>8.1} ms  {:>22.1} MiB  {:>6.1} MiB",
-            r.what, r.n, r.median_ms, r.max_ms, r.mem_mib, r.rss_mib
+            r.what,
+            r.n,
+            r.median_ms,
+            r.max_ms,
+            r.mem_mib,
+            r.rss_mib
         );
     }
-    println!("(latency: from the start of the restore or boot to the guest's first answer; clones answer `get a`, boots print their prompt)");
+    crate::outln!("(latency: from the start of the restore or boot to the guest's first answer; clones answer `get a`, boots print their prompt)");
     Ok(())
 }
 

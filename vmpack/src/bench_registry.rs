@@ -33,6 +33,9 @@ pub struct BenchRegistryArgs {
     /// Blob transfers at once.
     #[arg(long, default_value_t = 4)]
     transfers: usize,
+    /// Print only the results (no progress notes).
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 /// wyrand.
@@ -251,24 +254,27 @@ pub fn run(a: BenchRegistryArgs) -> Result<()> {
         for &s in schemes {
             for (pattern, after) in [("scattered", &scattered), ("clustered", &clustered)] {
                 let r = measure(&a, run_id, s, what, pattern, &image, after)?;
-                eprintln!(
+                crate::note!(
                     "vmpack: {what} {} {pattern}: {} blobs, uploaded {} in {}",
-                    r.scheme, r.blobs, r.up_bytes, r.up_blobs
+                    r.scheme,
+                    r.blobs,
+                    r.up_bytes,
+                    r.up_blobs
                 );
                 rows.push(r);
             }
         }
     }
-    println!(
+    crate::outln!(
         "{} MiB RAM and {} MiB disk, each with {} MiB of data; the guest then writes {} MiB \
          (scattered: random 4 KiB pages; clustered: one run). Second push: blobs and MB uploaded.\n",
         a.size_mib, a.size_mib, a.data_mib, a.write_mib
     );
-    println!("| | chunking | blobs | scattered: uploaded | clustered: uploaded | second push | pull all (cold) | pull changes (warm) |");
-    println!("|---|---|---|---|---|---|---|---|");
+    crate::outln!("| | chunking | blobs | scattered: uploaded | clustered: uploaded | second push | pull all (cold) | pull changes (warm) |");
+    crate::outln!("|---|---|---|---|---|---|---|---|");
     for pair in rows.chunks(2) {
         let (s, c) = (&pair[0], &pair[1]);
-        println!(
+        crate::outln!(
             "| {} | {} | {} | {:.1} MB in {} blobs | {:.1} MB in {} blobs | {:.2} s | {:.2} s | {:.2} s |",
             s.what,
             s.scheme,

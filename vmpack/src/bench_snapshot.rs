@@ -51,6 +51,9 @@ pub struct BenchSnapshotArgs {
     /// saved while it decompresses itself may not exit to the VMM for seconds.
     #[arg(long, default_value_t = 0, value_name = "MS")]
     first_exit_wait_ms: u64,
+    /// Print only the results (no progress notes).
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 const CMDLINE: &str = "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=1 nomodeset nokaslr";
@@ -288,7 +291,7 @@ fn measure_ours(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    eprintln!(
+    crate::note!(
         "  vmboot: {} MiB guest up in {:.0} ms",
         g.mib,
         t0.elapsed().as_secs_f64() * 1000.0
@@ -328,7 +331,7 @@ fn measure_ours(
         row.bytes = ls["bytes"]
             .as_u64()
             .unwrap_or_else(|| std::fs::metadata(&pack).map_or(0, |m| m.len()));
-        eprintln!(
+        crate::note!(
             "  save {c:<7} pause {:8.1} ms, wall {:6.2} s, {:8.1} MB",
             row.pause_ms,
             save_s,
@@ -348,7 +351,7 @@ fn measure_ours(
                         let exit = s
                             .first_exit_ms
                             .map_or(String::new(), |e| format!(", first exit {e:.1} ms"));
-                        eprintln!(
+                        crate::note!(
                             "  restore {c:<7} #{}: {:8.1} ms{exit} ({})",
                             i + 1,
                             s.ms,
@@ -552,7 +555,7 @@ fn measure_qemu(d: &Path, g: &Guest, kernel: &Path) -> Result<QemuRow> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    eprintln!(
+    crate::note!(
         "  qemu: {} MiB guest in the kernel after {:.0} ms",
         g.mib,
         t0.elapsed().as_secs_f64() * 1000.0
@@ -589,7 +592,7 @@ fn measure_qemu(d: &Path, g: &Guest, kernel: &Path) -> Result<QemuRow> {
     q.finish(Duration::from_secs(5));
     // After QEMU ends, `cat` has written everything.
     row.bytes = std::fs::metadata(&file)?.len();
-    eprintln!(
+    crate::note!(
         "  qemu save: downtime {:.1} ms, wall {:.2} s, {:.1} MB",
         row.downtime_ms,
         save_s,
@@ -614,7 +617,7 @@ fn measure_qemu(d: &Path, g: &Guest, kernel: &Path) -> Result<QemuRow> {
             }
         }
         let ms = t.elapsed().as_secs_f64() * 1000.0;
-        eprintln!("  qemu restore #{}: {ms:8.1} ms", i + 1);
+        crate::note!("  qemu restore #{}: {ms:8.1} ms", i + 1);
         row.restore_ms[i] = Some(ms);
         let _ = h.s.write_all(b"quit\n");
         drop(h);
@@ -708,7 +711,7 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
         let m = data_for(s, a.data_mib);
         if m > 0 && !initrds.contains_key(&m) {
             let p = d.join(format!("data-{m}.img"));
-            eprintln!("writing a {m} MiB initrd (random and text stripes) ...");
+            crate::note!("writing a {m} MiB initrd (random and text stripes) ...");
             make_initrd(&p, m)?;
             initrds.insert(m, p);
         }
@@ -731,7 +734,7 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
                 data_mib: m,
                 initrd: initrds.get(&m).cloned(),
             };
-            eprintln!(
+            crate::note!(
                 "guest {s} MiB, {}:",
                 if m == 0 {
                     "nearly empty".to_string()
@@ -776,20 +779,20 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
         }
     }
 
-    println!();
-    println!(
+    crate::outln!();
+    crate::outln!(
         "Linux guests (Debian kernel {}), saved right after start; ours: `vmpack save` from \
          `vmboot run`, restore = `vmboot restore` process start to the vCPUs starting \
          (memory: mmap = pages map from the pack and fault in later). QEMU: {qemu_note}, \
          restore = process start to `info status` running.",
         kernel.display()
     );
-    println!(
+    crate::outln!(
         "restore1 = first restore of the pack (verifies every chunk), restore2 = warm \
          (verified-pack record). Packs and QEMU files are in the page cache. Sizes in MB (10^6)."
     );
-    println!();
-    println!(
+    crate::outln!();
+    crate::outln!(
         "{:>6} {:>6} {:<8} {:>9} {:>7} {:>8} {:>9} {:>9} | {:>6} {:>6} {:>6} {:>6}  memory",
         "guest",
         "data",
@@ -804,9 +807,17 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
         "x rst1",
         "x rst2"
     );
-    println!(
+    crate::outln!(
         "{:>6} {:>6} {:<8} {:>9} {:>7} {:>8} {:>9} {:>9} | {:<27}",
-        "MiB", "MiB", "", "", "", "", "ms", "ms", "ratio ours / QEMU"
+        "MiB",
+        "MiB",
+        "",
+        "",
+        "",
+        "",
+        "ms",
+        "ms",
+        "ratio ours / QEMU"
     );
     for r in &results {
         let q = match &r.qemu {
@@ -815,7 +826,7 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
         };
         for (c, o) in &r.ours {
             if let Some(e) = &o.error {
-                println!(
+                crate::outln!(
                     "{:>6} {:>6} {:<8} ERROR {}",
                     r.g.mib,
                     r.g.data_mib,
@@ -844,7 +855,7 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
                 .or(o.restore[0].as_ref())
                 .map(|s| s.memory.split(';').next().unwrap_or("").to_string())
                 .unwrap_or_default();
-            println!(
+            crate::outln!(
                 "{:>6} {:>6} {:<8} {:>9.1} {:>7.2} {:>8.1} {:>9} {:>9} | {:>6} {:>6} {:>6} {:>6}  {}",
                 r.g.mib,
                 r.g.data_mib,
@@ -862,7 +873,7 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
             );
         }
         match &r.qemu {
-            Some(Ok(q)) => println!(
+            Some(Ok(q)) => crate::outln!(
                 "{:>6} {:>6} {:<8} {:>9.1} {:>7.2} {:>8.1} {:>9} {:>9} |",
                 r.g.mib,
                 r.g.data_mib,
@@ -873,8 +884,10 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
                 q.restore_ms[0].map_or("-".into(), |v| format!("{v:.1}")),
                 q.restore_ms[1].map_or("-".into(), |v| format!("{v:.1}")),
             ),
-            Some(Err(e)) => println!("{:>6} {:>6} {:<8} ERROR {e}", r.g.mib, r.g.data_mib, "QEMU"),
-            None => println!(
+            Some(Err(e)) => {
+                crate::outln!("{:>6} {:>6} {:<8} ERROR {e}", r.g.mib, r.g.data_mib, "QEMU")
+            }
+            None => crate::outln!(
                 "{:>6} {:>6} {:<8} {}",
                 r.g.mib,
                 r.g.data_mib,
@@ -883,8 +896,8 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
             ),
         }
     }
-    println!();
-    println!(
+    crate::outln!();
+    crate::outln!(
         "QEMU's pause column is its reported downtime (live migration: the guest runs during \
          most of the save). Total run time {:.0} s.",
         started.elapsed().as_secs_f64()

@@ -18,6 +18,9 @@ pub struct InspectArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Print nothing; the exit status alone says whether FILE is a readable pack.
+    #[arg(long, short, conflicts_with = "json")]
+    pub quiet: bool,
 }
 
 fn kind_name(k: u16) -> String {
@@ -78,7 +81,8 @@ pub fn run(a: InspectArgs) -> Result<()> {
             .and_then(|p| p.saved_on().map(saved_on_json)),
         None => None,
     };
-    if a.json {
+    if a.quiet {
+    } else if a.json {
         print_json(
             &a,
             &reader,
@@ -90,7 +94,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
     } else {
         print_text(&a, &reader, manifest.as_ref(), restore);
         if let Some(h) = &saved_on {
-            println!(
+            crate::outln!(
                 "saved on:     {}: {} family {} model {}, KVM features up to {}, TSC {} kHz (scaling {}), kernel {}, vmboot {}",
                 h["name"].as_str().unwrap_or(""),
                 h["cpu"]["vendor"].as_str().unwrap_or(""),
@@ -164,7 +168,7 @@ fn print_json(
         "signatures": signatures(r),
         "saved_on": saved_on,
     });
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    crate::outln!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
 
@@ -188,31 +192,31 @@ fn signatures(r: &PackReader) -> Vec<serde_json::Value> {
 
 fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Option<&str>) {
     let (major, minor) = r.version();
-    println!(
+    crate::outln!(
         "file:         {} ({})",
         a.file.display(),
         human_bytes(r.file_size())
     );
-    println!(
+    crate::outln!(
         "format:       vmpack {major}.{minor}{}",
         if r.aligned() { ", aligned" } else { "" }
     );
-    println!("root digest:  {}", hex::encode(r.root_digest()));
+    crate::outln!("root digest:  {}", hex::encode(r.root_digest()));
     let sigs = signatures(r);
     if !sigs.is_empty() {
         let keys: Vec<String> = sigs
             .iter()
             .map(|s| s["key"].as_str().unwrap_or("unreadable").to_string())
             .collect();
-        println!(
+        crate::outln!(
             "signatures:   {} (unchecked; `vmpack verify --allowed-signers FILE` checks them)",
             keys.join(", ")
         );
     }
     if let Some(m) = m {
-        println!("written by:   {} {}", m.tool, m.tool_version);
-        println!("created:      {}", m.created);
-        println!(
+        crate::outln!("written by:   {} {}", m.tool, m.tool_version);
+        crate::outln!("created:      {}", m.created);
+        crate::outln!(
             "host cpu:     {} family {} model {} stepping {}{}",
             m.host.vendor,
             m.host.family,
@@ -225,13 +229,13 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
             }
         );
         if !m.files.is_empty() {
-            println!("boot files:");
+            crate::outln!("boot files:");
             for f in &m.files {
                 let place = match f.in_memory {
                     Some(gpa) => format!("in guest RAM at {gpa:#x}, [{}]", f.section),
                     None => format!("[{}]", f.section),
                 };
-                println!(
+                crate::outln!(
                     "  {:<7} {:<24} {:>10}  {place}",
                     f.role,
                     f.name,
@@ -240,9 +244,9 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
             }
         }
         if !m.disks.is_empty() {
-            println!("disks:");
+            crate::outln!("disks:");
             for d in &m.disks {
-                println!(
+                crate::outln!(
                     "  {:<7} {:<24} {:>10}  {} {} [{}]",
                     d.index,
                     d.name,
@@ -254,10 +258,10 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
             }
         }
         if m.memory.is_empty() {
-            println!("memory:       none (not a saved VM)");
+            crate::outln!("memory:       none (not a saved VM)");
         } else {
             let total: u64 = m.memory.iter().map(|x| x.size).sum();
-            println!(
+            crate::outln!(
                 "memory:       {} in {} region(s); restore would {}",
                 human_bytes(total),
                 m.memory.len(),
@@ -267,18 +271,25 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
                 }
             );
             for x in &m.memory {
-                println!("  gpa {:#x} {} [{}]", x.gpa, human_bytes(x.size), x.section);
+                crate::outln!("  gpa {:#x} {} [{}]", x.gpa, human_bytes(x.size), x.section);
             }
         }
-        println!("vmstate:      {}", m.vmstate.as_deref().unwrap_or("none"));
+        crate::outln!("vmstate:      {}", m.vmstate.as_deref().unwrap_or("none"));
     }
-    println!("sections:");
-    println!(
+    crate::outln!("sections:");
+    crate::outln!(
         "  {:>3} {:<8} {:<14} {:>12} {:>12} {:>9} {:>8} {:>8}",
-        "id", "kind", "name", "size", "stored", "ratio", "chunks", "zero"
+        "id",
+        "kind",
+        "name",
+        "size",
+        "stored",
+        "ratio",
+        "chunks",
+        "zero"
     );
     for s in r.sections() {
-        println!(
+        crate::outln!(
             "  {:>3} {:<8} {:<14} {:>12} {:>12} {:>9} {:>8} {:>8}",
             s.id,
             kind_name(s.kind),
@@ -291,9 +302,9 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
         );
     }
     if let Some(m) = m {
-        println!("config:");
+        crate::outln!("config:");
         for line in m.config.lines() {
-            println!("  {line}");
+            crate::outln!("  {line}");
         }
     }
 }

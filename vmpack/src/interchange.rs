@@ -216,12 +216,12 @@ fn export_inner(pack_path: &Path, eco: Ecosystem, out: &Path, o: &ExportOpts) ->
             "notes": notes,
             "next": next,
         });
-        println!("{}", serde_json::to_string_pretty(&js)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&js)?);
     } else if !o.quiet {
         for n in &notes {
             eprintln!("vmpack: note: {n}");
         }
-        println!(
+        crate::outln!(
             "exported '{}' as {eco} to {}: {}; next: {next}",
             vm.name,
             out.display(),
@@ -451,7 +451,7 @@ pub fn import(src: &Path, o: ImportOpts, w: &crate::pack::WriteArgs) -> Result<b
             "cmdline": vm.cmdline,
             "dropped": vm.dropped,
         });
-        println!("{}", serde_json::to_string_pretty(&js)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&js)?);
     }
     drop(vm);
     Ok(true)

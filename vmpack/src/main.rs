@@ -24,7 +24,7 @@ mod vm;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -81,12 +81,103 @@ enum Command {
     Template(anyhost::TemplateArgs),
     /// Sign a pack's root digest with an SSH key (the signature is kept in the pack).
     Sign(sign::SignArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(CompletionsArgs),
+    /// Write the manual pages (vmpack.1 and one per command) into a folder.
+    Man(ManArgs),
+}
+
+#[derive(clap::Args)]
+struct CompletionsArgs {
+    /// The shell the script is for.
+    shell: clap_complete::Shell,
+    /// Accepted for uniformity; the script is the only output.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
+struct ManArgs {
+    /// Folder to write the pages into (created if missing).
+    #[arg(short, long, value_name = "DIR")]
+    output: std::path::PathBuf,
+    /// Print nothing on success.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn completions(a: CompletionsArgs) -> anyhow::Result<()> {
+    let _ = a.quiet;
+    let mut buf = Vec::new();
+    clap_complete::generate(a.shell, &mut Cli::command(), "vmpack", &mut buf);
+    crate::out!("{}", String::from_utf8_lossy(&buf));
+    Ok(())
+}
+
+fn man(a: ManArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(&a.output).with_context(|| a.output.display().to_string())?;
+    let mut pages = 0;
+    let root = Cli::command();
+    let mut cmds = vec![(String::from("vmpack"), root.clone())];
+    for sub in root.get_subcommands() {
+        cmds.push((format!("vmpack-{}", sub.get_name()), sub.clone()));
+    }
+    for (name, cmd) in cmds {
+        let mut buf = Vec::new();
+        // clap names are 'static; a handful of short strings for a process about to end.
+        let static_name: &'static str = Box::leak(name.clone().into_boxed_str());
+        let cmd = cmd.name(static_name).version(env!("CARGO_PKG_VERSION"));
+        clap_mangen::Man::new(cmd)
+            .render(&mut buf)
+            .with_context(|| format!("rendering {name}"))?;
+        let path = a.output.join(format!("{name}.1"));
+        let mut f = output::AtomicFile::create(&path)?;
+        std::io::Write::write_all(f.file(), &buf).with_context(|| path.display().to_string())?;
+        f.commit()?;
+        pages += 1;
+    }
+    if !a.quiet {
+        crate::outln!("wrote {pages} manual pages to {}", a.output.display());
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Before any worker thread starts, so every thread inherits the blocked mask.
-    output::install_signal_cleanup();
+    // Before any worker thread starts, so every thread inherits the blocked mask. Commands
+    // that run a VM hand the signals to the VM instead, which ends cleanly: its control
+    // sockets and work folders are removed, as `vmboot run` does.
+    match &cli.command {
+        Command::Run(_) | Command::Restore(_) => vmboot::block_exit_signals(),
+        _ => output::install_signal_cleanup(),
+    }
+    // The first part of every error: what failed (docs/CLI.md's error shape).
+    let what = match &cli.command {
+        Command::Pack(_) => "cannot pack",
+        Command::Import(_) => "cannot import",
+        Command::Inspect(_) => "cannot inspect",
+        Command::Verify(_) => "verification failed",
+        Command::Unpack(_) => "cannot unpack",
+        Command::Export(_) => "cannot export",
+        Command::Run(_) => "cannot run",
+        Command::Save(_) => "cannot save",
+        Command::Restore(_) => "cannot restore",
+        Command::Test(_) => "cannot test",
+        Command::Push(_) => "cannot push",
+        Command::Pull(_) => "cannot pull",
+        Command::Cache(_) => "cannot use the chunk cache",
+        Command::Sign(_) => "cannot sign",
+        Command::HostInfo(_) => "cannot fingerprint this host",
+        Command::Compat(_) => "cannot check compatibility",
+        Command::Template(_) => "cannot make a CPU template",
+        Command::Completions(_) => "cannot write the completion script",
+        Command::Man(_) => "cannot write the manual pages",
+        Command::Bench(_)
+        | Command::BenchSnapshot(_)
+        | Command::BenchClones(_)
+        | Command::BenchRegistry(_) => "benchmark failed",
+    };
     let guest_status = |r: anyhow::Result<i32>| -> anyhow::Result<()> {
         let code = r?;
         if code != 0 {
@@ -105,7 +196,10 @@ fn main() -> ExitCode {
         Command::Run(a) => guest_status(vm::run(a)),
         Command::Save(a) => vm::save(a),
         Command::Restore(a) => guest_status(vm::restore(a)),
-        Command::BenchClones(a) => bench_clones::run(a),
+        Command::BenchClones(a) => {
+            util::set_quiet(a.quiet);
+            bench_clones::run(a)
+        }
         Command::Test(a) => guest_status(test_cmd::run(a)),
         Command::Pack(a) => pack::run_pack(a),
         Command::Import(a) => pack::run_import(a),
@@ -113,8 +207,14 @@ fn main() -> ExitCode {
         Command::Verify(a) => verify::run(a),
         Command::Unpack(a) => unpack::run_unpack(a),
         Command::Export(a) => unpack::run_export(a),
-        Command::Bench(a) => bench::run(a),
-        Command::BenchSnapshot(a) => bench_snapshot::run(a),
+        Command::Bench(a) => {
+            util::set_quiet(a.quiet);
+            bench::run(a)
+        }
+        Command::BenchSnapshot(a) => {
+            util::set_quiet(a.quiet);
+            bench_snapshot::run(a)
+        }
         Command::Push(a) => registry_cmd::run_push(a),
         Command::Pull(a) => registry_cmd::run_pull(a),
         Command::Cache(a) => registry_cmd::run_cache(a),
@@ -122,14 +222,25 @@ fn main() -> ExitCode {
         Command::HostInfo(a) => anyhost::host_info(a),
         Command::Compat(a) => exit_status(anyhost::compat(a)),
         Command::Template(a) => exit_status(anyhost::template(a)),
-        Command::BenchRegistry(a) => bench_registry::run(a),
+        Command::BenchRegistry(a) => {
+            util::set_quiet(a.quiet);
+            bench_registry::run(a)
+        }
+        Command::Completions(a) => completions(a),
+        Command::Man(a) => man(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vmpack: {}", util::error_chain(&e));
+            let text = util::error_chain(&e);
             if e.downcast_ref::<util::Usage>().is_some() {
+                eprintln!("vmpack: {text}");
                 return ExitCode::from(2);
+            }
+            if text.starts_with("cannot ") || text.starts_with(what) {
+                eprintln!("vmpack: {text}");
+            } else {
+                eprintln!("vmpack: {what}: {text}");
             }
             ExitCode::from(1)
         }

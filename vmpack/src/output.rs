@@ -39,6 +39,14 @@ fn remove_any(p: &Path) {
     }
 }
 
+/// Removes every output still under its temporary name (the process is about to end).
+pub fn remove_pending() {
+    let pending: Vec<PathBuf> = PENDING.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for p in &pending {
+        remove_any(p);
+    }
+}
+
 /// Blocks the termination signals in every thread and handles them on a dedicated one,
 /// where cleanup can use ordinary (non-async-signal-safe) code. Call before spawning
 /// threads: the mask is inherited.
@@ -64,10 +72,7 @@ pub fn install_signal_cleanup() {
             if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
                 continue;
             }
-            let pending: Vec<PathBuf> = PENDING.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            for p in &pending {
-                remove_any(p);
-            }
+            remove_pending();
             eprintln!("vmpack: interrupted");
             std::process::exit(128 + sig);
         });
@@ -88,6 +93,14 @@ fn temp_sibling(target: &Path) -> Result<PathBuf> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    // Named here, so the error is about the folder the user gave, not a temporary name.
+    if !parent.is_dir() {
+        bail!(
+            "{}: folder {} does not exist; create it first",
+            target.display(),
+            parent.display()
+        );
+    }
     Ok(parent.join(format!(
         ".{}.tmp-{}",
         name.to_string_lossy(),
@@ -128,7 +141,8 @@ impl AtomicFile {
         }
         let temp = temp_sibling(target)?;
         register(&temp);
-        let file = File::create(&temp).with_context(|| format!("creating {}", temp.display()))?;
+        let file = File::create(&temp)
+            .with_context(|| format!("{}: cannot create it", target.display()))?;
         Ok(AtomicFile {
             target: target.to_path_buf(),
             temp,
@@ -199,7 +213,8 @@ impl AtomicDir {
         }
         let temp = temp_sibling(target)?;
         register(&temp);
-        std::fs::create_dir(&temp).with_context(|| format!("creating {}", temp.display()))?;
+        std::fs::create_dir(&temp)
+            .with_context(|| format!("{}: cannot create it", target.display()))?;
         Ok(AtomicDir {
             target: target.to_path_buf(),
             temp,

@@ -21,10 +21,12 @@ pub struct WriteArgs {
     /// Output file; `-` writes the pack to stdout.
     #[arg(short, long, value_name = "OUT.vmpack")]
     pub output: PathBuf,
-    /// Chunk compression.
+    /// Chunk compression. Default zstd, unlike `save`: a VM at rest is mostly moved and
+    /// stored; `--compress none --aligned` makes a pack whose memory maps directly.
     #[arg(long, default_value = "zstd", value_name = "none|deflate|zstd")]
     pub compress: Compression,
-    /// Compression level (deflate 0-9, zstd -7..=22); default: the fastest useful one.
+    /// Compression level (deflate 0-9, zstd -7..=22 except 0; none takes none); default:
+    /// the fastest useful one.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub level: Option<i32>,
     /// Keep uncompressed chunks 4 KiB-aligned so memory can be mapped straight from the file.
@@ -118,7 +120,7 @@ fn parse_mode(s: &str) -> Result<StartMode, String> {
 pub fn write_options(a: &WriteArgs) -> Result<WriteOptions> {
     a.compress
         .check_level(a.level)
-        .map_err(|e| anyhow::anyhow!("--{e}"))?;
+        .map_err(|e| crate::util::Usage(format!("--{e}")))?;
     Ok(WriteOptions {
         compression: a.compress,
         level: a.level,
@@ -166,25 +168,34 @@ pub fn write_prepared(cfg: &VmConfig, prepared: PreparedPack<'_>, w: &WriteArgs)
 }
 
 fn report(cfg: &VmConfig, out: &Path, s: &PackSummary, total: u64) {
+    // A ratio only where compression shrank something: for a tiny VM the pack's fixed
+    // structure outweighs the data, and "0.10x" read as a failure.
+    let ratio = if total > s.bytes_written {
+        format!(
+            " ({:.2}x smaller)",
+            total as f64 / s.bytes_written.max(1) as f64
+        )
+    } else {
+        String::new()
+    };
     let line = format!(
-        "packed '{}' into {}: {} sections, {} in {} ({:.2}x), root digest {}",
+        "packed '{}' into {}: {} sections, {} of data in a {} file{ratio}, root digest {}",
         cfg.name,
         if out == Path::new("-") {
-            "<stdout>".to_string()
+            "standard output".to_string()
         } else {
             out.display().to_string()
         },
         s.sections.len(),
         human_bytes(total),
         human_bytes(s.bytes_written),
-        total as f64 / s.bytes_written.max(1) as f64,
         hex::encode(s.root_digest),
     );
     // stdout carries the pack itself when streaming.
     if out == Path::new("-") {
         eprintln!("{line}");
     } else {
-        println!("{line}");
+        crate::outln!("{line}");
     }
 }
 

@@ -105,7 +105,7 @@ pub fn run_push(a: PushArgs) -> Result<()> {
     let client = a.registry.client(&reference)?;
     let report = push_file(&a.pack, &client, a.quiet)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&report)?);
     } else if !a.quiet {
         print_push(&report, &a.pack.display().to_string());
     }
@@ -132,7 +132,7 @@ pub fn push_file(pack: &Path, client: &Client, quiet: bool) -> Result<vmpack_reg
 }
 
 pub fn print_push(r: &vmpack_registry::PushReport, pack: &str) {
-    println!(
+    crate::outln!(
         "pushed {} to {} ({}): {} chunks in {} blobs; uploaded {} blobs ({}), {} already there ({}); root digest {}{}",
         pack,
         r.reference,
@@ -160,9 +160,9 @@ pub fn run_pull(a: PullArgs) -> Result<()> {
     let cache = ChunkCache::open_default()?;
     let (report, _) = pull_to(&client, &cache, &a.output, a.quiet)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&report)?);
     } else if !a.quiet {
-        println!(
+        crate::outln!(
             "pulled {} ({}) to {}: {}, {} chunks in {} blobs; fetched {} blobs ({}), {} from the cache ({}); root digest {}",
             report.reference,
             report.digest,
@@ -302,7 +302,7 @@ pub fn run_cache(a: CacheArgs) -> Result<()> {
             let (verified, _) = dir_usage(&root.join("verified"));
             let (pulled, pulled_bytes) = dir_usage(&root.join("pulled"));
             if json {
-                println!(
+                crate::outln!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
                         "path": root,
@@ -313,19 +313,19 @@ pub fn run_cache(a: CacheArgs) -> Result<()> {
                     }))?
                 );
             } else {
-                println!("{}", root.display());
-                println!(
+                crate::outln!("{}", root.display());
+                crate::outln!(
                     "  chunks    {:>6}  {}",
                     entries.len(),
                     human_bytes(chunk_bytes)
                 );
-                println!(
+                crate::outln!(
                     "  expanded  {:>6}  {}",
                     expanded,
                     human_bytes(expanded_bytes)
                 );
-                println!("  pulled    {:>6}  {}", pulled, human_bytes(pulled_bytes));
-                println!("  verified  {:>6}  records", verified);
+                crate::outln!("  pulled    {:>6}  {}", pulled, human_bytes(pulled_bytes));
+                crate::outln!("  verified  {:>6}  records", verified);
             }
         }
         CacheCommand::Prune { keep, quiet } => {
@@ -344,7 +344,7 @@ pub fn run_cache(a: CacheArgs) -> Result<()> {
                 }
             }
             if !quiet {
-                println!(
+                crate::outln!(
                     "removed {n} chunks ({}) and {packs} cached packs ({}) from {}",
                     human_bytes(freed),
                     human_bytes(pack_bytes),

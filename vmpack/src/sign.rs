@@ -38,7 +38,7 @@ pub fn run_sign(a: SignArgs) -> Result<()> {
     let reader = PackReader::open(&a.pack)?;
     let root = reader.root_digest();
     if a.message {
-        print!("{}", String::from_utf8_lossy(&signature::message(&root)));
+        crate::out!("{}", String::from_utf8_lossy(&signature::message(&root)));
         return Ok(());
     }
     let (sig, who) = match (&a.key, &a.signature) {

@@ -49,6 +49,10 @@ pub struct TestArgs {
     /// Also write the results as JUnit XML here.
     #[arg(long)]
     junit: Option<PathBuf>,
+    /// Print the results as one JSON object on stdout (`passed`, `failed`, `seconds`,
+    /// `cases`: `name`, `passed`, `ms`, `message`, `output`) instead of the table.
+    #[arg(long)]
+    json: bool,
     /// Print only the summary and failures.
     #[arg(long, short)]
     quiet: bool,
@@ -351,7 +355,7 @@ pub fn run(a: TestArgs) -> Result<i32> {
             eprintln!("vmpack: shard {k}/{n}: {} of {all} cases", cases.len());
         }
         if cases.is_empty() {
-            println!("0 passed, 0 failed (shard {k}/{n} of {all} cases is empty)");
+            crate::outln!("0 passed, 0 failed (shard {k}/{n} of {all} cases is empty)");
             if let Some(path) = &a.junit {
                 write_junit(path, &[], 0.0)?;
             }
@@ -400,6 +404,33 @@ pub fn run(a: TestArgs) -> Result<i32> {
         .collect();
     let failed = results.iter().filter(|r| !r.passed).count();
 
+    if a.json {
+        let cases: Vec<_> = results
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "name": r.name,
+                    "passed": r.passed,
+                    "ms": r.secs * 1000.0,
+                    "message": r.message,
+                    "output": r.output,
+                })
+            })
+            .collect();
+        crate::outln!(
+            "{}",
+            serde_json::json!({
+                "passed": results.len() - failed,
+                "failed": failed,
+                "seconds": total,
+                "cases": cases,
+            })
+        );
+        if let Some(path) = &a.junit {
+            write_junit(path, &results, total)?;
+        }
+        return Ok(if failed == 0 { 0 } else { 1 });
+    }
     let mut out = std::io::stdout().lock();
     let width = results
         .iter()
@@ -407,7 +438,8 @@ pub fn run(a: TestArgs) -> Result<i32> {
         .max()
         .unwrap_or(4)
         .max(4);
-    writeln!(out, "{:<width$}  result  time", "case")?;
+    writeln!(out, "{:<width$}  result  time", "case")
+        .unwrap_or_else(|e| crate::util::stdout_failed(e));
     for r in &results {
         writeln!(
             out,
@@ -415,13 +447,16 @@ pub fn run(a: TestArgs) -> Result<i32> {
             r.name,
             if r.passed { "pass" } else { "FAIL" },
             r.secs * 1000.0
-        )?;
+        )
+        .unwrap_or_else(|e| crate::util::stdout_failed(e));
     }
     for r in results.iter().filter(|r| !r.passed) {
-        writeln!(out, "\n--- {} failed: {}", r.name, r.message)?;
-        writeln!(out, "--- serial output of {}:", r.name)?;
+        writeln!(out, "\n--- {} failed: {}", r.name, r.message)
+            .unwrap_or_else(|e| crate::util::stdout_failed(e));
+        writeln!(out, "--- serial output of {}:", r.name)
+            .unwrap_or_else(|e| crate::util::stdout_failed(e));
         for line in r.output.lines() {
-            writeln!(out, "  | {line}")?;
+            writeln!(out, "  | {line}").unwrap_or_else(|e| crate::util::stdout_failed(e));
         }
     }
     writeln!(
@@ -430,7 +465,8 @@ pub fn run(a: TestArgs) -> Result<i32> {
         results.len() - failed,
         failed,
         results.len()
-    )?;
+    )
+    .unwrap_or_else(|e| crate::util::stdout_failed(e));
     if let Some(path) = &a.junit {
         write_junit(path, &results, total)?;
     }
@@ -519,7 +555,7 @@ fn merge_junit(inputs: &[PathBuf], out: &Path, quiet: bool) -> Result<i32> {
             out.display()
         );
     }
-    println!(
+    crate::outln!(
         "{} passed, {failed} failed ({} cases from {} files)",
         cases.len() - failed,
         cases.len(),
@@ -585,6 +621,7 @@ pub fn restore_clones(
     api_sock: Option<&Path>,
     serial_out: &str,
     quiet: bool,
+    json: bool,
 ) -> Result<i32> {
     let src = prepare_source(pack, quiet)?;
     let work = WorkBase::new("clones")?;
@@ -606,7 +643,22 @@ pub fn restore_clones(
         };
         consoles.push(start_clone(&src, &work, i, run)?);
     }
-    if !quiet {
+    // Ctrl-C or kill ends every clone cleanly: their sockets and work folders go away.
+    vmboot::terminate_all_on_signals(consoles.iter().map(|c| c.handle().clone()).collect())?;
+    if json {
+        let sockets: Vec<String> = match api_sock {
+            Some(p) => (0..n).map(|i| format!("{}.{i}", p.display())).collect(),
+            None => Vec::new(),
+        };
+        crate::outln!(
+            "{}",
+            serde_json::json!({
+                "clones": n,
+                "sockets": sockets,
+                "milliseconds": t.elapsed().as_secs_f64() * 1000.0,
+            })
+        );
+    } else if !quiet {
         eprintln!(
             "vmpack: {n} clones running ({:.1} ms to restore them all)",
             t.elapsed().as_secs_f64() * 1000.0

@@ -77,22 +77,27 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
 }
 
 fn extract(file: &Path, out: &Path, format: Option<DiskFormat>, quiet: bool) -> Result<()> {
-    let dir = AtomicDir::create(out)?;
-    let (cfg, digest) = if file == Path::new("-") {
-        let bar = Bar::new(None, "unpacking", quiet);
-        let stdin = std::io::stdin();
-        let (cfg, summary) = extract_stream(stdin.lock(), "<stdin>", dir.path(), format, &bar)?;
-        (cfg, summary.root_digest)
+    // The input is checked before the output: a missing pack is the problem to report.
+    let opened = if file == Path::new("-") {
+        None
     } else {
-        let pack = VmPack::open(file)?;
+        Some(VmPack::open(file)?)
+    };
+    let dir = AtomicDir::create(out)?;
+    let (cfg, digest) = if let Some(pack) = opened {
         let total: u64 = pack.reader().sections().iter().map(|s| s.size).sum();
         let bar = Bar::new(Some(total), "unpacking", quiet);
         let cfg = pack.extract_to_dir(dir.path(), format, &bar)?;
         (cfg, pack.reader().root_digest())
+    } else {
+        let bar = Bar::new(None, "unpacking", quiet);
+        let stdin = std::io::stdin();
+        let (cfg, summary) = extract_stream(stdin.lock(), "<stdin>", dir.path(), format, &bar)?;
+        (cfg, summary.root_digest)
     };
     dir.commit()?;
     if !quiet {
-        println!(
+        crate::outln!(
             "unpacked '{}' into {} ({} boot file(s), {} disk(s)); config {}; root digest {}",
             cfg.name,
             out.display(),

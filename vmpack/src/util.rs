@@ -51,3 +51,59 @@ impl std::fmt::Display for Usage {
 }
 
 impl std::error::Error for Usage {}
+
+/// `println!` for command output: when the reader of stdout has gone away (`| head -1`),
+/// the process ends quietly with 141 (128 + SIGPIPE, what a tool killed by SIGPIPE
+/// returns) instead of panicking.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            $crate::util::stdout_failed(e);
+        }
+    }};
+}
+
+/// `print!` counterpart of [`outln!`].
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout(), $($arg)*) {
+            $crate::util::stdout_failed(e);
+        }
+    }};
+}
+
+/// Ends the process after a failed write to stdout: quietly when its reader has gone away,
+/// with the error otherwise. Unfinished outputs are removed either way.
+pub fn stdout_failed(e: std::io::Error) -> ! {
+    crate::output::remove_pending();
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(141);
+    }
+    eprintln!("vmpack: cannot write to standard output: {e}");
+    std::process::exit(1);
+}
+
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `--quiet` of commands whose progress notes come from deep inside (the benchmarks).
+pub fn set_quiet(q: bool) {
+    QUIET.store(q, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn quiet() -> bool {
+    QUIET.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A progress note on stderr, silenced by `--quiet`.
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        if !$crate::util::quiet() {
+            eprintln!($($arg)*);
+        }
+    }};
+}

@@ -19,6 +19,10 @@ pub struct VerifyArgs {
     /// format, see `ssh-keygen(1)`); exit 1 naming the signer found otherwise.
     #[arg(long, value_name = "FILE")]
     pub allowed_signers: Option<PathBuf>,
+    /// Print the result as JSON on stdout (`file`, `sections`, `chunks`, `zero_chunks`,
+    /// `bytes`, `root_digest`, `signers`); errors stay on stderr with exit status 1.
+    #[arg(long, conflicts_with = "quiet")]
+    pub json: bool,
     /// Print nothing on success.
     #[arg(short, long)]
     pub quiet: bool,
@@ -38,8 +42,29 @@ pub fn run(a: VerifyArgs) -> Result<()> {
     bar.finish();
     // The container is intact; a VM pack must also have a sound manifest.
     VmPack::open(&a.file)?;
+    if a.json {
+        let mut signers = Vec::new();
+        if let Some(allowed) = &a.allowed_signers {
+            for good in crate::sign::require_signature(&a.file, allowed)? {
+                signers.push(crate::sign::describe_good(&good));
+            }
+        }
+        crate::outln!(
+            "{}",
+            serde_json::json!({
+                "file": a.file.display().to_string(),
+                "sections": report.sections,
+                "chunks": report.chunks,
+                "zero_chunks": report.zero_chunks,
+                "bytes": report.bytes,
+                "root_digest": hex::encode(reader.root_digest()),
+                "signers": signers,
+            })
+        );
+        return Ok(());
+    }
     if !a.quiet {
-        println!(
+        crate::outln!(
             "OK {}: {} sections, {} chunks ({} zero), {} checked, root digest {}",
             a.file.display(),
             report.sections,
@@ -52,7 +77,7 @@ pub fn run(a: VerifyArgs) -> Result<()> {
     if let Some(allowed) = &a.allowed_signers {
         for good in crate::sign::require_signature(&a.file, allowed)? {
             if !a.quiet {
-                println!("{}", crate::sign::describe_good(&good));
+                crate::outln!("{}", crate::sign::describe_good(&good));
             }
         }
     }
@@ -91,11 +116,24 @@ fn verify_stream(a: &VerifyArgs) -> Result<()> {
                 }
                 let m = Manifest::parse(&manifest, "<stdin>")?;
                 m.check_sections(&summary.sections, "<stdin>")?;
-                if !a.quiet {
+                if a.json {
+                    crate::outln!(
+                        "{}",
+                        serde_json::json!({
+                            "file": "-",
+                            "sections": summary.sections.len(),
+                            "chunks": summary.sections.iter().map(|s| s.chunks).sum::<u64>(),
+                            "zero_chunks": summary.sections.iter().map(|s| s.zero_chunks).sum::<u64>(),
+                            "bytes": summary.sections.iter().map(|s| s.size).sum::<u64>(),
+                            "root_digest": hex::encode(summary.root_digest),
+                            "signers": Vec::<String>::new(),
+                        })
+                    );
+                } else if !a.quiet {
                     let chunks: u64 = summary.sections.iter().map(|s| s.chunks).sum();
                     let zero: u64 = summary.sections.iter().map(|s| s.zero_chunks).sum();
                     let bytes: u64 = summary.sections.iter().map(|s| s.size).sum();
-                    println!(
+                    crate::outln!(
                         "OK <stdin>: {} sections, {chunks} chunks ({zero} zero), {} checked, root digest {}",
                         summary.sections.len(),
                         human_bytes(bytes),

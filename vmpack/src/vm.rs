@@ -49,16 +49,22 @@ pub struct SaveArgs {
     push: Option<String>,
     #[command(flatten)]
     registry: crate::registry_cmd::RegistryArgs,
-    /// Compression of every chunk. `none` (the default) keeps guest memory page-aligned so
-    /// restore maps it straight from the pack; `zstd` makes smaller packs to move around.
-    #[arg(long, default_value = "none")]
+    /// Chunk compression. Default none, unlike `pack`: guest memory stays page-aligned so
+    /// restore maps it straight from the pack (milliseconds, shared by clones); zstd makes
+    /// smaller packs to move around.
+    #[arg(long, default_value = "none", value_name = "none|deflate|zstd")]
     compress: Compression,
-    /// Compression level (deflate 0-9, zstd -7..=22 except 0).
-    #[arg(long)]
+    /// Compression level (deflate 0-9, zstd -7..=22 except 0; none takes none); default:
+    /// the fastest useful one.
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     level: Option<i32>,
     /// What the VM does after the save: keep running, or end.
     #[arg(long, value_parser = ["resume", "stop"], default_value = "resume")]
     then: String,
+    /// Print the result as JSON on stdout (`output`, `bytes`, `milliseconds`, `pause_ms`,
+    /// `root_digest`, `vm`); not with `-o -`.
+    #[arg(long)]
+    json: bool,
     /// Print nothing but errors.
     #[arg(long, short)]
     quiet: bool,
@@ -91,6 +97,10 @@ pub struct RestoreArgs {
     /// `[i] `, or to `PATH.i` for `--serial-out PATH`.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     clones: u32,
+    /// With --clones: once all clones run, print one JSON line on stdout (`clones`,
+    /// `sockets`, `milliseconds`) before any serial output.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The README's first command: a VM that needs no files at all.
@@ -175,6 +185,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
                     verify: a.verify,
                     quiet: a.quiet,
                     clones: 1,
+                    json: false,
                     require_signature: false,
                     allowed_signers: None,
                 });
@@ -188,7 +199,17 @@ pub fn run(a: RunArgs) -> Result<i32> {
             snapshot::boot_at_rest(p, a.verify, run)?
         }
         Some(p) => {
-            let cfg = VmConfig::from_file(p)?;
+            let cfg = VmConfig::from_file(p).map_err(|e| {
+                let toml = p.extension().is_some_and(|x| x == "toml");
+                if toml || !p.exists() {
+                    anyhow::Error::from(e)
+                } else {
+                    anyhow::anyhow!(
+                        "cannot run {}: neither a pack (no vmpack magic) nor a VM config (TOML): {e}",
+                        p.display()
+                    )
+                }
+            })?;
             let payload = BootPayload::from_config(&cfg)?;
             Vm::create(&cfg, payload, &run_options(&a, Some(&cfg)))?
         }
@@ -211,6 +232,16 @@ fn run_options(a: &RunArgs, cfg: Option<&VmConfig>) -> RunOptions {
 }
 
 pub fn save(a: SaveArgs) -> Result<()> {
+    // Refused before the VM is touched, with the ranges `pack` uses.
+    a.compress
+        .check_level(a.level)
+        .map_err(|e| crate::util::Usage(format!("--{e}")))?;
+    if a.json && a.output.as_deref() == Some(Path::new("-")) {
+        return Err(crate::util::Usage(
+            "--json needs -o FILE or --push: with -o - the pack itself is on stdout".into(),
+        )
+        .into());
+    }
     // Resolve the registry (and read a password from stdin) before the VM is touched.
     let push = match &a.push {
         Some(r) => {
@@ -286,20 +317,36 @@ pub fn save(a: SaveArgs) -> Result<()> {
     if stop {
         client.put("/vm/shutdown")?;
     }
-    if !a.quiet {
-        let pause = status["last_save"]["pause_ms"].as_f64().unwrap_or(f64::NAN);
-        let digest = status["last_save"]["root_digest"].as_str().unwrap_or("?");
+    let pause = status["last_save"]["pause_ms"].as_f64().unwrap_or(f64::NAN);
+    let digest = status["last_save"]["root_digest"].as_str().unwrap_or("?");
+    if a.json {
+        crate::outln!(
+            "{}",
+            serde_json::json!({
+                "output": a.output.as_ref().map(|o| o.display().to_string()),
+                "bytes": bytes,
+                "milliseconds": wall.as_secs_f64() * 1000.0,
+                "pause_ms": status["last_save"]["pause_ms"],
+                "root_digest": status["last_save"]["root_digest"],
+                "vm": if stop { "stopped" } else { "resumed" },
+            })
+        );
+    } else if !a.quiet {
+        let place = match &a.output {
+            None => "a temporary file".to_string(),
+            Some(o) if o.as_os_str() == "-" => "standard output".to_string(),
+            Some(o) => o.display().to_string(),
+        };
         eprintln!(
-            "vmpack: saved {} to {} in {:.1} ms; guest paused {pause:.1} ms for the capture; root digest {digest}; VM {}",
+            "vmpack: saved {} to {place} in {:.1} ms; guest paused {pause:.1} ms for the capture; root digest {digest}; VM {}",
             human_bytes(bytes),
-            if scratch.is_some() { "a temporary file".into() } else { output.display().to_string() },
             wall.as_secs_f64() * 1000.0,
             if stop { "stopped" } else { "resumed" }
         );
     }
     if let Some(client) = push {
-        let report = crate::registry_cmd::push_file(&output, &client, a.quiet)?;
-        if !a.quiet {
+        let report = crate::registry_cmd::push_file(&output, &client, a.quiet || a.json)?;
+        if !a.quiet && !a.json {
             let label = match &a.output {
                 Some(o) => o.display().to_string(),
                 None => "the saved VM".to_string(),
@@ -329,6 +376,9 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
             }
         }
     }
+    if a.json && a.clones < 2 {
+        return Err(crate::util::Usage("--json applies to --clones N (N >= 2)".into()).into());
+    }
     if a.clones > 1 {
         if a.pack.as_os_str() == "-" {
             bail!("--clones needs a pack file, not standard input");
@@ -339,6 +389,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
             a.api_sock.as_deref(),
             &a.serial_out,
             a.quiet,
+            a.json,
         );
     }
     let input = if a.pack.as_os_str() == "-" {
@@ -363,5 +414,6 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
             work_dir: None,
         },
         a.quiet,
+        "vmpack",
     )
 }

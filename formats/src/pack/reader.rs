@@ -65,12 +65,13 @@ impl PackReader {
 
         let min = (HEADER_LEN + FRAME_PREFIX + INDEX_FIXED + TRAILER_LEN) as u64;
         if file_size < min {
-            if file_size >= 8 {
-                let mut m = [0u8; 8];
-                read(&mut m, 0)?;
-                if m != super::MAGIC {
-                    return Err(e(PackErrorKind::BadMagic).at(0));
-                }
+            // A short file that does not even start like a pack is "not a pack", not a
+            // truncated one: only a prefix of the magic can be a pack cut short.
+            let n = file_size.min(8) as usize;
+            let mut m = [0u8; 8];
+            read(&mut m[..n], 0)?;
+            if n == 0 || m[..n] != super::MAGIC[..n] {
+                return Err(e(PackErrorKind::BadMagic).at(0));
             }
             return Err(e(PackErrorKind::Truncated));
         }
