@@ -83,4 +83,20 @@ fi
 # machine that ran it rebuilds nothing here (`cargo build -p X` could unify features
 # differently and rebuild dependencies). The tests use these binaries (target/debug).
 cargo build --workspace --all-targets
+
+# Fuzz smoke run (under 60 s): each fuzz target, as the build above made it (libFuzzer
+# without coverage instrumentation), runs random inputs for 6 s. The long instrumented runs
+# are in docs/TESTING.md, "Fuzzing".
+fuzz_tmp=$(mktemp -d)
+trap 'rm -rf "$fuzz_tmp"' EXIT
+for t in pack_reader vmdk_reader interchange_xml vm_pack_open unpack_sandbox stream_vs_random restore_check; do
+  if ! TMPDIR="$fuzz_tmp" "${CARGO_TARGET_DIR:-target}/debug/$t" -max_total_time=6 -seed=1 \
+      -artifact_prefix="$fuzz_tmp/" >"$fuzz_tmp/$t.log" 2>&1; then
+    tail -30 "$fuzz_tmp/$t.log" >&2
+    echo "== fuzz smoke run: $t FAILED" >&2
+    exit 1
+  fi
+  echo "== fuzz smoke run: $t: $(grep -o 'Done [0-9]* runs' "$fuzz_tmp/$t.log")"
+done
+
 cargo test --workspace -- --test-threads=2

@@ -223,7 +223,9 @@ fn unique_name(path: &Path, fallback: &str, taken: &mut HashSet<String>) -> Stri
     name
 }
 
-/// A name that is one normal path component, so unpacking cannot escape its folder.
+/// A name that is one normal path component, so unpacking cannot escape its folder, holds
+/// no control character (a terminal escape in a listing), and is none of the names unpack
+/// writes itself ([`is_reserved_name`]).
 pub fn is_safe_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 255
@@ -231,8 +233,74 @@ pub fn is_safe_name(n: &str) -> bool {
         && n != ".."
         && !n.contains('/')
         && !n.contains('\\')
-        && !n.contains('\0')
-        && n != CONFIG_FILE_NAME
+        && !n.chars().any(char::is_control)
+        && !is_reserved_name(n)
+}
+
+/// The file of the memory region `i` that unpack writes.
+pub fn memory_file_name(i: usize) -> String {
+    format!("memory-{i}.raw")
+}
+
+/// The vmstate file that unpack writes.
+pub const VMSTATE_FILE_NAME: &str = "vmstate.bin";
+
+/// Names unpack generates: `vm.toml`, `vmstate.bin`, `memory-N.raw`. A file of the pack
+/// may not take one, so nothing unpacked can overwrite another.
+pub fn is_reserved_name(n: &str) -> bool {
+    n == CONFIG_FILE_NAME
+        || n == VMSTATE_FILE_NAME
+        || n.strip_prefix("memory-")
+            .and_then(|r| r.strip_suffix(".raw"))
+            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// `s` with every control character escaped (`\u{1b}`, `\n`...), for messages and listings:
+/// a name from a pack never reaches a terminal raw.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// [`printable`] for a multi-line message: line breaks and tabs are kept.
+pub fn printable_lines(s: &str) -> String {
+    s.split('\n')
+        .map(|l| {
+            l.chars()
+                .map(|c| {
+                    if c.is_control() && c != '\t' {
+                        c.escape_default().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Refuses a file name (of a config's boot file or disk) that a pack would carry with a
+/// control character in it.
+fn check_packable_name(path: &Path) -> Result<(), VmPackError> {
+    let name = path.file_name().map(|n| n.to_string_lossy());
+    if name.is_some_and(|n| n.chars().any(char::is_control)) {
+        return Err(VmPackError::Usage(format!(
+            "{}: the file name contains control characters, which a pack never carries; rename the file",
+            printable(&path.display().to_string())
+        )));
+    }
+    Ok(())
 }
 
 impl<'a> PreparedPack<'a> {
@@ -269,6 +337,7 @@ impl<'a> PreparedPack<'a> {
                     BootInput::Opened(FileSource::open(path).map_err(|e| io_err(path, e))?)
                 }
             };
+            check_packable_name(path)?;
             let name = unique_name(path, role, &mut taken);
             files.push((
                 FileEntry {
@@ -307,6 +376,7 @@ impl<'a> PreparedPack<'a> {
                     disk::open_disk(&d.path, d.format, true).map_err(|e| io_err(&d.path, e))?,
                 )),
             };
+            check_packable_name(&d.path)?;
             let name = unique_name(&d.path, &format!("disk{i}.{}", ext(d.format)), &mut taken);
             out_cfg.disks[i].path = PathBuf::from(&name);
             disks.push((
@@ -536,13 +606,24 @@ impl Manifest {
             .map(|f| &f.name)
             .chain(m.disks.iter().map(|d| &d.name));
         for n in all_names {
+            let shown = printable(n);
+            if n.chars().any(char::is_control) {
+                return Err(invalid(format!(
+                    "file name '{shown}' contains control characters"
+                )));
+            }
+            if is_reserved_name(n) {
+                return Err(invalid(format!(
+                    "file name '{shown}' is reserved for a file unpack writes itself ({CONFIG_FILE_NAME}, {VMSTATE_FILE_NAME}, memory-N.raw)"
+                )));
+            }
             if !is_safe_name(n) {
                 return Err(invalid(format!(
-                    "file name '{n}' is not a single plain file name"
+                    "file name '{shown}' is not a single plain file name"
                 )));
             }
             if !names.insert(n.clone()) {
-                return Err(invalid(format!("file name '{n}' is used twice")));
+                return Err(invalid(format!("file name '{shown}' is used twice")));
             }
         }
         for (i, d) in m.disks.iter().enumerate() {
@@ -623,6 +704,41 @@ impl Manifest {
         Ok(())
     }
 
+    /// Checks the memory sections against the VM's memory before any of them is read: each
+    /// region and their total must fit in `memory_mib` of the packed config (itself at most
+    /// [`crate::config::MAX_MEMORY_MIB`]). `offset` gives a section's file offset for the
+    /// message, where known.
+    pub fn check_memory(
+        &self,
+        file: &str,
+        offset: &dyn Fn(&str) -> Option<u64>,
+    ) -> Result<(), VmPackError> {
+        if self.memory.is_empty() {
+            return Ok(());
+        }
+        // Only memory_mib is used: the base folder is never touched.
+        let cfg = self.config_at(Path::new("/nonexistent"), file)?;
+        let limit = cfg.memory_mib << 20;
+        let mut total = 0u64;
+        for m in &self.memory {
+            total = total.saturating_add(m.size);
+            if m.size > limit || total > limit || m.gpa.checked_add(m.size).is_none() {
+                let at = offset(&m.section)
+                    .map(|o| format!("file offset {o}: "))
+                    .unwrap_or_default();
+                return Err(VmPackError::Invalid {
+                    file: file.to_string(),
+                    section: m.section.clone(),
+                    message: format!(
+                        "{at}memory region {:#x}+{:#x} ({} bytes) does not fit in the VM's memory (memory_mib = {}, {limit} bytes in all); refused before reading it",
+                        m.gpa, m.size, m.size, cfg.memory_mib
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The packed config, with file paths resolved against `base` (where the files are or
     /// will be unpacked). `file` names the pack in error messages.
     pub fn config_at(&self, base: &Path, file: &str) -> Result<VmConfig, VmPackError> {
@@ -698,6 +814,11 @@ impl VmPack {
         let file = path.display().to_string();
         let manifest = read_manifest(&reader, &file)?;
         manifest.check_sections(reader.sections(), &file)?;
+        manifest.check_memory(&file, &|name| {
+            reader
+                .section(name)
+                .and_then(|s| reader.section_offset(s.id))
+        })?;
         Ok(VmPack {
             reader,
             manifest,
@@ -899,6 +1020,7 @@ pub fn extract_stream<R: io::Read>(
                 section,
                 offset,
                 data,
+                zero,
             } => {
                 if Some(section) == manifest_id && extractor.is_none() {
                     if manifest_bytes.len() as u64 + data.len() as u64 > MAX_MANIFEST_LEN {
@@ -906,7 +1028,7 @@ pub fn extract_stream<R: io::Read>(
                     }
                     manifest_bytes.extend_from_slice(data);
                 } else if let Some((id, k)) = &sink {
-                    if *id == section {
+                    if *id == section && !zero {
                         k.write(offset, data).map_err(|e| io_err(&k.path, e))?;
                     }
                 }
@@ -1015,6 +1137,10 @@ impl Extractor {
     ) -> Result<Extractor, VmPackError> {
         let mut disk_names = Vec::new();
         let mut taken: HashSet<String> = manifest.files.iter().map(|f| f.name.clone()).collect();
+        // A converted disk's new name never takes a name unpack writes itself.
+        taken.insert(CONFIG_FILE_NAME.to_string());
+        taken.insert(VMSTATE_FILE_NAME.to_string());
+        taken.extend((0..manifest.memory.len()).map(memory_file_name));
         for d in &manifest.disks {
             let name = match disk_format {
                 Some(f) if f != d.format => {
@@ -1109,10 +1235,10 @@ impl Extractor {
             .iter()
             .position(|m| m.section == s.name)
         {
-            return create_file(self.dir.join(format!("memory-{i}.raw")), s.size).map(Some);
+            return create_file(self.dir.join(memory_file_name(i)), s.size).map(Some);
         }
         if self.manifest.vmstate.as_deref() == Some(s.name.as_str()) {
-            return create_file(self.dir.join("vmstate.bin"), s.size).map(Some);
+            return create_file(self.dir.join(VMSTATE_FILE_NAME), s.size).map(Some);
         }
         Ok(None)
     }
@@ -1146,7 +1272,7 @@ impl Extractor {
                 .manifest
                 .memory_offset(&f.section, gpa, f.size)
                 .ok_or_else(|| invalid(format!("{} is not inside this region", f.role)))?;
-            let from = self.dir.join(format!("memory-{i}.raw"));
+            let from = self.dir.join(memory_file_name(i));
             let to = self.dir.join(&f.name);
             let mut src = File::open(&from).map_err(|e| io_err(&from, e))?;
             io::Seek::seek(&mut src, io::SeekFrom::Start(off)).map_err(|e| io_err(&from, e))?;

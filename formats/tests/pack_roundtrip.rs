@@ -151,6 +151,7 @@ fn check_all(bytes: &[u8], summary: &PackSummary, s: &Sections, opts: &WriteOpti
                 section,
                 offset,
                 data,
+                ..
             } => {
                 let v = &mut got[section as usize];
                 assert_eq!(v.len() as u64, offset);

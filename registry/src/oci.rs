@@ -92,8 +92,10 @@ pub fn parallel_for(
     let stop = AtomicBool::new(false);
     let first: Mutex<Option<(usize, anyhow::Error)>> = Mutex::new(None);
     std::thread::scope(|s| {
+        let mut started = 0;
         for _ in 0..threads.clamp(1, n.max(1)) {
-            s.spawn(|| {
+            // Workers are a speed-up: short of threads, fewer do the work (this one at least).
+            let spawned = std::thread::Builder::new().spawn_scoped(s, || {
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= n {
@@ -110,6 +112,22 @@ pub fn parallel_for(
                     }
                 }
             });
+            match spawned {
+                Ok(_) => started += 1,
+                Err(_) => break,
+            }
+        }
+        if started == 0 {
+            while !stop.load(Ordering::Relaxed) {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                if let Err(e) = work(i) {
+                    *first.lock().unwrap_or_else(|p| p.into_inner()) = Some((i, e));
+                    break;
+                }
+            }
         }
     });
     match first.into_inner().unwrap_or_else(|p| p.into_inner()) {

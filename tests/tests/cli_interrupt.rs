@@ -50,10 +50,15 @@ fn start_slow_pack(dir: &Path) -> std::process::Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let tmp = dir.join(format!(".out.vmpack.tmp-{}", child.id()));
+    // `.NAME.tmp-PID-` and random characters (docs/CLI.md, "Outputs").
+    let prefix = format!(".out.vmpack.tmp-{}-", child.id());
     let t0 = Instant::now();
     loop {
-        if std::fs::metadata(&tmp).is_ok_and(|m| m.len() > 1 << 20) {
+        let started = temps(dir)
+            .iter()
+            .filter(|n| n.starts_with(&prefix))
+            .any(|n| std::fs::metadata(dir.join(n)).is_ok_and(|m| m.len() > 1 << 20));
+        if started {
             break;
         }
         assert!(

@@ -296,7 +296,11 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("vmboot: error: {}", error_chain(&e));
+            // Messages quote names from packs and configs: never a raw control character.
+            eprintln!(
+                "vmboot: error: {}",
+                vmpack_formats::vm::printable_lines(&error_chain(&e))
+            );
             std::process::exit(1);
         }
     }

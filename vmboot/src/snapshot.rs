@@ -280,12 +280,18 @@ fn parallel_copy(src: &[u8], copy: &RamCopy) {
     };
     std::thread::scope(|s| {
         // Helpers only speed the copy up: with none, this thread copies everything.
+        let mut handles = Vec::new();
         for _ in 1..threads.min(pieces.len()) {
-            if std::thread::Builder::new().spawn_scoped(s, worker).is_err() {
-                break;
+            match std::thread::Builder::new().spawn_scoped(s, worker) {
+                Ok(h) => handles.push(h),
+                Err(_) => break,
             }
         }
         worker();
+        // Joined, not just left to the scope: a join also waits for the threads' exit.
+        for h in handles {
+            let _ = h.join();
+        }
     });
 }
 
@@ -472,12 +478,7 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     };
 
     let work = WorkDir::new(opts.work_dir.as_deref())?;
-    let cfg = pack_config(manifest, &label, &work.path)?;
-    let s = reader
-        .section(state_section)
-        .ok_or_else(|| anyhow!("{label}: section '{state_section}' is missing"))?;
-    let state_bytes = reader.read_section(s.id, MAX_VMSTATE_LEN)?;
-    let state = parse_state(&state_bytes, &label, state_section, &cfg)?;
+    let (cfg, state) = checked_state(&pack, state_section, &label, &work.path)?;
     let warnings = check_host(&state, &cfg, &label)?;
     extract_disks(&pack, &work.path)?;
 
@@ -495,6 +496,60 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
             warnings,
         },
     ))
+}
+
+/// The config and saved state of a pack, with every check that needs no KVM: the config
+/// built only from the pack's own sections, the vmstate's parse (every KVM structure of
+/// exactly its size), its agreement with the config, and each memory section matching a
+/// saved RAM region. Nothing is written; `work` only names where disk copies would go.
+fn checked_state(
+    pack: &VmPack,
+    state_section: &str,
+    label: &str,
+    work: &Path,
+) -> Result<(VmConfig, VmState)> {
+    let manifest = pack.manifest();
+    let reader = pack.reader();
+    let cfg = pack_config(manifest, label, work)?;
+    let s = reader
+        .section(state_section)
+        .ok_or_else(|| anyhow!("{label}: section '{state_section}' is missing"))?;
+    let state_bytes = reader.read_section(s.id, MAX_VMSTATE_LEN)?;
+    let state = parse_state(&state_bytes, label, state_section, &cfg)?;
+    check_memory_regions(manifest, &state, label)?;
+    Ok((cfg, state))
+}
+
+/// Every check [`restore`] makes on a pack file before KVM is touched (for fuzzing and for
+/// tools that vet a pack): [`VmPack::open`]'s, then the config and vmstate checks. The
+/// device-state checks (virtqueue sizes and features) run when the devices are rebuilt.
+pub fn check_pack_before_kvm(path: &Path) -> Result<()> {
+    let pack = VmPack::open(path)?;
+    let label = path.display().to_string();
+    let Some(state_section) = pack.manifest().vmstate.clone() else {
+        let _ = pack.config()?;
+        return Ok(());
+    };
+    checked_state(&pack, &state_section, &label, Path::new("/nonexistent"))?;
+    Ok(())
+}
+
+fn check_memory_regions(manifest: &Manifest, state: &VmState, label: &str) -> Result<()> {
+    for m in &manifest.memory {
+        if !state
+            .memory_regions
+            .iter()
+            .any(|&(gpa, size)| gpa == m.gpa && size == m.size)
+        {
+            bail!(
+                "{label}: section '{}': memory region {:#x}+{:#x} does not match the saved machine",
+                m.section,
+                m.gpa,
+                m.size
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Writes every disk of the pack to its private raw copy in `dir` (where [`pack_config`]
@@ -822,6 +877,10 @@ fn restore_stream<R: Read + 'static>(
         match sr.next_event()? {
             StreamEvent::Section(info) => {
                 if info.kind == vmpack_formats::pack::kind::MEMORY {
+                    let m = manifest
+                        .as_ref()
+                        .ok_or_else(|| anyhow!("{label}: memory before manifest"))?;
+                    check_stream_memory(m, info, label)?;
                     current = Some((info.name.clone(), info.kind));
                     break;
                 }
@@ -854,7 +913,9 @@ fn restore_stream<R: Read + 'static>(
                     disk_files.push((i, f, p));
                 }
             }
-            StreamEvent::Chunk { offset, data, .. } => {
+            StreamEvent::Chunk {
+                offset, data, zero, ..
+            } => {
                 let (name, kind) = current
                     .as_ref()
                     .ok_or_else(|| anyhow!("{label}: chunk outside a section"))?;
@@ -863,7 +924,7 @@ fn restore_stream<R: Read + 'static>(
                     let (_, f, p) = disk_files
                         .last()
                         .expect("disk file opened at section start");
-                    if data.iter().any(|&b| b != 0) {
+                    if !zero && data.iter().any(|&b| b != 0) {
                         f.write_all_at(data, offset)
                             .with_context(|| format!("writing {}", p.display()))?;
                     }
@@ -886,6 +947,7 @@ fn restore_stream<R: Read + 'static>(
                 match kind {
                     vmpack_formats::pack::kind::MANIFEST => {
                         let m = Manifest::parse(&buf, label)?;
+                        m.check_memory(label, &|_| None)?;
                         cfg = Some(pack_config(&m, label, &work.path)?);
                         manifest = Some(m);
                     }
@@ -957,6 +1019,7 @@ fn restore_stream<R: Read + 'static>(
         .and_then(|f| Some((f.in_memory?, f.size)));
     let initrd = Arc::new(std::sync::OnceLock::new());
     let initrd_slot = initrd.clone();
+    let manifest_mem = manifest.clone();
     let init = GuestMemoryInit::Fill(Box::new(move |regions| {
         let mut section = first;
         loop {
@@ -966,9 +1029,12 @@ fn restore_stream<R: Read + 'static>(
                     if info.kind != vmpack_formats::pack::kind::MEMORY {
                         bail!("{label_owned}: section '{}' after memory; expected memory sections last", info.name);
                     }
+                    check_stream_memory(&manifest_mem, info, &label_owned)?;
                     section = Some(info.name.clone());
                 }
-                StreamEvent::Chunk { offset, data, .. } => {
+                StreamEvent::Chunk {
+                    offset, data, zero, ..
+                } => {
                     let name = section.as_deref().unwrap_or("");
                     let gpa = gpas
                         .iter()
@@ -985,7 +1051,7 @@ fn restore_stream<R: Read + 'static>(
                     if end > region.1.len() {
                         bail!("{label_owned}: section '{name}': chunk at {offset:#x} runs past its RAM region");
                     }
-                    if data.iter().any(|&b| b != 0) {
+                    if !zero && data.iter().any(|&b| b != 0) {
                         region.1[offset as usize..end].copy_from_slice(data);
                     }
                 }
@@ -1020,6 +1086,25 @@ fn restore_stream<R: Read + 'static>(
             warnings,
         },
     ))
+}
+
+/// A memory section read from a stream must be one the manifest lists, with its size (the
+/// manifest's sizes were checked against the VM's memory), before any of its chunks is read.
+fn check_stream_memory(
+    m: &Manifest,
+    info: &vmpack_formats::pack::SectionInfo,
+    label: &str,
+) -> Result<()> {
+    match m.memory.iter().find(|r| r.section == info.name) {
+        Some(r) if r.size == info.size => Ok(()),
+        Some(r) => bail!(
+            "{label}: section '{}': holds {} bytes, the manifest says {}; refused before reading it",
+            info.name,
+            info.size,
+            r.size
+        ),
+        None => bail!("{label}: section '{}' is not in the manifest", info.name),
+    }
 }
 
 fn io_pack_error(path: &Path, e: std::io::Error) -> PackError {

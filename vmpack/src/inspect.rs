@@ -92,9 +92,11 @@ pub fn run(a: InspectArgs) -> Result<()> {
             &saved_on,
         )?;
     } else {
-        print_text(&a, &reader, manifest.as_ref(), restore);
+        use std::fmt::Write as _;
+        let mut text = text_report(&a, &reader, manifest.as_ref(), restore);
         if let Some(h) = &saved_on {
-            crate::outln!(
+            let _ = writeln!(
+                text,
                 "saved on:     {}: {} family {} model {}, KVM features up to {}, TSC {} kHz (scaling {}), kernel {}, vmboot {}",
                 h["name"].as_str().unwrap_or(""),
                 h["cpu"]["vendor"].as_str().unwrap_or(""),
@@ -107,11 +109,32 @@ pub fn run(a: InspectArgs) -> Result<()> {
                 h["vmboot_version"].as_str().unwrap_or(""),
             );
         }
+        crate::out!("{}", vmpack_formats::vm::printable_lines(&text));
     }
     if let Some(e) = manifest_err.or(config_err) {
         anyhow::bail!("{e}");
     }
     Ok(())
+}
+
+/// serde_json escapes U+0000-U+001F; DEL and the C1 controls (U+0080-U+009F, e.g. CSI) are
+/// escaped here too. They can only occur inside strings, where `\uXXXX` is valid JSON.
+fn escape_json(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' {
+                format!("\\u{:04x}", c as u32)
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+macro_rules! textln {
+    ($o:ident, $($t:tt)*) => {
+        let _ = writeln!($o, $($t)*);
+    };
 }
 
 /// The saving host's fingerprint without its raw CPUID and MSR list (`vmpack compat` reads
@@ -168,7 +191,7 @@ fn print_json(
         "signatures": signatures(r),
         "saved_on": saved_on,
     });
-    crate::outln!("{}", serde_json::to_string_pretty(&out)?);
+    crate::outln!("{}", escape_json(&serde_json::to_string_pretty(&out)?));
     Ok(())
 }
 
@@ -190,33 +213,44 @@ fn signatures(r: &PackReader) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Option<&str>) {
+fn text_report(
+    a: &InspectArgs,
+    r: &PackReader,
+    m: Option<&Manifest>,
+    restore: Option<&str>,
+) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     let (major, minor) = r.version();
-    crate::outln!(
+    textln!(
+        out,
         "file:         {} ({})",
         a.file.display(),
         human_bytes(r.file_size())
     );
-    crate::outln!(
+    textln!(
+        out,
         "format:       vmpack {major}.{minor}{}",
         if r.aligned() { ", aligned" } else { "" }
     );
-    crate::outln!("root digest:  {}", hex::encode(r.root_digest()));
+    textln!(out, "root digest:  {}", hex::encode(r.root_digest()));
     let sigs = signatures(r);
     if !sigs.is_empty() {
         let keys: Vec<String> = sigs
             .iter()
             .map(|s| s["key"].as_str().unwrap_or("unreadable").to_string())
             .collect();
-        crate::outln!(
+        textln!(
+            out,
             "signatures:   {} (unchecked; `vmpack verify --allowed-signers FILE` checks them)",
             keys.join(", ")
         );
     }
     if let Some(m) = m {
-        crate::outln!("written by:   {} {}", m.tool, m.tool_version);
-        crate::outln!("created:      {}", m.created);
-        crate::outln!(
+        textln!(out, "written by:   {} {}", m.tool, m.tool_version);
+        textln!(out, "created:      {}", m.created);
+        textln!(
+            out,
             "host cpu:     {} family {} model {} stepping {}{}",
             m.host.vendor,
             m.host.family,
@@ -229,13 +263,14 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
             }
         );
         if !m.files.is_empty() {
-            crate::outln!("boot files:");
+            textln!(out, "boot files:");
             for f in &m.files {
                 let place = match f.in_memory {
                     Some(gpa) => format!("in guest RAM at {gpa:#x}, [{}]", f.section),
                     None => format!("[{}]", f.section),
                 };
-                crate::outln!(
+                textln!(
+                    out,
                     "  {:<7} {:<24} {:>10}  {place}",
                     f.role,
                     f.name,
@@ -244,9 +279,10 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
             }
         }
         if !m.disks.is_empty() {
-            crate::outln!("disks:");
+            textln!(out, "disks:");
             for d in &m.disks {
-                crate::outln!(
+                textln!(
+                    out,
                     "  {:<7} {:<24} {:>10}  {} {} [{}]",
                     d.index,
                     d.name,
@@ -258,10 +294,11 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
             }
         }
         if m.memory.is_empty() {
-            crate::outln!("memory:       none (not a saved VM)");
+            textln!(out, "memory:       none (not a saved VM)");
         } else {
             let total: u64 = m.memory.iter().map(|x| x.size).sum();
-            crate::outln!(
+            textln!(
+                out,
                 "memory:       {} in {} region(s); restore would {}",
                 human_bytes(total),
                 m.memory.len(),
@@ -271,13 +308,24 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
                 }
             );
             for x in &m.memory {
-                crate::outln!("  gpa {:#x} {} [{}]", x.gpa, human_bytes(x.size), x.section);
+                textln!(
+                    out,
+                    "  gpa {:#x} {} [{}]",
+                    x.gpa,
+                    human_bytes(x.size),
+                    x.section
+                );
             }
         }
-        crate::outln!("vmstate:      {}", m.vmstate.as_deref().unwrap_or("none"));
+        textln!(
+            out,
+            "vmstate:      {}",
+            m.vmstate.as_deref().unwrap_or("none")
+        );
     }
-    crate::outln!("sections:");
-    crate::outln!(
+    textln!(out, "sections:");
+    textln!(
+        out,
         "  {:>3} {:<8} {:<14} {:>12} {:>12} {:>9} {:>8} {:>8}",
         "id",
         "kind",
@@ -289,7 +337,8 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
         "zero"
     );
     for s in r.sections() {
-        crate::outln!(
+        textln!(
+            out,
             "  {:>3} {:<8} {:<14} {:>12} {:>12} {:>9} {:>8} {:>8}",
             s.id,
             kind_name(s.kind),
@@ -302,9 +351,10 @@ fn print_text(a: &InspectArgs, r: &PackReader, m: Option<&Manifest>, restore: Op
         );
     }
     if let Some(m) = m {
-        crate::outln!("config:");
+        textln!(out, "config:");
         for line in m.config.lines() {
-            crate::outln!("  {line}");
+            textln!(out, "  {line}");
         }
     }
+    out
 }

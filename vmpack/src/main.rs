@@ -33,6 +33,10 @@ use clap::{CommandFactory, Parser, Subcommand};
     about = "Pack a virtual machine into one portable .vmpack file"
 )]
 struct Cli {
+    /// Let an output replace an existing file whose permissions deny you writing it (the
+    /// new file keeps the old one's mode). Never replaces a symbolic link or writes through one.
+    #[arg(long, global = true)]
+    force: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -152,6 +156,13 @@ fn main() -> ExitCode {
         Command::Run(_) | Command::Restore(_) => vmboot::block_exit_signals(),
         _ => output::install_signal_cleanup(),
     }
+    output::set_force(cli.force);
+    // A write past RLIMIT_FSIZE fails with EFBIG instead of killing the process, so a failed
+    // save still removes its temporary and resumes the VM it paused.
+    // SAFETY: setting a signal's disposition to ignore has no handler to be unsafe in.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     // The first part of every error: what failed (docs/CLI.md's error shape).
     let what = match &cli.command {
         Command::Pack(_) => "cannot pack",
@@ -232,7 +243,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let text = util::error_chain(&e);
+            // Messages quote names from packs and configs: never a raw control character.
+            let text = vmpack_formats::vm::printable_lines(&util::error_chain(&e));
             if e.downcast_ref::<util::Usage>().is_some() {
                 eprintln!("vmpack: {text}");
                 return ExitCode::from(2);

@@ -1,10 +1,12 @@
 //! Outputs appear under their final name only when complete: they are written to a
-//! temporary sibling (`.NAME.tmp-PID`) and renamed. SIGINT/SIGTERM/SIGHUP remove the
+//! temporary sibling (`.NAME.tmp-PID-RANDOM`, created with `O_CREAT|O_EXCL`, so a file or
+//! link planted under a guessed name is never followed) and renamed. SIGINT/SIGTERM/SIGHUP remove the
 //! temporaries before exiting; after SIGKILL a temporary may remain, but never a partial
 //! file under the target name.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
@@ -85,13 +87,23 @@ pub fn install_signal_cleanup() {
     }
 }
 
-fn temp_sibling(target: &Path) -> Result<PathBuf> {
+/// Set by the global `--force`: an existing file the user may not write is replaced anyway.
+static FORCE: AtomicBool = AtomicBool::new(false);
+
+pub fn set_force(force: bool) {
+    FORCE.store(force, Ordering::Relaxed);
+}
+
+/// The folder a target lives in, and the prefix of its temporaries: `.NAME.tmp-PID-`, then
+/// random characters. The PID only helps a human; the random part is what keeps another
+/// user from planting a file or link under the name first.
+fn temp_parts(target: &Path) -> Result<(PathBuf, String)> {
     let name = target
         .file_name()
         .with_context(|| format!("{}: not a file name", target.display()))?;
     let parent = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
     };
     // Named here, so the error is about the folder the user gave, not a temporary name.
     if !parent.is_dir() {
@@ -101,59 +113,155 @@ fn temp_sibling(target: &Path) -> Result<PathBuf> {
             parent.display()
         );
     }
-    Ok(parent.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    )))
+    let mut name = name.to_string_lossy().into_owned();
+    // Room for the prefix and suffix within NAME_MAX (255 bytes).
+    if name.len() > 200 {
+        let mut cut = 200;
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        name.truncate(cut);
+    }
+    Ok((parent, format!(".{name}.tmp-{}-", std::process::id())))
+}
+
+/// Refuses a target that is a symbolic link: replacing the link would surprise whoever made
+/// it, and writing through it would let whoever made it choose which file is overwritten.
+fn refuse_symlink(target: &Path, meta: &std::fs::Metadata) -> Result<()> {
+    if meta.file_type().is_symlink() {
+        bail!(
+            "{}: is a symbolic link; vmpack never writes through or replaces a link: name the file itself",
+            target.display()
+        );
+    }
+    Ok(())
+}
+
+/// Whether the permission bits of an existing file let this user write it. Root is judged
+/// by the bits too (as if it were the owner when it owns the file, or another user): a
+/// mode of 444 means "do not replace", whoever runs vmpack.
+fn bits_allow_write(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode();
+    // SAFETY: plain getters without arguments.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if meta.uid() == uid {
+        return mode & 0o200 != 0;
+    }
+    if meta.gid() == gid || in_groups(meta.gid()) {
+        return mode & 0o020 != 0;
+    }
+    mode & 0o002 != 0
+}
+
+fn in_groups(gid: libc::gid_t) -> bool {
+    // SAFETY: first call asks for the count; the second fills a buffer of that size.
+    unsafe {
+        let n = libc::getgroups(0, std::ptr::null_mut());
+        if n <= 0 {
+            return false;
+        }
+        let mut groups = vec![0 as libc::gid_t; n as usize];
+        let n = libc::getgroups(n, groups.as_mut_ptr());
+        n > 0 && groups[..n as usize].contains(&gid)
+    }
 }
 
 /// A file being written under a temporary name.
 pub struct AtomicFile {
     target: PathBuf,
-    temp: PathBuf,
-    file: Option<File>,
-    /// The target is a device or FIFO (`-o /dev/null`): written in place, never renamed
+    /// `None` for a device or FIFO target (`-o /dev/null`), written in place, never renamed
     /// over (a rename would replace `/dev/null` with a regular file for the whole host).
-    special: bool,
+    temp: Option<tempfile::TempPath>,
+    file: Option<File>,
 }
 
 impl AtomicFile {
+    /// Starts writing `target`. Refuses a directory, a symbolic link to anything but a device
+    /// or FIFO, and (without `--force`) an existing file whose permission bits deny this user
+    /// writing it. A replaced file's permission bits carry over to the new one.
     pub fn create(target: &Path) -> Result<AtomicFile> {
-        if target.is_dir() {
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+        let link = std::fs::symlink_metadata(target).ok();
+        let meta = std::fs::metadata(target).ok();
+        if meta.as_ref().is_some_and(|m| m.is_dir()) {
             bail!("{}: is a directory", target.display());
         }
-        if let Ok(meta) = std::fs::metadata(target) {
-            use std::os::unix::fs::FileTypeExt;
-            let t = meta.file_type();
-            if t.is_char_device() || t.is_block_device() || t.is_fifo() {
+        let is_special = |t: std::fs::FileType| {
+            t.is_char_device() || t.is_block_device() || t.is_fifo() || t.is_socket()
+        };
+        if let Some(m) = &meta {
+            if is_special(m.file_type()) {
+                // `-o /dev/stdout` is a link to the process's own descriptor: links are
+                // followed only here, and only to a device or FIFO, checked again once open.
+                let nofollow = if link.as_ref().is_some_and(|l| l.file_type().is_symlink()) {
+                    0
+                } else {
+                    libc::O_NOFOLLOW
+                };
                 let file = std::fs::OpenOptions::new()
                     .write(true)
+                    .custom_flags(nofollow)
                     .open(target)
                     .with_context(|| format!("opening {}", target.display()))?;
+                let opened = file
+                    .metadata()
+                    .with_context(|| format!("opening {}", target.display()))?;
+                if !is_special(opened.file_type()) {
+                    bail!(
+                        "{}: changed from a device to a file while being opened",
+                        target.display()
+                    );
+                }
                 return Ok(AtomicFile {
                     target: target.to_path_buf(),
-                    temp: target.to_path_buf(),
+                    temp: None,
                     file: Some(file),
-                    special: true,
                 });
             }
         }
-        let temp = temp_sibling(target)?;
+        if let Some(l) = &link {
+            refuse_symlink(target, l)?;
+        }
+        // A new file gets 0666 less the umask, as any created file; a replaced one keeps its
+        // permission bits.
+        let mode = match &link {
+            Some(m) => {
+                if !FORCE.load(Ordering::Relaxed) && !bits_allow_write(m) {
+                    bail!(
+                        "{}: exists and its permissions (mode {:o}) do not let you write it; not replaced (--force replaces it, keeping its mode)",
+                        target.display(),
+                        m.permissions().mode() & 0o7777
+                    );
+                }
+                m.permissions().mode() & 0o777
+            }
+            None => 0o666,
+        };
+        let (parent, prefix) = temp_parts(target)?;
+        // O_CREAT|O_EXCL under a random name: nothing planted in the folder is followed.
+        let named = tempfile::Builder::new()
+            .prefix(&prefix)
+            .permissions(std::fs::Permissions::from_mode(mode))
+            .tempfile_in(&parent)
+            .with_context(|| format!("creating a temporary file in {}", parent.display()))?;
+        let (file, temp) = named.into_parts();
         register(&temp);
-        let file = File::create(&temp)
-            .with_context(|| format!("{}: cannot create it", target.display()))?;
+        if link.is_some() {
+            // The umask applied at creation; the old file's bits are set exactly.
+            file.set_permissions(std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("setting the mode of {}", temp.display()))?;
+        }
         Ok(AtomicFile {
             target: target.to_path_buf(),
-            temp,
+            temp: Some(temp),
             file: Some(file),
-            special: false,
         })
     }
 
     /// True when the target is a device or FIFO written in place (nothing to read back).
     pub fn is_special(&self) -> bool {
-        self.special
+        self.temp.is_none()
     }
 
     pub fn file(&mut self) -> &mut File {
@@ -162,35 +270,41 @@ impl AtomicFile {
 
     /// Where the data is until [`AtomicFile::commit`] renames it.
     pub fn temp_path(&self) -> &Path {
-        &self.temp
+        match &self.temp {
+            Some(t) => t,
+            None => &self.target,
+        }
     }
 
-    /// Makes the data durable and moves it to the target name.
+    /// Makes the data durable and moves it to the target name (replacing the file there,
+    /// never following a link that appeared there meanwhile: rename replaces the name).
     pub fn commit(mut self) -> Result<()> {
         let f = self.file.take().expect("file present until commit");
-        if self.special {
+        let Some(temp) = self.temp.take() else {
             return Ok(());
-        }
+        };
         f.sync_all()
-            .with_context(|| format!("syncing {}", self.temp.display()))?;
+            .with_context(|| format!("syncing {}", temp.display()))?;
         drop(f);
-        std::fs::rename(&self.temp, &self.target).with_context(|| {
-            format!(
+        let path = temp.to_path_buf();
+        temp.persist(&self.target).map_err(|e| {
+            unregister(&path);
+            anyhow::Error::new(e.error).context(format!(
                 "renaming {} to {}",
-                self.temp.display(),
+                path.display(),
                 self.target.display()
-            )
+            ))
         })?;
-        unregister(&self.temp);
+        unregister(&path);
         Ok(())
     }
 }
 
 impl Drop for AtomicFile {
     fn drop(&mut self) {
-        if self.file.is_some() && !self.special {
-            let _ = std::fs::remove_file(&self.temp);
-            unregister(&self.temp);
+        // The TempPath removes the file as it drops.
+        if let Some(t) = &self.temp {
+            unregister(t);
         }
     }
 }
@@ -204,17 +318,27 @@ pub struct AtomicDir {
 
 impl AtomicDir {
     pub fn create(target: &Path) -> Result<AtomicDir> {
-        if target.exists() {
+        if let Ok(l) = std::fs::symlink_metadata(target) {
+            refuse_symlink(target, &l)?;
             let mut entries = std::fs::read_dir(target)
                 .with_context(|| format!("{}: not a readable directory", target.display()))?;
             if entries.next().is_some() {
                 bail!("{}: directory is not empty", target.display());
             }
         }
-        let temp = temp_sibling(target)?;
+        let (parent, prefix) = temp_parts(target)?;
+        // Created exclusively (mkdir fails on anything already there) under a random name.
+        let temp = tempfile::Builder::new()
+            .prefix(&prefix)
+            .tempdir_in(&parent)
+            .with_context(|| format!("creating a temporary folder in {}", parent.display()))?
+            .keep();
         register(&temp);
-        std::fs::create_dir(&temp)
-            .with_context(|| format!("{}: cannot create it", target.display()))?;
+        // tempdir makes it 0700; the unpacked folder gets the usual 0777 less the umask.
+        let _ = std::fs::set_permissions(&temp, {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::Permissions::from_mode(0o777 & !current_umask())
+        });
         Ok(AtomicDir {
             target: target.to_path_buf(),
             temp,
@@ -247,5 +371,16 @@ impl Drop for AtomicDir {
             remove_any(&self.temp);
             unregister(&self.temp);
         }
+    }
+}
+
+/// The process's umask (read by setting and restoring it; called before any worker thread
+/// creates files).
+fn current_umask() -> u32 {
+    // SAFETY: umask cannot fail; the old value is put back at once.
+    unsafe {
+        let old = libc::umask(0o022);
+        libc::umask(old);
+        old as u32
     }
 }

@@ -99,7 +99,7 @@ fn extract(file: &Path, out: &Path, format: Option<DiskFormat>, quiet: bool) -> 
     if !quiet {
         crate::outln!(
             "unpacked '{}' into {} ({} boot file(s), {} disk(s)); config {}; root digest {}",
-            cfg.name,
+            vmpack_formats::vm::printable(&cfg.name),
             out.display(),
             cfg.boot_files().len(),
             cfg.disks.len(),

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
-use vmpack_formats::pack::{PackReader, StreamEvent, StreamReader};
+use vmpack_formats::pack::{StreamEvent, StreamReader};
 use vmpack_formats::vm::{Manifest, VmPack, MANIFEST_SECTION, MAX_MANIFEST_LEN};
 
 use crate::progress::Bar;
@@ -35,13 +35,14 @@ pub fn run(a: VerifyArgs) -> Result<()> {
         }
         return verify_stream(&a);
     }
-    let reader = PackReader::open(&a.file)?;
+    // The manifest first: sizes it declares beyond the VM's limits are refused before any
+    // chunk is read.
+    let pack = VmPack::open(&a.file)?;
+    let reader = pack.reader();
     let total: u64 = reader.sections().iter().map(|s| s.size).sum();
     let bar = Bar::new(Some(total), "verifying", a.quiet);
     let report = reader.verify(&bar)?;
     bar.finish();
-    // The container is intact; a VM pack must also have a sound manifest.
-    VmPack::open(&a.file)?;
     if a.json {
         let mut signers = Vec::new();
         if let Some(allowed) = &a.allowed_signers {
@@ -116,6 +117,7 @@ fn verify_stream(a: &VerifyArgs) -> Result<()> {
                 }
                 let m = Manifest::parse(&manifest, "<stdin>")?;
                 m.check_sections(&summary.sections, "<stdin>")?;
+                m.check_memory("<stdin>", &|_| None)?;
                 if a.json {
                     crate::outln!(
                         "{}",

@@ -276,6 +276,21 @@ pub fn save(a: SaveArgs) -> Result<()> {
     };
     let client = ApiClient::new(&a.api_sock);
     let stop = a.then == "stop";
+    // Everything that can be checked is checked before the VM is touched: the socket
+    // answers, the output can be created (folder exists, writable, not a link, not a file
+    // the user may not replace), and the folder has room where that is knowable.
+    let before = client.get_json("/vm")?;
+    let was_paused = before["state"] == "paused";
+    let mut out = if output.as_os_str() == "-" {
+        None
+    } else {
+        let out = AtomicFile::create(&output)
+            .with_context(|| format!("cannot save the VM to {}", output.display()))?;
+        if !out.is_special() {
+            check_free_space(out.temp_path(), &before, a.compress, a.quiet)?;
+        }
+        Some(out)
+    };
     // For --then stop the VM is paused first and shut down only after the figures of the
     // save have been read back, so they can be reported.
     if stop {
@@ -287,30 +302,52 @@ pub fn save(a: SaveArgs) -> Result<()> {
         "then": "resume",
     });
     let t = Instant::now();
-    let bytes = if output.as_os_str() == "-" {
-        let stdout = std::io::stdout();
-        let mut lock = stdout.lock();
-        let n = client.post_stream("/vm/save", &body, &mut lock)?;
-        lock.flush()
-            .context("writing the pack to standard output")?;
-        n
-    } else {
-        let mut out = AtomicFile::create(&output)?;
-        let n = client.post_stream("/vm/save", &body, out.file())?;
-        out.file().flush()?;
-        // A stream cut short (the VM died mid-save) is caught here, before the rename: the
-        // trailer and index digest prove the pack arrived whole. A device target (`-o
-        // /dev/null`) has nothing to read back.
-        if !out.is_special() {
-            vmpack_formats::pack::PackReader::open(out.temp_path()).map_err(|e| {
-                anyhow::anyhow!(
-                    "the pack received for {} is incomplete or damaged: {e}",
-                    output.display()
-                )
-            })?;
+    let result = (|| -> Result<u64> {
+        match out.take() {
+            None => {
+                let stdout = std::io::stdout();
+                let mut lock = stdout.lock();
+                let n = client.post_stream("/vm/save", &body, &mut lock)?;
+                lock.flush()
+                    .context("writing the pack to standard output")?;
+                Ok(n)
+            }
+            Some(mut out) => {
+                let n = client.post_stream("/vm/save", &body, out.file())?;
+                out.file()
+                    .flush()
+                    .with_context(|| format!("writing {}", output.display()))?;
+                // A stream cut short (the VM died mid-save) is caught here, before the
+                // rename: the trailer and index digest prove the pack arrived whole. A
+                // device target (`-o /dev/null`) has nothing to read back.
+                if !out.is_special() {
+                    vmpack_formats::pack::PackReader::open(out.temp_path()).map_err(|e| {
+                        anyhow::anyhow!(
+                            "the pack received for {} is incomplete or damaged: {e}",
+                            output.display()
+                        )
+                    })?;
+                }
+                out.commit()?;
+                Ok(n)
+            }
         }
-        out.commit()?;
-        n
+    })();
+    let bytes = match result {
+        Ok(n) => n,
+        Err(e) => {
+            // The VM keeps the run state it had before the command: the server restores
+            // it after a failed stream; a pause of our own (--then stop) is undone here.
+            if stop && !was_paused {
+                return Err(match resume_after_failure(&client) {
+                    Ok(()) => e.context("the save failed; the VM was resumed"),
+                    Err(r) => e.context(format!(
+                        "the save failed and the VM stays paused ({r:#}); resume it with PUT /vm/resume"
+                    )),
+                });
+            }
+            return Err(e);
+        }
     };
     let wall = t.elapsed();
     let status = client.get_json("/vm").unwrap_or_default();
@@ -353,6 +390,62 @@ pub fn save(a: SaveArgs) -> Result<()> {
             };
             crate::registry_cmd::print_push(&report, &label);
         }
+    }
+    Ok(())
+}
+
+/// Resumes a VM this command paused. The server may still be ending the failed save (it
+/// answers `409` until it has), so this retries for a bounded time.
+fn resume_after_failure(client: &ApiClient) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        match client.put("/vm/resume") {
+            Ok(()) => return Ok(()),
+            Err(e) if t0.elapsed() < std::time::Duration::from_secs(30) => {
+                if !format!("{e:#}").contains("409") {
+                    return Err(e);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Refuses a save to a filesystem with no room at all, and warns where the guest's memory
+/// alone (uncompressed, before zero pages are skipped) would not fit. A save that runs out
+/// of space anyway fails, removes its temporary and leaves the VM running.
+fn check_free_space(
+    temp: &Path,
+    status: &serde_json::Value,
+    compress: Compression,
+    quiet: bool,
+) -> Result<()> {
+    let Ok(c) = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(temp.as_os_str()))
+    else {
+        return Ok(());
+    };
+    // SAFETY: statvfs fills a zeroed struct from a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Ok(());
+    }
+    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    let folder = temp.parent().unwrap_or(Path::new("."));
+    if free == 0 {
+        bail!(
+            "cannot save the VM to {}: no space left on the filesystem; the VM was not paused",
+            folder.display()
+        );
+    }
+    let memory = status["memory_mib"].as_u64().unwrap_or(0) << 20;
+    if compress == Compression::None && free < memory && !quiet {
+        eprintln!(
+            "vmpack: warning: {}: {} free, the guest has {} of memory; the save fails (and the VM keeps running) if the pack does not fit",
+            folder.display(),
+            human_bytes(free),
+            human_bytes(memory)
+        );
     }
     Ok(())
 }

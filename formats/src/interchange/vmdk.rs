@@ -640,29 +640,37 @@ pub fn write_stream_optimized<W: Write>(
                  written: &mut Vec<(u64, u32)>|
      -> io::Result<()> {
         let per = batch.len().div_ceil(threads).max(1);
+        let compress = |part: &[(u64, Vec<u8>)]| -> Vec<io::Result<Vec<u8>>> {
+            part.iter()
+                .map(|(_, data)| {
+                    let mut comp = Vec::with_capacity(data.len() / 2);
+                    let mut enc =
+                        flate2::write::ZlibEncoder::new(&mut comp, flate2::Compression::fast());
+                    enc.write_all(data)?;
+                    enc.finish()?;
+                    Ok(comp)
+                })
+                .collect()
+        };
         let compressed: Vec<io::Result<Vec<u8>>> = std::thread::scope(|sc| {
+            // Workers are a speed-up: a part whose thread cannot start (short of memory or
+            // of threads) is compressed here instead, never a panic.
             let handles: Vec<_> = batch
                 .chunks(per)
                 .map(|part| {
-                    sc.spawn(move || {
-                        part.iter()
-                            .map(|(_, data)| {
-                                let mut comp = Vec::with_capacity(data.len() / 2);
-                                let mut enc = flate2::write::ZlibEncoder::new(
-                                    &mut comp,
-                                    flate2::Compression::fast(),
-                                );
-                                enc.write_all(data)?;
-                                enc.finish()?;
-                                Ok(comp)
-                            })
-                            .collect::<Vec<_>>()
-                    })
+                    std::thread::Builder::new()
+                        .spawn_scoped(sc, move || compress(part))
+                        .map_err(|_| part)
                 })
                 .collect();
             handles
                 .into_iter()
-                .flat_map(|h| h.join().expect("compression worker"))
+                .flat_map(|h| match h {
+                    Ok(h) => h.join().unwrap_or_else(|_| {
+                        vec![Err(io::Error::other("a compression worker failed"))]
+                    }),
+                    Err(part) => compress(part),
+                })
                 .collect()
         });
         for ((g, _), comp) in batch.iter().zip(compressed) {

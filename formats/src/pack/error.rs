@@ -78,7 +78,17 @@ impl PackError {
         self
     }
     pub(crate) fn section(mut self, name: &str) -> Self {
-        self.section = Some(name.to_string());
+        // A hostile pack's name reaches a terminal only with its control characters escaped.
+        self.section = Some(
+            name.chars()
+                .flat_map(|c| {
+                    let esc = c.is_control();
+                    c.escape_default()
+                        .filter(move |_| esc)
+                        .chain(std::iter::once(c).filter(move |_| !esc))
+                })
+                .collect(),
+        );
         self
     }
     pub(crate) fn chunk(mut self, seq: u64) -> Self {

@@ -204,6 +204,13 @@ pub(crate) fn check_name(name: &str) -> Result<(), PackErrorKind> {
             name.len()
         )));
     }
+    // Names are printed by inspect and in messages: no terminal escapes.
+    if name.chars().any(char::is_control) {
+        return Err(PackErrorKind::Corrupt(format!(
+            "section name '{}' contains control characters",
+            name.escape_default()
+        )));
+    }
     Ok(())
 }
 
@@ -251,6 +258,7 @@ pub(crate) fn parse_sect_fields(
     let name = std::str::from_utf8(&rest[..name_len])
         .map_err(|_| corrupt("section name is not UTF-8"))?
         .to_string();
+    check_name(&name)?;
     let meta_raw = rest[name_len..name_len + meta_len].to_vec();
     let meta = parse_meta(&meta_raw)?;
     check_section_rules(kind_v, chunk_size, aligned)?;

@@ -17,11 +17,13 @@ pub enum StreamEvent<'a> {
     /// A section starts. `stored_bytes`, `chunks` and `zero_chunks` are 0 here.
     Section(&'a SectionInfo),
     /// The next chunk of the current section, decompressed and verified. Zero chunks
-    /// come as a slice of zeros.
+    /// come as a slice of zeros with `zero` set, so a reader can skip them without looking
+    /// at the bytes (the slice is filled once, not per chunk).
     Chunk {
         section: u32,
         offset: u64,
         data: &'a [u8],
+        zero: bool,
     },
     /// The section with this id is complete.
     SectionEnd(u32),
@@ -49,6 +51,11 @@ pub struct StreamReader<R: Read> {
     next_seq: u64,
     payload: Vec<u8>,
     data: Vec<u8>,
+    /// `data[..zero_len]` is known to be all zero (kept across zero chunks so a run of them
+    /// costs one fill, not one per chunk).
+    zero_len: usize,
+    /// The last chunk was a zero chunk.
+    last_zero: bool,
     done: Option<PackSummary>,
     failed: bool,
     /// SIGN frames seen (they come after the last section).
@@ -77,6 +84,8 @@ impl<R: Read> StreamReader<R> {
             next_seq: 0,
             payload: Vec::new(),
             data: Vec::new(),
+            zero_len: 0,
+            last_zero: false,
             done: None,
             failed: false,
             signatures: 0,
@@ -140,6 +149,7 @@ impl<R: Read> StreamReader<R> {
                 section,
                 offset,
                 data: &self.data[..len],
+                zero: self.zero_len >= len && self.last_zero,
             }),
             Ok(Step::SectionEnd(id)) => Ok(StreamEvent::SectionEnd(id)),
             Ok(Step::End) => Ok(StreamEvent::End(self.done.clone().unwrap())),
@@ -308,8 +318,18 @@ impl<R: Read> StreamReader<R> {
                 PackErrorKind::ChecksumMismatch("payload does not match its CRC-32".into()),
             ));
         }
-        codec::sized(&mut self.data, e.ulen as usize).map_err(|k| cerr(self, k))?;
-        codec::decompress(e.codec, &self.payload, &mut self.data).map_err(|k| cerr(self, k))?;
+        if e.codec == Codec::Zero && self.zero_len >= e.ulen as usize {
+            // Already zero: nothing to produce.
+        } else {
+            codec::sized(&mut self.data, e.ulen as usize).map_err(|k| cerr(self, k))?;
+            codec::decompress(e.codec, &self.payload, &mut self.data).map_err(|k| cerr(self, k))?;
+            self.zero_len = if e.codec == Codec::Zero {
+                e.ulen as usize
+            } else {
+                0
+            };
+        }
+        self.last_zero = e.codec == Codec::Zero;
         if e.codec != Codec::Zero && layout::sha256(&self.data) != e.sha256 {
             return Err(cerr(
                 self,
