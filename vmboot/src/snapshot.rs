@@ -507,7 +507,7 @@ fn checked_state(
     state_section: &str,
     label: &str,
     work: &Path,
-) -> Result<(VmConfig, VmState)> {
+) -> Result<(VmConfig, ValidState)> {
     let manifest = pack.manifest();
     let reader = pack.reader();
     let cfg = pack_config(manifest, label, work)?;
@@ -521,8 +521,10 @@ fn checked_state(
 }
 
 /// Every check [`restore`] makes on a pack file before KVM is touched (for fuzzing and for
-/// tools that vet a pack): [`VmPack::open`]'s, then the config and vmstate checks. The
-/// device-state checks (virtqueue sizes and features) run when the devices are rebuilt.
+/// tools that vet a pack): [`VmPack::open`]'s, then the config and vmstate checks
+/// ([`VmState::validate`], which includes each device's state: virtqueue sizes and
+/// features). Only what needs an opened backend (a disk's size) is checked later, when the
+/// devices are rebuilt.
 pub fn check_pack_before_kvm(path: &Path) -> Result<()> {
     let pack = VmPack::open(path)?;
     let label = path.display().to_string();
