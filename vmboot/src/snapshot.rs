@@ -7,7 +7,8 @@
 
 use crate::compat;
 use crate::memory::GuestMemoryInit;
-use crate::persist::{VmState, VM_STATE_VERSION};
+use crate::persist::VmState;
+use crate::vmm::ValidState;
 use crate::vmm::{BootFiles, BootPayload, RunOptions, Vm, VmHandle};
 use anyhow::{anyhow, bail, Context, Result};
 use std::fs::File;
@@ -506,7 +507,7 @@ fn checked_state(
     state_section: &str,
     label: &str,
     work: &Path,
-) -> Result<(VmConfig, VmState)> {
+) -> Result<(VmConfig, ValidState)> {
     let manifest = pack.manifest();
     let reader = pack.reader();
     let cfg = pack_config(manifest, label, work)?;
@@ -520,8 +521,10 @@ fn checked_state(
 }
 
 /// Every check [`restore`] makes on a pack file before KVM is touched (for fuzzing and for
-/// tools that vet a pack): [`VmPack::open`]'s, then the config and vmstate checks. The
-/// device-state checks (virtqueue sizes and features) run when the devices are rebuilt.
+/// tools that vet a pack): [`VmPack::open`]'s, then the config and vmstate checks
+/// ([`VmState::validate`], which includes each device's state: virtqueue sizes and
+/// features). Only what needs an opened backend (a disk's size) is checked later, when the
+/// devices are rebuilt.
 pub fn check_pack_before_kvm(path: &Path) -> Result<()> {
     let pack = VmPack::open(path)?;
     let label = path.display().to_string();
@@ -718,16 +721,11 @@ fn optional_file(pack: &VmPack, role: &str) -> Result<Option<Vec<u8>>> {
     Ok(Some(pack.boot_file(role)?))
 }
 
-/// Parses the vmstate and checks it against `cfg`, the manifest's config.
-fn parse_state(bytes: &[u8], label: &str, section: &str, cfg: &VmConfig) -> Result<VmState> {
-    let state: VmState = serde_json::from_slice(bytes)
-        .map_err(|e| anyhow!("{label}: section '{section}': not a valid vm state: {e}"))?;
-    if state.version != VM_STATE_VERSION {
-        bail!(
-            "{label}: section '{section}': vm state version {} is not supported by this vmboot (it reads version {VM_STATE_VERSION})",
-            state.version
-        );
-    }
+/// Parses the vmstate and checks it against `cfg`, the manifest's config (the one
+/// validation of a restore, before any KVM call).
+fn parse_state(bytes: &[u8], label: &str, section: &str, cfg: &VmConfig) -> Result<ValidState> {
+    let state =
+        VmState::parse(bytes).map_err(|e| anyhow!("{label}: section '{section}': {e:#}"))?;
     // Packs from older vmboots hold a second copy of the config; one that disagrees with
     // the manifest's is refused rather than guessed at.
     if let Some(old) = &state.config {
@@ -739,14 +737,9 @@ fn parse_state(bytes: &[u8], label: &str, section: &str, cfg: &VmConfig) -> Resu
             );
         }
     }
-    if state.vcpus.is_empty() || state.vcpus.len() != cfg.vcpus as usize {
-        bail!(
-            "{label}: section '{section}': {} vCPU states for a config with {} vCPUs",
-            state.vcpus.len(),
-            cfg.vcpus
-        );
-    }
-    Ok(state)
+    state
+        .validate(cfg)
+        .map_err(|e| anyhow!("{label}: section '{section}': {e:#}"))
 }
 
 /// The saved guest as [`compat::judge`] reads it.
@@ -879,7 +872,7 @@ fn restore_stream<R: Read + 'static>(
     let mut current: Option<(String, u16)> = None;
     let mut buf: Vec<u8> = Vec::new();
     let mut payload = BootPayload::default();
-    let mut state: Option<VmState> = None;
+    let mut state: Option<ValidState> = None;
     let mut disk_files: Vec<(usize, File, PathBuf)> = Vec::new();
     // Read up to the first memory section; RAM is allocated by then and filled in place.
     loop {
