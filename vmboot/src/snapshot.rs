@@ -414,6 +414,21 @@ pub enum VerifyPolicy {
     Always,
 }
 
+/// How restore fills guest RAM from a pack file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MemoryPolicy {
+    /// Lazy when the pack file has not been verified on this host yet or its memory is
+    /// compressed, eager otherwise (an already verified uncompressed pack is mapped, which is
+    /// as fast and faults nothing through vmboot). Eager with `--verify always`.
+    #[default]
+    Auto,
+    /// Serve guest memory on first touch, each chunk verified before the guest sees it; a
+    /// background thread fills the rest (docs/FORMAT.md §12.4).
+    Lazy,
+    /// Verify (per `--verify`) and map or decompress all memory before the vCPUs run.
+    Eager,
+}
+
 /// Where restore reads the pack from.
 pub enum PackInput {
     File(PathBuf),
@@ -423,6 +438,8 @@ pub enum PackInput {
 
 pub struct RestoreOptions {
     pub verify: VerifyPolicy,
+    /// How guest RAM is filled (file input only: a pipe is always read whole first).
+    pub memory: MemoryPolicy,
     pub run: RunOptions,
     /// Folder for the private copies of the pack's disks; default: a fresh temporary folder.
     pub work_dir: Option<PathBuf>,
@@ -455,19 +472,37 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         anyhow!("{label}: the pack holds a VM at rest, not a saved one (no vmstate section); boot it with `vmpack run`")
     })?;
     let reader = pack.reader();
-
-    let verified = match opts.verify {
-        VerifyPolicy::Always => {
-            reader.verify(&())?;
-            "verified every chunk"
+    let known = verified_cache::is_verified(path, reader.root_digest());
+    let eager_path = manifest.memory_restore_path(reader).unwrap_or("none");
+    let lazy = match opts.memory {
+        MemoryPolicy::Eager => false,
+        MemoryPolicy::Lazy => true,
+        MemoryPolicy::Auto => {
+            opts.verify == VerifyPolicy::Auto
+                && !manifest.memory.is_empty()
+                && (!known || eager_path != "mmap")
+                && crate::vstate::lazy::available()
         }
-        VerifyPolicy::Auto => {
-            if verified_cache::is_verified(path, reader.root_digest()) {
-                "index digest checked; chunks verified on an earlier restore"
-            } else {
+    };
+
+    let verified = if lazy {
+        // Memory is verified chunk by chunk as it is placed; everything else now.
+        verify_except_memory(reader)?;
+        "index, state, disks and boot files verified; each memory chunk verified on first touch"
+    } else {
+        match opts.verify {
+            VerifyPolicy::Always => {
                 reader.verify(&())?;
-                verified_cache::record(path, reader.root_digest());
-                "verified every chunk (first restore of this file)"
+                "verified every chunk"
+            }
+            VerifyPolicy::Auto => {
+                if known {
+                    "index digest checked; chunks verified on an earlier restore"
+                } else {
+                    reader.verify(&())?;
+                    verified_cache::record(path, reader.root_digest());
+                    "verified every chunk (first restore of this file)"
+                }
             }
         }
     };
@@ -482,8 +517,13 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     let warnings = check_host(&state, &label)?;
     extract_disks(&pack, &work.path)?;
 
-    let memory_path = manifest.memory_restore_path(reader).unwrap_or("none");
-    let init = memory_init(&pack, manifest, &state, memory_path == "mmap", &label)?;
+    let (memory_path, init) = if lazy {
+        let init = lazy_init(&pack, &state, &label, path, opts.verify)?;
+        ("lazy", init)
+    } else {
+        let init = memory_init(&pack, manifest, &state, eager_path == "mmap", &label)?;
+        (eager_path, init)
+    };
     let prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
     let files = BootFiles::Pack(pack.clone());
     let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, files, run))?;
@@ -496,6 +536,55 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
             warnings,
         },
     ))
+}
+
+/// Verifies every chunk of every section but guest memory (a lazy restore checks memory
+/// chunks as they are placed).
+fn verify_except_memory(reader: &vmpack_formats::pack::PackReader) -> Result<()> {
+    for s in reader.sections() {
+        if s.kind != vmpack_formats::pack::kind::MEMORY {
+            reader.for_each_chunk_parallel(s.id, true, 0, &|_, _| Ok(()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Guest memory served on first touch (`vstate::lazy`), with the touch order of an earlier
+/// restore of this pack prefetched first. Once every chunk was checked, the pack is
+/// recorded as verified (under `--verify auto`) and this restore's touch order is kept.
+fn lazy_init(
+    pack: &Arc<VmPack>,
+    state: &VmState,
+    label: &str,
+    path: &Path,
+    verify: VerifyPolicy,
+) -> Result<GuestMemoryInit> {
+    let sections = memory_sections(pack, pack.manifest(), state, label)?;
+    let reader = pack.reader();
+    let root = reader.root_digest();
+    let chunks: usize = sections.iter().map(|&(_, id)| reader.chunks(id).len()).sum();
+    let touch = crate::vstate::lazy::touch_dir(verified_cache::base_dir());
+    let first = touch
+        .as_deref()
+        .map(|d| crate::vstate::lazy::touch_order::load(d, root, chunks))
+        .unwrap_or_default();
+    let path = path.to_path_buf();
+    let had_order = !first.is_empty();
+    let on_complete = move |order: Vec<usize>| {
+        if verify == VerifyPolicy::Auto {
+            verified_cache::record(&path, root);
+        }
+        // The first restore's order is the one kept: later ones are skewed by the prefetch.
+        if let (Some(d), false) = (touch, had_order) {
+            crate::vstate::lazy::touch_order::store(&d, root, &order);
+        }
+    };
+    Ok(GuestMemoryInit::Lazy(crate::vstate::lazy::LazySource {
+        pack: pack.clone(),
+        sections,
+        first,
+        on_complete: Some(Box::new(on_complete)),
+    }))
 }
 
 /// Writes every disk of the pack to its private raw copy in `dir` (where [`pack_config`]
@@ -712,13 +801,13 @@ fn check_host(state: &VmState, label: &str) -> Result<Vec<String>> {
     Ok(warnings)
 }
 
-fn memory_init(
+/// `(gpa, section id)` of each memory section, each checked against the saved machine.
+fn memory_sections(
     pack: &VmPack,
     manifest: &Manifest,
     state: &VmState,
-    map: bool,
     label: &str,
-) -> Result<GuestMemoryInit> {
+) -> Result<Vec<(u64, u32)>> {
     let reader = pack.reader();
     let mut sections = Vec::new();
     for m in &manifest.memory {
@@ -739,6 +828,18 @@ fn memory_init(
         }
         sections.push((m.gpa, s.id));
     }
+    Ok(sections)
+}
+
+fn memory_init(
+    pack: &VmPack,
+    manifest: &Manifest,
+    state: &VmState,
+    map: bool,
+    label: &str,
+) -> Result<GuestMemoryInit> {
+    let reader = pack.reader();
+    let sections = memory_sections(pack, manifest, state, label)?;
     if map {
         let mut pieces = Vec::new();
         for &(gpa, id) in &sections {
@@ -1091,12 +1192,17 @@ pub mod verified_cache {
     use std::os::unix::fs::MetadataExt;
     use std::path::{Path, PathBuf};
 
-    fn dir() -> Option<PathBuf> {
-        let base = std::env::var_os("VMPACK_CACHE_DIR")
+    /// The cache folder: `$VMPACK_CACHE_DIR`, else `$XDG_CACHE_HOME/vmpack`, else
+    /// `~/.cache/vmpack`.
+    pub fn base_dir() -> Option<PathBuf> {
+        std::env::var_os("VMPACK_CACHE_DIR")
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("vmpack")))
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vmpack")))?;
-        Some(base.join("verified"))
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vmpack")))
+    }
+
+    fn dir() -> Option<PathBuf> {
+        Some(base_dir()?.join("verified"))
     }
 
     fn identity(path: &Path) -> Option<String> {

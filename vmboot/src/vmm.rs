@@ -41,6 +41,8 @@ pub const EXIT_FAIL_ENTRY: i32 = 72;
 pub const EXIT_GUEST_CRASH: i32 = 73;
 pub const EXIT_UNEXPECTED: i32 = 74;
 pub const EXIT_KVM_ERROR: i32 = 75;
+/// A lazily restored guest touched a memory chunk that failed verification.
+pub const EXIT_CORRUPT_MEMORY: i32 = 76;
 
 /// How a VM ended: the process exit status vmboot uses and a one-line explanation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -447,6 +449,17 @@ impl Vm {
         if let Some(at) = initrd_at {
             let _ = vm.handle.initrd_at.set(at);
         }
+        if let Some(lazy) = vm.handle.mem.lazy() {
+            let weak = Arc::downgrade(&vm.handle);
+            lazy.on_failure(Box::new(move |message| {
+                if let Some(h) = weak.upgrade() {
+                    h.request_exit(ExitReason {
+                        code: EXIT_CORRUPT_MEMORY,
+                        message,
+                    });
+                }
+            }));
+        }
         Ok(vm)
     }
 
@@ -545,6 +558,10 @@ impl Vm {
                     break;
                 }
             }
+        }
+        // The guest runs: fill what it has not touched yet in the background.
+        if let Some(lazy) = h.mem.lazy() {
+            lazy.start_prefetch();
         }
         let mut c = lock(&h.ctl);
         while c.exit.is_none() {

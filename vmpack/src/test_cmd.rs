@@ -213,6 +213,8 @@ pub fn start_clone(src: &Path, work: &WorkBase, i: usize, run: RunOptions) -> Re
         PackInput::File(src.to_path_buf()),
         RestoreOptions {
             verify: VerifyPolicy::Auto,
+            // Clones of one verified pack share its page cache through the mapping.
+            memory: vmboot::snapshot::MemoryPolicy::Eager,
             run,
             work_dir: Some(work.clone_dir(i)?),
         },

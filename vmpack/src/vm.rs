@@ -77,6 +77,10 @@ pub struct RestoreArgs {
     /// When to check chunk hashes (docs/FORMAT.md, "Verification on restore").
     #[arg(long, value_enum, default_value = "auto")]
     verify: VerifyPolicy,
+    /// How guest memory is filled: auto, lazy (on first touch, each chunk verified first)
+    /// or eager (docs/FORMAT.md, "Guest memory on restore").
+    #[arg(long, value_enum, default_value = "auto")]
+    memory: snapshot::MemoryPolicy,
     /// Print nothing but errors and warnings.
     #[arg(long, short)]
     quiet: bool,
@@ -173,6 +177,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
                     api_sock: a.api_sock,
                     serial_out: a.serial_out.unwrap_or_else(|| "stdout".into()),
                     verify: a.verify,
+                    memory: snapshot::MemoryPolicy::Auto,
                     quiet: a.quiet,
                     clones: 1,
                     require_signature: false,
@@ -359,6 +364,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         input,
         RestoreOptions {
             verify: a.verify,
+            memory: a.memory,
             run,
             work_dir: None,
         },

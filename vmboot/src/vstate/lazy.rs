@@ -1,0 +1,587 @@
+//! Verified lazy restore: guest RAM filled on first touch through `userfaultfd`.
+//!
+//! Each RAM region is registered with a userfaultfd in MISSING mode. A handler thread reads
+//! every fault, finds the pack chunk that holds the address, reads it (decompressing a
+//! compressed one), checks its SHA-256 against the pack's index and only then copies the
+//! whole chunk into place with `UFFDIO_COPY`, which also wakes the faulting thread. Zero
+//! chunks are mapped with `UFFDIO_ZEROPAGE`. A chunk that fails its check is never copied:
+//! the VM is told to stop (the failure callback), and the faulting thread gets zero pages
+//! only after the stop was requested, so it leaves `KVM_RUN` on the pending kick before the
+//! guest runs another instruction.
+//!
+//! A prefetch thread, started once the vCPUs run, fills the remaining non-zero chunks
+//! (first those the guest touched first on an earlier restore of the same pack, in that
+//! order), so the VM soon no longer faults at all and a later save finds every page.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use vmpack_formats::pack::{ChunkEntry, Codec, PackReader};
+use vmpack_formats::vm::VmPack;
+
+const PAGE: u64 = 4096;
+
+// The userfaultfd ABI (linux/userfaultfd.h); the libc crate does not carry it.
+const UFFD_API: u64 = 0xaa;
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
+const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UffdMsg {
+    event: u8,
+    _reserved1: u8,
+    _reserved2: u16,
+    _reserved3: u32,
+    flags: u64,
+    address: u64,
+    _ptid: u64,
+}
+
+/// Where the chunks of guest RAM come from.
+pub struct LazySource {
+    pub pack: Arc<VmPack>,
+    /// `(gpa, section id)` of every memory section.
+    pub sections: Vec<(u64, u32)>,
+    /// The global chunk numbers (see [`LazyMemory::chunk_count`]) to prefetch first.
+    pub first: Vec<usize>,
+    /// Called once, from the prefetch thread, when every chunk was checked and placed, with
+    /// the chunk numbers in the order the guest first touched them.
+    #[allow(clippy::type_complexity)]
+    pub on_complete: Option<Box<dyn FnOnce(Vec<usize>) + Send>>,
+}
+
+struct Chunk {
+    host: u64,
+    entry: ChunkEntry,
+}
+
+const MISSING: u8 = 0;
+const LOADING: u8 = 1;
+const DONE: u8 = 2;
+
+type FailureFn = Box<dyn Fn(String) + Send + Sync>;
+
+struct Shared {
+    uffd: OwnedFd,
+    pack: Arc<VmPack>,
+    /// Sorted by host address.
+    chunks: Vec<Chunk>,
+    state: Vec<AtomicU8>,
+    stop: AtomicBool,
+    /// The first failure and who to tell (set once the VM exists).
+    failure: Mutex<(Option<String>, Option<FailureFn>)>,
+    touched: Mutex<Vec<usize>>,
+    /// Set when the prefetch has placed every non-zero chunk.
+    complete: (Mutex<bool>, Condvar),
+}
+
+/// Lazily filled guest RAM: the handler thread and, once started, the prefetch thread.
+pub struct LazyMemory {
+    shared: Arc<Shared>,
+    wake: OwnedFd,
+    handler: Option<std::thread::JoinHandle<()>>,
+    prefetch: Mutex<Option<std::thread::JoinHandle<()>>>,
+    first: Mutex<Option<(Vec<usize>, Option<Box<dyn FnOnce(Vec<usize>) + Send>>)>>,
+}
+
+/// Whether this process can use userfaultfd for guest RAM (KVM's faults come from the
+/// kernel, so user-mode-only userfaultfd is not enough).
+pub fn available() -> bool {
+    open_uffd().is_ok()
+}
+
+fn open_uffd() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the returned fd is owned below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_userfaultfd,
+            libc::O_CLOEXEC | libc::O_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features: 0,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API with a properly sized struct.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+impl LazyMemory {
+    /// Registers `regions` (`(gpa, host address, size)`) and starts the fault handler.
+    /// Nothing is read from the pack until something touches guest RAM.
+    pub fn start(regions: &[(u64, u64, u64)], src: LazySource) -> anyhow::Result<LazyMemory> {
+        use anyhow::{anyhow, bail, Context};
+        let reader: &PackReader = src.pack.reader();
+        let mut chunks = Vec::new();
+        for &(gpa, id) in &src.sections {
+            let &(_, host, size) = regions
+                .iter()
+                .find(|r| r.0 == gpa)
+                .ok_or_else(|| anyhow!("no RAM region at {gpa:#x}"))?;
+            for e in reader.chunks(id) {
+                let end = e.offset.checked_add(u64::from(e.ulen));
+                if e.offset % PAGE != 0
+                    || u64::from(e.ulen) % PAGE != 0
+                    || end.is_none_or(|end| end > size)
+                {
+                    bail!(
+                        "memory chunk {} at {:#x} ({} bytes) does not fit page-aligned in its {size:#x}-byte region",
+                        e.seq,
+                        e.offset,
+                        e.ulen
+                    );
+                }
+                chunks.push(Chunk {
+                    host: host + e.offset,
+                    entry: e.clone(),
+                });
+            }
+        }
+        chunks.sort_by_key(|c| c.host);
+        let uffd = open_uffd().context("userfaultfd")?;
+        for &(_, host, size) in regions {
+            let mut reg = UffdioRegister {
+                range: UffdioRange {
+                    start: host,
+                    len: size,
+                },
+                mode: UFFDIO_REGISTER_MODE_MISSING,
+                ioctls: 0,
+            };
+            // SAFETY: registers a range of our own anonymous mapping.
+            if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .context("registering guest RAM with userfaultfd");
+            }
+        }
+        // SAFETY: plain syscall; the fd is owned below.
+        let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if wake < 0 {
+            return Err(std::io::Error::last_os_error()).context("eventfd");
+        }
+        // SAFETY: a fresh fd.
+        let wake = unsafe { OwnedFd::from_raw_fd(wake) };
+        let state = chunks.iter().map(|_| AtomicU8::new(MISSING)).collect();
+        let shared = Arc::new(Shared {
+            uffd,
+            pack: src.pack,
+            chunks,
+            state,
+            stop: AtomicBool::new(false),
+            failure: Mutex::new((None, None)),
+            touched: Mutex::new(Vec::new()),
+            complete: (Mutex::new(false), Condvar::new()),
+        });
+        let (s, w) = (shared.clone(), wake.as_raw_fd());
+        let handler = std::thread::Builder::new()
+            .name("uffd".into())
+            .spawn(move || s.serve_faults(w))
+            .context("starting the guest memory fault handler")?;
+        Ok(LazyMemory {
+            shared,
+            wake,
+            handler: Some(handler),
+            prefetch: Mutex::new(None),
+            first: Mutex::new(Some((src.first, src.on_complete))),
+        })
+    }
+
+    /// Tells `f` about a chunk that failed verification (now, if one already did).
+    pub fn on_failure(&self, f: FailureFn) {
+        let mut g = lock(&self.shared.failure);
+        if let Some(m) = &g.0 {
+            f(m.clone());
+        }
+        g.1 = Some(f);
+    }
+
+    /// Starts filling the chunks the guest has not touched yet (once).
+    pub fn start_prefetch(&self) {
+        let Some((first, done)) = lock(&self.first).take() else {
+            return;
+        };
+        let s = self.shared.clone();
+        let t = std::thread::Builder::new()
+            .name("prefetch".into())
+            .spawn(move || s.prefetch(first, done));
+        match t {
+            Ok(t) => *lock(&self.prefetch) = Some(t),
+            // Without the thread, faults still fill memory; wait_complete fills the rest.
+            Err(_) => {}
+        }
+    }
+
+    /// Blocks until every non-zero chunk is in guest RAM (a save reads all of it), or a
+    /// chunk failed verification.
+    pub fn wait_complete(&self) {
+        self.start_prefetch();
+        if lock(&self.prefetch).is_none() {
+            // No prefetch thread: fill here.
+            for i in 0..self.shared.chunks.len() {
+                self.shared.load(i, false);
+            }
+            return;
+        }
+        let (m, cv) = &self.shared.complete;
+        let mut done = lock(m);
+        while !*done && !self.shared.stop.load(Ordering::SeqCst) {
+            done = cv.wait(done).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    pub fn chunk_count(&self) -> usize {
+        self.shared.chunks.len()
+    }
+}
+
+impl Drop for LazyMemory {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.complete.1.notify_all();
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes to our eventfd.
+        unsafe { libc::write(self.wake.as_raw_fd(), std::ptr::addr_of!(one).cast(), 8) };
+        if let Some(t) = self.handler.take() {
+            let _ = t.join();
+        }
+        if let Some(t) = lock(&self.prefetch).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn serve_faults(&self, wake: i32) {
+        let mut msgs = [UffdMsg {
+            event: 0,
+            _reserved1: 0,
+            _reserved2: 0,
+            _reserved3: 0,
+            flags: 0,
+            address: 0,
+            _ptid: 0,
+        }; 16];
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: wake,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return;
+            }
+            if fds[1].revents != 0 {
+                return;
+            }
+            // SAFETY: reads whole messages into a buffer of that many messages.
+            let got = unsafe {
+                libc::read(
+                    self.uffd.as_raw_fd(),
+                    msgs.as_mut_ptr().cast(),
+                    std::mem::size_of_val(&msgs),
+                )
+            };
+            if got <= 0 {
+                continue;
+            }
+            let count = got as usize / std::mem::size_of::<UffdMsg>();
+            for m in &msgs[..count] {
+                if m.event != UFFD_EVENT_PAGEFAULT {
+                    continue;
+                }
+                let _ = m.flags;
+                match self.find(m.address) {
+                    Some(i) => {
+                        self.load(i, true);
+                        let c = &self.chunks[i];
+                        self.wake(c.host, u64::from(c.entry.ulen));
+                    }
+                    // Not in any chunk (cannot happen for a valid pack): give it a zero page
+                    // rather than leave the thread hanging.
+                    None => self.zero(m.address & !(PAGE - 1), PAGE),
+                }
+            }
+        }
+    }
+
+    fn find(&self, addr: u64) -> Option<usize> {
+        let i = self.chunks.partition_point(|c| c.host <= addr).checked_sub(1)?;
+        let c = &self.chunks[i];
+        (addr < c.host + u64::from(c.entry.ulen)).then_some(i)
+    }
+
+    /// Makes chunk `i` present (once): read, verify, copy. `fault`: the guest is waiting on
+    /// it (record the touch; wait for a prefetch already loading it).
+    fn load(&self, i: usize, fault: bool) {
+        match self.state[i].compare_exchange(MISSING, LOADING, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => {}
+            Err(_) => {
+                while self.state[i].load(Ordering::SeqCst) == LOADING {
+                    std::thread::yield_now();
+                }
+                return;
+            }
+        }
+        let c = &self.chunks[i];
+        if fault && c.entry.codec != Codec::Zero {
+            lock(&self.touched).push(i);
+        }
+        let len = u64::from(c.entry.ulen);
+        if c.entry.codec == Codec::Zero || lock(&self.failure).0.is_some() {
+            self.zero(c.host, len);
+        } else {
+            thread_local! {
+                static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
+            BUF.with(|b| {
+                let mut b = b.borrow_mut();
+                b.resize(c.entry.ulen as usize, 0);
+                let reader: &PackReader = self.pack.reader();
+                match reader.read_chunk(&c.entry, true, &mut b) {
+                    Ok(()) => self.copy(c.host, &b),
+                    Err(e) => {
+                        self.fail(format!(
+                            "guest memory failed verification on first touch (guest address {:#x}): {e}",
+                            c.host
+                        ));
+                        // The VM is stopping (kicked above); the faulting thread needs some
+                        // page to return to KVM, and it must not be the pack's bytes.
+                        self.zero(c.host, len);
+                    }
+                }
+            });
+        }
+        self.state[i].store(DONE, Ordering::SeqCst);
+    }
+
+    fn fail(&self, msg: String) {
+        let mut g = lock(&self.failure);
+        if g.0.is_some() {
+            return;
+        }
+        g.0 = Some(msg.clone());
+        if let Some(f) = &g.1 {
+            f(msg);
+        }
+    }
+
+    fn copy(&self, dst: u64, data: &[u8]) {
+        let mut done = 0u64;
+        let len = data.len() as u64;
+        while done < len {
+            let mut c = UffdioCopy {
+                dst: dst + done,
+                src: data.as_ptr() as u64 + done,
+                len: len - done,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: `src` is our buffer of `len` bytes, `dst` lies in a registered range.
+            let r = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_COPY, &mut c) };
+            if r == 0 {
+                return;
+            }
+            let err = std::io::Error::last_os_error().raw_os_error();
+            if c.copy > 0 {
+                done += c.copy as u64;
+                continue;
+            }
+            match err {
+                Some(libc::EAGAIN) => continue,
+                // A page already there: skip it (keep what it holds).
+                Some(libc::EEXIST) => done += PAGE,
+                // The mapping is gone (VM torn down) or something else: give up on it.
+                _ => return,
+            }
+        }
+    }
+
+    fn zero(&self, start: u64, len: u64) {
+        let mut z = UffdioZeropage {
+            range: UffdioRange { start, len },
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: the range lies in a registered range.
+        let r = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z) };
+        if r != 0 {
+            // Partly present already (EEXIST): zero page by page.
+            for p in (start..start + len).step_by(PAGE as usize) {
+                let mut z = UffdioZeropage {
+                    range: UffdioRange { start: p, len: PAGE },
+                    mode: 0,
+                    zeropage: 0,
+                };
+                // SAFETY: as above.
+                unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z) };
+            }
+        }
+    }
+
+    /// Wakes threads waiting on `start..start+len` (their page may have been placed by the
+    /// other thread, whose copy woke only the waiters it knew of).
+    fn wake(&self, start: u64, len: u64) {
+        let mut r = UffdioRange { start, len };
+        // SAFETY: UFFDIO_WAKE on a registered range.
+        unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_WAKE, &mut r) };
+    }
+
+    fn prefetch(&self, first: Vec<usize>, done: Option<Box<dyn FnOnce(Vec<usize>) + Send>>) {
+        let n = self.chunks.len();
+        let order = first
+            .into_iter()
+            .filter(|&i| i < n)
+            .chain(0..n)
+            .filter(|&i| self.chunks[i].entry.codec != Codec::Zero);
+        for i in order {
+            if self.stop.load(Ordering::SeqCst) || lock(&self.failure).0.is_some() {
+                break;
+            }
+            self.load(i, false);
+        }
+        let ok = !self.stop.load(Ordering::SeqCst) && lock(&self.failure).0.is_none();
+        let (m, cv) = &self.complete;
+        *lock(m) = true;
+        cv.notify_all();
+        if ok {
+            if let Some(f) = done {
+                f(lock(&self.touched).clone());
+            }
+        }
+    }
+}
+
+/// The order in which the guest first touched a pack's chunks, kept next to the verification
+/// records (`touch/<root digest>` in the cache folder), one chunk number per line: a later
+/// restore of the same pack prefetches those first.
+pub mod touch_order {
+    use std::path::Path;
+
+    /// Larger records are ignored (a cache file is not trusted to be small).
+    const MAX_LEN: u64 = 16 << 20;
+
+    pub fn load(dir: &Path, root: [u8; 32], chunks: usize) -> Vec<usize> {
+        let p = dir.join(hex::encode(root));
+        match std::fs::metadata(&p) {
+            Ok(m) if m.len() <= MAX_LEN => {}
+            _ => return Vec::new(),
+        }
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            return Vec::new();
+        };
+        let mut seen = vec![false; chunks];
+        text.lines()
+            .filter_map(|l| l.trim().parse::<usize>().ok())
+            .filter(|&i| i < chunks && !std::mem::replace(&mut seen[i], true))
+            .collect()
+    }
+
+    /// Best effort, like the verification records.
+    pub fn store(dir: &Path, root: [u8; 32], order: &[usize]) {
+        if std::fs::create_dir_all(dir).is_err() {
+            return;
+        }
+        let mut text = String::with_capacity(order.len() * 6);
+        for i in order {
+            text.push_str(&i.to_string());
+            text.push('\n');
+        }
+        let name = hex::encode(root);
+        let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, dir.join(name));
+        }
+    }
+}
+
+/// The folder of touch-order records, beside the verification records.
+pub fn touch_dir(cache: Option<PathBuf>) -> Option<PathBuf> {
+    cache.map(|c| c.join("touch"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn touch_order_round_trip_ignores_garbage() {
+        let d = tempfile::tempdir().unwrap();
+        touch_order::store(d.path(), [1; 32], &[5, 2, 9]);
+        assert_eq!(touch_order::load(d.path(), [1; 32], 10), vec![5, 2, 9]);
+        // Out of range and repeated numbers are dropped.
+        assert_eq!(touch_order::load(d.path(), [1; 32], 6), vec![5, 2]);
+        std::fs::write(d.path().join(hex::encode([2u8; 32])), "x\n3\n3\n-1\n").unwrap();
+        assert_eq!(touch_order::load(d.path(), [2; 32], 10), vec![3]);
+        assert!(touch_order::load(d.path(), [3; 32], 10).is_empty());
+    }
+}
