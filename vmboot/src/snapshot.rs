@@ -562,7 +562,10 @@ fn lazy_init(
     let sections = memory_sections(pack, pack.manifest(), state, label)?;
     let reader = pack.reader();
     let root = reader.root_digest();
-    let chunks: usize = sections.iter().map(|&(_, id)| reader.chunks(id).len()).sum();
+    let chunks: usize = sections
+        .iter()
+        .map(|&(_, id)| reader.chunks(id).len())
+        .sum();
     let touch = crate::vstate::lazy::touch_dir(verified_cache::base_dir());
     let first = touch
         .as_deref()

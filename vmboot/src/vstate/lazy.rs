@@ -111,6 +111,8 @@ struct Shared {
     /// Sorted by host address.
     chunks: Vec<Chunk>,
     state: Vec<AtomicU8>,
+    /// Whether the guest (or any reader but the prefetch) faulted on the chunk.
+    faulted: Vec<AtomicBool>,
     stop: AtomicBool,
     /// The first failure and who to tell (set once the VM exists).
     failure: Mutex<(Option<String>, Option<FailureFn>)>,
@@ -136,12 +138,7 @@ pub fn available() -> bool {
 
 fn open_uffd() -> std::io::Result<OwnedFd> {
     // SAFETY: plain syscall; the returned fd is owned below.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_userfaultfd,
-            libc::O_CLOEXEC | libc::O_NONBLOCK,
-        )
-    };
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -215,11 +212,13 @@ impl LazyMemory {
         // SAFETY: a fresh fd.
         let wake = unsafe { OwnedFd::from_raw_fd(wake) };
         let state = chunks.iter().map(|_| AtomicU8::new(MISSING)).collect();
+        let faulted = chunks.iter().map(|_| AtomicBool::new(false)).collect();
         let shared = Arc::new(Shared {
             uffd,
             pack: src.pack,
             chunks,
             state,
+            faulted,
             stop: AtomicBool::new(false),
             failure: Mutex::new((None, None)),
             touched: Mutex::new(Vec::new()),
@@ -271,7 +270,7 @@ impl LazyMemory {
         if lock(&self.prefetch).is_none() {
             // No prefetch thread: fill here.
             for i in 0..self.shared.chunks.len() {
-                self.shared.load(i, false);
+                self.shared.load(i);
             }
             return;
         }
@@ -361,7 +360,12 @@ impl Shared {
                 let _ = m.flags;
                 match self.find(m.address) {
                     Some(i) => {
-                        self.load(i, true);
+                        if self.chunks[i].entry.codec != Codec::Zero
+                            && !self.faulted[i].swap(true, Ordering::SeqCst)
+                        {
+                            lock(&self.touched).push(i);
+                        }
+                        self.load(i);
                         let c = &self.chunks[i];
                         self.wake(c.host, u64::from(c.entry.ulen));
                     }
@@ -374,16 +378,18 @@ impl Shared {
     }
 
     fn find(&self, addr: u64) -> Option<usize> {
-        let i = self.chunks.partition_point(|c| c.host <= addr).checked_sub(1)?;
+        let i = self
+            .chunks
+            .partition_point(|c| c.host <= addr)
+            .checked_sub(1)?;
         let c = &self.chunks[i];
         (addr < c.host + u64::from(c.entry.ulen)).then_some(i)
     }
 
-    /// Makes chunk `i` present (once): read, verify, copy. `fault`: the guest is waiting on
-    /// it (record the touch; wait for a prefetch already loading it).
-    fn load(&self, i: usize, fault: bool) {
-        match self.state[i].compare_exchange(MISSING, LOADING, Ordering::SeqCst, Ordering::SeqCst)
-        {
+    /// Makes chunk `i` present (once): read, verify, copy. Returns when it is present, also
+    /// when another thread was loading it.
+    fn load(&self, i: usize) {
+        match self.state[i].compare_exchange(MISSING, LOADING, Ordering::SeqCst, Ordering::SeqCst) {
             Ok(_) => {}
             Err(_) => {
                 while self.state[i].load(Ordering::SeqCst) == LOADING {
@@ -393,9 +399,6 @@ impl Shared {
             }
         }
         let c = &self.chunks[i];
-        if fault && c.entry.codec != Codec::Zero {
-            lock(&self.touched).push(i);
-        }
         let len = u64::from(c.entry.ulen);
         if c.entry.codec == Codec::Zero || lock(&self.failure).0.is_some() {
             self.zero(c.host, len);
@@ -478,7 +481,10 @@ impl Shared {
             // Partly present already (EEXIST): zero page by page.
             for p in (start..start + len).step_by(PAGE as usize) {
                 let mut z = UffdioZeropage {
-                    range: UffdioRange { start: p, len: PAGE },
+                    range: UffdioRange {
+                        start: p,
+                        len: PAGE,
+                    },
                     mode: 0,
                     zeropage: 0,
                 };
@@ -507,7 +513,7 @@ impl Shared {
             if self.stop.load(Ordering::SeqCst) || lock(&self.failure).0.is_some() {
                 break;
             }
-            self.load(i, false);
+            self.load(i);
         }
         let ok = !self.stop.load(Ordering::SeqCst) && lock(&self.failure).0.is_none();
         let (m, cv) = &self.complete;
@@ -572,6 +578,167 @@ pub fn touch_dir(cache: Option<PathBuf>) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::{GuestMemoryInit, GuestRam};
+    use vmpack_formats::config::VmConfig;
+    use vmpack_formats::pack::{Compression, SectionSource, WriteOptions};
+    use vmpack_formats::vm::{write_vm_pack, VmPackPlan};
+
+    const CHUNK: usize = 256 << 10;
+
+    /// A 1 MiB guest: chunk 0 all 1, chunk 1 zero, chunk 2 all 2, chunk 3 a counting pattern.
+    fn guest() -> Vec<u8> {
+        let mut m = vec![0u8; 4 * CHUNK];
+        m[..CHUNK].fill(1);
+        m[2 * CHUNK..3 * CHUNK].fill(2);
+        for (i, b) in m[3 * CHUNK..].iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        m
+    }
+
+    fn pack(dir: &std::path::Path, compression: Compression) -> Arc<VmPack> {
+        std::fs::write(dir.join("g.bin"), b"\xf4").unwrap();
+        let text = "name = \"t\"\nmemory_mib = 1\n[flat]\nimage = \"g.bin\"\n\
+                    load_address = 0x1000\nentry = 0x1000\nmode = \"real\"\n";
+        let cfg = VmConfig::parse(text, &dir.join("vm.toml")).unwrap();
+        let mem = guest();
+        let plan = VmPackPlan {
+            memory: vec![(0, &mem as &dyn SectionSource)],
+            vmstate: Some(b"{}"),
+            memory_chunk_size: Some(CHUNK as u32),
+            ..VmPackPlan::default()
+        };
+        let path = dir.join(format!("{compression}.vmpack"));
+        let opts = WriteOptions {
+            compression,
+            aligned: compression == Compression::None,
+            ..WriteOptions::default()
+        };
+        write_vm_pack(
+            std::fs::File::create(&path).unwrap(),
+            &cfg,
+            plan,
+            &opts,
+            &(),
+        )
+        .unwrap();
+        Arc::new(VmPack::open(&path).unwrap())
+    }
+
+    fn lazy_ram(pack: &Arc<VmPack>) -> GuestRam {
+        let id = pack.reader().section("memory/0").unwrap().id;
+        GuestRam::new(
+            &[(0, 4 * CHUNK as u64)],
+            GuestMemoryInit::Lazy(LazySource {
+                pack: pack.clone(),
+                sections: vec![(0, id)],
+                first: Vec::new(),
+                on_complete: None,
+            }),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn faults_are_served_from_the_pack() {
+        if !available() {
+            eprintln!("*** SKIPPED: userfaultfd is not available here ***");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        for c in [Compression::None, Compression::Zstd, Compression::Deflate] {
+            let p = pack(d.path(), c);
+            let ram = lazy_ram(&p);
+            // Out of order, and each read a fault served by the handler thread.
+            assert_eq!(
+                ram.read(3 * CHUNK as u64 + 5, 3).unwrap(),
+                vec![5, 6, 7],
+                "{c}"
+            );
+            assert_eq!(ram.read(CHUNK as u64 + 9, 2).unwrap(), vec![0, 0], "{c}");
+            assert_eq!(ram.read(0, 4 * CHUNK).unwrap(), guest(), "{c}");
+        }
+    }
+
+    #[test]
+    fn prefetch_fills_everything_and_reports_the_touch_order() {
+        if !available() {
+            eprintln!("*** SKIPPED: userfaultfd is not available here ***");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let p = pack(d.path(), Compression::Zstd);
+        let id = p.reader().section("memory/0").unwrap().id;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ram = GuestRam::new(
+            &[(0, 4 * CHUNK as u64)],
+            GuestMemoryInit::Lazy(LazySource {
+                pack: p.clone(),
+                sections: vec![(0, id)],
+                first: vec![2],
+                on_complete: Some(Box::new(move |order| tx.send(order).unwrap())),
+            }),
+        )
+        .unwrap();
+        assert_eq!(ram.read(3 * CHUNK as u64, 1).unwrap(), vec![0]);
+        // What a save does first: every non-zero chunk is resident afterwards.
+        let ranges = ram.data_ranges();
+        let order = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        assert_eq!(order, vec![3]);
+        let resident: u64 = ranges[0].iter().map(|r| r.end - r.start).sum();
+        assert!(resident >= 3 * CHUNK as u64, "{ranges:?}");
+        assert_eq!(ram.read(0, 4 * CHUNK).unwrap(), guest());
+    }
+
+    #[test]
+    fn a_corrupt_chunk_is_never_placed_and_is_reported_by_name() {
+        if !available() {
+            eprintln!("*** SKIPPED: userfaultfd is not available here ***");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        for c in [Compression::None, Compression::Zstd] {
+            let p = pack(d.path(), c);
+            let e = p
+                .reader()
+                .chunks(p.reader().section("memory/0").unwrap().id)[3]
+                .clone();
+            {
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p.path())
+                    .unwrap();
+                let mut b = [0u8; 1];
+                f.read_exact_at(&mut b, e.payload_offset + 100)
+                    .unwrap_or(());
+                f.write_all_at(&[b[0] ^ 0x55], e.payload_offset + 100)
+                    .unwrap();
+            }
+            let ram = lazy_ram(&p);
+            let (tx, rx) = std::sync::mpsc::channel();
+            let tx = Mutex::new(tx);
+            ram.lazy().unwrap().on_failure(Box::new(move |m| {
+                let _ = lock(&tx).send(m);
+            }));
+            assert_eq!(ram.read(5, 2).unwrap(), vec![1, 1], "{c}");
+            // The corrupt chunk reads as zeros: its bytes never reach guest memory.
+            assert_eq!(
+                ram.read(3 * CHUNK as u64, 4 * 4096).unwrap(),
+                vec![0; 4 * 4096]
+            );
+            let msg = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+            let file = p.path().display().to_string();
+            assert!(msg.contains(&file), "{msg}");
+            assert!(msg.contains("memory/0"), "{msg}");
+            assert!(msg.contains("chunk 3"), "{msg}");
+            assert!(
+                msg.contains(&format!("{:#x}", e.frame_offset()))
+                    || msg.contains(&e.frame_offset().to_string()),
+                "{msg}"
+            );
+        }
+    }
 
     #[test]
     fn touch_order_round_trip_ignores_garbage() {
