@@ -96,6 +96,7 @@ pub struct LazySource {
 
 struct Chunk {
     host: u64,
+    gpa: u64,
     entry: ChunkEntry,
 }
 
@@ -183,6 +184,7 @@ impl LazyMemory {
                 }
                 chunks.push(Chunk {
                     host: host + e.offset,
+                    gpa: gpa + e.offset,
                     entry: e.clone(),
                 });
             }
@@ -414,8 +416,9 @@ impl Shared {
                     Ok(()) => self.copy(c.host, &b),
                     Err(e) => {
                         self.fail(format!(
-                            "guest memory failed verification on first touch (guest address {:#x}): {e}",
-                            c.host
+                            "guest memory at {:#x}..{:#x} failed verification before the guest read it: {e}",
+                            c.gpa,
+                            c.gpa + len
                         ));
                         // The VM is stopping (kicked above); the faulting thread needs some
                         // page to return to KVM, and it must not be the pack's bytes.
