@@ -217,6 +217,7 @@ fn main() {
                     memory,
                     run,
                     work_dir: None,
+                    source: Default::default(),
                 },
                 quiet,
             )

@@ -443,6 +443,10 @@ pub struct RestoreOptions {
     pub run: RunOptions,
     /// Folder for the private copies of the pack's disks; default: a fresh temporary folder.
     pub work_dir: Option<PathBuf>,
+    /// Where memory chunks come from. With [`ChunkSource::Fetch`] the pack file holds
+    /// everything but memory payloads (a restore from a registry): memory is then always
+    /// served lazily, each chunk fetched and verified on first touch.
+    pub source: crate::vstate::lazy::ChunkSource,
 }
 
 /// What restore did before handing over the VM, for messages and `inspect`.
@@ -474,7 +478,12 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     let reader = pack.reader();
     let known = verified_cache::is_verified(path, reader.root_digest());
     let eager_path = manifest.memory_restore_path(reader).unwrap_or("none");
+    let remote = matches!(opts.source, crate::vstate::lazy::ChunkSource::Fetch(_));
+    if remote && !crate::vstate::lazy::available() {
+        bail!("{label}: memory on demand needs userfaultfd, which this process cannot use (vm.unprivileged_userfaultfd=1 or CAP_SYS_PTRACE)");
+    }
     let lazy = match opts.memory {
+        _ if remote => true,
         MemoryPolicy::Eager => false,
         MemoryPolicy::Lazy => true,
         MemoryPolicy::Auto => {
@@ -518,7 +527,7 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     extract_disks(&pack, &work.path)?;
 
     let (memory_path, init) = if lazy {
-        let init = lazy_init(&pack, &state, &label, path, opts.verify)?;
+        let init = lazy_init(&pack, &state, &label, path, opts.verify, opts.source)?;
         ("lazy", init)
     } else {
         let init = memory_init(&pack, manifest, &state, eager_path == "mmap", &label)?;
@@ -558,7 +567,10 @@ fn lazy_init(
     label: &str,
     path: &Path,
     verify: VerifyPolicy,
+    source: crate::vstate::lazy::ChunkSource,
 ) -> Result<GuestMemoryInit> {
+    // A file filled on demand is temporary: it is never recorded as verified.
+    let record = matches!(source, crate::vstate::lazy::ChunkSource::PackFile);
     let sections = memory_sections(pack, pack.manifest(), state, label)?;
     let reader = pack.reader();
     let root = reader.root_digest();
@@ -574,7 +586,7 @@ fn lazy_init(
     let path = path.to_path_buf();
     let had_order = !first.is_empty();
     let on_complete = move |order: Vec<usize>| {
-        if verify == VerifyPolicy::Auto {
+        if verify == VerifyPolicy::Auto && record {
             verified_cache::record(&path, root);
         }
         // The first restore's order is the one kept: later ones are skewed by the prefetch.
@@ -584,6 +596,7 @@ fn lazy_init(
     };
     Ok(GuestMemoryInit::Lazy(crate::vstate::lazy::LazySource {
         pack: pack.clone(),
+        source,
         sections,
         first,
         on_complete: Some(Box::new(on_complete)),

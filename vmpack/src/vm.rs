@@ -66,8 +66,14 @@ pub struct SaveArgs {
 
 #[derive(Args)]
 pub struct RestoreArgs {
-    /// A pack made by `vmpack save`, or - to read it from standard input.
+    /// A pack made by `vmpack save`, - to read it from standard input, or a registry
+    /// reference (REGISTRY/REPOSITORY:TAG or @sha256:DIGEST) to run straight from the
+    /// registry, memory fetched on first touch. An argument that names an existing file is
+    /// a file; otherwise one whose first component has a '.' or ':' or is `localhost` is a
+    /// reference.
     pack: PathBuf,
+    #[command(flatten)]
+    registry: crate::registry_cmd::RegistryArgs,
     /// Serve the HTTP control API on this Unix socket, so the VM can be saved again.
     #[arg(long)]
     api_sock: Option<PathBuf>,
@@ -182,6 +188,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
                     clones: 1,
                     require_signature: false,
                     allowed_signers: None,
+                    registry: Default::default(),
                 });
             }
             let cfg = pack.config()?;
@@ -315,7 +322,21 @@ pub fn save(a: SaveArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn restore(a: RestoreArgs) -> Result<i32> {
+/// Whether a restore argument is a registry reference rather than a file (the rule of
+/// `vmpack test`: an existing file wins).
+fn is_reference(arg: &Path) -> Option<&str> {
+    let s = arg.to_str()?;
+    (s != "-" && !arg.exists() && vmpack_registry::Reference::looks_like(s)).then_some(s)
+}
+
+pub fn restore(mut a: RestoreArgs) -> Result<i32> {
+    if let Some(r) = is_reference(&a.pack) {
+        if a.clones == 1 {
+            return restore_remote(r.to_string(), a);
+        }
+        // Clones share the pages of one local file: the pack is pulled once into the cache.
+        a.pack = crate::test_cmd::pulled_pack(r, &a.registry, a.quiet)?;
+    }
     if a.require_signature {
         if a.pack.as_os_str() == "-" {
             bail!("--require-signature needs a pack file, not standard input");
@@ -367,7 +388,71 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
             memory: a.memory,
             run,
             work_dir: None,
+            source: Default::default(),
         },
         a.quiet,
     )
+}
+
+/// `vmpack restore REF`: the VM runs before its memory is downloaded (see `remote`).
+fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
+    let started = Instant::now();
+    let reference = vmpack_registry::Reference::parse(&r)?;
+    let client = a.registry.client(&reference)?;
+    let cache = vmpack_registry::ChunkCache::open_default()?;
+    // Without userfaultfd (or with --memory eager) memory is fetched whole first.
+    let all = a.memory == snapshot::MemoryPolicy::Eager || !vmboot::vstate::lazy::available();
+    let local = crate::remote::prepare(client, cache, all)?;
+    if a.require_signature {
+        let allowed = a
+            .allowed_signers
+            .as_deref()
+            .expect("clap requires --allowed-signers");
+        // Signatures sign the root digest, which the local skeleton already carries.
+        for good in crate::sign::require_signature(&local.path, allowed)
+            .map_err(|e| anyhow::anyhow!("{r}: {e:#}"))?
+        {
+            if !a.quiet {
+                eprintln!("vmpack: {r}: {}", crate::sign::describe_good(&good));
+            }
+        }
+    }
+    if !a.quiet {
+        eprintln!(
+            "vmpack: {r}: skeleton and disks ready in {:.1} ms; {}",
+            started.elapsed().as_secs_f64() * 1000.0,
+            if all {
+                "memory fetched whole"
+            } else {
+                "memory fetched on first touch"
+            }
+        );
+    }
+    let run = RunOptions {
+        serial_out: sink(Some(&a.serial_out), None),
+        api_sock: a.api_sock,
+        stdin_input: !a.registry.password_stdin,
+        ..Default::default()
+    };
+    let code = snapshot::restore_and_run(
+        PackInput::File(local.path.clone()),
+        RestoreOptions {
+            // A whole temporary file is checked in full and never recorded as verified.
+            verify: if all { VerifyPolicy::Always } else { a.verify },
+            memory: a.memory,
+            run,
+            work_dir: None,
+            source: if all {
+                vmboot::vstate::lazy::ChunkSource::PackFile
+            } else {
+                vmboot::vstate::lazy::ChunkSource::Fetch(local.fetch.clone())
+            },
+        },
+        a.quiet,
+    )
+    .map_err(|e| anyhow::anyhow!("{r}: {e:#}"));
+    if !a.quiet {
+        eprintln!("vmpack: {r}: {}", local.fetch.counters.summary());
+    }
+    code
 }

@@ -81,9 +81,29 @@ struct UffdMsg {
     _ptid: u64,
 }
 
+/// Brings a chunk's stored bytes into the local pack file before it is read, for a pack
+/// whose memory payloads are not there yet (a restore straight from a registry: the local
+/// file holds the skeleton, memory chunks are holes). Verification stays in one place:
+/// after `fetch`, the chunk is read back through the pack reader and checked against the
+/// index like any other, so what a fetch writes is never trusted.
+pub trait ChunkFetch: Send + Sync {
+    /// Writes the stored payload of `e` at its payload offset in the pack file.
+    fn fetch(&self, e: &ChunkEntry) -> anyhow::Result<()>;
+}
+
+/// Where the bytes of memory chunks come from: the pack file itself, or a fetcher that
+/// fills the pack file's holes on demand.
+#[derive(Clone, Default)]
+pub enum ChunkSource {
+    #[default]
+    PackFile,
+    Fetch(Arc<dyn ChunkFetch>),
+}
+
 /// Where the chunks of guest RAM come from.
 pub struct LazySource {
     pub pack: Arc<VmPack>,
+    pub source: ChunkSource,
     /// `(gpa, section id)` of every memory section.
     pub sections: Vec<(u64, u32)>,
     /// The global chunk numbers (see [`LazyMemory::chunk_count`]) to prefetch first.
@@ -109,6 +129,7 @@ type FailureFn = Box<dyn Fn(String) + Send + Sync>;
 struct Shared {
     uffd: OwnedFd,
     pack: Arc<VmPack>,
+    source: ChunkSource,
     /// Sorted by host address.
     chunks: Vec<Chunk>,
     state: Vec<AtomicU8>,
@@ -218,6 +239,7 @@ impl LazyMemory {
         let shared = Arc::new(Shared {
             uffd,
             pack: src.pack,
+            source: src.source,
             chunks,
             state,
             faulted,
@@ -412,11 +434,20 @@ impl Shared {
                 let mut b = b.borrow_mut();
                 b.resize(c.entry.ulen as usize, 0);
                 let reader: &PackReader = self.pack.reader();
-                match reader.read_chunk(&c.entry, true, &mut b) {
+                let fetched = match &self.source {
+                    ChunkSource::PackFile => Ok(()),
+                    ChunkSource::Fetch(f) => f.fetch(&c.entry),
+                };
+                let read = fetched.and_then(|()| {
+                    reader
+                        .read_chunk(&c.entry, true, &mut b)
+                        .map_err(anyhow::Error::from)
+                });
+                match read {
                     Ok(()) => self.copy(c.host, &b),
                     Err(e) => {
                         self.fail(format!(
-                            "guest memory at {:#x}..{:#x} failed verification before the guest read it: {e}",
+                            "guest memory at {:#x}..{:#x} failed verification before the guest read it: {e:#}",
                             c.gpa,
                             c.gpa + len
                         ));
@@ -634,6 +665,7 @@ mod tests {
             &[(0, 4 * CHUNK as u64)],
             GuestMemoryInit::Lazy(LazySource {
                 pack: pack.clone(),
+                source: ChunkSource::PackFile,
                 sections: vec![(0, id)],
                 first: Vec::new(),
                 on_complete: None,
@@ -677,6 +709,7 @@ mod tests {
             &[(0, 4 * CHUNK as u64)],
             GuestMemoryInit::Lazy(LazySource {
                 pack: p.clone(),
+                source: ChunkSource::PackFile,
                 sections: vec![(0, id)],
                 first: vec![2],
                 on_complete: Some(Box::new(move |order| tx.send(order).unwrap())),
