@@ -64,7 +64,9 @@ impl RegistryFetch {
                 let mut v = Vec::with_capacity(*size as usize);
                 if f.read_to_end(&mut v).is_ok() && v.len() as u64 == *size {
                     self.counters.cached_blobs.fetch_add(1, Ordering::Relaxed);
-                    self.counters.cached_bytes.fetch_add(*size, Ordering::Relaxed);
+                    self.counters
+                        .cached_bytes
+                        .fetch_add(*size, Ordering::Relaxed);
                     return Ok(v);
                 }
             }
@@ -91,7 +93,9 @@ impl RegistryFetch {
             );
         }
         // Best effort: a full cache folder does not stop the VM.
-        let _ = self.cache.insert_with(digest, &mut |w| Ok(w.write_all(&data)?));
+        let _ = self
+            .cache
+            .insert_with(digest, &mut |w| Ok(w.write_all(&data)?));
         Ok(data)
     }
 }
