@@ -87,7 +87,7 @@ impl RegistryFetch {
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         if sha256_digest(&data) != *digest {
             bail!(
-                "{}: {}: the registry's blob {digest} does not match its digest; refused",
+                "{}: {}: failed verification: the registry's blob {digest} does not match its digest; refused",
                 self.client.reference(),
                 self.remote.chunk_name(c)
             );

@@ -438,16 +438,17 @@ impl Shared {
                     ChunkSource::PackFile => Ok(()),
                     ChunkSource::Fetch(f) => f.fetch(&c.entry),
                 };
-                let read = fetched.and_then(|()| {
-                    reader
+                let read = match fetched {
+                    Ok(()) => reader
                         .read_chunk(&c.entry, true, &mut b)
-                        .map_err(anyhow::Error::from)
-                });
+                        .map_err(|e| format!("failed verification before the guest read it: {e}")),
+                    Err(e) => Err(format!("was not placed (the guest did not read it): {e:#}")),
+                };
                 match read {
                     Ok(()) => self.copy(c.host, &b),
                     Err(e) => {
                         self.fail(format!(
-                            "guest memory at {:#x}..{:#x} failed verification before the guest read it: {e:#}",
+                            "guest memory at {:#x}..{:#x} {e}",
                             c.gpa,
                             c.gpa + len
                         ));
