@@ -21,13 +21,16 @@ use vmpack_formats::pack::{kind, ChunkEntry, Codec};
 use vmpack_registry::client::sha256_digest;
 use vmpack_registry::{ChunkCache, Client, RemotePack};
 
-/// What came from where, for the summary line and `--json`-free tests.
-#[derive(Default)]
+/// What came from where, for the summary line.
 pub struct Counters {
     pub fetched_blobs: AtomicU64,
     pub fetched_bytes: AtomicU64,
     pub cached_blobs: AtomicU64,
     pub cached_bytes: AtomicU64,
+    /// Memory chunks still to place, and when the last one was (ms after `started`).
+    memory_left: AtomicU64,
+    pub resident_ms: std::sync::OnceLock<f64>,
+    pub started: std::time::Instant,
 }
 
 impl Counters {
@@ -48,6 +51,8 @@ pub struct RegistryFetch {
     remote: RemotePack,
     cache: ChunkCache,
     file: std::fs::File,
+    /// Per section id: whether it is guest memory served on demand.
+    memory: Vec<bool>,
     pub counters: Arc<Counters>,
 }
 
@@ -105,7 +110,17 @@ impl vmboot::vstate::lazy::ChunkFetch for RegistryFetch {
         let data = self.payload(e)?;
         self.file
             .write_all_at(&data, e.payload_offset)
-            .context("writing a fetched chunk into the local pack file")
+            .context("writing a fetched chunk into the local pack file")?;
+        if self.memory[e.section as usize] {
+            let c = &self.counters;
+            // The engine fetches each chunk once; the last one makes memory resident.
+            if c.memory_left.fetch_sub(1, Ordering::SeqCst) == 1 {
+                let _ = c
+                    .resident_ms
+                    .set(c.started.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -144,7 +159,12 @@ impl Write for Sparse<'_> {
 
 /// Resolves the reference, then writes the local pack file: everything but the memory
 /// payloads, which [`RegistryFetch`] fills on demand. `all` fetches memory too (eager).
-pub fn prepare(client: Client, cache: ChunkCache, all: bool) -> Result<RemotePackFile> {
+pub fn prepare(
+    client: Client,
+    cache: ChunkCache,
+    all: bool,
+    started: std::time::Instant,
+) -> Result<RemotePackFile> {
     let remote = vmpack_registry::resolve(&client)?;
     let root = vmpack_registry::cache::cache_root()
         .context("no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
@@ -161,19 +181,36 @@ pub fn prepare(client: Client, cache: ChunkCache, all: bool) -> Result<RemotePac
         .open(&path)
         .with_context(|| format!("creating {}", path.display()))?;
     file.set_len(remote.skeleton.file_size())?;
+    let memory: Vec<bool> = remote
+        .skeleton
+        .sections()
+        .iter()
+        .map(|s| s.kind == kind::MEMORY && !all)
+        .collect();
+    let memory_chunks = remote
+        .skeleton
+        .chunks()
+        .iter()
+        .filter(|c| c.codec != Codec::Zero && memory[c.section as usize])
+        .count() as u64;
     let fetch = Arc::new(RegistryFetch {
         client,
         remote,
         cache,
         file: file.try_clone()?,
-        counters: Arc::default(),
+        memory,
+        counters: Arc::new(Counters {
+            fetched_blobs: AtomicU64::new(0),
+            fetched_bytes: AtomicU64::new(0),
+            cached_blobs: AtomicU64::new(0),
+            cached_bytes: AtomicU64::new(0),
+            memory_left: AtomicU64::new(memory_chunks),
+            resident_ms: std::sync::OnceLock::new(),
+            started,
+        }),
     });
     let skel = &fetch.remote.skeleton;
-    let memory: Vec<bool> = skel
-        .sections()
-        .iter()
-        .map(|s| s.kind == kind::MEMORY && !all)
-        .collect();
+    let memory = &fetch.memory;
     // Everything the restore reads before the vCPUs run, fetched in parallel.
     let eager: Vec<&ChunkEntry> = skel
         .chunks()

@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 use vmboot::api_client::ApiClient;
 use vmboot::snapshot::{self, PackInput, RestoreOptions, VerifyPolicy};
@@ -402,7 +403,7 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     let cache = vmpack_registry::ChunkCache::open_default()?;
     // Without userfaultfd (or with --memory eager) memory is fetched whole first.
     let all = a.memory == snapshot::MemoryPolicy::Eager || !vmboot::vstate::lazy::available();
-    let local = crate::remote::prepare(client, cache, all)?;
+    let local = crate::remote::prepare(client, cache, all, started)?;
     if a.require_signature {
         let allowed = a
             .allowed_signers
@@ -417,10 +418,11 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
             }
         }
     }
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
     if !a.quiet {
         eprintln!(
             "vmpack: {r}: skeleton and disks ready in {:.1} ms; {}",
-            started.elapsed().as_secs_f64() * 1000.0,
+            ms(started),
             if all {
                 "memory fetched whole"
             } else {
@@ -428,13 +430,18 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
             }
         );
     }
+    // The serial log lets the first line of output be timed (and the bytes fetched by then).
+    let log = vmboot::console::SerialLog::new();
     let run = RunOptions {
-        serial_out: sink(Some(&a.serial_out), None),
+        serial_out: SerialSink::Console {
+            log: log.clone(),
+            also: Box::new(sink(Some(&a.serial_out), None)),
+        },
         api_sock: a.api_sock,
         stdin_input: !a.registry.password_stdin,
         ..Default::default()
     };
-    let code = snapshot::restore_and_run(
+    let (vm, info) = snapshot::restore(
         PackInput::File(local.path.clone()),
         RestoreOptions {
             // A whole temporary file is checked in full and never recorded as verified.
@@ -448,11 +455,58 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
                 vmboot::vstate::lazy::ChunkSource::Fetch(local.fetch.clone())
             },
         },
-        a.quiet,
     )
-    .map_err(|e| anyhow::anyhow!("{r}: {e:#}"));
-    if !a.quiet {
-        eprintln!("vmpack: {r}: {}", local.fetch.counters.summary());
+    .map_err(|e| anyhow::anyhow!("{r}: {e:#}"))?;
+    for w in &info.warnings {
+        eprintln!("vmboot: warning: {w}");
     }
-    code
+    if !a.quiet {
+        eprintln!(
+            "vmboot: restored (memory: {}; {})",
+            info.memory_path, info.verified
+        );
+    }
+    let counters = local.fetch.counters.clone();
+    let first_line: Arc<std::sync::OnceLock<(f64, u64)>> = Arc::default();
+    {
+        let (log, counters, first_line) = (log.clone(), counters.clone(), first_line.clone());
+        let nl = regex::bytes::Regex::new("\n").expect("valid regex");
+        // Ends with the process; waits at most a day.
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + std::time::Duration::from_secs(86400);
+            if log.wait_for(0, &nl, deadline).is_ok() {
+                let bytes = counters
+                    .fetched_bytes
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                    + counters
+                        .cached_bytes
+                        .load(std::sync::atomic::Ordering::SeqCst);
+                let _ = first_line.set((ms(started), bytes));
+            }
+        });
+    }
+    vmboot::terminate_on_signals(vm.controller())?;
+    let vcpus_ms = ms(started);
+    let reason = vm.run()?;
+    if reason.code != 0 {
+        eprintln!(
+            "vmpack: {r}: {} (exit status {})",
+            reason.message, reason.code
+        );
+    }
+    if !a.quiet {
+        eprintln!("vmpack: {r}: {}", counters.summary());
+        let mut t = format!("vCPUs started {vcpus_ms:.1} ms after the command");
+        if let Some((at, bytes)) = first_line.get() {
+            t += &format!(
+                "; first serial line at {at:.1} ms, {} of chunks fetched or read from the cache by then",
+                human_bytes(*bytes)
+            );
+        }
+        if let Some(at) = counters.resident_ms.get() {
+            t += &format!("; memory fully resident at {at:.1} ms");
+        }
+        eprintln!("vmpack: {r}: {t}");
+    }
+    Ok(reason.code)
 }
