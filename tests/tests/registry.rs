@@ -906,7 +906,7 @@ fn a_second_save_uploads_only_the_changed_chunks() {
 fn run_and_save(
     dir: &Path,
     name: &str,
-    config: &str,
+    config: impl AsRef<Path>,
     needle: &str,
     compress: &str,
 ) -> (PathBuf, String) {
@@ -916,7 +916,7 @@ fn run_and_save(
     let _ = vmpack();
     let mut guest = Command::new(bin("vmboot"))
         .arg("run")
-        .arg(samples_dir().join(config))
+        .arg(samples_dir().join(config.as_ref()))
         .arg("--api-sock")
         .arg(&sock)
         .arg("--serial-out")
@@ -1055,4 +1055,104 @@ fn restore_from_a_reference_refuses_an_altered_memory_blob() {
         !d.join("cache/chunks/sha256").join(&hex).exists(),
         "a refused blob never enters the chunk cache"
     );
+}
+
+/// The README's restore-from-registry figures (`cargo test -p vmpack-e2e --test registry --
+/// --ignored --nocapture restore_from_registry_figures`): a 1 GiB guest holding 600 MiB of
+/// incompressible data in RAM (the kvstore guest with the data behind its code), pushed to
+/// a loopback registry and restored from the reference with an empty chunk cache, then
+/// again with the cache full; each restore is shut down once its memory is fully resident.
+/// Prints vmpack's own timing lines.
+#[test]
+#[ignore]
+fn restore_from_registry_figures() {
+    if !kvm_available("the restore-from-registry figures")
+        || !have("docker-registry", "the restore-from-registry figures")
+    {
+        return;
+    }
+    use std::io::BufRead;
+    use vmpack_formats::pack::{Compression, SectionRange, SectionSource, WriteOptions};
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let reg = Registry::start(&d.join("reg"), None);
+    let code = std::fs::read(samples_dir().join("guests/bin/kvstore.bin")).unwrap();
+    let mut image = code.clone();
+    image.extend(noise(600 << 20, 7));
+    std::fs::write(d.join("big.bin"), &image).unwrap();
+    drop(image);
+    std::fs::write(
+        d.join("big.toml"),
+        "name = \"big\"\nvcpus = 1\nmemory_mib = 1024\n[flat]\nimage = \"big.bin\"\nload_address = 0x100000\nentry = 0x100000\nmode = \"long\"\n",
+    )
+    .unwrap();
+    let (saved, _) = run_and_save(d, "big", d.join("big.toml"), "> ", "none");
+    // The saved pack also holds the 600 MiB image as a boot file; the RAM already has it, so
+    // the pack measured carries only the code as its image (what a real guest's is).
+    let pack = d.join("ram.vmpack");
+    {
+        let old = vmpack_formats::vm::VmPack::open(&saved).unwrap();
+        let r = old.reader();
+        let cfg = old.config().unwrap();
+        let state = r
+            .read_section(r.section("vmstate").unwrap().id, 1 << 30)
+            .unwrap();
+        let mem = r.section("memory/0").unwrap();
+        let ram = SectionRange::whole(r, mem.id);
+        let plan = vmpack_formats::vm::VmPackPlan {
+            memory: vec![(0, &ram as &dyn SectionSource)],
+            vmstate: Some(&state),
+            files: Some(vec![("image", &code as &dyn SectionSource)]),
+            memory_chunk_size: Some(mem.chunk_size),
+            ..Default::default()
+        };
+        let opts = WriteOptions {
+            compression: Compression::None,
+            aligned: true,
+            ..WriteOptions::default()
+        };
+        vmpack_formats::vm::write_vm_pack(
+            std::fs::File::create(&pack).unwrap(),
+            &cfg,
+            plan,
+            &opts,
+            &(),
+        )
+        .unwrap();
+    }
+    std::fs::remove_file(&saved).unwrap();
+    let r = format!("{}/bench/big:v1", reg.host());
+    ok(&vm(d, &["push", pack.to_str().unwrap(), &r, "-q"]));
+    for run in ["empty chunk cache", "full chunk cache"] {
+        let sock = d.join("r.sock");
+        let mut child = Command::new(vmpack())
+            .current_dir(d)
+            .env("VMPACK_CACHE_DIR", d.join("cache"))
+            .args(["restore", &r, "--serial-out", "none", "--api-sock"])
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut err = String::new();
+        for l in lines.by_ref() {
+            let l = l.unwrap();
+            err += &l;
+            err.push('\n');
+            if l.contains("fully resident") {
+                break;
+            }
+        }
+        assert!(err.contains("fully resident"), "{err}");
+        let (st, _) = http(&sock, "PUT", "/vm/shutdown", b"");
+        assert_eq!(st, 204);
+        for l in lines {
+            err += &l.unwrap();
+            err.push('\n');
+        }
+        assert!(child.wait().unwrap().success(), "{err}");
+        eprintln!("--- {run}:\n{err}");
+    }
 }

@@ -54,6 +54,7 @@ pub struct RegistryFetch {
     /// Per section id: whether it is guest memory served on demand.
     memory: Vec<bool>,
     pub counters: Arc<Counters>,
+    quiet: bool,
 }
 
 impl RegistryFetch {
@@ -115,9 +116,13 @@ impl vmboot::vstate::lazy::ChunkFetch for RegistryFetch {
             let c = &self.counters;
             // The engine fetches each chunk once; the last one makes memory resident.
             if c.memory_left.fetch_sub(1, Ordering::SeqCst) == 1 {
-                let _ = c
-                    .resident_ms
-                    .set(c.started.elapsed().as_secs_f64() * 1000.0);
+                let at = c.started.elapsed().as_secs_f64() * 1000.0;
+                if c.resident_ms.set(at).is_ok() && !self.quiet {
+                    eprintln!(
+                        "vmpack: {}: memory fully resident {at:.1} ms after the command",
+                        self.client.reference()
+                    );
+                }
             }
         }
         Ok(())
@@ -132,7 +137,7 @@ pub struct RemotePackFile {
 }
 
 /// A `Write` over the pack file that skips (leaves as holes) the bytes written while
-/// `skip` is non-zero.
+/// `skip` is non-zero, and runs of zeros.
 struct Sparse<'a> {
     file: &'a std::fs::File,
     pos: u64,
@@ -147,6 +152,11 @@ impl Write for Sparse<'_> {
             self.skip.set(s - n);
             self.pos += n;
             return Ok(n as usize);
+        }
+        // The file was extended with holes, which read as zeros: padding needs no write.
+        if b.iter().all(|&x| x == 0) {
+            self.pos += b.len() as u64;
+            return Ok(b.len());
         }
         self.file.write_all_at(b, self.pos)?;
         self.pos += b.len() as u64;
@@ -164,6 +174,7 @@ pub fn prepare(
     cache: ChunkCache,
     all: bool,
     started: std::time::Instant,
+    quiet: bool,
 ) -> Result<RemotePackFile> {
     let remote = vmpack_registry::resolve(&client)?;
     let root = vmpack_registry::cache::cache_root()
@@ -208,6 +219,7 @@ pub fn prepare(
             resident_ms: std::sync::OnceLock::new(),
             started,
         }),
+        quiet,
     });
     let skel = &fetch.remote.skeleton;
     let memory = &fetch.memory;

@@ -403,7 +403,7 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     let cache = vmpack_registry::ChunkCache::open_default()?;
     // Without userfaultfd (or with --memory eager) memory is fetched whole first.
     let all = a.memory == snapshot::MemoryPolicy::Eager || !vmboot::vstate::lazy::available();
-    let local = crate::remote::prepare(client, cache, all, started)?;
+    let local = crate::remote::prepare(client, cache, all, started, a.quiet)?;
     if a.require_signature {
         let allowed = a
             .allowed_signers
@@ -502,9 +502,6 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
                 "; first serial line at {at:.1} ms, {} of chunks fetched or read from the cache by then",
                 human_bytes(*bytes)
             );
-        }
-        if let Some(at) = counters.resident_ms.get() {
-            t += &format!("; memory fully resident at {at:.1} ms");
         }
         eprintln!("vmpack: {r}: {t}");
     }

@@ -539,17 +539,31 @@ impl Shared {
 
     fn prefetch(&self, first: Vec<usize>, done: Option<Box<dyn FnOnce(Vec<usize>) + Send>>) {
         let n = self.chunks.len();
-        let order = first
+        let order: Vec<usize> = first
             .into_iter()
             .filter(|&i| i < n)
             .chain(0..n)
-            .filter(|&i| self.chunks[i].entry.codec != Codec::Zero);
-        for i in order {
-            if self.stop.load(Ordering::SeqCst) || lock(&self.failure).0.is_some() {
-                break;
+            .filter(|&i| self.chunks[i].entry.codec != Codec::Zero)
+            .collect();
+        // A fetch waits on the network: a few in flight keep the link busy. A pack file
+        // is read at disk speed by one thread.
+        let threads = match self.source {
+            ChunkSource::PackFile => 1,
+            ChunkSource::Fetch(_) => 4,
+        };
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| loop {
+                    if self.stop.load(Ordering::SeqCst) || lock(&self.failure).0.is_some() {
+                        break;
+                    }
+                    let k = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(&i) = order.get(k) else { break };
+                    self.load(i);
+                });
             }
-            self.load(i);
-        }
+        });
         let ok = !self.stop.load(Ordering::SeqCst) && lock(&self.failure).0.is_none();
         let (m, cv) = &self.complete;
         *lock(m) = true;
