@@ -963,6 +963,7 @@ fn restore_ref(dir: &Path, name: &str, r: &str) -> (Output, String) {
 /// Restore straight from a registry: the guest resumes exactly where it was saved (the
 /// joined serial output equals an uninterrupted run), memory comes lazily from the
 /// registry, and the chunk cache then holds every blob, so a second restore fetches none.
+/// `--clones N` from a reference runs N clones from one pulled file.
 #[test]
 fn restore_from_a_reference_continues_exactly_and_fills_the_chunk_cache() {
     if !kvm_available("the restore-from-registry test")
@@ -1004,6 +1005,18 @@ fn restore_from_a_reference_continues_exactly_and_fills_the_chunk_cache() {
             .collect();
         assert!(stray.is_empty(), "{stray:?}");
     }
+    // Clones from a reference run from one pulled file, which then sits in the cache.
+    let r = format!("{}/team/counter:zstd", reg.host());
+    let o = vm(d, &["restore", &r, "--clones", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for i in 0..2 {
+        assert!(out.contains(&format!("[{i}] 300\n")), "{out}");
+    }
+    assert_eq!(
+        std::fs::read_dir(d.join("cache/pulled")).unwrap().count(),
+        1
+    );
 }
 
 /// A memory chunk's blob altered in the registry's storage is refused on first touch,
