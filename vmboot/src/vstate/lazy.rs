@@ -88,6 +88,9 @@ pub struct LazySource {
     pub sections: Vec<(u64, u32)>,
     /// The global chunk numbers (see [`LazyMemory::chunk_count`]) to prefetch first.
     pub first: Vec<usize>,
+    /// Other sections the prefetch verifies after memory (the boot files, which only a later
+    /// save reads): a failure stops the VM like a memory chunk's.
+    pub verify_later: Vec<u32>,
     /// Called once, from the prefetch thread, when every chunk was checked and placed, with
     /// the chunk numbers in the order the guest first touched them.
     #[allow(clippy::type_complexity)]
@@ -109,6 +112,7 @@ type FailureFn = Box<dyn Fn(String) + Send + Sync>;
 struct Shared {
     uffd: OwnedFd,
     pack: Arc<VmPack>,
+    verify_later: Vec<u32>,
     /// Sorted by host address.
     chunks: Vec<Chunk>,
     state: Vec<AtomicU8>,
@@ -218,6 +222,7 @@ impl LazyMemory {
         let shared = Arc::new(Shared {
             uffd,
             pack: src.pack,
+            verify_later: src.verify_later,
             chunks,
             state,
             faulted,
@@ -281,6 +286,11 @@ impl LazyMemory {
         while !*done && !self.shared.stop.load(Ordering::SeqCst) {
             done = cv.wait(done).unwrap_or_else(|p| p.into_inner());
         }
+    }
+
+    /// The verification failure that stopped the VM, if any.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.shared.failure).0.clone()
     }
 
     pub fn chunk_count(&self) -> usize {
@@ -518,6 +528,17 @@ impl Shared {
             }
             self.load(i);
         }
+        for &id in &self.verify_later {
+            if self.stop.load(Ordering::SeqCst) || lock(&self.failure).0.is_some() {
+                break;
+            }
+            let r = self.pack.reader();
+            if let Err(e) = r.for_each_chunk_parallel(id, true, 1, &|_, _| Ok(())) {
+                self.fail(format!(
+                    "a boot file kept for later saves failed verification: {e}"
+                ));
+            }
+        }
         let ok = !self.stop.load(Ordering::SeqCst) && lock(&self.failure).0.is_none();
         let (m, cv) = &self.complete;
         *lock(m) = true;
@@ -636,6 +657,7 @@ mod tests {
                 pack: pack.clone(),
                 sections: vec![(0, id)],
                 first: Vec::new(),
+                verify_later: Vec::new(),
                 on_complete: None,
             }),
         )
@@ -679,6 +701,7 @@ mod tests {
                 pack: p.clone(),
                 sections: vec![(0, id)],
                 first: vec![2],
+                verify_later: Vec::new(),
                 on_complete: Some(Box::new(move |order| tx.send(order).unwrap())),
             }),
         )
