@@ -93,8 +93,7 @@ pub struct LazySource {
     pub verify_later: Vec<u32>,
     /// Called once, from the prefetch thread, when every chunk was checked and placed, with
     /// the chunk numbers in the order the guest first touched them.
-    #[allow(clippy::type_complexity)]
-    pub on_complete: Option<Box<dyn FnOnce(Vec<usize>) + Send>>,
+    pub on_complete: Option<CompleteFn>,
 }
 
 struct Chunk {
@@ -108,6 +107,7 @@ const LOADING: u8 = 1;
 const DONE: u8 = 2;
 
 type FailureFn = Box<dyn Fn(String) + Send + Sync>;
+type CompleteFn = Box<dyn FnOnce(Vec<usize>) + Send>;
 
 struct Shared {
     uffd: OwnedFd,
@@ -132,7 +132,7 @@ pub struct LazyMemory {
     wake: OwnedFd,
     handler: Option<std::thread::JoinHandle<()>>,
     prefetch: Mutex<Option<std::thread::JoinHandle<()>>>,
-    first: Mutex<Option<(Vec<usize>, Option<Box<dyn FnOnce(Vec<usize>) + Send>>)>>,
+    first: Mutex<Option<(Vec<usize>, Option<CompleteFn>)>>,
 }
 
 /// Whether this process can use userfaultfd for guest RAM (KVM's faults come from the
@@ -263,10 +263,9 @@ impl LazyMemory {
         let t = std::thread::Builder::new()
             .name("prefetch".into())
             .spawn(move || s.prefetch(first, done));
-        match t {
-            Ok(t) => *lock(&self.prefetch) = Some(t),
-            // Without the thread, faults still fill memory; wait_complete fills the rest.
-            Err(_) => {}
+        // Without the thread, faults still fill memory; wait_complete fills the rest.
+        if let Ok(t) = t {
+            *lock(&self.prefetch) = Some(t);
         }
     }
 
@@ -515,7 +514,7 @@ impl Shared {
         unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_WAKE, &mut r) };
     }
 
-    fn prefetch(&self, first: Vec<usize>, done: Option<Box<dyn FnOnce(Vec<usize>) + Send>>) {
+    fn prefetch(&self, first: Vec<usize>, done: Option<CompleteFn>) {
         let n = self.chunks.len();
         let order = first
             .into_iter()
