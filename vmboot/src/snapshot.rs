@@ -55,12 +55,17 @@ pub fn save(
 ) -> Result<SaveStats> {
     let t = Instant::now();
     handle.pause().map_err(|e| anyhow!("{e}"))?;
+    // A lazily restored VM is complete (and its pack's boot files checked) only once its
+    // loader has placed every chunk; one whose pack failed verification is never saved.
     let captured = (|| -> Result<_> {
         let state = handle
             .save_state()
             .context("capturing vCPU and device state")?;
         // The pack reads the disk files themselves: cached writes and qcow2 metadata go first.
         handle.flush_disks()?;
+        if let Some(e) = handle.memory_failure() {
+            bail!("{e}");
+        }
         let state_bytes = serde_json::to_vec(&state).context("serializing the vm state")?;
         let early =
             resume_after && handle.config().disks.iter().all(|d| d.read_only) && copy_fits(handle);
@@ -497,7 +502,7 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     let verified = if lazy {
         // Memory is verified chunk by chunk as it is placed; everything else now.
         verify_except_memory(reader)?;
-        "index, state, disks and boot files verified; each memory chunk verified on first touch"
+        "index, state and disks verified; each memory chunk verified on first touch, boot files in the background"
     } else {
         match opts.verify {
             VerifyPolicy::Always => {
@@ -547,11 +552,13 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     ))
 }
 
-/// Verifies every chunk of every section but guest memory (a lazy restore checks memory
-/// chunks as they are placed).
+/// Verifies every chunk of every section the VM uses before it runs (a lazy restore checks
+/// memory chunks as they are placed, and boot files, which only a later save reads, in the
+/// background).
 fn verify_except_memory(reader: &vmpack_formats::pack::PackReader) -> Result<()> {
+    use vmpack_formats::pack::kind;
     for s in reader.sections() {
-        if s.kind != vmpack_formats::pack::kind::MEMORY {
+        if s.kind != kind::MEMORY && s.kind != kind::FILE {
             reader.for_each_chunk_parallel(s.id, true, 0, &|_, _| Ok(()))?;
         }
     }
@@ -583,9 +590,19 @@ fn lazy_init(
         .as_deref()
         .map(|d| crate::vstate::lazy::touch_order::load(d, root, chunks))
         .unwrap_or_default();
+    let verify_later = reader
+        .sections()
+        .iter()
+        .filter(|s| s.kind == vmpack_formats::pack::kind::FILE)
+        .map(|s| s.id)
+        .collect();
     let path = path.to_path_buf();
     let had_order = !first.is_empty();
     let on_complete = move |order: Vec<usize>| {
+        // For `vmpack bench-snapshot` (see `restore_and_run`): when every chunk is in place.
+        if std::env::var_os("VMBOOT_BENCH_TIMESTAMPS").is_some() {
+            eprintln!("vmboot-bench: resident-monotonic-ns {}", monotonic_ns());
+        }
         if verify == VerifyPolicy::Auto && record {
             verified_cache::record(&path, root);
         }
@@ -599,6 +616,7 @@ fn lazy_init(
         source,
         sections,
         first,
+        verify_later,
         on_complete: Some(Box::new(on_complete)),
     }))
 }
@@ -1279,7 +1297,8 @@ pub fn restore_and_run(input: PackInput, opts: RestoreOptions, quiet: bool) -> R
         );
     }
     // For `vmpack bench-snapshot`: VMBOOT_BENCH_TIMESTAMPS=1 prints CLOCK_MONOTONIC stamps
-    // (stderr) of "restore done, vCPUs starting" and of vCPU 0's first exit after restore.
+    // (stderr) of "restore done, vCPUs starting", of vCPU 0's first exit after restore and,
+    // for a lazy restore, of every memory chunk being verified and in place.
     if std::env::var_os("VMBOOT_BENCH_TIMESTAMPS").is_some() {
         bench_stamps(&vm);
     }
@@ -1293,16 +1312,17 @@ pub fn restore_and_run(input: PackInput, opts: RestoreOptions, quiet: bool) -> R
 
 /// See `VMBOOT_BENCH_TIMESTAMPS` in [`restore_and_run`]. Instants cannot be turned into
 /// CLOCK_MONOTONIC readings directly, so one pair taken together anchors the conversion.
+fn monotonic_ns() -> u128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes into a local timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+}
+
 fn bench_stamps(vm: &Vm) {
-    fn monotonic_ns() -> u128 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: writes into a local timespec.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
-    }
     let (anchor, anchor_ns) = (Instant::now(), monotonic_ns());
     eprintln!("vmboot-bench: restored-monotonic-ns {anchor_ns}");
     let h = vm.controller();

@@ -898,6 +898,14 @@ impl VmHandle {
         self.mem.data_ranges()
     }
 
+    /// For a lazily restored VM: waits until every chunk is in place, and says why that
+    /// failed (a chunk or boot file failed verification), if it did.
+    pub fn memory_failure(&self) -> Option<String> {
+        let l = self.mem.lazy()?;
+        l.wait_complete();
+        l.failure()
+    }
+
     pub fn config(&self) -> &VmConfig {
         &self.config
     }

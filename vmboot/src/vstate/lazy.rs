@@ -108,6 +108,9 @@ pub struct LazySource {
     pub sections: Vec<(u64, u32)>,
     /// The global chunk numbers (see [`LazyMemory::chunk_count`]) to prefetch first.
     pub first: Vec<usize>,
+    /// Other sections the prefetch verifies after memory (the boot files, which only a later
+    /// save reads): a failure stops the VM like a memory chunk's.
+    pub verify_later: Vec<u32>,
     /// Called once, from the prefetch thread, when every chunk was checked and placed, with
     /// the chunk numbers in the order the guest first touched them.
     pub on_complete: Option<CompleteFn>,
@@ -130,6 +133,7 @@ struct Shared {
     uffd: OwnedFd,
     pack: Arc<VmPack>,
     source: ChunkSource,
+    verify_later: Vec<u32>,
     /// Sorted by host address.
     chunks: Vec<Chunk>,
     state: Vec<AtomicU8>,
@@ -240,6 +244,7 @@ impl LazyMemory {
             uffd,
             pack: src.pack,
             source: src.source,
+            verify_later: src.verify_later,
             chunks,
             state,
             faulted,
@@ -302,6 +307,11 @@ impl LazyMemory {
         while !*done && !self.shared.stop.load(Ordering::SeqCst) {
             done = cv.wait(done).unwrap_or_else(|p| p.into_inner());
         }
+    }
+
+    /// The verification failure that stopped the VM, if any.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.shared.failure).0.clone()
     }
 
     pub fn chunk_count(&self) -> usize {
@@ -536,7 +546,7 @@ impl Shared {
         unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_WAKE, &mut r) };
     }
 
-    fn prefetch(&self, first: Vec<usize>, done: Option<Box<dyn FnOnce(Vec<usize>) + Send>>) {
+    fn prefetch(&self, first: Vec<usize>, done: Option<CompleteFn>) {
         let n = self.chunks.len();
         let order: Vec<usize> = first
             .into_iter()
@@ -563,6 +573,17 @@ impl Shared {
                 });
             }
         });
+        for &id in &self.verify_later {
+            if self.stop.load(Ordering::SeqCst) || lock(&self.failure).0.is_some() {
+                break;
+            }
+            let r = self.pack.reader();
+            if let Err(e) = r.for_each_chunk_parallel(id, true, 1, &|_, _| Ok(())) {
+                self.fail(format!(
+                    "a boot file kept for later saves failed verification: {e}"
+                ));
+            }
+        }
         let ok = !self.stop.load(Ordering::SeqCst) && lock(&self.failure).0.is_none();
         let (m, cv) = &self.complete;
         *lock(m) = true;
@@ -682,6 +703,7 @@ mod tests {
                 source: ChunkSource::PackFile,
                 sections: vec![(0, id)],
                 first: Vec::new(),
+                verify_later: Vec::new(),
                 on_complete: None,
             }),
         )
@@ -726,6 +748,7 @@ mod tests {
                 source: ChunkSource::PackFile,
                 sections: vec![(0, id)],
                 first: vec![2],
+                verify_later: Vec::new(),
                 on_complete: Some(Box::new(move |order| tx.send(order).unwrap())),
             }),
         )

@@ -1,4 +1,5 @@
-//! Guest RAM: layout, allocation and the three ways of filling it.
+//! Guest RAM: layout, allocation and the four ways of filling it (the lazy one lives in
+//! `vstate::lazy`).
 //!
 //! vmboot maps every RAM region itself (anonymous `MAP_PRIVATE | MAP_NORESERVE`, so a 32 GiB
 //! guest costs nothing until touched) and hands vm-memory non-owning views of those mappings.
