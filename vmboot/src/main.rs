@@ -46,6 +46,10 @@ enum Cmd {
         /// When to check chunk hashes (see docs/FORMAT.md, "Verification on restore").
         #[arg(long, value_enum, default_value = "auto")]
         verify: vmboot::snapshot::VerifyPolicy,
+        /// How guest memory is filled: auto, lazy (on first touch, each chunk verified
+        /// first) or eager (docs/FORMAT.md, "Guest memory on restore").
+        #[arg(long, value_enum, default_value = "auto")]
+        memory: vmboot::snapshot::MemoryPolicy,
         /// Print nothing but errors and warnings.
         #[arg(long, short)]
         quiet: bool,
@@ -258,6 +262,7 @@ fn main() {
             api_sock,
             serial_out,
             verify,
+            memory,
             quiet,
         } => {
             use vmboot::snapshot::{restore_and_run, PackInput, RestoreOptions};
@@ -281,8 +286,10 @@ fn main() {
                 input,
                 RestoreOptions {
                     verify,
+                    memory,
                     run,
                     work_dir: None,
+                    source: Default::default(),
                 },
                 quiet,
                 "vmboot",

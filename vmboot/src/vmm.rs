@@ -41,6 +41,8 @@ pub const EXIT_FAIL_ENTRY: i32 = 72;
 pub const EXIT_GUEST_CRASH: i32 = 73;
 pub const EXIT_UNEXPECTED: i32 = 74;
 pub const EXIT_KVM_ERROR: i32 = 75;
+/// A lazily restored guest touched a memory chunk that failed verification.
+pub const EXIT_CORRUPT_MEMORY: i32 = 76;
 
 /// How a VM ended: the process exit status vmboot uses and a one-line explanation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -466,6 +468,17 @@ impl Vm {
         if let Some(at) = initrd_at {
             let _ = vm.handle.initrd_at.set(at);
         }
+        if let Some(lazy) = vm.handle.mem.lazy() {
+            let weak = Arc::downgrade(&vm.handle);
+            lazy.on_failure(Box::new(move |message| {
+                if let Some(h) = weak.upgrade() {
+                    h.request_exit(ExitReason {
+                        code: EXIT_CORRUPT_MEMORY,
+                        message,
+                    });
+                }
+            }));
+        }
         Ok(vm)
     }
 
@@ -564,6 +577,10 @@ impl Vm {
                     break;
                 }
             }
+        }
+        // The guest runs: fill what it has not touched yet in the background.
+        if let Some(lazy) = h.mem.lazy() {
+            lazy.start_prefetch();
         }
         let mut c = lock(&h.ctl);
         while c.exit.is_none() {
@@ -899,6 +916,14 @@ impl VmHandle {
     /// Per RAM region, the ranges that may hold data (see [`GuestRam::data_ranges`]).
     pub fn memory_data_ranges(&self) -> Vec<Vec<std::ops::Range<u64>>> {
         self.mem.data_ranges()
+    }
+
+    /// For a lazily restored VM: waits until every chunk is in place, and says why that
+    /// failed (a chunk or boot file failed verification), if it did.
+    pub fn memory_failure(&self) -> Option<String> {
+        let l = self.mem.lazy()?;
+        l.wait_complete();
+        l.failure()
     }
 
     pub fn config(&self) -> &VmConfig {
