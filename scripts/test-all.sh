@@ -18,6 +18,8 @@ command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v ssh-keygen >/dev/null || need+=(openssh-client)
+# The ACPI tables are checked with ACPICA's disassembler (vmboot/src/acpi.rs).
+command -v iasl >/dev/null || need+=(acpica-tools)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "== installing: ${need[*]}"

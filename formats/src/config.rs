@@ -23,6 +23,9 @@ pub struct VmConfig {
     pub memory_mib: u64,
     #[serde(default)]
     pub cpu_template: CpuTemplate,
+    /// A virtio-rng entropy device (after the disks).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rng: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flat: Option<FlatBoot>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -533,7 +533,8 @@ impl RemotePack {
         self.blobs.get(&chunk.payload_offset)
     }
 
-    fn chunk_name(&self, c: &ChunkEntry) -> String {
+    /// `section 'NAME' chunk N`, for messages.
+    pub fn chunk_name(&self, c: &ChunkEntry) -> String {
         format!(
             "section '{}' chunk {}",
             self.skeleton.section_name(c.section),

@@ -473,3 +473,28 @@ fn malformed_requests_get_error_statuses() {
     expect[5 * 512..6 * 512].copy_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes().repeat(64));
     assert!(std::fs::read(&disk).unwrap() == expect);
 }
+
+/// A pack saved by vmboot 0.1.0 (main before the device model, issue 11) while the `blk`
+/// guest was between its first writes and their read-back (tests/fixtures/README.md):
+/// its virtio-blk device is live (driver OK, queue ready, used ring advanced), and a
+/// restore by this vmboot carries on exactly where that one would, without touching the
+/// pack.
+#[test]
+fn pack_saved_by_v0_1_main_with_a_live_disk_restores() {
+    if !common::kvm_available("virtio-blk tests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pack = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/blk-v0.1-main.vmpack");
+    let before = sha256(&pack);
+    let r = spawn(&["restore", "--quiet", pack.to_str().unwrap()], dir.path());
+    let (code, out, err) = r.finish(RUN_TIMEOUT);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(
+        out,
+        "pass 1 sum=8c38d0dba9636325 bad=0\npass 2 written\npass 2 sum=5fd561ed60cd8325 bad=0\n\
+         pass 3 written\npass 3 sum=b758e28f3e824325 bad=0\nflush status=0\nid vmboot-disk0\n",
+        "stderr:\n{err}"
+    );
+    assert_eq!(sha256(&pack), before, "restore wrote to the pack");
+}

@@ -899,3 +899,273 @@ fn a_second_save_uploads_only_the_changed_chunks() {
     .unwrap();
     ok(&vm(d, &["test", &r, cases.to_str().unwrap(), "-q"]));
 }
+
+/// Runs `config` under vmboot with its serial output in `dir/NAME.serial`, waits for
+/// `needle`, saves it (`--then stop`) into `dir/NAME.vmpack` and returns the pack and the
+/// serial output before the save.
+fn run_and_save(
+    dir: &Path,
+    name: &str,
+    config: impl AsRef<Path>,
+    needle: &str,
+    compress: &str,
+) -> (PathBuf, String) {
+    let sock = dir.join(format!("{name}.sock"));
+    let serial = dir.join(format!("{name}.serial"));
+    // Built first: the counter ends 6 s after it starts.
+    let _ = vmpack();
+    let mut guest = Command::new(bin("vmboot"))
+        .arg("run")
+        .arg(samples_dir().join(config.as_ref()))
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--serial-out")
+        .arg(&serial)
+        .env("VMPACK_CACHE_DIR", dir.join("cache"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let text = || std::fs::read_to_string(&serial).unwrap_or_default();
+    wait_for(needle, Duration::from_secs(60), || {
+        text().contains(needle) && UnixStream::connect(&sock).is_ok()
+    });
+    let pack = dir.join(format!("{name}.vmpack"));
+    ok(&vm(
+        dir,
+        &[
+            "save",
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "-o",
+            pack.to_str().unwrap(),
+            "--compress",
+            compress,
+            "--then",
+            "stop",
+            "-q",
+        ],
+    ));
+    assert!(guest.wait().unwrap().success());
+    (pack, text())
+}
+
+/// `vmpack restore REF` with its serial output in `dir/NAME.serial`: (output, serial).
+fn restore_ref(dir: &Path, name: &str, r: &str) -> (Output, String) {
+    let serial = dir.join(format!("{name}.serial"));
+    let o = vm(
+        dir,
+        &["restore", r, "--serial-out", serial.to_str().unwrap()],
+    );
+    (o, std::fs::read_to_string(&serial).unwrap_or_default())
+}
+
+/// Restore straight from a registry: the guest resumes exactly where it was saved (the
+/// joined serial output equals an uninterrupted run), memory comes lazily from the
+/// registry, and the chunk cache then holds every blob, so a second restore fetches none.
+/// `--clones N` from a reference runs N clones from one pulled file.
+#[test]
+fn restore_from_a_reference_continues_exactly_and_fills_the_chunk_cache() {
+    if !kvm_available("the restore-from-registry test")
+        || !have("docker-registry", "the restore-from-registry test")
+    {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let reg = Registry::start(&d.join("reg"), None);
+    let expected: String = (1..=300).map(|i| format!("{i}\n")).collect();
+    for compress in ["none", "zstd"] {
+        let (pack, before) = run_and_save(d, compress, "counter64.toml", "\n20\n", compress);
+        let r = format!("{}/team/counter:{compress}", reg.host());
+        ok(&vm(d, &["push", pack.to_str().unwrap(), &r, "-q"]));
+        let (o, after) = restore_ref(d, &format!("{compress}-1"), &r);
+        let err = stderr(&o);
+        assert!(o.status.success(), "{err}");
+        assert_eq!(format!("{before}{after}"), expected, "{compress}: {err}");
+        assert!(err.contains("memory: lazy"), "{err}");
+        assert!(err.contains("memory fetched on first touch"), "{err}");
+        // Memory came from the registry (the cache may already hold blobs the two packs
+        // share, such as the boot image).
+        assert!(!err.contains("fetched 0 blobs"), "{err}");
+        // The second restore takes every chunk from the cache.
+        let (o, after) = restore_ref(d, &format!("{compress}-2"), &r);
+        let err = stderr(&o);
+        assert!(o.status.success(), "{err}");
+        assert_eq!(format!("{before}{after}"), expected, "{compress}: {err}");
+        assert!(
+            err.contains("fetched 0 blobs (0 bytes) from the registry"),
+            "{err}"
+        );
+        // Nothing is left behind but the cache's own entries.
+        let stray: Vec<_> = std::fs::read_dir(d.join("cache"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".remote-"))
+            .collect();
+        assert!(stray.is_empty(), "{stray:?}");
+    }
+    // Clones from a reference run from one pulled file, which then sits in the cache.
+    let r = format!("{}/team/counter:zstd", reg.host());
+    let o = vm(d, &["restore", &r, "--clones", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for i in 0..2 {
+        assert!(out.contains(&format!("[{i}] 300\n")), "{out}");
+    }
+    assert_eq!(
+        std::fs::read_dir(d.join("cache/pulled")).unwrap().count(),
+        1
+    );
+}
+
+/// A memory chunk's blob altered in the registry's storage is refused on first touch,
+/// naming the section and chunk: the VM stops (status 76) before the guest reads it, and
+/// the bad blob never enters the chunk cache.
+#[test]
+fn restore_from_a_reference_refuses_an_altered_memory_blob() {
+    if !kvm_available("the restore-from-registry test")
+        || !have("docker-registry", "the restore-from-registry test")
+    {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let reg = Registry::start(&d.join("reg"), None);
+    let (pack, _) = run_and_save(d, "m", "memtest.toml", "filled\n", "none");
+    let r = format!("{}/team/memtest:v1", reg.host());
+    ok(&vm(d, &["push", pack.to_str().unwrap(), &r, "-q"]));
+    // The last stored memory chunk: memtest reads it late, long after the restore.
+    let rd = vmpack_formats::pack::PackReader::open(&pack).unwrap();
+    let chunks = rd.chunks(rd.section("memory/0").unwrap().id);
+    let (seq, e) = chunks
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, e)| e.clen > 0)
+        .unwrap();
+    let hex = hex::encode(e.sha256);
+    let data = reg
+        .blob_files()
+        .into_iter()
+        .find(|p| p.parent().unwrap().file_name().unwrap().to_str() == Some(hex.as_str()))
+        .expect("the chunk's blob in the registry's storage");
+    let mut bytes = std::fs::read(&data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&data, bytes).unwrap();
+    let (o, out) = restore_ref(d, "bad", &r);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(76), "{err}");
+    assert!(
+        err.contains(&format!("section 'memory/0' chunk {seq}")),
+        "{err}"
+    );
+    assert!(err.contains(&hex), "{err}");
+    assert!(err.contains("failed verification"), "{err}");
+    assert!(!out.contains("memtest:"), "the guest read it: {out}");
+    assert!(
+        !d.join("cache/chunks/sha256").join(&hex).exists(),
+        "a refused blob never enters the chunk cache"
+    );
+}
+
+/// The README's restore-from-registry figures (`cargo test -p vmpack-e2e --test registry --
+/// --ignored --nocapture restore_from_registry_figures`): a 1 GiB guest holding 600 MiB of
+/// incompressible data in RAM (the kvstore guest with the data behind its code), pushed to
+/// a loopback registry and restored from the reference with an empty chunk cache, then
+/// again with the cache full; each restore is shut down once its memory is fully resident.
+/// Prints vmpack's own timing lines.
+#[test]
+#[ignore]
+fn restore_from_registry_figures() {
+    if !kvm_available("the restore-from-registry figures")
+        || !have("docker-registry", "the restore-from-registry figures")
+    {
+        return;
+    }
+    use std::io::BufRead;
+    use vmpack_formats::pack::{Compression, SectionRange, SectionSource, WriteOptions};
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let reg = Registry::start(&d.join("reg"), None);
+    let code = std::fs::read(samples_dir().join("guests/bin/kvstore.bin")).unwrap();
+    let mut image = code.clone();
+    image.extend(noise(600 << 20, 7));
+    std::fs::write(d.join("big.bin"), &image).unwrap();
+    drop(image);
+    std::fs::write(
+        d.join("big.toml"),
+        "name = \"big\"\nvcpus = 1\nmemory_mib = 1024\n[flat]\nimage = \"big.bin\"\nload_address = 0x100000\nentry = 0x100000\nmode = \"long\"\n",
+    )
+    .unwrap();
+    let (saved, _) = run_and_save(d, "big", d.join("big.toml"), "> ", "none");
+    // The saved pack also holds the 600 MiB image as a boot file; the RAM already has it, so
+    // the pack measured carries only the code as its image (what a real guest's is).
+    let pack = d.join("ram.vmpack");
+    {
+        let old = vmpack_formats::vm::VmPack::open(&saved).unwrap();
+        let r = old.reader();
+        let cfg = old.config().unwrap();
+        let state = r
+            .read_section(r.section("vmstate").unwrap().id, 1 << 30)
+            .unwrap();
+        let mem = r.section("memory/0").unwrap();
+        let ram = SectionRange::whole(r, mem.id);
+        let plan = vmpack_formats::vm::VmPackPlan {
+            memory: vec![(0, &ram as &dyn SectionSource)],
+            vmstate: Some(&state),
+            files: Some(vec![("image", &code as &dyn SectionSource)]),
+            memory_chunk_size: Some(mem.chunk_size),
+            ..Default::default()
+        };
+        let opts = WriteOptions {
+            compression: Compression::None,
+            aligned: true,
+            ..WriteOptions::default()
+        };
+        vmpack_formats::vm::write_vm_pack(
+            std::fs::File::create(&pack).unwrap(),
+            &cfg,
+            plan,
+            &opts,
+            &(),
+        )
+        .unwrap();
+    }
+    std::fs::remove_file(&saved).unwrap();
+    let r = format!("{}/bench/big:v1", reg.host());
+    ok(&vm(d, &["push", pack.to_str().unwrap(), &r, "-q"]));
+    for run in ["empty chunk cache", "full chunk cache"] {
+        let sock = d.join("r.sock");
+        let mut child = Command::new(vmpack())
+            .current_dir(d)
+            .env("VMPACK_CACHE_DIR", d.join("cache"))
+            .args(["restore", &r, "--serial-out", "none", "--api-sock"])
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut err = String::new();
+        for l in lines.by_ref() {
+            let l = l.unwrap();
+            err += &l;
+            err.push('\n');
+            if l.contains("fully resident") {
+                break;
+            }
+        }
+        assert!(err.contains("fully resident"), "{err}");
+        let (st, _) = http(&sock, "PUT", "/vm/shutdown", b"");
+        assert_eq!(st, 204);
+        for l in lines {
+            err += &l.unwrap();
+            err.push('\n');
+        }
+        assert!(child.wait().unwrap().success(), "{err}");
+        eprintln!("--- {run}:\n{err}");
+    }
+}

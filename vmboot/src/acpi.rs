@@ -1,15 +1,20 @@
-//! ACPI tables for Linux guests: RSDP, XSDT, FADT (hardware-reduced), MADT and a DSDT that
-//! describes the virtio-mmio devices.
+//! ACPI tables for Linux guests: RSDP, XSDT, FADT (hardware-reduced), MADT and a DSDT, the
+//! last two generated from the device registry ([`DeviceManager`]).
+//!
+//! With a hardware-reduced FADT Linux allocates only the interrupts ACPI names, so every
+//! device that raises one must be in the DSDT: COM1 (`PNP0501`, else the 8250 driver's
+//! `request_irq(4)` fails and `/dev/console` writes get EIO), the i8042 (`PNP0303`) and the
+//! virtio-mmio windows.
 //!
 //! Stock distribution kernels do not honour `virtio_mmio.device=` (Debian builds without
 //! `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`), but their virtio-mmio driver binds to ACPI devices
 //! with `_HID "LNRO0005"`, so the DSDT is how they find the disks. The tables live in the
 //! BIOS area at 0xe0000, where Linux scans for the RSDP, below the MP table at 0xf0000.
 
-use crate::devices::virtio;
+use crate::device_manager::{AcpiId, DeviceManager};
 use crate::memory::GuestRam;
 use acpi_tables::aml::{
-    self, Device, Interrupt, Memory32Fixed, Name, Path, ResourceTemplate, Scope,
+    self, Device, EISAName, Interrupt, Memory32Fixed, Name, Path, ResourceTemplate, Scope, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::rsdp::Rsdp;
@@ -40,24 +45,51 @@ fn table_bytes(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The DSDT: one `LNRO0005` device per virtio-mmio window, under `\_SB`.
-pub fn dsdt(devices: usize) -> Vec<u8> {
+/// The DSDT: under `\_SB`, one node per registered device that has an ACPI id, with its
+/// ports, MMIO window and interrupt from the registry.
+pub fn dsdt(dm: &DeviceManager) -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let mut body = Vec::new();
-    for i in 0..devices {
-        let (base, gsi) = virtio::placement(i);
-        let mem = Memory32Fixed::new(true, base as u32, virtio::MMIO_SIZE as u32);
-        // Edge-triggered, active high, exclusive: the irqfd pulses the IOAPIC pin.
-        let irq = Interrupt::new(true, true, false, false, gsi);
-        let crs = ResourceTemplate::new(vec![&mem, &irq]);
-        let name = format!("V{i:03}");
-        let hid = Name::new("_HID".into(), &"LNRO0005");
-        let uid_v = i as u32;
-        let uid = Name::new("_UID".into(), &uid_v);
-        // Cache-coherent DMA: the device reads guest RAM through the host's coherent view.
-        let cca = Name::new("_CCA".into(), &aml::ONE);
+    let mut virtio_index = 0u32;
+    for d in dm.devices() {
+        let Some(acpi) = &d.acpi else { continue };
+        let ios: Vec<IO> = d
+            .pio
+            .iter()
+            .map(|&(base, len)| IO::new(base as u16, base as u16, 1, len as u8))
+            .collect();
+        let mem = d
+            .mmio
+            .map(|(base, len)| Memory32Fixed::new(true, base as u32, len as u32));
+        // Edge-triggered, active high, exclusive: irqfds pulse the IOAPIC pin.
+        let irq = d.gsi.map(|g| Interrupt::new(true, true, false, false, g));
+        let mut res: Vec<&dyn Aml> = ios.iter().map(|i| i as &dyn Aml).collect();
+        if let Some(m) = &mem {
+            res.push(m);
+        }
+        if let Some(i) = &irq {
+            res.push(i);
+        }
+        let crs = ResourceTemplate::new(res);
         let crs = Name::new("_CRS".into(), &crs);
-        Device::new(Path::new(&name), vec![&hid, &uid, &cca, &crs]).to_aml_bytes(&mut body);
+        match acpi {
+            AcpiId::Pnp { hid, name } => {
+                let eisa = EISAName::new(hid);
+                let hid = Name::new("_HID".into(), &eisa);
+                let uid = Name::new("_UID".into(), &aml::ZERO);
+                Device::new(Path::new(name), vec![&hid, &uid, &crs]).to_aml_bytes(&mut body);
+            }
+            AcpiId::VirtioMmio => {
+                let name = format!("V{virtio_index:03}");
+                let hid = Name::new("_HID".into(), &"LNRO0005");
+                let uid = Name::new("_UID".into(), &virtio_index);
+                // Cache-coherent DMA: the device reads guest RAM through the host's
+                // coherent view.
+                let cca = Name::new("_CCA".into(), &aml::ONE);
+                Device::new(Path::new(&name), vec![&hid, &uid, &cca, &crs]).to_aml_bytes(&mut body);
+                virtio_index += 1;
+            }
+        }
     }
     let body = RawAml(&body);
     Scope::new("\\_SB_".into(), vec![&body]).to_aml_bytes(&mut dsdt);
@@ -74,9 +106,10 @@ impl Aml for RawAml<'_> {
 }
 
 /// The MADT: one local APIC per vCPU (APIC ID = index), the IOAPIC (ID = vCPU count, GSI
-/// base 0, as in the MP table) and an identity override for ISA IRQ 0 (KVM's PIT raises
-/// GSI 0, and without the entry a guest could assume the PC's usual IRQ 0 -> pin 2).
-pub fn madt(vcpus: u32) -> Vec<u8> {
+/// base 0, as in the MP table) and an interrupt source override for each registered ISA
+/// device wired differently from a PC (KVM's PIT raises GSI 0, and without the entry a
+/// guest would assume the PC's usual IRQ 0 -> pin 2).
+pub fn madt(vcpus: u32, dm: &DeviceManager) -> Vec<u8> {
     let mut madt = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     madt.write_u32(36, LAPIC_ADDR);
     // PCAT_COMPAT: KVM's dual 8259 is there too.
@@ -89,18 +122,20 @@ pub fn madt(vcpus: u32) -> Vec<u8> {
     ioapic.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     ioapic.extend_from_slice(&0u32.to_le_bytes());
     madt.append_slice(&ioapic);
-    // Interrupt Source Override: type 2, length 10, bus 0 (ISA), IRQ 0 -> GSI 0, flags
-    // 0 (bus default polarity and trigger).
-    let mut iso = vec![2u8, 10, 0, 0];
-    iso.extend_from_slice(&0u32.to_le_bytes());
-    iso.extend_from_slice(&0u16.to_le_bytes());
-    madt.append_slice(&iso);
+    for (irq, gsi) in dm.isa_overrides() {
+        // Interrupt Source Override: type 2, length 10, bus 0 (ISA), IRQ -> GSI, flags 0
+        // (bus default polarity and trigger).
+        let mut iso = vec![2u8, 10, 0, irq];
+        iso.extend_from_slice(&gsi.to_le_bytes());
+        iso.extend_from_slice(&0u16.to_le_bytes());
+        madt.append_slice(&iso);
+    }
     madt.as_slice().to_vec()
 }
 
-/// Builds every table with `vcpus` processors and `devices` virtio-mmio devices, as
-/// `(gpa, bytes)` pieces starting at [`RSDP_ADDR`].
-pub fn tables(vcpus: u32, devices: usize) -> Result<Vec<(u64, Vec<u8>)>> {
+/// Builds every table for `vcpus` processors and the devices of `dm`, as `(gpa, bytes)`
+/// pieces starting at [`RSDP_ADDR`].
+pub fn tables(vcpus: u32, dm: &DeviceManager) -> Result<Vec<(u64, Vec<u8>)>> {
     let align = |a: u64| (a + 15) & !15;
     let xsdt_addr = align(RSDP_ADDR + Rsdp::len() as u64);
     // XSDT with 2 entries: header 36 + 16.
@@ -109,12 +144,13 @@ pub fn tables(vcpus: u32, devices: usize) -> Result<Vec<(u64, Vec<u8>)>> {
     let fadt_len =
         table_bytes(&FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION).finalize()).len() as u64;
     let madt_addr = align(fadt_addr + fadt_len);
-    let madt = madt(vcpus);
+    let madt = madt(vcpus, dm);
     let dsdt_addr = align(madt_addr + madt.len() as u64);
-    let dsdt = dsdt(devices);
+    let dsdt = dsdt(dm);
     if dsdt_addr + dsdt.len() as u64 > TABLES_END {
         bail!(
-            "ACPI tables for {vcpus} vCPUs and {devices} devices do not fit below {TABLES_END:#x}"
+            "ACPI tables for {vcpus} vCPUs and {} devices do not fit below {TABLES_END:#x}",
+            dm.devices().len()
         );
     }
     fadt = fadt.flag(Flags::HwReducedAcpi).dsdt_64(dsdt_addr);
@@ -136,8 +172,8 @@ pub fn tables(vcpus: u32, devices: usize) -> Result<Vec<(u64, Vec<u8>)>> {
 }
 
 /// Writes the tables into guest memory (Linux boots only; flat guests do not need them).
-pub fn write(mem: &GuestRam, vcpus: u32, devices: usize) -> Result<()> {
-    for (gpa, bytes) in tables(vcpus, devices)? {
+pub fn write(mem: &GuestRam, vcpus: u32, dm: &DeviceManager) -> Result<()> {
+    for (gpa, bytes) in tables(vcpus, dm)? {
         mem.write(gpa, &bytes)
             .with_context(|| format!("writing ACPI table at {gpa:#x}"))?;
     }
@@ -145,16 +181,29 @@ pub fn write(mem: &GuestRam, vcpus: u32, devices: usize) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn checksum_ok(b: &[u8]) -> bool {
         b.iter().fold(0u8, |a, &x| a.wrapping_add(x)) == 0
     }
 
+    pub(crate) fn registry(virtio: usize) -> DeviceManager {
+        use crate::device_manager::tests::null_virtio;
+        let n =
+            || null_virtio().0 as std::sync::Arc<std::sync::Mutex<dyn crate::devices::BusDevice>>;
+        let mut dm = DeviceManager::new();
+        crate::device_manager::add_pc_devices(&mut dm, (n(), None), (n(), None), n()).unwrap();
+        for i in 0..virtio {
+            dm.add_virtio_mmio(&format!("virtio-blk{i}"), |_, _| Ok(null_virtio()))
+                .unwrap();
+        }
+        dm
+    }
+
     #[test]
     fn tables_are_consistent() {
-        let t = tables(2, 3).unwrap();
+        let t = tables(2, &registry(3)).unwrap();
         let (rsdp_at, rsdp) = &t[0];
         assert_eq!(*rsdp_at, RSDP_ADDR);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -181,10 +230,191 @@ mod tests {
         // Three devices, each with the LNRO0005 id and its window in the DSDT.
         let hid = b"LNRO0005";
         assert_eq!(dsdt.windows(hid.len()).filter(|w| w == hid).count(), 3);
+        for name in [b"COM1", b"PS2_"] {
+            assert_eq!(dsdt.windows(4).filter(|w| w == name).count(), 1);
+        }
         let madt = find(entries[1]);
         // 2 LAPICs (8) + IOAPIC (12) + ISO (10) after the 44-byte header.
         assert_eq!(madt.len(), 44 + 16 + 12 + 10);
         let end = t.last().map(|(g, b)| g + b.len() as u64).unwrap();
         assert!(end <= TABLES_END);
+    }
+}
+
+/// The generated tables checked by an independent reader: ACPICA's disassembler.
+#[cfg(test)]
+mod iasl {
+    use super::tests::registry;
+    use super::*;
+    use std::process::Command;
+
+    /// What `iasl -d` shows of one `Device` of the DSDT.
+    #[derive(Debug, Default, PartialEq)]
+    struct Node {
+        name: String,
+        hid: String,
+        io: Vec<(u64, u64)>,
+        mem: Option<(u64, u64)>,
+        irqs: Vec<u32>,
+    }
+
+    fn num(s: &str) -> u64 {
+        let t = s.trim().trim_end_matches(',');
+        let t = t
+            .split_whitespace()
+            .next()
+            .unwrap_or(t)
+            .trim_end_matches(',');
+        u64::from_str_radix(t.trim_start_matches("0x"), 16).unwrap_or_else(|_| panic!("{s:?}"))
+    }
+
+    fn parse_dsdt(text: &str) -> Vec<Node> {
+        let mut nodes = Vec::new();
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        let mut i = 0;
+        while i < lines.len() {
+            let l = lines[i];
+            if let Some(name) = l.strip_prefix("Device (").and_then(|r| r.strip_suffix(')')) {
+                // iasl drops a name's trailing padding underscores.
+                nodes.push(Node {
+                    name: format!("{name:_<4}"),
+                    ..Node::default()
+                });
+            } else if let Some(n) = nodes.last_mut() {
+                if l.starts_with("Name (_HID") {
+                    let q: Vec<&str> = l.split('"').collect();
+                    n.hid = q[1].to_string();
+                } else if l.starts_with("IO (Decode16") {
+                    // Minimum, maximum, alignment, length on the next four lines.
+                    n.io.push((num(lines[i + 1]), num(lines[i + 4])));
+                } else if l.starts_with("Memory32Fixed (") {
+                    n.mem = Some((num(lines[i + 1]), num(lines[i + 2])));
+                } else if l.starts_with("Interrupt (") {
+                    let mut j = i + 2;
+                    while lines[j] != "}" {
+                        n.irqs.push(num(lines[j]) as u32);
+                        j += 1;
+                    }
+                    assert!(
+                        l.contains("ResourceConsumer, Edge, ActiveHigh, Exclusive"),
+                        "{l}"
+                    );
+                }
+            }
+            i += 1;
+        }
+        nodes
+    }
+
+    /// Runs `iasl -d` on `bytes` saved as `name`.dat; returns the .dsl text. None (after a
+    /// loud message) when iasl is not installed: scripts/test-all.sh installs it.
+    fn disassemble(dir: &std::path::Path, name: &str, bytes: &[u8]) -> Option<String> {
+        let dat = dir.join(format!("{name}.dat"));
+        std::fs::write(&dat, bytes).unwrap();
+        let out = match Command::new("iasl")
+            .arg("-d")
+            .arg(&dat)
+            .current_dir(dir)
+            .output()
+        {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("*** SKIPPED: iasl (Debian acpica-tools) not runnable: {e} ***");
+                return None;
+            }
+        };
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "iasl -d {name}: {log}");
+        assert!(
+            !log.contains("Error") && !log.contains("Warning"),
+            "iasl -d {name} complained:\n{log}"
+        );
+        Some(std::fs::read_to_string(dir.join(format!("{name}.dsl"))).unwrap())
+    }
+
+    #[test]
+    fn iasl_reads_the_tables_and_they_match_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let dm = registry(3);
+        let Some(dsl) = disassemble(dir.path(), "dsdt", &dsdt(&dm)) else {
+            return;
+        };
+        let mut want = Vec::new();
+        for d in dm.devices() {
+            let Some(acpi) = &d.acpi else { continue };
+            let (name, hid) = match acpi {
+                AcpiId::Pnp { hid, name } => (name.to_string(), hid.to_string()),
+                AcpiId::VirtioMmio => (
+                    format!(
+                        "V{:03}",
+                        want.iter().filter(|n: &&Node| n.hid == "LNRO0005").count()
+                    ),
+                    "LNRO0005".to_string(),
+                ),
+            };
+            want.push(Node {
+                name,
+                hid,
+                io: d.pio.clone(),
+                mem: d.mmio,
+                irqs: d.gsi.into_iter().collect(),
+            });
+        }
+        let got = parse_dsdt(&dsl);
+        assert_eq!(got, want, "DSDT as iasl reads it:\n{dsl}");
+        // COM1 and the i8042 at their PC places, as Linux's 8250 and i8042 drivers expect.
+        assert!(got.contains(&Node {
+            name: "COM1".into(),
+            hid: "PNP0501".into(),
+            io: vec![(0x3f8, 8)],
+            mem: None,
+            irqs: vec![4],
+        }));
+        assert!(got.contains(&Node {
+            name: "PS2_".into(),
+            hid: "PNP0303".into(),
+            io: vec![(0x60, 1), (0x64, 1)],
+            mem: None,
+            irqs: vec![1],
+        }));
+
+        let madt_text = disassemble(dir.path(), "apic", &madt(4, &dm)).unwrap();
+        // Field `key` of a block of the disassembly (the header, or one subtable).
+        let field = |block: &str, key: &str| -> u64 {
+            let l = block
+                .lines()
+                .find(|l| l.split(':').next().is_some_and(|k| k.trim().ends_with(key)))
+                .unwrap_or_else(|| panic!("no {key} in {block}"));
+            num(l.split(':').nth(1).unwrap())
+        };
+        let mut blocks = madt_text.split("Subtable Type :");
+        let header = blocks.next().unwrap();
+        assert_eq!(field(header, "Local Apic Address"), u64::from(LAPIC_ADDR));
+        let (mut lapics, mut ioapics, mut overrides) = (vec![], vec![], vec![]);
+        for b in blocks {
+            match num(b) {
+                0 => lapics.push(field(b, "Local Apic ID")),
+                1 => ioapics.push((
+                    field(b, "I/O Apic ID"),
+                    field(b, "Address"),
+                    field(b, "Interrupt"),
+                )),
+                2 => overrides.push((field(b, "Source"), field(b, "Interrupt"))),
+                t => panic!("unexpected MADT subtable {t}"),
+            }
+        }
+        assert_eq!(lapics, vec![0, 1, 2, 3], "{madt_text}");
+        assert_eq!(ioapics, vec![(4, u64::from(IOAPIC_ADDR), 0)], "{madt_text}");
+        let want: Vec<(u64, u64)> = dm
+            .isa_overrides()
+            .into_iter()
+            .map(|(i, g)| (u64::from(i), u64::from(g)))
+            .collect();
+        assert_eq!(overrides, want, "{madt_text}");
+        assert_eq!(want, vec![(0, 0)]);
     }
 }

@@ -329,13 +329,14 @@ fn push(
 
 pub fn judge(saved: &SavedGuest, target: &HostFingerprint) -> Judgement {
     let mut reasons = Vec::new();
-    if saved.vmstate_version != target.vmstate_version {
+    // A vmboot reads every vm state version from 1 up to its own (docs/FORMAT.md §12.2).
+    if saved.vmstate_version == 0 || saved.vmstate_version > target.vmstate_version {
         push(
             &mut reasons,
             Verdict::Refused,
             "vmstate_version",
             format!(
-                "vm state version {} cannot be restored by vmboot {} (it reads version {})",
+                "vm state version {} cannot be restored by vmboot {} (it reads versions 1 to {})",
                 saved.vmstate_version, target.vmboot_version, target.vmstate_version
             ),
             vec![],
@@ -494,14 +495,14 @@ impl SavedPack {
         }
         let v: Version = serde_json::from_slice(&bytes)
             .map_err(|e| anyhow!("{label}: section '{section}': not a valid vm state: {e}"))?;
-        let state =
-            if v.version == crate::persist::VM_STATE_VERSION {
-                Some(serde_json::from_slice(&bytes).map_err(|e| {
-                    anyhow!("{label}: section '{section}': not a valid vm state: {e}")
-                })?)
-            } else {
-                None
-            };
+        let state = if (1..=crate::persist::VM_STATE_VERSION).contains(&v.version) {
+            Some(
+                crate::persist::VmState::parse(&bytes)
+                    .map_err(|e| anyhow!("{label}: section '{section}': {e:#}"))?,
+            )
+        } else {
+            None
+        };
         Ok(SavedPack {
             state,
             version: v.version,

@@ -14,23 +14,25 @@ mod control;
 pub mod cpu_custom;
 pub mod cpu_fit;
 pub mod cpuid;
+pub mod device_manager;
 pub mod devices;
 pub mod flat;
 pub mod host_info;
 pub mod kvm_caps;
 pub mod linux;
-pub mod memory;
 pub mod mptable;
 pub mod msr;
 pub mod persist;
 pub mod samples;
 pub mod snapshot;
-pub mod vcpu;
 pub mod vmm;
+pub mod vstate;
+
+pub use vstate::{memory, vcpu};
 
 pub use memory::GuestMemoryInit;
 pub use persist::{VcpuState, VmState};
 pub use vmm::{
     block_exit_signals, terminate_all_on_signals, terminate_on_signals, BootFiles, BootPayload,
-    ExitReason, RunOptions, SerialSink, Vm, VmHandle,
+    ExitReason, RunOptions, SerialSink, ValidState, Vm, VmHandle,
 };

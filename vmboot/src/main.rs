@@ -46,6 +46,10 @@ enum Cmd {
         /// When to check chunk hashes (see docs/FORMAT.md, "Verification on restore").
         #[arg(long, value_enum, default_value = "auto")]
         verify: vmboot::snapshot::VerifyPolicy,
+        /// How guest memory is filled: auto, lazy (on first touch, each chunk verified
+        /// first) or eager (docs/FORMAT.md, "Guest memory on restore").
+        #[arg(long, value_enum, default_value = "auto")]
+        memory: vmboot::snapshot::MemoryPolicy,
         /// Print nothing but errors and warnings.
         #[arg(long, short)]
         quiet: bool,
@@ -217,7 +221,31 @@ fn bench(sizes: &[u64], runs: usize) -> Result<i32> {
     Ok(0)
 }
 
+/// A thread that cannot map its signal stack (a tight `ulimit -v`) panics inside std before
+/// any of its code runs, and std's default hook can then deadlock: printing the backtrace
+/// runs out of memory too and the out-of-memory handler waits for the lock the printer
+/// holds. That panic is reported as the error it is and ends the process (status 1); any
+/// other panic goes to the default hook.
+fn report_thread_start_failures() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let p = info.payload();
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        if msg.contains("alternative stack") {
+            eprintln!("vmboot: error: cannot start a thread: {msg}");
+            // SAFETY: ends the process at once; nothing may wait for this thread.
+            unsafe { libc::_exit(1) };
+        }
+        default(info)
+    }));
+}
+
 fn main() {
+    report_thread_start_failures();
     let cli = Cli::parse();
     // Before any thread starts, so every thread inherits the mask; the VM's own signal
     // thread turns them into a clean end.
@@ -234,6 +262,7 @@ fn main() {
             api_sock,
             serial_out,
             verify,
+            memory,
             quiet,
         } => {
             use vmboot::snapshot::{restore_and_run, PackInput, RestoreOptions};
@@ -257,8 +286,10 @@ fn main() {
                 input,
                 RestoreOptions {
                     verify,
+                    memory,
                     run,
                     work_dir: None,
+                    source: Default::default(),
                 },
                 quiet,
                 "vmboot",

@@ -10,6 +10,7 @@ use kvm_ioctls::VcpuFd;
 
 pub const MSR_IA32_TSC: u32 = 0x10;
 pub const MSR_IA32_APICBASE: u32 = 0x1b;
+pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 pub const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 pub const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 pub const MSR_EFER: u32 = 0xc000_0080;

@@ -1,18 +1,99 @@
-//! Everything vmboot saves about a paused VM, as plain serde structs.
+//! Everything vmboot saves about a paused VM, as plain serde structs, and the traits every
+//! saved component implements.
 //!
-//! KVM structures serialize as raw bytes (kvm-bindings' `serde` feature), so use a binary
-//! codec (bitcode, postcard, ...) rather than TOML or JSON for these. Guest RAM is not part of
-//! [`VmState`]: it is written separately through [`crate::VmHandle::with_memory`].
+//! The vmstate is a tree of components, each with its own version (docs/FORMAT.md §12.2):
+//! the VM-level state (`vm`), one entry per vCPU and one per registered device, keyed by
+//! the device's id. A component's [`Persist::VERSION`] is bumped when its state changes; a
+//! reader accepts every version up to its own and refuses newer ones by name.
+//!
+//! KVM structures serialize as raw bytes (kvm-bindings' `serde` feature). Guest RAM is not
+//! part of [`VmState`]: it is written separately through [`crate::VmHandle::with_memory`].
 
+use anyhow::{bail, Context, Result};
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use vmpack_formats::config::VmConfig;
 
-/// Bumped whenever a field changes meaning or is added/removed.
-pub const VM_STATE_VERSION: u32 = 1;
+/// The version of the vmstate's outer shape. Version 1 (vmboot 0.1.0) had fixed fields per
+/// device and no per-component versions; it is still read.
+pub const VM_STATE_VERSION: u32 = 2;
+
+/// A component of the VM whose state goes into the vmstate (Firecracker's persist
+/// pattern): a plain `State`, captured by [`Persist::save`]; a restore builds a fresh
+/// object from it plus the `ConstructorArgs` that are not state (fds, guest memory,
+/// backends).
+pub trait Persist<'a>: Sized {
+    type State: Serialize + DeserializeOwned;
+    type ConstructorArgs: 'a;
+    /// The version of `State` this build writes; it reads every version up to it.
+    const VERSION: u32;
+    fn save(&self) -> Result<Self::State>;
+    fn restore(args: Self::ConstructorArgs, state: &Self::State) -> Result<Self>;
+}
+
+/// A component that does work outside the vCPUs (an I/O thread, a worker) and must stop
+/// touching guest memory while the VM is paused.
+pub trait Pausable {
+    /// Returns once work in progress has completed; no new work starts until `resume`.
+    fn pause(&self) {}
+    fn resume(&self) {}
+}
+
+/// A device in the registry, as the VM loops over them: pause, resume, save, status.
+pub trait VmDevice: Pausable + Send + Sync {
+    /// The device's state, under its registry `id`.
+    fn save(&self, id: &str) -> Result<DeviceState>;
+    /// A status entry for `GET /vm`: `(list name, entry)`.
+    fn status(&self) -> Option<(&'static str, serde_json::Value)> {
+        None
+    }
+    /// Makes the device's backend durable (disk images).
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One device in the vmstate: its registry id, the version of its state and the state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub id: String,
+    pub version: u32,
+    pub state: serde_json::Value,
+}
+
+impl DeviceState {
+    pub fn new<'a, T: Persist<'a>>(id: &str, dev: &T) -> Result<DeviceState> {
+        Ok(DeviceState {
+            id: id.to_string(),
+            version: T::VERSION,
+            state: serde_json::to_value(dev.save()?)
+                .with_context(|| format!("encoding the state of device {id}"))?,
+        })
+    }
+
+    /// The typed state, refused if its version is newer than this build's.
+    pub fn decode<'a, T: Persist<'a>>(&self) -> Result<T::State> {
+        check_version(&format!("device {}", self.id), self.version, T::VERSION)?;
+        serde_json::from_value(self.state.clone())
+            .map_err(|e| anyhow::anyhow!("device {}: {e}", self.id))
+    }
+}
+
+/// A reader accepts component versions 1 up to its own.
+pub fn check_version(what: &str, version: u32, ours: u32) -> Result<()> {
+    if version == 0 || version > ours {
+        bail!("{what}: state version {version} is not supported (this vmboot reads versions 1 to {ours})");
+    }
+    Ok(())
+}
+
+fn version_one() -> u32 {
+    1
+}
 
 /// KVM structures must arrive at exactly their ABI size. kvm-bindings' own `Deserialize`
 /// zero-pads a short byte array and ignores the tail of a long one, so a vmstate with a
@@ -125,9 +206,15 @@ mod exact {
     lists!(cpuid, msrs);
 }
 
+/// The version of [`VcpuState`] this build writes.
+pub const VCPU_STATE_VERSION: u32 = 1;
+
 /// One vCPU, captured outside KVM_RUN with any pending port I/O completed.
 #[derive(Serialize, Deserialize)]
 pub struct VcpuState {
+    /// Absent in vmstate version 1: 1.
+    #[serde(default = "version_one")]
+    pub version: u32,
     pub id: u32,
     #[serde(deserialize_with = "exact::mp_state")]
     pub mp_state: kvm_mp_state,
@@ -215,27 +302,14 @@ impl From<&SerialDeviceState> for vm_superio::serial::SerialState {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct I8042State {}
 
-/// Devices emulated in userspace.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceStates {
-    pub serial: SerialDeviceState,
-    pub i8042: I8042State,
-    /// One per `[[disk]]`, in config order (absent in packs from before virtio-blk).
-    #[serde(default)]
-    pub virtio_blk: Vec<crate::devices::virtio::VirtioBlkState>,
-}
+/// The version of [`VmLevelState`] this build writes.
+pub const VM_LEVEL_STATE_VERSION: u32 = 1;
 
-/// A whole paused VM except guest RAM.
+/// The in-kernel devices KVM emulates for the whole VM: PIT, kvmclock, PIC pair, IOAPIC.
 #[derive(Serialize, Deserialize)]
-pub struct VmState {
+pub struct VmLevelState {
+    #[serde(default = "version_one")]
     pub version: u32,
-    /// Written by vmboot before the manifest became the config's only authority (see
-    /// docs/FORMAT.md §12.2); a restore checks it against the manifest's config and never
-    /// uses it otherwise. New saves leave it out.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub config: Option<VmConfig>,
-    /// Guest RAM regions `(gpa, size)` the memory image must cover.
-    pub memory_regions: Vec<(u64, u64)>,
     #[serde(deserialize_with = "exact::pit2")]
     pub pit2: kvm_pit_state2,
     /// kvmclock at save time; restored with flags 0 so guest time resumes at this value
@@ -248,15 +322,125 @@ pub struct VmState {
     pub pic_slave: kvm_irqchip,
     #[serde(deserialize_with = "exact::ioapic")]
     pub ioapic: kvm_irqchip,
+}
+
+/// A whole paused VM except guest RAM.
+#[derive(Serialize, Deserialize)]
+pub struct VmState {
+    pub version: u32,
+    /// Only in version 1 packs written before the manifest became the config's only
+    /// authority (see docs/FORMAT.md §12.2); a restore checks it against the manifest's
+    /// config and never uses it otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<VmConfig>,
+    /// Guest RAM regions `(gpa, size)` the memory image must cover.
+    pub memory_regions: Vec<(u64, u64)>,
     /// Where the loader put the initrd, `(gpa, len)` (Linux guests booted with one).
     #[serde(default)]
     pub initrd: Option<(u64, u64)>,
+    pub vm: VmLevelState,
     pub vcpus: Vec<VcpuState>,
-    pub devices: DeviceStates,
+    /// One per registered device that has state, in registration order.
+    pub devices: Vec<DeviceState>,
     /// Fingerprint of the host that saved the VM (docs/FORMAT.md §12.2); absent in packs
     /// from vmboots before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved_on: Option<vmpack_formats::host::HostFingerprint>,
+}
+
+/// Version 1 of the vmstate (vmboot 0.1.0): VM-level fields at the top, devices by kind.
+#[derive(Deserialize)]
+struct VmStateV1 {
+    #[serde(default)]
+    config: Option<VmConfig>,
+    memory_regions: Vec<(u64, u64)>,
+    #[serde(deserialize_with = "exact::pit2")]
+    pit2: kvm_pit_state2,
+    #[serde(deserialize_with = "exact::clock")]
+    clock: kvm_clock_data,
+    #[serde(deserialize_with = "exact::pic_master")]
+    pic_master: kvm_irqchip,
+    #[serde(deserialize_with = "exact::pic_slave")]
+    pic_slave: kvm_irqchip,
+    #[serde(deserialize_with = "exact::ioapic")]
+    ioapic: kvm_irqchip,
+    #[serde(default)]
+    initrd: Option<(u64, u64)>,
+    vcpus: Vec<VcpuState>,
+    devices: DeviceStatesV1,
+    #[serde(default)]
+    saved_on: Option<vmpack_formats::host::HostFingerprint>,
+}
+
+#[derive(Deserialize)]
+struct DeviceStatesV1 {
+    serial: serde_json::Value,
+    i8042: serde_json::Value,
+    /// Absent in packs from before virtio-blk.
+    #[serde(default)]
+    virtio_blk: Vec<serde_json::Value>,
+}
+
+impl VmState {
+    /// Reads a vmstate of any supported version (JSON). Versions of the components are
+    /// checked by [`VmState::validate`].
+    pub fn parse(bytes: &[u8]) -> Result<VmState> {
+        #[derive(Deserialize)]
+        struct Outer {
+            version: u32,
+        }
+        let outer: Outer = serde_json::from_slice(bytes).context("not a valid vm state")?;
+        match outer.version {
+            1 => {
+                let v1: VmStateV1 =
+                    serde_json::from_slice(bytes).context("not a valid vm state")?;
+                Ok(v1.into())
+            }
+            VM_STATE_VERSION => serde_json::from_slice(bytes).context("not a valid vm state"),
+            v => bail!(
+                "vm state version {v} is not supported by this vmboot (it reads versions 1 and {VM_STATE_VERSION})"
+            ),
+        }
+    }
+
+    /// The saved state of device `id`.
+    pub fn device(&self, id: &str) -> Option<&DeviceState> {
+        self.devices.iter().find(|d| d.id == id)
+    }
+}
+
+impl From<VmStateV1> for VmState {
+    fn from(v1: VmStateV1) -> VmState {
+        let dev = |id: String, state| DeviceState {
+            id,
+            version: 1,
+            state,
+        };
+        let mut devices = vec![
+            dev("com1".into(), v1.devices.serial),
+            dev("i8042".into(), v1.devices.i8042),
+        ];
+        for (i, b) in v1.devices.virtio_blk.into_iter().enumerate() {
+            devices.push(dev(format!("virtio-blk{i}"), b));
+        }
+        VmState {
+            version: 1,
+            config: v1.config,
+            memory_regions: v1.memory_regions,
+            initrd: v1.initrd,
+            vm: VmLevelState {
+                version: 1,
+                pit2: v1.pit2,
+                clock: v1.clock,
+                pic_master: v1.pic_master,
+                pic_slave: v1.pic_slave,
+                ioapic: v1.ioapic,
+            },
+            vcpus: v1.vcpus,
+            devices,
+            saved_on: v1.saved_on,
+        }
+    }
 }
 
 impl std::fmt::Debug for VmState {
@@ -265,6 +449,10 @@ impl std::fmt::Debug for VmState {
             .field("version", &self.version)
             .field("vcpus", &self.vcpus.len())
             .field("memory_regions", &self.memory_regions)
+            .field(
+                "devices",
+                &self.devices.iter().map(|d| &d.id).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -275,6 +463,7 @@ mod tests {
 
     fn vcpu_json() -> serde_json::Value {
         let v = VcpuState {
+            version: 1,
             id: 0,
             mp_state: Default::default(),
             regs: Default::default(),

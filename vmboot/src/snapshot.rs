@@ -7,7 +7,8 @@
 
 use crate::compat;
 use crate::memory::GuestMemoryInit;
-use crate::persist::{VmState, VM_STATE_VERSION};
+use crate::persist::VmState;
+use crate::vmm::ValidState;
 use crate::vmm::{BootFiles, BootPayload, RunOptions, Vm, VmHandle};
 use anyhow::{anyhow, bail, Context, Result};
 use std::fs::File;
@@ -53,12 +54,17 @@ pub fn save(
 ) -> Result<SaveStats> {
     let t = Instant::now();
     handle.pause().map_err(|e| anyhow!("{e}"))?;
+    // A lazily restored VM is complete (and its pack's boot files checked) only once its
+    // loader has placed every chunk; one whose pack failed verification is never saved.
     let captured = (|| -> Result<_> {
         let state = handle
             .save_state()
             .context("capturing vCPU and device state")?;
         // The pack reads the disk files themselves: cached writes and qcow2 metadata go first.
         handle.flush_disks()?;
+        if let Some(e) = handle.memory_failure() {
+            bail!("{e}");
+        }
         let state_bytes = serde_json::to_vec(&state).context("serializing the vm state")?;
         let early =
             resume_after && handle.config().disks.iter().all(|d| d.read_only) && copy_fits(handle);
@@ -418,6 +424,21 @@ pub enum VerifyPolicy {
     Always,
 }
 
+/// How restore fills guest RAM from a pack file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MemoryPolicy {
+    /// Lazy when the pack file has not been verified on this host yet or its memory is
+    /// compressed, eager otherwise (an already verified uncompressed pack is mapped, which is
+    /// as fast and faults nothing through vmboot). Eager with `--verify always`.
+    #[default]
+    Auto,
+    /// Serve guest memory on first touch, each chunk verified before the guest sees it; a
+    /// background thread fills the rest (docs/FORMAT.md §12.4).
+    Lazy,
+    /// Verify (per `--verify`) and map or decompress all memory before the vCPUs run.
+    Eager,
+}
+
 /// Where restore reads the pack from.
 pub enum PackInput {
     File(PathBuf),
@@ -427,9 +448,15 @@ pub enum PackInput {
 
 pub struct RestoreOptions {
     pub verify: VerifyPolicy,
+    /// How guest RAM is filled (file input only: a pipe is always read whole first).
+    pub memory: MemoryPolicy,
     pub run: RunOptions,
     /// Folder for the private copies of the pack's disks; default: a fresh temporary folder.
     pub work_dir: Option<PathBuf>,
+    /// Where memory chunks come from. With [`ChunkSource::Fetch`] the pack file holds
+    /// everything but memory payloads (a restore from a registry): memory is then always
+    /// served lazily, each chunk fetched and verified on first touch.
+    pub source: crate::vstate::lazy::ChunkSource,
 }
 
 /// What restore did before handing over the VM, for messages and `inspect`.
@@ -459,19 +486,42 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         anyhow!("{label}: the pack holds a VM at rest, not a saved one (no vmstate section); boot it with `vmpack run`")
     })?;
     let reader = pack.reader();
-
-    let verified = match opts.verify {
-        VerifyPolicy::Always => {
-            reader.verify(&())?;
-            "verified every chunk"
+    let known = verified_cache::is_verified(path, reader.root_digest());
+    let eager_path = manifest.memory_restore_path(reader).unwrap_or("none");
+    let remote = matches!(opts.source, crate::vstate::lazy::ChunkSource::Fetch(_));
+    if remote && !crate::vstate::lazy::available() {
+        bail!("{label}: memory on demand needs userfaultfd, which this process cannot use (vm.unprivileged_userfaultfd=1 or CAP_SYS_PTRACE)");
+    }
+    let lazy = match opts.memory {
+        _ if remote => true,
+        MemoryPolicy::Eager => false,
+        MemoryPolicy::Lazy => true,
+        MemoryPolicy::Auto => {
+            opts.verify == VerifyPolicy::Auto
+                && !manifest.memory.is_empty()
+                && (!known || eager_path != "mmap")
+                && crate::vstate::lazy::available()
         }
-        VerifyPolicy::Auto => {
-            if verified_cache::is_verified(path, reader.root_digest()) {
-                "index digest checked; chunks verified on an earlier restore"
-            } else {
+    };
+
+    let verified = if lazy {
+        // Memory is verified chunk by chunk as it is placed; everything else now.
+        verify_except_memory(reader)?;
+        "index, state and disks verified; each memory chunk verified on first touch, boot files in the background"
+    } else {
+        match opts.verify {
+            VerifyPolicy::Always => {
                 reader.verify(&())?;
-                verified_cache::record(path, reader.root_digest());
-                "verified every chunk (first restore of this file)"
+                "verified every chunk"
+            }
+            VerifyPolicy::Auto => {
+                if known {
+                    "index digest checked; chunks verified on an earlier restore"
+                } else {
+                    reader.verify(&())?;
+                    verified_cache::record(path, reader.root_digest());
+                    "verified every chunk (first restore of this file)"
+                }
             }
         }
     };
@@ -481,8 +531,13 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     let warnings = check_host(&state, &cfg, &label)?;
     extract_disks(&pack, &work.path)?;
 
-    let memory_path = manifest.memory_restore_path(reader).unwrap_or("none");
-    let init = memory_init(&pack, manifest, &state, memory_path == "mmap", &label)?;
+    let (memory_path, init) = if lazy {
+        let init = lazy_init(&pack, &state, &label, path, opts.verify, opts.source)?;
+        ("lazy", init)
+    } else {
+        let init = memory_init(&pack, manifest, &state, eager_path == "mmap", &label)?;
+        (eager_path, init)
+    };
     let prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
     let files = BootFiles::Pack(pack.clone());
     let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, files, run))?;
@@ -506,7 +561,7 @@ fn checked_state(
     state_section: &str,
     label: &str,
     work: &Path,
-) -> Result<(VmConfig, VmState)> {
+) -> Result<(VmConfig, ValidState)> {
     let manifest = pack.manifest();
     let reader = pack.reader();
     let cfg = pack_config(manifest, label, work)?;
@@ -520,8 +575,10 @@ fn checked_state(
 }
 
 /// Every check [`restore`] makes on a pack file before KVM is touched (for fuzzing and for
-/// tools that vet a pack): [`VmPack::open`]'s, then the config and vmstate checks. The
-/// device-state checks (virtqueue sizes and features) run when the devices are rebuilt.
+/// tools that vet a pack): [`VmPack::open`]'s, then the config and vmstate checks
+/// ([`VmState::validate`], which includes each device's state: virtqueue sizes and
+/// features). Only what needs an opened backend (a disk's size) is checked later, when the
+/// devices are rebuilt.
 pub fn check_pack_before_kvm(path: &Path) -> Result<()> {
     let pack = VmPack::open(path)?;
     let label = path.display().to_string();
@@ -549,6 +606,75 @@ fn check_memory_regions(manifest: &Manifest, state: &VmState, label: &str) -> Re
         }
     }
     Ok(())
+}
+
+/// Verifies every chunk of every section the VM uses before it runs (a lazy restore checks
+/// memory chunks as they are placed, and boot files, which only a later save reads, in the
+/// background).
+fn verify_except_memory(reader: &vmpack_formats::pack::PackReader) -> Result<()> {
+    use vmpack_formats::pack::kind;
+    for s in reader.sections() {
+        if s.kind != kind::MEMORY && s.kind != kind::FILE {
+            reader.for_each_chunk_parallel(s.id, true, 0, &|_, _| Ok(()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Guest memory served on first touch (`vstate::lazy`), with the touch order of an earlier
+/// restore of this pack prefetched first. Once every chunk was checked, the pack is
+/// recorded as verified (under `--verify auto`) and this restore's touch order is kept.
+fn lazy_init(
+    pack: &Arc<VmPack>,
+    state: &VmState,
+    label: &str,
+    path: &Path,
+    verify: VerifyPolicy,
+    source: crate::vstate::lazy::ChunkSource,
+) -> Result<GuestMemoryInit> {
+    // A file filled on demand is temporary: it is never recorded as verified.
+    let record = matches!(source, crate::vstate::lazy::ChunkSource::PackFile);
+    let sections = memory_sections(pack, pack.manifest(), state, label)?;
+    let reader = pack.reader();
+    let root = reader.root_digest();
+    let chunks: usize = sections
+        .iter()
+        .map(|&(_, id)| reader.chunks(id).len())
+        .sum();
+    let touch = crate::vstate::lazy::touch_dir(verified_cache::base_dir());
+    let first = touch
+        .as_deref()
+        .map(|d| crate::vstate::lazy::touch_order::load(d, root, chunks))
+        .unwrap_or_default();
+    let verify_later = reader
+        .sections()
+        .iter()
+        .filter(|s| s.kind == vmpack_formats::pack::kind::FILE)
+        .map(|s| s.id)
+        .collect();
+    let path = path.to_path_buf();
+    let had_order = !first.is_empty();
+    let on_complete = move |order: Vec<usize>| {
+        // For `vmpack bench-snapshot` (see `restore_and_run`): when every chunk is in place.
+        if std::env::var_os("VMBOOT_BENCH_TIMESTAMPS").is_some() {
+            eprintln!("vmboot-bench: resident-monotonic-ns {}", monotonic_ns());
+        }
+        if verify == VerifyPolicy::Auto && record {
+            verified_cache::record(&path, root);
+        }
+        // The first restore's order is the one kept: later ones are skewed by the prefetch.
+        if let (Some(d), false) = (touch, had_order) {
+            crate::vstate::lazy::touch_order::store(&d, root, &order);
+        }
+    };
+    Ok(GuestMemoryInit::Lazy(crate::vstate::lazy::LazySource {
+        pack: pack.clone(),
+        source,
+        sections,
+        first,
+        verify_later,
+        on_complete: Some(Box::new(on_complete)),
+    }))
 }
 
 /// Writes every disk of the pack to its private raw copy in `dir` (where [`pack_config`]
@@ -718,16 +844,11 @@ fn optional_file(pack: &VmPack, role: &str) -> Result<Option<Vec<u8>>> {
     Ok(Some(pack.boot_file(role)?))
 }
 
-/// Parses the vmstate and checks it against `cfg`, the manifest's config.
-fn parse_state(bytes: &[u8], label: &str, section: &str, cfg: &VmConfig) -> Result<VmState> {
-    let state: VmState = serde_json::from_slice(bytes)
-        .map_err(|e| anyhow!("{label}: section '{section}': not a valid vm state: {e}"))?;
-    if state.version != VM_STATE_VERSION {
-        bail!(
-            "{label}: section '{section}': vm state version {} is not supported by this vmboot (it reads version {VM_STATE_VERSION})",
-            state.version
-        );
-    }
+/// Parses the vmstate and checks it against `cfg`, the manifest's config (the one
+/// validation of a restore, before any KVM call).
+fn parse_state(bytes: &[u8], label: &str, section: &str, cfg: &VmConfig) -> Result<ValidState> {
+    let state =
+        VmState::parse(bytes).map_err(|e| anyhow!("{label}: section '{section}': {e:#}"))?;
     // Packs from older vmboots hold a second copy of the config; one that disagrees with
     // the manifest's is refused rather than guessed at.
     if let Some(old) = &state.config {
@@ -739,14 +860,9 @@ fn parse_state(bytes: &[u8], label: &str, section: &str, cfg: &VmConfig) -> Resu
             );
         }
     }
-    if state.vcpus.is_empty() || state.vcpus.len() != cfg.vcpus as usize {
-        bail!(
-            "{label}: section '{section}': {} vCPU states for a config with {} vCPUs",
-            state.vcpus.len(),
-            cfg.vcpus
-        );
-    }
-    Ok(state)
+    state
+        .validate(cfg)
+        .map_err(|e| anyhow!("{label}: section '{section}': {e:#}"))
 }
 
 /// The saved guest as [`compat::judge`] reads it.
@@ -775,13 +891,13 @@ fn check_host(state: &VmState, cfg: &VmConfig, label: &str) -> Result<Vec<String
     Ok(j.reasons.into_iter().map(|r| r.message).collect())
 }
 
-fn memory_init(
+/// `(gpa, section id)` of each memory section, each checked against the saved machine.
+fn memory_sections(
     pack: &VmPack,
     manifest: &Manifest,
     state: &VmState,
-    map: bool,
     label: &str,
-) -> Result<GuestMemoryInit> {
+) -> Result<Vec<(u64, u32)>> {
     let reader = pack.reader();
     let mut sections = Vec::new();
     for m in &manifest.memory {
@@ -802,6 +918,18 @@ fn memory_init(
         }
         sections.push((m.gpa, s.id));
     }
+    Ok(sections)
+}
+
+fn memory_init(
+    pack: &VmPack,
+    manifest: &Manifest,
+    state: &VmState,
+    map: bool,
+    label: &str,
+) -> Result<GuestMemoryInit> {
+    let reader = pack.reader();
+    let sections = memory_sections(pack, manifest, state, label)?;
     if map {
         let mut pieces = Vec::new();
         for &(gpa, id) in &sections {
@@ -879,7 +1007,7 @@ fn restore_stream<R: Read + 'static>(
     let mut current: Option<(String, u16)> = None;
     let mut buf: Vec<u8> = Vec::new();
     let mut payload = BootPayload::default();
-    let mut state: Option<VmState> = None;
+    let mut state: Option<ValidState> = None;
     let mut disk_files: Vec<(usize, File, PathBuf)> = Vec::new();
     // Read up to the first memory section; RAM is allocated by then and filled in place.
     loop {
@@ -1184,12 +1312,17 @@ pub mod verified_cache {
     use std::os::unix::fs::MetadataExt;
     use std::path::{Path, PathBuf};
 
-    fn dir() -> Option<PathBuf> {
-        let base = std::env::var_os("VMPACK_CACHE_DIR")
+    /// The cache folder: `$VMPACK_CACHE_DIR`, else `$XDG_CACHE_HOME/vmpack`, else
+    /// `~/.cache/vmpack`.
+    pub fn base_dir() -> Option<PathBuf> {
+        std::env::var_os("VMPACK_CACHE_DIR")
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("vmpack")))
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vmpack")))?;
-        Some(base.join("verified"))
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vmpack")))
+    }
+
+    fn dir() -> Option<PathBuf> {
+        Some(base_dir()?.join("verified"))
     }
 
     fn identity(path: &Path) -> Option<String> {
@@ -1256,7 +1389,8 @@ pub fn restore_and_run(
         );
     }
     // For `vmpack bench-snapshot`: VMBOOT_BENCH_TIMESTAMPS=1 prints CLOCK_MONOTONIC stamps
-    // (stderr) of "restore done, vCPUs starting" and of vCPU 0's first exit after restore.
+    // (stderr) of "restore done, vCPUs starting", of vCPU 0's first exit after restore and,
+    // for a lazy restore, of every memory chunk being verified and in place.
     if std::env::var_os("VMBOOT_BENCH_TIMESTAMPS").is_some() {
         bench_stamps(&vm);
     }
@@ -1270,16 +1404,17 @@ pub fn restore_and_run(
 
 /// See `VMBOOT_BENCH_TIMESTAMPS` in [`restore_and_run`]. Instants cannot be turned into
 /// CLOCK_MONOTONIC readings directly, so one pair taken together anchors the conversion.
+fn monotonic_ns() -> u128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes into a local timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+}
+
 fn bench_stamps(vm: &Vm) {
-    fn monotonic_ns() -> u128 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: writes into a local timespec.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
-    }
     let (anchor, anchor_ns) = (Instant::now(), monotonic_ns());
     eprintln!("vmboot-bench: restored-monotonic-ns {anchor_ns}");
     let h = vm.controller();

@@ -9,33 +9,30 @@
 //! state never holds a half-done instruction.
 
 use crate::cpuid;
+use crate::device_manager::DeviceManager;
 use crate::devices::bus::lock;
 use crate::devices::serial::spawn_stdin_forwarder;
 pub use crate::devices::SerialSink;
-use crate::devices::{
-    Bus, DebugExit, IoAction, SerialDevice, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, I8042, I8042_PORT,
-};
+use crate::devices::{DebugExit, IoAction, SerialDevice, COM1_IRQ, I8042};
 use crate::memory::{ram_layout, GuestMemoryInit, GuestRam};
 use crate::msr;
-use crate::persist::{DeviceStates, VmState, VM_STATE_VERSION};
-use crate::vcpu;
+use crate::persist::{
+    DeviceState, Persist, VmState, VCPU_STATE_VERSION, VM_LEVEL_STATE_VERSION, VM_STATE_VERSION,
+};
+use crate::vcpu::{self, complete_pending_io, install_kick_handler, Vcpu};
+use crate::vstate::vm::KvmVm;
 use anyhow::{bail, Context, Result};
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_irqchip, kvm_pit_config, kvm_run, kvm_userspace_memory_region,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    kvm_cpuid_entry2, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde_json::json;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use vmpack_formats::config::{Boot, VmConfig};
-
-/// Where the TSS lives for KVM's real-mode emulation (3 pages below the BIOS area at 4 GiB).
-const TSS_ADDR: usize = 0xfffb_d000;
 
 /// Exit statuses for VM failures (guest-chosen statuses come from the debug-exit port).
 pub const EXIT_TRIPLE_FAULT: i32 = 70;
@@ -44,6 +41,8 @@ pub const EXIT_FAIL_ENTRY: i32 = 72;
 pub const EXIT_GUEST_CRASH: i32 = 73;
 pub const EXIT_UNEXPECTED: i32 = 74;
 pub const EXIT_KVM_ERROR: i32 = 75;
+/// A lazily restored guest touched a memory chunk that failed verification.
+pub const EXIT_CORRUPT_MEMORY: i32 = 76;
 
 /// How a VM ended: the process exit status vmboot uses and a one-line explanation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,35 +123,6 @@ impl BootPayload {
     }
 }
 
-struct VcpuSlot {
-    id: u32,
-    /// What KVM_SET_CPUID2 was given (saved instead of reading it back, see vcpu::save).
-    cpuid: Vec<kvm_cpuid_entry2>,
-    fd: Mutex<VcpuFd>,
-    /// The vCPU's `kvm_run` page, for setting `immediate_exit` from other threads. Valid as
-    /// long as `fd` lives.
-    run: *mut kvm_run,
-    thread: Mutex<Option<libc::pthread_t>>,
-}
-
-// SAFETY: `run` points into the mmap owned by `fd`, which lives as long as the slot; other
-// threads only touch its `immediate_exit` byte, through an atomic.
-unsafe impl Send for VcpuSlot {}
-// SAFETY: see `Send`.
-unsafe impl Sync for VcpuSlot {}
-
-impl VcpuSlot {
-    fn kick(&self, signal: i32) {
-        // SAFETY: `run` is valid (see the struct); KVM reads this byte on KVM_RUN entry.
-        unsafe { AtomicU8::from_ptr(std::ptr::addr_of_mut!((*self.run).immediate_exit)) }
-            .store(1, Ordering::SeqCst);
-        if let Some(t) = *lock(&self.thread) {
-            // SAFETY: the thread is registered only while it runs (cleared before it exits).
-            unsafe { libc::pthread_kill(t, signal) };
-        }
-    }
-}
-
 #[derive(Default)]
 struct Control {
     /// Pause requested (vCPUs park as soon as they see it).
@@ -176,16 +146,9 @@ pub struct VmHandle {
     /// still holds it there, a save records it instead of storing it twice.
     initrd_at: OnceLock<(u64, u64)>,
     // Field order = drop order: vCPUs and devices before the VM, memory last.
-    vcpus: Vec<VcpuSlot>,
-    pio: Bus,
-    mmio: Bus,
-    serial: Arc<Mutex<SerialDevice>>,
-    i8042: Arc<Mutex<I8042>>,
-    /// virtio-blk devices; their I/O threads hold views of guest RAM, so they stop (on
-    /// drop) before `mem` goes.
-    blk: Vec<crate::devices::virtio::BlkHandle>,
-    vm: VmFd,
-    _kvm: Kvm,
+    vcpus: Vec<Vcpu>,
+    devices: Devices,
+    vm: KvmVm,
     mem: GuestRam,
     msr_list: Vec<u32>,
     ctl: Mutex<Control>,
@@ -205,37 +168,6 @@ pub struct Vm {
     opts: RunOptions,
 }
 
-fn kick_signal() -> i32 {
-    libc::SIGRTMIN() + 1
-}
-
-extern "C" fn noop_handler(_: libc::c_int) {}
-
-fn install_kick_handler() -> Result<()> {
-    static ONCE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    ONCE.get_or_init(|| {
-        // SAFETY: installs a handler that does nothing; no SA_RESTART so KVM_RUN returns EINTR.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = noop_handler as *const () as usize;
-            sa.sa_flags = 0;
-            libc::sigemptyset(&mut sa.sa_mask);
-            if libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error().to_string());
-            }
-        }
-        Ok(())
-    })
-    .clone()
-    .map_err(|e| anyhow::anyhow!("installing the vCPU kick signal handler: {e}"))
-}
-
-fn open_kvm() -> Result<Kvm> {
-    let kvm = Kvm::new().map_err(|e| anyhow::anyhow!("cannot open /dev/kvm: {e}"))?;
-    crate::kvm_caps::check(&kvm)?;
-    Ok(kvm)
-}
-
 fn validate(cfg: &VmConfig) -> Result<()> {
     if cfg.vcpus == 0 || cfg.vcpus > vmpack_formats::config::MAX_VCPUS {
         bail!("vcpus = {} (1..=254 supported)", cfg.vcpus);
@@ -250,10 +182,172 @@ fn validate(cfg: &VmConfig) -> Result<()> {
 }
 
 struct Base {
-    kvm: Kvm,
-    vm: VmFd,
+    vm: KvmVm,
     mem: GuestRam,
     fds: Vec<VcpuFd>,
+}
+
+/// The devices of a VM: the registry (with the buses) and COM1, which vmboot also talks
+/// to directly (host input, the final flush).
+struct Devices {
+    /// Serves every virtio queue; stopped (dropped) first, while the devices and guest
+    /// memory it uses are still there.
+    _worker: crate::devices::virtio::Worker,
+    dm: DeviceManager,
+    serial: Arc<Mutex<SerialDevice>>,
+}
+
+impl Devices {
+    /// The ids of the devices a VM of `cfg` has that keep state, in registration order.
+    fn ids(cfg: &VmConfig) -> Vec<String> {
+        let mut ids = vec!["com1".to_string(), "i8042".to_string()];
+        ids.extend((0..cfg.disks.len()).map(crate::devices::virtio::blk_id));
+        if cfg.rng {
+            ids.push(crate::devices::virtio::rng::ID.to_string());
+        }
+        ids
+    }
+
+    /// Checks a saved device's state without building anything.
+    fn validate_state(d: &DeviceState) -> Result<()> {
+        match d.id.as_str() {
+            "com1" => d.decode::<SerialDevice>().map(drop),
+            "i8042" => d.decode::<I8042>().map(drop),
+            crate::devices::virtio::rng::ID => d
+                .decode::<Arc<crate::devices::virtio::rng::RngHandle>>()?
+                .validate()
+                .with_context(|| format!("device {}", d.id)),
+            _ => d
+                .decode::<Arc<crate::devices::virtio::BlkHandle>>()?
+                .validate()
+                .with_context(|| format!("device {}", d.id)),
+        }
+    }
+
+    /// Builds every device of `cfg` (from its saved state on a restore, power-on state
+    /// otherwise) and registers it.
+    fn new(
+        cfg: &VmConfig,
+        base: &Base,
+        sink: &SerialSink,
+        saved: &[DeviceState],
+    ) -> Result<Devices> {
+        let find = |id: &str| saved.iter().find(|d| d.id == id);
+        let serial = match find("com1") {
+            Some(s) => SerialDevice::restore(sink.clone(), &s.decode::<SerialDevice>()?)?,
+            None => SerialDevice::new(&Default::default(), sink)?,
+        };
+        base.vm
+            .fd
+            .register_irqfd(serial.irq_fd(), COM1_IRQ)
+            .context("KVM_IRQFD for COM1")?;
+        let i8042 = match find("i8042") {
+            Some(s) => I8042::restore((), &s.decode::<I8042>()?)?,
+            None => I8042::new(),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        let i8042 = Arc::new(Mutex::new(i8042));
+        let mut dm = DeviceManager::new();
+        crate::device_manager::add_pc_devices(
+            &mut dm,
+            (serial.clone(), Some(serial.clone())),
+            (i8042.clone(), Some(i8042)),
+            Arc::new(Mutex::new(DebugExit)),
+        )?;
+        let worker = crate::devices::virtio::Worker::start()?;
+        crate::devices::virtio::attach_disks(
+            cfg,
+            &base.vm.fd,
+            base.mem.memory(),
+            &worker,
+            &mut dm,
+            find,
+        )?;
+        if cfg.rng {
+            let id = crate::devices::virtio::rng::ID;
+            crate::devices::virtio::rng::attach(
+                &base.vm.fd,
+                base.mem.memory(),
+                &worker,
+                &mut dm,
+                find(id),
+            )?;
+        }
+        Ok(Devices {
+            _worker: worker,
+            dm,
+            serial,
+        })
+    }
+}
+
+/// A [`VmState`] that passed [`VmState::validate`] for a config: what [`Vm::restore`] takes,
+/// so the checks run once, before any KVM call.
+pub struct ValidState(VmState);
+
+impl std::ops::Deref for ValidState {
+    type Target = VmState;
+    fn deref(&self) -> &VmState {
+        &self.0
+    }
+}
+
+impl VmState {
+    /// Every check of a saved state against the config that needs no KVM and no backend:
+    /// versions of the state and of each component, vCPU count, memory layout, the set of
+    /// devices, and each device's state (decoded and checked). A restore then checks only
+    /// what needs the opened backends (a disk's size and read-only-ness).
+    pub fn validate(self, cfg: &VmConfig) -> Result<ValidState> {
+        validate(cfg)?;
+        crate::persist::check_version("vm state", self.version, VM_STATE_VERSION)?;
+        crate::persist::check_version("VM-level state", self.vm.version, VM_LEVEL_STATE_VERSION)?;
+        if self.vcpus.len() != cfg.vcpus as usize {
+            bail!(
+                "saved state has {} vCPUs but the config says {}",
+                self.vcpus.len(),
+                cfg.vcpus
+            );
+        }
+        for v in &self.vcpus {
+            crate::persist::check_version(
+                &format!("vCPU {}", v.id),
+                v.version,
+                VCPU_STATE_VERSION,
+            )?;
+        }
+        let layout = ram_layout(cfg.memory_bytes());
+        if self.memory_regions != layout {
+            bail!(
+                "saved memory layout {:x?} does not match the config's {} MiB ({layout:x?})",
+                self.memory_regions,
+                cfg.memory_mib
+            );
+        }
+        let ids = Devices::ids(cfg);
+        for (i, d) in self.devices.iter().enumerate() {
+            if !ids.contains(&d.id) || self.devices[..i].iter().any(|e| e.id == d.id) {
+                bail!(
+                    "the saved VM has a device {} that a VM of this config does not have (or has it twice)",
+                    d.id
+                );
+            }
+            Devices::validate_state(d)?;
+        }
+        // A pack saved before vmboot had disks holds none (its guest never saw them); any
+        // other must hold every disk.
+        let blk = self
+            .devices
+            .iter()
+            .filter(|d| d.id.starts_with("virtio-blk"))
+            .count();
+        if blk != 0 && blk != cfg.disks.len() {
+            bail!(
+                "the saved VM has {blk} virtio-blk devices but the config has {} disks",
+                cfg.disks.len()
+            );
+        }
+        Ok(ValidState(self))
+    }
 }
 
 /// KVM VM with irqchip, PIT, memory slots and vCPUs (not configured yet), in the order that
@@ -261,42 +355,19 @@ struct Base {
 fn build_base(cfg: &VmConfig, init: GuestMemoryInit) -> Result<Base> {
     validate(cfg)?;
     install_kick_handler()?;
-    let kvm = open_kvm()?;
+    let vm = KvmVm::new()?;
     // Measured now (once per process) so a save records it without lengthening the pause.
     crate::host_info::fingerprint()?;
-    let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
-    vm.set_tss_address(TSS_ADDR).context("KVM_SET_TSS_ADDR")?;
-    vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
-    vm.create_pit2(kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    })
-    .context("KVM_CREATE_PIT2")?;
     let mem = GuestRam::new(&ram_layout(cfg.memory_bytes()), init)?;
-    for (slot, gpa, host, size) in mem.slots() {
-        let region = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: host,
-        };
-        // SAFETY: the host range is guest RAM owned by `mem`, which outlives the VM fd
-        // (VmHandle drops `vm` before `mem`).
-        unsafe { vm.set_user_memory_region(region) }.with_context(|| {
-            format!(
-                "KVM_SET_USER_MEMORY_REGION slot {slot} ({} MiB)",
-                size >> 20
-            )
-        })?;
-    }
+    vm.map_memory(&mem)?;
     let fds = (0..cfg.vcpus)
         .map(|id| {
-            vm.create_vcpu(u64::from(id))
+            vm.fd
+                .create_vcpu(u64::from(id))
                 .with_context(|| format!("KVM_CREATE_VCPU {id}"))
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Base { kvm, vm, mem, fds })
+    Ok(Base { vm, mem, fds })
 }
 
 impl Vm {
@@ -305,6 +376,7 @@ impl Vm {
         let opts = &crate::console::with_log(opts);
         let base = build_base(cfg, GuestMemoryInit::Zeroed)?;
         let mut supported = base
+            .vm
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .context("KVM_GET_SUPPORTED_CPUID")?
@@ -318,6 +390,7 @@ impl Vm {
             cpuids.push(c.as_slice().to_vec());
         }
         let kvm_list = base
+            .vm
             .kvm
             .get_msr_index_list()
             .context("KVM_GET_MSR_INDEX_LIST")?
@@ -325,6 +398,7 @@ impl Vm {
             .to_vec();
         let msr_list = msr::filter_readable(&base.fds[0], msr::candidate_list(&kvm_list))?;
 
+        let devices = Devices::new(cfg, &base, &opts.serial_out, &[])?;
         let bsp = &base.fds[0];
         let sregs = bsp.get_sregs().context("KVM_GET_SREGS")?;
         let (regs, sregs, initrd_at) = match cfg.boot() {
@@ -342,12 +416,8 @@ impl Vm {
                     .as_deref()
                     .context("Linux boot without a kernel in the payload")?;
                 crate::mptable::write(&base.mem, cfg.vcpus)?;
-                crate::acpi::write(&base.mem, cfg.vcpus, cfg.disks.len())?;
-                let cmdline = format!(
-                    "{}{}",
-                    k.cmdline,
-                    crate::devices::virtio::cmdline_args(cfg.disks.len())
-                );
+                crate::acpi::write(&base.mem, cfg.vcpus, &devices.dm)?;
+                let cmdline = format!("{}{}", k.cmdline, devices.dm.virtio_cmdline());
                 crate::linux::load(
                     &base.mem,
                     kernel,
@@ -360,141 +430,73 @@ impl Vm {
         bsp.set_sregs(&sregs).context("KVM_SET_SREGS")?;
         bsp.set_regs(&regs).context("KVM_SET_REGS")?;
         vcpu::set_runnable(bsp)?;
-        let serial = SerialDevice::new(&Default::default(), &opts.serial_out)?;
-        let vm = Vm::assemble(
-            cfg,
-            base,
-            cpuids,
-            msr_list,
-            serial,
-            I8042::new(),
-            payload.into(),
-            opts,
-            &[],
-        )?;
+        let vm = Vm::assemble(cfg, base, devices, cpuids, msr_list, payload.into(), opts)?;
         if let Some(at) = initrd_at {
             let _ = vm.handle.initrd_at.set(at);
         }
         Ok(vm)
     }
 
-    /// Builds a fresh VM from `state` and guest memory. `payload` is not loaded (memory holds
-    /// the guest already); it is kept for later saves.
+    /// Builds a fresh VM from a validated `state` and guest memory. `payload` is not loaded
+    /// (memory holds the guest already); it is kept for later saves.
     pub fn restore(
         cfg: &VmConfig,
-        state: VmState,
+        state: ValidState,
         memory: GuestMemoryInit,
         payload: impl Into<BootFiles>,
         opts: &RunOptions,
     ) -> Result<Vm> {
+        let state = state.0;
         let payload = payload.into();
         let opts = &crate::console::with_log(opts);
-        if state.version != VM_STATE_VERSION {
-            bail!(
-                "saved VM state version {} is not supported (this vmboot reads version {})",
-                state.version,
-                VM_STATE_VERSION
-            );
-        }
-        if state.vcpus.len() != cfg.vcpus as usize {
-            bail!(
-                "saved state has {} vCPUs but the config says {}",
-                state.vcpus.len(),
-                cfg.vcpus
-            );
-        }
-        let layout = ram_layout(cfg.memory_bytes());
-        if state.memory_regions != layout {
-            bail!(
-                "saved memory layout {:x?} does not match the config's {} MiB ({layout:x?})",
-                state.memory_regions,
-                cfg.memory_mib
-            );
-        }
         let base = build_base(cfg, memory)?;
-        base.vm.set_pit2(&state.pit2).context("KVM_SET_PIT2")?;
-        let mut clock = state.clock;
-        // Resume guest time at the saved value (see VmState::clock).
-        clock.flags = 0;
-        base.vm.set_clock(&clock).context("KVM_SET_CLOCK")?;
-        for (name, chip) in [
-            ("PIC master", &state.pic_master),
-            ("PIC slave", &state.pic_slave),
-            ("IOAPIC", &state.ioapic),
-        ] {
-            base.vm
-                .set_irqchip(chip)
-                .with_context(|| format!("KVM_SET_IRQCHIP ({name})"))?;
-        }
+        // vCPUs before the VM-level irqchip and PIT, as Firecracker does: the LAPICs exist
+        // in their saved state before the IOAPIC and PIC route anything to them.
         for (fd, s) in base.fds.iter().zip(&state.vcpus) {
             vcpu::restore(fd, s)?;
         }
+        base.vm.restore_state(&state.vm)?;
+        for fd in &base.fds {
+            tell_kvmclock_paused(fd);
+        }
         let msr_list: Vec<u32> = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
         let msr_list = msr::filter_readable(&base.fds[0], msr_list)?;
-        let serial = SerialDevice::new(&state.devices.serial, &opts.serial_out)?;
+        let devices = Devices::new(cfg, &base, &opts.serial_out, &state.devices)?;
         let cpuids = state.vcpus.iter().map(|v| v.cpuid.clone()).collect();
         let initrd_at = state.initrd;
-        let vm = Vm::assemble(
-            cfg,
-            base,
-            cpuids,
-            msr_list,
-            serial,
-            I8042::new(),
-            payload,
-            opts,
-            &state.devices.virtio_blk,
-        )?;
+        let vm = Vm::assemble(cfg, base, devices, cpuids, msr_list, payload, opts)?;
         if let Some(at) = initrd_at {
             let _ = vm.handle.initrd_at.set(at);
+        }
+        if let Some(lazy) = vm.handle.mem.lazy() {
+            let weak = Arc::downgrade(&vm.handle);
+            lazy.on_failure(Box::new(move |message| {
+                if let Some(h) = weak.upgrade() {
+                    h.request_exit(ExitReason {
+                        code: EXIT_CORRUPT_MEMORY,
+                        message,
+                    });
+                }
+            }));
         }
         Ok(vm)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn assemble(
         cfg: &VmConfig,
         base: Base,
+        devices: Devices,
         cpuids: Vec<Vec<kvm_cpuid_entry2>>,
         msr_list: Vec<u32>,
-        serial: SerialDevice,
-        i8042: I8042,
         payload: BootFiles,
         opts: &RunOptions,
-        blk_states: &[crate::devices::virtio::VirtioBlkState],
     ) -> Result<Vm> {
-        base.vm
-            .register_irqfd(serial.irq_fd(), COM1_IRQ)
-            .context("KVM_IRQFD for COM1")?;
-        let serial = Arc::new(Mutex::new(serial));
-        let i8042 = Arc::new(Mutex::new(i8042));
-        let mut pio = Bus::new();
-        pio.insert(COM1_PORT, 8, serial.clone())?;
-        pio.insert(I8042_PORT, 5, i8042.clone())?;
-        pio.insert(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(DebugExit)))?;
-        let mut mmio = Bus::new();
-        let blk = crate::devices::virtio::attach_disks(
-            cfg,
-            &base.vm,
-            base.mem.memory(),
-            &mut mmio,
-            blk_states,
-        )?;
         let vcpus = base
             .fds
             .into_iter()
             .zip(cpuids)
             .enumerate()
-            .map(|(id, (mut fd, cpuid))| {
-                let run: *mut kvm_run = fd.get_kvm_run();
-                VcpuSlot {
-                    id: id as u32,
-                    cpuid,
-                    fd: Mutex::new(fd),
-                    run,
-                    thread: Mutex::new(None),
-                }
-            })
+            .map(|(id, (fd, cpuid))| Vcpu::new(id as u32, fd, cpuid))
             .collect();
         let handle = Arc::new(VmHandle {
             config: cfg.clone(),
@@ -502,13 +504,8 @@ impl Vm {
             last_save: Mutex::new(None),
             initrd_at: OnceLock::new(),
             vcpus,
-            pio,
-            mmio,
-            serial,
-            i8042,
-            blk,
+            devices,
             vm: base.vm,
-            _kvm: base.kvm,
             mem: base.mem,
             msr_list,
             ctl: Mutex::new(Control::default()),
@@ -581,6 +578,10 @@ impl Vm {
                 }
             }
         }
+        // The guest runs: fill what it has not touched yet in the background.
+        if let Some(lazy) = h.mem.lazy() {
+            lazy.start_prefetch();
+        }
         let mut c = lock(&h.ctl);
         while c.exit.is_none() {
             c = h.cv.wait(c).unwrap_or_else(|p| p.into_inner());
@@ -602,7 +603,7 @@ impl Vm {
         for t in threads {
             let _ = t.join();
         }
-        lock(&h.serial).flush();
+        lock(&h.devices.serial).flush();
         if let Some(dir) = &self.opts.work_dir {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -648,7 +649,7 @@ enum Outcome {
 impl VmHandle {
     fn kick_all(&self) {
         for v in &self.vcpus {
-            v.kick(kick_signal());
+            v.kick();
         }
     }
 
@@ -710,18 +711,20 @@ impl VmHandle {
         };
         match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
-                self.pio.read(u64::from(port), data);
+                self.devices.dm.pio.read(u64::from(port), data);
                 Outcome::Continue
             }
-            Ok(VcpuExit::IoOut(port, data)) => match self.pio.write(u64::from(port), data) {
-                IoAction::Continue => Outcome::Continue,
-                IoAction::Exit { code, message } => Outcome::Exit(ExitReason { code, message }),
-            },
+            Ok(VcpuExit::IoOut(port, data)) => {
+                match self.devices.dm.pio.write(u64::from(port), data) {
+                    IoAction::Continue => Outcome::Continue,
+                    IoAction::Exit { code, message } => Outcome::Exit(ExitReason { code, message }),
+                }
+            }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                self.mmio.read(addr, data);
+                self.devices.dm.mmio.read(addr, data);
                 Outcome::Continue
             }
-            Ok(VcpuExit::MmioWrite(addr, data)) => match self.mmio.write(addr, data) {
+            Ok(VcpuExit::MmioWrite(addr, data)) => match self.devices.dm.mmio.write(addr, data) {
                 IoAction::Continue => Outcome::Continue,
                 IoAction::Exit { code, message } => Outcome::Exit(ExitReason { code, message }),
             },
@@ -814,9 +817,12 @@ impl VmHandle {
             }
         }
         drop(c);
+        for v in &self.vcpus {
+            tell_kvmclock_paused(&lock(&v.fd));
+        }
         // Requests already taken off a queue complete before this returns.
-        for b in &self.blk {
-            b.pause();
+        for (_, d) in self.devices.dm.objects() {
+            d.pause();
         }
         Ok(())
     }
@@ -828,8 +834,8 @@ impl VmHandle {
         }
         c.paused = false;
         self.pause_flag.store(false, Ordering::SeqCst);
-        for b in &self.blk {
-            b.resume();
+        for (_, d) in self.devices.dm.objects() {
+            d.resume();
         }
         self.cv.notify_all();
         Ok(())
@@ -873,38 +879,23 @@ impl VmHandle {
         let vcpus = self
             .vcpus
             .iter()
-            .map(|v| {
-                vcpu::save(v.id, &lock(&v.fd), &self.msr_list, &v.cpuid)
-                    .with_context(|| format!("saving vCPU {}", v.id))
-            })
+            .map(|v| v.save(&self.msr_list))
             .collect::<Result<Vec<_>>>()?;
-        let chip = |id| -> Result<kvm_irqchip> {
-            let mut c = kvm_irqchip {
-                chip_id: id,
-                ..Default::default()
-            };
-            self.vm
-                .get_irqchip(&mut c)
-                .with_context(|| format!("KVM_GET_IRQCHIP {id}"))?;
-            Ok(c)
-        };
+        let devices = self
+            .devices
+            .dm
+            .objects()
+            .map(|(id, d)| d.save(id))
+            .collect::<Result<Vec<_>>>()?;
         Ok(VmState {
             version: VM_STATE_VERSION,
             // The pack's manifest carries the config (its one authoritative copy).
             config: None,
             memory_regions: self.mem.layout(),
-            pit2: self.vm.get_pit2().context("KVM_GET_PIT2")?,
-            clock: self.vm.get_clock().context("KVM_GET_CLOCK")?,
-            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
-            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
-            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            vm: self.vm.save_state()?,
             initrd: self.initrd_at.get().copied(),
             vcpus,
-            devices: DeviceStates {
-                serial: lock(&self.serial).state(),
-                i8042: lock(&self.i8042).state(),
-                virtio_blk: self.blk.iter().map(|b| b.state()).collect(),
-            },
+            devices,
             saved_on: Some(crate::host_info::fingerprint()?.clone()),
         })
     }
@@ -927,6 +918,14 @@ impl VmHandle {
         self.mem.data_ranges()
     }
 
+    /// For a lazily restored VM: waits until every chunk is in place, and says why that
+    /// failed (a chunk or boot file failed verification), if it did.
+    pub fn memory_failure(&self) -> Option<String> {
+        let l = self.mem.lazy()?;
+        l.wait_complete();
+        l.failure()
+    }
+
     pub fn config(&self) -> &VmConfig {
         &self.config
     }
@@ -934,8 +933,8 @@ impl VmHandle {
     /// Flushes every disk backend (qcow2 metadata included), so the image files hold what
     /// the guest wrote; call while paused before reading the disk files.
     pub fn flush_disks(&self) -> Result<()> {
-        for (i, b) in self.blk.iter().enumerate() {
-            b.flush().with_context(|| format!("flushing disk {i}"))?;
+        for (id, d) in self.devices.dm.objects() {
+            d.flush().with_context(|| format!("flushing {id}"))?;
         }
         Ok(())
     }
@@ -976,8 +975,8 @@ impl VmHandle {
         } else {
             "running"
         };
-        let (pr, pw) = self.pio.unknown_counts();
-        let (mr, mw) = self.mmio.unknown_counts();
+        let (pr, pw) = self.devices.dm.pio.unknown_counts();
+        let (mr, mw) = self.devices.dm.mmio.unknown_counts();
         let mut v = json!({
             "name": self.config.name,
             "state": state,
@@ -992,8 +991,13 @@ impl VmHandle {
             v["exit"] = json!({"code": e.code, "message": e.message});
         }
         drop(c);
-        if !self.blk.is_empty() {
-            v["disks"] = self.blk.iter().map(|b| b.status_json()).collect();
+        for (_, d) in self.devices.dm.objects() {
+            if let Some((list, entry)) = d.status() {
+                match v[list].as_array_mut() {
+                    Some(a) => a.push(entry),
+                    None => v[list] = json!([entry]),
+                }
+            }
         }
         v["last_save"] = lock(&self.last_save)
             .clone()
@@ -1002,7 +1006,7 @@ impl VmHandle {
     }
 
     pub(crate) fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
-        &self.serial
+        &self.devices.serial
     }
 
     /// The serial output log (see [`Vm::serial_log`]).
@@ -1011,12 +1015,12 @@ impl VmHandle {
     }
 }
 
-/// One KVM_RUN with `immediate_exit = 1`: KVM finishes an in-flight port IN / MMIO read
-/// (register written, RIP advanced) and returns EINTR without running guest code.
-fn complete_pending_io(fd: &mut VcpuFd) {
-    fd.set_kvm_immediate_exit(1);
-    let _ = fd.run();
-    fd.set_kvm_immediate_exit(0);
+/// KVM_KVMCLOCK_CTRL: tells a guest using kvmclock that it was stopped by the host (the
+/// PVCLOCK_GUEST_STOPPED flag), so the time it spent paused or saved is not taken for a
+/// soft lockup. KVM refuses it (EINVAL) when the guest has not enabled kvmclock: nothing to
+/// tell then.
+fn tell_kvmclock_paused(fd: &VcpuFd) {
+    let _ = fd.kvmclock_ctrl();
 }
 
 /// SIGINT, SIGTERM and SIGHUP: the signals that end a VM cleanly.
@@ -1032,36 +1036,234 @@ fn exit_signals() -> libc::sigset_t {
     }
 }
 
-/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and every thread it starts later.
-/// Call it first thing in `main`, before any VM exists, then hand the VM to
-/// [`terminate_on_signals`]: a signal that arrives in between stays pending until then.
+/// The VMs the exit signals end (weak: a finished VM is not kept alive for this), and a
+/// signal that came while there was none.
+type SignalTarget = (Vec<std::sync::Weak<VmHandle>>, Option<i32>);
+static SIGNAL_TARGET: Mutex<SignalTarget> = Mutex::new((Vec::new(), None));
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and every thread it starts later,
+/// and starts the thread that waits for them (now, while the process is small: under a
+/// tight memory limit it is the VM's own allocations that fail, cleanly). Call it first
+/// thing in `main`, before any VM exists, then hand the VM to [`terminate_on_signals`]: a
+/// signal that arrives in between is kept until then.
 pub fn block_exit_signals() {
     let set = exit_signals();
     // SAFETY: changes only this thread's mask, with a valid set.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    // A failure is reported by terminate_on_signals.
+    let _ = signal_thread();
+}
+
+/// Starts the signal-waiting thread once per process.
+fn signal_thread() -> Result<()> {
+    static STARTED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    STARTED
+        .get_or_init(|| {
+            let set = exit_signals();
+            std::thread::Builder::new()
+                .name("signals".into())
+                .spawn(move || loop {
+                    let mut sig: libc::c_int = 0;
+                    // SAFETY: waits on a valid set of signals blocked in every thread.
+                    if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                        let mut t = lock(&SIGNAL_TARGET);
+                        let vms: Vec<_> = t.0.iter().filter_map(std::sync::Weak::upgrade).collect();
+                        if vms.is_empty() {
+                            t.1 = Some(sig);
+                        }
+                        for vm in vms {
+                            vm.terminate(sig);
+                        }
+                    }
+                })
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!("cannot start the thread that handles Ctrl-C and kill: {e}"))
 }
 
 /// Ends `vm` cleanly (see [`VmHandle::terminate`]) when one of the blocked exit signals
-/// arrives, so Ctrl-C or `kill` never leaves a socket or a work folder behind. Fails if
-/// the thread that waits for them cannot start (the signals would stay blocked).
+/// arrives (or arrived since [`block_exit_signals`]), so Ctrl-C or `kill` never leaves a
+/// socket or a work folder behind. Fails if the thread that waits for them cannot start
+/// (the signals would stay blocked).
 pub fn terminate_on_signals(vm: Arc<VmHandle>) -> Result<()> {
     terminate_all_on_signals(vec![vm])
 }
 
 /// [`terminate_on_signals`] for several VMs of one process (clones): a signal ends them all.
 pub fn terminate_all_on_signals(vms: Vec<Arc<VmHandle>>) -> Result<()> {
-    let set = exit_signals();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: waits on a valid set of signals blocked in every thread.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                for vm in &vms {
-                    vm.terminate(sig);
-                }
-            }
-        })
-        .context("cannot start the thread that handles Ctrl-C and kill")?;
+    signal_thread()?;
+    let mut t = lock(&SIGNAL_TARGET);
+    if let Some(sig) = t.1.take() {
+        for vm in &vms {
+            vm.terminate(sig);
+        }
+    }
+    // VMs handed over earlier stay targets while they live.
+    t.0.retain(|w| w.strong_count() > 0);
+    t.0.extend(vms.iter().map(Arc::downgrade));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::mmio::{MmioTransportState, VirtqState};
+    use crate::devices::virtio::VirtioBlkState;
+    use crate::persist::{SerialDeviceState, VcpuState, VmLevelState};
+
+    fn cfg(disks: usize) -> VmConfig {
+        let mut t = "name = \"t\"\nmemory_mib = 16\n[flat]\nimage = \"g.bin\"\nload_address = 0x100000\nentry = 0x100000\nmode = \"long\"\n"
+            .to_string();
+        for i in 0..disks {
+            t += &format!("[[disk]]\npath = \"d{i}.img\"\n");
+        }
+        VmConfig::parse(&t, std::path::Path::new("t.toml")).unwrap()
+    }
+
+    fn dev(id: &str, version: u32, state: impl serde::Serialize) -> DeviceState {
+        DeviceState {
+            id: id.into(),
+            version,
+            state: serde_json::to_value(state).unwrap(),
+        }
+    }
+
+    fn blk() -> VirtioBlkState {
+        VirtioBlkState {
+            transport: MmioTransportState {
+                queues: vec![VirtqState {
+                    max_size: 256,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            disk_size: 1 << 20,
+            read_only: false,
+        }
+    }
+
+    /// A state as a VM of `cfg(disks)` saves it (through JSON, as in a pack).
+    fn state(disks: usize) -> VmState {
+        let mut devices = vec![
+            dev("com1", 1, SerialDeviceState::default()),
+            dev("i8042", 1, serde_json::json!({})),
+        ];
+        for i in 0..disks {
+            devices.push(dev(&format!("virtio-blk{i}"), 1, blk()));
+        }
+        let s = VmState {
+            version: VM_STATE_VERSION,
+            config: None,
+            memory_regions: ram_layout(16 << 20),
+            initrd: None,
+            vm: VmLevelState {
+                version: 1,
+                pit2: Default::default(),
+                clock: Default::default(),
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+            },
+            vcpus: vec![VcpuState {
+                version: 1,
+                id: 0,
+                mp_state: Default::default(),
+                regs: Default::default(),
+                sregs: Default::default(),
+                xsave: Default::default(),
+                xcrs: Default::default(),
+                debugregs: Default::default(),
+                lapic: Default::default(),
+                tsc_khz: 1,
+                cpuid: vec![],
+                msrs: vec![],
+                vcpu_events: Default::default(),
+            }],
+            devices,
+            saved_on: None,
+        };
+        VmState::parse(&serde_json::to_vec(&s).unwrap()).unwrap()
+    }
+
+    fn refused(s: VmState, c: &VmConfig) -> String {
+        match s.validate(c) {
+            Ok(_) => panic!("validated"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn validate_applies_the_compatibility_rule() {
+        assert!(state(2).validate(&cfg(2)).is_ok());
+        // A pack from before disks: its disks start at power-on.
+        assert!(state(0).validate(&cfg(2)).is_ok());
+        let err = refused(state(1), &cfg(2));
+        assert!(
+            err.contains("the saved VM has 1 virtio-blk devices but the config has 2 disks"),
+            "{err}"
+        );
+        let err = refused(state(2), &cfg(1));
+        assert!(err.contains("device virtio-blk1"), "{err}");
+        // A newer component version is refused by name; older ones are read.
+        let mut s = state(1);
+        s.devices[2].version = 2;
+        let err = refused(s, &cfg(1));
+        assert!(
+            err.contains(
+                "device virtio-blk0: state version 2 is not supported (this vmboot reads versions 1 to 1)"
+            ),
+            "{err}"
+        );
+        let mut s = state(1);
+        s.vcpus[0].version = 2;
+        assert!(refused(s, &cfg(1)).contains("vCPU 0: state version 2"));
+        let mut s = state(1);
+        s.vm.version = 2;
+        assert!(refused(s, &cfg(1)).contains("VM-level state: state version 2"));
+        let mut s = state(1);
+        s.devices.push(s.devices[0].clone());
+        assert!(refused(s, &cfg(1)).contains("device com1"));
+        // A device's state is checked before any KVM call.
+        let mut s = state(1);
+        s.devices[2].state["transport"]["queues"][0]["size"] = 512.into();
+        assert!(refused(s, &cfg(1)).contains("virtqueue 0: size 512"));
+        let mut v = serde_json::to_value(state(1)).unwrap();
+        v["version"] = 3.into();
+        let err = format!(
+            "{:#}",
+            VmState::parse(&serde_json::to_vec(&v).unwrap()).unwrap_err()
+        );
+        assert!(
+            err.contains(
+                "vm state version 3 is not supported by this vmboot (it reads versions 1 and 2)"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn version_1_reads_as_version_2() {
+        let mut v = serde_json::to_value(state(1)).unwrap();
+        let o = v.as_object_mut().unwrap();
+        let vm = o.remove("vm").unwrap();
+        for k in ["pit2", "clock", "pic_master", "pic_slave", "ioapic"] {
+            o.insert(k.into(), vm[k].clone());
+        }
+        o.insert("version".into(), 1.into());
+        o["vcpus"][0].as_object_mut().unwrap().remove("version");
+        let d = o["devices"].clone();
+        o.insert(
+            "devices".into(),
+            serde_json::json!({"serial": d[0]["state"], "i8042": {}, "virtio_blk": [d[2]["state"]]}),
+        );
+        let s = VmState::parse(&serde_json::to_vec(&v).unwrap()).unwrap();
+        assert_eq!(s.version, 1);
+        assert_eq!(s.vcpus[0].version, 1);
+        let ids: Vec<&str> = s.devices.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["com1", "i8042", "virtio-blk0"]);
+        assert_eq!(s.devices[2].state, serde_json::to_value(blk()).unwrap());
+        assert!(s.validate(&cfg(1)).is_ok());
+    }
 }

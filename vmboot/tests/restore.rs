@@ -108,7 +108,7 @@ fn pause_save_restore_continues_counting() {
 
     // Through a serializer, as a pack would store it.
     let json = serde_json::to_vec(&state).unwrap();
-    let state: VmState = serde_json::from_slice(&json).unwrap();
+    let state = VmState::parse(&json).unwrap();
 
     let out2 = Arc::new(Mutex::new(Vec::new()));
     let opts2 = RunOptions {
@@ -122,7 +122,14 @@ fn pause_save_restore_continues_counting() {
         }
         Ok(())
     }));
-    let vm2 = Vm::restore(&cfg, state, init, BootPayload::default(), &opts2).unwrap();
+    let vm2 = Vm::restore(
+        &cfg,
+        state.validate(&cfg).unwrap(),
+        init,
+        BootPayload::default(),
+        &opts2,
+    )
+    .unwrap();
     let h2 = vm2.controller();
     let runner2 = std::thread::spawn(move || vm2.run().unwrap());
     wait_for(&out2, 3, Duration::from_secs(30));
@@ -188,7 +195,7 @@ fn map_private_restore_from_a_file() {
     let file = std::fs::File::open(&mem_path).unwrap();
     let vm2 = Vm::restore(
         &cfg,
-        state,
+        state.validate(&cfg).unwrap(),
         GuestMemoryInit::MapPrivate {
             file,
             pieces: vec![(0, 0, 0x201000)],
@@ -261,7 +268,7 @@ fn smp_guest_survives_pause_save_restore() {
     let out2 = Arc::new(Mutex::new(Vec::new()));
     let vm2 = Vm::restore(
         &cfg,
-        state,
+        state.validate(&cfg).unwrap(),
         GuestMemoryInit::Fill(Box::new(move |regions| {
             for ((_, dst), (_, src)) in regions.iter_mut().zip(&memory) {
                 dst.copy_from_slice(src);
@@ -288,4 +295,86 @@ fn smp_guest_survives_pause_save_restore() {
             .collect();
         assert_eq!(nums, (1..=100).collect::<Vec<_>>(), "{cpu}: {all}");
     }
+}
+
+const KVMCLOCK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kvmclock.bin"));
+
+fn text(buf: &Arc<Mutex<Vec<u8>>>) -> String {
+    String::from_utf8_lossy(&buf.lock().unwrap()).into_owned()
+}
+
+fn wait_text(buf: &Arc<Mutex<Vec<u8>>>, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !text(buf).contains(needle) {
+        assert!(Instant::now() < deadline, "no {needle:?} in: {}", text(buf));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// KVM_KVMCLOCK_CTRL on pause and after restore: the `kvmclock` guest (samples/guests/
+/// kvmclock.S) enables kvmclock and reports the PVCLOCK_GUEST_STOPPED flag, which is how a
+/// Linux guest learns that a long gap was the host stopping it, not a soft lockup. It sees
+/// the flag after a pause and resume, and again in a VM restored from a capture.
+#[test]
+fn a_kvmclock_guest_learns_it_was_stopped() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let bin = d.path().join("kvmclock.bin");
+    std::fs::write(&bin, KVMCLOCK).unwrap();
+    let cfg_path = flat_config(d.path(), "kvmclock", &bin, "long", 0x100000, 16, 1);
+    let cfg = VmConfig::from_file(&cfg_path).unwrap();
+    let payload = BootPayload::from_config(&cfg).unwrap();
+    let out1 = Arc::new(Mutex::new(Vec::new()));
+    let vm = Vm::create(
+        &cfg,
+        payload,
+        &RunOptions {
+            serial_out: SerialSink::Capture(out1.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let h = vm.controller();
+    let runner = std::thread::spawn(move || vm.run().unwrap());
+    wait_text(&out1, "tick 3\n", Duration::from_secs(60));
+    assert!(!text(&out1).contains("stopped"), "{}", text(&out1));
+    h.pause().unwrap();
+    h.resume().unwrap();
+    wait_text(&out1, "host stopped us\n", Duration::from_secs(30));
+
+    h.pause().unwrap();
+    let state = h.save_state().unwrap();
+    let memory: Vec<(u64, Vec<u8>)> =
+        h.with_memory(|r| r.iter().map(|(gpa, b)| (*gpa, b.to_vec())).collect());
+    h.shutdown();
+    runner.join().unwrap();
+    // The capture holds the flag cleared (the guest cleared it): the restored VM must set it
+    // again itself.
+    let out2 = Arc::new(Mutex::new(Vec::new()));
+    let vm2 = Vm::restore(
+        &cfg,
+        state.validate(&cfg).unwrap(),
+        GuestMemoryInit::Fill(Box::new(move |regions| {
+            for ((_, dst), (_, src)) in regions.iter_mut().zip(&memory) {
+                dst.copy_from_slice(src);
+            }
+            Ok(())
+        })),
+        BootPayload::default(),
+        &RunOptions {
+            serial_out: SerialSink::Capture(out2.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let r = vm2.run().unwrap();
+    assert_eq!(r.code, 0, "{}: {}", r.message, text(&out2));
+    let after = text(&out2);
+    assert!(after.contains("host stopped us\n"), "{after}");
+    assert!(
+        after.ends_with("stops 1\n") || after.ends_with("stops 2\n"),
+        "{after}"
+    );
 }

@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vmboot::devices::virtio::VirtioBlkState;
 use vmboot::{BootPayload, GuestMemoryInit, RunOptions, SerialSink, Vm, VmState};
 use vmpack_formats::config::VmConfig;
 
@@ -64,9 +65,12 @@ fn pauses_drain_the_device_and_state_round_trips() {
             break; // the guest finished between the check and the pause
         }
         let state = h.save_state().unwrap();
-        let blk = &state.devices.virtio_blk;
-        assert_eq!(blk.len(), 1);
-        let t = &blk[0].transport;
+        let ids: Vec<&str> = state.devices.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["com1", "i8042", "virtio-blk0"]);
+        let dev = state.device("virtio-blk0").unwrap();
+        assert_eq!(dev.version, 1);
+        let blk: VirtioBlkState = serde_json::from_value(dev.state.clone()).unwrap();
+        let t = &blk.transport;
         if t.status == 0xf {
             let q = &t.queues[0];
             assert!(q.ready);
@@ -75,7 +79,7 @@ fn pauses_drain_the_device_and_state_round_trips() {
             assert_eq!(q.next_avail, q.next_used, "request in flight at a pause");
             saw_requests |= q.next_used > 0;
         }
-        assert_eq!(blk[0].disk_size, 1 << 20);
+        assert_eq!(blk.disk_size, 1 << 20);
         last_state = Some(serde_json::to_vec(&state).unwrap());
         pauses += 1;
         h.resume().unwrap();
@@ -90,11 +94,11 @@ fn pauses_drain_the_device_and_state_round_trips() {
 
     // A saved device state names its disk size; a restore with a different disk is refused
     // before anything runs.
-    let state: VmState = serde_json::from_slice(&last_state.unwrap()).unwrap();
+    let state = VmState::parse(&last_state.unwrap()).unwrap();
     let small = config(&d.path().join("small"), 64 << 10);
     let err = match Vm::restore(
         &small,
-        state,
+        state.validate(&small).unwrap(),
         GuestMemoryInit::Zeroed,
         BootPayload::default(),
         &RunOptions::default(),

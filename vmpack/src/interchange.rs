@@ -386,6 +386,7 @@ pub fn import(src: &Path, o: ImportOpts, w: &crate::pack::WriteArgs) -> Result<b
         vcpus: vm.vcpus,
         memory_mib: memory,
         cpu_template: vm.cpu_template.clone(),
+        rng: false,
         flat: flat_image.as_ref().map(|(f, fb)| FlatBoot {
             image: PathBuf::from(&f.name),
             ..fb.clone()

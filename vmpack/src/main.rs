@@ -15,6 +15,7 @@ mod output;
 mod pack;
 mod progress;
 mod registry_cmd;
+mod remote;
 mod sign;
 mod test_cmd;
 mod unpack;

@@ -298,6 +298,7 @@ pub fn run_import(a: ImportArgs) -> Result<()> {
         vcpus: a.vcpus.unwrap_or(1),
         memory_mib: memory,
         cpu_template: CpuTemplate::Host,
+        rng: false,
         flat,
         kernel,
         disks: vec![DiskConfig {

@@ -332,6 +332,21 @@ pub fn run_cache(a: CacheArgs) -> Result<()> {
             let (n, freed) = chunks.prune(keep)?;
             let mut packs = 0;
             let mut pack_bytes = 0;
+            // Local files of `restore REF` runs that were killed (one left for a day is
+            // taken for dead; a VM running that long keeps its file open, which stays readable).
+            if let Ok(rd) = std::fs::read_dir(&root) {
+                for e in rd.flatten() {
+                    let stale = e
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age.as_secs() > 86400);
+                    if stale && e.file_name().to_string_lossy().starts_with(".remote-") {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
             for sub in ["expanded", "pulled"] {
                 if let Ok(rd) = std::fs::read_dir(root.join(sub)) {
                     for e in rd.flatten() {

@@ -217,8 +217,11 @@ pub fn start_clone(src: &Path, work: &WorkBase, i: usize, run: RunOptions) -> Re
         PackInput::File(src.to_path_buf()),
         RestoreOptions {
             verify: VerifyPolicy::Auto,
+            // Clones of one verified pack share its page cache through the mapping.
+            memory: vmboot::snapshot::MemoryPolicy::Eager,
             run,
             work_dir: Some(work.clone_dir(i)?),
+            source: Default::default(),
         },
     )?;
     for w in &info.warnings {
@@ -307,12 +310,23 @@ pub fn shard_of(name: &str, n: u64) -> u64 {
 
 /// A pack file, or a registry reference pulled (once) into the cache's `pulled/` folder.
 fn local_pack(a: &TestArgs, arg: &str) -> Result<PathBuf> {
+    pulled_pack(arg, &a.registry, a.quiet)
+}
+
+/// A pack file, or a registry reference pulled (once) into the cache's `pulled/` folder
+/// (shared by `test REF` and `restore REF --clones N`, whose clones share the pages of
+/// one local file).
+pub fn pulled_pack(
+    arg: &str,
+    registry: &crate::registry_cmd::RegistryArgs,
+    quiet: bool,
+) -> Result<PathBuf> {
     let p = Path::new(arg);
     if p.exists() || !vmpack_registry::Reference::looks_like(arg) {
         return Ok(p.to_path_buf());
     }
     let reference = vmpack_registry::Reference::parse(arg)?;
-    let client = a.registry.client(&reference)?;
+    let client = registry.client(&reference)?;
     let top = client
         .get_manifest(reference.manifest_reference())?
         .ok_or_else(|| anyhow!("{reference}: not found in the registry"))?;
@@ -328,8 +342,8 @@ fn local_pack(a: &TestArgs, arg: &str) -> Result<PathBuf> {
         return Ok(target);
     }
     let cache = vmpack_registry::ChunkCache::open_default()?;
-    let (r, secs) = crate::registry_cmd::pull_to(&client, &cache, &target, a.quiet)?;
-    if !a.quiet {
+    let (r, secs) = crate::registry_cmd::pull_to(&client, &cache, &target, quiet)?;
+    if !quiet {
         eprintln!(
             "vmpack: pulled {reference} in {secs:.2} s: fetched {} blobs, {} from the chunk cache",
             r.fetched_blobs, r.cached_blobs

@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 use vmboot::api_client::ApiClient;
 use vmboot::snapshot::{self, PackInput, RestoreOptions, VerifyPolicy};
@@ -72,8 +73,14 @@ pub struct SaveArgs {
 
 #[derive(Args)]
 pub struct RestoreArgs {
-    /// A pack made by `vmpack save`, or - to read it from standard input.
+    /// A pack made by `vmpack save`, - to read it from standard input, or a registry
+    /// reference (REGISTRY/REPOSITORY:TAG or @sha256:DIGEST) to run straight from the
+    /// registry, memory fetched on first touch. An argument that names an existing file is
+    /// a file; otherwise one whose first component has a '.' or ':' or is `localhost` is a
+    /// reference.
     pack: PathBuf,
+    #[command(flatten)]
+    registry: crate::registry_cmd::RegistryArgs,
     /// Serve the HTTP control API on this Unix socket, so the VM can be saved again.
     #[arg(long)]
     api_sock: Option<PathBuf>,
@@ -83,6 +90,10 @@ pub struct RestoreArgs {
     /// When to check chunk hashes (docs/FORMAT.md, "Verification on restore").
     #[arg(long, value_enum, default_value = "auto")]
     verify: VerifyPolicy,
+    /// How guest memory is filled: auto, lazy (on first touch, each chunk verified first)
+    /// or eager (docs/FORMAT.md, "Guest memory on restore").
+    #[arg(long, value_enum, default_value = "auto")]
+    memory: snapshot::MemoryPolicy,
     /// Print nothing but errors and warnings.
     #[arg(long, short)]
     quiet: bool,
@@ -183,11 +194,13 @@ pub fn run(a: RunArgs) -> Result<i32> {
                     api_sock: a.api_sock,
                     serial_out: a.serial_out.unwrap_or_else(|| "stdout".into()),
                     verify: a.verify,
+                    memory: snapshot::MemoryPolicy::Auto,
                     quiet: a.quiet,
                     clones: 1,
                     json: false,
                     require_signature: false,
                     allowed_signers: None,
+                    registry: Default::default(),
                 });
             }
             let cfg = pack.config()?;
@@ -450,7 +463,21 @@ fn check_free_space(
     Ok(())
 }
 
-pub fn restore(a: RestoreArgs) -> Result<i32> {
+/// Whether a restore argument is a registry reference rather than a file (the rule of
+/// `vmpack test`: an existing file wins).
+fn is_reference(arg: &Path) -> Option<&str> {
+    let s = arg.to_str()?;
+    (s != "-" && !arg.exists() && vmpack_registry::Reference::looks_like(s)).then_some(s)
+}
+
+pub fn restore(mut a: RestoreArgs) -> Result<i32> {
+    if let Some(r) = is_reference(&a.pack) {
+        if a.clones == 1 {
+            return restore_remote(r.to_string(), a);
+        }
+        // Clones share the pages of one local file: the pack is pulled once into the cache.
+        a.pack = crate::test_cmd::pulled_pack(r, &a.registry, a.quiet)?;
+    }
     if a.require_signature {
         if a.pack.as_os_str() == "-" {
             bail!("--require-signature needs a pack file, not standard input");
@@ -503,10 +530,125 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         input,
         RestoreOptions {
             verify: a.verify,
+            memory: a.memory,
             run,
             work_dir: None,
+            source: Default::default(),
         },
         a.quiet,
         "vmpack",
     )
+}
+
+/// `vmpack restore REF`: the VM runs before its memory is downloaded (see `remote`).
+fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
+    let started = Instant::now();
+    let reference = vmpack_registry::Reference::parse(&r)?;
+    let client = a.registry.client(&reference)?;
+    let cache = vmpack_registry::ChunkCache::open_default()?;
+    // Without userfaultfd (or with --memory eager) memory is fetched whole first.
+    let all = a.memory == snapshot::MemoryPolicy::Eager || !vmboot::vstate::lazy::available();
+    let local = crate::remote::prepare(client, cache, all, started, a.quiet)?;
+    if a.require_signature {
+        let allowed = a
+            .allowed_signers
+            .as_deref()
+            .expect("clap requires --allowed-signers");
+        // Signatures sign the root digest, which the local skeleton already carries.
+        for good in crate::sign::require_signature(&local.path, allowed)
+            .map_err(|e| anyhow::anyhow!("{r}: {e:#}"))?
+        {
+            if !a.quiet {
+                eprintln!("vmpack: {r}: {}", crate::sign::describe_good(&good));
+            }
+        }
+    }
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
+    if !a.quiet {
+        eprintln!(
+            "vmpack: {r}: skeleton and disks ready in {:.1} ms; {}",
+            ms(started),
+            if all {
+                "memory fetched whole"
+            } else {
+                "memory fetched on first touch"
+            }
+        );
+    }
+    // The serial log lets the first line of output be timed (and the bytes fetched by then).
+    let log = vmboot::console::SerialLog::new();
+    let run = RunOptions {
+        serial_out: SerialSink::Console {
+            log: log.clone(),
+            also: Box::new(sink(Some(&a.serial_out), None)),
+        },
+        api_sock: a.api_sock,
+        stdin_input: !a.registry.password_stdin,
+        ..Default::default()
+    };
+    let (vm, info) = snapshot::restore(
+        PackInput::File(local.path.clone()),
+        RestoreOptions {
+            // A whole temporary file is checked in full and never recorded as verified.
+            verify: if all { VerifyPolicy::Always } else { a.verify },
+            memory: a.memory,
+            run,
+            work_dir: None,
+            source: if all {
+                vmboot::vstate::lazy::ChunkSource::PackFile
+            } else {
+                vmboot::vstate::lazy::ChunkSource::Fetch(local.fetch.clone())
+            },
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{r}: {e:#}"))?;
+    for w in &info.warnings {
+        eprintln!("vmboot: warning: {w}");
+    }
+    if !a.quiet {
+        eprintln!(
+            "vmboot: restored (memory: {}; {})",
+            info.memory_path, info.verified
+        );
+    }
+    let counters = local.fetch.counters.clone();
+    let first_line: Arc<std::sync::OnceLock<(f64, u64)>> = Arc::default();
+    {
+        let (log, counters, first_line) = (log.clone(), counters.clone(), first_line.clone());
+        let nl = regex::bytes::Regex::new("\n").expect("valid regex");
+        // Ends with the process; waits at most a day.
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + std::time::Duration::from_secs(86400);
+            if log.wait_for(0, &nl, deadline).is_ok() {
+                let bytes = counters
+                    .fetched_bytes
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                    + counters
+                        .cached_bytes
+                        .load(std::sync::atomic::Ordering::SeqCst);
+                let _ = first_line.set((ms(started), bytes));
+            }
+        });
+    }
+    vmboot::terminate_on_signals(vm.controller())?;
+    let vcpus_ms = ms(started);
+    let reason = vm.run()?;
+    if reason.code != 0 {
+        eprintln!(
+            "vmpack: {r}: {} (exit status {})",
+            reason.message, reason.code
+        );
+    }
+    if !a.quiet {
+        eprintln!("vmpack: {r}: {}", counters.summary());
+        let mut t = format!("vCPUs started {vcpus_ms:.1} ms after the command");
+        if let Some((at, bytes)) = first_line.get() {
+            t += &format!(
+                "; first serial line at {at:.1} ms, {} of chunks fetched or read from the cache by then",
+                human_bytes(*bytes)
+            );
+        }
+        eprintln!("vmpack: {r}: {t}");
+    }
+    Ok(reason.code)
 }

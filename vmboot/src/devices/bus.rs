@@ -26,6 +26,9 @@ pub trait BusDevice: Send {
 struct Entry {
     base: u64,
     len: u64,
+    /// The device-relative offset of `base` (a device with several ranges, like the
+    /// i8042's 0x60 and 0x64, sees one offset space).
+    first_offset: u64,
     dev: Arc<Mutex<dyn BusDevice>>,
 }
 
@@ -48,6 +51,17 @@ impl Bus {
         len: u64,
         dev: Arc<Mutex<dyn BusDevice>>,
     ) -> anyhow::Result<()> {
+        self.insert_at_offset(base, len, 0, dev)
+    }
+
+    /// Like [`Bus::insert`], the device seeing `base` as offset `first_offset`.
+    pub fn insert_at_offset(
+        &mut self,
+        base: u64,
+        len: u64,
+        first_offset: u64,
+        dev: Arc<Mutex<dyn BusDevice>>,
+    ) -> anyhow::Result<()> {
         if len == 0 {
             anyhow::bail!("empty bus range at {base:#x}");
         }
@@ -62,7 +76,12 @@ impl Bus {
                 e.len
             );
         }
-        self.entries.push(Entry { base, len, dev });
+        self.entries.push(Entry {
+            base,
+            len,
+            first_offset,
+            dev,
+        });
         Ok(())
     }
 
@@ -74,7 +93,7 @@ impl Bus {
 
     pub fn read(&self, addr: u64, data: &mut [u8]) {
         match self.find(addr) {
-            Some(e) => lock(&e.dev).read(addr - e.base, data),
+            Some(e) => lock(&e.dev).read(addr - e.base + e.first_offset, data),
             None => {
                 self.unknown_reads.fetch_add(1, Ordering::Relaxed);
                 data.fill(0xff);
@@ -84,7 +103,7 @@ impl Bus {
 
     pub fn write(&self, addr: u64, data: &[u8]) -> IoAction {
         match self.find(addr) {
-            Some(e) => lock(&e.dev).write(addr - e.base, data),
+            Some(e) => lock(&e.dev).write(addr - e.base + e.first_offset, data),
             None => {
                 self.unknown_writes.fetch_add(1, Ordering::Relaxed);
                 IoAction::Continue

@@ -1,7 +1,9 @@
 //! The i8042 (only its CPU-reset command matters) and the debug-exit port.
 
-use super::bus::{BusDevice, IoAction};
+use super::bus::{lock, BusDevice, IoAction};
+use crate::persist::{DeviceState, I8042State, Pausable, Persist, VmDevice};
 use std::cell::Cell;
+use std::sync::Mutex;
 use vm_superio::{I8042Device, Trigger};
 
 /// Records that the guest asked for a CPU reset.
@@ -36,9 +38,27 @@ impl I8042 {
             dev: I8042Device::new(ResetFlag::default()),
         }
     }
+}
 
-    pub fn state(&self) -> crate::persist::I8042State {
-        crate::persist::I8042State {}
+impl Persist<'_> for I8042 {
+    type State = I8042State;
+    type ConstructorArgs = ();
+    const VERSION: u32 = 1;
+
+    fn save(&self) -> anyhow::Result<I8042State> {
+        Ok(I8042State {})
+    }
+
+    fn restore(_: (), _: &I8042State) -> anyhow::Result<I8042> {
+        Ok(I8042::new())
+    }
+}
+
+impl Pausable for Mutex<I8042> {}
+
+impl VmDevice for Mutex<I8042> {
+    fn save(&self, id: &str) -> anyhow::Result<DeviceState> {
+        DeviceState::new(id, &*lock(self))
     }
 }
 

@@ -1,7 +1,7 @@
 //! COM1: vm-superio's 16550 with its interrupt delivered through an irqfd on GSI 4.
 
 use super::bus::{lock, BusDevice, IoAction};
-use crate::persist::SerialDeviceState;
+use crate::persist::{DeviceState, Pausable, Persist, SerialDeviceState, VmDevice};
 use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::PathBuf;
@@ -117,6 +117,30 @@ impl SerialDevice {
 
     pub fn flush(&mut self) {
         let _ = self.serial.writer_mut().flush();
+    }
+}
+
+impl Persist<'_> for SerialDevice {
+    type State = SerialDeviceState;
+    /// Where the output goes.
+    type ConstructorArgs = SerialSink;
+    const VERSION: u32 = 1;
+
+    fn save(&self) -> Result<SerialDeviceState> {
+        Ok(self.state())
+    }
+
+    fn restore(sink: SerialSink, state: &SerialDeviceState) -> Result<SerialDevice> {
+        SerialDevice::new(state, &sink)
+    }
+}
+
+/// The UART does its work on the vCPU thread that accesses it: nothing to pause.
+impl Pausable for Mutex<SerialDevice> {}
+
+impl VmDevice for Mutex<SerialDevice> {
+    fn save(&self, id: &str) -> Result<DeviceState> {
+        DeviceState::new(id, &*lock(self))
     }
 }
 

@@ -1,19 +1,21 @@
 //! The virtio-mmio transport (virtio 1.x, register layout version 2).
 //!
 //! The transport owns the registers, the virtqueues and the interrupt status; the device
-//! behind it (see [`VirtioDevice`]) supplies its type, features and config space. One mutex
-//! guards the whole transport: the vCPU thread takes it for a register access and the
-//! device's I/O thread for a batch of requests, so a pause that takes it knows no request
-//! is half done.
+//! behind it (see [`VirtioDevice`]) supplies its type, features and config space, serves
+//! its queues, and hears of activation (DRIVER_OK) and reset (status 0). One mutex guards
+//! the whole transport: the vCPU thread takes it for a register access and the worker for a
+//! batch of requests, so a pause that takes it knows no request is half done.
 
 use crate::devices::bus::{BusDevice, IoAction};
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::AtomicBool;
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueState, QueueT};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// "virt" in little endian.
@@ -33,6 +35,21 @@ pub trait VirtioDevice: Send {
     fn config(&self) -> &[u8];
     /// Largest size of each queue.
     fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Serves up to `budget` requests available in queue `idx`, checking `hold` before each
+    /// (a pause stops the work at the next request boundary). Returns how many completed
+    /// and whether more may be waiting.
+    fn process_queue(
+        &mut self,
+        idx: usize,
+        q: &mut Queue,
+        mem: &GuestMemoryMmap,
+        hold: &AtomicBool,
+        budget: usize,
+    ) -> (usize, bool);
+    /// The driver set DRIVER_OK with `acked_features`: requests may come.
+    fn activate(&mut self, _acked_features: u64) {}
+    /// The driver reset the device (status 0): forget anything tied to the old queues.
+    fn reset(&mut self) {}
 }
 
 /// A virtqueue's registers and ring positions, serializable (mirrors `virtio_queue::QueueState`).
@@ -94,6 +111,50 @@ pub struct MmioTransportState {
     pub queues: Vec<VirtqState>,
 }
 
+impl MmioTransportState {
+    /// Checks a saved transport against a device offering `offered` features and queues of
+    /// `max_sizes`: what virtio-queue itself would trust.
+    pub fn validate(&self, offered: u64, max_sizes: &[u16]) -> anyhow::Result<()> {
+        if self.queues.len() != max_sizes.len() {
+            anyhow::bail!(
+                "saved virtio device has {} queues, the device has {}",
+                self.queues.len(),
+                max_sizes.len()
+            );
+        }
+        if self.acked_features & !offered != 0 {
+            anyhow::bail!(
+                "saved driver features {:#x} include features the device never offered ({:#x})",
+                self.acked_features,
+                self.acked_features & !offered
+            );
+        }
+        let event_idx =
+            self.acked_features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
+        // virtio-queue trusts the saved maximum; the device's own is the limit.
+        for (i, (q, &max)) in self.queues.iter().zip(max_sizes).enumerate() {
+            if q.max_size != max {
+                anyhow::bail!(
+                    "saved virtqueue {i}: maximum size {} where the device's is {max}",
+                    q.max_size
+                );
+            }
+            if q.size > max || (q.size != 0 && !q.size.is_power_of_two()) {
+                anyhow::bail!(
+                    "saved virtqueue {i}: size {} (the device allows powers of two up to {max})",
+                    q.size
+                );
+            }
+            if q.event_idx_enabled && !event_idx {
+                anyhow::bail!(
+                    "saved virtqueue {i}: event index enabled but VIRTIO_RING_F_EVENT_IDX was not negotiated"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct MmioTransport<D: VirtioDevice> {
     pub device: D,
     pub queues: Vec<Queue>,
@@ -106,15 +167,15 @@ pub struct MmioTransport<D: VirtioDevice> {
     config_generation: u32,
     /// Raised (through an irqfd) when the interrupt status gains a bit.
     irq: EventFd,
-    /// The queue-notify eventfd (also registered as an ioeventfd); written here to make the
-    /// I/O thread look at the queues again (after DRIVER_OK, a resume or a restore).
-    kick: EventFd,
+    /// One notify eventfd per queue (also registered as ioeventfds); written here to make
+    /// the worker look at a queue again (after DRIVER_OK, a resume or a restore).
+    kick: Vec<EventFd>,
     /// Set while the VM is paused: the I/O thread leaves the queues alone.
     pub paused: bool,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
-    pub fn new(device: D, irq: EventFd, kick: EventFd) -> anyhow::Result<Self> {
+    pub fn new(device: D, irq: EventFd, kick: Vec<EventFd>) -> anyhow::Result<Self> {
         let queues = device
             .queue_max_sizes()
             .into_iter()
@@ -140,46 +201,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
     pub fn restore(
         device: D,
         irq: EventFd,
-        kick: EventFd,
+        kick: Vec<EventFd>,
         s: &MmioTransportState,
     ) -> anyhow::Result<Self> {
         let mut t = Self::new(device, irq, kick)?;
-        if s.queues.len() != t.queues.len() {
-            anyhow::bail!(
-                "saved virtio device has {} queues, the device has {}",
-                s.queues.len(),
-                t.queues.len()
-            );
-        }
-        let offered = t.device.features();
-        if s.acked_features & !offered != 0 {
-            anyhow::bail!(
-                "saved driver features {:#x} include features the device never offered ({:#x})",
-                s.acked_features,
-                s.acked_features & !offered
-            );
-        }
-        let event_idx =
-            s.acked_features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
-        // virtio-queue trusts the saved maximum; the device's own is the limit.
-        for (i, (q, max)) in s.queues.iter().zip(t.device.queue_max_sizes()).enumerate() {
-            if q.max_size != max {
-                anyhow::bail!(
-                    "saved virtqueue {i}: maximum size {} where the device's is {max}",
-                    q.max_size
-                );
-            }
-            if q.size > max || (q.size != 0 && !q.size.is_power_of_two()) {
-                anyhow::bail!(
-                    "saved virtqueue {i}: size {} (the device allows powers of two up to {max})",
-                    q.size
-                );
-            }
-            if q.event_idx_enabled && !event_idx {
-                anyhow::bail!(
-                    "saved virtqueue {i}: event index enabled but VIRTIO_RING_F_EVENT_IDX was not negotiated"
-                );
-            }
+        s.validate(t.device.features(), &t.device.queue_max_sizes())?;
+        for (i, q) in s.queues.iter().enumerate() {
             t.queues[i] = Queue::try_from(QueueState::from(q))
                 .map_err(|e| anyhow::anyhow!("saved virtqueue {i}: {e}"))?;
         }
@@ -224,12 +251,22 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let _ = self.irq.write(1);
     }
 
-    /// Makes the I/O thread look at the queues.
+    /// Makes the worker look at every queue.
     pub fn kick(&self) {
-        let _ = self.kick.write(1);
+        for k in &self.kick {
+            let _ = k.write(1);
+        }
+    }
+
+    /// Raises the interrupt again if its status still shows an unacknowledged cause.
+    pub fn reraise(&self) {
+        if self.interrupt_status != 0 {
+            let _ = self.irq.write(1);
+        }
     }
 
     fn reset(&mut self) {
+        self.device.reset();
         for q in &mut self.queues {
             q.reset();
         }
@@ -330,7 +367,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 }
             }
             // Normally caught by the ioeventfd in KVM; this is the fallback.
-            VIRTIO_MMIO_QUEUE_NOTIFY => self.kick(),
+            VIRTIO_MMIO_QUEUE_NOTIFY => {
+                if let Some(k) = self.kick.get(v as usize) {
+                    let _ = k.write(1);
+                }
+            }
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !v,
             VIRTIO_MMIO_STATUS => self.set_status(v),
             _ => {}
@@ -362,6 +403,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         self.status = v;
         if newly & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            self.device.activate(self.acked_features);
             self.kick();
         }
     }
@@ -392,5 +434,180 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
         }
         // Config space writes are ignored: nothing in virtio-blk's config is writable here.
         IoAction::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    /// Records what the transport tells it.
+    #[derive(Default)]
+    struct Probe {
+        activated: Option<u64>,
+        resets: usize,
+    }
+
+    impl VirtioDevice for Probe {
+        fn device_type(&self) -> u32 {
+            4
+        }
+        fn features(&self) -> u64 {
+            (1 << VIRTIO_F_VERSION_1) | 1
+        }
+        fn config(&self) -> &[u8] {
+            &[1, 2, 3, 4]
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![16, 8]
+        }
+        fn process_queue(
+            &mut self,
+            _: usize,
+            _: &mut Queue,
+            _: &GuestMemoryMmap,
+            hold: &AtomicBool,
+            _: usize,
+        ) -> (usize, bool) {
+            assert!(!hold.load(Ordering::Relaxed));
+            (0, false)
+        }
+        fn activate(&mut self, acked: u64) {
+            self.activated = Some(acked);
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+        }
+    }
+
+    fn efd() -> EventFd {
+        EventFd::new(libc::EFD_NONBLOCK).unwrap()
+    }
+
+    /// A transport over a `Probe`, with the other ends of its irq and queue eventfds.
+    fn transport() -> (MmioTransport<Probe>, EventFd, Vec<EventFd>) {
+        let (irq, kicks) = (efd(), vec![efd(), efd()]);
+        let t = MmioTransport::new(
+            Probe::default(),
+            irq.try_clone().unwrap(),
+            kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
+        )
+        .unwrap();
+        (t, irq, kicks)
+    }
+
+    fn w(t: &mut MmioTransport<Probe>, reg: u32, v: u32) {
+        assert_eq!(
+            t.write(u64::from(reg), &v.to_le_bytes()),
+            IoAction::Continue
+        );
+    }
+
+    fn r(t: &mut MmioTransport<Probe>, reg: u32) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(u64::from(reg), &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn signalled(e: &EventFd) -> bool {
+        e.read().is_ok()
+    }
+
+    /// Negotiates VERSION_1 and sets up both queues, up to FEATURES_OK.
+    fn negotiate(t: &mut MmioTransport<Probe>) {
+        w(t, VIRTIO_MMIO_STATUS, 1);
+        w(t, VIRTIO_MMIO_STATUS, 3);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        w(t, VIRTIO_MMIO_STATUS, 0xb);
+        assert_eq!(r(t, VIRTIO_MMIO_STATUS), 0xb);
+        for (q, size) in [(0, 16), (1, 8)] {
+            w(t, VIRTIO_MMIO_QUEUE_SEL, q);
+            w(t, VIRTIO_MMIO_QUEUE_NUM, size);
+            w(t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000 * (q + 1));
+            w(t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x1000 * (q + 1) + 0x400);
+            w(t, VIRTIO_MMIO_QUEUE_USED_LOW, 0x1000 * (q + 1) + 0x800);
+            w(t, VIRTIO_MMIO_QUEUE_READY, 1);
+        }
+    }
+
+    #[test]
+    fn registers_activation_notify_interrupts_and_reset() {
+        let (mut t, irq, kicks) = transport();
+        assert_eq!(r(&mut t, VIRTIO_MMIO_MAGIC_VALUE), MMIO_MAGIC);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_ID), 4);
+        w(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_FEATURES), 1);
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), 8);
+        let mut cfg = [0u8; 2];
+        t.read(u64::from(VIRTIO_MMIO_CONFIG) + 1, &mut cfg);
+        assert_eq!(cfg, [2, 3]);
+
+        negotiate(&mut t);
+        assert!(t.device.activated.is_none() && !t.is_active());
+        assert!(!signalled(&kicks[0]));
+        w(&mut t, VIRTIO_MMIO_STATUS, 0xf);
+        // Activation reaches the device with what was negotiated, and every queue is looked at.
+        assert_eq!(t.device.activated, Some(1 << VIRTIO_F_VERSION_1));
+        assert!(t.is_active());
+        assert!(signalled(&kicks[0]) && signalled(&kicks[1]));
+        // A live queue's layout is fixed.
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 4);
+        assert_eq!(t.queues[0].size(), 16);
+        // The notify fallback kicks exactly the queue written.
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
+        assert!(!signalled(&kicks[0]) && signalled(&kicks[1]));
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 7);
+        // Completions: status bit, irqfd; ack clears; nothing pending, nothing re-raised.
+        t.signal_used();
+        assert!(signalled(&irq));
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 1);
+        t.reraise();
+        assert!(signalled(&irq), "a pending interrupt is raised again");
+        w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        t.reraise();
+        assert!(!signalled(&irq));
+
+        // The saved transport restores to the same registers.
+        let saved = t.state();
+        let (irq2, kicks2) = (efd(), vec![efd(), efd()]);
+        let back = MmioTransport::restore(Probe::default(), irq2, kicks2, &saved).unwrap();
+        assert_eq!(back.state(), saved);
+        let mut bad = saved.clone();
+        bad.queues[1].size = 16;
+        let err = MmioTransport::restore(Probe::default(), efd(), vec![efd(), efd()], &bad)
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("saved virtqueue 1: size 16"),
+            "{err}"
+        );
+
+        // Reset reaches the device and clears the transport.
+        w(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(t.device.resets, 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
+        assert!(!t.queues[0].ready() && !t.is_active());
+    }
+
+    #[test]
+    fn features_ok_needs_version_1_and_offered_bits() {
+        let (mut t, _, _) = transport();
+        w(&mut t, VIRTIO_MMIO_STATUS, 3);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        w(&mut t, VIRTIO_MMIO_STATUS, 0xb);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 3, "no VERSION_1");
+        let (mut t, _, _) = transport();
+        w(&mut t, VIRTIO_MMIO_STATUS, 3);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 2);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        w(&mut t, VIRTIO_MMIO_STATUS, 0xb);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 3, "a bit never offered");
     }
 }

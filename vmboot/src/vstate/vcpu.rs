@@ -1,4 +1,6 @@
-//! Per-vCPU setup, state capture/restore, and the crash report.
+//! vCPUs: their fds and kicking (leaving KVM_RUN on request), setup, state capture and
+//! restore, and the crash report. The run loop that dispatches exits is the VMM's
+//! (`crate::vmm`).
 
 use crate::memory::GuestRam;
 use crate::msr;
@@ -8,6 +10,99 @@ use kvm_bindings::{
     kvm_cpuid_entry2, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, CpuId, KVM_MP_STATE_RUNNABLE,
 };
 use kvm_ioctls::VcpuFd;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+/// One vCPU of a running VM.
+pub struct Vcpu {
+    pub id: u32,
+    /// What KVM_SET_CPUID2 was given (saved instead of reading it back, see [`save`]).
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub fd: Mutex<VcpuFd>,
+    /// The vCPU's `kvm_run` page, for setting `immediate_exit` from other threads. Valid as
+    /// long as `fd` lives.
+    run: *mut kvm_bindings::kvm_run,
+    /// The thread running it, while one does.
+    pub thread: Mutex<Option<libc::pthread_t>>,
+}
+
+// SAFETY: `run` points into the mmap owned by `fd`, which lives as long as the struct; other
+// threads only touch its `immediate_exit` byte, through an atomic.
+unsafe impl Send for Vcpu {}
+// SAFETY: see `Send`.
+unsafe impl Sync for Vcpu {}
+
+impl Vcpu {
+    pub fn new(id: u32, mut fd: VcpuFd, cpuid: Vec<kvm_cpuid_entry2>) -> Vcpu {
+        let run: *mut kvm_bindings::kvm_run = fd.get_kvm_run();
+        Vcpu {
+            id,
+            cpuid,
+            fd: Mutex::new(fd),
+            run,
+            thread: Mutex::new(None),
+        }
+    }
+
+    /// Makes the vCPU leave KVM_RUN (or not enter it): sets `immediate_exit` and signals its
+    /// thread, whose handler does nothing (the signal only has to interrupt the ioctl;
+    /// `immediate_exit` covers the window where it lands just before KVM_RUN).
+    pub fn kick(&self) {
+        // SAFETY: `run` is valid (see the struct); KVM reads this byte on KVM_RUN entry.
+        unsafe { AtomicU8::from_ptr(std::ptr::addr_of_mut!((*self.run).immediate_exit)) }
+            .store(1, Ordering::SeqCst);
+        if let Some(t) = *crate::devices::bus::lock(&self.thread) {
+            // SAFETY: the thread is registered only while it runs (cleared before it exits).
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    /// Captures this vCPU (see [`save`]).
+    pub fn save(&self, msr_list: &[u32]) -> Result<VcpuState> {
+        save(
+            self.id,
+            &crate::devices::bus::lock(&self.fd),
+            msr_list,
+            &self.cpuid,
+        )
+        .with_context(|| format!("saving vCPU {}", self.id))
+    }
+}
+
+fn kick_signal() -> i32 {
+    libc::SIGRTMIN() + 1
+}
+
+extern "C" fn noop_handler(_: libc::c_int) {}
+
+/// Installs the do-nothing handler of the kick signal (once per process).
+pub fn install_kick_handler() -> Result<()> {
+    static ONCE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        // SAFETY: installs a handler that does nothing; no SA_RESTART so KVM_RUN returns EINTR.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = noop_handler as *const () as usize;
+            sa.sa_flags = 0;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error().to_string());
+            }
+        }
+        Ok(())
+    })
+    .clone()
+    .map_err(|e| anyhow::anyhow!("installing the vCPU kick signal handler: {e}"))
+}
+
+/// One KVM_RUN with `immediate_exit = 1`: KVM finishes an in-flight port IN / MMIO read
+/// (register written, RIP advanced) and returns EINTR without running guest code, so a
+/// saved state never holds a half-done instruction.
+pub fn complete_pending_io(fd: &mut VcpuFd) {
+    fd.set_kvm_immediate_exit(1);
+    let _ = fd.run();
+    fd.set_kvm_immediate_exit(0);
+}
 
 const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
@@ -83,6 +178,7 @@ pub fn save(
     cpuid: &[kvm_cpuid_entry2],
 ) -> Result<VcpuState> {
     Ok(VcpuState {
+        version: crate::persist::VCPU_STATE_VERSION,
         id,
         mp_state: fd.get_mp_state().context("KVM_GET_MP_STATE")?,
         regs: fd.get_regs().context("KVM_GET_REGS")?,
@@ -134,10 +230,51 @@ pub fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
         .with_context(|| format!("vCPU {id}: KVM_SET_DEBUGREGS"))?;
     fd.set_lapic(&s.lapic)
         .with_context(|| format!("vCPU {id}: KVM_SET_LAPIC"))?;
-    msr::write(fd, &s.msrs).with_context(|| format!("vCPU {id}: KVM_SET_MSRS"))?;
+    let (msrs, deadline) = tsc_deadline_last(&s.msrs, &s.lapic);
+    msr::write(fd, &msrs).with_context(|| format!("vCPU {id}: KVM_SET_MSRS"))?;
     fd.set_vcpu_events(&s.vcpu_events)
         .with_context(|| format!("vCPU {id}: KVM_SET_VCPU_EVENTS"))?;
+    // Last, once the TSC and the LAPIC's timer mode are in place: KVM arms the timer from
+    // it relative to the guest's TSC.
+    if let Some(d) = deadline {
+        msr::write(fd, &[d]).with_context(|| format!("vCPU {id}: KVM_SET_MSRS (TSC deadline)"))?;
+    }
     Ok(())
+}
+
+/// LAPIC timer mode bits (LVT timer, bits 18:17) of the TSC-deadline mode.
+const LVTT_TSC_DEADLINE: u32 = 2 << 17;
+const APIC_LVTT: usize = 0x320;
+
+/// Splits off IA32_TSC_DEADLINE to be written after everything else (Firecracker does the
+/// same). A deadline of 0 in TSC-deadline mode means it fired and the guest has not armed
+/// the next one yet; restored as 0, KVM would leave the vCPU without timer interrupts if the
+/// pending one is lost, so it becomes the saved TSC: the timer fires once more at once and
+/// the guest's handler re-arms it.
+fn tsc_deadline_last(
+    msrs: &[kvm_msr_entry],
+    lapic: &kvm_lapic_state,
+) -> (Vec<kvm_msr_entry>, Option<kvm_msr_entry>) {
+    let mut rest = Vec::with_capacity(msrs.len());
+    let mut deadline = None;
+    for m in msrs {
+        if m.index == msr::MSR_IA32_TSC_DEADLINE {
+            deadline = Some(*m);
+        } else {
+            rest.push(*m);
+        }
+    }
+    let tsc = msrs
+        .iter()
+        .find(|m| m.index == msr::MSR_IA32_TSC)
+        .map(|m| m.data);
+    let deadline_mode = lapic_reg(lapic, APIC_LVTT) & (3 << 17) == LVTT_TSC_DEADLINE;
+    if let (Some(d), Some(tsc)) = (deadline.as_mut(), tsc) {
+        if d.data == 0 && deadline_mode {
+            d.data = tsc;
+        }
+    }
+    (rest, deadline)
 }
 
 const CR0_PG: u64 = 1 << 31;
@@ -203,4 +340,41 @@ pub fn crash_report(fd: &VcpuFd, mem: &GuestRam) -> String {
         sregs.cr4,
         sregs.efer,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u32, data: u64) -> kvm_msr_entry {
+        kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_tsc_deadline_is_written_last_and_a_spent_one_fires_again() {
+        let msrs = [
+            entry(msr::MSR_IA32_TSC, 5000),
+            entry(msr::MSR_IA32_TSC_DEADLINE, 0),
+            entry(msr::MSR_EFER, 0x500),
+        ];
+        let mut lapic = kvm_lapic_state::default();
+        let (rest, d) = tsc_deadline_last(&msrs, &lapic);
+        assert_eq!(
+            rest.iter().map(|m| m.index).collect::<Vec<_>>(),
+            [msr::MSR_IA32_TSC, msr::MSR_EFER]
+        );
+        // Not in TSC-deadline mode: 0 stays 0.
+        assert_eq!(d.unwrap().data, 0);
+        set_lapic_reg(&mut lapic, APIC_LVTT, LVTT_TSC_DEADLINE | 0x40);
+        assert_eq!(tsc_deadline_last(&msrs, &lapic).1.unwrap().data, 5000);
+        let armed = [
+            entry(msr::MSR_IA32_TSC, 5000),
+            entry(msr::MSR_IA32_TSC_DEADLINE, 9000),
+        ];
+        assert_eq!(tsc_deadline_last(&armed, &lapic).1.unwrap().data, 9000);
+    }
 }

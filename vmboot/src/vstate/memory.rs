@@ -1,4 +1,5 @@
-//! Guest RAM: layout, allocation and the three ways of filling it.
+//! Guest RAM: layout, allocation and the four ways of filling it (the lazy one lives in
+//! `vstate::lazy`).
 //!
 //! vmboot maps every RAM region itself (anonymous `MAP_PRIVATE | MAP_NORESERVE`, so a 32 GiB
 //! guest costs nothing until touched) and hands vm-memory non-owning views of those mappings.
@@ -43,6 +44,8 @@ pub enum GuestMemoryInit {
         /// `(gpa, file offset, len)`, all multiples of 4 KiB.
         pieces: Vec<(u64, u64, u64)>,
     },
+    /// Filled on first touch from a pack, each chunk verified first (see `vstate::lazy`).
+    Lazy(crate::vstate::lazy::LazySource),
 }
 
 impl std::fmt::Debug for GuestMemoryInit {
@@ -53,6 +56,7 @@ impl std::fmt::Debug for GuestMemoryInit {
             GuestMemoryInit::MapPrivate { pieces, .. } => {
                 write!(f, "MapPrivate({} pieces)", pieces.len())
             }
+            GuestMemoryInit::Lazy(_) => f.write_str("Lazy"),
         }
     }
 }
@@ -71,6 +75,8 @@ pub struct GuestRam {
     /// `(gpa, len)` of ranges mapped from a file: their content is the file's even where the
     /// guest never touched them.
     file_backed: Vec<(u64, u64)>,
+    /// Set for a lazy restore: serves faults until dropped.
+    lazy: Option<crate::vstate::lazy::LazyMemory>,
 }
 
 // SAFETY: the raw pointers are private mmap'ed memory that lives as long as `GuestRam`; all
@@ -88,6 +94,7 @@ impl GuestRam {
             mem: GuestMemoryMmap::default(),
             regions: Vec::with_capacity(layout.len()),
             file_backed: Vec::new(),
+            lazy: None,
         };
         if layout.is_empty() {
             bail!("guest has no RAM");
@@ -157,6 +164,14 @@ impl GuestRam {
                 ram.map_pieces(&file, &pieces)?;
                 ram.file_backed = pieces.iter().map(|&(gpa, _, len)| (gpa, len)).collect();
             }
+            GuestMemoryInit::Lazy(src) => {
+                let regions: Vec<(u64, u64, u64)> = ram
+                    .regions
+                    .iter()
+                    .map(|r| (r.gpa, r.host as u64, r.size as u64))
+                    .collect();
+                ram.lazy = Some(crate::vstate::lazy::LazyMemory::start(&regions, src)?);
+            }
         }
         Ok(ram)
     }
@@ -211,6 +226,11 @@ impl GuestRam {
         Ok(())
     }
 
+    /// The lazy loader, when this RAM is filled on first touch.
+    pub fn lazy(&self) -> Option<&crate::vstate::lazy::LazyMemory> {
+        self.lazy.as_ref()
+    }
+
     /// vm-memory view, for the loaders and `Bytes` accesses.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
@@ -262,6 +282,10 @@ impl GuestRam {
     /// file, reads as zero: a save skips it without reading it, so saving a large, mostly
     /// empty guest costs what it holds, not its size.
     pub fn data_ranges(&self) -> Vec<Vec<std::ops::Range<u64>>> {
+        // A lazily restored guest's untouched pages are not zero: fetch them first.
+        if let Some(l) = &self.lazy {
+            l.wait_complete();
+        }
         self.regions
             .iter()
             .map(|r| {
@@ -306,6 +330,8 @@ impl Drop for GuestRam {
     fn drop(&mut self) {
         // vm-memory's views are non-owning; replace them so nothing refers to the mappings.
         self.mem = GuestMemoryMmap::default();
+        // The fault handler and prefetch write into the mappings: stop them first.
+        self.lazy = None;
         for r in &self.regions {
             // SAFETY: each region is a mapping this struct made and nothing else refers to it.
             unsafe { libc::munmap(r.host.cast(), r.size) };

@@ -1,0 +1,9 @@
+//! The VM as KVM holds it, cut the way KVM cuts it: VM-level state (the VM fd, in-kernel
+//! irqchip, PIT and clock: [`vm`]), the vCPUs (their fds, kicking, register state:
+//! [`vcpu`]) and guest memory ([`memory`]). Devices live in `crate::devices` and the
+//! registry that places them in `crate::device_manager`.
+
+pub mod lazy;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,263 @@
+//! `vmpack restore REF`: a VM straight from a registry, its memory fetched on first touch.
+//!
+//! The pack's skeleton (manifests, config, index) is resolved first and written to a
+//! sparse local pack file in a temporary folder under the cache folder, with every
+//! section but guest memory (manifest, vmstate, boot files, disks) fetched whole and put
+//! in place. Memory payloads stay holes: the lazy restore engine asks [`RegistryFetch`]
+//! for a chunk on the guest's first touch (or from the background prefetch), which takes
+//! the blob from the local chunk cache or the registry, stores a fetched blob in the
+//! cache, and writes it into the hole. The engine then reads the chunk back through the
+//! pack reader and checks it against the index before the guest sees it, so neither the
+//! registry nor the cache is trusted for any byte.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use vmpack_formats::pack::{kind, ChunkEntry, Codec};
+use vmpack_registry::client::sha256_digest;
+use vmpack_registry::{ChunkCache, Client, RemotePack};
+
+/// What came from where, for the summary line.
+pub struct Counters {
+    pub fetched_blobs: AtomicU64,
+    pub fetched_bytes: AtomicU64,
+    pub cached_blobs: AtomicU64,
+    pub cached_bytes: AtomicU64,
+    /// Memory chunks still to place, and when the last one was (ms after `started`).
+    memory_left: AtomicU64,
+    pub resident_ms: std::sync::OnceLock<f64>,
+    pub started: std::time::Instant,
+}
+
+impl Counters {
+    pub fn summary(&self) -> String {
+        format!(
+            "fetched {} blobs ({} bytes) from the registry, {} blobs ({} bytes) from the local chunk cache",
+            self.fetched_blobs.load(Ordering::Relaxed),
+            self.fetched_bytes.load(Ordering::Relaxed),
+            self.cached_blobs.load(Ordering::Relaxed),
+            self.cached_bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Fills the local pack file's holes from the cache or the registry.
+pub struct RegistryFetch {
+    client: Client,
+    remote: RemotePack,
+    cache: ChunkCache,
+    file: std::fs::File,
+    /// Per section id: whether it is guest memory served on demand.
+    memory: Vec<bool>,
+    pub counters: Arc<Counters>,
+    quiet: bool,
+}
+
+impl RegistryFetch {
+    /// The stored payload of `c`: from the cache, else from the registry (then cached).
+    /// Not trusted either way: the caller's check against the index decides.
+    fn payload(&self, c: &ChunkEntry) -> Result<Vec<u8>> {
+        let (digest, size) = self
+            .remote
+            .blob_of(c)
+            .ok_or_else(|| anyhow!("{}: no blob", self.remote.chunk_name(c)))?;
+        if self.cache.contains(digest, *size) {
+            if let Some(mut f) = self.cache.open(digest) {
+                let mut v = Vec::with_capacity(*size as usize);
+                if f.read_to_end(&mut v).is_ok() && v.len() as u64 == *size {
+                    self.counters.cached_blobs.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .cached_bytes
+                        .fetch_add(*size, Ordering::Relaxed);
+                    return Ok(v);
+                }
+            }
+        }
+        let data = self
+            .client
+            .get_blob_range(digest, 0..*size, *size)
+            .with_context(|| {
+                format!(
+                    "{}: {}: fetching {digest}",
+                    self.client.reference(),
+                    self.remote.chunk_name(c)
+                )
+            })?;
+        self.counters.fetched_blobs.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .fetched_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if sha256_digest(&data) != *digest {
+            bail!(
+                "{}: {}: failed verification: the registry's blob {digest} does not match its digest; refused",
+                self.client.reference(),
+                self.remote.chunk_name(c)
+            );
+        }
+        // Best effort: a full cache folder does not stop the VM.
+        let _ = self
+            .cache
+            .insert_with(digest, &mut |w| Ok(w.write_all(&data)?));
+        Ok(data)
+    }
+}
+
+impl vmboot::vstate::lazy::ChunkFetch for RegistryFetch {
+    fn fetch(&self, e: &ChunkEntry) -> Result<()> {
+        let data = self.payload(e)?;
+        self.file
+            .write_all_at(&data, e.payload_offset)
+            .context("writing a fetched chunk into the local pack file")?;
+        if self.memory[e.section as usize] {
+            let c = &self.counters;
+            // The engine fetches each chunk once; the last one makes memory resident.
+            if c.memory_left.fetch_sub(1, Ordering::SeqCst) == 1 {
+                let at = c.started.elapsed().as_secs_f64() * 1000.0;
+                if c.resident_ms.set(at).is_ok() && !self.quiet {
+                    eprintln!(
+                        "vmpack: {}: memory fully resident {at:.1} ms after the command",
+                        self.client.reference()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A local pack file being filled from a registry; the folder goes with it.
+pub struct RemotePackFile {
+    pub path: PathBuf,
+    pub fetch: Arc<RegistryFetch>,
+    _dir: tempfile::TempDir,
+}
+
+/// A `Write` over the pack file that skips (leaves as holes) the bytes written while
+/// `skip` is non-zero, and runs of zeros.
+struct Sparse<'a> {
+    file: &'a std::fs::File,
+    pos: u64,
+    skip: &'a std::cell::Cell<u64>,
+}
+
+impl Write for Sparse<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let s = self.skip.get();
+        if s > 0 {
+            let n = (b.len() as u64).min(s);
+            self.skip.set(s - n);
+            self.pos += n;
+            return Ok(n as usize);
+        }
+        // The file was extended with holes, which read as zeros: padding needs no write.
+        if b.iter().all(|&x| x == 0) {
+            self.pos += b.len() as u64;
+            return Ok(b.len());
+        }
+        self.file.write_all_at(b, self.pos)?;
+        self.pos += b.len() as u64;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Resolves the reference, then writes the local pack file: everything but the memory
+/// payloads, which [`RegistryFetch`] fills on demand. `all` fetches memory too (eager).
+pub fn prepare(
+    client: Client,
+    cache: ChunkCache,
+    all: bool,
+    started: std::time::Instant,
+    quiet: bool,
+) -> Result<RemotePackFile> {
+    let remote = vmpack_registry::resolve(&client)?;
+    let root = vmpack_registry::cache::cache_root()
+        .context("no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let dir = tempfile::Builder::new()
+        .prefix(".remote-")
+        .tempdir_in(&root)
+        .with_context(|| format!("creating a temporary folder in {}", root.display()))?;
+    let path = dir.path().join("pack.vmpack");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.set_len(remote.skeleton.file_size())?;
+    let memory: Vec<bool> = remote
+        .skeleton
+        .sections()
+        .iter()
+        .map(|s| s.kind == kind::MEMORY && !all)
+        .collect();
+    let memory_chunks = remote
+        .skeleton
+        .chunks()
+        .iter()
+        .filter(|c| c.codec != Codec::Zero && memory[c.section as usize])
+        .count() as u64;
+    let fetch = Arc::new(RegistryFetch {
+        client,
+        remote,
+        cache,
+        file: file.try_clone()?,
+        memory,
+        counters: Arc::new(Counters {
+            fetched_blobs: AtomicU64::new(0),
+            fetched_bytes: AtomicU64::new(0),
+            cached_blobs: AtomicU64::new(0),
+            cached_bytes: AtomicU64::new(0),
+            memory_left: AtomicU64::new(memory_chunks),
+            resident_ms: std::sync::OnceLock::new(),
+            started,
+        }),
+        quiet,
+    });
+    let skel = &fetch.remote.skeleton;
+    let memory = &fetch.memory;
+    // Everything the restore reads before the vCPUs run, fetched in parallel.
+    let eager: Vec<&ChunkEntry> = skel
+        .chunks()
+        .iter()
+        .filter(|c| c.codec != Codec::Zero && !memory[c.section as usize])
+        .collect();
+    vmpack_registry::oci::parallel_for(
+        eager.len(),
+        fetch.client.options().parallel.max(1),
+        &|i| {
+            use vmboot::vstate::lazy::ChunkFetch;
+            fetch.fetch(eager[i])
+        },
+    )?;
+    // Frames, padding, index and trailer around the payloads (already in place, or holes).
+    let skip = std::cell::Cell::new(0u64);
+    let mut w = Sparse {
+        file: &file,
+        pos: 0,
+        skip: &skip,
+    };
+    static NOTHING: [u8; 64 << 10] = [0; 64 << 10];
+    skel.write_pack(&mut w, &mut |c, w| {
+        skip.set(c.clen as u64);
+        let mut left = c.clen as usize;
+        while left > 0 {
+            let n = left.min(NOTHING.len());
+            w.write_all(&NOTHING[..n])?;
+            left -= n;
+        }
+        Ok(())
+    })?;
+    Ok(RemotePackFile {
+        path,
+        fetch,
+        _dir: dir,
+    })
+}
