@@ -7,6 +7,7 @@ mod common;
 
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
+use std::sync::OnceLock;
 use vmpack_formats::vm::{extract_stream, VmPack};
 
 fn only_out(sandbox: &Path) {
@@ -26,16 +27,32 @@ fn only_out(sandbox: &Path) {
     }
 }
 
+/// One sandbox per process (a fresh one per input cost most of each run), emptied after
+/// every input so each starts from the same empty sandbox.
+fn sandbox() -> &'static Path {
+    static S: OnceLock<std::path::PathBuf> = OnceLock::new();
+    S.get_or_init(|| common::scratch_dir("sandbox"))
+}
+
+fn empty(sandbox: &Path) {
+    for e in std::fs::read_dir(sandbox).unwrap() {
+        let p = e.unwrap().path();
+        if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+            std::fs::remove_dir_all(&p).unwrap();
+        } else {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let bytes = common::build(data);
-    let Ok(sandbox) = tempfile::tempdir() else {
-        return;
-    };
-    let pack = sandbox.path().join("a.vmpack.in");
+    let sandbox = sandbox();
+    let pack = sandbox.join("a.vmpack.in");
     if std::fs::write(&pack, &bytes).is_err() {
         return;
     }
-    let (a, b) = (sandbox.path().join("a"), sandbox.path().join("b"));
+    let (a, b) = (sandbox.join("a"), sandbox.join("b"));
     std::fs::create_dir(&a).unwrap();
     std::fs::create_dir(&b).unwrap();
     if let Ok(p) = VmPack::open(&pack) {
@@ -43,5 +60,6 @@ fuzz_target!(|data: &[u8]| {
     }
     std::fs::remove_file(&pack).unwrap();
     let _ = extract_stream(&bytes[..], "fuzz", &b, None, &());
-    only_out(sandbox.path());
+    only_out(sandbox);
+    empty(sandbox);
 });

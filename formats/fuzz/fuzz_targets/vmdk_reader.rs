@@ -5,15 +5,24 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::sync::OnceLock;
 use vmpack_formats::interchange::vmdk::{FileSlice, VmdkReader};
 use vmpack_formats::pack::SectionSource;
 
+/// One scratch file per process, cut to each input (a fresh file per input cost most of
+/// each run).
+fn scratch() -> Option<std::fs::File> {
+    static F: OnceLock<std::fs::File> = OnceLock::new();
+    let f = F.get_or_init(|| tempfile::tempfile().expect("a scratch file"));
+    f.try_clone().ok()
+}
+
 fuzz_target!(|data: &[u8]| {
-    let Ok(mut f) = tempfile::tempfile() else {
+    let Some(f) = scratch() else {
         return;
     };
-    if f.write_all(data).is_err() {
+    if f.set_len(0).is_err() || f.write_all_at(data, 0).is_err() {
         return;
     }
     let Ok(slice) = FileSlice::whole(f) else {

@@ -390,26 +390,32 @@ impl PackReader {
                 }
             }
         };
-        std::thread::scope(|s| {
-            let mut handles = Vec::new();
-            for _ in 0..threads {
-                // Workers are a speed-up: short of threads (memory, limits), fewer do the
-                // work, and with none this thread does it.
-                match std::thread::Builder::new().spawn_scoped(s, worker) {
-                    Ok(h) => handles.push(h),
-                    Err(_) => break,
+        if threads == 1 {
+            // One chunk (small sections) or one thread asked for: a thread of its own
+            // would cost more than the work.
+            worker();
+        } else {
+            std::thread::scope(|s| {
+                let mut handles = Vec::new();
+                for _ in 0..threads {
+                    // Workers are a speed-up: short of threads (memory, limits), fewer do the
+                    // work, and with none this thread does it.
+                    match std::thread::Builder::new().spawn_scoped(s, worker) {
+                        Ok(h) => handles.push(h),
+                        Err(_) => break,
+                    }
                 }
-            }
-            if handles.is_empty() {
-                worker();
-            }
-            // Joined, not just left to the scope: a scope waits for the closures, a join also
-            // for the threads' exit (their thread-local destructors), which leak checkers
-            // (libFuzzer's) would otherwise report as leaks.
-            for h in handles {
-                let _ = h.join();
-            }
-        });
+                if handles.is_empty() {
+                    worker();
+                }
+                // Joined, not just left to the scope: a scope waits for the closures, a join also
+                // for the threads' exit (their thread-local destructors), which leak checkers
+                // (libFuzzer's) would otherwise report as leaks.
+                for h in handles {
+                    let _ = h.join();
+                }
+            });
+        }
         match first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
             Some(e) => Err(e),
             None => Ok(()),

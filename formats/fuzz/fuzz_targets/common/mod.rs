@@ -13,6 +13,9 @@ use vmpack_formats::pack::{Compression, PackReader, PackWriter, SectionSource, W
 /// The saved counter VM the end-to-end tests use (16 MiB of memory, a disk, a boot file).
 const SEED: &[u8] = include_bytes!("../../../../tests/fixtures/counter-v0.1-main.vmpack");
 
+/// The chunk size of the rebuilt packs' sections (see `seed`).
+const CHUNK: u32 = 65536;
+
 struct Section {
     kind: u16,
     name: String,
@@ -58,17 +61,21 @@ fn seed() -> &'static (bool, Vec<Section>) {
             .iter()
             .map(|s| {
                 let bytes = r.read_section(s.id, 64 << 20).expect("seed section");
+                // Same bytes in the smallest chunks an aligned pack allows: the seed's
+                // 1 MiB memory chunks, re-hashed on every build and verify, were most
+                // of each run; a few 4 KiB ones hold the same non-zero pages.
+                let chunk_size = s.chunk_size.min(CHUNK);
                 let data = bytes
-                    .chunks(s.chunk_size as usize)
+                    .chunks(chunk_size as usize)
                     .enumerate()
                     .filter(|(_, c)| c.iter().any(|&b| b != 0))
-                    .map(|(i, c)| (i as u64 * s.chunk_size as u64, c.to_vec()))
+                    .map(|(i, c)| (i as u64 * chunk_size as u64, c.to_vec()))
                     .collect();
                 Section {
                     kind: s.kind,
                     name: s.name.clone(),
                     meta: s.meta.clone(),
-                    chunk_size: s.chunk_size,
+                    chunk_size,
                     len: s.size,
                     data,
                 }
@@ -79,9 +86,49 @@ fn seed() -> &'static (bool, Vec<Section>) {
     })
 }
 
-/// A per-process scratch path for `what`.
+/// A per-process scratch path for `what`, removed when the process ends.
 pub fn scratch(what: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("vmpack-fuzz-{}-{what}", std::process::id()))
+    let p = std::env::temp_dir().join(format!("vmpack-fuzz-{}-{what}", std::process::id()));
+    remove_at_exit(&p);
+    p
+}
+
+/// A per-process scratch folder for `what`, created once and removed when the process ends.
+pub fn scratch_dir(what: &str) -> PathBuf {
+    let p = scratch(what);
+    if !p.is_dir() {
+        std::fs::create_dir(&p).expect("creating a scratch folder");
+    }
+    p
+}
+
+static AT_EXIT: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+extern "C" {
+    fn atexit(f: extern "C" fn()) -> std::os::raw::c_int;
+}
+
+extern "C" fn remove_scratch() {
+    if let Ok(paths) = AT_EXIT.lock() {
+        for p in paths.iter() {
+            let _ = std::fs::remove_dir_all(p).or_else(|_| std::fs::remove_file(p));
+        }
+    }
+}
+
+/// libFuzzer ends the process with `exit`, which runs no Rust destructors: scratch paths
+/// are removed by an `atexit` handler instead, so runs leave nothing in TMPDIR.
+fn remove_at_exit(p: &std::path::Path) {
+    static REGISTERED: OnceLock<()> = OnceLock::new();
+    REGISTERED.get_or_init(|| {
+        // SAFETY: registers a plain function taking no arguments, as atexit expects.
+        unsafe { atexit(remove_scratch) };
+    });
+    if let Ok(mut paths) = AT_EXIT.lock() {
+        if !paths.iter().any(|q| q == p) {
+            paths.push(p.to_path_buf());
+        }
+    }
 }
 
 /// Overwrites `at` (taken modulo the length) with `with`, growing the buffer if needed.
