@@ -188,6 +188,28 @@ fn cases_are_isolated_and_failures_show_output() {
     let xml = std::fs::read_to_string(dir.join("bad.xml")).unwrap();
     assert!(xml.contains("<failure message="), "{xml}");
 
+    // The same run for scripts: one JSON document with the fields docs/CLI.md lists.
+    let o = vmpack_in(dir, &["test", "kv.vmpack", "bad.toml", "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}{}", stdout(&o), stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("one JSON document");
+    assert_eq!(v["passed"], 1, "{v}");
+    assert_eq!(v["failed"], 1, "{v}");
+    assert!(v["seconds"].is_number(), "{v}");
+    let cases = v["cases"].as_array().expect("cases");
+    let wrong = cases
+        .iter()
+        .find(|c| c["name"] == "wrong count")
+        .expect("the failing case is listed");
+    assert_eq!(wrong["passed"], false, "{v}");
+    assert!(wrong["ms"].is_number(), "{v}");
+    assert!(
+        wrong["message"].as_str().unwrap().contains("/^999\n/"),
+        "{v}"
+    );
+    assert!(wrong["output"].as_str().unwrap().contains("3\n"), "{v}");
+    let right = cases.iter().find(|c| c["name"] == "right").unwrap();
+    assert_eq!(right["passed"], true, "{v}");
+
     // A bad pattern is refused before anything runs.
     std::fs::write(
         dir.join("badre.toml"),
