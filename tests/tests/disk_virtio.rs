@@ -3,27 +3,14 @@
 //! another), on raw and qcow2 images; the result is checked byte for byte.
 
 mod common;
+use common::blk::*;
 use common::*;
 use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-const DISK_SIZE: u64 = 1 << 20;
-const SECTORS: u64 = 64;
-const PASSES: u64 = 3;
+use std::time::Duration;
 
 fn vmboot() -> PathBuf {
     bin("vmboot")
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
 }
 
 /// The guest image (assembled by vmboot's build script, which `bin("vmboot")` runs).
@@ -37,23 +24,6 @@ fn guest_image() -> PathBuf {
 /// What the disk starts with: noise everywhere, so reads of unwritten data are checked too.
 fn initial_content() -> Vec<u8> {
     noise(DISK_SIZE as usize, 77)
-}
-
-/// The guest's pattern for one sector (see blk.S `fill`).
-fn pattern(sector: u64, pass: u64) -> Vec<u8> {
-    let base = ((sector << 16) | pass).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (0..64u64)
-        .flat_map(|i| base.wrapping_add(i).to_le_bytes())
-        .collect()
-}
-
-/// The guest's checksum of sectors 0..63 (see blk.S `read_check`).
-fn checksum(data: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for q in data[..(SECTORS * 512) as usize].chunks(8) {
-        h = (h ^ u64::from_le_bytes(q.try_into().unwrap())).wrapping_mul(0x100_0000_01b3);
-    }
-    format!("{h:016x}")
 }
 
 fn final_content() -> Vec<u8> {
@@ -77,12 +47,6 @@ fn expected_output() -> String {
         out += &format!("pass {p} written\npass {p} sum={} bad=0\n", checksum(&data));
     }
     out + "flush status=0\nid vmboot-disk0\n"
-}
-
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum Fmt {
-    Raw,
-    Qcow2,
 }
 
 /// A folder with the disk (raw, or qcow2 made by qemu-img) and `blk.toml`. None when the
@@ -132,150 +96,8 @@ fn setup(dir: &Path, fmt: Fmt, read_only: bool) -> Option<(PathBuf, PathBuf)> {
     Some((cfg, disk))
 }
 
-/// Disk bytes as the guest sees them (qcow2 converted to raw by qemu-img).
-fn disk_bytes(dir: &Path, disk: &Path, fmt: Fmt) -> Vec<u8> {
-    match fmt {
-        Fmt::Raw => std::fs::read(disk).unwrap(),
-        Fmt::Qcow2 => {
-            let out = dir.join("as-raw.img");
-            let _ = std::fs::remove_file(&out);
-            qemu_img(&[
-                "convert",
-                "-f",
-                "qcow2",
-                "-O",
-                "raw",
-                disk.to_str().unwrap(),
-                out.to_str().unwrap(),
-            ]);
-            std::fs::read(out).unwrap()
-        }
-    }
-}
-
 fn sha256(p: &Path) -> String {
     hex::encode(Sha256::digest(std::fs::read(p).unwrap()))
-}
-
-/// A vmboot process whose stdout is collected in the background.
-struct Running {
-    child: Child,
-    out: Arc<Mutex<String>>,
-    err: Arc<Mutex<String>>,
-}
-
-fn spawn(args: &[&str], cwd: &Path) -> Running {
-    let mut child = Command::new(vmboot())
-        .args(args)
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning vmboot");
-    let collect = |mut r: Box<dyn Read + Send>| {
-        let buf = Arc::new(Mutex::new(String::new()));
-        let b = buf.clone();
-        std::thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = r.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                b.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
-            }
-        });
-        buf
-    };
-    let out = collect(Box::new(child.stdout.take().unwrap()));
-    let err = collect(Box::new(child.stderr.take().unwrap()));
-    Running { child, out, err }
-}
-
-impl Running {
-    fn wait_for(&self, text: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.out.lock().unwrap().contains(text) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {text:?}; stdout:\n{}\nstderr:\n{}",
-                self.out.lock().unwrap(),
-                self.err.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits for the exit; returns (status, stdout, stderr).
-    fn finish(mut self, timeout: Duration) -> (i32, String, String) {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "vmboot did not finish; stdout:\n{}\nstderr:\n{}",
-                    self.out.lock().unwrap(),
-                    self.err.lock().unwrap()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        // Let the readers drain the pipes.
-        std::thread::sleep(Duration::from_millis(100));
-        let out = self.out.lock().unwrap().clone();
-        let err = self.err.lock().unwrap().clone();
-        (status.code().unwrap_or(-1), out, err)
-    }
-}
-
-fn save(dir: &Path, sock: &Path, out: &Path, then: &str) {
-    let o = run(
-        dir,
-        &[
-            "save",
-            "--api-sock",
-            sock.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--then",
-            then,
-            "--quiet",
-        ],
-    );
-    ok(&o);
-}
-
-fn export_disk(dir: &Path, pack: &Path, name: &str) -> Vec<u8> {
-    let out = dir.join(name);
-    ok(&run(
-        dir,
-        &[
-            "export",
-            "--format",
-            "raw",
-            "-o",
-            out.to_str().unwrap(),
-            "--quiet",
-            pack.to_str().unwrap(),
-        ],
-    ));
-    let mut disks: Vec<PathBuf> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            // The export keeps the config's disk file name (disk.img / disk.qcow2, now raw).
-            let n = p.file_name().unwrap().to_string_lossy().into_owned();
-            n.starts_with("disk") && p.is_file()
-        })
-        .collect();
-    disks.sort();
-    assert_eq!(disks.len(), 1, "exported files: {disks:?}");
-    std::fs::read(&disks[0]).unwrap()
 }
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);

@@ -2,6 +2,8 @@
 //! fixtures.
 #![allow(dead_code)]
 
+pub mod blk;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
