@@ -1,4 +1,5 @@
 pub mod config;
+pub mod diff;
 pub mod disk;
 pub mod host;
 pub mod interchange;

@@ -73,6 +73,9 @@ pub struct Manifest {
     /// Section holding the saved device/vCPU state, if any.
     #[serde(default)]
     pub vmstate: Option<String>,
+    /// For a diff pack: the pack whose memory this one's is layered on (docs/FORMAT.md §15).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<crate::diff::ParentRef>,
 }
 
 /// A boot file (kernel, initrd or flat image).
@@ -162,6 +165,9 @@ pub struct VmPackPlan<'a> {
     /// Boot files that guest memory holds byte for byte, as `(role, guest physical
     /// address)`: recorded `in_memory` instead of being stored a second time.
     pub files_in_memory: Vec<(&'static str, u64)>,
+    /// Makes a diff pack: the parent, and per memory region which chunks to store (chunk
+    /// size = `memory_chunk_size`).
+    pub diff: Option<(crate::diff::ParentRef, Vec<crate::diff::ChunkMap>)>,
 }
 
 /// A VM pack ready to be written: inputs opened, manifest built.
@@ -172,6 +178,7 @@ pub struct PreparedPack<'a> {
     memory: Vec<(MemoryEntry, &'a dyn SectionSource)>,
     vmstate: Option<&'a [u8]>,
     memory_chunk_size: Option<u32>,
+    diff: Option<Vec<crate::diff::ChunkMap>>,
 }
 
 enum BootInput<'a> {
@@ -411,7 +418,26 @@ impl<'a> PreparedPack<'a> {
                 )
             })
             .collect();
-        for (role, gpa) in &plan.files_in_memory {
+        if let Some((_, maps)) = &plan.diff {
+            let cs = u64::from(plan.memory_chunk_size.unwrap_or(crate::pack::DEFAULT_CHUNK_SIZE));
+            let fits = maps.len() == memory.len()
+                && maps
+                    .iter()
+                    .zip(&memory)
+                    .all(|(m, (e, _))| m.region_size == e.size && m.chunk_size == cs);
+            if !fits {
+                return Err(VmPackError::Usage(
+                    "diff chunk maps do not match the memory regions".into(),
+                ));
+            }
+        }
+        // A diff pack's memory sections are partial: a boot file is never recorded in them.
+        let files_in_memory = if plan.diff.is_some() {
+            &[][..]
+        } else {
+            &plan.files_in_memory[..]
+        };
+        for (role, gpa) in files_in_memory {
             let Some((e, _)) = files.iter_mut().find(|(e, _)| e.role == *role) else {
                 continue;
             };
@@ -439,6 +465,7 @@ impl<'a> PreparedPack<'a> {
             disks: disks.iter().map(|(e, _)| e.clone()).collect(),
             memory: memory.iter().map(|(e, _)| e.clone()).collect(),
             vmstate: plan.vmstate.map(|_| VMSTATE_SECTION.to_string()),
+            parent: plan.diff.as_ref().map(|(p, _)| p.clone()),
         };
         Ok(PreparedPack {
             manifest,
@@ -447,6 +474,7 @@ impl<'a> PreparedPack<'a> {
             memory,
             vmstate: plan.vmstate,
             memory_chunk_size: plan.memory_chunk_size,
+            diff: plan.diff.map(|(_, maps)| maps),
         })
     }
 
@@ -520,7 +548,20 @@ impl<'a> PreparedPack<'a> {
             )?;
         }
         let memory_chunk = self.memory_chunk_size.unwrap_or(opts.chunk_size);
-        for (e, src) in &self.memory {
+        for (i, (e, src)) in self.memory.iter().enumerate() {
+            if let Some(maps) = &self.diff {
+                let d = crate::diff::DiffSource::new(*src, maps[i].clone());
+                w.add_section_with(
+                    kind::MEMORY_DIFF,
+                    &e.section,
+                    maps[i].meta(e.gpa),
+                    &d,
+                    memory_chunk,
+                    opts.compression,
+                    progress,
+                )?;
+                continue;
+            }
             w.add_section_with(
                 kind::MEMORY,
                 &e.section,
@@ -638,6 +679,14 @@ impl Manifest {
                 )));
             }
         }
+        if let Some(p) = &m.parent {
+            p.check().map_err(invalid)?;
+            if m.files.iter().any(|f| f.in_memory.is_some()) {
+                return Err(invalid(
+                    "a diff pack records a boot file in its (partial) memory".into(),
+                ));
+            }
+        }
         for f in &m.files {
             if f.size > MAX_BOOT_FILE_LEN {
                 return Err(invalid(format!(
@@ -696,7 +745,23 @@ impl Manifest {
             find(&d.section, kind::DISK, Some(d.virtual_size))?;
         }
         for m in &self.memory {
-            find(&m.section, kind::MEMORY, Some(m.size))?;
+            if self.parent.is_none() {
+                find(&m.section, kind::MEMORY, Some(m.size))?;
+                continue;
+            }
+            let s = sections.iter().find(|s| s.name == m.section);
+            let s = s.ok_or_else(|| VmPackError::Invalid {
+                file: file.to_string(),
+                section: m.section.clone(),
+                message: "named by the manifest but missing from the pack".into(),
+            })?;
+            crate::diff::ChunkMap::from_section(s, m.size).map_err(|message| {
+                VmPackError::Invalid {
+                    file: file.to_string(),
+                    section: m.section.clone(),
+                    message,
+                }
+            })?;
         }
         if let Some(v) = &self.vmstate {
             find(v, kind::VMSTATE, None)?;
@@ -1135,6 +1200,17 @@ impl Extractor {
         disk_format: Option<DiskFormat>,
         file: &str,
     ) -> Result<Extractor, VmPackError> {
+        if let Some(p) = &manifest.parent {
+            return Err(VmPackError::Invalid {
+                file: file.to_string(),
+                section: MANIFEST_SECTION.into(),
+                message: format!(
+                    "a diff pack (memory layered on parent {}, root digest {}) cannot be unpacked alone; make a full pack with `vmpack flatten` first",
+                    printable(&p.file),
+                    p.root_digest
+                ),
+            });
+        }
         let mut disk_names = Vec::new();
         let mut taken: HashSet<String> = manifest.files.iter().map(|f| f.name.clone()).collect();
         // A converted disk's new name never takes a name unpack writes itself.

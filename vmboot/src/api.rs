@@ -96,6 +96,10 @@ pub struct SaveRequest {
     /// What the VM does once the pack is written.
     #[serde(default)]
     pub then: AfterSave,
+    /// Write a diff pack: only the memory written since the VM was restored from, or last
+    /// saved to, this parent (`{"root_digest", "file"}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_from: Option<vmpack_formats::diff::ParentRef>,
 }
 
 /// What happens to the VM after `POST /vm/save`.
@@ -1706,7 +1710,8 @@ mod tests {
             SaveRequest {
                 compress: Some("zstd".into()),
                 level: None,
-                then: AfterSave::Stop
+                then: AfterSave::Stop,
+                ..Default::default()
             }
         );
         assert_alive(&t.sock);

@@ -195,6 +195,7 @@ fn expand(pack: &VmPack, out_path: &Path) -> Result<()> {
             .into_iter()
             .filter_map(|role| Some((role, manifest.file(role)?.in_memory?)))
             .collect(),
+        diff: None,
     };
     let opts = WriteOptions {
         compression: Compression::None,

@@ -74,9 +74,27 @@ impl VmControl for VmHandle {
         // as the save allows) unless it is to stop.
         let was_paused = self.is_paused();
         let resume = !was_paused && req.then == AfterSave::Resume;
-        let result = crate::snapshot::save(self, compression, req.level, resume, out);
+        if let Some(p) = &req.diff_from {
+            p.check().map_err(ApiError::bad_request)?;
+            if self.pack_mark(&p.root_digest).is_none() {
+                return Err(ApiError::conflict(
+                    crate::diff::unknown_parent(&p.root_digest).to_string(),
+                ));
+            }
+        }
+        let result = crate::snapshot::save_with(
+            self,
+            compression,
+            req.level,
+            resume,
+            req.diff_from.as_ref(),
+            out,
+        );
         match result {
             Ok(stats) => {
+                if let Some(m) = stats.mark {
+                    self.note_pack(&stats.root_digest, m);
+                }
                 self.set_last_save(serde_json::to_value(&stats).unwrap_or_default());
                 if req.then == AfterSave::Stop {
                     VmHandle::shutdown(self);

@@ -14,6 +14,7 @@ mod control;
 pub mod cpu_custom;
 pub mod cpu_fit;
 pub mod cpuid;
+pub mod diff;
 pub mod device_manager;
 pub mod devices;
 pub mod flat;

@@ -290,6 +290,7 @@ fn main() {
                     run,
                     work_dir: None,
                     source: Default::default(),
+                    parent: None,
                 },
                 quiet,
                 "vmboot",

@@ -35,6 +35,14 @@ pub struct SaveStats {
     pub bytes: u64,
     pub root_digest: String,
     pub compress: String,
+    /// For a diff save: the parent's root digest and the bytes of memory stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diff_bytes: Option<u64>,
+    /// The dirty mark taken at the pause: guest memory then equalled the pack written.
+    #[serde(skip)]
+    pub mark: Option<u64>,
 }
 
 /// Saves the VM behind `handle` as a pack to `out`.
@@ -52,6 +60,28 @@ pub fn save(
     resume_after: bool,
     out: &mut dyn Write,
 ) -> Result<SaveStats> {
+    save_with(handle, compression, level, resume_after, None, out)
+}
+
+/// [`save`], or with `diff_from` a diff pack holding only the memory chunks written since
+/// guest memory equalled that parent pack (see `crate::diff`).
+pub fn save_with(
+    handle: &VmHandle,
+    compression: Compression,
+    level: Option<i32>,
+    resume_after: bool,
+    diff_from: Option<&vmpack_formats::diff::ParentRef>,
+    out: &mut dyn Write,
+) -> Result<SaveStats> {
+    // Refused before the pause: the VM must know the parent.
+    let parent_mark = match diff_from {
+        Some(p) => Some(
+            handle
+                .pack_mark(&p.root_digest)
+                .ok_or_else(|| crate::diff::unknown_parent(&p.root_digest))?,
+        ),
+        None => None,
+    };
     let t = Instant::now();
     handle.pause().map_err(|e| anyhow!("{e}"))?;
     // A lazily restored VM is complete (and its pack's boot files checked) only once its
@@ -66,12 +96,24 @@ pub fn save(
             bail!("{e}");
         }
         let state_bytes = serde_json::to_vec(&state).context("serializing the vm state")?;
-        let early =
-            resume_after && handle.config().disks.iter().all(|d| d.read_only) && copy_fits(handle);
-        let copy = if early { Some(copy_ram(handle)?) } else { None };
-        Ok((state_bytes, copy))
+        let maps = match parent_mark {
+            Some(m) => Some(crate::diff::changed_chunks(handle, m, MEMORY_CHUNK_SIZE)?),
+            None => None,
+        };
+        // Guest memory now equals the pack being written: later diffs start here.
+        let mark = handle.dirty_mark().ok();
+        let to_copy = maps.as_ref().map(|m| m.iter().map(|m| m.section_size()).sum());
+        let early = resume_after
+            && handle.config().disks.iter().all(|d| d.read_only)
+            && copy_fits(handle, to_copy);
+        let copy = if early {
+            Some(copy_ram(handle, maps.as_deref())?)
+        } else {
+            None
+        };
+        Ok((state_bytes, copy, maps, mark))
     })();
-    let (state_bytes, copy) = match captured {
+    let (state_bytes, copy, maps, mark) = match captured {
         Ok(c) => c,
         Err(e) => {
             if resume_after {
@@ -80,6 +122,13 @@ pub fn save(
             return Err(e);
         }
     };
+    let diff = match (diff_from, maps) {
+        (Some(p), Some(m)) => Some((p.clone(), m)),
+        _ => None,
+    };
+    let diff_bytes = diff
+        .as_ref()
+        .map(|(_, m)| m.iter().map(|m| m.section_size()).sum());
     let mut pause = None;
     if copy.is_some() {
         handle.resume().map_err(|e| anyhow!("{e}"))?;
@@ -91,7 +140,7 @@ pub fn save(
                 .iter()
                 .map(|r| (r.gpa, r as &dyn SectionSource))
                 .collect();
-            write_pack(handle, &state_bytes, memory, compression, level, out)
+            write_pack(handle, &state_bytes, memory, diff, compression, level, out)
         }
         None => handle.with_memory(|regions| {
             let sources: Vec<RamSource> = regions
@@ -104,7 +153,7 @@ pub fn save(
                 .zip(&sources)
                 .map(|((gpa, _), src)| (*gpa, src as &dyn SectionSource))
                 .collect();
-            write_pack(handle, &state_bytes, memory, compression, level, out)
+            write_pack(handle, &state_bytes, memory, diff, compression, level, out)
         }),
     };
     let pause = pause.unwrap_or_else(|| t.elapsed());
@@ -117,6 +166,9 @@ pub fn save(
         bytes: summary.bytes_written,
         root_digest: hex::encode(summary.root_digest),
         compress: compression.to_string(),
+        parent: diff_from.map(|p| p.root_digest.clone()),
+        diff_bytes,
+        mark,
     })
 }
 
@@ -124,6 +176,10 @@ fn write_pack(
     handle: &VmHandle,
     state_bytes: &[u8],
     memory: Vec<(u64, &dyn SectionSource)>,
+    diff: Option<(
+        vmpack_formats::diff::ParentRef,
+        Vec<vmpack_formats::diff::ChunkMap>,
+    )>,
     compression: Compression,
     level: Option<i32>,
     out: &mut dyn Write,
@@ -139,7 +195,9 @@ fn write_pack(
         ..WriteOptions::default()
     };
     let files_in_memory = match handle.initrd_at() {
-        Some((gpa, len)) if held_in_memory(&boot, &memory, gpa, len)? => vec![("initrd", gpa)],
+        Some((gpa, len)) if diff.is_none() && held_in_memory(&boot, &memory, gpa, len)? => {
+            vec![("initrd", gpa)]
+        }
         _ => Vec::new(),
     };
     let plan = VmPackPlan {
@@ -149,6 +207,7 @@ fn write_pack(
         files: Some(boot),
         memory_chunk_size: Some(MEMORY_CHUNK_SIZE),
         files_in_memory,
+        diff,
     };
     let counted = CountingWriter { inner: out, n: 0 };
     Ok(vmpack_formats::vm::write_vm_pack(
@@ -199,13 +258,15 @@ fn held_in_memory(
 
 /// Whether copying the guest's resident RAM leaves this host comfortable: at most half of
 /// what the kernel reports as available.
-fn copy_fits(handle: &VmHandle) -> bool {
-    let resident: u64 = handle
-        .memory_data_ranges()
-        .iter()
-        .flatten()
-        .map(|r| r.end - r.start)
-        .sum();
+fn copy_fits(handle: &VmHandle, bytes: Option<u64>) -> bool {
+    let resident: u64 = bytes.unwrap_or_else(|| {
+        handle
+            .memory_data_ranges()
+            .iter()
+            .flatten()
+            .map(|r| r.end - r.start)
+            .sum()
+    });
     let available = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -300,8 +361,19 @@ fn parallel_copy(src: &[u8], copy: &RamCopy) {
     });
 }
 
-fn copy_ram(handle: &VmHandle) -> Result<Vec<RamCopy>> {
-    let ranges = handle.memory_data_ranges();
+/// Copies the resident RAM of every region, or with `only` just the chunks marked there.
+fn copy_ram(
+    handle: &VmHandle,
+    only: Option<&[vmpack_formats::diff::ChunkMap]>,
+) -> Result<Vec<RamCopy>> {
+    // The chunks of a diff were written since the parent: resident, no need to look.
+    let ranges = match only {
+        Some(maps) => maps
+            .iter()
+            .map(|m| crate::diff::intersect(&[0..m.region_size], m))
+            .collect(),
+        None => handle.memory_data_ranges(),
+    };
     handle.with_memory(|regions| {
         let mut copies = Vec::with_capacity(regions.len());
         for ((gpa, src), ranges) in regions.iter().zip(ranges) {
@@ -457,6 +529,9 @@ pub struct RestoreOptions {
     /// everything but memory payloads (a restore from a registry): memory is then always
     /// served lazily, each chunk fetched and verified on first touch.
     pub source: crate::vstate::lazy::ChunkSource,
+    /// For a diff pack: its parent pack file, instead of the one its manifest names in its
+    /// folder.
+    pub parent: Option<PathBuf>,
 }
 
 /// What restore did before handing over the VM, for messages and `inspect`.
@@ -487,12 +562,22 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     })?;
     let reader = pack.reader();
     let known = verified_cache::is_verified(path, reader.root_digest());
+    let chain = match manifest.parent {
+        Some(_) => {
+            if opts.memory == MemoryPolicy::Lazy {
+                bail!("{label}: a diff pack is restored eagerly (--memory lazy is not supported for it yet); use --memory auto or eager");
+            }
+            Some(vmpack_formats::diff::open_chain(path, opts.parent.as_deref())?)
+        }
+        None => None,
+    };
     let eager_path = manifest.memory_restore_path(reader).unwrap_or("none");
     let remote = matches!(opts.source, crate::vstate::lazy::ChunkSource::Fetch(_));
     if remote && !crate::vstate::lazy::available() {
         bail!("{label}: memory on demand needs userfaultfd, which this process cannot use (vm.unprivileged_userfaultfd=1 or CAP_SYS_PTRACE)");
     }
     let lazy = match opts.memory {
+        _ if chain.is_some() => false,
         _ if remote => true,
         MemoryPolicy::Eager => false,
         MemoryPolicy::Lazy => true,
@@ -526,12 +611,32 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         }
     };
 
+    // The parents, verified as the pack itself (each recorded under its own file).
+    if let Some(chain) = &chain {
+        for p in &chain.packs[..chain.packs.len() - 1] {
+            let r = p.reader();
+            let always = opts.verify == VerifyPolicy::Always;
+            if always || !verified_cache::is_verified(p.path(), r.root_digest()) {
+                r.verify(&())?;
+                if !always {
+                    verified_cache::record(p.path(), r.root_digest());
+                }
+            }
+        }
+    }
     let work = WorkDir::new(opts.work_dir.as_deref())?;
     let (cfg, state) = checked_state(&pack, state_section, &label, &work.path)?;
     let warnings = check_host(&state, &cfg, &label)?;
     extract_disks(&pack, &work.path)?;
 
-    let (memory_path, init) = if lazy {
+    let (memory_path, init) = if let Some(chain) = &chain {
+        let init = crate::diff::chain_memory(chain)?;
+        let how = match init {
+            GuestMemoryInit::MapLayers(_) => "mmap, layered over the parent packs",
+            _ => "decompress, layered over the parent packs",
+        };
+        (how, init)
+    } else if lazy {
         let init = lazy_init(&pack, &state, &label, path, opts.verify, opts.source)?;
         ("lazy", init)
     } else {
@@ -541,6 +646,9 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     let prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
     let files = BootFiles::Pack(pack.clone());
     let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, files, run))?;
+    // Guest memory equals this pack at mark 0: a save can be a diff against it.
+    vm.controller()
+        .note_pack(&hex::encode(pack.reader().root_digest()), 0);
     Ok((
         vm,
         RestoreInfo {

@@ -142,6 +142,9 @@ pub struct VmHandle {
     /// original files may not exist on this host.
     payload: BootFiles,
     last_save: Mutex<Option<serde_json::Value>>,
+    /// The packs this VM's memory can be diffed against: `(root digest, dirty mark)` of the
+    /// pack it was restored from (mark 0) and of each pack it was saved to.
+    lineage: Mutex<Vec<(String, u64)>>,
     /// Where the loader put the initrd (`(gpa, len)`), kept across saves: while guest RAM
     /// still holds it there, a save records it instead of storing it twice.
     initrd_at: OnceLock<(u64, u64)>,
@@ -502,6 +505,7 @@ impl Vm {
             config: cfg.clone(),
             payload,
             last_save: Mutex::new(None),
+            lineage: Mutex::new(Vec::new()),
             initrd_at: OnceLock::new(),
             vcpus,
             devices,
@@ -957,6 +961,28 @@ impl VmHandle {
 
     pub fn boot_payload(&self) -> &BootFiles {
         &self.payload
+    }
+
+    /// Records that guest memory equalled the pack with this root digest at dirty `mark`
+    /// (the restore's mark 0, or the mark a save took at its pause), so a later save can
+    /// store only what was written since (`vmpack save --diff-from`).
+    pub fn note_pack(&self, root_digest: &str, mark: u64) {
+        let mut l = lock(&self.lineage);
+        l.retain(|(r, _)| r != root_digest);
+        l.push((root_digest.to_string(), mark));
+        // Marks older than the dirty log keeps are useless; the bound only limits the list.
+        let n = l.len();
+        if n > 64 {
+            l.drain(..n - 64);
+        }
+    }
+
+    /// The dirty mark at which guest memory equalled the pack with this root digest.
+    pub fn pack_mark(&self, root_digest: &str) -> Option<u64> {
+        lock(&self.lineage)
+            .iter()
+            .find(|(r, _)| r == root_digest)
+            .map(|&(_, m)| m)
     }
 
     /// Remembers the figures of the latest save for `GET /vm`.

@@ -222,6 +222,7 @@ pub fn start_clone(src: &Path, work: &WorkBase, i: usize, run: RunOptions) -> Re
             run,
             work_dir: Some(work.clone_dir(i)?),
             source: Default::default(),
+            parent: None,
         },
     )?;
     for w in &info.warnings {

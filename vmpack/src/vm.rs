@@ -534,6 +534,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
             run,
             work_dir: None,
             source: Default::default(),
+            parent: None,
         },
         a.quiet,
         "vmpack",
@@ -599,6 +600,7 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
             } else {
                 vmboot::vstate::lazy::ChunkSource::Fetch(local.fetch.clone())
             },
+            parent: None,
         },
     )
     .map_err(|e| anyhow::anyhow!("{r}: {e:#}"))?;

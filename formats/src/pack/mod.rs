@@ -64,13 +64,16 @@ pub mod kind {
     pub const MEMORY: u16 = 4;
     /// Serialized VM/device/vCPU state.
     pub const VMSTATE: u16 = 5;
+    /// Guest memory of a diff pack: only the chunks written since the parent pack, packed
+    /// densely, with a bitmap in the meta saying where each goes (`vm::diff`).
+    pub const MEMORY_DIFF: u16 = 6;
 
     /// First optional kind.
     pub const OPTIONAL_BASE: u16 = 0x8000;
 
     /// Kinds defined by the format version this crate implements.
     pub fn is_known(kind: u16) -> bool {
-        matches!(kind, MANIFEST | FILE | DISK | MEMORY | VMSTATE)
+        matches!(kind, MANIFEST | FILE | DISK | MEMORY | VMSTATE | MEMORY_DIFF)
     }
 
     /// Whether a reader may skip this kind when it does not know it.

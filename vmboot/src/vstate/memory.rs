@@ -53,6 +53,9 @@ pub enum GuestMemoryInit {
     },
     /// Filled on first touch from a pack, each chunk verified first (see `vstate::lazy`).
     Lazy(crate::vstate::lazy::LazySource),
+    /// [`GuestMemoryInit::MapPrivate`] from several files (a chain of diff packs): pieces
+    /// of different files never overlap.
+    MapLayers(Vec<(std::fs::File, Vec<(u64, u64, u64)>)>),
 }
 
 impl std::fmt::Debug for GuestMemoryInit {
@@ -64,6 +67,7 @@ impl std::fmt::Debug for GuestMemoryInit {
                 write!(f, "MapPrivate({} pieces)", pieces.len())
             }
             GuestMemoryInit::Lazy(_) => f.write_str("Lazy"),
+            GuestMemoryInit::MapLayers(l) => write!(f, "MapLayers({} files)", l.len()),
         }
     }
 }
@@ -173,6 +177,13 @@ impl GuestRam {
             GuestMemoryInit::MapPrivate { file, pieces } => {
                 ram.map_pieces(&file, &pieces)?;
                 ram.file_backed = pieces.iter().map(|&(gpa, _, len)| (gpa, len)).collect();
+            }
+            GuestMemoryInit::MapLayers(layers) => {
+                for (file, pieces) in &layers {
+                    ram.map_pieces(file, pieces)?;
+                    ram.file_backed
+                        .extend(pieces.iter().map(|&(gpa, _, len)| (gpa, len)));
+                }
             }
             GuestMemoryInit::Lazy(src) => {
                 let regions: Vec<(u64, u64, u64)> = ram

@@ -1,0 +1,328 @@
+//! Diff packs: a saved VM that stores only the guest memory chunks written since its parent
+//! pack, which it names by root digest (docs/FORMAT.md §15).
+//!
+//! A diff pack is an ordinary VM pack whose manifest has a `parent` and whose memory
+//! sections have kind [`kind::MEMORY_DIFF`]: the section holds the present chunks of its
+//! RAM region one after the other, and its meta's `present` bitmap says which region chunk
+//! each one is. Everything else (manifest, boot files, vmstate, disks) is stored whole, so
+//! only memory is layered.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::pack::{kind, SectionInfo, SectionSource};
+use crate::vm::{is_safe_name, VmPack, VmPackError};
+
+/// Longest chain a restore follows (a diff of a diff of …): bounds the files opened and
+/// stops a cycle of packs naming each other.
+pub const MAX_CHAIN: usize = 64;
+
+/// The pack a diff pack was saved against.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// The parent's root digest, 64 lowercase hex digits.
+    pub root_digest: String,
+    /// The parent's file name when the child was saved: looked for in the child's folder.
+    pub file: String,
+}
+
+impl ParentRef {
+    /// Checks the fields of a parent read from an untrusted manifest.
+    pub fn check(&self) -> Result<(), String> {
+        if self.root_digest.len() != 64
+            || !self
+                .root_digest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err("parent root_digest is not 64 lowercase hex digits".into());
+        }
+        if !is_safe_name(&self.file) || self.file.chars().any(char::is_control) {
+            return Err(format!(
+                "parent file '{}' is not a single plain file name",
+                crate::vm::printable(&self.file)
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Which chunks of a RAM region a diff section holds: bit `i % 8` of byte `i / 8` is region
+/// chunk `i`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkMap {
+    pub region_size: u64,
+    pub chunk_size: u64,
+    pub bits: Vec<u8>,
+}
+
+impl ChunkMap {
+    pub fn new(region_size: u64, chunk_size: u64) -> ChunkMap {
+        let n = region_size.div_ceil(chunk_size);
+        ChunkMap {
+            region_size,
+            chunk_size,
+            bits: vec![0; n.div_ceil(8) as usize],
+        }
+    }
+
+    /// Number of chunks of the region.
+    pub fn chunks(&self) -> u64 {
+        self.region_size.div_ceil(self.chunk_size)
+    }
+
+    pub fn set(&mut self, chunk: u64) {
+        self.bits[(chunk / 8) as usize] |= 1 << (chunk % 8);
+    }
+
+    pub fn get(&self, chunk: u64) -> bool {
+        self.bits[(chunk / 8) as usize] & (1 << (chunk % 8)) != 0
+    }
+
+    /// Marks every chunk that overlaps `offset..offset + len` of the region.
+    pub fn set_range(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let last = ((offset + len - 1) / self.chunk_size).min(self.chunks() - 1);
+        for c in offset / self.chunk_size..=last {
+            self.set(c);
+        }
+    }
+
+    /// The region byte range of chunk `c`.
+    pub fn chunk_range(&self, c: u64) -> Range<u64> {
+        let start = c * self.chunk_size;
+        start..(start + self.chunk_size).min(self.region_size)
+    }
+
+    /// The present chunks, ascending.
+    pub fn present(&self) -> Vec<u64> {
+        (0..self.chunks()).filter(|&c| self.get(c)).collect()
+    }
+
+    /// Bytes the diff section holds: the present chunks' lengths.
+    pub fn section_size(&self) -> u64 {
+        self.present()
+            .iter()
+            .map(|&c| {
+                let r = self.chunk_range(c);
+                r.end - r.start
+            })
+            .sum()
+    }
+
+    /// Region offset of section offset `off` (which must lie in a present chunk).
+    pub fn region_offset(&self, present: &[u64], off: u64) -> Option<u64> {
+        let j = off / self.chunk_size;
+        let c = *present.get(j as usize)?;
+        Some(c * self.chunk_size + off % self.chunk_size)
+    }
+
+    /// The meta of a diff section.
+    pub fn meta(&self, gpa: u64) -> serde_json::Value {
+        serde_json::json!({
+            "gpa": gpa,
+            "region_size": self.region_size,
+            "present": hex::encode(&self.bits),
+        })
+    }
+
+    /// Reads and checks a diff section's meta against its manifest entry.
+    pub fn from_section(s: &SectionInfo, region_size: u64) -> Result<ChunkMap, String> {
+        if s.kind != kind::MEMORY_DIFF {
+            return Err(format!(
+                "kind {} where {} (a diff pack's memory) was expected",
+                s.kind,
+                kind::MEMORY_DIFF
+            ));
+        }
+        if s.meta.get("region_size").and_then(|v| v.as_u64()) != Some(region_size) {
+            return Err(format!(
+                "meta region_size does not match the manifest's {region_size}"
+            ));
+        }
+        let hex_bits = s
+            .meta
+            .get("present")
+            .and_then(|v| v.as_str())
+            .ok_or("meta has no 'present' chunk bitmap")?;
+        let mut map = ChunkMap::new(region_size, u64::from(s.chunk_size));
+        if hex_bits.len() != map.bits.len() * 2 {
+            return Err(format!(
+                "meta 'present' has {} hex digits where a region of {region_size} bytes in {} byte chunks needs {}",
+                hex_bits.len(),
+                s.chunk_size,
+                map.bits.len() * 2
+            ));
+        }
+        map.bits = hex::decode(hex_bits).map_err(|e| format!("meta 'present': {e}"))?;
+        let n = map.chunks();
+        if (n..map.bits.len() as u64 * 8).any(|c| map.get(c)) {
+            return Err("meta 'present' marks chunks past the end of the region".into());
+        }
+        if map.section_size() != s.size {
+            return Err(format!(
+                "holds {} bytes, its 'present' bitmap says {}",
+                s.size,
+                map.section_size()
+            ));
+        }
+        Ok(map)
+    }
+}
+
+/// A region's present chunks one after the other: what a diff section stores.
+pub struct DiffSource<'a> {
+    pub region: &'a dyn SectionSource,
+    pub map: ChunkMap,
+    present: Vec<u64>,
+}
+
+impl<'a> DiffSource<'a> {
+    pub fn new(region: &'a dyn SectionSource, map: ChunkMap) -> DiffSource<'a> {
+        let present = map.present();
+        DiffSource {
+            region,
+            map,
+            present,
+        }
+    }
+}
+
+impl SectionSource for DiffSource<'_> {
+    fn len(&self) -> u64 {
+        self.map.section_size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let cs = self.map.chunk_size;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            let at = self
+                .map
+                .region_offset(&self.present, off)
+                .ok_or_else(|| std::io::Error::other("read past the end of a diff section"))?;
+            let n = ((cs - off % cs) as usize).min(buf.len() - done);
+            self.region.read_at(&mut buf[done..done + n], at)?;
+            done += n;
+        }
+        Ok(())
+    }
+    fn data_ranges(&self) -> std::io::Result<Vec<Range<u64>>> {
+        // Chunks whose region bytes are known zero are stored as zero chunks, unread.
+        let data = self.region.data_ranges()?;
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for (j, &c) in self.present.iter().enumerate() {
+            let r = self.map.chunk_range(c);
+            let base = j as u64 * self.map.chunk_size;
+            for d in &data {
+                let (s, e) = (d.start.max(r.start), d.end.min(r.end));
+                if s < e {
+                    let (s, e) = (base + s - r.start, base + e - r.start);
+                    match out.last_mut() {
+                        Some(l) if l.end == s => l.end = e,
+                        _ => out.push(s..e),
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A pack chain, base first: the full pack, then each diff pack in order, the last being the
+/// one asked for.
+pub struct Chain {
+    pub packs: Vec<VmPack>,
+}
+
+/// Opens `child` and every parent it needs, checking each parent's root digest against what
+/// its child names. The parent of `child` is `parent` when given, else the file its manifest
+/// names in `child`'s folder; each further parent is looked for next to its child.
+pub fn open_chain(child: &Path, parent: Option<&Path>) -> Result<Chain, VmPackError> {
+    let mut packs = vec![VmPack::open(child)?];
+    let mut given = parent.map(Path::to_path_buf);
+    loop {
+        let last = packs.last().expect("at least the child");
+        let Some(p) = last.manifest().parent.clone() else {
+            break;
+        };
+        if packs.len() > MAX_CHAIN {
+            return Err(VmPackError::Usage(format!(
+                "{}: the chain of parent packs is longer than {MAX_CHAIN}",
+                child.display()
+            )));
+        }
+        let path: PathBuf = match given.take() {
+            Some(g) => g,
+            None => last
+                .path()
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(&p.file),
+        };
+        let label = last.path().display();
+        if !path.exists() {
+            return Err(VmPackError::Usage(format!(
+                "{label}: its parent pack {} is missing (root digest {}); put it next to the diff pack or name it with --parent FILE",
+                path.display(),
+                p.root_digest
+            )));
+        }
+        let pack = VmPack::open(&path)?;
+        let actual = hex::encode(pack.reader().root_digest());
+        if actual != p.root_digest {
+            return Err(VmPackError::Usage(format!(
+                "{label}: parent pack {} is not the one it was saved against: root digest {actual}, expected {}",
+                path.display(),
+                p.root_digest
+            )));
+        }
+        packs.push(pack);
+    }
+    packs.reverse();
+    Ok(Chain { packs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_map_roundtrip_and_gather() {
+        let mut m = ChunkMap::new(10 * 4096 + 100, 4096);
+        m.set_range(4096 + 5, 10);
+        m.set_range(10 * 4096, 1);
+        assert_eq!(m.present(), vec![1, 10]);
+        assert_eq!(m.section_size(), 4096 + 100);
+        let region: Vec<u8> = (0..m.region_size).map(|i| (i / 4096) as u8).collect();
+        let d = DiffSource::new(&region.as_slice(), m.clone());
+        let mut buf = vec![0u8; 4096 + 100];
+        d.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 1));
+        assert!(buf[4096..].iter().all(|&b| b == 10));
+        assert_eq!(d.data_ranges().unwrap(), vec![0..4196]);
+    }
+
+    #[test]
+    fn parent_ref_checks() {
+        let good = ParentRef {
+            root_digest: "ab".repeat(32),
+            file: "base.vmpack".into(),
+        };
+        assert!(good.check().is_ok());
+        let bad = ParentRef {
+            file: "../x".into(),
+            ..good.clone()
+        };
+        assert!(bad.check().is_err());
+        let bad = ParentRef {
+            root_digest: "AB".repeat(32),
+            ..good
+        };
+        assert!(bad.check().is_err());
+    }
+}

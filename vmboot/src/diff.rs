@@ -1,0 +1,294 @@
+//! Diff packs on the VMM side: which memory chunks a diff save stores, and guest memory
+//! layered from a chain of packs on restore and flatten (docs/FORMAT.md §15).
+//!
+//! A diff pack stores the chunks written since the VM's memory equalled its parent: the
+//! dirty-page log (`vstate::dirty`) gives the pages written since a mark, and the VM keeps
+//! the mark of the pack it was restored from (mark 0) and of each pack it saved
+//! (`VmHandle::note_pack`).
+
+use crate::memory::GuestMemoryInit;
+use crate::vmm::VmHandle;
+use anyhow::{anyhow, bail, Context, Result};
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use vmpack_formats::diff::{Chain, ChunkMap};
+use vmpack_formats::pack::{Codec, PackError, PackErrorKind};
+use vmpack_formats::vm::VmPack;
+
+/// The refusal of a diff save against a pack this VM does not descend from.
+pub fn unknown_parent(root: &str) -> anyhow::Error {
+    anyhow!(
+        "the VM was neither restored from nor saved to the pack with root digest {root} (or that was too many saves ago); save a full pack instead"
+    )
+}
+
+/// Per RAM region, the chunks holding a page written since `mark`.
+pub fn changed_chunks(handle: &VmHandle, mark: u64, chunk_size: u32) -> Result<Vec<ChunkMap>> {
+    let dirty = handle
+        .dirty_since(mark)
+        .map_err(|e| anyhow!("{e:#}; save a full pack instead"))?;
+    let cs = u64::from(chunk_size);
+    let page = crate::vstate::dirty::PAGE;
+    let mut maps = Vec::with_capacity(dirty.layout.len());
+    for (&(_, size), bits) in dirty.layout.iter().zip(&dirty.bits) {
+        let mut m = ChunkMap::new(size, cs);
+        for (w, &word) in bits.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let b = u64::from(word.trailing_zeros());
+                word &= word - 1;
+                let at = (w as u64 * 64 + b) * page;
+                if at < size {
+                    m.set(at / cs);
+                }
+            }
+        }
+        maps.push(m);
+    }
+    Ok(maps)
+}
+
+/// `ranges` (sorted) cut down to the chunks `map` holds.
+pub fn intersect(ranges: &[Range<u64>], map: &ChunkMap) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for c in map.present() {
+        let r = map.chunk_range(c);
+        for d in ranges {
+            let (s, e) = (d.start.max(r.start), d.end.min(r.end));
+            if s < e {
+                match out.last_mut() {
+                    Some(l) if l.end == s => l.end = e,
+                    _ => out.push(s..e),
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One RAM region across a chain: per pack (base first) its memory section id and, for the
+/// diff packs, the chunks it holds.
+struct RegionLayers {
+    gpa: u64,
+    size: u64,
+    /// `(section id, chunk map)`; the base pack has no map (it holds every chunk).
+    layers: Vec<(u32, Option<ChunkMap>)>,
+}
+
+/// Checks that every pack of the chain describes the same RAM regions as the child, and
+/// gathers each region's sections.
+fn region_layers(chain: &Chain) -> Result<Vec<RegionLayers>> {
+    let child = chain.packs.last().expect("a chain holds the child");
+    let mut out = Vec::new();
+    for m in &child.manifest().memory {
+        let mut layers = Vec::new();
+        for (k, p) in chain.packs.iter().enumerate() {
+            let label = p.path().display();
+            let e = p
+                .manifest()
+                .memory
+                .iter()
+                .find(|e| e.gpa == m.gpa && e.size == m.size)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{label}: has no memory region {:#x}+{:#x} as its diff pack {} has",
+                        m.gpa,
+                        m.size,
+                        child.path().display()
+                    )
+                })?;
+            let s = p
+                .reader()
+                .section(&e.section)
+                .ok_or_else(|| anyhow!("{label}: section '{}' is missing", e.section))?;
+            let map = if k == 0 {
+                None
+            } else {
+                Some(
+                    ChunkMap::from_section(s, m.size)
+                        .map_err(|msg| anyhow!("{label}: section '{}': {msg}", e.section))?,
+                )
+            };
+            layers.push((s.id, map));
+        }
+        if chain.packs[0].manifest().memory.len() != child.manifest().memory.len() {
+            bail!(
+                "{}: its memory regions differ from those of its diff pack {}",
+                chain.packs[0].path().display(),
+                child.path().display()
+            );
+        }
+        out.push(RegionLayers {
+            gpa: m.gpa,
+            size: m.size,
+            layers,
+        });
+    }
+    Ok(out)
+}
+
+/// Whether every pack's memory can be mapped (aligned, uncompressed) with one chunk size.
+fn mappable(chain: &Chain, regions: &[RegionLayers]) -> bool {
+    let mut sizes = Vec::new();
+    for (k, p) in chain.packs.iter().enumerate() {
+        if p.manifest().memory_restore_path(p.reader()) != Some("mmap") {
+            return false;
+        }
+        for r in regions {
+            sizes.push(p.reader().sections()[r.layers[k].0 as usize].chunk_size);
+        }
+    }
+    sizes.windows(2).all(|w| w[0] == w[1])
+}
+
+/// Guest memory of the chain's child: the base pack's memory with each diff pack's chunks
+/// over it, in order. Mapped copy-on-write from the files where all of them allow it (each
+/// chunk from the newest pack holding it), else copied.
+pub fn chain_memory(chain: &Chain) -> Result<GuestMemoryInit> {
+    let regions = region_layers(chain)?;
+    if mappable(chain, &regions) {
+        let mut layers: Vec<(File, Vec<(u64, u64, u64)>)> = Vec::new();
+        for p in &chain.packs {
+            let f = File::open(p.path()).with_context(|| format!("opening {}", p.path().display()))?;
+            layers.push((f, Vec::new()));
+        }
+        for r in &regions {
+            let base = chain.packs[0].reader();
+            let cs = u64::from(base.sections()[r.layers[0].0 as usize].chunk_size);
+            let n = r.size.div_ceil(cs) as usize;
+            // The newest pack holding each region chunk, and that chunk's seq in it.
+            let mut owner: Vec<(usize, u64)> = (0..n as u64).map(|c| (0, c)).collect();
+            for (k, (_, map)) in r.layers.iter().enumerate().skip(1) {
+                let map = map.as_ref().expect("diff layers have maps");
+                for (j, c) in map.present().into_iter().enumerate() {
+                    owner[c as usize] = (k, j as u64);
+                }
+            }
+            for (c, &(k, seq)) in owner.iter().enumerate() {
+                let reader = chain.packs[k].reader();
+                let e = &reader.chunks(r.layers[k].0)[seq as usize];
+                if e.codec == Codec::None {
+                    let len = (e.ulen as u64).div_ceil(4096) * 4096;
+                    layers[k].1.push((r.gpa + c as u64 * cs, e.payload_offset, len));
+                }
+            }
+        }
+        return Ok(GuestMemoryInit::MapLayers(layers));
+    }
+    let paths: Vec<_> = chain.packs.iter().map(|p| p.path().to_path_buf()).collect();
+    Ok(GuestMemoryInit::Fill(Box::new(move |ram| {
+        let chain = Chain {
+            packs: paths
+                .iter()
+                .map(|p| VmPack::open(p))
+                .collect::<Result<_, _>>()?,
+        };
+        let regions = region_layers(&chain)?;
+        for r in &regions {
+            let region = ram
+                .iter_mut()
+                .find(|(g, _)| *g == r.gpa)
+                .ok_or_else(|| anyhow!("no RAM region at {:#x}", r.gpa))?;
+            let dst: &mut [u8] = region.1;
+            let out = RegionWriter::Slice(dst.as_mut_ptr() as usize, dst.len());
+            write_layers(&chain, r, &out)?;
+        }
+        Ok(())
+    })))
+}
+
+/// Where [`write_layers`] puts a region's bytes.
+enum RegionWriter<'a> {
+    /// Guest RAM being filled before the VM exists: `(address, len)`.
+    Slice(usize, usize),
+    File(&'a File),
+}
+
+impl RegionWriter<'_> {
+    fn write(&self, off: u64, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            RegionWriter::Slice(ptr, len) => {
+                if off + data.len() as u64 > *len as u64 {
+                    return Err(std::io::Error::other("chunk runs past its RAM region"));
+                }
+                // SAFETY: inside the region (checked); chunks of one layer never overlap and
+                // layers are written one after the other.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        data.as_ptr(),
+                        (*ptr as *mut u8).add(off as usize),
+                        data.len(),
+                    )
+                };
+                Ok(())
+            }
+            RegionWriter::File(f) => f.write_all_at(data, off),
+        }
+    }
+}
+
+/// Writes one region of the chain, base first, each diff pack's chunks (zero ones too)
+/// over the ones before.
+fn write_layers(chain: &Chain, r: &RegionLayers, out: &RegionWriter) -> Result<()> {
+    for (k, (id, map)) in r.layers.iter().enumerate() {
+        let pack = &chain.packs[k];
+        let reader = pack.reader();
+        let label = pack.path().display().to_string();
+        let io = |e: std::io::Error| PackError::new(&label, PackErrorKind::Io(e));
+        match map {
+            None => reader.for_each_chunk_parallel(*id, false, 0, &|off, data| {
+                out.write(off, data).map_err(io)
+            })?,
+            Some(map) => {
+                let present = map.present();
+                let at = |off: u64| {
+                    map.region_offset(&present, off)
+                        .ok_or_else(|| io(std::io::Error::other("diff chunk outside its map")))
+                };
+                reader.for_each_chunk_parallel(*id, false, 0, &|off, data| {
+                    out.write(at(off)?, data).map_err(io)
+                })?;
+                let zeros = vec![0u8; reader.sections()[*id as usize].chunk_size as usize];
+                for e in reader.chunks(*id).iter().filter(|e| e.codec == Codec::Zero) {
+                    out.write(at(e.offset)?, &zeros[..e.ulen as usize])
+                        .map_err(io)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A region of the chain's child written out whole into `file` (sized by the caller);
+/// returns the ranges that may hold data.
+pub fn spill_region(chain: &Chain, index: usize, file: &File) -> Result<Vec<Range<u64>>> {
+    let regions = region_layers(chain)?;
+    let r = regions
+        .get(index)
+        .ok_or_else(|| anyhow!("no memory region {index}"))?;
+    file.set_len(r.size)?;
+    write_layers(chain, r, &RegionWriter::File(file))?;
+    // Zero chunks of the base stay holes; everything else may hold data.
+    let base = chain.packs[0].reader();
+    let mut ranges: Vec<Range<u64>> = Vec::new();
+    let mut add = |s: u64, e: u64| match ranges.last_mut() {
+        Some(l) if l.end >= s => l.end = l.end.max(e),
+        _ => ranges.push(s..e),
+    };
+    let mut marks: Vec<Range<u64>> = base
+        .chunks(r.layers[0].0)
+        .iter()
+        .filter(|e| e.codec != Codec::Zero)
+        .map(|e| e.offset..e.offset + e.ulen as u64)
+        .collect();
+    for (_, map) in r.layers.iter().skip(1) {
+        let map = map.as_ref().expect("diff layers have maps");
+        marks.extend(map.present().into_iter().map(|c| map.chunk_range(c)));
+    }
+    marks.sort_by_key(|m| m.start);
+    for m in marks {
+        add(m.start, m.end);
+    }
+    Ok(ranges)
+}
