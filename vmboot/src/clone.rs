@@ -48,7 +48,8 @@ pub fn mappable_pack(path: &Path) -> Result<(PathBuf, Source)> {
             path.display()
         );
     }
-    if manifest.memory_restore_path(pack.reader()) == Some("mmap") {
+    // A diff pack is layered over its parents by the restore itself.
+    if manifest.parent.is_some() || manifest.memory_restore_path(pack.reader()) == Some("mmap") {
         return Ok((path.to_path_buf(), Source::Direct));
     }
     let dir = cache_dir().ok_or_else(|| {
@@ -89,10 +90,10 @@ pub fn mappable_pack(path: &Path) -> Result<(PathBuf, Source)> {
 
 /// A section's bytes unpacked into an unlinked sparse temporary file, read back as a
 /// [`SectionSource`] whose data ranges are the source's non-zero chunks.
-struct Spilled {
-    file: File,
-    len: u64,
-    ranges: Vec<Range<u64>>,
+pub(crate) struct Spilled {
+    pub(crate) file: File,
+    pub(crate) len: u64,
+    pub(crate) ranges: Vec<Range<u64>>,
 }
 
 impl SectionSource for Spilled {
@@ -107,7 +108,7 @@ impl SectionSource for Spilled {
     }
 }
 
-fn spill(pack: &VmPack, section: &str, dir: &Path) -> Result<Spilled> {
+pub(crate) fn spill(pack: &VmPack, section: &str, dir: &Path) -> Result<Spilled> {
     let reader = pack.reader();
     let s = reader
         .section(section)
@@ -141,7 +142,7 @@ fn spill(pack: &VmPack, section: &str, dir: &Path) -> Result<Spilled> {
 }
 
 /// An unlinked file in `dir` (gone as soon as it is closed, also on a crash).
-fn tempfile_in(dir: &Path) -> Result<File> {
+pub(crate) fn tempfile_in(dir: &Path) -> Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     File::options()
         .read(true)

@@ -292,3 +292,82 @@ pub fn spill_region(chain: &Chain, index: usize, file: &File) -> Result<Vec<Rang
     }
     Ok(ranges)
 }
+
+/// Writes the chain's child as one full pack to `out`: its manifest's config, boot files,
+/// vmstate and disks, and its memory layered over its parents; uncompressed and aligned
+/// (as `vmpack save` writes), so it restores by mapping. `scratch` holds the temporary
+/// (unlinked) copies of memory and disks.
+pub fn flatten(
+    chain: &Chain,
+    scratch: &std::path::Path,
+    compression: vmpack_formats::pack::Compression,
+    out: &mut dyn std::io::Write,
+) -> Result<vmpack_formats::pack::PackSummary> {
+    use crate::clone::{spill, tempfile_in, Spilled};
+    use vmpack_formats::pack::{SectionSource, WriteOptions};
+    let child = chain.packs.last().expect("a chain holds the child");
+    let manifest = child.manifest();
+    let reader = child.reader();
+    let cfg = child.config()?;
+    let state_section = manifest
+        .vmstate
+        .as_deref()
+        .ok_or_else(|| anyhow!("{}: no vmstate section", child.path().display()))?;
+    let s = reader
+        .section(state_section)
+        .ok_or_else(|| anyhow!("section '{state_section}' is missing"))?;
+    let state = reader.read_section(s.id, crate::snapshot::MAX_VMSTATE_LEN)?;
+    let mut files: Vec<(&'static str, Vec<u8>)> = Vec::new();
+    for role in ["kernel", "initrd", "image"] {
+        if manifest.file(role).is_some() {
+            files.push((role, child.boot_file(role)?));
+        }
+    }
+    let disks = manifest
+        .disks
+        .iter()
+        .map(|d| spill(child, &d.section, scratch))
+        .collect::<Result<Vec<_>>>()?;
+    let mut memory = Vec::new();
+    for (i, m) in manifest.memory.iter().enumerate() {
+        let file = tempfile_in(scratch)?;
+        let ranges = spill_region(chain, i, &file)?;
+        memory.push((
+            m.gpa,
+            Spilled {
+                file,
+                len: m.size,
+                ranges,
+            },
+        ));
+    }
+    let plan = vmpack_formats::vm::VmPackPlan {
+        memory: memory
+            .iter()
+            .map(|(g, s)| (*g, s as &dyn SectionSource))
+            .collect(),
+        vmstate: Some(&state),
+        disks: Some(disks.iter().map(|d| d as &dyn SectionSource).collect()),
+        files: Some(
+            files
+                .iter()
+                .map(|(r, b)| (*r, b as &dyn SectionSource))
+                .collect(),
+        ),
+        memory_chunk_size: Some(crate::snapshot::MEMORY_CHUNK_SIZE),
+        files_in_memory: Vec::new(),
+        diff: None,
+    };
+    let opts = WriteOptions {
+        compression,
+        aligned: compression == vmpack_formats::pack::Compression::None,
+        ..WriteOptions::default()
+    };
+    Ok(vmpack_formats::vm::write_vm_pack(
+        out,
+        &cfg,
+        plan,
+        &opts,
+        &(),
+    )?)
+}

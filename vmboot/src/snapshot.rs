@@ -1192,6 +1192,13 @@ fn restore_stream<R: Read + 'static>(
                 match kind {
                     vmpack_formats::pack::kind::MANIFEST => {
                         let m = Manifest::parse(&buf, label)?;
+                        if let Some(p) = &m.parent {
+                            bail!(
+                                "{label}: a diff pack (memory layered on {}, root digest {}) cannot be restored from a pipe; restore it from a file next to its parent, or `vmpack flatten` it first",
+                                vmpack_formats::vm::printable(&p.file),
+                                p.root_digest
+                            );
+                        }
                         m.check_memory(label, &|_| None)?;
                         cfg = Some(pack_config(&m, label, &work.path)?);
                         manifest = Some(m);

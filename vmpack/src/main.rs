@@ -9,6 +9,7 @@ mod bench;
 mod bench_clones;
 mod bench_registry;
 mod bench_snapshot;
+mod flatten;
 mod inspect;
 mod interchange;
 mod output;
@@ -66,6 +67,8 @@ enum Command {
     Save(vm::SaveArgs),
     /// Resume a saved VM from a pack, in this process.
     Restore(vm::RestoreArgs),
+    /// Make a diff pack (`save --diff-from`) and its parents into one full pack.
+    Flatten(flatten::FlattenArgs),
     /// Measure clone restore latency and memory against booting the same guest.
     BenchClones(bench_clones::BenchClonesArgs),
     /// Run test cases against a saved VM, each in a fresh clone (see docs/TESTING.md).
@@ -175,6 +178,7 @@ fn main() -> ExitCode {
         Command::Run(_) => "cannot run",
         Command::Save(_) => "cannot save",
         Command::Restore(_) => "cannot restore",
+        Command::Flatten(_) => "cannot flatten",
         Command::Test(_) => "cannot test",
         Command::Push(_) => "cannot push",
         Command::Pull(_) => "cannot pull",
@@ -208,6 +212,7 @@ fn main() -> ExitCode {
         Command::Run(a) => guest_status(vm::run(a)),
         Command::Save(a) => vm::save(a),
         Command::Restore(a) => guest_status(vm::restore(a)),
+        Command::Flatten(a) => flatten::run(a),
         Command::BenchClones(a) => {
             util::set_quiet(a.quiet);
             bench_clones::run(a)

@@ -62,6 +62,10 @@ pub struct SaveArgs {
     /// What the VM does after the save: keep running, or end.
     #[arg(long, value_parser = ["resume", "stop"], default_value = "resume")]
     then: String,
+    /// Write a diff pack: only the memory chunks written since the VM was restored from,
+    /// or last saved to, PARENT (which the pack names by file name and root digest).
+    #[arg(long, value_name = "PARENT", conflicts_with = "push")]
+    diff_from: Option<PathBuf>,
     /// Print the result as JSON on stdout (`output`, `bytes`, `milliseconds`, `pause_ms`,
     /// `root_digest`, `vm`); not with `-o -`.
     #[arg(long)]
@@ -97,6 +101,10 @@ pub struct RestoreArgs {
     /// Print nothing but errors and warnings.
     #[arg(long, short)]
     quiet: bool,
+    /// For a diff pack: its parent pack, instead of the file its manifest names in its
+    /// folder (the root digest must still match).
+    #[arg(long, value_name = "FILE")]
+    parent: Option<PathBuf>,
     /// Refuse a pack without a good signature from a key in --allowed-signers.
     #[arg(long, requires = "allowed_signers")]
     require_signature: bool,
@@ -201,6 +209,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
                     require_signature: false,
                     allowed_signers: None,
                     registry: Default::default(),
+                    parent: None,
                 });
             }
             let cfg = pack.config()?;
@@ -255,6 +264,11 @@ pub fn save(a: SaveArgs) -> Result<()> {
         )
         .into());
     }
+    // The parent is read (its root digest) before the VM is touched.
+    let diff_from = match &a.diff_from {
+        Some(p) => Some(parent_ref(p, a.output.as_deref())?),
+        None => None,
+    };
     // Resolve the registry (and read a password from stdin) before the VM is touched.
     let push = match &a.push {
         Some(r) => {
@@ -309,11 +323,14 @@ pub fn save(a: SaveArgs) -> Result<()> {
     if stop {
         client.put("/vm/pause")?;
     }
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "compress": a.compress.to_string(),
         "level": a.level,
         "then": "resume",
     });
+    if let Some(p) = &diff_from {
+        body["diff_from"] = serde_json::to_value(p)?;
+    }
     let t = Instant::now();
     let result = (|| -> Result<u64> {
         match out.take() {
@@ -378,6 +395,7 @@ pub fn save(a: SaveArgs) -> Result<()> {
                 "milliseconds": wall.as_secs_f64() * 1000.0,
                 "pause_ms": status["last_save"]["pause_ms"],
                 "root_digest": status["last_save"]["root_digest"],
+                "parent": diff_from.as_ref().map(|p| &p.root_digest),
                 "vm": if stop { "stopped" } else { "resumed" },
             })
         );
@@ -387,8 +405,12 @@ pub fn save(a: SaveArgs) -> Result<()> {
             Some(o) if o.as_os_str() == "-" => "standard output".to_string(),
             Some(o) => o.display().to_string(),
         };
+        let what = match &diff_from {
+            Some(p) => format!("a diff pack against {} ({})", p.file, p.root_digest),
+            None => "the VM".to_string(),
+        };
         eprintln!(
-            "vmpack: saved {} to {place} in {:.1} ms; guest paused {pause:.1} ms for the capture; root digest {digest}; VM {}",
+            "vmpack: saved {what}, {}, to {place} in {:.1} ms; guest paused {pause:.1} ms for the capture; root digest {digest}; VM {}",
             human_bytes(bytes),
             wall.as_secs_f64() * 1000.0,
             if stop { "stopped" } else { "resumed" }
@@ -405,6 +427,36 @@ pub fn save(a: SaveArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The parent a diff save names: `parent`'s file name and root digest. Refuses an output
+/// that would replace the parent.
+fn parent_ref(
+    parent: &Path,
+    output: Option<&Path>,
+) -> Result<vmpack_formats::diff::ParentRef> {
+    let reader = vmpack_formats::pack::PackReader::open(parent)
+        .with_context(|| format!("--diff-from {}", parent.display()))?;
+    if let (Some(o), Ok(p)) = (output, parent.canonicalize()) {
+        if o.canonicalize().is_ok_and(|o| o == p) {
+            return Err(crate::util::Usage(format!(
+                "-o {} is the parent pack itself; a diff pack needs its parent",
+                o.display()
+            ))
+            .into());
+        }
+    }
+    let file = parent
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let p = vmpack_formats::diff::ParentRef {
+        root_digest: hex::encode(reader.root_digest()),
+        file,
+    };
+    p.check()
+        .map_err(|e| anyhow::anyhow!("--diff-from {}: {e}", parent.display()))?;
+    Ok(p)
 }
 
 /// Resumes a VM this command paused. The server may still be ending the failed save (it
@@ -534,7 +586,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
             run,
             work_dir: None,
             source: Default::default(),
-            parent: None,
+            parent: a.parent,
         },
         a.quiet,
         "vmpack",
