@@ -21,6 +21,36 @@ pub struct InspectArgs {
     /// Print nothing; the exit status alone says whether FILE is a readable pack.
     #[arg(long, short, conflicts_with = "json")]
     pub quiet: bool,
+    /// For a diff pack: its parent pack, instead of the file its manifest names in its
+    /// folder.
+    #[arg(long, value_name = "FILE")]
+    pub parent: Option<PathBuf>,
+}
+
+/// A diff pack's chain, base first, as `{file, root_digest, diff}`; or why it cannot be
+/// followed (a missing or different parent). `None` for a full pack.
+pub fn chain_json(
+    file: &std::path::Path,
+    parent: Option<&std::path::Path>,
+) -> Option<Result<Vec<serde_json::Value>, String>> {
+    let vm = VmPack::open(file).ok()?;
+    vm.manifest().parent.as_ref()?;
+    Some(
+        vmpack_formats::diff::open_chain(file, parent)
+            .map(|c| {
+                c.packs
+                    .iter()
+                    .map(|p| {
+                        json!({
+                            "file": p.path().display().to_string(),
+                            "root_digest": hex::encode(p.reader().root_digest()),
+                            "diff": p.manifest().parent.is_some(),
+                        })
+                    })
+                    .collect()
+            })
+            .map_err(|e| e.to_string()),
+    )
 }
 
 fn kind_name(k: u16) -> String {
@@ -30,6 +60,7 @@ fn kind_name(k: u16) -> String {
         kind::DISK => "disk".into(),
         kind::MEMORY => "memory".into(),
         kind::VMSTATE => "vmstate".into(),
+        kind::MEMORY_DIFF => "memory-diff".into(),
         other => format!("{other:#06x}"),
     }
 }
@@ -190,6 +221,11 @@ fn print_json(
         "memory_restore": restore,
         "signatures": signatures(r),
         "saved_on": saved_on,
+        "chain": match chain_json(&a.file, a.parent.as_deref()) {
+            None => serde_json::Value::Null,
+            Some(Ok(c)) => json!(c),
+            Some(Err(e)) => json!({"error": e}),
+        },
     });
     crate::outln!("{}", escape_json(&serde_json::to_string_pretty(&out)?));
     Ok(())
@@ -245,6 +281,32 @@ fn text_report(
             "signatures:   {} (unchecked; `vmpack verify --allowed-signers FILE` checks them)",
             keys.join(", ")
         );
+    }
+    if let Some(p) = m.and_then(|m| m.parent.as_ref()) {
+        textln!(
+            out,
+            "diff of:      {} (root digest {}): memory holds only what changed since",
+            p.file,
+            p.root_digest
+        );
+        match chain_json(&a.file, a.parent.as_deref()) {
+            Some(Ok(c)) => {
+                let files: Vec<String> = c
+                    .iter()
+                    .map(|p| p["file"].as_str().unwrap_or("").to_string())
+                    .collect();
+                textln!(
+                    out,
+                    "chain:        {} ({} packs, base first; parents' digests match)",
+                    files.join(" <- "),
+                    c.len()
+                );
+            }
+            Some(Err(e)) => {
+                textln!(out, "chain:        broken: {e}");
+            }
+            None => {}
+        }
     }
     if let Some(m) = m {
         textln!(out, "written by:   {} {}", m.tool, m.tool_version);
