@@ -1,0 +1,343 @@
+//! Diff packs through the real binaries: `vmpack save --diff-from`, a chain of diffs
+//! restored exactly, `flatten`, `verify` and `inspect` of the chain, and a missing or
+//! different parent refused by name.
+
+mod common;
+
+use common::{bin, vmpack};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Running {
+    child: Child,
+    sock: PathBuf,
+    serial: PathBuf,
+}
+
+impl Running {
+    fn spawn(dir: &Path, args: &[&str], tag: &str) -> Running {
+        let _ = vmpack();
+        let sock = dir.join(format!("{tag}.sock"));
+        let serial = dir.join(format!("{tag}.serial"));
+        let child = Command::new(bin("vmboot"))
+            .args(args)
+            .arg("--api-sock")
+            .arg(&sock)
+            .arg("--serial-out")
+            .arg(&serial)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning vmboot");
+        let t = Instant::now();
+        while !sock.exists() {
+            assert!(t.elapsed() < Duration::from_secs(20), "no API socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Running {
+            child,
+            sock,
+            serial,
+        }
+    }
+
+    fn start(dir: &Path, config: &str, tag: &str) -> Running {
+        let cfg = common::samples_dir().join(config);
+        Running::spawn(dir, &["run", cfg.to_str().unwrap()], tag)
+    }
+
+    fn restore(dir: &Path, pack: &Path, tag: &str) -> Running {
+        Running::spawn(dir, &["restore", pack.to_str().unwrap()], tag)
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    fn wait_for(&self, needle: &str) {
+        let t = Instant::now();
+        while !self.output().contains(needle) {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "timed out waiting for {needle:?}; serial so far:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `vmpack save`, optionally `--diff-from PARENT`; returns the command's output.
+    fn save(&self, pack: &Path, diff_from: Option<&Path>, then: &str) -> Output {
+        let mut c = Command::new(vmpack());
+        c.args(["save", "--api-sock"])
+            .arg(&self.sock)
+            .arg("-o")
+            .arg(pack)
+            .args(["--then", then]);
+        if let Some(p) = diff_from {
+            c.arg("--diff-from").arg(p);
+        }
+        c.output().expect("running vmpack save")
+    }
+
+    fn save_ok(&self, pack: &Path, diff_from: Option<&Path>, then: &str) {
+        let o = self.save(pack, diff_from, then);
+        assert!(
+            o.status.success(),
+            "vmpack save failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    fn finish(mut self) -> (i32, String) {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
+                return (st.code().unwrap_or(-1), err);
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                let _ = self.child.kill();
+                panic!("VM did not end; serial:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn counter_text(last: u32) -> String {
+    (1..=last).map(|i| format!("{i}\n")).collect()
+}
+
+fn sha256_file(p: &Path) -> String {
+    hex::encode(Sha256::digest(std::fs::read(p).unwrap()))
+}
+
+fn root_digest(p: &Path) -> String {
+    hex::encode(
+        vmpack_formats::pack::PackReader::open(p)
+            .unwrap()
+            .root_digest(),
+    )
+}
+
+/// `vmpack restore PACK [args]` to the end, serial output into `serial`: (status, stderr).
+fn restore_to_end(pack: &Path, serial: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let o = Command::new(vmpack())
+        .arg("restore")
+        .arg(pack)
+        .arg("--serial-out")
+        .arg(serial)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (o.status.code(), String::from_utf8_lossy(&o.stderr).into())
+}
+
+#[test]
+fn depth_3_chain_restores_exactly_flattens_and_refuses_a_wrong_parent() {
+    if !common::kvm_available("diff pack tests") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let p = |n: &str| dir.join(n);
+    let a = Running::start(dir, "counter64.toml", "a");
+    a.wait_for("\n10\n");
+    a.save_ok(&p("base.vmpack"), None, "resume");
+    a.wait_for("\n20\n");
+    a.save_ok(&p("d1.vmpack"), Some(&p("base.vmpack")), "resume");
+    a.wait_for("\n30\n");
+    a.save_ok(&p("d2.vmpack"), Some(&p("d1.vmpack")), "resume");
+    a.wait_for("\n40\n");
+    a.save_ok(&p("d3.vmpack"), Some(&p("d2.vmpack")), "stop");
+    let (code, err) = a.finish();
+    assert_eq!(code, 0, "original vmboot after --then stop: {err}");
+    let before = std::fs::read_to_string(p("a.serial")).unwrap();
+    let digests: Vec<String> = ["base", "d1", "d2", "d3"]
+        .iter()
+        .map(|n| sha256_file(&p(&format!("{n}.vmpack"))))
+        .collect();
+
+    // The child names its parent by file name and root digest.
+    let m = vmpack_formats::vm::VmPack::open(&p("d3.vmpack")).unwrap();
+    let parent = m.manifest().parent.clone().expect("d3 is a diff pack");
+    assert_eq!(parent.file, "d2.vmpack");
+    assert_eq!(parent.root_digest, root_digest(&p("d2.vmpack")));
+
+    // Restoring the newest diff layers all four packs and continues the count exactly.
+    let (code, err) = restore_to_end(&p("d3.vmpack"), &p("b.serial"), &[]);
+    assert_eq!(code, Some(0), "restore of the depth-3 chain: {err}");
+    assert!(err.contains("layered over the parent packs"), "{err}");
+    let after = std::fs::read_to_string(p("b.serial")).unwrap();
+    assert!(!after.is_empty());
+    assert_eq!(
+        format!("{before}{after}"),
+        counter_text(300),
+        "output before the save + after the restore of the chain must be one uninterrupted count"
+    );
+    for (n, d) in ["base", "d1", "d2", "d3"].iter().zip(&digests) {
+        assert_eq!(
+            &sha256_file(&p(&format!("{n}.vmpack"))),
+            d,
+            "restore must not modify {n}"
+        );
+    }
+
+    // verify checks the whole chain; inspect shows it.
+    let o = common::run(dir, &["verify", "d3.vmpack", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&common::ok(&o)).unwrap();
+    let parents: Vec<&str> = v["parents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["file"].as_str().unwrap())
+        .collect();
+    assert_eq!(parents.len(), 3, "{v}");
+    assert!(parents[0].ends_with("base.vmpack") && parents[2].ends_with("d2.vmpack"));
+    let o = common::run(dir, &["inspect", "d3.vmpack"]);
+    let text = common::ok(&o);
+    assert!(
+        text.contains("diff of:      d2.vmpack")
+            && text.contains("base.vmpack <- ")
+            && text.contains("(4 packs"),
+        "{text}"
+    );
+
+    // flatten makes one full pack that restores identically.
+    let o = common::run(dir, &["flatten", "d3.vmpack", "-o", "full.vmpack"]);
+    common::ok(&o);
+    let full = vmpack_formats::vm::VmPack::open(&p("full.vmpack")).unwrap();
+    assert!(full.manifest().parent.is_none());
+    let (code, err) = restore_to_end(&p("full.vmpack"), &p("c.serial"), &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(std::fs::read_to_string(p("c.serial")).unwrap(), after);
+
+    // The counter writes the same few pages all the time: its diffs hold them again, no more.
+    let size = |n: &str| std::fs::metadata(p(n)).unwrap().len();
+    assert!(
+        size("d3.vmpack") <= size("base.vmpack"),
+        "diff {} bytes, full {} bytes",
+        size("d3.vmpack"),
+        size("base.vmpack")
+    );
+
+    // A missing parent is refused, naming the file and the digest it must have.
+    std::fs::rename(p("d2.vmpack"), p("d2.moved")).unwrap();
+    let (code, err) = restore_to_end(&p("d3.vmpack"), &p("x.serial"), &[]);
+    assert_eq!(code, Some(1), "{err}");
+    let d2_path = p("d2.vmpack").display().to_string();
+    assert!(
+        err.contains(&format!("its parent pack {d2_path} is missing"))
+            && err.contains(&parent.root_digest),
+        "{err}"
+    );
+    // A different file under the parent's name is refused with both digests.
+    std::fs::copy(p("d1.vmpack"), p("d2.vmpack")).unwrap();
+    let (code, err) = restore_to_end(&p("d3.vmpack"), &p("x.serial"), &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "parent pack {d2_path} is not the one it was saved against: root digest {}, expected {}",
+            root_digest(&p("d1.vmpack")),
+            parent.root_digest
+        )),
+        "{err}"
+    );
+    let o = common::run(dir, &["verify", "d3.vmpack"]);
+    assert!(common::fails(&o).contains("is not the one it was saved against"));
+    assert!(
+        !std::fs::read_to_string(p("x.serial"))
+            .unwrap_or_default()
+            .contains('1'),
+        "no guest ran"
+    );
+    // --parent names the right file wherever it is.
+    let o = common::run(dir, &["verify", "d3.vmpack", "--parent", "d2.moved"]);
+    common::ok(&o);
+}
+
+#[test]
+fn diff_of_a_restored_vm_is_small_and_its_memory_exact() {
+    if !common::kvm_available("diff pack tests") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let p = |n: &str| dir.join(n);
+    // memtest fills 30 MiB, prints "filled", waits ~3 s, then checks every page.
+    let a = Running::start(dir, "memtest.toml", "a");
+    a.wait_for("filled");
+    a.save_ok(&p("base.vmpack"), None, "stop");
+    assert_eq!(a.finish().0, 0);
+
+    // A VM restored from base knows it (and each pack it saves since): diffs against them.
+    let b = Running::restore(dir, &p("base.vmpack"), "b");
+    let o = b.save(&p("bad.vmpack"), Some(&p("a.serial")), "resume");
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("a.serial"),
+        "a parent that is not a pack is refused naming it"
+    );
+    b.save_ok(&p("d1.vmpack"), Some(&p("base.vmpack")), "resume");
+    b.save_ok(&p("x.vmpack"), Some(&p("d1.vmpack")), "stop");
+    assert_eq!(b.finish().0, 0);
+
+    let c = Running::start(dir, "counter64.toml", "c");
+    c.wait_for("\n2\n");
+    c.save_ok(&p("other.vmpack"), None, "resume");
+    let o = b_like_refusal(&c.sock, &p("y.vmpack"), &p("base.vmpack"));
+    assert!(
+        o.contains("neither restored from nor saved to the pack with root digest")
+            && o.contains(&root_digest(&p("base.vmpack"))),
+        "{o}"
+    );
+    assert!(!p("y.vmpack").exists());
+    let _ = common::http(&c.sock, "PUT", "/vm/shutdown", b"");
+    c.finish();
+
+    let size = |n: &str| std::fs::metadata(p(n)).unwrap().len();
+    assert!(
+        size("x.vmpack") * 20 < size("base.vmpack"),
+        "a diff of a guest that wrote little is small: {} vs {}",
+        size("x.vmpack"),
+        size("base.vmpack")
+    );
+    // The guest checks all 30 MiB it wrote before base: layered memory is exact.
+    let (code, err) = restore_to_end(&p("x.vmpack"), &p("d.serial"), &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(std::fs::read_to_string(p("d.serial"))
+        .unwrap()
+        .contains("memtest: 7680 pages ok"));
+    // A pipe cannot be layered: refused by name.
+    let o = common::run_with_stdin(
+        dir,
+        &["restore", "-"],
+        &std::fs::read(p("x.vmpack")).unwrap(),
+    );
+    assert!(
+        common::fails(&o).contains("cannot be restored from a pipe"),
+        "{}",
+        common::stderr(&o)
+    );
+}
+
+/// `vmpack save --diff-from PARENT` expected to fail; returns its stderr.
+fn b_like_refusal(sock: &Path, out: &Path, parent: &Path) -> String {
+    let o = Command::new(vmpack())
+        .args(["save", "--api-sock"])
+        .arg(sock)
+        .arg("-o")
+        .arg(out)
+        .arg("--diff-from")
+        .arg(parent)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    String::from_utf8_lossy(&o.stderr).into()
+}
