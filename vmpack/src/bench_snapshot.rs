@@ -228,7 +228,56 @@ struct OursRow {
     restore: [Option<RestoreSample>; 2],
     /// First restore with `--memory lazy` (chunks verified on first touch).
     lazy: Option<RestoreSample>,
+    /// For the `none` pack: a diff save against it a moment later.
+    diff: Option<Result<DiffSample, String>>,
     error: Option<String>,
+}
+
+/// `vmpack save --diff-from` the full `none` pack, [`DIFF_AFTER`] after it.
+#[derive(Clone)]
+struct DiffSample {
+    pause_ms: f64,
+    /// `vmpack save --json`'s `milliseconds`: request to pack complete on disk.
+    save_ms: f64,
+    /// Process start to end of `vmpack save`.
+    process_ms: f64,
+    bytes: u64,
+    /// Guest memory stored: the chunks written since the full save.
+    memory_bytes: u64,
+}
+
+/// How long the guest runs between the full save and the diff save.
+const DIFF_AFTER: Duration = Duration::from_secs(1);
+
+fn measure_diff(bins: &Bins, sock: &Path, client: &ApiClient, parent: &Path, out: &Path) -> Result<DiffSample> {
+    std::thread::sleep(DIFF_AFTER);
+    let t = Instant::now();
+    let o = Command::new(&bins.vmpack)
+        .arg("save")
+        .arg("--api-sock")
+        .arg(sock)
+        .arg("-o")
+        .arg(out)
+        .arg("--diff-from")
+        .arg(parent)
+        .arg("--json")
+        .stdin(Stdio::null())
+        .output()
+        .context("running vmpack save --diff-from")?;
+    let process_ms = t.elapsed().as_secs_f64() * 1000.0;
+    if !o.status.success() {
+        bail!("{}", String::from_utf8_lossy(&o.stderr).trim());
+    }
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    let st = client.get_json("/vm")?;
+    let _ = std::fs::remove_file(out);
+    Ok(DiffSample {
+        pause_ms: j["pause_ms"].as_f64().unwrap_or(f64::NAN),
+        save_ms: j["milliseconds"].as_f64().unwrap_or(f64::NAN),
+        process_ms,
+        bytes: j["bytes"].as_u64().unwrap_or(0),
+        memory_bytes: st["last_save"]["diff_bytes"].as_u64().unwrap_or(0),
+    })
 }
 
 #[derive(Clone)]
@@ -343,6 +392,25 @@ fn measure_ours(
             mb(row.bytes)
         );
         packs.push((c, pack, row));
+    }
+    // A diff against the full uncompressed pack: only what the guest wrote since.
+    if let Some((_, parent, row)) = packs
+        .iter_mut()
+        .find(|(c, _, r)| *c == Compression::None && r.error.is_none())
+    {
+        let out = d.join(format!("guest-{}-{}-diff.vmpack", g.mib, g.data_mib));
+        let r = measure_diff(bins, &sock, &client, parent, &out).map_err(|e| format!("{e:#}"));
+        if let Ok(s) = &r {
+            crate::note!(
+                "  diff save: pause {:.1} ms, save {:.1} ms ({:.1} ms with the process), {:.2} MB of memory written since, {:.2} MB pack",
+                s.pause_ms,
+                s.save_ms,
+                s.process_ms,
+                mb(s.memory_bytes),
+                mb(s.bytes)
+            );
+        }
+        row.diff = Some(r);
     }
     let _ = client.put("/vm/shutdown");
     vm.finish(Duration::from_secs(5));
@@ -950,6 +1018,43 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
                 "QEMU",
                 if qemu { "-" } else { "SKIPPED" }
             ),
+        }
+    }
+    crate::outln!();
+    crate::outln!(
+        "Diff saves: `vmpack save --diff-from` the `none` pack, {} s after it (the guest idle \
+         in between); save = request to pack complete (`--json` milliseconds), process = the \
+         whole `vmpack save` command.",
+        DIFF_AFTER.as_secs()
+    );
+    crate::outln!(
+        "{:>6} {:>6} {:>14} {:>8} {:>9} {:>8} {:>11}",
+        "guest",
+        "data",
+        "written MB",
+        "size MB",
+        "pause ms",
+        "save ms",
+        "process ms"
+    );
+    for r in &results {
+        for (_, o) in &r.ours {
+            match &o.diff {
+                Some(Ok(s)) => crate::outln!(
+                    "{:>6} {:>6} {:>14.2} {:>8.2} {:>9.1} {:>8.1} {:>11.1}",
+                    r.g.mib,
+                    r.g.data_mib,
+                    mb(s.memory_bytes),
+                    mb(s.bytes),
+                    s.pause_ms,
+                    s.save_ms,
+                    s.process_ms
+                ),
+                Some(Err(e)) => {
+                    crate::outln!("{:>6} {:>6} ERROR {e}", r.g.mib, r.g.data_mib)
+                }
+                None => {}
+            }
         }
     }
     crate::outln!();
