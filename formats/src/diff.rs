@@ -258,11 +258,7 @@ pub fn open_chain(child: &Path, parent: Option<&Path>) -> Result<Chain, VmPackEr
         }
         let path: PathBuf = match given.take() {
             Some(g) => g,
-            None => last
-                .path()
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join(&p.file),
+            None => last.path().parent().unwrap_or(Path::new(".")).join(&p.file),
         };
         let label = last.path().display();
         if !path.exists() {

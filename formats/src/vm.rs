@@ -419,7 +419,10 @@ impl<'a> PreparedPack<'a> {
             })
             .collect();
         if let Some((_, maps)) = &plan.diff {
-            let cs = u64::from(plan.memory_chunk_size.unwrap_or(crate::pack::DEFAULT_CHUNK_SIZE));
+            let cs = u64::from(
+                plan.memory_chunk_size
+                    .unwrap_or(crate::pack::DEFAULT_CHUNK_SIZE),
+            );
             let fits = maps.len() == memory.len()
                 && maps
                     .iter()

@@ -150,7 +150,8 @@ pub fn chain_memory(chain: &Chain) -> Result<GuestMemoryInit> {
     if mappable(chain, &regions) {
         let mut layers: Vec<(File, Vec<(u64, u64, u64)>)> = Vec::new();
         for p in &chain.packs {
-            let f = File::open(p.path()).with_context(|| format!("opening {}", p.path().display()))?;
+            let f =
+                File::open(p.path()).with_context(|| format!("opening {}", p.path().display()))?;
             layers.push((f, Vec::new()));
         }
         for r in &regions {
@@ -170,7 +171,9 @@ pub fn chain_memory(chain: &Chain) -> Result<GuestMemoryInit> {
                 let e = &reader.chunks(r.layers[k].0)[seq as usize];
                 if e.codec == Codec::None {
                     let len = (e.ulen as u64).div_ceil(4096) * 4096;
-                    layers[k].1.push((r.gpa + c as u64 * cs, e.payload_offset, len));
+                    layers[k]
+                        .1
+                        .push((r.gpa + c as u64 * cs, e.payload_offset, len));
                 }
             }
         }

@@ -102,7 +102,9 @@ pub fn save_with(
         };
         // Guest memory now equals the pack being written: later diffs start here.
         let mark = handle.dirty_mark().ok();
-        let to_copy = maps.as_ref().map(|m| m.iter().map(|m| m.section_size()).sum());
+        let to_copy = maps
+            .as_ref()
+            .map(|m| m.iter().map(|m| m.section_size()).sum());
         let early = resume_after
             && handle.config().disks.iter().all(|d| d.read_only)
             && copy_fits(handle, to_copy);
@@ -567,7 +569,10 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
             if opts.memory == MemoryPolicy::Lazy {
                 bail!("{label}: a diff pack is restored eagerly (--memory lazy is not supported for it yet); use --memory auto or eager");
             }
-            Some(vmpack_formats::diff::open_chain(path, opts.parent.as_deref())?)
+            Some(vmpack_formats::diff::open_chain(
+                path,
+                opts.parent.as_deref(),
+            )?)
         }
         None => None,
     };

@@ -249,7 +249,13 @@ struct DiffSample {
 /// How long the guest runs between the full save and the diff save.
 const DIFF_AFTER: Duration = Duration::from_secs(1);
 
-fn measure_diff(bins: &Bins, sock: &Path, client: &ApiClient, parent: &Path, out: &Path) -> Result<DiffSample> {
+fn measure_diff(
+    bins: &Bins,
+    sock: &Path,
+    client: &ApiClient,
+    parent: &Path,
+    out: &Path,
+) -> Result<DiffSample> {
     std::thread::sleep(DIFF_AFTER);
     let t = Instant::now();
     let o = Command::new(&bins.vmpack)

@@ -431,10 +431,7 @@ pub fn save(a: SaveArgs) -> Result<()> {
 
 /// The parent a diff save names: `parent`'s file name and root digest. Refuses an output
 /// that would replace the parent.
-fn parent_ref(
-    parent: &Path,
-    output: Option<&Path>,
-) -> Result<vmpack_formats::diff::ParentRef> {
+fn parent_ref(parent: &Path, output: Option<&Path>) -> Result<vmpack_formats::diff::ParentRef> {
     let reader = vmpack_formats::pack::PackReader::open(parent)
         .with_context(|| format!("--diff-from {}", parent.display()))?;
     if let (Some(o), Ok(p)) = (output, parent.canonicalize()) {

@@ -73,7 +73,10 @@ pub mod kind {
 
     /// Kinds defined by the format version this crate implements.
     pub fn is_known(kind: u16) -> bool {
-        matches!(kind, MANIFEST | FILE | DISK | MEMORY | VMSTATE | MEMORY_DIFF)
+        matches!(
+            kind,
+            MANIFEST | FILE | DISK | MEMORY | VMSTATE | MEMORY_DIFF
+        )
     }
 
     /// Whether a reader may skip this kind when it does not know it.
