@@ -295,12 +295,46 @@ mod tests {
         assert_eq!(m.present(), vec![1, 10]);
         assert_eq!(m.section_size(), 4096 + 100);
         let region: Vec<u8> = (0..m.region_size).map(|i| (i / 4096) as u8).collect();
-        let d = DiffSource::new(&region.as_slice(), m.clone());
+        let slice = region.as_slice();
+        let d = DiffSource::new(&slice, m.clone());
         let mut buf = vec![0u8; 4096 + 100];
         d.read_at(&mut buf, 0).unwrap();
         assert!(buf[..4096].iter().all(|&b| b == 1));
         assert!(buf[4096..].iter().all(|&b| b == 10));
         assert_eq!(d.data_ranges().unwrap(), vec![0..4196]);
+    }
+
+    #[test]
+    fn hostile_diff_meta_is_refused() {
+        let mut m = ChunkMap::new(8 * 4096, 4096);
+        m.set(3);
+        let info = |meta: serde_json::Value, size: u64| SectionInfo {
+            id: 1,
+            kind: kind::MEMORY_DIFF,
+            name: "memory/0".into(),
+            meta,
+            size,
+            chunk_size: 4096,
+            stored_bytes: 0,
+            chunks: 1,
+            zero_chunks: 0,
+        };
+        assert!(ChunkMap::from_section(&info(m.meta(0), 4096), 8 * 4096).is_ok());
+        // Size disagreeing with the bitmap, wrong region size, bad length, bits past the end.
+        let e = ChunkMap::from_section(&info(m.meta(0), 8192), 8 * 4096).unwrap_err();
+        assert!(e.contains("holds 8192 bytes"), "{e}");
+        assert!(ChunkMap::from_section(&info(m.meta(0), 4096), 4 * 4096).is_err());
+        let long = serde_json::json!({"gpa": 0, "region_size": 8 * 4096, "present": "0800"});
+        assert!(ChunkMap::from_section(&info(long, 4096), 8 * 4096)
+            .unwrap_err()
+            .contains("hex digits"));
+        let mut past = ChunkMap::new(6 * 4096, 4096);
+        past.bits[0] = 0x80;
+        let e = ChunkMap::from_section(&info(past.meta(0), 4096), 6 * 4096).unwrap_err();
+        assert!(e.contains("past the end"), "{e}");
+        let mut wrong_kind = info(m.meta(0), 4096);
+        wrong_kind.kind = kind::MEMORY;
+        assert!(ChunkMap::from_section(&wrong_kind, 8 * 4096).is_err());
     }
 
     #[test]

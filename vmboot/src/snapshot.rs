@@ -566,6 +566,9 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     let known = verified_cache::is_verified(path, reader.root_digest());
     let chain = match manifest.parent {
         Some(_) => {
+            if matches!(opts.source, crate::vstate::lazy::ChunkSource::Fetch(_)) {
+                bail!("{label}: a diff pack cannot be run from a registry (its memory is layered on its parent); pull it and its parents, or push a flattened pack");
+            }
             if opts.memory == MemoryPolicy::Lazy {
                 bail!("{label}: a diff pack is restored eagerly (--memory lazy is not supported for it yet); use --memory auto or eager");
             }
