@@ -148,7 +148,7 @@ fn mappable(chain: &Chain, regions: &[RegionLayers]) -> bool {
 pub fn chain_memory(chain: &Chain) -> Result<GuestMemoryInit> {
     let regions = region_layers(chain)?;
     if mappable(chain, &regions) {
-        let mut layers: Vec<(File, Vec<(u64, u64, u64)>)> = Vec::new();
+        let mut layers: Vec<crate::memory::MapLayer> = Vec::new();
         for p in &chain.packs {
             let f =
                 File::open(p.path()).with_context(|| format!("opening {}", p.path().display()))?;

@@ -372,7 +372,7 @@ fn copy_ram(
     let ranges = match only {
         Some(maps) => maps
             .iter()
-            .map(|m| crate::diff::intersect(&[0..m.region_size], m))
+            .map(|m| crate::diff::intersect(std::slice::from_ref(&(0..m.region_size)), m))
             .collect(),
         None => handle.memory_data_ranges(),
     };

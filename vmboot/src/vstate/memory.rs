@@ -36,6 +36,9 @@ pub fn ram_layout(bytes: u64) -> Vec<(u64, u64)> {
     }
 }
 
+/// One file of [`GuestMemoryInit::MapLayers`] and its pieces `(gpa, file offset, len)`.
+pub type MapLayer = (std::fs::File, Vec<(u64, u64, u64)>);
+
 /// How a new VM's RAM gets its contents.
 pub enum GuestMemoryInit {
     /// All zero (a fresh boot; the loader writes the payload afterwards).
@@ -55,7 +58,7 @@ pub enum GuestMemoryInit {
     Lazy(crate::vstate::lazy::LazySource),
     /// [`GuestMemoryInit::MapPrivate`] from several files (a chain of diff packs): pieces
     /// of different files never overlap.
-    MapLayers(Vec<(std::fs::File, Vec<(u64, u64, u64)>)>),
+    MapLayers(Vec<MapLayer>),
 }
 
 impl std::fmt::Debug for GuestMemoryInit {
