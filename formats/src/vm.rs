@@ -92,6 +92,10 @@ pub struct FileEntry {
     /// section holding it, and the pack has no FILE section for it, so it is stored once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_memory: Option<u64>,
+    /// Diff packs only: the file is not stored here but in the chain's base pack (a diff
+    /// pack's VM always has its parent's boot files); `section` is empty.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_parent: bool,
 }
 
 /// A disk, in config order.
@@ -353,6 +357,7 @@ impl<'a> PreparedPack<'a> {
                     name,
                     size: src.source().len(),
                     in_memory: None,
+                    in_parent: plan.diff.is_some(),
                 },
                 src,
             ));
@@ -489,7 +494,7 @@ impl<'a> PreparedPack<'a> {
     pub fn total_bytes(&self) -> u64 {
         self.files
             .iter()
-            .filter(|(e, _)| e.in_memory.is_none())
+            .filter(|(e, _)| e.in_memory.is_none() && !e.in_parent)
             .map(|(e, _)| e.size)
             .sum::<u64>()
             + self.disks.iter().map(|(e, _)| e.virtual_size).sum::<u64>()
@@ -516,7 +521,11 @@ impl<'a> PreparedPack<'a> {
             &manifest,
             &(),
         )?;
-        for (e, src) in self.files.iter().filter(|(e, _)| e.in_memory.is_none()) {
+        for (e, src) in self
+            .files
+            .iter()
+            .filter(|(e, _)| e.in_memory.is_none() && !e.in_parent)
+        {
             w.add_section(
                 kind::FILE,
                 &e.section,
@@ -690,6 +699,11 @@ impl Manifest {
                 ));
             }
         }
+        if m.parent.is_none() && m.files.iter().any(|f| f.in_parent) {
+            return Err(invalid(
+                "a boot file is 'in_parent' but the pack has no parent".into(),
+            ));
+        }
         for f in &m.files {
             if f.size > MAX_BOOT_FILE_LEN {
                 return Err(invalid(format!(
@@ -726,7 +740,7 @@ impl Manifest {
             }
             Ok(())
         };
-        for f in &self.files {
+        for f in self.files.iter().filter(|f| !f.in_parent) {
             match f.in_memory {
                 None => find(&f.section, kind::FILE, Some(f.size))?,
                 Some(gpa) => {
@@ -930,6 +944,7 @@ impl VmPack {
                 section: MANIFEST_SECTION.into(),
                 message: format!("the pack has no {role} file"),
             })?;
+        self.not_in_parent(entry)?;
         let s = self.section(&entry.section)?;
         let Some(gpa) = entry.in_memory else {
             return Ok(self.reader.read_section(s.id, MAX_BOOT_FILE_LEN)?);
@@ -951,11 +966,26 @@ impl VmPack {
     /// A boot file's bytes as a section source (from its FILE section, or from guest
     /// memory for files stored `in_memory`).
     pub fn boot_file_range(&self, entry: &FileEntry) -> Result<SectionRange<'_>, VmPackError> {
+        self.not_in_parent(entry)?;
         let s = self.section(&entry.section)?;
         match entry.in_memory {
             None => Ok(SectionRange::whole(&self.reader, s.id)),
             Some(gpa) => self.boot_file_source(entry, s.id, gpa),
         }
+    }
+
+    fn not_in_parent(&self, entry: &FileEntry) -> Result<(), VmPackError> {
+        if entry.in_parent {
+            return Err(VmPackError::Invalid {
+                file: self.file_label(),
+                section: MANIFEST_SECTION.into(),
+                message: format!(
+                    "the {} file is stored in the base pack of this diff pack's chain",
+                    entry.role
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn boot_file_source(

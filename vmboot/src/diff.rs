@@ -296,6 +296,26 @@ pub fn spill_region(chain: &Chain, index: usize, file: &File) -> Result<Vec<Rang
     Ok(ranges)
 }
 
+/// The chain's base, opened again, after checking it holds every boot file the child
+/// lists (diff packs store none: they are the base's).
+pub fn base_with_files(chain: &Chain) -> Result<VmPack> {
+    let child = chain.packs.last().expect("a chain holds the child");
+    let base = VmPack::open(chain.packs[0].path())?;
+    for f in &child.manifest().files {
+        let b = base.manifest().file(&f.role);
+        if b.is_none_or(|b| b.size != f.size || b.in_parent) {
+            bail!(
+                "{}: its {} file ({} bytes) is not in its base pack {}",
+                child.path().display(),
+                f.role,
+                f.size,
+                base.path().display()
+            );
+        }
+    }
+    Ok(base)
+}
+
 /// Writes the chain's child as one full pack to `out`: its manifest's config, boot files,
 /// vmstate and disks, and its memory layered over its parents; uncompressed and aligned
 /// (as `vmpack save` writes), so it restores by mapping. `scratch` holds the temporary
@@ -320,10 +340,11 @@ pub fn flatten(
         .section(state_section)
         .ok_or_else(|| anyhow!("section '{state_section}' is missing"))?;
     let state = reader.read_section(s.id, crate::snapshot::MAX_VMSTATE_LEN)?;
+    let base = base_with_files(chain)?;
     let mut files: Vec<(&'static str, Vec<u8>)> = Vec::new();
     for role in ["kernel", "initrd", "image"] {
         if manifest.file(role).is_some() {
-            files.push((role, child.boot_file(role)?));
+            files.push((role, base.boot_file(role)?));
         }
     }
     let disks = manifest

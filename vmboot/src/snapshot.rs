@@ -652,7 +652,11 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         (eager_path, init)
     };
     let prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let files = BootFiles::Pack(pack.clone());
+    let files = match &chain {
+        // A diff pack's boot files are its base's (the same VM's).
+        Some(chain) => BootFiles::Pack(Arc::new(crate::diff::base_with_files(chain)?)),
+        None => BootFiles::Pack(pack.clone()),
+    };
     let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, files, run))?;
     // Guest memory equals this pack at mark 0: a save can be a diff against it.
     vm.controller()
