@@ -93,7 +93,7 @@ pub struct FileEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_memory: Option<u64>,
     /// Diff packs only: the file is not stored here but in the chain's base pack (a diff
-    /// pack's VM always has its parent's boot files); `section` is empty.
+    /// pack's VM always has its parent's boot files); no section holds it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub in_parent: bool,
 }
