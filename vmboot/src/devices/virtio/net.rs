@@ -342,10 +342,19 @@ impl Net {
             if result.is_ok() && self.tx.len() < HDR_LEN {
                 result = Err(format!("{} bytes, shorter than the header", self.tx.len()));
             }
-            let result = result.and_then(|()| {
-                self.backend
-                    .send(&self.tx[HDR_LEN..])
-                    .map_err(|e| format!("writing to the tap: {e}"))
+            let result = result.map_err(Some).and_then(|()| {
+                match self.backend.send(&self.tx[HDR_LEN..]) {
+                    Ok(()) => Ok(()),
+                    // A full tap queue (EAGAIN) or a tap that is down on the host (EIO):
+                    // a network dropping a frame, not worth a warning.
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            || e.raw_os_error() == Some(libc::EIO) =>
+                    {
+                        Err(None)
+                    }
+                    Err(e) => Err(Some(format!("writing to the tap: {e}"))),
+                }
             });
             match result {
                 Ok(()) => {
@@ -354,8 +363,7 @@ impl Net {
                 }
                 Err(m) => {
                     self.counters.tx_dropped += 1;
-                    // A full tap queue is a network dropping a frame, not worth a warning.
-                    if !m.contains("temporarily unavailable") {
+                    if let Some(m) = m {
                         self.warn(&format!("sent frame dropped: {m}"));
                     }
                 }
