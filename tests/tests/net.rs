@@ -584,3 +584,208 @@ fn net_ten_clones_distinct_identity() {
         clones.out()
     );
 }
+
+/// Not a test on its own: the host-side echo server of `net_bench`'s baseline, run in a
+/// second process (this test binary again, with `VMPACK_NET_BENCH_ECHO` set to a socket
+/// path). Without the variable it does nothing.
+#[test]
+#[ignore]
+fn net_bench_unix_echo_server() {
+    let Some(path) = std::env::var_os("VMPACK_NET_BENCH_ECHO") else {
+        return;
+    };
+    let s = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf = [0u8; 2048];
+    while let Ok((n, from)) = s.recv_from(&mut buf) {
+        if &buf[..n] == b"exit" {
+            break;
+        }
+        if let Some(p) = from.as_pathname() {
+            let _ = s.send_to(&buf[..n], p);
+        }
+    }
+}
+
+/// Echo figures through `send`/`recv` closures: the median round trip of a 64-byte
+/// datagram (µs), and the payload echoed per second (MB/s) with up to `WINDOW` 1400-byte
+/// datagrams in flight, over `secs` seconds.
+fn echo_figures(
+    send: &mut dyn FnMut(&[u8]),
+    recv: &mut dyn FnMut(&mut [u8]) -> Option<usize>,
+    secs: f64,
+) -> (f64, f64) {
+    const WINDOW: usize = 4;
+    let mut buf = [0u8; 2048];
+    let mut rtts = Vec::new();
+    for i in 0..200u32 {
+        let msg = format!("{i:064}");
+        let t = Instant::now();
+        send(msg.as_bytes());
+        while let Some(n) = recv(&mut buf) {
+            if &buf[..n] == msg.as_bytes() {
+                rtts.push(t.elapsed().as_secs_f64() * 1e6);
+                break;
+            }
+        }
+    }
+    rtts.sort_by(|a, b| a.total_cmp(b));
+    let median = rtts.get(rtts.len() / 2).copied().unwrap_or(f64::NAN);
+    let payload = [0x5au8; 1400];
+    let t = Instant::now();
+    let mut echoed = 0usize;
+    while t.elapsed().as_secs_f64() < secs {
+        for _ in 0..WINDOW {
+            send(&payload);
+        }
+        for _ in 0..WINDOW {
+            match recv(&mut buf) {
+                Some(n) => echoed += n,
+                None => break,
+            }
+        }
+    }
+    (median, echoed as f64 / t.elapsed().as_secs_f64() / 1e6)
+}
+
+/// `vmpack restore PACK --clones 10 --json` (plus `extra`) in `ns`: the milliseconds it
+/// reports to restore them all; then the clones are ended with SIGTERM.
+fn clones_ms(ns: &Netns, pack: &Path, extra: &[&str]) -> f64 {
+    let mut c = ns.cmd(&vmpack());
+    c.arg("restore")
+        .arg(pack)
+        .args(["--clones", "10", "--json", "--serial-out", "none"])
+        .args(extra);
+    let mut p = Proc::spawn(c);
+    p.wait_out("\"clones\"", 1);
+    let line = p.out();
+    let v: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) };
+    p.finish();
+    v["milliseconds"].as_f64().unwrap()
+}
+
+/// The network benchmark (README, "Performance"): UDP echo between the host and the Rust
+/// guest over virtio-net and a tap, against the same echo between two host processes over
+/// a Unix datagram socket; and restoring 10 clones with a virtio-net device (each its own
+/// tap and MAC) against 10 clones of the same guest without one. Run:
+/// `cargo test --release -p vmpack-e2e --test net -- --ignored net_bench --nocapture`.
+#[test]
+#[ignore]
+fn net_bench() {
+    if !can_run("the virtio-net benchmark") {
+        return;
+    }
+    let _ = vmpack();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ns = Netns::new("bench");
+    ns.add_tap("vmtap0");
+    ns.host_side("vmtap0");
+    let sock = d.join("api.sock");
+    let vm = boot(&ns, d, "vmtap0", &sock);
+    let (guest_lat, guest_tput) = ns.within(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        s.connect(SocketAddr::from((GUEST, 7))).unwrap();
+        echo_figures(
+            &mut |m| {
+                let _ = s.send(m);
+            },
+            &mut |b| s.recv(b).ok(),
+            3.0,
+        )
+    });
+
+    let server_path = d.join("echo.sock");
+    let mut server = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "net_bench_unix_echo_server",
+            "--quiet",
+        ])
+        .env("VMPACK_NET_BENCH_ECHO", &server_path)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !server_path.exists() {
+        assert!(Instant::now() < deadline, "echo server did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let c = std::os::unix::net::UnixDatagram::bind(d.join("client.sock")).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    c.connect(&server_path).unwrap();
+    let (unix_lat, unix_tput) = echo_figures(
+        &mut |m| {
+            let _ = c.send(m);
+        },
+        &mut |b| c.recv(b).ok(),
+        3.0,
+    );
+    let _ = c.send(b"exit");
+    let _ = server.wait();
+
+    // Clone restores: the same guest saved with and without its network.
+    let with = d.join("with-net.vmpack");
+    let mut c = ns.cmd(&vmpack());
+    c.args(["save", "--then", "stop", "--api-sock"])
+        .arg(&sock)
+        .arg("-o")
+        .arg(&with);
+    assert!(c.output().unwrap().status.success());
+    drop(vm);
+    let bare_cfg = d.join("bare.toml");
+    let text = std::fs::read_to_string(config(d, "vmtap0")).unwrap();
+    std::fs::write(&bare_cfg, text.split("[[net]]").next().unwrap()).unwrap();
+    let mut c = ns.cmd(&bin("vmboot"));
+    c.args(["run", "--api-sock"]).arg(&sock).arg(&bare_cfg);
+    let mut bare_vm = Proc::spawn(c);
+    bare_vm.wait_out("idling", 1);
+    let without = d.join("without-net.vmpack");
+    let mut c = ns.cmd(&vmpack());
+    c.args(["save", "--then", "stop", "--api-sock"])
+        .arg(&sock)
+        .arg("-o")
+        .arg(&without);
+    assert!(c.output().unwrap().status.success());
+    drop(bare_vm);
+    for i in 0..10 {
+        ns.add_tap(&format!("tap{i}"));
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let net_ms = median(
+        (0..3)
+            .map(|_| clones_ms(&ns, &with, &["--net-tap", "tap%d", "--mac", "auto"]))
+            .collect(),
+    );
+    let bare_ms = median((0..3).map(|_| clones_ms(&ns, &without, &[])).collect());
+
+    eprintln!("\nvirtio-net benchmark (UDP echo, one 64-byte datagram for latency, 1400-byte datagrams 4 in flight for throughput)");
+    eprintln!("| path | median round trip | echoed payload |");
+    eprintln!("|---|---|---|");
+    eprintln!(
+        "| host ↔ Rust guest, virtio-net over a tap | {guest_lat:.0} µs | {guest_tput:.2} MB/s |"
+    );
+    eprintln!("| host process ↔ host process, Unix datagram socket | {unix_lat:.0} µs | {unix_tput:.2} MB/s |");
+    eprintln!(
+        "| ratio (guest / host) | {:.1}× the time | {:.3}× the throughput |",
+        guest_lat / unix_lat,
+        guest_tput / unix_tput
+    );
+    eprintln!(
+        "\n10 clones restored (median of 3, `vmpack restore --clones 10 --json` milliseconds):"
+    );
+    eprintln!("| clones of | milliseconds |");
+    eprintln!("|---|---|");
+    eprintln!("| rsnet with virtio-net, `--net-tap 'tap%d' --mac auto` | {net_ms:.1} |");
+    eprintln!("| the same guest without a network device | {bare_ms:.1} |");
+    assert!(guest_tput > 0.0 && unix_tput > 0.0);
+}
