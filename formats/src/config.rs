@@ -660,4 +660,35 @@ path = "serial.log"
             .to_string();
         assert!(e.starts_with("/cfg/vm.toml:3:1: memory_mib = 0"), "{e}");
     }
+
+    #[test]
+    fn net_tables_are_checked() {
+        let with = |net: &str| parse(&format!("{FLAT}{net}"));
+        let c = with("[[net]]\ntap = \"tap0\"\nmac = \"02:AB:00:00:00:01\"\n").unwrap();
+        assert_eq!(c.nets[0].mac.unwrap().to_string(), "02:ab:00:00:00:01");
+        assert_eq!(MacAddr::auto(258, 1).to_string(), "02:76:6d:01:02:01");
+        for (net, want) in [
+            ("[[net]]\ntap = \"../x\"\n", "tap name \"../x\""),
+            (
+                "[[net]]\ntap = \"abcdefghijklmnop\"\n",
+                "1 to 15 characters",
+            ),
+            (
+                "[[net]]\ntap = \"a\"\n[[net]]\ntap = \"a\"\n",
+                "tap a is used twice",
+            ),
+            (
+                "[[net]]\ntap = \"a\"\nmac = \"03:00:00:00:00:01\"\n",
+                "multicast",
+            ),
+            (
+                "[[net]]\ntap = \"a\"\nmac = \"02:00:00:00:01\"\n",
+                "six hex bytes",
+            ),
+            ("[[net]]\ntap = \"a\"\nbridge = \"br0\"\n", "unknown field"),
+        ] {
+            let e = with(net).unwrap_err().to_string();
+            assert!(e.contains(want), "{net}: {e}");
+        }
+    }
 }

@@ -583,6 +583,32 @@ fn net_ten_clones_distinct_identity() {
         "{}",
         clones.out()
     );
+
+    // `vmpack test`: case i's clone gets tap `casei` and MAC auto(i), and its guest says so.
+    base.add_tap("case0");
+    base.add_tap("case1");
+    let cases = d.join("cases.toml");
+    std::fs::write(
+        &cases,
+        "[[case]]\nname = \"first\"\nexpect = \"net mac 02:76:6d:00:00:00\\n\"\n\
+         [[case]]\nname = \"second\"\nexpect = \"net mac 02:76:6d:00:01:00\\n\"\n",
+    )
+    .unwrap();
+    let mut c = base.cmd(&vmpack());
+    c.arg("test").arg(&pack).arg(&cases).args([
+        "-j",
+        "2",
+        "--json",
+        "--net-tap",
+        "case%d",
+        "--mac",
+        "auto",
+    ]);
+    let o = c.output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)));
+    assert_eq!(v["passed"], 2, "{v}");
+    assert!(o.status.success());
 }
 
 /// Not a test on its own: the host-side echo server of `net_bench`'s baseline, run in a
