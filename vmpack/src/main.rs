@@ -10,6 +10,7 @@ mod bench_clones;
 mod bench_registry;
 mod bench_snapshot;
 mod flatten;
+mod identity;
 mod inspect;
 mod interchange;
 mod output;
