@@ -15,6 +15,11 @@ use super::layout::{
 };
 use super::{ChunkEntry, Codec, Progress, SectionInfo, Skeleton, MAX_SECTIONS};
 
+/// Bytes of chunks (uncompressed) that make one more worker thread worth starting when a
+/// read picks its own thread count: starting and joining a thread costs about what hashing
+/// 64 KiB does.
+pub const BYTES_PER_WORKER: u64 = 256 << 10;
+
 /// Result of [`PackReader::verify`].
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct VerifyReport {
@@ -346,6 +351,8 @@ impl PackReader {
         })
     }
 
+    /// Reads `list` on `threads` workers (0: as many as there are CPUs and
+    /// [`BYTES_PER_WORKER`]-sized shares of the work).
     fn run_parallel(
         &self,
         list: &[&ChunkEntry],
@@ -353,7 +360,13 @@ impl PackReader {
         work: &WorkFn<'_>,
     ) -> Result<(), PackError> {
         let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            // Each worker gets enough bytes to be worth its start: a pack of a few small
+            // sections is read on this thread, without even asking for the CPU count.
+            let bytes: u64 = list.iter().map(|e| u64::from(e.ulen)).sum();
+            match usize::try_from(bytes.div_ceil(BYTES_PER_WORKER)).unwrap_or(usize::MAX) {
+                0 | 1 => 1,
+                n => std::thread::available_parallelism().map_or(1, |p| p.get().min(n)),
+            }
         } else {
             threads
         }
