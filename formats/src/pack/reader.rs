@@ -207,6 +207,24 @@ impl PackReader {
         self.read_chunk_with(e, verify, out, &mut scratch)
     }
 
+    /// [`read_chunk`](Self::read_chunk) with the caller's buffer for the stored frame: when
+    /// its capacity is at least [`PackReader::frame_len`] of the chunk, reading allocates no
+    /// buffer (for a fault path that must not fail for memory once it is set up).
+    pub fn read_chunk_reusing(
+        &self,
+        e: &ChunkEntry,
+        verify: bool,
+        out: &mut [u8],
+        frame: &mut Vec<u8>,
+    ) -> Result<(), PackError> {
+        self.read_chunk_with(e, verify, out, frame)
+    }
+
+    /// Bytes of the frame buffer that reading chunk `e` uses (its header and stored payload).
+    pub fn frame_len(e: &ChunkEntry) -> usize {
+        CHNK_FRAME_HEADER + e.clen as usize
+    }
+
     /// Checks a zero chunk's frame header against the index without producing its bytes.
     fn check_zero_chunk(&self, e: &ChunkEntry) -> Result<(), PackError> {
         let mut hdr = [0u8; CHNK_FRAME_HEADER];
