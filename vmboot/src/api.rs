@@ -71,6 +71,11 @@ pub trait VmControl: Send + Sync {
     fn serial_output(&self, _since: u64) -> Result<Value, ApiError> {
         Err(ApiError::new(404, "this VM has no serial console"))
     }
+    /// `PUT /vm/reset`: put a VM restored from a pack back to the pack's state in place;
+    /// answers `{"pages", "disks", "pause_ms"}` (see docs/API.md).
+    fn reset(&self) -> Result<Value, ApiError> {
+        Err(ApiError::new(404, "this VM cannot be reset"))
+    }
     /// `PUT /vm/dirty/mark`: start a new dirty-page mark and return its number.
     fn dirty_mark(&self) -> Result<u64, ApiError> {
         Err(ApiError::new(404, "this VM keeps no dirty-page log"))
@@ -1055,6 +1060,23 @@ fn handle(
             } else {
                 let since = since.and_then(Result::ok).unwrap_or(0);
                 match guarded(|| shared.ctl.serial_output(since)) {
+                    Ok(v) => response(200, &[], Some(&v), close),
+                    Err(e) => error_response(e.status, &e.message, close),
+                }
+            }
+        }
+        "/vm/reset" => {
+            if req.method != "PUT" {
+                method_not_allowed("PUT")
+            } else if shared.saving.load(Ordering::SeqCst) {
+                error_response(
+                    409,
+                    "a save is in progress; try again when it has finished",
+                    close,
+                )
+            } else {
+                let _op = lock(&shared.op_lock);
+                match guarded(|| shared.ctl.reset()) {
                     Ok(v) => response(200, &[], Some(&v), close),
                     Err(e) => error_response(e.status, &e.message, close),
                 }

@@ -60,6 +60,11 @@ impl VmDevice for Mutex<I8042> {
     fn save(&self, id: &str) -> anyhow::Result<DeviceState> {
         DeviceState::new(id, &*lock(self))
     }
+
+    fn reset_to(&self, state: &DeviceState) -> anyhow::Result<()> {
+        *lock(self) = I8042::restore((), &state.decode::<I8042>()?)?;
+        Ok(())
+    }
 }
 
 impl BusDevice for I8042 {
