@@ -13,6 +13,9 @@
 # So from a disk of zeros, rounds print "done 11", "done 22", ...; and a round writes
 # exactly these 4 KiB pages: T1, T2, T3, DESC, AVAIL (guest), USED (device), HDR (guest;
 # the device writes STATUS in it) and the two pages of RBUF (device and guest).
+# A 'w' instead adds 1 to the first byte of every other page from WBIG on, 256 pages
+# (1 MiB in 256 separate runs), and prints "wrote\n" (for `vmpack bench-clones`' reset
+# figure; the guest needs 32 MiB of RAM or more for it).
 
 	.equ	MMIO, 0xd0000000
 	.equ	PDPT, 0xa000		# the VMM's page tables; entry 3 maps 3..4 GiB
@@ -29,6 +32,7 @@
 	.equ	T3, 0x5ff000
 	.equ	RBUF, 0x401800		# 4 KiB: pages 0x401000 and 0x402000
 	.equ	SECTOR, 16
+	.equ	WBIG, 0x1000000
 
 # request TYPE, FLAGS: one request on sectors SECTOR.. with RBUF (4 KiB) as data buffer
 # (FLAGS 3 = NEXT|WRITE: the device writes it), waiting for its completion; no stack.
@@ -94,9 +98,19 @@ round:
 	mov	$0x3f8, %dx
 	in	%dx, %al
 	cmp	$'q', %al
-	jne	2f
+	jne	6f
 	xor	%eax, %eax
 	jmp	exit
+6:	cmp	$'w', %al
+	jne	2f
+	mov	$WBIG, %edi
+	mov	$256, %ecx
+7:	incb	(%rdi)
+	add	$0x2000, %rdi
+	dec	%ecx
+	jnz	7b
+	lea	s_wrote(%rip), %rsi
+	jmp	8f
 2:	request 0, 3			# VIRTIO_BLK_T_IN
 	incb	T1
 	incb	T2
@@ -104,13 +118,15 @@ round:
 	incb	RBUF
 	request 1, 1			# VIRTIO_BLK_T_OUT
 	lea	s_done(%rip), %rsi
-	mov	$0x3f8, %dx
+8:	mov	$0x3f8, %dx
 4:	lodsb
 	test	%al, %al
 	jz	5f
 	out	%al, %dx
 	jmp	4b
-5:	movzbl	T1, %eax
+5:	cmpb	$'\n', -2(%rsi)		# "wrote\n" ends the line itself
+	je	round
+	movzbl	T1, %eax
 	add	$'0', %al
 	out	%al, %dx
 	movzbl	RBUF, %eax
@@ -131,5 +147,6 @@ fail:
 
 s_ready:	.asciz	"ready\n"
 s_done:		.asciz	"done "
+s_wrote:	.asciz	"wrote\n"
 s_fail:		.asciz	"virtio-blk failed\n"
 s_timeout:	.asciz	"request timed out\n"

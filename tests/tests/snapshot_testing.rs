@@ -137,6 +137,9 @@ fn cases_are_isolated_and_failures_show_output() {
         let o = vmpack_in(dir, &args);
         let out = ok(&o);
         assert!(out.contains("5 passed, 0 failed"), "{mode:?}: {out}");
+        if mode.contains(&"--reuse") {
+            assert!(out.contains(", 2 clones reset between cases)"), "{out}");
+        }
         let xml = std::fs::read_to_string(dir.join("ok.xml")).unwrap();
         assert!(xml.contains("tests=\"5\" failures=\"0\""), "{xml}");
     }
@@ -156,6 +159,10 @@ fn cases_are_isolated_and_failures_show_output() {
         (Some(7), Some(0)),
         "{v}"
     );
+    // The one clone, and a fresh one after "quit" if the guest ended before the next
+    // reset could stop it.
+    let clones = v["clones"].as_u64().unwrap();
+    assert!(clones == 1 || clones == 2, "{v}");
 
     // The shipped sample cases pass too.
     let sample = workspace().join("samples/kvstore-cases.toml");

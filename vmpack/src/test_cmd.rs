@@ -493,6 +493,7 @@ pub fn run(a: TestArgs) -> Result<i32> {
                 "passed": results.len() - failed,
                 "failed": failed,
                 "seconds": total,
+                "clones": clone_ids.load(Ordering::SeqCst),
                 "cases": cases,
             })
         );
@@ -531,10 +532,18 @@ pub fn run(a: TestArgs) -> Result<i32> {
     }
     writeln!(
         out,
-        "\n{} passed, {} failed ({} cases, {jobs} at a time, {total:.2} s)",
+        "\n{} passed, {} failed ({} cases, {jobs} at a time, {total:.2} s{})",
         results.len() - failed,
         failed,
-        results.len()
+        results.len(),
+        if a.reuse {
+            format!(
+                ", {} clones reset between cases",
+                clone_ids.load(Ordering::SeqCst)
+            )
+        } else {
+            String::new()
+        }
     )
     .unwrap_or_else(|e| crate::util::stdout_failed(e));
     if let Some(path) = &a.junit {
