@@ -1419,6 +1419,45 @@ mod tests {
     }
 
     #[test]
+    fn reset_and_dirty_routes() {
+        let t = setup();
+        for (req, want) in [
+            (
+                &b"GET /vm/reset HTTP/1.1\r\nConnection: close\r\n\r\n"[..],
+                "405",
+            ),
+            (
+                b"PUT /vm/reset HTTP/1.1\r\nConnection: close\r\n\r\n",
+                "404",
+            ),
+            (
+                b"GET /vm/dirty/mark HTTP/1.1\r\nConnection: close\r\n\r\n",
+                "405",
+            ),
+            (
+                b"PUT /vm/dirty?since=1 HTTP/1.1\r\nConnection: close\r\n\r\n",
+                "405",
+            ),
+            (
+                b"GET /vm/dirty?since=x HTTP/1.1\r\nConnection: close\r\n\r\n",
+                "400",
+            ),
+            (
+                b"GET /vm/dirty HTTP/1.1\r\nConnection: close\r\n\r\n",
+                "404",
+            ),
+        ] {
+            let answer = raw(&t.sock, req);
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {want} ")),
+                "{}: {answer}",
+                String::from_utf8_lossy(req)
+            );
+        }
+        assert_alive(&t.sock);
+    }
+
+    #[test]
     fn pause_resume_and_conflict_when_stopped() {
         let t = setup();
         let c = ApiClient::new(&t.sock);
