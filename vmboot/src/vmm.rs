@@ -954,6 +954,13 @@ impl VmHandle {
         if !self.mem.revertible() {
             bail!("guest memory was not mapped from a pack file, so it cannot be put back in place (restore an uncompressed pack with --memory eager)");
         }
+        // A pack from before a device existed starts that device at power-on: it has no
+        // state to go back to. Refused before anything changes.
+        for (id, _) in self.devices.dm.objects() {
+            if !state.devices.iter().any(|s| s.id == id) {
+                bail!("the pack holds no state of device {id} to reset it to");
+            }
+        }
         let was_paused = self.is_paused();
         let t = Instant::now();
         self.pause()?;
