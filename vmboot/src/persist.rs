@@ -61,6 +61,10 @@ pub trait VmDevice: Pausable + Send + Sync {
     fn reset_to(&self, state: &DeviceState) -> Result<()> {
         anyhow::bail!("device {} cannot be reset in place", state.id)
     }
+    /// Whether `reset_to` is implemented (checked before a reset changes anything).
+    fn resettable(&self) -> bool {
+        false
+    }
     /// Whether the device wrote its backend (a disk image) since it was built or this was
     /// last asked; a reset then puts the backend back too.
     fn take_backend_written(&self) -> bool {

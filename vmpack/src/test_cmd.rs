@@ -61,6 +61,9 @@ pub struct TestArgs {
     /// Print only the summary and failures.
     #[arg(long, short)]
     quiet: bool,
+    /// Case i's clone gets `--net-tap` with `%d` = i and `--mac auto` = clone i's MAC.
+    #[command(flatten)]
+    net: crate::identity::NetIdentityArgs,
 }
 
 #[derive(Deserialize)]
@@ -248,35 +251,39 @@ struct CaseResult {
 struct Clones<'a> {
     src: &'a Path,
     work: &'a WorkBase,
-    /// Numbers the clones' work folders.
+    net: &'a crate::identity::NetIdentityArgs,
+    /// Numbers the clones `--reuse` restores (their work folders, taps and MACs); a fresh
+    /// clone per case takes the case's index.
     next: &'a AtomicUsize,
     reuse: bool,
 }
 
 impl Clones<'_> {
-    fn get(&self, kept: &mut Option<Console>) -> Result<Console> {
+    fn get(&self, kept: &mut Option<Console>, case: usize) -> Result<Console> {
         if let Some(mut c) = kept.take() {
             // A VM that cannot be reset (it ended, or the reset failed) is replaced.
             if !c.ended() && c.reset().is_ok() {
                 return Ok(c);
             }
         }
+        let i = if self.reuse {
+            self.next.fetch_add(1, Ordering::SeqCst)
+        } else {
+            self.next.fetch_add(1, Ordering::SeqCst);
+            case
+        };
         let run = RunOptions {
             serial_out: SerialSink::None,
+            net: self.net.for_clone(i)?,
             ..Default::default()
         };
-        start_clone(
-            self.src,
-            self.work,
-            self.next.fetch_add(1, Ordering::SeqCst),
-            run,
-        )
+        start_clone(self.src, self.work, i, run)
     }
 }
 
-/// Runs `case`; with `--reuse` the clone is left in `kept` for the next case unless its VM
-/// ended.
-fn run_case(clones: &Clones, kept: &mut Option<Console>, case: &Case) -> CaseResult {
+/// Runs case `i`; with `--reuse` the clone is left in `kept` for the next case unless its
+/// VM ended.
+fn run_case(clones: &Clones, kept: &mut Option<Console>, i: usize, case: &Case) -> CaseResult {
     let t = Instant::now();
     let mut result = CaseResult {
         name: case.name.clone(),
@@ -285,7 +292,7 @@ fn run_case(clones: &Clones, kept: &mut Option<Console>, case: &Case) -> CaseRes
         message: String::new(),
         output: String::new(),
     };
-    match clones.get(kept) {
+    match clones.get(kept, i) {
         Err(e) => result.message = format!("restore failed: {e:#}"),
         Ok(mut console) => {
             let mut failure = None;
@@ -421,6 +428,7 @@ pub fn run(a: TestArgs) -> Result<i32> {
         }
     }
     let jobs = a.jobs.clamp(1, cases.len());
+    a.net.check(if jobs > 1 { cases.len() } else { 1 })?;
     let pack = local_pack(&a, &pack_arg)?;
     let src = prepare_source(&pack, a.quiet)?;
     let work = WorkBase::new("test")?;
@@ -432,6 +440,7 @@ pub fn run(a: TestArgs) -> Result<i32> {
     let clones = Clones {
         src: &src,
         work: &work,
+        net: &a.net,
         next: &clone_ids,
         reuse: a.reuse,
     };
@@ -440,7 +449,7 @@ pub fn run(a: TestArgs) -> Result<i32> {
         loop {
             let i = next.fetch_add(1, Ordering::SeqCst);
             let Some(case) = cases.get(i) else { break };
-            let r = run_case(&clones, &mut kept, case);
+            let r = run_case(&clones, &mut kept, i, case);
             if !a.quiet {
                 eprintln!(
                     "vmpack: {} {} ({:.0} ms)",
@@ -701,6 +710,7 @@ pub fn restore_clones(
     serial_out: &str,
     quiet: bool,
     json: bool,
+    net: &crate::identity::NetIdentityArgs,
 ) -> Result<i32> {
     let src = prepare_source(pack, quiet)?;
     let work = WorkBase::new("clones")?;
@@ -718,6 +728,7 @@ pub fn restore_clones(
                 p => SerialSink::File(suffixed(Path::new(p))),
             },
             api_sock: api_sock.map(suffixed),
+            net: net.for_clone(i)?,
             ..Default::default()
         };
         consoles.push(start_clone(&src, &work, i, run)?);

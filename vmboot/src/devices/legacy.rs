@@ -65,6 +65,10 @@ impl VmDevice for Mutex<I8042> {
         *lock(self) = I8042::restore((), &state.decode::<I8042>()?)?;
         Ok(())
     }
+
+    fn resettable(&self) -> bool {
+        true
+    }
 }
 
 impl BusDevice for I8042 {

@@ -157,6 +157,10 @@ impl VmDevice for Mutex<SerialDevice> {
         let s = state.decode::<SerialDevice>()?;
         lock(self).reset_to(&s)
     }
+
+    fn resettable(&self) -> bool {
+        true
+    }
 }
 
 impl BusDevice for SerialDevice {

@@ -428,7 +428,12 @@ impl Blk {
 /// iterator just stops after `size` descriptors, so a looping chain reads as a long valid
 /// one) and an indirect descriptor (the iterator follows it, though
 /// `VIRTIO_RING_F_INDIRECT_DESC` is never offered).
-fn check_chain(mem: &GuestMemoryMmap, table: u64, size: u16, head: u16) -> Result<(), String> {
+pub(crate) fn check_chain(
+    mem: &GuestMemoryMmap,
+    table: u64,
+    size: u16,
+    head: u16,
+) -> Result<(), String> {
     let mut seen = vec![false; usize::from(size)];
     let mut i = head;
     loop {
@@ -594,6 +599,10 @@ impl VmDevice for BlkHandle {
             }
             Ok(())
         })
+    }
+
+    fn resettable(&self) -> bool {
+        true
     }
 
     fn take_backend_written(&self) -> bool {

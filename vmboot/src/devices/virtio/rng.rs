@@ -177,6 +177,10 @@ impl VmDevice for RngHandle {
         })
     }
 
+    fn resettable(&self) -> bool {
+        true
+    }
+
     fn status(&self) -> Option<(&'static str, serde_json::Value)> {
         let t = lock(&self.dev);
         Some((
