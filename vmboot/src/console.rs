@@ -176,7 +176,7 @@ impl VmHandle {
     }
 
     fn has_ended(&self) -> bool {
-        self.status_json()["state"] == "stopped"
+        self.run_state() == crate::api::RunState::Stopped
     }
 }
 

@@ -47,8 +47,8 @@ pub trait Pausable {
 pub trait VmDevice: Pausable + Send + Sync {
     /// The device's state, under its registry `id`.
     fn save(&self, id: &str) -> Result<DeviceState>;
-    /// A status entry for `GET /vm`: `(list name, entry)`.
-    fn status(&self) -> Option<(&'static str, serde_json::Value)> {
+    /// Its entry in `GET /vm`.
+    fn status(&self) -> Option<crate::api::DeviceStatus> {
         None
     }
     /// Makes the device's backend durable (disk images).

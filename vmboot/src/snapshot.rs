@@ -28,14 +28,7 @@ pub const MEMORY_CHUNK_SIZE: u32 = 256 << 10;
 /// The serialized vmstate is small (a few KiB per vCPU); anything larger is hostile.
 pub(crate) const MAX_VMSTATE_LEN: u64 = 64 << 20;
 
-/// What a save produced.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct SaveStats {
-    pub pause_ms: f64,
-    pub bytes: u64,
-    pub root_digest: String,
-    pub compress: String,
-}
+pub use crate::api::SaveStats;
 
 /// Saves the VM behind `handle` as a pack to `out`.
 ///
@@ -53,7 +46,7 @@ pub fn save(
     out: &mut dyn Write,
 ) -> Result<SaveStats> {
     let t = Instant::now();
-    handle.pause().map_err(|e| anyhow!("{e}"))?;
+    handle.pause()?;
     // A lazily restored VM is complete (and its pack's boot files checked) only once its
     // loader has placed every chunk; one whose pack failed verification is never saved.
     let captured = (|| -> Result<_> {
@@ -82,7 +75,7 @@ pub fn save(
     };
     let mut pause = None;
     if copy.is_some() {
-        handle.resume().map_err(|e| anyhow!("{e}"))?;
+        handle.resume()?;
         pause = Some(t.elapsed());
     }
     let written = match &copy {
@@ -109,14 +102,14 @@ pub fn save(
     };
     let pause = pause.unwrap_or_else(|| t.elapsed());
     if copy.is_none() && resume_after {
-        handle.resume().map_err(|e| anyhow!("{e}"))?;
+        handle.resume()?;
     }
     let summary = written?;
     Ok(SaveStats {
         pause_ms: pause.as_secs_f64() * 1000.0,
         bytes: summary.bytes_written,
         root_digest: hex::encode(summary.root_digest),
-        compress: compression.to_string(),
+        compress: compression,
     })
 }
 

@@ -8,6 +8,7 @@
 //! (data in the register, RIP past the instruction) without running guest code, so the saved
 //! state never holds a half-done instruction.
 
+use crate::api::{ExitStatus, RunState, SaveStats, UnhandledIo, VmStatus};
 use crate::cpuid;
 use crate::device_manager::DeviceManager;
 use crate::devices::bus::lock;
@@ -27,7 +28,6 @@ use kvm_bindings::{
     KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -50,6 +50,21 @@ pub struct ExitReason {
     pub code: i32,
     pub message: String,
 }
+
+/// Why a pause or resume did not happen.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PauseError {
+    /// The VM has ended: there is nothing to pause or resume.
+    #[error("the VM has ended ({0})")]
+    Ended(String),
+    /// Not every vCPU parked within the time allowed; the pause was withdrawn and the VM
+    /// runs on.
+    #[error("timed out pausing: {parked} of {running} vCPUs parked; the VM keeps running")]
+    TimedOut { parked: usize, running: usize },
+}
+
+/// How long [`VmHandle::pause`] waits for every vCPU to park.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the guest's serial output goes and whether host stdin feeds it.
 #[derive(Clone, Debug, Default)]
@@ -141,7 +156,7 @@ pub struct VmHandle {
     /// Kept so a save can put the boot files into the pack, also for a restored VM whose
     /// original files may not exist on this host.
     payload: BootFiles,
-    last_save: Mutex<Option<serde_json::Value>>,
+    last_save: Mutex<Option<SaveStats>>,
     /// Where the loader put the initrd (`(gpa, len)`), kept across saves: while guest RAM
     /// still holds it there, a save records it instead of storing it twice.
     initrd_at: OnceLock<(u64, u64)>,
@@ -789,14 +804,14 @@ impl VmHandle {
     }
 
     /// Pauses the VM: returns once every vCPU thread is parked outside KVM_RUN.
-    pub fn pause(&self) -> Result<()> {
+    pub fn pause(&self) -> std::result::Result<(), PauseError> {
         let mut c = lock(&self.ctl);
         if let Some(e) = &c.exit {
-            bail!("the VM has ended ({})", e.message);
+            return Err(PauseError::Ended(e.message.clone()));
         }
         c.paused = true;
         self.pause_flag.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
         while c.parked < c.running && c.exit.is_none() {
             drop(c);
             self.kick_all();
@@ -809,11 +824,14 @@ impl VmHandle {
                     .0;
             }
             if Instant::now() > deadline {
-                bail!(
-                    "timed out pausing: {} of {} vCPUs parked",
-                    c.parked,
-                    c.running
-                );
+                // Withdrawn, so the VM is not left half paused: the parked vCPUs run again.
+                c.paused = false;
+                self.pause_flag.store(false, Ordering::SeqCst);
+                self.cv.notify_all();
+                return Err(PauseError::TimedOut {
+                    parked: c.parked,
+                    running: c.running,
+                });
             }
         }
         drop(c);
@@ -827,10 +845,10 @@ impl VmHandle {
         Ok(())
     }
 
-    pub fn resume(&self) -> Result<()> {
+    pub fn resume(&self) -> std::result::Result<(), PauseError> {
         let mut c = lock(&self.ctl);
         if let Some(e) = &c.exit {
-            bail!("the VM has ended ({})", e.message);
+            return Err(PauseError::Ended(e.message.clone()));
         }
         c.paused = false;
         self.pause_flag.store(false, Ordering::SeqCst);
@@ -949,7 +967,7 @@ impl VmHandle {
     }
 
     /// Remembers the figures of the latest save for `GET /vm`.
-    pub fn set_last_save(&self, v: serde_json::Value) {
+    pub fn set_last_save(&self, v: SaveStats) {
         *lock(&self.last_save) = Some(v);
     }
 
@@ -965,43 +983,49 @@ impl VmHandle {
         self.first_exit.get().copied()
     }
 
-    pub fn status_json(&self) -> serde_json::Value {
+    /// `running`, `paused` or `stopped`; a VM not started yet or still pausing is running.
+    pub fn run_state(&self) -> RunState {
         let c = lock(&self.ctl);
-        // docs/API.md knows three states; a VM not started yet or still pausing is "running".
-        let state = if c.exit.is_some() {
-            "stopped"
+        if c.exit.is_some() {
+            RunState::Stopped
         } else if c.paused && c.parked >= c.running {
-            "paused"
+            RunState::Paused
         } else {
-            "running"
-        };
-        let (pr, pw) = self.devices.dm.pio.unknown_counts();
-        let (mr, mw) = self.devices.dm.mmio.unknown_counts();
-        let mut v = json!({
-            "name": self.config.name,
-            "state": state,
-            "vcpus": self.config.vcpus,
-            "memory_mib": self.config.memory_mib,
-            "uptime_ms": self.created.elapsed().as_millis() as u64,
-            "unhandled_io": {
-                "port_reads": pr, "port_writes": pw, "mmio_reads": mr, "mmio_writes": mw,
-            },
-        });
-        if let Some(e) = &c.exit {
-            v["exit"] = json!({"code": e.code, "message": e.message});
+            RunState::Running
         }
-        drop(c);
+    }
+
+    /// The body of `GET /vm`.
+    pub fn status(&self) -> VmStatus {
+        let state = self.run_state();
+        let exit = lock(&self.ctl).exit.clone().map(|e| ExitStatus {
+            code: e.code,
+            message: e.message,
+        });
+        let (port_reads, port_writes) = self.devices.dm.pio.unknown_counts();
+        let (mmio_reads, mmio_writes) = self.devices.dm.mmio.unknown_counts();
+        let mut v = VmStatus {
+            state,
+            name: self.config.name.clone(),
+            vcpus: self.config.vcpus,
+            memory_mib: self.config.memory_mib,
+            uptime_ms: self.created.elapsed().as_millis() as u64,
+            unhandled_io: UnhandledIo {
+                port_reads,
+                port_writes,
+                mmio_reads,
+                mmio_writes,
+            },
+            last_save: lock(&self.last_save).clone(),
+            exit,
+            disks: Vec::new(),
+            entropy: Vec::new(),
+        };
         for (_, d) in self.devices.dm.objects() {
-            if let Some((list, entry)) = d.status() {
-                match v[list].as_array_mut() {
-                    Some(a) => a.push(entry),
-                    None => v[list] = json!([entry]),
-                }
+            if let Some(entry) = d.status() {
+                v.push_device(entry);
             }
         }
-        v["last_save"] = lock(&self.last_save)
-            .clone()
-            .unwrap_or(serde_json::Value::Null);
         v
     }
 

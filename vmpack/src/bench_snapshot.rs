@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use vmboot::api_client::ApiClient;
+use vmboot::api::ApiClient;
 use vmpack_formats::pack::Compression;
 
 use crate::output::AtomicDir;
@@ -288,7 +288,7 @@ fn measure_ours(
     let client = ApiClient::new(&sock);
     loop {
         vm.check_alive(Some(&log))?;
-        if sock.exists() && client.get_json("/vm").is_ok() {
+        if sock.exists() && client.status().is_ok() {
             break;
         }
         if t0.elapsed() > Duration::from_secs(120) {
@@ -330,11 +330,10 @@ fn measure_ours(
             packs.push((c, pack, row));
             continue;
         }
-        let st = client.get_json("/vm")?;
-        let ls = &st["last_save"];
-        row.pause_ms = ls["pause_ms"].as_f64().unwrap_or(f64::NAN);
-        row.bytes = ls["bytes"]
-            .as_u64()
+        let ls = client.status()?.last_save;
+        row.pause_ms = ls.as_ref().map_or(f64::NAN, |l| l.pause_ms);
+        row.bytes = ls
+            .map(|l| l.bytes)
             .unwrap_or_else(|| std::fs::metadata(&pack).map_or(0, |m| m.len()));
         crate::note!(
             "  save {c:<7} pause {:8.1} ms, wall {:6.2} s, {:8.1} MB",
@@ -344,7 +343,7 @@ fn measure_ours(
         );
         packs.push((c, pack, row));
     }
-    let _ = client.put("/vm/shutdown");
+    let _ = client.shutdown();
     vm.finish(Duration::from_secs(5));
 
     let mut rows = Vec::new();

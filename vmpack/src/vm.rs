@@ -6,8 +6,8 @@ use clap::Args;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
-use vmboot::api_client::ApiClient;
+use std::time::{Duration, Instant};
+use vmboot::api::{AfterSave, ApiClient, RunState, SaveRequest, VmStatus};
 use vmboot::snapshot::{self, PackInput, RestoreOptions, VerifyPolicy};
 use vmboot::{BootPayload, RunOptions, SerialSink, Vm};
 use vmpack_formats::config::{SerialOutput, VmConfig};
@@ -60,8 +60,15 @@ pub struct SaveArgs {
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     level: Option<i32>,
     /// What the VM does after the save: keep running, or end.
-    #[arg(long, value_parser = ["resume", "stop"], default_value = "resume")]
-    then: String,
+    #[arg(
+        long,
+        default_value = "resume",
+        value_parser = clap::builder::TypedValueParser::map(
+            clap::builder::PossibleValuesParser::new(["resume", "stop"]),
+            |s| s.parse::<AfterSave>().expect("one of the possible values"),
+        ),
+    )]
+    then: AfterSave,
     /// Print the result as JSON on stdout (`output`, `bytes`, `milliseconds`, `pause_ms`,
     /// `root_digest`, `vm`); not with `-o -`.
     #[arg(long)]
@@ -288,12 +295,12 @@ pub fn save(a: SaveArgs) -> Result<()> {
         (None, None) => unreachable!("clap requires -o without --push"),
     };
     let client = ApiClient::new(&a.api_sock);
-    let stop = a.then == "stop";
+    let stop = a.then == AfterSave::Stop;
     // Everything that can be checked is checked before the VM is touched: the socket
     // answers, the output can be created (folder exists, writable, not a link, not a file
     // the user may not replace), and the folder has room where that is knowable.
-    let before = client.get_json("/vm")?;
-    let was_paused = before["state"] == "paused";
+    let before = client.status()?;
+    let was_paused = before.state == RunState::Paused;
     let mut out = if output.as_os_str() == "-" {
         None
     } else {
@@ -307,26 +314,26 @@ pub fn save(a: SaveArgs) -> Result<()> {
     // For --then stop the VM is paused first and shut down only after the figures of the
     // save have been read back, so they can be reported.
     if stop {
-        client.put("/vm/pause")?;
+        client.pause()?;
     }
-    let body = serde_json::json!({
-        "compress": a.compress.to_string(),
-        "level": a.level,
-        "then": "resume",
-    });
+    let body = SaveRequest {
+        compress: Some(a.compress),
+        level: a.level,
+        then: AfterSave::Resume,
+    };
     let t = Instant::now();
     let result = (|| -> Result<u64> {
         match out.take() {
             None => {
                 let stdout = std::io::stdout();
                 let mut lock = stdout.lock();
-                let n = client.post_stream("/vm/save", &body, &mut lock)?;
+                let n = client.save(&body, &mut lock)?;
                 lock.flush()
                     .context("writing the pack to standard output")?;
                 Ok(n)
             }
             Some(mut out) => {
-                let n = client.post_stream("/vm/save", &body, out.file())?;
+                let n = client.save(&body, out.file())?;
                 out.file()
                     .flush()
                     .with_context(|| format!("writing {}", output.display()))?;
@@ -363,12 +370,12 @@ pub fn save(a: SaveArgs) -> Result<()> {
         }
     };
     let wall = t.elapsed();
-    let status = client.get_json("/vm").unwrap_or_default();
+    let last_save = client.status().ok().and_then(|s| s.last_save);
     if stop {
-        client.put("/vm/shutdown")?;
+        client.shutdown()?;
     }
-    let pause = status["last_save"]["pause_ms"].as_f64().unwrap_or(f64::NAN);
-    let digest = status["last_save"]["root_digest"].as_str().unwrap_or("?");
+    let pause = last_save.as_ref().map_or(f64::NAN, |l| l.pause_ms);
+    let digest = last_save.as_ref().map_or("?", |l| l.root_digest.as_str());
     if a.json {
         crate::outln!(
             "{}",
@@ -376,8 +383,8 @@ pub fn save(a: SaveArgs) -> Result<()> {
                 "output": a.output.as_ref().map(|o| o.display().to_string()),
                 "bytes": bytes,
                 "milliseconds": wall.as_secs_f64() * 1000.0,
-                "pause_ms": status["last_save"]["pause_ms"],
-                "root_digest": status["last_save"]["root_digest"],
+                "pause_ms": last_save.as_ref().map(|l| l.pause_ms),
+                "root_digest": last_save.as_ref().map(|l| &l.root_digest),
                 "vm": if stop { "stopped" } else { "resumed" },
             })
         );
@@ -412,15 +419,12 @@ pub fn save(a: SaveArgs) -> Result<()> {
 fn resume_after_failure(client: &ApiClient) -> Result<()> {
     let t0 = Instant::now();
     loop {
-        match client.put("/vm/resume") {
+        match client.resume() {
             Ok(()) => return Ok(()),
-            Err(e) if t0.elapsed() < std::time::Duration::from_secs(30) => {
-                if !format!("{e:#}").contains("409") {
-                    return Err(e);
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
+            Err(e) if e.status() == Some(409) && t0.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(50));
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -430,7 +434,7 @@ fn resume_after_failure(client: &ApiClient) -> Result<()> {
 /// of space anyway fails, removes its temporary and leaves the VM running.
 fn check_free_space(
     temp: &Path,
-    status: &serde_json::Value,
+    status: &VmStatus,
     compress: Compression,
     quiet: bool,
 ) -> Result<()> {
@@ -451,7 +455,7 @@ fn check_free_space(
             folder.display()
         );
     }
-    let memory = status["memory_mib"].as_u64().unwrap_or(0) << 20;
+    let memory = status.memory_mib << 20;
     if compress == Compression::None && free < memory && !quiet {
         eprintln!(
             "vmpack: warning: {}: {} free, the guest has {} of memory; the save fails (and the VM keeps running) if the pack does not fit",

@@ -576,7 +576,7 @@ impl VmDevice for BlkHandle {
         })
     }
 
-    fn status(&self) -> Option<(&'static str, serde_json::Value)> {
+    fn status(&self) -> Option<crate::api::DeviceStatus> {
         let t = lock(&self.dev);
         let c = t.device.counters.clone();
         let q = &t.queues[0];
@@ -586,17 +586,14 @@ impl VmDevice for BlkHandle {
         } else {
             0
         };
-        Some((
-            "disks",
-            serde_json::json!({
-                "mmio_base": self.base,
-                "gsi": self.gsi,
-                "requests": c.requests.load(Ordering::Relaxed),
-                "errors": c.errors.load(Ordering::Relaxed),
-                "warnings": c.warnings.load(Ordering::Relaxed),
-                "queued": queued,
-            }),
-        ))
+        Some(crate::api::DeviceStatus::Disk(crate::api::DiskStatus {
+            mmio_base: self.base,
+            gsi: self.gsi,
+            requests: c.requests.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            warnings: c.warnings.load(Ordering::Relaxed),
+            queued,
+        }))
     }
 
     fn flush(&self) -> std::io::Result<()> {
