@@ -244,8 +244,40 @@ fn report_thread_start_failures() {
     }));
 }
 
+/// The library's warnings and errors (the `log` facade: the library prints nothing itself),
+/// on stderr as vmboot's own.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record) {
+        match r.level() {
+            log::Level::Error => eprintln!("vmboot: {}", r.args()),
+            log::Level::Warn => eprintln!("vmboot: warning: {}", r.args()),
+            _ => {}
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// The cache folder (verified packs, touch orders, expanded packs): `$VMPACK_CACHE_DIR`,
+/// else `$XDG_CACHE_HOME/vmpack`, else `~/.cache/vmpack`; shared with vmpack.
+fn cache_dir_from_env() -> Option<PathBuf> {
+    std::env::var_os("VMPACK_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("vmpack")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vmpack")))
+}
+
 fn main() {
     report_thread_start_failures();
+    static LOG: StderrLog = StderrLog;
+    if log::set_logger(&LOG).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+    vmboot::snapshot::verified_cache::set_base_dir(cache_dir_from_env());
     let cli = Cli::parse();
     // Before any thread starts, so every thread inherits the mask; the VM's own signal
     // thread turns them into a clean end.
@@ -265,7 +297,9 @@ fn main() {
             memory,
             quiet,
         } => {
-            use vmboot::snapshot::{restore_and_run, PackInput, RestoreOptions};
+            use vmboot::snapshot::{
+                restore_and_run, PackInput, Reporter, RestoreEvent, RestoreOptions,
+            };
             let input = if pack.as_os_str() == "-" {
                 PackInput::Stdin
             } else {
@@ -282,18 +316,29 @@ fn main() {
                 stdin_input: !matches!(input, PackInput::Stdin),
                 ..Default::default()
             };
+            let reporter = Reporter::new(move |e| {
+                if !(quiet && matches!(e, RestoreEvent::Restored { .. })) {
+                    eprintln!("{}", e.message("vmboot"));
+                }
+            });
             restore_and_run(
                 input,
                 RestoreOptions {
+                    report: reporter,
+                    bench_timestamps: std::env::var_os("VMBOOT_BENCH_TIMESTAMPS").is_some(),
                     verify,
                     memory,
                     run,
                     work_dir: None,
                     source: Default::default(),
                 },
-                quiet,
-                "vmboot",
             )
+            .map(|reason| {
+                if reason.code != 0 {
+                    eprintln!("vmboot: {} (exit status {})", reason.message, reason.code);
+                }
+                reason.code
+            })
         }
         Cmd::BenchStart {
             child: Some(mib), ..

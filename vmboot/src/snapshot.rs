@@ -9,7 +9,7 @@ use crate::compat;
 use crate::memory::GuestMemoryInit;
 use crate::persist::VmState;
 use crate::vmm::ValidState;
-use crate::vmm::{BootFiles, BootPayload, RunOptions, Vm, VmHandle};
+use crate::vmm::{BootFiles, BootPayload, ExitReason, RunOptions, Vm, VmHandle};
 use anyhow::{anyhow, bail, Context, Result};
 use std::fs::File;
 use std::io::{Read, Write};
@@ -439,7 +439,72 @@ pub enum PackInput {
     Stdin,
 }
 
+/// What a restore reports while it prepares and runs the VM; the caller (a binary) prints it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RestoreEvent {
+    /// Something the user should know that does not stop the restore.
+    Warning(String),
+    /// The VM is built and about to run.
+    Restored {
+        elapsed: Duration,
+        /// How memory was filled, and whether the pack was verified (see [`RestoreInfo`]).
+        memory_path: &'static str,
+        verified: &'static str,
+    },
+    /// With [`RestoreOptions::bench_timestamps`]: `CLOCK_MONOTONIC` in ns at a milestone:
+    /// `restored` (vCPUs starting), `first-exit` (vCPU 0's first exit), `resident` (a lazy
+    /// restore's last chunk in place).
+    Stamp { what: &'static str, ns: u128 },
+}
+
+/// Receives a restore's [`RestoreEvent`]s, from any thread.
+#[derive(Clone, Default)]
+pub struct Reporter(Option<Arc<dyn Fn(RestoreEvent) + Send + Sync>>);
+
+impl Reporter {
+    pub fn new(f: impl Fn(RestoreEvent) + Send + Sync + 'static) -> Self {
+        Reporter(Some(Arc::new(f)))
+    }
+    fn report(&self, e: RestoreEvent) {
+        if let Some(f) = &self.0 {
+            f(e);
+        }
+    }
+}
+
+impl RestoreEvent {
+    /// The line a binary called `prog` prints for this event.
+    pub fn message(&self, prog: &str) -> String {
+        match self {
+            RestoreEvent::Warning(w) => format!("{prog}: warning: {w}"),
+            RestoreEvent::Restored {
+                elapsed,
+                memory_path,
+                verified,
+            } => format!(
+                "{prog}: restored in {:.1} ms (memory: {memory_path}; {verified})",
+                elapsed.as_secs_f64() * 1000.0
+            ),
+            RestoreEvent::Stamp { what, ns } => format!("vmboot-bench: {what}-monotonic-ns {ns}"),
+        }
+    }
+}
+
+impl std::fmt::Debug for Reporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Reporter(..)"
+        } else {
+            "Reporter(none)"
+        })
+    }
+}
+
 pub struct RestoreOptions {
+    /// Where [`RestoreEvent`]s go (default: nowhere).
+    pub report: Reporter,
+    /// Report [`RestoreEvent::Stamp`]s (for `vmpack bench-snapshot`).
+    pub bench_timestamps: bool,
     pub verify: VerifyPolicy,
     /// How guest RAM is filled (file input only: a pipe is always read whole first).
     pub memory: MemoryPolicy,
@@ -525,7 +590,16 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     extract_disks(&pack, &work.path)?;
 
     let (memory_path, init) = if lazy {
-        let init = lazy_init(&pack, &state, &label, path, opts.verify, opts.source)?;
+        let stamps = opts.bench_timestamps.then(|| opts.report.clone());
+        let init = lazy_init(
+            &pack,
+            &state,
+            &label,
+            path,
+            opts.verify,
+            opts.source,
+            stamps,
+        )?;
         ("lazy", init)
     } else {
         let init = memory_init(&pack, manifest, &state, eager_path == "mmap", &label)?;
@@ -624,6 +698,7 @@ fn lazy_init(
     path: &Path,
     verify: VerifyPolicy,
     source: crate::vstate::lazy::ChunkSource,
+    stamps: Option<Reporter>,
 ) -> Result<GuestMemoryInit> {
     // A file filled on demand is temporary: it is never recorded as verified.
     let record = matches!(source, crate::vstate::lazy::ChunkSource::PackFile);
@@ -648,9 +723,11 @@ fn lazy_init(
     let path = path.to_path_buf();
     let had_order = !first.is_empty();
     let on_complete = move |order: Vec<usize>| {
-        // For `vmpack bench-snapshot` (see `restore_and_run`): when every chunk is in place.
-        if std::env::var_os("VMBOOT_BENCH_TIMESTAMPS").is_some() {
-            eprintln!("vmboot-bench: resident-monotonic-ns {}", monotonic_ns());
+        if let Some(r) = &stamps {
+            r.report(RestoreEvent::Stamp {
+                what: "resident",
+                ns: monotonic_ns(),
+            });
         }
         if verify == VerifyPolicy::Auto && record {
             verified_cache::record(&path, root);
@@ -1305,13 +1382,19 @@ pub mod verified_cache {
     use std::os::unix::fs::MetadataExt;
     use std::path::{Path, PathBuf};
 
-    /// The cache folder: `$VMPACK_CACHE_DIR`, else `$XDG_CACHE_HOME/vmpack`, else
-    /// `~/.cache/vmpack`.
+    static BASE_DIR: std::sync::RwLock<Option<PathBuf>> = std::sync::RwLock::new(None);
+
+    /// Sets the cache folder (verified records, touch orders, expanded packs) for this
+    /// process. The binaries set it from the environment at start-up (`$VMPACK_CACHE_DIR`,
+    /// else `$XDG_CACHE_HOME/vmpack`, else `~/.cache/vmpack`); the library reads no
+    /// environment. Unset, nothing is cached.
+    pub fn set_base_dir(dir: Option<PathBuf>) {
+        *BASE_DIR.write().unwrap_or_else(|p| p.into_inner()) = dir;
+    }
+
+    /// The cache folder set by [`set_base_dir`].
     pub fn base_dir() -> Option<PathBuf> {
-        std::env::var_os("VMPACK_CACHE_DIR")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("vmpack")))
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vmpack")))
+        BASE_DIR.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn dir() -> Option<PathBuf> {
@@ -1358,45 +1441,29 @@ pub mod verified_cache {
     }
 }
 
-/// Restores a pack and runs it until the guest ends; returns the guest's exit status.
-/// Progress and warnings go to stderr (unless `quiet`), so the guest's serial output on
-/// stdout stays clean.
-/// `prog` (`vmboot`, `vmpack`) starts each message.
-pub fn restore_and_run(
-    input: PackInput,
-    opts: RestoreOptions,
-    quiet: bool,
-    prog: &str,
-) -> Result<i32> {
+/// Restores a pack and runs it until the guest ends; returns the guest's exit status (the
+/// caller reports a non-zero one). Progress and warnings go to `opts.report`.
+pub fn restore_and_run(input: PackInput, opts: RestoreOptions) -> Result<ExitReason> {
     let t = Instant::now();
+    let report = opts.report.clone();
+    let stamps = opts.bench_timestamps;
     let (vm, info) = restore(input, opts)?;
     for w in &info.warnings {
-        eprintln!("{prog}: warning: {w}");
+        report.report(RestoreEvent::Warning(w.clone()));
     }
-    if !quiet {
-        eprintln!(
-            "{prog}: restored in {:.1} ms (memory: {}; {})",
-            t.elapsed().as_secs_f64() * 1000.0,
-            info.memory_path,
-            info.verified
-        );
-    }
-    // For `vmpack bench-snapshot`: VMBOOT_BENCH_TIMESTAMPS=1 prints CLOCK_MONOTONIC stamps
-    // (stderr) of "restore done, vCPUs starting", of vCPU 0's first exit after restore and,
-    // for a lazy restore, of every memory chunk being verified and in place.
-    if std::env::var_os("VMBOOT_BENCH_TIMESTAMPS").is_some() {
-        bench_stamps(&vm);
+    report.report(RestoreEvent::Restored {
+        elapsed: t.elapsed(),
+        memory_path: info.memory_path,
+        verified: info.verified,
+    });
+    if stamps {
+        bench_stamps(&vm, &report);
     }
     crate::vmm::terminate_on_signals(vm.controller())?;
-    let reason = vm.run()?;
-    if reason.code != 0 {
-        eprintln!("{prog}: {} (exit status {})", reason.message, reason.code);
-    }
-    Ok(reason.code)
+    vm.run()
 }
 
-/// See `VMBOOT_BENCH_TIMESTAMPS` in [`restore_and_run`]. Instants cannot be turned into
-/// CLOCK_MONOTONIC readings directly, so one pair taken together anchors the conversion.
+/// `CLOCK_MONOTONIC` now, in ns: what `vmpack bench-snapshot` compares with its own clock.
 fn monotonic_ns() -> u128 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -1407,19 +1474,30 @@ fn monotonic_ns() -> u128 {
     ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
 }
 
-fn bench_stamps(vm: &Vm) {
+/// Instants cannot be turned into CLOCK_MONOTONIC readings directly, so one pair taken
+/// together anchors the conversion.
+fn bench_stamps(vm: &Vm, report: &Reporter) {
     let (anchor, anchor_ns) = (Instant::now(), monotonic_ns());
-    eprintln!("vmboot-bench: restored-monotonic-ns {anchor_ns}");
+    report.report(RestoreEvent::Stamp {
+        what: "restored",
+        ns: anchor_ns,
+    });
     let h = vm.controller();
+    let r = report.clone();
     let watcher = std::thread::Builder::new().spawn(move || loop {
         if let Some(t) = h.first_exit_instant() {
             let ns = anchor_ns + t.duration_since(anchor).as_nanos();
-            eprintln!("vmboot-bench: first-exit-monotonic-ns {ns}");
+            r.report(RestoreEvent::Stamp {
+                what: "first-exit",
+                ns,
+            });
             return;
         }
         std::thread::sleep(Duration::from_micros(100));
     });
     if let Err(e) = watcher {
-        eprintln!("vmboot-bench: no first-exit stamp: cannot start a thread: {e}");
+        report.report(RestoreEvent::Warning(format!(
+            "no first-exit stamp: cannot start a thread: {e}"
+        )));
     }
 }

@@ -148,7 +148,31 @@ fn man(a: ManArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The vmboot library's warnings and errors (the `log` facade: the library prints nothing
+/// itself), on stderr as vmpack's own.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record) {
+        match r.level() {
+            log::Level::Error => eprintln!("vmpack: {}", r.args()),
+            log::Level::Warn => eprintln!("vmpack: warning: {}", r.args()),
+            _ => {}
+        }
+    }
+    fn flush(&self) {}
+}
+
 fn main() -> ExitCode {
+    static LOG: StderrLog = StderrLog;
+    if log::set_logger(&LOG).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+    // The library reads no environment: the cache folder is the registry cache's root.
+    vmboot::snapshot::verified_cache::set_base_dir(vmpack_registry::cache::cache_root());
     let cli = Cli::parse();
     // Before any worker thread starts, so every thread inherits the blocked mask. Commands
     // that run a VM hand the signals to the VM instead, which ends cleanly: its control

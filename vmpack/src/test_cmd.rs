@@ -216,6 +216,8 @@ pub fn start_clone(src: &Path, work: &WorkBase, i: usize, run: RunOptions) -> Re
     let (console, info) = Console::restore(
         PackInput::File(src.to_path_buf()),
         RestoreOptions {
+            report: Default::default(),
+            bench_timestamps: false,
             verify: VerifyPolicy::Auto,
             // Clones of one verified pack share its page cache through the mapping.
             memory: vmboot::snapshot::MemoryPolicy::Eager,

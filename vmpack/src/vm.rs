@@ -530,18 +530,27 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
         stdin_input: !matches!(input, PackInput::Stdin),
         ..Default::default()
     };
-    snapshot::restore_and_run(
+    let quiet = a.quiet;
+    let reason = snapshot::restore_and_run(
         input,
         RestoreOptions {
+            report: snapshot::Reporter::new(move |e| {
+                if !(quiet && matches!(e, snapshot::RestoreEvent::Restored { .. })) {
+                    eprintln!("{}", e.message("vmpack"));
+                }
+            }),
+            bench_timestamps: false,
             verify: a.verify,
             memory: a.memory,
             run,
             work_dir: None,
             source: Default::default(),
         },
-        a.quiet,
-        "vmpack",
-    )
+    )?;
+    if reason.code != 0 {
+        eprintln!("vmpack: {} (exit status {})", reason.message, reason.code);
+    }
+    Ok(reason.code)
 }
 
 /// `vmpack restore REF`: the VM runs before its memory is downloaded (see `remote`).
@@ -593,6 +602,8 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     let (vm, info) = snapshot::restore(
         PackInput::File(local.path.clone()),
         RestoreOptions {
+            report: Default::default(),
+            bench_timestamps: false,
             // A whole temporary file is checked in full and never recorded as verified.
             verify: if all { VerifyPolicy::Always } else { a.verify },
             memory: a.memory,

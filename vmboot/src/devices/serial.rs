@@ -186,8 +186,6 @@ pub fn spawn_stdin_forwarder(dev: Arc<Mutex<SerialDevice>>) {
             }
         });
     if let Err(e) = spawned {
-        eprintln!(
-            "vmboot: warning: keyboard input to the guest is off: cannot start a thread: {e}"
-        );
+        log::warn!("keyboard input to the guest is off: cannot start a thread: {e}");
     }
 }

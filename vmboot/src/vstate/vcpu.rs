@@ -207,8 +207,8 @@ pub fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
     // scale the TSC, which needs hardware TSC scaling.
     if s.tsc_khz != 0 && host_khz != 0 && crate::compat::tsc_differs(s.tsc_khz, host_khz) {
         if let Err(e) = fd.set_tsc_khz(s.tsc_khz) {
-            eprintln!(
-                "vmboot: warning: vCPU {id}: the guest was saved with a {} kHz TSC but this host \
+            log::warn!(
+                "vCPU {id}: the guest was saved with a {} kHz TSC but this host \
                  runs at {host_khz} kHz and KVM cannot scale it ({e}); the guest's TSC now runs \
                  {:.4}x as fast as before, so TSC-based clocks drift by that factor",
                 s.tsc_khz,

@@ -140,10 +140,10 @@ impl Blk {
     fn warn(&self, msg: &str) {
         let n = self.counters.warnings.fetch_add(1, Ordering::Relaxed);
         if n < PRINTED_WARNINGS {
-            eprintln!("vmboot: virtio-blk {}: {msg}", self.index);
+            log::warn!("virtio-blk {}: {msg}", self.index);
         } else if n == PRINTED_WARNINGS {
-            eprintln!(
-                "vmboot: virtio-blk {}: more warnings; counting them silently",
+            log::warn!(
+                "virtio-blk {}: more warnings; counting them silently",
                 self.index
             );
         }
