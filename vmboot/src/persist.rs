@@ -18,6 +18,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use vmpack_formats::config::VmConfig;
 
+/// The serialized vmstate is small (a few KiB per vCPU); anything larger is hostile.
+pub(crate) const MAX_VMSTATE_LEN: u64 = 64 << 20;
+
 /// The version of the vmstate's outer shape. Version 1 (vmboot 0.1.0) had fixed fields per
 /// device and no per-component versions; it is still read.
 pub const VM_STATE_VERSION: u32 = 2;

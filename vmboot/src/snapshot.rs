@@ -25,8 +25,7 @@ use vmpack_formats::vm::{Manifest, VmPack, VmPackPlan};
 /// Guest memory is chunked finer than files and disks: a chunk holding one dirty page is
 /// stored whole, and on the mmap restore path every non-zero chunk is one mapping.
 pub const MEMORY_CHUNK_SIZE: u32 = 256 << 10;
-/// The serialized vmstate is small (a few KiB per vCPU); anything larger is hostile.
-pub(crate) const MAX_VMSTATE_LEN: u64 = 64 << 20;
+use crate::persist::MAX_VMSTATE_LEN;
 
 pub use crate::api::SaveStats;
 

@@ -174,7 +174,7 @@ pub struct VmHandle {
     created: Instant,
     first_exit: OnceLock<Instant>,
     /// The guest's serial output, when a console or control socket needs it.
-    serial_log: Option<Arc<crate::console::SerialLog>>,
+    serial_log: Option<Arc<crate::devices::serial_log::SerialLog>>,
 }
 
 /// A VM ready to run. [`Vm::run`] starts the vCPU threads and blocks until the guest ends.
@@ -388,7 +388,7 @@ fn build_base(cfg: &VmConfig, init: GuestMemoryInit) -> Result<Base> {
 impl Vm {
     /// Boots `cfg` from scratch with `payload`.
     pub fn create(cfg: &VmConfig, payload: BootPayload, opts: &RunOptions) -> Result<Vm> {
-        let opts = &crate::console::with_log(opts);
+        let opts = &with_log(opts);
         let base = build_base(cfg, GuestMemoryInit::Zeroed)?;
         let mut supported = base
             .vm
@@ -463,7 +463,7 @@ impl Vm {
     ) -> Result<Vm> {
         let state = state.0;
         let payload = payload.into();
-        let opts = &crate::console::with_log(opts);
+        let opts = &with_log(opts);
         let base = build_base(cfg, memory)?;
         // vCPUs before the VM-level irqchip and PIT, as Firecracker does: the LAPICs exist
         // in their saved state before the IOAPIC and PIC route anything to them.
@@ -545,7 +545,7 @@ impl Vm {
     }
 
     /// The serial output log, if the VM's serial sink is [`SerialSink::Console`].
-    pub fn serial_log(&self) -> Option<Arc<crate::console::SerialLog>> {
+    pub fn serial_log(&self) -> Option<Arc<crate::devices::serial_log::SerialLog>> {
         self.handle.serial_log.clone()
     }
 
@@ -1034,8 +1034,53 @@ impl VmHandle {
     }
 
     /// The serial output log (see [`Vm::serial_log`]).
-    pub fn serial_log(&self) -> Option<&Arc<crate::console::SerialLog>> {
+    pub fn serial_log(&self) -> Option<&Arc<crate::devices::serial_log::SerialLog>> {
         self.serial_log.as_ref()
+    }
+}
+
+/// `opts` with a serial log attached: the one it already has (a [`SerialSink::Console`]),
+/// or, when a control socket is served, a new one that also passes output on to the
+/// configured sink (so `GET /vm/serial/output` works for every VM with an API socket).
+fn with_log(opts: &RunOptions) -> RunOptions {
+    let mut o = opts.clone();
+    if opts.api_sock.is_some() && !matches!(opts.serial_out, SerialSink::Console { .. }) {
+        o.serial_out = SerialSink::Console {
+            log: crate::devices::serial_log::SerialLog::new(),
+            also: Box::new(opts.serial_out.clone()),
+        };
+    }
+    o
+}
+
+impl VmHandle {
+    /// Puts `bytes` into COM1's receive FIFO, waiting while the FIFO is full (the guest reads
+    /// it at its own pace). Fails if the guest has not made room within `timeout` or the VM
+    /// has ended.
+    pub fn serial_input(&self, bytes: &[u8], timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut pending = bytes;
+        while !pending.is_empty() {
+            let took = lock(self.serial()).enqueue(pending);
+            pending = &pending[took..];
+            if took == 0 {
+                if self.has_ended() {
+                    anyhow::bail!("the VM has ended; {} input bytes not sent", pending.len());
+                }
+                if Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "the guest did not read its serial input within {timeout:?}; {} bytes not sent",
+                        pending.len()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(())
+    }
+
+    fn has_ended(&self) -> bool {
+        self.run_state() == RunState::Stopped
     }
 }
 

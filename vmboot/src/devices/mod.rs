@@ -4,6 +4,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod serial;
+pub mod serial_log;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, IoAction};
