@@ -6,9 +6,6 @@
 
 mod anyhost;
 mod bench;
-mod bench_clones;
-mod bench_registry;
-mod bench_snapshot;
 mod inspect;
 mod interchange;
 mod output;
@@ -57,9 +54,9 @@ enum Command {
     /// Export a pack as raw/qcow2 disks or for libvirt, Vagrant, OVA or Firecracker.
     Export(unpack::ExportArgs),
     /// Measure packing speed and ratio against standard tools.
-    Bench(bench::BenchArgs),
+    Bench(bench::pack::BenchArgs),
     /// Measure save/restore of Linux guests (pause, pack size, restore latency) against QEMU.
-    BenchSnapshot(bench_snapshot::BenchSnapshotArgs),
+    BenchSnapshot(bench::snapshot::BenchSnapshotArgs),
     /// Boot a config, a pack, or (with no argument) the built-in counter sample.
     Run(vm::RunArgs),
     /// Save a running VM (through its control socket) into one pack.
@@ -67,7 +64,7 @@ enum Command {
     /// Resume a saved VM from a pack, in this process.
     Restore(vm::RestoreArgs),
     /// Measure clone restore latency and memory against booting the same guest.
-    BenchClones(bench_clones::BenchClonesArgs),
+    BenchClones(bench::clones::BenchClonesArgs),
     /// Run test cases against a saved VM, each in a fresh clone (see docs/TESTING.md).
     Test(test_cmd::TestArgs),
     /// Push a pack to an OCI registry (only the chunks the registry lacks are uploaded).
@@ -77,7 +74,7 @@ enum Command {
     /// List or prune the local chunk cache.
     Cache(registry_cmd::CacheArgs),
     /// Measure what chunk sizes make a second push of a changed guest send to a registry.
-    BenchRegistry(bench_registry::BenchRegistryArgs),
+    BenchRegistry(bench::registry::BenchRegistryArgs),
     /// Print this host's fingerprint (CPU, KVM CPUID, MSRs, capabilities, TSC) for `compat` and `template`.
     HostInfo(anyhost::HostInfoArgs),
     /// Tell whether a saved pack resumes on this host or on fingerprinted hosts: ok, ok with warnings, refused.
@@ -234,7 +231,7 @@ fn main() -> ExitCode {
         Command::Restore(a) => guest_status(vm::restore(a)),
         Command::BenchClones(a) => {
             util::set_quiet(a.quiet);
-            bench_clones::run(a)
+            bench::clones::run(a)
         }
         Command::Test(a) => guest_status(test_cmd::run(a)),
         Command::Pack(a) => pack::run_pack(a),
@@ -245,11 +242,11 @@ fn main() -> ExitCode {
         Command::Export(a) => unpack::run_export(a),
         Command::Bench(a) => {
             util::set_quiet(a.quiet);
-            bench::run(a)
+            bench::pack::run(a)
         }
         Command::BenchSnapshot(a) => {
             util::set_quiet(a.quiet);
-            bench_snapshot::run(a)
+            bench::snapshot::run(a)
         }
         Command::Push(a) => registry_cmd::run_push(a),
         Command::Pull(a) => registry_cmd::run_pull(a),
@@ -260,7 +257,7 @@ fn main() -> ExitCode {
         Command::Template(a) => exit_status(anyhost::template(a)),
         Command::BenchRegistry(a) => {
             util::set_quiet(a.quiet);
-            bench_registry::run(a)
+            bench::registry::run(a)
         }
         Command::Completions(a) => completions(a),
         Command::Man(a) => man(a),
