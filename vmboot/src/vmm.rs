@@ -1,12 +1,7 @@
-//! The VM: KVM setup, vCPU threads, pause/resume, and state capture.
-//!
-//! Pausing is real: every vCPU thread leaves KVM_RUN and parks on a condvar. A vCPU is kicked
-//! by setting `immediate_exit` in its `kvm_run` page and sending it a real-time signal whose
-//! handler does nothing (the signal only has to interrupt the ioctl; `immediate_exit` covers
-//! the window where the signal lands just before KVM_RUN). Before parking, each vCPU does one
-//! more KVM_RUN with `immediate_exit = 1`, which completes an in-flight port IN/MMIO read
-//! (data in the register, RIP past the instruction) without running guest code, so the saved
-//! state never holds a half-done instruction.
+//! The VM: KVM setup from a config or a saved state, the devices, and [`VmHandle`], which
+//! pauses, resumes, captures and reports on a running VM from any thread. The vCPU threads,
+//! their run loop and the pause state machine are the vCPU manager's
+//! ([`crate::vcpu::VcpuManager`]).
 
 use crate::api::{ExitStatus, RunState, SaveStats, UnhandledIo, VmStatus};
 use crate::cpuid;
@@ -14,57 +9,25 @@ use crate::device_manager::DeviceManager;
 use crate::devices::bus::lock;
 use crate::devices::serial::spawn_stdin_forwarder;
 pub use crate::devices::SerialSink;
-use crate::devices::{DebugExit, IoAction, SerialDevice, COM1_IRQ, I8042};
+use crate::devices::{DebugExit, SerialDevice, COM1_IRQ, I8042};
 use crate::memory::{ram_layout, GuestMemoryInit, GuestRam};
 use crate::msr;
 use crate::persist::{
     DeviceState, Persist, VmState, VCPU_STATE_VERSION, VM_LEVEL_STATE_VERSION, VM_STATE_VERSION,
 };
-use crate::vcpu::{self, complete_pending_io, install_kick_handler, Vcpu};
+use crate::vcpu::{self, install_kick_handler, tell_kvmclock_paused, Vcpu, VcpuManager};
+pub use crate::vcpu::{
+    ExitReason, PauseError, EXIT_CORRUPT_MEMORY, EXIT_FAIL_ENTRY, EXIT_GUEST_CRASH,
+    EXIT_INTERNAL_ERROR, EXIT_KVM_ERROR, EXIT_TRIPLE_FAULT, EXIT_UNEXPECTED, PAUSE_TIMEOUT,
+};
 use crate::vstate::vm::KvmVm;
 use anyhow::{bail, Context, Result};
-use kvm_bindings::{
-    kvm_cpuid_entry2, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
-};
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_bindings::{kvm_cpuid_entry2, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::VcpuFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use vmpack_formats::config::{Boot, VmConfig};
-
-/// Exit statuses for VM failures (guest-chosen statuses come from the debug-exit port).
-pub const EXIT_TRIPLE_FAULT: i32 = 70;
-pub const EXIT_INTERNAL_ERROR: i32 = 71;
-pub const EXIT_FAIL_ENTRY: i32 = 72;
-pub const EXIT_GUEST_CRASH: i32 = 73;
-pub const EXIT_UNEXPECTED: i32 = 74;
-pub const EXIT_KVM_ERROR: i32 = 75;
-/// A lazily restored guest touched a memory chunk that failed verification.
-pub const EXIT_CORRUPT_MEMORY: i32 = 76;
-
-/// How a VM ended: the process exit status vmboot uses and a one-line explanation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExitReason {
-    pub code: i32,
-    pub message: String,
-}
-
-/// Why a pause or resume did not happen.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum PauseError {
-    /// The VM has ended: there is nothing to pause or resume.
-    #[error("the VM has ended ({0})")]
-    Ended(String),
-    /// Not every vCPU parked within the time allowed; the pause was withdrawn and the VM
-    /// runs on.
-    #[error("timed out pausing: {parked} of {running} vCPUs parked; the VM keeps running")]
-    TimedOut { parked: usize, running: usize },
-}
-
-/// How long [`VmHandle::pause`] waits for every vCPU to park.
-pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the guest's serial output goes and whether host stdin feeds it.
 #[derive(Clone, Debug, Default)]
@@ -138,18 +101,6 @@ impl BootPayload {
     }
 }
 
-#[derive(Default)]
-struct Control {
-    /// Pause requested (vCPUs park as soon as they see it).
-    paused: bool,
-    /// vCPU threads currently parked.
-    parked: usize,
-    /// vCPU threads started and not yet finished.
-    running: usize,
-    started: bool,
-    exit: Option<ExitReason>,
-}
-
 /// Controls a VM from any thread: pause, resume, shutdown, capture.
 pub struct VmHandle {
     config: VmConfig,
@@ -161,18 +112,12 @@ pub struct VmHandle {
     /// still holds it there, a save records it instead of storing it twice.
     initrd_at: OnceLock<(u64, u64)>,
     // Field order = drop order: vCPUs and devices before the VM, memory last.
-    vcpus: Vec<Vcpu>,
+    vcpus: VcpuManager,
     devices: Devices,
     vm: KvmVm,
     mem: GuestRam,
     msr_list: Vec<u32>,
-    ctl: Mutex<Control>,
-    cv: Condvar,
-    /// Fast-path copies of `ctl` for the vCPU loop.
-    pause_flag: AtomicBool,
-    stop_flag: AtomicBool,
     created: Instant,
-    first_exit: OnceLock<Instant>,
     /// The guest's serial output, when a console or control socket needs it.
     serial_log: Option<Arc<crate::devices::serial_log::SerialLog>>,
 }
@@ -513,6 +458,7 @@ impl Vm {
             .enumerate()
             .map(|(id, (fd, cpuid))| Vcpu::new(id as u32, fd, cpuid))
             .collect();
+        let vcpus = VcpuManager::new(vcpus);
         let handle = Arc::new(VmHandle {
             config: cfg.clone(),
             payload,
@@ -523,12 +469,7 @@ impl Vm {
             vm: base.vm,
             mem: base.mem,
             msr_list,
-            ctl: Mutex::new(Control::default()),
-            cv: Condvar::new(),
-            pause_flag: AtomicBool::new(false),
-            stop_flag: AtomicBool::new(false),
             created: Instant::now(),
-            first_exit: OnceLock::new(),
             serial_log: match &opts.serial_out {
                 SerialSink::Console { log, .. } => Some(log.clone()),
                 _ => None,
@@ -566,23 +507,21 @@ impl Vm {
         }
         let mut threads = Vec::new();
         let mut not_started = None;
-        {
-            let mut c = lock(&h.ctl);
-            if let Some(e) = &c.exit {
-                return Ok(e.clone());
-            }
-            c.started = true;
-            c.running = h.vcpus.len();
+        if let Err(ended) = h.vcpus.begin_run() {
+            return Ok(ended);
         }
-        for idx in 0..h.vcpus.len() {
+        for idx in 0..h.vcpus.vcpus().len() {
             let hh = h.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{idx}"))
-                .spawn(move || hh.vcpu_loop(idx));
+                .spawn(move || {
+                    let io = &hh.devices.dm;
+                    hh.vcpus.run_loop(idx, &io.pio, &io.mmio, &hh.mem)
+                });
             match t {
                 Ok(t) => threads.push(t),
                 Err(e) => {
-                    lock(&h.ctl).running -= h.vcpus.len() - idx;
+                    h.vcpus.not_started(idx);
                     let message = format!("cannot start vCPU thread {idx}: {e}");
                     h.request_exit(ExitReason {
                         code: EXIT_KVM_ERROR,
@@ -597,24 +536,7 @@ impl Vm {
         if let Some(lazy) = h.mem.lazy() {
             lazy.start_prefetch();
         }
-        let mut c = lock(&h.ctl);
-        while c.exit.is_none() {
-            c = h.cv.wait(c).unwrap_or_else(|p| p.into_inner());
-        }
-        // Wake parked vCPUs and bounce running ones out of KVM_RUN until all have finished.
-        while c.running > 0 {
-            drop(c);
-            h.kick_all();
-            c = lock(&h.ctl);
-            if c.running > 0 {
-                c =
-                    h.cv.wait_timeout(c, Duration::from_millis(20))
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-            }
-        }
-        let reason = c.exit.clone().expect("checked above");
-        drop(c);
+        let reason = h.vcpus.wait_exit();
         for t in threads {
             let _ = t.join();
         }
@@ -630,214 +552,11 @@ impl Vm {
     }
 }
 
-/// Unregisters a vCPU thread when it ends, also by panic, so `run` and `pause` never wait
-/// for a thread that is gone.
-struct ThreadDone<'a> {
-    h: &'a VmHandle,
-    idx: usize,
-}
-
-impl Drop for ThreadDone<'_> {
-    fn drop(&mut self) {
-        *lock(&self.h.vcpus[self.idx].thread) = None;
-        if std::thread::panicking() {
-            let mut c = lock(&self.h.ctl);
-            if c.exit.is_none() {
-                c.exit = Some(ExitReason {
-                    code: EXIT_KVM_ERROR,
-                    message: format!("vCPU {} thread panicked", self.idx),
-                });
-            }
-            self.h.stop_flag.store(true, Ordering::SeqCst);
-        }
-        let mut c = lock(&self.h.ctl);
-        c.running -= 1;
-        self.h.cv.notify_all();
-    }
-}
-
-enum Outcome {
-    Continue,
-    Exit(ExitReason),
-}
-
 impl VmHandle {
-    fn kick_all(&self) {
-        for v in &self.vcpus {
-            v.kick();
-        }
-    }
-
-    /// Ends the VM with `reason` unless it already ended (the first reason wins).
-    fn request_exit(&self, reason: ExitReason) {
-        let mut c = lock(&self.ctl);
-        if c.exit.is_none() {
-            c.exit = Some(reason);
-        }
-        self.stop_flag.store(true, Ordering::SeqCst);
-        self.cv.notify_all();
-        drop(c);
-        self.kick_all();
-    }
-
-    fn vcpu_loop(&self, idx: usize) {
-        let slot = &self.vcpus[idx];
-        let _done = ThreadDone { h: self, idx };
-        // SAFETY: pthread_self has no preconditions.
-        *lock(&slot.thread) = Some(unsafe { libc::pthread_self() });
-        loop {
-            if self.pause_flag.load(Ordering::SeqCst) || self.stop_flag.load(Ordering::SeqCst) {
-                complete_pending_io(&mut lock(&slot.fd));
-                let mut c = lock(&self.ctl);
-                if c.exit.is_some() {
-                    break;
-                }
-                if c.paused {
-                    c.parked += 1;
-                    self.cv.notify_all();
-                    while c.paused && c.exit.is_none() {
-                        c = self.cv.wait(c).unwrap_or_else(|p| p.into_inner());
-                    }
-                    c.parked -= 1;
-                    self.cv.notify_all();
-                }
-                continue;
-            }
-            let outcome = {
-                let mut fd = lock(&slot.fd);
-                self.run_once(slot.id, &mut fd)
-            };
-            if let Outcome::Exit(r) = outcome {
-                self.request_exit(r);
-            }
-        }
-    }
-
-    fn run_once(&self, id: u32, fd: &mut VcpuFd) -> Outcome {
-        let exit = fd.run();
-        if id == 0 {
-            self.first_exit.get_or_init(Instant::now);
-        }
-        let fatal = |code: i32, what: String, fd: &VcpuFd| {
-            Outcome::Exit(ExitReason {
-                code,
-                message: format!("vCPU {id}: {what}; {}", vcpu::crash_report(fd, &self.mem)),
-            })
-        };
-        match exit {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                self.devices.dm.pio.read(u64::from(port), data);
-                Outcome::Continue
-            }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                match self.devices.dm.pio.write(u64::from(port), data) {
-                    IoAction::Continue => Outcome::Continue,
-                    IoAction::Exit { code, message } => Outcome::Exit(ExitReason { code, message }),
-                }
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                self.devices.dm.mmio.read(addr, data);
-                Outcome::Continue
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => match self.devices.dm.mmio.write(addr, data) {
-                IoAction::Continue => Outcome::Continue,
-                IoAction::Exit { code, message } => Outcome::Exit(ExitReason { code, message }),
-            },
-            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {
-                Outcome::Continue
-            }
-            Ok(VcpuExit::Shutdown) => fatal(
-                EXIT_TRIPLE_FAULT,
-                "guest triple fault (KVM_EXIT_SHUTDOWN)".into(),
-                fd,
-            ),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => fatal(
-                EXIT_FAIL_ENTRY,
-                format!(
-                    "KVM_EXIT_FAIL_ENTRY (hardware entry failure reason {reason:#x}, cpu {cpu})"
-                ),
-                fd,
-            ),
-            Ok(VcpuExit::InternalError) => {
-                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active
-                // union member.
-                let internal = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal };
-                let n = (internal.ndata as usize).min(internal.data.len());
-                let what = match internal.suberror {
-                    1 => "emulation failure (an instruction KVM cannot emulate)".to_string(),
-                    2 => "simultaneous exception".to_string(),
-                    3 => "delivery event failure".to_string(),
-                    s => format!("suberror {s}"),
-                };
-                fatal(
-                    EXIT_INTERNAL_ERROR,
-                    format!(
-                        "KVM internal error: {what}, data {:x?}",
-                        &internal.data[..n]
-                    ),
-                    fd,
-                )
-            }
-            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
-                KVM_SYSTEM_EVENT_SHUTDOWN => Outcome::Exit(ExitReason {
-                    code: 0,
-                    message: "guest powered off".into(),
-                }),
-                KVM_SYSTEM_EVENT_RESET => Outcome::Exit(ExitReason {
-                    code: 0,
-                    message: "guest requested a reset".into(),
-                }),
-                KVM_SYSTEM_EVENT_CRASH => {
-                    fatal(EXIT_GUEST_CRASH, "guest reported a crash".into(), fd)
-                }
-                k => fatal(EXIT_UNEXPECTED, format!("unexpected system event {k}"), fd),
-            },
-            Ok(other) => fatal(EXIT_UNEXPECTED, format!("unexpected exit {other:?}"), fd),
-            Err(e) if e.errno() == libc::EINTR => {
-                fd.set_kvm_immediate_exit(0);
-                Outcome::Continue
-            }
-            // An AP's KVM_RUN returns EAGAIN once after INIT/SIPI: re-enter.
-            Err(e) if e.errno() == libc::EAGAIN => Outcome::Continue,
-            Err(e) => fatal(EXIT_KVM_ERROR, format!("KVM_RUN failed: {e}"), fd),
-        }
-    }
-
-    /// Pauses the VM: returns once every vCPU thread is parked outside KVM_RUN.
+    /// Pauses the VM: returns once every vCPU thread is parked outside KVM_RUN (see
+    /// [`VcpuManager::pause`]) and every device has finished the work it had started.
     pub fn pause(&self) -> std::result::Result<(), PauseError> {
-        let mut c = lock(&self.ctl);
-        if let Some(e) = &c.exit {
-            return Err(PauseError::Ended(e.message.clone()));
-        }
-        c.paused = true;
-        self.pause_flag.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
-        while c.parked < c.running && c.exit.is_none() {
-            drop(c);
-            self.kick_all();
-            c = lock(&self.ctl);
-            if c.parked < c.running {
-                c = self
-                    .cv
-                    .wait_timeout(c, Duration::from_millis(10))
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            }
-            if Instant::now() > deadline {
-                // Withdrawn, so the VM is not left half paused: the parked vCPUs run again.
-                c.paused = false;
-                self.pause_flag.store(false, Ordering::SeqCst);
-                self.cv.notify_all();
-                return Err(PauseError::TimedOut {
-                    parked: c.parked,
-                    running: c.running,
-                });
-            }
-        }
-        drop(c);
-        for v in &self.vcpus {
-            tell_kvmclock_paused(&lock(&v.fd));
-        }
+        self.vcpus.pause()?;
         // Requests already taken off a queue complete before this returns.
         for (_, d) in self.devices.dm.objects() {
             d.pause();
@@ -845,18 +564,15 @@ impl VmHandle {
         Ok(())
     }
 
+    /// Lets the devices and then the vCPUs run again.
     pub fn resume(&self) -> std::result::Result<(), PauseError> {
-        let mut c = lock(&self.ctl);
-        if let Some(e) = &c.exit {
-            return Err(PauseError::Ended(e.message.clone()));
+        if let Some(e) = self.vcpus.exit_reason() {
+            return Err(PauseError::Ended(e.message));
         }
-        c.paused = false;
-        self.pause_flag.store(false, Ordering::SeqCst);
         for (_, d) in self.devices.dm.objects() {
             d.resume();
         }
-        self.cv.notify_all();
-        Ok(())
+        self.vcpus.resume()
     }
 
     /// Ends the VM because the process got `signal`; [`Vm::run`] then returns 128 + signal,
@@ -878,14 +594,16 @@ impl VmHandle {
 
     /// True when a pause was requested and every running vCPU is parked.
     pub fn is_paused(&self) -> bool {
-        let c = lock(&self.ctl);
-        c.paused && c.parked >= c.running
+        self.vcpus.is_paused()
     }
 
     /// True when no vCPU can be in KVM_RUN: paused, not started yet, or ended.
     fn is_quiescent(&self) -> bool {
-        let c = lock(&self.ctl);
-        !c.started || c.running == 0 || (c.paused && c.parked >= c.running)
+        self.vcpus.is_quiescent()
+    }
+
+    fn request_exit(&self, reason: ExitReason) {
+        self.vcpus.request_exit(reason);
     }
 
     /// Captures every vCPU, the in-kernel irqchip/PIT/clock and the device models.
@@ -896,6 +614,7 @@ impl VmHandle {
         }
         let vcpus = self
             .vcpus
+            .vcpus()
             .iter()
             .map(|v| v.save(&self.msr_list))
             .collect::<Result<Vec<_>>>()?;
@@ -973,22 +692,21 @@ impl VmHandle {
 
     /// Time from VM creation to the first exit of vCPU 0 (roughly, its first instructions).
     pub fn first_exit_after_create(&self) -> Option<Duration> {
-        self.first_exit
-            .get()
+        self.vcpus
+            .first_exit()
             .map(|t| t.duration_since(self.created))
     }
 
     /// Instant of vCPU 0's first exit.
     pub fn first_exit_instant(&self) -> Option<Instant> {
-        self.first_exit.get().copied()
+        self.vcpus.first_exit()
     }
 
     /// `running`, `paused` or `stopped`; a VM not started yet or still pausing is running.
     pub fn run_state(&self) -> RunState {
-        let c = lock(&self.ctl);
-        if c.exit.is_some() {
+        if self.vcpus.exit_reason().is_some() {
             RunState::Stopped
-        } else if c.paused && c.parked >= c.running {
+        } else if self.vcpus.is_paused() {
             RunState::Paused
         } else {
             RunState::Running
@@ -998,7 +716,7 @@ impl VmHandle {
     /// The body of `GET /vm`.
     pub fn status(&self) -> VmStatus {
         let state = self.run_state();
-        let exit = lock(&self.ctl).exit.clone().map(|e| ExitStatus {
+        let exit = self.vcpus.exit_reason().map(|e| ExitStatus {
             code: e.code,
             message: e.message,
         });
@@ -1082,14 +800,6 @@ impl VmHandle {
     fn has_ended(&self) -> bool {
         self.run_state() == RunState::Stopped
     }
-}
-
-/// KVM_KVMCLOCK_CTRL: tells a guest using kvmclock that it was stopped by the host (the
-/// PVCLOCK_GUEST_STOPPED flag), so the time it spent paused or saved is not taken for a
-/// soft lockup. KVM refuses it (EINVAL) when the guest has not enabled kvmclock: nothing to
-/// tell then.
-fn tell_kvmclock_paused(fd: &VcpuFd) {
-    let _ = fd.kvmclock_ctrl();
 }
 
 /// SIGINT, SIGTERM and SIGHUP: the signals that end a VM cleanly.
