@@ -22,7 +22,7 @@ pub use crate::vcpu::{
 };
 use crate::vstate::vm::KvmVm;
 use anyhow::{bail, Context, Result};
-use kvm_bindings::{kvm_cpuid_entry2, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::VcpuFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -116,7 +116,6 @@ pub struct VmHandle {
     devices: Devices,
     vm: KvmVm,
     mem: GuestRam,
-    msr_list: Vec<u32>,
     created: Instant,
     /// The guest's serial output, when a console or control socket needs it.
     serial_log: Option<Arc<crate::devices::serial_log::SerialLog>>,
@@ -334,7 +333,7 @@ impl Vm {
     /// Boots `cfg` from scratch with `payload`.
     pub fn create(cfg: &VmConfig, payload: BootPayload, opts: &RunOptions) -> Result<Vm> {
         let opts = &with_log(opts);
-        let base = build_base(cfg, GuestMemoryInit::Zeroed)?;
+        let mut base = build_base(cfg, GuestMemoryInit::Zeroed)?;
         let mut supported = base
             .vm
             .kvm
@@ -356,7 +355,8 @@ impl Vm {
             .context("KVM_GET_MSR_INDEX_LIST")?
             .as_slice()
             .to_vec();
-        let msr_list = msr::filter_readable(&base.fds[0], msr::candidate_list(&kvm_list))?;
+        let msrs: Arc<[u32]> =
+            msr::filter_readable(&base.fds[0], msr::candidate_list(&kvm_list))?.into();
 
         let devices = Devices::new(cfg, &base, &opts.serial_out, &[])?;
         let bsp = &base.fds[0];
@@ -390,7 +390,13 @@ impl Vm {
         bsp.set_sregs(&sregs).context("KVM_SET_SREGS")?;
         bsp.set_regs(&regs).context("KVM_SET_REGS")?;
         vcpu::set_runnable(bsp)?;
-        let vm = Vm::assemble(cfg, base, devices, cpuids, msr_list, payload.into(), opts)?;
+        let vcpus = std::mem::take(&mut base.fds)
+            .into_iter()
+            .zip(cpuids)
+            .enumerate()
+            .map(|(id, (fd, cpuid))| Vcpu::new(id as u32, fd, cpuid, msrs.clone()))
+            .collect();
+        let vm = Vm::assemble(cfg, base, devices, vcpus, payload.into(), opts)?;
         if let Some(at) = initrd_at {
             let _ = vm.handle.initrd_at.set(at);
         }
@@ -409,22 +415,26 @@ impl Vm {
         let state = state.0;
         let payload = payload.into();
         let opts = &with_log(opts);
-        let base = build_base(cfg, memory)?;
+        let mut base = build_base(cfg, memory)?;
+        let msr_list: Vec<u32> = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
+        let msrs: Arc<[u32]> = msr::filter_readable(&base.fds[0], msr_list)?.into();
         // vCPUs before the VM-level irqchip and PIT, as Firecracker does: the LAPICs exist
         // in their saved state before the IOAPIC and PIC route anything to them.
-        for (fd, s) in base.fds.iter().zip(&state.vcpus) {
-            vcpu::restore(fd, s)?;
+        let vcpus = std::mem::take(&mut base.fds)
+            .into_iter()
+            .zip(&state.vcpus)
+            .map(|(fd, s)| {
+                let msrs = msrs.clone();
+                Vcpu::restore(vcpu::VcpuArgs { fd, msrs }, s)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        base.vm = KvmVm::restore(base.vm, &state.vm)?;
+        for v in &vcpus {
+            tell_kvmclock_paused(&lock(&v.fd));
         }
-        base.vm.restore_state(&state.vm)?;
-        for fd in &base.fds {
-            tell_kvmclock_paused(fd);
-        }
-        let msr_list: Vec<u32> = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
-        let msr_list = msr::filter_readable(&base.fds[0], msr_list)?;
         let devices = Devices::new(cfg, &base, &opts.serial_out, &state.devices)?;
-        let cpuids = state.vcpus.iter().map(|v| v.cpuid.clone()).collect();
         let initrd_at = state.initrd;
-        let vm = Vm::assemble(cfg, base, devices, cpuids, msr_list, payload, opts)?;
+        let vm = Vm::assemble(cfg, base, devices, vcpus, payload, opts)?;
         if let Some(at) = initrd_at {
             let _ = vm.handle.initrd_at.set(at);
         }
@@ -446,18 +456,10 @@ impl Vm {
         cfg: &VmConfig,
         base: Base,
         devices: Devices,
-        cpuids: Vec<Vec<kvm_cpuid_entry2>>,
-        msr_list: Vec<u32>,
+        vcpus: Vec<Vcpu>,
         payload: BootFiles,
         opts: &RunOptions,
     ) -> Result<Vm> {
-        let vcpus = base
-            .fds
-            .into_iter()
-            .zip(cpuids)
-            .enumerate()
-            .map(|(id, (fd, cpuid))| Vcpu::new(id as u32, fd, cpuid))
-            .collect();
         let vcpus = VcpuManager::new(vcpus);
         let handle = Arc::new(VmHandle {
             config: cfg.clone(),
@@ -468,7 +470,6 @@ impl Vm {
             devices,
             vm: base.vm,
             mem: base.mem,
-            msr_list,
             created: Instant::now(),
             serial_log: match &opts.serial_out {
                 SerialSink::Console { log, .. } => Some(log.clone()),
@@ -616,7 +617,7 @@ impl VmHandle {
             .vcpus
             .vcpus()
             .iter()
-            .map(|v| v.save(&self.msr_list))
+            .map(|v| v.save().with_context(|| format!("saving vCPU {}", v.id)))
             .collect::<Result<Vec<_>>>()?;
         let devices = self
             .devices
@@ -629,7 +630,7 @@ impl VmHandle {
             // The pack's manifest carries the config (its one authoritative copy).
             config: None,
             memory_regions: self.mem.layout(),
-            vm: self.vm.save_state()?,
+            vm: self.vm.save()?,
             initrd: self.initrd_at.get().copied(),
             vcpus,
             devices,

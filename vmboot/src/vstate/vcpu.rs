@@ -6,7 +6,7 @@ use crate::devices::bus::lock;
 use crate::devices::{Bus, IoAction};
 use crate::memory::GuestRam;
 use crate::msr;
-use crate::persist::VcpuState;
+use crate::persist::{Persist, VcpuState};
 use anyhow::{Context, Result};
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, CpuId, KVM_MP_STATE_RUNNABLE,
@@ -14,7 +14,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// One vCPU of a running VM.
@@ -28,6 +28,8 @@ pub struct Vcpu {
     run: *mut kvm_bindings::kvm_run,
     /// The thread running it, while one does.
     pub thread: Mutex<Option<libc::pthread_t>>,
+    /// The MSRs a save captures (the VM's list, readable on this host).
+    msrs: Arc<[u32]>,
 }
 
 // SAFETY: `run` points into the mmap owned by `fd`, which lives as long as the struct; other
@@ -37,7 +39,7 @@ unsafe impl Send for Vcpu {}
 unsafe impl Sync for Vcpu {}
 
 impl Vcpu {
-    pub fn new(id: u32, mut fd: VcpuFd, cpuid: Vec<kvm_cpuid_entry2>) -> Vcpu {
+    pub fn new(id: u32, mut fd: VcpuFd, cpuid: Vec<kvm_cpuid_entry2>, msrs: Arc<[u32]>) -> Vcpu {
         let run: *mut kvm_bindings::kvm_run = fd.get_kvm_run();
         Vcpu {
             id,
@@ -45,6 +47,7 @@ impl Vcpu {
             fd: Mutex::new(fd),
             run,
             thread: Mutex::new(None),
+            msrs,
         }
     }
 
@@ -60,16 +63,28 @@ impl Vcpu {
             unsafe { libc::pthread_kill(t, kick_signal()) };
         }
     }
+}
 
-    /// Captures this vCPU (see [`save`]).
-    pub fn save(&self, msr_list: &[u32]) -> Result<VcpuState> {
-        save(
-            self.id,
-            &crate::devices::bus::lock(&self.fd),
-            msr_list,
-            &self.cpuid,
-        )
-        .with_context(|| format!("saving vCPU {}", self.id))
+/// What a restored vCPU is built from besides its state: a fresh vCPU fd of the new VM, and
+/// the MSRs its saves capture.
+pub struct VcpuArgs {
+    pub fd: VcpuFd,
+    pub msrs: Arc<[u32]>,
+}
+
+impl Persist<'_> for Vcpu {
+    type State = VcpuState;
+    type ConstructorArgs = VcpuArgs;
+    const VERSION: u32 = crate::persist::VCPU_STATE_VERSION;
+
+    /// Only while the vCPU is outside KVM_RUN with any pending I/O completed (parked).
+    fn save(&self) -> Result<VcpuState> {
+        save(self.id, &lock(&self.fd), &self.msrs, &self.cpuid)
+    }
+
+    fn restore(args: VcpuArgs, s: &VcpuState) -> Result<Vcpu> {
+        restore(&args.fd, s)?;
+        Ok(Vcpu::new(s.id, args.fd, s.cpuid.clone(), args.msrs))
     }
 }
 
@@ -175,12 +190,7 @@ pub fn set_runnable(fd: &VcpuFd) -> Result<()> {
 /// `cpuid` is what vmboot gave the vCPU: KVM_GET_CPUID2 is not used because on some hosts
 /// (PVM, seen here) it reports bits the host's KVM cannot provide, which would make the pack
 /// unrestorable there.
-pub fn save(
-    id: u32,
-    fd: &VcpuFd,
-    msr_list: &[u32],
-    cpuid: &[kvm_cpuid_entry2],
-) -> Result<VcpuState> {
+fn save(id: u32, fd: &VcpuFd, msr_list: &[u32], cpuid: &[kvm_cpuid_entry2]) -> Result<VcpuState> {
     Ok(VcpuState {
         version: crate::persist::VCPU_STATE_VERSION,
         id,
@@ -200,7 +210,7 @@ pub fn save(
 
 /// Loads `s` into a fresh vCPU, in the order measured to work on this host (CPUID before
 /// LAPIC; MSRs and events last).
-pub fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
+fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
     let id = s.id;
     let cpuid = CpuId::from_entries(&s.cpuid)
         .map_err(|e| anyhow::anyhow!("vCPU {id}: saved CPUID has too many entries: {e:?}"))?;
