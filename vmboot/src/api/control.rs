@@ -3,7 +3,8 @@
 
 use super::server::VmControl;
 use super::types::{
-    AfterSave, ApiError, Compression, RunState, SaveRequest, SerialOutput, VmStatus,
+    AfterSave, ApiError, Compression, DirtyLog, DirtyMark, RunState, SaveRequest, SerialOutput,
+    VmStatus,
 };
 use crate::vmm::{PauseError, VmHandle};
 use std::io::Write;
@@ -50,6 +51,28 @@ impl VmControl for VmHandle {
             next: (start + bytes.len()) as u64,
             ended: self.run_state() == RunState::Stopped,
             output: String::from_utf8_lossy(&bytes).into_owned(),
+        })
+    }
+
+    fn dirty_mark(&self) -> Result<DirtyMark, ApiError> {
+        let mark = VmHandle::dirty_mark(self).map_err(|e| ApiError::internal(format!("{e:#}")))?;
+        Ok(DirtyMark { mark })
+    }
+
+    fn dirty_since(&self, since: u64) -> Result<DirtyLog, ApiError> {
+        let p = VmHandle::dirty_since(self, since).map_err(|e| {
+            let msg = format!("{e:#}");
+            if msg.starts_with("KVM_") {
+                ApiError::internal(msg)
+            } else {
+                ApiError::not_found(msg)
+            }
+        })?;
+        Ok(DirtyLog {
+            mark: p.mark,
+            page_size: crate::vstate::dirty::PAGE,
+            pages: p.count(),
+            ranges: p.ranges().iter().map(|&(gpa, len)| [gpa, len]).collect(),
         })
     }
 

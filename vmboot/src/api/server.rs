@@ -18,7 +18,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::types::{
-    ApiError, ErrorBody, ErrorKind, SaveRequest, SerialOutput, VmStatus, PACK_CONTENT_TYPE,
+    ApiError, DirtyLog, DirtyMark, ErrorBody, ErrorKind, SaveRequest, SerialOutput, VmStatus,
+    PACK_CONTENT_TYPE,
 };
 
 /// Largest accepted request line + header block, in bytes.
@@ -69,6 +70,14 @@ pub trait VmControl: Send + Sync {
     /// [`SerialOutput`] (see docs/API.md).
     fn serial_output(&self, _since: u64) -> Result<SerialOutput, ApiError> {
         Err(ApiError::not_found("this VM has no serial console"))
+    }
+    /// `PUT /vm/dirty/mark`: start a new dirty-page mark and return its number.
+    fn dirty_mark(&self) -> Result<DirtyMark, ApiError> {
+        Err(ApiError::not_found("this VM keeps no dirty-page log"))
+    }
+    /// `GET /vm/dirty?since=M`: the guest pages written since mark `M` (see docs/API.md).
+    fn dirty_since(&self, _since: u64) -> Result<DirtyLog, ApiError> {
+        Err(ApiError::not_found("this VM keeps no dirty-page log"))
     }
 }
 
@@ -980,6 +989,34 @@ fn handle(
             } else {
                 let since = since.and_then(Result::ok).unwrap_or(0);
                 match guarded(|| shared.ctl.serial_output(since)) {
+                    Ok(v) => response(200, &[], Some(&v), close),
+                    Err(e) => error_response(&e, close),
+                }
+            }
+        }
+        "/vm/dirty/mark" => {
+            if req.method != "PUT" {
+                method_not_allowed("PUT")
+            } else {
+                match guarded(|| shared.ctl.dirty_mark()) {
+                    Ok(m) => response(200, &[], Some(&m), close),
+                    Err(e) => error_response(&e, close),
+                }
+            }
+        }
+        "/vm/dirty" => {
+            let since = req
+                .query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("since="))
+                .map(str::parse::<u64>);
+            if req.method != "GET" {
+                method_not_allowed("GET")
+            } else if let Some(Err(_)) = since {
+                error_response(&ApiError::bad_request("since must be a mark number"), close)
+            } else {
+                let since = since.and_then(Result::ok).unwrap_or(0);
+                match guarded(|| shared.ctl.dirty_since(since)) {
                     Ok(v) => response(200, &[], Some(&v), close),
                     Err(e) => error_response(&e, close),
                 }

@@ -173,6 +173,23 @@ pub struct SerialOutput {
     pub output: String,
 }
 
+/// Body of `PUT /vm/dirty/mark`.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirtyMark {
+    pub mark: u64,
+}
+
+/// Body of `GET /vm/dirty?since=M`: the guest pages written since mark `mark`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct DirtyLog {
+    pub mark: u64,
+    pub page_size: u64,
+    /// The number of pages in `ranges`.
+    pub pages: u64,
+    /// `[guest physical address, bytes]` runs of written pages, in address order.
+    pub ranges: Vec<[u64; 2]>,
+}
+
 /// Body of every error answer.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
 pub struct ErrorBody {
