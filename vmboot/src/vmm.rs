@@ -40,6 +40,8 @@ pub struct RunOptions {
     /// A folder owned by this VM (e.g. private disk copies of a restore), removed when
     /// [`Vm::run`] returns.
     pub work_dir: Option<PathBuf>,
+    /// A restore's new identity for the first `[[net]]` (a clone's tap and MAC).
+    pub net: crate::devices::virtio::net::NetOverride,
 }
 
 /// The bytes a boot needs; read from the config's files or supplied by a pack.
@@ -164,6 +166,7 @@ impl Devices {
         if cfg.rng {
             ids.push(crate::devices::virtio::rng::ID.to_string());
         }
+        ids.extend((0..cfg.nets.len()).map(crate::devices::virtio::net::id));
         ids
     }
 
@@ -174,6 +177,10 @@ impl Devices {
             "i8042" => d.decode::<I8042>().map(drop),
             crate::devices::virtio::rng::ID => d
                 .decode::<Arc<crate::devices::virtio::rng::RngHandle>>()?
+                .validate()
+                .with_context(|| format!("device {}", d.id)),
+            id if id.starts_with("virtio-net") => d
+                .decode::<Arc<crate::devices::virtio::net::NetHandle>>()?
                 .validate()
                 .with_context(|| format!("device {}", d.id)),
             _ => d
@@ -232,6 +239,14 @@ impl Devices {
                 find(id),
             )?;
         }
+        crate::devices::virtio::net::attach_all(
+            cfg,
+            &base.vm.fd,
+            base.mem.memory(),
+            &worker,
+            &mut dm,
+            find,
+        )?;
         Ok(Devices {
             _worker: worker,
             dm,
@@ -414,6 +429,8 @@ impl Vm {
     ) -> Result<Vm> {
         let state = state.0;
         let payload = payload.into();
+        // A clone's own tap and MAC: the VM runs (and a later save records) them.
+        let cfg = &opts.net.apply(cfg)?;
         let opts = &with_log(opts);
         let mut base = build_base(cfg, memory)?;
         let msr_list: Vec<u32> = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
@@ -750,6 +767,7 @@ impl VmHandle {
             exit,
             disks: Vec::new(),
             entropy: Vec::new(),
+            net: Vec::new(),
         };
         for (_, d) in self.devices.dm.objects() {
             if let Some(entry) = d.status() {

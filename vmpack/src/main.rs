@@ -6,6 +6,7 @@
 
 mod anyhost;
 mod bench;
+mod identity;
 mod inspect;
 mod interchange;
 mod output;

@@ -119,6 +119,8 @@ pub struct RestoreArgs {
     /// `sockets`, `milliseconds`) before any serial output.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    net: crate::identity::NetIdentityArgs,
 }
 
 /// The README's first command: a VM that needs no files at all.
@@ -208,6 +210,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
                     require_signature: false,
                     allowed_signers: None,
                     registry: Default::default(),
+                    net: Default::default(),
                 });
             }
             let cfg = pack.config()?;
@@ -503,6 +506,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
     if a.json && a.clones < 2 {
         return Err(crate::util::Usage("--json applies to --clones N (N >= 2)".into()).into());
     }
+    a.net.check(a.clones as usize)?;
     if a.clones > 1 {
         if a.pack.as_os_str() == "-" {
             bail!("--clones needs a pack file, not standard input");
@@ -514,6 +518,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
             &a.serial_out,
             a.quiet,
             a.json,
+            &a.net,
         );
     }
     let input = if a.pack.as_os_str() == "-" {
@@ -528,6 +533,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
         serial_out: sink(Some(&a.serial_out), None),
         api_sock: a.api_sock,
         stdin_input: !matches!(input, PackInput::Stdin),
+        net: a.net.for_clone(0)?,
         ..Default::default()
     };
     let quiet = a.quiet;

@@ -1236,6 +1236,7 @@ mod tests {
                 exit: None,
                 disks: Vec::new(),
                 entropy: Vec::new(),
+                net: Vec::new(),
             }
         }
         fn pause(&self) -> Result<(), ApiError> {

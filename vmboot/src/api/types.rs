@@ -119,12 +119,32 @@ pub struct EntropyStatus {
     pub bytes: u64,
 }
 
+/// A virtio-net device (`net` of `GET /vm`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct NetStatus {
+    pub mmio_base: u64,
+    pub gsi: u32,
+    /// The host tap it is attached to.
+    pub tap: String,
+    /// The MAC the device gives the guest.
+    pub mac: String,
+    /// Frames and bytes given to the guest since it first booted.
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub rx_dropped: u64,
+    /// Frames and bytes the guest sent.
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub tx_dropped: u64,
+}
+
 /// A device's entry in `GET /vm` (`VmDevice::status`); a new kind of device adds a variant
 /// here and its list to [`VmStatus`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceStatus {
     Disk(DiskStatus),
     Entropy(EntropyStatus),
+    Net(NetStatus),
 }
 
 /// Body of `GET /vm`.
@@ -148,6 +168,9 @@ pub struct VmStatus {
     /// Present when the VM has a virtio-rng device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub entropy: Vec<EntropyStatus>,
+    /// Present when the VM has `[[net]]`s.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetStatus>,
 }
 
 impl VmStatus {
@@ -156,6 +179,7 @@ impl VmStatus {
         match d {
             DeviceStatus::Disk(s) => self.disks.push(s),
             DeviceStatus::Entropy(s) => self.entropy.push(s),
+            DeviceStatus::Net(s) => self.net.push(s),
         }
     }
 }
@@ -335,6 +359,7 @@ mod tests {
             exit: None,
             disks: Vec::new(),
             entropy: Vec::new(),
+            net: Vec::new(),
         };
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["state"], "paused");
