@@ -84,7 +84,7 @@ impl KvmVm {
 
     /// Loads the in-kernel devices' state. Guest time resumes at the saved clock (flags 0):
     /// the guest does not see the time it spent saved.
-    fn restore_state(&self, s: &VmLevelState) -> Result<()> {
+    pub(crate) fn restore_state(&self, s: &VmLevelState) -> Result<()> {
         self.fd.set_pit2(&s.pit2).context("KVM_SET_PIT2")?;
         let mut clock = s.clock;
         clock.flags = 0;
