@@ -69,7 +69,9 @@ pub struct Client {
     base: String,
     reference: Reference,
     opts: ClientOptions,
-    creds: Option<Credentials>,
+    /// The login, looked up on the first challenge: docker's credential helpers are
+    /// programs, not worth running for a registry that asks for none.
+    creds: std::sync::OnceLock<Option<Credentials>>,
     /// The `Authorization` value in use (basic, or a bearer token got for a scope).
     auth: Mutex<Option<String>>,
 }
@@ -128,10 +130,10 @@ impl Client {
             .max_idle_connections_per_host(opts.parallel.max(1) * 2)
             .build()
             .into();
-        let creds = match &opts.credentials {
-            Some(c) => Some(c.clone()),
-            None => docker_config_credentials(&reference.registry)?,
-        };
+        let creds = std::sync::OnceLock::new();
+        if let Some(c) = &opts.credentials {
+            let _ = creds.set(Some(c.clone()));
+        }
         Ok(Client {
             agent,
             base,
@@ -230,7 +232,14 @@ impl Client {
         let host = &self.reference.registry;
         let (scheme, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
         let params = parse_challenge_params(params);
-        let basic = self.creds.as_ref().map(|c| {
+        let creds = match self.creds.get() {
+            Some(c) => c,
+            None => {
+                let found = docker_config_credentials(&self.reference.registry)?;
+                self.creds.get_or_init(|| found)
+            }
+        };
+        let basic = creds.as_ref().map(|c| {
             format!(
                 "Basic {}",
                 base64::engine::general_purpose::STANDARD

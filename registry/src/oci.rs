@@ -285,7 +285,7 @@ pub fn push(
 
     // Blobs the registry is known to hold: those of what the tag points to now.
     let mut present: HashSet<String> = HashSet::new();
-    if let Ok(Some((_, old))) = resolve_manifests(client, &tag) {
+    if let Ok(Some((_, old))) = resolve_manifests(client, &tag, None) {
         for m in &old {
             present.extend(m.layers().iter().map(|l| l.digest().to_string()));
             present.insert(m.config().digest().to_string());
@@ -458,6 +458,7 @@ pub fn push_signature(client: &Client, subject: &Descriptor, sig: &[u8]) -> Resu
 fn resolve_manifests(
     client: &Client,
     reference: &str,
+    cache: Option<&ChunkCache>,
 ) -> Result<Option<(String, Vec<ImageManifest>)>> {
     let Some(top) = client.get_manifest(reference)? else {
         return Ok(None);
@@ -486,15 +487,34 @@ fn resolve_manifests(
                 index.manifests().len()
             );
         }
-        let mut out = Vec::new();
-        for d in index.manifests() {
+        // Parts are named by digest: the cache may hold them, and the rest come in parallel.
+        let parts: Vec<Mutex<Option<ImageManifest>>> =
+            index.manifests().iter().map(|_| Mutex::new(None)).collect();
+        parallel_for(parts.len(), client.options().parallel.max(1), &|i| {
+            let d = &index.manifests()[i];
             let digest = d.digest().to_string();
-            let m = client.get_manifest(&digest)?.ok_or_else(|| {
-                anyhow!("{what}: manifest {digest} listed by the index is missing")
-            })?;
-            out.push(parse_manifest(&m.bytes, &what)?);
-        }
-        out
+            let bytes = match cached_blob(cache, &digest, d.size()) {
+                Some(b) => b,
+                None => {
+                    let m = client.get_manifest(&digest)?.ok_or_else(|| {
+                        anyhow!("{what}: manifest {digest} listed by the index is missing")
+                    })?;
+                    cache_blob(cache, &digest, &m.bytes);
+                    m.bytes
+                }
+            };
+            *parts[i].lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(parse_manifest(&bytes, &what)?);
+            Ok(())
+        })?;
+        parts
+            .into_iter()
+            .map(|m| {
+                m.into_inner()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .expect("every part was fetched")
+            })
+            .collect()
     } else {
         vec![parse_manifest(&top.bytes, &what)?]
     };
@@ -522,6 +542,9 @@ fn parse_manifest(bytes: &[u8], what: &str) -> Result<ImageManifest> {
 pub struct RemotePack {
     /// `sha256:` digest of what the reference points to.
     pub digest: String,
+    /// When each step of the resolve ended, in ms after it started: `manifest`, then
+    /// `config and index` (for `restore REF`'s timing line).
+    pub timings: Vec<(&'static str, f64)>,
     pub skeleton: Skeleton,
     /// The blob of every non-zero chunk, keyed by the chunk's payload file offset.
     blobs: HashMap<u64, (String, u64)>,
@@ -546,16 +569,47 @@ impl RemotePack {
 /// Reads a pack's manifests, config and index from the registry and checks that they
 /// describe a valid pack (everything but the chunk payloads).
 pub fn resolve(client: &Client) -> Result<RemotePack> {
+    resolve_cached(client, None)
+}
+
+/// [`resolve`], with the blobs named by digest (part manifests, config, index) taken from
+/// `cache` where it holds them, and stored there when fetched: a second resolve of the same
+/// pack asks the registry only what its reference points to now. Cached bytes are checked
+/// against their digest like fetched ones.
+pub fn resolve_cached(client: &Client, cache: Option<&ChunkCache>) -> Result<RemotePack> {
+    let started = std::time::Instant::now();
+    let ms = || started.elapsed().as_secs_f64() * 1000.0;
+    let mut timings = Vec::new();
     let r = client.reference();
     let what = r.to_string();
-    let (top_digest, manifests) = resolve_manifests(client, r.manifest_reference())?
+    let (top_digest, manifests) = resolve_manifests(client, r.manifest_reference(), cache)?
         .ok_or_else(|| anyhow!("{what}: not found in the registry"))?;
+    timings.push(("manifest", ms()));
     let head = &manifests[0];
     let cfg_desc = head.config();
     if cfg_desc.media_type().to_string() != CONFIG_MEDIA || cfg_desc.size() > MAX_CONFIG_LEN {
         bail!("{what}: the config is not a vmpack config of at most {MAX_CONFIG_LEN} bytes");
     }
-    let cfg_bytes = fetch_small(client, cfg_desc.digest().as_ref(), cfg_desc.size())?;
+    let idx_desc = head
+        .layers()
+        .first()
+        .filter(|l| l.media_type().to_string() == INDEX_MEDIA)
+        .ok_or_else(|| anyhow!("{what}: the first layer is not the pack index"))?;
+    if idx_desc.size() > MAX_INDEX_LEN {
+        bail!("{what}: the index layer is over {MAX_INDEX_LEN} bytes");
+    }
+    // Both are named by the manifest: fetched at once (the index is checked against the
+    // config's root digest below).
+    let (cfg_bytes, index) = std::thread::scope(|s| {
+        let idx =
+            s.spawn(|| fetch_small(client, cache, idx_desc.digest().as_ref(), idx_desc.size()));
+        let cfg = fetch_small(client, cache, cfg_desc.digest().as_ref(), cfg_desc.size());
+        let idx = idx
+            .join()
+            .unwrap_or_else(|_| Err(anyhow!("{what}: fetching the index failed")));
+        Ok::<_, anyhow::Error>((cfg?, idx?))
+    })?;
+    timings.push(("config and index", ms()));
     let cfg: PackConfig =
         serde_json::from_slice(&cfg_bytes).with_context(|| format!("{what}: the config blob"))?;
     if cfg.format != "vmpack" || cfg.mapping != 1 {
@@ -565,18 +619,12 @@ pub fn resolve(client: &Client) -> Result<RemotePack> {
             cfg.mapping
         );
     }
-    let idx_desc = head
-        .layers()
-        .first()
-        .filter(|l| l.media_type().to_string() == INDEX_MEDIA)
-        .ok_or_else(|| anyhow!("{what}: the first layer is not the pack index"))?;
-    if idx_desc.digest().to_string() != cfg.root_digest || idx_desc.size() > MAX_INDEX_LEN {
+    if idx_desc.digest().to_string() != cfg.root_digest {
         bail!(
             "{what}: the index layer does not match the root digest {}",
             cfg.root_digest
         );
     }
-    let index = fetch_small(client, &cfg.root_digest, idx_desc.size())?;
     let header: [u8; 32] = hex::decode(&cfg.header)
         .ok()
         .and_then(|h| h.try_into().ok())
@@ -629,15 +677,50 @@ pub fn resolve(client: &Client) -> Result<RemotePack> {
     }
     Ok(RemotePack {
         digest: top_digest,
+        timings,
         skeleton,
         blobs,
     })
 }
 
-fn fetch_small(client: &Client, digest: &str, size: u64) -> Result<Vec<u8>> {
+/// A small blob (config, index, part manifest): from `cache` if it holds it intact, else
+/// from the registry (checked against its digest, then cached).
+fn fetch_small(
+    client: &Client,
+    cache: Option<&ChunkCache>,
+    digest: &str,
+    size: u64,
+) -> Result<Vec<u8>> {
+    if let Some(v) = cached_blob(cache, digest, size) {
+        return Ok(v);
+    }
     let mut v = Vec::with_capacity(size as usize);
     client.get_blob(digest, size, &mut v, &|_| {})?;
+    cache_blob(cache, digest, &v);
     Ok(v)
+}
+
+/// A cached blob whose bytes match `digest` (a damaged entry is removed).
+fn cached_blob(cache: Option<&ChunkCache>, digest: &str, size: u64) -> Option<Vec<u8>> {
+    let cache = cache?;
+    if !cache.contains(digest, size) {
+        return None;
+    }
+    let mut v = Vec::with_capacity(size as usize);
+    cache.open(digest)?.read_to_end(&mut v).ok()?;
+    if sha256_digest(&v) == digest {
+        Some(v)
+    } else {
+        cache.remove(digest);
+        None
+    }
+}
+
+/// Best effort: a full cache folder only costs a later fetch.
+fn cache_blob(cache: Option<&ChunkCache>, digest: &str, bytes: &[u8]) {
+    if let Some(c) = cache {
+        let _ = c.insert_with(digest, &mut |w| Ok(w.write_all(bytes)?));
+    }
 }
 
 /// Fetches one chunk's stored payload with a range request on its blob and checks it:
@@ -685,7 +768,7 @@ pub fn pull(
     out: &mut dyn Write,
     progress: &dyn Progress,
 ) -> Result<PullReport> {
-    let pack = resolve(client)?;
+    let pack = resolve_cached(client, Some(cache))?;
     let chunks: Vec<&ChunkEntry> = pack
         .skeleton
         .chunks()

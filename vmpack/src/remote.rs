@@ -55,6 +55,8 @@ pub struct RegistryFetch {
     memory: Vec<bool>,
     pub counters: Arc<Counters>,
     quiet: bool,
+    /// The frames in front of each memory chunk fetched on demand, by payload offset order.
+    deferred: Vec<Deferred>,
 }
 
 impl RegistryFetch {
@@ -109,6 +111,22 @@ impl RegistryFetch {
 impl vmboot::vstate::lazy::ChunkFetch for RegistryFetch {
     fn fetch(&self, e: &ChunkEntry) -> Result<()> {
         let data = self.payload(e)?;
+        let i = self
+            .deferred
+            .partition_point(|d| d.payload_offset < e.payload_offset);
+        if let Some(d) = self
+            .deferred
+            .get(i)
+            .filter(|d| d.payload_offset == e.payload_offset)
+        {
+            let mut frames = vec![0u8; (d.payload_offset - d.start) as usize];
+            for (at, b) in d.pieces.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                frames[*at..*at + b.len()].copy_from_slice(b);
+            }
+            self.file
+                .write_all_at(&frames, d.start)
+                .context("writing a fetched chunk's frame into the local pack file")?;
+        }
         self.file
             .write_all_at(&data, e.payload_offset)
             .context("writing a fetched chunk into the local pack file")?;
@@ -133,15 +151,46 @@ impl vmboot::vstate::lazy::ChunkFetch for RegistryFetch {
 pub struct RemotePackFile {
     pub path: PathBuf,
     pub fetch: Arc<RegistryFetch>,
+    /// When each step ended, in ms after the command started.
+    pub phases: Vec<(&'static str, f64)>,
     _dir: tempfile::TempDir,
 }
 
-/// A `Write` over the pack file that skips (leaves as holes) the bytes written while
-/// `skip` is non-zero, and runs of zeros.
+/// A `Write` over the local pack file for the skeleton's frames. Bytes written while `skip`
+/// is non-zero (payloads), and runs of zeros, are left as holes; contiguous frames go out in
+/// one write; the frames in front of a memory chunk fetched on demand (its padding and
+/// header, in `deferred`) are kept for [`RegistryFetch`] to write with the payload. A pack
+/// has a frame per chunk: thousands of small writes would cost more than the rest of the
+/// restore.
 struct Sparse<'a> {
     file: &'a std::fs::File,
     pos: u64,
     skip: &'a std::cell::Cell<u64>,
+    /// Bytes not yet written, which belong at `pending_at`.
+    pending: Vec<u8>,
+    pending_at: u64,
+    deferred: &'a [Deferred],
+    /// The first of `deferred` that does not end before `pos`.
+    next: usize,
+}
+
+/// The frame bytes before a memory chunk's payload, from the end of the previous chunk in
+/// its section: written with the payload, once fetched.
+struct Deferred {
+    start: u64,
+    payload_offset: u64,
+    /// (offset from `start`, bytes) of what is not zeros.
+    pieces: std::sync::Mutex<Vec<(usize, Vec<u8>)>>,
+}
+
+impl Sparse<'_> {
+    fn flush_pending(&mut self) -> std::io::Result<()> {
+        if !self.pending.is_empty() {
+            self.file.write_all_at(&self.pending, self.pending_at)?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
 }
 
 impl Write for Sparse<'_> {
@@ -150,21 +199,54 @@ impl Write for Sparse<'_> {
         if s > 0 {
             let n = (b.len() as u64).min(s);
             self.skip.set(s - n);
+            self.flush_pending()?;
             self.pos += n;
             return Ok(n as usize);
         }
-        // The file was extended with holes, which read as zeros: padding needs no write.
-        if b.iter().all(|&x| x == 0) {
-            self.pos += b.len() as u64;
-            return Ok(b.len());
+        let len = b.len() as u64;
+        while self
+            .deferred
+            .get(self.next)
+            .is_some_and(|d| d.payload_offset <= self.pos)
+        {
+            self.next += 1;
         }
-        self.file.write_all_at(b, self.pos)?;
-        self.pos += b.len() as u64;
+        // The file was extended with holes, which read as zeros: padding needs no write.
+        if is_zero(b) {
+            self.flush_pending()?;
+        } else if let Some(d) = self
+            .deferred
+            .get(self.next)
+            .filter(|d| d.start <= self.pos && self.pos + len <= d.payload_offset)
+        {
+            let at = (self.pos - d.start) as usize;
+            d.pieces
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((at, b.to_vec()));
+        } else {
+            if self.pending_at + self.pending.len() as u64 != self.pos
+                || self.pending.len() > 1 << 20
+            {
+                self.flush_pending()?;
+                self.pending_at = self.pos;
+            }
+            self.pending.extend_from_slice(b);
+        }
+        self.pos += len;
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        self.flush_pending()
     }
+}
+
+static NOTHING: [u8; 64 << 10] = [0; 64 << 10];
+
+/// Whether `b` is all zeros, by slice comparison (memcmp: a byte loop costs more than the
+/// whole restore in a debug build, on the padding of a pack with thousands of chunks).
+fn is_zero(b: &[u8]) -> bool {
+    b.chunks(NOTHING.len()).all(|c| c == &NOTHING[..c.len()])
 }
 
 /// Resolves the reference, then writes the local pack file: everything but the memory
@@ -176,7 +258,11 @@ pub fn prepare(
     started: std::time::Instant,
     quiet: bool,
 ) -> Result<RemotePackFile> {
-    let remote = vmpack_registry::resolve(&client)?;
+    let ms = || started.elapsed().as_secs_f64() * 1000.0;
+    let mut phases = vec![("client", ms())];
+    let before = ms();
+    let remote = vmpack_registry::resolve_cached(&client, Some(&cache))?;
+    phases.extend(remote.timings.iter().map(|&(n, t)| (n, before + t)));
     let root = vmpack_registry::cache::cache_root()
         .context("no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
@@ -192,6 +278,7 @@ pub fn prepare(
         .open(&path)
         .with_context(|| format!("creating {}", path.display()))?;
     file.set_len(remote.skeleton.file_size())?;
+    phases.push(("local file", ms()));
     let memory: Vec<bool> = remote
         .skeleton
         .sections()
@@ -204,7 +291,31 @@ pub fn prepare(
         .iter()
         .filter(|c| c.codec != Codec::Zero && memory[c.section as usize])
         .count() as u64;
+    // Each memory chunk's frames, from the end of the previous chunk of its section (a
+    // bounded gap: padding to the next page at most, in the packs vmpack writes).
+    let mut deferred = Vec::new();
+    let mut prev: Option<(u32, u64)> = None;
+    for c in remote.skeleton.chunks() {
+        let start = match prev {
+            Some((sec, end)) if sec == c.section => end,
+            _ => c.frame_offset(),
+        };
+        if memory[c.section as usize]
+            && c.codec != Codec::Zero
+            && start <= c.frame_offset()
+            && c.payload_offset - start <= 1 << 20
+        {
+            deferred.push(Deferred {
+                start,
+                payload_offset: c.payload_offset,
+                pieces: Default::default(),
+            });
+        }
+        prev = Some((c.section, c.payload_offset + c.clen as u64));
+    }
+    deferred.sort_by_key(|d| d.payload_offset);
     let fetch = Arc::new(RegistryFetch {
+        deferred,
         client,
         remote,
         cache,
@@ -237,14 +348,18 @@ pub fn prepare(
             fetch.fetch(eager[i])
         },
     )?;
+    phases.push(("state, boot files, disks", ms()));
     // Frames, padding, index and trailer around the payloads (already in place, or holes).
     let skip = std::cell::Cell::new(0u64);
     let mut w = Sparse {
         file: &file,
         pos: 0,
         skip: &skip,
+        pending: Vec::new(),
+        pending_at: 0,
+        deferred: &fetch.deferred,
+        next: 0,
     };
-    static NOTHING: [u8; 64 << 10] = [0; 64 << 10];
     skel.write_pack(&mut w, &mut |c, w| {
         skip.set(c.clen as u64);
         let mut left = c.clen as usize;
@@ -255,9 +370,12 @@ pub fn prepare(
         }
         Ok(())
     })?;
+    w.flush()?;
+    phases.push(("skeleton written", ms()));
     Ok(RemotePackFile {
         path,
         fetch,
+        phases,
         _dir: dir,
     })
 }

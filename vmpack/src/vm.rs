@@ -586,6 +586,8 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
         stdin_input: !a.registry.password_stdin,
         ..Default::default()
     };
+    let mut phases = local.phases.clone();
+    phases.push(("signature", ms(started)));
     let (vm, info) = snapshot::restore(
         PackInput::File(local.path.clone()),
         RestoreOptions {
@@ -602,6 +604,9 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
         },
     )
     .map_err(|e| anyhow::anyhow!("{r}: {e:#}"))?;
+    let at = phases.last().map_or(0.0, |p| p.1);
+    phases.push(("restore checks, disks, memory setup", at + info.prepare_ms));
+    phases.push(("VM built", ms(started)));
     for w in &info.warnings {
         eprintln!("vmboot: warning: {w}");
     }
@@ -632,6 +637,14 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     }
     vmboot::terminate_on_signals(vm.controller())?;
     let vcpus_ms = ms(started);
+    phases.push(("vCPUs start", vcpus_ms));
+    if !a.quiet {
+        let steps: Vec<String> = phases.iter().map(|(n, t)| format!("{n} {t:.1}")).collect();
+        eprintln!(
+            "vmpack: {r}: steps (ms after the command): {}",
+            steps.join(", ")
+        );
+    }
     let reason = vm.run()?;
     if reason.code != 0 {
         eprintln!(
