@@ -22,6 +22,15 @@ pub fn cache_root() -> Option<PathBuf> {
 
 pub struct ChunkCache {
     dir: PathBuf,
+    /// `<cache>/refs/`: the digest each tag pointed to when last resolved.
+    refs: PathBuf,
+}
+
+/// The file name of a reference's record: the SHA-256 of its text (a reference may hold
+/// characters no file name should).
+fn ref_key(reference: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(reference.as_bytes()))
 }
 
 fn hex_of(digest: &str) -> Option<&str> {
@@ -44,6 +53,7 @@ impl ChunkCache {
     pub fn at(root: &Path) -> ChunkCache {
         ChunkCache {
             dir: root.join("chunks").join("sha256"),
+            refs: root.join("refs"),
         }
     }
 
@@ -69,6 +79,29 @@ impl ChunkCache {
                 false
             }
             Err(_) => false,
+        }
+    }
+
+    /// The digest `reference` (a tag) pointed to when last resolved, if recorded: a guess
+    /// to start from, which the caller confirms with the registry.
+    pub fn recall_ref(&self, reference: &str) -> Option<String> {
+        let s = std::fs::read_to_string(self.refs.join(ref_key(reference))).ok()?;
+        let d = s.trim();
+        hex_of(d).map(|_| d.to_string())
+    }
+
+    /// Records what `reference` points to now (best effort).
+    pub fn remember_ref(&self, reference: &str, digest: &str) {
+        if hex_of(digest).is_none() || std::fs::create_dir_all(&self.refs).is_err() {
+            return;
+        }
+        if let Ok(mut t) = tempfile::Builder::new()
+            .prefix(".incoming-")
+            .tempfile_in(&self.refs)
+        {
+            if t.write_all(digest.as_bytes()).is_ok() {
+                let _ = t.persist(self.refs.join(ref_key(reference)));
+            }
         }
     }
 

@@ -339,6 +339,33 @@ impl Client {
         }))
     }
 
+    /// The digest of what `reference` points to now (a HEAD request: the registry sends
+    /// no body), `None` if nothing.
+    pub fn manifest_digest(&self, reference: &str) -> Result<Option<String>> {
+        let url = self.url(&format!("manifests/{reference}"));
+        let accept = format!("{MEDIA_MANIFEST}, {MEDIA_INDEX}");
+        let mut resp = self.send("HEAD", &url, &[("Accept", &accept)], None)?;
+        match resp.status().as_u16() {
+            200 => {}
+            404 => return Ok(None),
+            _ => {
+                return Err(status_error(
+                    &format!("{}: manifest {reference}", self.reference),
+                    &mut resp,
+                ))
+            }
+        }
+        match resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(d) if d.starts_with("sha256:") => Ok(Some(d.to_string())),
+            // A registry that does not say: the manifest itself tells.
+            _ => Ok(self.get_manifest(reference)?.map(|m| m.digest)),
+        }
+    }
+
     /// Stores a manifest or index under a tag or its digest. Returns its digest and
     /// whether the registry processed its `subject` (the `OCI-Subject` header: a registry
     /// with the referrers API).

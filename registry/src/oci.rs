@@ -285,7 +285,7 @@ pub fn push(
 
     // Blobs the registry is known to hold: those of what the tag points to now.
     let mut present: HashSet<String> = HashSet::new();
-    if let Ok(Some((_, old))) = resolve_manifests(client, &tag, None) {
+    if let Ok(Some((_, old, _))) = resolve_manifests(client, &tag, None, false) {
         for m in &old {
             present.extend(m.layers().iter().map(|l| l.digest().to_string()));
             present.insert(m.config().digest().to_string());
@@ -455,13 +455,42 @@ pub fn push_signature(client: &Client, subject: &Descriptor, sig: &[u8]) -> Resu
 
 /// The manifests of the pack a reference names: the head first, then its parts.
 /// `None` if the registry has nothing under that reference.
+/// With a `cache`, a digest reference's manifest comes from it where it holds it, and with
+/// `guess` so does the one a tag pointed to when last resolved; the returned flag says
+/// whether the registry was asked (`false`: the caller must confirm the tag's digest).
 fn resolve_manifests(
     client: &Client,
     reference: &str,
     cache: Option<&ChunkCache>,
-) -> Result<Option<(String, Vec<ImageManifest>)>> {
-    let Some(top) = client.get_manifest(reference)? else {
-        return Ok(None);
+    guess: bool,
+) -> Result<Option<(String, Vec<ImageManifest>, bool)>> {
+    let by_digest = reference.starts_with("sha256:");
+    let recalled = match cache {
+        Some(_) if by_digest => Some(reference.to_string()),
+        Some(c) if guess => c.recall_ref(&client.reference().to_string()),
+        _ => None,
+    };
+    let cached_top = recalled.and_then(|d| {
+        let bytes = cached_blob(cache, &d, None)?;
+        Some(crate::client::Manifest {
+            bytes,
+            media_type: String::new(),
+            digest: d,
+        })
+    });
+    let asked = cached_top.is_none() || by_digest;
+    let top = match cached_top {
+        Some(m) => m,
+        None => {
+            let Some(m) = client.get_manifest(reference)? else {
+                return Ok(None);
+            };
+            cache_blob(cache, &m.digest, &m.bytes);
+            if let (Some(c), false) = (cache, by_digest) {
+                c.remember_ref(&client.reference().to_string(), &m.digest);
+            }
+            m
+        }
     };
     let what = format!("{}", client.reference());
     let is_index = top.media_type.starts_with(MEDIA_INDEX)
@@ -493,7 +522,7 @@ fn resolve_manifests(
         parallel_for(parts.len(), client.options().parallel.max(1), &|i| {
             let d = &index.manifests()[i];
             let digest = d.digest().to_string();
-            let bytes = match cached_blob(cache, &digest, d.size()) {
+            let bytes = match cached_blob(cache, &digest, Some(d.size())) {
                 Some(b) => b,
                 None => {
                     let m = client.get_manifest(&digest)?.ok_or_else(|| {
@@ -531,7 +560,7 @@ fn resolve_manifests(
             bail!("{what}: a part manifest without artifactType {PART_ARTIFACT_TYPE}");
         }
     }
-    Ok(Some((top.digest, manifests)))
+    Ok(Some((top.digest, manifests, asked)))
 }
 
 fn parse_manifest(bytes: &[u8], what: &str) -> Result<ImageManifest> {
@@ -542,6 +571,10 @@ fn parse_manifest(bytes: &[u8], what: &str) -> Result<ImageManifest> {
 pub struct RemotePack {
     /// `sha256:` digest of what the reference points to.
     pub digest: String,
+    /// Whether the registry confirmed what the reference points to. `false`: the manifest
+    /// is the one the tag pointed to when last resolved, taken from the cache; the caller
+    /// checks it with [`Client::manifest_digest`] before trusting it is the tag's.
+    pub confirmed: bool,
     /// When each step of the resolve ended, in ms after it started: `manifest`, then
     /// `config and index` (for `restore REF`'s timing line).
     pub timings: Vec<(&'static str, f64)>,
@@ -569,21 +602,27 @@ impl RemotePack {
 /// Reads a pack's manifests, config and index from the registry and checks that they
 /// describe a valid pack (everything but the chunk payloads).
 pub fn resolve(client: &Client) -> Result<RemotePack> {
-    resolve_cached(client, None)
+    resolve_cached(client, None, false)
 }
 
 /// [`resolve`], with the blobs named by digest (part manifests, config, index) taken from
 /// `cache` where it holds them, and stored there when fetched: a second resolve of the same
 /// pack asks the registry only what its reference points to now. Cached bytes are checked
-/// against their digest like fetched ones.
-pub fn resolve_cached(client: &Client, cache: Option<&ChunkCache>) -> Result<RemotePack> {
+/// against their digest like fetched ones. With `guess`, a tag's manifest too is the cached
+/// one it pointed to last time, if any (see [`RemotePack::confirmed`]).
+pub fn resolve_cached(
+    client: &Client,
+    cache: Option<&ChunkCache>,
+    guess: bool,
+) -> Result<RemotePack> {
     let started = std::time::Instant::now();
     let ms = || started.elapsed().as_secs_f64() * 1000.0;
     let mut timings = Vec::new();
     let r = client.reference();
     let what = r.to_string();
-    let (top_digest, manifests) = resolve_manifests(client, r.manifest_reference(), cache)?
-        .ok_or_else(|| anyhow!("{what}: not found in the registry"))?;
+    let (top_digest, manifests, confirmed) =
+        resolve_manifests(client, r.manifest_reference(), cache, guess)?
+            .ok_or_else(|| anyhow!("{what}: not found in the registry"))?;
     timings.push(("manifest", ms()));
     let head = &manifests[0];
     let cfg_desc = head.config();
@@ -677,6 +716,7 @@ pub fn resolve_cached(client: &Client, cache: Option<&ChunkCache>) -> Result<Rem
     }
     Ok(RemotePack {
         digest: top_digest,
+        confirmed,
         timings,
         skeleton,
         blobs,
@@ -691,7 +731,7 @@ fn fetch_small(
     digest: &str,
     size: u64,
 ) -> Result<Vec<u8>> {
-    if let Some(v) = cached_blob(cache, digest, size) {
+    if let Some(v) = cached_blob(cache, digest, Some(size)) {
         return Ok(v);
     }
     let mut v = Vec::with_capacity(size as usize);
@@ -700,14 +740,21 @@ fn fetch_small(
     Ok(v)
 }
 
-/// A cached blob whose bytes match `digest` (a damaged entry is removed).
-fn cached_blob(cache: Option<&ChunkCache>, digest: &str, size: u64) -> Option<Vec<u8>> {
+/// A cached blob whose bytes match `digest` (a damaged entry is removed). Without a known
+/// `size`, one of at most a manifest's size limit.
+fn cached_blob(cache: Option<&ChunkCache>, digest: &str, size: Option<u64>) -> Option<Vec<u8>> {
     let cache = cache?;
-    if !cache.contains(digest, size) {
-        return None;
+    if let Some(size) = size {
+        if !cache.contains(digest, size) {
+            return None;
+        }
     }
-    let mut v = Vec::with_capacity(size as usize);
-    cache.open(digest)?.read_to_end(&mut v).ok()?;
+    let mut v = Vec::new();
+    cache
+        .open(digest)?
+        .take(crate::client::MAX_MANIFEST_LEN.max(size.unwrap_or(0)) + 1)
+        .read_to_end(&mut v)
+        .ok()?;
     if sha256_digest(&v) == digest {
         Some(v)
     } else {
@@ -768,7 +815,7 @@ pub fn pull(
     out: &mut dyn Write,
     progress: &dyn Progress,
 ) -> Result<PullReport> {
-    let pack = resolve_cached(client, Some(cache))?;
+    let pack = resolve_cached(client, Some(cache), false)?;
     let chunks: Vec<&ChunkEntry> = pack
         .skeleton
         .chunks()

@@ -47,7 +47,7 @@ impl Counters {
 
 /// Fills the local pack file's holes from the cache or the registry.
 pub struct RegistryFetch {
-    client: Client,
+    client: Arc<Client>,
     remote: RemotePack,
     cache: ChunkCache,
     file: std::fs::File,
@@ -153,6 +153,9 @@ pub struct RemotePackFile {
     pub fetch: Arc<RegistryFetch>,
     /// When each step ended, in ms after the command started.
     pub phases: Vec<(&'static str, f64)>,
+    /// The digest the tag was taken to point to (the cached one) and the registry's answer,
+    /// to be checked by [`RemotePackFile::confirmed`].
+    confirm: Option<(String, std::thread::JoinHandle<Result<Option<String>>>)>,
     _dir: tempfile::TempDir,
 }
 
@@ -252,8 +255,9 @@ fn is_zero(b: &[u8]) -> bool {
 /// Resolves the reference, then writes the local pack file: everything but the memory
 /// payloads, which [`RegistryFetch`] fills on demand. `all` fetches memory too (eager).
 pub fn prepare(
-    client: Client,
+    client: Arc<Client>,
     cache: ChunkCache,
+    guess: bool,
     all: bool,
     started: std::time::Instant,
     quiet: bool,
@@ -261,8 +265,17 @@ pub fn prepare(
     let ms = || started.elapsed().as_secs_f64() * 1000.0;
     let mut phases = vec![("client", ms())];
     let before = ms();
-    let remote = vmpack_registry::resolve_cached(&client, Some(&cache))?;
+    let remote = vmpack_registry::resolve_cached(&client, Some(&cache), guess)?;
     phases.extend(remote.timings.iter().map(|&(n, t)| (n, before + t)));
+    // A tag resolved from the cache: the registry is asked what it points to now while the
+    // local file is made, and the caller waits for the answer before the VM is built.
+    let confirm = (!remote.confirmed).then(|| {
+        let (client, digest) = (client.clone(), remote.digest.clone());
+        let handle = std::thread::spawn(move || {
+            client.manifest_digest(client.reference().manifest_reference())
+        });
+        (digest, handle)
+    });
     let root = vmpack_registry::cache::cache_root()
         .context("no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
@@ -340,42 +353,75 @@ pub fn prepare(
         .iter()
         .filter(|c| c.codec != Codec::Zero && !memory[c.section as usize])
         .collect();
-    vmpack_registry::oci::parallel_for(
-        eager.len(),
-        fetch.client.options().parallel.max(1),
-        &|i| {
-            use vmboot::vstate::lazy::ChunkFetch;
-            fetch.fetch(eager[i])
-        },
-    )?;
-    phases.push(("state, boot files, disks", ms()));
-    // Frames, padding, index and trailer around the payloads (already in place, or holes).
-    let skip = std::cell::Cell::new(0u64);
-    let mut w = Sparse {
-        file: &file,
-        pos: 0,
-        skip: &skip,
-        pending: Vec::new(),
-        pending_at: 0,
-        deferred: &fetch.deferred,
-        next: 0,
+    // Frames, padding, index and trailer around the payloads (holes, or put in place by the
+    // fetches running meanwhile: they write disjoint bytes).
+    let write_skeleton = || -> Result<f64> {
+        let skip = std::cell::Cell::new(0u64);
+        let mut w = Sparse {
+            file: &file,
+            pos: 0,
+            skip: &skip,
+            pending: Vec::new(),
+            pending_at: 0,
+            deferred: &fetch.deferred,
+            next: 0,
+        };
+        skel.write_pack(&mut w, &mut |c, w| {
+            skip.set(c.clen as u64);
+            let mut left = c.clen as usize;
+            while left > 0 {
+                let n = left.min(NOTHING.len());
+                w.write_all(&NOTHING[..n])?;
+                left -= n;
+            }
+            Ok(())
+        })?;
+        w.flush()?;
+        Ok(ms())
     };
-    skel.write_pack(&mut w, &mut |c, w| {
-        skip.set(c.clen as u64);
-        let mut left = c.clen as usize;
-        while left > 0 {
-            let n = left.min(NOTHING.len());
-            w.write_all(&NOTHING[..n])?;
-            left -= n;
-        }
-        Ok(())
-    })?;
-    w.flush()?;
-    phases.push(("skeleton written", ms()));
+    let (written, fetched) = std::thread::scope(|s| {
+        let writer = s.spawn(write_skeleton);
+        let fetched = vmpack_registry::oci::parallel_for(
+            eager.len(),
+            fetch.client.options().parallel.max(1),
+            &|i| {
+                use vmboot::vstate::lazy::ChunkFetch;
+                fetch.fetch(eager[i])
+            },
+        )
+        .map(|()| ms());
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(anyhow!("writing the local pack file failed")));
+        (written, fetched)
+    });
+    phases.push(("state, boot files, disks", fetched?));
+    phases.push(("skeleton written", written?));
+    phases.sort_by(|a, b| a.1.total_cmp(&b.1));
     Ok(RemotePackFile {
         path,
         fetch,
         phases,
+        confirm,
         _dir: dir,
     })
+}
+
+impl RemotePackFile {
+    /// Whether the reference still points to the pack this file is (always, unless the
+    /// manifest came from the cache and the tag moved since: then prepare again without it).
+    pub fn confirmed(&mut self) -> Result<bool> {
+        let Some((digest, handle)) = self.confirm.take() else {
+            return Ok(true);
+        };
+        let now = handle
+            .join()
+            .map_err(|_| anyhow!("asking the registry for the tag's digest failed"))??;
+        Ok(now.as_deref() == Some(digest.as_str()))
+    }
+
+    /// The digest of the manifest (or image index) restored.
+    pub fn digest(&self) -> &str {
+        &self.fetch.remote.digest
+    }
 }

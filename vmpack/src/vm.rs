@@ -543,12 +543,23 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
 /// `vmpack restore REF`: the VM runs before its memory is downloaded (see `remote`).
 fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     let started = Instant::now();
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
     let reference = vmpack_registry::Reference::parse(&r)?;
-    let client = a.registry.client(&reference)?;
-    let cache = vmpack_registry::ChunkCache::open_default()?;
+    let client = Arc::new(a.registry.client(&reference)?);
     // Without userfaultfd (or with --memory eager) memory is fetched whole first.
     let all = a.memory == snapshot::MemoryPolicy::Eager || !vmboot::vstate::lazy::available();
-    let local = crate::remote::prepare(client, cache, all, started, a.quiet)?;
+    let mut guess = true;
+    let mut local = loop {
+        let cache = vmpack_registry::ChunkCache::open_default()?;
+        let mut local =
+            crate::remote::prepare(client.clone(), cache, guess, all, started, a.quiet)?;
+        if local.confirmed()? {
+            break local;
+        }
+        // The tag moved since the cached manifest: start over from the registry's.
+        guess = false;
+    };
+    local.phases.push(("tag confirmed", ms(started)));
     if a.require_signature {
         let allowed = a
             .allowed_signers
@@ -563,7 +574,6 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
             }
         }
     }
-    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
     if !a.quiet {
         eprintln!(
             "vmpack: {r}: skeleton and disks ready in {:.1} ms; {}",
