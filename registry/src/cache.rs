@@ -82,6 +82,17 @@ impl ChunkCache {
         }
     }
 
+    /// The cache of the small blobs that describe packs (manifests, configs, indexes):
+    /// `<cache>/meta/sha256/`, apart from the chunks so that counts and pruning of chunks
+    /// mean chunks.
+    pub fn meta(&self) -> ChunkCache {
+        let root = self.refs.parent().unwrap_or(Path::new("."));
+        ChunkCache {
+            dir: root.join("meta").join("sha256"),
+            refs: self.refs.clone(),
+        }
+    }
+
     /// The digest `reference` (a tag) pointed to when last resolved, if recorded: a guess
     /// to start from, which the caller confirms with the registry.
     pub fn recall_ref(&self, reference: &str) -> Option<String> {
@@ -103,6 +114,44 @@ impl ChunkCache {
                 let _ = t.persist(self.refs.join(ref_key(reference)));
             }
         }
+    }
+
+    /// The repository of `registry` most recently pushed to other than `except`: where a
+    /// push asks the registry to mount blobs from.
+    pub fn recent_repository(&self, registry: &str, except: &str) -> Option<String> {
+        let s = std::fs::read_to_string(self.repos_file(registry)).ok()?;
+        s.lines()
+            .rev()
+            .find(|l| !l.is_empty() && *l != except)
+            .map(str::to_string)
+    }
+
+    /// Records a push to `repository` of `registry` (the last 16 kept, best effort).
+    pub fn remember_repository(&self, registry: &str, repository: &str) {
+        let path = self.repos_file(registry);
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut list: Vec<&str> = old
+            .lines()
+            .filter(|l| !l.is_empty() && *l != repository)
+            .collect();
+        list.push(repository);
+        let keep = &list[list.len().saturating_sub(16)..];
+        if std::fs::create_dir_all(&self.refs).is_err() {
+            return;
+        }
+        if let Ok(mut t) = tempfile::Builder::new()
+            .prefix(".incoming-")
+            .tempfile_in(&self.refs)
+        {
+            if t.write_all((keep.join("\n") + "\n").as_bytes()).is_ok() {
+                let _ = t.persist(path);
+            }
+        }
+    }
+
+    fn repos_file(&self, registry: &str) -> PathBuf {
+        self.refs
+            .join(format!("repositories-{}", ref_key(registry)))
     }
 
     /// Opens an entry for reading and marks it used.

@@ -412,20 +412,34 @@ impl Client {
     /// [`UPLOAD_PIECE`] bytes and a closing PUT. Each request is retried on its own; a
     /// sequence that still fails (e.g. the session was lost) starts over once.
     pub fn upload_blob(&self, digest: &str, data: &[u8]) -> Result<()> {
-        match self.upload_once(digest, data) {
-            Ok(()) => Ok(()),
+        self.upload_or_mount(digest, data, None).map(|_| ())
+    }
+
+    /// [`Client::upload_blob`], first asking the registry to mount the blob from repository
+    /// `from` on the same registry (`POST …/blobs/uploads/?mount=…&from=…`). Returns whether
+    /// it was mounted; a registry that cannot (or does not have it there) opens an upload
+    /// session instead, which the upload uses, so asking costs no request.
+    pub fn upload_or_mount(&self, digest: &str, data: &[u8], from: Option<&str>) -> Result<bool> {
+        match self.upload_once(digest, data, from) {
+            Ok(m) => Ok(m),
             Err(_) if self.opts.retries > 0 => {
                 self.sleep_backoff(0);
-                self.upload_once(digest, data)
+                self.upload_once(digest, data, None)
             }
             Err(e) => Err(e),
         }
     }
 
-    fn upload_once(&self, digest: &str, data: &[u8]) -> Result<()> {
+    fn upload_once(&self, digest: &str, data: &[u8], from: Option<&str>) -> Result<bool> {
         let what = format!("{}: uploading blob {digest}", self.reference);
-        let url = self.url("blobs/uploads/");
+        let mut url = self.url("blobs/uploads/");
+        if let Some(from) = from {
+            url += &format!("?mount={}&from={}", form_encode(digest), form_encode(from));
+        }
         let mut resp = self.send("POST", &url, &[("Content-Length", "0")], Some(&[]))?;
+        if from.is_some() && resp.status() == 201 {
+            return Ok(true);
+        }
         if resp.status() != 202 {
             return Err(status_error(&what, &mut resp));
         }
@@ -463,7 +477,7 @@ impl Client {
         if resp.status() != 201 {
             return Err(status_error(&what, &mut resp));
         }
-        Ok(())
+        Ok(false)
     }
 
     fn location(&self, resp: &Response<Body>, what: &str) -> Result<String> {

@@ -157,6 +157,11 @@ pub struct PushReport {
     /// Blobs the registry already had (bytes not sent).
     pub present_blobs: u64,
     pub present_bytes: u64,
+    /// The repository blobs were mounted from (cross-repository mount), if one was tried.
+    pub mounted_from: Option<String>,
+    /// Blobs the registry mounted from `mounted_from` (bytes not sent).
+    pub mounted_blobs: u64,
+    pub mounted_bytes: u64,
     pub manifests: u64,
     pub signatures: u64,
     /// Whether the registry has the referrers API (false: the tag fallback was used).
@@ -165,9 +170,12 @@ pub struct PushReport {
 
 /// Pushes the pack at `path` to the client's reference (which must carry a tag).
 /// `verify` sees the full verification, `progress` the bytes of blobs handled.
+/// Blobs the repository lacks are mounted from repository `mount_from` of the same registry
+/// where the registry can (cross-repository blob mount), else uploaded.
 pub fn push(
     path: &Path,
     client: &Client,
+    mount_from: Option<&str>,
     verify: &dyn Progress,
     progress: &dyn Progress,
 ) -> Result<PushReport> {
@@ -317,6 +325,7 @@ pub fn push(
         AtomicU64::new(0),
         AtomicU64::new(0),
     );
+    let (mounted_blobs, mounted_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
     parallel_for(wanted.len(), threads, &|i| {
         let (digest, size, src) = &wanted[i];
         if present.contains(digest) || client.blob_exists(digest)? {
@@ -333,9 +342,13 @@ pub fn push(
                 &buf
             }
         };
-        client.upload_blob(digest, data)?;
-        up_blobs.fetch_add(1, Ordering::Relaxed);
-        up_bytes.fetch_add(*size, Ordering::Relaxed);
+        if client.upload_or_mount(digest, data, mount_from)? {
+            mounted_blobs.fetch_add(1, Ordering::Relaxed);
+            mounted_bytes.fetch_add(*size, Ordering::Relaxed);
+        } else {
+            up_blobs.fetch_add(1, Ordering::Relaxed);
+            up_bytes.fetch_add(*size, Ordering::Relaxed);
+        }
         progress.advance(*size);
         Ok(())
     })?;
@@ -393,6 +406,9 @@ pub fn push(
         uploaded_bytes: up_bytes.into_inner(),
         present_blobs: have_blobs.into_inner(),
         present_bytes: have_bytes.into_inner(),
+        mounted_from: mount_from.map(str::to_string),
+        mounted_blobs: mounted_blobs.into_inner(),
+        mounted_bytes: mounted_bytes.into_inner(),
         manifests,
         signatures: skel.signatures().len() as u64,
         referrers_api,
@@ -617,6 +633,8 @@ pub fn resolve_cached(
 ) -> Result<RemotePack> {
     let started = std::time::Instant::now();
     let ms = || started.elapsed().as_secs_f64() * 1000.0;
+    let meta = cache.map(ChunkCache::meta);
+    let cache = meta.as_ref();
     let mut timings = Vec::new();
     let r = client.reference();
     let what = r.to_string();

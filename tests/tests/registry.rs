@@ -341,6 +341,55 @@ fn push_pull_is_bit_for_bit_with_cache_and_split_manifests() {
     assert!(e.contains("give a tag"), "{e}");
 }
 
+/// A push to a second repository of the same registry mounts every blob from the first
+/// (cross-repository blob mount): no chunk byte is sent again, and the pack pulls back
+/// identical from either.
+#[test]
+fn a_push_to_a_second_repository_mounts_its_blobs() {
+    if !have("docker-registry", "the blob mount test") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let reg = Registry::start(&d.join("reg"), None);
+    let pack = make_pack(d, "m", 4, 5);
+    let first = format!("{}/team/one:v1", reg.host());
+    let second = format!("{}/other/two:v1", reg.host());
+    let a = json(&vm(
+        d,
+        &["push", pack.to_str().unwrap(), &first, "--json", "-q"],
+    ));
+    assert_eq!(a["mounted_blobs"], 0, "{a}");
+    assert!(a["uploaded_bytes"].as_u64().unwrap() > 3 << 20, "{a}");
+    let b = json(&vm(
+        d,
+        &["push", pack.to_str().unwrap(), &second, "--json", "-q"],
+    ));
+    assert_eq!(b["mounted_from"], "team/one", "{b}");
+    assert_eq!(b["uploaded_bytes"], 0, "{b}");
+    assert_eq!(b["uploaded_blobs"], 0, "{b}");
+    assert_eq!(b["mounted_blobs"], a["uploaded_blobs"], "{b}");
+    let o = vm(
+        d,
+        &[
+            "push",
+            pack.to_str().unwrap(),
+            &format!("{}/third/three:v1", reg.host()),
+        ],
+    );
+    assert!(
+        stdout(&o).contains("mounted from other/two"),
+        "{}",
+        stdout(&o)
+    );
+    for (i, r) in [&first, &second].into_iter().enumerate() {
+        let out = d.join(format!("back{i}.vmpack"));
+        ok(&vm(d, &["cache", "prune", "-q"]));
+        ok(&vm(d, &["pull", r, "-o", out.to_str().unwrap(), "-q"]));
+        same_file(&pack, &out);
+    }
+}
+
 #[test]
 fn basic_auth_from_the_command_line_and_docker_config() {
     if !have("docker-registry", "the registry auth test")
@@ -1005,8 +1054,71 @@ fn restore_from_a_reference_continues_exactly_and_fills_the_chunk_cache() {
             .collect();
         assert!(stray.is_empty(), "{stray:?}");
     }
-    // Clones from a reference run from one pulled file, which then sits in the cache.
+    // --json: one line once the VM runs, before any serial output, from a reference (whose
+    // manifest now comes from the cache, checked against the tag) and from a file.
     let r = format!("{}/team/counter:zstd", reg.host());
+    let o = vm(
+        d,
+        &[
+            "restore",
+            &r,
+            "--json",
+            "--serial-out",
+            "none",
+            "--api-sock",
+            "j.sock",
+        ],
+    );
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let j: serde_json::Value = serde_json::from_str(stdout(&o).lines().next().unwrap()).unwrap();
+    assert_eq!(j["clones"], 1, "{j}");
+    assert_eq!(j["sockets"][0], "j.sock", "{j}");
+    assert_eq!(j["reference"], r.as_str(), "{j}");
+    assert_eq!(j["memory"], "lazy", "{j}");
+    assert!(j["digest"].as_str().unwrap().starts_with("sha256:"), "{j}");
+    assert!(j["milliseconds"].as_f64().unwrap() > 0.0, "{j}");
+    let steps: Vec<&str> = j["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert!(
+        steps.contains(&"manifest") && steps.contains(&"vCPUs start"),
+        "{j}"
+    );
+    assert_eq!(stdout(&o).lines().count(), 1, "{}", stdout(&o));
+    let (pack, _) = (d.join("zstd.vmpack"), ());
+    let o = vm(
+        d,
+        &[
+            "restore",
+            pack.to_str().unwrap(),
+            "--json",
+            "--serial-out",
+            "none",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(j["clones"], 1, "{j}");
+    assert!(j["sockets"].as_array().unwrap().is_empty(), "{j}");
+    assert!(j["memory"].is_string(), "{j}");
+
+    // A tag moved since its manifest was cached: found before the VM is built, and the
+    // restore runs what the tag points to now.
+    let moved = format!("{}/team/counter:none", reg.host());
+    ok(&vm(d, &["push", pack.to_str().unwrap(), &moved, "-q"]));
+    let (o, after) = restore_ref(d, "moved", &moved);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("the tag moved"), "{err}");
+    assert!(after.ends_with("300\n"), "{after}");
+    let (o, _) = restore_ref(d, "moved-2", &moved);
+    assert!(!stderr(&o).contains("the tag moved"), "{}", stderr(&o));
+
+    // Clones from a reference run from one pulled file, which then sits in the cache.
     let o = vm(d, &["restore", &r, "--clones", "2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);

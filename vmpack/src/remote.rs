@@ -424,4 +424,8 @@ impl RemotePackFile {
     pub fn digest(&self) -> &str {
         &self.fetch.remote.digest
     }
+
+    pub fn root_digest(&self) -> [u8; 32] {
+        self.fetch.remote.skeleton.root_digest()
+    }
 }

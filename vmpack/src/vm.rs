@@ -108,8 +108,9 @@ pub struct RestoreArgs {
     /// `[i] `, or to `PATH.i` for `--serial-out PATH`.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     clones: u32,
-    /// With --clones: once all clones run, print one JSON line on stdout (`clones`,
-    /// `sockets`, `milliseconds`) before any serial output.
+    /// Once the VM (or every clone) runs, print one JSON line on stdout (`clones`,
+    /// `sockets`, `milliseconds`; one restore adds `memory`, and from a reference
+    /// `reference`, `digest`, `root_digest`, `steps`) before any serial output.
     #[arg(long)]
     json: bool,
 }
@@ -496,8 +497,11 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
             }
         }
     }
-    if a.json && a.clones < 2 {
-        return Err(crate::util::Usage("--json applies to --clones N (N >= 2)".into()).into());
+    if a.json && a.pack.as_os_str() == "-" {
+        return Err(crate::util::Usage(
+            "--json needs a pack file or reference, not standard input".into(),
+        )
+        .into());
     }
     if a.clones > 1 {
         if a.pack.as_os_str() == "-" {
@@ -520,6 +524,9 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
         }
         PackInput::File(a.pack.clone())
     };
+    if a.json {
+        return restore_json(input, a);
+    }
     let run = RunOptions {
         serial_out: sink(Some(&a.serial_out), None),
         api_sock: a.api_sock,
@@ -540,6 +547,66 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
     )
 }
 
+/// The document `restore --json` prints when the VM runs, before any serial output: the
+/// fields of `restore --clones N --json`, plus `extra`.
+fn print_restore_json(
+    api_sock: Option<&Path>,
+    milliseconds: f64,
+    extra: serde_json::Map<String, serde_json::Value>,
+) {
+    let mut doc = serde_json::json!({
+        "clones": 1,
+        "sockets": api_sock.map(|p| p.display().to_string()).into_iter().collect::<Vec<_>>(),
+        "milliseconds": milliseconds,
+    });
+    if let Some(o) = doc.as_object_mut() {
+        o.extend(extra);
+    }
+    crate::outln!("{doc}");
+}
+
+/// `vmpack restore PACK --json`: as `restore_and_run`, with the document printed once the
+/// VM is built, before its vCPUs start.
+fn restore_json(input: PackInput, a: RestoreArgs) -> Result<i32> {
+    let t = Instant::now();
+    let sock = a.api_sock.clone();
+    let run = RunOptions {
+        serial_out: sink(Some(&a.serial_out), None),
+        api_sock: a.api_sock,
+        stdin_input: true,
+        ..Default::default()
+    };
+    let (vm, info) = snapshot::restore(
+        input,
+        RestoreOptions {
+            verify: a.verify,
+            memory: a.memory,
+            run,
+            work_dir: None,
+            source: Default::default(),
+        },
+    )?;
+    for w in &info.warnings {
+        eprintln!("vmpack: warning: {w}");
+    }
+    let milliseconds = t.elapsed().as_secs_f64() * 1000.0;
+    if !a.quiet {
+        eprintln!(
+            "vmpack: restored in {milliseconds:.1} ms (memory: {}; {})",
+            info.memory_path, info.verified
+        );
+    }
+    let mut extra = serde_json::Map::new();
+    extra.insert("memory".into(), info.memory_path.into());
+    print_restore_json(sock.as_deref(), milliseconds, extra);
+    vmboot::terminate_on_signals(vm.controller())?;
+    let reason = vm.run()?;
+    if reason.code != 0 {
+        eprintln!("vmpack: {} (exit status {})", reason.message, reason.code);
+    }
+    Ok(reason.code)
+}
+
 /// `vmpack restore REF`: the VM runs before its memory is downloaded (see `remote`).
 fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     let started = Instant::now();
@@ -557,6 +624,9 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
             break local;
         }
         // The tag moved since the cached manifest: start over from the registry's.
+        if !a.quiet {
+            eprintln!("vmpack: {r}: the tag moved since it was last resolved; resolving it again");
+        }
         guess = false;
     };
     local.phases.push(("tag confirmed", ms(started)));
@@ -587,6 +657,7 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     }
     // The serial log lets the first line of output be timed (and the bytes fetched by then).
     let log = vmboot::console::SerialLog::new();
+    let sock = a.api_sock.clone();
     let run = RunOptions {
         serial_out: SerialSink::Console {
             log: log.clone(),
@@ -648,6 +719,26 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     vmboot::terminate_on_signals(vm.controller())?;
     let vcpus_ms = ms(started);
     phases.push(("vCPUs start", vcpus_ms));
+    if a.json {
+        let mut extra = serde_json::Map::new();
+        extra.insert("memory".into(), info.memory_path.into());
+        extra.insert("reference".into(), r.clone().into());
+        extra.insert("digest".into(), local.digest().into());
+        extra.insert(
+            "root_digest".into(),
+            format!("sha256:{}", hex::encode(local.root_digest())).into(),
+        );
+        extra.insert(
+            "steps".into(),
+            serde_json::Value::Array(
+                phases
+                    .iter()
+                    .map(|(n, t)| serde_json::json!({"step": n, "ms": t}))
+                    .collect(),
+            ),
+        );
+        print_restore_json(sock.as_deref(), vcpus_ms, extra);
+    }
     if !a.quiet {
         let steps: Vec<String> = phases.iter().map(|(n, t)| format!("{n} {t:.1}")).collect();
         eprintln!(
