@@ -41,6 +41,9 @@ impl std::fmt::Debug for Credentials {
 pub struct ClientOptions {
     /// Allow plain HTTP to a registry that is not on loopback.
     pub insecure: bool,
+    /// Trust the certificates in this PEM file (instead of the built-in Mozilla roots);
+    /// default: `$SSL_CERT_FILE` if set.
+    pub ca_file: Option<std::path::PathBuf>,
     /// Explicit login (`--username`/`--password-stdin`); otherwise docker's config and
     /// credential helpers are asked.
     pub credentials: Option<Credentials>,
@@ -56,6 +59,7 @@ impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
             insecure: false,
+            ca_file: None,
             credentials: None,
             retries: 4,
             backoff: Duration::from_millis(250),
@@ -119,9 +123,29 @@ fn retryable_status(code: u16) -> bool {
 impl Client {
     pub fn new(reference: &Reference, opts: ClientOptions) -> Result<Client> {
         let host = reference.api_host();
-        let plain = opts.insecure || reference.is_loopback();
-        let base = format!("{}://{host}", if plain { "http" } else { "https" });
+        let ca = opts
+            .ca_file
+            .clone()
+            .or_else(|| std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from));
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(path) = &ca {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("{}: reading the CA file", path.display()))?;
+            let mut certs = Vec::new();
+            for item in ureq::tls::parse_pem(&pem) {
+                if let ureq::tls::PemItem::Certificate(c) =
+                    item.with_context(|| format!("{}: not PEM", path.display()))?
+                {
+                    certs.push(c.to_owned());
+                }
+            }
+            if certs.is_empty() {
+                bail!("{}: no PEM certificate in the CA file", path.display());
+            }
+            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+        }
         let agent: ureq::Agent = ureq::Agent::config_builder()
+            .tls_config(tls.build())
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
             .timeout_recv_response(Some(Duration::from_secs(120)))
@@ -134,6 +158,33 @@ impl Client {
         if let Some(c) = &opts.credentials {
             let _ = creds.set(Some(c.clone()));
         }
+        let https = format!("https://{host}");
+        let base = if opts.insecure {
+            format!("http://{host}")
+        } else if reference.is_loopback() {
+            // Loopback registries may speak plain HTTP (docker's rule too). One request
+            // tells: a TLS server answers plain HTTP with 400 and says so, or hangs up.
+            let url = format!("http://{host}/v2/");
+            match agent.get(&url).call() {
+                Ok(mut r) => {
+                    let body = r
+                        .body_mut()
+                        .with_config()
+                        .limit(4096)
+                        .lossy_utf8(true)
+                        .read_to_string()
+                        .unwrap_or_default();
+                    if r.status() == 400 && body.contains("HTTPS") {
+                        https
+                    } else {
+                        format!("http://{host}")
+                    }
+                }
+                Err(_) => https,
+            }
+        } else {
+            https
+        };
         Ok(Client {
             agent,
             base,
@@ -220,7 +271,13 @@ impl Client {
                     attempt += 1;
                 }
                 Err(e) => {
-                    return Err(anyhow!(e)).with_context(|| format!("{method} {url}"));
+                    let hint = if e.to_string().contains("certificate") {
+                        "; the registry's TLS certificate is not trusted: give --ca-file FILE \
+                         with the CA that signed it (or set SSL_CERT_FILE)"
+                    } else {
+                        ""
+                    };
+                    bail!("{method} {url}: {e}{hint}");
                 }
             }
         }

@@ -44,13 +44,6 @@ struct Registry {
 
 impl Registry {
     fn start(dir: &Path, htpasswd: Option<&Path>) -> Registry {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let store = dir.join("store");
-        std::fs::create_dir_all(&store).unwrap();
         let auth = match htpasswd {
             Some(p) => format!(
                 "auth: {{htpasswd: {{realm: vmpack-test, path: {}}}}}\n",
@@ -58,10 +51,23 @@ impl Registry {
             ),
             None => String::new(),
         };
+        Registry::start_with(dir, "", &auth)
+    }
+
+    /// A registry whose config's `http` map gets `http_extra` (e.g. `tls: {...}`) and whose
+    /// config gets the top-level lines `extra` (e.g. `auth: {...}`).
+    fn start_with(dir: &Path, http_extra: &str, extra: &str) -> Registry {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let store = dir.join("store");
+        std::fs::create_dir_all(&store).unwrap();
         std::fs::write(
             dir.join("config.yml"),
             format!(
-                "version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\nhttp: {{addr: 127.0.0.1:{port}}}\n{auth}",
+                "version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\nhttp: {{addr: 127.0.0.1:{port}{http_extra}}}\n{extra}",
                 store.display()
             ),
         )
@@ -455,6 +461,129 @@ fn basic_auth_from_the_command_line_and_docker_config() {
     let out = d.join("pulled.vmpack");
     ok(&vm(d, &["pull", &r, "-o", out.to_str().unwrap(), "-q"]));
     same_file(&pack, &out);
+
+    // A credential helper named in docker's config (`credHelpers`): docker-credential-NAME
+    // on PATH, asked `get` with the registry on stdin, answers with the login.
+    let bin = d.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let helper = bin.join("docker-credential-vmpacktest");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\nserver=$(cat)\necho \"$1 $server\" >> {}\n\
+             printf '{{\"ServerURL\":\"%s\",\"Username\":\"alice\",\"Secret\":\"s3cret\"}}' \"$server\"\n",
+            d.join("helper.log").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        d.join("docker/config.json"),
+        format!(
+            "{{\"credHelpers\": {{\"{}\": \"vmpacktest\"}}}}",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = d.join("helped.vmpack");
+    ok(&vm_env(
+        d,
+        &["pull", &r, "-o", out.to_str().unwrap(), "-q"],
+        &[("PATH", &path)],
+    ));
+    same_file(&pack, &out);
+    let log = std::fs::read_to_string(d.join("helper.log")).unwrap();
+    assert_eq!(log.trim(), format!("get {}", reg.host()), "{log}");
+    // Without the helper on PATH the login is missing, and the message says which helper.
+    let e = fails(&vm(d, &["pull", &r, "-o", "x.vmpack", "-q"]));
+    assert!(e.contains("credentials") || e.contains("helper"), "{e}");
+    assert!(!d.join("x.vmpack").exists());
+}
+
+fn sh(dir: &Path, script: &str) {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{script}: {}", stderr(&o));
+}
+
+/// A CA (`NAME.pem`, `NAME.key`) made with openssl in `dir`.
+fn make_ca(dir: &Path, name: &str) {
+    sh(
+        dir,
+        &format!(
+            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+             -keyout {name}.key -out {name}.pem -days 2 -subj /CN={name} \
+             -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign"
+        ),
+    );
+}
+
+/// A registry over HTTPS on 127.0.0.1 with a certificate signed by a CA made in the test:
+/// vmpack refuses it until told to trust that CA (`--ca-file`, or `SSL_CERT_FILE`), and
+/// refuses a certificate from another CA; on loopback it finds on its own that the registry
+/// speaks HTTPS.
+#[test]
+fn a_registry_over_tls_is_trusted_only_through_its_ca() {
+    if !have("docker-registry", "the registry TLS test")
+        || !have("openssl", "the registry TLS test")
+    {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    make_ca(d, "ca");
+    make_ca(d, "other");
+    sh(
+        d,
+        "openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout srv.key \
+         -out srv.csr -subj /CN=127.0.0.1 && \
+         printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > ext && \
+         openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem \
+         -days 2 -extfile ext",
+    );
+    let tls = format!(
+        ", tls: {{certificate: {}, key: {}}}",
+        d.join("srv.pem").display(),
+        d.join("srv.key").display()
+    );
+    let reg = Registry::start_with(&d.join("reg"), &tls, "");
+    let pack = make_pack(d, "tls", 2, 9);
+    let r = format!("{}/team/tls:v1", reg.host());
+    let p = pack.to_str().unwrap();
+
+    let e = fails(&vm(d, &["push", p, &r]));
+    assert!(e.contains(&format!("https://{}", reg.host())), "{e}");
+    assert!(e.contains("not trusted") && e.contains("--ca-file"), "{e}");
+    let e = fails(&vm(d, &["push", p, &r, "--ca-file", "other.pem"]));
+    assert!(e.contains("not trusted"), "{e}");
+    let pushed = json(&vm(
+        d,
+        &["push", p, &r, "--ca-file", "ca.pem", "--json", "-q"],
+    ));
+    assert!(
+        pushed["uploaded_bytes"].as_u64().unwrap() > 1 << 20,
+        "{pushed}"
+    );
+    let ca = d.join("ca.pem");
+    let out = d.join("back.vmpack");
+    ok(&vm_env(
+        d,
+        &["pull", &r, "-o", out.to_str().unwrap(), "-q"],
+        &[("SSL_CERT_FILE", ca.to_str().unwrap())],
+    ));
+    same_file(&pack, &out);
+    let e = fails(&vm(d, &["push", p, &r, "--ca-file", "srv.key"]));
+    assert!(e.contains("no PEM certificate"), "{e}");
 }
 
 #[test]

@@ -28,6 +28,10 @@ pub struct RegistryArgs {
     /// Allow plain HTTP to a registry that is not on loopback (loopback always may).
     #[arg(long)]
     pub insecure: bool,
+    /// Trust the CA certificates in this PEM file for the registry's HTTPS (instead of the
+    /// built-in Mozilla roots); without it, $SSL_CERT_FILE if set.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Blob transfers at once.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub transfers: u32,
@@ -56,6 +60,7 @@ impl RegistryArgs {
             reference,
             ClientOptions {
                 insecure: self.insecure,
+                ca_file: self.ca_file.clone(),
                 credentials,
                 parallel: self.transfers as usize,
                 ..Default::default()
