@@ -586,6 +586,128 @@ fn a_registry_over_tls_is_trusted_only_through_its_ca() {
     assert!(e.contains("no PEM certificate"), "{e}");
 }
 
+/// A token server for the registry's bearer-token auth: answers `GET /token?...` from the
+/// login alice:s3cret with `token` (a JWT the test signed), anything else with 401; keeps
+/// the request lines. Serves at most 500 requests.
+fn token_server(token: String) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming().take(500) {
+            let Ok(mut c) = conn else { continue };
+            let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            let mut first = String::new();
+            let _ = r.read_line(&mut first);
+            let mut authorized = false;
+            for _ in 0..100 {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                    break;
+                }
+                // base64("alice:s3cret")
+                authorized |= h
+                    .trim()
+                    .eq_ignore_ascii_case("authorization: Basic YWxpY2U6czNjcmV0");
+            }
+            log.lock().unwrap().push(first.trim().to_string());
+            let (status, body) = if authorized && first.starts_with("GET /token?") {
+                ("200 OK", format!("{{\"token\": \"{token}\"}}"))
+            } else {
+                ("401 Unauthorized", "{}".to_string())
+            };
+            let _ = write!(
+                c,
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (port, seen)
+}
+
+/// Bearer-token auth (the WWW-Authenticate Bearer flow docker's registry uses with a token
+/// service): the registry trusts tokens signed by a key made in the test, the token server
+/// hands one out for the login, vmpack asks it with the challenge's realm, service and
+/// scope, and pushes and pulls with the token; without a login the token server refuses.
+#[test]
+fn bearer_token_auth_through_a_token_server() {
+    if !have("docker-registry", "the bearer token test")
+        || !have("openssl", "the bearer token test")
+    {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    // RS256 over header.claims with the key whose (self-signed) certificate the registry
+    // trusts; the certificate travels in the header (x5c).
+    sh(
+        d,
+        r#"set -e
+b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
+openssl req -x509 -newkey rsa:2048 -nodes -keyout tok.key -out tok.pem -days 2 -subj /CN=vmpack-token 2>/dev/null
+X5C=$(openssl x509 -in tok.pem -outform DER | openssl base64 -A)
+NOW=$(date +%s)
+H=$(printf '{"alg":"RS256","typ":"JWT","x5c":["%s"]}' "$X5C" | b64url)
+C=$(printf '{"iss":"vmpack-issuer","sub":"alice","aud":"vmpack-registry","exp":%d,"nbf":%d,"iat":%d,"jti":"t1","access":[{"type":"repository","name":"team/vm","actions":["pull","push"]}]}' $((NOW+3600)) $((NOW-60)) $((NOW-60)) | b64url)
+S=$(printf '%s.%s' "$H" "$C" | openssl dgst -sha256 -sign tok.key | b64url)
+printf '%s.%s.%s' "$H" "$C" "$S" > token
+"#,
+    );
+    let token = std::fs::read_to_string(d.join("token")).unwrap();
+    let (tport, seen) = token_server(token);
+    let auth = format!(
+        "auth: {{token: {{realm: \"http://127.0.0.1:{tport}/token\", service: vmpack-registry, issuer: vmpack-issuer, rootcertbundle: {}}}}}\n",
+        d.join("tok.pem").display()
+    );
+    let reg = Registry::start_with(&d.join("reg"), "", &auth);
+    let pack = make_pack(d, "bear", 2, 11);
+    let r = format!("{}/team/vm:v1", reg.host());
+    let p = pack.to_str().unwrap();
+
+    let e = fails(&vm(d, &["push", p, &r]));
+    assert!(e.contains("token from") && e.contains("401"), "{e}");
+    let login = ["--username", "alice", "--password-stdin", "-q"];
+    let o = vm_stdin(d, &[&["push", p, &r][..], &login].concat(), b"s3cret\n");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = d.join("back.vmpack");
+    let o = vm_stdin(
+        d,
+        &[&["pull", &r, "-o", out.to_str().unwrap()][..], &login].concat(),
+        b"s3cret\n",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    same_file(&pack, &out);
+    let asked = seen.lock().unwrap().clone();
+    assert!(
+        asked.iter().any(|l| l.contains("service=vmpack-registry")
+            && l.contains("scope=repository%3Ateam%2Fvm%3A")),
+        "{asked:?}"
+    );
+    // The token grants team/vm only: another repository is refused.
+    let o = vm_stdin(
+        d,
+        &[
+            &["push", p, &format!("{}/team/other:v1", reg.host())][..],
+            &login,
+        ]
+        .concat(),
+        b"s3cret\n",
+    );
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("401")
+            || e.contains("403")
+            || e.contains("UNAUTHORIZED")
+            || e.contains("DENIED"),
+        "{e}"
+    );
+}
+
 #[test]
 fn a_registry_killed_mid_push_and_mid_pull_leaves_no_half_file() {
     if !have("docker-registry", "the registry interruption test") {
