@@ -1437,8 +1437,9 @@ fn restore_from_a_reference_refuses_an_altered_memory_blob() {
 /// --ignored --nocapture restore_from_registry_figures`): a 1 GiB guest holding 600 MiB of
 /// incompressible data in RAM (the kvstore guest with the data behind its code), pushed to
 /// a loopback registry and restored from the reference with an empty chunk cache, then
-/// again with the cache full; each restore is shut down once its memory is fully resident.
-/// Prints vmpack's own timing lines.
+/// again with the cache full; each restore is given a command as soon as its control socket
+/// answers (the guest's answer is its first serial line) and shut down once its memory is
+/// fully resident. Prints vmpack's own timing lines.
 #[test]
 #[ignore]
 fn restore_from_registry_figures() {
@@ -1511,6 +1512,13 @@ fn restore_from_registry_figures() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // A command for the guest as soon as it runs: its answer is the first serial line, and
+        // vmpack says how many chunk bytes had come by then.
+        wait_for("the control socket", Duration::from_secs(60), || {
+            UnixStream::connect(&sock).is_ok()
+        });
+        let (st, _) = http(&sock, "PUT", "/vm/serial/input", b"get nothing\n");
+        assert_eq!(st, 204);
         let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
         let mut err = String::new();
         for l in lines.by_ref() {
