@@ -70,7 +70,10 @@ impl Default for ClientOptions {
 
 pub struct Client {
     agent: ureq::Agent,
-    base: String,
+    /// `http://HOST` or `https://HOST`.
+    base: Mutex<String>,
+    /// A loopback registry spoken to over plain HTTP so far, which may turn out to be HTTPS.
+    try_https: std::sync::atomic::AtomicBool,
     reference: Reference,
     opts: ClientOptions,
     /// The login, looked up on the first challenge: docker's credential helpers are
@@ -158,36 +161,15 @@ impl Client {
         if let Some(c) = &opts.credentials {
             let _ = creds.set(Some(c.clone()));
         }
-        let https = format!("https://{host}");
-        let base = if opts.insecure {
-            format!("http://{host}")
-        } else if reference.is_loopback() {
-            // Loopback registries may speak plain HTTP (docker's rule too). One request
-            // tells: a TLS server answers plain HTTP with 400 and says so, or hangs up.
-            let url = format!("http://{host}/v2/");
-            match agent.get(&url).call() {
-                Ok(mut r) => {
-                    let body = r
-                        .body_mut()
-                        .with_config()
-                        .limit(4096)
-                        .lossy_utf8(true)
-                        .read_to_string()
-                        .unwrap_or_default();
-                    if r.status() == 400 && body.contains("HTTPS") {
-                        https
-                    } else {
-                        format!("http://{host}")
-                    }
-                }
-                Err(_) => https,
-            }
-        } else {
-            https
-        };
+        // Loopback registries may speak plain HTTP (docker's rule too): tried first, and a
+        // TLS server's answer to plain HTTP (a 400 that says so) switches to HTTPS.
+        let plain = opts.insecure || reference.is_loopback();
+        let base = format!("{}://{host}", if plain { "http" } else { "https" });
+        let try_https = !opts.insecure && reference.is_loopback();
         Ok(Client {
             agent,
-            base,
+            base: Mutex::new(base),
+            try_https: std::sync::atomic::AtomicBool::new(try_https),
             reference: reference.clone(),
             opts,
             creds,
@@ -204,7 +186,7 @@ impl Client {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}/v2/{}/{path}", self.base, self.reference.repository)
+        format!("{}/v2/{}/{path}", self.base(), self.reference.repository)
     }
 
     /// Resolves a `Location` header against the registry.
@@ -212,8 +194,12 @@ impl Client {
         if location.starts_with("http://") || location.starts_with("https://") {
             location.to_string()
         } else {
-            format!("{}{location}", self.base)
+            format!("{}{location}", self.base())
         }
+    }
+
+    fn base(&self) -> String {
+        self.base.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn sleep_backoff(&self, attempt: u32) {
@@ -236,8 +222,9 @@ impl Client {
     ) -> Result<Response<Body>> {
         let mut attempt = 0;
         let mut authed = false;
+        let mut url = url.to_string();
         loop {
-            let mut b = http::Request::builder().method(method).uri(url);
+            let mut b = http::Request::builder().method(method).uri(&url);
             for (k, v) in headers {
                 b = b.header(*k, *v);
             }
@@ -248,7 +235,36 @@ impl Client {
                 Some(data) => self.agent.run(b.body(data)?),
                 None => self.agent.run(b.body(())?),
             };
+            if let Ok(r) = &result {
+                if r.status() != 400 {
+                    // It answered plain HTTP: no TLS server.
+                    self.try_https
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
             match result {
+                Ok(mut resp)
+                    if resp.status() == 400
+                        && url.starts_with("http://")
+                        && self.try_https.load(std::sync::atomic::Ordering::SeqCst) =>
+                {
+                    let body = resp
+                        .body_mut()
+                        .with_config()
+                        .limit(4096)
+                        .lossy_utf8(true)
+                        .read_to_string()
+                        .unwrap_or_default();
+                    if !body.contains("HTTPS") {
+                        bail!("{method} {url}: HTTP 400 {}", body.trim());
+                    }
+                    self.try_https
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                    let host = self.reference.api_host();
+                    *self.base.lock().unwrap_or_else(|e| e.into_inner()) =
+                        format!("https://{host}");
+                    url = url.replacen("http://", "https://", 1);
+                }
                 Ok(resp) if resp.status() == 401 && !authed => {
                     let challenge = resp
                         .headers()

@@ -619,7 +619,16 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     let mut local = loop {
         let cache = vmpack_registry::ChunkCache::open_default()?;
         let mut local =
-            crate::remote::prepare(client.clone(), cache, guess, all, started, a.quiet)?;
+            match crate::remote::prepare(client.clone(), cache, guess, all, started, a.quiet) {
+                Ok(l) => l,
+                // The cached manifest may name blobs the registry no longer has (the tag
+                // moved and they were collected): the registry's own manifest decides.
+                Err(_) if guess => {
+                    guess = false;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
         if local.confirmed()? {
             break local;
         }
