@@ -108,7 +108,7 @@ pub struct RestoreArgs {
     /// `[i] `, or to `PATH.i` for `--serial-out PATH`.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     clones: u32,
-    /// Once the VM (or every clone) runs, print one JSON line on stdout (`clones`,
+    /// Once the VM (with --clones, every clone) runs, print one JSON line on stdout (`clones`,
     /// `sockets`, `milliseconds`; one restore adds `memory`, and from a reference
     /// `reference`, `digest`, `root_digest`, `steps`) before any serial output.
     #[arg(long)]
