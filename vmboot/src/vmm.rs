@@ -62,6 +62,8 @@ pub struct RunOptions {
     /// A folder owned by this VM (e.g. private disk copies of a restore), removed when
     /// [`Vm::run`] returns.
     pub work_dir: Option<PathBuf>,
+    /// A restore's new identity for the first `[[net]]` (a clone's tap and MAC).
+    pub net: crate::devices::virtio::net::NetOverride,
 }
 
 /// The bytes a boot needs; read from the config's files or supplied by a pack.
@@ -205,6 +207,7 @@ impl Devices {
         if cfg.rng {
             ids.push(crate::devices::virtio::rng::ID.to_string());
         }
+        ids.extend((0..cfg.nets.len()).map(crate::devices::virtio::net::id));
         ids
     }
 
@@ -215,6 +218,10 @@ impl Devices {
             "i8042" => d.decode::<I8042>().map(drop),
             crate::devices::virtio::rng::ID => d
                 .decode::<Arc<crate::devices::virtio::rng::RngHandle>>()?
+                .validate()
+                .with_context(|| format!("device {}", d.id)),
+            id if id.starts_with("virtio-net") => d
+                .decode::<Arc<crate::devices::virtio::net::NetHandle>>()?
                 .validate()
                 .with_context(|| format!("device {}", d.id)),
             _ => d
@@ -273,6 +280,14 @@ impl Devices {
                 find(id),
             )?;
         }
+        crate::devices::virtio::net::attach_all(
+            cfg,
+            &base.vm.fd,
+            base.mem.memory(),
+            &worker,
+            &mut dm,
+            find,
+        )?;
         Ok(Devices {
             _worker: worker,
             dm,
@@ -448,6 +463,8 @@ impl Vm {
     ) -> Result<Vm> {
         let state = state.0;
         let payload = payload.into();
+        // A clone's own tap and MAC: the VM runs (and a later save records) them.
+        let cfg = &opts.net.apply(cfg)?;
         let opts = &crate::console::with_log(opts);
         let base = build_base(cfg, memory)?;
         // vCPUs before the VM-level irqchip and PIT, as Firecracker does: the LAPICs exist

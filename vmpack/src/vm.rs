@@ -113,6 +113,8 @@ pub struct RestoreArgs {
     /// `reference`, `digest`, `root_digest`, `steps`) before any serial output.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    net: crate::identity::NetIdentityArgs,
 }
 
 /// The README's first command: a VM that needs no files at all.
@@ -202,6 +204,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
                     require_signature: false,
                     allowed_signers: None,
                     registry: Default::default(),
+                    net: Default::default(),
                 });
             }
             let cfg = pack.config()?;
@@ -503,6 +506,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
         )
         .into());
     }
+    a.net.check(a.clones as usize)?;
     if a.clones > 1 {
         if a.pack.as_os_str() == "-" {
             bail!("--clones needs a pack file, not standard input");
@@ -514,6 +518,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
             &a.serial_out,
             a.quiet,
             a.json,
+            &a.net,
         );
     }
     let input = if a.pack.as_os_str() == "-" {
@@ -531,6 +536,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
         serial_out: sink(Some(&a.serial_out), None),
         api_sock: a.api_sock,
         stdin_input: !matches!(input, PackInput::Stdin),
+        net: a.net.for_clone(0)?,
         ..Default::default()
     };
     snapshot::restore_and_run(
@@ -574,6 +580,7 @@ fn restore_json(input: PackInput, a: RestoreArgs) -> Result<i32> {
         serial_out: sink(Some(&a.serial_out), None),
         api_sock: a.api_sock,
         stdin_input: true,
+        net: a.net.for_clone(0)?,
         ..Default::default()
     };
     let (vm, info) = snapshot::restore(
@@ -610,6 +617,7 @@ fn restore_json(input: PackInput, a: RestoreArgs) -> Result<i32> {
 /// `vmpack restore REF`: the VM runs before its memory is downloaded (see `remote`).
 fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     let started = Instant::now();
+    a.net.check(1)?;
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
     let reference = vmpack_registry::Reference::parse(&r)?;
     let client = Arc::new(a.registry.client(&reference)?);
@@ -674,6 +682,7 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
         },
         api_sock: a.api_sock,
         stdin_input: !a.registry.password_stdin,
+        net: a.net.for_clone(0)?,
         ..Default::default()
     };
     let mut phases = local.phases.clone();
