@@ -599,6 +599,8 @@ fn restore_json(input: PackInput, a: RestoreArgs) -> Result<i32> {
     let (vm, info) = snapshot::restore(
         input,
         RestoreOptions {
+            report: Default::default(),
+            bench_timestamps: false,
             verify: a.verify,
             memory: a.memory,
             run,
