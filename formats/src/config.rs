@@ -34,6 +34,9 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     #[serde(default)]
     pub serial: SerialConfig,
+    /// A virtio-vsock device (after the disks and the entropy device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
 }
 
 fn default_vcpus() -> u32 {
@@ -202,6 +205,17 @@ pub struct SerialConfig {
     pub path: Option<PathBuf>,
 }
 
+/// `[vsock]`: the guest's context ID and the host Unix socket of the vsock backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    pub cid: u64,
+    /// Where `vmboot run` listens (relative to the config's folder). A restore never uses
+    /// the path a pack names: `--vsock-sock`, or a socket in the restore's work folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uds_path: Option<PathBuf>,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SerialOutput {
@@ -364,6 +378,15 @@ impl VmConfig {
                 }
             }
         }
+        if let Some(v) = &self.vsock {
+            // 0-2 and u32::MAX are well-known addresses; the upper 32 bits are reserved.
+            if !(3..u64::from(u32::MAX)).contains(&v.cid) {
+                return Err((
+                    "cid",
+                    format!("vsock cid = {}: expected 3 to 4294967294", v.cid),
+                ));
+            }
+        }
         if self.serial.output == SerialOutput::File && self.serial.path.is_none() {
             return Err(("output", "serial output = \"file\" needs a path".into()));
         }
@@ -392,6 +415,9 @@ impl VmConfig {
             abs(p);
         }
         if let CpuTemplate::Custom(p) = &mut self.cpu_template {
+            abs(p);
+        }
+        if let Some(p) = self.vsock.as_mut().and_then(|v| v.uds_path.as_mut()) {
             abs(p);
         }
     }

@@ -62,6 +62,9 @@ pub struct RunOptions {
     /// A folder owned by this VM (e.g. private disk copies of a restore), removed when
     /// [`Vm::run`] returns.
     pub work_dir: Option<PathBuf>,
+    /// The vsock device's host socket, in place of the config's `uds_path` (a restore's
+    /// config names a socket in its work folder, never the pack's path).
+    pub vsock_sock: Option<PathBuf>,
 }
 
 /// The bytes a boot needs; read from the config's files or supplied by a pack.
@@ -205,6 +208,9 @@ impl Devices {
         if cfg.rng {
             ids.push(crate::devices::virtio::rng::ID.to_string());
         }
+        if cfg.vsock.is_some() {
+            ids.push(crate::devices::virtio::vsock::ID.to_string());
+        }
         ids
     }
 
@@ -215,6 +221,10 @@ impl Devices {
             "i8042" => d.decode::<I8042>().map(drop),
             crate::devices::virtio::rng::ID => d
                 .decode::<Arc<crate::devices::virtio::rng::RngHandle>>()?
+                .validate()
+                .with_context(|| format!("device {}", d.id)),
+            crate::devices::virtio::vsock::ID => d
+                .decode::<Arc<crate::devices::virtio::vsock::VsockHandle>>()?
                 .validate()
                 .with_context(|| format!("device {}", d.id)),
             _ => d
@@ -231,6 +241,7 @@ impl Devices {
         base: &Base,
         sink: &SerialSink,
         saved: &[DeviceState],
+        vsock_sock: Option<&std::path::Path>,
     ) -> Result<Devices> {
         let find = |id: &str| saved.iter().find(|d| d.id == id);
         let serial = match find("com1") {
@@ -266,6 +277,21 @@ impl Devices {
         if cfg.rng {
             let id = crate::devices::virtio::rng::ID;
             crate::devices::virtio::rng::attach(
+                &base.vm.fd,
+                base.mem.memory(),
+                &worker,
+                &mut dm,
+                find(id),
+            )?;
+        }
+        if let Some(v) = &cfg.vsock {
+            let id = crate::devices::virtio::vsock::ID;
+            let path = vsock_sock
+                .or(v.uds_path.as_deref())
+                .context("[vsock] has no uds_path: give one in the config or --vsock-sock PATH")?;
+            crate::devices::virtio::vsock::attach(
+                v.cid,
+                path,
                 &base.vm.fd,
                 base.mem.memory(),
                 &worker,
@@ -398,7 +424,13 @@ impl Vm {
             .to_vec();
         let msr_list = msr::filter_readable(&base.fds[0], msr::candidate_list(&kvm_list))?;
 
-        let devices = Devices::new(cfg, &base, &opts.serial_out, &[])?;
+        let devices = Devices::new(
+            cfg,
+            &base,
+            &opts.serial_out,
+            &[],
+            opts.vsock_sock.as_deref(),
+        )?;
         let bsp = &base.fds[0];
         let sregs = bsp.get_sregs().context("KVM_GET_SREGS")?;
         let (regs, sregs, initrd_at) = match cfg.boot() {
@@ -461,7 +493,13 @@ impl Vm {
         }
         let msr_list: Vec<u32> = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
         let msr_list = msr::filter_readable(&base.fds[0], msr_list)?;
-        let devices = Devices::new(cfg, &base, &opts.serial_out, &state.devices)?;
+        let devices = Devices::new(
+            cfg,
+            &base,
+            &opts.serial_out,
+            &state.devices,
+            opts.vsock_sock.as_deref(),
+        )?;
         let cpuids = state.vcpus.iter().map(|v| v.cpuid.clone()).collect();
         let initrd_at = state.initrd;
         let vm = Vm::assemble(cfg, base, devices, cpuids, msr_list, payload, opts)?;

@@ -406,6 +406,7 @@ pub fn import(src: &Path, o: ImportOpts, w: &crate::pack::WriteArgs) -> Result<b
             })
             .collect(),
         serial: SerialConfig::default(),
+        vsock: None,
     };
     crate::pack::validate_generated(&cfg)?;
     let mut files: Vec<(&'static str, &dyn SectionSource)> = Vec::new();

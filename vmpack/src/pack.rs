@@ -307,6 +307,7 @@ pub fn run_import(a: ImportArgs) -> Result<()> {
             read_only: a.read_only,
         }],
         serial: SerialConfig::default(),
+        vsock: None,
     };
     validate_generated(&cfg)?;
     write_pack(&cfg, &a.write)

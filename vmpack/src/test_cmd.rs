@@ -634,6 +634,7 @@ pub fn restore_clones(
     n: usize,
     api_sock: Option<&Path>,
     serial_out: &str,
+    vsock_sock: Option<&str>,
     quiet: bool,
     json: bool,
 ) -> Result<i32> {
@@ -653,6 +654,7 @@ pub fn restore_clones(
                 p => SerialSink::File(suffixed(Path::new(p))),
             },
             api_sock: api_sock.map(suffixed),
+            vsock_sock: vsock_sock.map(|p| PathBuf::from(p.replace("%d", &i.to_string()))),
             ..Default::default()
         };
         consoles.push(start_clone(&src, &work, i, run)?);

@@ -10,6 +10,7 @@ pub mod blk;
 pub mod device;
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 pub use blk::{Blk, BlkArgs, BlkHandle, VirtioBlkState};
