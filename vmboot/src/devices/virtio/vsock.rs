@@ -514,7 +514,7 @@ impl Vsock {
     }
 
     /// One packet from the guest. `body` is its payload, already bounded by `hdr.len`.
-    fn from_guest(&mut self, h: &Hdr, body: &[u8]) {
+    fn guest_packet(&mut self, h: &Hdr, body: &[u8]) {
         let (host, guest) = (h.dst_port, h.src_port);
         // Misaddressed: dropped (a reset to a CID that is not the guest's would go nowhere).
         if h.src_cid != self.cid || h.dst_cid != HOST_CID {
@@ -634,7 +634,7 @@ impl Vsock {
             };
             let head = chain.head_index();
             if let Some(h) = read_packet(chain, mem, &mut body) {
-                self.from_guest(&h, &body);
+                self.guest_packet(&h, &body);
             }
             let _ = q.add_used(mem, head, 0);
         }
