@@ -18,7 +18,7 @@
 extern crate alloc;
 
 use virtio_drivers::device::socket::{
-    DisconnectReason, SocketError, VirtIOSocket, VsockAddr, VsockConnectionManager,
+    DisconnectReason, SocketError, VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEvent,
     VsockEventType, VMADDR_CID_HOST,
 };
 use virtio_drivers::transport::mmio::MmioTransport;
@@ -67,6 +67,9 @@ struct Service<'a> {
     kv: Kv,
     next_dial: u32,
     id: &'a mut dyn Identity,
+    slot: usize,
+    /// Events that arrived while a send waited for credit.
+    backlog: alloc::collections::VecDeque<VsockEvent>,
 }
 
 fn hex(out: &mut [u8], bytes: &[u8]) -> usize {
@@ -113,19 +116,31 @@ impl Service<'_> {
         }
     }
 
-    /// Sends all of `data`, waiting for the host's credit when it runs short.
+    /// Sends all of `data`, sleeping until the host's credit update when it runs short.
+    /// Events that arrive meanwhile wait in `backlog` for the main loop.
     fn send(&mut self, peer: VsockAddr, local: u32, data: &[u8]) {
         for chunk in data.chunks(RX_BUF) {
-            let mut tries = 0u32;
             loop {
+                let seen = crate::rt::device_irqs(self.slot);
                 match self.mgr.send(peer, local, chunk) {
                     Ok(()) => break,
-                    Err(Error::SocketDeviceError(SocketError::InsufficientBufferSpaceInPeer))
-                        if tries < 1_000_000 =>
-                    {
-                        tries += 1;
-                        // The credit update arrives on the receive queue.
-                        let _ = self.mgr.poll();
+                    Err(Error::SocketDeviceError(SocketError::InsufficientBufferSpaceInPeer)) => {
+                        ack_interrupt(self.slot);
+                        let mut gone = false;
+                        for ev in poll_all(&mut self.mgr) {
+                            gone |= ev.source == peer
+                                && ev.destination.port == local
+                                && matches!(ev.event_type, VsockEventType::Disconnected { .. });
+                            self.backlog.push_back(ev);
+                        }
+                        if gone {
+                            return;
+                        }
+                        // Gone already (reset, or the manager closed it).
+                        if self.mgr.recv_buffer_available_bytes(peer, local).is_err() {
+                            return;
+                        }
+                        crate::rt::wait_for(|| crate::rt::device_irqs(self.slot) != seen);
                     }
                     Err(e) => {
                         println!("send to {}: {e:?}", peer.port);
@@ -255,15 +270,7 @@ impl Service<'_> {
         }
     }
 
-    fn event(&mut self) -> bool {
-        let ev = match self.mgr.poll() {
-            Ok(Some(ev)) => ev,
-            Ok(None) => return false,
-            Err(e) => {
-                println!("vsock poll: {e:?}");
-                return true;
-            }
-        };
+    fn event(&mut self, ev: VsockEvent) {
         let (peer, local) = (ev.source, ev.destination.port);
         match ev.event_type {
             VsockEventType::ConnectionRequest => {
@@ -305,8 +312,29 @@ impl Service<'_> {
             }
             _ => {}
         }
-        true
     }
+}
+
+/// Every event the receive queue holds now. The crate's `poll` also says "nothing" for a
+/// packet it handled itself (a credit request, a reset of an unknown connection), so one
+/// "nothing" does not mean the queue is empty: it holds at most `QUEUE_SIZE` (8) packets.
+fn poll_all(mgr: &mut Mgr) -> alloc::vec::Vec<VsockEvent> {
+    let mut out = alloc::vec::Vec::new();
+    let mut nothing = 0;
+    while nothing <= 8 {
+        match mgr.poll() {
+            Ok(Some(ev)) => {
+                nothing = 0;
+                out.push(ev);
+            }
+            Ok(None) => nothing += 1,
+            Err(e) => {
+                println!("vsock poll: {e:?}");
+                nothing += 1;
+            }
+        }
+    }
+    out
 }
 
 /// Acknowledges the device's interrupt (the crate's manager does not expose it).
@@ -346,12 +374,18 @@ pub fn serve(slot: usize, id: &mut dyn Identity) -> ! {
         },
         next_dial: DIAL_BASE,
         id,
+        slot,
+        backlog: alloc::collections::VecDeque::new(),
     };
     println!("vsock ready");
     loop {
         let seen = crate::rt::device_irqs(slot);
         ack_interrupt(slot);
-        while s.event() {}
+        let events = poll_all(&mut s.mgr);
+        s.backlog.extend(events);
+        while let Some(ev) = s.backlog.pop_front() {
+            s.event(ev);
+        }
         crate::rt::wait_for(|| crate::rt::device_irqs(slot) != seen);
     }
 }
