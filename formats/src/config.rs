@@ -26,6 +26,9 @@ pub struct VmConfig {
     /// A virtio-rng entropy device (after the disks).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rng: bool,
+    /// A VM generation ID (ACPI `VMGENCTR`), fresh on every restore.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vmgenid: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flat: Option<FlatBoot>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -40,7 +40,7 @@ fn config(dir: &Path, cid: u64) -> PathBuf {
     std::fs::write(
         &cfg,
         format!(
-            "name = \"rsvsock\"\nmemory_mib = 16\nrng = true\n\n[flat]\nimage = \"{}\"\n\
+            "name = \"rsvsock\"\nmemory_mib = 16\nrng = true\nvmgenid = true\n\n[flat]\nimage = \"{}\"\n\
              load_address = 0x100000\nentry = 0x100000\nmode = \"long\"\n\n[vsock]\n\
              cid = {cid}\nuds_path = \"v.sock\"\n",
             guest_image().display()
@@ -140,6 +140,7 @@ fn vsock_host_to_guest_and_guest_to_host() {
         "{rng}"
     );
     assert_eq!(kv.ask("frobnicate"), "error");
+    let genid = kv.ask("genid");
 
     // guest → host: the guest dials host port 7000, reaching v.sock_7000.
     let listener = UnixListener::bind(d.join("v.sock_7000")).unwrap();
@@ -176,6 +177,12 @@ fn vsock_host_to_guest_and_guest_to_host() {
     assert_eq!(v["cid"], 3);
     assert_eq!(v["uds_path"], sock.to_str().unwrap());
     assert!(v["rx_bytes"].as_u64().unwrap() >= big.len() as u64);
+    let g = &info["vmgenid"][0];
+    assert_eq!(genid, format!("genid {}", g["id"].as_str().unwrap()));
+    assert_eq!(
+        (g["address"].as_u64(), g["generation"].as_u64()),
+        (Some(0xef000), Some(0))
+    );
     let deadline = Instant::now() + TIMEOUT;
     while !r.out.lock().unwrap().contains("closed 7001 reset") {
         assert!(Instant::now() < deadline, "{}", r.out.lock().unwrap());
@@ -207,6 +214,8 @@ fn vsock_save_mid_traffic_restore_resets_and_answers_again() {
     let (r, api, sock) = boot(d);
     let mut kv = connect(&sock, 5001);
     assert_eq!(kv.ask("set k before-save"), "ok");
+    let genid = kv.ask("genid");
+    assert!(genid.len() == 38 && genid.starts_with("genid "), "{genid}");
     let mut echo = connect(&sock, 5000);
     echo.echo(b"before\n");
     // Traffic in flight: the guest is echoing this while the save happens.
@@ -239,6 +248,12 @@ fn vsock_save_mid_traffic_restore_resets_and_answers_again() {
     r2.wait_for(&format!("closed {} reset\n", kv.host_port), TIMEOUT);
     let mut kv2 = connect(&sock2, 5001);
     assert_eq!(kv2.ask("get k"), "before-save");
+    // A restore is a new generation: a fresh ID, which GET /vm shows too.
+    let genid2 = kv2.ask("genid");
+    assert_ne!(genid2, genid);
+    let g = &vm_info(&api2)["vmgenid"][0];
+    assert_eq!(genid2, format!("genid {}", g["id"].as_str().unwrap()));
+    assert_eq!(g["generation"], 1);
     let mut echo2 = connect(&sock2, 5000);
     echo2.echo(b"after restore\n");
     assert_eq!(
@@ -282,6 +297,8 @@ fn vsock_save_mid_traffic_restore_resets_and_answers_again() {
     );
     let mut kv3 = connect(&p, 5001);
     assert_eq!(kv3.ask("get k"), "before-save");
+    let genid3 = kv3.ask("genid");
+    assert!(genid3 != genid && genid3 != genid2, "{genid3}");
     stop(&api3);
     let (code, _, err) = r3.finish(TIMEOUT);
     assert_eq!(code, 0, "{err}");
@@ -289,7 +306,7 @@ fn vsock_save_mid_traffic_restore_resets_and_answers_again() {
 }
 
 /// `vmpack restore PACK --clones 10 --vsock-sock 'v%d.sock'`: every clone listens on its
-/// own socket and keeps its own state.
+/// own socket, keeps its own state and has its own generation ID (read from the guest).
 #[test]
 fn vsock_clones_each_get_their_own_socket() {
     if !kvm_available("vsock tests") {
@@ -301,6 +318,7 @@ fn vsock_clones_each_get_their_own_socket() {
     let (r, api, sock) = boot(d);
     let mut kv = connect(&sock, 5001);
     assert_eq!(kv.ask("set who parent"), "ok");
+    let parent_id = kv.ask("genid");
     let pack = d.join("p.vmpack");
     common::blk::save(d, &api, &pack, "stop");
     let (code, _, err) = r.finish(TIMEOUT);
@@ -342,10 +360,19 @@ fn vsock_clones_each_get_their_own_socket() {
     }
     for i in 0..N {
         let info = vm_info(&d.join(format!("capi.{i}")));
+        assert_eq!(
+            ids[i],
+            format!("genid {}", info["vmgenid"][0]["id"].as_str().unwrap())
+        );
         assert_eq!(info["vsock"][0]["uds_path"], format!("c{i}.sock"));
         stop(&d.join(format!("capi.{i}")));
     }
     let (code, _, err) = clones.finish(TIMEOUT);
     assert_eq!(code, 0, "{err}");
-    eprintln!("generation IDs: {ids:?}");
+    let mut distinct = ids.clone();
+    distinct.push(parent_id);
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), N + 1, "generation IDs: {ids:?}");
+    assert!(ids.iter().all(|g| g.len() == 38), "{ids:?}");
 }

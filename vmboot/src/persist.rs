@@ -55,6 +55,9 @@ pub trait VmDevice: Pausable + Send + Sync {
     fn flush(&self) -> std::io::Result<()> {
         Ok(())
     }
+    /// The VM has ended: release host resources (sockets) now rather than when the last
+    /// reference to the device goes.
+    fn stop(&self) {}
 }
 
 /// One device in the vmstate: its registry id, the version of its state and the state.

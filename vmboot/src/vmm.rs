@@ -211,6 +211,9 @@ impl Devices {
         if cfg.vsock.is_some() {
             ids.push(crate::devices::virtio::vsock::ID.to_string());
         }
+        if cfg.vmgenid {
+            ids.push(crate::devices::vmgenid::ID.to_string());
+        }
         ids
     }
 
@@ -223,6 +226,7 @@ impl Devices {
                 .decode::<Arc<crate::devices::virtio::rng::RngHandle>>()?
                 .validate()
                 .with_context(|| format!("device {}", d.id)),
+            crate::devices::vmgenid::ID => d.decode::<crate::devices::vmgenid::VmGenId>().map(drop),
             crate::devices::virtio::vsock::ID => d
                 .decode::<Arc<crate::devices::virtio::vsock::VsockHandle>>()?
                 .validate()
@@ -298,6 +302,10 @@ impl Devices {
                 &mut dm,
                 find(id),
             )?;
+        }
+        if cfg.vmgenid {
+            let id = crate::devices::vmgenid::ID;
+            crate::devices::vmgenid::attach(&base.vm.fd, base.mem.memory(), &mut dm, find(id))?;
         }
         Ok(Devices {
             _worker: worker,
@@ -642,6 +650,9 @@ impl Vm {
             let _ = t.join();
         }
         lock(&h.devices.serial).flush();
+        for (_, d) in h.devices.dm.objects() {
+            d.stop();
+        }
         if let Some(dir) = &self.opts.work_dir {
             let _ = std::fs::remove_dir_all(dir);
         }

@@ -387,6 +387,7 @@ pub fn import(src: &Path, o: ImportOpts, w: &crate::pack::WriteArgs) -> Result<b
         memory_mib: memory,
         cpu_template: vm.cpu_template.clone(),
         rng: false,
+        vmgenid: false,
         flat: flat_image.as_ref().map(|(f, fb)| FlatBoot {
             image: PathBuf::from(&f.name),
             ..fb.clone()

@@ -299,6 +299,7 @@ pub fn run_import(a: ImportArgs) -> Result<()> {
         memory_mib: memory,
         cpu_template: CpuTemplate::Host,
         rng: false,
+        vmgenid: false,
         flat,
         kernel,
         disks: vec![DiskConfig {

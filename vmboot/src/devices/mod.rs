@@ -5,6 +5,7 @@ pub mod bus;
 pub mod legacy;
 pub mod serial;
 pub mod virtio;
+pub mod vmgenid;
 
 pub use bus::{Bus, BusDevice, IoAction};
 pub use legacy::{DebugExit, I8042};

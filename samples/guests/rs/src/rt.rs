@@ -502,7 +502,16 @@ static ALLOC: Bump = Bump;
 
 // ---- VM generation ID -------------------------------------------------------------------
 
-/// The VM generation ID, if vmboot gave the VM one: not found yet in a flat guest.
+/// Where vmboot keeps the 16-byte VM generation ID (`vmgenid = true`, docs/CONFIG.md).
+const VMGENID_ADDR: u64 = 0xef000;
+
+/// The VM generation ID, or None if the VM has none (the page is all zeros then).
 pub fn generation_id() -> Option<[u8; 16]> {
-    None
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        // SAFETY: identity-mapped guest RAM below 1 MiB; vmboot may rewrite it on a
+        // restore, hence the volatile reads.
+        *b = unsafe { ((VMGENID_ADDR + i as u64) as *const u8).read_volatile() };
+    }
+    id.iter().any(|&b| b != 0).then_some(id)
 }

@@ -307,14 +307,21 @@ impl Backend {
     }
 }
 
-impl Drop for Backend {
-    fn drop(&mut self) {
+impl Backend {
+    /// Stops the backend thread and removes the socket file (if it is still ours).
+    fn close(&self) {
         let _ = self.stop.write(1);
         if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
             if (meta.dev(), meta.ino()) == self.socket_id {
                 let _ = std::fs::remove_file(&self.path);
             }
         }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -966,6 +973,15 @@ impl VmDevice for VsockHandle {
             version: <Arc<VsockHandle> as Persist>::VERSION,
             state: serde_json::to_value(s)?,
         })
+    }
+
+    /// The VM ended: the host ends of every connection close and the socket goes now, not
+    /// whenever the last reference to the device does.
+    fn stop(&self) {
+        let mut t = lock(&self.dev);
+        t.device.conns.clear();
+        t.device.handshakes.clear();
+        t.device.backend.close();
     }
 
     fn status(&self) -> Option<(&'static str, serde_json::Value)> {
