@@ -445,3 +445,171 @@ fn vsock_vmpack_test_cases_talk_to_the_guest() {
         stderr(&o)
     );
 }
+
+/// The host-process side of the benchmark: when `VSOCK_BENCH_ECHO` names a socket path, this
+/// test binary (re-run as a child) echoes every connection to it until killed.
+#[test]
+#[ignore = "the echo peer of bench_vsock, started by it"]
+fn bench_vsock_echo_peer() {
+    let Some(path) = std::env::var_os("VSOCK_BENCH_ECHO") else {
+        return;
+    };
+    let l = UnixListener::bind(&path).unwrap();
+    for s in l.incoming() {
+        let mut s = s.unwrap();
+        std::thread::spawn(move || {
+            let mut r = s.try_clone().unwrap();
+            let _ = std::io::copy(&mut r, &mut s);
+        });
+    }
+}
+
+/// Echo throughput (MiB/s each way) and round trip (µs) over a stream.
+fn measure(mut conn: Conn, total: usize, pings: usize) -> (f64, f64) {
+    let data = noise(total, 77);
+    let t = Instant::now();
+    conn.echo(&data);
+    let mibs = total as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64();
+    let mut b = [0u8; 1];
+    let t = Instant::now();
+    for _ in 0..pings {
+        conn.w.write_all(b"p").unwrap();
+        conn.r.read_exact(&mut b).unwrap();
+    }
+    (mibs, t.elapsed().as_secs_f64() * 1e6 / pings as f64)
+}
+
+/// Median of `runs` clone restores of `pack`: `vmpack restore --clones N --json`
+/// `milliseconds`, the clones ended right after.
+fn clone_restore_ms(d: &Path, pack: &Path, n: usize, runs: usize, vsock: bool) -> f64 {
+    let mut ms = Vec::new();
+    for run in 0..runs {
+        let api = d.join(format!("bapi{run}"));
+        let mut cmd = Command::new(vmpack());
+        cmd.args(["restore", "--quiet", "--json", "--serial-out", "none"])
+            .args(["--clones", &n.to_string()])
+            .arg("--api-sock")
+            .arg(&api);
+        if vsock {
+            cmd.arg("--vsock-sock")
+                .arg(d.join(format!("b{run}-%d.sock")));
+        }
+        let mut child = cmd
+            .arg(pack)
+            .current_dir(d)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let j: serde_json::Value = serde_json::from_str(&line).unwrap();
+        ms.push(j["milliseconds"].as_f64().unwrap());
+        for i in 0..n {
+            let mut p = api.as_os_str().to_owned();
+            p.push(format!(".{i}"));
+            stop(Path::new(&p));
+        }
+        child.wait().unwrap();
+    }
+    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    ms[ms.len() / 2]
+}
+
+/// The README's vsock figures: `cargo test --release -p vmpack-e2e --test vsock --
+/// --ignored bench_vsock --exact --nocapture`.
+#[test]
+#[ignore = "a benchmark: run it explicitly"]
+fn bench_vsock() {
+    if !kvm_available("the vsock benchmark") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let _ = vmpack();
+    const TOTAL: usize = 4 << 20;
+    const PINGS: usize = 500;
+
+    // Two host processes over a Unix socket: this one and an echoing child.
+    let peer_sock = d.join("peer.sock");
+    let mut peer = Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "bench_vsock_echo_peer"])
+        .env("VSOCK_BENCH_ECHO", &peer_sock)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    while !peer_sock.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let s = UnixStream::connect(&peer_sock).unwrap();
+    let host = measure(
+        Conn {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+            host_port: 0,
+        },
+        TOTAL,
+        PINGS,
+    );
+    let _ = peer.kill();
+    let _ = peer.wait();
+
+    let (r, api, sock) = boot(d);
+    let guest = measure(connect(&sock, 5000), TOTAL, PINGS);
+    let pack = d.join("with.vmpack");
+    common::blk::save(d, &api, &pack, "stop");
+    r.finish(TIMEOUT);
+
+    // The same guest without [vsock] and vmgenid.
+    let cfg = d.join("plain.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"rsvsock\"\nmemory_mib = 16\nrng = true\n\n[flat]\nimage = \"{}\"\n\
+             load_address = 0x100000\nentry = 0x100000\nmode = \"long\"\n",
+            guest_image().display()
+        ),
+    )
+    .unwrap();
+    let api2 = d.join("plain-api.sock");
+    let r = spawn(
+        &[
+            "run",
+            "--api-sock",
+            api2.to_str().unwrap(),
+            cfg.to_str().unwrap(),
+        ],
+        d,
+    );
+    r.wait_for("no virtio-vsock device\n", TIMEOUT);
+    let plain = d.join("plain.vmpack");
+    common::blk::save(d, &api2, &plain, "stop");
+    r.finish(TIMEOUT);
+
+    const CLONES: usize = 10;
+    let with = clone_restore_ms(d, &pack, CLONES, 5, true);
+    let without = clone_restore_ms(d, &plain, CLONES, 5, false);
+
+    println!("| path | echo throughput (MiB/s each way) | round trip (µs) |");
+    println!("|---|---:|---:|");
+    println!(
+        "| guest (virtio-drivers) ↔ host over vsock | {:.2} | {:.0} |",
+        guest.0, guest.1
+    );
+    println!(
+        "| two host processes over a Unix socket | {:.1} | {:.1} |",
+        host.0, host.1
+    );
+    println!(
+        "| ratio host / vsock | {:.0}× | {:.0}× |",
+        host.0 / guest.0,
+        guest.1 / host.1
+    );
+    println!();
+    println!("| {CLONES} clones restored at once (median of 5) | ms |");
+    println!("|---|---:|");
+    println!("| with vsock + generation ID | {with:.1} |");
+    println!("| without | {without:.1} |");
+}
