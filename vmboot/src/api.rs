@@ -71,6 +71,15 @@ pub trait VmControl: Send + Sync {
     fn serial_output(&self, _since: u64) -> Result<Value, ApiError> {
         Err(ApiError::new(404, "this VM has no serial console"))
     }
+    /// `PUT /vm/dirty/mark`: start a new dirty-page mark and return its number.
+    fn dirty_mark(&self) -> Result<u64, ApiError> {
+        Err(ApiError::new(404, "this VM keeps no dirty-page log"))
+    }
+    /// `GET /vm/dirty?since=M`: the guest pages written since mark `M`, as
+    /// `{"mark", "page_size", "pages", "ranges"}` (see docs/API.md).
+    fn dirty_since(&self, _since: u64) -> Result<Value, ApiError> {
+        Err(ApiError::new(404, "this VM keeps no dirty-page log"))
+    }
 }
 
 /// Body of `POST /vm/save`. Every field is optional; an empty body means all defaults.
@@ -1046,6 +1055,34 @@ fn handle(
             } else {
                 let since = since.and_then(Result::ok).unwrap_or(0);
                 match guarded(|| shared.ctl.serial_output(since)) {
+                    Ok(v) => response(200, &[], Some(&v), close),
+                    Err(e) => error_response(e.status, &e.message, close),
+                }
+            }
+        }
+        "/vm/dirty/mark" => {
+            if req.method != "PUT" {
+                method_not_allowed("PUT")
+            } else {
+                match guarded(|| shared.ctl.dirty_mark()) {
+                    Ok(m) => response(200, &[], Some(&json!({ "mark": m })), close),
+                    Err(e) => error_response(e.status, &e.message, close),
+                }
+            }
+        }
+        "/vm/dirty" => {
+            let since = req
+                .query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("since="))
+                .map(str::parse::<u64>);
+            if req.method != "GET" {
+                method_not_allowed("GET")
+            } else if let Some(Err(_)) = since {
+                error_response(400, "since must be a mark number", close)
+            } else {
+                let since = since.and_then(Result::ok).unwrap_or(0);
+                match guarded(|| shared.ctl.dirty_since(since)) {
                     Ok(v) => response(200, &[], Some(&v), close),
                     Err(e) => error_response(e.status, &e.message, close),
                 }

@@ -41,6 +41,27 @@ impl VmControl for VmHandle {
         }))
     }
 
+    fn dirty_mark(&self) -> Result<u64, ApiError> {
+        VmHandle::dirty_mark(self).map_err(|e| ApiError::internal(format!("{e:#}")))
+    }
+
+    fn dirty_since(&self, since: u64) -> Result<serde_json::Value, ApiError> {
+        let p = VmHandle::dirty_since(self, since).map_err(|e| {
+            let msg = format!("{e:#}");
+            if msg.starts_with("KVM_") {
+                ApiError::internal(msg)
+            } else {
+                ApiError::new(404, msg)
+            }
+        })?;
+        Ok(serde_json::json!({
+            "mark": p.mark,
+            "page_size": crate::vstate::dirty::PAGE,
+            "pages": p.count(),
+            "ranges": p.ranges().iter().map(|&(gpa, len)| [gpa, len]).collect::<Vec<_>>(),
+        }))
+    }
+
     fn save(&self, req: &SaveRequest, out: &mut dyn Write) -> Result<(), ApiError> {
         let compression = match req.compress.as_deref() {
             None => Compression::None,

@@ -159,7 +159,7 @@ pub fn load(
         };
     }
     params.e820_entries = map.len() as u8;
-    LinuxBootConfigurator::write_bootparams::<vm_memory::GuestMemoryMmap>(
+    LinuxBootConfigurator::write_bootparams::<crate::memory::GuestMemoryMmap>(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE)),
         gm,
     )

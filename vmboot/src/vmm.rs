@@ -962,6 +962,17 @@ impl VmHandle {
         r
     }
 
+    /// Starts a new dirty-page mark and returns its number (see `vstate::dirty`).
+    pub fn dirty_mark(&self) -> Result<u64> {
+        self.mem.dirty_mark(&self.vm.fd)
+    }
+
+    /// The guest pages written (by vCPUs or devices) since `mark`; mark 0 is the state the
+    /// VM started from (for a restore: the pack's).
+    pub fn dirty_since(&self, mark: u64) -> Result<crate::vstate::dirty::DirtyPages> {
+        self.mem.dirty_since(&self.vm.fd, mark)
+    }
+
     /// Per RAM region, the ranges that may hold data (see [`GuestRam::data_ranges`]).
     pub fn memory_data_ranges(&self) -> Vec<Vec<std::ops::Range<u64>>> {
         self.mem.data_ranges()

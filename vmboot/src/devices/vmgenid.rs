@@ -14,11 +14,12 @@
 //!   and pulses the GSI, so the guest is notified.
 
 use crate::device_manager::{AcpiId, DeviceInfo, DeviceManager};
+use crate::memory::GuestMemoryMmap;
 use crate::persist::{DeviceState, Pausable, Persist, VmDevice};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Guest-physical address of the 16-byte generation ID.

@@ -8,7 +8,14 @@
 
 use anyhow::{bail, Context, Result};
 use std::os::fd::AsRawFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, MmapRegion};
+
+/// Guest memory as the VMM sees it: every write through it (virtio used rings, disk reads
+/// into guest buffers, entropy fills, the loaders) sets the page's bit in the region's
+/// [`AtomicBitmap`], which [`crate::vstate::dirty`] merges with KVM's dirty log.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
 
 /// Start of the PCI/MMIO hole: RAM below 4 GiB ends here.
 pub const MMIO_HOLE_START: u64 = 3 << 30;
@@ -77,6 +84,8 @@ pub struct GuestRam {
     file_backed: Vec<(u64, u64)>,
     /// Set for a lazy restore: serves faults until dropped.
     lazy: Option<crate::vstate::lazy::LazyMemory>,
+    /// The marks of "pages written since" (see [`crate::vstate::dirty`]).
+    dirty: crate::vstate::dirty::DirtyLog,
 }
 
 // SAFETY: the raw pointers are private mmap'ed memory that lives as long as `GuestRam`; all
@@ -95,6 +104,7 @@ impl GuestRam {
             regions: Vec::with_capacity(layout.len()),
             file_backed: Vec::new(),
             lazy: None,
+            dirty: crate::vstate::dirty::DirtyLog::new(layout),
         };
         if layout.is_empty() {
             bail!("guest has no RAM");
@@ -130,7 +140,7 @@ impl GuestRam {
             // SAFETY: `host..host+size` is the private anonymous mapping made above, with
             // exactly these protection bits and flags.
             let mmap = unsafe {
-                MmapRegion::build_raw(
+                MmapRegion::<AtomicBitmap>::build_raw(
                     r.host,
                     r.size,
                     libc::PROT_READ | libc::PROT_WRITE,
@@ -229,6 +239,40 @@ impl GuestRam {
     /// The lazy loader, when this RAM is filled on first touch.
     pub fn lazy(&self) -> Option<&crate::vstate::lazy::LazyMemory> {
         self.lazy.as_ref()
+    }
+
+    /// Takes (and clears) the VMM's own write bitmaps, per region.
+    fn take_vmm_dirty(&self) -> Vec<Vec<u64>> {
+        self.mem
+            .iter()
+            .map(|r| std::ops::Deref::deref(r).bitmap().get_and_reset())
+            .collect()
+    }
+
+    fn kvm_dirty(vm: &kvm_ioctls::VmFd) -> impl FnMut(u32, u64) -> Result<Vec<u64>> + '_ {
+        move |slot, size| {
+            vm.get_dirty_log(slot, size as usize)
+                .with_context(|| format!("KVM_GET_DIRTY_LOG slot {slot}"))
+        }
+    }
+
+    /// Starts a new mark of the dirty log (see [`crate::vstate::dirty`]); `vm` is the VM
+    /// this memory is mapped into.
+    pub fn dirty_mark(&self, vm: &kvm_ioctls::VmFd) -> Result<u64> {
+        self.dirty
+            .mark_with(&mut Self::kvm_dirty(vm), &mut || self.take_vmm_dirty())
+    }
+
+    /// The pages written since `mark` (0: since this memory was created or last reset).
+    pub fn dirty_since(
+        &self,
+        vm: &kvm_ioctls::VmFd,
+        mark: u64,
+    ) -> Result<crate::vstate::dirty::DirtyPages> {
+        self.dirty
+            .since_with(mark, &mut Self::kvm_dirty(vm), &mut || {
+                self.take_vmm_dirty()
+            })
     }
 
     /// vm-memory view, for the loaders and `Bytes` accesses.

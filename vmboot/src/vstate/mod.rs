@@ -3,6 +3,7 @@
 //! [`vcpu`]) and guest memory ([`memory`]). Devices live in `crate::devices` and the
 //! registry that places them in `crate::device_manager`.
 
+pub mod dirty;
 pub mod lazy;
 pub mod memory;
 pub mod vcpu;

@@ -6,7 +6,7 @@ use crate::persist::{VmLevelState, VM_LEVEL_STATE_VERSION};
 use anyhow::{Context, Result};
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 
@@ -36,12 +36,14 @@ impl KvmVm {
         Ok(KvmVm { fd, kvm })
     }
 
-    /// Gives every RAM region of `mem` to KVM as a memory slot. `mem` must outlive the VM fd.
+    /// Gives every RAM region of `mem` to KVM as a memory slot, with dirty logging on (what
+    /// `vstate::dirty` reads; its cost is in docs/ARCHITECTURE.md). `mem` must outlive the
+    /// VM fd.
     pub fn map_memory(&self, mem: &GuestRam) -> Result<()> {
         for (slot, gpa, host, size) in mem.slots() {
             let region = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
                 guest_phys_addr: gpa,
                 memory_size: size,
                 userspace_addr: host,

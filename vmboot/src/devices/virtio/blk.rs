@@ -11,6 +11,7 @@ use super::device::VirtioMmio;
 use super::mmio::{MmioTransport, MmioTransportState, VirtioDevice};
 use super::worker::Worker;
 use crate::devices::bus::lock;
+use crate::memory::GuestMemoryMmap;
 use crate::persist::{DeviceState, Persist, VmDevice};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -21,7 +22,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmpack_formats::disk::DiskImage;
 
 pub const SECTOR_SIZE: u64 = 512;

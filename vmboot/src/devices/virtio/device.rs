@@ -10,12 +10,12 @@
 use super::mmio::{MmioTransport, MmioTransportState, VirtioDevice};
 use super::worker::{QueueServer, Worker};
 use crate::devices::bus::lock;
+use crate::memory::GuestMemoryMmap;
 use crate::persist::Pausable;
 use anyhow::{Context, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Requests served per hold of the device lock; between requests the worker stops at once

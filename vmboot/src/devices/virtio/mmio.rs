@@ -7,6 +7,7 @@
 //! batch of requests, so a pause that takes it knows no request is half done.
 
 use crate::devices::bus::{BusDevice, IoAction};
+use crate::memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::AtomicBool;
 use virtio_bindings::virtio_config::{
@@ -15,7 +16,6 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// "virt" in little endian.

@@ -18,10 +18,10 @@ pub use device::VirtioMmio;
 pub use worker::Worker;
 
 use crate::device_manager::DeviceManager;
+use crate::memory::GuestMemoryMmap;
 use crate::persist::{DeviceState, Persist, VmDevice};
 use anyhow::{bail, Context, Result};
 use std::sync::Arc;
-use vm_memory::GuestMemoryMmap;
 use vmpack_formats::config::VmConfig;
 
 /// Devices that fit on the dynamic GSIs (5..=23).

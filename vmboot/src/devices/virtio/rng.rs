@@ -5,6 +5,7 @@ use super::device::VirtioMmio;
 use super::mmio::{MmioTransportState, VirtioDevice};
 use super::worker::Worker;
 use crate::devices::bus::lock;
+use crate::memory::GuestMemoryMmap;
 use crate::persist::{DeviceState, Persist, VmDevice};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 /// Ring size offered to drivers.
 pub const QUEUE_SIZE: u16 = 256;

@@ -28,6 +28,7 @@ use super::device::VirtioMmio;
 use super::mmio::{MmioTransportState, VirtioDevice};
 use super::worker::{QueueServer, Worker};
 use crate::devices::bus::lock;
+use crate::memory::GuestMemoryMmap;
 use crate::persist::{DeviceState, Persist, VmDevice};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -41,7 +42,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
