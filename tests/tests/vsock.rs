@@ -358,10 +358,10 @@ fn vsock_clones_each_get_their_own_socket() {
         assert_eq!(c.ask("get who"), format!("clone{i}"));
         ids.push(c.ask("genid"));
     }
-    for i in 0..N {
+    for (i, id) in ids.iter().enumerate() {
         let info = vm_info(&d.join(format!("capi.{i}")));
         assert_eq!(
-            ids[i],
+            *id,
             format!("genid {}", info["vmgenid"][0]["id"].as_str().unwrap())
         );
         assert_eq!(info["vsock"][0]["uds_path"], format!("c{i}.sock"));
