@@ -18,6 +18,8 @@ command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v ssh-keygen >/dev/null || need+=(openssh-client)
+# The virtio-net tests make network namespaces and taps (tests/tests/net.rs).
+command -v ip >/dev/null || need+=(iproute2)
 # The ACPI tables are checked with ACPICA's disassembler (vmboot/src/acpi.rs).
 command -v iasl >/dev/null || need+=(acpica-tools)
 if [ ${#need[@]} -gt 0 ]; then

@@ -35,6 +35,9 @@ pub struct VmConfig {
     pub kernel: Option<KernelBoot>,
     #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices over host taps (after the disks and the rng).
+    #[serde(default, rename = "net", skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
     #[serde(default)]
     pub serial: SerialConfig,
     /// A virtio-vsock device (after the disks and the entropy device).
@@ -167,6 +170,103 @@ pub struct DiskConfig {
     pub format: DiskFormat,
     #[serde(default)]
     pub read_only: bool,
+}
+
+/// A `[[net]]` table: a virtio-net device attached to an existing host tap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The host tap interface's name (it must exist: vmboot never creates one).
+    pub tap: String,
+    /// The guest's MAC address; default: [`MacAddr::auto`]`(0, i)` for `[[net]]` i.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+}
+
+/// Longest interface name Linux takes (IFNAMSIZ - 1).
+pub const MAX_IFNAME: usize = 15;
+
+/// Checks a host interface name: 1 to 15 bytes of ASCII letters, digits, `-`, `_` and
+/// `.`, and not `.` or `..` (what `ip link` accepts, minus anything a shell or a path could
+/// read differently).
+pub fn check_ifname(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_IFNAME
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "tap name {name:?}: expected 1 to {MAX_IFNAME} characters of letters, digits, '-', '_' or '.'"
+        ))
+    }
+}
+
+/// An Ethernet address, written `xx:xx:xx:xx:xx:xx` (hex, either case).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// The locally administered unicast address of VM `clone`'s `[[net]]` `net`:
+    /// `02:76:6d:HH:LL:NN` (`76:6d` is "vm"), HHLL the clone index (big endian, modulo
+    /// 65536), NN the net index (modulo 256).
+    pub fn auto(clone: u32, net: usize) -> MacAddr {
+        MacAddr([0x02, 0x76, 0x6d, (clone >> 8) as u8, clone as u8, net as u8])
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl std::str::FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("MAC address {s:?}: expected six hex bytes like 02:00:00:00:00:01");
+        let mut m = [0u8; 6];
+        let mut parts = s.split(':');
+        for b in &mut m {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        if m[0] & 1 != 0 {
+            return Err(format!(
+                "MAC address {s}: a multicast address (lowest bit of the first byte set) cannot be a VM's"
+            ));
+        }
+        Ok(MacAddr(m))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -393,6 +493,12 @@ impl VmConfig {
         if self.serial.output == SerialOutput::File && self.serial.path.is_none() {
             return Err(("output", "serial output = \"file\" needs a path".into()));
         }
+        for (i, n) in self.nets.iter().enumerate() {
+            check_ifname(&n.tap).map_err(|e| ("tap", format!("[[net]] {i}: {e}")))?;
+            if self.nets[..i].iter().any(|o| o.tap == n.tap) {
+                return Err(("tap", format!("[[net]] {i}: tap {} is used twice", n.tap)));
+            }
+        }
         Ok(())
     }
 
@@ -582,5 +688,36 @@ path = "serial.log"
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("/cfg/vm.toml:3:1: memory_mib = 0"), "{e}");
+    }
+
+    #[test]
+    fn net_tables_are_checked() {
+        let with = |net: &str| parse(&format!("{FLAT}{net}"));
+        let c = with("[[net]]\ntap = \"tap0\"\nmac = \"02:AB:00:00:00:01\"\n").unwrap();
+        assert_eq!(c.nets[0].mac.unwrap().to_string(), "02:ab:00:00:00:01");
+        assert_eq!(MacAddr::auto(258, 1).to_string(), "02:76:6d:01:02:01");
+        for (net, want) in [
+            ("[[net]]\ntap = \"../x\"\n", "tap name \"../x\""),
+            (
+                "[[net]]\ntap = \"abcdefghijklmnop\"\n",
+                "1 to 15 characters",
+            ),
+            (
+                "[[net]]\ntap = \"a\"\n[[net]]\ntap = \"a\"\n",
+                "tap a is used twice",
+            ),
+            (
+                "[[net]]\ntap = \"a\"\nmac = \"03:00:00:00:00:01\"\n",
+                "multicast",
+            ),
+            (
+                "[[net]]\ntap = \"a\"\nmac = \"02:00:00:00:01\"\n",
+                "six hex bytes",
+            ),
+            ("[[net]]\ntap = \"a\"\nbridge = \"br0\"\n", "unknown field"),
+        ] {
+            let e = with(net).unwrap_err().to_string();
+            assert!(e.contains(want), "{net}: {e}");
+        }
     }
 }

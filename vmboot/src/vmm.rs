@@ -65,6 +65,8 @@ pub struct RunOptions {
     /// The vsock device's host socket, in place of the config's `uds_path` (a restore's
     /// config names a socket in its work folder, never the pack's path).
     pub vsock_sock: Option<PathBuf>,
+    /// A restore's new identity for the first `[[net]]` (a clone's tap and MAC).
+    pub net: crate::devices::virtio::net::NetOverride,
 }
 
 /// The bytes a boot needs; read from the config's files or supplied by a pack.
@@ -208,6 +210,7 @@ impl Devices {
         if cfg.rng {
             ids.push(crate::devices::virtio::rng::ID.to_string());
         }
+        ids.extend((0..cfg.nets.len()).map(crate::devices::virtio::net::id));
         if cfg.vsock.is_some() {
             ids.push(crate::devices::virtio::vsock::ID.to_string());
         }
@@ -229,6 +232,10 @@ impl Devices {
             crate::devices::vmgenid::ID => d.decode::<crate::devices::vmgenid::VmGenId>().map(drop),
             crate::devices::virtio::vsock::ID => d
                 .decode::<Arc<crate::devices::virtio::vsock::VsockHandle>>()?
+                .validate()
+                .with_context(|| format!("device {}", d.id)),
+            id if id.starts_with("virtio-net") => d
+                .decode::<Arc<crate::devices::virtio::net::NetHandle>>()?
                 .validate()
                 .with_context(|| format!("device {}", d.id)),
             _ => d
@@ -288,6 +295,14 @@ impl Devices {
                 find(id),
             )?;
         }
+        crate::devices::virtio::net::attach_all(
+            cfg,
+            &base.vm.fd,
+            base.mem.memory(),
+            &worker,
+            &mut dm,
+            find,
+        )?;
         if let Some(v) = &cfg.vsock {
             let id = crate::devices::virtio::vsock::ID;
             let path = vsock_sock
@@ -488,6 +503,8 @@ impl Vm {
     ) -> Result<Vm> {
         let state = state.0;
         let payload = payload.into();
+        // A clone's own tap and MAC: the VM runs (and a later save records) them.
+        let cfg = &opts.net.apply(cfg)?;
         let opts = &crate::console::with_log(opts);
         let base = build_base(cfg, memory)?;
         // vCPUs before the VM-level irqchip and PIT, as Firecracker does: the LAPICs exist

@@ -388,6 +388,7 @@ pub fn import(src: &Path, o: ImportOpts, w: &crate::pack::WriteArgs) -> Result<b
         cpu_template: vm.cpu_template.clone(),
         rng: false,
         vmgenid: false,
+        nets: Vec::new(),
         flat: flat_image.as_ref().map(|(f, fb)| FlatBoot {
             image: PathBuf::from(&f.name),
             ..fb.clone()

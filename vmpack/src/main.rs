@@ -9,6 +9,7 @@ mod bench;
 mod bench_clones;
 mod bench_registry;
 mod bench_snapshot;
+mod identity;
 mod inspect;
 mod interchange;
 mod output;

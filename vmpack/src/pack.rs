@@ -300,6 +300,7 @@ pub fn run_import(a: ImportArgs) -> Result<()> {
         cpu_template: CpuTemplate::Host,
         rng: false,
         vmgenid: false,
+        nets: Vec::new(),
         flat,
         kernel,
         disks: vec![DiskConfig {

@@ -56,6 +56,9 @@ pub struct TestArgs {
     /// Print only the summary and failures.
     #[arg(long, short)]
     quiet: bool,
+    /// Case i's clone gets `--net-tap` with `%d` = i and `--mac auto` = clone i's MAC.
+    #[command(flatten)]
+    net: crate::identity::NetIdentityArgs,
 }
 
 #[derive(Deserialize)]
@@ -268,7 +271,13 @@ struct CaseResult {
     output: String,
 }
 
-fn run_case(src: &Path, work: &WorkBase, i: usize, case: &Case) -> CaseResult {
+fn run_case(
+    src: &Path,
+    work: &WorkBase,
+    i: usize,
+    case: &Case,
+    net: &crate::identity::NetIdentityArgs,
+) -> CaseResult {
     let t = Instant::now();
     let mut result = CaseResult {
         name: case.name.clone(),
@@ -278,12 +287,13 @@ fn run_case(src: &Path, work: &WorkBase, i: usize, case: &Case) -> CaseResult {
         output: String::new(),
     };
     let vsock_sock = work.0.join(format!("vsock-{i}.sock"));
-    let run = RunOptions {
+    let run = net.for_clone(i).map(|net| RunOptions {
         serial_out: SerialSink::None,
+        net,
         vsock_sock: Some(vsock_sock.clone()),
         ..Default::default()
-    };
-    match start_clone(src, work, i, run) {
+    });
+    match run.and_then(|run| start_clone(src, work, i, run)) {
         Err(e) => result.message = format!("restore failed: {e:#}"),
         Ok(mut console) => {
             let mut failure = None;
@@ -511,6 +521,7 @@ pub fn run(a: TestArgs) -> Result<i32> {
         }
     }
     let jobs = a.jobs.clamp(1, cases.len());
+    a.net.check(if jobs > 1 { cases.len() } else { 1 })?;
     let pack = local_pack(&a, &pack_arg)?;
     let src = prepare_source(&pack, a.quiet)?;
     let work = WorkBase::new("test")?;
@@ -521,7 +532,7 @@ pub fn run(a: TestArgs) -> Result<i32> {
     let worker = || loop {
         let i = next.fetch_add(1, Ordering::SeqCst);
         let Some(case) = cases.get(i) else { break };
-        let r = run_case(&src, &work, i, case);
+        let r = run_case(&src, &work, i, case, &a.net);
         if !a.quiet {
             eprintln!(
                 "vmpack: {} {} ({:.0} ms)",
@@ -771,6 +782,7 @@ pub fn restore_clones(
     vsock_sock: Option<&str>,
     quiet: bool,
     json: bool,
+    net: &crate::identity::NetIdentityArgs,
 ) -> Result<i32> {
     let src = prepare_source(pack, quiet)?;
     let work = WorkBase::new("clones")?;
@@ -789,6 +801,7 @@ pub fn restore_clones(
             },
             api_sock: api_sock.map(suffixed),
             vsock_sock: vsock_sock.map(|p| PathBuf::from(p.replace("%d", &i.to_string()))),
+            net: net.for_clone(i)?,
             ..Default::default()
         };
         consoles.push(start_clone(&src, &work, i, run)?);

@@ -117,6 +117,8 @@ pub struct RestoreArgs {
     /// `sockets`, `milliseconds`) before any serial output.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    net: crate::identity::NetIdentityArgs,
 }
 
 /// The README's first command: a VM that needs no files at all.
@@ -207,6 +209,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
                     require_signature: false,
                     allowed_signers: None,
                     registry: Default::default(),
+                    net: Default::default(),
                 });
             }
             let cfg = pack.config()?;
@@ -505,6 +508,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
     if a.json && a.clones < 2 {
         return Err(crate::util::Usage("--json applies to --clones N (N >= 2)".into()).into());
     }
+    a.net.check(a.clones as usize)?;
     if a.clones > 1 {
         if a.pack.as_os_str() == "-" {
             bail!("--clones needs a pack file, not standard input");
@@ -524,6 +528,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
             a.vsock_sock.as_deref(),
             a.quiet,
             a.json,
+            &a.net,
         );
     }
     let input = if a.pack.as_os_str() == "-" {
@@ -539,6 +544,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
         api_sock: a.api_sock,
         stdin_input: !matches!(input, PackInput::Stdin),
         vsock_sock: a.vsock_sock.map(PathBuf::from),
+        net: a.net.for_clone(0)?,
         ..Default::default()
     };
     snapshot::restore_and_run(

@@ -424,7 +424,12 @@ impl Blk {
 /// iterator just stops after `size` descriptors, so a looping chain reads as a long valid
 /// one) and an indirect descriptor (the iterator follows it, though
 /// `VIRTIO_RING_F_INDIRECT_DESC` is never offered).
-fn check_chain(mem: &GuestMemoryMmap, table: u64, size: u16, head: u16) -> Result<(), String> {
+pub(crate) fn check_chain(
+    mem: &GuestMemoryMmap,
+    table: u64,
+    size: u16,
+    head: u16,
+) -> Result<(), String> {
     let mut seen = vec![false; usize::from(size)];
     let mut i = head;
     loop {

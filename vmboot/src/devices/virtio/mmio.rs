@@ -251,6 +251,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let _ = self.irq.write(1);
     }
 
+    /// Tells the guest the device's config space changed (a new config generation).
+    pub fn signal_config(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
+        let _ = self.irq.write(1);
+    }
+
     /// Makes the worker look at every queue.
     pub fn kick(&self) {
         for k in &self.kick {

@@ -9,6 +9,7 @@
 pub mod blk;
 pub mod device;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 pub mod vsock;
 pub mod worker;

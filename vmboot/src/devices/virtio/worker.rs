@@ -18,7 +18,15 @@ pub trait QueueServer: Send + Sync {
     fn serve(&self, queue: usize);
 }
 
-type Handlers = Arc<Mutex<Vec<(Arc<dyn QueueServer>, usize, EventFd)>>>;
+/// What wakes a handler: a queue's notify eventfd (read by the worker, to reset it), or a
+/// backend's fd (left for the device to read, e.g. a tap's frames).
+enum Source {
+    Notify(EventFd),
+    /// Only held: closing it would take it out of the epoll.
+    Backend(#[allow(dead_code)] std::os::fd::OwnedFd),
+}
+
+type Handlers = Arc<Mutex<Vec<(Arc<dyn QueueServer>, usize, Source)>>>;
 
 /// The shared worker thread; dropping it stops the thread (before guest memory goes: the
 /// servers hold views of it).
@@ -72,7 +80,30 @@ impl Worker {
                 EpollEvent::new(EventSet::IN, tag),
             )
             .context("epoll_ctl for a virtio queue")?;
-        h.push((server, queue, fd));
+        h.push((server, queue, Source::Notify(fd)));
+        Ok(())
+    }
+
+    /// Serves `queue` of `server` whenever `fd` becomes readable. Edge-triggered: the
+    /// device reads `fd` until it would block, or stops early only where something else
+    /// brings it back (the guest's notify after it adds buffers, the kick of a resume).
+    pub fn add_backend(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        server: Arc<dyn QueueServer>,
+        queue: usize,
+    ) -> Result<()> {
+        let fd = fd.try_clone_to_owned().context("cloning a backend fd")?;
+        let mut h = crate::devices::bus::lock(&self.handlers);
+        let tag = h.len() as u64;
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, tag),
+            )
+            .context("epoll_ctl for a virtio backend")?;
+        h.push((server, queue, Source::Backend(fd)));
         Ok(())
     }
 }
@@ -100,8 +131,13 @@ fn run(epoll: &Epoll, handlers: &Handlers) {
             }
             let entry = crate::devices::bus::lock(handlers)
                 .get(ev.data() as usize)
-                .map(|(s, q, fd)| (s.clone(), *q, fd.read()));
-            if let Some((server, queue, _)) = entry {
+                .map(|(s, q, src)| {
+                    if let Source::Notify(fd) = src {
+                        let _ = fd.read();
+                    }
+                    (s.clone(), *q)
+                });
+            if let Some((server, queue)) = entry {
                 server.serve(queue);
             }
         }
