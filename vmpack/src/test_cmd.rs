@@ -774,6 +774,8 @@ fn junit_xml(results: &[CaseResult], total: f64) -> String {
 /// `vmpack restore PACK --clones N`: N clones at once, until they have all ended.
 /// Clone i serves its control socket at `SOCK.i`; its serial output goes to stdout with
 /// lines prefixed `[i] `, to `PATH.i` for `--serial-out PATH`, or nowhere.
+// The command line's clone options, handed through as they are.
+#[allow(clippy::too_many_arguments)]
 pub fn restore_clones(
     pack: &Path,
     n: usize,
