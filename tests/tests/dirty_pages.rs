@@ -1,6 +1,8 @@
-//! Dirty-page tracking through the real `vmboot`: a guest with a known write set (the
-//! `dirty` sample guest) and a virtio-blk read into known pages; `GET /vm/dirty?since=M`
-//! must report exactly those pages, from a fresh boot and from a restored pack.
+//! Dirty-page tracking and in-place reset through the real `vmboot`: a guest with a known
+//! write set (the `dirty` sample guest: three pages, a virtio-blk read into known pages and
+//! a write back); `GET /vm/dirty?since=M` must report exactly those pages, from a fresh boot
+//! and from a restored pack, and `PUT /vm/reset` must put memory, vCPU, devices and disk
+//! back to the pack's state.
 
 mod common;
 
@@ -104,9 +106,29 @@ impl Vm {
         pages
     }
 
-    fn round(&self, n: usize) {
+    /// Runs round `n` (counted in this process's output) and returns what it printed.
+    fn round(&self, n: usize) -> String {
         self.call("PUT", "/vm/serial/input", b"g");
-        self.wait_for("done\n", n);
+        self.wait_for("done ", n);
+        self.wait_lines(n);
+        let out = std::fs::read_to_string(&self.serial).unwrap();
+        out.lines()
+            .filter(|l| l.starts_with("done "))
+            .nth(n - 1)
+            .unwrap()
+            .to_string()
+    }
+
+    fn wait_lines(&self, n: usize) {
+        let t = Instant::now();
+        loop {
+            let out = std::fs::read_to_string(&self.serial).unwrap_or_default();
+            if out.lines().filter(|l| l.starts_with("done ")).count() >= n && out.ends_with('\n') {
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "serial:\n{out}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn quit(mut self) {
@@ -126,7 +148,7 @@ impl Vm {
 fn setup(dir: &Path) -> PathBuf {
     let image = common::samples_dir().join("guests/bin/dirty.bin");
     let _ = bin("vmboot"); // assembles the guest
-    std::fs::write(dir.join("disk.img"), common::noise(64 << 10, 7)).unwrap();
+    std::fs::write(dir.join("disk.img"), vec![0u8; 64 << 10]).unwrap();
     let cfg = dir.join("dirty.toml");
     std::fs::write(
         &cfg,
@@ -152,13 +174,13 @@ fn dirty_log_reports_exactly_what_the_guest_and_the_disk_wrote() {
     vm.wait_for("ready\n", 1);
     let m1 = vm.mark();
     assert_eq!(vm.dirty(m1), Vec::<u64>::new());
-    vm.round(1);
+    assert_eq!(vm.round(1), "done 11");
     assert_eq!(vm.dirty(m1), ROUND);
     // A later mark sees only the later round; the earlier mark keeps accumulating.
     let m2 = vm.mark();
     assert!(m2 > m1);
     assert_eq!(vm.dirty(m2), Vec::<u64>::new());
-    vm.round(2);
+    assert_eq!(vm.round(2), "done 22");
     assert_eq!(vm.dirty(m2), ROUND);
     assert_eq!(vm.dirty(m1), ROUND);
     // Mark 0 (the boot) includes the loaded image and the setup's pages.
@@ -176,7 +198,60 @@ fn dirty_log_reports_exactly_what_the_guest_and_the_disk_wrote() {
     common::blk::save(dir.path(), &vm.sock, &pack, "stop");
     let restored = Vm::spawn(dir.path(), &["restore", pack.to_str().unwrap()], "restored");
     assert_eq!(restored.dirty(0), Vec::<u64>::new());
-    restored.round(1);
+    assert_eq!(restored.round(1), "done 33");
     assert_eq!(restored.dirty(0), ROUND);
     restored.quit();
+}
+
+/// `PUT /vm/reset` on a VM restored from a pack: the guest's pages, its vCPU (it waits in
+/// its loop again), the virtio-blk queue positions and the disk it wrote are the pack's
+/// again, every time; only the written pages are put back.
+#[test]
+fn reset_puts_memory_vcpus_devices_and_disks_back() {
+    if !common::kvm_available("reset_puts_memory_vcpus_devices_and_disks_back") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path());
+    let vm = Vm::spawn(dir.path(), &["run", cfg.to_str().unwrap()], "boot");
+    vm.wait_for("ready\n", 1);
+    // A booted VM has no pack state to go back to.
+    let (status, body) = http(&vm.sock, "PUT", "/vm/reset", b"");
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("only a VM restored from a pack can be reset"),
+        "{body}"
+    );
+    let pack = dir.path().join("dirty.vmpack");
+    common::blk::save(dir.path(), &vm.sock, &pack, "stop");
+
+    let r = Vm::spawn(
+        dir.path(),
+        &["restore", pack.to_str().unwrap(), "--memory", "eager"],
+        "restored",
+    );
+    for n in 1..=3 {
+        // Each round from the pack's state: T1 0 -> 1, the disk's byte 0 -> 1.
+        assert_eq!(r.round(n), "done 11", "round {n}");
+        assert_eq!(r.dirty(0), ROUND);
+        let v = r.call("PUT", "/vm/reset", b"");
+        assert_eq!(v["pages"], ROUND.len(), "{v}");
+        assert_eq!(v["disks"], 1, "{v}");
+        assert!(v["pause_ms"].as_f64().unwrap() >= 0.0, "{v}");
+        assert_eq!(r.dirty(0), Vec::<u64>::new());
+    }
+    // Twice in a row: nothing written, nothing to put back.
+    let v = r.call("PUT", "/vm/reset", b"");
+    assert_eq!(
+        (v["pages"].as_u64(), v["disks"].as_u64()),
+        (Some(0), Some(0)),
+        "{v}"
+    );
+    // A paused VM stays paused through a reset.
+    r.call("PUT", "/vm/pause", b"");
+    r.call("PUT", "/vm/reset", b"");
+    assert_eq!(r.call("GET", "/vm", b"")["state"], "paused");
+    r.call("PUT", "/vm/resume", b"");
+    assert_eq!(r.round(4), "done 11");
+    r.quit();
 }

@@ -129,22 +129,40 @@ fn cases_are_isolated_and_failures_show_output() {
         ));
     }
     std::fs::write(dir.join("cases.toml"), &cases).unwrap();
+    // Fresh clones, one per case; then two clones reset between cases (--reuse): each
+    // clone runs cases after another one's, and still sees only the saved keys.
+    for mode in [&["-j", "5"][..], &["-j", "2", "--reuse"][..]] {
+        let mut args = vec!["test", "kv.vmpack", "cases.toml", "--junit", "ok.xml"];
+        args.extend(mode);
+        let o = vmpack_in(dir, &args);
+        let out = ok(&o);
+        assert!(out.contains("5 passed, 0 failed"), "{mode:?}: {out}");
+        if mode.contains(&"--reuse") {
+            assert!(out.contains(", 2 clones reset between cases)"), "{out}");
+        }
+        let xml = std::fs::read_to_string(dir.join("ok.xml")).unwrap();
+        assert!(xml.contains("tests=\"5\" failures=\"0\""), "{xml}");
+    }
+    // One clone for all, with a case that ends its VM ("quit"): the next case gets a fresh
+    // clone and still passes.
+    let mut quit = cases.clone();
+    quit.push_str("[[case]]\nname = \"quit\"\nsend = \"quit\\n\"\nexpect = \"bye\"\n");
+    quit.push_str("[[case]]\nname = \"after quit\"\nsend = \"count\\n\"\nexpect = \"^3\\n> \"\n");
+    std::fs::write(dir.join("quit.toml"), &quit).unwrap();
     let o = vmpack_in(
         dir,
-        &[
-            "test",
-            "kv.vmpack",
-            "cases.toml",
-            "-j",
-            "5",
-            "--junit",
-            "ok.xml",
-        ],
+        &["test", "kv.vmpack", "quit.toml", "--reuse", "--json"],
     );
-    let out = ok(&o);
-    assert!(out.contains("5 passed, 0 failed"), "{out}");
-    let xml = std::fs::read_to_string(dir.join("ok.xml")).unwrap();
-    assert!(xml.contains("tests=\"5\" failures=\"0\""), "{xml}");
+    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!(
+        (v["passed"].as_u64(), v["failed"].as_u64()),
+        (Some(7), Some(0)),
+        "{v}"
+    );
+    // The one clone, and a fresh one after "quit" if the guest ended before the next
+    // reset could stop it.
+    let clones = v["clones"].as_u64().unwrap();
+    assert!(clones == 1 || clones == 2, "{v}");
 
     // The shipped sample cases pass too.
     let sample = workspace().join("samples/kvstore-cases.toml");

@@ -71,6 +71,11 @@ pub trait VmControl: Send + Sync {
     fn serial_output(&self, _since: u64) -> Result<Value, ApiError> {
         Err(ApiError::new(404, "this VM has no serial console"))
     }
+    /// `PUT /vm/reset`: put a VM restored from a pack back to the pack's state in place;
+    /// answers `{"pages", "disks", "pause_ms"}` (see docs/API.md).
+    fn reset(&self) -> Result<Value, ApiError> {
+        Err(ApiError::new(404, "this VM cannot be reset"))
+    }
     /// `PUT /vm/dirty/mark`: start a new dirty-page mark and return its number.
     fn dirty_mark(&self) -> Result<u64, ApiError> {
         Err(ApiError::new(404, "this VM keeps no dirty-page log"))
@@ -1060,6 +1065,23 @@ fn handle(
                 }
             }
         }
+        "/vm/reset" => {
+            if req.method != "PUT" {
+                method_not_allowed("PUT")
+            } else if shared.saving.load(Ordering::SeqCst) {
+                error_response(
+                    409,
+                    "a save is in progress; try again when it has finished",
+                    close,
+                )
+            } else {
+                let _op = lock(&shared.op_lock);
+                match guarded(|| shared.ctl.reset()) {
+                    Ok(v) => response(200, &[], Some(&v), close),
+                    Err(e) => error_response(e.status, &e.message, close),
+                }
+            }
+        }
         "/vm/dirty/mark" => {
             if req.method != "PUT" {
                 method_not_allowed("PUT")
@@ -1394,6 +1416,45 @@ mod tests {
             answer.contains("Content-Type: application/json\r\n"),
             "{answer}"
         );
+    }
+
+    #[test]
+    fn reset_and_dirty_routes() {
+        let t = setup();
+        for (req, want) in [
+            (
+                &b"GET /vm/reset HTTP/1.1\r\nConnection: close\r\n\r\n"[..],
+                "405",
+            ),
+            (
+                b"PUT /vm/reset HTTP/1.1\r\nConnection: close\r\n\r\n",
+                "404",
+            ),
+            (
+                b"GET /vm/dirty/mark HTTP/1.1\r\nConnection: close\r\n\r\n",
+                "405",
+            ),
+            (
+                b"PUT /vm/dirty?since=1 HTTP/1.1\r\nConnection: close\r\n\r\n",
+                "405",
+            ),
+            (
+                b"GET /vm/dirty?since=x HTTP/1.1\r\nConnection: close\r\n\r\n",
+                "400",
+            ),
+            (
+                b"GET /vm/dirty HTTP/1.1\r\nConnection: close\r\n\r\n",
+                "404",
+            ),
+        ] {
+            let answer = raw(&t.sock, req);
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {want} ")),
+                "{}: {answer}",
+                String::from_utf8_lossy(req)
+            );
+        }
+        assert_alive(&t.sock);
     }
 
     #[test]

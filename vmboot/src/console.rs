@@ -186,6 +186,8 @@ pub struct Console {
     log: Arc<SerialLog>,
     /// Offset where the next [`Console::expect`] starts looking.
     cursor: usize,
+    /// Where [`Console::output`] starts (the last reset).
+    origin: usize,
     runner: Option<JoinHandle<Result<ExitReason>>>,
     /// Default time limit for [`Console::send`].
     pub input_timeout: Duration,
@@ -232,6 +234,7 @@ impl Console {
             handle,
             log,
             cursor: 0,
+            origin: 0,
             runner: Some(runner),
             input_timeout: Duration::from_secs(10),
         })
@@ -268,9 +271,30 @@ impl Console {
         Ok(String::from_utf8_lossy(&text[..upto]).into_owned())
     }
 
-    /// Everything the guest has written (up to the log's limit).
+    /// Everything the guest has written since it started or was last reset (up to the
+    /// log's limit).
     pub fn output(&self) -> String {
-        String::from_utf8_lossy(&self.log.contents()).into_owned()
+        String::from_utf8_lossy(&self.log.since(self.origin).1).into_owned()
+    }
+
+    /// Puts the VM back to the state of the pack it was restored from ([`VmHandle::reset`])
+    /// and starts the console over: `expect` and `output` see only what comes after.
+    pub fn reset(&mut self) -> Result<crate::vmm::ResetStats> {
+        let was_paused = self.handle.is_paused();
+        self.handle.pause()?;
+        let stats = self.handle.reset()?;
+        // Taken while paused: nothing the guest prints after the reset is skipped.
+        self.cursor = self.log.end();
+        self.origin = self.cursor;
+        if !was_paused {
+            self.handle.resume()?;
+        }
+        Ok(stats)
+    }
+
+    /// Whether the VM has ended (or is ending).
+    pub fn ended(&self) -> bool {
+        self.handle.status_json()["state"] == "stopped"
     }
 
     /// Ends the VM and waits for it; returns how it ended.

@@ -41,6 +41,18 @@ impl VmControl for VmHandle {
         }))
     }
 
+    fn reset(&self) -> Result<serde_json::Value, ApiError> {
+        let stats = VmHandle::reset(self).map_err(|e| {
+            let msg = format!("{e:#}");
+            if msg.starts_with("reset failed") {
+                ApiError::internal(msg)
+            } else {
+                ApiError::conflict(msg)
+            }
+        })?;
+        Ok(serde_json::to_value(stats).unwrap_or_default())
+    }
+
     fn dirty_mark(&self) -> Result<u64, ApiError> {
         VmHandle::dirty_mark(self).map_err(|e| ApiError::internal(format!("{e:#}")))
     }

@@ -58,6 +58,21 @@ pub trait VmDevice: Pausable + Send + Sync {
     /// The VM has ended: release host resources (sockets) now rather than when the last
     /// reference to the device goes.
     fn stop(&self) {}
+    /// Puts the device back in `state` (as `save` made it) in place, keeping what it is
+    /// registered with (bus ranges, ioeventfds, irqfd), for `PUT /vm/reset`. Only while the
+    /// VM is paused.
+    fn reset_to(&self, state: &DeviceState) -> Result<()> {
+        anyhow::bail!("device {} cannot be reset in place", state.id)
+    }
+    /// Whether `reset_to` is implemented (checked before a reset changes anything).
+    fn resettable(&self) -> bool {
+        false
+    }
+    /// Whether the device wrote its backend (a disk image) since it was built or this was
+    /// last asked; a reset then puts the backend back too.
+    fn take_backend_written(&self) -> bool {
+        false
+    }
 }
 
 /// One device in the vmstate: its registry id, the version of its state and the state.

@@ -30,6 +30,11 @@ pub const KVSTORE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kvstore.bin
 /// (leaf, subleaf): "cpuid APIC LEAF.SUB EAX EBX ECX EDX\n"; then "cpuid done N\n", exit 0.
 pub const CPUID: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cpuid.bin"));
 
+/// Long mode, one virtio-blk disk: a guest whose writes are known exactly (each round
+/// writes the same 9 pages, a 'w' writes 1 MiB in 256 runs), for the dirty-page and reset
+/// tests and `vmpack bench-clones`; see `samples/guests/dirty.S`.
+pub const DIRTY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/dirty.bin"));
+
 /// Every sample guest by name (the source file's stem).
 pub fn all() -> &'static [(&'static str, &'static [u8])] {
     &[
@@ -40,6 +45,7 @@ pub fn all() -> &'static [(&'static str, &'static [u8])] {
         ("memtest", MEMTEST),
         ("kvstore", KVSTORE),
         ("cpuid", CPUID),
+        ("dirty", DIRTY),
     ]
 }
 

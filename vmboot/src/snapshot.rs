@@ -540,7 +540,14 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     };
     let prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
     let files = BootFiles::Pack(pack.clone());
+    let work_path = work.path.clone();
     let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, files, run))?;
+    if !manifest.disks.is_empty() {
+        let pack = pack.clone();
+        vm.controller().set_disk_reset(Box::new(move |i| {
+            extract_disk(&pack, i, &disk_copy_path(&work_path, i), true)
+        }));
+    }
     Ok((
         vm,
         RestoreInfo {
@@ -680,20 +687,41 @@ fn lazy_init(
 /// Writes every disk of the pack to its private raw copy in `dir` (where [`pack_config`]
 /// points the config), so the guest's writes never reach the pack.
 fn extract_disks(pack: &VmPack, dir: &Path) -> Result<()> {
+    for i in 0..pack.manifest().disks.len() {
+        extract_disk(pack, i, &disk_copy_path(dir, i), false)?;
+    }
+    Ok(())
+}
+
+/// Writes disk `i` of `pack` to a new file `copy`, or with `replace` over the existing
+/// `copy` (emptied first, the same inode, so a VM that has it open sees the pack's disk
+/// again: how a reset puts a written disk back).
+fn extract_disk(pack: &VmPack, i: usize, copy: &Path, replace: bool) -> Result<()> {
     let reader = pack.reader();
     let label = pack.path().display().to_string();
-    for (i, d) in pack.manifest().disks.iter().enumerate() {
-        let s = reader
-            .section(&d.section)
-            .ok_or_else(|| anyhow!("{label}: section '{}' is missing", d.section))?;
-        let copy = disk_copy_path(dir, i);
-        let f = sparse_file(&copy, d.virtual_size)?;
-        reader.for_each_chunk_parallel(s.id, false, 0, &|off, data| {
-            use std::os::unix::fs::FileExt;
-            f.write_all_at(data, off)
-                .map_err(|e| io_pack_error(&copy, e))
-        })?;
-    }
+    let d = &pack.manifest().disks[i];
+    let s = reader
+        .section(&d.section)
+        .ok_or_else(|| anyhow!("{label}: section '{}' is missing", d.section))?;
+    let f = if replace {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = File::options()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(copy)
+            .with_context(|| format!("opening {}", copy.display()))?;
+        f.set_len(0)
+            .and_then(|()| f.set_len(d.virtual_size))
+            .with_context(|| format!("emptying {}", copy.display()))?;
+        f
+    } else {
+        sparse_file(copy, d.virtual_size)?
+    };
+    reader.for_each_chunk_parallel(s.id, false, 0, &|off, data| {
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(data, off)
+            .map_err(|e| io_pack_error(copy, e))
+    })?;
     Ok(())
 }
 

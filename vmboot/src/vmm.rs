@@ -147,6 +147,10 @@ pub struct VmHandle {
     /// original files may not exist on this host.
     payload: BootFiles,
     last_save: Mutex<Option<serde_json::Value>>,
+    /// For `PUT /vm/reset`: the state a restored VM started from, and what puts a written
+    /// disk copy back (see [`VmHandle::reset`]).
+    reset_point: OnceLock<VmState>,
+    disk_reset: OnceLock<DiskReset>,
     /// Where the loader put the initrd (`(gpa, len)`), kept across saves: while guest RAM
     /// still holds it there, a save records it instead of storing it twice.
     initrd_at: OnceLock<(u64, u64)>,
@@ -531,6 +535,7 @@ impl Vm {
         if let Some(at) = initrd_at {
             let _ = vm.handle.initrd_at.set(at);
         }
+        let _ = vm.handle.reset_point.set(state);
         if let Some(lazy) = vm.handle.mem.lazy() {
             let weak = Arc::downgrade(&vm.handle);
             lazy.on_failure(Box::new(move |message| {
@@ -565,6 +570,8 @@ impl Vm {
             config: cfg.clone(),
             payload,
             last_save: Mutex::new(None),
+            reset_point: OnceLock::new(),
+            disk_reset: OnceLock::new(),
             initrd_at: OnceLock::new(),
             vcpus,
             devices,
@@ -679,6 +686,20 @@ impl Vm {
         }
         Ok(reason)
     }
+}
+
+/// Puts disk `i`'s private copy back to the content the VM was restored with.
+pub type DiskReset = Box<dyn Fn(usize) -> Result<()> + Send + Sync>;
+
+/// What `PUT /vm/reset` did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ResetStats {
+    /// Guest pages put back (written since the restore or the previous reset).
+    pub pages: u64,
+    /// Disks whose copy was put back (written since then).
+    pub disks: usize,
+    /// Time the guest stood still for the reset, in milliseconds.
+    pub pause_ms: f64,
 }
 
 /// Unregisters a vCPU thread when it ends, also by panic, so `run` and `pause` never wait
@@ -977,6 +998,106 @@ impl VmHandle {
             let _ = self.resume();
         }
         r
+    }
+
+    /// How a reset puts a written disk copy back (set by the restore that made the copies).
+    pub fn set_disk_reset(&self, f: DiskReset) {
+        let _ = self.disk_reset.set(f);
+    }
+
+    /// Puts a VM restored from a pack back to the pack's state, in place: the guest pages
+    /// written since the restore (or the previous reset) revert to the pack's (see
+    /// [`GuestRam::reset_to_start`]), then every vCPU, the VM-level irqchip/PIT/clock and
+    /// every device are loaded from the pack's state again, in the order of a restore, and
+    /// written disk copies are put back. A VM that was running runs on from the pack's
+    /// state; a paused one stays paused. A failure once the VM was changed ends it (its
+    /// state would be neither the old nor the pack's).
+    pub fn reset(&self) -> Result<ResetStats> {
+        let state = self
+            .reset_point
+            .get()
+            .context("only a VM restored from a pack can be reset")?;
+        if !self.mem.revertible() {
+            bail!("guest memory was not mapped from a pack file, so it cannot be put back in place (restore an uncompressed pack with --memory eager)");
+        }
+        // A pack from before a device existed starts that device at power-on: it has no
+        // state to go back to. Refused before anything changes.
+        for (id, d) in self.devices.dm.objects() {
+            if !state.devices.iter().any(|s| s.id == id) {
+                bail!("the pack holds no state of device {id} to reset it to");
+            }
+            if !d.resettable() {
+                bail!("device {id} cannot be reset in place");
+            }
+        }
+        let was_paused = self.is_paused();
+        let t = Instant::now();
+        self.pause()?;
+        let r = (|| -> Result<(u64, usize)> {
+            let pages = self.mem.reset_to_start(&self.vm.fd)?;
+            for (v, s) in self.vcpus.iter().zip(&state.vcpus) {
+                vcpu::load(&lock(&v.fd), s)?;
+            }
+            self.vm.restore_state(&state.vm)?;
+            for v in &self.vcpus {
+                tell_kvmclock_paused(&lock(&v.fd));
+            }
+            let mut disks = 0;
+            for (id, d) in self.devices.dm.objects() {
+                let s = state
+                    .devices
+                    .iter()
+                    .find(|s| s.id == id)
+                    .with_context(|| format!("the pack holds no state of device {id}"))?;
+                d.reset_to(s)?;
+                if d.take_backend_written() {
+                    let i = id
+                        .strip_prefix("virtio-blk")
+                        .and_then(|n| n.parse().ok())
+                        .with_context(|| {
+                            format!("device {id} wrote a backend that is not a disk")
+                        })?;
+                    let put_back = self
+                        .disk_reset
+                        .get()
+                        .context("the disks cannot be put back (no pack to read them from)")?;
+                    put_back(i).with_context(|| format!("putting disk {i} back"))?;
+                    disks += 1;
+                }
+            }
+            Ok((pages, disks))
+        })();
+        match r {
+            Ok((pages, disks)) => {
+                let pause_ms = t.elapsed().as_secs_f64() * 1000.0;
+                if !was_paused {
+                    self.resume()?;
+                }
+                Ok(ResetStats {
+                    pages,
+                    disks,
+                    pause_ms,
+                })
+            }
+            Err(e) => {
+                self.request_exit(ExitReason {
+                    code: EXIT_KVM_ERROR,
+                    message: format!("reset failed: {e:#}"),
+                });
+                Err(e.context("reset failed; the VM was stopped"))
+            }
+        }
+    }
+
+    /// The vsock device's host socket, if the VM has one.
+    pub fn vsock_socket(&self) -> Option<PathBuf> {
+        self.devices
+            .dm
+            .objects()
+            .find_map(|(_, d)| match d.status() {
+                Some(("vsock", v)) => v["uds_path"].as_str().map(PathBuf::from),
+                _ => None,
+            })
     }
 
     /// Starts a new dirty-page mark and returns its number (see `vstate::dirty`).

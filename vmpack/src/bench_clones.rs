@@ -24,6 +24,10 @@ pub struct BenchClonesArgs {
     /// Numbers of concurrent clones to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10, 100])]
     counts: Vec<usize>,
+    /// In-place resets to measure (the `dirty` guest writes 1 MiB in 256 runs before each),
+    /// and cases to run each way (fresh clone per case, one clone reset between cases).
+    #[arg(long, default_value_t = 50)]
+    resets: usize,
     /// Print only the results (no progress notes).
     #[arg(long, short)]
     pub quiet: bool,
@@ -208,6 +212,99 @@ pub fn run(a: BenchClonesArgs) -> Result<()> {
         );
     }
     crate::outln!("(latency: from the start of the restore or boot to the guest's first answer; clones answer `get a`, boots print their prompt)");
+    if a.resets > 0 {
+        reset_figures(&work, &src, a.memory_mib.max(32), a.resets)?;
+    }
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The in-place reset (`PUT /vm/reset`): its pause with 1 MiB written, and kvstore cases
+/// per second with a fresh clone per case against one clone reset between cases.
+fn reset_figures(work: &WorkBase, kv: &Path, memory_mib: u64, n: usize) -> Result<()> {
+    let dir = work.clone_dir(usize::MAX - 1)?;
+    let disk = dir.join("dirty-disk.img");
+    std::fs::write(&disk, vec![0u8; 64 << 10])?;
+    let text = format!(
+        "name = \"dirty\"\nmemory_mib = {memory_mib}\n[flat]\nimage = \"dirty.bin\"\n\
+         load_address = 0x100000\nentry = 0x100000\nmode = \"long\"\n\
+         [[disk]]\npath = \"{}\"\nformat = \"raw\"\n",
+        disk.display()
+    );
+    let cfg = VmConfig::parse(&text, &dir.join("dirty.toml"))?;
+    let pack = dir.join("dirty.vmpack");
+    {
+        let log = SerialLog::new();
+        let payload = BootPayload {
+            image: Some(vmboot::samples::DIRTY.to_vec()),
+            ..Default::default()
+        };
+        let mut c = Console::start(Vm::create(&cfg, payload, &console_opts(&log))?)?;
+        c.expect("ready\n", TIMEOUT)?;
+        let mut f = std::fs::File::create(&pack)?;
+        vmboot::snapshot::save(c.handle(), Compression::None, None, false, &mut f)?;
+        f.sync_all()?;
+        c.stop()?;
+    }
+    let src = prepare_source(&pack, true)?;
+    let quiet = || RunOptions {
+        serial_out: SerialSink::None,
+        ..Default::default()
+    };
+    let mut c = start_clone(&src, work, usize::MAX - 2, quiet())?;
+    let (mut pause, mut wall, mut pages) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..n {
+        c.send("w")?;
+        c.expect("wrote\n", TIMEOUT)?;
+        let t = Instant::now();
+        let s = c.reset()?;
+        wall.push(t.elapsed().as_secs_f64() * 1000.0);
+        pause.push(s.pause_ms);
+        pages = s.pages;
+    }
+    c.stop()?;
+    crate::outln!(
+        "\nin-place reset of the {memory_mib} MiB dirty guest after it wrote {} KiB ({n} runs): \
+         median {:.3} ms paused, {:.3} ms for the whole call",
+        pages * 4,
+        median(pause),
+        median(wall)
+    );
+
+    // The same kvstore cases, one after the other, each way.
+    let case = |c: &mut Console, i: usize| -> Result<()> {
+        c.send(format!("set k{i} v{i}\n"))?;
+        c.expect("^ok\n> ", TIMEOUT)?;
+        c.send("count\n")?;
+        c.expect("^2\n> ", TIMEOUT)?;
+        Ok(())
+    };
+    let t = Instant::now();
+    for i in 0..n {
+        let mut c = start_clone(kv, work, usize::MAX - 10 - i, quiet())?;
+        case(&mut c, i)?;
+        c.stop()?;
+    }
+    let fresh = n as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut c = start_clone(kv, work, usize::MAX - 3, quiet())?;
+    for i in 0..n {
+        if i > 0 {
+            c.reset()?;
+        }
+        case(&mut c, i)?;
+    }
+    c.stop()?;
+    let reused = n as f64 / t.elapsed().as_secs_f64();
+    crate::outln!(
+        "kvstore cases, one at a time ({n} each way): {fresh:.1} cases/s with a fresh clone \
+         per case, {reused:.1} cases/s with one clone reset between cases ({:.1}x)",
+        reused / fresh
+    );
     Ok(())
 }
 

@@ -46,6 +46,11 @@ pub struct TestArgs {
     /// Cases run at the same time, each in its own clone.
     #[arg(short = 'j', long, default_value_t = 1)]
     jobs: usize,
+    /// Keep each of the -j clones for the next case: put it back to the pack's state in
+    /// place (PUT /vm/reset) instead of restoring a fresh one. A clone whose VM ended or
+    /// cannot be reset is replaced by a fresh one.
+    #[arg(long)]
+    reuse: bool,
     /// Also write the results as JUnit XML here.
     #[arg(long)]
     junit: Option<PathBuf>,
@@ -271,13 +276,45 @@ struct CaseResult {
     output: String,
 }
 
-fn run_case(
-    src: &Path,
-    work: &WorkBase,
-    i: usize,
-    case: &Case,
-    net: &crate::identity::NetIdentityArgs,
-) -> CaseResult {
+/// Where a case's clone comes from: a fresh one per case, or (`--reuse`) the worker's
+/// clone of the previous case, put back to the pack's state.
+struct Clones<'a> {
+    src: &'a Path,
+    work: &'a WorkBase,
+    net: &'a crate::identity::NetIdentityArgs,
+    /// Numbers the clones `--reuse` restores (their work folders, taps and MACs); a fresh
+    /// clone per case takes the case's index.
+    next: &'a AtomicUsize,
+    reuse: bool,
+}
+
+impl Clones<'_> {
+    fn get(&self, kept: &mut Option<Console>, case: usize) -> Result<Console> {
+        if let Some(mut c) = kept.take() {
+            // A VM that cannot be reset (it ended, or the reset failed) is replaced.
+            if !c.ended() && c.reset().is_ok() {
+                return Ok(c);
+            }
+        }
+        let i = if self.reuse {
+            self.next.fetch_add(1, Ordering::SeqCst)
+        } else {
+            self.next.fetch_add(1, Ordering::SeqCst);
+            case
+        };
+        let run = RunOptions {
+            serial_out: SerialSink::None,
+            net: self.net.for_clone(i)?,
+            vsock_sock: Some(self.work.0.join(format!("vsock-{i}.sock"))),
+            ..Default::default()
+        };
+        start_clone(self.src, self.work, i, run)
+    }
+}
+
+/// Runs case `i`; with `--reuse` the clone is left in `kept` for the next case unless its
+/// VM ended.
+fn run_case(clones: &Clones, kept: &mut Option<Console>, i: usize, case: &Case) -> CaseResult {
     let t = Instant::now();
     let mut result = CaseResult {
         name: case.name.clone(),
@@ -286,20 +323,14 @@ fn run_case(
         message: String::new(),
         output: String::new(),
     };
-    let vsock_sock = work.0.join(format!("vsock-{i}.sock"));
-    let run = net.for_clone(i).map(|net| RunOptions {
-        serial_out: SerialSink::None,
-        net,
-        vsock_sock: Some(vsock_sock.clone()),
-        ..Default::default()
-    });
-    match run.and_then(|run| start_clone(src, work, i, run)) {
+    match clones.get(kept, i) {
         Err(e) => result.message = format!("restore failed: {e:#}"),
         Ok(mut console) => {
             let mut failure = None;
             let mut vsock = None;
             if let Channel::Vsock(port) = case.channel {
-                match VsockChannel::connect(&vsock_sock, port, DEFAULT_TIMEOUT) {
+                let sock = console.handle().vsock_socket().unwrap_or_default();
+                match VsockChannel::connect(&sock, port, DEFAULT_TIMEOUT) {
                     Ok(v) => vsock = Some(v),
                     Err(e) => failure = Some(format!("vsock:{port}: {e:#}")),
                 }
@@ -333,11 +364,21 @@ fn run_case(
                 Some(v) => v.output(),
                 None => console.output(),
             };
-            match console.stop() {
-                Err(e) if failure.is_none() => {
+            let ended = if clones.reuse && !console.ended() {
+                *kept = Some(console);
+                None
+            } else if clones.reuse {
+                Some(console.wait())
+            } else {
+                Some(console.stop())
+            };
+            match ended {
+                Some(Err(e)) if failure.is_none() => {
                     failure = Some(format!("stopping the clone: {e:#}"));
                 }
-                Ok(r) if failure.is_none() && r.code != 0 && r.message != "shutdown requested" => {
+                Some(Ok(r))
+                    if failure.is_none() && r.code != 0 && r.message != "shutdown requested" =>
+                {
                     failure = Some(format!("the VM ended: {} (status {})", r.message, r.code));
                 }
                 _ => {}
@@ -529,19 +570,32 @@ pub fn run(a: TestArgs) -> Result<i32> {
     let results: Mutex<Vec<Option<CaseResult>>> =
         Mutex::new((0..cases.len()).map(|_| None).collect());
     let started = Instant::now();
-    let worker = || loop {
-        let i = next.fetch_add(1, Ordering::SeqCst);
-        let Some(case) = cases.get(i) else { break };
-        let r = run_case(&src, &work, i, case, &a.net);
-        if !a.quiet {
-            eprintln!(
-                "vmpack: {} {} ({:.0} ms)",
-                if r.passed { "pass" } else { "FAIL" },
-                r.name,
-                r.secs * 1000.0
-            );
+    let clone_ids = AtomicUsize::new(0);
+    let clones = Clones {
+        src: &src,
+        work: &work,
+        net: &a.net,
+        next: &clone_ids,
+        reuse: a.reuse,
+    };
+    let worker = || {
+        let mut kept = None;
+        loop {
+            let i = next.fetch_add(1, Ordering::SeqCst);
+            let Some(case) = cases.get(i) else { break };
+            let r = run_case(&clones, &mut kept, i, case);
+            if !a.quiet {
+                eprintln!(
+                    "vmpack: {} {} ({:.0} ms)",
+                    if r.passed { "pass" } else { "FAIL" },
+                    r.name,
+                    r.secs * 1000.0
+                );
+            }
+            results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
         }
-        results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+        // The kept clone (if any) ends here, before the work folders go.
+        drop(kept);
     };
     std::thread::scope(|s| {
         // Short of threads, fewer jobs run at once; with none, this thread runs them all.
@@ -582,6 +636,7 @@ pub fn run(a: TestArgs) -> Result<i32> {
                 "passed": results.len() - failed,
                 "failed": failed,
                 "seconds": total,
+                "clones": clone_ids.load(Ordering::SeqCst),
                 "cases": cases,
             })
         );
@@ -620,10 +675,18 @@ pub fn run(a: TestArgs) -> Result<i32> {
     }
     writeln!(
         out,
-        "\n{} passed, {} failed ({} cases, {jobs} at a time, {total:.2} s)",
+        "\n{} passed, {} failed ({} cases, {jobs} at a time, {total:.2} s{})",
         results.len() - failed,
         failed,
-        results.len()
+        results.len(),
+        if a.reuse {
+            format!(
+                ", {} clones reset between cases",
+                clone_ids.load(Ordering::SeqCst)
+            )
+        } else {
+            String::new()
+        }
     )
     .unwrap_or_else(|e| crate::util::stdout_failed(e));
     if let Some(path) = &a.junit {

@@ -60,6 +60,15 @@ impl VmDevice for Mutex<I8042> {
     fn save(&self, id: &str) -> anyhow::Result<DeviceState> {
         DeviceState::new(id, &*lock(self))
     }
+
+    fn reset_to(&self, state: &DeviceState) -> anyhow::Result<()> {
+        *lock(self) = I8042::restore((), &state.decode::<I8042>()?)?;
+        Ok(())
+    }
+
+    fn resettable(&self) -> bool {
+        true
+    }
 }
 
 impl BusDevice for I8042 {

@@ -99,6 +99,16 @@ impl SerialDevice {
         Ok(SerialDevice { serial })
     }
 
+    /// Back to `state` in place: the same irqfd (a duplicate of its eventfd, so the KVM
+    /// registration stays) and the same output.
+    pub fn reset_to(&mut self, state: &SerialDeviceState) -> Result<()> {
+        let evt = self.irq_fd().try_clone().context("serial eventfd")?;
+        let out = std::mem::replace(self.serial.writer_mut(), Box::new(std::io::sink()));
+        self.serial = Serial::from_state(&state.into(), IrqTrigger(evt), NoEvents, out)
+            .map_err(|e| anyhow::anyhow!("serial state: {e}"))?;
+        Ok(())
+    }
+
     pub fn irq_fd(&self) -> &EventFd {
         &self.serial.interrupt_evt().0
     }
@@ -141,6 +151,15 @@ impl Pausable for Mutex<SerialDevice> {}
 impl VmDevice for Mutex<SerialDevice> {
     fn save(&self, id: &str) -> Result<DeviceState> {
         DeviceState::new(id, &*lock(self))
+    }
+
+    fn reset_to(&self, state: &DeviceState) -> Result<()> {
+        let s = state.decode::<SerialDevice>()?;
+        lock(self).reset_to(&s)
+    }
+
+    fn resettable(&self) -> bool {
+        true
     }
 }
 

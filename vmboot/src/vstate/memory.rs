@@ -86,6 +86,9 @@ pub struct GuestRam {
     lazy: Option<crate::vstate::lazy::LazyMemory>,
     /// The marks of "pages written since" (see [`crate::vstate::dirty`]).
     dirty: crate::vstate::dirty::DirtyLog,
+    /// Mapped from a pack file (`MapPrivate`): a written page reverts to mark 0's content
+    /// when its private copy is dropped, which is what [`GuestRam::reset_to_start`] needs.
+    revertible: bool,
 }
 
 // SAFETY: the raw pointers are private mmap'ed memory that lives as long as `GuestRam`; all
@@ -105,6 +108,7 @@ impl GuestRam {
             file_backed: Vec::new(),
             lazy: None,
             dirty: crate::vstate::dirty::DirtyLog::new(layout),
+            revertible: false,
         };
         if layout.is_empty() {
             bail!("guest has no RAM");
@@ -173,6 +177,7 @@ impl GuestRam {
             GuestMemoryInit::MapPrivate { file, pieces } => {
                 ram.map_pieces(&file, &pieces)?;
                 ram.file_backed = pieces.iter().map(|&(gpa, _, len)| (gpa, len)).collect();
+                ram.revertible = true;
             }
             GuestMemoryInit::Lazy(src) => {
                 let regions: Vec<(u64, u64, u64)> = ram
@@ -273,6 +278,51 @@ impl GuestRam {
             .since_with(mark, &mut Self::kvm_dirty(vm), &mut || {
                 self.take_vmm_dirty()
             })
+    }
+
+    /// Puts every page written since mark 0 back to its content at mark 0 and starts the
+    /// dirty log over. Only for RAM mapped from a pack file (`MapPrivate`): there mark 0's
+    /// content is what a page falls back to when `MADV_DONTNEED` drops its private copy
+    /// (the file's bytes where the pack has them, zero elsewhere), so a reset costs one
+    /// `madvise` per run of written pages, not a copy. No vCPU may run and no device may
+    /// write guest memory meanwhile. Returns the number of pages put back.
+    pub fn reset_to_start(&self, vm: &kvm_ioctls::VmFd) -> Result<u64> {
+        if !self.revertible {
+            bail!(
+                "guest memory was not mapped from a pack file, so it cannot be put back in \
+                 place (restore an uncompressed pack with --memory eager)"
+            );
+        }
+        let dirty = self.dirty_since(vm, 0)?;
+        for (gpa, len) in dirty.ranges() {
+            let r = self
+                .regions
+                .iter()
+                .find(|r| gpa >= r.gpa && gpa + len <= r.gpa + r.size as u64)
+                .with_context(|| format!("dirty range {gpa:#x}+{len:#x} is not in guest RAM"))?;
+            // SAFETY: the range lies inside a mapping this struct owns (checked above);
+            // dropping private pages of a MAP_PRIVATE mapping only makes them read back as
+            // the file's (or zero) on the next touch, which is the point.
+            let rc = unsafe {
+                libc::madvise(
+                    r.host.add((gpa - r.gpa) as usize).cast(),
+                    len as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("madvise(MADV_DONTNEED) at gpa {gpa:#x}"));
+            }
+        }
+        self.dirty
+            .reset_with(&mut Self::kvm_dirty(vm), &mut || self.take_vmm_dirty())?;
+        Ok(dirty.count())
+    }
+
+    /// Whether [`GuestRam::reset_to_start`] can work (RAM mapped from a pack file).
+    pub fn revertible(&self) -> bool {
+        self.revertible
     }
 
     /// vm-memory view, for the loaders and `Bytes` accesses.

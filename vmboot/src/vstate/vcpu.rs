@@ -216,6 +216,13 @@ pub fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
             );
         }
     }
+    load(fd, s)
+}
+
+/// Loads `s` into a vCPU that already has its CPUID and TSC frequency (set by [`restore`]);
+/// also what a reset in place does (KVM refuses a CPUID change once a vCPU has run).
+pub fn load(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
+    let id = s.id;
     fd.set_mp_state(s.mp_state)
         .with_context(|| format!("vCPU {id}: KVM_SET_MP_STATE"))?;
     fd.set_regs(&s.regs)

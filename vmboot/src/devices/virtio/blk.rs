@@ -61,6 +61,8 @@ pub struct BlkCounters {
     pub requests: AtomicU64,
     pub errors: AtomicU64,
     pub warnings: AtomicU64,
+    /// Set by every request that may change the disk (write, discard, write-zeroes).
+    pub written: std::sync::atomic::AtomicBool,
 }
 
 pub struct Blk {
@@ -259,6 +261,7 @@ impl Blk {
                 if self.read_only {
                     return Err(ReqError::ReadOnly);
                 }
+                self.counters.written.store(true, Ordering::Relaxed);
                 self.write(sector, data, mem).map(|_| 0)
             }
             VIRTIO_BLK_T_FLUSH => self
@@ -280,6 +283,7 @@ impl Blk {
                 if self.read_only {
                     return Err(ReqError::ReadOnly);
                 }
+                self.counters.written.store(true, Ordering::Relaxed);
                 self.discard_or_zero(kind == VIRTIO_BLK_T_DISCARD, data, mem)
                     .map(|_| 0)
             }
@@ -580,6 +584,30 @@ impl VmDevice for BlkHandle {
             version: <Arc<BlkHandle> as Persist>::VERSION,
             state: serde_json::to_value(s)?,
         })
+    }
+
+    fn reset_to(&self, state: &DeviceState) -> Result<()> {
+        let s = state.decode::<Arc<BlkHandle>>()?;
+        VirtioMmio::reset_to(self, &s.transport, |d| {
+            if s.disk_size != d.disk.virtual_size() {
+                bail!(
+                    "disk {}: the saved VM saw {} bytes, the disk has {}",
+                    d.index,
+                    s.disk_size,
+                    d.disk.virtual_size()
+                );
+            }
+            Ok(())
+        })
+    }
+
+    fn resettable(&self) -> bool {
+        true
+    }
+
+    fn take_backend_written(&self) -> bool {
+        let t = lock(&self.dev);
+        t.device.counters.written.swap(false, Ordering::Relaxed)
     }
 
     fn status(&self) -> Option<(&'static str, serde_json::Value)> {

@@ -93,6 +93,23 @@ impl<D: VirtioDevice + 'static> VirtioMmio<D> {
     }
 }
 
+impl<D: VirtioDevice> VirtioMmio<D> {
+    /// Back to a saved transport state in place (same ioeventfds and irqfd), with
+    /// `device` putting the device's own part back; an interrupt pending in that state is
+    /// raised again, as on a restore. Only while paused: the resume looks at the queues.
+    pub fn reset_to(
+        &self,
+        s: &MmioTransportState,
+        device: impl FnOnce(&mut D) -> Result<()>,
+    ) -> Result<()> {
+        let mut t = lock(&self.dev);
+        t.set_state(s)?;
+        device(&mut t.device)?;
+        t.reraise();
+        Ok(())
+    }
+}
+
 impl<D: VirtioDevice> QueueServer for VirtioMmio<D> {
     /// Serves queue `idx` in batches of at most [`BATCH`] requests, taking the device lock
     /// per batch (so vCPU register accesses get in between) and stopping when a pause is

@@ -205,19 +205,31 @@ impl<D: VirtioDevice> MmioTransport<D> {
         s: &MmioTransportState,
     ) -> anyhow::Result<Self> {
         let mut t = Self::new(device, irq, kick)?;
-        s.validate(t.device.features(), &t.device.queue_max_sizes())?;
-        for (i, q) in s.queues.iter().enumerate() {
-            t.queues[i] = Queue::try_from(QueueState::from(q))
-                .map_err(|e| anyhow::anyhow!("saved virtqueue {i}: {e}"))?;
-        }
-        t.device_features_sel = s.device_features_sel;
-        t.driver_features_sel = s.driver_features_sel;
-        t.acked_features = s.acked_features;
-        t.queue_sel = s.queue_sel;
-        t.status = s.status;
-        t.interrupt_status = s.interrupt_status;
-        t.config_generation = s.config_generation;
+        t.set_state(s)?;
         Ok(t)
+    }
+
+    /// Loads a saved state into this transport (a restore, or a reset in place).
+    pub fn set_state(&mut self, s: &MmioTransportState) -> anyhow::Result<()> {
+        s.validate(self.device.features(), &self.device.queue_max_sizes())?;
+        let queues = s
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                Queue::try_from(QueueState::from(q))
+                    .map_err(|e| anyhow::anyhow!("saved virtqueue {i}: {e}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        self.queues = queues;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.acked_features = s.acked_features;
+        self.queue_sel = s.queue_sel;
+        self.status = s.status;
+        self.interrupt_status = s.interrupt_status;
+        self.config_generation = s.config_generation;
+        Ok(())
     }
 
     pub fn state(&self) -> MmioTransportState {

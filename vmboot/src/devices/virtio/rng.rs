@@ -169,6 +169,18 @@ impl VmDevice for RngHandle {
         })
     }
 
+    fn reset_to(&self, state: &DeviceState) -> Result<()> {
+        let s = state.decode::<Arc<RngHandle>>()?;
+        VirtioMmio::reset_to(self, &s.transport, |d| {
+            d.bytes = s.bytes;
+            Ok(())
+        })
+    }
+
+    fn resettable(&self) -> bool {
+        true
+    }
+
     fn status(&self) -> Option<(&'static str, serde_json::Value)> {
         let t = lock(&self.dev);
         Some((
