@@ -407,8 +407,16 @@ impl VmState {
         struct Outer {
             version: u32,
         }
-        let outer: Outer = serde_json::from_slice(bytes).context("not a valid vm state")?;
-        match outer.version {
+        // Every vmboot writes the version first: read there, it saves a pass over the whole
+        // document (most of a vmstate check); anything else is read the general way.
+        let version = match leading_version(bytes) {
+            Some(v) => v,
+            None => {
+                let outer: Outer = serde_json::from_slice(bytes).context("not a valid vm state")?;
+                outer.version
+            }
+        };
+        match version {
             1 => {
                 let v1: VmStateV1 =
                     serde_json::from_slice(bytes).context("not a valid vm state")?;
@@ -425,6 +433,17 @@ impl VmState {
     pub fn device(&self, id: &str) -> Option<&DeviceState> {
         self.devices.iter().find(|d| d.id == id)
     }
+}
+
+/// `N` of a document that starts `{"version":N,` (N a plain decimal `u32`); the full parse
+/// that follows checks the rest, so this only picks which one.
+fn leading_version(bytes: &[u8]) -> Option<u32> {
+    let rest = bytes.strip_prefix(b"{\"version\":")?;
+    let n = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    if n == 0 || n > 10 || (n > 1 && rest[0] == b'0') || rest.get(n) != Some(&b',') {
+        return None;
+    }
+    std::str::from_utf8(&rest[..n]).ok()?.parse().ok()
 }
 
 impl From<VmStateV1> for VmState {
@@ -478,6 +497,30 @@ impl std::fmt::Debug for VmState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leading_version_only_from_a_plain_prefix() {
+        assert_eq!(leading_version(br#"{"version":2,"x":1}"#), Some(2));
+        assert_eq!(leading_version(br#"{"version":0,"#), Some(0));
+        for other in [
+            &br#"{"version":02,"#[..],
+            br#"{"version":2}"#,
+            br#"{"version":-1,"#,
+            br#"{"version":99999999999,"#,
+            br#"{ "version":2,"#,
+            br#"{"config":{},"version":2}"#,
+        ] {
+            assert_eq!(
+                leading_version(other),
+                None,
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
+        // Either way the whole document is checked.
+        assert!(VmState::parse(br#"{"version":1,"#).is_err());
+        assert!(VmState::parse(br#"{"version":1,"version":2}"#).is_err());
+    }
 
     fn vcpu_json() -> serde_json::Value {
         let v = VcpuState {

@@ -113,8 +113,9 @@ pub struct RestoreArgs {
     /// folder (`GET /vm` shows it).
     #[arg(long, value_name = "PATH")]
     vsock_sock: Option<String>,
-    /// With --clones: once all clones run, print one JSON line on stdout (`clones`,
-    /// `sockets`, `milliseconds`) before any serial output.
+    /// Once the VM (with --clones, every clone) runs, print one JSON line on stdout (`clones`,
+    /// `sockets`, `milliseconds`; one restore adds `memory`, and from a reference
+    /// `reference`, `digest`, `root_digest`, `steps`) before any serial output.
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -505,8 +506,11 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
             }
         }
     }
-    if a.json && a.clones < 2 {
-        return Err(crate::util::Usage("--json applies to --clones N (N >= 2)".into()).into());
+    if a.json && a.pack.as_os_str() == "-" {
+        return Err(crate::util::Usage(
+            "--json needs a pack file or reference, not standard input".into(),
+        )
+        .into());
     }
     a.net.check(a.clones as usize)?;
     if a.clones > 1 {
@@ -539,6 +543,9 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
         }
         PackInput::File(a.pack.clone())
     };
+    if a.json {
+        return restore_json(input, a);
+    }
     let run = RunOptions {
         serial_out: sink(Some(&a.serial_out), None),
         api_sock: a.api_sock,
@@ -561,15 +568,100 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
     )
 }
 
+/// The document `restore --json` prints when the VM runs, before any serial output: the
+/// fields of `restore --clones N --json`, plus `extra`.
+fn print_restore_json(
+    api_sock: Option<&Path>,
+    milliseconds: f64,
+    extra: serde_json::Map<String, serde_json::Value>,
+) {
+    let mut doc = serde_json::json!({
+        "clones": 1,
+        "sockets": api_sock.map(|p| p.display().to_string()).into_iter().collect::<Vec<_>>(),
+        "milliseconds": milliseconds,
+    });
+    if let Some(o) = doc.as_object_mut() {
+        o.extend(extra);
+    }
+    crate::outln!("{doc}");
+}
+
+/// `vmpack restore PACK --json`: as `restore_and_run`, with the document printed once the
+/// VM is built, before its vCPUs start.
+fn restore_json(input: PackInput, a: RestoreArgs) -> Result<i32> {
+    let t = Instant::now();
+    let sock = a.api_sock.clone();
+    let run = RunOptions {
+        serial_out: sink(Some(&a.serial_out), None),
+        api_sock: a.api_sock,
+        stdin_input: true,
+        net: a.net.for_clone(0)?,
+        ..Default::default()
+    };
+    let (vm, info) = snapshot::restore(
+        input,
+        RestoreOptions {
+            verify: a.verify,
+            memory: a.memory,
+            run,
+            work_dir: None,
+            source: Default::default(),
+        },
+    )?;
+    for w in &info.warnings {
+        eprintln!("vmpack: warning: {w}");
+    }
+    let milliseconds = t.elapsed().as_secs_f64() * 1000.0;
+    if !a.quiet {
+        eprintln!(
+            "vmpack: restored in {milliseconds:.1} ms (memory: {}; {})",
+            info.memory_path, info.verified
+        );
+    }
+    let mut extra = serde_json::Map::new();
+    extra.insert("memory".into(), info.memory_path.into());
+    print_restore_json(sock.as_deref(), milliseconds, extra);
+    vmboot::terminate_on_signals(vm.controller())?;
+    let reason = vm.run()?;
+    if reason.code != 0 {
+        eprintln!("vmpack: {} (exit status {})", reason.message, reason.code);
+    }
+    Ok(reason.code)
+}
+
 /// `vmpack restore REF`: the VM runs before its memory is downloaded (see `remote`).
 fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     let started = Instant::now();
+    a.net.check(1)?;
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
     let reference = vmpack_registry::Reference::parse(&r)?;
-    let client = a.registry.client(&reference)?;
-    let cache = vmpack_registry::ChunkCache::open_default()?;
+    let client = Arc::new(a.registry.client(&reference)?);
     // Without userfaultfd (or with --memory eager) memory is fetched whole first.
     let all = a.memory == snapshot::MemoryPolicy::Eager || !vmboot::vstate::lazy::available();
-    let local = crate::remote::prepare(client, cache, all, started, a.quiet)?;
+    let mut guess = true;
+    let mut local = loop {
+        let cache = vmpack_registry::ChunkCache::open_default()?;
+        let mut local =
+            match crate::remote::prepare(client.clone(), cache, guess, all, started, a.quiet) {
+                Ok(l) => l,
+                // The cached manifest may name blobs the registry no longer has (the tag
+                // moved and they were collected): the registry's own manifest decides.
+                Err(_) if guess => {
+                    guess = false;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+        if local.confirmed()? {
+            break local;
+        }
+        // The tag moved since the cached manifest: start over from the registry's.
+        if !a.quiet {
+            eprintln!("vmpack: {r}: the tag moved since it was last resolved; resolving it again");
+        }
+        guess = false;
+    };
+    local.phases.push(("tag confirmed", ms(started)));
     if a.require_signature {
         let allowed = a
             .allowed_signers
@@ -584,7 +676,6 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
             }
         }
     }
-    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
     if !a.quiet {
         eprintln!(
             "vmpack: {r}: skeleton and disks ready in {:.1} ms; {}",
@@ -598,6 +689,7 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     }
     // The serial log lets the first line of output be timed (and the bytes fetched by then).
     let log = vmboot::console::SerialLog::new();
+    let sock = a.api_sock.clone();
     let run = RunOptions {
         serial_out: SerialSink::Console {
             log: log.clone(),
@@ -606,8 +698,11 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
         api_sock: a.api_sock,
         stdin_input: !a.registry.password_stdin,
         vsock_sock: a.vsock_sock.map(PathBuf::from),
+        net: a.net.for_clone(0)?,
         ..Default::default()
     };
+    let mut phases = local.phases.clone();
+    phases.push(("signature", ms(started)));
     let (vm, info) = snapshot::restore(
         PackInput::File(local.path.clone()),
         RestoreOptions {
@@ -624,6 +719,9 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
         },
     )
     .map_err(|e| anyhow::anyhow!("{r}: {e:#}"))?;
+    let at = phases.last().map_or(0.0, |p| p.1);
+    phases.push(("restore checks, disks, memory setup", at + info.prepare_ms));
+    phases.push(("VM built", ms(started)));
     for w in &info.warnings {
         eprintln!("vmboot: warning: {w}");
     }
@@ -654,6 +752,34 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     }
     vmboot::terminate_on_signals(vm.controller())?;
     let vcpus_ms = ms(started);
+    phases.push(("vCPUs start", vcpus_ms));
+    if a.json {
+        let mut extra = serde_json::Map::new();
+        extra.insert("memory".into(), info.memory_path.into());
+        extra.insert("reference".into(), r.clone().into());
+        extra.insert("digest".into(), local.digest().into());
+        extra.insert(
+            "root_digest".into(),
+            format!("sha256:{}", hex::encode(local.root_digest())).into(),
+        );
+        extra.insert(
+            "steps".into(),
+            serde_json::Value::Array(
+                phases
+                    .iter()
+                    .map(|(n, t)| serde_json::json!({"step": n, "ms": t}))
+                    .collect(),
+            ),
+        );
+        print_restore_json(sock.as_deref(), vcpus_ms, extra);
+    }
+    if !a.quiet {
+        let steps: Vec<String> = phases.iter().map(|(n, t)| format!("{n} {t:.1}")).collect();
+        eprintln!(
+            "vmpack: {r}: steps (ms after the command): {}",
+            steps.join(", ")
+        );
+    }
     let reason = vm.run()?;
     if reason.code != 0 {
         eprintln!(

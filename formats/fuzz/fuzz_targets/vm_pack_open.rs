@@ -9,6 +9,15 @@ use libfuzzer_sys::fuzz_target;
 use vmpack_formats::vm::VmPack;
 
 fuzz_target!(|data: &[u8]| {
+    static BASE: std::sync::Once = std::sync::Once::new();
+    BASE.call_once(|| {
+        let p = common::to_file("open", &common::build(&[])).expect("scratch file");
+        let pack = VmPack::open(&p).expect("the unedited seed opens");
+        pack.config().expect("the unedited seed's config");
+        pack.reader()
+            .verify(&())
+            .expect("the unedited seed verifies");
+    });
     let bytes = common::build(data);
     let Some(path) = common::to_file("open", &bytes) else {
         return;

@@ -15,6 +15,11 @@ use super::layout::{
 };
 use super::{ChunkEntry, Codec, Progress, SectionInfo, Skeleton, MAX_SECTIONS};
 
+/// Bytes of chunks (uncompressed) that make one more worker thread worth starting when a
+/// read picks its own thread count: starting and joining a thread costs about what hashing
+/// 64 KiB does.
+pub const BYTES_PER_WORKER: u64 = 256 << 10;
+
 /// Result of [`PackReader::verify`].
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct VerifyReport {
@@ -202,6 +207,24 @@ impl PackReader {
         self.read_chunk_with(e, verify, out, &mut scratch)
     }
 
+    /// [`read_chunk`](Self::read_chunk) with the caller's buffer for the stored frame: when
+    /// its capacity is at least [`PackReader::frame_len`] of the chunk, reading allocates no
+    /// buffer (for a fault path that must not fail for memory once it is set up).
+    pub fn read_chunk_reusing(
+        &self,
+        e: &ChunkEntry,
+        verify: bool,
+        out: &mut [u8],
+        frame: &mut Vec<u8>,
+    ) -> Result<(), PackError> {
+        self.read_chunk_with(e, verify, out, frame)
+    }
+
+    /// Bytes of the frame buffer that reading chunk `e` uses (its header and stored payload).
+    pub fn frame_len(e: &ChunkEntry) -> usize {
+        CHNK_FRAME_HEADER + e.clen as usize
+    }
+
     /// Checks a zero chunk's frame header against the index without producing its bytes.
     fn check_zero_chunk(&self, e: &ChunkEntry) -> Result<(), PackError> {
         let mut hdr = [0u8; CHNK_FRAME_HEADER];
@@ -346,6 +369,8 @@ impl PackReader {
         })
     }
 
+    /// Reads `list` on `threads` workers (0: as many as there are CPUs and
+    /// [`BYTES_PER_WORKER`]-sized shares of the work).
     fn run_parallel(
         &self,
         list: &[&ChunkEntry],
@@ -353,7 +378,13 @@ impl PackReader {
         work: &WorkFn<'_>,
     ) -> Result<(), PackError> {
         let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            // Each worker gets enough bytes to be worth its start: a pack of a few small
+            // sections is read on this thread, without even asking for the CPU count.
+            let bytes: u64 = list.iter().map(|e| u64::from(e.ulen)).sum();
+            match usize::try_from(bytes.div_ceil(BYTES_PER_WORKER)).unwrap_or(usize::MAX) {
+                0 | 1 => 1,
+                n => std::thread::available_parallelism().map_or(1, |p| p.get().min(n)),
+            }
         } else {
             threads
         }

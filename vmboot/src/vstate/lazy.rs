@@ -116,6 +116,34 @@ pub struct LazySource {
     pub on_complete: Option<CompleteFn>,
 }
 
+/// One reader's buffers for the largest chunk of the pack, made before any fault: reading a
+/// chunk then allocates nothing sized by it, so memory pressure (`ulimit -v`) cannot abort
+/// the process in the middle of a fault with the guest half restored; it fails `start`
+/// (or leaves a prefetch to the faults) instead.
+struct Buffers {
+    data: Vec<u8>,
+    frame: Vec<u8>,
+}
+
+impl Buffers {
+    fn new(data: usize, frame: usize) -> std::io::Result<Buffers> {
+        let oom = |e: std::collections::TryReserveError| {
+            std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                format!("cannot allocate the buffers of a {data}-byte chunk: {e}"),
+            )
+        };
+        let mut b = Buffers {
+            data: Vec::new(),
+            frame: Vec::new(),
+        };
+        b.data.try_reserve_exact(data).map_err(oom)?;
+        b.data.resize(data, 0);
+        b.frame.try_reserve_exact(frame).map_err(oom)?;
+        Ok(b)
+    }
+}
+
 struct Chunk {
     host: u64,
     gpa: u64,
@@ -140,6 +168,8 @@ struct Shared {
     /// Whether the guest (or any reader but the prefetch) faulted on the chunk.
     faulted: Vec<AtomicBool>,
     stop: AtomicBool,
+    /// The largest chunk's bytes and stored frame: the size of every reader's [`Buffers`].
+    max_chunk: (usize, usize),
     /// The first failure and who to tell (set once the VM exists).
     failure: Mutex<(Option<String>, Option<FailureFn>)>,
     touched: Mutex<Vec<usize>>,
@@ -215,6 +245,23 @@ impl LazyMemory {
             }
         }
         chunks.sort_by_key(|c| c.host);
+        let max_chunk =
+            chunks
+                .iter()
+                .filter(|c| c.entry.codec != Codec::Zero)
+                .fold((0, 0), |(d, f), c| {
+                    (
+                        d.max(c.entry.ulen as usize),
+                        f.max(PackReader::frame_len(&c.entry)),
+                    )
+                });
+        let buffers = Buffers::new(max_chunk.0, max_chunk.1)
+            .context("preparing the guest memory fault handler")?;
+        // Each chunk is recorded once at most: pushing never allocates.
+        let mut touched = Vec::new();
+        touched
+            .try_reserve_exact(chunks.len())
+            .map_err(|e| anyhow!("preparing the guest memory fault handler: {e}"))?;
         let uffd = open_uffd().context("userfaultfd")?;
         for &(_, host, size) in regions {
             let mut reg = UffdioRegister {
@@ -249,14 +296,15 @@ impl LazyMemory {
             state,
             faulted,
             stop: AtomicBool::new(false),
+            max_chunk,
             failure: Mutex::new((None, None)),
-            touched: Mutex::new(Vec::new()),
+            touched: Mutex::new(touched),
             complete: (Mutex::new(false), Condvar::new()),
         });
         let (s, w) = (shared.clone(), wake.as_raw_fd());
         let handler = std::thread::Builder::new()
             .name("uffd".into())
-            .spawn(move || s.serve_faults(w))
+            .spawn(move || s.serve_faults(w, buffers))
             .context("starting the guest memory fault handler")?;
         Ok(LazyMemory {
             shared,
@@ -296,9 +344,13 @@ impl LazyMemory {
     pub fn wait_complete(&self) {
         self.start_prefetch();
         if lock(&self.prefetch).is_none() {
-            // No prefetch thread: fill here.
-            for i in 0..self.shared.chunks.len() {
-                self.shared.load(i);
+            // No prefetch thread: fill here (or, short of memory for the buffers, leave it to
+            // the faults the save's reads make).
+            let (d, f) = self.shared.max_chunk;
+            if let Ok(mut b) = Buffers::new(d, f) {
+                for i in 0..self.shared.chunks.len() {
+                    self.shared.load(i, &mut b);
+                }
             }
             return;
         }
@@ -340,7 +392,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    fn serve_faults(&self, wake: i32) {
+    fn serve_faults(&self, wake: i32, mut buffers: Buffers) {
         let mut msgs = [UffdMsg {
             event: 0,
             _reserved1: 0,
@@ -398,7 +450,7 @@ impl Shared {
                         {
                             lock(&self.touched).push(i);
                         }
-                        self.load(i);
+                        self.load(i, &mut buffers);
                         let c = &self.chunks[i];
                         self.wake(c.host, u64::from(c.entry.ulen));
                     }
@@ -421,7 +473,7 @@ impl Shared {
 
     /// Makes chunk `i` present (once): read, verify, copy. Returns when it is present, also
     /// when another thread was loading it.
-    fn load(&self, i: usize) {
+    fn load(&self, i: usize, buffers: &mut Buffers) {
         match self.state[i].compare_exchange(MISSING, LOADING, Ordering::SeqCst, Ordering::SeqCst) {
             Ok(_) => {}
             Err(_) => {
@@ -436,37 +488,39 @@ impl Shared {
         if c.entry.codec == Codec::Zero || lock(&self.failure).0.is_some() {
             self.zero(c.host, len);
         } else {
-            thread_local! {
-                static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-            }
-            BUF.with(|b| {
-                let mut b = b.borrow_mut();
-                b.resize(c.entry.ulen as usize, 0);
-                let reader: &PackReader = self.pack.reader();
-                let fetched = match &self.source {
-                    ChunkSource::PackFile => Ok(()),
-                    ChunkSource::Fetch(f) => f.fetch(&c.entry),
-                };
-                let read = match fetched {
-                    Ok(()) => reader
-                        .read_chunk(&c.entry, true, &mut b)
-                        .map_err(|e| format!("failed verification before the guest read it: {e}")),
-                    Err(e) => Err(format!("was not placed (the guest did not read it): {e:#}")),
-                };
-                match read {
-                    Ok(()) => self.copy(c.host, &b),
-                    Err(e) => {
-                        self.fail(format!(
-                            "guest memory at {:#x}..{:#x} {e}",
-                            c.gpa,
-                            c.gpa + len
-                        ));
-                        // The VM is stopping (kicked above); the faulting thread needs some
-                        // page to return to KVM, and it must not be the pack's bytes.
-                        self.zero(c.host, len);
-                    }
+            let b = &mut buffers.data[..c.entry.ulen as usize];
+            let reader: &PackReader = self.pack.reader();
+            let fetched = match &self.source {
+                ChunkSource::PackFile => Ok(()),
+                ChunkSource::Fetch(f) => f.fetch(&c.entry),
+            };
+            let read = match fetched {
+                Ok(()) => reader
+                    .read_chunk_reusing(&c.entry, true, b, &mut buffers.frame)
+                    .map_err(|e| match &e.kind {
+                        // A decompression context the codec could not get.
+                        vmpack_formats::pack::PackErrorKind::Io(x)
+                            if x.kind() == std::io::ErrorKind::OutOfMemory =>
+                        {
+                            format!("could not be read (out of memory): {e}")
+                        }
+                        _ => format!("failed verification before the guest read it: {e}"),
+                    }),
+                Err(e) => Err(format!("was not placed (the guest did not read it): {e:#}")),
+            };
+            match read {
+                Ok(()) => self.copy(c.host, b),
+                Err(e) => {
+                    self.fail(format!(
+                        "guest memory at {:#x}..{:#x} {e}",
+                        c.gpa,
+                        c.gpa + len
+                    ));
+                    // The VM is stopping (kicked above); the faulting thread needs some
+                    // page to return to KVM, and it must not be the pack's bytes.
+                    self.zero(c.host, len);
                 }
-            });
+            }
         }
         self.state[i].store(DONE, Ordering::SeqCst);
     }
@@ -561,17 +615,32 @@ impl Shared {
             ChunkSource::Fetch(_) => 4,
         };
         let next = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|| loop {
-                    if self.stop.load(Ordering::SeqCst) || lock(&self.failure).0.is_some() {
-                        break;
-                    }
-                    let k = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(&i) = order.get(k) else { break };
-                    self.load(i);
-                });
+        // Short of memory for a worker's buffers, the faults still fill what the guest (or
+        // a save) reads; the pack is then not recorded as checked in full.
+        let short = AtomicBool::new(false);
+        let work = || {
+            let (d, f) = self.max_chunk;
+            let Ok(mut b) = Buffers::new(d, f) else {
+                short.store(true, Ordering::SeqCst);
+                return;
+            };
+            loop {
+                if self.stop.load(Ordering::SeqCst) || lock(&self.failure).0.is_some() {
+                    break;
+                }
+                let k = next.fetch_add(1, Ordering::SeqCst);
+                let Some(&i) = order.get(k) else { break };
+                self.load(i, &mut b);
             }
+        };
+        std::thread::scope(|s| {
+            // Extra workers that cannot be started leave their share to this thread.
+            for _ in 1..threads {
+                if std::thread::Builder::new().spawn_scoped(s, work).is_err() {
+                    break;
+                }
+            }
+            work();
         });
         for &id in &self.verify_later {
             if self.stop.load(Ordering::SeqCst) || lock(&self.failure).0.is_some() {
@@ -584,7 +653,9 @@ impl Shared {
                 ));
             }
         }
-        let ok = !self.stop.load(Ordering::SeqCst) && lock(&self.failure).0.is_none();
+        let ok = !self.stop.load(Ordering::SeqCst)
+            && lock(&self.failure).0.is_none()
+            && !short.load(Ordering::SeqCst);
         let (m, cv) = &self.complete;
         *lock(m) = true;
         cv.notify_all();
