@@ -29,6 +29,9 @@ enum Cmd {
         /// Guest serial output: stdout, none, or a file path (overrides the config's [serial]).
         #[arg(long)]
         serial_out: Option<String>,
+        /// The vsock device's host socket (overrides the config's [vsock] uds_path).
+        #[arg(long, value_name = "PATH")]
+        vsock_sock: Option<PathBuf>,
         /// Print nothing but errors (the guest's serial output is governed by --serial-out).
         #[arg(long, short)]
         quiet: bool,
@@ -43,6 +46,10 @@ enum Cmd {
         /// Guest serial output: stdout, none, or a file path.
         #[arg(long, default_value = "stdout")]
         serial_out: String,
+        /// The vsock device's host socket; default: vsock.sock in the restore's work folder
+        /// (a pack's own path is never used).
+        #[arg(long, value_name = "PATH")]
+        vsock_sock: Option<PathBuf>,
         /// When to check chunk hashes (see docs/FORMAT.md, "Verification on restore").
         #[arg(long, value_enum, default_value = "auto")]
         verify: vmboot::snapshot::VerifyPolicy,
@@ -92,6 +99,7 @@ fn run(
     config: PathBuf,
     api_sock: Option<PathBuf>,
     serial_out: Option<String>,
+    vsock_sock: Option<PathBuf>,
     quiet: bool,
 ) -> Result<i32> {
     let cfg = VmConfig::from_file(&config)?;
@@ -100,6 +108,7 @@ fn run(
         serial_out: sink_for(&cfg, serial_out.as_deref()),
         api_sock,
         stdin_input: true,
+        vsock_sock,
         ..Default::default()
     };
     let vm = Vm::create(&cfg, payload, &opts)?;
@@ -287,12 +296,14 @@ fn main() {
             config,
             api_sock,
             serial_out,
+            vsock_sock,
             quiet,
-        } => run(config, api_sock, serial_out, quiet),
+        } => run(config, api_sock, serial_out, vsock_sock, quiet),
         Cmd::Restore {
             pack,
             api_sock,
             serial_out,
+            vsock_sock,
             verify,
             memory,
             quiet,
@@ -314,6 +325,7 @@ fn main() {
                 api_sock,
                 // stdin may be the pack itself.
                 stdin_input: !matches!(input, PackInput::Stdin),
+                vsock_sock,
                 ..Default::default()
             };
             let reporter = Reporter::new(move |e| {

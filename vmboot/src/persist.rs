@@ -58,6 +58,9 @@ pub trait VmDevice: Pausable + Send + Sync {
     fn flush(&self) -> std::io::Result<()> {
         Ok(())
     }
+    /// The VM has ended: release host resources (sockets) now rather than when the last
+    /// reference to the device goes.
+    fn stop(&self) {}
     /// Puts the device back in `state` (as `save` made it) in place, keeping what it is
     /// registered with (bus ranges, ioeventfds, irqfd), for `PUT /vm/reset`. Only while the
     /// VM is paused.

@@ -864,6 +864,11 @@ pub fn pack_config(manifest: &Manifest, label: &str, work: &Path) -> Result<VmCo
             .map_or_else(|| "serial.log".into(), |n| n.to_owned());
         *p = work.join(name);
     }
+    // The pack's socket path is the saving host's and untrusted: never bound. The restore
+    // listens in its work folder unless `--vsock-sock` says where.
+    if let Some(v) = &mut cfg.vsock {
+        v.uds_path = Some(work.join("vsock.sock"));
+    }
     Ok(cfg)
 }
 
@@ -883,6 +888,9 @@ fn config_differences(a: &VmConfig, b: &VmConfig) -> Vec<&'static str> {
             d.path = PathBuf::new();
         }
         c.serial.path = c.serial.path.as_ref().map(|_| PathBuf::new());
+        if let Some(v) = &mut c.vsock {
+            v.uds_path = None;
+        }
         c
     }
     let (a, b) = (strip(a), strip(b));

@@ -40,6 +40,9 @@ pub struct RunOptions {
     /// A folder owned by this VM (e.g. private disk copies of a restore), removed when
     /// [`Vm::run`] returns.
     pub work_dir: Option<PathBuf>,
+    /// The vsock device's host socket, in place of the config's `uds_path` (a restore's
+    /// config names a socket in its work folder, never the pack's path).
+    pub vsock_sock: Option<PathBuf>,
     /// A restore's new identity for the first `[[net]]` (a clone's tap and MAC).
     pub net: crate::devices::virtio::net::NetOverride,
 }
@@ -171,6 +174,12 @@ impl Devices {
             ids.push(crate::devices::virtio::rng::ID.to_string());
         }
         ids.extend((0..cfg.nets.len()).map(crate::devices::virtio::net::id));
+        if cfg.vsock.is_some() {
+            ids.push(crate::devices::virtio::vsock::ID.to_string());
+        }
+        if cfg.vmgenid {
+            ids.push(crate::devices::vmgenid::ID.to_string());
+        }
         ids
     }
 
@@ -181,6 +190,11 @@ impl Devices {
             "i8042" => d.decode::<I8042>().map(drop),
             crate::devices::virtio::rng::ID => d
                 .decode::<Arc<crate::devices::virtio::rng::RngHandle>>()?
+                .validate()
+                .with_context(|| format!("device {}", d.id)),
+            crate::devices::vmgenid::ID => d.decode::<crate::devices::vmgenid::VmGenId>().map(drop),
+            crate::devices::virtio::vsock::ID => d
+                .decode::<Arc<crate::devices::virtio::vsock::VsockHandle>>()?
                 .validate()
                 .with_context(|| format!("device {}", d.id)),
             id if id.starts_with("virtio-net") => d
@@ -201,6 +215,7 @@ impl Devices {
         base: &Base,
         sink: &SerialSink,
         saved: &[DeviceState],
+        vsock_sock: Option<&std::path::Path>,
     ) -> Result<Devices> {
         let find = |id: &str| saved.iter().find(|d| d.id == id);
         let serial = match find("com1") {
@@ -251,6 +266,25 @@ impl Devices {
             &mut dm,
             find,
         )?;
+        if let Some(v) = &cfg.vsock {
+            let id = crate::devices::virtio::vsock::ID;
+            let path = vsock_sock
+                .or(v.uds_path.as_deref())
+                .context("[vsock] has no uds_path: give one in the config or --vsock-sock PATH")?;
+            crate::devices::virtio::vsock::attach(
+                v.cid,
+                path,
+                &base.vm.fd,
+                base.mem.memory(),
+                &worker,
+                &mut dm,
+                find(id),
+            )?;
+        }
+        if cfg.vmgenid {
+            let id = crate::devices::vmgenid::ID;
+            crate::devices::vmgenid::attach(&base.vm.fd, base.mem.memory(), &mut dm, find(id))?;
+        }
         Ok(Devices {
             _worker: worker,
             dm,
@@ -377,7 +411,13 @@ impl Vm {
         let msrs: Arc<[u32]> =
             msr::filter_readable(&base.fds[0], msr::candidate_list(&kvm_list))?.into();
 
-        let devices = Devices::new(cfg, &base, &opts.serial_out, &[])?;
+        let devices = Devices::new(
+            cfg,
+            &base,
+            &opts.serial_out,
+            &[],
+            opts.vsock_sock.as_deref(),
+        )?;
         let bsp = &base.fds[0];
         let sregs = bsp.get_sregs().context("KVM_GET_SREGS")?;
         let (regs, sregs, initrd_at) = match cfg.boot() {
@@ -453,7 +493,13 @@ impl Vm {
         for v in &vcpus {
             tell_kvmclock_paused(&lock(&v.fd));
         }
-        let devices = Devices::new(cfg, &base, &opts.serial_out, &state.devices)?;
+        let devices = Devices::new(
+            cfg,
+            &base,
+            &opts.serial_out,
+            &state.devices,
+            opts.vsock_sock.as_deref(),
+        )?;
         let initrd_at = state.initrd;
         let vm = Vm::assemble(cfg, base, devices, vcpus, payload, opts)?;
         if let Some(at) = initrd_at {
@@ -566,6 +612,9 @@ impl Vm {
             let _ = t.join();
         }
         lock(&h.devices.serial).flush();
+        for (_, d) in h.devices.dm.objects() {
+            d.stop();
+        }
         if let Some(dir) = &self.opts.work_dir {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -778,6 +827,17 @@ impl VmHandle {
         }
     }
 
+    /// The vsock device's host socket, if the VM has one.
+    pub fn vsock_socket(&self) -> Option<PathBuf> {
+        self.devices
+            .dm
+            .objects()
+            .find_map(|(_, d)| match d.status() {
+                Some(crate::api::DeviceStatus::Vsock(v)) => Some(PathBuf::from(v.uds_path)),
+                _ => None,
+            })
+    }
+
     /// Starts a new dirty-page mark and returns its number (see `vstate::dirty`).
     pub fn dirty_mark(&self) -> Result<u64> {
         self.mem.dirty_mark(&self.vm.fd)
@@ -878,6 +938,8 @@ impl VmHandle {
             disks: Vec::new(),
             entropy: Vec::new(),
             net: Vec::new(),
+            vsock: Vec::new(),
+            vmgenid: Vec::new(),
         };
         for (_, d) in self.devices.dm.objects() {
             if let Some(entry) = d.status() {

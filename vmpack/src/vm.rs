@@ -115,6 +115,11 @@ pub struct RestoreArgs {
     /// `[i] `, or to `PATH.i` for `--serial-out PATH`.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     clones: u32,
+    /// The vsock device's host socket (a pack's own path is never used); with --clones a
+    /// pattern in which `%d` is the clone index. Default: `vsock.sock` in the VM's work
+    /// folder (`GET /vm` shows it).
+    #[arg(long, value_name = "PATH")]
+    vsock_sock: Option<String>,
     /// Once the VM (with --clones, every clone) runs, print one JSON line on stdout (`clones`,
     /// `sockets`, `milliseconds`; one restore adds `memory`, and from a reference
     /// `reference`, `digest`, `root_digest`, `steps`) before any serial output.
@@ -208,6 +213,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
                     quiet: a.quiet,
                     clones: 1,
                     json: false,
+                    vsock_sock: None,
                     require_signature: false,
                     allowed_signers: None,
                     registry: Default::default(),
@@ -515,11 +521,19 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
         if a.pack.as_os_str() == "-" {
             bail!("--clones needs a pack file, not standard input");
         }
+        if a.vsock_sock.as_ref().is_some_and(|p| !p.contains("%d")) {
+            return Err(crate::util::Usage(
+                "--vsock-sock with --clones needs %d in the path (each clone gets its own socket)"
+                    .into(),
+            )
+            .into());
+        }
         return crate::test_cmd::restore_clones(
             &a.pack,
             a.clones as usize,
             a.api_sock.as_deref(),
             &a.serial_out,
+            a.vsock_sock.as_deref(),
             a.quiet,
             a.json,
             &a.net,
@@ -540,6 +554,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
         serial_out: sink(Some(&a.serial_out), None),
         api_sock: a.api_sock,
         stdin_input: !matches!(input, PackInput::Stdin),
+        vsock_sock: a.vsock_sock.map(PathBuf::from),
         net: a.net.for_clone(0)?,
         ..Default::default()
     };
@@ -697,6 +712,7 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
         },
         api_sock: a.api_sock,
         stdin_input: !a.registry.password_stdin,
+        vsock_sock: a.vsock_sock.map(PathBuf::from),
         net: a.net.for_clone(0)?,
         ..Default::default()
     };

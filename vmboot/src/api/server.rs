@@ -258,7 +258,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// an existing file). Binding at `path` directly and chmod'ing afterwards would leave a
 /// window in which the socket has the umask's permissions; setting the umask around the
 /// bind would change it for every thread of the process.
-fn bind_private(path: &Path) -> io::Result<UnixListener> {
+pub(crate) fn bind_private(path: &Path) -> io::Result<UnixListener> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -316,7 +316,7 @@ fn peer_uid(stream: &UnixStream) -> io::Result<libc::uid_t> {
     Ok(cred.uid)
 }
 
-fn remove_stale_socket(path: &Path) -> io::Result<()> {
+pub(crate) fn remove_stale_socket(path: &Path) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -1258,6 +1258,8 @@ mod tests {
                 disks: Vec::new(),
                 entropy: Vec::new(),
                 net: Vec::new(),
+                vsock: Vec::new(),
+                vmgenid: Vec::new(),
             }
         }
         fn pause(&self) -> Result<(), ApiError> {

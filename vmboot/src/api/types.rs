@@ -145,6 +145,37 @@ pub enum DeviceStatus {
     Disk(DiskStatus),
     Entropy(EntropyStatus),
     Net(NetStatus),
+    Vsock(VsockStatus),
+    VmGenId(VmGenIdStatus),
+}
+
+/// The virtio-vsock device (`vsock` of `GET /vm`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct VsockStatus {
+    pub mmio_base: u64,
+    pub gsi: u32,
+    /// The guest's context ID.
+    pub cid: u64,
+    /// The host Unix socket the VM listens on.
+    pub uds_path: String,
+    /// Connections open now.
+    pub connections: u64,
+    /// Payload bytes given to / taken from the guest.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// The VM generation ID device (`vmgenid` of `GET /vm`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct VmGenIdStatus {
+    /// 32 hex digits; fresh on every restore and clone.
+    pub id: String,
+    /// Its guest-physical address.
+    pub address: u64,
+    /// The GSI that notifies the guest.
+    pub gsi: u32,
+    /// How many restores this VM has been through.
+    pub generation: u64,
 }
 
 /// Body of `GET /vm`.
@@ -171,6 +202,12 @@ pub struct VmStatus {
     /// Present when the VM has `[[net]]`s.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub net: Vec<NetStatus>,
+    /// Present when the VM has `[vsock]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vsock: Vec<VsockStatus>,
+    /// Present when the VM has `vmgenid = true`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vmgenid: Vec<VmGenIdStatus>,
 }
 
 impl VmStatus {
@@ -180,6 +217,8 @@ impl VmStatus {
             DeviceStatus::Disk(s) => self.disks.push(s),
             DeviceStatus::Entropy(s) => self.entropy.push(s),
             DeviceStatus::Net(s) => self.net.push(s),
+            DeviceStatus::Vsock(s) => self.vsock.push(s),
+            DeviceStatus::VmGenId(s) => self.vmgenid.push(s),
         }
     }
 }
@@ -360,6 +399,8 @@ mod tests {
             disks: Vec::new(),
             entropy: Vec::new(),
             net: Vec::new(),
+            vsock: Vec::new(),
+            vmgenid: Vec::new(),
         };
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["state"], "paused");
