@@ -26,6 +26,9 @@ pub struct VmConfig {
     /// A virtio-rng entropy device (after the disks).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rng: bool,
+    /// A VM generation ID (ACPI `VMGENCTR`), fresh on every restore.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vmgenid: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flat: Option<FlatBoot>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -37,6 +40,9 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     #[serde(default)]
     pub serial: SerialConfig,
+    /// A virtio-vsock device (after the disks and the entropy device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
 }
 
 fn default_vcpus() -> u32 {
@@ -302,6 +308,17 @@ pub struct SerialConfig {
     pub path: Option<PathBuf>,
 }
 
+/// `[vsock]`: the guest's context ID and the host Unix socket of the vsock backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    pub cid: u64,
+    /// Where `vmboot run` listens (relative to the config's folder). A restore never uses
+    /// the path a pack names: `--vsock-sock`, or a socket in the restore's work folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uds_path: Option<PathBuf>,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SerialOutput {
@@ -464,6 +481,15 @@ impl VmConfig {
                 }
             }
         }
+        if let Some(v) = &self.vsock {
+            // 0-2 and u32::MAX are well-known addresses; the upper 32 bits are reserved.
+            if !(3..u64::from(u32::MAX)).contains(&v.cid) {
+                return Err((
+                    "cid",
+                    format!("vsock cid = {}: expected 3 to 4294967294", v.cid),
+                ));
+            }
+        }
         if self.serial.output == SerialOutput::File && self.serial.path.is_none() {
             return Err(("output", "serial output = \"file\" needs a path".into()));
         }
@@ -498,6 +524,9 @@ impl VmConfig {
             abs(p);
         }
         if let CpuTemplate::Custom(p) = &mut self.cpu_template {
+            abs(p);
+        }
+        if let Some(p) = self.vsock.as_mut().and_then(|v| v.uds_path.as_mut()) {
             abs(p);
         }
     }

@@ -22,6 +22,15 @@ pub fn cache_root() -> Option<PathBuf> {
 
 pub struct ChunkCache {
     dir: PathBuf,
+    /// `<cache>/refs/`: the digest each tag pointed to when last resolved.
+    refs: PathBuf,
+}
+
+/// The file name of a reference's record: the SHA-256 of its text (a reference may hold
+/// characters no file name should).
+fn ref_key(reference: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(reference.as_bytes()))
 }
 
 fn hex_of(digest: &str) -> Option<&str> {
@@ -44,6 +53,7 @@ impl ChunkCache {
     pub fn at(root: &Path) -> ChunkCache {
         ChunkCache {
             dir: root.join("chunks").join("sha256"),
+            refs: root.join("refs"),
         }
     }
 
@@ -70,6 +80,78 @@ impl ChunkCache {
             }
             Err(_) => false,
         }
+    }
+
+    /// The cache of the small blobs that describe packs (manifests, configs, indexes):
+    /// `<cache>/meta/sha256/`, apart from the chunks so that counts and pruning of chunks
+    /// mean chunks.
+    pub fn meta(&self) -> ChunkCache {
+        let root = self.refs.parent().unwrap_or(Path::new("."));
+        ChunkCache {
+            dir: root.join("meta").join("sha256"),
+            refs: self.refs.clone(),
+        }
+    }
+
+    /// The digest `reference` (a tag) pointed to when last resolved, if recorded: a guess
+    /// to start from, which the caller confirms with the registry.
+    pub fn recall_ref(&self, reference: &str) -> Option<String> {
+        let s = std::fs::read_to_string(self.refs.join(ref_key(reference))).ok()?;
+        let d = s.trim();
+        hex_of(d).map(|_| d.to_string())
+    }
+
+    /// Records what `reference` points to now (best effort).
+    pub fn remember_ref(&self, reference: &str, digest: &str) {
+        if hex_of(digest).is_none() || std::fs::create_dir_all(&self.refs).is_err() {
+            return;
+        }
+        if let Ok(mut t) = tempfile::Builder::new()
+            .prefix(".incoming-")
+            .tempfile_in(&self.refs)
+        {
+            if t.write_all(digest.as_bytes()).is_ok() {
+                let _ = t.persist(self.refs.join(ref_key(reference)));
+            }
+        }
+    }
+
+    /// The repository of `registry` most recently pushed to other than `except`: where a
+    /// push asks the registry to mount blobs from.
+    pub fn recent_repository(&self, registry: &str, except: &str) -> Option<String> {
+        let s = std::fs::read_to_string(self.repos_file(registry)).ok()?;
+        s.lines()
+            .rev()
+            .find(|l| !l.is_empty() && *l != except)
+            .map(str::to_string)
+    }
+
+    /// Records a push to `repository` of `registry` (the last 16 kept, best effort).
+    pub fn remember_repository(&self, registry: &str, repository: &str) {
+        let path = self.repos_file(registry);
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut list: Vec<&str> = old
+            .lines()
+            .filter(|l| !l.is_empty() && *l != repository)
+            .collect();
+        list.push(repository);
+        let keep = &list[list.len().saturating_sub(16)..];
+        if std::fs::create_dir_all(&self.refs).is_err() {
+            return;
+        }
+        if let Ok(mut t) = tempfile::Builder::new()
+            .prefix(".incoming-")
+            .tempfile_in(&self.refs)
+        {
+            if t.write_all((keep.join("\n") + "\n").as_bytes()).is_ok() {
+                let _ = t.persist(path);
+            }
+        }
+    }
+
+    fn repos_file(&self, registry: &str) -> PathBuf {
+        self.refs
+            .join(format!("repositories-{}", ref_key(registry)))
     }
 
     /// Opens an entry for reading and marks it used.

@@ -41,6 +41,9 @@ impl std::fmt::Debug for Credentials {
 pub struct ClientOptions {
     /// Allow plain HTTP to a registry that is not on loopback.
     pub insecure: bool,
+    /// Trust the certificates in this PEM file (instead of the built-in Mozilla roots);
+    /// default: `$SSL_CERT_FILE` if set.
+    pub ca_file: Option<std::path::PathBuf>,
     /// Explicit login (`--username`/`--password-stdin`); otherwise docker's config and
     /// credential helpers are asked.
     pub credentials: Option<Credentials>,
@@ -56,6 +59,7 @@ impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
             insecure: false,
+            ca_file: None,
             credentials: None,
             retries: 4,
             backoff: Duration::from_millis(250),
@@ -66,10 +70,15 @@ impl Default for ClientOptions {
 
 pub struct Client {
     agent: ureq::Agent,
-    base: String,
+    /// `http://HOST` or `https://HOST`.
+    base: Mutex<String>,
+    /// A loopback registry spoken to over plain HTTP so far, which may turn out to be HTTPS.
+    try_https: std::sync::atomic::AtomicBool,
     reference: Reference,
     opts: ClientOptions,
-    creds: Option<Credentials>,
+    /// The login, looked up on the first challenge: docker's credential helpers are
+    /// programs, not worth running for a registry that asks for none.
+    creds: std::sync::OnceLock<Option<Credentials>>,
     /// The `Authorization` value in use (basic, or a bearer token got for a scope).
     auth: Mutex<Option<String>>,
 }
@@ -117,9 +126,29 @@ fn retryable_status(code: u16) -> bool {
 impl Client {
     pub fn new(reference: &Reference, opts: ClientOptions) -> Result<Client> {
         let host = reference.api_host();
-        let plain = opts.insecure || reference.is_loopback();
-        let base = format!("{}://{host}", if plain { "http" } else { "https" });
+        let ca = opts
+            .ca_file
+            .clone()
+            .or_else(|| std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from));
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(path) = &ca {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("{}: reading the CA file", path.display()))?;
+            let mut certs = Vec::new();
+            for item in ureq::tls::parse_pem(&pem) {
+                if let ureq::tls::PemItem::Certificate(c) =
+                    item.with_context(|| format!("{}: not PEM", path.display()))?
+                {
+                    certs.push(c.to_owned());
+                }
+            }
+            if certs.is_empty() {
+                bail!("{}: no PEM certificate in the CA file", path.display());
+            }
+            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+        }
         let agent: ureq::Agent = ureq::Agent::config_builder()
+            .tls_config(tls.build())
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
             .timeout_recv_response(Some(Duration::from_secs(120)))
@@ -128,13 +157,19 @@ impl Client {
             .max_idle_connections_per_host(opts.parallel.max(1) * 2)
             .build()
             .into();
-        let creds = match &opts.credentials {
-            Some(c) => Some(c.clone()),
-            None => docker_config_credentials(&reference.registry)?,
-        };
+        let creds = std::sync::OnceLock::new();
+        if let Some(c) = &opts.credentials {
+            let _ = creds.set(Some(c.clone()));
+        }
+        // Loopback registries may speak plain HTTP (docker's rule too): tried first, and a
+        // TLS server's answer to plain HTTP (a 400 that says so) switches to HTTPS.
+        let plain = opts.insecure || reference.is_loopback();
+        let base = format!("{}://{host}", if plain { "http" } else { "https" });
+        let try_https = !opts.insecure && reference.is_loopback();
         Ok(Client {
             agent,
-            base,
+            base: Mutex::new(base),
+            try_https: std::sync::atomic::AtomicBool::new(try_https),
             reference: reference.clone(),
             opts,
             creds,
@@ -151,7 +186,7 @@ impl Client {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}/v2/{}/{path}", self.base, self.reference.repository)
+        format!("{}/v2/{}/{path}", self.base(), self.reference.repository)
     }
 
     /// Resolves a `Location` header against the registry.
@@ -159,8 +194,12 @@ impl Client {
         if location.starts_with("http://") || location.starts_with("https://") {
             location.to_string()
         } else {
-            format!("{}{location}", self.base)
+            format!("{}{location}", self.base())
         }
+    }
+
+    fn base(&self) -> String {
+        self.base.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn sleep_backoff(&self, attempt: u32) {
@@ -183,8 +222,9 @@ impl Client {
     ) -> Result<Response<Body>> {
         let mut attempt = 0;
         let mut authed = false;
+        let mut url = url.to_string();
         loop {
-            let mut b = http::Request::builder().method(method).uri(url);
+            let mut b = http::Request::builder().method(method).uri(&url);
             for (k, v) in headers {
                 b = b.header(*k, *v);
             }
@@ -195,7 +235,36 @@ impl Client {
                 Some(data) => self.agent.run(b.body(data)?),
                 None => self.agent.run(b.body(())?),
             };
+            if let Ok(r) = &result {
+                if r.status() != 400 {
+                    // It answered plain HTTP: no TLS server.
+                    self.try_https
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
             match result {
+                Ok(mut resp)
+                    if resp.status() == 400
+                        && url.starts_with("http://")
+                        && self.try_https.load(std::sync::atomic::Ordering::SeqCst) =>
+                {
+                    let body = resp
+                        .body_mut()
+                        .with_config()
+                        .limit(4096)
+                        .lossy_utf8(true)
+                        .read_to_string()
+                        .unwrap_or_default();
+                    if !body.contains("HTTPS") {
+                        bail!("{method} {url}: HTTP 400 {}", body.trim());
+                    }
+                    self.try_https
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                    let host = self.reference.api_host();
+                    *self.base.lock().unwrap_or_else(|e| e.into_inner()) =
+                        format!("https://{host}");
+                    url = url.replacen("http://", "https://", 1);
+                }
                 Ok(resp) if resp.status() == 401 && !authed => {
                     let challenge = resp
                         .headers()
@@ -218,7 +287,13 @@ impl Client {
                     attempt += 1;
                 }
                 Err(e) => {
-                    return Err(anyhow!(e)).with_context(|| format!("{method} {url}"));
+                    let hint = if e.to_string().contains("certificate") {
+                        "; the registry's TLS certificate is not trusted: give --ca-file FILE \
+                         with the CA that signed it (or set SSL_CERT_FILE)"
+                    } else {
+                        ""
+                    };
+                    bail!("{method} {url}: {e}{hint}");
                 }
             }
         }
@@ -230,7 +305,14 @@ impl Client {
         let host = &self.reference.registry;
         let (scheme, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
         let params = parse_challenge_params(params);
-        let basic = self.creds.as_ref().map(|c| {
+        let creds = match self.creds.get() {
+            Some(c) => c,
+            None => {
+                let found = docker_config_credentials(&self.reference.registry)?;
+                self.creds.get_or_init(|| found)
+            }
+        };
+        let basic = creds.as_ref().map(|c| {
             format!(
                 "Basic {}",
                 base64::engine::general_purpose::STANDARD
@@ -330,6 +412,33 @@ impl Client {
         }))
     }
 
+    /// The digest of what `reference` points to now (a HEAD request: the registry sends
+    /// no body), `None` if nothing.
+    pub fn manifest_digest(&self, reference: &str) -> Result<Option<String>> {
+        let url = self.url(&format!("manifests/{reference}"));
+        let accept = format!("{MEDIA_MANIFEST}, {MEDIA_INDEX}");
+        let mut resp = self.send("HEAD", &url, &[("Accept", &accept)], None)?;
+        match resp.status().as_u16() {
+            200 => {}
+            404 => return Ok(None),
+            _ => {
+                return Err(status_error(
+                    &format!("{}: manifest {reference}", self.reference),
+                    &mut resp,
+                ))
+            }
+        }
+        match resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(d) if d.starts_with("sha256:") => Ok(Some(d.to_string())),
+            // A registry that does not say: the manifest itself tells.
+            _ => Ok(self.get_manifest(reference)?.map(|m| m.digest)),
+        }
+    }
+
     /// Stores a manifest or index under a tag or its digest. Returns its digest and
     /// whether the registry processed its `subject` (the `OCI-Subject` header: a registry
     /// with the referrers API).
@@ -376,20 +485,34 @@ impl Client {
     /// [`UPLOAD_PIECE`] bytes and a closing PUT. Each request is retried on its own; a
     /// sequence that still fails (e.g. the session was lost) starts over once.
     pub fn upload_blob(&self, digest: &str, data: &[u8]) -> Result<()> {
-        match self.upload_once(digest, data) {
-            Ok(()) => Ok(()),
+        self.upload_or_mount(digest, data, None).map(|_| ())
+    }
+
+    /// [`Client::upload_blob`], first asking the registry to mount the blob from repository
+    /// `from` on the same registry (`POST …/blobs/uploads/?mount=…&from=…`). Returns whether
+    /// it was mounted; a registry that cannot (or does not have it there) opens an upload
+    /// session instead, which the upload uses, so asking costs no request.
+    pub fn upload_or_mount(&self, digest: &str, data: &[u8], from: Option<&str>) -> Result<bool> {
+        match self.upload_once(digest, data, from) {
+            Ok(m) => Ok(m),
             Err(_) if self.opts.retries > 0 => {
                 self.sleep_backoff(0);
-                self.upload_once(digest, data)
+                self.upload_once(digest, data, None)
             }
             Err(e) => Err(e),
         }
     }
 
-    fn upload_once(&self, digest: &str, data: &[u8]) -> Result<()> {
+    fn upload_once(&self, digest: &str, data: &[u8], from: Option<&str>) -> Result<bool> {
         let what = format!("{}: uploading blob {digest}", self.reference);
-        let url = self.url("blobs/uploads/");
+        let mut url = self.url("blobs/uploads/");
+        if let Some(from) = from {
+            url += &format!("?mount={}&from={}", form_encode(digest), form_encode(from));
+        }
         let mut resp = self.send("POST", &url, &[("Content-Length", "0")], Some(&[]))?;
+        if from.is_some() && resp.status() == 201 {
+            return Ok(true);
+        }
         if resp.status() != 202 {
             return Err(status_error(&what, &mut resp));
         }
@@ -427,7 +550,7 @@ impl Client {
         if resp.status() != 201 {
             return Err(status_error(&what, &mut resp));
         }
-        Ok(())
+        Ok(false)
     }
 
     fn location(&self, resp: &Response<Body>, what: &str) -> Result<String> {

@@ -157,6 +157,11 @@ pub struct PushReport {
     /// Blobs the registry already had (bytes not sent).
     pub present_blobs: u64,
     pub present_bytes: u64,
+    /// The repository blobs were mounted from (cross-repository mount), if one was tried.
+    pub mounted_from: Option<String>,
+    /// Blobs the registry mounted from `mounted_from` (bytes not sent).
+    pub mounted_blobs: u64,
+    pub mounted_bytes: u64,
     pub manifests: u64,
     pub signatures: u64,
     /// Whether the registry has the referrers API (false: the tag fallback was used).
@@ -165,9 +170,12 @@ pub struct PushReport {
 
 /// Pushes the pack at `path` to the client's reference (which must carry a tag).
 /// `verify` sees the full verification, `progress` the bytes of blobs handled.
+/// Blobs the repository lacks are mounted from repository `mount_from` of the same registry
+/// where the registry can (cross-repository blob mount), else uploaded.
 pub fn push(
     path: &Path,
     client: &Client,
+    mount_from: Option<&str>,
     verify: &dyn Progress,
     progress: &dyn Progress,
 ) -> Result<PushReport> {
@@ -285,7 +293,7 @@ pub fn push(
 
     // Blobs the registry is known to hold: those of what the tag points to now.
     let mut present: HashSet<String> = HashSet::new();
-    if let Ok(Some((_, old))) = resolve_manifests(client, &tag) {
+    if let Ok(Some((_, old, _))) = resolve_manifests(client, &tag, None, false) {
         for m in &old {
             present.extend(m.layers().iter().map(|l| l.digest().to_string()));
             present.insert(m.config().digest().to_string());
@@ -317,6 +325,7 @@ pub fn push(
         AtomicU64::new(0),
         AtomicU64::new(0),
     );
+    let (mounted_blobs, mounted_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
     parallel_for(wanted.len(), threads, &|i| {
         let (digest, size, src) = &wanted[i];
         if present.contains(digest) || client.blob_exists(digest)? {
@@ -333,9 +342,13 @@ pub fn push(
                 &buf
             }
         };
-        client.upload_blob(digest, data)?;
-        up_blobs.fetch_add(1, Ordering::Relaxed);
-        up_bytes.fetch_add(*size, Ordering::Relaxed);
+        if client.upload_or_mount(digest, data, mount_from)? {
+            mounted_blobs.fetch_add(1, Ordering::Relaxed);
+            mounted_bytes.fetch_add(*size, Ordering::Relaxed);
+        } else {
+            up_blobs.fetch_add(1, Ordering::Relaxed);
+            up_bytes.fetch_add(*size, Ordering::Relaxed);
+        }
         progress.advance(*size);
         Ok(())
     })?;
@@ -393,6 +406,9 @@ pub fn push(
         uploaded_bytes: up_bytes.into_inner(),
         present_blobs: have_blobs.into_inner(),
         present_bytes: have_bytes.into_inner(),
+        mounted_from: mount_from.map(str::to_string),
+        mounted_blobs: mounted_blobs.into_inner(),
+        mounted_bytes: mounted_bytes.into_inner(),
         manifests,
         signatures: skel.signatures().len() as u64,
         referrers_api,
@@ -455,12 +471,42 @@ pub fn push_signature(client: &Client, subject: &Descriptor, sig: &[u8]) -> Resu
 
 /// The manifests of the pack a reference names: the head first, then its parts.
 /// `None` if the registry has nothing under that reference.
+/// With a `cache`, a digest reference's manifest comes from it where it holds it, and with
+/// `guess` so does the one a tag pointed to when last resolved; the returned flag says
+/// whether the registry was asked (`false`: the caller must confirm the tag's digest).
 fn resolve_manifests(
     client: &Client,
     reference: &str,
-) -> Result<Option<(String, Vec<ImageManifest>)>> {
-    let Some(top) = client.get_manifest(reference)? else {
-        return Ok(None);
+    cache: Option<&ChunkCache>,
+    guess: bool,
+) -> Result<Option<(String, Vec<ImageManifest>, bool)>> {
+    let by_digest = reference.starts_with("sha256:");
+    let recalled = match cache {
+        Some(_) if by_digest => Some(reference.to_string()),
+        Some(c) if guess => c.recall_ref(&client.reference().to_string()),
+        _ => None,
+    };
+    let cached_top = recalled.and_then(|d| {
+        let bytes = cached_blob(cache, &d, None)?;
+        Some(crate::client::Manifest {
+            bytes,
+            media_type: String::new(),
+            digest: d,
+        })
+    });
+    let asked = cached_top.is_none() || by_digest;
+    let top = match cached_top {
+        Some(m) => m,
+        None => {
+            let Some(m) = client.get_manifest(reference)? else {
+                return Ok(None);
+            };
+            cache_blob(cache, &m.digest, &m.bytes);
+            if let (Some(c), false) = (cache, by_digest) {
+                c.remember_ref(&client.reference().to_string(), &m.digest);
+            }
+            m
+        }
     };
     let what = format!("{}", client.reference());
     let is_index = top.media_type.starts_with(MEDIA_INDEX)
@@ -486,15 +532,34 @@ fn resolve_manifests(
                 index.manifests().len()
             );
         }
-        let mut out = Vec::new();
-        for d in index.manifests() {
+        // Parts are named by digest: the cache may hold them, and the rest come in parallel.
+        let parts: Vec<Mutex<Option<ImageManifest>>> =
+            index.manifests().iter().map(|_| Mutex::new(None)).collect();
+        parallel_for(parts.len(), client.options().parallel.max(1), &|i| {
+            let d = &index.manifests()[i];
             let digest = d.digest().to_string();
-            let m = client.get_manifest(&digest)?.ok_or_else(|| {
-                anyhow!("{what}: manifest {digest} listed by the index is missing")
-            })?;
-            out.push(parse_manifest(&m.bytes, &what)?);
-        }
-        out
+            let bytes = match cached_blob(cache, &digest, Some(d.size())) {
+                Some(b) => b,
+                None => {
+                    let m = client.get_manifest(&digest)?.ok_or_else(|| {
+                        anyhow!("{what}: manifest {digest} listed by the index is missing")
+                    })?;
+                    cache_blob(cache, &digest, &m.bytes);
+                    m.bytes
+                }
+            };
+            *parts[i].lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(parse_manifest(&bytes, &what)?);
+            Ok(())
+        })?;
+        parts
+            .into_iter()
+            .map(|m| {
+                m.into_inner()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .expect("every part was fetched")
+            })
+            .collect()
     } else {
         vec![parse_manifest(&top.bytes, &what)?]
     };
@@ -511,7 +576,7 @@ fn resolve_manifests(
             bail!("{what}: a part manifest without artifactType {PART_ARTIFACT_TYPE}");
         }
     }
-    Ok(Some((top.digest, manifests)))
+    Ok(Some((top.digest, manifests, asked)))
 }
 
 fn parse_manifest(bytes: &[u8], what: &str) -> Result<ImageManifest> {
@@ -522,6 +587,13 @@ fn parse_manifest(bytes: &[u8], what: &str) -> Result<ImageManifest> {
 pub struct RemotePack {
     /// `sha256:` digest of what the reference points to.
     pub digest: String,
+    /// Whether the registry confirmed what the reference points to. `false`: the manifest
+    /// is the one the tag pointed to when last resolved, taken from the cache; the caller
+    /// checks it with [`Client::manifest_digest`] before trusting it is the tag's.
+    pub confirmed: bool,
+    /// When each step of the resolve ended, in ms after it started: `manifest`, then
+    /// `config and index` (for `restore REF`'s timing line).
+    pub timings: Vec<(&'static str, f64)>,
     pub skeleton: Skeleton,
     /// The blob of every non-zero chunk, keyed by the chunk's payload file offset.
     blobs: HashMap<u64, (String, u64)>,
@@ -546,16 +618,55 @@ impl RemotePack {
 /// Reads a pack's manifests, config and index from the registry and checks that they
 /// describe a valid pack (everything but the chunk payloads).
 pub fn resolve(client: &Client) -> Result<RemotePack> {
+    resolve_cached(client, None, false)
+}
+
+/// [`resolve`], with the blobs named by digest (part manifests, config, index) taken from
+/// `cache` where it holds them, and stored there when fetched: a second resolve of the same
+/// pack asks the registry only what its reference points to now. Cached bytes are checked
+/// against their digest like fetched ones. With `guess`, a tag's manifest too is the cached
+/// one it pointed to last time, if any (see [`RemotePack::confirmed`]).
+pub fn resolve_cached(
+    client: &Client,
+    cache: Option<&ChunkCache>,
+    guess: bool,
+) -> Result<RemotePack> {
+    let started = std::time::Instant::now();
+    let ms = || started.elapsed().as_secs_f64() * 1000.0;
+    let meta = cache.map(ChunkCache::meta);
+    let cache = meta.as_ref();
+    let mut timings = Vec::new();
     let r = client.reference();
     let what = r.to_string();
-    let (top_digest, manifests) = resolve_manifests(client, r.manifest_reference())?
-        .ok_or_else(|| anyhow!("{what}: not found in the registry"))?;
+    let (top_digest, manifests, confirmed) =
+        resolve_manifests(client, r.manifest_reference(), cache, guess)?
+            .ok_or_else(|| anyhow!("{what}: not found in the registry"))?;
+    timings.push(("manifest", ms()));
     let head = &manifests[0];
     let cfg_desc = head.config();
     if cfg_desc.media_type().to_string() != CONFIG_MEDIA || cfg_desc.size() > MAX_CONFIG_LEN {
         bail!("{what}: the config is not a vmpack config of at most {MAX_CONFIG_LEN} bytes");
     }
-    let cfg_bytes = fetch_small(client, cfg_desc.digest().as_ref(), cfg_desc.size())?;
+    let idx_desc = head
+        .layers()
+        .first()
+        .filter(|l| l.media_type().to_string() == INDEX_MEDIA)
+        .ok_or_else(|| anyhow!("{what}: the first layer is not the pack index"))?;
+    if idx_desc.size() > MAX_INDEX_LEN {
+        bail!("{what}: the index layer is over {MAX_INDEX_LEN} bytes");
+    }
+    // Both are named by the manifest: fetched at once (the index is checked against the
+    // config's root digest below).
+    let (cfg_bytes, index) = std::thread::scope(|s| {
+        let idx =
+            s.spawn(|| fetch_small(client, cache, idx_desc.digest().as_ref(), idx_desc.size()));
+        let cfg = fetch_small(client, cache, cfg_desc.digest().as_ref(), cfg_desc.size());
+        let idx = idx
+            .join()
+            .unwrap_or_else(|_| Err(anyhow!("{what}: fetching the index failed")));
+        Ok::<_, anyhow::Error>((cfg?, idx?))
+    })?;
+    timings.push(("config and index", ms()));
     let cfg: PackConfig =
         serde_json::from_slice(&cfg_bytes).with_context(|| format!("{what}: the config blob"))?;
     if cfg.format != "vmpack" || cfg.mapping != 1 {
@@ -565,18 +676,12 @@ pub fn resolve(client: &Client) -> Result<RemotePack> {
             cfg.mapping
         );
     }
-    let idx_desc = head
-        .layers()
-        .first()
-        .filter(|l| l.media_type().to_string() == INDEX_MEDIA)
-        .ok_or_else(|| anyhow!("{what}: the first layer is not the pack index"))?;
-    if idx_desc.digest().to_string() != cfg.root_digest || idx_desc.size() > MAX_INDEX_LEN {
+    if idx_desc.digest().to_string() != cfg.root_digest {
         bail!(
             "{what}: the index layer does not match the root digest {}",
             cfg.root_digest
         );
     }
-    let index = fetch_small(client, &cfg.root_digest, idx_desc.size())?;
     let header: [u8; 32] = hex::decode(&cfg.header)
         .ok()
         .and_then(|h| h.try_into().ok())
@@ -629,15 +734,58 @@ pub fn resolve(client: &Client) -> Result<RemotePack> {
     }
     Ok(RemotePack {
         digest: top_digest,
+        confirmed,
+        timings,
         skeleton,
         blobs,
     })
 }
 
-fn fetch_small(client: &Client, digest: &str, size: u64) -> Result<Vec<u8>> {
+/// A small blob (config, index, part manifest): from `cache` if it holds it intact, else
+/// from the registry (checked against its digest, then cached).
+fn fetch_small(
+    client: &Client,
+    cache: Option<&ChunkCache>,
+    digest: &str,
+    size: u64,
+) -> Result<Vec<u8>> {
+    if let Some(v) = cached_blob(cache, digest, Some(size)) {
+        return Ok(v);
+    }
     let mut v = Vec::with_capacity(size as usize);
     client.get_blob(digest, size, &mut v, &|_| {})?;
+    cache_blob(cache, digest, &v);
     Ok(v)
+}
+
+/// A cached blob whose bytes match `digest` (a damaged entry is removed). Without a known
+/// `size`, one of at most a manifest's size limit.
+fn cached_blob(cache: Option<&ChunkCache>, digest: &str, size: Option<u64>) -> Option<Vec<u8>> {
+    let cache = cache?;
+    if let Some(size) = size {
+        if !cache.contains(digest, size) {
+            return None;
+        }
+    }
+    let mut v = Vec::new();
+    cache
+        .open(digest)?
+        .take(crate::client::MAX_MANIFEST_LEN.max(size.unwrap_or(0)) + 1)
+        .read_to_end(&mut v)
+        .ok()?;
+    if sha256_digest(&v) == digest {
+        Some(v)
+    } else {
+        cache.remove(digest);
+        None
+    }
+}
+
+/// Best effort: a full cache folder only costs a later fetch.
+fn cache_blob(cache: Option<&ChunkCache>, digest: &str, bytes: &[u8]) {
+    if let Some(c) = cache {
+        let _ = c.insert_with(digest, &mut |w| Ok(w.write_all(bytes)?));
+    }
 }
 
 /// Fetches one chunk's stored payload with a range request on its blob and checks it:
@@ -685,7 +833,7 @@ pub fn pull(
     out: &mut dyn Write,
     progress: &dyn Progress,
 ) -> Result<PullReport> {
-    let pack = resolve(client)?;
+    let pack = resolve_cached(client, Some(cache), false)?;
     let chunks: Vec<&ChunkEntry> = pack
         .skeleton
         .chunks()

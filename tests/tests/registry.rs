@@ -44,13 +44,6 @@ struct Registry {
 
 impl Registry {
     fn start(dir: &Path, htpasswd: Option<&Path>) -> Registry {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let store = dir.join("store");
-        std::fs::create_dir_all(&store).unwrap();
         let auth = match htpasswd {
             Some(p) => format!(
                 "auth: {{htpasswd: {{realm: vmpack-test, path: {}}}}}\n",
@@ -58,10 +51,23 @@ impl Registry {
             ),
             None => String::new(),
         };
+        Registry::start_with(dir, "", &auth)
+    }
+
+    /// A registry whose config's `http` map gets `http_extra` (e.g. `tls: {...}`) and whose
+    /// config gets the top-level lines `extra` (e.g. `auth: {...}`).
+    fn start_with(dir: &Path, http_extra: &str, extra: &str) -> Registry {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let store = dir.join("store");
+        std::fs::create_dir_all(&store).unwrap();
         std::fs::write(
             dir.join("config.yml"),
             format!(
-                "version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\nhttp: {{addr: 127.0.0.1:{port}}}\n{auth}",
+                "version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\nhttp: {{addr: 127.0.0.1:{port}{http_extra}}}\n{extra}",
                 store.display()
             ),
         )
@@ -341,6 +347,55 @@ fn push_pull_is_bit_for_bit_with_cache_and_split_manifests() {
     assert!(e.contains("give a tag"), "{e}");
 }
 
+/// A push to a second repository of the same registry mounts every blob from the first
+/// (cross-repository blob mount): no chunk byte is sent again, and the pack pulls back
+/// identical from either.
+#[test]
+fn a_push_to_a_second_repository_mounts_its_blobs() {
+    if !have("docker-registry", "the blob mount test") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let reg = Registry::start(&d.join("reg"), None);
+    let pack = make_pack(d, "m", 4, 5);
+    let first = format!("{}/team/one:v1", reg.host());
+    let second = format!("{}/other/two:v1", reg.host());
+    let a = json(&vm(
+        d,
+        &["push", pack.to_str().unwrap(), &first, "--json", "-q"],
+    ));
+    assert_eq!(a["mounted_blobs"], 0, "{a}");
+    assert!(a["uploaded_bytes"].as_u64().unwrap() > 3 << 20, "{a}");
+    let b = json(&vm(
+        d,
+        &["push", pack.to_str().unwrap(), &second, "--json", "-q"],
+    ));
+    assert_eq!(b["mounted_from"], "team/one", "{b}");
+    assert_eq!(b["uploaded_bytes"], 0, "{b}");
+    assert_eq!(b["uploaded_blobs"], 0, "{b}");
+    assert_eq!(b["mounted_blobs"], a["uploaded_blobs"], "{b}");
+    let o = vm(
+        d,
+        &[
+            "push",
+            pack.to_str().unwrap(),
+            &format!("{}/third/three:v1", reg.host()),
+        ],
+    );
+    assert!(
+        stdout(&o).contains("mounted from other/two"),
+        "{}",
+        stdout(&o)
+    );
+    for (i, r) in [&first, &second].into_iter().enumerate() {
+        let out = d.join(format!("back{i}.vmpack"));
+        ok(&vm(d, &["cache", "prune", "-q"]));
+        ok(&vm(d, &["pull", r, "-o", out.to_str().unwrap(), "-q"]));
+        same_file(&pack, &out);
+    }
+}
+
 #[test]
 fn basic_auth_from_the_command_line_and_docker_config() {
     if !have("docker-registry", "the registry auth test")
@@ -406,6 +461,251 @@ fn basic_auth_from_the_command_line_and_docker_config() {
     let out = d.join("pulled.vmpack");
     ok(&vm(d, &["pull", &r, "-o", out.to_str().unwrap(), "-q"]));
     same_file(&pack, &out);
+
+    // A credential helper named in docker's config (`credHelpers`): docker-credential-NAME
+    // on PATH, asked `get` with the registry on stdin, answers with the login.
+    let bin = d.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let helper = bin.join("docker-credential-vmpacktest");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\nserver=$(cat)\necho \"$1 $server\" >> {}\n\
+             printf '{{\"ServerURL\":\"%s\",\"Username\":\"alice\",\"Secret\":\"s3cret\"}}' \"$server\"\n",
+            d.join("helper.log").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        d.join("docker/config.json"),
+        format!(
+            "{{\"credHelpers\": {{\"{}\": \"vmpacktest\"}}}}",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = d.join("helped.vmpack");
+    ok(&vm_env(
+        d,
+        &["pull", &r, "-o", out.to_str().unwrap(), "-q"],
+        &[("PATH", &path)],
+    ));
+    same_file(&pack, &out);
+    let log = std::fs::read_to_string(d.join("helper.log")).unwrap();
+    assert_eq!(log.trim(), format!("get {}", reg.host()), "{log}");
+    // Without the helper on PATH the login is missing, and the message says which helper.
+    let e = fails(&vm(d, &["pull", &r, "-o", "x.vmpack", "-q"]));
+    assert!(e.contains("credentials") || e.contains("helper"), "{e}");
+    assert!(!d.join("x.vmpack").exists());
+}
+
+fn sh(dir: &Path, script: &str) {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{script}: {}", stderr(&o));
+}
+
+/// A CA (`NAME.pem`, `NAME.key`) made with openssl in `dir`.
+fn make_ca(dir: &Path, name: &str) {
+    sh(
+        dir,
+        &format!(
+            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+             -keyout {name}.key -out {name}.pem -days 2 -subj /CN={name} \
+             -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign"
+        ),
+    );
+}
+
+/// A registry over HTTPS on 127.0.0.1 with a certificate signed by a CA made in the test:
+/// vmpack refuses it until told to trust that CA (`--ca-file`, or `SSL_CERT_FILE`), and
+/// refuses a certificate from another CA; on loopback it finds on its own that the registry
+/// speaks HTTPS.
+#[test]
+fn a_registry_over_tls_is_trusted_only_through_its_ca() {
+    if !have("docker-registry", "the registry TLS test")
+        || !have("openssl", "the registry TLS test")
+    {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    make_ca(d, "ca");
+    make_ca(d, "other");
+    sh(
+        d,
+        "openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout srv.key \
+         -out srv.csr -subj /CN=127.0.0.1 && \
+         printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > ext && \
+         openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem \
+         -days 2 -extfile ext",
+    );
+    let tls = format!(
+        ", tls: {{certificate: {}, key: {}}}",
+        d.join("srv.pem").display(),
+        d.join("srv.key").display()
+    );
+    let reg = Registry::start_with(&d.join("reg"), &tls, "");
+    let pack = make_pack(d, "tls", 2, 9);
+    let r = format!("{}/team/tls:v1", reg.host());
+    let p = pack.to_str().unwrap();
+
+    let e = fails(&vm(d, &["push", p, &r]));
+    assert!(e.contains(&format!("https://{}", reg.host())), "{e}");
+    assert!(e.contains("not trusted") && e.contains("--ca-file"), "{e}");
+    let e = fails(&vm(d, &["push", p, &r, "--ca-file", "other.pem"]));
+    assert!(e.contains("not trusted"), "{e}");
+    let pushed = json(&vm(
+        d,
+        &["push", p, &r, "--ca-file", "ca.pem", "--json", "-q"],
+    ));
+    assert!(
+        pushed["uploaded_bytes"].as_u64().unwrap() > 1 << 20,
+        "{pushed}"
+    );
+    let ca = d.join("ca.pem");
+    let out = d.join("back.vmpack");
+    ok(&vm_env(
+        d,
+        &["pull", &r, "-o", out.to_str().unwrap(), "-q"],
+        &[("SSL_CERT_FILE", ca.to_str().unwrap())],
+    ));
+    same_file(&pack, &out);
+    let e = fails(&vm(d, &["push", p, &r, "--ca-file", "srv.key"]));
+    assert!(e.contains("no PEM certificate"), "{e}");
+}
+
+/// A token server for the registry's bearer-token auth: answers `GET /token?...` from the
+/// login alice:s3cret with `token` (a JWT the test signed), anything else with 401; keeps
+/// the request lines. Serves at most 500 requests.
+fn token_server(token: String) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming().take(500) {
+            let Ok(mut c) = conn else { continue };
+            let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            let mut first = String::new();
+            let _ = r.read_line(&mut first);
+            let mut authorized = false;
+            for _ in 0..100 {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                    break;
+                }
+                // base64("alice:s3cret")
+                authorized |= h
+                    .trim()
+                    .eq_ignore_ascii_case("authorization: Basic YWxpY2U6czNjcmV0");
+            }
+            log.lock().unwrap().push(first.trim().to_string());
+            let (status, body) = if authorized && first.starts_with("GET /token?") {
+                ("200 OK", format!("{{\"token\": \"{token}\"}}"))
+            } else {
+                ("401 Unauthorized", "{}".to_string())
+            };
+            let _ = write!(
+                c,
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (port, seen)
+}
+
+/// Bearer-token auth (the WWW-Authenticate Bearer flow docker's registry uses with a token
+/// service): the registry trusts tokens signed by a key made in the test, the token server
+/// hands one out for the login, vmpack asks it with the challenge's realm, service and
+/// scope, and pushes and pulls with the token; without a login the token server refuses.
+#[test]
+fn bearer_token_auth_through_a_token_server() {
+    if !have("docker-registry", "the bearer token test")
+        || !have("openssl", "the bearer token test")
+    {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    // RS256 over header.claims with the key whose (self-signed) certificate the registry
+    // trusts; the certificate travels in the header (x5c).
+    sh(
+        d,
+        r#"set -e
+b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
+openssl req -x509 -newkey rsa:2048 -nodes -keyout tok.key -out tok.pem -days 2 -subj /CN=vmpack-token 2>/dev/null
+X5C=$(openssl x509 -in tok.pem -outform DER | openssl base64 -A)
+NOW=$(date +%s)
+H=$(printf '{"alg":"RS256","typ":"JWT","x5c":["%s"]}' "$X5C" | b64url)
+C=$(printf '{"iss":"vmpack-issuer","sub":"alice","aud":"vmpack-registry","exp":%d,"nbf":%d,"iat":%d,"jti":"t1","access":[{"type":"repository","name":"team/vm","actions":["pull","push"]}]}' $((NOW+3600)) $((NOW-60)) $((NOW-60)) | b64url)
+S=$(printf '%s.%s' "$H" "$C" | openssl dgst -sha256 -sign tok.key | b64url)
+printf '%s.%s.%s' "$H" "$C" "$S" > token
+"#,
+    );
+    let token = std::fs::read_to_string(d.join("token")).unwrap();
+    let (tport, seen) = token_server(token);
+    let auth = format!(
+        "auth: {{token: {{realm: \"http://127.0.0.1:{tport}/token\", service: vmpack-registry, issuer: vmpack-issuer, rootcertbundle: {}}}}}\n",
+        d.join("tok.pem").display()
+    );
+    let reg = Registry::start_with(&d.join("reg"), "", &auth);
+    let pack = make_pack(d, "bear", 2, 11);
+    let r = format!("{}/team/vm:v1", reg.host());
+    let p = pack.to_str().unwrap();
+
+    let e = fails(&vm(d, &["push", p, &r]));
+    assert!(e.contains("token from") && e.contains("401"), "{e}");
+    let login = ["--username", "alice", "--password-stdin", "-q"];
+    let o = vm_stdin(d, &[&["push", p, &r][..], &login].concat(), b"s3cret\n");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = d.join("back.vmpack");
+    let o = vm_stdin(
+        d,
+        &[&["pull", &r, "-o", out.to_str().unwrap()][..], &login].concat(),
+        b"s3cret\n",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    same_file(&pack, &out);
+    let asked = seen.lock().unwrap().clone();
+    assert!(
+        asked.iter().any(|l| l.contains("service=vmpack-registry")
+            && l.contains("scope=repository%3Ateam%2Fvm%3A")),
+        "{asked:?}"
+    );
+    // The token grants team/vm only: another repository is refused.
+    let o = vm_stdin(
+        d,
+        &[
+            &["push", p, &format!("{}/team/other:v1", reg.host())][..],
+            &login,
+        ]
+        .concat(),
+        b"s3cret\n",
+    );
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("401")
+            || e.contains("403")
+            || e.contains("UNAUTHORIZED")
+            || e.contains("DENIED"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -1005,8 +1305,71 @@ fn restore_from_a_reference_continues_exactly_and_fills_the_chunk_cache() {
             .collect();
         assert!(stray.is_empty(), "{stray:?}");
     }
-    // Clones from a reference run from one pulled file, which then sits in the cache.
+    // --json: one line once the VM runs, before any serial output, from a reference (whose
+    // manifest now comes from the cache, checked against the tag) and from a file.
     let r = format!("{}/team/counter:zstd", reg.host());
+    let o = vm(
+        d,
+        &[
+            "restore",
+            &r,
+            "--json",
+            "--serial-out",
+            "none",
+            "--api-sock",
+            "j.sock",
+        ],
+    );
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let j: serde_json::Value = serde_json::from_str(stdout(&o).lines().next().unwrap()).unwrap();
+    assert_eq!(j["clones"], 1, "{j}");
+    assert_eq!(j["sockets"][0], "j.sock", "{j}");
+    assert_eq!(j["reference"], r.as_str(), "{j}");
+    assert_eq!(j["memory"], "lazy", "{j}");
+    assert!(j["digest"].as_str().unwrap().starts_with("sha256:"), "{j}");
+    assert!(j["milliseconds"].as_f64().unwrap() > 0.0, "{j}");
+    let steps: Vec<&str> = j["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert!(
+        steps.contains(&"manifest") && steps.contains(&"vCPUs start"),
+        "{j}"
+    );
+    assert_eq!(stdout(&o).lines().count(), 1, "{}", stdout(&o));
+    let (pack, _) = (d.join("zstd.vmpack"), ());
+    let o = vm(
+        d,
+        &[
+            "restore",
+            pack.to_str().unwrap(),
+            "--json",
+            "--serial-out",
+            "none",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(j["clones"], 1, "{j}");
+    assert!(j["sockets"].as_array().unwrap().is_empty(), "{j}");
+    assert!(j["memory"].is_string(), "{j}");
+
+    // A tag moved since its manifest was cached: found before the VM is built, and the
+    // restore runs what the tag points to now.
+    let moved = format!("{}/team/counter:none", reg.host());
+    ok(&vm(d, &["push", pack.to_str().unwrap(), &moved, "-q"]));
+    let (o, after) = restore_ref(d, "moved", &moved);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("the tag moved"), "{err}");
+    assert!(after.ends_with("300\n"), "{after}");
+    let (o, _) = restore_ref(d, "moved-2", &moved);
+    assert!(!stderr(&o).contains("the tag moved"), "{}", stderr(&o));
+
+    // Clones from a reference run from one pulled file, which then sits in the cache.
     let o = vm(d, &["restore", &r, "--clones", "2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
@@ -1074,8 +1437,9 @@ fn restore_from_a_reference_refuses_an_altered_memory_blob() {
 /// --ignored --nocapture restore_from_registry_figures`): a 1 GiB guest holding 600 MiB of
 /// incompressible data in RAM (the kvstore guest with the data behind its code), pushed to
 /// a loopback registry and restored from the reference with an empty chunk cache, then
-/// again with the cache full; each restore is shut down once its memory is fully resident.
-/// Prints vmpack's own timing lines.
+/// again with the cache full; each restore is given a command as soon as its control socket
+/// answers (the guest's answer is its first serial line) and shut down once its memory is
+/// fully resident. Prints vmpack's own timing lines.
 #[test]
 #[ignore]
 fn restore_from_registry_figures() {
@@ -1148,6 +1512,13 @@ fn restore_from_registry_figures() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // A command for the guest as soon as it runs: its answer is the first serial line, and
+        // vmpack says how many chunk bytes had come by then.
+        wait_for("the control socket", Duration::from_secs(60), || {
+            UnixStream::connect(&sock).is_ok()
+        });
+        let (st, _) = http(&sock, "PUT", "/vm/serial/input", b"get nothing\n");
+        assert_eq!(st, 204);
         let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
         let mut err = String::new();
         for l in lines.by_ref() {

@@ -614,3 +614,35 @@ fn virtio_rng_gives_entropy_and_its_state_survives_a_restore() {
     assert_eq!(q["next_used"], rounds);
     assert_eq!(rng["state"]["transport"]["status"], 0xf);
 }
+
+/// A virtio completion interrupt pending at the save (the device's InterruptStatus is 1,
+/// the guest has interrupts off and has not acknowledged it) is delivered to the restored
+/// guest, exactly once, and the guest's acknowledgement clears it.
+#[test]
+fn a_virtio_interrupt_pending_at_the_save_reaches_the_restored_guest() {
+    if !common::kvm_available("save/restore tests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pack, _, before, after) =
+        save_stop_restore(dir.path(), "irqpend.toml", "pending status=1\n");
+    assert_eq!(
+        before, "pending status=1\n",
+        "saved before the interrupt was taken"
+    );
+    assert_eq!(after, "irq count=1 status=0\n");
+    let r = vmpack_formats::pack::PackReader::open(&pack).unwrap();
+    let s = r.section("vmstate").unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&r.read_section(s.id, 64 << 20).unwrap()).unwrap();
+    let rng = state["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == "virtio-rng0")
+        .unwrap_or_else(|| panic!("no virtio-rng0 in {}", state["devices"]));
+    assert_eq!(
+        rng["state"]["transport"]["interrupt_status"], 1,
+        "the save caught the interrupt pending: {rng}"
+    );
+}

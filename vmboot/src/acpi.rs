@@ -25,8 +25,9 @@ use anyhow::{bail, Context, Result};
 
 /// Where the RSDP goes (Linux scans 0xe0000..0xfffff for it).
 pub const RSDP_ADDR: u64 = 0xe0000;
-/// The tables must end before the MP table (see `crate::mptable`).
-const TABLES_END: u64 = 0xf0000;
+/// The tables must end before the VM generation ID's page (below the MP table, see
+/// `crate::mptable`).
+const TABLES_END: u64 = crate::devices::vmgenid::ADDR;
 const OEM_ID: [u8; 6] = *b"VMBOOT";
 const OEM_TABLE_ID: [u8; 8] = *b"VMBOOT  ";
 const OEM_REVISION: u32 = 1;
@@ -89,11 +90,36 @@ pub fn dsdt(dm: &DeviceManager) -> Vec<u8> {
                 Device::new(Path::new(&name), vec![&hid, &uid, &cca, &crs]).to_aml_bytes(&mut body);
                 virtio_index += 1;
             }
+            AcpiId::VmGenId { addr } => vmgenid(*addr, d.gsi, &crs, &mut body),
         }
     }
     let body = RawAml(&body);
     Scope::new("\\_SB_".into(), vec![&body]).to_aml_bytes(&mut dsdt);
     dsdt.as_slice().to_vec()
+}
+
+/// The VM generation ID (`\_SB.VGEN`: what Linux's `vmgenid` driver and Windows look for;
+/// `ADDR` gives the ID's address as a package of two 32-bit halves) and, with a `gsi`, the
+/// Generic Event Device (`\_SB.GED0`, `ACPI0013`) whose `_EVT` notifies it when that line
+/// is raised (`crs`, its `_CRS`, names the line).
+fn vmgenid(addr: u64, gsi: Option<u32>, crs: &dyn Aml, body: &mut Vec<u8>) {
+    let hid = Name::new("_HID".into(), &"VMGENCTR");
+    let cid = Name::new("_CID".into(), &"VM_Gen_Counter");
+    let ddn = Name::new("_DDN".into(), &"VM_Gen_Counter");
+    let (low, high) = (addr as u32, (addr >> 32) as u32);
+    let pkg = aml::Package::new(vec![&low, &high]);
+    let ret = aml::Return::new(&pkg);
+    let method = aml::Method::new("ADDR".into(), 0, false, vec![&ret]);
+    Device::new(Path::new("VGEN"), vec![&hid, &cid, &ddn, &method]).to_aml_bytes(body);
+    let Some(gsi) = gsi else { return };
+    let hid = Name::new("_HID".into(), &"ACPI0013");
+    let uid = Name::new("_UID".into(), &aml::ZERO);
+    let target = Path::new("\\_SB_.VGEN");
+    let notify = aml::Notify::new(&target, &0x80u8);
+    let is_ours = aml::Equal::new(&aml::Arg(0), &gsi);
+    let when = aml::If::new(&is_ours, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&when]);
+    Device::new(Path::new("GED0"), vec![&hid, &uid, crs, &evt]).to_aml_bytes(body);
 }
 
 /// Already-encoded AML, spliced into a parent object.
@@ -339,7 +365,18 @@ mod iasl {
     #[test]
     fn iasl_reads_the_tables_and_they_match_the_registry() {
         let dir = tempfile::tempdir().unwrap();
-        let dm = registry(3);
+        let mut dm = registry(3);
+        let genid_gsi = dm
+            .add_platform(
+                crate::device_manager::DeviceInfo {
+                    acpi: Some(AcpiId::VmGenId {
+                        addr: 0x1_2345_6000,
+                    }),
+                    ..crate::device_manager::DeviceInfo::new("vmgenid")
+                },
+                |_| Ok(crate::device_manager::tests::null_virtio().1),
+            )
+            .unwrap();
         let Some(dsl) = disassemble(dir.path(), "dsdt", &dsdt(&dm)) else {
             return;
         };
@@ -355,6 +392,14 @@ mod iasl {
                     ),
                     "LNRO0005".to_string(),
                 ),
+                AcpiId::VmGenId { .. } => {
+                    want.push(Node {
+                        name: "VGEN".into(),
+                        hid: "VMGENCTR".into(),
+                        ..Node::default()
+                    });
+                    ("GED0".to_string(), "ACPI0013".to_string())
+                }
             };
             want.push(Node {
                 name,
@@ -366,6 +411,20 @@ mod iasl {
         }
         let got = parse_dsdt(&dsl);
         assert_eq!(got, want, "DSDT as iasl reads it:\n{dsl}");
+        // The generation ID: Linux's vmgenid driver evaluates ADDR (low and high halves of
+        // the address) and is notified by the GED's _EVT for the device's line.
+        let squash: String = dsl.split_whitespace().collect::<Vec<_>>().join(" ");
+        for want in [
+            "Name (_CID, \"VM_Gen_Counter\")".to_string(),
+            "Method (ADDR, 0, NotSerialized) { Return (Package (0x02) { 0x23456000, One }) }"
+                .to_string(),
+            format!(
+                "Method (_EVT, 1, Serialized) // _EVT: Event {{ If ((Arg0 == {genid_gsi:#04X})) {{ Notify (\\_SB.VGEN, 0x80) // Status Change"
+            )
+            .replace("0X", "0x"),
+        ] {
+            assert!(squash.contains(&want), "{want} not in:\n{dsl}");
+        }
         // COM1 and the i8042 at their PC places, as Linux's 8250 and i8042 drivers expect.
         assert!(got.contains(&Node {
             name: "COM1".into(),

@@ -15,14 +15,10 @@ use std::path::{Path, PathBuf};
 use vmpack_formats::pack::{Codec, Compression, PackError, SectionSource, WriteOptions};
 use vmpack_formats::vm::{VmPack, VmPackPlan};
 
-/// Where expanded packs are kept: `$VMPACK_CACHE_DIR/expanded`, else
-/// `$XDG_CACHE_HOME/vmpack/expanded`, else `~/.cache/vmpack/expanded`.
+/// Where expanded packs are kept: `expanded` in the cache folder the binary set
+/// ([`verified_cache::set_base_dir`]).
 pub fn cache_dir() -> Option<PathBuf> {
-    let base = std::env::var_os("VMPACK_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("vmpack")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vmpack")))?;
-    Some(base.join("expanded"))
+    Some(verified_cache::base_dir()?.join("expanded"))
 }
 
 /// What [`mappable_pack`] did.

@@ -488,7 +488,7 @@ impl SavedPack {
         let s = reader
             .section(&section)
             .ok_or_else(|| anyhow!("{label}: section '{section}' is missing"))?;
-        let bytes = reader.read_section(s.id, crate::snapshot::MAX_VMSTATE_LEN)?;
+        let bytes = reader.read_section(s.id, crate::persist::MAX_VMSTATE_LEN)?;
         #[derive(serde::Deserialize)]
         struct Version {
             version: u32,

@@ -4,181 +4,17 @@
 //! The guest's COM1 output is appended to a [`SerialLog`] (attach one with
 //! [`SerialSink::Console`]); input goes into the UART's receive FIFO through
 //! [`VmHandle::serial_input`], which raises the receive interrupt like a host terminal would.
-//! [`Console`] ties both to a VM running on a background thread.
+//! [`Console`] ties both to a VM running on a background thread. Nothing in vmboot depends
+//! on this module: it sits above `vmm` and `snapshot`, for the CLI's `test` and the tests.
 
-use crate::devices::bus::lock;
+pub use crate::devices::serial_log::SerialLog;
 use crate::snapshot::{PackInput, RestoreInfo, RestoreOptions};
-use crate::vmm::{ExitReason, RunOptions, SerialSink, Vm, VmHandle};
+use crate::vmm::{ExitReason, SerialSink, Vm, VmHandle};
 use anyhow::{anyhow, bail, Result};
 use regex::bytes::Regex;
-use std::io::Write;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-/// Output kept in memory per VM; older bytes are dropped (offsets stay valid, see
-/// [`SerialLog::since`]).
-const LOG_LIMIT: usize = 16 << 20;
-
-#[derive(Default)]
-struct LogInner {
-    /// Bytes `base..base + bytes.len()` of everything the guest wrote.
-    bytes: Vec<u8>,
-    base: usize,
-    /// Set when the VM has ended: waiting for more output is pointless.
-    ended: Option<String>,
-}
-
-/// Everything a guest wrote to its serial port, shared between the VM and its readers.
-/// Offsets count bytes since the VM (or its restore) started.
-#[derive(Default)]
-pub struct SerialLog {
-    inner: Mutex<LogInner>,
-    cv: Condvar,
-}
-
-impl std::fmt::Debug for SerialLog {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SerialLog({} bytes)", self.end())
-    }
-}
-
-impl SerialLog {
-    pub fn new() -> Arc<SerialLog> {
-        Arc::new(SerialLog::default())
-    }
-
-    /// Offset just past the last byte written so far.
-    pub fn end(&self) -> usize {
-        let g = lock(&self.inner);
-        g.base + g.bytes.len()
-    }
-
-    /// The bytes from offset `from` on (from the oldest kept byte if `from` was dropped),
-    /// and the offset they start at.
-    pub fn since(&self, from: usize) -> (usize, Vec<u8>) {
-        let g = lock(&self.inner);
-        let start = from.clamp(g.base, g.base + g.bytes.len());
-        (start, g.bytes[start - g.base..].to_vec())
-    }
-
-    /// Everything kept.
-    pub fn contents(&self) -> Vec<u8> {
-        self.since(0).1
-    }
-
-    /// Why the VM ended, once it has.
-    pub fn ended(&self) -> Option<String> {
-        lock(&self.inner).ended.clone()
-    }
-
-    pub(crate) fn push(&self, data: &[u8]) {
-        let mut g = lock(&self.inner);
-        g.bytes.extend_from_slice(data);
-        if g.bytes.len() > LOG_LIMIT {
-            let drop = g.bytes.len() - LOG_LIMIT / 2;
-            g.bytes.drain(..drop);
-            g.base += drop;
-        }
-        self.cv.notify_all();
-    }
-
-    pub(crate) fn close(&self, why: &str) {
-        let mut g = lock(&self.inner);
-        if g.ended.is_none() {
-            g.ended = Some(why.to_string());
-        }
-        self.cv.notify_all();
-    }
-
-    /// Waits until the output from offset `from` on matches `re`; returns the match's
-    /// `(start, end)` offsets. Fails when `deadline` passes or the VM ends without a match.
-    pub fn wait_for(&self, from: usize, re: &Regex, deadline: Instant) -> Result<(usize, usize)> {
-        let mut g = lock(&self.inner);
-        loop {
-            let start = from.clamp(g.base, g.base + g.bytes.len());
-            if let Some(m) = re.find(&g.bytes[start - g.base..]) {
-                return Ok((start + m.start(), start + m.end()));
-            }
-            if let Some(why) = &g.ended {
-                bail!("the VM ended ({why}) before its output matched /{re}/");
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                bail!("timed out waiting for output matching /{re}/");
-            }
-            g = self
-                .cv
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-}
-
-/// The serial device's writer for [`SerialSink::Console`]: into the log, and on to `also`.
-pub(crate) struct LogWriter {
-    pub(crate) log: Arc<SerialLog>,
-    pub(crate) also: Box<dyn Write + Send>,
-}
-
-impl Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.log.push(buf);
-        // The log is the point of this sink; a failing copy (closed stdout) must not stop it.
-        let _ = self.also.write_all(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        let _ = self.also.flush();
-        Ok(())
-    }
-}
-
-/// `opts` with a serial log attached: the one it already has (a [`SerialSink::Console`]),
-/// or, when a control socket is served, a new one that also passes output on to the
-/// configured sink (so `GET /vm/serial/output` works for every VM with an API socket).
-pub(crate) fn with_log(opts: &RunOptions) -> RunOptions {
-    let mut o = opts.clone();
-    if opts.api_sock.is_some() && !matches!(opts.serial_out, SerialSink::Console { .. }) {
-        o.serial_out = SerialSink::Console {
-            log: SerialLog::new(),
-            also: Box::new(opts.serial_out.clone()),
-        };
-    }
-    o
-}
-
-impl VmHandle {
-    /// Puts `bytes` into COM1's receive FIFO, waiting while the FIFO is full (the guest reads
-    /// it at its own pace). Fails if the guest has not made room within `timeout` or the VM
-    /// has ended.
-    pub fn serial_input(&self, bytes: &[u8], timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        let mut pending = bytes;
-        while !pending.is_empty() {
-            let took = lock(self.serial()).enqueue(pending);
-            pending = &pending[took..];
-            if took == 0 {
-                if self.has_ended() {
-                    bail!("the VM has ended; {} input bytes not sent", pending.len());
-                }
-                if Instant::now() >= deadline {
-                    bail!(
-                        "the guest did not read its serial input within {timeout:?}; {} bytes not sent",
-                        pending.len()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-        Ok(())
-    }
-
-    fn has_ended(&self) -> bool {
-        self.status_json()["state"] == "stopped"
-    }
-}
 
 /// A running VM driven through its serial console.
 pub struct Console {
@@ -294,7 +130,7 @@ impl Console {
 
     /// Whether the VM has ended (or is ending).
     pub fn ended(&self) -> bool {
-        self.handle.status_json()["state"] == "stopped"
+        self.handle.run_state() == crate::api::RunState::Stopped
     }
 
     /// Ends the VM and waits for it; returns how it ended.

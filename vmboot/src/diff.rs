@@ -339,7 +339,7 @@ pub fn flatten(
     let s = reader
         .section(state_section)
         .ok_or_else(|| anyhow!("section '{state_section}' is missing"))?;
-    let state = reader.read_section(s.id, crate::snapshot::MAX_VMSTATE_LEN)?;
+    let state = reader.read_section(s.id, crate::persist::MAX_VMSTATE_LEN)?;
     let base = base_with_files(chain)?;
     let mut files: Vec<(&'static str, Vec<u8>)> = Vec::new();
     for role in ["kernel", "initrd", "image"] {

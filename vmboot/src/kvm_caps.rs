@@ -61,20 +61,21 @@ pub fn missing_required<'a>(
         .collect()
 }
 
+/// The KVM capabilities vmboot needs that this host's KVM lacks.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "/dev/kvm: this host's KVM lacks {} that vmboot needs: {}",
+    if .0.len() == 1 { "a capability" } else { "capabilities" },
+    .0.join(", ")
+)]
+pub struct MissingCapabilities(pub Vec<&'static str>);
+
 /// Refuses a KVM without one of the required capabilities, naming every missing one.
-pub fn check(kvm: &Kvm) -> anyhow::Result<()> {
+pub fn check(kvm: &Kvm) -> Result<(), MissingCapabilities> {
     let have = present(kvm);
     let missing = missing_required(have.iter().copied());
     if !missing.is_empty() {
-        anyhow::bail!(
-            "/dev/kvm: this host's KVM lacks {} that vmboot needs: {}",
-            if missing.len() == 1 {
-                "a capability"
-            } else {
-                "capabilities"
-            },
-            missing.join(", ")
-        );
+        return Err(MissingCapabilities(missing));
     }
     Ok(())
 }

@@ -6,11 +6,9 @@
 
 pub mod acpi;
 pub mod api;
-pub mod api_client;
 pub mod clone;
 pub mod compat;
 pub mod console;
-mod control;
 pub mod cpu_custom;
 pub mod cpu_fit;
 pub mod cpuid;
@@ -35,5 +33,5 @@ pub use memory::GuestMemoryInit;
 pub use persist::{VcpuState, VmState};
 pub use vmm::{
     block_exit_signals, terminate_all_on_signals, terminate_on_signals, BootFiles, BootPayload,
-    ExitReason, RunOptions, SerialSink, ValidState, Vm, VmHandle,
+    ExitReason, PauseError, RunOptions, SerialSink, ValidState, Vm, VmHandle,
 };

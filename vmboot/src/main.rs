@@ -29,6 +29,9 @@ enum Cmd {
         /// Guest serial output: stdout, none, or a file path (overrides the config's [serial]).
         #[arg(long)]
         serial_out: Option<String>,
+        /// The vsock device's host socket (overrides the config's [vsock] uds_path).
+        #[arg(long, value_name = "PATH")]
+        vsock_sock: Option<PathBuf>,
         /// Print nothing but errors (the guest's serial output is governed by --serial-out).
         #[arg(long, short)]
         quiet: bool,
@@ -43,6 +46,10 @@ enum Cmd {
         /// Guest serial output: stdout, none, or a file path.
         #[arg(long, default_value = "stdout")]
         serial_out: String,
+        /// The vsock device's host socket; default: vsock.sock in the restore's work folder
+        /// (a pack's own path is never used).
+        #[arg(long, value_name = "PATH")]
+        vsock_sock: Option<PathBuf>,
         /// When to check chunk hashes (see docs/FORMAT.md, "Verification on restore").
         #[arg(long, value_enum, default_value = "auto")]
         verify: vmboot::snapshot::VerifyPolicy,
@@ -92,6 +99,7 @@ fn run(
     config: PathBuf,
     api_sock: Option<PathBuf>,
     serial_out: Option<String>,
+    vsock_sock: Option<PathBuf>,
     quiet: bool,
 ) -> Result<i32> {
     let cfg = VmConfig::from_file(&config)?;
@@ -100,6 +108,7 @@ fn run(
         serial_out: sink_for(&cfg, serial_out.as_deref()),
         api_sock,
         stdin_input: true,
+        vsock_sock,
         ..Default::default()
     };
     let vm = Vm::create(&cfg, payload, &opts)?;
@@ -244,8 +253,40 @@ fn report_thread_start_failures() {
     }));
 }
 
+/// The library's warnings and errors (the `log` facade: the library prints nothing itself),
+/// on stderr as vmboot's own.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record) {
+        match r.level() {
+            log::Level::Error => eprintln!("vmboot: {}", r.args()),
+            log::Level::Warn => eprintln!("vmboot: warning: {}", r.args()),
+            _ => {}
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// The cache folder (verified packs, touch orders, expanded packs): `$VMPACK_CACHE_DIR`,
+/// else `$XDG_CACHE_HOME/vmpack`, else `~/.cache/vmpack`; shared with vmpack.
+fn cache_dir_from_env() -> Option<PathBuf> {
+    std::env::var_os("VMPACK_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("vmpack")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vmpack")))
+}
+
 fn main() {
     report_thread_start_failures();
+    static LOG: StderrLog = StderrLog;
+    if log::set_logger(&LOG).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+    vmboot::snapshot::verified_cache::set_base_dir(cache_dir_from_env());
     let cli = Cli::parse();
     // Before any thread starts, so every thread inherits the mask; the VM's own signal
     // thread turns them into a clean end.
@@ -255,17 +296,21 @@ fn main() {
             config,
             api_sock,
             serial_out,
+            vsock_sock,
             quiet,
-        } => run(config, api_sock, serial_out, quiet),
+        } => run(config, api_sock, serial_out, vsock_sock, quiet),
         Cmd::Restore {
             pack,
             api_sock,
             serial_out,
+            vsock_sock,
             verify,
             memory,
             quiet,
         } => {
-            use vmboot::snapshot::{restore_and_run, PackInput, RestoreOptions};
+            use vmboot::snapshot::{
+                restore_and_run, PackInput, Reporter, RestoreEvent, RestoreOptions,
+            };
             let input = if pack.as_os_str() == "-" {
                 PackInput::Stdin
             } else {
@@ -280,11 +325,19 @@ fn main() {
                 api_sock,
                 // stdin may be the pack itself.
                 stdin_input: !matches!(input, PackInput::Stdin),
+                vsock_sock,
                 ..Default::default()
             };
+            let reporter = Reporter::new(move |e| {
+                if !(quiet && matches!(e, RestoreEvent::Restored { .. })) {
+                    eprintln!("{}", e.message("vmboot"));
+                }
+            });
             restore_and_run(
                 input,
                 RestoreOptions {
+                    report: reporter,
+                    bench_timestamps: std::env::var_os("VMBOOT_BENCH_TIMESTAMPS").is_some(),
                     verify,
                     memory,
                     run,
@@ -292,9 +345,13 @@ fn main() {
                     source: Default::default(),
                     parent: None,
                 },
-                quiet,
-                "vmboot",
             )
+            .map(|reason| {
+                if reason.code != 0 {
+                    eprintln!("vmboot: {} (exit status {})", reason.message, reason.code);
+                }
+                reason.code
+            })
         }
         Cmd::BenchStart {
             child: Some(mib), ..

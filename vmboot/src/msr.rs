@@ -136,9 +136,10 @@ pub fn write(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<()> {
         if n >= rest.len() {
             break;
         }
-        eprintln!(
-            "vmboot: warning: this host refused MSR {:#x} = {:#x}; skipped",
-            rest[n].index, rest[n].data
+        log::warn!(
+            "this host refused MSR {:#x} = {:#x}; skipped",
+            rest[n].index,
+            rest[n].data
         );
         rest.drain(..=n);
     }

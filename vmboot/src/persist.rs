@@ -18,6 +18,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use vmpack_formats::config::VmConfig;
 
+/// The serialized vmstate is small (a few KiB per vCPU); anything larger is hostile.
+pub(crate) const MAX_VMSTATE_LEN: u64 = 64 << 20;
+
 /// The version of the vmstate's outer shape. Version 1 (vmboot 0.1.0) had fixed fields per
 /// device and no per-component versions; it is still read.
 pub const VM_STATE_VERSION: u32 = 2;
@@ -47,14 +50,17 @@ pub trait Pausable {
 pub trait VmDevice: Pausable + Send + Sync {
     /// The device's state, under its registry `id`.
     fn save(&self, id: &str) -> Result<DeviceState>;
-    /// A status entry for `GET /vm`: `(list name, entry)`.
-    fn status(&self) -> Option<(&'static str, serde_json::Value)> {
+    /// Its entry in `GET /vm`.
+    fn status(&self) -> Option<crate::api::DeviceStatus> {
         None
     }
     /// Makes the device's backend durable (disk images).
     fn flush(&self) -> std::io::Result<()> {
         Ok(())
     }
+    /// The VM has ended: release host resources (sockets) now rather than when the last
+    /// reference to the device goes.
+    fn stop(&self) {}
     /// Puts the device back in `state` (as `save` made it) in place, keeping what it is
     /// registered with (bus ranges, ioeventfds, irqfd), for `PUT /vm/reset`. Only while the
     /// VM is paused.

@@ -9,7 +9,7 @@ use crate::compat;
 use crate::memory::GuestMemoryInit;
 use crate::persist::VmState;
 use crate::vmm::ValidState;
-use crate::vmm::{BootFiles, BootPayload, RunOptions, Vm, VmHandle};
+use crate::vmm::{BootFiles, BootPayload, ExitReason, RunOptions, Vm, VmHandle};
 use anyhow::{anyhow, bail, Context, Result};
 use std::fs::File;
 use std::io::{Read, Write};
@@ -25,25 +25,9 @@ use vmpack_formats::vm::{Manifest, VmPack, VmPackPlan};
 /// Guest memory is chunked finer than files and disks: a chunk holding one dirty page is
 /// stored whole, and on the mmap restore path every non-zero chunk is one mapping.
 pub const MEMORY_CHUNK_SIZE: u32 = 256 << 10;
-/// The serialized vmstate is small (a few KiB per vCPU); anything larger is hostile.
-pub(crate) const MAX_VMSTATE_LEN: u64 = 64 << 20;
+use crate::persist::MAX_VMSTATE_LEN;
 
-/// What a save produced.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct SaveStats {
-    pub pause_ms: f64,
-    pub bytes: u64,
-    pub root_digest: String,
-    pub compress: String,
-    /// For a diff save: the parent's root digest and the bytes of memory stored.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub parent: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub diff_bytes: Option<u64>,
-    /// The dirty mark taken at the pause: guest memory then equalled the pack written.
-    #[serde(skip)]
-    pub mark: Option<u64>,
-}
+pub use crate::api::SaveStats;
 
 /// Saves the VM behind `handle` as a pack to `out`.
 ///
@@ -83,7 +67,7 @@ pub fn save_with(
         None => None,
     };
     let t = Instant::now();
-    handle.pause().map_err(|e| anyhow!("{e}"))?;
+    handle.pause()?;
     // A lazily restored VM is complete (and its pack's boot files checked) only once its
     // loader has placed every chunk; one whose pack failed verification is never saved.
     let captured = (|| -> Result<_> {
@@ -133,7 +117,7 @@ pub fn save_with(
         .map(|(_, m)| m.iter().map(|m| m.section_size()).sum());
     let mut pause = None;
     if copy.is_some() {
-        handle.resume().map_err(|e| anyhow!("{e}"))?;
+        handle.resume()?;
         pause = Some(t.elapsed());
     }
     let written = match &copy {
@@ -160,14 +144,14 @@ pub fn save_with(
     };
     let pause = pause.unwrap_or_else(|| t.elapsed());
     if copy.is_none() && resume_after {
-        handle.resume().map_err(|e| anyhow!("{e}"))?;
+        handle.resume()?;
     }
     let summary = written?;
     Ok(SaveStats {
         pause_ms: pause.as_secs_f64() * 1000.0,
         bytes: summary.bytes_written,
         root_digest: hex::encode(summary.root_digest),
-        compress: compression.to_string(),
+        compress: compression,
         parent: diff_from.map(|p| p.root_digest.clone()),
         diff_bytes,
         mark,
@@ -520,7 +504,72 @@ pub enum PackInput {
     Stdin,
 }
 
+/// What a restore reports while it prepares and runs the VM; the caller (a binary) prints it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RestoreEvent {
+    /// Something the user should know that does not stop the restore.
+    Warning(String),
+    /// The VM is built and about to run.
+    Restored {
+        elapsed: Duration,
+        /// How memory was filled, and whether the pack was verified (see [`RestoreInfo`]).
+        memory_path: &'static str,
+        verified: &'static str,
+    },
+    /// With [`RestoreOptions::bench_timestamps`]: `CLOCK_MONOTONIC` in ns at a milestone:
+    /// `restored` (vCPUs starting), `first-exit` (vCPU 0's first exit), `resident` (a lazy
+    /// restore's last chunk in place).
+    Stamp { what: &'static str, ns: u128 },
+}
+
+/// Receives a restore's [`RestoreEvent`]s, from any thread.
+#[derive(Clone, Default)]
+pub struct Reporter(Option<Arc<dyn Fn(RestoreEvent) + Send + Sync>>);
+
+impl Reporter {
+    pub fn new(f: impl Fn(RestoreEvent) + Send + Sync + 'static) -> Self {
+        Reporter(Some(Arc::new(f)))
+    }
+    fn report(&self, e: RestoreEvent) {
+        if let Some(f) = &self.0 {
+            f(e);
+        }
+    }
+}
+
+impl RestoreEvent {
+    /// The line a binary called `prog` prints for this event.
+    pub fn message(&self, prog: &str) -> String {
+        match self {
+            RestoreEvent::Warning(w) => format!("{prog}: warning: {w}"),
+            RestoreEvent::Restored {
+                elapsed,
+                memory_path,
+                verified,
+            } => format!(
+                "{prog}: restored in {:.1} ms (memory: {memory_path}; {verified})",
+                elapsed.as_secs_f64() * 1000.0
+            ),
+            RestoreEvent::Stamp { what, ns } => format!("vmboot-bench: {what}-monotonic-ns {ns}"),
+        }
+    }
+}
+
+impl std::fmt::Debug for Reporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Reporter(..)"
+        } else {
+            "Reporter(none)"
+        })
+    }
+}
+
 pub struct RestoreOptions {
+    /// Where [`RestoreEvent`]s go (default: nowhere).
+    pub report: Reporter,
+    /// Report [`RestoreEvent::Stamp`]s (for `vmpack bench-snapshot`).
+    pub bench_timestamps: bool,
     pub verify: VerifyPolicy,
     /// How guest RAM is filled (file input only: a pipe is always read whole first).
     pub memory: MemoryPolicy,
@@ -645,7 +694,16 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         };
         (how, init)
     } else if lazy {
-        let init = lazy_init(&pack, &state, &label, path, opts.verify, opts.source)?;
+        let stamps = opts.bench_timestamps.then(|| opts.report.clone());
+        let init = lazy_init(
+            &pack,
+            &state,
+            &label,
+            path,
+            opts.verify,
+            opts.source,
+            stamps,
+        )?;
         ("lazy", init)
     } else {
         let init = memory_init(&pack, manifest, &state, eager_path == "mmap", &label)?;
@@ -758,6 +816,7 @@ fn lazy_init(
     path: &Path,
     verify: VerifyPolicy,
     source: crate::vstate::lazy::ChunkSource,
+    stamps: Option<Reporter>,
 ) -> Result<GuestMemoryInit> {
     // A file filled on demand is temporary: it is never recorded as verified.
     let record = matches!(source, crate::vstate::lazy::ChunkSource::PackFile);
@@ -782,9 +841,11 @@ fn lazy_init(
     let path = path.to_path_buf();
     let had_order = !first.is_empty();
     let on_complete = move |order: Vec<usize>| {
-        // For `vmpack bench-snapshot` (see `restore_and_run`): when every chunk is in place.
-        if std::env::var_os("VMBOOT_BENCH_TIMESTAMPS").is_some() {
-            eprintln!("vmboot-bench: resident-monotonic-ns {}", monotonic_ns());
+        if let Some(r) = &stamps {
+            r.report(RestoreEvent::Stamp {
+                what: "resident",
+                ns: monotonic_ns(),
+            });
         }
         if verify == VerifyPolicy::Auto && record {
             verified_cache::record(&path, root);
@@ -915,6 +976,11 @@ pub fn pack_config(manifest: &Manifest, label: &str, work: &Path) -> Result<VmCo
             .map_or_else(|| "serial.log".into(), |n| n.to_owned());
         *p = work.join(name);
     }
+    // The pack's socket path is the saving host's and untrusted: never bound. The restore
+    // listens in its work folder unless `--vsock-sock` says where.
+    if let Some(v) = &mut cfg.vsock {
+        v.uds_path = Some(work.join("vsock.sock"));
+    }
     Ok(cfg)
 }
 
@@ -934,6 +1000,9 @@ fn config_differences(a: &VmConfig, b: &VmConfig) -> Vec<&'static str> {
             d.path = PathBuf::new();
         }
         c.serial.path = c.serial.path.as_ref().map(|_| PathBuf::new());
+        if let Some(v) = &mut c.vsock {
+            v.uds_path = None;
+        }
         c
     }
     let (a, b) = (strip(a), strip(b));
@@ -1467,13 +1536,19 @@ pub mod verified_cache {
     use std::os::unix::fs::MetadataExt;
     use std::path::{Path, PathBuf};
 
-    /// The cache folder: `$VMPACK_CACHE_DIR`, else `$XDG_CACHE_HOME/vmpack`, else
-    /// `~/.cache/vmpack`.
+    static BASE_DIR: std::sync::RwLock<Option<PathBuf>> = std::sync::RwLock::new(None);
+
+    /// Sets the cache folder (verified records, touch orders, expanded packs) for this
+    /// process. The binaries set it from the environment at start-up (`$VMPACK_CACHE_DIR`,
+    /// else `$XDG_CACHE_HOME/vmpack`, else `~/.cache/vmpack`); the library reads no
+    /// environment. Unset, nothing is cached.
+    pub fn set_base_dir(dir: Option<PathBuf>) {
+        *BASE_DIR.write().unwrap_or_else(|p| p.into_inner()) = dir;
+    }
+
+    /// The cache folder set by [`set_base_dir`].
     pub fn base_dir() -> Option<PathBuf> {
-        std::env::var_os("VMPACK_CACHE_DIR")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("vmpack")))
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vmpack")))
+        BASE_DIR.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn dir() -> Option<PathBuf> {
@@ -1520,45 +1595,29 @@ pub mod verified_cache {
     }
 }
 
-/// Restores a pack and runs it until the guest ends; returns the guest's exit status.
-/// Progress and warnings go to stderr (unless `quiet`), so the guest's serial output on
-/// stdout stays clean.
-/// `prog` (`vmboot`, `vmpack`) starts each message.
-pub fn restore_and_run(
-    input: PackInput,
-    opts: RestoreOptions,
-    quiet: bool,
-    prog: &str,
-) -> Result<i32> {
+/// Restores a pack and runs it until the guest ends; returns the guest's exit status (the
+/// caller reports a non-zero one). Progress and warnings go to `opts.report`.
+pub fn restore_and_run(input: PackInput, opts: RestoreOptions) -> Result<ExitReason> {
     let t = Instant::now();
+    let report = opts.report.clone();
+    let stamps = opts.bench_timestamps;
     let (vm, info) = restore(input, opts)?;
     for w in &info.warnings {
-        eprintln!("{prog}: warning: {w}");
+        report.report(RestoreEvent::Warning(w.clone()));
     }
-    if !quiet {
-        eprintln!(
-            "{prog}: restored in {:.1} ms (memory: {}; {})",
-            t.elapsed().as_secs_f64() * 1000.0,
-            info.memory_path,
-            info.verified
-        );
-    }
-    // For `vmpack bench-snapshot`: VMBOOT_BENCH_TIMESTAMPS=1 prints CLOCK_MONOTONIC stamps
-    // (stderr) of "restore done, vCPUs starting", of vCPU 0's first exit after restore and,
-    // for a lazy restore, of every memory chunk being verified and in place.
-    if std::env::var_os("VMBOOT_BENCH_TIMESTAMPS").is_some() {
-        bench_stamps(&vm);
+    report.report(RestoreEvent::Restored {
+        elapsed: t.elapsed(),
+        memory_path: info.memory_path,
+        verified: info.verified,
+    });
+    if stamps {
+        bench_stamps(&vm, &report);
     }
     crate::vmm::terminate_on_signals(vm.controller())?;
-    let reason = vm.run()?;
-    if reason.code != 0 {
-        eprintln!("{prog}: {} (exit status {})", reason.message, reason.code);
-    }
-    Ok(reason.code)
+    vm.run()
 }
 
-/// See `VMBOOT_BENCH_TIMESTAMPS` in [`restore_and_run`]. Instants cannot be turned into
-/// CLOCK_MONOTONIC readings directly, so one pair taken together anchors the conversion.
+/// `CLOCK_MONOTONIC` now, in ns: what `vmpack bench-snapshot` compares with its own clock.
 fn monotonic_ns() -> u128 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -1569,19 +1628,30 @@ fn monotonic_ns() -> u128 {
     ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
 }
 
-fn bench_stamps(vm: &Vm) {
+/// Instants cannot be turned into CLOCK_MONOTONIC readings directly, so one pair taken
+/// together anchors the conversion.
+fn bench_stamps(vm: &Vm, report: &Reporter) {
     let (anchor, anchor_ns) = (Instant::now(), monotonic_ns());
-    eprintln!("vmboot-bench: restored-monotonic-ns {anchor_ns}");
+    report.report(RestoreEvent::Stamp {
+        what: "restored",
+        ns: anchor_ns,
+    });
     let h = vm.controller();
+    let r = report.clone();
     let watcher = std::thread::Builder::new().spawn(move || loop {
         if let Some(t) = h.first_exit_instant() {
             let ns = anchor_ns + t.duration_since(anchor).as_nanos();
-            eprintln!("vmboot-bench: first-exit-monotonic-ns {ns}");
+            r.report(RestoreEvent::Stamp {
+                what: "first-exit",
+                ns,
+            });
             return;
         }
         std::thread::sleep(Duration::from_micros(100));
     });
     if let Err(e) = watcher {
-        eprintln!("vmboot-bench: no first-exit stamp: cannot start a thread: {e}");
+        report.report(RestoreEvent::Warning(format!(
+            "no first-exit stamp: cannot start a thread: {e}"
+        )));
     }
 }

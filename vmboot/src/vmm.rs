@@ -1,55 +1,33 @@
-//! The VM: KVM setup, vCPU threads, pause/resume, and state capture.
-//!
-//! Pausing is real: every vCPU thread leaves KVM_RUN and parks on a condvar. A vCPU is kicked
-//! by setting `immediate_exit` in its `kvm_run` page and sending it a real-time signal whose
-//! handler does nothing (the signal only has to interrupt the ioctl; `immediate_exit` covers
-//! the window where the signal lands just before KVM_RUN). Before parking, each vCPU does one
-//! more KVM_RUN with `immediate_exit = 1`, which completes an in-flight port IN/MMIO read
-//! (data in the register, RIP past the instruction) without running guest code, so the saved
-//! state never holds a half-done instruction.
+//! The VM: KVM setup from a config or a saved state, the devices, and [`VmHandle`], which
+//! pauses, resumes, captures and reports on a running VM from any thread. The vCPU threads,
+//! their run loop and the pause state machine are the vCPU manager's
+//! ([`crate::vcpu::VcpuManager`]).
 
+use crate::api::{ExitStatus, RunState, SaveStats, UnhandledIo, VmStatus};
 use crate::cpuid;
 use crate::device_manager::DeviceManager;
 use crate::devices::bus::lock;
 use crate::devices::serial::spawn_stdin_forwarder;
 pub use crate::devices::SerialSink;
-use crate::devices::{DebugExit, IoAction, SerialDevice, COM1_IRQ, I8042};
+use crate::devices::{DebugExit, SerialDevice, COM1_IRQ, I8042};
 use crate::memory::{ram_layout, GuestMemoryInit, GuestRam};
 use crate::msr;
 use crate::persist::{
     DeviceState, Persist, VmState, VCPU_STATE_VERSION, VM_LEVEL_STATE_VERSION, VM_STATE_VERSION,
 };
-use crate::vcpu::{self, complete_pending_io, install_kick_handler, Vcpu};
+use crate::vcpu::{self, install_kick_handler, tell_kvmclock_paused, Vcpu, VcpuManager};
+pub use crate::vcpu::{
+    ExitReason, PauseError, EXIT_CORRUPT_MEMORY, EXIT_FAIL_ENTRY, EXIT_GUEST_CRASH,
+    EXIT_INTERNAL_ERROR, EXIT_KVM_ERROR, EXIT_TRIPLE_FAULT, EXIT_UNEXPECTED, PAUSE_TIMEOUT,
+};
 use crate::vstate::vm::KvmVm;
 use anyhow::{bail, Context, Result};
-use kvm_bindings::{
-    kvm_cpuid_entry2, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
-};
-use kvm_ioctls::{VcpuExit, VcpuFd};
-use serde_json::json;
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::VcpuFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use vmpack_formats::config::{Boot, VmConfig};
-
-/// Exit statuses for VM failures (guest-chosen statuses come from the debug-exit port).
-pub const EXIT_TRIPLE_FAULT: i32 = 70;
-pub const EXIT_INTERNAL_ERROR: i32 = 71;
-pub const EXIT_FAIL_ENTRY: i32 = 72;
-pub const EXIT_GUEST_CRASH: i32 = 73;
-pub const EXIT_UNEXPECTED: i32 = 74;
-pub const EXIT_KVM_ERROR: i32 = 75;
-/// A lazily restored guest touched a memory chunk that failed verification.
-pub const EXIT_CORRUPT_MEMORY: i32 = 76;
-
-/// How a VM ended: the process exit status vmboot uses and a one-line explanation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExitReason {
-    pub code: i32,
-    pub message: String,
-}
 
 /// Where the guest's serial output goes and whether host stdin feeds it.
 #[derive(Clone, Debug, Default)]
@@ -62,6 +40,9 @@ pub struct RunOptions {
     /// A folder owned by this VM (e.g. private disk copies of a restore), removed when
     /// [`Vm::run`] returns.
     pub work_dir: Option<PathBuf>,
+    /// The vsock device's host socket, in place of the config's `uds_path` (a restore's
+    /// config names a socket in its work folder, never the pack's path).
+    pub vsock_sock: Option<PathBuf>,
     /// A restore's new identity for the first `[[net]]` (a clone's tap and MAC).
     pub net: crate::devices::virtio::net::NetOverride,
 }
@@ -125,25 +106,13 @@ impl BootPayload {
     }
 }
 
-#[derive(Default)]
-struct Control {
-    /// Pause requested (vCPUs park as soon as they see it).
-    paused: bool,
-    /// vCPU threads currently parked.
-    parked: usize,
-    /// vCPU threads started and not yet finished.
-    running: usize,
-    started: bool,
-    exit: Option<ExitReason>,
-}
-
 /// Controls a VM from any thread: pause, resume, shutdown, capture.
 pub struct VmHandle {
     config: VmConfig,
     /// Kept so a save can put the boot files into the pack, also for a restored VM whose
     /// original files may not exist on this host.
     payload: BootFiles,
-    last_save: Mutex<Option<serde_json::Value>>,
+    last_save: Mutex<Option<SaveStats>>,
     /// The packs this VM's memory can be diffed against: `(root digest, dirty mark)` of the
     /// pack it was restored from (mark 0) and of each pack it was saved to.
     lineage: Mutex<Vec<(String, u64)>>,
@@ -155,20 +124,13 @@ pub struct VmHandle {
     /// still holds it there, a save records it instead of storing it twice.
     initrd_at: OnceLock<(u64, u64)>,
     // Field order = drop order: vCPUs and devices before the VM, memory last.
-    vcpus: Vec<Vcpu>,
+    vcpus: VcpuManager,
     devices: Devices,
     vm: KvmVm,
     mem: GuestRam,
-    msr_list: Vec<u32>,
-    ctl: Mutex<Control>,
-    cv: Condvar,
-    /// Fast-path copies of `ctl` for the vCPU loop.
-    pause_flag: AtomicBool,
-    stop_flag: AtomicBool,
     created: Instant,
-    first_exit: OnceLock<Instant>,
     /// The guest's serial output, when a console or control socket needs it.
-    serial_log: Option<Arc<crate::console::SerialLog>>,
+    serial_log: Option<Arc<crate::devices::serial_log::SerialLog>>,
 }
 
 /// A VM ready to run. [`Vm::run`] starts the vCPU threads and blocks until the guest ends.
@@ -215,6 +177,12 @@ impl Devices {
             ids.push(crate::devices::virtio::rng::ID.to_string());
         }
         ids.extend((0..cfg.nets.len()).map(crate::devices::virtio::net::id));
+        if cfg.vsock.is_some() {
+            ids.push(crate::devices::virtio::vsock::ID.to_string());
+        }
+        if cfg.vmgenid {
+            ids.push(crate::devices::vmgenid::ID.to_string());
+        }
         ids
     }
 
@@ -225,6 +193,11 @@ impl Devices {
             "i8042" => d.decode::<I8042>().map(drop),
             crate::devices::virtio::rng::ID => d
                 .decode::<Arc<crate::devices::virtio::rng::RngHandle>>()?
+                .validate()
+                .with_context(|| format!("device {}", d.id)),
+            crate::devices::vmgenid::ID => d.decode::<crate::devices::vmgenid::VmGenId>().map(drop),
+            crate::devices::virtio::vsock::ID => d
+                .decode::<Arc<crate::devices::virtio::vsock::VsockHandle>>()?
                 .validate()
                 .with_context(|| format!("device {}", d.id)),
             id if id.starts_with("virtio-net") => d
@@ -245,6 +218,7 @@ impl Devices {
         base: &Base,
         sink: &SerialSink,
         saved: &[DeviceState],
+        vsock_sock: Option<&std::path::Path>,
     ) -> Result<Devices> {
         let find = |id: &str| saved.iter().find(|d| d.id == id);
         let serial = match find("com1") {
@@ -295,6 +269,25 @@ impl Devices {
             &mut dm,
             find,
         )?;
+        if let Some(v) = &cfg.vsock {
+            let id = crate::devices::virtio::vsock::ID;
+            let path = vsock_sock
+                .or(v.uds_path.as_deref())
+                .context("[vsock] has no uds_path: give one in the config or --vsock-sock PATH")?;
+            crate::devices::virtio::vsock::attach(
+                v.cid,
+                path,
+                &base.vm.fd,
+                base.mem.memory(),
+                &worker,
+                &mut dm,
+                find(id),
+            )?;
+        }
+        if cfg.vmgenid {
+            let id = crate::devices::vmgenid::ID;
+            crate::devices::vmgenid::attach(&base.vm.fd, base.mem.memory(), &mut dm, find(id))?;
+        }
         Ok(Devices {
             _worker: worker,
             dm,
@@ -395,8 +388,8 @@ fn build_base(cfg: &VmConfig, init: GuestMemoryInit) -> Result<Base> {
 impl Vm {
     /// Boots `cfg` from scratch with `payload`.
     pub fn create(cfg: &VmConfig, payload: BootPayload, opts: &RunOptions) -> Result<Vm> {
-        let opts = &crate::console::with_log(opts);
-        let base = build_base(cfg, GuestMemoryInit::Zeroed)?;
+        let opts = &with_log(opts);
+        let mut base = build_base(cfg, GuestMemoryInit::Zeroed)?;
         let mut supported = base
             .vm
             .kvm
@@ -418,9 +411,16 @@ impl Vm {
             .context("KVM_GET_MSR_INDEX_LIST")?
             .as_slice()
             .to_vec();
-        let msr_list = msr::filter_readable(&base.fds[0], msr::candidate_list(&kvm_list))?;
+        let msrs: Arc<[u32]> =
+            msr::filter_readable(&base.fds[0], msr::candidate_list(&kvm_list))?.into();
 
-        let devices = Devices::new(cfg, &base, &opts.serial_out, &[])?;
+        let devices = Devices::new(
+            cfg,
+            &base,
+            &opts.serial_out,
+            &[],
+            opts.vsock_sock.as_deref(),
+        )?;
         let bsp = &base.fds[0];
         let sregs = bsp.get_sregs().context("KVM_GET_SREGS")?;
         let (regs, sregs, initrd_at) = match cfg.boot() {
@@ -452,7 +452,13 @@ impl Vm {
         bsp.set_sregs(&sregs).context("KVM_SET_SREGS")?;
         bsp.set_regs(&regs).context("KVM_SET_REGS")?;
         vcpu::set_runnable(bsp)?;
-        let vm = Vm::assemble(cfg, base, devices, cpuids, msr_list, payload.into(), opts)?;
+        let vcpus = std::mem::take(&mut base.fds)
+            .into_iter()
+            .zip(cpuids)
+            .enumerate()
+            .map(|(id, (fd, cpuid))| Vcpu::new(id as u32, fd, cpuid, msrs.clone()))
+            .collect();
+        let vm = Vm::assemble(cfg, base, devices, vcpus, payload.into(), opts)?;
         if let Some(at) = initrd_at {
             let _ = vm.handle.initrd_at.set(at);
         }
@@ -472,23 +478,33 @@ impl Vm {
         let payload = payload.into();
         // A clone's own tap and MAC: the VM runs (and a later save records) them.
         let cfg = &opts.net.apply(cfg)?;
-        let opts = &crate::console::with_log(opts);
-        let base = build_base(cfg, memory)?;
+        let opts = &with_log(opts);
+        let mut base = build_base(cfg, memory)?;
+        let msr_list: Vec<u32> = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
+        let msrs: Arc<[u32]> = msr::filter_readable(&base.fds[0], msr_list)?.into();
         // vCPUs before the VM-level irqchip and PIT, as Firecracker does: the LAPICs exist
         // in their saved state before the IOAPIC and PIC route anything to them.
-        for (fd, s) in base.fds.iter().zip(&state.vcpus) {
-            vcpu::restore(fd, s)?;
+        let vcpus = std::mem::take(&mut base.fds)
+            .into_iter()
+            .zip(&state.vcpus)
+            .map(|(fd, s)| {
+                let msrs = msrs.clone();
+                Vcpu::restore(vcpu::VcpuArgs { fd, msrs }, s)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        base.vm = KvmVm::restore(base.vm, &state.vm)?;
+        for v in &vcpus {
+            tell_kvmclock_paused(&lock(&v.fd));
         }
-        base.vm.restore_state(&state.vm)?;
-        for fd in &base.fds {
-            tell_kvmclock_paused(fd);
-        }
-        let msr_list: Vec<u32> = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
-        let msr_list = msr::filter_readable(&base.fds[0], msr_list)?;
-        let devices = Devices::new(cfg, &base, &opts.serial_out, &state.devices)?;
-        let cpuids = state.vcpus.iter().map(|v| v.cpuid.clone()).collect();
+        let devices = Devices::new(
+            cfg,
+            &base,
+            &opts.serial_out,
+            &state.devices,
+            opts.vsock_sock.as_deref(),
+        )?;
         let initrd_at = state.initrd;
-        let vm = Vm::assemble(cfg, base, devices, cpuids, msr_list, payload, opts)?;
+        let vm = Vm::assemble(cfg, base, devices, vcpus, payload, opts)?;
         if let Some(at) = initrd_at {
             let _ = vm.handle.initrd_at.set(at);
         }
@@ -511,18 +527,11 @@ impl Vm {
         cfg: &VmConfig,
         base: Base,
         devices: Devices,
-        cpuids: Vec<Vec<kvm_cpuid_entry2>>,
-        msr_list: Vec<u32>,
+        vcpus: Vec<Vcpu>,
         payload: BootFiles,
         opts: &RunOptions,
     ) -> Result<Vm> {
-        let vcpus = base
-            .fds
-            .into_iter()
-            .zip(cpuids)
-            .enumerate()
-            .map(|(id, (fd, cpuid))| Vcpu::new(id as u32, fd, cpuid))
-            .collect();
+        let vcpus = VcpuManager::new(vcpus);
         let handle = Arc::new(VmHandle {
             config: cfg.clone(),
             payload,
@@ -535,13 +544,7 @@ impl Vm {
             devices,
             vm: base.vm,
             mem: base.mem,
-            msr_list,
-            ctl: Mutex::new(Control::default()),
-            cv: Condvar::new(),
-            pause_flag: AtomicBool::new(false),
-            stop_flag: AtomicBool::new(false),
             created: Instant::now(),
-            first_exit: OnceLock::new(),
             serial_log: match &opts.serial_out {
                 SerialSink::Console { log, .. } => Some(log.clone()),
                 _ => None,
@@ -558,7 +561,7 @@ impl Vm {
     }
 
     /// The serial output log, if the VM's serial sink is [`SerialSink::Console`].
-    pub fn serial_log(&self) -> Option<Arc<crate::console::SerialLog>> {
+    pub fn serial_log(&self) -> Option<Arc<crate::devices::serial_log::SerialLog>> {
         self.handle.serial_log.clone()
     }
 
@@ -579,23 +582,21 @@ impl Vm {
         }
         let mut threads = Vec::new();
         let mut not_started = None;
-        {
-            let mut c = lock(&h.ctl);
-            if let Some(e) = &c.exit {
-                return Ok(e.clone());
-            }
-            c.started = true;
-            c.running = h.vcpus.len();
+        if let Err(ended) = h.vcpus.begin_run() {
+            return Ok(ended);
         }
-        for idx in 0..h.vcpus.len() {
+        for idx in 0..h.vcpus.vcpus().len() {
             let hh = h.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{idx}"))
-                .spawn(move || hh.vcpu_loop(idx));
+                .spawn(move || {
+                    let io = &hh.devices.dm;
+                    hh.vcpus.run_loop(idx, &io.pio, &io.mmio, &hh.mem)
+                });
             match t {
                 Ok(t) => threads.push(t),
                 Err(e) => {
-                    lock(&h.ctl).running -= h.vcpus.len() - idx;
+                    h.vcpus.not_started(idx);
                     let message = format!("cannot start vCPU thread {idx}: {e}");
                     h.request_exit(ExitReason {
                         code: EXIT_KVM_ERROR,
@@ -610,28 +611,14 @@ impl Vm {
         if let Some(lazy) = h.mem.lazy() {
             lazy.start_prefetch();
         }
-        let mut c = lock(&h.ctl);
-        while c.exit.is_none() {
-            c = h.cv.wait(c).unwrap_or_else(|p| p.into_inner());
-        }
-        // Wake parked vCPUs and bounce running ones out of KVM_RUN until all have finished.
-        while c.running > 0 {
-            drop(c);
-            h.kick_all();
-            c = lock(&h.ctl);
-            if c.running > 0 {
-                c =
-                    h.cv.wait_timeout(c, Duration::from_millis(20))
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-            }
-        }
-        let reason = c.exit.clone().expect("checked above");
-        drop(c);
+        let reason = h.vcpus.wait_exit();
         for t in threads {
             let _ = t.join();
         }
         lock(&h.devices.serial).flush();
+        for (_, d) in h.devices.dm.objects() {
+            d.stop();
+        }
         if let Some(dir) = &self.opts.work_dir {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -657,211 +644,11 @@ pub struct ResetStats {
     pub pause_ms: f64,
 }
 
-/// Unregisters a vCPU thread when it ends, also by panic, so `run` and `pause` never wait
-/// for a thread that is gone.
-struct ThreadDone<'a> {
-    h: &'a VmHandle,
-    idx: usize,
-}
-
-impl Drop for ThreadDone<'_> {
-    fn drop(&mut self) {
-        *lock(&self.h.vcpus[self.idx].thread) = None;
-        if std::thread::panicking() {
-            let mut c = lock(&self.h.ctl);
-            if c.exit.is_none() {
-                c.exit = Some(ExitReason {
-                    code: EXIT_KVM_ERROR,
-                    message: format!("vCPU {} thread panicked", self.idx),
-                });
-            }
-            self.h.stop_flag.store(true, Ordering::SeqCst);
-        }
-        let mut c = lock(&self.h.ctl);
-        c.running -= 1;
-        self.h.cv.notify_all();
-    }
-}
-
-enum Outcome {
-    Continue,
-    Exit(ExitReason),
-}
-
 impl VmHandle {
-    fn kick_all(&self) {
-        for v in &self.vcpus {
-            v.kick();
-        }
-    }
-
-    /// Ends the VM with `reason` unless it already ended (the first reason wins).
-    fn request_exit(&self, reason: ExitReason) {
-        let mut c = lock(&self.ctl);
-        if c.exit.is_none() {
-            c.exit = Some(reason);
-        }
-        self.stop_flag.store(true, Ordering::SeqCst);
-        self.cv.notify_all();
-        drop(c);
-        self.kick_all();
-    }
-
-    fn vcpu_loop(&self, idx: usize) {
-        let slot = &self.vcpus[idx];
-        let _done = ThreadDone { h: self, idx };
-        // SAFETY: pthread_self has no preconditions.
-        *lock(&slot.thread) = Some(unsafe { libc::pthread_self() });
-        loop {
-            if self.pause_flag.load(Ordering::SeqCst) || self.stop_flag.load(Ordering::SeqCst) {
-                complete_pending_io(&mut lock(&slot.fd));
-                let mut c = lock(&self.ctl);
-                if c.exit.is_some() {
-                    break;
-                }
-                if c.paused {
-                    c.parked += 1;
-                    self.cv.notify_all();
-                    while c.paused && c.exit.is_none() {
-                        c = self.cv.wait(c).unwrap_or_else(|p| p.into_inner());
-                    }
-                    c.parked -= 1;
-                    self.cv.notify_all();
-                }
-                continue;
-            }
-            let outcome = {
-                let mut fd = lock(&slot.fd);
-                self.run_once(slot.id, &mut fd)
-            };
-            if let Outcome::Exit(r) = outcome {
-                self.request_exit(r);
-            }
-        }
-    }
-
-    fn run_once(&self, id: u32, fd: &mut VcpuFd) -> Outcome {
-        let exit = fd.run();
-        if id == 0 {
-            self.first_exit.get_or_init(Instant::now);
-        }
-        let fatal = |code: i32, what: String, fd: &VcpuFd| {
-            Outcome::Exit(ExitReason {
-                code,
-                message: format!("vCPU {id}: {what}; {}", vcpu::crash_report(fd, &self.mem)),
-            })
-        };
-        match exit {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                self.devices.dm.pio.read(u64::from(port), data);
-                Outcome::Continue
-            }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                match self.devices.dm.pio.write(u64::from(port), data) {
-                    IoAction::Continue => Outcome::Continue,
-                    IoAction::Exit { code, message } => Outcome::Exit(ExitReason { code, message }),
-                }
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                self.devices.dm.mmio.read(addr, data);
-                Outcome::Continue
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => match self.devices.dm.mmio.write(addr, data) {
-                IoAction::Continue => Outcome::Continue,
-                IoAction::Exit { code, message } => Outcome::Exit(ExitReason { code, message }),
-            },
-            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {
-                Outcome::Continue
-            }
-            Ok(VcpuExit::Shutdown) => fatal(
-                EXIT_TRIPLE_FAULT,
-                "guest triple fault (KVM_EXIT_SHUTDOWN)".into(),
-                fd,
-            ),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => fatal(
-                EXIT_FAIL_ENTRY,
-                format!(
-                    "KVM_EXIT_FAIL_ENTRY (hardware entry failure reason {reason:#x}, cpu {cpu})"
-                ),
-                fd,
-            ),
-            Ok(VcpuExit::InternalError) => {
-                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active
-                // union member.
-                let internal = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal };
-                let n = (internal.ndata as usize).min(internal.data.len());
-                let what = match internal.suberror {
-                    1 => "emulation failure (an instruction KVM cannot emulate)".to_string(),
-                    2 => "simultaneous exception".to_string(),
-                    3 => "delivery event failure".to_string(),
-                    s => format!("suberror {s}"),
-                };
-                fatal(
-                    EXIT_INTERNAL_ERROR,
-                    format!(
-                        "KVM internal error: {what}, data {:x?}",
-                        &internal.data[..n]
-                    ),
-                    fd,
-                )
-            }
-            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
-                KVM_SYSTEM_EVENT_SHUTDOWN => Outcome::Exit(ExitReason {
-                    code: 0,
-                    message: "guest powered off".into(),
-                }),
-                KVM_SYSTEM_EVENT_RESET => Outcome::Exit(ExitReason {
-                    code: 0,
-                    message: "guest requested a reset".into(),
-                }),
-                KVM_SYSTEM_EVENT_CRASH => {
-                    fatal(EXIT_GUEST_CRASH, "guest reported a crash".into(), fd)
-                }
-                k => fatal(EXIT_UNEXPECTED, format!("unexpected system event {k}"), fd),
-            },
-            Ok(other) => fatal(EXIT_UNEXPECTED, format!("unexpected exit {other:?}"), fd),
-            Err(e) if e.errno() == libc::EINTR => {
-                fd.set_kvm_immediate_exit(0);
-                Outcome::Continue
-            }
-            // An AP's KVM_RUN returns EAGAIN once after INIT/SIPI: re-enter.
-            Err(e) if e.errno() == libc::EAGAIN => Outcome::Continue,
-            Err(e) => fatal(EXIT_KVM_ERROR, format!("KVM_RUN failed: {e}"), fd),
-        }
-    }
-
-    /// Pauses the VM: returns once every vCPU thread is parked outside KVM_RUN.
-    pub fn pause(&self) -> Result<()> {
-        let mut c = lock(&self.ctl);
-        if let Some(e) = &c.exit {
-            bail!("the VM has ended ({})", e.message);
-        }
-        c.paused = true;
-        self.pause_flag.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while c.parked < c.running && c.exit.is_none() {
-            drop(c);
-            self.kick_all();
-            c = lock(&self.ctl);
-            if c.parked < c.running {
-                c = self
-                    .cv
-                    .wait_timeout(c, Duration::from_millis(10))
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "timed out pausing: {} of {} vCPUs parked",
-                    c.parked,
-                    c.running
-                );
-            }
-        }
-        drop(c);
-        for v in &self.vcpus {
-            tell_kvmclock_paused(&lock(&v.fd));
-        }
+    /// Pauses the VM: returns once every vCPU thread is parked outside KVM_RUN (see
+    /// [`VcpuManager::pause`]) and every device has finished the work it had started.
+    pub fn pause(&self) -> std::result::Result<(), PauseError> {
+        self.vcpus.pause()?;
         // Requests already taken off a queue complete before this returns.
         for (_, d) in self.devices.dm.objects() {
             d.pause();
@@ -869,18 +656,15 @@ impl VmHandle {
         Ok(())
     }
 
-    pub fn resume(&self) -> Result<()> {
-        let mut c = lock(&self.ctl);
-        if let Some(e) = &c.exit {
-            bail!("the VM has ended ({})", e.message);
+    /// Lets the devices and then the vCPUs run again.
+    pub fn resume(&self) -> std::result::Result<(), PauseError> {
+        if let Some(e) = self.vcpus.exit_reason() {
+            return Err(PauseError::Ended(e.message));
         }
-        c.paused = false;
-        self.pause_flag.store(false, Ordering::SeqCst);
         for (_, d) in self.devices.dm.objects() {
             d.resume();
         }
-        self.cv.notify_all();
-        Ok(())
+        self.vcpus.resume()
     }
 
     /// Ends the VM because the process got `signal`; [`Vm::run`] then returns 128 + signal,
@@ -902,14 +686,16 @@ impl VmHandle {
 
     /// True when a pause was requested and every running vCPU is parked.
     pub fn is_paused(&self) -> bool {
-        let c = lock(&self.ctl);
-        c.paused && c.parked >= c.running
+        self.vcpus.is_paused()
     }
 
     /// True when no vCPU can be in KVM_RUN: paused, not started yet, or ended.
     fn is_quiescent(&self) -> bool {
-        let c = lock(&self.ctl);
-        !c.started || c.running == 0 || (c.paused && c.parked >= c.running)
+        self.vcpus.is_quiescent()
+    }
+
+    fn request_exit(&self, reason: ExitReason) {
+        self.vcpus.request_exit(reason);
     }
 
     /// Captures every vCPU, the in-kernel irqchip/PIT/clock and the device models.
@@ -920,8 +706,9 @@ impl VmHandle {
         }
         let vcpus = self
             .vcpus
+            .vcpus()
             .iter()
-            .map(|v| v.save(&self.msr_list))
+            .map(|v| v.save().with_context(|| format!("saving vCPU {}", v.id)))
             .collect::<Result<Vec<_>>>()?;
         let devices = self
             .devices
@@ -934,7 +721,7 @@ impl VmHandle {
             // The pack's manifest carries the config (its one authoritative copy).
             config: None,
             memory_regions: self.mem.layout(),
-            vm: self.vm.save_state()?,
+            vm: self.vm.save()?,
             initrd: self.initrd_at.get().copied(),
             vcpus,
             devices,
@@ -990,11 +777,11 @@ impl VmHandle {
         self.pause()?;
         let r = (|| -> Result<(u64, usize)> {
             let pages = self.mem.reset_to_start(&self.vm.fd)?;
-            for (v, s) in self.vcpus.iter().zip(&state.vcpus) {
+            for (v, s) in self.vcpus.vcpus().iter().zip(&state.vcpus) {
                 vcpu::load(&lock(&v.fd), s)?;
             }
             self.vm.restore_state(&state.vm)?;
-            for v in &self.vcpus {
+            for v in self.vcpus.vcpus() {
                 tell_kvmclock_paused(&lock(&v.fd));
             }
             let mut disks = 0;
@@ -1042,6 +829,17 @@ impl VmHandle {
                 Err(e.context("reset failed; the VM was stopped"))
             }
         }
+    }
+
+    /// The vsock device's host socket, if the VM has one.
+    pub fn vsock_socket(&self) -> Option<PathBuf> {
+        self.devices
+            .dm
+            .objects()
+            .find_map(|(_, d)| match d.status() {
+                Some(crate::api::DeviceStatus::Vsock(v)) => Some(PathBuf::from(v.uds_path)),
+                _ => None,
+            })
     }
 
     /// Starts a new dirty-page mark and returns its number (see `vstate::dirty`).
@@ -1113,59 +911,67 @@ impl VmHandle {
     }
 
     /// Remembers the figures of the latest save for `GET /vm`.
-    pub fn set_last_save(&self, v: serde_json::Value) {
+    pub fn set_last_save(&self, v: SaveStats) {
         *lock(&self.last_save) = Some(v);
     }
 
     /// Time from VM creation to the first exit of vCPU 0 (roughly, its first instructions).
     pub fn first_exit_after_create(&self) -> Option<Duration> {
-        self.first_exit
-            .get()
+        self.vcpus
+            .first_exit()
             .map(|t| t.duration_since(self.created))
     }
 
     /// Instant of vCPU 0's first exit.
     pub fn first_exit_instant(&self) -> Option<Instant> {
-        self.first_exit.get().copied()
+        self.vcpus.first_exit()
     }
 
-    pub fn status_json(&self) -> serde_json::Value {
-        let c = lock(&self.ctl);
-        // docs/API.md knows three states; a VM not started yet or still pausing is "running".
-        let state = if c.exit.is_some() {
-            "stopped"
-        } else if c.paused && c.parked >= c.running {
-            "paused"
+    /// `running`, `paused` or `stopped`; a VM not started yet or still pausing is running.
+    pub fn run_state(&self) -> RunState {
+        if self.vcpus.exit_reason().is_some() {
+            RunState::Stopped
+        } else if self.vcpus.is_paused() {
+            RunState::Paused
         } else {
-            "running"
-        };
-        let (pr, pw) = self.devices.dm.pio.unknown_counts();
-        let (mr, mw) = self.devices.dm.mmio.unknown_counts();
-        let mut v = json!({
-            "name": self.config.name,
-            "state": state,
-            "vcpus": self.config.vcpus,
-            "memory_mib": self.config.memory_mib,
-            "uptime_ms": self.created.elapsed().as_millis() as u64,
-            "unhandled_io": {
-                "port_reads": pr, "port_writes": pw, "mmio_reads": mr, "mmio_writes": mw,
-            },
-        });
-        if let Some(e) = &c.exit {
-            v["exit"] = json!({"code": e.code, "message": e.message});
+            RunState::Running
         }
-        drop(c);
+    }
+
+    /// The body of `GET /vm`.
+    pub fn status(&self) -> VmStatus {
+        let state = self.run_state();
+        let exit = self.vcpus.exit_reason().map(|e| ExitStatus {
+            code: e.code,
+            message: e.message,
+        });
+        let (port_reads, port_writes) = self.devices.dm.pio.unknown_counts();
+        let (mmio_reads, mmio_writes) = self.devices.dm.mmio.unknown_counts();
+        let mut v = VmStatus {
+            state,
+            name: self.config.name.clone(),
+            vcpus: self.config.vcpus,
+            memory_mib: self.config.memory_mib,
+            uptime_ms: self.created.elapsed().as_millis() as u64,
+            unhandled_io: UnhandledIo {
+                port_reads,
+                port_writes,
+                mmio_reads,
+                mmio_writes,
+            },
+            last_save: lock(&self.last_save).clone(),
+            exit,
+            disks: Vec::new(),
+            entropy: Vec::new(),
+            net: Vec::new(),
+            vsock: Vec::new(),
+            vmgenid: Vec::new(),
+        };
         for (_, d) in self.devices.dm.objects() {
-            if let Some((list, entry)) = d.status() {
-                match v[list].as_array_mut() {
-                    Some(a) => a.push(entry),
-                    None => v[list] = json!([entry]),
-                }
+            if let Some(entry) = d.status() {
+                v.push_device(entry);
             }
         }
-        v["last_save"] = lock(&self.last_save)
-            .clone()
-            .unwrap_or(serde_json::Value::Null);
         v
     }
 
@@ -1174,17 +980,54 @@ impl VmHandle {
     }
 
     /// The serial output log (see [`Vm::serial_log`]).
-    pub fn serial_log(&self) -> Option<&Arc<crate::console::SerialLog>> {
+    pub fn serial_log(&self) -> Option<&Arc<crate::devices::serial_log::SerialLog>> {
         self.serial_log.as_ref()
     }
 }
 
-/// KVM_KVMCLOCK_CTRL: tells a guest using kvmclock that it was stopped by the host (the
-/// PVCLOCK_GUEST_STOPPED flag), so the time it spent paused or saved is not taken for a
-/// soft lockup. KVM refuses it (EINVAL) when the guest has not enabled kvmclock: nothing to
-/// tell then.
-fn tell_kvmclock_paused(fd: &VcpuFd) {
-    let _ = fd.kvmclock_ctrl();
+/// `opts` with a serial log attached: the one it already has (a [`SerialSink::Console`]),
+/// or, when a control socket is served, a new one that also passes output on to the
+/// configured sink (so `GET /vm/serial/output` works for every VM with an API socket).
+fn with_log(opts: &RunOptions) -> RunOptions {
+    let mut o = opts.clone();
+    if opts.api_sock.is_some() && !matches!(opts.serial_out, SerialSink::Console { .. }) {
+        o.serial_out = SerialSink::Console {
+            log: crate::devices::serial_log::SerialLog::new(),
+            also: Box::new(opts.serial_out.clone()),
+        };
+    }
+    o
+}
+
+impl VmHandle {
+    /// Puts `bytes` into COM1's receive FIFO, waiting while the FIFO is full (the guest reads
+    /// it at its own pace). Fails if the guest has not made room within `timeout` or the VM
+    /// has ended.
+    pub fn serial_input(&self, bytes: &[u8], timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut pending = bytes;
+        while !pending.is_empty() {
+            let took = lock(self.serial()).enqueue(pending);
+            pending = &pending[took..];
+            if took == 0 {
+                if self.has_ended() {
+                    anyhow::bail!("the VM has ended; {} input bytes not sent", pending.len());
+                }
+                if Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "the guest did not read its serial input within {timeout:?}; {} bytes not sent",
+                        pending.len()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(())
+    }
+
+    fn has_ended(&self) -> bool {
+        self.run_state() == RunState::Stopped
+    }
 }
 
 /// SIGINT, SIGTERM and SIGHUP: the signals that end a VM cleanly.

@@ -80,7 +80,7 @@ fn pause_save_restore_continues_counting() {
 
     h.pause().unwrap();
     assert!(h.is_paused());
-    assert_eq!(h.status_json()["state"], "paused");
+    assert_eq!(h.run_state(), vmboot::api::RunState::Paused);
     // Pausing again is fine, and a paused guest produces nothing.
     h.pause().unwrap();
     let len = out1.lock().unwrap().len();

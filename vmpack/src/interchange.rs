@@ -387,6 +387,7 @@ pub fn import(src: &Path, o: ImportOpts, w: &crate::pack::WriteArgs) -> Result<b
         memory_mib: memory,
         cpu_template: vm.cpu_template.clone(),
         rng: false,
+        vmgenid: false,
         nets: Vec::new(),
         flat: flat_image.as_ref().map(|(f, fb)| FlatBoot {
             image: PathBuf::from(&f.name),
@@ -407,6 +408,7 @@ pub fn import(src: &Path, o: ImportOpts, w: &crate::pack::WriteArgs) -> Result<b
             })
             .collect(),
         serial: SerialConfig::default(),
+        vsock: None,
     };
     crate::pack::validate_generated(&cfg)?;
     let mut files: Vec<(&'static str, &dyn SectionSource)> = Vec::new();

@@ -6,9 +6,6 @@
 
 mod anyhost;
 mod bench;
-mod bench_clones;
-mod bench_registry;
-mod bench_snapshot;
 mod flatten;
 mod identity;
 mod inspect;
@@ -59,9 +56,9 @@ enum Command {
     /// Export a pack as raw/qcow2 disks or for libvirt, Vagrant, OVA or Firecracker.
     Export(unpack::ExportArgs),
     /// Measure packing speed and ratio against standard tools.
-    Bench(bench::BenchArgs),
+    Bench(bench::pack::BenchArgs),
     /// Measure save/restore of Linux guests (pause, pack size, restore latency) against QEMU.
-    BenchSnapshot(bench_snapshot::BenchSnapshotArgs),
+    BenchSnapshot(bench::snapshot::BenchSnapshotArgs),
     /// Boot a config, a pack, or (with no argument) the built-in counter sample.
     Run(vm::RunArgs),
     /// Save a running VM (through its control socket) into one pack.
@@ -71,7 +68,7 @@ enum Command {
     /// Make a diff pack (`save --diff-from`) and its parents into one full pack.
     Flatten(flatten::FlattenArgs),
     /// Measure clone restore latency and memory against booting the same guest.
-    BenchClones(bench_clones::BenchClonesArgs),
+    BenchClones(bench::clones::BenchClonesArgs),
     /// Run test cases against a saved VM, each in a fresh clone (see docs/TESTING.md).
     Test(test_cmd::TestArgs),
     /// Push a pack to an OCI registry (only the chunks the registry lacks are uploaded).
@@ -81,7 +78,7 @@ enum Command {
     /// List or prune the local chunk cache.
     Cache(registry_cmd::CacheArgs),
     /// Measure what chunk sizes make a second push of a changed guest send to a registry.
-    BenchRegistry(bench_registry::BenchRegistryArgs),
+    BenchRegistry(bench::registry::BenchRegistryArgs),
     /// Print this host's fingerprint (CPU, KVM CPUID, MSRs, capabilities, TSC) for `compat` and `template`.
     HostInfo(anyhost::HostInfoArgs),
     /// Tell whether a saved pack resumes on this host or on fingerprinted hosts: ok, ok with warnings, refused.
@@ -152,7 +149,31 @@ fn man(a: ManArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The vmboot library's warnings and errors (the `log` facade: the library prints nothing
+/// itself), on stderr as vmpack's own.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record) {
+        match r.level() {
+            log::Level::Error => eprintln!("vmpack: {}", r.args()),
+            log::Level::Warn => eprintln!("vmpack: warning: {}", r.args()),
+            _ => {}
+        }
+    }
+    fn flush(&self) {}
+}
+
 fn main() -> ExitCode {
+    static LOG: StderrLog = StderrLog;
+    if log::set_logger(&LOG).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+    // The library reads no environment: the cache folder is the registry cache's root.
+    vmboot::snapshot::verified_cache::set_base_dir(vmpack_registry::cache::cache_root());
     let cli = Cli::parse();
     // Before any worker thread starts, so every thread inherits the blocked mask. Commands
     // that run a VM hand the signals to the VM instead, which ends cleanly: its control
@@ -216,7 +237,7 @@ fn main() -> ExitCode {
         Command::Flatten(a) => flatten::run(a),
         Command::BenchClones(a) => {
             util::set_quiet(a.quiet);
-            bench_clones::run(a)
+            bench::clones::run(a)
         }
         Command::Test(a) => guest_status(test_cmd::run(a)),
         Command::Pack(a) => pack::run_pack(a),
@@ -227,11 +248,11 @@ fn main() -> ExitCode {
         Command::Export(a) => unpack::run_export(a),
         Command::Bench(a) => {
             util::set_quiet(a.quiet);
-            bench::run(a)
+            bench::pack::run(a)
         }
         Command::BenchSnapshot(a) => {
             util::set_quiet(a.quiet);
-            bench_snapshot::run(a)
+            bench::snapshot::run(a)
         }
         Command::Push(a) => registry_cmd::run_push(a),
         Command::Pull(a) => registry_cmd::run_pull(a),
@@ -242,7 +263,7 @@ fn main() -> ExitCode {
         Command::Template(a) => exit_status(anyhost::template(a)),
         Command::BenchRegistry(a) => {
             util::set_quiet(a.quiet);
-            bench_registry::run(a)
+            bench::registry::run(a)
         }
         Command::Completions(a) => completions(a),
         Command::Man(a) => man(a),

@@ -299,6 +299,7 @@ pub fn run_import(a: ImportArgs) -> Result<()> {
         memory_mib: memory,
         cpu_template: CpuTemplate::Host,
         rng: false,
+        vmgenid: false,
         nets: Vec::new(),
         flat,
         kernel,
@@ -308,6 +309,7 @@ pub fn run_import(a: ImportArgs) -> Result<()> {
             read_only: a.read_only,
         }],
         serial: SerialConfig::default(),
+        vsock: None,
     };
     validate_generated(&cfg)?;
     write_pack(&cfg, &a.write)

@@ -28,6 +28,10 @@ pub struct RegistryArgs {
     /// Allow plain HTTP to a registry that is not on loopback (loopback always may).
     #[arg(long)]
     pub insecure: bool,
+    /// Trust the CA certificates in this PEM file for the registry's HTTPS (instead of the
+    /// built-in Mozilla roots); without it, $SSL_CERT_FILE if set.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Blob transfers at once.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub transfers: u32,
@@ -56,6 +60,7 @@ impl RegistryArgs {
             reference,
             ClientOptions {
                 insecure: self.insecure,
+                ca_file: self.ca_file.clone(),
                 credentials,
                 parallel: self.transfers as usize,
                 ..Default::default()
@@ -121,8 +126,18 @@ pub fn push_file(pack: &Path, client: &Client, quiet: bool) -> Result<vmpack_reg
     let verify = Bar::new(Some(total), "verifying", quiet);
     let bar = Bar::new(Some(stored), "pushing", quiet);
     let t = Instant::now();
-    let r = vmpack_registry::push(pack, client, &verify, &bar)
+    // Blobs another repository of the same registry has (one this cache pushed to last) are
+    // mounted from it rather than sent again.
+    let cache = ChunkCache::open_default().ok();
+    let reference = client.reference();
+    let from = cache
+        .as_ref()
+        .and_then(|c| c.recent_repository(&reference.registry, &reference.repository));
+    let r = vmpack_registry::push(pack, client, from.as_deref(), &verify, &bar)
         .with_context(|| format!("pushing {} to {}", pack.display(), client.reference()))?;
+    if let Some(c) = &cache {
+        c.remember_repository(&reference.registry, &reference.repository);
+    }
     bar.finish();
     verify.finish();
     if !quiet {
@@ -133,7 +148,7 @@ pub fn push_file(pack: &Path, client: &Client, quiet: bool) -> Result<vmpack_reg
 
 pub fn print_push(r: &vmpack_registry::PushReport, pack: &str) {
     crate::outln!(
-        "pushed {} to {} ({}): {} chunks in {} blobs; uploaded {} blobs ({}), {} already there ({}); root digest {}{}",
+        "pushed {} to {} ({}): {} chunks in {} blobs; uploaded {} blobs ({}), {} already there ({}){}; root digest {}{}",
         pack,
         r.reference,
         r.digest,
@@ -143,6 +158,11 @@ pub fn print_push(r: &vmpack_registry::PushReport, pack: &str) {
         human_bytes(r.uploaded_bytes),
         r.present_blobs,
         human_bytes(r.present_bytes),
+        match (&r.mounted_from, r.mounted_blobs) {
+            (Some(from), n) if n > 0 =>
+                format!(", {n} mounted from {from} ({})", human_bytes(r.mounted_bytes)),
+            _ => String::new(),
+        },
         r.root_digest,
         match r.signatures {
             0 => String::new(),
@@ -330,6 +350,10 @@ pub fn run_cache(a: CacheArgs) -> Result<()> {
         }
         CacheCommand::Prune { keep, quiet } => {
             let (n, freed) = chunks.prune(keep)?;
+            // What describes packs goes with their chunks (a few KiB each: all or none).
+            if keep == 0 || n > 0 {
+                let _ = chunks.meta().prune(0);
+            }
             let mut packs = 0;
             let mut pack_bytes = 0;
             // Local files of `restore REF` runs that were killed (one left for a day is

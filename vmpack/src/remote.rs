@@ -47,7 +47,7 @@ impl Counters {
 
 /// Fills the local pack file's holes from the cache or the registry.
 pub struct RegistryFetch {
-    client: Client,
+    client: Arc<Client>,
     remote: RemotePack,
     cache: ChunkCache,
     file: std::fs::File,
@@ -55,6 +55,8 @@ pub struct RegistryFetch {
     memory: Vec<bool>,
     pub counters: Arc<Counters>,
     quiet: bool,
+    /// The frames in front of each memory chunk fetched on demand, by payload offset order.
+    deferred: Vec<Deferred>,
 }
 
 impl RegistryFetch {
@@ -109,6 +111,22 @@ impl RegistryFetch {
 impl vmboot::vstate::lazy::ChunkFetch for RegistryFetch {
     fn fetch(&self, e: &ChunkEntry) -> Result<()> {
         let data = self.payload(e)?;
+        let i = self
+            .deferred
+            .partition_point(|d| d.payload_offset < e.payload_offset);
+        if let Some(d) = self
+            .deferred
+            .get(i)
+            .filter(|d| d.payload_offset == e.payload_offset)
+        {
+            let mut frames = vec![0u8; (d.payload_offset - d.start) as usize];
+            for (at, b) in d.pieces.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                frames[*at..*at + b.len()].copy_from_slice(b);
+            }
+            self.file
+                .write_all_at(&frames, d.start)
+                .context("writing a fetched chunk's frame into the local pack file")?;
+        }
         self.file
             .write_all_at(&data, e.payload_offset)
             .context("writing a fetched chunk into the local pack file")?;
@@ -133,15 +151,49 @@ impl vmboot::vstate::lazy::ChunkFetch for RegistryFetch {
 pub struct RemotePackFile {
     pub path: PathBuf,
     pub fetch: Arc<RegistryFetch>,
+    /// When each step ended, in ms after the command started.
+    pub phases: Vec<(&'static str, f64)>,
+    /// The digest the tag was taken to point to (the cached one) and the registry's answer,
+    /// to be checked by [`RemotePackFile::confirmed`].
+    confirm: Option<(String, std::thread::JoinHandle<Result<Option<String>>>)>,
     _dir: tempfile::TempDir,
 }
 
-/// A `Write` over the pack file that skips (leaves as holes) the bytes written while
-/// `skip` is non-zero, and runs of zeros.
+/// A `Write` over the local pack file for the skeleton's frames. Bytes written while `skip`
+/// is non-zero (payloads), and runs of zeros, are left as holes; contiguous frames go out in
+/// one write; the frames in front of a memory chunk fetched on demand (its padding and
+/// header, in `deferred`) are kept for [`RegistryFetch`] to write with the payload. A pack
+/// has a frame per chunk: thousands of small writes would cost more than the rest of the
+/// restore.
 struct Sparse<'a> {
     file: &'a std::fs::File,
     pos: u64,
     skip: &'a std::cell::Cell<u64>,
+    /// Bytes not yet written, which belong at `pending_at`.
+    pending: Vec<u8>,
+    pending_at: u64,
+    deferred: &'a [Deferred],
+    /// The first of `deferred` that does not end before `pos`.
+    next: usize,
+}
+
+/// The frame bytes before a memory chunk's payload, from the end of the previous chunk in
+/// its section: written with the payload, once fetched.
+struct Deferred {
+    start: u64,
+    payload_offset: u64,
+    /// (offset from `start`, bytes) of what is not zeros.
+    pieces: std::sync::Mutex<Vec<(usize, Vec<u8>)>>,
+}
+
+impl Sparse<'_> {
+    fn flush_pending(&mut self) -> std::io::Result<()> {
+        if !self.pending.is_empty() {
+            self.file.write_all_at(&self.pending, self.pending_at)?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
 }
 
 impl Write for Sparse<'_> {
@@ -150,33 +202,80 @@ impl Write for Sparse<'_> {
         if s > 0 {
             let n = (b.len() as u64).min(s);
             self.skip.set(s - n);
+            self.flush_pending()?;
             self.pos += n;
             return Ok(n as usize);
         }
-        // The file was extended with holes, which read as zeros: padding needs no write.
-        if b.iter().all(|&x| x == 0) {
-            self.pos += b.len() as u64;
-            return Ok(b.len());
+        let len = b.len() as u64;
+        while self
+            .deferred
+            .get(self.next)
+            .is_some_and(|d| d.payload_offset <= self.pos)
+        {
+            self.next += 1;
         }
-        self.file.write_all_at(b, self.pos)?;
-        self.pos += b.len() as u64;
+        // The file was extended with holes, which read as zeros: padding needs no write.
+        if is_zero(b) {
+            self.flush_pending()?;
+        } else if let Some(d) = self
+            .deferred
+            .get(self.next)
+            .filter(|d| d.start <= self.pos && self.pos + len <= d.payload_offset)
+        {
+            let at = (self.pos - d.start) as usize;
+            d.pieces
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((at, b.to_vec()));
+        } else {
+            if self.pending_at + self.pending.len() as u64 != self.pos
+                || self.pending.len() > 1 << 20
+            {
+                self.flush_pending()?;
+                self.pending_at = self.pos;
+            }
+            self.pending.extend_from_slice(b);
+        }
+        self.pos += len;
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        self.flush_pending()
     }
+}
+
+static NOTHING: [u8; 64 << 10] = [0; 64 << 10];
+
+/// Whether `b` is all zeros, by slice comparison (memcmp: a byte loop costs more than the
+/// whole restore in a debug build, on the padding of a pack with thousands of chunks).
+fn is_zero(b: &[u8]) -> bool {
+    b.chunks(NOTHING.len()).all(|c| c == &NOTHING[..c.len()])
 }
 
 /// Resolves the reference, then writes the local pack file: everything but the memory
 /// payloads, which [`RegistryFetch`] fills on demand. `all` fetches memory too (eager).
 pub fn prepare(
-    client: Client,
+    client: Arc<Client>,
     cache: ChunkCache,
+    guess: bool,
     all: bool,
     started: std::time::Instant,
     quiet: bool,
 ) -> Result<RemotePackFile> {
-    let remote = vmpack_registry::resolve(&client)?;
+    let ms = || started.elapsed().as_secs_f64() * 1000.0;
+    let mut phases = vec![("client", ms())];
+    let before = ms();
+    let remote = vmpack_registry::resolve_cached(&client, Some(&cache), guess)?;
+    phases.extend(remote.timings.iter().map(|&(n, t)| (n, before + t)));
+    // A tag resolved from the cache: the registry is asked what it points to now while the
+    // local file is made, and the caller waits for the answer before the VM is built.
+    let confirm = (!remote.confirmed).then(|| {
+        let (client, digest) = (client.clone(), remote.digest.clone());
+        let handle = std::thread::spawn(move || {
+            client.manifest_digest(client.reference().manifest_reference())
+        });
+        (digest, handle)
+    });
     let root = vmpack_registry::cache::cache_root()
         .context("no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
@@ -192,6 +291,7 @@ pub fn prepare(
         .open(&path)
         .with_context(|| format!("creating {}", path.display()))?;
     file.set_len(remote.skeleton.file_size())?;
+    phases.push(("local file", ms()));
     let memory: Vec<bool> = remote
         .skeleton
         .sections()
@@ -204,7 +304,31 @@ pub fn prepare(
         .iter()
         .filter(|c| c.codec != Codec::Zero && memory[c.section as usize])
         .count() as u64;
+    // Each memory chunk's frames, from the end of the previous chunk of its section (a
+    // bounded gap: padding to the next page at most, in the packs vmpack writes).
+    let mut deferred = Vec::new();
+    let mut prev: Option<(u32, u64)> = None;
+    for c in remote.skeleton.chunks() {
+        let start = match prev {
+            Some((sec, end)) if sec == c.section => end,
+            _ => c.frame_offset(),
+        };
+        if memory[c.section as usize]
+            && c.codec != Codec::Zero
+            && start <= c.frame_offset()
+            && c.payload_offset - start <= 1 << 20
+        {
+            deferred.push(Deferred {
+                start,
+                payload_offset: c.payload_offset,
+                pieces: Default::default(),
+            });
+        }
+        prev = Some((c.section, c.payload_offset + c.clen as u64));
+    }
+    deferred.sort_by_key(|d| d.payload_offset);
     let fetch = Arc::new(RegistryFetch {
+        deferred,
         client,
         remote,
         cache,
@@ -229,35 +353,79 @@ pub fn prepare(
         .iter()
         .filter(|c| c.codec != Codec::Zero && !memory[c.section as usize])
         .collect();
-    vmpack_registry::oci::parallel_for(
-        eager.len(),
-        fetch.client.options().parallel.max(1),
-        &|i| {
-            use vmboot::vstate::lazy::ChunkFetch;
-            fetch.fetch(eager[i])
-        },
-    )?;
-    // Frames, padding, index and trailer around the payloads (already in place, or holes).
-    let skip = std::cell::Cell::new(0u64);
-    let mut w = Sparse {
-        file: &file,
-        pos: 0,
-        skip: &skip,
+    // Frames, padding, index and trailer around the payloads (holes, or put in place by the
+    // fetches running meanwhile: they write disjoint bytes).
+    let write_skeleton = || -> Result<f64> {
+        let skip = std::cell::Cell::new(0u64);
+        let mut w = Sparse {
+            file: &file,
+            pos: 0,
+            skip: &skip,
+            pending: Vec::new(),
+            pending_at: 0,
+            deferred: &fetch.deferred,
+            next: 0,
+        };
+        skel.write_pack(&mut w, &mut |c, w| {
+            skip.set(c.clen as u64);
+            let mut left = c.clen as usize;
+            while left > 0 {
+                let n = left.min(NOTHING.len());
+                w.write_all(&NOTHING[..n])?;
+                left -= n;
+            }
+            Ok(())
+        })?;
+        w.flush()?;
+        Ok(ms())
     };
-    static NOTHING: [u8; 64 << 10] = [0; 64 << 10];
-    skel.write_pack(&mut w, &mut |c, w| {
-        skip.set(c.clen as u64);
-        let mut left = c.clen as usize;
-        while left > 0 {
-            let n = left.min(NOTHING.len());
-            w.write_all(&NOTHING[..n])?;
-            left -= n;
-        }
-        Ok(())
-    })?;
+    let (written, fetched) = std::thread::scope(|s| {
+        let writer = s.spawn(write_skeleton);
+        let fetched = vmpack_registry::oci::parallel_for(
+            eager.len(),
+            fetch.client.options().parallel.max(1),
+            &|i| {
+                use vmboot::vstate::lazy::ChunkFetch;
+                fetch.fetch(eager[i])
+            },
+        )
+        .map(|()| ms());
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(anyhow!("writing the local pack file failed")));
+        (written, fetched)
+    });
+    phases.push(("state, boot files, disks", fetched?));
+    phases.push(("skeleton written", written?));
+    phases.sort_by(|a, b| a.1.total_cmp(&b.1));
     Ok(RemotePackFile {
         path,
         fetch,
+        phases,
+        confirm,
         _dir: dir,
     })
+}
+
+impl RemotePackFile {
+    /// Whether the reference still points to the pack this file is (always, unless the
+    /// manifest came from the cache and the tag moved since: then prepare again without it).
+    pub fn confirmed(&mut self) -> Result<bool> {
+        let Some((digest, handle)) = self.confirm.take() else {
+            return Ok(true);
+        };
+        let now = handle
+            .join()
+            .map_err(|_| anyhow!("asking the registry for the tag's digest failed"))??;
+        Ok(now.as_deref() == Some(digest.as_str()))
+    }
+
+    /// The digest of the manifest (or image index) restored.
+    pub fn digest(&self) -> &str {
+        &self.fetch.remote.digest
+    }
+
+    pub fn root_digest(&self) -> [u8; 32] {
+        self.fetch.remote.skeleton.root_digest()
+    }
 }

@@ -71,6 +71,8 @@ pub struct TestArgs {
 struct CasesFile {
     /// Default time limit per step, in milliseconds.
     timeout_ms: Option<u64>,
+    /// Default channel of the cases: `serial` or `vsock:PORT`.
+    channel: Option<String>,
     #[serde(default, rename = "case")]
     cases: Vec<CaseDef>,
 }
@@ -79,6 +81,7 @@ struct CasesFile {
 #[serde(deny_unknown_fields)]
 struct CaseDef {
     name: String,
+    channel: Option<String>,
     send: Option<String>,
     expect: Option<String>,
     timeout_ms: Option<u64>,
@@ -100,8 +103,28 @@ struct Step {
     timeout: Duration,
 }
 
+/// What a case's steps talk to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Channel {
+    /// The guest's serial console (COM1).
+    Serial,
+    /// A stream connection to this guest vsock port, through the clone's vsock socket.
+    Vsock(u32),
+}
+
+fn parse_channel(s: &str) -> Option<Channel> {
+    match s {
+        "serial" => Some(Channel::Serial),
+        _ => s
+            .strip_prefix("vsock:")
+            .and_then(|p| p.parse().ok())
+            .map(Channel::Vsock),
+    }
+}
+
 pub struct Case {
     name: String,
+    channel: Channel,
     steps: Vec<Step>,
 }
 
@@ -121,6 +144,12 @@ fn load_cases(path: &Path) -> Result<Vec<Case>> {
         if !names.insert(c.name.clone()) {
             bail!("{label}: the name is used twice");
         }
+        let channel = match c.channel.as_deref().or(file.channel.as_deref()) {
+            None => Channel::Serial,
+            Some(ch) => parse_channel(ch).ok_or_else(|| {
+                anyhow!("{label}: channel {ch:?}: expected \"serial\" or \"vsock:PORT\"")
+            })?,
+        };
         let mut defs = Vec::new();
         if c.send.is_some() || c.expect.is_some() {
             defs.push(StepDef {
@@ -149,6 +178,7 @@ fn load_cases(path: &Path) -> Result<Vec<Case>> {
         }
         cases.push(Case {
             name: c.name,
+            channel,
             steps,
         });
     }
@@ -224,6 +254,8 @@ pub fn start_clone(src: &Path, work: &WorkBase, i: usize, run: RunOptions) -> Re
     let (console, info) = Console::restore(
         PackInput::File(src.to_path_buf()),
         RestoreOptions {
+            report: Default::default(),
+            bench_timestamps: false,
             verify: VerifyPolicy::Auto,
             // Clones of one verified pack share its page cache through the mapping.
             memory: vmboot::snapshot::MemoryPolicy::Eager,
@@ -276,6 +308,7 @@ impl Clones<'_> {
         let run = RunOptions {
             serial_out: SerialSink::None,
             net: self.net.for_clone(i)?,
+            vsock_sock: Some(self.work.0.join(format!("vsock-{i}.sock"))),
             ..Default::default()
         };
         start_clone(self.src, self.work, i, run)
@@ -297,21 +330,43 @@ fn run_case(clones: &Clones, kept: &mut Option<Console>, i: usize, case: &Case) 
         Err(e) => result.message = format!("restore failed: {e:#}"),
         Ok(mut console) => {
             let mut failure = None;
+            let mut vsock = None;
+            if let Channel::Vsock(port) = case.channel {
+                let sock = console.handle().vsock_socket().unwrap_or_default();
+                match VsockChannel::connect(&sock, port, DEFAULT_TIMEOUT) {
+                    Ok(v) => vsock = Some(v),
+                    Err(e) => failure = Some(format!("vsock:{port}: {e:#}")),
+                }
+            }
             for (j, step) in case.steps.iter().enumerate() {
+                if failure.is_some() {
+                    break;
+                }
                 if let Some(s) = &step.send {
-                    if let Err(e) = console.send(s) {
+                    let sent = match &mut vsock {
+                        Some(v) => v.send(s),
+                        None => console.send(s),
+                    };
+                    if let Err(e) = sent {
                         failure = Some(format!("step {}: sending {s:?}: {e:#}", j + 1));
                         break;
                     }
                 }
                 if let Some(re) = &step.expect {
-                    if let Err(e) = console.expect_re(re, step.timeout) {
+                    let got = match &mut vsock {
+                        Some(v) => v.expect_re(re, step.timeout),
+                        None => console.expect_re(re, step.timeout).map(drop),
+                    };
+                    if let Err(e) = got {
                         failure = Some(format!("step {}: {e:#}", j + 1));
                         break;
                     }
                 }
             }
-            result.output = console.output();
+            result.output = match &vsock {
+                Some(v) => v.output(),
+                None => console.output(),
+            };
             let ended = if clones.reuse && !console.ended() {
                 *kept = Some(console);
                 None
@@ -337,6 +392,87 @@ fn run_case(clones: &Clones, kept: &mut Option<Console>, i: usize, case: &Case) 
     }
     result.secs = t.elapsed().as_secs_f64();
     result
+}
+
+/// How long a vsock case waits for the guest to accept its connection.
+const DEFAULT_TIMEOUT: Duration = Duration::from_millis(DEFAULT_TIMEOUT_MS);
+
+/// A case's connection to a guest vsock port (the host side of docs/CONFIG.md, "vsock"):
+/// what the guest sent so far, and how much of it earlier steps matched.
+struct VsockChannel {
+    stream: std::os::unix::net::UnixStream,
+    received: Vec<u8>,
+    cursor: usize,
+}
+
+impl VsockChannel {
+    fn connect(sock: &Path, port: u32, timeout: Duration) -> Result<VsockChannel> {
+        let mut stream = std::os::unix::net::UnixStream::connect(sock).with_context(|| {
+            format!(
+                "cannot connect to the clone's vsock socket {} (does the saved VM have a [vsock] device?)",
+                sock.display()
+            )
+        })?;
+        stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+        let mut v = VsockChannel {
+            stream,
+            received: Vec::new(),
+            cursor: 0,
+        };
+        let ok = Regex::new(r"^OK [0-9]+\n").expect("a valid pattern");
+        v.expect_re(&ok, timeout).map_err(|_| {
+            anyhow!("the guest did not accept the connection (nothing listening on port {port}?)")
+        })?;
+        v.received.clear();
+        v.cursor = 0;
+        Ok(v)
+    }
+
+    fn send(&mut self, s: &str) -> Result<()> {
+        self.stream.write_all(s.as_bytes())?;
+        Ok(())
+    }
+
+    /// Waits until the bytes since the previous match match `re`.
+    fn expect_re(&mut self, re: &Regex, timeout: Duration) -> Result<()> {
+        use std::io::Read;
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(m) = re.find(&self.received[self.cursor..]) {
+                self.cursor += m.end();
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "timed out after {} ms waiting for /{}/ on the vsock connection",
+                    timeout.as_millis(),
+                    re.as_str()
+                );
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            match self.stream.read(&mut buf) {
+                Ok(0) => bail!(
+                    "the guest closed the vsock connection before /{}/ matched",
+                    re.as_str()
+                ),
+                Ok(n) => self.received.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e).context("reading the vsock connection"),
+            }
+        }
+    }
+
+    fn output(&self) -> String {
+        String::from_utf8_lossy(&self.received).into_owned()
+    }
 }
 
 fn parse_shard(s: &str) -> Result<(u64, u64), String> {
@@ -704,11 +840,14 @@ fn junit_xml(results: &[CaseResult], total: f64) -> String {
 /// `vmpack restore PACK --clones N`: N clones at once, until they have all ended.
 /// Clone i serves its control socket at `SOCK.i`; its serial output goes to stdout with
 /// lines prefixed `[i] `, to `PATH.i` for `--serial-out PATH`, or nowhere.
+// The command line's clone options, handed through as they are.
+#[allow(clippy::too_many_arguments)]
 pub fn restore_clones(
     pack: &Path,
     n: usize,
     api_sock: Option<&Path>,
     serial_out: &str,
+    vsock_sock: Option<&str>,
     quiet: bool,
     json: bool,
     net: &crate::identity::NetIdentityArgs,
@@ -729,6 +868,7 @@ pub fn restore_clones(
                 p => SerialSink::File(suffixed(Path::new(p))),
             },
             api_sock: api_sock.map(suffixed),
+            vsock_sock: vsock_sock.map(|p| PathBuf::from(p.replace("%d", &i.to_string()))),
             net: net.for_clone(i)?,
             ..Default::default()
         };

@@ -6,8 +6,8 @@ use clap::Args;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
-use vmboot::api_client::ApiClient;
+use std::time::{Duration, Instant};
+use vmboot::api::{AfterSave, ApiClient, RunState, SaveRequest, VmStatus};
 use vmboot::snapshot::{self, PackInput, RestoreOptions, VerifyPolicy};
 use vmboot::{BootPayload, RunOptions, SerialSink, Vm};
 use vmpack_formats::config::{SerialOutput, VmConfig};
@@ -60,14 +60,21 @@ pub struct SaveArgs {
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     level: Option<i32>,
     /// What the VM does after the save: keep running, or end.
-    #[arg(long, value_parser = ["resume", "stop"], default_value = "resume")]
-    then: String,
+    #[arg(
+        long,
+        default_value = "resume",
+        value_parser = clap::builder::TypedValueParser::map(
+            clap::builder::PossibleValuesParser::new(["resume", "stop"]),
+            |s| s.parse::<AfterSave>().expect("one of the possible values"),
+        ),
+    )]
+    then: AfterSave,
     /// Write a diff pack: only the memory chunks written since the VM was restored from,
     /// or last saved to, PARENT (which the pack names by file name and root digest).
     #[arg(long, value_name = "PARENT", conflicts_with = "push")]
     diff_from: Option<PathBuf>,
     /// Print the result as JSON on stdout (`output`, `bytes`, `milliseconds`, `pause_ms`,
-    /// `root_digest`, `vm`); not with `-o -`.
+    /// `root_digest`, `parent`, `vm`); not with `-o -`.
     #[arg(long)]
     json: bool,
     /// Print nothing but errors.
@@ -116,8 +123,14 @@ pub struct RestoreArgs {
     /// `[i] `, or to `PATH.i` for `--serial-out PATH`.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     clones: u32,
-    /// With --clones: once all clones run, print one JSON line on stdout (`clones`,
-    /// `sockets`, `milliseconds`) before any serial output.
+    /// The vsock device's host socket (a pack's own path is never used); with --clones a
+    /// pattern in which `%d` is the clone index. Default: `vsock.sock` in the VM's work
+    /// folder (`GET /vm` shows it).
+    #[arg(long, value_name = "PATH")]
+    vsock_sock: Option<String>,
+    /// Once the VM (with --clones, every clone) runs, print one JSON line on stdout (`clones`,
+    /// `sockets`, `milliseconds`; one restore adds `memory`, and from a reference
+    /// `reference`, `digest`, `root_digest`, `steps`) before any serial output.
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -208,6 +221,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
                     quiet: a.quiet,
                     clones: 1,
                     json: false,
+                    vsock_sock: None,
                     require_signature: false,
                     allowed_signers: None,
                     registry: Default::default(),
@@ -305,12 +319,12 @@ pub fn save(a: SaveArgs) -> Result<()> {
         (None, None) => unreachable!("clap requires -o without --push"),
     };
     let client = ApiClient::new(&a.api_sock);
-    let stop = a.then == "stop";
+    let stop = a.then == AfterSave::Stop;
     // Everything that can be checked is checked before the VM is touched: the socket
     // answers, the output can be created (folder exists, writable, not a link, not a file
     // the user may not replace), and the folder has room where that is knowable.
-    let before = client.get_json("/vm")?;
-    let was_paused = before["state"] == "paused";
+    let before = client.status()?;
+    let was_paused = before.state == RunState::Paused;
     let mut out = if output.as_os_str() == "-" {
         None
     } else {
@@ -324,29 +338,27 @@ pub fn save(a: SaveArgs) -> Result<()> {
     // For --then stop the VM is paused first and shut down only after the figures of the
     // save have been read back, so they can be reported.
     if stop {
-        client.put("/vm/pause")?;
+        client.pause()?;
     }
-    let mut body = serde_json::json!({
-        "compress": a.compress.to_string(),
-        "level": a.level,
-        "then": "resume",
-    });
-    if let Some(p) = &diff_from {
-        body["diff_from"] = serde_json::to_value(p)?;
-    }
+    let body = SaveRequest {
+        compress: Some(a.compress),
+        level: a.level,
+        then: AfterSave::Resume,
+        diff_from: diff_from.clone(),
+    };
     let t = Instant::now();
     let result = (|| -> Result<u64> {
         match out.take() {
             None => {
                 let stdout = std::io::stdout();
                 let mut lock = stdout.lock();
-                let n = client.post_stream("/vm/save", &body, &mut lock)?;
+                let n = client.save(&body, &mut lock)?;
                 lock.flush()
                     .context("writing the pack to standard output")?;
                 Ok(n)
             }
             Some(mut out) => {
-                let n = client.post_stream("/vm/save", &body, out.file())?;
+                let n = client.save(&body, out.file())?;
                 out.file()
                     .flush()
                     .with_context(|| format!("writing {}", output.display()))?;
@@ -383,12 +395,12 @@ pub fn save(a: SaveArgs) -> Result<()> {
         }
     };
     let wall = t.elapsed();
-    let status = client.get_json("/vm").unwrap_or_default();
+    let last_save = client.status().ok().and_then(|s| s.last_save);
     if stop {
-        client.put("/vm/shutdown")?;
+        client.shutdown()?;
     }
-    let pause = status["last_save"]["pause_ms"].as_f64().unwrap_or(f64::NAN);
-    let digest = status["last_save"]["root_digest"].as_str().unwrap_or("?");
+    let pause = last_save.as_ref().map_or(f64::NAN, |l| l.pause_ms);
+    let digest = last_save.as_ref().map_or("?", |l| l.root_digest.as_str());
     if a.json {
         crate::outln!(
             "{}",
@@ -396,8 +408,8 @@ pub fn save(a: SaveArgs) -> Result<()> {
                 "output": a.output.as_ref().map(|o| o.display().to_string()),
                 "bytes": bytes,
                 "milliseconds": wall.as_secs_f64() * 1000.0,
-                "pause_ms": status["last_save"]["pause_ms"],
-                "root_digest": status["last_save"]["root_digest"],
+                "pause_ms": last_save.as_ref().map(|l| l.pause_ms),
+                "root_digest": last_save.as_ref().map(|l| &l.root_digest),
                 "parent": diff_from.as_ref().map(|p| &p.root_digest),
                 "vm": if stop { "stopped" } else { "resumed" },
             })
@@ -464,15 +476,12 @@ fn parent_ref(parent: &Path, output: Option<&Path>) -> Result<vmpack_formats::di
 fn resume_after_failure(client: &ApiClient) -> Result<()> {
     let t0 = Instant::now();
     loop {
-        match client.put("/vm/resume") {
+        match client.resume() {
             Ok(()) => return Ok(()),
-            Err(e) if t0.elapsed() < std::time::Duration::from_secs(30) => {
-                if !format!("{e:#}").contains("409") {
-                    return Err(e);
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
+            Err(e) if e.status() == Some(409) && t0.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(50));
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -482,7 +491,7 @@ fn resume_after_failure(client: &ApiClient) -> Result<()> {
 /// of space anyway fails, removes its temporary and leaves the VM running.
 fn check_free_space(
     temp: &Path,
-    status: &serde_json::Value,
+    status: &VmStatus,
     compress: Compression,
     quiet: bool,
 ) -> Result<()> {
@@ -503,7 +512,7 @@ fn check_free_space(
             folder.display()
         );
     }
-    let memory = status["memory_mib"].as_u64().unwrap_or(0) << 20;
+    let memory = status.memory_mib << 20;
     if compress == Compression::None && free < memory && !quiet {
         eprintln!(
             "vmpack: warning: {}: {} free, the guest has {} of memory; the save fails (and the VM keeps running) if the pack does not fit",
@@ -548,19 +557,30 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
             }
         }
     }
-    if a.json && a.clones < 2 {
-        return Err(crate::util::Usage("--json applies to --clones N (N >= 2)".into()).into());
+    if a.json && a.pack.as_os_str() == "-" {
+        return Err(crate::util::Usage(
+            "--json needs a pack file or reference, not standard input".into(),
+        )
+        .into());
     }
     a.net.check(a.clones as usize)?;
     if a.clones > 1 {
         if a.pack.as_os_str() == "-" {
             bail!("--clones needs a pack file, not standard input");
         }
+        if a.vsock_sock.as_ref().is_some_and(|p| !p.contains("%d")) {
+            return Err(crate::util::Usage(
+                "--vsock-sock with --clones needs %d in the path (each clone gets its own socket)"
+                    .into(),
+            )
+            .into());
+        }
         return crate::test_cmd::restore_clones(
             &a.pack,
             a.clones as usize,
             a.api_sock.as_deref(),
             &a.serial_out,
+            a.vsock_sock.as_deref(),
             a.quiet,
             a.json,
             &a.net,
@@ -574,16 +594,27 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
         }
         PackInput::File(a.pack.clone())
     };
+    if a.json {
+        return restore_json(input, a);
+    }
     let run = RunOptions {
         serial_out: sink(Some(&a.serial_out), None),
         api_sock: a.api_sock,
         stdin_input: !matches!(input, PackInput::Stdin),
+        vsock_sock: a.vsock_sock.map(PathBuf::from),
         net: a.net.for_clone(0)?,
         ..Default::default()
     };
-    snapshot::restore_and_run(
+    let quiet = a.quiet;
+    let reason = snapshot::restore_and_run(
         input,
         RestoreOptions {
+            report: snapshot::Reporter::new(move |e| {
+                if !(quiet && matches!(e, snapshot::RestoreEvent::Restored { .. })) {
+                    eprintln!("{}", e.message("vmpack"));
+                }
+            }),
+            bench_timestamps: false,
             verify: a.verify,
             memory: a.memory,
             run,
@@ -591,20 +622,110 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
             source: Default::default(),
             parent: a.parent,
         },
-        a.quiet,
-        "vmpack",
-    )
+    )?;
+    if reason.code != 0 {
+        eprintln!("vmpack: {} (exit status {})", reason.message, reason.code);
+    }
+    Ok(reason.code)
+}
+
+/// The document `restore --json` prints when the VM runs, before any serial output: the
+/// fields of `restore --clones N --json`, plus `extra`.
+fn print_restore_json(
+    api_sock: Option<&Path>,
+    milliseconds: f64,
+    extra: serde_json::Map<String, serde_json::Value>,
+) {
+    let mut doc = serde_json::json!({
+        "clones": 1,
+        "sockets": api_sock.map(|p| p.display().to_string()).into_iter().collect::<Vec<_>>(),
+        "milliseconds": milliseconds,
+    });
+    if let Some(o) = doc.as_object_mut() {
+        o.extend(extra);
+    }
+    crate::outln!("{doc}");
+}
+
+/// `vmpack restore PACK --json`: as `restore_and_run`, with the document printed once the
+/// VM is built, before its vCPUs start.
+fn restore_json(input: PackInput, a: RestoreArgs) -> Result<i32> {
+    let t = Instant::now();
+    let sock = a.api_sock.clone();
+    let run = RunOptions {
+        serial_out: sink(Some(&a.serial_out), None),
+        api_sock: a.api_sock,
+        stdin_input: true,
+        net: a.net.for_clone(0)?,
+        ..Default::default()
+    };
+    let (vm, info) = snapshot::restore(
+        input,
+        RestoreOptions {
+            report: Default::default(),
+            bench_timestamps: false,
+            verify: a.verify,
+            memory: a.memory,
+            run,
+            work_dir: None,
+            source: Default::default(),
+            parent: a.parent.clone(),
+        },
+    )?;
+    for w in &info.warnings {
+        eprintln!("vmpack: warning: {w}");
+    }
+    let milliseconds = t.elapsed().as_secs_f64() * 1000.0;
+    if !a.quiet {
+        eprintln!(
+            "vmpack: restored in {milliseconds:.1} ms (memory: {}; {})",
+            info.memory_path, info.verified
+        );
+    }
+    let mut extra = serde_json::Map::new();
+    extra.insert("memory".into(), info.memory_path.into());
+    print_restore_json(sock.as_deref(), milliseconds, extra);
+    vmboot::terminate_on_signals(vm.controller())?;
+    let reason = vm.run()?;
+    if reason.code != 0 {
+        eprintln!("vmpack: {} (exit status {})", reason.message, reason.code);
+    }
+    Ok(reason.code)
 }
 
 /// `vmpack restore REF`: the VM runs before its memory is downloaded (see `remote`).
 fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     let started = Instant::now();
+    a.net.check(1)?;
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
     let reference = vmpack_registry::Reference::parse(&r)?;
-    let client = a.registry.client(&reference)?;
-    let cache = vmpack_registry::ChunkCache::open_default()?;
+    let client = Arc::new(a.registry.client(&reference)?);
     // Without userfaultfd (or with --memory eager) memory is fetched whole first.
     let all = a.memory == snapshot::MemoryPolicy::Eager || !vmboot::vstate::lazy::available();
-    let local = crate::remote::prepare(client, cache, all, started, a.quiet)?;
+    let mut guess = true;
+    let mut local = loop {
+        let cache = vmpack_registry::ChunkCache::open_default()?;
+        let mut local =
+            match crate::remote::prepare(client.clone(), cache, guess, all, started, a.quiet) {
+                Ok(l) => l,
+                // The cached manifest may name blobs the registry no longer has (the tag
+                // moved and they were collected): the registry's own manifest decides.
+                Err(_) if guess => {
+                    guess = false;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+        if local.confirmed()? {
+            break local;
+        }
+        // The tag moved since the cached manifest: start over from the registry's.
+        if !a.quiet {
+            eprintln!("vmpack: {r}: the tag moved since it was last resolved; resolving it again");
+        }
+        guess = false;
+    };
+    local.phases.push(("tag confirmed", ms(started)));
     if a.require_signature {
         let allowed = a
             .allowed_signers
@@ -619,7 +740,6 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
             }
         }
     }
-    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
     if !a.quiet {
         eprintln!(
             "vmpack: {r}: skeleton and disks ready in {:.1} ms; {}",
@@ -633,6 +753,7 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     }
     // The serial log lets the first line of output be timed (and the bytes fetched by then).
     let log = vmboot::console::SerialLog::new();
+    let sock = a.api_sock.clone();
     let run = RunOptions {
         serial_out: SerialSink::Console {
             log: log.clone(),
@@ -640,11 +761,17 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
         },
         api_sock: a.api_sock,
         stdin_input: !a.registry.password_stdin,
+        vsock_sock: a.vsock_sock.map(PathBuf::from),
+        net: a.net.for_clone(0)?,
         ..Default::default()
     };
+    let mut phases = local.phases.clone();
+    phases.push(("signature", ms(started)));
     let (vm, info) = snapshot::restore(
         PackInput::File(local.path.clone()),
         RestoreOptions {
+            report: Default::default(),
+            bench_timestamps: false,
             // A whole temporary file is checked in full and never recorded as verified.
             verify: if all { VerifyPolicy::Always } else { a.verify },
             memory: a.memory,
@@ -659,6 +786,9 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
         },
     )
     .map_err(|e| anyhow::anyhow!("{r}: {e:#}"))?;
+    let at = phases.last().map_or(0.0, |p| p.1);
+    phases.push(("restore checks, disks, memory setup", at + info.prepare_ms));
+    phases.push(("VM built", ms(started)));
     for w in &info.warnings {
         eprintln!("vmboot: warning: {w}");
     }
@@ -689,6 +819,34 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     }
     vmboot::terminate_on_signals(vm.controller())?;
     let vcpus_ms = ms(started);
+    phases.push(("vCPUs start", vcpus_ms));
+    if a.json {
+        let mut extra = serde_json::Map::new();
+        extra.insert("memory".into(), info.memory_path.into());
+        extra.insert("reference".into(), r.clone().into());
+        extra.insert("digest".into(), local.digest().into());
+        extra.insert(
+            "root_digest".into(),
+            format!("sha256:{}", hex::encode(local.root_digest())).into(),
+        );
+        extra.insert(
+            "steps".into(),
+            serde_json::Value::Array(
+                phases
+                    .iter()
+                    .map(|(n, t)| serde_json::json!({"step": n, "ms": t}))
+                    .collect(),
+            ),
+        );
+        print_restore_json(sock.as_deref(), vcpus_ms, extra);
+    }
+    if !a.quiet {
+        let steps: Vec<String> = phases.iter().map(|(n, t)| format!("{n} {t:.1}")).collect();
+        eprintln!(
+            "vmpack: {r}: steps (ms after the command): {}",
+            steps.join(", ")
+        );
+    }
     let reason = vm.run()?;
     if reason.code != 0 {
         eprintln!(

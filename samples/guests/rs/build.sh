@@ -21,7 +21,7 @@ cargo build --release --locked --quiet
 mkdir -p "$out"
 # vmboot's build script watches samples/guests: a file there is replaced only when its bytes
 # change, so a rebuild that changed nothing does not make cargo rebuild vmboot.
-for b in rsblk rsblkbench rsnet; do
+for b in rsblk rsblkbench rsnet rsvsock; do
   flat="$CARGO_TARGET_DIR/$b.bin"
   objcopy -O binary "$CARGO_TARGET_DIR/x86_64-unknown-none/release/$b" "$flat"
   if ! cmp -s "$flat" "$out/$b.bin"; then

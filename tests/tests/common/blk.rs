@@ -73,7 +73,7 @@ pub struct Running {
 }
 
 pub fn spawn(args: &[&str], cwd: &Path) -> Running {
-    let mut child = Command::new(bin("vmboot"))
+    let child = Command::new(bin("vmboot"))
         .args(args)
         .current_dir(cwd)
         .stdin(Stdio::null())
@@ -81,28 +81,33 @@ pub fn spawn(args: &[&str], cwd: &Path) -> Running {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawning vmboot");
-    let collect = |mut r: Box<dyn Read + Send>| {
-        let buf = Arc::new(Mutex::new(String::new()));
-        let b = buf.clone();
-        std::thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = r.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                b.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
-            }
-        });
-        buf
-    };
-    let out = collect(Box::new(child.stdout.take().unwrap()));
-    let err = collect(Box::new(child.stderr.take().unwrap()));
-    Running { child, out, err }
+    Running::from_child(child)
 }
 
 impl Running {
+    /// Collects the output of a child spawned with piped stdout and stderr.
+    pub fn from_child(mut child: Child) -> Running {
+        let collect = |mut r: Box<dyn Read + Send>| {
+            let buf = Arc::new(Mutex::new(String::new()));
+            let b = buf.clone();
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = r.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    b.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&chunk[..n]));
+                }
+            });
+            buf
+        };
+        let out = collect(Box::new(child.stdout.take().unwrap()));
+        let err = collect(Box::new(child.stderr.take().unwrap()));
+        Running { child, out, err }
+    }
+
     pub fn wait_for(&self, text: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.out.lock().unwrap().contains(text) {

@@ -25,6 +25,9 @@ pub enum AcpiId {
     },
     /// A virtio-mmio window (`_HID "LNRO0005"`), under `\_SB.Vnnn`.
     VirtioMmio,
+    /// The VM generation ID at `addr` (`\_SB.VGEN`) and the Generic Event Device on the
+    /// device's GSI that notifies it (`\_SB.GED0`).
+    VmGenId { addr: u64 },
 }
 
 /// One registered device.
@@ -133,6 +136,26 @@ impl DeviceManager {
         }
         self.devices.push(info);
         Ok(())
+    }
+
+    /// A device with no bus access of its own that needs an interrupt line: allocates a
+    /// GSI, lets `make` build the device for it and records both.
+    pub fn add_platform(
+        &mut self,
+        mut info: DeviceInfo,
+        make: impl FnOnce(u32) -> Result<Arc<dyn VmDevice>>,
+    ) -> Result<u32> {
+        self.check_id(&info.id)?;
+        let mut res = self.resources.clone();
+        let gsi = res
+            .allocate_gsi()
+            .with_context(|| format!("device {}", info.id))?;
+        let object = make(gsi)?;
+        self.resources = res;
+        info.gsi = Some(gsi);
+        self.objects.push((info.id.clone(), object));
+        self.devices.push(info);
+        Ok(gsi)
     }
 
     /// A virtio-mmio device: allocates its window and GSI, lets `make` build the device for

@@ -5,7 +5,31 @@
 //! order get the same places; a restore also replays the saved places exactly
 //! ([`RangeAllocator::allocate_at`]), which vm-allocator's `IdAllocator` cannot do.
 
-use anyhow::{bail, Result};
+/// Why a bus range or an interrupt line could not be handed out.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AllocError {
+    #[error("no room for {size:#x} more in the {what} range {start:#x}..{end:#x}")]
+    Full {
+        what: &'static str,
+        size: u64,
+        start: u64,
+        end: u64,
+    },
+    #[error("{what} {at:#x}+{size:#x} is taken or outside {start:#x}..{end:#x}")]
+    Taken {
+        what: &'static str,
+        at: u64,
+        size: u64,
+        start: u64,
+        end: u64,
+    },
+    #[error("no free interrupt line (GSIs {0:?} are all taken)")]
+    NoGsi(std::ops::Range<u32>),
+    #[error("ISA GSI {0} is taken or not an ISA line")]
+    IsaGsi(u32),
+}
+
+type Result<T> = std::result::Result<T, AllocError>;
 use std::ops::Range;
 
 /// First virtio-mmio window.
@@ -61,24 +85,25 @@ impl RangeAllocator {
                 Some(u) => at = u.end.next_multiple_of(align),
             }
         }
-        bail!(
-            "no room for {size:#x} more in the {} range {:#x}..{:#x}",
-            self.what,
-            self.range.start,
-            self.range.end
-        )
+        Err(AllocError::Full {
+            what: self.what,
+            size,
+            start: self.range.start,
+            end: self.range.end,
+        })
     }
 
     /// Exactly `at..at + size`, which must be free.
     pub fn allocate_at(&mut self, at: u64, size: u64) -> Result<u64> {
         let r = at..at.saturating_add(size);
         if size == 0 || !self.free(&r) {
-            bail!(
-                "{} {at:#x}+{size:#x} is taken or outside {:#x}..{:#x}",
-                self.what,
-                self.range.start,
-                self.range.end
-            );
+            return Err(AllocError::Taken {
+                what: self.what,
+                at,
+                size,
+                start: self.range.start,
+                end: self.range.end,
+            });
         }
         self.used.push(r);
         Ok(at)
@@ -110,15 +135,16 @@ impl Default for Resources {
 
 impl Resources {
     pub fn allocate_gsi(&mut self) -> Result<u32> {
-        self.gsi.allocate(1, 1).map(|g| g as u32).map_err(|_| {
-            anyhow::anyhow!("no free interrupt line (GSIs {DYNAMIC_GSIS:?} are all taken)")
-        })
+        self.gsi
+            .allocate(1, 1)
+            .map(|g| g as u32)
+            .map_err(|_| AllocError::NoGsi(DYNAMIC_GSIS))
     }
 
     /// A legacy device's fixed ISA interrupt line.
     pub fn claim_legacy_gsi(&mut self, gsi: u32) -> Result<u32> {
         if gsi >= DYNAMIC_GSIS.start || self.legacy_gsis.contains(&gsi) {
-            bail!("ISA GSI {gsi} is taken or not an ISA line");
+            return Err(AllocError::IsaGsi(gsi));
         }
         self.legacy_gsis.push(gsi);
         Ok(gsi)

@@ -4,7 +4,9 @@
 pub mod bus;
 pub mod legacy;
 pub mod serial;
+pub mod serial_log;
 pub mod virtio;
+pub mod vmgenid;
 
 pub use bus::{Bus, BusDevice, IoAction};
 pub use legacy::{DebugExit, I8042};

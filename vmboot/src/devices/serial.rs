@@ -22,7 +22,7 @@ pub enum SerialSink {
     Capture(Arc<Mutex<Vec<u8>>>),
     /// Into a console log that programs wait on (see `crate::console`), and on to `also`.
     Console {
-        log: Arc<crate::console::SerialLog>,
+        log: Arc<super::serial_log::SerialLog>,
         also: Box<SerialSink>,
     },
 }
@@ -40,7 +40,7 @@ impl SerialSink {
                     .with_context(|| format!("serial output file {}", p.display()))?,
             ),
             SerialSink::Capture(buf) => Box::new(Capture(buf.clone())),
-            SerialSink::Console { log, also } => Box::new(crate::console::LogWriter {
+            SerialSink::Console { log, also } => Box::new(super::serial_log::LogWriter {
                 log: log.clone(),
                 also: also.writer()?,
             }),
@@ -205,8 +205,6 @@ pub fn spawn_stdin_forwarder(dev: Arc<Mutex<SerialDevice>>) {
             }
         });
     if let Err(e) = spawned {
-        eprintln!(
-            "vmboot: warning: keyboard input to the guest is off: cannot start a thread: {e}"
-        );
+        log::warn!("keyboard input to the guest is off: cannot start a thread: {e}");
     }
 }

@@ -1,17 +1,21 @@
 //! vCPUs: their fds and kicking (leaving KVM_RUN on request), setup, state capture and
-//! restore, and the crash report. The run loop that dispatches exits is the VMM's
-//! (`crate::vmm`).
+//! restore, the crash report, and the vCPU manager ([`VcpuManager`]): the run loop of each
+//! vCPU thread, pause and resume, and how the VM ended.
 
+use crate::devices::bus::lock;
+use crate::devices::{Bus, IoAction};
 use crate::memory::GuestRam;
 use crate::msr;
-use crate::persist::VcpuState;
+use crate::persist::{Persist, VcpuState};
 use anyhow::{Context, Result};
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, CpuId, KVM_MP_STATE_RUNNABLE,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::VcpuFd;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Mutex, OnceLock};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// One vCPU of a running VM.
 pub struct Vcpu {
@@ -24,6 +28,8 @@ pub struct Vcpu {
     run: *mut kvm_bindings::kvm_run,
     /// The thread running it, while one does.
     pub thread: Mutex<Option<libc::pthread_t>>,
+    /// The MSRs a save captures (the VM's list, readable on this host).
+    msrs: Arc<[u32]>,
 }
 
 // SAFETY: `run` points into the mmap owned by `fd`, which lives as long as the struct; other
@@ -33,7 +39,7 @@ unsafe impl Send for Vcpu {}
 unsafe impl Sync for Vcpu {}
 
 impl Vcpu {
-    pub fn new(id: u32, mut fd: VcpuFd, cpuid: Vec<kvm_cpuid_entry2>) -> Vcpu {
+    pub fn new(id: u32, mut fd: VcpuFd, cpuid: Vec<kvm_cpuid_entry2>, msrs: Arc<[u32]>) -> Vcpu {
         let run: *mut kvm_bindings::kvm_run = fd.get_kvm_run();
         Vcpu {
             id,
@@ -41,6 +47,7 @@ impl Vcpu {
             fd: Mutex::new(fd),
             run,
             thread: Mutex::new(None),
+            msrs,
         }
     }
 
@@ -56,16 +63,28 @@ impl Vcpu {
             unsafe { libc::pthread_kill(t, kick_signal()) };
         }
     }
+}
 
-    /// Captures this vCPU (see [`save`]).
-    pub fn save(&self, msr_list: &[u32]) -> Result<VcpuState> {
-        save(
-            self.id,
-            &crate::devices::bus::lock(&self.fd),
-            msr_list,
-            &self.cpuid,
-        )
-        .with_context(|| format!("saving vCPU {}", self.id))
+/// What a restored vCPU is built from besides its state: a fresh vCPU fd of the new VM, and
+/// the MSRs its saves capture.
+pub struct VcpuArgs {
+    pub fd: VcpuFd,
+    pub msrs: Arc<[u32]>,
+}
+
+impl Persist<'_> for Vcpu {
+    type State = VcpuState;
+    type ConstructorArgs = VcpuArgs;
+    const VERSION: u32 = crate::persist::VCPU_STATE_VERSION;
+
+    /// Only while the vCPU is outside KVM_RUN with any pending I/O completed (parked).
+    fn save(&self) -> Result<VcpuState> {
+        save(self.id, &lock(&self.fd), &self.msrs, &self.cpuid)
+    }
+
+    fn restore(args: VcpuArgs, s: &VcpuState) -> Result<Vcpu> {
+        restore(&args.fd, s)?;
+        Ok(Vcpu::new(s.id, args.fd, s.cpuid.clone(), args.msrs))
     }
 }
 
@@ -171,12 +190,7 @@ pub fn set_runnable(fd: &VcpuFd) -> Result<()> {
 /// `cpuid` is what vmboot gave the vCPU: KVM_GET_CPUID2 is not used because on some hosts
 /// (PVM, seen here) it reports bits the host's KVM cannot provide, which would make the pack
 /// unrestorable there.
-pub fn save(
-    id: u32,
-    fd: &VcpuFd,
-    msr_list: &[u32],
-    cpuid: &[kvm_cpuid_entry2],
-) -> Result<VcpuState> {
+fn save(id: u32, fd: &VcpuFd, msr_list: &[u32], cpuid: &[kvm_cpuid_entry2]) -> Result<VcpuState> {
     Ok(VcpuState {
         version: crate::persist::VCPU_STATE_VERSION,
         id,
@@ -196,7 +210,7 @@ pub fn save(
 
 /// Loads `s` into a fresh vCPU, in the order measured to work on this host (CPUID before
 /// LAPIC; MSRs and events last).
-pub fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
+fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
     let id = s.id;
     let cpuid = CpuId::from_entries(&s.cpuid)
         .map_err(|e| anyhow::anyhow!("vCPU {id}: saved CPUID has too many entries: {e:?}"))?;
@@ -207,8 +221,8 @@ pub fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
     // scale the TSC, which needs hardware TSC scaling.
     if s.tsc_khz != 0 && host_khz != 0 && crate::compat::tsc_differs(s.tsc_khz, host_khz) {
         if let Err(e) = fd.set_tsc_khz(s.tsc_khz) {
-            eprintln!(
-                "vmboot: warning: vCPU {id}: the guest was saved with a {} kHz TSC but this host \
+            log::warn!(
+                "vCPU {id}: the guest was saved with a {} kHz TSC but this host \
                  runs at {host_khz} kHz and KVM cannot scale it ({e}); the guest's TSC now runs \
                  {:.4}x as fast as before, so TSC-based clocks drift by that factor",
                 s.tsc_khz,
@@ -347,6 +361,383 @@ pub fn crash_report(fd: &VcpuFd, mem: &GuestRam) -> String {
         sregs.cr4,
         sregs.efer,
     )
+}
+
+// ---- The vCPU manager: the vCPU threads, pause/kick and the run state. ----
+
+/// Exit statuses for VM failures (guest-chosen statuses come from the debug-exit port).
+pub const EXIT_TRIPLE_FAULT: i32 = 70;
+pub const EXIT_INTERNAL_ERROR: i32 = 71;
+pub const EXIT_FAIL_ENTRY: i32 = 72;
+pub const EXIT_GUEST_CRASH: i32 = 73;
+pub const EXIT_UNEXPECTED: i32 = 74;
+pub const EXIT_KVM_ERROR: i32 = 75;
+/// A lazily restored guest touched a memory chunk that failed verification.
+pub const EXIT_CORRUPT_MEMORY: i32 = 76;
+
+/// How a VM ended: the process exit status vmboot uses and a one-line explanation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExitReason {
+    pub code: i32,
+    pub message: String,
+}
+
+/// Why a pause or resume did not happen.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PauseError {
+    /// The VM has ended: there is nothing to pause or resume.
+    #[error("the VM has ended ({0})")]
+    Ended(String),
+    /// Not every vCPU parked within the time allowed; the pause was withdrawn and the VM
+    /// runs on.
+    #[error("timed out pausing: {parked} of {running} vCPUs parked; the VM keeps running")]
+    TimedOut { parked: usize, running: usize },
+}
+
+/// How long [`VcpuManager::pause`] waits for every vCPU to park.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct Control {
+    /// Pause requested (vCPUs park as soon as they see it).
+    paused: bool,
+    /// vCPU threads currently parked.
+    parked: usize,
+    /// vCPU threads started and not yet finished.
+    running: usize,
+    started: bool,
+    exit: Option<ExitReason>,
+}
+
+/// The vCPUs of a VM and their threads' shared state: whether a pause is requested, how many
+/// threads run and are parked, and how the VM ended. Pausing is real: every vCPU thread
+/// leaves KVM_RUN and parks on a condvar. A vCPU is kicked by setting `immediate_exit` in its
+/// `kvm_run` page and sending it a signal whose handler does nothing (see [`Vcpu::kick`]).
+/// Before parking, each vCPU does one more KVM_RUN with `immediate_exit = 1`, which
+/// completes an in-flight port IN/MMIO read (data in the register, RIP past the
+/// instruction) without running guest code, so the saved state never holds a half-done
+/// instruction.
+pub struct VcpuManager {
+    vcpus: Vec<Vcpu>,
+    ctl: Mutex<Control>,
+    cv: Condvar,
+    /// Fast-path copies of `ctl` for the vCPU loop.
+    pause_flag: AtomicBool,
+    stop_flag: AtomicBool,
+    first_exit: OnceLock<Instant>,
+}
+
+impl VcpuManager {
+    pub fn new(vcpus: Vec<Vcpu>) -> VcpuManager {
+        VcpuManager {
+            vcpus,
+            ctl: Mutex::new(Control::default()),
+            cv: Condvar::new(),
+            pause_flag: AtomicBool::new(false),
+            stop_flag: AtomicBool::new(false),
+            first_exit: OnceLock::new(),
+        }
+    }
+
+    pub fn vcpus(&self) -> &[Vcpu] {
+        &self.vcpus
+    }
+
+    /// How the VM ended, once it has.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        lock(&self.ctl).exit.clone()
+    }
+
+    /// True when a pause was requested and every running vCPU is parked.
+    pub fn is_paused(&self) -> bool {
+        let c = lock(&self.ctl);
+        c.paused && c.parked >= c.running
+    }
+
+    /// True when no vCPU can be in KVM_RUN: paused, not started yet, or ended.
+    pub fn is_quiescent(&self) -> bool {
+        let c = lock(&self.ctl);
+        !c.started || c.running == 0 || (c.paused && c.parked >= c.running)
+    }
+
+    /// Instant of vCPU 0's first exit.
+    pub fn first_exit(&self) -> Option<Instant> {
+        self.first_exit.get().copied()
+    }
+
+    /// Marks every vCPU thread as about to start; `Err` with the reason if the VM already
+    /// ended (then no thread may start).
+    pub fn begin_run(&self) -> std::result::Result<(), ExitReason> {
+        let mut c = lock(&self.ctl);
+        if let Some(e) = &c.exit {
+            return Err(e.clone());
+        }
+        c.started = true;
+        c.running = self.vcpus.len();
+        Ok(())
+    }
+
+    /// The threads of vCPUs `idx..` could not be started: they will never run.
+    pub fn not_started(&self, idx: usize) {
+        lock(&self.ctl).running -= self.vcpus.len() - idx;
+        self.cv.notify_all();
+    }
+
+    /// Blocks until the VM has ended and every vCPU thread has left its loop.
+    pub fn wait_exit(&self) -> ExitReason {
+        let mut c = lock(&self.ctl);
+        while c.exit.is_none() {
+            c = self.cv.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+        // Wake parked vCPUs and bounce running ones out of KVM_RUN until all have finished.
+        while c.running > 0 {
+            drop(c);
+            self.kick_all();
+            c = lock(&self.ctl);
+            if c.running > 0 {
+                c = self
+                    .cv
+                    .wait_timeout(c, Duration::from_millis(20))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        c.exit.clone().expect("checked above")
+    }
+
+    /// Parks every vCPU: returns once each vCPU thread is out of KVM_RUN with its in-flight
+    /// port/MMIO access completed, and has told the guest's kvmclock it was stopped. Gives
+    /// up after [`PAUSE_TIMEOUT`], withdrawing the pause.
+    pub fn pause(&self) -> std::result::Result<(), PauseError> {
+        let mut c = lock(&self.ctl);
+        if let Some(e) = &c.exit {
+            return Err(PauseError::Ended(e.message.clone()));
+        }
+        c.paused = true;
+        self.pause_flag.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while c.parked < c.running && c.exit.is_none() {
+            drop(c);
+            self.kick_all();
+            c = lock(&self.ctl);
+            if c.parked < c.running {
+                c = self
+                    .cv
+                    .wait_timeout(c, Duration::from_millis(10))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            if Instant::now() > deadline {
+                // Withdrawn, so the VM is not left half paused: the parked vCPUs run again.
+                c.paused = false;
+                self.pause_flag.store(false, Ordering::SeqCst);
+                self.cv.notify_all();
+                return Err(PauseError::TimedOut {
+                    parked: c.parked,
+                    running: c.running,
+                });
+            }
+        }
+        drop(c);
+        for v in &self.vcpus {
+            tell_kvmclock_paused(&lock(&v.fd));
+        }
+        Ok(())
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) -> std::result::Result<(), PauseError> {
+        let mut c = lock(&self.ctl);
+        if let Some(e) = &c.exit {
+            return Err(PauseError::Ended(e.message.clone()));
+        }
+        c.paused = false;
+        self.pause_flag.store(false, Ordering::SeqCst);
+        self.cv.notify_all();
+        Ok(())
+    }
+}
+
+/// Unregisters a vCPU thread when it ends, also by panic, so `run` and `pause` never wait
+/// for a thread that is gone.
+struct ThreadDone<'a> {
+    h: &'a VcpuManager,
+    idx: usize,
+}
+
+impl Drop for ThreadDone<'_> {
+    fn drop(&mut self) {
+        *lock(&self.h.vcpus[self.idx].thread) = None;
+        if std::thread::panicking() {
+            let mut c = lock(&self.h.ctl);
+            if c.exit.is_none() {
+                c.exit = Some(ExitReason {
+                    code: EXIT_KVM_ERROR,
+                    message: format!("vCPU {} thread panicked", self.idx),
+                });
+            }
+            self.h.stop_flag.store(true, Ordering::SeqCst);
+        }
+        let mut c = lock(&self.h.ctl);
+        c.running -= 1;
+        self.h.cv.notify_all();
+    }
+}
+
+enum Outcome {
+    Continue,
+    Exit(ExitReason),
+}
+
+impl VcpuManager {
+    fn kick_all(&self) {
+        for v in &self.vcpus {
+            v.kick();
+        }
+    }
+
+    /// Ends the VM with `reason` unless it already ended (the first reason wins).
+    pub fn request_exit(&self, reason: ExitReason) {
+        let mut c = lock(&self.ctl);
+        if c.exit.is_none() {
+            c.exit = Some(reason);
+        }
+        self.stop_flag.store(true, Ordering::SeqCst);
+        self.cv.notify_all();
+        drop(c);
+        self.kick_all();
+    }
+
+    /// The body of vCPU `idx`'s thread: runs it, hands its port and MMIO exits to `pio` and
+    /// `mmio`, parks it while the VM is paused, and returns once the VM has ended.
+    pub fn run_loop(&self, idx: usize, pio: &Bus, mmio: &Bus, mem: &GuestRam) {
+        let slot = &self.vcpus[idx];
+        let _done = ThreadDone { h: self, idx };
+        // SAFETY: pthread_self has no preconditions.
+        *lock(&slot.thread) = Some(unsafe { libc::pthread_self() });
+        loop {
+            if self.pause_flag.load(Ordering::SeqCst) || self.stop_flag.load(Ordering::SeqCst) {
+                complete_pending_io(&mut lock(&slot.fd));
+                let mut c = lock(&self.ctl);
+                if c.exit.is_some() {
+                    break;
+                }
+                if c.paused {
+                    c.parked += 1;
+                    self.cv.notify_all();
+                    while c.paused && c.exit.is_none() {
+                        c = self.cv.wait(c).unwrap_or_else(|p| p.into_inner());
+                    }
+                    c.parked -= 1;
+                    self.cv.notify_all();
+                }
+                continue;
+            }
+            let outcome = {
+                let mut fd = lock(&slot.fd);
+                self.run_once(slot.id, &mut fd, pio, mmio, mem)
+            };
+            if let Outcome::Exit(r) = outcome {
+                self.request_exit(r);
+            }
+        }
+    }
+
+    fn run_once(&self, id: u32, fd: &mut VcpuFd, pio: &Bus, mmio: &Bus, mem: &GuestRam) -> Outcome {
+        let exit = fd.run();
+        if id == 0 {
+            self.first_exit.get_or_init(Instant::now);
+        }
+        let fatal = |code: i32, what: String, fd: &VcpuFd| {
+            Outcome::Exit(ExitReason {
+                code,
+                message: format!("vCPU {id}: {what}; {}", crash_report(fd, mem)),
+            })
+        };
+        match exit {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                pio.read(u64::from(port), data);
+                Outcome::Continue
+            }
+            Ok(VcpuExit::IoOut(port, data)) => match pio.write(u64::from(port), data) {
+                IoAction::Continue => Outcome::Continue,
+                IoAction::Exit { code, message } => Outcome::Exit(ExitReason { code, message }),
+            },
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                mmio.read(addr, data);
+                Outcome::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => match mmio.write(addr, data) {
+                IoAction::Continue => Outcome::Continue,
+                IoAction::Exit { code, message } => Outcome::Exit(ExitReason { code, message }),
+            },
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {
+                Outcome::Continue
+            }
+            Ok(VcpuExit::Shutdown) => fatal(
+                EXIT_TRIPLE_FAULT,
+                "guest triple fault (KVM_EXIT_SHUTDOWN)".into(),
+                fd,
+            ),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => fatal(
+                EXIT_FAIL_ENTRY,
+                format!(
+                    "KVM_EXIT_FAIL_ENTRY (hardware entry failure reason {reason:#x}, cpu {cpu})"
+                ),
+                fd,
+            ),
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active
+                // union member.
+                let internal = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal };
+                let n = (internal.ndata as usize).min(internal.data.len());
+                let what = match internal.suberror {
+                    1 => "emulation failure (an instruction KVM cannot emulate)".to_string(),
+                    2 => "simultaneous exception".to_string(),
+                    3 => "delivery event failure".to_string(),
+                    s => format!("suberror {s}"),
+                };
+                fatal(
+                    EXIT_INTERNAL_ERROR,
+                    format!(
+                        "KVM internal error: {what}, data {:x?}",
+                        &internal.data[..n]
+                    ),
+                    fd,
+                )
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => Outcome::Exit(ExitReason {
+                    code: 0,
+                    message: "guest powered off".into(),
+                }),
+                KVM_SYSTEM_EVENT_RESET => Outcome::Exit(ExitReason {
+                    code: 0,
+                    message: "guest requested a reset".into(),
+                }),
+                KVM_SYSTEM_EVENT_CRASH => {
+                    fatal(EXIT_GUEST_CRASH, "guest reported a crash".into(), fd)
+                }
+                k => fatal(EXIT_UNEXPECTED, format!("unexpected system event {k}"), fd),
+            },
+            Ok(other) => fatal(EXIT_UNEXPECTED, format!("unexpected exit {other:?}"), fd),
+            Err(e) if e.errno() == libc::EINTR => {
+                fd.set_kvm_immediate_exit(0);
+                Outcome::Continue
+            }
+            // An AP's KVM_RUN returns EAGAIN once after INIT/SIPI: re-enter.
+            Err(e) if e.errno() == libc::EAGAIN => Outcome::Continue,
+            Err(e) => fatal(EXIT_KVM_ERROR, format!("KVM_RUN failed: {e}"), fd),
+        }
+    }
+}
+
+/// KVM_KVMCLOCK_CTRL: tells a guest using kvmclock that it was stopped by the host (the
+/// PVCLOCK_GUEST_STOPPED flag), so the time it spent paused or saved is not taken for a
+/// soft lockup. KVM refuses it (EINVAL) when the guest has not enabled kvmclock: nothing to
+/// tell then.
+pub fn tell_kvmclock_paused(fd: &VcpuFd) {
+    let _ = fd.kvmclock_ctrl();
 }
 
 #[cfg(test)]

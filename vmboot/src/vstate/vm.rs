@@ -2,7 +2,7 @@
 //! kvmclock, and the guest RAM slots.
 
 use crate::memory::GuestRam;
-use crate::persist::{VmLevelState, VM_LEVEL_STATE_VERSION};
+use crate::persist::{Persist, VmLevelState, VM_LEVEL_STATE_VERSION};
 use anyhow::{Context, Result};
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
@@ -61,7 +61,7 @@ impl KvmVm {
     }
 
     /// Captures the in-kernel devices; only while no vCPU runs.
-    pub fn save_state(&self) -> Result<VmLevelState> {
+    fn save_state(&self) -> Result<VmLevelState> {
         let chip = |id| -> Result<kvm_irqchip> {
             let mut c = kvm_irqchip {
                 chip_id: id,
@@ -84,7 +84,7 @@ impl KvmVm {
 
     /// Loads the in-kernel devices' state. Guest time resumes at the saved clock (flags 0):
     /// the guest does not see the time it spent saved.
-    pub fn restore_state(&self, s: &VmLevelState) -> Result<()> {
+    pub(crate) fn restore_state(&self, s: &VmLevelState) -> Result<()> {
         self.fd.set_pit2(&s.pit2).context("KVM_SET_PIT2")?;
         let mut clock = s.clock;
         clock.flags = 0;
@@ -99,5 +99,23 @@ impl KvmVm {
                 .with_context(|| format!("KVM_SET_IRQCHIP ({name})"))?;
         }
         Ok(())
+    }
+}
+
+/// The VM-level state (in-kernel PIC pair, IOAPIC, PIT, kvmclock). A restore loads it into a
+/// fresh VM (its `ConstructorArgs`) after the vCPUs, so the LAPICs exist in their saved
+/// state before anything is routed to them.
+impl Persist<'_> for KvmVm {
+    type State = VmLevelState;
+    type ConstructorArgs = KvmVm;
+    const VERSION: u32 = VM_LEVEL_STATE_VERSION;
+
+    fn save(&self) -> Result<VmLevelState> {
+        self.save_state()
+    }
+
+    fn restore(vm: KvmVm, s: &VmLevelState) -> Result<KvmVm> {
+        vm.restore_state(s)?;
+        Ok(vm)
     }
 }

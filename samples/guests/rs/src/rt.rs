@@ -450,3 +450,68 @@ pub fn rdtsc() -> u64 {
     // SAFETY: rdtsc has no side effects.
     unsafe { core::arch::x86_64::_rdtsc() }
 }
+
+// ---- heap ------------------------------------------------------------------------------
+
+const HEAP_SIZE: usize = 256 << 10;
+
+#[repr(C, align(4096))]
+struct Heap([u8; HEAP_SIZE]);
+
+static mut HEAP: Heap = Heap([0; HEAP_SIZE]);
+static HEAP_NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// A bump allocator (`virtio-drivers`' vsock driver keeps its receive buffers and each
+/// connection's buffer on the heap). Freeing the newest block gives its space back; other
+/// frees are leaks, bounded by the few connections a test opens.
+pub struct Bump;
+
+// SAFETY: hands out disjoint, suitably aligned ranges of HEAP (single CPU; the atomics
+// keep it sound even so).
+unsafe impl core::alloc::GlobalAlloc for Bump {
+    unsafe fn alloc(&self, layout: core::alloc::Layout) -> *mut u8 {
+        let base = addr_of_mut!(HEAP) as usize;
+        let mut cur = HEAP_NEXT.load(Ordering::SeqCst);
+        loop {
+            let start = (base + cur).next_multiple_of(layout.align()) - base;
+            let end = start + layout.size();
+            if end > HEAP_SIZE {
+                return core::ptr::null_mut();
+            }
+            match HEAP_NEXT.compare_exchange(cur, end, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return (base + start) as *mut u8,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: core::alloc::Layout) {
+        let base = addr_of_mut!(HEAP) as usize;
+        let off = ptr as usize - base;
+        let _ = HEAP_NEXT.compare_exchange(
+            off + layout.size(),
+            off,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+}
+
+#[global_allocator]
+static ALLOC: Bump = Bump;
+
+// ---- VM generation ID -------------------------------------------------------------------
+
+/// Where vmboot keeps the 16-byte VM generation ID (`vmgenid = true`, docs/CONFIG.md).
+const VMGENID_ADDR: u64 = 0xef000;
+
+/// The VM generation ID, or None if the VM has none (the page is all zeros then).
+pub fn generation_id() -> Option<[u8; 16]> {
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        // SAFETY: identity-mapped guest RAM below 1 MiB; vmboot may rewrite it on a
+        // restore, hence the volatile reads.
+        *b = unsafe { ((VMGENID_ADDR + i as u64) as *const u8).read_volatile() };
+    }
+    id.iter().any(|&b| b != 0).then_some(id)
+}

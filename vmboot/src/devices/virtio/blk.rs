@@ -143,10 +143,10 @@ impl Blk {
     fn warn(&self, msg: &str) {
         let n = self.counters.warnings.fetch_add(1, Ordering::Relaxed);
         if n < PRINTED_WARNINGS {
-            eprintln!("vmboot: virtio-blk {}: {msg}", self.index);
+            log::warn!("virtio-blk {}: {msg}", self.index);
         } else if n == PRINTED_WARNINGS {
-            eprintln!(
-                "vmboot: virtio-blk {}: more warnings; counting them silently",
+            log::warn!(
+                "virtio-blk {}: more warnings; counting them silently",
                 self.index
             );
         }
@@ -610,7 +610,7 @@ impl VmDevice for BlkHandle {
         t.device.counters.written.swap(false, Ordering::Relaxed)
     }
 
-    fn status(&self) -> Option<(&'static str, serde_json::Value)> {
+    fn status(&self) -> Option<crate::api::DeviceStatus> {
         let t = lock(&self.dev);
         let c = t.device.counters.clone();
         let q = &t.queues[0];
@@ -620,17 +620,14 @@ impl VmDevice for BlkHandle {
         } else {
             0
         };
-        Some((
-            "disks",
-            serde_json::json!({
-                "mmio_base": self.base,
-                "gsi": self.gsi,
-                "requests": c.requests.load(Ordering::Relaxed),
-                "errors": c.errors.load(Ordering::Relaxed),
-                "warnings": c.warnings.load(Ordering::Relaxed),
-                "queued": queued,
-            }),
-        ))
+        Some(crate::api::DeviceStatus::Disk(crate::api::DiskStatus {
+            mmio_base: self.base,
+            gsi: self.gsi,
+            requests: c.requests.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            warnings: c.warnings.load(Ordering::Relaxed),
+            queued,
+        }))
     }
 
     fn flush(&self) -> std::io::Result<()> {

@@ -11,6 +11,7 @@ pub mod device;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 pub use blk::{Blk, BlkArgs, BlkHandle, VirtioBlkState};

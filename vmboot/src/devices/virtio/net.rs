@@ -213,10 +213,10 @@ impl Net {
     fn warn(&mut self, msg: &str) {
         self.warnings += 1;
         if self.warnings <= 5 {
-            eprintln!("vmboot: virtio-net {}: {msg}", self.tap);
+            log::warn!("virtio-net {}: {msg}", self.tap);
         } else if self.warnings == 6 {
-            eprintln!(
-                "vmboot: virtio-net {}: more warnings; counting them silently",
+            log::warn!(
+                "virtio-net {}: more warnings; counting them silently",
                 self.tap
             );
         }
@@ -529,24 +529,21 @@ impl VmDevice for NetHandle {
         })
     }
 
-    fn status(&self) -> Option<(&'static str, serde_json::Value)> {
+    fn status(&self) -> Option<crate::api::DeviceStatus> {
         let t = lock(&self.dev);
         let c = &t.device.counters;
-        Some((
-            "net",
-            serde_json::json!({
-                "mmio_base": self.base,
-                "gsi": self.gsi,
-                "tap": t.device.tap,
-                "mac": t.device.mac.to_string(),
-                "rx_frames": c.rx_frames,
-                "rx_bytes": c.rx_bytes,
-                "rx_dropped": c.rx_dropped,
-                "tx_frames": c.tx_frames,
-                "tx_bytes": c.tx_bytes,
-                "tx_dropped": c.tx_dropped,
-            }),
-        ))
+        Some(crate::api::DeviceStatus::Net(crate::api::NetStatus {
+            mmio_base: self.base,
+            gsi: self.gsi,
+            tap: t.device.tap.clone(),
+            mac: t.device.mac.to_string(),
+            rx_frames: c.rx_frames,
+            rx_bytes: c.rx_bytes,
+            rx_dropped: c.rx_dropped,
+            tx_frames: c.tx_frames,
+            tx_bytes: c.tx_bytes,
+            tx_dropped: c.tx_dropped,
+        }))
     }
 }
 

@@ -181,15 +181,14 @@ impl VmDevice for RngHandle {
         true
     }
 
-    fn status(&self) -> Option<(&'static str, serde_json::Value)> {
+    fn status(&self) -> Option<crate::api::DeviceStatus> {
         let t = lock(&self.dev);
-        Some((
-            "entropy",
-            serde_json::json!({
-                "mmio_base": self.base,
-                "gsi": self.gsi,
-                "bytes": t.device.bytes,
-            }),
+        Some(crate::api::DeviceStatus::Entropy(
+            crate::api::EntropyStatus {
+                mmio_base: self.base,
+                gsi: self.gsi,
+                bytes: t.device.bytes,
+            },
         ))
     }
 }

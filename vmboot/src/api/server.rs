@@ -5,8 +5,7 @@
 //! about KVM. The protocol is documented in `docs/API.md`.
 
 use std::collections::HashMap;
-use std::fmt;
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -18,15 +17,15 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use super::types::{
+    ApiError, DirtyLog, DirtyMark, ErrorBody, ErrorKind, SaveRequest, SerialOutput, VmStatus,
+    PACK_CONTENT_TYPE,
+};
 
 /// Largest accepted request line + header block, in bytes.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Largest accepted request body, in bytes.
 pub const MAX_BODY_BYTES: u64 = 1024 * 1024;
-/// Media type of a streamed pack (`POST /vm/save`).
-pub const PACK_CONTENT_TYPE: &str = "application/vnd.vmpack";
 
 /// Save bodies are held back up to this size so that a controller failing early still gets a
 /// JSON error out instead of a truncated pack.
@@ -41,9 +40,10 @@ const SAVE_BUFFER_BYTES: usize = 64 * 1024;
 pub trait VmControl: Send + Sync {
     /// The body of `GET /vm` (fields listed in `docs/API.md`). Must not block for long: it is
     /// also called while a save streams.
-    fn status(&self) -> Value;
+    fn status(&self) -> VmStatus;
     /// Return once every vCPU is out of `KVM_RUN` and parked, with in-flight port/MMIO
-    /// accesses completed. Idempotent; `ApiError::conflict` if the VM is stopped.
+    /// accesses completed. Idempotent; [`ErrorKind::Conflict`] if the VM is stopped,
+    /// [`ErrorKind::Timeout`] if the vCPUs did not all park in time (the VM then runs on).
     fn pause(&self) -> Result<(), ApiError>;
     /// Let parked vCPUs run again. Idempotent; `ApiError::conflict` if the VM is stopped.
     fn resume(&self) -> Result<(), ApiError>;
@@ -64,117 +64,25 @@ pub trait VmControl: Send + Sync {
     /// `PUT /vm/serial/input`: give `bytes` to the guest's serial port, returning once they
     /// are all in its receive FIFO.
     fn serial_input(&self, _bytes: &[u8]) -> Result<(), ApiError> {
-        Err(ApiError::new(404, "this VM has no serial console"))
+        Err(ApiError::not_found("this VM has no serial console"))
     }
     /// `GET /vm/serial/output?since=N`: the serial output from byte offset `since` on, as
-    /// `{"start", "next", "ended", "output"}` (see docs/API.md).
-    fn serial_output(&self, _since: u64) -> Result<Value, ApiError> {
-        Err(ApiError::new(404, "this VM has no serial console"))
+    /// [`SerialOutput`] (see docs/API.md).
+    fn serial_output(&self, _since: u64) -> Result<SerialOutput, ApiError> {
+        Err(ApiError::not_found("this VM has no serial console"))
     }
     /// `PUT /vm/reset`: put a VM restored from a pack back to the pack's state in place;
     /// answers `{"pages", "disks", "pause_ms"}` (see docs/API.md).
-    fn reset(&self) -> Result<Value, ApiError> {
-        Err(ApiError::new(404, "this VM cannot be reset"))
+    fn reset(&self) -> Result<serde_json::Value, ApiError> {
+        Err(ApiError::not_found("this VM cannot be reset"))
     }
     /// `PUT /vm/dirty/mark`: start a new dirty-page mark and return its number.
-    fn dirty_mark(&self) -> Result<u64, ApiError> {
-        Err(ApiError::new(404, "this VM keeps no dirty-page log"))
+    fn dirty_mark(&self) -> Result<DirtyMark, ApiError> {
+        Err(ApiError::not_found("this VM keeps no dirty-page log"))
     }
-    /// `GET /vm/dirty?since=M`: the guest pages written since mark `M`, as
-    /// `{"mark", "page_size", "pages", "ranges"}` (see docs/API.md).
-    fn dirty_since(&self, _since: u64) -> Result<Value, ApiError> {
-        Err(ApiError::new(404, "this VM keeps no dirty-page log"))
-    }
-}
-
-/// Body of `POST /vm/save`. Every field is optional; an empty body means all defaults.
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct SaveRequest {
-    /// Compression of memory and disk sections, e.g. `"zstd"` or `"none"`; `None` = the
-    /// controller's default. The controller validates the name (answer with `bad_request`).
-    #[serde(default)]
-    pub compress: Option<String>,
-    /// Compression level; `None` = the compressor's default.
-    #[serde(default)]
-    pub level: Option<i32>,
-    /// What the VM does once the pack is written.
-    #[serde(default)]
-    pub then: AfterSave,
-    /// Write a diff pack: only the memory written since the VM was restored from, or last
-    /// saved to, this parent (`{"root_digest", "file"}`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub diff_from: Option<vmpack_formats::diff::ParentRef>,
-}
-
-/// What happens to the VM after `POST /vm/save`.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum AfterSave {
-    /// Continue running (or stay paused if it was paused before the save).
-    #[default]
-    Resume,
-    /// End the VM as `PUT /vm/shutdown` would.
-    Stop,
-}
-
-/// An error a [`VmControl`] method reports, with the HTTP status the client sees.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ApiError {
-    pub status: u16,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: u16, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-        }
-    }
-    /// 400: the request itself is wrong (e.g. an unknown compressor).
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(400, message)
-    }
-    /// 409: not possible in the VM's current state (e.g. pausing a stopped VM).
-    pub fn conflict(message: impl Into<String>) -> Self {
-        Self::new(409, message)
-    }
-    /// 500: the VMM failed.
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(500, message)
-    }
-}
-
-impl fmt::Display for ApiError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (HTTP {})", self.message, self.status)
-    }
-}
-
-impl std::error::Error for ApiError {}
-
-impl From<String> for ApiError {
-    fn from(message: String) -> Self {
-        ApiError::internal(message)
-    }
-}
-
-impl From<&str> for ApiError {
-    fn from(message: &str) -> Self {
-        ApiError::internal(message)
-    }
-}
-
-impl From<io::Error> for ApiError {
-    fn from(e: io::Error) -> Self {
-        ApiError::internal(e.to_string())
-    }
-}
-
-impl From<anyhow::Error> for ApiError {
-    fn from(e: anyhow::Error) -> Self {
-        ApiError::internal(format!("{e:#}"))
+    /// `GET /vm/dirty?since=M`: the guest pages written since mark `M` (see docs/API.md).
+    fn dirty_since(&self, _since: u64) -> Result<DirtyLog, ApiError> {
+        Err(ApiError::not_found("this VM keeps no dirty-page log"))
     }
 }
 
@@ -350,7 +258,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// an existing file). Binding at `path` directly and chmod'ing afterwards would leave a
 /// window in which the socket has the umask's permissions; setting the umask around the
 /// bind would change it for every thread of the process.
-fn bind_private(path: &Path) -> io::Result<UnixListener> {
+pub(crate) fn bind_private(path: &Path) -> io::Result<UnixListener> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -365,7 +273,7 @@ fn bind_private(path: &Path) -> io::Result<UnixListener> {
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
     let c = |p: &Path| {
         std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-            .map_err(|_| io::Error::new(ErrorKind::InvalidInput, "path contains a NUL byte"))
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
     };
     let (from, to) = (c(&tmp)?, c(path)?);
     // SAFETY: two valid NUL-terminated paths.
@@ -408,10 +316,10 @@ fn peer_uid(stream: &UnixStream) -> io::Result<libc::uid_t> {
     Ok(cred.uid)
 }
 
-fn remove_stale_socket(path: &Path) -> io::Result<()> {
+pub(crate) fn remove_stale_socket(path: &Path) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => {
             return Err(io::Error::new(
                 e.kind(),
@@ -421,7 +329,7 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
     };
     if !meta.file_type().is_socket() {
         return Err(io::Error::new(
-            ErrorKind::AlreadyExists,
+            io::ErrorKind::AlreadyExists,
             format!(
                 "{} exists and is not a socket; refusing to replace it",
                 path.display()
@@ -430,7 +338,7 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
     }
     if UnixStream::connect(path).is_ok() {
         return Err(io::Error::new(
-            ErrorKind::AddrInUse,
+            io::ErrorKind::AddrInUse,
             format!(
                 "another process is listening on API socket {}",
                 path.display()
@@ -462,7 +370,7 @@ fn accept_loop(shared: Arc<Shared>, listener: UnixListener, wake: UnixStream) {
         // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if rc < 0 {
-            if io::Error::last_os_error().kind() == ErrorKind::Interrupted {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
             }
             // poll on two valid fds does not fail otherwise; avoid spinning if it does.
@@ -474,7 +382,9 @@ fn accept_loop(shared: Arc<Shared>, listener: UnixListener, wake: UnixStream) {
         }
         match listener.accept() {
             Ok((stream, _)) => spawn_connection(&shared, stream),
-            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted => {}
             // Out of fds or similar: back off instead of spinning; the VM must not suffer.
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
@@ -495,8 +405,10 @@ fn spawn_connection(shared: &Arc<Shared>, stream: UnixStream) {
                 other.map_or_else(|e| format!("an unknown user ({e})"), |u| format!("uid {u}"));
             refuse(
                 stream,
-                403,
-                &format!("this VM's control socket serves only uid {me}, not {who}"),
+                ApiError::new(
+                    ErrorKind::Forbidden,
+                    format!("this VM's control socket serves only uid {me}, not {who}"),
+                ),
             );
             return;
         }
@@ -507,7 +419,10 @@ fn spawn_connection(shared: &Arc<Shared>, stream: UnixStream) {
         let mut conns = lock(&shared.conns);
         if conns.len() >= shared.opts.max_connections {
             drop(conns);
-            refuse(stream, 503, "too many API connections");
+            refuse(
+                stream,
+                ApiError::new(ErrorKind::Unavailable, "too many API connections"),
+            );
             return;
         }
         match stream.try_clone() {
@@ -530,7 +445,10 @@ fn spawn_connection(shared: &Arc<Shared>, stream: UnixStream) {
     if spawned.is_err() {
         let mut conns = lock(&shared.conns);
         if let Some(mut stream) = conns.remove(&id) {
-            let _ = stream.write_all(&error_response(503, "cannot start API connection", true));
+            let _ = stream.write_all(&error_response(
+                &ApiError::new(ErrorKind::Unavailable, "cannot start API connection"),
+                true,
+            ));
         }
         shared.conns_done.notify_all();
     }
@@ -539,9 +457,9 @@ fn spawn_connection(shared: &Arc<Shared>, stream: UnixStream) {
 /// Answers a connection that will not be served with `status` and closes it, from the
 /// accept thread: a short write timeout and drain, so the client reads the answer rather
 /// than ECONNRESET, without letting a flood of connections stall the accept thread.
-fn refuse(mut stream: UnixStream, status: u16, message: &str) {
+fn refuse(mut stream: UnixStream, e: ApiError) {
     let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-    let _ = stream.write_all(&error_response(status, message, true));
+    let _ = stream.write_all(&error_response(&e, true));
     let _ = stream.shutdown(Shutdown::Write);
     let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
     let mut sink = [0u8; 4096];
@@ -572,27 +490,11 @@ struct Request {
     body: Vec<u8>,
 }
 
-/// A request that cannot be served; answered and the connection closed.
-#[derive(Debug)]
-struct HttpError {
-    status: u16,
-    message: String,
-}
-
-impl HttpError {
-    fn new(status: u16, message: impl Into<String>) -> Self {
-        HttpError {
-            status,
-            message: message.into(),
-        }
-    }
-}
-
 enum ReadOutcome {
     Request(Request),
     /// The client closed, went idle past the timeout, or vanished mid-request: nobody to answer.
     Closed,
-    Error(HttpError),
+    Error(ApiError),
 }
 
 struct Connection {
@@ -614,9 +516,7 @@ fn serve_connection(shared: &Shared, stream: UnixStream) {
             ReadOutcome::Request(req) => req,
             ReadOutcome::Closed => return,
             ReadOutcome::Error(err) => {
-                let _ = conn
-                    .stream
-                    .write_all(&error_response(err.status, &err.message, true));
+                let _ = conn.stream.write_all(&error_response(&err, true));
                 linger_close(&conn.stream);
                 return;
             }
@@ -654,7 +554,7 @@ fn linger_close(stream: &UnixStream) {
 fn fill(conn: &mut Connection, deadline: Instant) -> io::Result<bool> {
     let remaining = deadline.saturating_duration_since(Instant::now());
     if remaining.is_zero() {
-        return Err(io::Error::from(ErrorKind::TimedOut));
+        return Err(io::Error::from(io::ErrorKind::TimedOut));
     }
     conn.stream.set_read_timeout(Some(remaining))?;
     let mut chunk = [0u8; 8192];
@@ -665,14 +565,17 @@ fn fill(conn: &mut Connection, deadline: Instant) -> io::Result<bool> {
                 conn.buf.extend_from_slice(&chunk[..n]);
                 return Ok(true);
             }
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
     }
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 fn read_request(conn: &mut Connection, opts: &ServerOptions) -> ReadOutcome {
@@ -714,8 +617,8 @@ fn read_request(conn: &mut Connection, opts: &ServerOptions) -> ReadOutcome {
         Err(e) => return ReadOutcome::Error(e),
     };
     if head.content_length > MAX_BODY_BYTES {
-        return ReadOutcome::Error(HttpError::new(
-            413,
+        return ReadOutcome::Error(ApiError::new(
+            ErrorKind::BodyTooLarge,
             format!(
                 "request body of {} bytes exceeds the limit of {MAX_BODY_BYTES}",
                 head.content_length
@@ -750,15 +653,15 @@ fn read_request(conn: &mut Connection, opts: &ServerOptions) -> ReadOutcome {
     })
 }
 
-fn header_too_large() -> HttpError {
-    HttpError::new(
-        431,
+fn header_too_large() -> ApiError {
+    ApiError::new(
+        ErrorKind::HeaderTooLarge,
         format!("request line and headers exceed {MAX_HEADER_BYTES} bytes"),
     )
 }
 
-fn request_timeout() -> HttpError {
-    HttpError::new(408, "request not received in time")
+fn request_timeout() -> ApiError {
+    ApiError::new(ErrorKind::RequestTimeout, "request not received in time")
 }
 
 /// Length of the head including its terminating empty line, if complete. Bare LF line ends
@@ -794,21 +697,21 @@ fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-fn parse_head(head: &[u8]) -> Result<Head, HttpError> {
+fn parse_head(head: &[u8]) -> Result<Head, ApiError> {
     let text = std::str::from_utf8(head)
-        .map_err(|_| HttpError::new(400, "request head is not valid UTF-8"))?;
+        .map_err(|_| ApiError::new(ErrorKind::BadRequest, "request head is not valid UTF-8"))?;
     let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
     let request_line = lines.next().unwrap_or("");
     let parts: Vec<&str> = request_line.split(' ').collect();
     let [method, target, version] = parts[..] else {
-        return Err(HttpError::new(
-            400,
+        return Err(ApiError::new(
+            ErrorKind::BadRequest,
             format!("malformed request line {:?}", clip(request_line)),
         ));
     };
     if !is_token(method) {
-        return Err(HttpError::new(
-            400,
+        return Err(ApiError::new(
+            ErrorKind::BadRequest,
             format!("malformed method {:?}", clip(method)),
         ));
     }
@@ -816,14 +719,14 @@ fn parse_head(head: &[u8]) -> Result<Head, HttpError> {
         "HTTP/1.1" => false,
         "HTTP/1.0" => true,
         v if v.starts_with("HTTP/") => {
-            return Err(HttpError::new(
-                505,
+            return Err(ApiError::new(
+                ErrorKind::HttpVersion,
                 format!("HTTP version {:?} is not supported", clip(v)),
             ))
         }
         v => {
-            return Err(HttpError::new(
-                400,
+            return Err(ApiError::new(
+                ErrorKind::BadRequest,
                 format!("malformed HTTP version {:?}", clip(v)),
             ))
         }
@@ -844,17 +747,20 @@ fn parse_head(head: &[u8]) -> Result<Head, HttpError> {
             continue;
         }
         if line.starts_with([' ', '\t']) {
-            return Err(HttpError::new(400, "folded header lines are not allowed"));
+            return Err(ApiError::new(
+                ErrorKind::BadRequest,
+                "folded header lines are not allowed",
+            ));
         }
         let Some((name, value)) = line.split_once(':') else {
-            return Err(HttpError::new(
-                400,
+            return Err(ApiError::new(
+                ErrorKind::BadRequest,
                 format!("malformed header line {:?}", clip(line)),
             ));
         };
         if !is_token(name) {
-            return Err(HttpError::new(
-                400,
+            return Err(ApiError::new(
+                ErrorKind::BadRequest,
                 format!("malformed header name {:?}", clip(name)),
             ));
         }
@@ -866,18 +772,21 @@ fn parse_head(head: &[u8]) -> Result<Head, HttpError> {
                 None
             };
             let Some(n) = n else {
-                return Err(HttpError::new(
-                    400,
+                return Err(ApiError::new(
+                    ErrorKind::BadRequest,
                     format!("invalid Content-Length {:?}", clip(value)),
                 ));
             };
             if content_length.is_some_and(|old| old != n) {
-                return Err(HttpError::new(400, "conflicting Content-Length headers"));
+                return Err(ApiError::new(
+                    ErrorKind::BadRequest,
+                    "conflicting Content-Length headers",
+                ));
             }
             content_length = Some(n);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(HttpError::new(
-                501,
+            return Err(ApiError::new(
+                ErrorKind::NotImplemented,
                 "Transfer-Encoding is not supported; send the body with Content-Length",
             ));
         } else if name.eq_ignore_ascii_case("connection") {
@@ -887,8 +796,8 @@ fn parse_head(head: &[u8]) -> Result<Head, HttpError> {
             }
         } else if name.eq_ignore_ascii_case("expect") {
             if !value.eq_ignore_ascii_case("100-continue") {
-                return Err(HttpError::new(
-                    417,
+                return Err(ApiError::new(
+                    ErrorKind::ExpectationFailed,
                     format!("unsupported Expect {:?}", clip(value)),
                 ));
             }
@@ -907,14 +816,14 @@ fn parse_head(head: &[u8]) -> Result<Head, HttpError> {
 }
 
 /// The path of a request target, without query; absolute-form targets are reduced to it.
-fn request_path(target: &str) -> Result<String, HttpError> {
+fn request_path(target: &str) -> Result<String, ApiError> {
     let mut rest = target;
     if let Some(after) = rest.strip_prefix("http://") {
         rest = after.find('/').map_or("/", |i| &after[i..]);
     }
     if !rest.starts_with('/') || rest.bytes().any(|b| b <= b' ' || b == 0x7f) {
-        return Err(HttpError::new(
-            400,
+        return Err(ApiError::new(
+            ErrorKind::BadRequest,
             format!("malformed request target {:?}", clip(target)),
         ));
     }
@@ -945,6 +854,7 @@ fn reason(status: u16) -> &'static str {
         500 => "Internal Server Error",
         501 => "Not Implemented",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         505 => "HTTP Version Not Supported",
         _ => "Unknown",
     }
@@ -953,7 +863,7 @@ fn reason(status: u16) -> &'static str {
 fn response(
     status: u16,
     extra_headers: &[(&str, &str)],
-    body: Option<&Value>,
+    body: Option<&dyn erased::Body>,
     close: bool,
 ) -> Vec<u8> {
     let mut out = format!("HTTP/1.1 {status} {}\r\nServer: vmboot\r\n", reason(status));
@@ -964,7 +874,7 @@ fn response(
         out.push_str("Connection: close\r\n");
     }
     let body = body.map(|v| {
-        let mut text = v.to_string();
+        let mut text = v.to_json();
         text.push('\n');
         text
     });
@@ -979,13 +889,24 @@ fn response(
     out.into_bytes()
 }
 
-fn error_response(status: u16, message: &str, close: bool) -> Vec<u8> {
-    let status = if (400..=599).contains(&status) {
-        status
-    } else {
-        500
+/// A response body: any of the API's types, as JSON.
+mod erased {
+    pub trait Body {
+        fn to_json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Body for T {
+        fn to_json(&self) -> String {
+            // The API's types are plain structs: serializing them cannot fail.
+            serde_json::to_string(self).unwrap_or_default()
+        }
+    }
+}
+
+fn error_response(e: &ApiError, close: bool) -> Vec<u8> {
+    let body = ErrorBody {
+        error: e.message.clone(),
     };
-    response(status, &[], Some(&json!({ "error": message })), close)
+    response(e.status(), &[], Some(&body), close)
 }
 
 /// Runs a controller call, turning a panic into a 500 so one bad call cannot kill the server.
@@ -1007,14 +928,21 @@ fn handle(
 ) -> io::Result<bool> {
     let close = !keep_alive;
     let method_not_allowed = |allow: &str| {
-        let body = json!({ "error": format!("method {} is not allowed on {}; use {allow}", req.method, req.path) });
-        response(405, &[("Allow", allow)], Some(&body), close)
+        let e = ApiError::new(
+            ErrorKind::MethodNotAllowed,
+            format!(
+                "method {} is not allowed on {}; use {allow}",
+                req.method, req.path
+            ),
+        );
+        let body = ErrorBody { error: e.message };
+        response(e.kind.status(), &[("Allow", allow)], Some(&body), close)
     };
     let answer = match req.path.as_str() {
         "/vm" => match req.method.as_str() {
             "GET" => match guarded(|| Ok(shared.ctl.status())) {
                 Ok(status) => response(200, &[], Some(&status), close),
-                Err(e) => error_response(e.status, &e.message, close),
+                Err(e) => error_response(&e, close),
             },
             _ => method_not_allowed("GET"),
         },
@@ -1023,8 +951,7 @@ fn handle(
                 method_not_allowed("PUT")
             } else if shared.saving.load(Ordering::SeqCst) {
                 error_response(
-                    409,
-                    "a save is in progress; try again when it has finished",
+                    &ApiError::conflict("a save is in progress; try again when it has finished"),
                     close,
                 )
             } else {
@@ -1037,7 +964,7 @@ fn handle(
                 });
                 match result {
                     Ok(()) => response(204, &[], None, close),
-                    Err(e) => error_response(e.status, &e.message, close),
+                    Err(e) => error_response(&e, close),
                 }
             }
         }
@@ -1047,7 +974,7 @@ fn handle(
             } else {
                 match guarded(|| shared.ctl.serial_input(&req.body)) {
                     Ok(()) => response(204, &[], None, close),
-                    Err(e) => error_response(e.status, &e.message, close),
+                    Err(e) => error_response(&e, close),
                 }
             }
         }
@@ -1060,12 +987,15 @@ fn handle(
             if req.method != "GET" {
                 method_not_allowed("GET")
             } else if let Some(Err(_)) = since {
-                error_response(400, "since must be a byte offset (a number)", close)
+                error_response(
+                    &ApiError::bad_request("since must be a byte offset (a number)"),
+                    close,
+                )
             } else {
                 let since = since.and_then(Result::ok).unwrap_or(0);
                 match guarded(|| shared.ctl.serial_output(since)) {
                     Ok(v) => response(200, &[], Some(&v), close),
-                    Err(e) => error_response(e.status, &e.message, close),
+                    Err(e) => error_response(&e, close),
                 }
             }
         }
@@ -1074,15 +1004,14 @@ fn handle(
                 method_not_allowed("PUT")
             } else if shared.saving.load(Ordering::SeqCst) {
                 error_response(
-                    409,
-                    "a save is in progress; try again when it has finished",
+                    &ApiError::conflict("a save is in progress; try again when it has finished"),
                     close,
                 )
             } else {
                 let _op = lock(&shared.op_lock);
                 match guarded(|| shared.ctl.reset()) {
                     Ok(v) => response(200, &[], Some(&v), close),
-                    Err(e) => error_response(e.status, &e.message, close),
+                    Err(e) => error_response(&e, close),
                 }
             }
         }
@@ -1091,8 +1020,8 @@ fn handle(
                 method_not_allowed("PUT")
             } else {
                 match guarded(|| shared.ctl.dirty_mark()) {
-                    Ok(m) => response(200, &[], Some(&json!({ "mark": m })), close),
-                    Err(e) => error_response(e.status, &e.message, close),
+                    Ok(m) => response(200, &[], Some(&m), close),
+                    Err(e) => error_response(&e, close),
                 }
             }
         }
@@ -1105,12 +1034,12 @@ fn handle(
             if req.method != "GET" {
                 method_not_allowed("GET")
             } else if let Some(Err(_)) = since {
-                error_response(400, "since must be a mark number", close)
+                error_response(&ApiError::bad_request("since must be a mark number"), close)
             } else {
                 let since = since.and_then(Result::ok).unwrap_or(0);
                 match guarded(|| shared.ctl.dirty_since(since)) {
                     Ok(v) => response(200, &[], Some(&v), close),
-                    Err(e) => error_response(e.status, &e.message, close),
+                    Err(e) => error_response(&e, close),
                 }
             }
         }
@@ -1121,7 +1050,10 @@ fn handle(
                 return handle_save(shared, req, stream);
             }
         }
-        _ => error_response(404, &format!("no such endpoint: {}", req.path), close),
+        _ => error_response(
+            &ApiError::not_found(format!("no such endpoint: {}", req.path)),
+            close,
+        ),
     };
     stream.write_all(&answer)?;
     Ok(keep_alive)
@@ -1133,7 +1065,7 @@ fn handle_save(shared: &Shared, req: &Request, stream: &mut UnixStream) -> io::R
     } else {
         // serde would also take a JSON array for the struct (`[]` = all defaults); the
         // body is an object or nothing.
-        let parsed = serde_json::from_slice::<Value>(&req.body).and_then(|v| {
+        let parsed = serde_json::from_slice::<serde_json::Value>(&req.body).and_then(|v| {
             if v.is_object() {
                 serde_json::from_value(v)
             } else {
@@ -1144,8 +1076,7 @@ fn handle_save(shared: &Shared, req: &Request, stream: &mut UnixStream) -> io::R
             Ok(r) => r,
             Err(e) => {
                 stream.write_all(&error_response(
-                    400,
-                    &format!("invalid save request: {e}"),
+                    &ApiError::bad_request(format!("invalid save request: {e}")),
                     true,
                 ))?;
                 return Ok(false);
@@ -1153,7 +1084,10 @@ fn handle_save(shared: &Shared, req: &Request, stream: &mut UnixStream) -> io::R
         }
     };
     if shared.saving.swap(true, Ordering::SeqCst) {
-        stream.write_all(&error_response(409, "another save is in progress", true))?;
+        stream.write_all(&error_response(
+            &ApiError::conflict("another save is in progress"),
+            true,
+        ))?;
         return Ok(false);
     }
     struct SavingFlag<'a>(&'a AtomicBool);
@@ -1182,14 +1116,14 @@ fn handle_save(shared: &Shared, req: &Request, stream: &mut UnixStream) -> io::R
             out.stream.flush()?;
         }
         Err(e) if !out.committed => {
-            out.stream
-                .write_all(&error_response(e.status, &e.message, true))?;
+            out.stream.write_all(&error_response(&e, true))?;
         }
         Err(e) => {
             // The client sees a pack cut short; its reader reports the missing trailer.
-            eprintln!(
-                "vmboot: API save failed after {} bytes were sent: {}",
-                out.sent, e.message
+            log::error!(
+                "API save failed after {} bytes were sent: {}",
+                out.sent,
+                e.message
             );
         }
     }
@@ -1246,7 +1180,9 @@ impl Write for SaveStream<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api_client::ApiClient;
+    use crate::api::types::{AfterSave, Compression, RunState, UnhandledIo};
+    use crate::api::ApiClient;
+    use serde_json::{json, Value};
     use std::sync::atomic::AtomicU32;
 
     #[derive(Clone, Copy, Debug, PartialEq)]
@@ -1267,6 +1203,8 @@ mod tests {
         /// Outcome of the last save as the controller saw it.
         last_save: Mutex<Option<Result<u64, String>>>,
         last_request: Mutex<Option<SaveRequest>>,
+        /// The next pause fails as one whose vCPUs did not park in time.
+        pause_times_out: AtomicBool,
     }
 
     impl Fake {
@@ -1279,6 +1217,7 @@ mod tests {
                 save_mode: Mutex::new(SaveMode::Stream(1000)),
                 last_save: Mutex::new(None),
                 last_request: Mutex::new(None),
+                pause_times_out: AtomicBool::new(false),
             })
         }
     }
@@ -1302,21 +1241,34 @@ mod tests {
     }
 
     impl VmControl for Fake {
-        fn status(&self) -> Value {
-            json!({
-                "state": *lock(&self.state),
-                "name": "fake",
-                "vcpus": 2,
-                "memory_mib": 16,
-                "uptime_ms": 5,
-                "unhandled_io": {"pio_reads": 0, "pio_writes": 0, "mmio_reads": 0, "mmio_writes": 0},
-                "last_save": null,
-            })
+        fn status(&self) -> VmStatus {
+            VmStatus {
+                state: match *lock(&self.state) {
+                    "paused" => RunState::Paused,
+                    "stopped" => RunState::Stopped,
+                    _ => RunState::Running,
+                },
+                name: "fake".into(),
+                vcpus: 2,
+                memory_mib: 16,
+                uptime_ms: 5,
+                unhandled_io: UnhandledIo::default(),
+                last_save: None,
+                exit: None,
+                disks: Vec::new(),
+                entropy: Vec::new(),
+                net: Vec::new(),
+                vsock: Vec::new(),
+                vmgenid: Vec::new(),
+            }
         }
         fn pause(&self) -> Result<(), ApiError> {
             let mut state = lock(&self.state);
             if *state == "stopped" {
                 return Err(ApiError::conflict("the VM is stopped"));
+            }
+            if self.pause_times_out.swap(false, Ordering::SeqCst) {
+                return Err(ApiError::timeout("timed out pausing"));
             }
             *state = "paused";
             self.pauses.fetch_add(1, Ordering::SeqCst);
@@ -1400,14 +1352,14 @@ mod tests {
     }
 
     fn assert_alive(sock: &Path) {
-        let v = ApiClient::new(sock).get_json("/vm").unwrap();
+        let v = ApiClient::new(sock).get_json::<Value>("/vm").unwrap();
         assert_eq!(v["name"], "fake");
     }
 
     #[test]
     fn status_returns_controller_json() {
         let t = setup();
-        let v = ApiClient::new(&t.sock).get_json("/vm").unwrap();
+        let v = ApiClient::new(&t.sock).get_json::<Value>("/vm").unwrap();
         assert_eq!(v["state"], "running");
         assert_eq!(v["vcpus"], 2);
         assert!(v["last_save"].is_null());
@@ -1467,10 +1419,10 @@ mod tests {
         let c = ApiClient::new(&t.sock);
         c.put("/vm/pause").unwrap();
         c.put("/vm/pause").unwrap();
-        assert_eq!(c.get_json("/vm").unwrap()["state"], "paused");
+        assert_eq!(c.get_json::<Value>("/vm").unwrap()["state"], "paused");
         assert_eq!(t.fake.pauses.load(Ordering::SeqCst), 2);
         c.put("/vm/resume").unwrap();
-        assert_eq!(c.get_json("/vm").unwrap()["state"], "running");
+        assert_eq!(c.get_json::<Value>("/vm").unwrap()["state"], "running");
         let answer = raw(
             &t.sock,
             b"PUT /vm/pause HTTP/1.1\r\nConnection: close\r\n\r\n",
@@ -1499,6 +1451,29 @@ mod tests {
         // A plain String error from the controller maps to 500.
         let err = c.put("/vm/resume").unwrap_err().to_string();
         assert!(err.contains("HTTP 500"), "{err}");
+    }
+
+    #[test]
+    fn a_timed_out_pause_is_504() {
+        let t = setup();
+        t.fake.pause_times_out.store(true, Ordering::SeqCst);
+        let answer = raw(
+            &t.sock,
+            b"PUT /vm/pause HTTP/1.1\r\nConnection: close\r\n\r\n",
+        );
+        assert!(
+            answer.starts_with("HTTP/1.1 504 Gateway Timeout\r\n"),
+            "{answer}"
+        );
+        assert!(
+            answer.ends_with("{\"error\":\"timed out pausing\"}\n"),
+            "{answer}"
+        );
+        let c = ApiClient::new(&t.sock);
+        t.fake.pause_times_out.store(true, Ordering::SeqCst);
+        assert_eq!(c.pause().unwrap_err().status(), Some(504));
+        c.pause().unwrap();
+        assert_eq!(c.status().unwrap().state, RunState::Paused);
     }
 
     #[test]
@@ -1706,7 +1681,7 @@ mod tests {
                 std::thread::spawn(move || {
                     let c = ApiClient::new(&sock);
                     for _ in 0..10 {
-                        assert_eq!(c.get_json("/vm").unwrap()["name"], "fake");
+                        assert_eq!(c.get_json::<Value>("/vm").unwrap()["name"], "fake");
                         c.put(if i % 2 == 0 {
                             "/vm/pause"
                         } else {
@@ -1758,10 +1733,13 @@ mod tests {
         const SIZE: u64 = 50 * 1000 * 1000;
         *lock(&t.fake.save_mode) = SaveMode::Stream(SIZE);
         let mut verify = Verify { pos: 0 };
-        let body = json!({"compress": "zstd", "level": null, "then": "stop"});
-        let n = ApiClient::new(&t.sock)
-            .post_stream("/vm/save", &body, &mut verify)
-            .unwrap();
+        let body = SaveRequest {
+            compress: Some(Compression::Zstd),
+            level: None,
+            then: AfterSave::Stop,
+            diff_from: None,
+        };
+        let n = ApiClient::new(&t.sock).save(&body, &mut verify).unwrap();
         assert_eq!(n, SIZE);
         assert_eq!(verify.pos, SIZE);
         assert_eq!(*lock(&t.fake.last_save), Some(Ok(SIZE)));
@@ -1769,7 +1747,7 @@ mod tests {
         assert_eq!(
             req,
             SaveRequest {
-                compress: Some("zstd".into()),
+                compress: Some(Compression::Zstd),
                 level: None,
                 then: AfterSave::Stop,
                 ..Default::default()
@@ -1805,7 +1783,7 @@ mod tests {
         *lock(&t.fake.save_mode) = SaveMode::Stream(0);
         let mut out = Vec::new();
         let n = ApiClient::new(&t.sock)
-            .post_stream("/vm/save", &json!({}), &mut out)
+            .post_stream("/vm/save", b"{}", &mut out)
             .unwrap();
         assert_eq!(n, 0);
     }
@@ -1826,7 +1804,7 @@ mod tests {
             json!(null),
         ] {
             let err = c
-                .post_stream("/vm/save", &body, &mut out)
+                .post_stream("/vm/save", body.to_string().as_bytes(), &mut out)
                 .unwrap_err()
                 .to_string();
             assert!(
@@ -1850,7 +1828,7 @@ mod tests {
         let mut out = Vec::new();
         *lock(&t.fake.save_mode) = SaveMode::FailBefore;
         let err = c
-            .post_stream("/vm/save", &json!({}), &mut out)
+            .post_stream("/vm/save", b"{}", &mut out)
             .unwrap_err()
             .to_string();
         assert!(
@@ -1870,7 +1848,7 @@ mod tests {
         // Bytes still held back count as "nothing written".
         *lock(&t.fake.save_mode) = SaveMode::FailAfter(1000);
         let err = c
-            .post_stream("/vm/save", &json!({}), &mut out)
+            .post_stream("/vm/save", b"{}", &mut out)
             .unwrap_err()
             .to_string();
         assert!(err.contains("memory read failed"), "{err}");
@@ -1878,7 +1856,7 @@ mod tests {
         // A panic becomes a 500 too.
         *lock(&t.fake.save_mode) = SaveMode::Panic;
         let err = c
-            .post_stream("/vm/save", &json!({}), &mut out)
+            .post_stream("/vm/save", b"{}", &mut out)
             .unwrap_err()
             .to_string();
         assert!(
@@ -1895,7 +1873,7 @@ mod tests {
         *lock(&t.fake.save_mode) = SaveMode::FailAfter(3_000_000);
         let mut verify = Verify { pos: 0 };
         let n = ApiClient::new(&t.sock)
-            .post_stream("/vm/save", &json!({}), &mut verify)
+            .post_stream("/vm/save", b"{}", &mut verify)
             .unwrap();
         assert!(n > 0 && n <= 3_000_000, "{n}");
         assert_alive(&t.sock);
@@ -1931,14 +1909,14 @@ mod tests {
         s.read_exact(&mut buf).unwrap();
         // The save is now blocked on our full socket buffer.
         let c = ApiClient::new(&t.sock);
-        assert_eq!(c.get_json("/vm").unwrap()["name"], "fake");
+        assert_eq!(c.get_json::<Value>("/vm").unwrap()["name"], "fake");
         let err = c.put("/vm/pause").unwrap_err().to_string();
         assert!(
             err.contains("HTTP 409") && err.contains("save is in progress"),
             "{err}"
         );
         let err = c
-            .post_stream("/vm/save", &json!({}), &mut Vec::new())
+            .post_stream("/vm/save", b"{}", &mut Vec::new())
             .unwrap_err()
             .to_string();
         assert!(err.contains("HTTP 409"), "{err}");
@@ -1956,7 +1934,7 @@ mod tests {
         assert_alive(&sock);
         // A second server must not steal a live socket.
         let err = ApiServer::start(&sock, Fake::new()).err().unwrap();
-        assert_eq!(err.kind(), ErrorKind::AddrInUse, "{err}");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
         assert_alive(&sock);
         let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
@@ -1995,7 +1973,7 @@ mod tests {
         idle.read_to_end(&mut out).unwrap();
         assert!(out.is_empty());
         let err = ApiClient::new(&sock)
-            .get_json("/vm")
+            .get_json::<Value>("/vm")
             .unwrap_err()
             .to_string();
         assert!(

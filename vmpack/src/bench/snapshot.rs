@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use vmboot::api_client::ApiClient;
+use vmboot::api::ApiClient;
 use vmpack_formats::pack::Compression;
 
 use crate::output::AtomicDir;
@@ -275,14 +275,14 @@ fn measure_diff(
         bail!("{}", String::from_utf8_lossy(&o.stderr).trim());
     }
     let j: serde_json::Value = serde_json::from_slice(&o.stdout)?;
-    let st = client.get_json("/vm")?;
+    let st = client.status()?;
     let _ = std::fs::remove_file(out);
     Ok(DiffSample {
         pause_ms: j["pause_ms"].as_f64().unwrap_or(f64::NAN),
         save_ms: j["milliseconds"].as_f64().unwrap_or(f64::NAN),
         process_ms,
         bytes: j["bytes"].as_u64().unwrap_or(0),
-        memory_bytes: st["last_save"]["diff_bytes"].as_u64().unwrap_or(0),
+        memory_bytes: st.last_save.and_then(|l| l.diff_bytes).unwrap_or(0),
     })
 }
 
@@ -343,7 +343,7 @@ fn measure_ours(
     let client = ApiClient::new(&sock);
     loop {
         vm.check_alive(Some(&log))?;
-        if sock.exists() && client.get_json("/vm").is_ok() {
+        if sock.exists() && client.status().is_ok() {
             break;
         }
         if t0.elapsed() > Duration::from_secs(120) {
@@ -385,11 +385,10 @@ fn measure_ours(
             packs.push((c, pack, row));
             continue;
         }
-        let st = client.get_json("/vm")?;
-        let ls = &st["last_save"];
-        row.pause_ms = ls["pause_ms"].as_f64().unwrap_or(f64::NAN);
-        row.bytes = ls["bytes"]
-            .as_u64()
+        let ls = client.status()?.last_save;
+        row.pause_ms = ls.as_ref().map_or(f64::NAN, |l| l.pause_ms);
+        row.bytes = ls
+            .map(|l| l.bytes)
             .unwrap_or_else(|| std::fs::metadata(&pack).map_or(0, |m| m.len()));
         crate::note!(
             "  save {c:<7} pause {:8.1} ms, wall {:6.2} s, {:8.1} MB",
@@ -418,7 +417,7 @@ fn measure_ours(
         }
         row.diff = Some(r);
     }
-    let _ = client.put("/vm/shutdown");
+    let _ = client.shutdown();
     vm.finish(Duration::from_secs(5));
 
     let mut rows = Vec::new();

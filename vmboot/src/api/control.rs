@@ -1,21 +1,34 @@
-//! The API server's view of a VM: [`crate::api::VmControl`] for [`VmHandle`].
+//! The API server's view of a VM: [`VmControl`] for [`VmHandle`], and the one mapping of the
+//! VMM's errors onto the API's.
 
-use crate::api::{AfterSave, ApiError, SaveRequest, VmControl};
-use crate::vmm::VmHandle;
+use super::server::VmControl;
+use super::types::{
+    AfterSave, ApiError, Compression, DirtyLog, DirtyMark, RunState, SaveRequest, SerialOutput,
+    VmStatus,
+};
+use crate::vmm::{PauseError, VmHandle};
 use std::io::Write;
-use vmpack_formats::pack::Compression;
+
+impl From<PauseError> for ApiError {
+    fn from(e: PauseError) -> Self {
+        match e {
+            PauseError::Ended(_) => ApiError::conflict(e.to_string()),
+            PauseError::TimedOut { .. } => ApiError::timeout(e.to_string()),
+        }
+    }
+}
 
 impl VmControl for VmHandle {
-    fn status(&self) -> serde_json::Value {
-        self.status_json()
+    fn status(&self) -> VmStatus {
+        VmHandle::status(self)
     }
 
     fn pause(&self) -> Result<(), ApiError> {
-        VmHandle::pause(self).map_err(|e| ApiError::conflict(format!("{e:#}")))
+        Ok(VmHandle::pause(self)?)
     }
 
     fn resume(&self) -> Result<(), ApiError> {
-        VmHandle::resume(self).map_err(|e| ApiError::conflict(format!("{e:#}")))
+        Ok(VmHandle::resume(self)?)
     }
 
     fn shutdown(&self) -> Result<(), ApiError> {
@@ -28,17 +41,17 @@ impl VmControl for VmHandle {
             .map_err(|e| ApiError::conflict(format!("{e:#}")))
     }
 
-    fn serial_output(&self, since: u64) -> Result<serde_json::Value, ApiError> {
+    fn serial_output(&self, since: u64) -> Result<SerialOutput, ApiError> {
         let log = self
             .serial_log()
-            .ok_or_else(|| ApiError::new(404, "this VM keeps no serial output"))?;
+            .ok_or_else(|| ApiError::not_found("this VM keeps no serial output"))?;
         let (start, bytes) = log.since(usize::try_from(since).unwrap_or(usize::MAX));
-        Ok(serde_json::json!({
-            "start": start,
-            "next": start + bytes.len(),
-            "ended": self.status_json()["state"] == "stopped",
-            "output": String::from_utf8_lossy(&bytes),
-        }))
+        Ok(SerialOutput {
+            start: start as u64,
+            next: (start + bytes.len()) as u64,
+            ended: self.run_state() == RunState::Stopped,
+            output: String::from_utf8_lossy(&bytes).into_owned(),
+        })
     }
 
     fn reset(&self) -> Result<serde_json::Value, ApiError> {
@@ -53,32 +66,30 @@ impl VmControl for VmHandle {
         Ok(serde_json::to_value(stats).unwrap_or_default())
     }
 
-    fn dirty_mark(&self) -> Result<u64, ApiError> {
-        VmHandle::dirty_mark(self).map_err(|e| ApiError::internal(format!("{e:#}")))
+    fn dirty_mark(&self) -> Result<DirtyMark, ApiError> {
+        let mark = VmHandle::dirty_mark(self).map_err(|e| ApiError::internal(format!("{e:#}")))?;
+        Ok(DirtyMark { mark })
     }
 
-    fn dirty_since(&self, since: u64) -> Result<serde_json::Value, ApiError> {
+    fn dirty_since(&self, since: u64) -> Result<DirtyLog, ApiError> {
         let p = VmHandle::dirty_since(self, since).map_err(|e| {
             let msg = format!("{e:#}");
             if msg.starts_with("KVM_") {
                 ApiError::internal(msg)
             } else {
-                ApiError::new(404, msg)
+                ApiError::not_found(msg)
             }
         })?;
-        Ok(serde_json::json!({
-            "mark": p.mark,
-            "page_size": crate::vstate::dirty::PAGE,
-            "pages": p.count(),
-            "ranges": p.ranges().iter().map(|&(gpa, len)| [gpa, len]).collect::<Vec<_>>(),
-        }))
+        Ok(DirtyLog {
+            mark: p.mark,
+            page_size: crate::vstate::dirty::PAGE,
+            pages: p.count(),
+            ranges: p.ranges().iter().map(|&(gpa, len)| [gpa, len]).collect(),
+        })
     }
 
     fn save(&self, req: &SaveRequest, out: &mut dyn Write) -> Result<(), ApiError> {
-        let compression = match req.compress.as_deref() {
-            None => Compression::None,
-            Some(c) => c.parse().map_err(ApiError::bad_request)?,
-        };
+        let compression = req.compress.unwrap_or(Compression::None);
         compression
             .check_level(req.level)
             .map_err(ApiError::bad_request)?;
@@ -107,7 +118,7 @@ impl VmControl for VmHandle {
                 if let Some(m) = stats.mark {
                     self.note_pack(&stats.root_digest, m);
                 }
-                self.set_last_save(serde_json::to_value(&stats).unwrap_or_default());
+                self.set_last_save(stats);
                 if req.then == AfterSave::Stop {
                     VmHandle::shutdown(self);
                 }
@@ -117,7 +128,11 @@ impl VmControl for VmHandle {
                 if !was_paused {
                     let _ = VmHandle::resume(self);
                 }
-                Err(ApiError::internal(format!("save failed: {e:#}")))
+                // A VM that ended is a conflict whichever step noticed it.
+                match e.downcast_ref::<PauseError>() {
+                    Some(p) => Err(ApiError::from(p.clone())),
+                    None => Err(ApiError::internal(format!("save failed: {e:#}"))),
+                }
             }
         }
     }
