@@ -400,6 +400,44 @@ mod tests {
     }
 
     #[test]
+    fn diff_save_wire_form() {
+        let d = "ab".repeat(32);
+        let r: SaveRequest = serde_json::from_str(&format!(
+            r#"{{"diff_from":{{"root_digest":"{d}","file":"base.vmpack"}}}}"#
+        ))
+        .unwrap();
+        let p = r.diff_from.clone().unwrap();
+        assert_eq!(
+            (p.root_digest.as_str(), p.file.as_str()),
+            (d.as_str(), "base.vmpack")
+        );
+        // A full save sends no `diff_from`; its stats no `parent`/`diff_bytes`, never `mark`.
+        let full = serde_json::to_value(SaveRequest::default()).unwrap();
+        assert!(full.get("diff_from").is_none());
+        let mut st = SaveStats {
+            pause_ms: 1.0,
+            bytes: 2,
+            root_digest: d.clone(),
+            compress: Compression::None,
+            parent: None,
+            diff_bytes: None,
+            mark: Some(7),
+        };
+        let v = serde_json::to_value(&st).unwrap();
+        assert!(v.get("parent").is_none() && v.get("diff_bytes").is_none());
+        assert!(v.get("mark").is_none());
+        st.parent = Some(d.clone());
+        st.diff_bytes = Some(4096);
+        let v = serde_json::to_value(&st).unwrap();
+        assert_eq!(
+            (v["parent"].as_str(), v["diff_bytes"].as_u64()),
+            (Some(d.as_str()), Some(4096))
+        );
+        let back: SaveStats = serde_json::from_value(v).unwrap();
+        assert_eq!((back.diff_bytes, back.mark), (Some(4096), None));
+    }
+
+    #[test]
     fn status_lists_appear_only_when_present() {
         let mut s = VmStatus {
             state: RunState::Paused,
