@@ -230,4 +230,3 @@ pub fn udp_echo(msg: &[u8], tries: u32) -> bool {
     }
     false
 }
-

@@ -113,9 +113,7 @@ impl Responder {
     #[allow(dead_code)]
     pub fn serve_once(&mut self) -> bool {
         let irqs = rt::device_irqs(self.slot);
-        rt::wait_for(|| {
-            self.dev.poll_receive().is_some() || rt::device_irqs(self.slot) != irqs
-        });
+        rt::wait_for(|| self.dev.poll_receive().is_some() || rt::device_irqs(self.slot) != irqs);
         self.handle_pending()
     }
 
