@@ -46,7 +46,7 @@ fn guest_elf(name: &str) -> PathBuf {
 /// The guest's machine code has no instruction this host's KVM cannot emulate.
 #[test]
 fn rs_guest_is_integer_only() {
-    for name in ["rsblk", "rsblkbench", "rsnet", "rsvsock"] {
+    for name in ["rsblk", "rsblkbench", "rsnet", "rsvsock", "rsclone"] {
         let elf = guest_elf(name);
         let o = Command::new("objdump")
             .args(["-d", "--no-show-raw-insn"])

@@ -633,16 +633,7 @@ impl Vm {
 /// Puts disk `i`'s private copy back to the content the VM was restored with.
 pub type DiskReset = Box<dyn Fn(usize) -> Result<()> + Send + Sync>;
 
-/// What `PUT /vm/reset` did.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct ResetStats {
-    /// Guest pages put back (written since the restore or the previous reset).
-    pub pages: u64,
-    /// Disks whose copy was put back (written since then).
-    pub disks: usize,
-    /// Time the guest stood still for the reset, in milliseconds.
-    pub pause_ms: f64,
-}
+pub use crate::api::ResetStats;
 
 impl VmHandle {
     /// Pauses the VM: returns once every vCPU thread is parked outside KVM_RUN (see

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the Rust guest into flat images: samples/guests/bin/rsblk.bin, rsblkbench.bin and rsnet.bin
+# Builds the Rust guest into flat images: samples/guests/bin/rsblk.bin, rsblkbench.bin, rsnet.bin, rsvsock.bin and rsclone.bin
 # (load and entry address 0x100000, long mode). Needs the x86_64-unknown-none target
 # (`rustup target add x86_64-unknown-none`; scripts/test-all.sh installs it) and objcopy.
 # The ELF files stay in target/rs-guest/x86_64-unknown-none/release/ at the top of the
@@ -21,7 +21,7 @@ cargo build --release --locked --quiet
 mkdir -p "$out"
 # vmboot's build script watches samples/guests: a file there is replaced only when its bytes
 # change, so a rebuild that changed nothing does not make cargo rebuild vmboot.
-for b in rsblk rsblkbench rsnet rsvsock; do
+for b in rsblk rsblkbench rsnet rsvsock rsclone; do
   flat="$CARGO_TARGET_DIR/$b.bin"
   objcopy -O binary "$CARGO_TARGET_DIR/x86_64-unknown-none/release/$b" "$flat"
   if ! cmp -s "$flat" "$out/$b.bin"; then

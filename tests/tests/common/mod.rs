@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod blk;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

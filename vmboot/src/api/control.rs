@@ -3,8 +3,8 @@
 
 use super::server::VmControl;
 use super::types::{
-    AfterSave, ApiError, Compression, DirtyLog, DirtyMark, RunState, SaveRequest, SerialOutput,
-    VmStatus,
+    AfterSave, ApiError, Compression, DirtyLog, DirtyMark, ResetStats, RunState, SaveRequest,
+    SerialOutput, VmStatus,
 };
 use crate::vmm::{PauseError, VmHandle};
 use std::io::Write;
@@ -54,7 +54,7 @@ impl VmControl for VmHandle {
         })
     }
 
-    fn reset(&self) -> Result<serde_json::Value, ApiError> {
+    fn reset(&self) -> Result<ResetStats, ApiError> {
         let stats = VmHandle::reset(self).map_err(|e| {
             let msg = format!("{e:#}");
             if msg.starts_with("reset failed") {
@@ -63,7 +63,7 @@ impl VmControl for VmHandle {
                 ApiError::conflict(msg)
             }
         })?;
-        Ok(serde_json::to_value(stats).unwrap_or_default())
+        Ok(stats)
     }
 
     fn dirty_mark(&self) -> Result<DirtyMark, ApiError> {

@@ -18,8 +18,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::types::{
-    ApiError, DirtyLog, DirtyMark, ErrorBody, ErrorKind, SaveRequest, SerialOutput, VmStatus,
-    PACK_CONTENT_TYPE,
+    ApiError, DirtyLog, DirtyMark, ErrorBody, ErrorKind, ResetStats, SaveRequest, SerialOutput,
+    VmStatus, PACK_CONTENT_TYPE,
 };
 
 /// Largest accepted request line + header block, in bytes.
@@ -73,7 +73,7 @@ pub trait VmControl: Send + Sync {
     }
     /// `PUT /vm/reset`: put a VM restored from a pack back to the pack's state in place;
     /// answers `{"pages", "disks", "pause_ms"}` (see docs/API.md).
-    fn reset(&self) -> Result<serde_json::Value, ApiError> {
+    fn reset(&self) -> Result<ResetStats, ApiError> {
         Err(ApiError::not_found("this VM cannot be reset"))
     }
     /// `PUT /vm/dirty/mark`: start a new dirty-page mark and return its number.

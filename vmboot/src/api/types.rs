@@ -250,6 +250,17 @@ pub struct SerialOutput {
     pub output: String,
 }
 
+/// Body of the answer to `PUT /vm/reset`: what the reset did.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
+pub struct ResetStats {
+    /// Guest pages put back (written since the restore or the previous reset).
+    pub pages: u64,
+    /// Disks whose copy was put back (written since then).
+    pub disks: usize,
+    /// Time the guest stood still for the reset, in milliseconds.
+    pub pause_ms: f64,
+}
+
 /// Body of `PUT /vm/dirty/mark`.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DirtyMark {

@@ -110,11 +110,22 @@ impl Responder {
 
     /// Sleeps until a frame arrives (or the config changes), then handles every frame
     /// waiting. Returns the UDP payload "exit" was received (the sample then ends).
+    #[allow(dead_code)]
     pub fn serve_once(&mut self) -> bool {
         let irqs = rt::device_irqs(self.slot);
-        rt::wait_for(|| {
-            self.dev.poll_receive().is_some() || rt::device_irqs(self.slot) != irqs
-        });
+        rt::wait_for(|| self.dev.poll_receive().is_some() || rt::device_irqs(self.slot) != irqs);
+        self.handle_pending()
+    }
+
+    /// The device's interrupt count (`rt::device_irqs`), for a loop serving other devices.
+    #[allow(dead_code)]
+    pub fn irqs(&self) -> u32 {
+        rt::device_irqs(self.slot)
+    }
+
+    /// Handles a configuration change and every frame waiting, without sleeping first.
+    /// Returns the UDP payload "exit" was received.
+    pub fn handle_pending(&mut self) -> bool {
         let st = self.dev.ack_interrupt();
         if st.contains(InterruptStatus::DEVICE_CONFIGURATION_INTERRUPT) {
             let m = config_mac(self.slot);

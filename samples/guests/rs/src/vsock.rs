@@ -347,8 +347,31 @@ fn ack_interrupt(slot: usize) {
     }
 }
 
+/// Another device served from the same loop (rsclone's virtio-net): its interrupt count
+/// wakes the loop too, and `poll` handles whatever it has waiting without sleeping.
+pub trait Also {
+    fn irqs(&self) -> u32;
+    fn poll(&mut self);
+}
+
+#[allow(dead_code)]
+struct Nothing;
+
+impl Also for Nothing {
+    fn irqs(&self) -> u32 {
+        0
+    }
+    fn poll(&mut self) {}
+}
+
 /// Runs the vsock services on virtio-mmio slot `slot` forever.
+#[allow(dead_code)]
 pub fn serve(slot: usize, id: &mut dyn Identity) -> ! {
+    serve_also(slot, id, &mut Nothing)
+}
+
+/// As `serve`, also polling `also` whenever either device interrupts.
+pub fn serve_also(slot: usize, id: &mut dyn Identity, also: &mut dyn Also) -> ! {
     let sock = match VirtIOSocket::<crate::rt::GuestHal, _, RX_BUF>::new(crate::rt::transport(slot))
     {
         Ok(s) => s,
@@ -380,12 +403,14 @@ pub fn serve(slot: usize, id: &mut dyn Identity) -> ! {
     println!("vsock ready");
     loop {
         let seen = crate::rt::device_irqs(slot);
+        let seen_also = also.irqs();
         ack_interrupt(slot);
         let events = poll_all(&mut s.mgr);
         s.backlog.extend(events);
         while let Some(ev) = s.backlog.pop_front() {
             s.event(ev);
         }
-        crate::rt::wait_for(|| crate::rt::device_irqs(slot) != seen);
+        also.poll();
+        crate::rt::wait_for(|| crate::rt::device_irqs(slot) != seen || also.irqs() != seen_also);
     }
 }
