@@ -2,7 +2,7 @@
 //! `vmpack template --fit` writes, or a Firecracker custom CPU template
 //! (`cpuid_modifiers`). What each supports is in docs/CPU-TEMPLATES.md.
 
-use crate::compat::{feature_bit, feature_names, has_bit};
+use crate::cpu_features::{feature_bit, feature_names, has_bit, kvm_cpuid, xsave_size};
 use kvm_bindings::kvm_cpuid_entry2;
 use serde::Deserialize;
 use std::path::Path;
@@ -118,7 +118,7 @@ pub fn parse(bytes: &[u8], label: &str) -> Result<Custom, String> {
         .map_err(|e| format!("cpu_template {label}: not JSON: {e}"))?;
     if v.get("fingerprint_version").is_some() {
         let f = HostFingerprint::parse(bytes, label)?;
-        return Ok(Custom::Fit(crate::host_info::kvm_cpuid(&f)));
+        return Ok(Custom::Fit(kvm_cpuid(&f)));
     }
     let fc: FcTemplate = serde_json::from_value(v).map_err(|e| {
         format!("cpu_template {label}: neither a `vmpack template --fit` file nor a Firecracker CPU template: {e}")
@@ -277,7 +277,7 @@ impl Custom {
         if !has("avx512f") {
             xcr0 &= !0xe0;
         }
-        let size = crate::cpuid::xsave_size(entries, xcr0);
+        let size = xsave_size(entries, xcr0);
         entries.retain(|e| {
             !(e.function == 0xd && e.index >= 2 && (e.index >= 64 || xcr0 & (1u64 << e.index) == 0))
         });

@@ -3,8 +3,7 @@
 //! CPU (a feature whose prerequisite is missing goes too, XSAVE sizes follow the remaining
 //! components), written in the fingerprint format (docs/CPU-TEMPLATES.md).
 
-use crate::compat::{feature_bit, has_bit};
-use crate::host_info::{kvm_cpuid, to_entry};
+use crate::cpu_features::{feature_bit, feature_names, has_bit, kvm_cpuid, to_entry, xsave_size};
 use kvm_bindings::kvm_cpuid_entry2;
 use vmpack_formats::config::CpuTemplate;
 use vmpack_formats::host::{HostCpu, HostFingerprint, FINGERPRINT_VERSION};
@@ -127,7 +126,7 @@ pub fn fit(hosts: &[HostFingerprint]) -> Result<Fit, String> {
             }
         }
     }
-    let before: Vec<&str> = crate::compat::feature_names()
+    let before: Vec<&str> = feature_names()
         .filter(|n| has_bit(&out, &feature_bit(n).expect("from the table")))
         .collect();
     // Prerequisites first removed make their dependants go on the next pass.
@@ -161,7 +160,7 @@ pub fn fit(hosts: &[HostFingerprint]) -> Result<Fit, String> {
     if !has("avx512f") {
         xcr0 &= !0xe0;
     }
-    let xsave_max = crate::cpuid::xsave_size(&out, xcr0);
+    let xsave_max = xsave_size(&out, xcr0);
     out.retain(|e| {
         !(e.function == 0xd && e.index >= 2 && (e.index >= 64 || xcr0 & (1u64 << e.index) == 0))
     });
@@ -175,7 +174,7 @@ pub fn fit(hosts: &[HostFingerprint]) -> Result<Fit, String> {
             e.eax = 0;
         }
     }
-    let features: Vec<String> = crate::compat::feature_names()
+    let features: Vec<String> = feature_names()
         .filter(|n| has_bit(&out, &feature_bit(n).expect("from the table")))
         .map(str::to_string)
         .collect();

@@ -13,7 +13,9 @@
 //! (0x4000_0000..) are kept, and topology describes `vcpus` single-threaded cores in one
 //! package (leaves 1, 4, 0xB and 0x1F with subleaves 0 to 2, AMD's 0x8000_0008/0x8000_001E).
 
-use crate::compat::{feature_bit, FeatureBit};
+use crate::cpu_features::{
+    feature_bit, has_bit, vendor, xsave_size, FeatureBit, XSAVE_LEGACY_SIZE,
+};
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 use vmpack_formats::config::CpuTemplate;
 
@@ -51,9 +53,6 @@ const V4_REQUIRED: &[&str] = &["avx512f", "avx512bw", "avx512cd", "avx512dq", "a
 const XCR0_V1: u64 = 0x3;
 const XCR0_V3: u64 = 0x7;
 const XCR0_V4: u64 = 0xe7;
-
-/// Size of the legacy XSAVE area (x87 + SSE) plus the XSAVE header.
-const XSAVE_LEGACY_SIZE: u32 = 512 + 64;
 
 /// Leaves no named template passes: SGX (0x12), processor trace (0x14), key locker (0x19),
 /// AMX tiles (0x1D, 0x1E), AVX10 (0x24).
@@ -107,7 +106,7 @@ pub fn missing_for(t: &CpuTemplate, supported: &[kvm_cpuid_entry2]) -> Vec<&'sta
         .into_iter()
         .filter(|n| {
             let b = feature_bit(n).expect("template features are in the table");
-            !crate::compat::has_bit(supported, &b)
+            !has_bit(supported, &b)
         })
         .collect()
 }
@@ -173,12 +172,7 @@ pub fn apply_template(
     let xcr0 = xcr0(template);
     // Sizes of the enabled XSAVE components, from the host's own layout (standard format:
     // each component at its fixed offset).
-    let xsave_max = entries
-        .iter()
-        .filter(|e| e.function == 0xd && e.index >= 2 && e.index < 64)
-        .filter(|e| xcr0 & (1u64 << e.index) != 0)
-        .map(|e| e.ebx.saturating_add(e.eax))
-        .fold(XSAVE_LEGACY_SIZE, u32::max);
+    let xsave_max = xsave_size(entries, xcr0);
     entries.retain(|e| {
         !(HIDDEN_LEAVES.contains(&e.function)
             || (e.function == 7 && e.index >= 1)
@@ -225,17 +219,6 @@ pub fn apply_template(
     Ok(())
 }
 
-/// The standard-format XSAVE area size for the components in `xcr0`, from the host's layout
-/// (leaf 0xD subleaves: size in EAX, offset in EBX).
-pub fn xsave_size(entries: &[kvm_cpuid_entry2], xcr0: u64) -> u32 {
-    entries
-        .iter()
-        .filter(|e| e.function == 0xd && e.index >= 2 && e.index < 64)
-        .filter(|e| xcr0 & (1u64 << e.index) != 0)
-        .map(|e| e.ebx.saturating_add(e.eax))
-        .fold(XSAVE_LEGACY_SIZE, u32::max)
-}
-
 /// The entries for vCPU `id` of `count`: topology and hypervisor bit.
 pub fn for_vcpu(
     template_entries: &[kvm_cpuid_entry2],
@@ -244,7 +227,7 @@ pub fn for_vcpu(
 ) -> anyhow::Result<CpuId> {
     let mut entries: Vec<kvm_cpuid_entry2> = template_entries.to_vec();
     let count = count.max(1);
-    let amd = crate::compat::vendor(&entries).as_deref() == Some("AuthenticAMD");
+    let amd = vendor(&entries).as_deref() == Some("AuthenticAMD");
     // KVM reports only subleaf 0 of the extended topology leaves; a multi-vCPU Linux then
     // sees one-CPU packages. Describe both levels (SMT, core) and the terminating subleaf.
     for leaf in [0xb, 0x1f] {

@@ -2,40 +2,11 @@
 //! supported CPUID, the MSRs a vCPU can save, the KVM capabilities vmboot uses, TSC rate
 //! and scaling, kernel and vmboot versions.
 
+use crate::cpu_features::to_entry;
 use anyhow::{Context, Result};
-use kvm_bindings::{kvm_cpuid_entry2, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm};
-use vmpack_formats::host::{CpuidEntry, HostCpu, HostFingerprint, FINGERPRINT_VERSION};
-
-pub fn to_entry(e: &kvm_cpuid_entry2) -> CpuidEntry {
-    CpuidEntry {
-        leaf: e.function,
-        subleaf: e.index,
-        flags: e.flags,
-        eax: e.eax,
-        ebx: e.ebx,
-        ecx: e.ecx,
-        edx: e.edx,
-    }
-}
-
-pub fn to_kvm(e: &CpuidEntry) -> kvm_cpuid_entry2 {
-    kvm_cpuid_entry2 {
-        function: e.leaf,
-        index: e.subleaf,
-        flags: e.flags,
-        eax: e.eax,
-        ebx: e.ebx,
-        ecx: e.ecx,
-        edx: e.edx,
-        ..Default::default()
-    }
-}
-
-/// KVM's CPUID of a fingerprint, as KVM's own type.
-pub fn kvm_cpuid(f: &HostFingerprint) -> Vec<kvm_cpuid_entry2> {
-    f.kvm_cpuid.iter().map(to_kvm).collect()
-}
+use vmpack_formats::host::{HostCpu, HostFingerprint, FINGERPRINT_VERSION};
 
 fn kernel_release() -> String {
     // SAFETY: `uname` fills the zeroed struct; its fields are NUL-terminated.
@@ -83,10 +54,10 @@ fn measure() -> Result<HostFingerprint> {
     let vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
     let msrs = crate::msr::filter_readable(&vcpu, crate::msr::candidate_list(&kvm_list))?;
     let tsc_khz = vcpu.get_tsc_khz().context("KVM_GET_TSC_KHZ")?;
-    let features = crate::compat::feature_names()
+    let features = crate::cpu_features::feature_names()
         .filter(|n| {
-            let b = crate::compat::feature_bit(n).expect("from the table");
-            crate::compat::has_bit(&cpuid, &b)
+            let b = crate::cpu_features::feature_bit(n).expect("from the table");
+            crate::cpu_features::has_bit(&cpuid, &b)
         })
         .map(str::to_string)
         .collect();

@@ -10,6 +10,7 @@ pub mod clone;
 pub mod compat;
 pub mod console;
 pub mod cpu_custom;
+pub mod cpu_features;
 pub mod cpu_fit;
 pub mod cpuid;
 pub mod device_manager;

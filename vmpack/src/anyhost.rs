@@ -259,7 +259,7 @@ pub fn template(a: TemplateArgs) -> Result<u8> {
                     serde_json::json!({
                         "file": f.display().to_string(),
                         "host": h.name,
-                        "highest_level": vmboot::cpuid::highest_level(&vmboot::host_info::kvm_cpuid(h)).map(|t| t.to_string()),
+                        "highest_level": vmboot::cpuid::highest_level(&vmboot::cpu_features::kvm_cpuid(h)).map(|t| t.to_string()),
                     })
                 })
                 .collect();
