@@ -341,7 +341,7 @@ fn main() {
                     verify,
                     memory,
                     run,
-                    work_dir: None,
+                    work_dir: std::env::temp_dir(),
                     source: Default::default(),
                     parent: None,
                 },

@@ -574,8 +574,10 @@ pub struct RestoreOptions {
     /// How guest RAM is filled (file input only: a pipe is always read whole first).
     pub memory: MemoryPolicy,
     pub run: RunOptions,
-    /// Folder for the private copies of the pack's disks; default: a fresh temporary folder.
-    pub work_dir: Option<PathBuf>,
+    /// Folder in which a fresh per-restore folder holds the private copies of the pack's
+    /// disks (removed when the VM ends). The library reads no environment variable: the
+    /// binaries pass `std::env::temp_dir()` (which honours `TMPDIR`) or a folder of their own.
+    pub work_dir: PathBuf,
     /// Where memory chunks come from. With [`ChunkSource::Fetch`] the pack file holds
     /// everything but memory payloads (a restore from a registry): memory is then always
     /// served lazily, each chunk fetched and verified on first touch.
@@ -681,7 +683,7 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
             }
         }
     }
-    let work = WorkDir::new(opts.work_dir.as_deref())?;
+    let work = WorkDir::new(&opts.work_dir)?;
     let (cfg, state) = checked_state(&pack, state_section, &label, &work.path)?;
     let warnings = check_host(&state, &cfg, &label)?;
     extract_disks(&pack, &work.path)?;
@@ -1025,7 +1027,13 @@ fn config_differences(a: &VmConfig, b: &VmConfig) -> Vec<&'static str> {
 
 /// Boots a pack that holds a VM at rest (made by `vmpack pack` or `import`) without
 /// unpacking it by hand: boot files are read from the pack, disks get private copies.
-pub fn boot_at_rest(path: &Path, verify: VerifyPolicy, run: RunOptions) -> Result<Vm> {
+/// `work_dir` is the folder for the disks' private copies, as [`RestoreOptions::work_dir`].
+pub fn boot_at_rest(
+    path: &Path,
+    verify: VerifyPolicy,
+    run: RunOptions,
+    work_dir: &Path,
+) -> Result<Vm> {
     let pack = VmPack::open(path)?;
     let label = path.display().to_string();
     if pack.manifest().vmstate.is_some() {
@@ -1037,7 +1045,7 @@ pub fn boot_at_rest(path: &Path, verify: VerifyPolicy, run: RunOptions) -> Resul
         pack.reader().verify(&())?;
         verified_cache::record(path, pack.reader().root_digest());
     }
-    let work = WorkDir::new(None)?;
+    let work = WorkDir::new(work_dir)?;
     let cfg = pack_config(pack.manifest(), &label, &work.path)?;
     if let CpuTemplate::Custom(p) = &cfg.cpu_template {
         bail!(
@@ -1218,7 +1226,7 @@ fn restore_stream<R: Read + 'static>(
 ) -> Result<(Vm, RestoreInfo)> {
     let started = Instant::now();
     let mut sr = StreamReader::new(input, label)?;
-    let work = WorkDir::new(opts.work_dir.as_deref())?;
+    let work = WorkDir::new(&opts.work_dir)?;
     let mut manifest: Option<Manifest> = None;
     let mut cfg: Option<VmConfig> = None;
     let mut current: Option<(String, u16)> = None;
@@ -1493,10 +1501,7 @@ struct WorkDir {
 }
 
 impl WorkDir {
-    fn new(base: Option<&Path>) -> Result<WorkDir> {
-        let base = base
-            .map(Path::to_path_buf)
-            .unwrap_or_else(std::env::temp_dir);
+    fn new(base: &Path) -> Result<WorkDir> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or(Duration::ZERO)

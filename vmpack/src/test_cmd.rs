@@ -260,7 +260,7 @@ pub fn start_clone(src: &Path, work: &WorkBase, i: usize, run: RunOptions) -> Re
             // Clones of one verified pack share its page cache through the mapping.
             memory: vmboot::snapshot::MemoryPolicy::Eager,
             run,
-            work_dir: Some(work.clone_dir(i)?),
+            work_dir: work.clone_dir(i)?,
             source: Default::default(),
             parent: None,
         },

@@ -235,7 +235,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
                 serial_out: packed_sink(&a, &cfg, p),
                 ..run_options(&a, None)
             };
-            snapshot::boot_at_rest(p, a.verify, run)?
+            snapshot::boot_at_rest(p, a.verify, run, &std::env::temp_dir())?
         }
         Some(p) => {
             let cfg = VmConfig::from_file(p).map_err(|e| {
@@ -618,7 +618,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
             verify: a.verify,
             memory: a.memory,
             run,
-            work_dir: None,
+            work_dir: std::env::temp_dir(),
             source: Default::default(),
             parent: a.parent,
         },
@@ -667,7 +667,7 @@ fn restore_json(input: PackInput, a: RestoreArgs) -> Result<i32> {
             verify: a.verify,
             memory: a.memory,
             run,
-            work_dir: None,
+            work_dir: std::env::temp_dir(),
             source: Default::default(),
             parent: a.parent.clone(),
         },
@@ -776,7 +776,7 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
             verify: if all { VerifyPolicy::Always } else { a.verify },
             memory: a.memory,
             run,
-            work_dir: None,
+            work_dir: std::env::temp_dir(),
             source: if all {
                 vmboot::vstate::lazy::ChunkSource::PackFile
             } else {
