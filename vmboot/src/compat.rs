@@ -315,10 +315,9 @@ impl SavedPack {
         let v: Version = serde_json::from_slice(&bytes)
             .map_err(|e| anyhow!("{label}: section '{section}': not a valid vm state: {e}"))?;
         let state = if (1..=crate::persist::VM_STATE_VERSION).contains(&v.version) {
-            Some(
-                crate::persist::VmState::parse(&bytes)
-                    .map_err(|e| anyhow!("{label}: section '{section}': {e:#}"))?,
-            )
+            Some(crate::persist::VmState::parse(&bytes).map_err(|e| {
+                anyhow!("{label}: section '{section}': {}", crate::error::Chain(&e))
+            })?)
         } else {
             None
         };

@@ -16,6 +16,7 @@ pub mod cpuid;
 pub mod device_manager;
 pub mod devices;
 pub mod diff;
+pub mod error;
 pub mod flat;
 pub mod host_info;
 pub mod kvm_caps;

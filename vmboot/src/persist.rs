@@ -9,7 +9,6 @@
 //! KVM structures serialize as raw bytes (kvm-bindings' `serde` feature). Guest RAM is not
 //! part of [`VmState`]: it is written separately through [`crate::VmHandle::with_memory`].
 
-use anyhow::{bail, Context, Result};
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
@@ -20,6 +19,37 @@ use vmpack_formats::config::VmConfig;
 
 /// The serialized vmstate is small (a few KiB per vCPU); anything larger is hostile.
 pub(crate) const MAX_VMSTATE_LEN: u64 = 64 << 20;
+
+/// What reading or writing a component's state can fail with (before any KVM call: the
+/// restore's checks use it to refuse a pack by name).
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("encoding the state of device {id}")]
+    Encode {
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A saved device state that does not decode as the device's `State`.
+    #[error("device {id}: {error}")]
+    Decode {
+        id: String,
+        error: serde_json::Error,
+    },
+    /// A component's version is newer than this build's (or 0).
+    #[error(
+        "{what}: state version {version} is not supported (this vmboot reads versions 1 to {ours})"
+    )]
+    Version {
+        what: String,
+        version: u32,
+        ours: u32,
+    },
+    #[error("not a valid vm state")]
+    Parse(#[source] serde_json::Error),
+    #[error("vm state version {0} is not supported by this vmboot (it reads versions 1 and {VM_STATE_VERSION})")]
+    VmStateVersion(u32),
+}
 
 /// The version of the vmstate's outer shape. Version 1 (vmboot 0.1.0) had fixed fields per
 /// device and no per-component versions; it is still read.
@@ -34,8 +64,10 @@ pub trait Persist<'a>: Sized {
     type ConstructorArgs: 'a;
     /// The version of `State` this build writes; it reads every version up to it.
     const VERSION: u32;
-    fn save(&self) -> Result<Self::State>;
-    fn restore(args: Self::ConstructorArgs, state: &Self::State) -> Result<Self>;
+    /// The component's layer error (`devices::Error`, `vstate::Error`).
+    type Error;
+    fn save(&self) -> Result<Self::State, Self::Error>;
+    fn restore(args: Self::ConstructorArgs, state: &Self::State) -> Result<Self, Self::Error>;
 }
 
 /// A component that does work outside the vCPUs (an I/O thread, a worker) and must stop
@@ -49,7 +81,7 @@ pub trait Pausable {
 /// A device in the registry, as the VM loops over them: pause, resume, save, status.
 pub trait VmDevice: Pausable + Send + Sync {
     /// The device's state, under its registry `id`.
-    fn save(&self, id: &str) -> Result<DeviceState>;
+    fn save(&self, id: &str) -> Result<DeviceState, crate::devices::Error>;
     /// Its entry in `GET /vm`.
     fn status(&self) -> Option<crate::api::DeviceStatus> {
         None
@@ -64,8 +96,10 @@ pub trait VmDevice: Pausable + Send + Sync {
     /// Puts the device back in `state` (as `save` made it) in place, keeping what it is
     /// registered with (bus ranges, ioeventfds, irqfd), for `PUT /vm/reset`. Only while the
     /// VM is paused.
-    fn reset_to(&self, state: &DeviceState) -> Result<()> {
-        anyhow::bail!("device {} cannot be reset in place", state.id)
+    fn reset_to(&self, state: &DeviceState) -> Result<(), crate::devices::Error> {
+        Err(crate::devices::Error::NotResettable {
+            id: state.id.clone(),
+        })
     }
     /// Whether `reset_to` is implemented (checked before a reset changes anything).
     fn resettable(&self) -> bool {
@@ -87,27 +121,38 @@ pub struct DeviceState {
 }
 
 impl DeviceState {
-    pub fn new<'a, T: Persist<'a>>(id: &str, dev: &T) -> Result<DeviceState> {
+    pub fn new<'a, T: Persist<'a>>(id: &str, dev: &T) -> Result<DeviceState, T::Error>
+    where
+        T::Error: From<StateError>,
+    {
         Ok(DeviceState {
             id: id.to_string(),
             version: T::VERSION,
-            state: serde_json::to_value(dev.save()?)
-                .with_context(|| format!("encoding the state of device {id}"))?,
+            state: serde_json::to_value(dev.save()?).map_err(|source| StateError::Encode {
+                id: id.to_string(),
+                source,
+            })?,
         })
     }
 
     /// The typed state, refused if its version is newer than this build's.
-    pub fn decode<'a, T: Persist<'a>>(&self) -> Result<T::State> {
+    pub fn decode<'a, T: Persist<'a>>(&self) -> Result<T::State, StateError> {
         check_version(&format!("device {}", self.id), self.version, T::VERSION)?;
-        serde_json::from_value(self.state.clone())
-            .map_err(|e| anyhow::anyhow!("device {}: {e}", self.id))
+        serde_json::from_value(self.state.clone()).map_err(|error| StateError::Decode {
+            id: self.id.clone(),
+            error,
+        })
     }
 }
 
 /// A reader accepts component versions 1 up to its own.
-pub fn check_version(what: &str, version: u32, ours: u32) -> Result<()> {
+pub fn check_version(what: &str, version: u32, ours: u32) -> Result<(), StateError> {
     if version == 0 || version > ours {
-        bail!("{what}: state version {version} is not supported (this vmboot reads versions 1 to {ours})");
+        return Err(StateError::Version {
+            what: what.to_string(),
+            version,
+            ours,
+        });
     }
     Ok(())
 }
@@ -405,7 +450,7 @@ struct DeviceStatesV1 {
 impl VmState {
     /// Reads a vmstate of any supported version (JSON). Versions of the components are
     /// checked by [`VmState::validate`].
-    pub fn parse(bytes: &[u8]) -> Result<VmState> {
+    pub fn parse(bytes: &[u8]) -> Result<VmState, StateError> {
         #[derive(Deserialize)]
         struct Outer {
             version: u32,
@@ -415,20 +460,17 @@ impl VmState {
         let version = match leading_version(bytes) {
             Some(v) => v,
             None => {
-                let outer: Outer = serde_json::from_slice(bytes).context("not a valid vm state")?;
+                let outer: Outer = serde_json::from_slice(bytes).map_err(StateError::Parse)?;
                 outer.version
             }
         };
         match version {
             1 => {
-                let v1: VmStateV1 =
-                    serde_json::from_slice(bytes).context("not a valid vm state")?;
+                let v1: VmStateV1 = serde_json::from_slice(bytes).map_err(StateError::Parse)?;
                 Ok(v1.into())
             }
-            VM_STATE_VERSION => serde_json::from_slice(bytes).context("not a valid vm state"),
-            v => bail!(
-                "vm state version {v} is not supported by this vmboot (it reads versions 1 and {VM_STATE_VERSION})"
-            ),
+            VM_STATE_VERSION => serde_json::from_slice(bytes).map_err(StateError::Parse),
+            v => Err(StateError::VmStateVersion(v)),
         }
     }
 

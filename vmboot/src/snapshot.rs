@@ -1072,8 +1072,8 @@ fn optional_file(pack: &VmPack, role: &str) -> Result<Option<Vec<u8>>> {
 /// Parses the vmstate and checks it against `cfg`, the manifest's config (the one
 /// validation of a restore, before any KVM call).
 fn parse_state(bytes: &[u8], label: &str, section: &str, cfg: &VmConfig) -> Result<ValidState> {
-    let state =
-        VmState::parse(bytes).map_err(|e| anyhow!("{label}: section '{section}': {e:#}"))?;
+    let state = VmState::parse(bytes)
+        .map_err(|e| anyhow!("{label}: section '{section}': {}", crate::error::Chain(&e)))?;
     // Packs from older vmboots hold a second copy of the config; one that disagrees with
     // the manifest's is refused rather than guessed at.
     if let Some(old) = &state.config {

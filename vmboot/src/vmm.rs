@@ -187,28 +187,25 @@ impl Devices {
     }
 
     /// Checks a saved device's state without building anything.
-    fn validate_state(d: &DeviceState) -> Result<()> {
-        match d.id.as_str() {
-            "com1" => d.decode::<SerialDevice>().map(drop),
-            "i8042" => d.decode::<I8042>().map(drop),
-            crate::devices::virtio::rng::ID => d
-                .decode::<Arc<crate::devices::virtio::rng::RngHandle>>()?
-                .validate()
-                .with_context(|| format!("device {}", d.id)),
-            crate::devices::vmgenid::ID => d.decode::<crate::devices::vmgenid::VmGenId>().map(drop),
-            crate::devices::virtio::vsock::ID => d
-                .decode::<Arc<crate::devices::virtio::vsock::VsockHandle>>()?
-                .validate()
-                .with_context(|| format!("device {}", d.id)),
-            id if id.starts_with("virtio-net") => d
-                .decode::<Arc<crate::devices::virtio::net::NetHandle>>()?
-                .validate()
-                .with_context(|| format!("device {}", d.id)),
+    fn validate_state(d: &DeviceState) -> crate::devices::Result<()> {
+        use crate::devices::virtio::{net::NetHandle, rng::RngHandle, vsock::VsockHandle};
+        let checked = match d.id.as_str() {
+            "com1" => return Ok(d.decode::<SerialDevice>().map(drop)?),
+            "i8042" => return Ok(d.decode::<I8042>().map(drop)?),
+            crate::devices::vmgenid::ID => {
+                return Ok(d.decode::<crate::devices::vmgenid::VmGenId>().map(drop)?)
+            }
+            crate::devices::virtio::rng::ID => d.decode::<Arc<RngHandle>>()?.validate(),
+            crate::devices::virtio::vsock::ID => d.decode::<Arc<VsockHandle>>()?.validate(),
+            id if id.starts_with("virtio-net") => d.decode::<Arc<NetHandle>>()?.validate(),
             _ => d
                 .decode::<Arc<crate::devices::virtio::BlkHandle>>()?
-                .validate()
-                .with_context(|| format!("device {}", d.id)),
-        }
+                .validate(),
+        };
+        checked.map_err(|e| crate::devices::Error::Context {
+            what: format!("device {}", d.id),
+            source: Box::new(e),
+        })
     }
 
     /// Builds every device of `cfg` (from its saved state on a restore, power-on state
@@ -706,7 +703,7 @@ impl VmHandle {
             .dm
             .objects()
             .map(|(id, d)| d.save(id))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(VmState {
             version: VM_STATE_VERSION,
             // The pack's manifest carries the config (its one authoritative copy).

@@ -7,8 +7,8 @@
 pub mod resources;
 
 use crate::devices::{Bus, BusDevice};
+use crate::devices::{Context, Error, Result};
 use crate::persist::VmDevice;
-use anyhow::{Context, Result};
 use resources::Resources;
 use std::sync::{Arc, Mutex};
 
@@ -101,7 +101,7 @@ impl DeviceManager {
 
     fn check_id(&self, id: &str) -> Result<()> {
         if self.device(id).is_some() {
-            anyhow::bail!("device id {id} registered twice");
+            return Err(Error::DuplicateId(id.to_string()));
         }
         Ok(())
     }
@@ -119,6 +119,7 @@ impl DeviceManager {
         if let Some(g) = info.gsi {
             self.resources
                 .claim_legacy_gsi(g)
+                .map_err(Error::from)
                 .with_context(|| format!("device {}", info.id))?;
         }
         match dev {
@@ -149,6 +150,7 @@ impl DeviceManager {
         let mut res = self.resources.clone();
         let gsi = res
             .allocate_gsi()
+            .map_err(Error::from)
             .with_context(|| format!("device {}", info.id))?;
         let object = make(gsi)?;
         self.resources = res;
@@ -173,8 +175,12 @@ impl DeviceManager {
         let base = res
             .mmio
             .allocate(VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SIZE)
+            .map_err(Error::from)
             .with_context(|| format!("device {id}"))?;
-        let gsi = res.allocate_gsi().with_context(|| format!("device {id}"))?;
+        let gsi = res
+            .allocate_gsi()
+            .map_err(Error::from)
+            .with_context(|| format!("device {id}"))?;
         let (dev, object) = make(base, gsi)?;
         self.mmio.insert(base, VIRTIO_MMIO_SIZE, dev)?;
         self.resources = res;
@@ -333,7 +339,7 @@ pub(crate) mod tests {
         // A failed device leaves its window and line free for the next one.
         assert!(dm
             .add_virtio_mmio("bad", |_, _| -> Result<VirtioParts<Null>> {
-                anyhow::bail!("no")
+                Err(Error::Config("no".into()))
             })
             .is_err());
         let at = dm

@@ -50,7 +50,7 @@ impl Bus {
         base: u64,
         len: u64,
         dev: Arc<Mutex<dyn BusDevice>>,
-    ) -> anyhow::Result<()> {
+    ) -> super::Result<()> {
         self.insert_at_offset(base, len, 0, dev)
     }
 
@@ -61,20 +61,21 @@ impl Bus {
         len: u64,
         first_offset: u64,
         dev: Arc<Mutex<dyn BusDevice>>,
-    ) -> anyhow::Result<()> {
+    ) -> super::Result<()> {
         if len == 0 {
-            anyhow::bail!("empty bus range at {base:#x}");
+            return Err(super::Error::EmptyBusRange { base });
         }
         if let Some(e) = self
             .entries
             .iter()
             .find(|e| base < e.base + e.len && e.base < base + len)
         {
-            anyhow::bail!(
-                "bus range {base:#x}+{len:#x} overlaps {:#x}+{:#x}",
-                e.base,
-                e.len
-            );
+            return Err(super::Error::BusOverlap {
+                base,
+                len,
+                other_base: e.base,
+                other_len: e.len,
+            });
         }
         self.entries.push(Entry {
             base,

@@ -1,6 +1,7 @@
 //! The i8042 (only its CPU-reset command matters) and the debug-exit port.
 
 use super::bus::{lock, BusDevice, IoAction};
+use super::Result;
 use crate::persist::{DeviceState, I8042State, Pausable, Persist, VmDevice};
 use std::cell::Cell;
 use std::sync::Mutex;
@@ -44,12 +45,13 @@ impl Persist<'_> for I8042 {
     type State = I8042State;
     type ConstructorArgs = ();
     const VERSION: u32 = 1;
+    type Error = super::Error;
 
-    fn save(&self) -> anyhow::Result<I8042State> {
+    fn save(&self) -> Result<I8042State> {
         Ok(I8042State {})
     }
 
-    fn restore(_: (), _: &I8042State) -> anyhow::Result<I8042> {
+    fn restore(_: (), _: &I8042State) -> Result<I8042> {
         Ok(I8042::new())
     }
 }
@@ -57,11 +59,11 @@ impl Persist<'_> for I8042 {
 impl Pausable for Mutex<I8042> {}
 
 impl VmDevice for Mutex<I8042> {
-    fn save(&self, id: &str) -> anyhow::Result<DeviceState> {
+    fn save(&self, id: &str) -> Result<DeviceState> {
         DeviceState::new(id, &*lock(self))
     }
 
-    fn reset_to(&self, state: &DeviceState) -> anyhow::Result<()> {
+    fn reset_to(&self, state: &DeviceState) -> Result<()> {
         *lock(self) = I8042::restore((), &state.decode::<I8042>()?)?;
         Ok(())
     }

@@ -1,8 +1,8 @@
 //! COM1: vm-superio's 16550 with its interrupt delivered through an irqfd on GSI 4.
 
 use super::bus::{lock, BusDevice, IoAction};
+use super::{Context, Error, Result};
 use crate::persist::{DeviceState, Pausable, Persist, SerialDeviceState, VmDevice};
-use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -95,7 +95,7 @@ impl SerialDevice {
     pub fn new(state: &SerialDeviceState, sink: &SerialSink) -> Result<SerialDevice> {
         let evt = EventFd::new(libc::EFD_NONBLOCK).context("serial eventfd")?;
         let serial = Serial::from_state(&state.into(), IrqTrigger(evt), NoEvents, sink.writer()?)
-            .map_err(|e| anyhow::anyhow!("serial state: {e}"))?;
+            .map_err(|e| Error::InvalidState(format!("serial state: {e}")))?;
         Ok(SerialDevice { serial })
     }
 
@@ -105,7 +105,7 @@ impl SerialDevice {
         let evt = self.irq_fd().try_clone().context("serial eventfd")?;
         let out = std::mem::replace(self.serial.writer_mut(), Box::new(std::io::sink()));
         self.serial = Serial::from_state(&state.into(), IrqTrigger(evt), NoEvents, out)
-            .map_err(|e| anyhow::anyhow!("serial state: {e}"))?;
+            .map_err(|e| Error::InvalidState(format!("serial state: {e}")))?;
         Ok(())
     }
 
@@ -135,6 +135,7 @@ impl Persist<'_> for SerialDevice {
     /// Where the output goes.
     type ConstructorArgs = SerialSink;
     const VERSION: u32 = 1;
+    type Error = Error;
 
     fn save(&self) -> Result<SerialDeviceState> {
         Ok(self.state())

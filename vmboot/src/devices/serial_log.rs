@@ -1,8 +1,8 @@
 //! The guest's serial output kept in memory ([`SerialLog`]), for the control API's
 //! `GET /vm/serial/output` and for [`crate::console::Console`].
 
+use super::{Error, Result};
 use crate::devices::bus::lock;
-use anyhow::{bail, Result};
 use regex::bytes::Regex;
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
@@ -93,11 +93,16 @@ impl SerialLog {
                 return Ok((start + m.start(), start + m.end()));
             }
             if let Some(why) = &g.ended {
-                bail!("the VM ended ({why}) before its output matched /{re}/");
+                return Err(Error::EndedBeforeMatch {
+                    why: why.clone(),
+                    pattern: re.to_string(),
+                });
             }
             let now = Instant::now();
             if now >= deadline {
-                bail!("timed out waiting for output matching /{re}/");
+                return Err(Error::OutputTimeout {
+                    pattern: re.to_string(),
+                });
             }
             g = self
                 .cv

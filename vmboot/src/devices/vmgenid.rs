@@ -13,10 +13,10 @@
 //! - A boot writes a fresh random ID; every restore (and so every clone) writes another one
 //!   and pulses the GSI, so the guest is notified.
 
+use super::{Context, Error, Result};
 use crate::device_manager::{AcpiId, DeviceInfo, DeviceManager};
 use crate::memory::GuestMemoryMmap;
 use crate::persist::{DeviceState, Pausable, Persist, VmDevice};
-use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress};
@@ -60,13 +60,16 @@ impl<'a> Persist<'a> for VmGenId {
     type State = VmGenIdState;
     type ConstructorArgs = ();
     const VERSION: u32 = 1;
+    type Error = Error;
 
     fn save(&self) -> Result<VmGenIdState> {
         Ok(crate::devices::bus::lock(&self.state).0.clone())
     }
 
     fn restore(_: (), _: &VmGenIdState) -> Result<VmGenId> {
-        anyhow::bail!("the generation ID device is rebuilt by vmgenid::attach")
+        Err(Error::InvalidState(
+            "the generation ID device is rebuilt by vmgenid::attach".into(),
+        ))
     }
 }
 
@@ -106,7 +109,10 @@ pub fn attach(
     }
     let id = fresh_id()?;
     mem.write_slice(&id, GuestAddress(ADDR))
-        .context("writing the VM generation ID into guest memory")?;
+        .map_err(|source| Error::GuestMemory {
+            what: "writing the VM generation ID into guest memory".into(),
+            source,
+        })?;
     let irq = EventFd::new(libc::EFD_NONBLOCK).context("vmgenid eventfd")?;
     let gsi = dm.add_platform(
         DeviceInfo {

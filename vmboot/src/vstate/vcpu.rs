@@ -76,6 +76,7 @@ impl Persist<'_> for Vcpu {
     type State = VcpuState;
     type ConstructorArgs = VcpuArgs;
     const VERSION: u32 = crate::persist::VCPU_STATE_VERSION;
+    type Error = anyhow::Error;
 
     /// Only while the vCPU is outside KVM_RUN with any pending I/O completed (parked).
     fn save(&self) -> Result<VcpuState> {

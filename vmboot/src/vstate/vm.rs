@@ -109,6 +109,7 @@ impl Persist<'_> for KvmVm {
     type State = VmLevelState;
     type ConstructorArgs = KvmVm;
     const VERSION: u32 = VM_LEVEL_STATE_VERSION;
+    type Error = anyhow::Error;
 
     fn save(&self) -> Result<VmLevelState> {
         self.save_state()

@@ -11,9 +11,9 @@ use super::device::VirtioMmio;
 use super::mmio::{MmioTransport, MmioTransportState, VirtioDevice};
 use super::worker::Worker;
 use crate::devices::bus::lock;
+use crate::devices::{Error, Result};
 use crate::memory::GuestMemoryMmap;
 use crate::persist::{DeviceState, Persist, VmDevice};
-use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -540,6 +540,7 @@ impl<'a> Persist<'a> for Arc<BlkHandle> {
     type State = VirtioBlkState;
     type ConstructorArgs = BlkArgs<'a>;
     const VERSION: u32 = 1;
+    type Error = Error;
 
     fn save(&self) -> Result<VirtioBlkState> {
         let t = lock(&self.dev);
@@ -553,11 +554,11 @@ impl<'a> Persist<'a> for Arc<BlkHandle> {
     fn restore(a: BlkArgs<'a>, state: &VirtioBlkState) -> Result<Arc<BlkHandle>> {
         let index = a.blk.index;
         if state.disk_size != a.blk.disk.virtual_size() {
-            bail!(
+            return Err(Error::InvalidState(format!(
                 "disk {index}: the saved VM saw {} bytes, the disk has {}",
                 state.disk_size,
                 a.blk.disk.virtual_size()
-            );
+            )));
         }
         VirtioMmio::start(
             a.vm,
@@ -590,12 +591,12 @@ impl VmDevice for BlkHandle {
         let s = state.decode::<Arc<BlkHandle>>()?;
         VirtioMmio::reset_to(self, &s.transport, |d| {
             if s.disk_size != d.disk.virtual_size() {
-                bail!(
+                return Err(Error::InvalidState(format!(
                     "disk {}: the saved VM saw {} bytes, the disk has {}",
                     d.index,
                     s.disk_size,
                     d.disk.virtual_size()
-                );
+                )));
             }
             Ok(())
         })

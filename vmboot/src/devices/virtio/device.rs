@@ -10,9 +10,9 @@
 use super::mmio::{MmioTransport, MmioTransportState, VirtioDevice};
 use super::worker::{QueueServer, Worker};
 use crate::devices::bus::lock;
+use crate::devices::{Context, Result};
 use crate::memory::GuestMemoryMmap;
 use crate::persist::Pausable;
-use anyhow::{Context, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use virtio_queue::QueueT;

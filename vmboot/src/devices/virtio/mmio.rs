@@ -7,6 +7,7 @@
 //! batch of requests, so a pause that takes it knows no request is half done.
 
 use crate::devices::bus::{BusDevice, IoAction};
+use crate::devices::{Error, Result};
 use crate::memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::AtomicBool;
@@ -114,41 +115,41 @@ pub struct MmioTransportState {
 impl MmioTransportState {
     /// Checks a saved transport against a device offering `offered` features and queues of
     /// `max_sizes`: what virtio-queue itself would trust.
-    pub fn validate(&self, offered: u64, max_sizes: &[u16]) -> anyhow::Result<()> {
+    pub fn validate(&self, offered: u64, max_sizes: &[u16]) -> Result<()> {
         if self.queues.len() != max_sizes.len() {
-            anyhow::bail!(
+            return Err(Error::InvalidState(format!(
                 "saved virtio device has {} queues, the device has {}",
                 self.queues.len(),
                 max_sizes.len()
-            );
+            )));
         }
         if self.acked_features & !offered != 0 {
-            anyhow::bail!(
+            return Err(Error::InvalidState(format!(
                 "saved driver features {:#x} include features the device never offered ({:#x})",
                 self.acked_features,
                 self.acked_features & !offered
-            );
+            )));
         }
         let event_idx =
             self.acked_features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
         // virtio-queue trusts the saved maximum; the device's own is the limit.
         for (i, (q, &max)) in self.queues.iter().zip(max_sizes).enumerate() {
             if q.max_size != max {
-                anyhow::bail!(
+                return Err(Error::InvalidState(format!(
                     "saved virtqueue {i}: maximum size {} where the device's is {max}",
                     q.max_size
-                );
+                )));
             }
             if q.size > max || (q.size != 0 && !q.size.is_power_of_two()) {
-                anyhow::bail!(
+                return Err(Error::InvalidState(format!(
                     "saved virtqueue {i}: size {} (the device allows powers of two up to {max})",
                     q.size
-                );
+                )));
             }
             if q.event_idx_enabled && !event_idx {
-                anyhow::bail!(
+                return Err(Error::InvalidState(format!(
                     "saved virtqueue {i}: event index enabled but VIRTIO_RING_F_EVENT_IDX was not negotiated"
-                );
+                )));
             }
         }
         Ok(())
@@ -175,12 +176,14 @@ pub struct MmioTransport<D: VirtioDevice> {
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
-    pub fn new(device: D, irq: EventFd, kick: Vec<EventFd>) -> anyhow::Result<Self> {
+    pub fn new(device: D, irq: EventFd, kick: Vec<EventFd>) -> Result<Self> {
         let queues = device
             .queue_max_sizes()
             .into_iter()
-            .map(|max| Queue::new(max).map_err(|e| anyhow::anyhow!("virtqueue of {max}: {e}")))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .map(|max| {
+                Queue::new(max).map_err(|e| Error::InvalidState(format!("virtqueue of {max}: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(MmioTransport {
             device,
             queues,
@@ -203,14 +206,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
         irq: EventFd,
         kick: Vec<EventFd>,
         s: &MmioTransportState,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self> {
         let mut t = Self::new(device, irq, kick)?;
         t.set_state(s)?;
         Ok(t)
     }
 
     /// Loads a saved state into this transport (a restore, or a reset in place).
-    pub fn set_state(&mut self, s: &MmioTransportState) -> anyhow::Result<()> {
+    pub fn set_state(&mut self, s: &MmioTransportState) -> Result<()> {
         s.validate(self.device.features(), &self.device.queue_max_sizes())?;
         let queues = s
             .queues
@@ -218,9 +221,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             .enumerate()
             .map(|(i, q)| {
                 Queue::try_from(QueueState::from(q))
-                    .map_err(|e| anyhow::anyhow!("saved virtqueue {i}: {e}"))
+                    .map_err(|e| Error::InvalidState(format!("saved virtqueue {i}: {e}")))
             })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>>>()?;
         self.queues = queues;
         self.device_features_sel = s.device_features_sel;
         self.driver_features_sel = s.driver_features_sel;

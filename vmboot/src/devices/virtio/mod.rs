@@ -19,9 +19,9 @@ pub use device::VirtioMmio;
 pub use worker::Worker;
 
 use crate::device_manager::DeviceManager;
+use crate::devices::{Context, Error, Result};
 use crate::memory::GuestMemoryMmap;
 use crate::persist::{DeviceState, Persist, VmDevice};
-use anyhow::{bail, Context, Result};
 use std::sync::Arc;
 use vmpack_formats::config::VmConfig;
 
@@ -45,10 +45,10 @@ pub fn attach_disks<'s>(
     saved: impl Fn(&str) -> Option<&'s DeviceState>,
 ) -> Result<()> {
     if cfg.disks.len() > MAX_DEVICES {
-        bail!(
+        return Err(Error::Config(format!(
             "{} disks configured; vmboot supports at most {MAX_DEVICES}",
             cfg.disks.len()
-        );
+        )));
     }
     for (i, d) in cfg.disks.iter().enumerate() {
         let image = vmpack_formats::disk::open_disk(&d.path, d.format, d.read_only)

@@ -20,9 +20,9 @@ use super::device::VirtioMmio;
 use super::mmio::{MmioTransportState, VirtioDevice};
 use super::worker::Worker;
 use crate::devices::bus::lock;
+use crate::devices::{Context, Error, Result};
 use crate::memory::GuestMemoryMmap;
 use crate::persist::{DeviceState, Persist, VmDevice};
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -87,7 +87,7 @@ impl VirtioNetState {
             .validate(FEATURES, &[QUEUE_SIZE, QUEUE_SIZE])?;
         self.mac
             .parse::<MacAddr>()
-            .map_err(|e| anyhow::anyhow!("saved virtio-net state: {e}"))?;
+            .map_err(|e| Error::InvalidState(format!("saved virtio-net state: {e}")))?;
         Ok(())
     }
 }
@@ -113,13 +113,14 @@ const IFF_NO_PI: libc::c_short = 0x1000;
 impl Tap {
     /// Attaches to the existing tap `name` (never creates one).
     pub fn open(name: &str) -> Result<Tap> {
-        vmpack_formats::config::check_ifname(name).map_err(|e| anyhow::anyhow!(e))?;
-        let c = std::ffi::CString::new(name)?;
+        vmpack_formats::config::check_ifname(name).map_err(Error::Config)?;
+        let c = std::ffi::CString::new(name)
+            .map_err(|_| Error::Config(format!("tap {name}: the name holds a NUL byte")))?;
         // SAFETY: a NUL-terminated string; the call only reads it.
         if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
-            bail!(
+            return Err(Error::Config(format!(
                 "tap {name}: no such network interface in this network namespace; create it first (ip tuntap add {name} mode tap)"
-            );
+            )));
         }
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -141,7 +142,9 @@ impl Tap {
                 Some(libc::EPERM) => "; attaching needs CAP_NET_ADMIN or the tap's owner",
                 _ => "",
             };
-            bail!("tap {name}: attaching (TUNSETIFF): {e}{hint}");
+            return Err(Error::Config(format!(
+                "tap {name}: attaching (TUNSETIFF): {e}{hint}"
+            )));
         }
         Ok(Tap {
             file,
@@ -442,10 +445,12 @@ impl NetOverride {
             return Ok(cfg);
         }
         let Some(n) = cfg.nets.first_mut() else {
-            bail!("--net-tap and --mac need a VM with a [[net]] device; this one has none");
+            return Err(Error::Config(
+                "--net-tap and --mac need a VM with a [[net]] device; this one has none".into(),
+            ));
         };
         if let Some(t) = &self.tap {
-            vmpack_formats::config::check_ifname(t).map_err(|e| anyhow::anyhow!(e))?;
+            vmpack_formats::config::check_ifname(t).map_err(Error::Config)?;
             n.tap = t.clone();
         }
         if let Some(m) = self.mac {
@@ -503,6 +508,7 @@ impl<'a> Persist<'a> for Arc<NetHandle> {
     type State = VirtioNetState;
     type ConstructorArgs = NetArgs<'a>;
     const VERSION: u32 = 1;
+    type Error = Error;
 
     fn save(&self) -> Result<VirtioNetState> {
         Ok(state_of(&lock(&self.dev)))

@@ -5,9 +5,9 @@ use super::device::VirtioMmio;
 use super::mmio::{MmioTransportState, VirtioDevice};
 use super::worker::Worker;
 use crate::devices::bus::lock;
+use crate::devices::{Error, Result};
 use crate::memory::GuestMemoryMmap;
 use crate::persist::{DeviceState, Persist, VmDevice};
-use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -133,6 +133,7 @@ impl<'a> Persist<'a> for Arc<RngHandle> {
     type State = VirtioRngState;
     type ConstructorArgs = RngArgs<'a>;
     const VERSION: u32 = 1;
+    type Error = Error;
 
     fn save(&self) -> Result<VirtioRngState> {
         let t = lock(&self.dev);

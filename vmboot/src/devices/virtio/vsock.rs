@@ -28,9 +28,9 @@ use super::device::VirtioMmio;
 use super::mmio::{MmioTransportState, VirtioDevice};
 use super::worker::{QueueServer, Worker};
 use crate::devices::bus::lock;
+use crate::devices::{Context, Error, Result};
 use crate::memory::GuestMemoryMmap;
 use crate::persist::{DeviceState, Persist, VmDevice};
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
@@ -157,13 +157,16 @@ impl VirtioVsockState {
         self.transport
             .validate(1 << VIRTIO_F_VERSION_1, &[QUEUE_SIZE; 3])?;
         if !valid_cid(self.cid) {
-            bail!("saved vsock CID {} is outside 3..2^32-1", self.cid);
+            return Err(Error::InvalidState(format!(
+                "saved vsock CID {} is outside 3..2^32-1",
+                self.cid
+            )));
         }
         if self.connections.len() > MAX_CONNECTIONS {
-            bail!(
+            return Err(Error::InvalidState(format!(
                 "saved vsock device lists {} connections (at most {MAX_CONNECTIONS})",
                 self.connections.len()
-            );
+            )));
         }
         Ok(())
     }
@@ -348,7 +351,9 @@ impl Vsock {
     /// anything else is an error).
     pub fn new(cid: u64, path: &Path) -> Result<Vsock> {
         if !valid_cid(cid) {
-            bail!("vsock cid = {cid}: expected 3 to 4294967294");
+            return Err(Error::Config(format!(
+                "vsock cid = {cid}: expected 3 to 4294967294"
+            )));
         }
         Ok(Vsock {
             cid,
@@ -908,6 +913,7 @@ impl<'a> Persist<'a> for Arc<VsockHandle> {
     type State = VirtioVsockState;
     type ConstructorArgs = VsockArgs<'a>;
     const VERSION: u32 = 1;
+    type Error = Error;
 
     fn save(&self) -> Result<VirtioVsockState> {
         let t = lock(&self.dev);
@@ -1012,7 +1018,10 @@ pub fn attach(
     let state = saved.map(|s| s.decode::<Arc<VsockHandle>>()).transpose()?;
     if let Some(s) = &state {
         if s.cid != cid {
-            bail!("saved vsock CID {} differs from the config's {cid}", s.cid);
+            return Err(Error::InvalidState(format!(
+                "saved vsock CID {} differs from the config's {cid}",
+                s.cid
+            )));
         }
     }
     dm.add_virtio_mmio(ID, |base, gsi| {

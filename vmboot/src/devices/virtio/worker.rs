@@ -5,7 +5,7 @@
 //! a ready queue to its device. One thread instead of one per device keeps the thread shape
 //! out of the devices: a new device only says how to serve a queue.
 
-use anyhow::{Context, Result};
+use crate::devices::{Context, Result};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;

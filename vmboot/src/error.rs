@@ -1,0 +1,95 @@
+//! What the error types of the layers share (docs/ARCHITECTURE.md, "Errors").
+//!
+//! Each layer has its own `thiserror` enum (`devices::Error`, ...). Besides the variants a
+//! caller branches on, each has `Io`, `Kvm` and `Context` variants: a host or KVM call that
+//! failed, or an error of the layer with where it happened. Their text is the message
+//! alone and the cause is the `source`, so `{:#}` and the binaries' error chain read
+//! `what: cause` as `anyhow`'s `.context` did.
+
+/// Declares, in the module where it is invoked, a `Context` trait giving `.context(what)` and
+/// `.with_context(|| what)` on `io::Result`, on KVM's results and on the layer's own
+/// `Result`, mapping to the layer error's `Io`, `Kvm` and `Context` variants.
+macro_rules! layer_context {
+    ($error:ident) => {
+        /// `.context(..)` / `.with_context(..)` for this layer's errors.
+        pub(crate) trait Context<T> {
+            fn context(self, what: impl Into<String>) -> std::result::Result<T, $error>;
+            fn with_context<S: Into<String>>(
+                self,
+                what: impl FnOnce() -> S,
+            ) -> std::result::Result<T, $error>;
+        }
+
+        impl<T> Context<T> for std::result::Result<T, std::io::Error> {
+            fn context(self, what: impl Into<String>) -> std::result::Result<T, $error> {
+                self.map_err(|source| $error::Io {
+                    what: what.into(),
+                    source,
+                })
+            }
+            fn with_context<S: Into<String>>(
+                self,
+                what: impl FnOnce() -> S,
+            ) -> std::result::Result<T, $error> {
+                self.map_err(|source| $error::Io {
+                    what: what().into(),
+                    source,
+                })
+            }
+        }
+
+        impl<T> Context<T> for std::result::Result<T, kvm_ioctls::Error> {
+            fn context(self, what: impl Into<String>) -> std::result::Result<T, $error> {
+                self.map_err(|source| $error::Kvm {
+                    what: what.into(),
+                    source,
+                })
+            }
+            fn with_context<S: Into<String>>(
+                self,
+                what: impl FnOnce() -> S,
+            ) -> std::result::Result<T, $error> {
+                self.map_err(|source| $error::Kvm {
+                    what: what().into(),
+                    source,
+                })
+            }
+        }
+
+        impl<T> Context<T> for std::result::Result<T, $error> {
+            fn context(self, what: impl Into<String>) -> std::result::Result<T, $error> {
+                self.map_err(|source| $error::Context {
+                    what: what.into(),
+                    source: Box::new(source),
+                })
+            }
+            fn with_context<S: Into<String>>(
+                self,
+                what: impl FnOnce() -> S,
+            ) -> std::result::Result<T, $error> {
+                self.map_err(|source| $error::Context {
+                    what: what().into(),
+                    source: Box::new(source),
+                })
+            }
+        }
+    };
+}
+
+pub(crate) use layer_context;
+
+/// An error and its sources as `a: b: c`, as `anyhow`'s `{:#}` prints them, for the places
+/// that fold a typed error into a message.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
