@@ -93,7 +93,7 @@ pub fn build(vcpus: u32) -> Result<Vec<u8>> {
 }
 
 pub fn write(mem: &GuestRam, vcpus: u32) -> Result<()> {
-    mem.write(MPTABLE_START, &build(vcpus)?)
+    Ok(mem.write(MPTABLE_START, &build(vcpus)?)?)
 }
 
 #[cfg(test)]

@@ -4,7 +4,23 @@
 //! (measured on this PVM host: MTRRdefType, APIC base, EFER, FS/GS base), so they are added
 //! explicitly; the union is then filtered to what the vCPU can actually read.
 
-use anyhow::Result;
+/// What reading or writing MSRs can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("too many MSRs ({count}): {detail}")]
+    TooMany { count: usize, detail: String },
+    #[error(transparent)]
+    Kvm(#[from] kvm_ioctls::Error),
+    /// KVM_GET_MSRS stopped early at an MSR that was known readable.
+    #[error("KVM_GET_MSRS read {read} of {count} MSRs (stopped at {stopped_at:#x})")]
+    Partial {
+        read: usize,
+        count: usize,
+        stopped_at: u32,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;
 
@@ -98,8 +114,10 @@ fn read_count(vcpu: &VcpuFd, list: &[u32]) -> Result<usize> {
             ..Default::default()
         })
         .collect();
-    let mut msrs = Msrs::from_entries(&entries)
-        .map_err(|e| anyhow::anyhow!("too many MSRs ({}): {e:?}", list.len()))?;
+    let mut msrs = Msrs::from_entries(&entries).map_err(|e| Error::TooMany {
+        count: list.len(),
+        detail: format!("{e:?}"),
+    })?;
     Ok(vcpu.get_msrs(&mut msrs)?)
 }
 
@@ -112,15 +130,17 @@ pub fn read(vcpu: &VcpuFd, list: &[u32]) -> Result<Vec<kvm_msr_entry>> {
             ..Default::default()
         })
         .collect();
-    let mut msrs = Msrs::from_entries(&entries)
-        .map_err(|e| anyhow::anyhow!("too many MSRs ({}): {e:?}", list.len()))?;
+    let mut msrs = Msrs::from_entries(&entries).map_err(|e| Error::TooMany {
+        count: list.len(),
+        detail: format!("{e:?}"),
+    })?;
     let n = vcpu.get_msrs(&mut msrs)?;
     if n != list.len() {
-        anyhow::bail!(
-            "KVM_GET_MSRS read {n} of {} MSRs (stopped at {:#x})",
-            list.len(),
-            list[n]
-        );
+        return Err(Error::Partial {
+            read: n,
+            count: list.len(),
+            stopped_at: list[n],
+        });
     }
     Ok(msrs.as_slice().to_vec())
 }
@@ -130,8 +150,10 @@ pub fn read(vcpu: &VcpuFd, list: &[u32]) -> Result<Vec<kvm_msr_entry>> {
 pub fn write(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<()> {
     let mut rest: Vec<kvm_msr_entry> = entries.to_vec();
     while !rest.is_empty() {
-        let msrs = Msrs::from_entries(&rest)
-            .map_err(|e| anyhow::anyhow!("too many MSRs ({}): {e:?}", rest.len()))?;
+        let msrs = Msrs::from_entries(&rest).map_err(|e| Error::TooMany {
+            count: rest.len(),
+            detail: format!("{e:?}"),
+        })?;
         let n = vcpu.set_msrs(&msrs)?;
         if n >= rest.len() {
             break;

@@ -1168,21 +1168,23 @@ fn memory_init(
         return Ok(GuestMemoryInit::MapPrivate { file, pieces });
     }
     let path = pack.path().to_path_buf();
-    Ok(GuestMemoryInit::Fill(Box::new(move |regions| {
-        let pack = VmPack::open(&path)?;
-        let reader = pack.reader();
-        for &(gpa, id) in &sections {
-            let region = regions
-                .iter_mut()
-                .find(|(g, _)| *g == gpa)
-                .ok_or_else(|| anyhow!("no RAM region at {gpa:#x}"))?;
-            let dst = SharedSlice::new(region.1);
-            reader.for_each_chunk_parallel(id, false, 0, &|off, data| {
-                dst.write(off, data).map_err(|e| io_pack_error(&path, e))
-            })?;
-        }
-        Ok(())
-    })))
+    Ok(GuestMemoryInit::fill(
+        move |regions: &mut [(u64, &mut [u8])]| -> anyhow::Result<()> {
+            let pack = VmPack::open(&path)?;
+            let reader = pack.reader();
+            for &(gpa, id) in &sections {
+                let region = regions
+                    .iter_mut()
+                    .find(|(g, _)| *g == gpa)
+                    .ok_or_else(|| anyhow!("no RAM region at {gpa:#x}"))?;
+                let dst = SharedSlice::new(region.1);
+                reader.for_each_chunk_parallel(id, false, 0, &|off, data| {
+                    dst.write(off, data).map_err(|e| io_pack_error(&path, e))
+                })?;
+            }
+            Ok(())
+        },
+    ))
 }
 
 /// A byte slice that worker threads write disjoint ranges of.
@@ -1389,60 +1391,64 @@ fn restore_stream<R: Read + 'static>(
     let initrd = Arc::new(std::sync::OnceLock::new());
     let initrd_slot = initrd.clone();
     let manifest_mem = manifest.clone();
-    let init = GuestMemoryInit::Fill(Box::new(move |regions| {
-        let mut section = first;
-        loop {
-            let ev = sr.next_event()?;
-            match ev {
-                StreamEvent::Section(info) => {
-                    if info.kind != vmpack_formats::pack::kind::MEMORY {
-                        bail!("{label_owned}: section '{}' after memory; expected memory sections last", info.name);
+    let init = GuestMemoryInit::fill(
+        move |regions: &mut [(u64, &mut [u8])]| -> anyhow::Result<()> {
+            let mut section = first;
+            loop {
+                let ev = sr.next_event()?;
+                match ev {
+                    StreamEvent::Section(info) => {
+                        if info.kind != vmpack_formats::pack::kind::MEMORY {
+                            bail!("{label_owned}: section '{}' after memory; expected memory sections last", info.name);
+                        }
+                        check_stream_memory(&manifest_mem, info, &label_owned)?;
+                        section = Some(info.name.clone());
                     }
-                    check_stream_memory(&manifest_mem, info, &label_owned)?;
-                    section = Some(info.name.clone());
-                }
-                StreamEvent::Chunk {
-                    offset, data, zero, ..
-                } => {
-                    let name = section.as_deref().unwrap_or("");
-                    let gpa = gpas
-                        .iter()
-                        .find(|(n, _)| n == name)
-                        .map(|(_, g)| *g)
-                        .ok_or_else(|| {
-                            anyhow!("{label_owned}: section '{name}' is not in the manifest")
-                        })?;
-                    let region = regions
-                        .iter_mut()
-                        .find(|(g, _)| *g == gpa)
-                        .ok_or_else(|| anyhow!("{label_owned}: no RAM region at {gpa:#x}"))?;
-                    let end = offset as usize + data.len();
-                    if end > region.1.len() {
-                        bail!("{label_owned}: section '{name}': chunk at {offset:#x} runs past its RAM region");
-                    }
-                    if !zero && data.iter().any(|&b| b != 0) {
-                        region.1[offset as usize..end].copy_from_slice(data);
-                    }
-                }
-                StreamEvent::SectionEnd(_) => section = None,
-                StreamEvent::End(_) => {
-                    if let Some((gpa, len)) = initrd_in_ram {
-                        let bytes = regions
+                    StreamEvent::Chunk {
+                        offset, data, zero, ..
+                    } => {
+                        let name = section.as_deref().unwrap_or("");
+                        let gpa = gpas
                             .iter()
-                            .find_map(|(base, ram)| {
-                                let off = usize::try_from(gpa.checked_sub(*base)?).ok()?;
-                                ram.get(off..off.checked_add(usize::try_from(len).ok()?)?)
-                            })
+                            .find(|(n, _)| n == name)
+                            .map(|(_, g)| *g)
                             .ok_or_else(|| {
-                                anyhow!("{label_owned}: the initrd at {gpa:#x} is not in guest RAM")
+                                anyhow!("{label_owned}: section '{name}' is not in the manifest")
                             })?;
-                        let _ = initrd_slot.set(bytes.to_vec());
+                        let region = regions
+                            .iter_mut()
+                            .find(|(g, _)| *g == gpa)
+                            .ok_or_else(|| anyhow!("{label_owned}: no RAM region at {gpa:#x}"))?;
+                        let end = offset as usize + data.len();
+                        if end > region.1.len() {
+                            bail!("{label_owned}: section '{name}': chunk at {offset:#x} runs past its RAM region");
+                        }
+                        if !zero && data.iter().any(|&b| b != 0) {
+                            region.1[offset as usize..end].copy_from_slice(data);
+                        }
                     }
-                    return Ok(());
+                    StreamEvent::SectionEnd(_) => section = None,
+                    StreamEvent::End(_) => {
+                        if let Some((gpa, len)) = initrd_in_ram {
+                            let bytes = regions
+                                .iter()
+                                .find_map(|(base, ram)| {
+                                    let off = usize::try_from(gpa.checked_sub(*base)?).ok()?;
+                                    ram.get(off..off.checked_add(usize::try_from(len).ok()?)?)
+                                })
+                                .ok_or_else(|| {
+                                    anyhow!(
+                                        "{label_owned}: the initrd at {gpa:#x} is not in guest RAM"
+                                    )
+                                })?;
+                            let _ = initrd_slot.set(bytes.to_vec());
+                        }
+                        return Ok(());
+                    }
                 }
             }
-        }
-    }));
+        },
+    );
     let prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
     let files = BootFiles::Stream { payload, initrd };
     let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, files, run))?;

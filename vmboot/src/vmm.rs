@@ -488,7 +488,7 @@ impl Vm {
                 let msrs = msrs.clone();
                 Vcpu::restore(vcpu::VcpuArgs { fd, msrs }, s)
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         base.vm = KvmVm::restore(base.vm, &state.vm)?;
         for v in &vcpus {
             tell_kvmclock_paused(&lock(&v.fd));
@@ -832,13 +832,13 @@ impl VmHandle {
 
     /// Starts a new dirty-page mark and returns its number (see `vstate::dirty`).
     pub fn dirty_mark(&self) -> Result<u64> {
-        self.mem.dirty_mark(&self.vm.fd)
+        Ok(self.mem.dirty_mark(&self.vm.fd)?)
     }
 
     /// The guest pages written (by vCPUs or devices) since `mark`; mark 0 is the state the
     /// VM started from (for a restore: the pack's).
     pub fn dirty_since(&self, mark: u64) -> Result<crate::vstate::dirty::DirtyPages> {
-        self.mem.dirty_since(&self.vm.fd, mark)
+        Ok(self.mem.dirty_since(&self.vm.fd, mark)?)
     }
 
     /// Per RAM region, the ranges that may hold data (see [`GuestRam::data_ranges`]).

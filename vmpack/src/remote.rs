@@ -109,7 +109,13 @@ impl RegistryFetch {
 }
 
 impl vmboot::vstate::lazy::ChunkFetch for RegistryFetch {
-    fn fetch(&self, e: &ChunkEntry) -> Result<()> {
+    fn fetch(&self, e: &ChunkEntry) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.fetch_chunk(e).map_err(Into::into)
+    }
+}
+
+impl RegistryFetch {
+    fn fetch_chunk(&self, e: &ChunkEntry) -> Result<()> {
         let data = self.payload(e)?;
         let i = self
             .deferred
@@ -384,10 +390,7 @@ pub fn prepare(
         let fetched = vmpack_registry::oci::parallel_for(
             eager.len(),
             fetch.client.options().parallel.max(1),
-            &|i| {
-                use vmboot::vstate::lazy::ChunkFetch;
-                fetch.fetch(eager[i])
-            },
+            &|i| fetch.fetch_chunk(eager[i]),
         )
         .map(|()| ms());
         let written = writer

@@ -14,7 +14,7 @@
 //! memory was created (for a restore: the pack's state) and is always kept; `mark` starts a
 //! new one, and the last [`MAX_MARKS`] of those are kept (an older one is refused by name).
 
-use anyhow::{bail, Result};
+use super::{Error, Result};
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
@@ -165,16 +165,16 @@ impl DirtyLog {
         let Some(m) = inner.marks.iter().find(|m| m.id == mark) else {
             let kept: Vec<u64> = inner.marks.iter().map(|m| m.id).collect();
             if mark >= inner.next {
-                bail!(
-                    "there is no mark {mark} yet (the newest is {})",
-                    inner.next - 1
-                );
+                return Err(Error::NoSuchMark {
+                    mark,
+                    newest: inner.next - 1,
+                });
             }
-            bail!(
-                "mark {mark} is no longer kept (kept: 0 and {}..={})",
-                kept.get(1).copied().unwrap_or(0),
-                kept.last().copied().unwrap_or(0)
-            );
+            return Err(Error::MarkGone {
+                mark,
+                first: kept.get(1).copied().unwrap_or(0),
+                last: kept.last().copied().unwrap_or(0),
+            });
         };
         Ok(DirtyPages {
             mark,
@@ -265,7 +265,7 @@ mod tests {
         let log = DirtyLog::new(&[(0, 1 << 20), (4 << 30, 1 << 20)]);
         let mut kvm = |slot: u32, size: u64| -> Result<Vec<u64>> {
             if slot == 1 {
-                bail!("KVM_GET_DIRTY_LOG failed");
+                return Err(Error::Layout("KVM_GET_DIRTY_LOG failed".into()));
             }
             let mut v = vec![0; words(size)];
             v[0] = 1;

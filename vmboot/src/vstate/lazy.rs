@@ -88,7 +88,7 @@ struct UffdMsg {
 /// index like any other, so what a fetch writes is never trusted.
 pub trait ChunkFetch: Send + Sync {
     /// Writes the stored payload of `e` at its payload offset in the pack file.
-    fn fetch(&self, e: &ChunkEntry) -> anyhow::Result<()>;
+    fn fetch(&self, e: &ChunkEntry) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 }
 
 /// Where the bytes of memory chunks come from: the pack file itself, or a fetcher that
@@ -215,27 +215,27 @@ fn open_uffd() -> std::io::Result<OwnedFd> {
 impl LazyMemory {
     /// Registers `regions` (`(gpa, host address, size)`) and starts the fault handler.
     /// Nothing is read from the pack until something touches guest RAM.
-    pub fn start(regions: &[(u64, u64, u64)], src: LazySource) -> anyhow::Result<LazyMemory> {
-        use anyhow::{anyhow, bail, Context};
+    pub fn start(regions: &[(u64, u64, u64)], src: LazySource) -> super::Result<LazyMemory> {
+        use super::{Context, Error, OptionContext};
         let reader: &PackReader = src.pack.reader();
         let mut chunks = Vec::new();
         for &(gpa, id) in &src.sections {
             let &(_, host, size) = regions
                 .iter()
                 .find(|r| r.0 == gpa)
-                .ok_or_else(|| anyhow!("no RAM region at {gpa:#x}"))?;
+                .with_context(|| format!("no RAM region at {gpa:#x}"))?;
             for e in reader.chunks(id) {
                 let end = e.offset.checked_add(u64::from(e.ulen));
                 if e.offset % PAGE != 0
                     || u64::from(e.ulen) % PAGE != 0
                     || end.is_none_or(|end| end > size)
                 {
-                    bail!(
+                    return Err(Error::Layout(format!(
                         "memory chunk {} at {:#x} ({} bytes) does not fit page-aligned in its {size:#x}-byte region",
                         e.seq,
                         e.offset,
                         e.ulen
-                    );
+                    )));
                 }
                 chunks.push(Chunk {
                     host: host + e.offset,
@@ -261,7 +261,7 @@ impl LazyMemory {
         let mut touched = Vec::new();
         touched
             .try_reserve_exact(chunks.len())
-            .map_err(|e| anyhow!("preparing the guest memory fault handler: {e}"))?;
+            .map_err(|e| Error::Layout(format!("preparing the guest memory fault handler: {e}")))?;
         let uffd = open_uffd().context("userfaultfd")?;
         for &(_, host, size) in regions {
             let mut reg = UffdioRegister {
@@ -506,7 +506,10 @@ impl Shared {
                         }
                         _ => format!("failed verification before the guest read it: {e}"),
                     }),
-                Err(e) => Err(format!("was not placed (the guest did not read it): {e:#}")),
+                Err(e) => Err(format!(
+                    "was not placed (the guest did not read it): {}",
+                    crate::error::Chain(&*e)
+                )),
             };
             match read {
                 Ok(()) => self.copy(c.host, b),

@@ -6,7 +6,7 @@
 //! That lets a restore map pack file pieces copy-on-write on top of the reservation
 //! (`MAP_FIXED`) without vm-memory needing to know.
 
-use anyhow::{bail, Context, Result};
+use super::{Context, Error, OptionContext, Result};
 use std::os::fd::AsRawFd;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, MmapRegion};
@@ -46,7 +46,14 @@ pub enum GuestMemoryInit {
     /// The closure receives every region as `(gpa, bytes)` and fills it (e.g. decompresses a
     /// pack's memory section). The regions start zeroed.
     #[allow(clippy::type_complexity)]
-    Fill(Box<dyn FnOnce(&mut [(u64, &mut [u8])]) -> Result<()>>),
+    Fill(
+        Box<
+            dyn FnOnce(
+                &mut [(u64, &mut [u8])],
+            )
+                -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>,
+        >,
+    ),
     /// Map the given file ranges privately (copy-on-write) at these GPAs; the guest's writes
     /// never reach the file. Untouched ranges are zero.
     MapPrivate {
@@ -105,6 +112,15 @@ unsafe impl Send for GuestRam {}
 // SAFETY: see `Send`.
 unsafe impl Sync for GuestRam {}
 
+impl GuestMemoryInit {
+    /// [`GuestMemoryInit::Fill`] from a closure with any error type.
+    pub fn fill<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
+        f: impl FnOnce(&mut [(u64, &mut [u8])]) -> std::result::Result<(), E> + 'static,
+    ) -> GuestMemoryInit {
+        GuestMemoryInit::Fill(Box::new(move |r| f(r).map_err(Into::into)))
+    }
+}
+
 impl GuestRam {
     /// Maps `layout` (`(gpa, size)` pairs, sorted, page-aligned) and fills it per `init`.
     pub fn new(layout: &[(u64, u64)], init: GuestMemoryInit) -> Result<GuestRam> {
@@ -118,13 +134,16 @@ impl GuestRam {
             revertible: false,
         };
         if layout.is_empty() {
-            bail!("guest has no RAM");
+            return Err(Error::Layout("guest has no RAM".into()));
         }
         for &(gpa, size) in layout {
             if size == 0 || size % PAGE != 0 || gpa % PAGE != 0 {
-                bail!("guest RAM region {gpa:#x}+{size:#x} is not page-aligned");
+                return Err(Error::Layout(format!(
+                    "guest RAM region {gpa:#x}+{size:#x} is not page-aligned"
+                )));
             }
-            let len = usize::try_from(size).context("guest RAM region too large")?;
+            let len = usize::try_from(size)
+                .map_err(|_| Error::Layout("guest RAM region too large".into()))?;
             // SAFETY: a fresh anonymous mapping; no existing memory is affected.
             let host = unsafe {
                 libc::mmap(
@@ -158,14 +177,14 @@ impl GuestRam {
                     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 )
             }
-            .map_err(|e| anyhow::anyhow!("guest RAM view: {e}"))?;
+            .map_err(|e| Error::Layout(format!("guest RAM view: {e}")))?;
             views.push(
                 GuestRegionMmap::new(mmap, GuestAddress(r.gpa))
-                    .ok_or_else(|| anyhow::anyhow!("guest RAM region {:#x} overflows", r.gpa))?,
+                    .with_context(|| format!("guest RAM region {:#x} overflows", r.gpa))?,
             );
         }
         ram.mem = GuestMemoryMmap::from_regions(views)
-            .map_err(|e| anyhow::anyhow!("guest RAM layout: {e}"))?;
+            .map_err(|e| Error::Layout(format!("guest RAM layout: {e}")))?;
         match init {
             GuestMemoryInit::Zeroed => {}
             GuestMemoryInit::Fill(f) => {
@@ -179,7 +198,7 @@ impl GuestRam {
                         })
                     })
                     .collect();
-                f(&mut slices).context("filling guest memory")?;
+                f(&mut slices).map_err(Error::Fill)?;
             }
             GuestMemoryInit::MapPrivate { file, pieces } => {
                 ram.map_pieces(&file, &pieces)?;
@@ -212,9 +231,9 @@ impl GuestRam {
                 continue;
             }
             if gpa % PAGE != 0 || off % PAGE != 0 || len % PAGE != 0 {
-                bail!(
+                return Err(Error::Layout(format!(
                     "memory piece gpa {gpa:#x} offset {off:#x} len {len:#x} is not 4 KiB aligned"
-                );
+                )));
             }
             let end = off
                 .checked_add(len)
@@ -302,10 +321,7 @@ impl GuestRam {
     /// write guest memory meanwhile. Returns the number of pages put back.
     pub fn reset_to_start(&self, vm: &kvm_ioctls::VmFd) -> Result<u64> {
         if !self.revertible {
-            bail!(
-                "guest memory was not mapped from a pack file, so it cannot be put back in \
-                 place (restore an uncompressed pack with --memory eager)"
-            );
+            return Err(Error::NotRevertible);
         }
         let dirty = self.dirty_since(vm, 0)?;
         for (gpa, len) in dirty.ranges() {
@@ -417,7 +433,10 @@ impl GuestRam {
         let mut buf = vec![0u8; len];
         self.mem
             .read_slice(&mut buf, GuestAddress(gpa))
-            .with_context(|| format!("reading {len} bytes of guest memory at {gpa:#x}"))?;
+            .map_err(|source| Error::GuestMemory {
+                what: format!("reading {len} bytes of guest memory at {gpa:#x}"),
+                source,
+            })?;
         Ok(buf)
     }
 
@@ -430,7 +449,10 @@ impl GuestRam {
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<()> {
         self.mem
             .write_slice(data, GuestAddress(gpa))
-            .with_context(|| format!("writing {} bytes of guest memory at {gpa:#x}", data.len()))
+            .map_err(|source| Error::GuestMemory {
+                what: format!("writing {} bytes of guest memory at {gpa:#x}", data.len()),
+                source,
+            })
     }
 }
 

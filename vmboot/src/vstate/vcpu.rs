@@ -2,12 +2,12 @@
 //! restore, the crash report, and the vCPU manager ([`VcpuManager`]): the run loop of each
 //! vCPU thread, pause and resume, and how the VM ended.
 
+use super::{Context, Error, Result};
 use crate::devices::bus::lock;
 use crate::devices::{Bus, IoAction};
 use crate::memory::GuestRam;
 use crate::msr;
 use crate::persist::{Persist, VcpuState};
-use anyhow::{Context, Result};
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, CpuId, KVM_MP_STATE_RUNNABLE,
     KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -76,7 +76,7 @@ impl Persist<'_> for Vcpu {
     type State = VcpuState;
     type ConstructorArgs = VcpuArgs;
     const VERSION: u32 = crate::persist::VCPU_STATE_VERSION;
-    type Error = anyhow::Error;
+    type Error = Error;
 
     /// Only while the vCPU is outside KVM_RUN with any pending I/O completed (parked).
     fn save(&self) -> Result<VcpuState> {
@@ -112,7 +112,7 @@ pub fn install_kick_handler() -> Result<()> {
         Ok(())
     })
     .clone()
-    .map_err(|e| anyhow::anyhow!("installing the vCPU kick signal handler: {e}"))
+    .map_err(Error::KickHandler)
 }
 
 /// One KVM_RUN with `immediate_exit = 1`: KVM finishes an in-flight port IN / MMIO read
@@ -173,7 +173,8 @@ pub fn configure_new(fd: &VcpuFd, cpuid: &CpuId) -> Result<()> {
                 ..Default::default()
             },
         ],
-    )?;
+    )
+    .context("KVM_SET_MSRS")?;
     Ok(())
 }
 
@@ -213,8 +214,10 @@ fn save(id: u32, fd: &VcpuFd, msr_list: &[u32], cpuid: &[kvm_cpuid_entry2]) -> R
 /// LAPIC; MSRs and events last).
 fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
     let id = s.id;
-    let cpuid = CpuId::from_entries(&s.cpuid)
-        .map_err(|e| anyhow::anyhow!("vCPU {id}: saved CPUID has too many entries: {e:?}"))?;
+    let cpuid = CpuId::from_entries(&s.cpuid).map_err(|e| Error::CpuidTooLarge {
+        id,
+        detail: format!("{e:?}"),
+    })?;
     fd.set_cpuid2(&cpuid)
         .with_context(|| format!("vCPU {id}: KVM_SET_CPUID2"))?;
     let host_khz = fd.get_tsc_khz().unwrap_or(0);

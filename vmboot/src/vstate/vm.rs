@@ -1,9 +1,9 @@
 //! VM-level KVM state: the VM fd with its in-kernel irqchip (PIC pair + IOAPIC), PIT and
 //! kvmclock, and the guest RAM slots.
 
+use super::{Context, Error, Result};
 use crate::memory::GuestRam;
 use crate::persist::{Persist, VmLevelState, VM_LEVEL_STATE_VERSION};
-use anyhow::{Context, Result};
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
@@ -23,7 +23,7 @@ impl KvmVm {
     /// Opens /dev/kvm and creates the VM, its TSS, irqchip and PIT, in the order that
     /// restores reliably on this host.
     pub fn new() -> Result<KvmVm> {
-        let kvm = Kvm::new().map_err(|e| anyhow::anyhow!("cannot open /dev/kvm: {e}"))?;
+        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         crate::kvm_caps::check(&kvm)?;
         let fd = kvm.create_vm().context("KVM_CREATE_VM")?;
         fd.set_tss_address(TSS_ADDR).context("KVM_SET_TSS_ADDR")?;
@@ -109,7 +109,7 @@ impl Persist<'_> for KvmVm {
     type State = VmLevelState;
     type ConstructorArgs = KvmVm;
     const VERSION: u32 = VM_LEVEL_STATE_VERSION;
-    type Error = anyhow::Error;
+    type Error = Error;
 
     fn save(&self) -> Result<VmLevelState> {
         self.save_state()
