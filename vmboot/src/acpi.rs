@@ -11,6 +11,7 @@
 //! with `_HID "LNRO0005"`, so the DSDT is how they find the disks. The tables live in the
 //! BIOS area at 0xe0000, where Linux scans for the RSDP, below the MP table at 0xf0000.
 
+use crate::boot::{Context, Error, Result};
 use crate::device_manager::{AcpiId, DeviceManager};
 use crate::memory::GuestRam;
 use acpi_tables::aml::{
@@ -21,7 +22,6 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
-use anyhow::{bail, Context, Result};
 
 /// Where the RSDP goes (Linux scans 0xe0000..0xfffff for it).
 pub const RSDP_ADDR: u64 = 0xe0000;
@@ -174,10 +174,10 @@ pub fn tables(vcpus: u32, dm: &DeviceManager) -> Result<Vec<(u64, Vec<u8>)>> {
     let dsdt_addr = align(madt_addr + madt.len() as u64);
     let dsdt = dsdt(dm);
     if dsdt_addr + dsdt.len() as u64 > TABLES_END {
-        bail!(
+        return Err(Error::Layout(format!(
             "ACPI tables for {vcpus} vCPUs and {} devices do not fit below {TABLES_END:#x}",
             dm.devices().len()
-        );
+        )));
     }
     fadt = fadt.flag(Flags::HwReducedAcpi).dsdt_64(dsdt_addr);
     fadt.iapc_boot_arch = (IAPC_8042 | IAPC_NO_VGA | IAPC_NO_MSI | IAPC_NO_CMOS_RTC).into();

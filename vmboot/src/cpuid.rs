@@ -224,7 +224,7 @@ pub fn for_vcpu(
     template_entries: &[kvm_cpuid_entry2],
     id: u32,
     count: u32,
-) -> anyhow::Result<CpuId> {
+) -> crate::boot::Result<CpuId> {
     let mut entries: Vec<kvm_cpuid_entry2> = template_entries.to_vec();
     let count = count.max(1);
     let amd = vendor(&entries).as_deref() == Some("AuthenticAMD");
@@ -296,7 +296,7 @@ pub fn for_vcpu(
         }
     }
     CpuId::from_entries(&entries)
-        .map_err(|e| anyhow::anyhow!("{} CPUID entries: {e:?}", entries.len()))
+        .map_err(|e| crate::boot::Error::Cpuid(format!("{} CPUID entries: {e:?}", entries.len())))
 }
 
 #[cfg(test)]

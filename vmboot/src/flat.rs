@@ -8,8 +8,8 @@
 //! - real mode: all selectors and bases 0 (limit 0xffff), IP = entry, SP = 0x7000,
 //!   FLAGS = 0x2, EDI = RAM size (clamped to 0xffffffff).
 
+use crate::boot::{Error, Result};
 use crate::memory::GuestRam;
-use anyhow::{bail, Result};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use vmpack_formats::config::{FlatBoot, StartMode};
 
@@ -64,7 +64,9 @@ pub fn setup_long_mode(
     ds: u16,
 ) -> Result<()> {
     if mem.low_end() < PD_ADDR + 0x1000 {
-        bail!("guest RAM too small for the long-mode page tables (needs 48 KiB)");
+        return Err(Error::Layout(
+            "guest RAM too small for the long-mode page tables (needs 48 KiB)".into(),
+        ));
     }
     let bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
     mem.write(GDT_ADDR, &bytes)?;
@@ -107,12 +109,12 @@ pub fn load(
         .checked_add(image.len() as u64)
         .filter(|&e| e <= mem.low_end())
         .ok_or_else(|| {
-            anyhow::anyhow!(
+            Error::Payload(format!(
                 "flat image ({} bytes at {:#x}) does not fit in guest RAM below {:#x}",
                 image.len(),
                 flat.load_address,
                 mem.low_end()
-            )
+            ))
         })?;
     let mut regs = kvm_regs {
         rflags: 2,
@@ -126,11 +128,11 @@ pub fn load(
                 ("page tables", PML4_ADDR, PD_ADDR + 0x1000),
             ] {
                 if flat.load_address < b && a < end {
-                    bail!(
+                    return Err(Error::Payload(format!(
                         "flat image {:#x}..{end:#x} overlaps the {name} at {a:#x}..{b:#x}; \
                          load long-mode images at 0x100000",
                         flat.load_address
-                    );
+                    )));
                 }
             }
             setup_long_mode(mem, &mut sregs, &[0, GDT_CODE64, GDT_DATA], 0x08, 0x10)?;
@@ -139,10 +141,10 @@ pub fn load(
         }
         StartMode::Real => {
             if flat.entry >= 0x10000 {
-                bail!(
+                return Err(Error::Payload(format!(
                     "real-mode entry {:#x} must be below 0x10000 (CS is 0)",
                     flat.entry
-                );
+                )));
             }
             for seg in [
                 &mut sregs.cs,

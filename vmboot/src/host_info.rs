@@ -2,8 +2,8 @@
 //! supported CPUID, the MSRs a vCPU can save, the KVM capabilities vmboot uses, TSC rate
 //! and scaling, kernel and vmboot versions.
 
+use crate::boot::{Context, Error, Result};
 use crate::cpu_features::to_entry;
-use anyhow::{Context, Result};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm};
 use vmpack_formats::host::{HostCpu, HostFingerprint, FINGERPRINT_VERSION};
@@ -38,7 +38,7 @@ pub fn fingerprint() -> Result<&'static HostFingerprint> {
 }
 
 fn measure() -> Result<HostFingerprint> {
-    let kvm = Kvm::new().map_err(|e| anyhow::anyhow!("cannot open /dev/kvm: {e}"))?;
+    let kvm = Kvm::new().map_err(Error::OpenKvm)?;
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .context("KVM_GET_SUPPORTED_CPUID")?

@@ -6,6 +6,7 @@
 
 pub mod acpi;
 pub mod api;
+pub mod boot;
 pub mod clone;
 pub mod compat;
 pub mod console;

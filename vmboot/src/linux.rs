@@ -8,9 +8,9 @@
 //! - e820: RAM 0..0x9fc00, RAM 1 MiB..min(size, 3 GiB), RAM 4 GiB.. for the rest.
 //! - initrd: at the top of low RAM (below the MMIO hole and `initrd_addr_max`), page-aligned.
 
+use crate::boot::{Context, Error, Result};
 use crate::flat::{setup_long_mode, BOOT_STACK, GDT_CODE64, GDT_DATA};
 use crate::memory::GuestRam;
-use anyhow::{bail, Context, Result};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -71,7 +71,7 @@ pub fn load(
             &mut Cursor::new(kernel),
             Some(GuestAddress(HIMEM_START)),
         )
-        .map_err(|e| anyhow::anyhow!("loading ELF kernel: {e}"))?;
+        .map_err(|e| Error::Payload(format!("loading ELF kernel: {e}")))?;
         let hdr = linux_loader::loader::bootparam::setup_header {
             boot_flag: KERNEL_BOOT_FLAG_MAGIC,
             header: KERNEL_HDR_MAGIC,
@@ -86,17 +86,21 @@ pub fn load(
             &mut Cursor::new(kernel),
             Some(GuestAddress(HIMEM_START)),
         )
-        .map_err(|e| anyhow::anyhow!("loading bzImage kernel: {e}"))?;
-        let hdr = r.setup_header.context("bzImage without a setup header")?;
+        .map_err(|e| Error::Payload(format!("loading bzImage kernel: {e}")))?;
+        let hdr = r
+            .setup_header
+            .ok_or_else(|| Error::Payload("bzImage without a setup header".into()))?;
         if hdr.version < 0x0206 {
-            bail!(
+            return Err(Error::Payload(format!(
                 "bzImage boot protocol {}.{:02} is too old (2.06+ needed for the 64-bit entry)",
                 hdr.version >> 8,
                 hdr.version & 0xff
-            );
+            )));
         }
         if hdr.xloadflags & 1 == 0 {
-            bail!("bzImage has no 64-bit entry point (XLF_KERNEL_64 not set)");
+            return Err(Error::Payload(
+                "bzImage has no 64-bit entry point (XLF_KERNEL_64 not set)".into(),
+            ));
         }
         // The 64-bit entry is 0x200 past the start of the protected-mode code.
         (r.kernel_load.raw_value() + 0x200, hdr, r.kernel_end)
@@ -108,9 +112,9 @@ pub fn load(
         CMDLINE_MAX
     };
     let cl = Cmdline::try_from(cmdline, max_cmdline)
-        .map_err(|e| anyhow::anyhow!("kernel command line: {e}"))?;
+        .map_err(|e| Error::Payload(format!("kernel command line: {e}")))?;
     load_cmdline(gm, GuestAddress(CMDLINE_ADDR), &cl)
-        .map_err(|e| anyhow::anyhow!("writing the kernel command line: {e}"))?;
+        .map_err(|e| Error::Payload(format!("writing the kernel command line: {e}")))?;
 
     hdr.type_of_loader = KERNEL_LOADER_OTHER;
     hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
@@ -131,11 +135,11 @@ pub fn load(
             .map(|a| a & !0xfff)
             .filter(|&a| a >= kernel_end)
             .ok_or_else(|| {
-                anyhow::anyhow!(
+                Error::Payload(format!(
                     "initrd ({} bytes) does not fit between the kernel end {kernel_end:#x} and \
                      {top:#x}; give the guest more memory",
                     initrd.len()
-                )
+                ))
             })?;
         mem.write(addr, initrd).context("writing the initrd")?;
         initrd_at = Some((addr, initrd.len() as u64));
@@ -149,7 +153,7 @@ pub fn load(
     };
     let map = e820(mem);
     if map.len() > params.e820_table.len() {
-        bail!("too many e820 entries");
+        return Err(Error::Layout("too many e820 entries".into()));
     }
     for (i, &(addr, size)) in map.iter().enumerate() {
         params.e820_table[i] = boot_e820_entry {
@@ -163,7 +167,7 @@ pub fn load(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE)),
         gm,
     )
-    .map_err(|e| anyhow::anyhow!("writing boot_params: {e}"))?;
+    .map_err(|e| Error::Payload(format!("writing boot_params: {e}")))?;
 
     setup_long_mode(mem, &mut sregs, &[0, 0, GDT_CODE64, GDT_DATA], 0x10, 0x18)?;
     let regs = kvm_regs {

@@ -7,8 +7,8 @@
 //! vCPU count) at 0xfec00000, ISA IRQ n → IOAPIC pin n for n < 24 (KVM's default routing:
 //! the PIT arrives on pin 0), and LINT0 = ExtINT / LINT1 = NMI on every local APIC.
 
+use crate::boot::{Error, Result};
 use crate::memory::GuestRam;
-use anyhow::{bail, Result};
 
 pub const MPTABLE_START: u64 = 0xf0000;
 pub const MPTABLE_LIMIT: u64 = 0x100000;
@@ -25,7 +25,9 @@ fn checksum(bytes: &[u8]) -> u8 {
 /// The tables as bytes, to be placed at [`MPTABLE_START`].
 pub fn build(vcpus: u32) -> Result<Vec<u8>> {
     if vcpus == 0 || vcpus > 254 {
-        bail!("MP table: {vcpus} vCPUs (1..=254 supported)");
+        return Err(Error::Layout(format!(
+            "MP table: {vcpus} vCPUs (1..=254 supported)"
+        )));
     }
     let ioapic_id = vcpus as u8;
     let mut entries: Vec<u8> = Vec::new();
@@ -87,7 +89,9 @@ pub fn build(vcpus: u32) -> Result<Vec<u8>> {
     let mut out = fp;
     out.extend_from_slice(&table);
     if MPTABLE_START + out.len() as u64 > MPTABLE_LIMIT {
-        bail!("MP table for {vcpus} vCPUs does not fit below 1 MiB");
+        return Err(Error::Layout(format!(
+            "MP table for {vcpus} vCPUs does not fit below 1 MiB"
+        )));
     }
     Ok(out)
 }
