@@ -58,7 +58,7 @@ impl Console {
         let runner = std::thread::Builder::new()
             .name("vm-console".into())
             .spawn(move || {
-                let r = vm.run();
+                let r = vm.run().map_err(anyhow::Error::from);
                 log2.close(match &r {
                     Ok(reason) => &reason.message,
                     Err(_) => "the VMM failed",
@@ -86,7 +86,9 @@ impl Console {
 
     /// Sends bytes to the guest's serial input.
     pub fn send(&self, bytes: impl AsRef<[u8]>) -> Result<()> {
-        self.handle.serial_input(bytes.as_ref(), self.input_timeout)
+        Ok(self
+            .handle
+            .serial_input(bytes.as_ref(), self.input_timeout)?)
     }
 
     /// Waits until the output after the previous match matches `pattern` (a regex, see the

@@ -27,7 +27,7 @@ pub fn unknown_parent(root: &str) -> anyhow::Error {
 pub fn changed_chunks(handle: &VmHandle, mark: u64, chunk_size: u32) -> Result<Vec<ChunkMap>> {
     let dirty = handle
         .dirty_since(mark)
-        .map_err(|e| anyhow!("{e:#}; save a full pack instead"))?;
+        .map_err(|e| anyhow!("{}; save a full pack instead", crate::error::Chain(&e)))?;
     let cs = u64::from(chunk_size);
     let page = crate::vstate::dirty::PAGE;
     let mut maps = Vec::with_capacity(dirty.layout.len());

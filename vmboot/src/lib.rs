@@ -36,5 +36,5 @@ pub use memory::GuestMemoryInit;
 pub use persist::{VcpuState, VmState};
 pub use vmm::{
     block_exit_signals, terminate_all_on_signals, terminate_on_signals, BootFiles, BootPayload,
-    ExitReason, PauseError, RunOptions, SerialSink, ValidState, Vm, VmHandle,
+    Error, ExitReason, PauseError, RunOptions, SerialSink, ValidState, Vm, VmHandle,
 };

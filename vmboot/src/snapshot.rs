@@ -725,7 +725,7 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     if !manifest.disks.is_empty() {
         let pack = pack.clone();
         vm.controller().set_disk_reset(Box::new(move |i| {
-            extract_disk(&pack, i, &disk_copy_path(&work_path, i), true)
+            extract_disk(&pack, i, &disk_copy_path(&work_path, i), true).map_err(Into::into)
         }));
     }
     Ok((
@@ -1087,7 +1087,7 @@ fn parse_state(bytes: &[u8], label: &str, section: &str, cfg: &VmConfig) -> Resu
     }
     state
         .validate(cfg)
-        .map_err(|e| anyhow!("{label}: section '{section}': {e:#}"))
+        .map_err(|e| anyhow!("{label}: section '{section}': {}", crate::error::Chain(&e)))
 }
 
 /// The saved guest as [`compat::judge`] reads it.
@@ -1522,7 +1522,7 @@ impl WorkDir {
     fn hand_over(
         self,
         mut run: RunOptions,
-        build: impl FnOnce(&RunOptions) -> Result<Vm>,
+        build: impl FnOnce(&RunOptions) -> crate::vmm::Result<Vm>,
     ) -> Result<Vm> {
         run.work_dir = Some(self.path.clone());
         let vm = build(&run)?;
@@ -1625,7 +1625,7 @@ pub fn restore_and_run(input: PackInput, opts: RestoreOptions) -> Result<ExitRea
         bench_stamps(&vm, &report);
     }
     crate::vmm::terminate_on_signals(vm.controller())?;
-    vm.run()
+    Ok(vm.run()?)
 }
 
 /// `CLOCK_MONOTONIC` now, in ns: what `vmpack bench-snapshot` compares with its own clock.

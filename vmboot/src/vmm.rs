@@ -21,7 +21,102 @@ pub use crate::vcpu::{
     EXIT_INTERNAL_ERROR, EXIT_KVM_ERROR, EXIT_TRIPLE_FAULT, EXIT_UNEXPECTED, PAUSE_TIMEOUT,
 };
 use crate::vstate::vm::KvmVm;
-use anyhow::{bail, Context, Result};
+
+/// What building, running and driving a VM can fail with: vmboot's crate-level error
+/// (`vmboot::Error`). The lower layers' errors pass through unchanged (their text is the
+/// message); a caller branches on the variants, e.g. [`Error::Pause`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A config this vmboot cannot run (or a payload it does not hold).
+    #[error("{0}")]
+    Config(String),
+    /// A CPU template the host's KVM cannot provide, or a template file that is not one.
+    #[error("{0}")]
+    CpuTemplate(String),
+    /// A saved state that does not fit the config (`VmState::validate`).
+    #[error("{0}")]
+    InvalidState(String),
+    /// Pausing or resuming: the VM ended, or the vCPUs did not park in time.
+    #[error(transparent)]
+    Pause(#[from] PauseError),
+    #[error("save_state needs a paused VM")]
+    NotPaused,
+    /// `VmHandle::reset` refused before changing anything.
+    #[error("{0}")]
+    NotResettable(String),
+    /// A reset failed after it changed the VM, which was then stopped.
+    #[error("reset failed; the VM was stopped")]
+    ResetFailed(#[source] Box<Error>),
+    #[error("putting disk {disk} back")]
+    DiskReset {
+        disk: usize,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the VM has ended; {pending} input bytes not sent")]
+    InputAfterEnd { pending: usize },
+    #[error(
+        "the guest did not read its serial input within {timeout:?}; {pending} bytes not sent"
+    )]
+    InputTimeout { timeout: Duration, pending: usize },
+    /// A thread vmboot needs could not start (a vCPU, the signal handler).
+    #[error("{0}")]
+    Thread(String),
+    #[error(transparent)]
+    Devices(#[from] crate::devices::Error),
+    #[error(transparent)]
+    Vstate(#[from] crate::vstate::Error),
+    #[error(transparent)]
+    Boot(#[from] crate::boot::Error),
+    #[error(transparent)]
+    State(#[from] crate::persist::StateError),
+    #[error(transparent)]
+    Msr(#[from] crate::msr::Error),
+    /// A host call failed.
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A KVM ioctl failed (named in `what`).
+    #[error("{what}")]
+    Kvm {
+        what: String,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// An error, with where it happened.
+    #[error("{what}")]
+    Context {
+        what: String,
+        #[source]
+        source: Box<Error>,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+crate::error::layer_context!(Error);
+
+impl Error {
+    /// The pause failure this is, if it is one (the VM ended, or the vCPUs did not park).
+    pub fn as_pause(&self) -> Option<&PauseError> {
+        match self {
+            Error::Pause(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+impl<T> Context<T> for std::result::Result<T, crate::vstate::Error> {
+    fn context(self, what: impl Into<String>) -> Result<T> {
+        self.map_err(Error::from).context(what)
+    }
+    fn with_context<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T> {
+        self.map_err(Error::from).with_context(what)
+    }
+}
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::VcpuFd;
 use std::path::PathBuf;
@@ -64,7 +159,10 @@ fn read_file(role: &str, p: &std::path::Path) -> Result<Vec<u8>> {
         .with_context(|| format!("{role} {}", p.display()))?
         .len();
     if len > MAX_PAYLOAD {
-        bail!("{role} {} is {len} bytes, more than 4 GiB", p.display());
+        return Err(Error::Config(format!(
+            "{role} {} is {len} bytes, more than 4 GiB",
+            p.display()
+        )));
     }
     std::fs::read(p).with_context(|| format!("reading {role} {}", p.display()))
 }
@@ -141,13 +239,21 @@ pub struct Vm {
 
 fn validate(cfg: &VmConfig) -> Result<()> {
     if cfg.vcpus == 0 || cfg.vcpus > vmpack_formats::config::MAX_VCPUS {
-        bail!("vcpus = {} (1..=254 supported)", cfg.vcpus);
+        return Err(Error::Config(format!(
+            "vcpus = {} (1..=254 supported)",
+            cfg.vcpus
+        )));
     }
     if cfg.memory_mib == 0 || cfg.memory_mib > vmpack_formats::config::MAX_MEMORY_MIB {
-        bail!("memory_mib = {} (1..=65536 supported)", cfg.memory_mib);
+        return Err(Error::Config(format!(
+            "memory_mib = {} (1..=65536 supported)",
+            cfg.memory_mib
+        )));
     }
     if cfg.kernel.is_none() && cfg.flat.is_none() {
-        bail!("config has neither [kernel] nor [flat]");
+        return Err(Error::Config(
+            "config has neither [kernel] nor [flat]".into(),
+        ));
     }
     Ok(())
 }
@@ -268,9 +374,11 @@ impl Devices {
         )?;
         if let Some(v) = &cfg.vsock {
             let id = crate::devices::virtio::vsock::ID;
-            let path = vsock_sock
-                .or(v.uds_path.as_deref())
-                .context("[vsock] has no uds_path: give one in the config or --vsock-sock PATH")?;
+            let path = vsock_sock.or(v.uds_path.as_deref()).ok_or_else(|| {
+                Error::Config(
+                    "[vsock] has no uds_path: give one in the config or --vsock-sock PATH".into(),
+                )
+            })?;
             crate::devices::virtio::vsock::attach(
                 v.cid,
                 path,
@@ -314,11 +422,11 @@ impl VmState {
         crate::persist::check_version("vm state", self.version, VM_STATE_VERSION)?;
         crate::persist::check_version("VM-level state", self.vm.version, VM_LEVEL_STATE_VERSION)?;
         if self.vcpus.len() != cfg.vcpus as usize {
-            bail!(
+            return Err(Error::InvalidState(format!(
                 "saved state has {} vCPUs but the config says {}",
                 self.vcpus.len(),
                 cfg.vcpus
-            );
+            )));
         }
         for v in &self.vcpus {
             crate::persist::check_version(
@@ -329,19 +437,18 @@ impl VmState {
         }
         let layout = ram_layout(cfg.memory_bytes());
         if self.memory_regions != layout {
-            bail!(
+            return Err(Error::InvalidState(format!(
                 "saved memory layout {:x?} does not match the config's {} MiB ({layout:x?})",
-                self.memory_regions,
-                cfg.memory_mib
-            );
+                self.memory_regions, cfg.memory_mib
+            )));
         }
         let ids = Devices::ids(cfg);
         for (i, d) in self.devices.iter().enumerate() {
             if !ids.contains(&d.id) || self.devices[..i].iter().any(|e| e.id == d.id) {
-                bail!(
+                return Err(Error::InvalidState(format!(
                     "the saved VM has a device {} that a VM of this config does not have (or has it twice)",
                     d.id
-                );
+                )));
             }
             Devices::validate_state(d)?;
         }
@@ -353,10 +460,10 @@ impl VmState {
             .filter(|d| d.id.starts_with("virtio-blk"))
             .count();
         if blk != 0 && blk != cfg.disks.len() {
-            bail!(
+            return Err(Error::InvalidState(format!(
                 "the saved VM has {blk} virtio-blk devices but the config has {} disks",
                 cfg.disks.len()
-            );
+            )));
         }
         Ok(ValidState(self))
     }
@@ -394,7 +501,7 @@ impl Vm {
             .context("KVM_GET_SUPPORTED_CPUID")?
             .as_slice()
             .to_vec();
-        cpuid::apply_template(&mut supported, &cfg.cpu_template).map_err(|e| anyhow::anyhow!(e))?;
+        cpuid::apply_template(&mut supported, &cfg.cpu_template).map_err(Error::CpuTemplate)?;
         let mut cpuids = Vec::new();
         for (id, fd) in base.fds.iter().enumerate() {
             let c = cpuid::for_vcpu(&supported, id as u32, cfg.vcpus)?;
@@ -422,18 +529,16 @@ impl Vm {
         let sregs = bsp.get_sregs().context("KVM_GET_SREGS")?;
         let (regs, sregs, initrd_at) = match cfg.boot() {
             Boot::Flat(flat) => {
-                let image = payload
-                    .image
-                    .as_deref()
-                    .context("flat boot without an image in the payload")?;
+                let image = payload.image.as_deref().ok_or_else(|| {
+                    Error::Config("flat boot without an image in the payload".into())
+                })?;
                 let (regs, sregs) = crate::flat::load(&base.mem, flat, image, sregs)?;
                 (regs, sregs, None)
             }
             Boot::Linux(k) => {
-                let kernel = payload
-                    .kernel
-                    .as_deref()
-                    .context("Linux boot without a kernel in the payload")?;
+                let kernel = payload.kernel.as_deref().ok_or_else(|| {
+                    Error::Config("Linux boot without a kernel in the payload".into())
+                })?;
                 crate::mptable::write(&base.mem, cfg.vcpus)?;
                 crate::acpi::write(&base.mem, cfg.vcpus, &devices.dm)?;
                 let cmdline = format!("{}{}", k.cmdline, devices.dm.virtio_cmdline());
@@ -621,14 +726,18 @@ impl Vm {
         }
         // The VM never ran as a whole: vmboot could not start it (status 1), not a KVM failure.
         if let Some(m) = not_started {
-            bail!("{m}");
+            return Err(Error::Thread(m));
         }
         Ok(reason)
     }
 }
 
 /// Puts disk `i`'s private copy back to the content the VM was restored with.
-pub type DiskReset = Box<dyn Fn(usize) -> Result<()> + Send + Sync>;
+pub type DiskReset = Box<
+    dyn Fn(usize) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>
+        + Send
+        + Sync,
+>;
 
 pub use crate::api::ResetStats;
 
@@ -690,7 +799,7 @@ impl VmHandle {
     /// Only while paused (or before [`Vm::run`], or after the VM ended).
     pub fn save_state(&self) -> Result<VmState> {
         if !self.is_quiescent() {
-            bail!("save_state needs a paused VM");
+            return Err(Error::NotPaused);
         }
         let vcpus = self
             .vcpus
@@ -743,21 +852,22 @@ impl VmHandle {
     /// state; a paused one stays paused. A failure once the VM was changed ends it (its
     /// state would be neither the old nor the pack's).
     pub fn reset(&self) -> Result<ResetStats> {
-        let state = self
-            .reset_point
-            .get()
-            .context("only a VM restored from a pack can be reset")?;
+        let state = self.reset_point.get().ok_or_else(|| {
+            Error::NotResettable("only a VM restored from a pack can be reset".into())
+        })?;
         if !self.mem.revertible() {
-            bail!("guest memory was not mapped from a pack file, so it cannot be put back in place (restore an uncompressed pack with --memory eager)");
+            return Err(crate::vstate::Error::NotRevertible.into());
         }
         // A pack from before a device existed starts that device at power-on: it has no
         // state to go back to. Refused before anything changes.
         for (id, d) in self.devices.dm.objects() {
             if !state.devices.iter().any(|s| s.id == id) {
-                bail!("the pack holds no state of device {id} to reset it to");
+                return Err(Error::NotResettable(format!(
+                    "the pack holds no state of device {id} to reset it to"
+                )));
             }
             if !d.resettable() {
-                bail!("device {id} cannot be reset in place");
+                return Err(crate::devices::Error::NotResettable { id: id.to_string() }.into());
             }
         }
         let was_paused = self.is_paused();
@@ -774,24 +884,25 @@ impl VmHandle {
             }
             let mut disks = 0;
             for (id, d) in self.devices.dm.objects() {
-                let s = state
-                    .devices
-                    .iter()
-                    .find(|s| s.id == id)
-                    .with_context(|| format!("the pack holds no state of device {id}"))?;
+                let s = state.devices.iter().find(|s| s.id == id).ok_or_else(|| {
+                    Error::NotResettable(format!("the pack holds no state of device {id}"))
+                })?;
                 d.reset_to(s)?;
                 if d.take_backend_written() {
                     let i = id
                         .strip_prefix("virtio-blk")
                         .and_then(|n| n.parse().ok())
-                        .with_context(|| {
-                            format!("device {id} wrote a backend that is not a disk")
+                        .ok_or_else(|| {
+                            Error::NotResettable(format!(
+                                "device {id} wrote a backend that is not a disk"
+                            ))
                         })?;
-                    let put_back = self
-                        .disk_reset
-                        .get()
-                        .context("the disks cannot be put back (no pack to read them from)")?;
-                    put_back(i).with_context(|| format!("putting disk {i} back"))?;
+                    let put_back = self.disk_reset.get().ok_or_else(|| {
+                        Error::NotResettable(
+                            "the disks cannot be put back (no pack to read them from)".into(),
+                        )
+                    })?;
+                    put_back(i).map_err(|source| Error::DiskReset { disk: i, source })?;
                     disks += 1;
                 }
             }
@@ -812,9 +923,9 @@ impl VmHandle {
             Err(e) => {
                 self.request_exit(ExitReason {
                     code: EXIT_KVM_ERROR,
-                    message: format!("reset failed: {e:#}"),
+                    message: format!("reset failed: {}", crate::error::Chain(&e)),
                 });
-                Err(e.context("reset failed; the VM was stopped"))
+                Err(Error::ResetFailed(Box::new(e)))
             }
         }
     }
@@ -999,13 +1110,15 @@ impl VmHandle {
             pending = &pending[took..];
             if took == 0 {
                 if self.has_ended() {
-                    anyhow::bail!("the VM has ended; {} input bytes not sent", pending.len());
+                    return Err(Error::InputAfterEnd {
+                        pending: pending.len(),
+                    });
                 }
                 if Instant::now() >= deadline {
-                    anyhow::bail!(
-                        "the guest did not read its serial input within {timeout:?}; {} bytes not sent",
-                        pending.len()
-                    );
+                    return Err(Error::InputTimeout {
+                        timeout,
+                        pending: pending.len(),
+                    });
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -1075,7 +1188,11 @@ fn signal_thread() -> Result<()> {
                 .map_err(|e| e.to_string())
         })
         .clone()
-        .map_err(|e| anyhow::anyhow!("cannot start the thread that handles Ctrl-C and kill: {e}"))
+        .map_err(|e| {
+            Error::Thread(format!(
+                "cannot start the thread that handles Ctrl-C and kill: {e}"
+            ))
+        })
 }
 
 /// Ends `vm` cleanly (see [`VmHandle::terminate`]) when one of the blocked exit signals
@@ -1185,7 +1302,7 @@ mod tests {
     fn refused(s: VmState, c: &VmConfig) -> String {
         match s.validate(c) {
             Ok(_) => panic!("validated"),
-            Err(e) => format!("{e:#}"),
+            Err(e) => crate::error::Chain(&e).to_string(),
         }
     }
 
@@ -1226,10 +1343,9 @@ mod tests {
         assert!(refused(s, &cfg(1)).contains("virtqueue 0: size 512"));
         let mut v = serde_json::to_value(state(1)).unwrap();
         v["version"] = 3.into();
-        let err = format!(
-            "{:#}",
-            VmState::parse(&serde_json::to_vec(&v).unwrap()).unwrap_err()
-        );
+        let err =
+            crate::error::Chain(&VmState::parse(&serde_json::to_vec(&v).unwrap()).unwrap_err())
+                .to_string();
         assert!(
             err.contains(
                 "vm state version 3 is not supported by this vmboot (it reads versions 1 and 2)"

@@ -6,7 +6,9 @@ use super::types::{
     AfterSave, ApiError, Compression, DirtyLog, DirtyMark, ResetStats, RunState, SaveRequest,
     SerialOutput, VmStatus,
 };
-use crate::vmm::{PauseError, VmHandle};
+use crate::error::Chain;
+use crate::vmm::{self, PauseError, VmHandle};
+use crate::vstate;
 use std::io::Write;
 
 impl From<PauseError> for ApiError {
@@ -38,7 +40,7 @@ impl VmControl for VmHandle {
 
     fn serial_input(&self, bytes: &[u8]) -> Result<(), ApiError> {
         VmHandle::serial_input(self, bytes, std::time::Duration::from_secs(5))
-            .map_err(|e| ApiError::conflict(format!("{e:#}")))
+            .map_err(|e| ApiError::conflict(Chain(&e).to_string()))
     }
 
     fn serial_output(&self, since: u64) -> Result<SerialOutput, ApiError> {
@@ -56,28 +58,29 @@ impl VmControl for VmHandle {
 
     fn reset(&self) -> Result<ResetStats, ApiError> {
         let stats = VmHandle::reset(self).map_err(|e| {
-            let msg = format!("{e:#}");
-            if msg.starts_with("reset failed") {
-                ApiError::internal(msg)
-            } else {
-                ApiError::conflict(msg)
+            let msg = Chain(&e).to_string();
+            match e {
+                vmm::Error::ResetFailed(_) => ApiError::internal(msg),
+                _ => ApiError::conflict(msg),
             }
         })?;
         Ok(stats)
     }
 
     fn dirty_mark(&self) -> Result<DirtyMark, ApiError> {
-        let mark = VmHandle::dirty_mark(self).map_err(|e| ApiError::internal(format!("{e:#}")))?;
+        let mark =
+            VmHandle::dirty_mark(self).map_err(|e| ApiError::internal(Chain(&e).to_string()))?;
         Ok(DirtyMark { mark })
     }
 
     fn dirty_since(&self, since: u64) -> Result<DirtyLog, ApiError> {
         let p = VmHandle::dirty_since(self, since).map_err(|e| {
-            let msg = format!("{e:#}");
-            if msg.starts_with("KVM_") {
-                ApiError::internal(msg)
-            } else {
-                ApiError::not_found(msg)
+            let msg = Chain(&e).to_string();
+            match e {
+                vmm::Error::Vstate(
+                    vstate::Error::NoSuchMark { .. } | vstate::Error::MarkGone { .. },
+                ) => ApiError::not_found(msg),
+                _ => ApiError::internal(msg),
             }
         })?;
         Ok(DirtyLog {
@@ -129,7 +132,13 @@ impl VmControl for VmHandle {
                     let _ = VmHandle::resume(self);
                 }
                 // A VM that ended is a conflict whichever step noticed it.
-                match e.downcast_ref::<PauseError>() {
+                let pause = e.chain().find_map(|c| {
+                    c.downcast_ref::<PauseError>().or_else(|| {
+                        c.downcast_ref::<vmm::Error>()
+                            .and_then(vmm::Error::as_pause)
+                    })
+                });
+                match pause {
                     Some(p) => Err(ApiError::from(p.clone())),
                     None => Err(ApiError::internal(format!("save failed: {e:#}"))),
                 }
