@@ -6,8 +6,8 @@
 //! (an uncompressed aligned pack with the same contents, keyed by the source's root digest)
 //! that all later clones map instead.
 
+use crate::packs::{Context, Error, Result};
 use crate::snapshot::verified_cache;
-use anyhow::{anyhow, Context, Result};
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -39,18 +39,19 @@ pub fn mappable_pack(path: &Path) -> Result<(PathBuf, Source)> {
     let pack = VmPack::open(path)?;
     let manifest = pack.manifest();
     if manifest.vmstate.is_none() {
-        anyhow::bail!(
+        return Err(Error::Refused(format!(
             "{}: the pack holds a VM at rest, not a saved one; clones need a pack made by `vmpack save`",
             path.display()
-        );
+        )));
     }
     // A diff pack is layered over its parents by the restore itself.
     if manifest.parent.is_some() || manifest.memory_restore_path(pack.reader()) == Some("mmap") {
         return Ok((path.to_path_buf(), Source::Direct));
     }
     let dir = cache_dir().ok_or_else(|| {
-        anyhow!(
+        Error::Unsupported(
             "no cache folder for the expanded pack: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME"
+                .into(),
         )
     })?;
     let root = hex::encode(pack.reader().root_digest());
@@ -75,11 +76,7 @@ pub fn mappable_pack(path: &Path) -> Result<(PathBuf, Source)> {
         }
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
-            Err(e.context(format!(
-                "expanding {} into {}",
-                path.display(),
-                dir.display()
-            )))
+            Err(e).with_context(|| format!("expanding {} into {}", path.display(), dir.display()))
         }
     }
 }
@@ -106,9 +103,12 @@ impl SectionSource for Spilled {
 
 pub(crate) fn spill(pack: &VmPack, section: &str, dir: &Path) -> Result<Spilled> {
     let reader = pack.reader();
-    let s = reader
-        .section(section)
-        .ok_or_else(|| anyhow!("{}: section '{section}' is missing", pack.path().display()))?;
+    let s = reader.section(section).ok_or_else(|| {
+        Error::Refused(format!(
+            "{}: section '{section}' is missing",
+            pack.path().display()
+        ))
+    })?;
     let file = tempfile_in(dir)?;
     file.set_len(s.size)?;
     reader.for_each_chunk_parallel(s.id, false, 0, &|off, data| {
@@ -156,7 +156,7 @@ fn expand(pack: &VmPack, out_path: &Path) -> Result<()> {
     let state_section = manifest.vmstate.as_deref().unwrap_or_default();
     let s = reader
         .section(state_section)
-        .ok_or_else(|| anyhow!("section '{state_section}' is missing"))?;
+        .ok_or_else(|| Error::Refused(format!("section '{state_section}' is missing")))?;
     let state = reader.read_section(s.id, 64 << 20)?;
     let mut files: Vec<(&'static str, Vec<u8>)> = Vec::new();
     for role in ["kernel", "initrd", "image"] {
@@ -202,7 +202,7 @@ fn expand(pack: &VmPack, out_path: &Path) -> Result<()> {
     let out = File::create(out_path).with_context(|| format!("creating {}", out_path.display()))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, out);
     vmpack_formats::vm::write_vm_pack(&mut w, &cfg, plan, &opts, &())?;
-    let out = w.into_inner().map_err(|e| anyhow!("{}", e.error()))?;
+    let out = w.into_inner().map_err(|e| e.into_error())?;
     out.sync_all()?;
     Ok(())
 }

@@ -295,28 +295,34 @@ pub struct SavedPack {
 
 impl SavedPack {
     /// Reads the manifest's config and the vm state of the pack at `path`.
-    pub fn open(path: &std::path::Path) -> anyhow::Result<SavedPack> {
-        use anyhow::anyhow;
+    pub fn open(path: &std::path::Path) -> crate::packs::Result<SavedPack> {
+        use crate::packs::Error;
         let label = path.display().to_string();
         let pack = vmpack_formats::vm::VmPack::open(path)?;
         let section = pack.manifest().vmstate.clone().ok_or_else(|| {
-            anyhow!("{label}: the pack holds a VM at rest, not a saved one (no vmstate section); only saved VMs get a verdict")
+            Error::Refused(format!("{label}: the pack holds a VM at rest, not a saved one (no vmstate section); only saved VMs get a verdict"))
         })?;
         let template = pack.config()?.cpu_template;
         let reader = pack.reader();
         let s = reader
             .section(&section)
-            .ok_or_else(|| anyhow!("{label}: section '{section}' is missing"))?;
+            .ok_or_else(|| Error::Refused(format!("{label}: section '{section}' is missing")))?;
         let bytes = reader.read_section(s.id, crate::persist::MAX_VMSTATE_LEN)?;
         #[derive(serde::Deserialize)]
         struct Version {
             version: u32,
         }
-        let v: Version = serde_json::from_slice(&bytes)
-            .map_err(|e| anyhow!("{label}: section '{section}': not a valid vm state: {e}"))?;
+        let v: Version = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::Refused(format!(
+                "{label}: section '{section}': not a valid vm state: {e}"
+            ))
+        })?;
         let state = if (1..=crate::persist::VM_STATE_VERSION).contains(&v.version) {
             Some(crate::persist::VmState::parse(&bytes).map_err(|e| {
-                anyhow!("{label}: section '{section}': {}", crate::error::Chain(&e))
+                Error::Refused(format!(
+                    "{label}: section '{section}': {}",
+                    crate::error::Chain(&e)
+                ))
             })?)
         } else {
             None

@@ -7,8 +7,8 @@
 //! (`VmHandle::note_pack`).
 
 use crate::memory::GuestMemoryInit;
+use crate::packs::{Context, Error, Result};
 use crate::vmm::VmHandle;
-use anyhow::{anyhow, bail, Context, Result};
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -17,17 +17,20 @@ use vmpack_formats::pack::{Codec, PackError, PackErrorKind};
 use vmpack_formats::vm::VmPack;
 
 /// The refusal of a diff save against a pack this VM does not descend from.
-pub fn unknown_parent(root: &str) -> anyhow::Error {
-    anyhow!(
+pub fn unknown_parent(root: &str) -> Error {
+    Error::Unsupported(format!(
         "the VM was neither restored from nor saved to the pack with root digest {root} (or that was too many saves ago); save a full pack instead"
-    )
+    ))
 }
 
 /// Per RAM region, the chunks holding a page written since `mark`.
 pub fn changed_chunks(handle: &VmHandle, mark: u64, chunk_size: u32) -> Result<Vec<ChunkMap>> {
-    let dirty = handle
-        .dirty_since(mark)
-        .map_err(|e| anyhow!("{}; save a full pack instead", crate::error::Chain(&e)))?;
+    let dirty = handle.dirty_since(mark).map_err(|e| {
+        Error::Unsupported(format!(
+            "{}; save a full pack instead",
+            crate::error::Chain(&e)
+        ))
+    })?;
     let cs = u64::from(chunk_size);
     let page = crate::vstate::dirty::PAGE;
     let mut maps = Vec::with_capacity(dirty.layout.len());
@@ -91,33 +94,31 @@ fn region_layers(chain: &Chain) -> Result<Vec<RegionLayers>> {
                 .iter()
                 .find(|e| e.gpa == m.gpa && e.size == m.size)
                 .ok_or_else(|| {
-                    anyhow!(
+                    Error::Refused(format!(
                         "{label}: has no memory region {:#x}+{:#x} as its diff pack {} has",
                         m.gpa,
                         m.size,
                         child.path().display()
-                    )
+                    ))
                 })?;
-            let s = p
-                .reader()
-                .section(&e.section)
-                .ok_or_else(|| anyhow!("{label}: section '{}' is missing", e.section))?;
+            let s = p.reader().section(&e.section).ok_or_else(|| {
+                Error::Refused(format!("{label}: section '{}' is missing", e.section))
+            })?;
             let map = if k == 0 {
                 None
             } else {
-                Some(
-                    ChunkMap::from_section(s, m.size)
-                        .map_err(|msg| anyhow!("{label}: section '{}': {msg}", e.section))?,
-                )
+                Some(ChunkMap::from_section(s, m.size).map_err(|msg| {
+                    Error::Refused(format!("{label}: section '{}': {msg}", e.section))
+                })?)
             };
             layers.push((s.id, map));
         }
         if chain.packs[0].manifest().memory.len() != child.manifest().memory.len() {
-            bail!(
+            return Err(Error::Refused(format!(
                 "{}: its memory regions differ from those of its diff pack {}",
                 chain.packs[0].path().display(),
                 child.path().display()
-            );
+            )));
         }
         out.push(RegionLayers {
             gpa: m.gpa,
@@ -181,7 +182,7 @@ pub fn chain_memory(chain: &Chain) -> Result<GuestMemoryInit> {
     }
     let paths: Vec<_> = chain.packs.iter().map(|p| p.path().to_path_buf()).collect();
     Ok(GuestMemoryInit::fill(
-        move |ram: &mut [(u64, &mut [u8])]| -> anyhow::Result<()> {
+        move |ram: &mut [(u64, &mut [u8])]| -> Result<()> {
             let chain = Chain {
                 packs: paths
                     .iter()
@@ -193,7 +194,7 @@ pub fn chain_memory(chain: &Chain) -> Result<GuestMemoryInit> {
                 let region = ram
                     .iter_mut()
                     .find(|(g, _)| *g == r.gpa)
-                    .ok_or_else(|| anyhow!("no RAM region at {:#x}", r.gpa))?;
+                    .ok_or_else(|| Error::Refused(format!("no RAM region at {:#x}", r.gpa)))?;
                 let dst: &mut [u8] = region.1;
                 let out = RegionWriter::Slice(dst.as_mut_ptr() as usize, dst.len());
                 write_layers(&chain, r, &out)?;
@@ -271,7 +272,7 @@ pub fn spill_region(chain: &Chain, index: usize, file: &File) -> Result<Vec<Rang
     let regions = region_layers(chain)?;
     let r = regions
         .get(index)
-        .ok_or_else(|| anyhow!("no memory region {index}"))?;
+        .ok_or_else(|| Error::Refused(format!("no memory region {index}")))?;
     file.set_len(r.size)?;
     write_layers(chain, r, &RegionWriter::File(file))?;
     // Zero chunks of the base stay holes; everything else may hold data.
@@ -306,13 +307,13 @@ pub fn base_with_files(chain: &Chain) -> Result<VmPack> {
     for f in &child.manifest().files {
         let b = base.manifest().file(&f.role);
         if b.is_none_or(|b| b.size != f.size || b.in_parent) {
-            bail!(
+            return Err(Error::Refused(format!(
                 "{}: its {} file ({} bytes) is not in its base pack {}",
                 child.path().display(),
                 f.role,
                 f.size,
                 base.path().display()
-            );
+            )));
         }
     }
     Ok(base)
@@ -337,10 +338,10 @@ pub fn flatten(
     let state_section = manifest
         .vmstate
         .as_deref()
-        .ok_or_else(|| anyhow!("{}: no vmstate section", child.path().display()))?;
+        .ok_or_else(|| Error::Refused(format!("{}: no vmstate section", child.path().display())))?;
     let s = reader
         .section(state_section)
-        .ok_or_else(|| anyhow!("section '{state_section}' is missing"))?;
+        .ok_or_else(|| Error::Refused(format!("section '{state_section}' is missing")))?;
     let state = reader.read_section(s.id, crate::persist::MAX_VMSTATE_LEN)?;
     let base = base_with_files(chain)?;
     let mut files: Vec<(&'static str, Vec<u8>)> = Vec::new();

@@ -12,6 +12,7 @@
 macro_rules! layer_context {
     ($error:ident) => {
         /// `.context(..)` / `.with_context(..)` for this layer's errors.
+        #[allow(dead_code)] // not every layer uses both
         pub(crate) trait Context<T> {
             fn context(self, what: impl Into<String>) -> std::result::Result<T, $error>;
             fn with_context<S: Into<String>>(

@@ -24,6 +24,7 @@ pub mod kvm_caps;
 pub mod linux;
 pub mod mptable;
 pub mod msr;
+pub mod packs;
 pub mod persist;
 pub mod samples;
 pub mod snapshot;

@@ -1,0 +1,91 @@
+//! The pack layer's error: writing a pack of a running VM and restoring one (`snapshot`),
+//! expanding one for clones (`clone`), diff packs (`diff`) and reading a saved pack for a
+//! verdict (`compat::SavedPack`).
+
+/// What saving, restoring or reading a pack can fail with. A refusal names the file,
+/// section and offset (docs/SECURITY.md); the format layer's errors pass through unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Pack(#[from] vmpack_formats::pack::PackError),
+    #[error(transparent)]
+    VmPack(#[from] vmpack_formats::vm::VmPackError),
+    /// A pack (or a chain of them) this vmboot does not restore, with the reason, naming
+    /// the file and section.
+    #[error("{0}")]
+    Refused(String),
+    /// What the caller must set up or choose differently first (a cache folder, a full
+    /// save instead of a diff).
+    #[error("{0}")]
+    Unsupported(String),
+    /// Building, running or driving the VM.
+    #[error(transparent)]
+    Vm(#[from] crate::vmm::Error),
+    /// A host call whose error is its own message.
+    #[error(transparent)]
+    Host(#[from] std::io::Error),
+    /// A host call failed (what it was for in `what`).
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not used by this layer; the `Context` trait maps KVM errors here.
+    #[error("{what}")]
+    Kvm {
+        what: String,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// An error of this layer, with where it happened.
+    #[error("{what}")]
+    Context {
+        what: String,
+        #[source]
+        source: Box<Error>,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+crate::error::layer_context!(Error);
+
+impl Error {
+    /// The pause failure behind this error, if it is one (the VM ended, or the vCPUs did not
+    /// park in time).
+    pub fn as_pause(&self) -> Option<&crate::vmm::PauseError> {
+        match self {
+            Error::Vm(e) => e.as_pause(),
+            Error::Context { source, .. } => source.as_pause(),
+            _ => None,
+        }
+    }
+}
+
+impl<T> Context<T> for std::result::Result<T, crate::vmm::Error> {
+    fn context(self, what: impl Into<String>) -> Result<T> {
+        self.map_err(Error::from).context(what)
+    }
+    fn with_context<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T> {
+        self.map_err(Error::from).with_context(what)
+    }
+}
+
+impl<T> Context<T> for std::result::Result<T, vmpack_formats::vm::VmPackError> {
+    fn context(self, what: impl Into<String>) -> Result<T> {
+        self.map_err(Error::from).context(what)
+    }
+    fn with_context<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T> {
+        self.map_err(Error::from).with_context(what)
+    }
+}
+
+impl<T> Context<T> for std::result::Result<T, vmpack_formats::pack::PackError> {
+    fn context(self, what: impl Into<String>) -> Result<T> {
+        self.map_err(Error::from).context(what)
+    }
+    fn with_context<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T> {
+        self.map_err(Error::from).with_context(what)
+    }
+}
