@@ -22,7 +22,9 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// Builds `name` (same profile as the tests) once per test process and returns its path.
-/// Binaries of other crates are not built by `cargo test -p vmpack-e2e`, hence this.
+/// Binaries of other crates are not built by `cargo test -p vmpack-e2e`, hence this. It
+/// builds what `scripts/test-all.sh` builds (`--workspace --all-targets`): `-p NAME` alone
+/// would unify features without the dev-dependencies and rebuild rustls and friends.
 pub fn bin(name: &str) -> PathBuf {
     let dir = target_dir();
     let path = dir.join(name);
@@ -37,7 +39,7 @@ pub fn bin(name: &str) -> PathBuf {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace)
-            .args(["build", "--quiet", "-p", name]);
+            .args(["build", "--quiet", "--workspace", "--all-targets"]);
         match profile.as_str() {
             "debug" => {}
             "release" => {
@@ -251,6 +253,27 @@ pub fn samples_dir() -> PathBuf {
         .parent()
         .expect("tests/ lives in the workspace")
         .join("samples")
+}
+
+/// Builds the Rust guests once per test process (`samples/guests/rs/build.sh`) and returns
+/// the flat image `samples/guests/bin/<name>.bin`.
+pub fn rs_guest(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let samples = samples_dir();
+    BUILT.get_or_init(|| {
+        let o = Command::new("bash")
+            .arg(samples.join("guests/rs/build.sh"))
+            .output()
+            .expect("running samples/guests/rs/build.sh");
+        assert!(
+            o.status.success(),
+            "building the Rust guest failed (scripts/test-all.sh installs the \
+             x86_64-unknown-none target):\n{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    });
+    samples.join("guests/bin").join(format!("{name}.bin"))
 }
 
 /// Rewrites a pack section by section: `edit` gets each section's name and bytes and
