@@ -10,12 +10,45 @@
 pub use crate::devices::serial_log::SerialLog;
 use crate::snapshot::{PackInput, RestoreInfo, RestoreOptions};
 use crate::vmm::{ExitReason, SerialSink, Vm, VmHandle};
-use anyhow::{anyhow, bail, Result};
 use regex::bytes::Regex;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// What driving a VM through its console can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Restoring the pack.
+    #[error(transparent)]
+    Restore(#[from] crate::packs::Error),
+    /// Running, resetting or feeding the VM.
+    #[error(transparent)]
+    Vm(#[from] crate::vmm::Error),
+    /// Waiting for output: the VM ended first, or the time ran out.
+    #[error(transparent)]
+    Output(#[from] crate::devices::Error),
+    #[error("the VM's serial output is not a console (SerialSink::Console)")]
+    NotAConsole,
+    #[error("cannot start the VM thread: {0}")]
+    Thread(std::io::Error),
+    #[error("bad pattern {pattern:?}: {error}")]
+    BadPattern {
+        pattern: String,
+        error: regex::Error,
+    },
+    #[error("the VM thread panicked")]
+    Panicked,
+    #[error("the VM was already joined")]
+    AlreadyJoined,
+}
+
+impl From<crate::vmm::PauseError> for Error {
+    fn from(e: crate::vmm::PauseError) -> Error {
+        Error::Vm(e.into())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// A running VM driven through its serial console.
 pub struct Console {
     handle: Arc<VmHandle>,
@@ -46,9 +79,7 @@ impl Console {
     /// Starts `vm`, whose options must have a [`SerialSink::Console`] sink, on a background
     /// thread.
     pub fn start(vm: Vm) -> Result<Console> {
-        let log = vm.serial_log().ok_or_else(|| {
-            anyhow!("the VM's serial output is not a console (SerialSink::Console)")
-        })?;
+        let log = vm.serial_log().ok_or(Error::NotAConsole)?;
         Console::start_with_log(vm, log)
     }
 
@@ -58,14 +89,14 @@ impl Console {
         let runner = std::thread::Builder::new()
             .name("vm-console".into())
             .spawn(move || {
-                let r = vm.run().map_err(anyhow::Error::from);
+                let r = vm.run().map_err(Error::from);
                 log2.close(match &r {
                     Ok(reason) => &reason.message,
                     Err(_) => "the VMM failed",
                 });
                 r
             })
-            .map_err(|e| anyhow!("cannot start the VM thread: {e}"))?;
+            .map_err(Error::Thread)?;
         Ok(Console {
             handle,
             log,
@@ -95,7 +126,10 @@ impl Console {
     /// `regex` crate's syntax; `(?m)` makes `^`/`$` match at lines). Returns the output from
     /// the previous match up to the end of this one, and moves past it.
     pub fn expect(&mut self, pattern: &str, timeout: Duration) -> Result<String> {
-        let re = Regex::new(pattern).map_err(|e| anyhow!("bad pattern {pattern:?}: {e}"))?;
+        let re = Regex::new(pattern).map_err(|error| Error::BadPattern {
+            pattern: pattern.to_string(),
+            error,
+        })?;
         self.expect_re(&re, timeout)
     }
 
@@ -148,8 +182,8 @@ impl Console {
 
     fn join(&mut self) -> Result<ExitReason> {
         match self.runner.take() {
-            Some(t) => t.join().map_err(|_| anyhow!("the VM thread panicked"))?,
-            None => bail!("the VM was already joined"),
+            Some(t) => t.join().map_err(|_| Error::Panicked)?,
+            None => Err(Error::AlreadyJoined),
         }
     }
 }

@@ -352,6 +352,7 @@ fn main() {
                 }
                 reason.code
             })
+            .map_err(anyhow::Error::from)
         }
         Cmd::BenchStart {
             child: Some(mib), ..

@@ -21,6 +21,13 @@ pub enum Error {
     /// Building, running or driving the VM.
     #[error(transparent)]
     Vm(#[from] crate::vmm::Error),
+    /// Encoding the vmstate.
+    #[error("{what}")]
+    Encode {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
     /// A host call whose error is its own message.
     #[error(transparent)]
     Host(#[from] std::io::Error),
@@ -63,12 +70,40 @@ impl Error {
     }
 }
 
+/// The lower layers' errors reach a pack operation through the VM's.
+macro_rules! through_vm {
+    ($($from:ty),*) => {$(
+        impl From<$from> for Error {
+            fn from(e: $from) -> Error {
+                Error::Vm(e.into())
+            }
+        }
+    )*};
+}
+
+through_vm!(
+    crate::vmm::PauseError,
+    crate::boot::Error,
+    crate::vstate::Error,
+    crate::devices::Error,
+    crate::persist::StateError
+);
+
 impl<T> Context<T> for std::result::Result<T, crate::vmm::Error> {
     fn context(self, what: impl Into<String>) -> Result<T> {
         self.map_err(Error::from).context(what)
     }
     fn with_context<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T> {
         self.map_err(Error::from).with_context(what)
+    }
+}
+
+impl<T> Context<T> for std::result::Result<T, crate::vstate::Error> {
+    fn context(self, what: impl Into<String>) -> Result<T> {
+        self.map_err(|e| Error::Vm(e.into())).context(what)
+    }
+    fn with_context<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T> {
+        self.map_err(|e| Error::Vm(e.into())).with_context(what)
     }
 }
 

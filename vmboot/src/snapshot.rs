@@ -7,10 +7,10 @@
 
 use crate::compat;
 use crate::memory::GuestMemoryInit;
+use crate::packs::{Context, Error, Result};
 use crate::persist::VmState;
 use crate::vmm::ValidState;
 use crate::vmm::{BootFiles, BootPayload, ExitReason, RunOptions, Vm, VmHandle};
-use anyhow::{anyhow, bail, Context, Result};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -77,9 +77,12 @@ pub fn save_with(
         // The pack reads the disk files themselves: cached writes and qcow2 metadata go first.
         handle.flush_disks()?;
         if let Some(e) = handle.memory_failure() {
-            bail!("{e}");
+            return Err(Error::Refused(e));
         }
-        let state_bytes = serde_json::to_vec(&state).context("serializing the vm state")?;
+        let state_bytes = serde_json::to_vec(&state).map_err(|source| Error::Encode {
+            what: "serializing the vm state".into(),
+            source,
+        })?;
         let maps = match parent_mark {
             Some(m) => Some(crate::diff::changed_chunks(handle, m, MEMORY_CHUNK_SIZE)?),
             None => None,
@@ -611,17 +614,17 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     let label = path.display().to_string();
     let manifest = pack.manifest();
     let state_section = manifest.vmstate.as_deref().ok_or_else(|| {
-        anyhow!("{label}: the pack holds a VM at rest, not a saved one (no vmstate section); boot it with `vmpack run`")
+        Error::Refused(format!("{label}: the pack holds a VM at rest, not a saved one (no vmstate section); boot it with `vmpack run`"))
     })?;
     let reader = pack.reader();
     let known = verified_cache::is_verified(path, reader.root_digest());
     let chain = match manifest.parent {
         Some(_) => {
             if matches!(opts.source, crate::vstate::lazy::ChunkSource::Fetch(_)) {
-                bail!("{label}: a diff pack cannot be run from a registry (its memory is layered on its parent); pull it and its parents, or push a flattened pack");
+                return Err(Error::Unsupported(format!("{label}: a diff pack cannot be run from a registry (its memory is layered on its parent); pull it and its parents, or push a flattened pack")));
             }
             if opts.memory == MemoryPolicy::Lazy {
-                bail!("{label}: a diff pack is restored eagerly (--memory lazy is not supported for it yet); use --memory auto or eager");
+                return Err(Error::Unsupported(format!("{label}: a diff pack is restored eagerly (--memory lazy is not supported for it yet); use --memory auto or eager")));
             }
             Some(vmpack_formats::diff::open_chain(
                 path,
@@ -633,7 +636,7 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     let eager_path = manifest.memory_restore_path(reader).unwrap_or("none");
     let remote = matches!(opts.source, crate::vstate::lazy::ChunkSource::Fetch(_));
     if remote && !crate::vstate::lazy::available() {
-        bail!("{label}: memory on demand needs userfaultfd, which this process cannot use (vm.unprivileged_userfaultfd=1 or CAP_SYS_PTRACE)");
+        return Err(Error::Unsupported(format!("{label}: memory on demand needs userfaultfd, which this process cannot use (vm.unprivileged_userfaultfd=1 or CAP_SYS_PTRACE)")));
     }
     let lazy = match opts.memory {
         _ if chain.is_some() => false,
@@ -754,7 +757,7 @@ fn checked_state(
     let cfg = pack_config(manifest, label, work)?;
     let s = reader
         .section(state_section)
-        .ok_or_else(|| anyhow!("{label}: section '{state_section}' is missing"))?;
+        .ok_or_else(|| Error::Refused(format!("{label}: section '{state_section}' is missing")))?;
     let state_bytes = reader.read_section(s.id, MAX_VMSTATE_LEN)?;
     let state = parse_state(&state_bytes, label, state_section, &cfg)?;
     check_memory_regions(manifest, &state, label)?;
@@ -784,12 +787,10 @@ fn check_memory_regions(manifest: &Manifest, state: &VmState, label: &str) -> Re
             .iter()
             .any(|&(gpa, size)| gpa == m.gpa && size == m.size)
         {
-            bail!(
+            return Err(Error::Refused(format!(
                 "{label}: section '{}': memory region {:#x}+{:#x} does not match the saved machine",
-                m.section,
-                m.gpa,
-                m.size
-            );
+                m.section, m.gpa, m.size
+            )));
         }
     }
     Ok(())
@@ -885,7 +886,7 @@ fn extract_disk(pack: &VmPack, i: usize, copy: &Path, replace: bool) -> Result<(
     let d = &pack.manifest().disks[i];
     let s = reader
         .section(&d.section)
-        .ok_or_else(|| anyhow!("{label}: section '{}' is missing", d.section))?;
+        .ok_or_else(|| Error::Refused(format!("{label}: section '{}' is missing", d.section)))?;
     let f = if replace {
         use std::os::unix::fs::OpenOptionsExt;
         let f = File::options()
@@ -921,8 +922,8 @@ fn disk_copy_path(work: &Path, i: usize) -> PathBuf {
 /// command line says, never where the pack says).
 pub fn pack_config(manifest: &Manifest, label: &str, work: &Path) -> Result<VmConfig> {
     let mut cfg = manifest.config_at(work, label)?;
-    let refuse = |what: String| -> anyhow::Error {
-        anyhow!("{label}: section 'manifest': {what}; a pack's disks and boot files come only from its own sections")
+    let refuse = |what: String| -> Error {
+        Error::Refused(format!("{label}: section 'manifest': {what}; a pack's disks and boot files come only from its own sections"))
     };
     let mut boot = Vec::new();
     for (role, path) in cfg.boot_files() {
@@ -1037,7 +1038,9 @@ pub fn boot_at_rest(
     let pack = VmPack::open(path)?;
     let label = path.display().to_string();
     if pack.manifest().vmstate.is_some() {
-        bail!("{label}: the pack holds a saved VM; resume it with `vmpack restore`");
+        return Err(Error::Refused(format!(
+            "{label}: the pack holds a saved VM; resume it with `vmpack restore`"
+        )));
     }
     if verify == VerifyPolicy::Always
         || !verified_cache::is_verified(path, pack.reader().root_digest())
@@ -1048,10 +1051,10 @@ pub fn boot_at_rest(
     let work = WorkDir::new(work_dir)?;
     let cfg = pack_config(pack.manifest(), &label, &work.path)?;
     if let CpuTemplate::Custom(p) = &cfg.cpu_template {
-        bail!(
+        return Err(Error::Refused(format!(
             "{label}: section 'manifest': the config names the CPU template file '{}', which packs do not carry; boot the VM from its config, or pack it with a named template",
             p.display()
-        );
+        )));
     }
     let payload = BootPayload {
         kernel: optional_file(&pack, "kernel")?,
@@ -1072,22 +1075,29 @@ fn optional_file(pack: &VmPack, role: &str) -> Result<Option<Vec<u8>>> {
 /// Parses the vmstate and checks it against `cfg`, the manifest's config (the one
 /// validation of a restore, before any KVM call).
 fn parse_state(bytes: &[u8], label: &str, section: &str, cfg: &VmConfig) -> Result<ValidState> {
-    let state = VmState::parse(bytes)
-        .map_err(|e| anyhow!("{label}: section '{section}': {}", crate::error::Chain(&e)))?;
+    let state = VmState::parse(bytes).map_err(|e| {
+        Error::Refused(format!(
+            "{label}: section '{section}': {}",
+            crate::error::Chain(&e)
+        ))
+    })?;
     // Packs from older vmboots hold a second copy of the config; one that disagrees with
     // the manifest's is refused rather than guessed at.
     if let Some(old) = &state.config {
         let diff = config_differences(old, cfg);
         if !diff.is_empty() {
-            bail!(
+            return Err(Error::Refused(format!(
                 "{label}: section '{section}': its config differs from the manifest's in {}",
                 diff.join(", ")
-            );
+            )));
         }
     }
-    state
-        .validate(cfg)
-        .map_err(|e| anyhow!("{label}: section '{section}': {}", crate::error::Chain(&e)))
+    state.validate(cfg).map_err(|e| {
+        Error::Refused(format!(
+            "{label}: section '{section}': {}",
+            crate::error::Chain(&e)
+        ))
+    })
 }
 
 /// The saved guest as [`compat::judge`] reads it.
@@ -1108,10 +1118,10 @@ fn check_host(state: &VmState, cfg: &VmConfig, label: &str) -> Result<Vec<String
     let host = crate::host_info::fingerprint()?;
     let j = compat::judge(&saved_guest(state, cfg.cpu_template.clone()), host);
     if j.verdict == compat::Verdict::Refused {
-        bail!(
+        return Err(Error::Refused(format!(
             "{label}: refused on this host: {}; `vmpack compat {label}` explains",
             j.summary(compat::Verdict::Refused)
-        );
+        )));
     }
     Ok(j.reasons.into_iter().map(|r| r.message).collect())
 }
@@ -1126,20 +1136,18 @@ fn memory_sections(
     let reader = pack.reader();
     let mut sections = Vec::new();
     for m in &manifest.memory {
-        let s = reader
-            .section(&m.section)
-            .ok_or_else(|| anyhow!("{label}: section '{}' is missing", m.section))?;
+        let s = reader.section(&m.section).ok_or_else(|| {
+            Error::Refused(format!("{label}: section '{}' is missing", m.section))
+        })?;
         if !state
             .memory_regions
             .iter()
             .any(|&(gpa, size)| gpa == m.gpa && size == m.size)
         {
-            bail!(
+            return Err(Error::Refused(format!(
                 "{label}: section '{}': memory region {:#x}+{:#x} does not match the saved machine",
-                m.section,
-                m.gpa,
-                m.size
-            );
+                m.section, m.gpa, m.size
+            )));
         }
         sections.push((m.gpa, s.id));
     }
@@ -1169,14 +1177,14 @@ fn memory_init(
     }
     let path = pack.path().to_path_buf();
     Ok(GuestMemoryInit::fill(
-        move |regions: &mut [(u64, &mut [u8])]| -> anyhow::Result<()> {
+        move |regions: &mut [(u64, &mut [u8])]| -> Result<()> {
             let pack = VmPack::open(&path)?;
             let reader = pack.reader();
             for &(gpa, id) in &sections {
                 let region = regions
                     .iter_mut()
                     .find(|(g, _)| *g == gpa)
-                    .ok_or_else(|| anyhow!("no RAM region at {gpa:#x}"))?;
+                    .ok_or_else(|| Error::Refused(format!("no RAM region at {gpa:#x}")))?;
                 let dst = SharedSlice::new(region.1);
                 reader.for_each_chunk_parallel(id, false, 0, &|off, data| {
                     dst.write(off, data).map_err(|e| io_pack_error(&path, e))
@@ -1241,9 +1249,9 @@ fn restore_stream<R: Read + 'static>(
         match sr.next_event()? {
             StreamEvent::Section(info) => {
                 if info.kind == vmpack_formats::pack::kind::MEMORY {
-                    let m = manifest
-                        .as_ref()
-                        .ok_or_else(|| anyhow!("{label}: memory before manifest"))?;
+                    let m = manifest.as_ref().ok_or_else(|| {
+                        Error::Refused(format!("{label}: memory before manifest"))
+                    })?;
                     check_stream_memory(m, info, label)?;
                     current = Some((info.name.clone(), info.kind));
                     break;
@@ -1253,24 +1261,28 @@ fn restore_stream<R: Read + 'static>(
                 if info.kind == vmpack_formats::pack::kind::DISK {
                     let m = manifest
                         .as_ref()
-                        .ok_or_else(|| anyhow!("{label}: disk before manifest"))?;
+                        .ok_or_else(|| Error::Refused(format!("{label}: disk before manifest")))?;
                     let i = m
                         .disks
                         .iter()
                         .position(|d| d.section == info.name)
                         .ok_or_else(|| {
-                            anyhow!("{label}: section '{}' is not in the manifest", info.name)
+                            Error::Refused(format!(
+                                "{label}: section '{}' is not in the manifest",
+                                info.name
+                            ))
                         })?;
                     if info.size != m.disks[i].virtual_size {
-                        bail!(
+                        return Err(Error::Refused(format!(
                             "{label}: section '{}' holds {} bytes, the manifest says {}",
-                            info.name,
-                            info.size,
-                            m.disks[i].virtual_size
-                        );
+                            info.name, info.size, m.disks[i].virtual_size
+                        )));
                     }
                     if disk_files.iter().any(|(j, _, _)| *j == i) {
-                        bail!("{label}: section '{}' appears twice", info.name);
+                        return Err(Error::Refused(format!(
+                            "{label}: section '{}' appears twice",
+                            info.name
+                        )));
                     }
                     let p = disk_copy_path(&work.path, i);
                     let f = sparse_file(&p, m.disks[i].virtual_size)?;
@@ -1282,7 +1294,7 @@ fn restore_stream<R: Read + 'static>(
             } => {
                 let (name, kind) = current
                     .as_ref()
-                    .ok_or_else(|| anyhow!("{label}: chunk outside a section"))?;
+                    .ok_or_else(|| Error::Refused(format!("{label}: chunk outside a section")))?;
                 if *kind == vmpack_formats::pack::kind::DISK {
                     use std::os::unix::fs::FileExt;
                     let (_, f, p) = disk_files
@@ -1299,33 +1311,35 @@ fn restore_stream<R: Read + 'static>(
                         MAX_VMSTATE_LEN
                     };
                     if buf.len() as u64 + data.len() as u64 > limit {
-                        bail!("{label}: section '{name}' is larger than {limit} bytes");
+                        return Err(Error::Refused(format!(
+                            "{label}: section '{name}' is larger than {limit} bytes"
+                        )));
                     }
                     buf.extend_from_slice(data);
                 }
             }
             StreamEvent::SectionEnd(_) => {
-                let (name, kind) = current
-                    .take()
-                    .ok_or_else(|| anyhow!("{label}: section end outside a section"))?;
+                let (name, kind) = current.take().ok_or_else(|| {
+                    Error::Refused(format!("{label}: section end outside a section"))
+                })?;
                 match kind {
                     vmpack_formats::pack::kind::MANIFEST => {
                         let m = Manifest::parse(&buf, label)?;
                         if let Some(p) = &m.parent {
-                            bail!(
+                            return Err(Error::Refused(format!(
                                 "{label}: a diff pack (memory layered on {}, root digest {}) cannot be restored from a pipe; restore it from a file next to its parent, or `vmpack flatten` it first",
                                 vmpack_formats::vm::printable(&p.file),
                                 p.root_digest
-                            );
+                            )));
                         }
                         m.check_memory(label, &|_| None)?;
                         cfg = Some(pack_config(&m, label, &work.path)?);
                         manifest = Some(m);
                     }
                     vmpack_formats::pack::kind::FILE => {
-                        let m = manifest
-                            .as_ref()
-                            .ok_or_else(|| anyhow!("{label}: file before manifest"))?;
+                        let m = manifest.as_ref().ok_or_else(|| {
+                            Error::Refused(format!("{label}: file before manifest"))
+                        })?;
                         let role = m
                             .files
                             .iter()
@@ -1341,9 +1355,9 @@ fn restore_stream<R: Read + 'static>(
                         }
                     }
                     vmpack_formats::pack::kind::VMSTATE => {
-                        let c = cfg
-                            .as_ref()
-                            .ok_or_else(|| anyhow!("{label}: vm state before manifest"))?;
+                        let c = cfg.as_ref().ok_or_else(|| {
+                            Error::Refused(format!("{label}: vm state before manifest"))
+                        })?;
                         state = Some(parse_state(&buf, label, &name, c)?);
                     }
                     _ => {}
@@ -1352,16 +1366,21 @@ fn restore_stream<R: Read + 'static>(
             StreamEvent::End(_) => break,
         }
     }
-    let manifest = manifest.ok_or_else(|| anyhow!("{label}: no manifest"))?;
+    let manifest = manifest.ok_or_else(|| Error::Refused(format!("{label}: no manifest")))?;
     let state = state.ok_or_else(|| {
-        anyhow!("{label}: the pack holds a VM at rest, not a saved one (no vmstate before memory)")
+        Error::Refused(format!(
+            "{label}: the pack holds a VM at rest, not a saved one (no vmstate before memory)"
+        ))
     })?;
-    let cfg = cfg.ok_or_else(|| anyhow!("{label}: no manifest"))?;
+    let cfg = cfg.ok_or_else(|| Error::Refused(format!("{label}: no manifest")))?;
     // Every disk and boot file comes from the stream: one that never arrived is missing,
     // whatever the config says.
     for (i, d) in manifest.disks.iter().enumerate() {
         if !disk_files.iter().any(|(j, _, _)| *j == i) {
-            bail!("{label}: section '{}' is missing before memory", d.section);
+            return Err(Error::Refused(format!(
+                "{label}: section '{}' is missing before memory",
+                d.section
+            )));
         }
     }
     for f in manifest.files.iter().filter(|f| f.in_memory.is_none()) {
@@ -1372,7 +1391,10 @@ fn restore_stream<R: Read + 'static>(
             _ => true,
         };
         if !got {
-            bail!("{label}: section '{}' is missing before memory", f.section);
+            return Err(Error::Refused(format!(
+                "{label}: section '{}' is missing before memory",
+                f.section
+            )));
         }
     }
     let warnings = check_host(&state, &cfg, label)?;
@@ -1391,64 +1413,63 @@ fn restore_stream<R: Read + 'static>(
     let initrd = Arc::new(std::sync::OnceLock::new());
     let initrd_slot = initrd.clone();
     let manifest_mem = manifest.clone();
-    let init = GuestMemoryInit::fill(
-        move |regions: &mut [(u64, &mut [u8])]| -> anyhow::Result<()> {
-            let mut section = first;
-            loop {
-                let ev = sr.next_event()?;
-                match ev {
-                    StreamEvent::Section(info) => {
-                        if info.kind != vmpack_formats::pack::kind::MEMORY {
-                            bail!("{label_owned}: section '{}' after memory; expected memory sections last", info.name);
-                        }
-                        check_stream_memory(&manifest_mem, info, &label_owned)?;
-                        section = Some(info.name.clone());
+    let init = GuestMemoryInit::fill(move |regions: &mut [(u64, &mut [u8])]| -> Result<()> {
+        let mut section = first;
+        loop {
+            let ev = sr.next_event()?;
+            match ev {
+                StreamEvent::Section(info) => {
+                    if info.kind != vmpack_formats::pack::kind::MEMORY {
+                        return Err(Error::Refused(format!("{label_owned}: section '{}' after memory; expected memory sections last", info.name)));
                     }
-                    StreamEvent::Chunk {
-                        offset, data, zero, ..
-                    } => {
-                        let name = section.as_deref().unwrap_or("");
-                        let gpa = gpas
-                            .iter()
-                            .find(|(n, _)| n == name)
-                            .map(|(_, g)| *g)
-                            .ok_or_else(|| {
-                                anyhow!("{label_owned}: section '{name}' is not in the manifest")
-                            })?;
-                        let region = regions
-                            .iter_mut()
-                            .find(|(g, _)| *g == gpa)
-                            .ok_or_else(|| anyhow!("{label_owned}: no RAM region at {gpa:#x}"))?;
-                        let end = offset as usize + data.len();
-                        if end > region.1.len() {
-                            bail!("{label_owned}: section '{name}': chunk at {offset:#x} runs past its RAM region");
-                        }
-                        if !zero && data.iter().any(|&b| b != 0) {
-                            region.1[offset as usize..end].copy_from_slice(data);
-                        }
+                    check_stream_memory(&manifest_mem, info, &label_owned)?;
+                    section = Some(info.name.clone());
+                }
+                StreamEvent::Chunk {
+                    offset, data, zero, ..
+                } => {
+                    let name = section.as_deref().unwrap_or("");
+                    let gpa = gpas
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, g)| *g)
+                        .ok_or_else(|| {
+                            Error::Refused(format!(
+                                "{label_owned}: section '{name}' is not in the manifest"
+                            ))
+                        })?;
+                    let region = regions.iter_mut().find(|(g, _)| *g == gpa).ok_or_else(|| {
+                        Error::Refused(format!("{label_owned}: no RAM region at {gpa:#x}"))
+                    })?;
+                    let end = offset as usize + data.len();
+                    if end > region.1.len() {
+                        return Err(Error::Refused(format!("{label_owned}: section '{name}': chunk at {offset:#x} runs past its RAM region")));
                     }
-                    StreamEvent::SectionEnd(_) => section = None,
-                    StreamEvent::End(_) => {
-                        if let Some((gpa, len)) = initrd_in_ram {
-                            let bytes = regions
-                                .iter()
-                                .find_map(|(base, ram)| {
-                                    let off = usize::try_from(gpa.checked_sub(*base)?).ok()?;
-                                    ram.get(off..off.checked_add(usize::try_from(len).ok()?)?)
-                                })
-                                .ok_or_else(|| {
-                                    anyhow!(
-                                        "{label_owned}: the initrd at {gpa:#x} is not in guest RAM"
-                                    )
-                                })?;
-                            let _ = initrd_slot.set(bytes.to_vec());
-                        }
-                        return Ok(());
+                    if !zero && data.iter().any(|&b| b != 0) {
+                        region.1[offset as usize..end].copy_from_slice(data);
                     }
                 }
+                StreamEvent::SectionEnd(_) => section = None,
+                StreamEvent::End(_) => {
+                    if let Some((gpa, len)) = initrd_in_ram {
+                        let bytes = regions
+                            .iter()
+                            .find_map(|(base, ram)| {
+                                let off = usize::try_from(gpa.checked_sub(*base)?).ok()?;
+                                ram.get(off..off.checked_add(usize::try_from(len).ok()?)?)
+                            })
+                            .ok_or_else(|| {
+                                Error::Refused(format!(
+                                    "{label_owned}: the initrd at {gpa:#x} is not in guest RAM"
+                                ))
+                            })?;
+                        let _ = initrd_slot.set(bytes.to_vec());
+                    }
+                    return Ok(());
+                }
             }
-        },
-    );
+        }
+    });
     let prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
     let files = BootFiles::Stream { payload, initrd };
     let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, files, run))?;
@@ -1472,13 +1493,16 @@ fn check_stream_memory(
 ) -> Result<()> {
     match m.memory.iter().find(|r| r.section == info.name) {
         Some(r) if r.size == info.size => Ok(()),
-        Some(r) => bail!(
+        Some(r) => Err(Error::Refused(format!(
             "{label}: section '{}': holds {} bytes, the manifest says {}; refused before reading it",
             info.name,
             info.size,
             r.size
-        ),
-        None => bail!("{label}: section '{}' is not in the manifest", info.name),
+        ))),
+        None => Err(Error::Refused(format!(
+            "{label}: section '{}' is not in the manifest",
+            info.name
+        ))),
     }
 }
 

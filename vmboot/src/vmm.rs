@@ -104,6 +104,7 @@ impl Error {
     pub fn as_pause(&self) -> Option<&PauseError> {
         match self {
             Error::Pause(p) => Some(p),
+            Error::Context { source, .. } | Error::ResetFailed(source) => source.as_pause(),
             _ => None,
         }
     }

@@ -345,7 +345,7 @@ fn run_case(clones: &Clones, kept: &mut Option<Console>, i: usize, case: &Case) 
                 if let Some(s) = &step.send {
                     let sent = match &mut vsock {
                         Some(v) => v.send(s),
-                        None => console.send(s),
+                        None => console.send(s).map_err(anyhow::Error::from),
                     };
                     if let Err(e) = sent {
                         failure = Some(format!("step {}: sending {s:?}: {e:#}", j + 1));
@@ -355,7 +355,10 @@ fn run_case(clones: &Clones, kept: &mut Option<Console>, i: usize, case: &Case) 
                 if let Some(re) = &step.expect {
                     let got = match &mut vsock {
                         Some(v) => v.expect_re(re, step.timeout),
-                        None => console.expect_re(re, step.timeout).map(drop),
+                        None => console
+                            .expect_re(re, step.timeout)
+                            .map(drop)
+                            .map_err(anyhow::Error::from),
                     };
                     if let Err(e) = got {
                         failure = Some(format!("step {}: {e:#}", j + 1));
@@ -371,9 +374,9 @@ fn run_case(clones: &Clones, kept: &mut Option<Console>, i: usize, case: &Case) 
                 *kept = Some(console);
                 None
             } else if clones.reuse {
-                Some(console.wait())
+                Some(console.wait().map_err(anyhow::Error::from))
             } else {
-                Some(console.stop())
+                Some(console.stop().map_err(anyhow::Error::from))
             };
             match ended {
                 Some(Err(e)) if failure.is_none() => {
@@ -947,7 +950,7 @@ pub fn restore_clones(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    eprintln!("vmpack: clone {i}: {e:#}");
+                    eprintln!("vmpack: clone {i}: {}", vmboot::error::Chain(&e));
                     status = 1;
                 }
             }

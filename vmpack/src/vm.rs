@@ -785,7 +785,7 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
             parent: None,
         },
     )
-    .map_err(|e| anyhow::anyhow!("{r}: {e:#}"))?;
+    .map_err(|e| anyhow::anyhow!("{r}: {}", vmboot::error::Chain(&e)))?;
     let at = phases.last().map_or(0.0, |p| p.1);
     phases.push(("restore checks, disks, memory setup", at + info.prepare_ms));
     phases.push(("VM built", ms(started)));

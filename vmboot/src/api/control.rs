@@ -132,15 +132,9 @@ impl VmControl for VmHandle {
                     let _ = VmHandle::resume(self);
                 }
                 // A VM that ended is a conflict whichever step noticed it.
-                let pause = e.chain().find_map(|c| {
-                    c.downcast_ref::<PauseError>().or_else(|| {
-                        c.downcast_ref::<vmm::Error>()
-                            .and_then(vmm::Error::as_pause)
-                    })
-                });
-                match pause {
+                match e.as_pause() {
                     Some(p) => Err(ApiError::from(p.clone())),
-                    None => Err(ApiError::internal(format!("save failed: {e:#}"))),
+                    None => Err(ApiError::internal(format!("save failed: {}", Chain(&e)))),
                 }
             }
         }

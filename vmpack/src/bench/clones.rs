@@ -51,7 +51,11 @@ fn boot(cfg: &VmConfig) -> Result<Console> {
         image: Some(vmboot::samples::KVSTORE.to_vec()),
         ..Default::default()
     };
-    Console::start(Vm::create(cfg, payload, &console_opts(&log))?)
+    Ok(Console::start(Vm::create(
+        cfg,
+        payload,
+        &console_opts(&log),
+    )?)?)
 }
 
 /// `MemAvailable` from /proc/meminfo, in bytes: counts guest pages, KVM's kernel memory and
