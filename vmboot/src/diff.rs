@@ -181,27 +181,25 @@ pub fn chain_memory(chain: &Chain) -> Result<GuestMemoryInit> {
         return Ok(GuestMemoryInit::MapLayers(layers));
     }
     let paths: Vec<_> = chain.packs.iter().map(|p| p.path().to_path_buf()).collect();
-    Ok(GuestMemoryInit::fill(
-        move |ram: &mut [(u64, &mut [u8])]| -> Result<()> {
-            let chain = Chain {
-                packs: paths
-                    .iter()
-                    .map(|p| VmPack::open(p))
-                    .collect::<Result<_, _>>()?,
-            };
-            let regions = region_layers(&chain)?;
-            for r in &regions {
-                let region = ram
-                    .iter_mut()
-                    .find(|(g, _)| *g == r.gpa)
-                    .ok_or_else(|| Error::Refused(format!("no RAM region at {:#x}", r.gpa)))?;
-                let dst: &mut [u8] = region.1;
-                let out = RegionWriter::Slice(dst.as_mut_ptr() as usize, dst.len());
-                write_layers(&chain, r, &out)?;
-            }
-            Ok(())
-        },
-    ))
+    Ok(GuestMemoryInit::fill::<Error, _>(move |ram| {
+        let chain = Chain {
+            packs: paths
+                .iter()
+                .map(|p| VmPack::open(p))
+                .collect::<Result<_, _>>()?,
+        };
+        let regions = region_layers(&chain)?;
+        for r in &regions {
+            let region = ram
+                .iter_mut()
+                .find(|(g, _)| *g == r.gpa)
+                .ok_or_else(|| Error::Refused(format!("no RAM region at {:#x}", r.gpa)))?;
+            let dst: &mut [u8] = region.1;
+            let out = RegionWriter::Slice(dst.as_mut_ptr() as usize, dst.len());
+            write_layers(&chain, r, &out)?;
+        }
+        Ok(())
+    }))
 }
 
 /// Where [`write_layers`] puts a region's bytes.

@@ -1176,23 +1176,21 @@ fn memory_init(
         return Ok(GuestMemoryInit::MapPrivate { file, pieces });
     }
     let path = pack.path().to_path_buf();
-    Ok(GuestMemoryInit::fill(
-        move |regions: &mut [(u64, &mut [u8])]| -> Result<()> {
-            let pack = VmPack::open(&path)?;
-            let reader = pack.reader();
-            for &(gpa, id) in &sections {
-                let region = regions
-                    .iter_mut()
-                    .find(|(g, _)| *g == gpa)
-                    .ok_or_else(|| Error::Refused(format!("no RAM region at {gpa:#x}")))?;
-                let dst = SharedSlice::new(region.1);
-                reader.for_each_chunk_parallel(id, false, 0, &|off, data| {
-                    dst.write(off, data).map_err(|e| io_pack_error(&path, e))
-                })?;
-            }
-            Ok(())
-        },
-    ))
+    Ok(GuestMemoryInit::fill::<Error, _>(move |regions| {
+        let pack = VmPack::open(&path)?;
+        let reader = pack.reader();
+        for &(gpa, id) in &sections {
+            let region = regions
+                .iter_mut()
+                .find(|(g, _)| *g == gpa)
+                .ok_or_else(|| Error::Refused(format!("no RAM region at {gpa:#x}")))?;
+            let dst = SharedSlice::new(region.1);
+            reader.for_each_chunk_parallel(id, false, 0, &|off, data| {
+                dst.write(off, data).map_err(|e| io_pack_error(&path, e))
+            })?;
+        }
+        Ok(())
+    }))
 }
 
 /// A byte slice that worker threads write disjoint ranges of.
@@ -1413,7 +1411,7 @@ fn restore_stream<R: Read + 'static>(
     let initrd = Arc::new(std::sync::OnceLock::new());
     let initrd_slot = initrd.clone();
     let manifest_mem = manifest.clone();
-    let init = GuestMemoryInit::fill(move |regions: &mut [(u64, &mut [u8])]| -> Result<()> {
+    let init = GuestMemoryInit::fill::<Error, _>(move |regions| {
         let mut section = first;
         loop {
             let ev = sr.next_event()?;

@@ -114,9 +114,11 @@ unsafe impl Sync for GuestRam {}
 
 impl GuestMemoryInit {
     /// [`GuestMemoryInit::Fill`] from a closure with any error type.
-    pub fn fill<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
-        f: impl FnOnce(&mut [(u64, &mut [u8])]) -> std::result::Result<(), E> + 'static,
-    ) -> GuestMemoryInit {
+    pub fn fill<E, F>(f: F) -> GuestMemoryInit
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+        F: FnOnce(&mut [(u64, &mut [u8])]) -> std::result::Result<(), E> + 'static,
+    {
         GuestMemoryInit::Fill(Box::new(move |r| f(r).map_err(Into::into)))
     }
 }
