@@ -11,13 +11,7 @@ use vmpack_formats::config::CpuTemplate;
 use vmpack_formats::host::HostFingerprint;
 
 use crate::cpu_features::{kvm_cpuid, missing_features, vendor};
-
-/// How far apart two TSC rates may be before the guest's clock visibly drifts: Firecracker's
-/// threshold, 250 parts per million.
-pub fn tsc_differs(saved_khz: u32, host_khz: u32) -> bool {
-    let (a, b) = (saved_khz as u64, host_khz as u64);
-    a.abs_diff(b) * 1_000_000 > b * 250
-}
+pub use crate::vcpu::tsc_differs;
 
 /// `vmpack compat`'s answer, worst first in the order of severity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]

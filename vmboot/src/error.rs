@@ -6,6 +6,41 @@
 //! alone and the cause is the `source`, so `{:#}` and the binaries' error chain read
 //! `what: cause` as `anyhow`'s `.context` did.
 
+/// The saved-state error (`persist.rs` re-exports it); here, with what the layers share, so
+/// that `devices` and `persist` do not need each other for it.
+/// What reading or writing a component's state can fail with (before any KVM call: the
+/// restore's checks use it to refuse a pack by name).
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("encoding the state of device {id}")]
+    Encode {
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A saved device state that does not decode as the device's `State`.
+    #[error("device {id}: {error}")]
+    Decode {
+        id: String,
+        error: serde_json::Error,
+    },
+    /// A component's version is newer than this build's (or 0).
+    #[error(
+        "{what}: state version {version} is not supported (this vmboot reads versions 1 to {ours})"
+    )]
+    Version {
+        what: String,
+        version: u32,
+        ours: u32,
+    },
+    #[error("not a valid vm state")]
+    Parse(#[source] serde_json::Error),
+    #[error(
+        "vm state version {version} is not supported by this vmboot (it reads versions 1 and {ours})"
+    )]
+    VmStateVersion { version: u32, ours: u32 },
+}
+
 /// Declares, in the module where it is invoked, a `Context` trait giving `.context(what)` and
 /// `.with_context(|| what)` on `io::Result`, on KVM's results and on the layer's own
 /// `Result`, mapping to the layer error's `Io`, `Kvm` and `Context` variants.

@@ -20,36 +20,7 @@ use vmpack_formats::config::VmConfig;
 /// The serialized vmstate is small (a few KiB per vCPU); anything larger is hostile.
 pub(crate) const MAX_VMSTATE_LEN: u64 = 64 << 20;
 
-/// What reading or writing a component's state can fail with (before any KVM call: the
-/// restore's checks use it to refuse a pack by name).
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    #[error("encoding the state of device {id}")]
-    Encode {
-        id: String,
-        #[source]
-        source: serde_json::Error,
-    },
-    /// A saved device state that does not decode as the device's `State`.
-    #[error("device {id}: {error}")]
-    Decode {
-        id: String,
-        error: serde_json::Error,
-    },
-    /// A component's version is newer than this build's (or 0).
-    #[error(
-        "{what}: state version {version} is not supported (this vmboot reads versions 1 to {ours})"
-    )]
-    Version {
-        what: String,
-        version: u32,
-        ours: u32,
-    },
-    #[error("not a valid vm state")]
-    Parse(#[source] serde_json::Error),
-    #[error("vm state version {0} is not supported by this vmboot (it reads versions 1 and {VM_STATE_VERSION})")]
-    VmStateVersion(u32),
-}
+pub use crate::error::StateError;
 
 /// The version of the vmstate's outer shape. Version 1 (vmboot 0.1.0) had fixed fields per
 /// device and no per-component versions; it is still read.
@@ -470,7 +441,10 @@ impl VmState {
                 Ok(v1.into())
             }
             VM_STATE_VERSION => serde_json::from_slice(bytes).map_err(StateError::Parse),
-            v => Err(StateError::VmStateVersion(v)),
+            v => Err(StateError::VmStateVersion {
+                version: v,
+                ours: VM_STATE_VERSION,
+            }),
         }
     }
 

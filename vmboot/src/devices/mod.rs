@@ -13,7 +13,7 @@ pub use legacy::{DebugExit, I8042};
 pub use serial::{SerialDevice, SerialSink};
 
 use crate::device_manager::resources::AllocError;
-use crate::persist::StateError;
+use crate::error::StateError;
 
 /// What building, registering, saving or loading a device can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -210,6 +210,13 @@ fn save(id: u32, fd: &VcpuFd, msr_list: &[u32], cpuid: &[kvm_cpuid_entry2]) -> R
     })
 }
 
+/// How far apart two TSC rates may be before the guest's clock visibly drifts: Firecracker's
+/// threshold, 250 parts per million.
+pub fn tsc_differs(saved_khz: u32, host_khz: u32) -> bool {
+    let (a, b) = (saved_khz as u64, host_khz as u64);
+    a.abs_diff(b) * 1_000_000 > b * 250
+}
+
 /// Loads `s` into a fresh vCPU, in the order measured to work on this host (CPUID before
 /// LAPIC; MSRs and events last).
 fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
@@ -223,7 +230,7 @@ fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
     let host_khz = fd.get_tsc_khz().unwrap_or(0);
     // Within 250 ppm (Firecracker's threshold) the guest cannot tell; beyond it, ask KVM to
     // scale the TSC, which needs hardware TSC scaling.
-    if s.tsc_khz != 0 && host_khz != 0 && crate::compat::tsc_differs(s.tsc_khz, host_khz) {
+    if s.tsc_khz != 0 && host_khz != 0 && tsc_differs(s.tsc_khz, host_khz) {
         if let Err(e) = fd.set_tsc_khz(s.tsc_khz) {
             log::warn!(
                 "vCPU {id}: the guest was saved with a {} kHz TSC but this host \
