@@ -129,3 +129,28 @@ impl std::fmt::Display for Chain<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Chain;
+    use crate::devices::Error;
+
+    /// A typed error prints as `anyhow`'s contexts did: through `Chain`, through `anyhow`'s
+    /// `{:#}` at a binary, and with its lower layer's text unchanged.
+    #[test]
+    fn a_typed_chain_reads_like_the_anyhow_contexts() {
+        let e = || Error::Context {
+            what: "device virtio-blk0".into(),
+            source: Box::new(Error::Io {
+                what: "virtio irq eventfd".into(),
+                source: std::io::Error::other("boom"),
+            }),
+        };
+        let want = "device virtio-blk0: virtio irq eventfd: boom";
+        assert_eq!(Chain(&e()).to_string(), want);
+        assert_eq!(format!("{:#}", anyhow::Error::from(e())), want);
+        let up = crate::vmm::Error::from(e());
+        assert_eq!(Chain(&up).to_string(), want);
+        assert_eq!(format!("{:#}", anyhow::Error::from(up)), want);
+    }
+}

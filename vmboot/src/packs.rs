@@ -124,3 +124,19 @@ impl<T> Context<T> for std::result::Result<T, vmpack_formats::pack::PackError> {
         self.map_err(Error::from).with_context(what)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::PauseError;
+
+    /// A save that failed because the VM ended is told from any other failure by variant.
+    #[test]
+    fn a_pause_failure_is_found_by_variant() {
+        let ended = || Error::from(PauseError::Ended("exit status 0".into()));
+        assert!(matches!(ended().as_pause(), Some(PauseError::Ended(_))));
+        let wrapped: Result<()> = Err(ended()).context("capturing vCPU and device state");
+        assert!(wrapped.unwrap_err().as_pause().is_some());
+        assert!(Error::Refused("x".into()).as_pause().is_none());
+    }
+}
