@@ -647,9 +647,9 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     };
 
     let verified = if lazy {
-        // Memory is verified chunk by chunk as it is placed; everything else now.
+        // Memory and disks are verified chunk by chunk as they are placed; the rest now.
         verify_except_memory(reader)?;
-        "index, state and disks verified; each memory chunk verified on first touch, boot files in the background"
+        "index and state verified; each memory and disk chunk verified on first touch, boot files in the background"
     } else {
         match opts.verify {
             VerifyPolicy::Always => {
@@ -684,7 +684,14 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     let work = WorkDir::new(opts.work_dir.as_deref())?;
     let (cfg, state) = checked_state(&pack, state_section, &label, &work.path)?;
     let warnings = check_host(&state, &cfg, &label)?;
-    extract_disks(&pack, &work.path)?;
+    let mut run = opts.run;
+    if lazy {
+        // The vCPUs start before the disks are copied: each is filled on first touch and in
+        // the background (`vstate::lazy_disk`).
+        run.disks = lazy_disks(&pack, &work.path, &opts.source)?;
+    } else {
+        extract_disks(&pack, &work.path)?;
+    }
 
     let (memory_path, init) = if let Some(chain) = &chain {
         let init = crate::diff::chain_memory(chain)?;
@@ -716,13 +723,18 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         None => BootFiles::Pack(pack.clone()),
     };
     let work_path = work.path.clone();
-    let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, files, run))?;
+    let filled = run.disks.clone();
+    let vm = work.hand_over(run, |run| Vm::restore(&cfg, state, init, files, run))?;
     // Guest memory equals this pack at mark 0: a save can be a diff against it.
     vm.controller()
         .note_pack(&hex::encode(pack.reader().root_digest()), 0);
     if !manifest.disks.is_empty() {
         let pack = pack.clone();
         vm.controller().set_disk_reset(Box::new(move |i| {
+            // A lazily filled copy is complete first, so no fill lands after the copy.
+            if let Some(d) = filled.get(i) {
+                d.fill_all()?;
+            }
             extract_disk(&pack, i, &disk_copy_path(&work_path, i), true)
         }));
     }
@@ -799,7 +811,7 @@ fn check_memory_regions(manifest: &Manifest, state: &VmState, label: &str) -> Re
 fn verify_except_memory(reader: &vmpack_formats::pack::PackReader) -> Result<()> {
     use vmpack_formats::pack::kind;
     for s in reader.sections() {
-        if s.kind != kind::MEMORY && s.kind != kind::FILE {
+        if s.kind != kind::MEMORY && s.kind != kind::FILE && s.kind != kind::DISK {
             reader.for_each_chunk_parallel(s.id, true, 0, &|_, _| Ok(()))?;
         }
     }
@@ -863,6 +875,30 @@ fn lazy_init(
         verify_later,
         on_complete: Some(Box::new(on_complete)),
     }))
+}
+
+/// Every disk of the pack as an empty sparse private copy in `dir` (where [`pack_config`]
+/// points the config) that fills itself from the pack: on first touch, and in the
+/// background once the VM runs.
+fn lazy_disks(
+    pack: &Arc<VmPack>,
+    dir: &Path,
+    source: &crate::vstate::lazy::ChunkSource,
+) -> Result<crate::vstate::lazy_disk::LazyDisks> {
+    let mut v = Vec::new();
+    for (i, d) in pack.manifest().disks.iter().enumerate() {
+        let copy = disk_copy_path(dir, i);
+        drop(sparse_file(&copy, d.virtual_size)?);
+        v.push(crate::vstate::lazy_disk::LazyDisk::new(
+            i,
+            &copy,
+            d.read_only,
+            pack.clone(),
+            source.clone(),
+            &d.section,
+        )?);
+    }
+    Ok(crate::vstate::lazy_disk::LazyDisks(v))
 }
 
 /// Writes every disk of the pack to its private raw copy in `dir` (where [`pack_config`]

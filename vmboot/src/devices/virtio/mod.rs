@@ -43,6 +43,7 @@ pub fn attach_disks<'s>(
     worker: &Worker,
     dm: &mut DeviceManager,
     saved: impl Fn(&str) -> Option<&'s DeviceState>,
+    lazy: &crate::vstate::lazy_disk::LazyDisks,
 ) -> Result<()> {
     if cfg.disks.len() > MAX_DEVICES {
         bail!(
@@ -51,8 +52,11 @@ pub fn attach_disks<'s>(
         );
     }
     for (i, d) in cfg.disks.iter().enumerate() {
-        let image = vmpack_formats::disk::open_disk(&d.path, d.format, d.read_only)
-            .with_context(|| format!("disk {i} ({})", d.path.display()))?;
+        let image = match lazy.get(i) {
+            Some(l) => l.image(),
+            None => vmpack_formats::disk::open_disk(&d.path, d.format, d.read_only)
+                .with_context(|| format!("disk {i} ({})", d.path.display()))?,
+        };
         let id = blk_id(i);
         let state = saved(&id)
             .map(|s| s.decode::<Arc<BlkHandle>>())
