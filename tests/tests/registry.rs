@@ -1284,7 +1284,10 @@ fn restore_from_a_reference_continues_exactly_and_fills_the_chunk_cache() {
         assert!(o.status.success(), "{err}");
         assert_eq!(format!("{before}{after}"), expected, "{compress}: {err}");
         assert!(err.contains("memory: lazy"), "{err}");
-        assert!(err.contains("memory fetched on first touch"), "{err}");
+        assert!(
+            err.contains("memory and disks fetched on first touch"),
+            "{err}"
+        );
         // Memory came from the registry (the cache may already hold blobs the two packs
         // share, such as the boot image).
         assert!(!err.contains("fetched 0 blobs"), "{err}");

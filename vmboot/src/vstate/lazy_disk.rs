@@ -271,8 +271,9 @@ impl LazyDisk {
             e.offset + u64::from(e.ulen)
         );
         if let ChunkSource::Fetch(f) = &self.source {
-            f.fetch(e)
-                .map_err(|x| format!("{range} was not placed (the guest did not read it): {x:#}"))?;
+            f.fetch(e).map_err(|x| {
+                format!("{range} was not placed (the guest did not read it): {x:#}")
+            })?;
         }
         let mut data = Vec::new();
         let mut frame = Vec::new();
