@@ -1543,3 +1543,87 @@ fn restore_from_registry_figures() {
         eprintln!("--- {run}:\n{err}");
     }
 }
+
+/// Restore straight from a registry of a VM with a 64 MiB disk (the blk guest, saved after
+/// its first pass of writes): the vCPUs start before any of the disk is fetched (the
+/// `--json` line counts the disk chunks still to come), the guest continues exactly, and a
+/// save of the restored VM holds the whole disk, the chunks the guest never read included.
+#[test]
+fn restore_from_a_reference_fetches_the_disk_on_demand() {
+    if !kvm_available("the restore-from-registry test")
+        || !have("docker-registry", "the restore-from-registry test")
+    {
+        return;
+    }
+    use common::blk::{checksum, pattern, PASSES, SECTORS};
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let reg = Registry::start(&d.join("reg"), None);
+    let content = noise(64 << 20, 93);
+    std::fs::write(d.join("big.img"), &content).unwrap();
+    let _ = bin("vmboot");
+    std::fs::write(
+        d.join("big.toml"),
+        format!(
+            "name = \"blk\"\nmemory_mib = 16\n[flat]\nimage = \"{}\"\nload_address = 0x100000\n\
+             entry = 0x100000\nmode = \"long\"\n[[disk]]\npath = \"big.img\"\nformat = \"raw\"\n",
+            samples_dir().join("guests/bin/blk.bin").display()
+        ),
+    )
+    .unwrap();
+    let (pack, before) = run_and_save(d, "big", d.join("big.toml"), "pass 1 written\n", "zstd");
+    let r = format!("{}/team/blk:v1", reg.host());
+    ok(&vm(d, &["push", pack.to_str().unwrap(), &r, "-q"]));
+    let (serial, sock) = (d.join("big2.serial"), d.join("big2.sock"));
+    let child = Command::new(vmpack())
+        .current_dir(d)
+        .env("VMPACK_CACHE_DIR", d.join("cache"))
+        .args(["restore", &r, "--json", "--serial-out"])
+        .arg(&serial)
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = common::blk::Running::from_child(child);
+    run.wait_for("\n", Duration::from_secs(60));
+    let line = run.out.lock().unwrap().lines().next().unwrap().to_string();
+    let j: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(j["memory"], "lazy", "{j}");
+    assert_eq!(j["disk_chunks_pending"], 64, "{j}");
+    let text = || std::fs::read_to_string(&serial).unwrap_or_default();
+    wait_for("pass 3 written", Duration::from_secs(120), || {
+        text().contains("pass 3 written\n")
+    });
+    let end = d.join("end.vmpack");
+    common::blk::save(d, &sock, &end, "resume");
+    let (code, _, err) = run.finish(Duration::from_secs(120));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("memory and disks fetched on first touch"),
+        "{err}"
+    );
+    assert!(err.contains("disks fully fetched"), "{err}");
+    let mut want = format!(
+        "capacity {}\npass 0 sum={}\n",
+        (64 << 20) / 512,
+        checksum(&content)
+    );
+    for p in 1..=PASSES {
+        let data: Vec<u8> = (0..SECTORS).flat_map(|s| pattern(s, p)).collect();
+        want += &format!("pass {p} written\npass {p} sum={} bad=0\n", checksum(&data));
+    }
+    want += "flush status=0\nid vmboot-disk0\n";
+    assert_eq!(format!("{before}{}", text()), want, "{err}");
+    let mut last = content;
+    for s in 0..SECTORS {
+        let o = (s * 512) as usize;
+        last[o..o + 512].copy_from_slice(&pattern(s, PASSES));
+    }
+    assert!(
+        common::blk::export_disk(d, &end, "end-export") == last,
+        "the later save's disk is not the whole disk as the guest left it"
+    );
+}
