@@ -443,6 +443,11 @@ fn a_lazily_filled_disk_continues_exactly_and_a_later_save_has_all_of_it() {
         "the later save's disk is not the whole disk as the guest left it"
     );
     assert_eq!(sha256(&pack), pack_sum, "restore wrote to the pack");
+    // Every memory and disk chunk was checked: the pack is recorded as verified.
+    let root = vmpack_formats::pack::PackReader::open(&pack)
+        .unwrap()
+        .root_digest();
+    assert!(d.join("cache/verified").join(hex::encode(root)).exists());
 }
 
 /// A disk chunk that fails verification stops the VM (status 76) naming the pack, the
@@ -483,4 +488,9 @@ fn a_corrupt_disk_chunk_stops_the_vm_before_the_guest_reads_it() {
     assert!(err.contains("failed verification"), "{err}");
     let out = std::fs::read_to_string(&serial).unwrap_or_default();
     assert!(!out.contains("pass 1 sum"), "the guest read it: {out}");
+    // Not recorded as verified: a later restore checks the disk again.
+    let root = vmpack_formats::pack::PackReader::open(&pack)
+        .unwrap()
+        .root_digest();
+    assert!(!d.join("cache/verified").join(hex::encode(root)).exists());
 }

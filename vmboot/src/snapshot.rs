@@ -710,6 +710,7 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
             opts.verify,
             opts.source,
             stamps,
+            &run.disks,
         )?;
         ("lazy", init)
     } else {
@@ -819,8 +820,10 @@ fn verify_except_memory(reader: &vmpack_formats::pack::PackReader) -> Result<()>
 }
 
 /// Guest memory served on first touch (`vstate::lazy`), with the touch order of an earlier
-/// restore of this pack prefetched first. Once every chunk was checked, the pack is
-/// recorded as verified (under `--verify auto`) and this restore's touch order is kept.
+/// restore of this pack prefetched first. Once every memory chunk was checked, this
+/// restore's touch order is kept; once the `disks` are complete too, the pack is recorded as
+/// verified (under `--verify auto`).
+#[allow(clippy::too_many_arguments)]
 fn lazy_init(
     pack: &Arc<VmPack>,
     state: &VmState,
@@ -829,9 +832,29 @@ fn lazy_init(
     verify: VerifyPolicy,
     source: crate::vstate::lazy::ChunkSource,
     stamps: Option<Reporter>,
+    disks: &crate::vstate::lazy_disk::LazyDisks,
 ) -> Result<GuestMemoryInit> {
     // A file filled on demand is temporary: it is never recorded as verified.
     let record = matches!(source, crate::vstate::lazy::ChunkSource::PackFile);
+    // Recorded when memory and every disk are complete, whichever comes last: a record
+    // lets a later restore trust the pack's disks without checking them.
+    let left = Arc::new(std::sync::atomic::AtomicUsize::new(1 + disks.0.len()));
+    let done = {
+        let (path, left) = (path.to_path_buf(), left.clone());
+        let root = pack.reader().root_digest();
+        Arc::new(move || {
+            if left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1
+                && verify == VerifyPolicy::Auto
+                && record
+            {
+                verified_cache::record(&path, root);
+            }
+        })
+    };
+    for d in &disks.0 {
+        let done = done.clone();
+        d.on_complete(Box::new(move || done()));
+    }
     let sections = memory_sections(pack, pack.manifest(), state, label)?;
     let reader = pack.reader();
     let root = reader.root_digest();
@@ -850,7 +873,6 @@ fn lazy_init(
         .filter(|s| s.kind == vmpack_formats::pack::kind::FILE)
         .map(|s| s.id)
         .collect();
-    let path = path.to_path_buf();
     let had_order = !first.is_empty();
     let on_complete = move |order: Vec<usize>| {
         if let Some(r) = &stamps {
@@ -859,9 +881,7 @@ fn lazy_init(
                 ns: monotonic_ns(),
             });
         }
-        if verify == VerifyPolicy::Auto && record {
-            verified_cache::record(&path, root);
-        }
+        done();
         // The first restore's order is the one kept: later ones are skewed by the prefetch.
         if let (Some(d), false) = (touch, had_order) {
             crate::vstate::lazy::touch_order::store(&d, root, &order);

@@ -33,6 +33,7 @@ const PRESENT: u8 = 2;
 const FAILED: u8 = 3;
 
 type FailureFn = Box<dyn Fn(String) + Send + Sync>;
+type CompleteFn = Box<dyn FnOnce() + Send>;
 
 /// One disk of a restored VM, filled from its pack chunk by chunk.
 pub struct LazyDisk {
@@ -52,6 +53,8 @@ pub struct LazyDisk {
     stop: AtomicBool,
     /// The first failure and who to tell (set once the VM exists).
     failure: Mutex<(Option<String>, Option<FailureFn>)>,
+    /// Called once, when the last chunk is in the copy (every chunk verified).
+    on_complete: Mutex<Option<CompleteFn>>,
     fill_started: AtomicBool,
 }
 
@@ -126,6 +129,7 @@ impl LazyDisk {
             changed: (Mutex::new(()), Condvar::new()),
             stop: AtomicBool::new(false),
             failure: Mutex::new((None, None)),
+            on_complete: Mutex::new(None),
             fill_started: AtomicBool::new(false),
         }))
     }
@@ -152,6 +156,17 @@ impl LazyDisk {
             f(m.clone());
         }
         g.1 = Some(f);
+    }
+
+    /// Calls `f` once every stored chunk is in the copy, each verified (now, if they are).
+    pub fn on_complete(&self, f: CompleteFn) {
+        let mut g = lock(&self.on_complete);
+        if self.pending() == 0 && self.failure().is_none() {
+            drop(g);
+            f();
+        } else {
+            *g = Some(f);
+        }
     }
 
     /// The verification failure that stopped the VM, if any.
@@ -244,7 +259,11 @@ impl LazyDisk {
         let r = self.fill(&self.chunks[i]);
         let state = match &r {
             Ok(()) => {
-                self.left.fetch_sub(1, Ordering::SeqCst);
+                if self.left.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    if let Some(f) = lock(&self.on_complete).take() {
+                        f();
+                    }
+                }
                 PRESENT
             }
             Err(_) => FAILED,
