@@ -1438,7 +1438,8 @@ fn restore_from_a_reference_refuses_an_altered_memory_blob() {
 
 /// The README's restore-from-registry figures (`cargo test -p vmpack-e2e --test registry --
 /// --ignored --nocapture restore_from_registry_figures`): a 1 GiB guest holding 600 MiB of
-/// incompressible data in RAM (the kvstore guest with the data behind its code), pushed to
+/// incompressible data in RAM (the kvstore guest with the data behind its code) and a
+/// 64 MiB disk of noise (which it never reads: it is fetched after the vCPUs start), pushed to
 /// a loopback registry and restored from the reference with an empty chunk cache, then
 /// again with the cache full; each restore is given a command as soon as its control socket
 /// answers (the guest's answer is its first serial line) and shut down once its memory is
@@ -1461,9 +1462,10 @@ fn restore_from_registry_figures() {
     image.extend(noise(600 << 20, 7));
     std::fs::write(d.join("big.bin"), &image).unwrap();
     drop(image);
+    std::fs::write(d.join("disk.img"), noise(64 << 20, 11)).unwrap();
     std::fs::write(
         d.join("big.toml"),
-        "name = \"big\"\nvcpus = 1\nmemory_mib = 1024\n[flat]\nimage = \"big.bin\"\nload_address = 0x100000\nentry = 0x100000\nmode = \"long\"\n",
+        "name = \"big\"\nvcpus = 1\nmemory_mib = 1024\n[flat]\nimage = \"big.bin\"\nload_address = 0x100000\nentry = 0x100000\nmode = \"long\"\n[[disk]]\npath = \"disk.img\"\nformat = \"raw\"\n",
     )
     .unwrap();
     let (saved, _) = run_and_save(d, "big", d.join("big.toml"), "> ", "none");
@@ -1479,8 +1481,10 @@ fn restore_from_registry_figures() {
             .unwrap();
         let mem = r.section("memory/0").unwrap();
         let ram = SectionRange::whole(r, mem.id);
+        let disk = SectionRange::whole(r, r.section("disk/0").unwrap().id);
         let plan = vmpack_formats::vm::VmPackPlan {
             memory: vec![(0, &ram as &dyn SectionSource)],
+            disks: Some(vec![&disk as &dyn SectionSource]),
             vmstate: Some(&state),
             files: Some(vec![("image", &code as &dyn SectionSource)]),
             memory_chunk_size: Some(mem.chunk_size),
