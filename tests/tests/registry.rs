@@ -1630,4 +1630,26 @@ fn restore_from_a_reference_fetches_the_disk_on_demand() {
         common::blk::export_disk(d, &end, "end-export") == last,
         "the later save's disk is not the whole disk as the guest left it"
     );
+
+    // A disk chunk altered in the registry's storage (one the guest never reads: the
+    // background fill meets it) stops the VM, naming the section and chunk.
+    let rd = vmpack_formats::pack::PackReader::open(&pack).unwrap();
+    let e = rd.chunks(rd.section("disk/0").unwrap().id)[10].clone();
+    let hex = hex::encode(e.sha256);
+    let blob = reg
+        .blob_files()
+        .into_iter()
+        .find(|p| p.parent().unwrap().file_name().unwrap().to_str() == Some(hex.as_str()))
+        .expect("the chunk's blob in the registry's storage");
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&blob, bytes).unwrap();
+    std::fs::remove_dir_all(d.join("cache/chunks")).unwrap();
+    let (o, _) = restore_ref(d, "bad", &r);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(76), "{err}");
+    assert!(err.contains("section 'disk/0' chunk 10"), "{err}");
+    assert!(err.contains("disk 0 at 0xa00000..0xb00000"), "{err}");
+    assert!(err.contains("failed verification"), "{err}");
 }
