@@ -163,6 +163,7 @@ pub fn save_with(
             )
         }),
     };
+    let disk_kept_bytes = disks.iter().map(|d| d.kept_bytes()).sum();
     // The freeze ends with the pack (written or not): kept old content is dropped.
     drop(disks);
     let pause = pause.unwrap_or_else(|| t.elapsed());
@@ -177,6 +178,7 @@ pub fn save_with(
         compress: compression,
         parent: diff_from.map(|p| p.root_digest.clone()),
         diff_bytes,
+        disk_kept_bytes,
         mark,
     })
 }
