@@ -50,6 +50,7 @@ struct Track {
 struct Frozen {
     kept: HashMap<u64, Kept>,
     in_memory: usize,
+    memory_limit: usize,
     spill_dir: PathBuf,
     spill: Option<File>,
     spill_len: u64,
@@ -86,6 +87,14 @@ impl DiskTrack {
     /// while no request is in flight (the VM paused) for the view to be the guest's disk
     /// at one instant.
     pub fn freeze(self: &Arc<Self>, spill_dir: &Path) -> io::Result<FrozenDisk> {
+        self.freeze_bounded(spill_dir, MEMORY_LIMIT)
+    }
+
+    fn freeze_bounded(
+        self: &Arc<Self>,
+        spill_dir: &Path,
+        memory_limit: usize,
+    ) -> io::Result<FrozenDisk> {
         let mut t = self.write();
         if t.frozen.is_some() {
             return Err(io::Error::other(
@@ -95,6 +104,7 @@ impl DiskTrack {
         t.frozen = Some(Frozen {
             kept: HashMap::new(),
             in_memory: 0,
+            memory_limit,
             spill_dir: spill_dir.to_path_buf(),
             spill: None,
             spill_len: 0,
@@ -132,7 +142,7 @@ impl DiskTrack {
         self.inner.read_at(&mut buf, start)?;
         let kept = if buf.iter().all(|&b| b == 0) {
             Kept::Zero
-        } else if f.in_memory + n <= MEMORY_LIMIT {
+        } else if f.in_memory + n <= f.memory_limit {
             f.in_memory += n;
             Kept::Memory(buf.into_boxed_slice())
         } else {
@@ -410,9 +420,9 @@ mod tests {
     fn old_content_beyond_the_memory_limit_goes_to_a_file_and_reads_back() {
         let dir = tempfile::tempdir().unwrap();
         let spill = tempfile::tempdir().unwrap();
-        let size = MEMORY_LIMIT as u64 + (4 << 20);
+        let size = 8 << 20;
         let (disk, t, before) = disk(dir.path(), size);
-        let view = t.freeze(spill.path()).unwrap();
+        let view = t.freeze_bounded(spill.path(), 1 << 20).unwrap();
         let junk = pattern(1 << 20, 9);
         for off in (0..size - (256 << 10)).step_by(1 << 20) {
             let n = (1u64 << 20).min(size - (256 << 10) - off) as usize;
@@ -469,6 +479,42 @@ mod tests {
             }
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
         });
+    }
+
+    #[test]
+    fn a_block_that_cannot_be_kept_fails_the_view_not_the_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, t, _) = disk(dir.path(), 1 << 20);
+        let view = t
+            .freeze_bounded(&dir.path().join("no such folder"), BLOCK_SIZE as usize)
+            .unwrap();
+        disk.write_at(&[1; 512], 0).unwrap();
+        disk.write_at(&[2; 512], BLOCK_SIZE).unwrap();
+        let mut b = [0u8; 512];
+        disk.read_at(&mut b, BLOCK_SIZE).unwrap();
+        assert_eq!(b, [2; 512], "the guest's write happened");
+        let e = view.read_at(&mut b, 0).unwrap_err().to_string();
+        assert!(e.contains("block 1") && e.contains("no such folder"), "{e}");
+        assert!(view.data_ranges().is_err());
+    }
+
+    #[test]
+    fn a_qcow2_disk_is_frozen_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.qcow2");
+        let size = 1u64 << 20;
+        let content = pattern(size as usize, 4);
+        create_disk(&p, DiskFormat::Qcow2, size)
+            .unwrap()
+            .write_at(&content[..size as usize / 2], 0)
+            .unwrap();
+        let mut before = content.clone();
+        before[size as usize / 2..].fill(0);
+        let (disk, t) = track(open_disk(&p, DiskFormat::Qcow2, false).unwrap());
+        let view = t.freeze(dir.path()).unwrap();
+        disk.write_at(&pattern(300_000, 8), 100_000).unwrap();
+        disk.write_at(&pattern(4096, 9), size - 4096).unwrap();
+        assert_eq!(whole(&view), before);
     }
 
     #[test]
