@@ -7,8 +7,10 @@
 //! back through the pack reader and checked against the index, and only then written into
 //! the copy; the guest's request runs after that, so a write merges with the chunk's data. A
 //! background thread fills the rest in disk order (the chunks the guest touched are already
-//! there), so the copy soon holds the whole disk. A save, which reads the copy itself, first
-//! forces the fill ([`LazyDisk::fill_all`], from `VmHandle::flush_disks`).
+//! there), so the copy soon holds the whole disk. A save reads the disk through this backend
+//! (its frozen view, `crate::disk_snapshot`), so a chunk still missing is filled as the save
+//! reads it; `data_ranges` counts missing chunks as data without filling them.
+//! [`LazyDisk::fill_all`] fills everything at once (before a reset copies the disk again).
 //!
 //! A chunk failing its check is never written: the request that needed it fails, and the
 //! failure callback stops the VM (exit status 76, as for guest memory), naming the disk,
@@ -357,9 +359,27 @@ impl DiskImage for Image {
         self.0.copy.flush()
     }
 
+    /// The copy's data plus every chunk not filled yet (a read of it fills it).
     fn data_ranges(&self) -> io::Result<Vec<Range<u64>>> {
-        self.0.fill_all()?;
-        self.0.copy.data_ranges()
+        let d = &self.0;
+        let mut ranges: Vec<Range<u64>> = d
+            .chunks
+            .iter()
+            .zip(&d.state)
+            .filter(|(_, s)| s.load(Ordering::SeqCst) != PRESENT)
+            .map(|(e, _)| e.offset..e.offset + u64::from(e.ulen))
+            .collect();
+        // After the list: a chunk filled meanwhile is then in the copy's ranges.
+        ranges.extend(d.copy.data_ranges()?);
+        ranges.sort_by_key(|r| r.start);
+        let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            match out.last_mut() {
+                Some(l) if r.start <= l.end => l.end = l.end.max(r.end),
+                _ => out.push(r),
+            }
+        }
+        Ok(out)
     }
 
     fn format(&self) -> DiskFormat {
@@ -478,6 +498,10 @@ mod tests {
             let mut b = [0u8; 3];
             img.read_at(&mut b, 2 * MIB as u64 + 5).unwrap();
             assert_eq!(b, [5, 6, 7], "{c}");
+            assert_eq!(l.pending(), all - 1);
+            // Missing chunks count as data, and asking fills nothing.
+            let m = MIB as u64;
+            assert_eq!(img.data_ranges().unwrap(), vec![0..m, 2 * m..4 * m], "{c}");
             assert_eq!(l.pending(), all - 1);
             // A write into a missing chunk keeps the rest of that chunk.
             img.write_at(&[9, 9], 3 * MIB as u64 + 10).unwrap();
