@@ -31,12 +31,13 @@ pub use crate::api::SaveStats;
 
 /// Saves the VM behind `handle` as a pack to `out`.
 ///
-/// The VM is paused while its state is captured. With `resume_after`, and when nothing the
-/// pack still has to read can change under it (no writable disk) and a copy fits in memory,
-/// the guest's resident RAM is copied while paused and the guest resumes at once: hashing,
-/// compressing and writing then run from the copy, so the pause is the capture plus one
-/// memcpy instead of the whole write. Otherwise the VM stays paused until the pack is
-/// written, and resumes after it only if `resume_after`.
+/// The VM is paused while its state is captured and its disks are frozen (writes from then
+/// on keep the old content of a block first, `crate::disk_snapshot`). With `resume_after`,
+/// and when a copy fits in memory, the guest's resident RAM is copied while paused and the
+/// guest resumes at once: hashing, compressing and writing then run from the copy and the
+/// frozen disks, so the pause is the capture plus one memcpy instead of the whole write,
+/// writable disks or not. Otherwise the VM stays paused until the pack is written, and
+/// resumes after it only if `resume_after`.
 pub fn save(
     handle: &VmHandle,
     compression: Compression,
@@ -74,8 +75,6 @@ pub fn save_with(
         let state = handle
             .save_state()
             .context("capturing vCPU and device state")?;
-        // The pack reads the disk files themselves: cached writes and qcow2 metadata go first.
-        handle.flush_disks()?;
         if let Some(e) = handle.memory_failure() {
             return Err(Error::Refused(e));
         }
@@ -92,17 +91,21 @@ pub fn save_with(
         let to_copy = maps
             .as_ref()
             .map(|m| m.iter().map(|m| m.section_size()).sum());
-        let early = resume_after
-            && handle.config().disks.iter().all(|d| d.read_only)
-            && copy_fits(handle, to_copy);
+        // The pack reads each disk as of this instant, whatever the guest writes once it
+        // runs again (see `crate::disk_snapshot`).
+        let disks = handle.freeze_disks()?;
+        let early = resume_after && copy_fits(handle, to_copy);
         let copy = if early {
             Some(copy_ram(handle, maps.as_deref())?)
         } else {
+            // Paused until the pack is written: the image files get what the guest wrote
+            // (qcow2 metadata included) at no cost to the guest, as before a stop.
+            handle.flush_disks()?;
             None
         };
-        Ok((state_bytes, copy, maps, mark))
+        Ok((state_bytes, copy, maps, mark, disks))
     })();
-    let (state_bytes, copy, maps, mark) = match captured {
+    let (state_bytes, copy, maps, mark, disks) = match captured {
         Ok(c) => c,
         Err(e) => {
             if resume_after {
@@ -123,13 +126,23 @@ pub fn save_with(
         handle.resume()?;
         pause = Some(t.elapsed());
     }
+    let disk_sources: Vec<&dyn SectionSource> =
+        disks.iter().map(|d| d as &dyn SectionSource).collect();
     let written = match &copy {
         Some(regions) => {
             let memory: Vec<(u64, &dyn SectionSource)> = regions
                 .iter()
                 .map(|r| (r.gpa, r as &dyn SectionSource))
                 .collect();
-            write_pack(handle, &state_bytes, memory, diff, compression, level, out)
+            write_pack(
+                handle,
+                &state_bytes,
+                (memory, disk_sources),
+                diff,
+                compression,
+                level,
+                out,
+            )
         }
         None => handle.with_memory(|regions| {
             let sources: Vec<RamSource> = regions
@@ -142,9 +155,20 @@ pub fn save_with(
                 .zip(&sources)
                 .map(|((gpa, _), src)| (*gpa, src as &dyn SectionSource))
                 .collect();
-            write_pack(handle, &state_bytes, memory, diff, compression, level, out)
+            write_pack(
+                handle,
+                &state_bytes,
+                (memory, disk_sources),
+                diff,
+                compression,
+                level,
+                out,
+            )
         }),
     };
+    let disk_kept_bytes = disks.iter().map(|d| d.kept_bytes()).sum();
+    // The freeze ends with the pack (written or not): kept old content is dropped.
+    drop(disks);
     let pause = pause.unwrap_or_else(|| t.elapsed());
     if copy.is_none() && resume_after {
         handle.resume()?;
@@ -157,14 +181,18 @@ pub fn save_with(
         compress: compression,
         parent: diff_from.map(|p| p.root_digest.clone()),
         diff_bytes,
+        disk_kept_bytes,
         mark,
     })
 }
 
+/// Guest RAM regions as `(gpa, contents)`.
+type MemorySources<'a> = Vec<(u64, &'a dyn SectionSource)>;
+
 fn write_pack(
     handle: &VmHandle,
     state_bytes: &[u8],
-    memory: Vec<(u64, &dyn SectionSource)>,
+    (memory, disks): (MemorySources<'_>, Vec<&dyn SectionSource>),
     diff: Option<(
         vmpack_formats::diff::ParentRef,
         Vec<vmpack_formats::diff::ChunkMap>,
@@ -192,7 +220,7 @@ fn write_pack(
     let plan = VmPackPlan {
         memory,
         vmstate: Some(state_bytes),
-        disks: None,
+        disks: Some(disks),
         files: Some(boot),
         memory_chunk_size: Some(MEMORY_CHUNK_SIZE),
         files_in_memory,
@@ -652,9 +680,9 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     };
 
     let verified = if lazy {
-        // Memory is verified chunk by chunk as it is placed; everything else now.
+        // Memory and disks are verified chunk by chunk as they are placed; the rest now.
         verify_except_memory(reader)?;
-        "index, state and disks verified; each memory chunk verified on first touch, boot files in the background"
+        "index and state verified; each memory and disk chunk verified on first touch, boot files in the background"
     } else {
         match opts.verify {
             VerifyPolicy::Always => {
@@ -689,7 +717,14 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     let work = WorkDir::new(&opts.work_dir)?;
     let (cfg, state) = checked_state(&pack, state_section, &label, &work.path)?;
     let warnings = check_host(&state, &cfg, &label)?;
-    extract_disks(&pack, &work.path)?;
+    let mut run = opts.run;
+    if lazy {
+        // The vCPUs start before the disks are copied: each is filled on first touch and in
+        // the background (`vstate::lazy_disk`).
+        run.disks = lazy_disks(&pack, &work.path, &opts.source)?;
+    } else {
+        extract_disks(&pack, &work.path)?;
+    }
 
     let (memory_path, init) = if let Some(chain) = &chain {
         let init = crate::diff::chain_memory(chain)?;
@@ -708,6 +743,7 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
             opts.verify,
             opts.source,
             stamps,
+            &run.disks,
         )?;
         ("lazy", init)
     } else {
@@ -721,13 +757,18 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         None => BootFiles::Pack(pack.clone()),
     };
     let work_path = work.path.clone();
-    let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, files, run))?;
+    let filled = run.disks.clone();
+    let vm = work.hand_over(run, |run| Vm::restore(&cfg, state, init, files, run))?;
     // Guest memory equals this pack at mark 0: a save can be a diff against it.
     vm.controller()
         .note_pack(&hex::encode(pack.reader().root_digest()), 0);
     if !manifest.disks.is_empty() {
         let pack = pack.clone();
         vm.controller().set_disk_reset(Box::new(move |i| {
+            // A lazily filled copy is complete first, so no fill lands after the copy.
+            if let Some(d) = filled.get(i) {
+                d.fill_all()?;
+            }
             extract_disk(&pack, i, &disk_copy_path(&work_path, i), true).map_err(Into::into)
         }));
     }
@@ -802,7 +843,7 @@ fn check_memory_regions(manifest: &Manifest, state: &VmState, label: &str) -> Re
 fn verify_except_memory(reader: &vmpack_formats::pack::PackReader) -> Result<()> {
     use vmpack_formats::pack::kind;
     for s in reader.sections() {
-        if s.kind != kind::MEMORY && s.kind != kind::FILE {
+        if s.kind != kind::MEMORY && s.kind != kind::FILE && s.kind != kind::DISK {
             reader.for_each_chunk_parallel(s.id, true, 0, &|_, _| Ok(()))?;
         }
     }
@@ -810,8 +851,10 @@ fn verify_except_memory(reader: &vmpack_formats::pack::PackReader) -> Result<()>
 }
 
 /// Guest memory served on first touch (`vstate::lazy`), with the touch order of an earlier
-/// restore of this pack prefetched first. Once every chunk was checked, the pack is
-/// recorded as verified (under `--verify auto`) and this restore's touch order is kept.
+/// restore of this pack prefetched first. Once every memory chunk was checked, this
+/// restore's touch order is kept; once the `disks` are complete too, the pack is recorded as
+/// verified (under `--verify auto`).
+#[allow(clippy::too_many_arguments)]
 fn lazy_init(
     pack: &Arc<VmPack>,
     state: &VmState,
@@ -820,9 +863,29 @@ fn lazy_init(
     verify: VerifyPolicy,
     source: crate::vstate::lazy::ChunkSource,
     stamps: Option<Reporter>,
+    disks: &crate::vstate::lazy_disk::LazyDisks,
 ) -> Result<GuestMemoryInit> {
     // A file filled on demand is temporary: it is never recorded as verified.
     let record = matches!(source, crate::vstate::lazy::ChunkSource::PackFile);
+    // Recorded when memory and every disk are complete, whichever comes last: a record
+    // lets a later restore trust the pack's disks without checking them.
+    let left = Arc::new(std::sync::atomic::AtomicUsize::new(1 + disks.0.len()));
+    let done = {
+        let (path, left) = (path.to_path_buf(), left.clone());
+        let root = pack.reader().root_digest();
+        Arc::new(move || {
+            if left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1
+                && verify == VerifyPolicy::Auto
+                && record
+            {
+                verified_cache::record(&path, root);
+            }
+        })
+    };
+    for d in &disks.0 {
+        let done = done.clone();
+        d.on_complete(Box::new(move || done()));
+    }
     let sections = memory_sections(pack, pack.manifest(), state, label)?;
     let reader = pack.reader();
     let root = reader.root_digest();
@@ -841,7 +904,6 @@ fn lazy_init(
         .filter(|s| s.kind == vmpack_formats::pack::kind::FILE)
         .map(|s| s.id)
         .collect();
-    let path = path.to_path_buf();
     let had_order = !first.is_empty();
     let on_complete = move |order: Vec<usize>| {
         if let Some(r) = &stamps {
@@ -850,9 +912,7 @@ fn lazy_init(
                 ns: monotonic_ns(),
             });
         }
-        if verify == VerifyPolicy::Auto && record {
-            verified_cache::record(&path, root);
-        }
+        done();
         // The first restore's order is the one kept: later ones are skewed by the prefetch.
         if let (Some(d), false) = (touch, had_order) {
             crate::vstate::lazy::touch_order::store(&d, root, &order);
@@ -866,6 +926,30 @@ fn lazy_init(
         verify_later,
         on_complete: Some(Box::new(on_complete)),
     }))
+}
+
+/// Every disk of the pack as an empty sparse private copy in `dir` (where [`pack_config`]
+/// points the config) that fills itself from the pack: on first touch, and in the
+/// background once the VM runs.
+fn lazy_disks(
+    pack: &Arc<VmPack>,
+    dir: &Path,
+    source: &crate::vstate::lazy::ChunkSource,
+) -> Result<crate::vstate::lazy_disk::LazyDisks> {
+    let mut v = Vec::new();
+    for (i, d) in pack.manifest().disks.iter().enumerate() {
+        let copy = disk_copy_path(dir, i);
+        drop(sparse_file(&copy, d.virtual_size)?);
+        v.push(crate::vstate::lazy_disk::LazyDisk::new(
+            i,
+            &copy,
+            d.read_only,
+            pack.clone(),
+            source.clone(),
+            &d.section,
+        )?);
+    }
+    Ok(crate::vstate::lazy_disk::LazyDisks(v))
 }
 
 /// Writes every disk of the pack to its private raw copy in `dir` (where [`pack_config`]

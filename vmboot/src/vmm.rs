@@ -141,6 +141,9 @@ pub struct RunOptions {
     pub vsock_sock: Option<PathBuf>,
     /// A restore's new identity for the first `[[net]]` (a clone's tap and MAC).
     pub net: crate::devices::virtio::net::NetOverride,
+    /// A restore's lazily filled disks (`vstate::lazy_disk`): disk `i` is served from its
+    /// entry here instead of the config's file.
+    pub disks: crate::vstate::lazy_disk::LazyDisks,
 }
 
 /// The bytes a boot needs; read from the config's files or supplied by a pack.
@@ -222,6 +225,9 @@ pub struct VmHandle {
     /// Where the loader put the initrd (`(gpa, len)`), kept across saves: while guest RAM
     /// still holds it there, a save records it instead of storing it twice.
     initrd_at: OnceLock<(u64, u64)>,
+    /// Where a save keeps, beyond its memory bound, the old disk content the guest
+    /// overwrites while the pack is written: the VM's work folder, else the temp folder.
+    spill_dir: PathBuf,
     // Field order = drop order: vCPUs and devices before the VM, memory last.
     vcpus: VcpuManager,
     devices: Devices,
@@ -273,6 +279,10 @@ struct Devices {
     _worker: crate::devices::virtio::Worker,
     dm: DeviceManager,
     serial: Arc<Mutex<SerialDevice>>,
+    /// The config's disks in order, as a save freezes them.
+    disks: Vec<Arc<crate::disk_snapshot::DiskTrack>>,
+    /// A restore's lazily filled disks (also behind their devices in `dm`).
+    lazy_disks: crate::vstate::lazy_disk::LazyDisks,
 }
 
 impl Devices {
@@ -323,6 +333,7 @@ impl Devices {
         sink: &SerialSink,
         saved: &[DeviceState],
         vsock_sock: Option<&std::path::Path>,
+        lazy_disks: &crate::vstate::lazy_disk::LazyDisks,
     ) -> Result<Devices> {
         let find = |id: &str| saved.iter().find(|d| d.id == id);
         let serial = match find("com1") {
@@ -347,13 +358,14 @@ impl Devices {
             Arc::new(Mutex::new(DebugExit)),
         )?;
         let worker = crate::devices::virtio::Worker::start()?;
-        crate::devices::virtio::attach_disks(
+        let disks = crate::devices::virtio::attach_disks(
             cfg,
             &base.vm.fd,
             base.mem.memory(),
             &worker,
             &mut dm,
             find,
+            lazy_disks,
         )?;
         if cfg.rng {
             let id = crate::devices::virtio::rng::ID;
@@ -398,6 +410,8 @@ impl Devices {
             _worker: worker,
             dm,
             serial,
+            disks,
+            lazy_disks: lazy_disks.clone(),
         })
     }
 }
@@ -525,6 +539,7 @@ impl Vm {
             &opts.serial_out,
             &[],
             opts.vsock_sock.as_deref(),
+            &opts.disks,
         )?;
         let bsp = &base.fds[0];
         let sregs = bsp.get_sregs().context("KVM_GET_SREGS")?;
@@ -605,6 +620,7 @@ impl Vm {
             &opts.serial_out,
             &state.devices,
             opts.vsock_sock.as_deref(),
+            &opts.disks,
         )?;
         let initrd_at = state.initrd;
         let vm = Vm::assemble(cfg, base, devices, vcpus, payload, opts)?;
@@ -615,6 +631,18 @@ impl Vm {
         if let Some(lazy) = vm.handle.mem.lazy() {
             let weak = Arc::downgrade(&vm.handle);
             lazy.on_failure(Box::new(move |message| {
+                if let Some(h) = weak.upgrade() {
+                    h.request_exit(ExitReason {
+                        code: EXIT_CORRUPT_MEMORY,
+                        message,
+                    });
+                }
+            }));
+        }
+        // A disk chunk failing its check ends the VM the same way.
+        for d in &vm.handle.devices.lazy_disks.0 {
+            let weak = Arc::downgrade(&vm.handle);
+            d.on_failure(Box::new(move |message| {
                 if let Some(h) = weak.upgrade() {
                     h.request_exit(ExitReason {
                         code: EXIT_CORRUPT_MEMORY,
@@ -643,6 +671,7 @@ impl Vm {
             reset_point: OnceLock::new(),
             disk_reset: OnceLock::new(),
             initrd_at: OnceLock::new(),
+            spill_dir: opts.work_dir.clone().unwrap_or_else(std::env::temp_dir),
             vcpus,
             devices,
             vm: base.vm,
@@ -714,11 +743,17 @@ impl Vm {
         if let Some(lazy) = h.mem.lazy() {
             lazy.start_prefetch();
         }
+        for d in &h.devices.lazy_disks.0 {
+            d.start_fill();
+        }
         let reason = h.vcpus.wait_exit();
         for t in threads {
             let _ = t.join();
         }
         lock(&h.devices.serial).flush();
+        for d in &h.devices.lazy_disks.0 {
+            d.stop();
+        }
         for (_, d) in h.devices.dm.objects() {
             d.stop();
         }
@@ -970,6 +1005,12 @@ impl VmHandle {
         &self.config
     }
 
+    /// Stored chunks of lazily restored disks not yet in their private copies (0 once the
+    /// background fill is done, or when no disk is filled lazily).
+    pub fn disk_chunks_pending(&self) -> u64 {
+        self.devices.lazy_disks.pending()
+    }
+
     /// Flushes every disk backend (qcow2 metadata included), so the image files hold what
     /// the guest wrote; call while paused before reading the disk files.
     pub fn flush_disks(&self) -> Result<()> {
@@ -977,6 +1018,20 @@ impl VmHandle {
             d.flush().with_context(|| format!("flushing {id}"))?;
         }
         Ok(())
+    }
+
+    /// Freezes every disk as it is now (call while paused), one view per `[[disk]]` in
+    /// order, until the views are dropped; see `crate::disk_snapshot`.
+    pub fn freeze_disks(&self) -> Result<Vec<crate::disk_snapshot::FrozenDisk>> {
+        self.devices
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                d.freeze(&self.spill_dir)
+                    .with_context(|| format!("freezing disk {i}"))
+            })
+            .collect()
     }
 
     /// Where the loader put the initrd, `(gpa, len)`.

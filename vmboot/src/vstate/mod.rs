@@ -6,6 +6,7 @@
 
 pub mod dirty;
 pub mod lazy;
+pub mod lazy_disk;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;
@@ -76,6 +77,9 @@ pub enum Error {
     },
     #[error(transparent)]
     State(#[from] StateError),
+    /// A host call whose error is its own message.
+    #[error(transparent)]
+    Host(#[from] std::io::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
