@@ -856,9 +856,8 @@ fn lazy_init(
         }
     };
     Ok(GuestMemoryInit::Lazy(crate::vstate::lazy::LazySource {
-        pack: pack.clone(),
+        table: crate::vstate::lazy::ChunkTable::of_pack(pack.clone(), &sections),
         source,
-        sections,
         first,
         verify_later,
         on_complete: Some(Box::new(on_complete)),
@@ -1139,7 +1138,7 @@ fn memory_sections(
 }
 
 fn memory_init(
-    pack: &VmPack,
+    pack: &Arc<VmPack>,
     manifest: &Manifest,
     state: &VmState,
     map: bool,
@@ -1160,21 +1159,26 @@ fn memory_init(
         return Ok(GuestMemoryInit::MapPrivate { file, pieces });
     }
     let path = pack.path().to_path_buf();
-    Ok(GuestMemoryInit::Fill(Box::new(move |regions| {
-        let pack = VmPack::open(&path)?;
-        let reader = pack.reader();
-        for &(gpa, id) in &sections {
-            let region = regions
-                .iter_mut()
-                .find(|(g, _)| *g == gpa)
-                .ok_or_else(|| anyhow!("no RAM region at {gpa:#x}"))?;
-            let dst = SharedSlice::new(region.1);
-            reader.for_each_chunk_parallel(id, false, 0, &|off, data| {
-                dst.write(off, data).map_err(|e| io_pack_error(&path, e))
-            })?;
-        }
-        Ok(())
-    })))
+    // A reset reads the chunks of written pages again, from this (checked) pack.
+    let table = crate::vstate::lazy::ChunkTable::of_pack(pack.clone(), &sections);
+    Ok(GuestMemoryInit::Unpack {
+        table,
+        fill: Box::new(move |regions| {
+            let pack = VmPack::open(&path)?;
+            let reader = pack.reader();
+            for &(gpa, id) in &sections {
+                let region = regions
+                    .iter_mut()
+                    .find(|(g, _)| *g == gpa)
+                    .ok_or_else(|| anyhow!("no RAM region at {gpa:#x}"))?;
+                let dst = SharedSlice::new(region.1);
+                reader.for_each_chunk_parallel(id, false, 0, &|off, data| {
+                    dst.write(off, data).map_err(|e| io_pack_error(&path, e))
+                })?;
+            }
+            Ok(())
+        }),
+    })
 }
 
 /// A byte slice that worker threads write disjoint ranges of.
