@@ -256,7 +256,10 @@ fn net_ping_udp_save_restore() {
     let (code, body) = http(&sock, "PUT", "/vm/reset", b"");
     assert_eq!(code, 200, "{body}");
     vm.wait_out("net mac 02:11:22:33:44:55", 2);
-    assert!(ns2.within(|| ping(10)), "no ping with the new MAC after a reset");
+    assert!(
+        ns2.within(|| ping(10)),
+        "no ping with the new MAC after a reset"
+    );
     assert_eq!(ns2.guest_mac().as_deref(), Some("02:11:22:33:44:55"));
     assert!(ns2.within(|| udp_echo(b"exit", 10)));
     assert_eq!(vm.finish(), 0, "{}", vm.err());

@@ -618,9 +618,6 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
             if matches!(opts.source, crate::vstate::lazy::ChunkSource::Fetch(_)) {
                 bail!("{label}: a diff pack cannot be run from a registry (its memory is layered on its parent); pull it and its parents, or push a flattened pack");
             }
-            if opts.memory == MemoryPolicy::Lazy {
-                bail!("{label}: a diff pack is restored eagerly (--memory lazy is not supported for it yet); use --memory auto or eager");
-            }
             Some(vmpack_formats::diff::open_chain(
                 path,
                 opts.parent.as_deref(),
@@ -633,8 +630,12 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     if remote && !crate::vstate::lazy::available() {
         bail!("{label}: memory on demand needs userfaultfd, which this process cannot use (vm.unprivileged_userfaultfd=1 or CAP_SYS_PTRACE)");
     }
+    if chain.is_some() && opts.memory == MemoryPolicy::Lazy && !crate::vstate::lazy::available() {
+        bail!("{label}: --memory lazy needs userfaultfd, which this process cannot use (vm.unprivileged_userfaultfd=1 or CAP_SYS_PTRACE); use --memory eager");
+    }
     let lazy = match opts.memory {
-        _ if chain.is_some() => false,
+        // A chain is served lazily only when asked: `auto` maps it (or unpacks it).
+        _ if chain.is_some() => opts.memory == MemoryPolicy::Lazy,
         _ if remote => true,
         MemoryPolicy::Eager => false,
         MemoryPolicy::Lazy => true,
@@ -668,8 +669,9 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         }
     };
 
-    // The parents, verified as the pack itself (each recorded under its own file).
-    if let Some(chain) = &chain {
+    // The parents, verified as the pack itself (each recorded under its own file); served
+    // lazily, each chunk they give the child is verified on first touch instead.
+    if let (Some(chain), false) = (&chain, lazy) {
         for p in &chain.packs[..chain.packs.len() - 1] {
             let r = p.reader();
             let always = opts.verify == VerifyPolicy::Always;
@@ -686,7 +688,17 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     let warnings = check_host(&state, &cfg, &label)?;
     extract_disks(&pack, &work.path)?;
 
-    let (memory_path, init) = if let Some(chain) = &chain {
+    let (memory_path, init) = if let (Some(chain), true) = (&chain, lazy) {
+        let init = lazy_init(
+            &pack,
+            crate::diff::chain_table(chain)?,
+            path,
+            opts.verify,
+            opts.source,
+            opts.bench_timestamps.then(|| opts.report.clone()),
+        )?;
+        ("lazy, layered over the parent packs", init)
+    } else if let Some(chain) = &chain {
         let init = crate::diff::chain_memory(chain)?;
         let how = match init {
             GuestMemoryInit::MapLayers(_) => "mmap, layered over the parent packs",
@@ -695,10 +707,10 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         (how, init)
     } else if lazy {
         let stamps = opts.bench_timestamps.then(|| opts.report.clone());
+        let sections = memory_sections(&pack, manifest, &state, &label)?;
         let init = lazy_init(
             &pack,
-            &state,
-            &label,
+            crate::vstate::lazy::ChunkTable::of_pack(pack.clone(), &sections),
             path,
             opts.verify,
             opts.source,
@@ -811,8 +823,7 @@ fn verify_except_memory(reader: &vmpack_formats::pack::PackReader) -> Result<()>
 /// recorded as verified (under `--verify auto`) and this restore's touch order is kept.
 fn lazy_init(
     pack: &Arc<VmPack>,
-    state: &VmState,
-    label: &str,
+    table: crate::vstate::lazy::ChunkTable,
     path: &Path,
     verify: VerifyPolicy,
     source: crate::vstate::lazy::ChunkSource,
@@ -820,19 +831,16 @@ fn lazy_init(
 ) -> Result<GuestMemoryInit> {
     // A file filled on demand is temporary: it is never recorded as verified.
     let record = matches!(source, crate::vstate::lazy::ChunkSource::PackFile);
-    let sections = memory_sections(pack, pack.manifest(), state, label)?;
-    let reader = pack.reader();
-    let root = reader.root_digest();
-    let chunks: usize = sections
-        .iter()
-        .map(|&(_, id)| reader.chunks(id).len())
-        .sum();
+    let root = pack.reader().root_digest();
+    let chunks = table.chunks.len();
     let touch = crate::vstate::lazy::touch_dir(verified_cache::base_dir());
     let first = touch
         .as_deref()
         .map(|d| crate::vstate::lazy::touch_order::load(d, root, chunks))
         .unwrap_or_default();
-    let verify_later = reader
+    // The boot files: the pack's own, or a diff pack's base's (the table's first pack).
+    let verify_later = table.packs[0]
+        .reader()
         .sections()
         .iter()
         .filter(|s| s.kind == vmpack_formats::pack::kind::FILE)
@@ -856,7 +864,7 @@ fn lazy_init(
         }
     };
     Ok(GuestMemoryInit::Lazy(crate::vstate::lazy::LazySource {
-        table: crate::vstate::lazy::ChunkTable::of_pack(pack.clone(), &sections),
+        table,
         source,
         first,
         verify_later,
