@@ -9,9 +9,10 @@
 //! only after the stop was requested, so it leaves `KVM_RUN` on the pending kick before the
 //! guest runs another instruction.
 //!
-//! A prefetch thread, started once the vCPUs run, fills the remaining non-zero chunks
-//! (first those the guest touched first on an earlier restore of the same pack, in that
-//! order), so the VM soon no longer faults at all and a later save finds every page.
+//! Prefetch workers (one per core, at most four), started once the vCPUs run, fill the
+//! remaining non-zero chunks (first those the guest touched first on an earlier restore of
+//! the same pack, in that order), so the VM soon no longer faults at all and a later save
+//! finds every page.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -796,12 +797,7 @@ impl Shared {
             .chain(0..n)
             .filter(|&i| self.chunks[i].entry.codec != Codec::Zero)
             .collect();
-        // A fetch waits on the network: a few in flight keep the link busy. A pack file
-        // is read at disk speed by one thread.
-        let threads = match self.source {
-            ChunkSource::PackFile => 1,
-            ChunkSource::Fetch(_) => 4,
-        };
+        let threads = prefetch_threads(&self.source);
         let next = std::sync::atomic::AtomicUsize::new(0);
         // Short of memory for a worker's buffers, the faults still fill what the guest (or
         // a save) reads; the pack is then not recorded as checked in full.
@@ -853,6 +849,29 @@ impl Shared {
             }
         }
     }
+}
+
+/// Most prefetch workers for a pack file, whatever the host has.
+const MAX_PREFETCH_THREADS: usize = 4;
+
+/// How many threads fill memory in the background. A fetch waits on the network: a few in
+/// flight keep the link busy. For a pack file the work is hashing (and decompressing) each
+/// chunk, which one core does at a fraction of the page cache's speed: one worker per core,
+/// at most [`MAX_PREFETCH_THREADS`], or `VMBOOT_PREFETCH_THREADS` (1 to 64) where set.
+fn prefetch_threads(source: &ChunkSource) -> usize {
+    if let ChunkSource::Fetch(_) = source {
+        return 4;
+    }
+    if let Some(n) = std::env::var("VMBOOT_PREFETCH_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| (1..=64).contains(n))
+    {
+        return n;
+    }
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_PREFETCH_THREADS)
 }
 
 /// The order in which the guest first touched a pack's chunks, kept next to the verification
