@@ -193,9 +193,9 @@ impl GuestRam {
             GuestMemoryInit::Unpack { fill, table } => (GuestMemoryInit::Fill(fill), Some(table)),
             init => (init, None),
         };
-        if let Some(table) = table {
-            ram.refill = Some(crate::vstate::lazy::Refill::new(&host_regions, table)?);
-        }
+        // A layout the refill cannot place (chunks not page-aligned) still restores; such a
+        // VM is just not resettable.
+        ram.refill = table.and_then(|t| crate::vstate::lazy::Refill::new(&host_regions, t).ok());
         match init {
             GuestMemoryInit::Zeroed | GuestMemoryInit::Unpack { .. } => {}
             GuestMemoryInit::Fill(f) => {
