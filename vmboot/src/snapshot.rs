@@ -811,7 +811,8 @@ fn check_memory_regions(manifest: &Manifest, state: &VmState, label: &str) -> Re
 fn verify_except_memory(reader: &vmpack_formats::pack::PackReader) -> Result<()> {
     use vmpack_formats::pack::kind;
     for s in reader.sections() {
-        if s.kind != kind::MEMORY && s.kind != kind::FILE {
+        // A diff pack's memory too: its chunks are served (and checked) on first touch.
+        if s.kind != kind::MEMORY && s.kind != kind::MEMORY_DIFF && s.kind != kind::FILE {
             reader.for_each_chunk_parallel(s.id, true, 0, &|_, _| Ok(()))?;
         }
     }
