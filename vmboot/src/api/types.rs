@@ -87,6 +87,10 @@ pub struct SaveStats {
     /// For a diff save: the bytes of guest memory stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diff_bytes: Option<u64>,
+    /// Bytes of old disk content the save kept because the guest wrote its disks after the
+    /// pause, while the pack was being written (whole 64 KiB blocks; 0 when it did not).
+    #[serde(default)]
+    pub disk_kept_bytes: u64,
     /// The dirty mark taken at the pause: guest memory then equalled the pack written.
     /// Kept by the VMM (not sent).
     #[serde(skip)]
@@ -432,6 +436,7 @@ mod tests {
             compress: Compression::None,
             parent: None,
             diff_bytes: None,
+            disk_kept_bytes: 0,
             mark: Some(7),
         };
         let v = serde_json::to_value(&st).unwrap();
