@@ -786,7 +786,7 @@ impl VmHandle {
             .get()
             .context("only a VM restored from a pack can be reset")?;
         if !self.mem.revertible() {
-            bail!("guest memory was not mapped from a pack file, so it cannot be put back in place (restore an uncompressed pack with --memory eager)");
+            bail!("{}", crate::memory::NOT_REVERTIBLE);
         }
         // A pack from before a device existed starts that device at power-on: it has no
         // state to go back to. Refused before anything changes.

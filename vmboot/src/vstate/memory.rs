@@ -39,6 +39,10 @@ pub fn ram_layout(bytes: u64) -> Vec<(u64, u64)> {
 /// One file of [`GuestMemoryInit::MapLayers`] and its pieces `(gpa, file offset, len)`.
 pub type MapLayer = (std::fs::File, Vec<(u64, u64, u64)>);
 
+/// Why [`GuestRam::reset_to_start`] refuses RAM that was neither mapped from nor can be
+/// read again from a pack.
+pub const NOT_REVERTIBLE: &str = "guest memory was filled from a pack it cannot read again (standard input), so it cannot be put back in place; restore from a pack file";
+
 /// How a new VM's RAM gets its contents.
 pub enum GuestMemoryInit {
     /// All zero (a fresh boot; the loader writes the payload afterwards).
@@ -59,6 +63,13 @@ pub enum GuestMemoryInit {
     /// [`GuestMemoryInit::MapPrivate`] from several files (a chain of diff packs): pieces
     /// of different files never overlap.
     MapLayers(Vec<MapLayer>),
+    /// [`GuestMemoryInit::Fill`] with the chunks of a pack that cannot be mapped (a
+    /// compressed one): a reset reads the chunks of the written pages again.
+    Unpack {
+        #[allow(clippy::type_complexity)]
+        fill: Box<dyn FnOnce(&mut [(u64, &mut [u8])]) -> Result<()>>,
+        table: crate::vstate::lazy::ChunkTable,
+    },
 }
 
 impl std::fmt::Debug for GuestMemoryInit {
@@ -71,6 +82,9 @@ impl std::fmt::Debug for GuestMemoryInit {
             }
             GuestMemoryInit::Lazy(_) => f.write_str("Lazy"),
             GuestMemoryInit::MapLayers(l) => write!(f, "MapLayers({} files)", l.len()),
+            GuestMemoryInit::Unpack { table, .. } => {
+                write!(f, "Unpack({} chunks)", table.chunks.len())
+            }
         }
     }
 }
@@ -93,9 +107,12 @@ pub struct GuestRam {
     lazy: Option<crate::vstate::lazy::LazyMemory>,
     /// The marks of "pages written since" (see [`crate::vstate::dirty`]).
     dirty: crate::vstate::dirty::DirtyLog,
-    /// Mapped from a pack file (`MapPrivate`): a written page reverts to mark 0's content
-    /// when its private copy is dropped, which is what [`GuestRam::reset_to_start`] needs.
+    /// Mapped from pack files (`MapPrivate`, `MapLayers`): a written page reverts to mark
+    /// 0's content when its private copy is dropped, which is what
+    /// [`GuestRam::reset_to_start`] needs.
     revertible: bool,
+    /// Filled from a pack that is not mapped (`Unpack`): how a reset puts pages back.
+    refill: Option<crate::vstate::lazy::Refill>,
 }
 
 // SAFETY: the raw pointers are private mmap'ed memory that lives as long as `GuestRam`; all
@@ -116,6 +133,7 @@ impl GuestRam {
             lazy: None,
             dirty: crate::vstate::dirty::DirtyLog::new(layout),
             revertible: false,
+            refill: None,
         };
         if layout.is_empty() {
             bail!("guest has no RAM");
@@ -166,8 +184,20 @@ impl GuestRam {
         }
         ram.mem = GuestMemoryMmap::from_regions(views)
             .map_err(|e| anyhow::anyhow!("guest RAM layout: {e}"))?;
+        let host_regions: Vec<(u64, u64, u64)> = ram
+            .regions
+            .iter()
+            .map(|r| (r.gpa, r.host as u64, r.size as u64))
+            .collect();
+        let (init, table) = match init {
+            GuestMemoryInit::Unpack { fill, table } => (GuestMemoryInit::Fill(fill), Some(table)),
+            init => (init, None),
+        };
+        // A layout the refill cannot place (chunks not page-aligned) still restores; such a
+        // VM is just not resettable.
+        ram.refill = table.and_then(|t| crate::vstate::lazy::Refill::new(&host_regions, t).ok());
         match init {
-            GuestMemoryInit::Zeroed => {}
+            GuestMemoryInit::Zeroed | GuestMemoryInit::Unpack { .. } => {}
             GuestMemoryInit::Fill(f) => {
                 // SAFETY: the VM does not exist yet, so nobody else touches this memory.
                 let mut slices: Vec<(u64, &mut [u8])> = ram
@@ -192,14 +222,10 @@ impl GuestRam {
                     ram.file_backed
                         .extend(pieces.iter().map(|&(gpa, _, len)| (gpa, len)));
                 }
+                ram.revertible = true;
             }
             GuestMemoryInit::Lazy(src) => {
-                let regions: Vec<(u64, u64, u64)> = ram
-                    .regions
-                    .iter()
-                    .map(|r| (r.gpa, r.host as u64, r.size as u64))
-                    .collect();
-                ram.lazy = Some(crate::vstate::lazy::LazyMemory::start(&regions, src)?);
+                ram.lazy = Some(crate::vstate::lazy::LazyMemory::start(&host_regions, src)?);
             }
         }
         Ok(ram)
@@ -295,38 +321,46 @@ impl GuestRam {
     }
 
     /// Puts every page written since mark 0 back to its content at mark 0 and starts the
-    /// dirty log over. Only for RAM mapped from a pack file (`MapPrivate`): there mark 0's
-    /// content is what a page falls back to when `MADV_DONTNEED` drops its private copy
+    /// dirty log over. Where RAM is mapped from pack files (`MapPrivate`, `MapLayers`), mark
+    /// 0's content is what a page falls back to when `MADV_DONTNEED` drops its private copy
     /// (the file's bytes where the pack has them, zero elsewhere), so a reset costs one
-    /// `madvise` per run of written pages, not a copy. No vCPU may run and no device may
-    /// write guest memory meanwhile. Returns the number of pages put back.
+    /// `madvise` per run of written pages, not a copy. Lazily filled RAM drops the pages
+    /// too and serves them from the pack again on their next touch (verified, as the first
+    /// time); RAM unpacked from a compressed pack drops them and copies them from the pack's
+    /// chunks again (verified). No vCPU may run and no device may write guest memory
+    /// meanwhile. Returns the number of pages put back.
     pub fn reset_to_start(&self, vm: &kvm_ioctls::VmFd) -> Result<u64> {
-        if !self.revertible {
-            bail!(
-                "guest memory was not mapped from a pack file, so it cannot be put back in \
-                 place (restore an uncompressed pack with --memory eager)"
-            );
+        if !self.revertible() {
+            bail!("{}", NOT_REVERTIBLE);
         }
         let dirty = self.dirty_since(vm, 0)?;
+        let mut host = Vec::new();
         for (gpa, len) in dirty.ranges() {
             let r = self
                 .regions
                 .iter()
                 .find(|r| gpa >= r.gpa && gpa + len <= r.gpa + r.size as u64)
                 .with_context(|| format!("dirty range {gpa:#x}+{len:#x} is not in guest RAM"))?;
-            // SAFETY: the range lies inside a mapping this struct owns (checked above);
-            // dropping private pages of a MAP_PRIVATE mapping only makes them read back as
-            // the file's (or zero) on the next touch, which is the point.
-            let rc = unsafe {
-                libc::madvise(
-                    r.host.add((gpa - r.gpa) as usize).cast(),
-                    len as usize,
-                    libc::MADV_DONTNEED,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("madvise(MADV_DONTNEED) at gpa {gpa:#x}"));
+            host.push((r.host as u64 + (gpa - r.gpa), len));
+        }
+        if let Some(l) = &self.lazy {
+            l.revert(&host)
+                .context("madvise(MADV_DONTNEED) of lazily filled guest memory")?;
+        } else {
+            for &(at, len) in &host {
+                // SAFETY: the range lies inside a mapping this struct owns (checked above);
+                // dropping private pages of a MAP_PRIVATE mapping only makes them read back
+                // as the file's (or zero) on the next touch, which is the point.
+                let rc = unsafe {
+                    libc::madvise(at as *mut libc::c_void, len as usize, libc::MADV_DONTNEED)
+                };
+                if rc != 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .with_context(|| format!("madvise(MADV_DONTNEED) at {at:#x}"));
+                }
+            }
+            if let Some(r) = &self.refill {
+                r.rewrite(&host)?;
             }
         }
         self.dirty
@@ -334,9 +368,10 @@ impl GuestRam {
         Ok(dirty.count())
     }
 
-    /// Whether [`GuestRam::reset_to_start`] can work (RAM mapped from a pack file).
+    /// Whether [`GuestRam::reset_to_start`] can work: RAM mapped from pack files, filled
+    /// lazily, or unpacked from a pack it can read again.
     pub fn revertible(&self) -> bool {
-        self.revertible
+        self.revertible || self.lazy.is_some() || self.refill.is_some()
     }
 
     /// vm-memory view, for the loaders and `Bytes` accesses.
