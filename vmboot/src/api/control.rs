@@ -105,14 +105,40 @@ impl VmControl for VmHandle {
                 ));
             }
         }
-        let result = crate::snapshot::save_with(
-            self,
-            compression,
-            req.level,
-            resume,
-            req.diff_from.as_ref(),
-            out,
-        );
+        let max_pause = match (req.live, req.max_pause_ms) {
+            (false, Some(_)) => {
+                return Err(ApiError::bad_request("max_pause_ms needs \"live\": true"))
+            }
+            (true, _) if req.diff_from.is_some() => {
+                return Err(ApiError::bad_request(
+                    "a diff save cannot be live (it copies only what changed, paused)",
+                ))
+            }
+            (true, m) => {
+                let m = m.unwrap_or(super::types::DEFAULT_MAX_PAUSE_MS);
+                if m > super::types::MAX_MAX_PAUSE_MS {
+                    return Err(ApiError::bad_request(format!(
+                        "max_pause_ms {m} is over the limit of {} ms",
+                        super::types::MAX_MAX_PAUSE_MS
+                    )));
+                }
+                Some(std::time::Duration::from_millis(m))
+            }
+            (false, None) => None,
+        };
+        let result = match max_pause {
+            Some(max_pause) => {
+                crate::live::save(self, compression, req.level, resume, max_pause, out)
+            }
+            None => crate::snapshot::save_with(
+                self,
+                compression,
+                req.level,
+                resume,
+                req.diff_from.as_ref(),
+                out,
+            ),
+        };
         match result {
             Ok(stats) => {
                 if let Some(m) = stats.mark {

@@ -1738,6 +1738,7 @@ mod tests {
             level: None,
             then: AfterSave::Stop,
             diff_from: None,
+            ..Default::default()
         };
         let n = ApiClient::new(&t.sock).save(&body, &mut verify).unwrap();
         assert_eq!(n, SIZE);

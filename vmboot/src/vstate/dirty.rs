@@ -153,6 +153,17 @@ impl DirtyLog {
         Ok(id)
     }
 
+    /// Drops a mark no one will ask about again (a live save's round marks), so it does not
+    /// push older marks that diff saves still need out of the [`MAX_MARKS`] kept. Mark 0
+    /// and unknown marks are left alone.
+    pub fn forget(&self, mark: u64) {
+        if mark == 0 {
+            return;
+        }
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.marks.retain(|m| m.id != mark);
+    }
+
     /// The pages written since `mark`.
     pub fn since_with(
         &self,
