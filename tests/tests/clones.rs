@@ -7,35 +7,15 @@
 //! without one of them it says SKIPPED loudly and returns.
 
 mod common;
-use common::blk::workspace;
 use common::netns::*;
 use common::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+
 use std::time::Duration;
 
 const N: usize = 10;
-
-/// Builds the Rust guest once per test process; returns rsclone.bin's path.
-fn rsclone_bin() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let o = Command::new("bash")
-            .arg(workspace().join("samples/guests/rs/build.sh"))
-            .output()
-            .expect("running samples/guests/rs/build.sh");
-        assert!(
-            o.status.success(),
-            "building the Rust guest failed:\n{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    });
-    workspace().join("samples/guests/bin/rsclone.bin")
-}
 
 /// rsclone's config in `dir`: with `devices`, a tap `vmtap0`, a vsock device, virtio-rng
 /// and a generation ID; without, the same guest alone (it idles).
@@ -44,7 +24,7 @@ fn config(dir: &Path, devices: bool) -> PathBuf {
     let mut t = format!(
         "name = \"rsclone\"\nmemory_mib = 16\n\n[flat]\nimage = \"{}\"\nload_address = 0x100000\n\
          entry = 0x100000\nmode = \"long\"\n",
-        rsclone_bin().display()
+        rs_guest("rsclone").display()
     );
     if devices {
         t = t.replace(
@@ -228,21 +208,6 @@ fn clones_ten_with_all_four_identities() {
 
 /// `vmpack restore PACK --clones 10 --json` in `ns` (plus `extra`): the milliseconds it
 /// reports; then the clones are ended with SIGTERM.
-fn clones_ms(ns: &Netns, pack: &Path, extra: &[&str]) -> f64 {
-    let mut c = ns.cmd(&vmpack());
-    c.arg("restore")
-        .arg(pack)
-        .args(["--clones", "10", "--json", "--serial-out", "none"])
-        .args(extra);
-    let mut p = Proc::spawn(c);
-    p.wait_out("\"clones\"", 1);
-    let out = p.out();
-    let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
-    // SAFETY: a signal to our own child.
-    unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) };
-    p.finish();
-    v["milliseconds"].as_f64().unwrap()
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

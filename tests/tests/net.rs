@@ -11,33 +11,13 @@
 //! KVM; without one of them each test says SKIPPED loudly and returns.
 
 mod common;
-use common::blk::workspace;
 use common::netns::*;
 use common::*;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-
-/// Builds the Rust guest once per test process; returns rsnet.bin's path.
-fn rsnet_bin() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let o = Command::new("bash")
-            .arg(workspace().join("samples/guests/rs/build.sh"))
-            .output()
-            .expect("running samples/guests/rs/build.sh");
-        assert!(
-            o.status.success(),
-            "building the Rust guest failed:\n{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    });
-    workspace().join("samples/guests/bin/rsnet.bin")
-}
 
 fn icmp_checksum(b: &[u8]) -> u16 {
     let mut sum: u32 = b
@@ -96,7 +76,7 @@ fn config(dir: &Path, tap: &str) -> PathBuf {
         format!(
             "name = \"rsnet\"\nmemory_mib = 16\n\n[flat]\nimage = \"{}\"\nload_address = 0x100000\n\
              entry = 0x100000\nmode = \"long\"\n\n[[net]]\ntap = \"{tap}\"\nmac = \"02:00:00:00:00:aa\"\n",
-            rsnet_bin().display()
+            rs_guest("rsnet").display()
         ),
     )
     .unwrap();
@@ -455,21 +435,6 @@ fn echo_figures(
 
 /// `vmpack restore PACK --clones 10 --json` (plus `extra`) in `ns`: the milliseconds it
 /// reports to restore them all; then the clones are ended with SIGTERM.
-fn clones_ms(ns: &Netns, pack: &Path, extra: &[&str]) -> f64 {
-    let mut c = ns.cmd(&vmpack());
-    c.arg("restore")
-        .arg(pack)
-        .args(["--clones", "10", "--json", "--serial-out", "none"])
-        .args(extra);
-    let mut p = Proc::spawn(c);
-    p.wait_out("\"clones\"", 1);
-    let line = p.out();
-    let v: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
-    // SAFETY: a signal to our own child.
-    unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) };
-    p.finish();
-    v["milliseconds"].as_f64().unwrap()
-}
 
 /// The network benchmark (README, "Performance"): UDP echo between the host and the Rust
 /// guest over virtio-net and a tap, against the same echo between two host processes over

@@ -10,29 +10,16 @@ use common::blk::*;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// Builds the guest once per test process (samples/guests/rs/build.sh); returns the folder
-/// of the flat images.
+/// The folder of the Rust guests' flat images, built once per test process.
 fn guest_bin_dir() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let o = Command::new("bash")
-            .arg(workspace().join("samples/guests/rs/build.sh"))
-            .output()
-            .expect("running samples/guests/rs/build.sh");
-        assert!(
-            o.status.success(),
-            "building the Rust guest failed (scripts/test-all.sh installs the \
-             x86_64-unknown-none target):\n{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    });
-    workspace().join("samples/guests/bin")
+    rs_guest("rsblk")
+        .parent()
+        .expect("an image lives in a folder")
+        .to_path_buf()
 }
 
 fn guest_elf(name: &str) -> PathBuf {

@@ -6,34 +6,16 @@
 //! path never used by a restore, `GET /vm`, and clones each with its own socket.
 
 mod common;
-use common::blk::{spawn, workspace, Running};
+use common::blk::{spawn, Running};
 use common::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn guest_image() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let o = Command::new("bash")
-            .arg(workspace().join("samples/guests/rs/build.sh"))
-            .output()
-            .expect("running samples/guests/rs/build.sh");
-        assert!(
-            o.status.success(),
-            "building the Rust guest failed:\n{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    });
-    workspace().join("samples/guests/bin/rsvsock.bin")
-}
 
 fn config(dir: &Path, cid: u64) -> PathBuf {
     let cfg = dir.join("vsock.toml");
@@ -43,7 +25,7 @@ fn config(dir: &Path, cid: u64) -> PathBuf {
             "name = \"rsvsock\"\nmemory_mib = 16\nrng = true\nvmgenid = true\n\n[flat]\nimage = \"{}\"\n\
              load_address = 0x100000\nentry = 0x100000\nmode = \"long\"\n\n[vsock]\n\
              cid = {cid}\nuds_path = \"v.sock\"\n",
-            guest_image().display()
+            rs_guest("rsvsock").display()
         ),
     )
     .unwrap();
@@ -569,7 +551,7 @@ fn bench_vsock() {
         format!(
             "name = \"rsvsock\"\nmemory_mib = 16\nrng = true\n\n[flat]\nimage = \"{}\"\n\
              load_address = 0x100000\nentry = 0x100000\nmode = \"long\"\n",
-            guest_image().display()
+            rs_guest("rsvsock").display()
         ),
     )
     .unwrap();

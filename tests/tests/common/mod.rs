@@ -253,6 +253,27 @@ pub fn samples_dir() -> PathBuf {
         .join("samples")
 }
 
+/// Builds the Rust guests once per test process (`samples/guests/rs/build.sh`) and returns
+/// the flat image `samples/guests/bin/<name>.bin`.
+pub fn rs_guest(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let samples = samples_dir();
+    BUILT.get_or_init(|| {
+        let o = Command::new("bash")
+            .arg(samples.join("guests/rs/build.sh"))
+            .output()
+            .expect("running samples/guests/rs/build.sh");
+        assert!(
+            o.status.success(),
+            "building the Rust guest failed (scripts/test-all.sh installs the \
+             x86_64-unknown-none target):\n{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    });
+    samples.join("guests/bin").join(format!("{name}.bin"))
+}
+
 /// Rewrites a pack section by section: `edit` gets each section's name and bytes and
 /// returns the new bytes, or `None` to leave the section out. The result is an intact
 /// container (fresh digests), so only the VM layer's own checks can refuse it.

@@ -230,3 +230,21 @@ pub fn udp_echo(msg: &[u8], tries: u32) -> bool {
     }
     false
 }
+
+/// Restores 10 clones of `pack` inside `ns` (`vmpack restore --clones 10 --json`, plus
+/// `extra`) and returns the restore time the JSON line reports, in milliseconds.
+pub fn clones_ms(ns: &Netns, pack: &Path, extra: &[&str]) -> f64 {
+    let mut c = ns.cmd(&super::vmpack());
+    c.arg("restore")
+        .arg(pack)
+        .args(["--clones", "10", "--json", "--serial-out", "none"])
+        .args(extra);
+    let mut p = Proc::spawn(c);
+    p.wait_out("\"clones\"", 1);
+    let out = p.out();
+    let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) };
+    p.finish();
+    v["milliseconds"].as_f64().unwrap()
+}

@@ -918,6 +918,60 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, ApiError>) -> Result<T, ApiError> {
     })
 }
 
+/// Every endpoint and the one method it answers (others get a 405 naming it).
+const ROUTES: &[(&str, &str)] = &[
+    ("/vm", "GET"),
+    ("/vm/pause", "PUT"),
+    ("/vm/resume", "PUT"),
+    ("/vm/shutdown", "PUT"),
+    ("/vm/serial/input", "PUT"),
+    ("/vm/serial/output", "GET"),
+    ("/vm/reset", "PUT"),
+    ("/vm/dirty/mark", "PUT"),
+    ("/vm/dirty", "GET"),
+    ("/vm/save", "POST"),
+];
+
+/// 200 with the answer as JSON, or the error.
+fn json<T: serde::Serialize>(r: Result<T, ApiError>, close: bool) -> Vec<u8> {
+    match r {
+        Ok(v) => response(200, &[], Some(&v), close),
+        Err(e) => error_response(&e, close),
+    }
+}
+
+/// 204, or the error.
+fn empty(r: Result<(), ApiError>, close: bool) -> Vec<u8> {
+    match r {
+        Ok(()) => response(204, &[], None, close),
+        Err(e) => error_response(&e, close),
+    }
+}
+
+/// Runs a call that changes the run state: refused while a save runs (the save holds the VM
+/// paused), and one at a time.
+fn exclusive<T>(shared: &Shared, f: impl FnOnce() -> Result<T, ApiError>) -> Result<T, ApiError> {
+    if shared.saving.load(Ordering::SeqCst) {
+        return Err(ApiError::conflict(
+            "a save is in progress; try again when it has finished",
+        ));
+    }
+    let _op = lock(&shared.op_lock);
+    guarded(f)
+}
+
+/// The `since=N` query parameter (0 when absent); `why` is the 400's message.
+fn since(req: &Request, why: &str) -> Result<u64, ApiError> {
+    match req
+        .query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("since="))
+    {
+        Some(v) => v.parse().map_err(|_| ApiError::bad_request(why)),
+        None => Ok(0),
+    }
+}
+
 /// Answers one request. `Ok(keep)` tells whether the connection stays open; `Err` means the
 /// client is gone.
 fn handle(
@@ -938,122 +992,34 @@ fn handle(
         let body = ErrorBody { error: e.message };
         response(e.kind.status(), &[("Allow", allow)], Some(&body), close)
     };
+    let Some(&(_, allow)) = ROUTES.iter().find(|(path, _)| *path == req.path) else {
+        let e = ApiError::not_found(format!("no such endpoint: {}", req.path));
+        stream.write_all(&error_response(&e, close))?;
+        return Ok(keep_alive);
+    };
+    if req.method != allow {
+        stream.write_all(&method_not_allowed(allow))?;
+        return Ok(keep_alive);
+    }
+    let ctl = &shared.ctl;
     let answer = match req.path.as_str() {
-        "/vm" => match req.method.as_str() {
-            "GET" => match guarded(|| Ok(shared.ctl.status())) {
-                Ok(status) => response(200, &[], Some(&status), close),
-                Err(e) => error_response(&e, close),
-            },
-            _ => method_not_allowed("GET"),
-        },
-        "/vm/pause" | "/vm/resume" | "/vm/shutdown" => {
-            if req.method != "PUT" {
-                method_not_allowed("PUT")
-            } else if shared.saving.load(Ordering::SeqCst) {
-                error_response(
-                    &ApiError::conflict("a save is in progress; try again when it has finished"),
-                    close,
-                )
-            } else {
-                let _op = lock(&shared.op_lock);
-                let ctl = &shared.ctl;
-                let result = guarded(|| match req.path.as_str() {
-                    "/vm/pause" => ctl.pause(),
-                    "/vm/resume" => ctl.resume(),
-                    _ => ctl.shutdown(),
-                });
-                match result {
-                    Ok(()) => response(204, &[], None, close),
-                    Err(e) => error_response(&e, close),
-                }
-            }
-        }
-        "/vm/serial/input" => {
-            if req.method != "PUT" {
-                method_not_allowed("PUT")
-            } else {
-                match guarded(|| shared.ctl.serial_input(&req.body)) {
-                    Ok(()) => response(204, &[], None, close),
-                    Err(e) => error_response(&e, close),
-                }
-            }
-        }
-        "/vm/serial/output" => {
-            let since = req
-                .query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("since="))
-                .map(str::parse::<u64>);
-            if req.method != "GET" {
-                method_not_allowed("GET")
-            } else if let Some(Err(_)) = since {
-                error_response(
-                    &ApiError::bad_request("since must be a byte offset (a number)"),
-                    close,
-                )
-            } else {
-                let since = since.and_then(Result::ok).unwrap_or(0);
-                match guarded(|| shared.ctl.serial_output(since)) {
-                    Ok(v) => response(200, &[], Some(&v), close),
-                    Err(e) => error_response(&e, close),
-                }
-            }
-        }
-        "/vm/reset" => {
-            if req.method != "PUT" {
-                method_not_allowed("PUT")
-            } else if shared.saving.load(Ordering::SeqCst) {
-                error_response(
-                    &ApiError::conflict("a save is in progress; try again when it has finished"),
-                    close,
-                )
-            } else {
-                let _op = lock(&shared.op_lock);
-                match guarded(|| shared.ctl.reset()) {
-                    Ok(v) => response(200, &[], Some(&v), close),
-                    Err(e) => error_response(&e, close),
-                }
-            }
-        }
-        "/vm/dirty/mark" => {
-            if req.method != "PUT" {
-                method_not_allowed("PUT")
-            } else {
-                match guarded(|| shared.ctl.dirty_mark()) {
-                    Ok(m) => response(200, &[], Some(&m), close),
-                    Err(e) => error_response(&e, close),
-                }
-            }
-        }
-        "/vm/dirty" => {
-            let since = req
-                .query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("since="))
-                .map(str::parse::<u64>);
-            if req.method != "GET" {
-                method_not_allowed("GET")
-            } else if let Some(Err(_)) = since {
-                error_response(&ApiError::bad_request("since must be a mark number"), close)
-            } else {
-                let since = since.and_then(Result::ok).unwrap_or(0);
-                match guarded(|| shared.ctl.dirty_since(since)) {
-                    Ok(v) => response(200, &[], Some(&v), close),
-                    Err(e) => error_response(&e, close),
-                }
-            }
-        }
-        "/vm/save" => {
-            if req.method != "POST" {
-                method_not_allowed("POST")
-            } else {
-                return handle_save(shared, req, stream);
-            }
-        }
-        _ => error_response(
-            &ApiError::not_found(format!("no such endpoint: {}", req.path)),
+        "/vm" => json(guarded(|| Ok(ctl.status())), close),
+        "/vm/pause" => empty(exclusive(shared, || ctl.pause()), close),
+        "/vm/resume" => empty(exclusive(shared, || ctl.resume()), close),
+        "/vm/shutdown" => empty(exclusive(shared, || ctl.shutdown()), close),
+        "/vm/serial/input" => empty(guarded(|| ctl.serial_input(&req.body)), close),
+        "/vm/serial/output" => json(
+            since(req, "since must be a byte offset (a number)")
+                .and_then(|s| guarded(|| ctl.serial_output(s))),
             close,
         ),
+        "/vm/reset" => json(exclusive(shared, || ctl.reset()), close),
+        "/vm/dirty/mark" => json(guarded(|| ctl.dirty_mark()), close),
+        "/vm/dirty" => json(
+            since(req, "since must be a mark number").and_then(|s| guarded(|| ctl.dirty_since(s))),
+            close,
+        ),
+        _ => return handle_save(shared, req, stream),
     };
     stream.write_all(&answer)?;
     Ok(keep_alive)
