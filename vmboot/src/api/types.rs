@@ -456,6 +456,30 @@ mod tests {
     }
 
     #[test]
+    fn live_save_wire_form() {
+        let r: SaveRequest = serde_json::from_str(r#"{"live":true,"max_pause_ms":5}"#).unwrap();
+        assert_eq!((r.live, r.max_pause_ms), (true, Some(5)));
+        assert!(serde_json::from_str::<SaveRequest>(r#"{"max_pause_ms":-1}"#).is_err());
+        assert!(serde_json::from_str::<SaveRequest>(r#"{"max_pause_ms":1.5}"#).is_err());
+        // An ordinary save sends neither key.
+        let v = serde_json::to_value(SaveRequest::default()).unwrap();
+        assert!(v.get("live").is_none() && v.get("max_pause_ms").is_none());
+        let live = LiveStats {
+            max_pause_ms: 20.0,
+            max_pause_met: false,
+            rounds: vec![LiveRound {
+                bytes: 4096,
+                ms: 1.5,
+            }],
+            final_bytes: 8192,
+            warning: Some("w".into()),
+        };
+        let v = serde_json::to_value(&live).unwrap();
+        assert_eq!(v["rounds"][0]["bytes"], 4096);
+        assert_eq!(serde_json::from_value::<LiveStats>(v).unwrap(), live);
+    }
+
+    #[test]
     fn diff_save_wire_form() {
         let d = "ab".repeat(32);
         let r: SaveRequest = serde_json::from_str(&format!(

@@ -272,6 +272,23 @@ mod tests {
     }
 
     #[test]
+    fn forgotten_marks_leave_room_for_older_ones() {
+        let log = DirtyLog::new(&[(0, 1 << 20)]);
+        let kept = log.mark_with(&mut none, &mut Vec::new).unwrap();
+        // A live save's rounds: many marks, each forgotten once the next exists.
+        let mut prev = log.mark_with(&mut none, &mut Vec::new).unwrap();
+        for _ in 0..3 * MAX_MARKS {
+            let next = log.mark_with(&mut none, &mut Vec::new).unwrap();
+            log.forget(prev);
+            prev = next;
+        }
+        assert!(log.since_with(kept, &mut none, &mut Vec::new).is_ok());
+        assert!(log.since_with(prev, &mut none, &mut Vec::new).is_ok());
+        log.forget(0);
+        assert!(log.since_with(0, &mut none, &mut Vec::new).is_ok());
+    }
+
+    #[test]
     fn a_failing_kvm_read_keeps_what_was_read() {
         let log = DirtyLog::new(&[(0, 1 << 20), (4 << 30, 1 << 20)]);
         let mut kvm = |slot: u32, size: u64| -> Result<Vec<u64>> {
