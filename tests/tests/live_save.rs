@@ -260,7 +260,15 @@ fn live_flags_are_checked_before_the_vm_is_touched() {
     let s = sock.to_str().unwrap();
     let o = common::run(
         dir.path(),
-        &["save", "--api-sock", s, "-o", "x.vmpack", "--max-pause", "5"],
+        &[
+            "save",
+            "--api-sock",
+            s,
+            "-o",
+            "x.vmpack",
+            "--max-pause",
+            "5",
+        ],
     );
     assert_eq!(o.status.code(), Some(2), "--max-pause needs --live");
     let o = common::run(
