@@ -249,7 +249,7 @@ pub fn region_runs(d: &DirtyPages, regions: &[(u64, *const u8, usize)]) -> Vec<V
         .map(|&(gpa, _, size)| {
             let Some(i) = d.layout.iter().position(|&(g, _)| g == gpa) else {
                 // A region the log does not know: copy it whole (never happens: one layout).
-                return vec![0..size as u64];
+                return std::iter::once(0..size as u64).collect();
             };
             let pages = size as u64 / PAGE;
             let mut runs: Vec<Range<u64>> = Vec::new();
