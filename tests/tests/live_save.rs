@@ -232,6 +232,16 @@ fn a_pause_target_that_cannot_be_met_takes_the_fallback_and_still_restores() {
     let dir = tempfile::tempdir().unwrap();
     let pack = dir.path().join("fast.vmpack");
     let a = Running::start(dir.path());
+    // The API refuses what does not fit together before it touches the VM.
+    let d = "ab".repeat(32);
+    for body in [
+        r#"{"max_pause_ms":5}"#.to_string(),
+        r#"{"live":true,"max_pause_ms":60001}"#.to_string(),
+        format!(r#"{{"live":true,"diff_from":{{"root_digest":"{d}","file":"p.vmpack"}}}}"#),
+    ] {
+        let (code, text) = common::http(&a.sock, "POST", "/vm/save", body.as_bytes());
+        assert_eq!(code, 400, "{body}: {text}");
+    }
     a.wait_for("round 5 ok\n");
     let from = a.output().len();
     // No pause takes 0 ms: the guest is paused anyway, the save says so and succeeds.

@@ -97,14 +97,6 @@ impl VmControl for VmHandle {
         // as the save allows) unless it is to stop.
         let was_paused = self.is_paused();
         let resume = !was_paused && req.then == AfterSave::Resume;
-        if let Some(p) = &req.diff_from {
-            p.check().map_err(ApiError::bad_request)?;
-            if self.pack_mark(&p.root_digest).is_none() {
-                return Err(ApiError::conflict(
-                    crate::diff::unknown_parent(&p.root_digest).to_string(),
-                ));
-            }
-        }
         let max_pause = match (req.live, req.max_pause_ms) {
             (false, Some(_)) => {
                 return Err(ApiError::bad_request("max_pause_ms needs \"live\": true"))
@@ -126,6 +118,14 @@ impl VmControl for VmHandle {
             }
             (false, None) => None,
         };
+        if let Some(p) = &req.diff_from {
+            p.check().map_err(ApiError::bad_request)?;
+            if self.pack_mark(&p.root_digest).is_none() {
+                return Err(ApiError::conflict(
+                    crate::diff::unknown_parent(&p.root_digest).to_string(),
+                ));
+            }
+        }
         let result = match max_pause {
             Some(max_pause) => {
                 crate::live::save(self, compression, req.level, resume, max_pause, out)
