@@ -22,7 +22,9 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// Builds `name` (same profile as the tests) once per test process and returns its path.
-/// Binaries of other crates are not built by `cargo test -p vmpack-e2e`, hence this.
+/// Binaries of other crates are not built by `cargo test -p vmpack-e2e`, hence this. It
+/// builds what `scripts/test-all.sh` builds (`--workspace --all-targets`): `-p NAME` alone
+/// would unify features without the dev-dependencies and rebuild rustls and friends.
 pub fn bin(name: &str) -> PathBuf {
     let dir = target_dir();
     let path = dir.join(name);
@@ -37,7 +39,7 @@ pub fn bin(name: &str) -> PathBuf {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace)
-            .args(["build", "--quiet", "-p", name]);
+            .args(["build", "--quiet", "--workspace", "--all-targets"]);
         match profile.as_str() {
             "debug" => {}
             "release" => {
