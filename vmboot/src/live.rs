@@ -165,19 +165,20 @@ pub fn save(
             .save_state()
             .context("capturing vCPU and device state")?;
         handle.flush_disks()?;
-        let state_bytes = serde_json::to_vec(&state).context("serializing the vm state")?;
         // Guest memory now equals the pack being written: later diffs start here.
         let mark = handle.dirty_mark()?;
         let pages = handle.dirty_since(prev)?;
         let runs = region_runs(&pages, &regions);
         let n = copy_runs(&regions, &copies, &runs);
-        Ok((state_bytes, mark, runs, n))
+        Ok((state, mark, runs, n))
     })();
     let resumed = handle.resume();
     let pause = t.elapsed();
     handle.dirty_forget(prev);
-    let (state_bytes, mark, runs, final_bytes) = captured?;
+    let (state, mark, runs, final_bytes) = captured?;
     resumed?;
+    // Serialized after the pause: the captured state is a plain value.
+    let state_bytes = serde_json::to_vec(&state).context("serializing the vm state")?;
     add_ranges(&mut copies, runs);
 
     let memory: Vec<(u64, &dyn SectionSource)> = copies
