@@ -206,9 +206,6 @@ fn clones_ten_with_all_four_identities() {
     assert!(ids.iter().all(|g| g.len() == 38), "{ids:?}");
 }
 
-/// `vmpack restore PACK --clones 10 --json` in `ns` (plus `extra`): the milliseconds it
-/// reports; then the clones are ended with SIGTERM.
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]

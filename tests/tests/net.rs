@@ -433,9 +433,6 @@ fn echo_figures(
     (median, echoed as f64 / t.elapsed().as_secs_f64() / 1e6)
 }
 
-/// `vmpack restore PACK --clones 10 --json` (plus `extra`) in `ns`: the milliseconds it
-/// reports to restore them all; then the clones are ended with SIGTERM.
-
 /// The network benchmark (README, "Performance"): UDP echo between the host and the Rust
 /// guest over virtio-net and a tap, against the same echo between two host processes over
 /// a Unix datagram socket; and restoring 10 clones with a virtio-net device (each its own

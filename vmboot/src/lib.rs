@@ -15,6 +15,7 @@ pub mod cpuid;
 pub mod device_manager;
 pub mod devices;
 pub mod diff;
+pub mod disk_snapshot;
 pub mod flat;
 pub mod host_info;
 pub mod kvm_caps;

@@ -68,10 +68,11 @@ pub fn plan_next(
     )))
 }
 
-/// Saves the running VM behind `handle` live (see the module doc) to `out`. Where a live
-/// save cannot help, it is an ordinary save, with `live.warning` saying why: the VM does
-/// not resume afterwards, a writable disk is read from its file after the pause, or a copy
-/// of guest RAM would not fit in memory.
+/// Saves the running VM behind `handle` live (see the module doc) to `out`. Disks are
+/// frozen at the pause, as in an ordinary save (`crate::disk_snapshot`), and read while the
+/// guest runs on. Where a live save cannot help, it is an ordinary save, with
+/// `live.warning` saying why: the VM does not resume afterwards, or a copy of guest RAM
+/// would not fit in memory.
 pub fn save(
     handle: &VmHandle,
     compression: Compression,
@@ -94,12 +95,6 @@ pub fn save(
     if !resume_after {
         return ordinary(
             "the VM does not run on after this save (it was paused, or it stops)",
-            out,
-        );
-    }
-    if handle.config().disks.iter().any(|d| !d.read_only) {
-        return ordinary(
-            "a writable disk is read from its file after the pause, so the guest stays paused until the pack is written",
             out,
         );
     }
@@ -164,18 +159,20 @@ pub fn save(
         let state = handle
             .save_state()
             .context("capturing vCPU and device state")?;
-        handle.flush_disks()?;
+        // The pack reads each disk as of this instant, whatever the guest writes once it
+        // runs again (`crate::disk_snapshot`).
+        let disks = handle.freeze_disks()?;
         // Guest memory now equals the pack being written: later diffs start here.
         let mark = handle.dirty_mark()?;
         let pages = handle.dirty_since(prev)?;
         let runs = region_runs(&pages, &regions);
         let n = copy_runs(&regions, &copies, &runs);
-        Ok((state, mark, runs, n))
+        Ok((state, mark, runs, n, disks))
     })();
     let resumed = handle.resume();
     let pause = t.elapsed();
     handle.dirty_forget(prev);
-    let (state, mark, runs, final_bytes) = captured?;
+    let (state, mark, runs, final_bytes, disks) = captured?;
     resumed?;
     // Serialized after the pause: the captured state is a plain value.
     let state_bytes = serde_json::to_vec(&state).context("serializing the vm state")?;
@@ -185,7 +182,21 @@ pub fn save(
         .iter()
         .map(|c| (c.gpa, c as &dyn SectionSource))
         .collect();
-    let summary = write_pack(handle, &state_bytes, memory, None, compression, level, out)?;
+    let disk_sources: Vec<&dyn SectionSource> =
+        disks.iter().map(|d| d as &dyn SectionSource).collect();
+    let written = write_pack(
+        handle,
+        &state_bytes,
+        (memory, disk_sources),
+        None,
+        compression,
+        level,
+        out,
+    );
+    let disk_kept_bytes = disks.iter().map(|d| d.kept_bytes()).sum();
+    // The freeze ends with the pack (written or not): kept old content is dropped.
+    drop(disks);
+    let summary = written?;
     let pause_ms = ms(pause);
     let met = pause_ms <= ms(max_pause);
     let warning = match (met, warning) {
@@ -203,6 +214,7 @@ pub fn save(
         compress: compression,
         parent: None,
         diff_bytes: None,
+        disk_kept_bytes,
         live: Some(LiveStats {
             max_pause_ms: ms(max_pause),
             max_pause_met: met,

@@ -31,12 +31,13 @@ pub use crate::api::SaveStats;
 
 /// Saves the VM behind `handle` as a pack to `out`.
 ///
-/// The VM is paused while its state is captured. With `resume_after`, and when nothing the
-/// pack still has to read can change under it (no writable disk) and a copy fits in memory,
-/// the guest's resident RAM is copied while paused and the guest resumes at once: hashing,
-/// compressing and writing then run from the copy, so the pause is the capture plus one
-/// memcpy instead of the whole write. Otherwise the VM stays paused until the pack is
-/// written, and resumes after it only if `resume_after`.
+/// The VM is paused while its state is captured and its disks are frozen (writes from then
+/// on keep the old content of a block first, `crate::disk_snapshot`). With `resume_after`,
+/// and when a copy fits in memory, the guest's resident RAM is copied while paused and the
+/// guest resumes at once: hashing, compressing and writing then run from the copy and the
+/// frozen disks, so the pause is the capture plus one memcpy instead of the whole write,
+/// writable disks or not. Otherwise the VM stays paused until the pack is written, and
+/// resumes after it only if `resume_after`.
 pub fn save(
     handle: &VmHandle,
     compression: Compression,
@@ -74,8 +75,6 @@ pub fn save_with(
         let state = handle
             .save_state()
             .context("capturing vCPU and device state")?;
-        // The pack reads the disk files themselves: cached writes and qcow2 metadata go first.
-        handle.flush_disks()?;
         if let Some(e) = handle.memory_failure() {
             bail!("{e}");
         }
@@ -89,17 +88,21 @@ pub fn save_with(
         let to_copy = maps
             .as_ref()
             .map(|m| m.iter().map(|m| m.section_size()).sum());
-        let early = resume_after
-            && handle.config().disks.iter().all(|d| d.read_only)
-            && copy_fits(handle, to_copy);
+        // The pack reads each disk as of this instant, whatever the guest writes once it
+        // runs again (see `crate::disk_snapshot`).
+        let disks = handle.freeze_disks()?;
+        let early = resume_after && copy_fits(handle, to_copy);
         let copy = if early {
             Some(copy_ram(handle, maps.as_deref())?)
         } else {
+            // Paused until the pack is written: the image files get what the guest wrote
+            // (qcow2 metadata included) at no cost to the guest, as before a stop.
+            handle.flush_disks()?;
             None
         };
-        Ok((state_bytes, copy, maps, mark))
+        Ok((state_bytes, copy, maps, mark, disks))
     })();
-    let (state_bytes, copy, maps, mark) = match captured {
+    let (state_bytes, copy, maps, mark, disks) = match captured {
         Ok(c) => c,
         Err(e) => {
             if resume_after {
@@ -120,13 +123,23 @@ pub fn save_with(
         handle.resume()?;
         pause = Some(t.elapsed());
     }
+    let disk_sources: Vec<&dyn SectionSource> =
+        disks.iter().map(|d| d as &dyn SectionSource).collect();
     let written = match &copy {
         Some(regions) => {
             let memory: Vec<(u64, &dyn SectionSource)> = regions
                 .iter()
                 .map(|r| (r.gpa, r as &dyn SectionSource))
                 .collect();
-            write_pack(handle, &state_bytes, memory, diff, compression, level, out)
+            write_pack(
+                handle,
+                &state_bytes,
+                (memory, disk_sources),
+                diff,
+                compression,
+                level,
+                out,
+            )
         }
         None => handle.with_memory(|regions| {
             let sources: Vec<RamSource> = regions
@@ -139,9 +152,20 @@ pub fn save_with(
                 .zip(&sources)
                 .map(|((gpa, _), src)| (*gpa, src as &dyn SectionSource))
                 .collect();
-            write_pack(handle, &state_bytes, memory, diff, compression, level, out)
+            write_pack(
+                handle,
+                &state_bytes,
+                (memory, disk_sources),
+                diff,
+                compression,
+                level,
+                out,
+            )
         }),
     };
+    let disk_kept_bytes = disks.iter().map(|d| d.kept_bytes()).sum();
+    // The freeze ends with the pack (written or not): kept old content is dropped.
+    drop(disks);
     let pause = pause.unwrap_or_else(|| t.elapsed());
     if copy.is_none() && resume_after {
         handle.resume()?;
@@ -155,14 +179,18 @@ pub fn save_with(
         parent: diff_from.map(|p| p.root_digest.clone()),
         diff_bytes,
         live: None,
+        disk_kept_bytes,
         mark,
     })
 }
 
+/// Guest RAM regions as `(gpa, contents)`.
+pub(crate) type MemorySources<'a> = Vec<(u64, &'a dyn SectionSource)>;
+
 pub(crate) fn write_pack(
     handle: &VmHandle,
     state_bytes: &[u8],
-    memory: Vec<(u64, &dyn SectionSource)>,
+    (memory, disks): (MemorySources<'_>, Vec<&dyn SectionSource>),
     diff: Option<(
         vmpack_formats::diff::ParentRef,
         Vec<vmpack_formats::diff::ChunkMap>,
@@ -190,7 +218,7 @@ pub(crate) fn write_pack(
     let plan = VmPackPlan {
         memory,
         vmstate: Some(state_bytes),
-        disks: None,
+        disks: Some(disks),
         files: Some(boot),
         memory_chunk_size: Some(MEMORY_CHUNK_SIZE),
         files_in_memory,

@@ -123,6 +123,9 @@ pub struct VmHandle {
     /// Where the loader put the initrd (`(gpa, len)`), kept across saves: while guest RAM
     /// still holds it there, a save records it instead of storing it twice.
     initrd_at: OnceLock<(u64, u64)>,
+    /// Where a save keeps, beyond its memory bound, the old disk content the guest
+    /// overwrites while the pack is written: the VM's work folder, else the temp folder.
+    spill_dir: PathBuf,
     // Field order = drop order: vCPUs and devices before the VM, memory last.
     vcpus: VcpuManager,
     devices: Devices,
@@ -166,6 +169,8 @@ struct Devices {
     _worker: crate::devices::virtio::Worker,
     dm: DeviceManager,
     serial: Arc<Mutex<SerialDevice>>,
+    /// The config's disks in order, as a save freezes them.
+    disks: Vec<Arc<crate::disk_snapshot::DiskTrack>>,
 }
 
 impl Devices {
@@ -243,7 +248,7 @@ impl Devices {
             Arc::new(Mutex::new(DebugExit)),
         )?;
         let worker = crate::devices::virtio::Worker::start()?;
-        crate::devices::virtio::attach_disks(
+        let disks = crate::devices::virtio::attach_disks(
             cfg,
             &base.vm.fd,
             base.mem.memory(),
@@ -292,6 +297,7 @@ impl Devices {
             _worker: worker,
             dm,
             serial,
+            disks,
         })
     }
 }
@@ -540,6 +546,7 @@ impl Vm {
             reset_point: OnceLock::new(),
             disk_reset: OnceLock::new(),
             initrd_at: OnceLock::new(),
+            spill_dir: opts.work_dir.clone().unwrap_or_else(std::env::temp_dir),
             vcpus,
             devices,
             vm: base.vm,
@@ -880,6 +887,20 @@ impl VmHandle {
             d.flush().with_context(|| format!("flushing {id}"))?;
         }
         Ok(())
+    }
+
+    /// Freezes every disk as it is now (call while paused), one view per `[[disk]]` in
+    /// order, until the views are dropped; see `crate::disk_snapshot`.
+    pub fn freeze_disks(&self) -> Result<Vec<crate::disk_snapshot::FrozenDisk>> {
+        self.devices
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                d.freeze(&self.spill_dir)
+                    .with_context(|| format!("freezing disk {i}"))
+            })
+            .collect()
     }
 
     /// Where the loader put the initrd, `(gpa, len)`.

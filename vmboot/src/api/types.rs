@@ -132,6 +132,10 @@ pub struct SaveStats {
     /// For a live save: its rounds and whether the pause target was met.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live: Option<LiveStats>,
+    /// Bytes of old disk content the save kept because the guest wrote its disks after the
+    /// pause, while the pack was being written (whole 64 KiB blocks; 0 when it did not).
+    #[serde(default)]
+    pub disk_kept_bytes: u64,
     /// The dirty mark taken at the pause: guest memory then equalled the pack written.
     /// Kept by the VMM (not sent).
     #[serde(skip)]
@@ -502,6 +506,7 @@ mod tests {
             parent: None,
             diff_bytes: None,
             live: None,
+            disk_kept_bytes: 0,
             mark: Some(7),
         };
         let v = serde_json::to_value(&st).unwrap();

@@ -35,7 +35,9 @@ pub fn blk_id(i: usize) -> String {
 
 /// Opens every disk of `cfg` and registers a virtio-blk device for it with `dm`, served by
 /// `worker`. `saved` finds a device's saved state by id on a restore (none on a fresh
-/// boot, or for a pack saved before vmboot had disks, whose guest never saw them).
+/// boot, or for a pack saved before vmboot had disks, whose guest never saw them). Returns
+/// each disk's [`DiskTrack`](crate::disk_snapshot::DiskTrack), through which a save
+/// freezes it.
 pub fn attach_disks<'s>(
     cfg: &VmConfig,
     vm: &kvm_ioctls::VmFd,
@@ -43,16 +45,19 @@ pub fn attach_disks<'s>(
     worker: &Worker,
     dm: &mut DeviceManager,
     saved: impl Fn(&str) -> Option<&'s DeviceState>,
-) -> Result<()> {
+) -> Result<Vec<Arc<crate::disk_snapshot::DiskTrack>>> {
     if cfg.disks.len() > MAX_DEVICES {
         bail!(
             "{} disks configured; vmboot supports at most {MAX_DEVICES}",
             cfg.disks.len()
         );
     }
+    let mut tracks = Vec::with_capacity(cfg.disks.len());
     for (i, d) in cfg.disks.iter().enumerate() {
         let image = vmpack_formats::disk::open_disk(&d.path, d.format, d.read_only)
             .with_context(|| format!("disk {i} ({})", d.path.display()))?;
+        let (image, track) = crate::disk_snapshot::track(image);
+        tracks.push(track);
         let id = blk_id(i);
         let state = saved(&id)
             .map(|s| s.decode::<Arc<BlkHandle>>())
@@ -62,7 +67,7 @@ pub fn attach_disks<'s>(
                 vm,
                 mem,
                 worker,
-                blk: Blk::new(i, image, d.read_only),
+                blk: Blk::new(i, Box::new(image), d.read_only),
                 base,
                 gsi,
             };
@@ -74,5 +79,5 @@ pub fn attach_disks<'s>(
             Ok((dev, h as Arc<dyn VmDevice>))
         })?;
     }
-    Ok(())
+    Ok(tracks)
 }
