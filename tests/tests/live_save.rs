@@ -31,12 +31,16 @@ struct Running {
 
 impl Running {
     fn start(dir: &Path) -> Running {
+        Running::start_config(dir, &common::samples_dir().join(CONFIG))
+    }
+
+    fn start_config(dir: &Path, config: &Path) -> Running {
         let _ = vmpack();
         let sock = dir.join("a.sock");
         let serial = dir.join("a.serial");
         let child = Command::new(bin("vmboot"))
             .arg("run")
-            .arg(common::samples_dir().join(CONFIG))
+            .arg(config)
             .arg("--api-sock")
             .arg(&sock)
             .arg("--serial-out")
@@ -261,6 +265,55 @@ fn a_pause_target_that_cannot_be_met_takes_the_fallback_and_still_restores() {
     assert_eq!(r.status.code(), Some(0), "{}", common::stderr(&r));
     let after = std::fs::read_to_string(&serial).unwrap();
     check_continuation(code, &orig, &after, from, to);
+}
+
+#[test]
+fn live_save_of_a_guest_writing_its_disk_restores_exactly() {
+    if !common::kvm_available("live save tests") {
+        return;
+    }
+    // The blk guest writes, reads back and checksums its disk in three passes: a disk in the
+    // pack that does not match the pause instant shows in the restored run's sums.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let disk = d.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let cfg = d.join("blk.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"blk\"\nmemory_mib = 16\n\n[flat]\nimage = \"{}\"\nload_address = 0x100000\n\
+             entry = 0x100000\nmode = \"long\"\n\n[[disk]]\npath = \"{}\"\nformat = \"raw\"\n",
+            common::samples_dir().join("guests/bin/blk.bin").display(),
+            disk.display()
+        ),
+    )
+    .unwrap();
+    let a = Running::start_config(d, &cfg);
+    a.wait_for("pass 1 written\n");
+    let pack = d.join("blk.vmpack");
+    let o = save_args(&a.sock, pack.to_str().unwrap(), &["--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(common::ok(&o).trim()).unwrap();
+    assert!(
+        !v["live"]["rounds"].as_array().unwrap().is_empty(),
+        "a writable disk does not stop the pre-copy: {v}"
+    );
+    let (code, orig) = a.finish();
+    assert_eq!(code, 0, "{orig}");
+    assert!(
+        orig.contains("pass 3 sum=") && !orig.contains("bad=1"),
+        "{orig}"
+    );
+    let serial = d.join("b.serial");
+    let r = restore_file(&pack, &serial);
+    assert_eq!(r.status.code(), Some(0), "{}", common::stderr(&r));
+    let after = std::fs::read_to_string(&serial).unwrap();
+    assert!(
+        !after.is_empty() && orig.ends_with(&after),
+        "the restored guest continues the same run, disk included:\n{after}\nof:\n{orig}"
+    );
 }
 
 #[test]
