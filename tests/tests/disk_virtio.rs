@@ -320,3 +320,177 @@ fn pack_saved_by_v0_1_main_with_a_live_disk_restores() {
     );
     assert_eq!(sha256(&pack), before, "restore wrote to the pack");
 }
+
+/// A 64 MiB disk of noise (64 stored chunks) with the blk guest saved after pass 1's
+/// writes: `(folder, config, pack, serial output before the save, disk contents)`.
+fn big_disk_pack(d: &Path) -> (PathBuf, PathBuf, String, Vec<u8>) {
+    let content = noise(64 << 20, 91);
+    let disk = d.join("big.img");
+    std::fs::write(&disk, &content).unwrap();
+    let cfg = d.join("big.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"blk\"\nmemory_mib = 16\n\n[flat]\nimage = \"{}\"\nload_address = 0x100000\n\
+             entry = 0x100000\nmode = \"long\"\n\n[[disk]]\npath = \"{}\"\nformat = \"raw\"\n",
+            guest_image().display(),
+            disk.display(),
+        ),
+    )
+    .unwrap();
+    let _ = vmpack();
+    let sock = d.join("big1.sock");
+    let r = spawn(
+        &[
+            "run",
+            "--api-sock",
+            sock.to_str().unwrap(),
+            cfg.to_str().unwrap(),
+        ],
+        d,
+    );
+    r.wait_for("pass 1 written\n", RUN_TIMEOUT);
+    let pack = d.join("big.vmpack");
+    save(d, &sock, &pack, "stop");
+    let (code, out, err) = r.finish(RUN_TIMEOUT);
+    assert_eq!(code, 0, "stderr:\n{err}");
+    (cfg, pack, out, content)
+}
+
+/// `vmpack restore PACK --json ...` with the serial output in `serial`, its JSON line read.
+fn restore_json(d: &Path, pack: &Path, serial: &Path, sock: &Path) -> (Running, serde_json::Value) {
+    let child = std::process::Command::new(vmpack())
+        .args(["restore", "--memory", "lazy", "--json", "--serial-out"])
+        .arg(serial)
+        .arg("--api-sock")
+        .arg(sock)
+        .arg(pack)
+        .current_dir(d)
+        .env("VMPACK_CACHE_DIR", d.join("cache"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let r = Running::from_child(child);
+    r.wait_for("\n", RUN_TIMEOUT);
+    let line = r.out.lock().unwrap().lines().next().unwrap().to_string();
+    (r, serde_json::from_str(&line).unwrap())
+}
+
+fn wait_file(p: &Path, text: &str) -> String {
+    let deadline = std::time::Instant::now() + RUN_TIMEOUT;
+    loop {
+        let s = std::fs::read_to_string(p).unwrap_or_default();
+        if s.contains(text) {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {text:?} in {}:\n{s}",
+            p.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A lazy restore runs the guest before its 64 MiB disk is copied out of the pack: the
+/// `--json` line says how many disk chunks were still to fill when the vCPUs started; the
+/// guest continues exactly; a save of the restored VM holds the whole disk (the chunks the
+/// guest never read included), and the pack is not modified.
+#[test]
+fn a_lazily_filled_disk_continues_exactly_and_a_later_save_has_all_of_it() {
+    if !common::kvm_available("virtio-blk tests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_, pack, out1, content) = big_disk_pack(d);
+    let pack_sum = sha256(&pack);
+    let (serial, sock) = (d.join("big2.serial"), d.join("big2.sock"));
+    let (r, j) = restore_json(d, &pack, &serial, &sock);
+    assert_eq!(j["memory"], "lazy", "{j}");
+    // Nothing of the disk was read before the vCPUs started.
+    assert_eq!(j["disk_chunks_pending"], 64, "{j}");
+    wait_file(&serial, "pass 3 written\n");
+    let end = d.join("big-end.vmpack");
+    save(d, &sock, &end, "resume");
+    let (code, _, err) = r.finish(RUN_TIMEOUT);
+    assert_eq!(code, 0, "stderr:\n{err}");
+    assert!(
+        err.contains("each memory and disk chunk verified on first touch"),
+        "{err}"
+    );
+    let out2 = std::fs::read_to_string(&serial).unwrap();
+    let mut want = format!(
+        "capacity {}\npass 0 sum={}\n",
+        (64 << 20) / 512,
+        checksum(&content)
+    );
+    for p in 1..=PASSES {
+        let data: Vec<u8> = (0..SECTORS).flat_map(|s| pattern(s, p)).collect();
+        want += &format!("pass {p} written\npass {p} sum={} bad=0\n", checksum(&data));
+    }
+    want += "flush status=0\nid vmboot-disk0\n";
+    assert_eq!(format!("{out1}{out2}"), want, "stderr:\n{err}");
+    let mut last = content;
+    for s in 0..SECTORS {
+        let o = (s * 512) as usize;
+        last[o..o + 512].copy_from_slice(&pattern(s, PASSES));
+    }
+    assert!(
+        export_disk(d, &end, "big-export") == last,
+        "the later save's disk is not the whole disk as the guest left it"
+    );
+    assert_eq!(sha256(&pack), pack_sum, "restore wrote to the pack");
+    // Every memory and disk chunk was checked: the pack is recorded as verified.
+    let root = vmpack_formats::pack::PackReader::open(&pack)
+        .unwrap()
+        .root_digest();
+    assert!(d.join("cache/verified").join(hex::encode(root)).exists());
+}
+
+/// A disk chunk that fails verification stops the VM (status 76) naming the pack, the
+/// section and the chunk, before the guest reads it: the guest's read-back of the sectors
+/// it holds never completes.
+#[test]
+fn a_corrupt_disk_chunk_stops_the_vm_before_the_guest_reads_it() {
+    if !common::kvm_available("virtio-blk tests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_, pack, _, _) = big_disk_pack(d);
+    // Chunk 0 holds the sectors the guest reads back next.
+    let r = vmpack_formats::pack::PackReader::open(&pack).unwrap();
+    let e = r.chunks(r.section("disk/0").unwrap().id)[0].clone();
+    drop(r);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&pack)
+            .unwrap();
+        let at = e.payload_offset + u64::from(e.clen) / 2;
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+    }
+    let (serial, sock) = (d.join("bad.serial"), d.join("bad.sock"));
+    let (r, j) = restore_json(d, &pack, &serial, &sock);
+    assert_eq!(j["disk_chunks_pending"], 64, "{j}");
+    let (code, _, err) = r.finish(RUN_TIMEOUT);
+    assert_eq!(code, 76, "stderr:\n{err}");
+    assert!(err.contains(&pack.display().to_string()), "{err}");
+    assert!(err.contains("section 'disk/0' chunk 0"), "{err}");
+    assert!(err.contains("disk 0 at 0x0..0x100000"), "{err}");
+    assert!(err.contains("failed verification"), "{err}");
+    let out = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert!(!out.contains("pass 1 sum"), "the guest read it: {out}");
+    // Not recorded as verified: a later restore checks the disk again.
+    let root = vmpack_formats::pack::PackReader::open(&pack)
+        .unwrap()
+        .root_digest();
+    assert!(!d.join("cache/verified").join(hex::encode(root)).exists());
+}

@@ -136,7 +136,7 @@ fn counter_continues(compress: &str, memory: &str) {
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("memory: lazy"), "lazy path taken: {err}");
     assert!(
-        err.contains("each memory chunk verified on first touch"),
+        err.contains("each memory and disk chunk verified on first touch"),
         "{err}"
     );
     assert_eq!(format!("{before}{after}"), counter_text(300));

@@ -1284,7 +1284,10 @@ fn restore_from_a_reference_continues_exactly_and_fills_the_chunk_cache() {
         assert!(o.status.success(), "{err}");
         assert_eq!(format!("{before}{after}"), expected, "{compress}: {err}");
         assert!(err.contains("memory: lazy"), "{err}");
-        assert!(err.contains("memory fetched on first touch"), "{err}");
+        assert!(
+            err.contains("memory and disks fetched on first touch"),
+            "{err}"
+        );
         // Memory came from the registry (the cache may already hold blobs the two packs
         // share, such as the boot image).
         assert!(!err.contains("fetched 0 blobs"), "{err}");
@@ -1435,7 +1438,8 @@ fn restore_from_a_reference_refuses_an_altered_memory_blob() {
 
 /// The README's restore-from-registry figures (`cargo test -p vmpack-e2e --test registry --
 /// --ignored --nocapture restore_from_registry_figures`): a 1 GiB guest holding 600 MiB of
-/// incompressible data in RAM (the kvstore guest with the data behind its code), pushed to
+/// incompressible data in RAM (the kvstore guest with the data behind its code) and a
+/// 64 MiB disk of noise (which it never reads: it is fetched after the vCPUs start), pushed to
 /// a loopback registry and restored from the reference with an empty chunk cache, then
 /// again with the cache full; each restore is given a command as soon as its control socket
 /// answers (the guest's answer is its first serial line) and shut down once its memory is
@@ -1458,9 +1462,10 @@ fn restore_from_registry_figures() {
     image.extend(noise(600 << 20, 7));
     std::fs::write(d.join("big.bin"), &image).unwrap();
     drop(image);
+    std::fs::write(d.join("disk.img"), noise(64 << 20, 11)).unwrap();
     std::fs::write(
         d.join("big.toml"),
-        "name = \"big\"\nvcpus = 1\nmemory_mib = 1024\n[flat]\nimage = \"big.bin\"\nload_address = 0x100000\nentry = 0x100000\nmode = \"long\"\n",
+        "name = \"big\"\nvcpus = 1\nmemory_mib = 1024\n[flat]\nimage = \"big.bin\"\nload_address = 0x100000\nentry = 0x100000\nmode = \"long\"\n[[disk]]\npath = \"disk.img\"\nformat = \"raw\"\n",
     )
     .unwrap();
     let (saved, _) = run_and_save(d, "big", d.join("big.toml"), "> ", "none");
@@ -1476,8 +1481,10 @@ fn restore_from_registry_figures() {
             .unwrap();
         let mem = r.section("memory/0").unwrap();
         let ram = SectionRange::whole(r, mem.id);
+        let disk = SectionRange::whole(r, r.section("disk/0").unwrap().id);
         let plan = vmpack_formats::vm::VmPackPlan {
             memory: vec![(0, &ram as &dyn SectionSource)],
+            disks: Some(vec![&disk as &dyn SectionSource]),
             vmstate: Some(&state),
             files: Some(vec![("image", &code as &dyn SectionSource)]),
             memory_chunk_size: Some(mem.chunk_size),
@@ -1539,4 +1546,110 @@ fn restore_from_registry_figures() {
         assert!(child.wait().unwrap().success(), "{err}");
         eprintln!("--- {run}:\n{err}");
     }
+}
+
+/// Restore straight from a registry of a VM with a 64 MiB disk (the blk guest, saved after
+/// its first pass of writes): the vCPUs start before any of the disk is fetched (the
+/// `--json` line counts the disk chunks still to come), the guest continues exactly, and a
+/// save of the restored VM holds the whole disk, the chunks the guest never read included.
+#[test]
+fn restore_from_a_reference_fetches_the_disk_on_demand() {
+    if !kvm_available("the restore-from-registry test")
+        || !have("docker-registry", "the restore-from-registry test")
+    {
+        return;
+    }
+    use common::blk::{checksum, pattern, PASSES, SECTORS};
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let reg = Registry::start(&d.join("reg"), None);
+    let content = noise(64 << 20, 93);
+    std::fs::write(d.join("big.img"), &content).unwrap();
+    let _ = bin("vmboot");
+    std::fs::write(
+        d.join("big.toml"),
+        format!(
+            "name = \"blk\"\nmemory_mib = 16\n[flat]\nimage = \"{}\"\nload_address = 0x100000\n\
+             entry = 0x100000\nmode = \"long\"\n[[disk]]\npath = \"big.img\"\nformat = \"raw\"\n",
+            samples_dir().join("guests/bin/blk.bin").display()
+        ),
+    )
+    .unwrap();
+    let (pack, before) = run_and_save(d, "big", d.join("big.toml"), "pass 1 written\n", "zstd");
+    let r = format!("{}/team/blk:v1", reg.host());
+    ok(&vm(d, &["push", pack.to_str().unwrap(), &r, "-q"]));
+    let (serial, sock) = (d.join("big2.serial"), d.join("big2.sock"));
+    let child = Command::new(vmpack())
+        .current_dir(d)
+        .env("VMPACK_CACHE_DIR", d.join("cache"))
+        .args(["restore", &r, "--json", "--serial-out"])
+        .arg(&serial)
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = common::blk::Running::from_child(child);
+    run.wait_for("\n", Duration::from_secs(60));
+    let line = run.out.lock().unwrap().lines().next().unwrap().to_string();
+    let j: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(j["memory"], "lazy", "{j}");
+    assert_eq!(j["disk_chunks_pending"], 64, "{j}");
+    let text = || std::fs::read_to_string(&serial).unwrap_or_default();
+    wait_for("pass 3 written", Duration::from_secs(120), || {
+        text().contains("pass 3 written\n")
+    });
+    let end = d.join("end.vmpack");
+    common::blk::save(d, &sock, &end, "resume");
+    let (code, _, err) = run.finish(Duration::from_secs(120));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("memory and disks fetched on first touch"),
+        "{err}"
+    );
+    assert!(err.contains("disks fully fetched"), "{err}");
+    let mut want = format!(
+        "capacity {}\npass 0 sum={}\n",
+        (64 << 20) / 512,
+        checksum(&content)
+    );
+    for p in 1..=PASSES {
+        let data: Vec<u8> = (0..SECTORS).flat_map(|s| pattern(s, p)).collect();
+        want += &format!("pass {p} written\npass {p} sum={} bad=0\n", checksum(&data));
+    }
+    want += "flush status=0\nid vmboot-disk0\n";
+    assert_eq!(format!("{before}{}", text()), want, "{err}");
+    let mut last = content;
+    for s in 0..SECTORS {
+        let o = (s * 512) as usize;
+        last[o..o + 512].copy_from_slice(&pattern(s, PASSES));
+    }
+    assert!(
+        common::blk::export_disk(d, &end, "end-export") == last,
+        "the later save's disk is not the whole disk as the guest left it"
+    );
+
+    // A disk chunk altered in the registry's storage (one the guest never reads: the
+    // background fill meets it) stops the VM, naming the section and chunk.
+    let rd = vmpack_formats::pack::PackReader::open(&pack).unwrap();
+    let e = rd.chunks(rd.section("disk/0").unwrap().id)[10].clone();
+    let hex = hex::encode(e.sha256);
+    let blob = reg
+        .blob_files()
+        .into_iter()
+        .find(|p| p.parent().unwrap().file_name().unwrap().to_str() == Some(hex.as_str()))
+        .expect("the chunk's blob in the registry's storage");
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&blob, bytes).unwrap();
+    std::fs::remove_dir_all(d.join("cache/chunks")).unwrap();
+    let (o, _) = restore_ref(d, "bad", &r);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(76), "{err}");
+    assert!(err.contains("section 'disk/0' chunk 10"), "{err}");
+    assert!(err.contains("disk 0 at 0xa00000..0xb00000"), "{err}");
+    assert!(err.contains("failed verification"), "{err}");
 }

@@ -676,9 +676,9 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     };
 
     let verified = if lazy {
-        // Memory is verified chunk by chunk as it is placed; everything else now.
+        // Memory and disks are verified chunk by chunk as they are placed; the rest now.
         verify_except_memory(reader)?;
-        "index, state and disks verified; each memory chunk verified on first touch, boot files in the background"
+        "index and state verified; each memory and disk chunk verified on first touch, boot files in the background"
     } else {
         match opts.verify {
             VerifyPolicy::Always => {
@@ -713,7 +713,14 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     let work = WorkDir::new(opts.work_dir.as_deref())?;
     let (cfg, state) = checked_state(&pack, state_section, &label, &work.path)?;
     let warnings = check_host(&state, &cfg, &label)?;
-    extract_disks(&pack, &work.path)?;
+    let mut run = opts.run;
+    if lazy {
+        // The vCPUs start before the disks are copied: each is filled on first touch and in
+        // the background (`vstate::lazy_disk`).
+        run.disks = lazy_disks(&pack, &work.path, &opts.source)?;
+    } else {
+        extract_disks(&pack, &work.path)?;
+    }
 
     let (memory_path, init) = if let Some(chain) = &chain {
         let init = crate::diff::chain_memory(chain)?;
@@ -732,6 +739,7 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
             opts.verify,
             opts.source,
             stamps,
+            &run.disks,
         )?;
         ("lazy", init)
     } else {
@@ -745,13 +753,18 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         None => BootFiles::Pack(pack.clone()),
     };
     let work_path = work.path.clone();
-    let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, files, run))?;
+    let filled = run.disks.clone();
+    let vm = work.hand_over(run, |run| Vm::restore(&cfg, state, init, files, run))?;
     // Guest memory equals this pack at mark 0: a save can be a diff against it.
     vm.controller()
         .note_pack(&hex::encode(pack.reader().root_digest()), 0);
     if !manifest.disks.is_empty() {
         let pack = pack.clone();
         vm.controller().set_disk_reset(Box::new(move |i| {
+            // A lazily filled copy is complete first, so no fill lands after the copy.
+            if let Some(d) = filled.get(i) {
+                d.fill_all()?;
+            }
             extract_disk(&pack, i, &disk_copy_path(&work_path, i), true)
         }));
     }
@@ -828,7 +841,7 @@ fn check_memory_regions(manifest: &Manifest, state: &VmState, label: &str) -> Re
 fn verify_except_memory(reader: &vmpack_formats::pack::PackReader) -> Result<()> {
     use vmpack_formats::pack::kind;
     for s in reader.sections() {
-        if s.kind != kind::MEMORY && s.kind != kind::FILE {
+        if s.kind != kind::MEMORY && s.kind != kind::FILE && s.kind != kind::DISK {
             reader.for_each_chunk_parallel(s.id, true, 0, &|_, _| Ok(()))?;
         }
     }
@@ -836,8 +849,10 @@ fn verify_except_memory(reader: &vmpack_formats::pack::PackReader) -> Result<()>
 }
 
 /// Guest memory served on first touch (`vstate::lazy`), with the touch order of an earlier
-/// restore of this pack prefetched first. Once every chunk was checked, the pack is
-/// recorded as verified (under `--verify auto`) and this restore's touch order is kept.
+/// restore of this pack prefetched first. Once every memory chunk was checked, this
+/// restore's touch order is kept; once the `disks` are complete too, the pack is recorded as
+/// verified (under `--verify auto`).
+#[allow(clippy::too_many_arguments)]
 fn lazy_init(
     pack: &Arc<VmPack>,
     state: &VmState,
@@ -846,9 +861,29 @@ fn lazy_init(
     verify: VerifyPolicy,
     source: crate::vstate::lazy::ChunkSource,
     stamps: Option<Reporter>,
+    disks: &crate::vstate::lazy_disk::LazyDisks,
 ) -> Result<GuestMemoryInit> {
     // A file filled on demand is temporary: it is never recorded as verified.
     let record = matches!(source, crate::vstate::lazy::ChunkSource::PackFile);
+    // Recorded when memory and every disk are complete, whichever comes last: a record
+    // lets a later restore trust the pack's disks without checking them.
+    let left = Arc::new(std::sync::atomic::AtomicUsize::new(1 + disks.0.len()));
+    let done = {
+        let (path, left) = (path.to_path_buf(), left.clone());
+        let root = pack.reader().root_digest();
+        Arc::new(move || {
+            if left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1
+                && verify == VerifyPolicy::Auto
+                && record
+            {
+                verified_cache::record(&path, root);
+            }
+        })
+    };
+    for d in &disks.0 {
+        let done = done.clone();
+        d.on_complete(Box::new(move || done()));
+    }
     let sections = memory_sections(pack, pack.manifest(), state, label)?;
     let reader = pack.reader();
     let root = reader.root_digest();
@@ -867,7 +902,6 @@ fn lazy_init(
         .filter(|s| s.kind == vmpack_formats::pack::kind::FILE)
         .map(|s| s.id)
         .collect();
-    let path = path.to_path_buf();
     let had_order = !first.is_empty();
     let on_complete = move |order: Vec<usize>| {
         if let Some(r) = &stamps {
@@ -876,9 +910,7 @@ fn lazy_init(
                 ns: monotonic_ns(),
             });
         }
-        if verify == VerifyPolicy::Auto && record {
-            verified_cache::record(&path, root);
-        }
+        done();
         // The first restore's order is the one kept: later ones are skewed by the prefetch.
         if let (Some(d), false) = (touch, had_order) {
             crate::vstate::lazy::touch_order::store(&d, root, &order);
@@ -892,6 +924,30 @@ fn lazy_init(
         verify_later,
         on_complete: Some(Box::new(on_complete)),
     }))
+}
+
+/// Every disk of the pack as an empty sparse private copy in `dir` (where [`pack_config`]
+/// points the config) that fills itself from the pack: on first touch, and in the
+/// background once the VM runs.
+fn lazy_disks(
+    pack: &Arc<VmPack>,
+    dir: &Path,
+    source: &crate::vstate::lazy::ChunkSource,
+) -> Result<crate::vstate::lazy_disk::LazyDisks> {
+    let mut v = Vec::new();
+    for (i, d) in pack.manifest().disks.iter().enumerate() {
+        let copy = disk_copy_path(dir, i);
+        drop(sparse_file(&copy, d.virtual_size)?);
+        v.push(crate::vstate::lazy_disk::LazyDisk::new(
+            i,
+            &copy,
+            d.read_only,
+            pack.clone(),
+            source.clone(),
+            &d.section,
+        )?);
+    }
+    Ok(crate::vstate::lazy_disk::LazyDisks(v))
 }
 
 /// Writes every disk of the pack to its private raw copy in `dir` (where [`pack_config`]

@@ -45,6 +45,9 @@ pub struct RunOptions {
     pub vsock_sock: Option<PathBuf>,
     /// A restore's new identity for the first `[[net]]` (a clone's tap and MAC).
     pub net: crate::devices::virtio::net::NetOverride,
+    /// A restore's lazily filled disks (`vstate::lazy_disk`): disk `i` is served from its
+    /// entry here instead of the config's file.
+    pub disks: crate::vstate::lazy_disk::LazyDisks,
 }
 
 /// The bytes a boot needs; read from the config's files or supplied by a pack.
@@ -171,6 +174,8 @@ struct Devices {
     serial: Arc<Mutex<SerialDevice>>,
     /// The config's disks in order, as a save freezes them.
     disks: Vec<Arc<crate::disk_snapshot::DiskTrack>>,
+    /// A restore's lazily filled disks (also behind their devices in `dm`).
+    lazy_disks: crate::vstate::lazy_disk::LazyDisks,
 }
 
 impl Devices {
@@ -224,6 +229,7 @@ impl Devices {
         sink: &SerialSink,
         saved: &[DeviceState],
         vsock_sock: Option<&std::path::Path>,
+        lazy_disks: &crate::vstate::lazy_disk::LazyDisks,
     ) -> Result<Devices> {
         let find = |id: &str| saved.iter().find(|d| d.id == id);
         let serial = match find("com1") {
@@ -255,6 +261,7 @@ impl Devices {
             &worker,
             &mut dm,
             find,
+            lazy_disks,
         )?;
         if cfg.rng {
             let id = crate::devices::virtio::rng::ID;
@@ -298,6 +305,7 @@ impl Devices {
             dm,
             serial,
             disks,
+            lazy_disks: lazy_disks.clone(),
         })
     }
 }
@@ -426,6 +434,7 @@ impl Vm {
             &opts.serial_out,
             &[],
             opts.vsock_sock.as_deref(),
+            &opts.disks,
         )?;
         let bsp = &base.fds[0];
         let sregs = bsp.get_sregs().context("KVM_GET_SREGS")?;
@@ -508,6 +517,7 @@ impl Vm {
             &opts.serial_out,
             &state.devices,
             opts.vsock_sock.as_deref(),
+            &opts.disks,
         )?;
         let initrd_at = state.initrd;
         let vm = Vm::assemble(cfg, base, devices, vcpus, payload, opts)?;
@@ -518,6 +528,18 @@ impl Vm {
         if let Some(lazy) = vm.handle.mem.lazy() {
             let weak = Arc::downgrade(&vm.handle);
             lazy.on_failure(Box::new(move |message| {
+                if let Some(h) = weak.upgrade() {
+                    h.request_exit(ExitReason {
+                        code: EXIT_CORRUPT_MEMORY,
+                        message,
+                    });
+                }
+            }));
+        }
+        // A disk chunk failing its check ends the VM the same way.
+        for d in &vm.handle.devices.lazy_disks.0 {
+            let weak = Arc::downgrade(&vm.handle);
+            d.on_failure(Box::new(move |message| {
                 if let Some(h) = weak.upgrade() {
                     h.request_exit(ExitReason {
                         code: EXIT_CORRUPT_MEMORY,
@@ -618,11 +640,17 @@ impl Vm {
         if let Some(lazy) = h.mem.lazy() {
             lazy.start_prefetch();
         }
+        for d in &h.devices.lazy_disks.0 {
+            d.start_fill();
+        }
         let reason = h.vcpus.wait_exit();
         for t in threads {
             let _ = t.join();
         }
         lock(&h.devices.serial).flush();
+        for d in &h.devices.lazy_disks.0 {
+            d.stop();
+        }
         for (_, d) in h.devices.dm.objects() {
             d.stop();
         }
@@ -878,6 +906,12 @@ impl VmHandle {
 
     pub fn config(&self) -> &VmConfig {
         &self.config
+    }
+
+    /// Stored chunks of lazily restored disks not yet in their private copies (0 once the
+    /// background fill is done, or when no disk is filled lazily).
+    pub fn disk_chunks_pending(&self) -> u64 {
+        self.devices.lazy_disks.pending()
     }
 
     /// Flushes every disk backend (qcow2 metadata included), so the image files hold what

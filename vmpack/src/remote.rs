@@ -1,10 +1,11 @@
-//! `vmpack restore REF`: a VM straight from a registry, its memory fetched on first touch.
+//! `vmpack restore REF`: a VM straight from a registry, its memory and disks fetched on first touch.
 //!
 //! The pack's skeleton (manifests, config, index) is resolved first and written to a
 //! sparse local pack file in a temporary folder under the cache folder, with every
-//! section but guest memory (manifest, vmstate, boot files, disks) fetched whole and put
-//! in place. Memory payloads stay holes: the lazy restore engine asks [`RegistryFetch`]
-//! for a chunk on the guest's first touch (or from the background prefetch), which takes
+//! section but guest memory and disks (manifest, vmstate, boot files) fetched whole and
+//! put in place. Memory and disk payloads stay holes: the lazy restore engine (memory:
+//! `vstate::lazy`, disks: `vstate::lazy_disk`) asks [`RegistryFetch`] for a chunk on the
+//! guest's first touch (or from the background prefetch and fill), which takes
 //! the blob from the local chunk cache or the registry, stores a fetched blob in the
 //! cache, and writes it into the hole. The engine then reads the chunk back through the
 //! pack reader and checks it against the index before the guest sees it, so neither the
@@ -30,6 +31,9 @@ pub struct Counters {
     /// Memory chunks still to place, and when the last one was (ms after `started`).
     memory_left: AtomicU64,
     pub resident_ms: std::sync::OnceLock<f64>,
+    /// The same for disk chunks.
+    disk_left: AtomicU64,
+    pub disks_ms: std::sync::OnceLock<f64>,
     pub started: std::time::Instant,
 }
 
@@ -53,9 +57,11 @@ pub struct RegistryFetch {
     file: std::fs::File,
     /// Per section id: whether it is guest memory served on demand.
     memory: Vec<bool>,
+    /// Per section id: whether it is a disk filled on demand.
+    disk: Vec<bool>,
     pub counters: Arc<Counters>,
     quiet: bool,
-    /// The frames in front of each memory chunk fetched on demand, by payload offset order.
+    /// The frames in front of each memory or disk chunk fetched on demand, by payload offset order.
     deferred: Vec<Deferred>,
 }
 
@@ -143,6 +149,18 @@ impl vmboot::vstate::lazy::ChunkFetch for RegistryFetch {
                 }
             }
         }
+        if self.disk[e.section as usize] {
+            let c = &self.counters;
+            if c.disk_left.fetch_sub(1, Ordering::SeqCst) == 1 {
+                let at = c.started.elapsed().as_secs_f64() * 1000.0;
+                if c.disks_ms.set(at).is_ok() && !self.quiet {
+                    eprintln!(
+                        "vmpack: {}: disks fully fetched {at:.1} ms after the command",
+                        self.client.reference()
+                    );
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -161,7 +179,7 @@ pub struct RemotePackFile {
 
 /// A `Write` over the local pack file for the skeleton's frames. Bytes written while `skip`
 /// is non-zero (payloads), and runs of zeros, are left as holes; contiguous frames go out in
-/// one write; the frames in front of a memory chunk fetched on demand (its padding and
+/// one write; the frames in front of a memory or disk chunk fetched on demand (its padding and
 /// header, in `deferred`) are kept for [`RegistryFetch`] to write with the payload. A pack
 /// has a frame per chunk: thousands of small writes would cost more than the rest of the
 /// restore.
@@ -292,19 +310,26 @@ pub fn prepare(
         .with_context(|| format!("creating {}", path.display()))?;
     file.set_len(remote.skeleton.file_size())?;
     phases.push(("local file", ms()));
-    let memory: Vec<bool> = remote
-        .skeleton
-        .sections()
-        .iter()
-        .map(|s| s.kind == kind::MEMORY && !all)
-        .collect();
-    let memory_chunks = remote
-        .skeleton
-        .chunks()
-        .iter()
-        .filter(|c| c.codec != Codec::Zero && memory[c.section as usize])
-        .count() as u64;
-    // Each memory chunk's frames, from the end of the previous chunk of its section (a
+    let of_kind = |k| -> Vec<bool> {
+        remote
+            .skeleton
+            .sections()
+            .iter()
+            .map(|s| s.kind == k && !all)
+            .collect()
+    };
+    let (memory, disk) = (of_kind(kind::MEMORY), of_kind(kind::DISK));
+    let on_demand: Vec<bool> = memory.iter().zip(&disk).map(|(m, d)| m | d).collect();
+    let count = |of: &[bool]| {
+        remote
+            .skeleton
+            .chunks()
+            .iter()
+            .filter(|c| c.codec != Codec::Zero && of[c.section as usize])
+            .count() as u64
+    };
+    let (memory_chunks, disk_chunks) = (count(&memory), count(&disk));
+    // Each on-demand chunk's frames, from the end of the previous chunk of its section (a
     // bounded gap: padding to the next page at most, in the packs vmpack writes).
     let mut deferred = Vec::new();
     let mut prev: Option<(u32, u64)> = None;
@@ -313,7 +338,7 @@ pub fn prepare(
             Some((sec, end)) if sec == c.section => end,
             _ => c.frame_offset(),
         };
-        if memory[c.section as usize]
+        if on_demand[c.section as usize]
             && c.codec != Codec::Zero
             && start <= c.frame_offset()
             && c.payload_offset - start <= 1 << 20
@@ -334,6 +359,7 @@ pub fn prepare(
         cache,
         file: file.try_clone()?,
         memory,
+        disk,
         counters: Arc::new(Counters {
             fetched_blobs: AtomicU64::new(0),
             fetched_bytes: AtomicU64::new(0),
@@ -341,17 +367,18 @@ pub fn prepare(
             cached_bytes: AtomicU64::new(0),
             memory_left: AtomicU64::new(memory_chunks),
             resident_ms: std::sync::OnceLock::new(),
+            disk_left: AtomicU64::new(disk_chunks),
+            disks_ms: std::sync::OnceLock::new(),
             started,
         }),
         quiet,
     });
     let skel = &fetch.remote.skeleton;
-    let memory = &fetch.memory;
     // Everything the restore reads before the vCPUs run, fetched in parallel.
     let eager: Vec<&ChunkEntry> = skel
         .chunks()
         .iter()
-        .filter(|c| c.codec != Codec::Zero && !memory[c.section as usize])
+        .filter(|c| c.codec != Codec::Zero && !on_demand[c.section as usize])
         .collect();
     // Frames, padding, index and trailer around the payloads (holes, or put in place by the
     // fetches running meanwhile: they write disjoint bytes).
@@ -395,7 +422,14 @@ pub fn prepare(
             .unwrap_or_else(|_| Err(anyhow!("writing the local pack file failed")));
         (written, fetched)
     });
-    phases.push(("state, boot files, disks", fetched?));
+    phases.push((
+        if all {
+            "state, boot files, disks, memory"
+        } else {
+            "state, boot files"
+        },
+        fetched?,
+    ));
     phases.push(("skeleton written", written?));
     phases.sort_by(|a, b| a.1.total_cmp(&b.1));
     Ok(RemotePackFile {

@@ -94,7 +94,7 @@ pub struct SaveArgs {
 pub struct RestoreArgs {
     /// A pack made by `vmpack save`, - to read it from standard input, or a registry
     /// reference (REGISTRY/REPOSITORY:TAG or @sha256:DIGEST) to run straight from the
-    /// registry, memory fetched on first touch. An argument that names an existing file is
+    /// registry, memory and disks fetched on first touch. An argument that names an existing file is
     /// a file; otherwise one whose first component has a '.' or ':' or is `localhost` is a
     /// reference.
     pack: PathBuf,
@@ -717,6 +717,10 @@ fn restore_json(input: PackInput, a: RestoreArgs) -> Result<i32> {
     }
     let mut extra = serde_json::Map::new();
     extra.insert("memory".into(), info.memory_path.into());
+    extra.insert(
+        "disk_chunks_pending".into(),
+        vm.controller().disk_chunks_pending().into(),
+    );
     print_restore_json(sock.as_deref(), milliseconds, extra);
     vmboot::terminate_on_signals(vm.controller())?;
     let reason = vm.run()?;
@@ -775,12 +779,12 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     }
     if !a.quiet {
         eprintln!(
-            "vmpack: {r}: skeleton and disks ready in {:.1} ms; {}",
+            "vmpack: {r}: skeleton ready in {:.1} ms; {}",
             ms(started),
             if all {
-                "memory fetched whole"
+                "memory and disks fetched whole"
             } else {
-                "memory fetched on first touch"
+                "memory and disks fetched on first touch"
             }
         );
     }
@@ -856,6 +860,10 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     if a.json {
         let mut extra = serde_json::Map::new();
         extra.insert("memory".into(), info.memory_path.into());
+        extra.insert(
+            "disk_chunks_pending".into(),
+            vm.controller().disk_chunks_pending().into(),
+        );
         extra.insert("reference".into(), r.clone().into());
         extra.insert("digest".into(), local.digest().into());
         extra.insert(

@@ -6,6 +6,7 @@
 
 pub mod dirty;
 pub mod lazy;
+pub mod lazy_disk;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;

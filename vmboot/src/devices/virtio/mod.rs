@@ -45,6 +45,7 @@ pub fn attach_disks<'s>(
     worker: &Worker,
     dm: &mut DeviceManager,
     saved: impl Fn(&str) -> Option<&'s DeviceState>,
+    lazy: &crate::vstate::lazy_disk::LazyDisks,
 ) -> Result<Vec<Arc<crate::disk_snapshot::DiskTrack>>> {
     if cfg.disks.len() > MAX_DEVICES {
         bail!(
@@ -54,8 +55,11 @@ pub fn attach_disks<'s>(
     }
     let mut tracks = Vec::with_capacity(cfg.disks.len());
     for (i, d) in cfg.disks.iter().enumerate() {
-        let image = vmpack_formats::disk::open_disk(&d.path, d.format, d.read_only)
-            .with_context(|| format!("disk {i} ({})", d.path.display()))?;
+        let image = match lazy.get(i) {
+            Some(l) => l.image(),
+            None => vmpack_formats::disk::open_disk(&d.path, d.format, d.read_only)
+                .with_context(|| format!("disk {i} ({})", d.path.display()))?,
+        };
         let (image, track) = crate::disk_snapshot::track(image);
         tracks.push(track);
         let id = blk_id(i);
