@@ -178,15 +178,16 @@ pub fn save_with(
         compress: compression,
         parent: diff_from.map(|p| p.root_digest.clone()),
         diff_bytes,
+        live: None,
         disk_kept_bytes,
         mark,
     })
 }
 
 /// Guest RAM regions as `(gpa, contents)`.
-type MemorySources<'a> = Vec<(u64, &'a dyn SectionSource)>;
+pub(crate) type MemorySources<'a> = Vec<(u64, &'a dyn SectionSource)>;
 
-fn write_pack(
+pub(crate) fn write_pack(
     handle: &VmHandle,
     state_bytes: &[u8],
     (memory, disks): (MemorySources<'_>, Vec<&dyn SectionSource>),
@@ -272,7 +273,7 @@ fn held_in_memory(
 
 /// Whether copying the guest's resident RAM leaves this host comfortable: at most half of
 /// what the kernel reports as available.
-fn copy_fits(handle: &VmHandle, bytes: Option<u64>) -> bool {
+pub(crate) fn copy_fits(handle: &VmHandle, bytes: Option<u64>) -> bool {
     let resident: u64 = bytes.unwrap_or_else(|| {
         handle
             .memory_data_ranges()
@@ -294,11 +295,11 @@ fn copy_fits(handle: &VmHandle, bytes: Option<u64>) -> bool {
 
 /// A private copy of one guest RAM region's resident pages, taken while the VM is paused.
 /// Pages that were not resident stay untouched (zero, costing nothing) in the copy.
-struct RamCopy {
-    gpa: u64,
-    ptr: *mut u8,
-    len: usize,
-    ranges: Vec<std::ops::Range<u64>>,
+pub(crate) struct RamCopy {
+    pub(crate) gpa: u64,
+    pub(crate) ptr: *mut u8,
+    pub(crate) len: usize,
+    pub(crate) ranges: Vec<std::ops::Range<u64>>,
 }
 
 // SAFETY: the mapping is owned by the struct and only read after the copy is made.

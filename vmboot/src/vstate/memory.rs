@@ -308,6 +308,20 @@ impl GuestRam {
             .mark_with(&mut Self::kvm_dirty(vm), &mut || self.take_vmm_dirty())
     }
 
+    /// Drops a dirty mark (see [`crate::vstate::dirty::DirtyLog::forget`]).
+    pub fn dirty_forget(&self, mark: u64) {
+        self.dirty.forget(mark);
+    }
+
+    /// `(gpa, host address, size)` of every region, for copies made while the guest runs
+    /// (a live save), where [`GuestRam::slices`] cannot be used.
+    pub fn raw_regions(&self) -> Vec<(u64, *const u8, usize)> {
+        self.regions
+            .iter()
+            .map(|r| (r.gpa, r.host as *const u8, r.size))
+            .collect()
+    }
+
     /// The pages written since `mark` (0: since this memory was created or last reset).
     pub fn dirty_since(
         &self,
