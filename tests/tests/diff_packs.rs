@@ -182,6 +182,14 @@ fn depth_3_chain_restores_exactly_flattens_and_refuses_a_wrong_parent() {
         counter_text(300),
         "output before the save + after the restore of the chain must be one uninterrupted count"
     );
+    // Served on first touch, each chunk from the newest pack holding it, verified: the same.
+    let (code, err) = restore_to_end(&p("d3.vmpack"), &p("l.serial"), &["--memory", "lazy"]);
+    assert_eq!(code, Some(0), "lazy restore of the depth-3 chain: {err}");
+    assert!(
+        err.contains("memory: lazy, layered over the parent packs"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(p("l.serial")).unwrap(), after);
     for (n, d) in ["base", "d1", "d2", "d3"].iter().zip(&digests) {
         assert_eq!(
             &sha256_file(&p(&format!("{n}.vmpack"))),

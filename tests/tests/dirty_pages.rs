@@ -222,36 +222,68 @@ fn reset_puts_memory_vcpus_devices_and_disks_back() {
         body.contains("only a VM restored from a pack can be reset"),
         "{body}"
     );
+    // The same state twice: compressed (the VM runs on), then uncompressed (it stops).
+    let zpack = dir.path().join("dirty-zstd.vmpack");
+    common::ok(&common::run(
+        dir.path(),
+        &[
+            "save",
+            "--api-sock",
+            vm.sock.to_str().unwrap(),
+            "-o",
+            zpack.to_str().unwrap(),
+            "--compress",
+            "zstd",
+            "--then",
+            "resume",
+            "--quiet",
+        ],
+    ));
     let pack = dir.path().join("dirty.vmpack");
     common::blk::save(dir.path(), &vm.sock, &pack, "stop");
 
+    // Mapped, lazily filled (each dropped page served from the pack again), and unpacked
+    // from a compressed pack eagerly (dirtied chunks read again) and lazily.
+    for (p, memory, tag) in [
+        (&pack, "eager", "mapped"),
+        (&pack, "lazy", "lazy"),
+        (&zpack, "eager", "unpacked"),
+        (&zpack, "lazy", "zstd-lazy"),
+    ] {
+        reset_rounds(dir.path(), p, memory, tag);
+    }
+}
+
+/// Restores `pack` with `--memory MEMORY` and checks that each reset puts the pack's state
+/// back exactly.
+fn reset_rounds(dir: &Path, pack: &Path, memory: &str, tag: &str) {
     let r = Vm::spawn(
-        dir.path(),
-        &["restore", pack.to_str().unwrap(), "--memory", "eager"],
-        "restored",
+        dir,
+        &["restore", pack.to_str().unwrap(), "--memory", memory],
+        tag,
     );
     for n in 1..=3 {
         // Each round from the pack's state: T1 0 -> 1, the disk's byte 0 -> 1.
-        assert_eq!(r.round(n), "done 11", "round {n}");
-        assert_eq!(r.dirty(0), ROUND);
+        assert_eq!(r.round(n), "done 11", "{tag}: round {n}");
+        assert_eq!(r.dirty(0), ROUND, "{tag}");
         let v = r.call("PUT", "/vm/reset", b"");
-        assert_eq!(v["pages"], ROUND.len(), "{v}");
-        assert_eq!(v["disks"], 1, "{v}");
+        assert_eq!(v["pages"], ROUND.len(), "{tag}: {v}");
+        assert_eq!(v["disks"], 1, "{tag}: {v}");
         assert!(v["pause_ms"].as_f64().unwrap() >= 0.0, "{v}");
-        assert_eq!(r.dirty(0), Vec::<u64>::new());
+        assert_eq!(r.dirty(0), Vec::<u64>::new(), "{tag}");
     }
     // Twice in a row: nothing written, nothing to put back.
     let v = r.call("PUT", "/vm/reset", b"");
     assert_eq!(
         (v["pages"].as_u64(), v["disks"].as_u64()),
         (Some(0), Some(0)),
-        "{v}"
+        "{tag}: {v}"
     );
     // A paused VM stays paused through a reset.
     r.call("PUT", "/vm/pause", b"");
     r.call("PUT", "/vm/reset", b"");
     assert_eq!(r.call("GET", "/vm", b"")["state"], "paused");
     r.call("PUT", "/vm/resume", b"");
-    assert_eq!(r.round(4), "done 11");
+    assert_eq!(r.round(4), "done 11", "{tag}");
     r.quit();
 }

@@ -171,10 +171,51 @@ fn first_restore_is_lazy_then_mapped() {
     a.wait_for("filled\n");
     a.save(&pack, "stop", "none");
     a.finish();
+    // inspect says what a restore here would do, from the same records.
+    let inspect = || {
+        let o = Command::new(vmpack())
+            .arg("inspect")
+            .arg(&pack)
+            .env("VMPACK_CACHE_DIR", dir.path().join("cache"))
+            .output()
+            .unwrap();
+        let text = common::ok(&o);
+        let o = Command::new(vmpack())
+            .args(["inspect", "--json"])
+            .arg(&pack)
+            .env("VMPACK_CACHE_DIR", dir.path().join("cache"))
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&common::ok(&o)).unwrap();
+        (text, v["lazy"].clone())
+    };
+    let (text, lazy) = inspect();
+    assert!(
+        text.contains("lazy restore: possible (")
+            && text.contains("no touch order recorded on this host yet; --memory auto takes: lazy"),
+        "{text}"
+    );
+    assert_eq!(
+        (&lazy["possible"], &lazy["touch_order"], &lazy["auto"]),
+        (
+            &serde_json::json!(true),
+            &serde_json::Value::Null,
+            &serde_json::json!("lazy")
+        ),
+        "{lazy}"
+    );
+    assert!(lazy["chunks"].as_u64().unwrap() > 0, "{lazy}");
     let (code, err, out) = Vm::restore(dir.path(), &pack, "b", "auto").finish();
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("memtest: 7680 pages ok"), "{out}");
     assert!(err.contains("memory: lazy"), "{err}");
+    let (text, lazy) = inspect();
+    assert!(
+        text.contains("touch order recorded on this host (")
+            && text.contains("--memory auto takes: mmap"),
+        "{text}"
+    );
+    assert!(lazy["touch_order"].is_u64(), "{lazy}");
     let root = vmpack_formats::pack::PackReader::open(&pack)
         .unwrap()
         .root_digest();

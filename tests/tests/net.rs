@@ -184,6 +184,24 @@ fn net_ping_udp_save_restore() {
         after["rx_frames"].as_u64() > before["rx_frames"].as_u64(),
         "counters continue: {before} then {after}"
     );
+    // Reset in place, twice: the tap stays attached, the counters are the pack's again
+    // (fewer than after this restore's traffic), and the guest answers again each time.
+    for round in 0..2 {
+        let (code, body) = http(&sock, "PUT", "/vm/reset", b"");
+        assert_eq!(code, 200, "reset {round}: {body}");
+        let reset = net_status(&sock);
+        assert_eq!(reset["tap"], "vmtap0");
+        assert!(
+            reset["rx_frames"].as_u64() < after["rx_frames"].as_u64(),
+            "reset {round}: counters back to the pack's: {reset} after {after}"
+        );
+        assert!(
+            ns.within(|| udp_echo(b"after reset", 10)),
+            "reset {round}: no UDP echo\n{}",
+            vm.err()
+        );
+        assert!(ns.within(|| ping(10)), "reset {round}: no ping");
+    }
     assert!(ns.within(|| udp_echo(b"exit", 10)));
     assert_eq!(vm.finish(), 0, "{}", vm.err());
     assert!(vm.out().contains("net done"), "{}", vm.out());
@@ -213,6 +231,16 @@ fn net_ping_udp_save_restore() {
         (st["tap"].as_str(), st["mac"].as_str()),
         (Some("other7"), Some("02:11:22:33:44:55"))
     );
+    // A reset puts back the pack's state, from before the guest learned the new MAC: it
+    // is told of the change again and answers from the new MAC.
+    let (code, body) = http(&sock, "PUT", "/vm/reset", b"");
+    assert_eq!(code, 200, "{body}");
+    vm.wait_out("net mac 02:11:22:33:44:55", 2);
+    assert!(
+        ns2.within(|| ping(10)),
+        "no ping with the new MAC after a reset"
+    );
+    assert_eq!(ns2.guest_mac().as_deref(), Some("02:11:22:33:44:55"));
     assert!(ns2.within(|| udp_echo(b"exit", 10)));
     assert_eq!(vm.finish(), 0, "{}", vm.err());
 }

@@ -284,6 +284,14 @@ fn fifty_clones_of_a_compressed_pack() {
         "{}",
         stderr(&o)
     );
+    // Three clones reset between the cases: each case still sees only the saved keys.
+    let o = vmpack_in(
+        dir,
+        &["test", "kvz.vmpack", "cases.toml", "-j", "3", "--reuse"],
+    );
+    let out = ok(&o);
+    assert!(out.contains("50 passed, 0 failed"), "{out}");
+    assert!(out.contains(", 3 clones reset between cases)"), "{out}");
 
     assert_eq!(sha256(&pack), before, "the pack changed");
     assert_empty(&dir.join("tmp"));

@@ -9,9 +9,11 @@
 use crate::memory::GuestMemoryInit;
 use crate::packs::{Context, Error, Result};
 use crate::vmm::VmHandle;
+use crate::vstate::lazy::{ChunkTable, PackChunk};
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 use vmpack_formats::diff::{Chain, ChunkMap};
 use vmpack_formats::pack::{Codec, PackError, PackErrorKind};
 use vmpack_formats::vm::VmPack;
@@ -181,7 +183,9 @@ pub fn chain_memory(chain: &Chain) -> Result<GuestMemoryInit> {
         return Ok(GuestMemoryInit::MapLayers(layers));
     }
     let paths: Vec<_> = chain.packs.iter().map(|p| p.path().to_path_buf()).collect();
-    Ok(GuestMemoryInit::fill::<Error, _>(move |ram| {
+    // With one chunk size across the chain, a reset can read the written pages' chunks again.
+    let table = chain_table(chain).ok();
+    let fill = crate::memory::boxed_fill::<Error, _>(move |ram| {
         let chain = Chain {
             packs: paths
                 .iter()
@@ -199,7 +203,74 @@ pub fn chain_memory(chain: &Chain) -> Result<GuestMemoryInit> {
             write_layers(&chain, r, &out)?;
         }
         Ok(())
-    }))
+    });
+    Ok(match table {
+        Some(table) => GuestMemoryInit::Unpack { fill, table },
+        None => GuestMemoryInit::Fill(fill),
+    })
+}
+
+/// Every chunk of the child's memory, each from the newest pack of the chain that holds it:
+/// what a lazy restore of a diff pack serves (and verifies) on first touch. The packs must
+/// share one memory chunk size, so the chunks of different packs never partly overlap.
+pub fn chain_table(chain: &Chain) -> Result<ChunkTable> {
+    let regions = region_layers(chain)?;
+    let mut packs = Vec::with_capacity(chain.packs.len());
+    for p in &chain.packs {
+        // The chain's packs were opened (and their digests checked) by value; the table
+        // needs shared ones: the same file, the same index.
+        let again = VmPack::open(p.path())?;
+        if again.reader().root_digest() != p.reader().root_digest() {
+            return Err(Error::Refused(format!(
+                "{}: the file changed while it was being restored",
+                p.path().display()
+            )));
+        }
+        packs.push(Arc::new(again));
+    }
+    let mut chunks = Vec::new();
+    for r in &regions {
+        let base = chain.packs[0].reader();
+        let cs = u64::from(base.sections()[r.layers[0].0 as usize].chunk_size);
+        if cs == 0 || cs % 4096 != 0 {
+            return Err(Error::Refused(format!(
+                "{}: memory chunks of {cs} bytes cannot be served on first touch",
+                chain.packs[0].path().display()
+            )));
+        }
+        let mut owner: Vec<Option<PackChunk>> = vec![None; r.size.div_ceil(cs) as usize];
+        for (k, (id, map)) in r.layers.iter().enumerate() {
+            let pack = &chain.packs[k];
+            let reader = pack.reader();
+            let label = pack.path().display();
+            let own = u64::from(reader.sections()[*id as usize].chunk_size);
+            if own != cs || map.as_ref().is_some_and(|m| m.chunk_size != cs) {
+                return Err(Error::Refused(format!(
+                    "{label}: its memory chunks ({own} bytes) differ in size from its base pack's ({cs} bytes), so it cannot be served on first touch; restore it with --memory eager or `vmpack flatten` it"
+                )));
+            }
+            let present = map.as_ref().map(|m| m.present());
+            for e in reader.chunks(*id) {
+                let off = match (map, &present) {
+                    (Some(m), Some(p)) => m.region_offset(p, e.offset),
+                    _ => Some(e.offset),
+                };
+                let Some(off) = off.filter(|&o| o % cs == 0 && o < r.size) else {
+                    return Err(Error::Refused(format!(
+                        "{label}: memory chunk {} at {:#x} lies outside its region's chunk map",
+                        e.seq, e.offset
+                    )));
+                };
+                owner[(off / cs) as usize] = Some(PackChunk {
+                    gpa: r.gpa + off,
+                    pack: k,
+                    entry: e.clone(),
+                });
+            }
+        }
+        chunks.extend(owner.into_iter().flatten());
+    }
+    Ok(ChunkTable { packs, chunks })
 }
 
 /// Where [`write_layers`] puts a region's bytes.

@@ -23,6 +23,7 @@ pub mod flat;
 pub mod host_info;
 pub mod kvm_caps;
 pub mod linux;
+pub mod live;
 pub mod mptable;
 pub mod msr;
 pub mod packs;

@@ -287,6 +287,12 @@ fn main() {
         log::set_max_level(log::LevelFilter::Warn);
     }
     vmboot::snapshot::verified_cache::set_base_dir(cache_dir_from_env());
+    if let Some(n) = std::env::var("VMBOOT_PREFETCH_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        vmboot::vstate::lazy::set_prefetch_threads(n);
+    }
     let cli = Cli::parse();
     // Before any thread starts, so every thread inherits the mask; the VM's own signal
     // thread turns them into a clean end.

@@ -181,15 +181,16 @@ pub fn save_with(
         compress: compression,
         parent: diff_from.map(|p| p.root_digest.clone()),
         diff_bytes,
+        live: None,
         disk_kept_bytes,
         mark,
     })
 }
 
 /// Guest RAM regions as `(gpa, contents)`.
-type MemorySources<'a> = Vec<(u64, &'a dyn SectionSource)>;
+pub(crate) type MemorySources<'a> = Vec<(u64, &'a dyn SectionSource)>;
 
-fn write_pack(
+pub(crate) fn write_pack(
     handle: &VmHandle,
     state_bytes: &[u8],
     (memory, disks): (MemorySources<'_>, Vec<&dyn SectionSource>),
@@ -275,7 +276,7 @@ fn held_in_memory(
 
 /// Whether copying the guest's resident RAM leaves this host comfortable: at most half of
 /// what the kernel reports as available.
-fn copy_fits(handle: &VmHandle, bytes: Option<u64>) -> bool {
+pub(crate) fn copy_fits(handle: &VmHandle, bytes: Option<u64>) -> bool {
     let resident: u64 = bytes.unwrap_or_else(|| {
         handle
             .memory_data_ranges()
@@ -297,11 +298,11 @@ fn copy_fits(handle: &VmHandle, bytes: Option<u64>) -> bool {
 
 /// A private copy of one guest RAM region's resident pages, taken while the VM is paused.
 /// Pages that were not resident stay untouched (zero, costing nothing) in the copy.
-struct RamCopy {
-    gpa: u64,
-    ptr: *mut u8,
-    len: usize,
-    ranges: Vec<std::ops::Range<u64>>,
+pub(crate) struct RamCopy {
+    pub(crate) gpa: u64,
+    pub(crate) ptr: *mut u8,
+    pub(crate) len: usize,
+    pub(crate) ranges: Vec<std::ops::Range<u64>>,
 }
 
 // SAFETY: the mapping is owned by the struct and only read after the copy is made.
@@ -651,9 +652,6 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
             if matches!(opts.source, crate::vstate::lazy::ChunkSource::Fetch(_)) {
                 return Err(Error::Unsupported(format!("{label}: a diff pack cannot be run from a registry (its memory is layered on its parent); pull it and its parents, or push a flattened pack")));
             }
-            if opts.memory == MemoryPolicy::Lazy {
-                return Err(Error::Unsupported(format!("{label}: a diff pack is restored eagerly (--memory lazy is not supported for it yet); use --memory auto or eager")));
-            }
             Some(vmpack_formats::diff::open_chain(
                 path,
                 opts.parent.as_deref(),
@@ -666,8 +664,12 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     if remote && !crate::vstate::lazy::available() {
         return Err(Error::Unsupported(format!("{label}: memory on demand needs userfaultfd, which this process cannot use (vm.unprivileged_userfaultfd=1 or CAP_SYS_PTRACE)")));
     }
+    if chain.is_some() && opts.memory == MemoryPolicy::Lazy && !crate::vstate::lazy::available() {
+        return Err(Error::Unsupported(format!("{label}: --memory lazy needs userfaultfd, which this process cannot use (vm.unprivileged_userfaultfd=1 or CAP_SYS_PTRACE); use --memory eager")));
+    }
     let lazy = match opts.memory {
-        _ if chain.is_some() => false,
+        // A chain is served lazily only when asked: `auto` maps it (or unpacks it).
+        _ if chain.is_some() => opts.memory == MemoryPolicy::Lazy,
         _ if remote => true,
         MemoryPolicy::Eager => false,
         MemoryPolicy::Lazy => true,
@@ -701,8 +703,9 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         }
     };
 
-    // The parents, verified as the pack itself (each recorded under its own file).
-    if let Some(chain) = &chain {
+    // The parents, verified as the pack itself (each recorded under its own file); served
+    // lazily, each chunk they give the child is verified on first touch instead.
+    if let (Some(chain), false) = (&chain, lazy) {
         for p in &chain.packs[..chain.packs.len() - 1] {
             let r = p.reader();
             let always = opts.verify == VerifyPolicy::Always;
@@ -726,7 +729,18 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         extract_disks(&pack, &work.path)?;
     }
 
-    let (memory_path, init) = if let Some(chain) = &chain {
+    let (memory_path, init) = if let (Some(chain), true) = (&chain, lazy) {
+        let init = lazy_init(
+            &pack,
+            crate::diff::chain_table(chain)?,
+            path,
+            opts.verify,
+            opts.source,
+            opts.bench_timestamps.then(|| opts.report.clone()),
+            &run.disks,
+        )?;
+        ("lazy, layered over the parent packs", init)
+    } else if let Some(chain) = &chain {
         let init = crate::diff::chain_memory(chain)?;
         let how = match init {
             GuestMemoryInit::MapLayers(_) => "mmap, layered over the parent packs",
@@ -735,10 +749,10 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         (how, init)
     } else if lazy {
         let stamps = opts.bench_timestamps.then(|| opts.report.clone());
+        let sections = memory_sections(&pack, manifest, &state, &label)?;
         let init = lazy_init(
             &pack,
-            &state,
-            &label,
+            crate::vstate::lazy::ChunkTable::of_pack(pack.clone(), &sections),
             path,
             opts.verify,
             opts.source,
@@ -843,7 +857,12 @@ fn check_memory_regions(manifest: &Manifest, state: &VmState, label: &str) -> Re
 fn verify_except_memory(reader: &vmpack_formats::pack::PackReader) -> Result<()> {
     use vmpack_formats::pack::kind;
     for s in reader.sections() {
-        if s.kind != kind::MEMORY && s.kind != kind::FILE && s.kind != kind::DISK {
+        // Memory (a diff pack's too) and disks are served, and checked, on first touch.
+        if s.kind != kind::MEMORY
+            && s.kind != kind::MEMORY_DIFF
+            && s.kind != kind::FILE
+            && s.kind != kind::DISK
+        {
             reader.for_each_chunk_parallel(s.id, true, 0, &|_, _| Ok(()))?;
         }
     }
@@ -857,8 +876,7 @@ fn verify_except_memory(reader: &vmpack_formats::pack::PackReader) -> Result<()>
 #[allow(clippy::too_many_arguments)]
 fn lazy_init(
     pack: &Arc<VmPack>,
-    state: &VmState,
-    label: &str,
+    table: crate::vstate::lazy::ChunkTable,
     path: &Path,
     verify: VerifyPolicy,
     source: crate::vstate::lazy::ChunkSource,
@@ -886,19 +904,16 @@ fn lazy_init(
         let done = done.clone();
         d.on_complete(Box::new(move || done()));
     }
-    let sections = memory_sections(pack, pack.manifest(), state, label)?;
-    let reader = pack.reader();
-    let root = reader.root_digest();
-    let chunks: usize = sections
-        .iter()
-        .map(|&(_, id)| reader.chunks(id).len())
-        .sum();
+    let root = pack.reader().root_digest();
+    let chunks = table.chunks.len();
     let touch = crate::vstate::lazy::touch_dir(verified_cache::base_dir());
     let first = touch
         .as_deref()
         .map(|d| crate::vstate::lazy::touch_order::load(d, root, chunks))
         .unwrap_or_default();
-    let verify_later = reader
+    // The boot files: the pack's own, or a diff pack's base's (the table's first pack).
+    let verify_later = table.packs[0]
+        .reader()
         .sections()
         .iter()
         .filter(|s| s.kind == vmpack_formats::pack::kind::FILE)
@@ -919,9 +934,8 @@ fn lazy_init(
         }
     };
     Ok(GuestMemoryInit::Lazy(crate::vstate::lazy::LazySource {
-        pack: pack.clone(),
+        table,
         source,
-        sections,
         first,
         verify_later,
         on_complete: Some(Box::new(on_complete)),
@@ -1239,7 +1253,7 @@ fn memory_sections(
 }
 
 fn memory_init(
-    pack: &VmPack,
+    pack: &Arc<VmPack>,
     manifest: &Manifest,
     state: &VmState,
     map: bool,
@@ -1260,21 +1274,26 @@ fn memory_init(
         return Ok(GuestMemoryInit::MapPrivate { file, pieces });
     }
     let path = pack.path().to_path_buf();
-    Ok(GuestMemoryInit::fill::<Error, _>(move |regions| {
-        let pack = VmPack::open(&path)?;
-        let reader = pack.reader();
-        for &(gpa, id) in &sections {
-            let region = regions
-                .iter_mut()
-                .find(|(g, _)| *g == gpa)
-                .ok_or_else(|| Error::Refused(format!("no RAM region at {gpa:#x}")))?;
-            let dst = SharedSlice::new(region.1);
-            reader.for_each_chunk_parallel(id, false, 0, &|off, data| {
-                dst.write(off, data).map_err(|e| io_pack_error(&path, e))
-            })?;
-        }
-        Ok(())
-    }))
+    // A reset reads the chunks of written pages again, from this (checked) pack.
+    let table = crate::vstate::lazy::ChunkTable::of_pack(pack.clone(), &sections);
+    Ok(GuestMemoryInit::Unpack {
+        table,
+        fill: Box::new(move |regions| {
+            let pack = VmPack::open(&path)?;
+            let reader = pack.reader();
+            for &(gpa, id) in &sections {
+                let region = regions
+                    .iter_mut()
+                    .find(|(g, _)| *g == gpa)
+                    .ok_or_else(|| Error::Refused(format!("no RAM region at {gpa:#x}")))?;
+                let dst = SharedSlice::new(region.1);
+                reader.for_each_chunk_parallel(id, false, 0, &|off, data| {
+                    dst.write(off, data).map_err(|e| io_pack_error(&path, e))
+                })?;
+            }
+            Ok(())
+        }),
+    })
 }
 
 /// A byte slice that worker threads write disjoint ranges of.

@@ -988,6 +988,18 @@ impl VmHandle {
         Ok(self.mem.dirty_since(&self.vm.fd, mark)?)
     }
 
+    /// Drops a dirty mark no one needs any more (a live save's rounds).
+    pub fn dirty_forget(&self, mark: u64) {
+        self.mem.dirty_forget(mark)
+    }
+
+    /// `(gpa, host address, size)` of every RAM region. The memory lives as long as the VM;
+    /// reading it while vCPUs run races with them, which only a live save does (and it
+    /// copies again, paused, every page written meanwhile).
+    pub fn raw_memory(&self) -> Vec<(u64, *const u8, usize)> {
+        self.mem.raw_regions()
+    }
+
     /// Per RAM region, the ranges that may hold data (see [`GuestRam::data_ranges`]).
     pub fn memory_data_ranges(&self) -> Vec<Vec<std::ops::Range<u64>>> {
         self.mem.data_ranges()

@@ -105,6 +105,11 @@ pub fn run(a: InspectArgs) -> Result<()> {
     let restore = manifest
         .as_ref()
         .and_then(|m| m.memory_restore_path(&reader));
+    // Whether and how a restore here would serve memory on first touch (FORMAT.md §12.4).
+    let lazy = manifest
+        .as_ref()
+        .filter(|m| m.vmstate.is_some() && !m.memory.is_empty())
+        .map(|_| vmboot::vstate::lazy::plan(&a.file, a.parent.as_deref()));
     // The host that saved the VM, recorded in the vm state (docs/FORMAT.md §12.2).
     let saved_on = match manifest.as_ref().and_then(|m| m.vmstate.as_ref()) {
         Some(_) => vmboot::compat::SavedPack::open(&a.file)
@@ -121,10 +126,14 @@ pub fn run(a: InspectArgs) -> Result<()> {
             &manifest_err,
             restore,
             &saved_on,
+            &lazy,
         )?;
     } else {
         use std::fmt::Write as _;
         let mut text = text_report(&a, &reader, manifest.as_ref(), restore);
+        if let Some(l) = &lazy {
+            let _ = writeln!(text, "{}", lazy_line(l));
+        }
         if let Some(h) = &saved_on {
             let _ = writeln!(
                 text,
@@ -193,6 +202,7 @@ fn print_json(
     manifest_err: &Option<String>,
     restore: Option<&str>,
     saved_on: &Option<serde_json::Value>,
+    lazy: &Option<vmboot::vstate::lazy::LazyPlan>,
 ) -> Result<()> {
     let (major, minor) = r.version();
     let sections: Vec<_> = r
@@ -219,6 +229,7 @@ fn print_json(
         "manifest_error": manifest_err,
         "sections": sections,
         "memory_restore": restore,
+        "lazy": lazy,
         "signatures": signatures(r),
         "saved_on": saved_on,
         "chain": match chain_json(&a.file, a.parent.as_deref()) {
@@ -229,6 +240,28 @@ fn print_json(
     });
     crate::outln!("{}", escape_json(&serde_json::to_string_pretty(&out)?));
     Ok(())
+}
+
+/// The `lazy restore:` line of the text report.
+fn lazy_line(l: &vmboot::vstate::lazy::LazyPlan) -> String {
+    let auto = match l.auto {
+        "layered" => "eager, layered over the parent packs (lazy only with --memory lazy)",
+        other => other,
+    };
+    if !l.possible {
+        return format!(
+            "lazy restore: not possible here: {}; --memory auto takes: {auto}",
+            l.why_not.as_deref().unwrap_or("")
+        );
+    }
+    let order = match l.touch_order {
+        Some(n) => format!("touch order recorded on this host ({n} chunks prefetched first)"),
+        None => "no touch order recorded on this host yet".into(),
+    };
+    format!(
+        "lazy restore: possible ({} chunks, each verified on first touch); {order}; --memory auto takes: {auto}",
+        l.chunks
+    )
 }
 
 /// The pack's signatures as `{key, signature}` (armored text); not checked against any

@@ -174,6 +174,12 @@ fn main() -> ExitCode {
     }
     // The library reads no environment: the cache folder is the registry cache's root.
     vmboot::snapshot::verified_cache::set_base_dir(vmpack_registry::cache::cache_root());
+    if let Some(n) = std::env::var("VMBOOT_PREFETCH_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        vmboot::vstate::lazy::set_prefetch_threads(n);
+    }
     let cli = Cli::parse();
     // Before any worker thread starts, so every thread inherits the blocked mask. Commands
     // that run a VM hand the signals to the VM instead, which ends cleanly: its control

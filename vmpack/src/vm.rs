@@ -73,8 +73,16 @@ pub struct SaveArgs {
     /// or last saved to, PARENT (which the pack names by file name and root digest).
     #[arg(long, value_name = "PARENT", conflicts_with = "push")]
     diff_from: Option<PathBuf>,
+    /// Live save: copy guest memory in rounds while the guest runs, then pause only for the
+    /// pages written since the last round and the device state (docs/CLI.md, "Live save").
+    #[arg(long, conflicts_with = "diff_from")]
+    live: bool,
+    /// With --live: the pause to aim for, in ms (default 20). A guest that writes memory
+    /// faster than it can be copied is paused anyway, with a warning.
+    #[arg(long, value_name = "MS", requires = "live", value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    max_pause: Option<u64>,
     /// Print the result as JSON on stdout (`output`, `bytes`, `milliseconds`, `pause_ms`,
-    /// `root_digest`, `parent`, `vm`); not with `-o -`.
+    /// `root_digest`, `parent`, `live`, `vm`); not with `-o -`.
     #[arg(long)]
     json: bool,
     /// Print nothing but errors.
@@ -345,6 +353,8 @@ pub fn save(a: SaveArgs) -> Result<()> {
         level: a.level,
         then: AfterSave::Resume,
         diff_from: diff_from.clone(),
+        live: a.live,
+        max_pause_ms: a.max_pause,
     };
     let t = Instant::now();
     let result = (|| -> Result<u64> {
@@ -411,6 +421,7 @@ pub fn save(a: SaveArgs) -> Result<()> {
                 "pause_ms": last_save.as_ref().map(|l| l.pause_ms),
                 "root_digest": last_save.as_ref().map(|l| &l.root_digest),
                 "parent": diff_from.as_ref().map(|p| &p.root_digest),
+                "live": last_save.as_ref().and_then(|l| l.live.as_ref()),
                 "vm": if stop { "stopped" } else { "resumed" },
             })
         );
@@ -430,6 +441,28 @@ pub fn save(a: SaveArgs) -> Result<()> {
             wall.as_secs_f64() * 1000.0,
             if stop { "stopped" } else { "resumed" }
         );
+    }
+    if let Some(live) = last_save.as_ref().and_then(|l| l.live.as_ref()) {
+        if !a.quiet && !a.json {
+            let rounds: Vec<String> = live
+                .rounds
+                .iter()
+                .map(|r| format!("{} in {:.1} ms", human_bytes(r.bytes), r.ms))
+                .collect();
+            eprintln!(
+                "vmpack: live save: {} pre-copy round(s) ({}), then {} copied during the pause; pause target {} ms {}",
+                live.rounds.len(),
+                if rounds.is_empty() { "none".to_string() } else { rounds.join(", ") },
+                human_bytes(live.final_bytes),
+                live.max_pause_ms,
+                if live.max_pause_met { "met" } else { "missed" }
+            );
+        }
+        if let Some(w) = &live.warning {
+            if !a.quiet {
+                eprintln!("vmpack: warning: live save: {w}");
+            }
+        }
     }
     if let Some(client) = push {
         let report = crate::registry_cmd::push_file(&output, &client, a.quiet || a.json)?;

@@ -100,6 +100,27 @@ impl VmControl for VmHandle {
         // as the save allows) unless it is to stop.
         let was_paused = self.is_paused();
         let resume = !was_paused && req.then == AfterSave::Resume;
+        let max_pause = match (req.live, req.max_pause_ms) {
+            (false, Some(_)) => {
+                return Err(ApiError::bad_request("max_pause_ms needs \"live\": true"))
+            }
+            (true, _) if req.diff_from.is_some() => {
+                return Err(ApiError::bad_request(
+                    "a diff save cannot be live (it copies only what changed, paused)",
+                ))
+            }
+            (true, m) => {
+                let m = m.unwrap_or(super::types::DEFAULT_MAX_PAUSE_MS);
+                if m > super::types::MAX_MAX_PAUSE_MS {
+                    return Err(ApiError::bad_request(format!(
+                        "max_pause_ms {m} is over the limit of {} ms",
+                        super::types::MAX_MAX_PAUSE_MS
+                    )));
+                }
+                Some(std::time::Duration::from_millis(m))
+            }
+            (false, None) => None,
+        };
         if let Some(p) = &req.diff_from {
             p.check().map_err(ApiError::bad_request)?;
             if self.pack_mark(&p.root_digest).is_none() {
@@ -108,14 +129,19 @@ impl VmControl for VmHandle {
                 ));
             }
         }
-        let result = crate::snapshot::save_with(
-            self,
-            compression,
-            req.level,
-            resume,
-            req.diff_from.as_ref(),
-            out,
-        );
+        let result = match max_pause {
+            Some(max_pause) => {
+                crate::live::save(self, compression, req.level, resume, max_pause, out)
+            }
+            None => crate::snapshot::save_with(
+                self,
+                compression,
+                req.level,
+                resume,
+                req.diff_from.as_ref(),
+                out,
+            ),
+        };
         match result {
             Ok(stats) => {
                 if let Some(m) = stats.mark {

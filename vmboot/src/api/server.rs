@@ -1704,6 +1704,7 @@ mod tests {
             level: None,
             then: AfterSave::Stop,
             diff_from: None,
+            ..Default::default()
         };
         let n = ApiClient::new(&t.sock).save(&body, &mut verify).unwrap();
         assert_eq!(n, SIZE);

@@ -29,6 +29,48 @@ pub struct SaveRequest {
     /// saved to, this parent (`{"root_digest", "file"}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diff_from: Option<vmpack_formats::diff::ParentRef>,
+    /// Live save: copy guest memory in pre-copy rounds while the guest runs, then pause
+    /// only for the last written pages and the device state (`docs/API.md`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub live: bool,
+    /// With `live`: the pause to aim for, in ms; `None` = [`DEFAULT_MAX_PAUSE_MS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pause_ms: Option<u64>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The pause a live save aims for when the request names none.
+pub const DEFAULT_MAX_PAUSE_MS: u64 = 20;
+/// The largest `max_pause_ms` accepted (a minute).
+pub const MAX_MAX_PAUSE_MS: u64 = 60_000;
+
+/// What a live save did (`live` of [`SaveStats`]).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
+pub struct LiveStats {
+    /// The pause aimed for, ms.
+    pub max_pause_ms: f64,
+    /// Whether the guest's pause (`pause_ms`) stayed within it.
+    pub max_pause_met: bool,
+    /// The pre-copy rounds while the guest ran: the first copies all resident memory, each
+    /// later one the pages written since the previous.
+    pub rounds: Vec<LiveRound>,
+    /// Bytes copied during the pause (the pages written since the last round).
+    pub final_bytes: u64,
+    /// Why the pause may exceed the target (the fallback taken), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// One pre-copy round of a live save.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq)]
+pub struct LiveRound {
+    /// Bytes of guest memory copied.
+    pub bytes: u64,
+    /// How long the copy took, ms.
+    pub ms: f64,
 }
 
 /// What happens to the VM after `POST /vm/save`.
@@ -87,6 +129,9 @@ pub struct SaveStats {
     /// For a diff save: the bytes of guest memory stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diff_bytes: Option<u64>,
+    /// For a live save: its rounds and whether the pause target was met.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<LiveStats>,
     /// Bytes of old disk content the save kept because the guest wrote its disks after the
     /// pause, while the pack was being written (whole 64 KiB blocks; 0 when it did not).
     #[serde(default)]
@@ -415,6 +460,30 @@ mod tests {
     }
 
     #[test]
+    fn live_save_wire_form() {
+        let r: SaveRequest = serde_json::from_str(r#"{"live":true,"max_pause_ms":5}"#).unwrap();
+        assert_eq!((r.live, r.max_pause_ms), (true, Some(5)));
+        assert!(serde_json::from_str::<SaveRequest>(r#"{"max_pause_ms":-1}"#).is_err());
+        assert!(serde_json::from_str::<SaveRequest>(r#"{"max_pause_ms":1.5}"#).is_err());
+        // An ordinary save sends neither key.
+        let v = serde_json::to_value(SaveRequest::default()).unwrap();
+        assert!(v.get("live").is_none() && v.get("max_pause_ms").is_none());
+        let live = LiveStats {
+            max_pause_ms: 20.0,
+            max_pause_met: false,
+            rounds: vec![LiveRound {
+                bytes: 4096,
+                ms: 1.5,
+            }],
+            final_bytes: 8192,
+            warning: Some("w".into()),
+        };
+        let v = serde_json::to_value(&live).unwrap();
+        assert_eq!(v["rounds"][0]["bytes"], 4096);
+        assert_eq!(serde_json::from_value::<LiveStats>(v).unwrap(), live);
+    }
+
+    #[test]
     fn diff_save_wire_form() {
         let d = "ab".repeat(32);
         let r: SaveRequest = serde_json::from_str(&format!(
@@ -436,6 +505,7 @@ mod tests {
             compress: Compression::None,
             parent: None,
             diff_bytes: None,
+            live: None,
             disk_kept_bytes: 0,
             mark: Some(7),
         };

@@ -153,6 +153,17 @@ impl DirtyLog {
         Ok(id)
     }
 
+    /// Drops a mark no one will ask about again (a live save's round marks), so it does not
+    /// push older marks that diff saves still need out of the [`MAX_MARKS`] kept. Mark 0
+    /// and unknown marks are left alone.
+    pub fn forget(&self, mark: u64) {
+        if mark == 0 {
+            return;
+        }
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.marks.retain(|m| m.id != mark);
+    }
+
     /// The pages written since `mark`.
     pub fn since_with(
         &self,
@@ -258,6 +269,23 @@ mod tests {
             0
         );
         assert!(log.since_with(17, &mut none, &mut Vec::new).is_err());
+    }
+
+    #[test]
+    fn forgotten_marks_leave_room_for_older_ones() {
+        let log = DirtyLog::new(&[(0, 1 << 20)]);
+        let kept = log.mark_with(&mut none, &mut Vec::new).unwrap();
+        // A live save's rounds: many marks, each forgotten once the next exists.
+        let mut prev = log.mark_with(&mut none, &mut Vec::new).unwrap();
+        for _ in 0..3 * MAX_MARKS {
+            let next = log.mark_with(&mut none, &mut Vec::new).unwrap();
+            log.forget(prev);
+            prev = next;
+        }
+        assert!(log.since_with(kept, &mut none, &mut Vec::new).is_ok());
+        assert!(log.since_with(prev, &mut none, &mut Vec::new).is_ok());
+        log.forget(0);
+        assert!(log.since_with(0, &mut none, &mut Vec::new).is_ok());
     }
 
     #[test]

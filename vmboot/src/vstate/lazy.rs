@@ -9,9 +9,10 @@
 //! only after the stop was requested, so it leaves `KVM_RUN` on the pending kick before the
 //! guest runs another instruction.
 //!
-//! A prefetch thread, started once the vCPUs run, fills the remaining non-zero chunks
-//! (first those the guest touched first on an earlier restore of the same pack, in that
-//! order), so the VM soon no longer faults at all and a later save finds every page.
+//! Prefetch workers (one per core, at most four), started once the vCPUs run, fill the
+//! remaining non-zero chunks (first those the guest touched first on an earlier restore of
+//! the same pack, in that order), so the VM soon no longer faults at all and a later save
+//! finds every page.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -100,16 +101,105 @@ pub enum ChunkSource {
     Fetch(Arc<dyn ChunkFetch>),
 }
 
+/// One chunk of guest RAM: where it goes and which pack holds it.
+#[derive(Clone, Debug)]
+pub struct PackChunk {
+    pub gpa: u64,
+    /// Index into [`ChunkTable::packs`].
+    pub pack: usize,
+    pub entry: ChunkEntry,
+}
+
+/// Every chunk of guest RAM and the packs they are read from: one pack, or a chain of diff
+/// packs where each chunk comes from the newest pack holding it. Read (and verified) on
+/// first touch by a lazy restore, and again for the pages a reset puts back where memory is
+/// not mapped from a file.
+#[derive(Clone)]
+pub struct ChunkTable {
+    pub packs: Vec<Arc<VmPack>>,
+    pub chunks: Vec<PackChunk>,
+}
+
+impl ChunkTable {
+    /// The memory sections `(gpa, section id)` of one pack.
+    pub fn of_pack(pack: Arc<VmPack>, sections: &[(u64, u32)]) -> ChunkTable {
+        let reader = pack.reader();
+        let chunks = sections
+            .iter()
+            .flat_map(|&(gpa, id)| {
+                reader.chunks(id).iter().map(move |e| PackChunk {
+                    gpa: gpa.saturating_add(e.offset),
+                    pack: 0,
+                    entry: e.clone(),
+                })
+            })
+            .collect();
+        ChunkTable {
+            packs: vec![pack],
+            chunks,
+        }
+    }
+
+    /// Places every chunk in `regions` (`(gpa, host address, size)`), sorted by host
+    /// address; a chunk that is not page-aligned inside one region is refused by name.
+    fn place(&self, regions: &[(u64, u64, u64)]) -> super::Result<Vec<Chunk>> {
+        let mut out = Vec::with_capacity(self.chunks.len());
+        for c in &self.chunks {
+            let e = &c.entry;
+            let end = c.gpa.checked_add(u64::from(e.ulen));
+            let region = regions
+                .iter()
+                .find(|&&(gpa, _, size)| c.gpa >= gpa && end.is_some_and(|end| end <= gpa + size));
+            let Some(&(gpa, host, _)) = region.filter(|_| {
+                c.gpa % PAGE == 0 && u64::from(e.ulen) % PAGE == 0 && c.pack < self.packs.len()
+            }) else {
+                return Err(super::Error::Layout(format!(
+                    "{}: memory chunk {} at guest address {:#x} ({} bytes) does not fit page-aligned in a RAM region",
+                    self.packs.get(c.pack).map_or_else(String::new, |p| p.path().display().to_string()),
+                    e.seq,
+                    c.gpa,
+                    e.ulen
+                )));
+            };
+            out.push(Chunk {
+                host: host + (c.gpa - gpa),
+                gpa: c.gpa,
+                pack: c.pack,
+                entry: e.clone(),
+            });
+        }
+        out.sort_by_key(|c| c.host);
+        if out
+            .windows(2)
+            .any(|w| w[0].host + u64::from(w[0].entry.ulen) > w[1].host)
+        {
+            return Err(super::Error::Layout("memory chunks overlap".into()));
+        }
+        Ok(out)
+    }
+
+    /// The largest chunk's bytes and stored frame (the size of a reader's buffers).
+    fn max_chunk(chunks: &[Chunk]) -> (usize, usize) {
+        chunks
+            .iter()
+            .filter(|c| c.entry.codec != Codec::Zero)
+            .fold((0, 0), |(d, f), c| {
+                (
+                    d.max(c.entry.ulen as usize),
+                    f.max(PackReader::frame_len(&c.entry)),
+                )
+            })
+    }
+}
+
 /// Where the chunks of guest RAM come from.
 pub struct LazySource {
-    pub pack: Arc<VmPack>,
+    pub table: ChunkTable,
     pub source: ChunkSource,
-    /// `(gpa, section id)` of every memory section.
-    pub sections: Vec<(u64, u32)>,
     /// The global chunk numbers (see [`LazyMemory::chunk_count`]) to prefetch first.
     pub first: Vec<usize>,
-    /// Other sections the prefetch verifies after memory (the boot files, which only a later
-    /// save reads): a failure stops the VM like a memory chunk's.
+    /// Other sections of `table.packs[0]` the prefetch verifies after memory (the boot
+    /// files, which only a later save reads): a failure stops the VM like a memory chunk's.
     pub verify_later: Vec<u32>,
     /// Called once, from the prefetch thread, when every chunk was checked and placed, with
     /// the chunk numbers in the order the guest first touched them.
@@ -147,6 +237,7 @@ impl Buffers {
 struct Chunk {
     host: u64,
     gpa: u64,
+    pack: usize,
     entry: ChunkEntry,
 }
 
@@ -159,7 +250,7 @@ type CompleteFn = Box<dyn FnOnce(Vec<usize>) + Send>;
 
 struct Shared {
     uffd: OwnedFd,
-    pack: Arc<VmPack>,
+    packs: Vec<Arc<VmPack>>,
     source: ChunkSource,
     verify_later: Vec<u32>,
     /// Sorted by host address.
@@ -168,6 +259,8 @@ struct Shared {
     /// Whether the guest (or any reader but the prefetch) faulted on the chunk.
     faulted: Vec<AtomicBool>,
     stop: AtomicBool,
+    /// Set when a reset dropped placed chunks: [`LazyMemory::wait_complete`] fills them again.
+    dropped: AtomicBool,
     /// The largest chunk's bytes and stored frame: the size of every reader's [`Buffers`].
     max_chunk: (usize, usize),
     /// The first failure and who to tell (set once the VM exists).
@@ -216,45 +309,9 @@ impl LazyMemory {
     /// Registers `regions` (`(gpa, host address, size)`) and starts the fault handler.
     /// Nothing is read from the pack until something touches guest RAM.
     pub fn start(regions: &[(u64, u64, u64)], src: LazySource) -> super::Result<LazyMemory> {
-        use super::{Context, Error, OptionContext};
-        let reader: &PackReader = src.pack.reader();
-        let mut chunks = Vec::new();
-        for &(gpa, id) in &src.sections {
-            let &(_, host, size) = regions
-                .iter()
-                .find(|r| r.0 == gpa)
-                .with_context(|| format!("no RAM region at {gpa:#x}"))?;
-            for e in reader.chunks(id) {
-                let end = e.offset.checked_add(u64::from(e.ulen));
-                if e.offset % PAGE != 0
-                    || u64::from(e.ulen) % PAGE != 0
-                    || end.is_none_or(|end| end > size)
-                {
-                    return Err(Error::Layout(format!(
-                        "memory chunk {} at {:#x} ({} bytes) does not fit page-aligned in its {size:#x}-byte region",
-                        e.seq,
-                        e.offset,
-                        e.ulen
-                    )));
-                }
-                chunks.push(Chunk {
-                    host: host + e.offset,
-                    gpa: gpa + e.offset,
-                    entry: e.clone(),
-                });
-            }
-        }
-        chunks.sort_by_key(|c| c.host);
-        let max_chunk =
-            chunks
-                .iter()
-                .filter(|c| c.entry.codec != Codec::Zero)
-                .fold((0, 0), |(d, f), c| {
-                    (
-                        d.max(c.entry.ulen as usize),
-                        f.max(PackReader::frame_len(&c.entry)),
-                    )
-                });
+        use super::{Context, Error};
+        let chunks = src.table.place(regions)?;
+        let max_chunk = ChunkTable::max_chunk(&chunks);
         let buffers = Buffers::new(max_chunk.0, max_chunk.1)
             .context("preparing the guest memory fault handler")?;
         // Each chunk is recorded once at most: pushing never allocates.
@@ -289,13 +346,14 @@ impl LazyMemory {
         let faulted = chunks.iter().map(|_| AtomicBool::new(false)).collect();
         let shared = Arc::new(Shared {
             uffd,
-            pack: src.pack,
+            packs: src.table.packs,
             source: src.source,
             verify_later: src.verify_later,
             chunks,
             state,
             faulted,
             stop: AtomicBool::new(false),
+            dropped: AtomicBool::new(false),
             max_chunk,
             failure: Mutex::new((None, None)),
             touched: Mutex::new(touched),
@@ -348,6 +406,7 @@ impl LazyMemory {
             // the faults the save's reads make).
             let (d, f) = self.shared.max_chunk;
             if let Ok(mut b) = Buffers::new(d, f) {
+                self.shared.dropped.store(false, Ordering::SeqCst);
                 for i in 0..self.shared.chunks.len() {
                     self.shared.load(i, &mut b);
                 }
@@ -359,6 +418,68 @@ impl LazyMemory {
         while !*done && !self.shared.stop.load(Ordering::SeqCst) {
             done = cv.wait(done).unwrap_or_else(|p| p.into_inner());
         }
+        drop(done);
+        self.refill_dropped();
+    }
+
+    /// For a reset: drops the pages of `ranges` (`(host address, len)`, page-aligned, sorted)
+    /// and marks the chunks holding them missing again, so the next touch (or
+    /// [`LazyMemory::wait_complete`]) reads and verifies them from the pack again, as on the
+    /// first touch. No vCPU may run and no device may write guest memory meanwhile.
+    pub fn revert(&self, ranges: &[(u64, u64)]) -> std::io::Result<()> {
+        let s = &self.shared;
+        for &(start, len) in ranges {
+            let end = start + len;
+            let first = s
+                .chunks
+                .partition_point(|c| c.host + u64::from(c.entry.ulen) <= start);
+            let hit = first..first + s.chunks[first..].partition_point(|c| c.host < end);
+            // Each holds a written page, so it was placed; one the prefetch is copying
+            // again finishes first, or it would stay marked placed with pages missing.
+            for i in hit.clone() {
+                while s.state[i].load(Ordering::SeqCst) == LOADING {
+                    std::thread::yield_now();
+                }
+            }
+            // SAFETY: the range lies in guest RAM, registered with the handler: dropped
+            // pages fault into it on their next touch.
+            if unsafe {
+                libc::madvise(
+                    start as *mut libc::c_void,
+                    len as usize,
+                    libc::MADV_DONTNEED,
+                )
+            } != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            for i in hit {
+                if s.state[i]
+                    .compare_exchange(DONE, MISSING, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    s.dropped.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Places the chunks a reset dropped (see [`LazyMemory::revert`]) that nothing touched
+    /// since, so every non-zero chunk is in guest RAM again.
+    fn refill_dropped(&self) {
+        if !self.shared.dropped.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let (d, f) = self.shared.max_chunk;
+        if let Ok(mut b) = Buffers::new(d, f) {
+            for i in 0..self.shared.chunks.len() {
+                if self.shared.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                self.shared.load(i, &mut b);
+            }
+        }
     }
 
     /// The verification failure that stopped the VM, if any.
@@ -368,6 +489,77 @@ impl LazyMemory {
 
     pub fn chunk_count(&self) -> usize {
         self.shared.chunks.len()
+    }
+}
+
+/// Puts back pages of guest RAM filled from a pack that is not mapped (a compressed pack),
+/// for a reset: each chunk holding a dropped page is read and verified again and the
+/// dropped pages get its bytes.
+pub struct Refill {
+    packs: Vec<Arc<VmPack>>,
+    chunks: Vec<Chunk>,
+    max_chunk: (usize, usize),
+    /// Made on the first reset and kept.
+    buffers: Mutex<Option<Buffers>>,
+}
+
+impl Refill {
+    /// `regions` as for [`LazyMemory::start`].
+    pub fn new(regions: &[(u64, u64, u64)], table: ChunkTable) -> super::Result<Refill> {
+        let chunks = table.place(regions)?;
+        let max_chunk = ChunkTable::max_chunk(&chunks);
+        Ok(Refill {
+            packs: table.packs,
+            chunks,
+            max_chunk,
+            buffers: Mutex::new(None),
+        })
+    }
+
+    /// Writes the pack's bytes over `ranges` (`(host address, len)`, page-aligned, sorted),
+    /// whose pages were just dropped (they read zero). No vCPU may run and no device may
+    /// write guest memory meanwhile.
+    pub fn rewrite(&self, ranges: &[(u64, u64)]) -> super::Result<()> {
+        let mut g = lock(&self.buffers);
+        if g.is_none() {
+            *g = Some(Buffers::new(self.max_chunk.0, self.max_chunk.1)?);
+        }
+        let b = g.as_mut().expect("made above");
+        let mut read: Option<usize> = None;
+        for &(start, len) in ranges {
+            let end = start + len;
+            let first = self
+                .chunks
+                .partition_point(|c| c.host + u64::from(c.entry.ulen) <= start);
+            for (i, c) in self.chunks.iter().enumerate().skip(first) {
+                if c.host >= end {
+                    break;
+                }
+                if c.entry.codec == Codec::Zero {
+                    continue;
+                }
+                let ulen = c.entry.ulen as usize;
+                if read != Some(i) {
+                    self.packs[c.pack]
+                        .reader()
+                        .read_chunk_reusing(&c.entry, true, &mut b.data[..ulen], &mut b.frame)
+                        .map_err(|e| {
+                            super::Error::Layout(format!(
+                                "putting back guest memory at {:#x}: {e}",
+                                c.gpa
+                            ))
+                        })?;
+                    read = Some(i);
+                }
+                let (s, e) = (start.max(c.host), end.min(c.host + ulen as u64));
+                let from = &b.data[(s - c.host) as usize..(e - c.host) as usize];
+                // SAFETY: `s..e` lies inside chunk `i`'s place in guest RAM (placed inside a
+                // region by `ChunkTable::place`), which lives as long as the VM; the caller
+                // keeps vCPUs and devices off it.
+                unsafe { std::ptr::copy_nonoverlapping(from.as_ptr(), s as *mut u8, from.len()) };
+            }
+        }
+        Ok(())
     }
 }
 
@@ -489,7 +681,7 @@ impl Shared {
             self.zero(c.host, len);
         } else {
             let b = &mut buffers.data[..c.entry.ulen as usize];
-            let reader: &PackReader = self.pack.reader();
+            let reader: &PackReader = self.packs[c.pack].reader();
             let fetched = match &self.source {
                 ChunkSource::PackFile => Ok(()),
                 ChunkSource::Fetch(f) => f.fetch(&c.entry),
@@ -611,12 +803,7 @@ impl Shared {
             .chain(0..n)
             .filter(|&i| self.chunks[i].entry.codec != Codec::Zero)
             .collect();
-        // A fetch waits on the network: a few in flight keep the link busy. A pack file
-        // is read at disk speed by one thread.
-        let threads = match self.source {
-            ChunkSource::PackFile => 1,
-            ChunkSource::Fetch(_) => 4,
-        };
+        let threads = prefetch_threads(&self.source);
         let next = std::sync::atomic::AtomicUsize::new(0);
         // Short of memory for a worker's buffers, the faults still fill what the guest (or
         // a save) reads; the pack is then not recorded as checked in full.
@@ -649,7 +836,7 @@ impl Shared {
             if self.stop.load(Ordering::SeqCst) || lock(&self.failure).0.is_some() {
                 break;
             }
-            let r = self.pack.reader();
+            let r = self.packs[0].reader();
             if let Err(e) = r.for_each_chunk_parallel(id, true, 1, &|_, _| Ok(())) {
                 self.fail(format!(
                     "a boot file kept for later saves failed verification: {e}"
@@ -667,6 +854,35 @@ impl Shared {
                 f(lock(&self.touched).clone());
             }
         }
+    }
+}
+
+/// Most prefetch workers for a pack file, whatever the host has.
+const MAX_PREFETCH_THREADS: usize = 4;
+
+/// Prefetch workers for a pack file as set by [`set_prefetch_threads`]; 0 = the default.
+static PREFETCH_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sets how many workers prefetch a pack file (1 to 64; anything else means the default):
+/// the binaries pass `VMBOOT_PREFETCH_THREADS`, as the library reads no environment.
+pub fn set_prefetch_threads(n: usize) {
+    let n = if (1..=64).contains(&n) { n } else { 0 };
+    PREFETCH_THREADS.store(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How many threads fill memory in the background. A fetch waits on the network: a few in
+/// flight keep the link busy. For a pack file the work is hashing (and decompressing) each
+/// chunk, which one core does at a fraction of the page cache's speed: one worker per core,
+/// at most [`MAX_PREFETCH_THREADS`], or what [`set_prefetch_threads`] set.
+fn prefetch_threads(source: &ChunkSource) -> usize {
+    if let ChunkSource::Fetch(_) = source {
+        return 4;
+    }
+    match PREFETCH_THREADS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, MAX_PREFETCH_THREADS),
+        n => n,
     }
 }
 
@@ -716,6 +932,107 @@ pub mod touch_order {
 /// The folder of touch-order records, beside the verification records.
 pub fn touch_dir(cache: Option<PathBuf>) -> Option<PathBuf> {
     cache.map(|c| c.join("touch"))
+}
+
+/// What a restore of a pack file does about lazy memory on this host (`vmpack inspect`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LazyPlan {
+    /// Whether `--memory lazy` can restore it here.
+    pub possible: bool,
+    /// Why not, when it cannot.
+    pub why_not: Option<String>,
+    /// Memory chunks served on first touch (for a diff pack, over its chain).
+    pub chunks: usize,
+    /// How many chunks the touch order recorded by an earlier lazy restore on this host
+    /// holds (prefetched first); `None` when none was recorded.
+    pub touch_order: Option<usize>,
+    /// The path `--memory auto` (with `--verify auto`) takes here now: `lazy`, `mmap`,
+    /// `decompress`, or for a diff pack `layered` (mapped or unpacked over its parents).
+    pub auto: &'static str,
+}
+
+/// The [`LazyPlan`] of the pack at `path` (`parent` as for a restore of a diff pack).
+pub fn plan(path: &std::path::Path, parent: Option<&std::path::Path>) -> LazyPlan {
+    use crate::snapshot::verified_cache;
+    let mut plan = LazyPlan {
+        possible: false,
+        why_not: None,
+        chunks: 0,
+        touch_order: None,
+        auto: "none",
+    };
+    let pack = match VmPack::open(path) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            plan.why_not = Some(e.to_string());
+            return plan;
+        }
+    };
+    let m = pack.manifest();
+    if m.vmstate.is_none() || m.memory.is_empty() {
+        plan.why_not = Some("not a saved VM (no vmstate or no memory)".into());
+        return plan;
+    }
+    let reader = pack.reader();
+    let root = reader.root_digest();
+    let known = verified_cache::is_verified(path, root);
+    let eager = m.memory_restore_path(reader).unwrap_or("decompress");
+    let table = if m.parent.is_some() {
+        plan.auto = "layered";
+        vmpack_formats::diff::open_chain(path, parent)
+            .map_err(|e| format!("its chain is broken: {e}"))
+            .and_then(|c| {
+                crate::diff::chain_table(&c).map_err(|e| crate::error::Chain(&e).to_string())
+            })
+    } else {
+        plan.auto = eager;
+        m.memory
+            .iter()
+            .map(|x| {
+                reader
+                    .section(&x.section)
+                    .map(|s| (x.gpa, s.id))
+                    .ok_or_else(|| format!("section '{}' is missing", x.section))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|sections| ChunkTable::of_pack(pack.clone(), &sections))
+    };
+    let table = match table {
+        Ok(t) => t,
+        Err(e) => {
+            plan.why_not = Some(e);
+            return plan;
+        }
+    };
+    plan.chunks = table.chunks.len();
+    if let Some(c) = table
+        .chunks
+        .iter()
+        .find(|c| c.gpa % PAGE != 0 || u64::from(c.entry.ulen) % PAGE != 0)
+    {
+        plan.why_not = Some(format!(
+            "memory chunk {} at guest address {:#x} is not page-aligned",
+            c.entry.seq, c.gpa
+        ));
+        return plan;
+    }
+    if let Some(d) = touch_dir(verified_cache::base_dir()) {
+        if d.join(hex::encode(root)).is_file() {
+            plan.touch_order = Some(touch_order::load(&d, root, plan.chunks).len());
+        }
+    }
+    if !available() {
+        plan.why_not = Some(
+            "userfaultfd is not available to this process (vm.unprivileged_userfaultfd=1 or CAP_SYS_PTRACE)"
+                .into(),
+        );
+        return plan;
+    }
+    plan.possible = true;
+    if m.parent.is_none() && (!known || eager != "mmap") {
+        plan.auto = "lazy";
+    }
+    plan
 }
 
 #[cfg(test)]
@@ -773,9 +1090,8 @@ mod tests {
         GuestRam::new(
             &[(0, 4 * CHUNK as u64)],
             GuestMemoryInit::Lazy(LazySource {
-                pack: pack.clone(),
+                table: ChunkTable::of_pack(pack.clone(), &[(0, id)]),
                 source: ChunkSource::PackFile,
-                sections: vec![(0, id)],
                 first: Vec::new(),
                 verify_later: Vec::new(),
                 on_complete: None,
@@ -818,9 +1134,8 @@ mod tests {
         let ram = GuestRam::new(
             &[(0, 4 * CHUNK as u64)],
             GuestMemoryInit::Lazy(LazySource {
-                pack: p.clone(),
+                table: ChunkTable::of_pack(p.clone(), &[(0, id)]),
                 source: ChunkSource::PackFile,
-                sections: vec![(0, id)],
                 first: vec![2],
                 verify_later: Vec::new(),
                 on_complete: Some(Box::new(move |order| tx.send(order).unwrap())),
@@ -885,6 +1200,75 @@ mod tests {
                 "{msg}"
             );
         }
+    }
+
+    /// What a reset of lazily filled RAM does: written pages dropped, their chunks served
+    /// from the pack again on the next touch or by the fill a save waits for.
+    #[test]
+    fn reverted_pages_are_served_from_the_pack_again() {
+        if !available() {
+            eprintln!("*** SKIPPED: userfaultfd is not available here ***");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        for c in [Compression::None, Compression::Zstd] {
+            let p = pack(d.path(), c);
+            let ram = lazy_ram(&p);
+            let host = ram.slots().next().unwrap().2;
+            ram.write(3 * CHUNK as u64 + 4096, &[0xee; 8192]).unwrap();
+            ram.write(CHUNK as u64, &[0xdd; 16]).unwrap();
+            let l = ram.lazy().unwrap();
+            l.revert(&[
+                (host + CHUNK as u64, 4096),
+                (host + 3 * CHUNK as u64 + 4096, 8192),
+            ])
+            .unwrap();
+            assert_eq!(ram.read(CHUNK as u64, 16).unwrap(), vec![0; 16], "{c}");
+            assert_eq!(ram.read(0, 4 * CHUNK).unwrap(), guest(), "{c}");
+            // Dropped and never touched again: a save's wait fills it.
+            ram.write(3 * CHUNK as u64, &[0xee; 4096]).unwrap();
+            l.revert(&[(host + 3 * CHUNK as u64, 4096)]).unwrap();
+            let ranges = ram.data_ranges();
+            assert!(
+                ranges[0].iter().any(|r| r.contains(&(3 * CHUNK as u64))),
+                "{c}: {ranges:?}"
+            );
+            assert_eq!(ram.read(0, 4 * CHUNK).unwrap(), guest(), "{c}");
+        }
+    }
+
+    /// What a reset of RAM unpacked from a compressed pack does after dropping the pages.
+    #[test]
+    fn refill_puts_the_packs_bytes_back() {
+        let d = tempfile::tempdir().unwrap();
+        let p = pack(d.path(), Compression::Zstd);
+        let id = p.reader().section("memory/0").unwrap().id;
+        let ram = GuestRam::new(&[(0, 4 * CHUNK as u64)], GuestMemoryInit::Zeroed).unwrap();
+        let host = ram.slots().next().unwrap().2;
+        let regions = [(0, host, 4 * CHUNK as u64)];
+        let r = Refill::new(&regions, ChunkTable::of_pack(p.clone(), &[(0, id)])).unwrap();
+        r.rewrite(&[(host, 4 * CHUNK as u64)]).unwrap();
+        assert_eq!(ram.read(0, 4 * CHUNK).unwrap(), guest());
+        ram.write(3 * CHUNK as u64 + 8192, &[9; 100]).unwrap();
+        r.rewrite(&[(host + 3 * CHUNK as u64 + 8192, 4096)])
+            .unwrap();
+        assert_eq!(ram.read(0, 4 * CHUNK).unwrap(), guest());
+        // A chunk that no longer matches its digest is refused by name, nothing written.
+        let e = p.reader().chunks(id)[0].clone();
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(p.path())
+                .unwrap();
+            f.write_all_at(&[0x55; 4], e.payload_offset + 8).unwrap();
+        }
+        let p2 = Arc::new(VmPack::open(p.path()).unwrap());
+        let r = Refill::new(&regions, ChunkTable::of_pack(p2, &[(0, id)])).unwrap();
+        ram.write(0, &[7; 4]).unwrap();
+        let err = r.rewrite(&[(host, 4096)]).unwrap_err().to_string();
+        assert!(err.contains("chunk 0") && err.contains("memory/0"), "{err}");
+        assert_eq!(ram.read(0, 4).unwrap(), vec![7; 4]);
     }
 
     #[test]

@@ -39,21 +39,17 @@ pub fn ram_layout(bytes: u64) -> Vec<(u64, u64)> {
 /// One file of [`GuestMemoryInit::MapLayers`] and its pieces `(gpa, file offset, len)`.
 pub type MapLayer = (std::fs::File, Vec<(u64, u64, u64)>);
 
+/// Why [`GuestRam::reset_to_start`] refuses RAM that was neither mapped from nor can be
+/// read again from a pack.
+pub const NOT_REVERTIBLE: &str = "guest memory was filled from a pack it cannot read again (standard input), so it cannot be put back in place; restore from a pack file";
+
 /// How a new VM's RAM gets its contents.
 pub enum GuestMemoryInit {
     /// All zero (a fresh boot; the loader writes the payload afterwards).
     Zeroed,
     /// The closure receives every region as `(gpa, bytes)` and fills it (e.g. decompresses a
     /// pack's memory section). The regions start zeroed.
-    #[allow(clippy::type_complexity)]
-    Fill(
-        Box<
-            dyn FnOnce(
-                &mut [(u64, &mut [u8])],
-            )
-                -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>,
-        >,
-    ),
+    Fill(FillFn),
     /// Map the given file ranges privately (copy-on-write) at these GPAs; the guest's writes
     /// never reach the file. Untouched ranges are zero.
     MapPrivate {
@@ -66,6 +62,12 @@ pub enum GuestMemoryInit {
     /// [`GuestMemoryInit::MapPrivate`] from several files (a chain of diff packs): pieces
     /// of different files never overlap.
     MapLayers(Vec<MapLayer>),
+    /// [`GuestMemoryInit::Fill`] with the chunks of a pack that cannot be mapped (a
+    /// compressed one): a reset reads the chunks of the written pages again.
+    Unpack {
+        fill: FillFn,
+        table: crate::vstate::lazy::ChunkTable,
+    },
 }
 
 impl std::fmt::Debug for GuestMemoryInit {
@@ -78,6 +80,9 @@ impl std::fmt::Debug for GuestMemoryInit {
             }
             GuestMemoryInit::Lazy(_) => f.write_str("Lazy"),
             GuestMemoryInit::MapLayers(l) => write!(f, "MapLayers({} files)", l.len()),
+            GuestMemoryInit::Unpack { table, .. } => {
+                write!(f, "Unpack({} chunks)", table.chunks.len())
+            }
         }
     }
 }
@@ -100,9 +105,12 @@ pub struct GuestRam {
     lazy: Option<crate::vstate::lazy::LazyMemory>,
     /// The marks of "pages written since" (see [`crate::vstate::dirty`]).
     dirty: crate::vstate::dirty::DirtyLog,
-    /// Mapped from a pack file (`MapPrivate`): a written page reverts to mark 0's content
-    /// when its private copy is dropped, which is what [`GuestRam::reset_to_start`] needs.
+    /// Mapped from pack files (`MapPrivate`, `MapLayers`): a written page reverts to mark
+    /// 0's content when its private copy is dropped, which is what
+    /// [`GuestRam::reset_to_start`] needs.
     revertible: bool,
+    /// Filled from a pack that is not mapped (`Unpack`): how a reset puts pages back.
+    refill: Option<crate::vstate::lazy::Refill>,
 }
 
 // SAFETY: the raw pointers are private mmap'ed memory that lives as long as `GuestRam`; all
@@ -112,6 +120,23 @@ unsafe impl Send for GuestRam {}
 // SAFETY: see `Send`.
 unsafe impl Sync for GuestRam {}
 
+/// What fills guest RAM from outside (`GuestMemoryInit::Fill`, `Unpack`): every region as
+/// `(gpa, bytes)`; its error is the caller's own.
+pub type FillFn = Box<
+    dyn FnOnce(
+        &mut [(u64, &mut [u8])],
+    ) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>,
+>;
+
+/// A [`FillFn`] from a closure with any error type.
+pub fn boxed_fill<E, F>(f: F) -> FillFn
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    F: FnOnce(&mut [(u64, &mut [u8])]) -> std::result::Result<(), E> + 'static,
+{
+    Box::new(move |r| f(r).map_err(Into::into))
+}
+
 impl GuestMemoryInit {
     /// [`GuestMemoryInit::Fill`] from a closure with any error type.
     pub fn fill<E, F>(f: F) -> GuestMemoryInit
@@ -119,7 +144,7 @@ impl GuestMemoryInit {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
         F: FnOnce(&mut [(u64, &mut [u8])]) -> std::result::Result<(), E> + 'static,
     {
-        GuestMemoryInit::Fill(Box::new(move |r| f(r).map_err(Into::into)))
+        GuestMemoryInit::Fill(boxed_fill(f))
     }
 }
 
@@ -134,6 +159,7 @@ impl GuestRam {
             lazy: None,
             dirty: crate::vstate::dirty::DirtyLog::new(layout),
             revertible: false,
+            refill: None,
         };
         if layout.is_empty() {
             return Err(Error::Layout("guest has no RAM".into()));
@@ -187,8 +213,20 @@ impl GuestRam {
         }
         ram.mem = GuestMemoryMmap::from_regions(views)
             .map_err(|e| Error::Layout(format!("guest RAM layout: {e}")))?;
+        let host_regions: Vec<(u64, u64, u64)> = ram
+            .regions
+            .iter()
+            .map(|r| (r.gpa, r.host as u64, r.size as u64))
+            .collect();
+        let (init, table) = match init {
+            GuestMemoryInit::Unpack { fill, table } => (GuestMemoryInit::Fill(fill), Some(table)),
+            init => (init, None),
+        };
+        // A layout the refill cannot place (chunks not page-aligned) still restores; such a
+        // VM is just not resettable.
+        ram.refill = table.and_then(|t| crate::vstate::lazy::Refill::new(&host_regions, t).ok());
         match init {
-            GuestMemoryInit::Zeroed => {}
+            GuestMemoryInit::Zeroed | GuestMemoryInit::Unpack { .. } => {}
             GuestMemoryInit::Fill(f) => {
                 // SAFETY: the VM does not exist yet, so nobody else touches this memory.
                 let mut slices: Vec<(u64, &mut [u8])> = ram
@@ -213,14 +251,10 @@ impl GuestRam {
                     ram.file_backed
                         .extend(pieces.iter().map(|&(gpa, _, len)| (gpa, len)));
                 }
+                ram.revertible = true;
             }
             GuestMemoryInit::Lazy(src) => {
-                let regions: Vec<(u64, u64, u64)> = ram
-                    .regions
-                    .iter()
-                    .map(|r| (r.gpa, r.host as u64, r.size as u64))
-                    .collect();
-                ram.lazy = Some(crate::vstate::lazy::LazyMemory::start(&regions, src)?);
+                ram.lazy = Some(crate::vstate::lazy::LazyMemory::start(&host_regions, src)?);
             }
         }
         Ok(ram)
@@ -303,6 +337,20 @@ impl GuestRam {
             .mark_with(&mut Self::kvm_dirty(vm), &mut || self.take_vmm_dirty())
     }
 
+    /// Drops a dirty mark (see [`crate::vstate::dirty::DirtyLog::forget`]).
+    pub fn dirty_forget(&self, mark: u64) {
+        self.dirty.forget(mark);
+    }
+
+    /// `(gpa, host address, size)` of every region, for copies made while the guest runs
+    /// (a live save), where [`GuestRam::slices`] cannot be used.
+    pub fn raw_regions(&self) -> Vec<(u64, *const u8, usize)> {
+        self.regions
+            .iter()
+            .map(|r| (r.gpa, r.host as *const u8, r.size))
+            .collect()
+    }
+
     /// The pages written since `mark` (0: since this memory was created or last reset).
     pub fn dirty_since(
         &self,
@@ -316,35 +364,46 @@ impl GuestRam {
     }
 
     /// Puts every page written since mark 0 back to its content at mark 0 and starts the
-    /// dirty log over. Only for RAM mapped from a pack file (`MapPrivate`): there mark 0's
-    /// content is what a page falls back to when `MADV_DONTNEED` drops its private copy
+    /// dirty log over. Where RAM is mapped from pack files (`MapPrivate`, `MapLayers`), mark
+    /// 0's content is what a page falls back to when `MADV_DONTNEED` drops its private copy
     /// (the file's bytes where the pack has them, zero elsewhere), so a reset costs one
-    /// `madvise` per run of written pages, not a copy. No vCPU may run and no device may
-    /// write guest memory meanwhile. Returns the number of pages put back.
+    /// `madvise` per run of written pages, not a copy. Lazily filled RAM drops the pages
+    /// too and serves them from the pack again on their next touch (verified, as the first
+    /// time); RAM unpacked from a compressed pack drops them and copies them from the pack's
+    /// chunks again (verified). No vCPU may run and no device may write guest memory
+    /// meanwhile. Returns the number of pages put back.
     pub fn reset_to_start(&self, vm: &kvm_ioctls::VmFd) -> Result<u64> {
-        if !self.revertible {
+        if !self.revertible() {
             return Err(Error::NotRevertible);
         }
         let dirty = self.dirty_since(vm, 0)?;
+        let mut host = Vec::new();
         for (gpa, len) in dirty.ranges() {
             let r = self
                 .regions
                 .iter()
                 .find(|r| gpa >= r.gpa && gpa + len <= r.gpa + r.size as u64)
                 .with_context(|| format!("dirty range {gpa:#x}+{len:#x} is not in guest RAM"))?;
-            // SAFETY: the range lies inside a mapping this struct owns (checked above);
-            // dropping private pages of a MAP_PRIVATE mapping only makes them read back as
-            // the file's (or zero) on the next touch, which is the point.
-            let rc = unsafe {
-                libc::madvise(
-                    r.host.add((gpa - r.gpa) as usize).cast(),
-                    len as usize,
-                    libc::MADV_DONTNEED,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("madvise(MADV_DONTNEED) at gpa {gpa:#x}"));
+            host.push((r.host as u64 + (gpa - r.gpa), len));
+        }
+        if let Some(l) = &self.lazy {
+            l.revert(&host)
+                .context("madvise(MADV_DONTNEED) of lazily filled guest memory")?;
+        } else {
+            for &(at, len) in &host {
+                // SAFETY: the range lies inside a mapping this struct owns (checked above);
+                // dropping private pages of a MAP_PRIVATE mapping only makes them read back
+                // as the file's (or zero) on the next touch, which is the point.
+                let rc = unsafe {
+                    libc::madvise(at as *mut libc::c_void, len as usize, libc::MADV_DONTNEED)
+                };
+                if rc != 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .with_context(|| format!("madvise(MADV_DONTNEED) at {at:#x}"));
+                }
+            }
+            if let Some(r) = &self.refill {
+                r.rewrite(&host)?;
             }
         }
         self.dirty
@@ -352,9 +411,10 @@ impl GuestRam {
         Ok(dirty.count())
     }
 
-    /// Whether [`GuestRam::reset_to_start`] can work (RAM mapped from a pack file).
+    /// Whether [`GuestRam::reset_to_start`] can work: RAM mapped from pack files, filled
+    /// lazily, or unpacked from a pack it can read again.
     pub fn revertible(&self) -> bool {
-        self.revertible
+        self.revertible || self.lazy.is_some() || self.refill.is_some()
     }
 
     /// vm-memory view, for the loaders and `Bytes` accesses.

@@ -59,10 +59,7 @@ pub enum Error {
     NoSuchMark { mark: u64, newest: u64 },
     #[error("mark {mark} is no longer kept (kept: 0 and {first}..={last})")]
     MarkGone { mark: u64, first: u64, last: u64 },
-    #[error(
-        "guest memory was not mapped from a pack file, so it cannot be put back in place \
-         (restore an uncompressed pack with --memory eager)"
-    )]
+    #[error("{}", memory::NOT_REVERTIBLE)]
     NotRevertible,
     #[error("installing the vCPU kick signal handler: {0}")]
     KickHandler(String),

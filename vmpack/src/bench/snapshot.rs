@@ -230,6 +230,8 @@ struct OursRow {
     lazy: Option<RestoreSample>,
     /// For the `none` pack: a diff save against it a moment later.
     diff: Option<Result<DiffSample, String>>,
+    /// For the `none` compression: a live save (`--live`) after the diff save.
+    live: Option<Result<LiveSample, String>>,
     error: Option<String>,
 }
 
@@ -283,6 +285,53 @@ fn measure_diff(
         process_ms,
         bytes: j["bytes"].as_u64().unwrap_or(0),
         memory_bytes: st.last_save.and_then(|l| l.diff_bytes).unwrap_or(0),
+    })
+}
+
+/// `vmpack save --live` (default pause target) of the running guest.
+#[derive(Clone)]
+struct LiveSample {
+    pause_ms: f64,
+    /// `vmpack save --json`'s `milliseconds`: request to pack complete on disk.
+    save_ms: f64,
+    /// Process start to end of `vmpack save`.
+    process_ms: f64,
+    rounds: usize,
+    /// Bytes copied by the pre-copy rounds, and during the pause.
+    precopy_bytes: u64,
+    final_bytes: u64,
+    met: bool,
+}
+
+fn measure_live(bins: &Bins, sock: &Path, out: &Path) -> Result<LiveSample> {
+    let t = Instant::now();
+    let o = Command::new(&bins.vmpack)
+        .arg("save")
+        .arg("--api-sock")
+        .arg(sock)
+        .arg("-o")
+        .arg(out)
+        .arg("--live")
+        .arg("--json")
+        .stdin(Stdio::null())
+        .output()
+        .context("running vmpack save --live")?;
+    let process_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let _ = std::fs::remove_file(out);
+    if !o.status.success() {
+        bail!("{}", String::from_utf8_lossy(&o.stderr).trim());
+    }
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    let live = &j["live"];
+    let rounds = live["rounds"].as_array().cloned().unwrap_or_default();
+    Ok(LiveSample {
+        pause_ms: j["pause_ms"].as_f64().unwrap_or(f64::NAN),
+        save_ms: j["milliseconds"].as_f64().unwrap_or(f64::NAN),
+        process_ms,
+        rounds: rounds.len(),
+        precopy_bytes: rounds.iter().filter_map(|r| r["bytes"].as_u64()).sum(),
+        final_bytes: live["final_bytes"].as_u64().unwrap_or(0),
+        met: live["max_pause_met"].as_bool().unwrap_or(false),
     })
 }
 
@@ -416,6 +465,18 @@ fn measure_ours(
             );
         }
         row.diff = Some(r);
+        let out = d.join(format!("guest-{}-{}-live.vmpack", g.mib, g.data_mib));
+        let r = measure_live(bins, &sock, &out).map_err(|e| format!("{e:#}"));
+        if let Ok(s) = &r {
+            crate::note!(
+                "  live save: pause {:.1} ms, save {:.1} ms ({:.1} ms with the process), {} rounds",
+                s.pause_ms,
+                s.save_ms,
+                s.process_ms,
+                s.rounds
+            );
+        }
+        row.live = Some(r);
     }
     let _ = client.shutdown();
     vm.finish(Duration::from_secs(5));
@@ -1054,6 +1115,56 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
                     s.pause_ms,
                     s.save_ms,
                     s.process_ms
+                ),
+                Some(Err(e)) => {
+                    crate::outln!("{:>6} {:>6} ERROR {e}", r.g.mib, r.g.data_mib)
+                }
+                None => {}
+            }
+        }
+    }
+    crate::outln!();
+    crate::outln!(
+        "Live saves: `vmpack save --live` (pause target 20 ms) of the running guest after the \
+         diff save; pause = guest stopped; save = request to pack complete and synced \
+         (`--json` milliseconds), process = the whole command; pre-copy = bytes the rounds \
+         copied while the guest ran, final = bytes copied during the pause. QEMU: its \
+         migration downtime and save time (no fsync)."
+    );
+    crate::outln!(
+        "{:>6} {:>6} {:>9} {:>8} {:>11} {:>7} {:>12} {:>9} {:>5} | {:>11} {:>7}",
+        "guest",
+        "data",
+        "pause ms",
+        "save ms",
+        "process ms",
+        "rounds",
+        "pre-copy MB",
+        "final MB",
+        "met",
+        "QEMU down",
+        "save s"
+    );
+    for r in &results {
+        let (qd, qs) = match &r.qemu {
+            Some(Ok(q)) => (format!("{:.1}", q.downtime_ms), format!("{:.2}", q.save_s)),
+            _ => ("-".into(), "-".into()),
+        };
+        for (_, o) in &r.ours {
+            match &o.live {
+                Some(Ok(s)) => crate::outln!(
+                    "{:>6} {:>6} {:>9.1} {:>8.1} {:>11.1} {:>7} {:>12.1} {:>9.2} {:>5} | {:>11} {:>7}",
+                    r.g.mib,
+                    r.g.data_mib,
+                    s.pause_ms,
+                    s.save_ms,
+                    s.process_ms,
+                    s.rounds,
+                    mb(s.precopy_bytes),
+                    mb(s.final_bytes),
+                    if s.met { "yes" } else { "no" },
+                    qd,
+                    qs
                 ),
                 Some(Err(e)) => {
                     crate::outln!("{:>6} {:>6} ERROR {e}", r.g.mib, r.g.data_mib)

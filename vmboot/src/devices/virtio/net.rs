@@ -535,6 +535,29 @@ impl VmDevice for NetHandle {
         })
     }
 
+    /// Back to the saved transport and counters with the tap kept attached (its fd stays in
+    /// the worker); a frame read from the tap and not yet placed is dropped, as a network
+    /// may drop one. The MAC stays this VM's: if the pack's differs, the guest gets the
+    /// configuration-change interrupt again, as on the restore.
+    fn reset_to(&self, state: &DeviceState) -> Result<()> {
+        let s = state.decode::<Arc<NetHandle>>()?;
+        let mut changed = false;
+        VirtioMmio::reset_to(self, &s.transport, |d| {
+            d.counters = s.counters.clone();
+            d.pending = None;
+            changed = s.mac != d.mac.to_string();
+            Ok(())
+        })?;
+        if changed {
+            lock(&self.dev).signal_config();
+        }
+        Ok(())
+    }
+
+    fn resettable(&self) -> bool {
+        true
+    }
+
     fn status(&self) -> Option<crate::api::DeviceStatus> {
         let t = lock(&self.dev);
         let c = &t.device.counters;
