@@ -7,7 +7,7 @@
 //! that all later clones map instead.
 
 use crate::packs::{Context, Error, Result};
-use crate::snapshot::verified_cache;
+use crate::verified_cache;
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -187,7 +187,7 @@ fn expand(pack: &VmPack, out_path: &Path) -> Result<()> {
                 .map(|(r, b)| (*r, b as &dyn SectionSource))
                 .collect(),
         ),
-        memory_chunk_size: Some(crate::snapshot::MEMORY_CHUNK_SIZE),
+        memory_chunk_size: Some(crate::packs::MEMORY_CHUNK_SIZE),
         files_in_memory: ["kernel", "initrd", "image"]
             .into_iter()
             .filter_map(|role| Some((role, manifest.file(role)?.in_memory?)))

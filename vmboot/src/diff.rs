@@ -450,7 +450,7 @@ pub fn flatten(
                 .map(|(r, b)| (*r, b as &dyn SectionSource))
                 .collect(),
         ),
-        memory_chunk_size: Some(crate::snapshot::MEMORY_CHUNK_SIZE),
+        memory_chunk_size: Some(crate::packs::MEMORY_CHUNK_SIZE),
         files_in_memory: Vec::new(),
         diff: None,
     };

@@ -28,8 +28,10 @@ pub mod mptable;
 pub mod msr;
 pub mod packs;
 pub mod persist;
+pub mod restore_plan;
 pub mod samples;
 pub mod snapshot;
+pub mod verified_cache;
 pub mod vmm;
 pub mod vstate;
 

@@ -286,7 +286,7 @@ fn main() {
     if log::set_logger(&LOG).is_ok() {
         log::set_max_level(log::LevelFilter::Warn);
     }
-    vmboot::snapshot::verified_cache::set_base_dir(cache_dir_from_env());
+    vmboot::verified_cache::set_base_dir(cache_dir_from_env());
     if let Some(n) = std::env::var("VMBOOT_PREFETCH_THREADS")
         .ok()
         .and_then(|v| v.trim().parse().ok())

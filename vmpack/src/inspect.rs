@@ -109,7 +109,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
     let lazy = manifest
         .as_ref()
         .filter(|m| m.vmstate.is_some() && !m.memory.is_empty())
-        .map(|_| vmboot::vstate::lazy::plan(&a.file, a.parent.as_deref()));
+        .map(|_| vmboot::restore_plan::plan(&a.file, a.parent.as_deref()));
     // The host that saved the VM, recorded in the vm state (docs/FORMAT.md §12.2).
     let saved_on = match manifest.as_ref().and_then(|m| m.vmstate.as_ref()) {
         Some(_) => vmboot::compat::SavedPack::open(&a.file)
@@ -202,7 +202,7 @@ fn print_json(
     manifest_err: &Option<String>,
     restore: Option<&str>,
     saved_on: &Option<serde_json::Value>,
-    lazy: &Option<vmboot::vstate::lazy::LazyPlan>,
+    lazy: &Option<vmboot::restore_plan::LazyPlan>,
 ) -> Result<()> {
     let (major, minor) = r.version();
     let sections: Vec<_> = r
@@ -243,7 +243,7 @@ fn print_json(
 }
 
 /// The `lazy restore:` line of the text report.
-fn lazy_line(l: &vmboot::vstate::lazy::LazyPlan) -> String {
+fn lazy_line(l: &vmboot::restore_plan::LazyPlan) -> String {
     let auto = match l.auto {
         "layered" => "eager, layered over the parent packs (lazy only with --memory lazy)",
         other => other,

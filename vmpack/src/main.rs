@@ -173,7 +173,7 @@ fn main() -> ExitCode {
         log::set_max_level(log::LevelFilter::Warn);
     }
     // The library reads no environment: the cache folder is the registry cache's root.
-    vmboot::snapshot::verified_cache::set_base_dir(vmpack_registry::cache::cache_root());
+    vmboot::verified_cache::set_base_dir(vmpack_registry::cache::cache_root());
     if let Some(n) = std::env::var("VMBOOT_PREFETCH_THREADS")
         .ok()
         .and_then(|v| v.trim().parse().ok())

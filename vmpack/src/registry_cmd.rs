@@ -237,7 +237,7 @@ pub fn pull_to(
     drop(reader);
     out.commit()?;
     // Checked just now: the first restore need not check again.
-    vmboot::snapshot::verified_cache::record(output, root);
+    vmboot::verified_cache::record(output, root);
     Ok((report, t.elapsed().as_secs_f64()))
 }
 

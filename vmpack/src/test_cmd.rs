@@ -18,7 +18,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vmboot::clone::{mappable_pack, Source};
 use vmboot::console::Console;
-use vmboot::snapshot::{verified_cache, PackInput, RestoreOptions, VerifyPolicy};
+use vmboot::snapshot::{PackInput, RestoreOptions, VerifyPolicy};
+use vmboot::verified_cache;
 use vmboot::{RunOptions, SerialSink};
 
 /// Time limit of a step that names none (the file's `timeout_ms` overrides it).
