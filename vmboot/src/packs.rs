@@ -125,6 +125,10 @@ impl<T> Context<T> for std::result::Result<T, vmpack_formats::pack::PackError> {
     }
 }
 
+/// Guest memory is chunked finer than files and disks: a chunk holding one dirty page is
+/// stored whole, and on the mmap restore path every non-zero chunk is one mapping.
+pub const MEMORY_CHUNK_SIZE: u32 = 256 << 10;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,7 +144,3 @@ mod tests {
         assert!(Error::Refused("x".into()).as_pause().is_none());
     }
 }
-
-/// Guest memory is chunked finer than files and disks: a chunk holding one dirty page is
-/// stored whole, and on the mmap restore path every non-zero chunk is one mapping.
-pub const MEMORY_CHUNK_SIZE: u32 = 256 << 10;
