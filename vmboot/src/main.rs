@@ -109,6 +109,7 @@ fn run(
         api_sock,
         stdin_input: true,
         vsock_sock,
+        temp_dir: Some(std::env::temp_dir()),
         ..Default::default()
     };
     let vm = Vm::create(&cfg, payload, &opts)?;

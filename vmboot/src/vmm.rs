@@ -141,6 +141,11 @@ pub struct RunOptions {
     pub vsock_sock: Option<PathBuf>,
     /// A restore's new identity for the first `[[net]]` (a clone's tap and MAC).
     pub net: crate::devices::virtio::net::NetOverride,
+    /// Where a save of a VM without a `work_dir` (one booted from a config) keeps, in an
+    /// unlinked temporary file, the old disk content the guest overwrites while the pack is
+    /// written and that does not fit in memory. The binaries pass `std::env::temp_dir()`
+    /// (the library reads no environment); unset, the current folder.
+    pub temp_dir: Option<PathBuf>,
     /// A restore's lazily filled disks (`vstate::lazy_disk`): disk `i` is served from its
     /// entry here instead of the config's file.
     pub disks: crate::vstate::lazy_disk::LazyDisks,
@@ -671,7 +676,11 @@ impl Vm {
             reset_point: OnceLock::new(),
             disk_reset: OnceLock::new(),
             initrd_at: OnceLock::new(),
-            spill_dir: opts.work_dir.clone().unwrap_or_else(std::env::temp_dir),
+            spill_dir: opts
+                .work_dir
+                .clone()
+                .or_else(|| opts.temp_dir.clone())
+                .unwrap_or_else(|| PathBuf::from(".")),
             vcpus,
             devices,
             vm: base.vm,

@@ -274,6 +274,7 @@ fn run_options(a: &RunArgs, cfg: Option<&VmConfig>) -> RunOptions {
         serial_out: sink(a.serial_out.as_deref(), cfg),
         api_sock: a.api_sock.clone(),
         stdin_input: true,
+        temp_dir: Some(std::env::temp_dir()),
         ..Default::default()
     }
 }
