@@ -238,13 +238,17 @@ fn a_pause_target_that_cannot_be_met_takes_the_fallback_and_still_restores() {
     let a = Running::start(dir.path());
     // The API refuses what does not fit together before it touches the VM.
     let d = "ab".repeat(32);
-    for body in [
-        r#"{"max_pause_ms":5}"#.to_string(),
-        r#"{"live":true,"max_pause_ms":60001}"#.to_string(),
-        format!(r#"{{"live":true,"diff_from":{{"root_digest":"{d}","file":"p.vmpack"}}}}"#),
+    for (body, status) in [
+        (r#"{"max_pause_ms":5}"#.to_string(), 400),
+        (r#"{"live":true,"max_pause_ms":60001}"#.to_string(), 400),
+        // A live diff save is refused like any diff save whose parent the VM does not know.
+        (
+            format!(r#"{{"live":true,"diff_from":{{"root_digest":"{d}","file":"p.vmpack"}}}}"#),
+            409,
+        ),
     ] {
         let (code, text) = common::http(&a.sock, "POST", "/vm/save", body.as_bytes());
-        assert_eq!(code, 400, "{body}: {text}");
+        assert_eq!(code, status, "{body}: {text}");
     }
     a.wait_for("round 5 ok\n");
     let from = a.output().len();
@@ -343,24 +347,63 @@ fn live_flags_are_checked_before_the_vm_is_touched() {
             "-o",
             "x.vmpack",
             "--live",
-            "--diff-from",
-            "p.vmpack",
-        ],
-    );
-    assert_eq!(o.status.code(), Some(2), "--live with --diff-from");
-    let o = common::run(
-        dir.path(),
-        &[
-            "save",
-            "--api-sock",
-            s,
-            "-o",
-            "x.vmpack",
-            "--live",
             "--max-pause",
             "60001",
         ],
     );
     assert_eq!(o.status.code(), Some(2), "--max-pause over a minute");
     assert!(!dir.path().join("x.vmpack").exists());
+}
+
+/// `save --live --diff-from`: a live save of the running guest, then a live diff save of it
+/// against that pack; the diff names its parent, holds only memory chunks (whole ones), and
+/// restored over the parent it continues exactly.
+#[test]
+fn live_diff_save_restores_exactly_over_its_parent() {
+    if !common::kvm_available("live save tests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vmpack");
+    let child = dir.path().join("child.vmpack");
+    let a = Running::start(dir.path());
+    a.wait_for("round 3 ok\n");
+    let o = save_args(&a.sock, base.to_str().unwrap(), &["--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(common::ok(&o).trim()).unwrap();
+    let base_root = v["root_digest"].as_str().unwrap().to_string();
+    a.wait_for("round 8 ok\n");
+    let from = a.output().len();
+    let o = save_args(
+        &a.sock,
+        child.to_str().unwrap(),
+        &["--json", "--diff-from", base.to_str().unwrap()],
+    )
+    .output()
+    .unwrap();
+    let to = a.output().len();
+    let v: serde_json::Value = serde_json::from_str(common::ok(&o).trim()).unwrap();
+    assert_eq!(
+        v["parent"],
+        base_root.as_str(),
+        "the child names its parent: {v}"
+    );
+    assert!(
+        v["live"]["rounds"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty()),
+        "{v}"
+    );
+    let (code, orig) = a.finish();
+
+    common::ok(&common::run(
+        dir.path(),
+        &["verify", child.to_str().unwrap(), "--quiet"],
+    ));
+    let serial = dir.path().join("b.serial");
+    let r = restore_file(&child, &serial);
+    assert_eq!(r.status.code(), Some(0), "{}", common::stderr(&r));
+    let after = std::fs::read_to_string(&serial).unwrap();
+    check_continuation(code, &orig, &after, from, to);
 }

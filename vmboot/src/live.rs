@@ -8,6 +8,7 @@
 //! by every path (docs/FORMAT.md §12 says why).
 
 use crate::api::{LiveRound, LiveStats, SaveStats};
+use crate::packs::MEMORY_CHUNK_SIZE;
 use crate::packs::{Context, Error, Result};
 use crate::snapshot::{copy_fits, write_pack, RamCopy};
 use crate::vmm::VmHandle;
@@ -15,6 +16,7 @@ use crate::vstate::dirty::{DirtyPages, PAGE};
 use std::io::Write;
 use std::ops::Range;
 use std::time::{Duration, Instant};
+use vmpack_formats::diff::{ChunkMap, ParentRef};
 use vmpack_formats::pack::{Compression, SectionSource};
 
 /// Pre-copy rounds at most (the first, which copies all resident memory, included). Each
@@ -68,21 +70,33 @@ pub fn plan_next(
     )))
 }
 
-/// Saves the running VM behind `handle` live (see the module doc) to `out`. Disks are
-/// frozen at the pause, as in an ordinary save (`crate::disk_snapshot`), and read while the
-/// guest runs on. Where a live save cannot help, it is an ordinary save, with
-/// `live.warning` saying why: the VM does not resume afterwards, or a copy of guest RAM
-/// would not fit in memory.
+/// Saves the running VM behind `handle` live (see the module doc) to `out`; with
+/// `diff_from`, a diff pack (`crate::diff`) whose rounds copy only the chunks written since
+/// that parent. Disks are frozen at the pause, as in an ordinary save
+/// (`crate::disk_snapshot`), and read while the guest runs on. Where a live save cannot
+/// help, it is an ordinary save, with `live.warning` saying why: the VM does not resume
+/// afterwards, or a copy of guest RAM would not fit in memory.
 pub fn save(
     handle: &VmHandle,
     compression: Compression,
     level: Option<i32>,
     resume_after: bool,
     max_pause: Duration,
+    diff_from: Option<&ParentRef>,
     out: &mut dyn Write,
 ) -> Result<SaveStats> {
+    // Refused before anything: the VM must know the parent.
+    let parent_mark = match diff_from {
+        Some(p) => Some(
+            handle
+                .pack_mark(&p.root_digest)
+                .ok_or_else(|| crate::diff::unknown_parent(&p.root_digest))?,
+        ),
+        None => None,
+    };
     let ordinary = |why: &str, out: &mut dyn Write| -> Result<SaveStats> {
-        let mut st = crate::snapshot::save(handle, compression, level, resume_after, out)?;
+        let mut st =
+            crate::snapshot::save_with(handle, compression, level, resume_after, diff_from, out)?;
         st.live = Some(LiveStats {
             max_pause_ms: ms(max_pause),
             max_pause_met: st.pause_ms <= ms(max_pause),
@@ -103,7 +117,30 @@ pub fn save(
     if let Some(e) = handle.memory_failure() {
         return Err(Error::Refused(e));
     }
-    if !copy_fits(handle, None) {
+    let mut prev = handle.dirty_mark()?;
+    // Taken after the mark: a page that becomes resident (or is written) later is dirty.
+    // A diff copies whole chunks (the pack stores chunks): first every chunk written since
+    // the parent; `held` is the chunks copied whole so far.
+    let mut held = match parent_mark {
+        Some(m) => match crate::diff::changed_chunks(handle, m, MEMORY_CHUNK_SIZE) {
+            Ok(maps) => Some(maps),
+            Err(e) => {
+                handle.dirty_forget(prev);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+    let first_runs: Vec<Vec<Range<u64>>> = match &held {
+        Some(maps) => maps
+            .iter()
+            .map(|m| crate::diff::intersect(std::slice::from_ref(&(0..m.region_size)), m))
+            .collect(),
+        None => handle.memory_data_ranges(),
+    };
+    let to_copy = first_runs.iter().flatten().map(|r| r.end - r.start).sum();
+    if !copy_fits(handle, Some(to_copy)) {
+        handle.dirty_forget(prev);
         return ordinary(
             "a copy of guest memory would take more than half of this host's available memory",
             out,
@@ -114,10 +151,7 @@ pub fn save(
         .iter()
         .map(|&(gpa, _, len)| new_copy(gpa, len))
         .collect::<Result<Vec<_>>>()?;
-
-    let mut prev = handle.dirty_mark()?;
-    // Taken after the mark: a page that becomes resident later was written, so it is dirty.
-    let resident = handle.memory_data_ranges();
+    let resident = first_runs;
     let t = Instant::now();
     let first = copy_runs(&regions, &copies, &resident);
     let mut rounds = vec![LiveRound {
@@ -139,7 +173,7 @@ pub fn save(
                 let pages = handle.dirty_since(prev)?;
                 handle.dirty_forget(prev);
                 prev = next;
-                let runs = region_runs(&pages, &regions);
+                let runs = widen(region_runs(&pages, &regions), held.as_deref_mut());
                 let t = Instant::now();
                 let n = copy_runs(&regions, &copies, &runs);
                 rounds.push(LiveRound {
@@ -165,14 +199,26 @@ pub fn save(
         // Guest memory now equals the pack being written: later diffs start here.
         let mark = handle.dirty_mark()?;
         let pages = handle.dirty_since(prev)?;
-        let runs = region_runs(&pages, &regions);
+        let mut runs = widen(region_runs(&pages, &regions), held.as_deref_mut());
+        // The diff's chunks, as of this instant: every one was copied whole by a round (the
+        // rounds' marks cover the time since the parent), which `missing` double-checks.
+        let maps = match parent_mark {
+            Some(m) => {
+                let maps = crate::diff::changed_chunks(handle, m, MEMORY_CHUNK_SIZE)?;
+                if let Some(held) = &held {
+                    missing(&maps, held, &mut runs);
+                }
+                Some(maps)
+            }
+            None => None,
+        };
         let n = copy_runs(&regions, &copies, &runs);
-        Ok((state, mark, runs, n, disks))
+        Ok((state, mark, runs, n, disks, maps))
     })();
     let resumed = handle.resume();
     let pause = t.elapsed();
     handle.dirty_forget(prev);
-    let (state, mark, runs, final_bytes, disks) = captured?;
+    let (state, mark, runs, final_bytes, disks, maps) = captured?;
     resumed?;
     // Serialized after the pause: the captured state is a plain value.
     let state_bytes = serde_json::to_vec(&state).map_err(|source| Error::Encode {
@@ -187,11 +233,18 @@ pub fn save(
         .collect();
     let disk_sources: Vec<&dyn SectionSource> =
         disks.iter().map(|d| d as &dyn SectionSource).collect();
+    let diff_bytes = maps
+        .as_ref()
+        .map(|m| m.iter().map(|m| m.section_size()).sum());
+    let diff = match (diff_from, maps) {
+        (Some(p), Some(m)) => Some((p.clone(), m)),
+        _ => None,
+    };
     let written = write_pack(
         handle,
         &state_bytes,
         (memory, disk_sources),
-        None,
+        diff,
         compression,
         level,
         out,
@@ -215,8 +268,8 @@ pub fn save(
         bytes: summary.bytes_written,
         root_digest: hex::encode(summary.root_digest),
         compress: compression,
-        parent: None,
-        diff_bytes: None,
+        parent: diff_from.map(|p| p.root_digest.clone()),
+        diff_bytes,
         disk_kept_bytes,
         live: Some(LiveStats {
             max_pause_ms: ms(max_pause),
@@ -287,6 +340,47 @@ pub fn region_runs(d: &DirtyPages, regions: &[(u64, *const u8, usize)]) -> Vec<V
             runs
         })
         .collect()
+}
+
+/// For a diff save (`held`, per region, the chunks already copied whole): `runs` with each
+/// chunk not yet held widened to the whole chunk (and marked held), since the pack stores
+/// whole chunks and a chunk's other pages are copied only now. Without `held`, `runs`.
+fn widen(runs: Vec<Vec<Range<u64>>>, held: Option<&mut [ChunkMap]>) -> Vec<Vec<Range<u64>>> {
+    let Some(held) = held else { return runs };
+    runs.into_iter()
+        .zip(held.iter_mut())
+        .map(|(rs, m)| {
+            let mut out = Vec::with_capacity(rs.len());
+            for r in rs.into_iter().filter(|r| r.start < r.end) {
+                for c in r.start / m.chunk_size..=(r.end - 1) / m.chunk_size {
+                    let whole = m.chunk_range(c);
+                    if m.get(c) {
+                        out.push(r.start.max(whole.start)..r.end.min(whole.end));
+                    } else {
+                        m.set(c);
+                        out.push(whole);
+                    }
+                }
+            }
+            merge(Vec::new(), out)
+        })
+        .collect()
+}
+
+/// Adds to `runs` any chunk of `maps` that `held` lacks (none, when the rounds' dirty marks
+/// cover the time since the parent, as they do).
+fn missing(maps: &[ChunkMap], held: &[ChunkMap], runs: &mut [Vec<Range<u64>>]) {
+    for ((m, h), r) in maps.iter().zip(held).zip(runs.iter_mut()) {
+        let lacking: Vec<Range<u64>> = m
+            .present()
+            .into_iter()
+            .filter(|&c| !h.get(c))
+            .map(|c| m.chunk_range(c))
+            .collect();
+        if !lacking.is_empty() {
+            *r = merge(std::mem::take(r), lacking);
+        }
+    }
 }
 
 /// Adds `runs` (per region) to the ranges each copy holds data in.
@@ -438,6 +532,25 @@ mod tests {
                 vec![0..PAGE, 3 * PAGE..4 * PAGE]
             ]
         );
+    }
+
+    #[test]
+    fn a_diff_copies_a_chunk_whole_the_first_time_then_only_its_pages() {
+        let mut m = ChunkMap::new(64, 16);
+        m.set(1);
+        let mut held = vec![m];
+        let runs = widen(vec![vec![4..8, 20..24, 30..36]], Some(&mut held));
+        // Chunk 0 is new: whole; chunk 1 is held: its pages; 32..36 starts chunk 2: whole.
+        assert_eq!(runs, vec![vec![0..16, 20..24, 30..48]]);
+        assert_eq!(held[0].present(), vec![0, 1, 2]);
+        let again = widen(vec![vec![4..8]], Some(&mut held));
+        assert_eq!(again, vec![vec![4..8]]);
+        assert_eq!(widen(vec![vec![4..8]], None), vec![vec![4..8]]);
+        let mut runs = vec![vec![]];
+        let mut all = ChunkMap::new(64, 16);
+        all.set(3);
+        missing(&[all], &held, &mut runs);
+        assert_eq!(runs, vec![vec![48..64]]);
     }
 
     #[test]

@@ -75,7 +75,7 @@ pub struct SaveArgs {
     diff_from: Option<PathBuf>,
     /// Live save: copy guest memory in rounds while the guest runs, then pause only for the
     /// pages written since the last round and the device state (docs/CLI.md, "Live save").
-    #[arg(long, conflicts_with = "diff_from")]
+    #[arg(long)]
     live: bool,
     /// With --live: the pause to aim for, in ms (default 20). A guest that writes memory
     /// faster than it can be copied is paused anyway, with a warning.

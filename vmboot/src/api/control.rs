@@ -104,11 +104,6 @@ impl VmControl for VmHandle {
             (false, Some(_)) => {
                 return Err(ApiError::bad_request("max_pause_ms needs \"live\": true"))
             }
-            (true, _) if req.diff_from.is_some() => {
-                return Err(ApiError::bad_request(
-                    "a diff save cannot be live (it copies only what changed, paused)",
-                ))
-            }
             (true, m) => {
                 let m = m.unwrap_or(super::types::DEFAULT_MAX_PAUSE_MS);
                 if m > super::types::MAX_MAX_PAUSE_MS {
@@ -130,9 +125,15 @@ impl VmControl for VmHandle {
             }
         }
         let result = match max_pause {
-            Some(max_pause) => {
-                crate::live::save(self, compression, req.level, resume, max_pause, out)
-            }
+            Some(max_pause) => crate::live::save(
+                self,
+                compression,
+                req.level,
+                resume,
+                max_pause,
+                req.diff_from.as_ref(),
+                out,
+            ),
             None => crate::snapshot::save_with(
                 self,
                 compression,

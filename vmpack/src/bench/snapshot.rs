@@ -230,12 +230,15 @@ struct OursRow {
     lazy: Option<RestoreSample>,
     /// For the `none` pack: a diff save against it a moment later.
     diff: Option<Result<DiffSample, String>>,
+    /// Then a live diff save (`--live --diff-from`) against it, a moment after that.
+    live_diff: Option<Result<DiffSample, String>>,
     /// For the `none` compression: a live save (`--live`) after the diff save.
     live: Option<Result<LiveSample, String>>,
     error: Option<String>,
 }
 
-/// `vmpack save --diff-from` the full `none` pack, [`DIFF_AFTER`] after it.
+/// `vmpack save --diff-from` the full `none` pack (with `live`, `--live` too), [`DIFF_AFTER`]
+/// after the save before.
 #[derive(Clone)]
 struct DiffSample {
     pause_ms: f64,
@@ -257,11 +260,13 @@ fn measure_diff(
     client: &ApiClient,
     parent: &Path,
     out: &Path,
+    live: bool,
 ) -> Result<DiffSample> {
     std::thread::sleep(DIFF_AFTER);
     let t = Instant::now();
     let o = Command::new(&bins.vmpack)
         .arg("save")
+        .args(live.then_some("--live"))
         .arg("--api-sock")
         .arg(sock)
         .arg("-o")
@@ -453,18 +458,26 @@ fn measure_ours(
         .find(|(c, _, r)| *c == Compression::None && r.error.is_none())
     {
         let out = d.join(format!("guest-{}-{}-diff.vmpack", g.mib, g.data_mib));
-        let r = measure_diff(bins, &sock, &client, parent, &out).map_err(|e| format!("{e:#}"));
-        if let Ok(s) = &r {
-            crate::note!(
-                "  diff save: pause {:.1} ms, save {:.1} ms ({:.1} ms with the process), {:.2} MB of memory written since, {:.2} MB pack",
-                s.pause_ms,
-                s.save_ms,
-                s.process_ms,
-                mb(s.memory_bytes),
-                mb(s.bytes)
-            );
+        for live in [false, true] {
+            let r = measure_diff(bins, &sock, &client, parent, &out, live)
+                .map_err(|e| format!("{e:#}"));
+            if let Ok(s) = &r {
+                crate::note!(
+                    "  {}diff save: pause {:.1} ms, save {:.1} ms ({:.1} ms with the process), {:.2} MB of memory written since, {:.2} MB pack",
+                    if live { "live " } else { "" },
+                    s.pause_ms,
+                    s.save_ms,
+                    s.process_ms,
+                    mb(s.memory_bytes),
+                    mb(s.bytes)
+                );
+            }
+            if live {
+                row.live_diff = Some(r);
+            } else {
+                row.diff = Some(r);
+            }
         }
-        row.diff = Some(r);
         let out = d.join(format!("guest-{}-{}-live.vmpack", g.mib, g.data_mib));
         let r = measure_live(bins, &sock, &out).map_err(|e| format!("{e:#}"));
         if let Ok(s) = &r {
@@ -1089,14 +1102,16 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
     crate::outln!();
     crate::outln!(
         "Diff saves: `vmpack save --diff-from` the `none` pack, {} s after it (the guest idle \
-         in between); save = request to pack complete (`--json` milliseconds), process = the \
-         whole `vmpack save` command.",
+         in between), then `--live --diff-from` it {} s after that; save = request to pack \
+         complete (`--json` milliseconds), process = the whole `vmpack save` command.",
+        DIFF_AFTER.as_secs(),
         DIFF_AFTER.as_secs()
     );
     crate::outln!(
-        "{:>6} {:>6} {:>14} {:>8} {:>9} {:>8} {:>11}",
+        "{:>6} {:>6} {:>7} {:>14} {:>8} {:>9} {:>8} {:>11}",
         "guest",
         "data",
+        "kind",
         "written MB",
         "size MB",
         "pause ms",
@@ -1105,28 +1120,31 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
     );
     for r in &results {
         for (_, o) in &r.ours {
-            match &o.diff {
-                Some(Ok(s)) => crate::outln!(
-                    "{:>6} {:>6} {:>14.2} {:>8.2} {:>9.1} {:>8.1} {:>11.1}",
-                    r.g.mib,
-                    r.g.data_mib,
-                    mb(s.memory_bytes),
-                    mb(s.bytes),
-                    s.pause_ms,
-                    s.save_ms,
-                    s.process_ms
-                ),
-                Some(Err(e)) => {
-                    crate::outln!("{:>6} {:>6} ERROR {e}", r.g.mib, r.g.data_mib)
+            for (kind, d) in [("paused", &o.diff), ("live", &o.live_diff)] {
+                match d {
+                    Some(Ok(s)) => crate::outln!(
+                        "{:>6} {:>6} {:>7} {:>14.2} {:>8.2} {:>9.1} {:>8.1} {:>11.1}",
+                        r.g.mib,
+                        r.g.data_mib,
+                        kind,
+                        mb(s.memory_bytes),
+                        mb(s.bytes),
+                        s.pause_ms,
+                        s.save_ms,
+                        s.process_ms
+                    ),
+                    Some(Err(e)) => {
+                        crate::outln!("{:>6} {:>6} {:>7} ERROR {e}", r.g.mib, r.g.data_mib, kind)
+                    }
+                    None => {}
                 }
-                None => {}
             }
         }
     }
     crate::outln!();
     crate::outln!(
         "Live saves: `vmpack save --live` (pause target 20 ms) of the running guest after the \
-         diff save; pause = guest stopped; save = request to pack complete and synced \
+         diff saves; pause = guest stopped; save = request to pack complete and synced \
          (`--json` milliseconds), process = the whole command; pre-copy = bytes the rounds \
          copied while the guest ran, final = bytes copied during the pause. QEMU: its \
          migration downtime and save time (no fsync)."
