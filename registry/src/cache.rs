@@ -11,15 +11,6 @@ use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 
-/// The vmpack cache folder: `$VMPACK_CACHE_DIR`, else `$XDG_CACHE_HOME/vmpack`, else
-/// `~/.cache/vmpack` (the same folder `restore` keeps its verified records in).
-pub fn cache_root() -> Option<PathBuf> {
-    std::env::var_os("VMPACK_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("vmpack")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vmpack")))
-}
-
 pub struct ChunkCache {
     dir: PathBuf,
     /// `<cache>/refs/`: the digest each tag pointed to when last resolved.
@@ -42,13 +33,6 @@ fn hex_of(digest: &str) -> Option<&str> {
 }
 
 impl ChunkCache {
-    /// The cache under [`cache_root`].
-    pub fn open_default() -> Result<ChunkCache> {
-        let root = cache_root()
-            .context("no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
-        Ok(ChunkCache::at(&root))
-    }
-
     /// The cache under `root` (which holds `chunks/`).
     pub fn at(root: &Path) -> ChunkCache {
         ChunkCache {

@@ -41,8 +41,8 @@ impl std::fmt::Debug for Credentials {
 pub struct ClientOptions {
     /// Allow plain HTTP to a registry that is not on loopback.
     pub insecure: bool,
-    /// Trust the certificates in this PEM file (instead of the built-in Mozilla roots);
-    /// default: `$SSL_CERT_FILE` if set.
+    /// Trust the certificates in this PEM file (instead of the built-in Mozilla roots); the
+    /// CLI passes `--ca-file`, else `$SSL_CERT_FILE` (this crate reads no environment).
     pub ca_file: Option<std::path::PathBuf>,
     /// Explicit login (`--username`/`--password-stdin`); otherwise docker's config and
     /// credential helpers are asked.
@@ -53,6 +53,9 @@ pub struct ClientOptions {
     pub backoff: Duration,
     /// Blob transfers at once.
     pub parallel: usize,
+    /// Layers per manifest a push writes before it splits into parts (at least 2; the CLI
+    /// passes `$VMPACK_OCI_MAX_LAYERS`, for registries with smaller limits and for tests).
+    pub max_layers: usize,
 }
 
 impl Default for ClientOptions {
@@ -64,6 +67,7 @@ impl Default for ClientOptions {
             retries: 4,
             backoff: Duration::from_millis(250),
             parallel: 4,
+            max_layers: crate::oci::DEFAULT_MAX_LAYERS,
         }
     }
 }
@@ -126,10 +130,7 @@ fn retryable_status(code: u16) -> bool {
 impl Client {
     pub fn new(reference: &Reference, opts: ClientOptions) -> Result<Client> {
         let host = reference.api_host();
-        let ca = opts
-            .ca_file
-            .clone()
-            .or_else(|| std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from));
+        let ca = opts.ca_file.clone();
         let mut tls = ureq::tls::TlsConfig::builder();
         if let Some(path) = &ca {
             let pem = std::fs::read(path)

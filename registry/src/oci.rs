@@ -73,15 +73,6 @@ fn descriptor(media: MediaType, digest: &str, size: u64) -> Result<Descriptor> {
     Ok(Descriptor::new(media, size, Digest::from_str(digest)?))
 }
 
-fn max_layers() -> usize {
-    // Tests force small parts to exercise the split.
-    std::env::var("VMPACK_OCI_MAX_LAYERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n: &usize| n >= 2)
-        .unwrap_or(DEFAULT_MAX_LAYERS)
-}
-
 /// Runs `work(i)` for i in 0..n on `threads` threads; stops at the first error.
 pub fn parallel_for(
     n: usize,
@@ -239,7 +230,7 @@ pub fn push(
     let index_digest = config.root_digest.clone();
 
     // Manifests: the head holds the index and the first chunks, parts the rest.
-    let per = max_layers();
+    let per = client.options().max_layers.max(2);
     let mut layers = vec![{
         let mut d = descriptor(other(INDEX_MEDIA), &index_digest, index_bytes.len() as u64)?;
         d.set_annotations(Some(HashMap::from([(

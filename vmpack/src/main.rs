@@ -6,6 +6,7 @@
 
 mod anyhost;
 mod bench;
+mod environment;
 mod flatten;
 mod identity;
 mod inspect;
@@ -172,12 +173,9 @@ fn main() -> ExitCode {
     if log::set_logger(&LOG).is_ok() {
         log::set_max_level(log::LevelFilter::Warn);
     }
-    // The library reads no environment: the cache folder is the registry cache's root.
-    vmboot::verified_cache::set_base_dir(vmpack_registry::cache::cache_root());
-    if let Some(n) = std::env::var("VMBOOT_PREFETCH_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-    {
+    // The libraries read no environment (`environment.rs` does).
+    vmboot::verified_cache::set_base_dir(crate::environment::cache_root());
+    if let Some(n) = crate::environment::prefetch_threads() {
         vmboot::vstate::lazy::set_prefetch_threads(n);
     }
     let cli = Cli::parse();

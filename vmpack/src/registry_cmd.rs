@@ -60,9 +60,13 @@ impl RegistryArgs {
             reference,
             ClientOptions {
                 insecure: self.insecure,
-                ca_file: self.ca_file.clone(),
+                ca_file: self
+                    .ca_file
+                    .clone()
+                    .or_else(crate::environment::default_ca_file),
                 credentials,
                 parallel: self.transfers as usize,
+                max_layers: crate::environment::max_layers(),
                 ..Default::default()
             },
         )
@@ -128,7 +132,7 @@ pub fn push_file(pack: &Path, client: &Client, quiet: bool) -> Result<vmpack_reg
     let t = Instant::now();
     // Blobs another repository of the same registry has (one this cache pushed to last) are
     // mounted from it rather than sent again.
-    let cache = ChunkCache::open_default().ok();
+    let cache = crate::environment::chunk_cache().ok();
     let reference = client.reference();
     let from = cache
         .as_ref()
@@ -177,7 +181,7 @@ pub fn print_push(r: &vmpack_registry::PushReport, pack: &str) {
 pub fn run_pull(a: PullArgs) -> Result<()> {
     let reference = Reference::parse(&a.reference)?;
     let client = a.registry.client(&reference)?;
-    let cache = ChunkCache::open_default()?;
+    let cache = crate::environment::chunk_cache()?;
     let (report, _) = pull_to(&client, &cache, &a.output, a.quiet)?;
     if a.json {
         crate::outln!("{}", serde_json::to_string_pretty(&report)?);
@@ -311,7 +315,7 @@ fn dir_usage(dir: &Path) -> (u64, u64) {
 }
 
 pub fn run_cache(a: CacheArgs) -> Result<()> {
-    let root = vmpack_registry::cache::cache_root()
+    let root = crate::environment::cache_root()
         .context("no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
     let chunks = ChunkCache::at(&root);
     match a.command {

@@ -300,7 +300,7 @@ pub fn prepare(
         });
         (digest, handle)
     });
-    let root = vmpack_registry::cache::cache_root()
+    let root = crate::environment::cache_root()
         .context("no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let dir = tempfile::Builder::new()

@@ -522,7 +522,7 @@ pub fn pulled_pack(
     let top = client
         .get_manifest(reference.manifest_reference())?
         .ok_or_else(|| anyhow!("{reference}: not found in the registry"))?;
-    let root = vmpack_registry::cache::cache_root()
+    let root = crate::environment::cache_root()
         .context("no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
     let dir = root.join("pulled");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -533,7 +533,7 @@ pub fn pulled_pack(
     if vmpack_formats::pack::PackReader::open(&target).is_ok() {
         return Ok(target);
     }
-    let cache = vmpack_registry::ChunkCache::open_default()?;
+    let cache = crate::environment::chunk_cache()?;
     let (r, secs) = crate::registry_cmd::pull_to(&client, &cache, &target, quiet)?;
     if !quiet {
         eprintln!(

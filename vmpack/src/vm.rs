@@ -310,7 +310,7 @@ pub fn save(a: SaveArgs) -> Result<()> {
     let scratch = match &a.output {
         Some(_) => None,
         None => {
-            let root = vmpack_registry::cache::cache_root().context(
+            let root = crate::environment::cache_root().context(
                 "no cache folder for the temporary pack: set VMPACK_CACHE_DIR or give -o",
             )?;
             std::fs::create_dir_all(&root)?;
@@ -742,7 +742,7 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     let all = a.memory == snapshot::MemoryPolicy::Eager || !vmboot::vstate::lazy::available();
     let mut guess = true;
     let mut local = loop {
-        let cache = vmpack_registry::ChunkCache::open_default()?;
+        let cache = crate::environment::chunk_cache()?;
         let mut local =
             match crate::remote::prepare(client.clone(), cache, guess, all, started, a.quiet) {
                 Ok(l) => l,

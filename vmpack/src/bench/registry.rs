@@ -137,6 +137,7 @@ fn measure(
         &reference,
         ClientOptions {
             parallel: a.transfers,
+            ca_file: crate::environment::default_ca_file(),
             ..Default::default()
         },
     )?;
