@@ -149,7 +149,7 @@ pub fn save(
     let regions = handle.raw_memory();
     let mut copies = regions
         .iter()
-        .map(|&(gpa, _, len)| new_copy(gpa, len))
+        .map(|&(gpa, _, len)| RamCopy::new(gpa, len))
         .collect::<Result<Vec<_>>>()?;
     let resident = first_runs;
     let t = Instant::now();
@@ -284,31 +284,6 @@ pub fn save(
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-/// An empty (all zero, nothing resident) private copy of a region of `len` bytes.
-fn new_copy(gpa: u64, len: usize) -> Result<RamCopy> {
-    // SAFETY: a fresh anonymous mapping; no existing memory is affected.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error())
-            .context("mapping a copy of guest RAM for the live save");
-    }
-    Ok(RamCopy {
-        gpa,
-        ptr: ptr.cast(),
-        len,
-        ranges: Vec::new(),
-    })
 }
 
 /// The pages of `d`, per region of `regions` (by gpa), as byte ranges within the region.
@@ -565,7 +540,7 @@ mod tests {
     fn copy_runs_copies_only_the_runs() {
         let src: Vec<u8> = (0..4 * PAGE).map(|i| (i / PAGE + 1) as u8).collect();
         let regions = [(0u64, src.as_ptr(), src.len())];
-        let copies = vec![new_copy(0, src.len()).unwrap()];
+        let copies = vec![RamCopy::new(0, src.len()).unwrap()];
         let n = copy_runs(
             &regions,
             &copies,

@@ -317,6 +317,32 @@ impl Drop for RamCopy {
 }
 
 impl RamCopy {
+    /// An empty (all zero, nothing resident) private copy of a region of `len` bytes at
+    /// `gpa`, holding data nowhere yet.
+    pub(crate) fn new(gpa: u64, len: usize) -> Result<RamCopy> {
+        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error())
+                .context("mapping a copy of guest RAM for the save");
+        }
+        Ok(RamCopy {
+            gpa,
+            ptr: ptr.cast(),
+            len,
+            ranges: Vec::new(),
+        })
+    }
+
     fn bytes(&self) -> &[u8] {
         // SAFETY: a live private mapping of `len` bytes, no longer written.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
@@ -395,27 +421,8 @@ fn copy_ram(
         let mut copies = Vec::with_capacity(regions.len());
         for ((gpa, src), ranges) in regions.iter().zip(ranges) {
             let src: &[u8] = src;
-            // SAFETY: a fresh anonymous mapping; no existing memory is affected.
-            let ptr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    src.len(),
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            if ptr == libc::MAP_FAILED {
-                return Err(std::io::Error::last_os_error())
-                    .context("mapping a copy of guest RAM for the save");
-            }
-            let copy = RamCopy {
-                gpa: *gpa,
-                ptr: ptr.cast(),
-                len: src.len(),
-                ranges,
-            };
+            let mut copy = RamCopy::new(*gpa, src.len())?;
+            copy.ranges = ranges;
             parallel_copy(src, &copy);
             copies.push(copy);
         }
