@@ -407,3 +407,105 @@ fn live_diff_save_restores_exactly_over_its_parent() {
     let after = std::fs::read_to_string(&serial).unwrap();
     check_continuation(code, &orig, &after, from, to);
 }
+
+/// Rewrites `src` into `dst` with the same sections in another order: the manifest and boot
+/// files, then memory, then the disks, the vmstate last.
+fn memory_first(src: &Path, dst: &Path) {
+    use vmpack_formats::pack::{kind, Compression, PackReader, PackWriter, SectionRange};
+    let r = PackReader::open(src).unwrap();
+    let rank = |k: u16| match k {
+        kind::MANIFEST => 0,
+        kind::FILE => 1,
+        kind::MEMORY => 2,
+        kind::DISK => 3,
+        _ => 4,
+    };
+    let mut order: Vec<_> = r.sections().to_vec();
+    order.sort_by_key(|s| (rank(s.kind), s.id));
+    let opts = vmpack_formats::pack::WriteOptions {
+        compression: Compression::None,
+        aligned: r.aligned(),
+        ..Default::default()
+    };
+    let mut w = PackWriter::new(std::fs::File::create(dst).unwrap(), opts).unwrap();
+    for s in &order {
+        let data = SectionRange::whole(&r, s.id);
+        w.add_section_with(
+            s.kind,
+            &s.name,
+            s.meta.clone(),
+            &data,
+            s.chunk_size,
+            Compression::None,
+            &(),
+        )
+        .unwrap();
+    }
+    w.finish().unwrap();
+    let kinds: Vec<u16> = PackReader::open(dst)
+        .unwrap()
+        .sections()
+        .iter()
+        .map(|s| s.kind)
+        .collect();
+    assert_eq!(kinds.last(), Some(&kind::VMSTATE), "{kinds:?}");
+    assert!(
+        kinds.iter().position(|&k| k == kind::MEMORY)
+            < kinds.iter().position(|&k| k == kind::VMSTATE)
+    );
+}
+
+#[test]
+fn a_pack_with_memory_before_its_vmstate_restores_from_a_pipe_and_a_file() {
+    if !common::kvm_available("live save tests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("saved.vmpack");
+    let pack = dir.path().join("memfirst.vmpack");
+    let a = Running::start(dir.path());
+    a.wait_for("round 5 ok\n");
+    let from = a.output().len();
+    let o = save_args(&a.sock, saved.to_str().unwrap(), &["--quiet"])
+        .output()
+        .unwrap();
+    let to = a.output().len();
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    let (code, orig) = a.finish();
+    memory_first(&saved, &pack);
+    common::ok(&common::run(
+        dir.path(),
+        &["verify", pack.to_str().unwrap(), "--quiet"],
+    ));
+
+    // From a pipe: memory is staged as it streams past, the vmstate read after it.
+    let serial = dir.path().join("b.serial");
+    let restore = Command::new(vmpack())
+        .args(["restore", "-", "--quiet", "--serial-out"])
+        .arg(&serial)
+        .stdin(std::fs::File::open(&pack).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(
+        restore.status.code(),
+        Some(0),
+        "{}",
+        common::stderr(&restore)
+    );
+    let after = std::fs::read_to_string(&serial).unwrap();
+    check_continuation(code, &orig, &after, from, to);
+
+    // From the file: `auto` first (lazy where userfaultfd opens), then mapped.
+    for (i, memory) in ["auto", "eager"].iter().enumerate() {
+        let serial = dir.path().join(format!("f{i}.serial"));
+        let r = Command::new(vmpack())
+            .arg("restore")
+            .arg(&pack)
+            .args(["--memory", memory, "--quiet", "--serial-out"])
+            .arg(&serial)
+            .output()
+            .unwrap();
+        assert_eq!(r.status.code(), Some(0), "{memory}: {}", common::stderr(&r));
+        assert_eq!(std::fs::read_to_string(&serial).unwrap(), after, "{memory}");
+    }
+}
