@@ -2,8 +2,8 @@
 //!
 //! The pack holds, after the manifest and boot files, the vCPU/device state (JSON, see
 //! `docs/FORMAT.md`), the disks as of the pause, and one section per guest RAM region.
-//! The state comes before memory so a restore reading from a pipe knows the machine before
-//! the bulk of the bytes arrives.
+//! The state comes before memory so a restore reading from a pipe refuses a host that cannot
+//! run the guest before the bulk of the bytes arrives (it takes memory first too).
 
 use crate::compat;
 use crate::memory::GuestMemoryInit;
