@@ -409,8 +409,8 @@ fn live_diff_save_restores_exactly_over_its_parent() {
 }
 
 /// Rewrites `src` into `dst` with the same sections in another order: the manifest and boot
-/// files, then memory, then the disks, the vmstate last.
-fn memory_first(src: &Path, dst: &Path) {
+/// files, then memory, then the disks, the vmstate last; without memory if `!with_memory`.
+fn memory_first(src: &Path, dst: &Path, with_memory: bool) {
     use vmpack_formats::pack::{kind, Compression, PackReader, PackWriter, SectionRange};
     let r = PackReader::open(src).unwrap();
     let rank = |k: u16| match k {
@@ -420,7 +420,12 @@ fn memory_first(src: &Path, dst: &Path) {
         kind::DISK => 3,
         _ => 4,
     };
-    let mut order: Vec<_> = r.sections().to_vec();
+    let mut order: Vec<_> = r
+        .sections()
+        .iter()
+        .filter(|s| with_memory || s.kind != kind::MEMORY)
+        .cloned()
+        .collect();
     order.sort_by_key(|s| (rank(s.kind), s.id));
     let opts = vmpack_formats::pack::WriteOptions {
         compression: Compression::None,
@@ -450,8 +455,9 @@ fn memory_first(src: &Path, dst: &Path) {
         .collect();
     assert_eq!(kinds.last(), Some(&kind::VMSTATE), "{kinds:?}");
     assert!(
-        kinds.iter().position(|&k| k == kind::MEMORY)
-            < kinds.iter().position(|&k| k == kind::VMSTATE)
+        !with_memory
+            || kinds.iter().position(|&k| k == kind::MEMORY)
+                < kinds.iter().position(|&k| k == kind::VMSTATE)
     );
 }
 
@@ -472,7 +478,7 @@ fn a_pack_with_memory_before_its_vmstate_restores_from_a_pipe_and_a_file() {
     let to = a.output().len();
     assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
     let (code, orig) = a.finish();
-    memory_first(&saved, &pack);
+    memory_first(&saved, &pack, true);
     common::ok(&common::run(
         dir.path(),
         &["verify", pack.to_str().unwrap(), "--quiet"],
@@ -494,6 +500,21 @@ fn a_pack_with_memory_before_its_vmstate_restores_from_a_pipe_and_a_file() {
     );
     let after = std::fs::read_to_string(&serial).unwrap();
     check_continuation(code, &orig, &after, from, to);
+
+    // A memory section the manifest lists but the stream lacks is refused by name.
+    let holed = dir.path().join("nomemory.vmpack");
+    memory_first(&saved, &holed, false);
+    let r = Command::new(vmpack())
+        .args(["restore", "-", "--quiet"])
+        .stdin(std::fs::File::open(&holed).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(1), "{}", common::stderr(&r));
+    assert!(
+        common::stderr(&r).contains("section 'memory/0' is missing"),
+        "{}",
+        common::stderr(&r)
+    );
 
     // From the file: `auto` first (lazy where userfaultfd opens), then mapped.
     for (i, memory) in ["auto", "eager"].iter().enumerate() {

@@ -1358,6 +1358,7 @@ fn restore_stream<R: Read + 'static>(
     let mut warnings = Vec::new();
     let mut disk_files: Vec<(usize, File, PathBuf)> = Vec::new();
     let mut staged: Option<crate::memory::StagedRam> = None;
+    let mut memory_seen: Vec<String> = Vec::new();
     loop {
         match sr.next_event()? {
             StreamEvent::Section(info) => {
@@ -1379,6 +1380,7 @@ fn restore_stream<R: Read + 'static>(
                         .iter()
                         .find(|r| r.section == info.name)
                         .map_or(0, |r| r.gpa);
+                    memory_seen.push(info.name.clone());
                     if staged.is_none() {
                         staged = Some(crate::memory::StagedRam::new(&crate::memory::ram_layout(
                             c.memory_bytes(),
@@ -1551,6 +1553,16 @@ fn restore_stream<R: Read + 'static>(
                 f.section
             )));
         }
+    }
+    if let Some(m) = manifest
+        .memory
+        .iter()
+        .find(|m| !memory_seen.contains(&m.section))
+    {
+        return Err(Error::Refused(format!(
+            "{label}: section '{}' is missing",
+            m.section
+        )));
     }
     let staged = staged.ok_or_else(|| {
         Error::Refused(format!(
