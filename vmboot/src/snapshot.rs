@@ -1363,6 +1363,12 @@ fn restore_stream<R: Read + 'static>(
         match sr.next_event()? {
             StreamEvent::Section(info) => {
                 let m = match info.kind {
+                    kind::MANIFEST if manifest.is_some() => {
+                        return Err(Error::Refused(format!(
+                            "{label}: section '{}': a second manifest",
+                            info.name
+                        )))
+                    }
                     kind::MANIFEST => None,
                     _ => Some(manifest.as_ref().ok_or_else(|| {
                         Error::Refused(format!(
