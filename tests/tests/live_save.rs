@@ -479,10 +479,24 @@ fn a_pack_with_memory_before_its_vmstate_restores_from_a_pipe_and_a_file() {
     assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
     let (code, orig) = a.finish();
     memory_first(&saved, &pack, true);
+    // Every reader takes the sections in any order after the manifest (FORMAT.md §12).
     common::ok(&common::run(
         dir.path(),
         &["verify", pack.to_str().unwrap(), "--quiet"],
     ));
+    common::ok(&common::run(
+        dir.path(),
+        &["inspect", pack.to_str().unwrap()],
+    ));
+    let unpacked = dir.path().join("unpacked");
+    let u = Command::new(vmpack())
+        .args(["unpack", "-", "--quiet", "-o"])
+        .arg(&unpacked)
+        .stdin(std::fs::File::open(&pack).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(u.status.code(), Some(0), "unpack -: {}", common::stderr(&u));
+    assert!(unpacked.join("vm.toml").is_file());
 
     // From a pipe: memory is staged as it streams past, the vmstate read after it.
     let serial = dir.path().join("b.serial");
