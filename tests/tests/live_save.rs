@@ -408,32 +408,24 @@ fn live_diff_save_restores_exactly_over_its_parent() {
     check_continuation(code, &orig, &after, from, to);
 }
 
-/// Rewrites `src` into `dst` with the same sections in another order: the manifest and boot
-/// files, then memory, then the disks, the vmstate last; without memory if `!with_memory`.
-fn memory_first(src: &Path, dst: &Path, with_memory: bool) {
-    use vmpack_formats::pack::{kind, Compression, PackReader, PackWriter, SectionRange};
+/// Rewrites `src` into `dst` with its sections sorted by `rank` of their kind (then as they
+/// were), leaving out those ranked `None`.
+fn reorder(src: &Path, dst: &Path, rank: impl Fn(u16) -> Option<u8>) -> Vec<u16> {
+    use vmpack_formats::pack::{Compression, PackReader, PackWriter, SectionRange};
     let r = PackReader::open(src).unwrap();
-    let rank = |k: u16| match k {
-        kind::MANIFEST => 0,
-        kind::FILE => 1,
-        kind::MEMORY => 2,
-        kind::DISK => 3,
-        _ => 4,
-    };
     let mut order: Vec<_> = r
         .sections()
         .iter()
-        .filter(|s| with_memory || s.kind != kind::MEMORY)
-        .cloned()
+        .filter_map(|s| Some((rank(s.kind)?, s.clone())))
         .collect();
-    order.sort_by_key(|s| (rank(s.kind), s.id));
+    order.sort_by_key(|(k, s)| (*k, s.id));
     let opts = vmpack_formats::pack::WriteOptions {
         compression: Compression::None,
         aligned: r.aligned(),
         ..Default::default()
     };
     let mut w = PackWriter::new(std::fs::File::create(dst).unwrap(), opts).unwrap();
-    for s in &order {
+    for (_, s) in &order {
         let data = SectionRange::whole(&r, s.id);
         w.add_section_with(
             s.kind,
@@ -447,12 +439,21 @@ fn memory_first(src: &Path, dst: &Path, with_memory: bool) {
         .unwrap();
     }
     w.finish().unwrap();
-    let kinds: Vec<u16> = PackReader::open(dst)
-        .unwrap()
-        .sections()
-        .iter()
-        .map(|s| s.kind)
-        .collect();
+    order.iter().map(|(_, s)| s.kind).collect()
+}
+
+/// The manifest and boot files, then memory, then the disks, the vmstate last; without
+/// memory if `!with_memory`.
+fn memory_first(src: &Path, dst: &Path, with_memory: bool) {
+    use vmpack_formats::pack::kind;
+    let kinds = reorder(src, dst, |k| match k {
+        kind::MANIFEST => Some(0),
+        kind::FILE => Some(1),
+        kind::MEMORY if with_memory => Some(2),
+        kind::MEMORY => None,
+        kind::DISK => Some(3),
+        _ => Some(4),
+    });
     assert_eq!(kinds.last(), Some(&kind::VMSTATE), "{kinds:?}");
     assert!(
         !with_memory
@@ -515,20 +516,29 @@ fn a_pack_with_memory_before_its_vmstate_restores_from_a_pipe_and_a_file() {
     let after = std::fs::read_to_string(&serial).unwrap();
     check_continuation(code, &orig, &after, from, to);
 
-    // A memory section the manifest lists but the stream lacks is refused by name.
+    // A memory section the manifest lists but the stream lacks, and memory before the
+    // manifest, are refused by name.
     let holed = dir.path().join("nomemory.vmpack");
     memory_first(&saved, &holed, false);
-    let r = Command::new(vmpack())
-        .args(["restore", "-", "--quiet"])
-        .stdin(std::fs::File::open(&holed).unwrap())
-        .output()
-        .unwrap();
-    assert_eq!(r.status.code(), Some(1), "{}", common::stderr(&r));
-    assert!(
-        common::stderr(&r).contains("section 'memory/0' is missing"),
-        "{}",
-        common::stderr(&r)
-    );
+    let early = dir.path().join("early.vmpack");
+    reorder(&saved, &early, |k| {
+        Some(match k {
+            vmpack_formats::pack::kind::MEMORY => 0,
+            _ => 1,
+        })
+    });
+    for (p, why) in [
+        (&holed, "section 'memory/0' is missing"),
+        (&early, "section 'memory/0' before the manifest"),
+    ] {
+        let r = Command::new(vmpack())
+            .args(["restore", "-", "--quiet"])
+            .stdin(std::fs::File::open(p).unwrap())
+            .output()
+            .unwrap();
+        assert_eq!(r.status.code(), Some(1), "{}", common::stderr(&r));
+        assert!(common::stderr(&r).contains(why), "{}", common::stderr(&r));
+    }
 
     // From the file: `auto` first (lazy where userfaultfd opens), then mapped.
     for (i, memory) in ["auto", "eager"].iter().enumerate() {
