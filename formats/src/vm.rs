@@ -119,6 +119,11 @@ pub struct MemoryEntry {
     /// Guest physical address of the region's first byte.
     pub gpa: u64,
     pub size: u64,
+    /// A live save's overlay of this region (FORMAT.md §12, "Live saves"): a MEMORY_DIFF
+    /// section holding the chunks the guest wrote while `section` was written; its chunks
+    /// win over `section`'s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<String>,
 }
 
 /// Errors of the VM layer. Messages name the pack file and, where relevant, the section.
@@ -172,6 +177,9 @@ pub struct VmPackPlan<'a> {
     /// Makes a diff pack: the parent, and per memory region which chunks to store (chunk
     /// size = `memory_chunk_size`).
     pub diff: Option<(crate::diff::ParentRef, Vec<crate::diff::ChunkMap>)>,
+    /// A live save's pack (FORMAT.md §12, "Live saves"): each memory region gets an overlay
+    /// section; written with [`PreparedPack::write_head`] and [`LiveTail::finish`].
+    pub live: bool,
 }
 
 /// A VM pack ready to be written: inputs opened, manifest built.
@@ -418,6 +426,7 @@ impl<'a> PreparedPack<'a> {
                         section: format!("memory/{i}"),
                         gpa: *gpa,
                         size: src.len(),
+                        overlay: plan.live.then(|| format!("memory/{i}+")),
                     },
                     *src,
                 )
@@ -439,8 +448,14 @@ impl<'a> PreparedPack<'a> {
                 ));
             }
         }
-        // A diff pack's memory sections are partial: a boot file is never recorded in them.
-        let files_in_memory = if plan.diff.is_some() {
+        if plan.live && plan.diff.is_some() {
+            return Err(VmPackError::Usage(
+                "a pack with memory overlays cannot be a diff pack".into(),
+            ));
+        }
+        // A diff pack's memory sections are partial, a live pack's base torn: a boot file
+        // is never recorded in them.
+        let files_in_memory = if plan.diff.is_some() || plan.live {
             &[][..]
         } else {
             &plan.files_in_memory[..]
@@ -510,30 +525,14 @@ impl<'a> PreparedPack<'a> {
         out_name: &str,
         progress: &dyn Progress,
     ) -> Result<PackSummary, VmPackError> {
+        if self.manifest.has_overlays() {
+            return Err(VmPackError::Usage(
+                "a live pack is written with write_head".into(),
+            ));
+        }
         let mut w = PackWriter::new(out, opts.clone())?;
         w.set_name(out_name);
-        let manifest = serde_json::to_vec_pretty(&self.manifest)
-            .map_err(|e| VmPackError::Usage(format!("manifest: {e}")))?;
-        w.add_section(
-            kind::MANIFEST,
-            MANIFEST_SECTION,
-            serde_json::json!({"format": MANIFEST_FORMAT}),
-            &manifest,
-            &(),
-        )?;
-        for (e, src) in self
-            .files
-            .iter()
-            .filter(|(e, _)| e.in_memory.is_none() && !e.in_parent)
-        {
-            w.add_section(
-                kind::FILE,
-                &e.section,
-                serde_json::json!({"role": e.role, "name": e.name}),
-                src.source(),
-                progress,
-            )?;
-        }
+        self.write_front(&mut w, progress)?;
         // The state precedes disks and memory so that a restore reading a pipe can refuse
         // a host that cannot run the guest before the bulk of the bytes arrives.
         if let Some(state) = self.vmstate {
@@ -585,6 +584,157 @@ impl<'a> PreparedPack<'a> {
             )?;
         }
         Ok(w.finish()?)
+    }
+}
+
+/// The rest of a live save's pack, once its head (manifest, boot files, memory) is written:
+/// what [`PreparedPack::write_head`] returns.
+pub struct LiveTail<W: Write> {
+    w: PackWriter<W>,
+    memory: Vec<MemoryEntry>,
+    disks: Vec<DiskEntry>,
+    memory_chunk: u32,
+    compression: crate::pack::Compression,
+}
+
+impl<'a> PreparedPack<'a> {
+    /// Writes a live save's pack up to its memory (FORMAT.md §12, "Live saves"): header
+    /// (flag bit 1), manifest, boot files, then each memory region's base section, read
+    /// from its source (the running guest's RAM; a torn chunk is harmless because its final
+    /// bytes go into the overlay). `disk_sizes` are the disks' sizes the tail will give.
+    pub fn write_head<W: Write>(
+        &self,
+        out: W,
+        opts: &WriteOptions,
+        progress: &dyn Progress,
+    ) -> Result<LiveTail<W>, VmPackError> {
+        if self.memory.iter().any(|(e, _)| e.overlay.is_none()) {
+            return Err(VmPackError::Usage(
+                "write_head needs a plan with `live` set".into(),
+            ));
+        }
+        let mut w = PackWriter::with_flags(out, opts.clone(), true)?;
+        self.write_front(&mut w, progress)?;
+        let memory_chunk = self.memory_chunk_size.unwrap_or(opts.chunk_size);
+        for (e, src) in &self.memory {
+            w.add_section_with(
+                kind::MEMORY,
+                &e.section,
+                serde_json::json!({"gpa": e.gpa}),
+                *src,
+                memory_chunk,
+                opts.compression,
+                progress,
+            )?;
+        }
+        Ok(LiveTail {
+            w,
+            memory: self.memory.iter().map(|(e, _)| e.clone()).collect(),
+            disks: self.disks.iter().map(|(e, _)| e.clone()).collect(),
+            memory_chunk,
+            compression: opts.compression,
+        })
+    }
+
+    fn write_front<W: Write>(
+        &self,
+        w: &mut PackWriter<W>,
+        progress: &dyn Progress,
+    ) -> Result<(), VmPackError> {
+        let manifest = serde_json::to_vec_pretty(&self.manifest)
+            .map_err(|e| VmPackError::Usage(format!("manifest: {e}")))?;
+        w.add_section(
+            kind::MANIFEST,
+            MANIFEST_SECTION,
+            serde_json::json!({"format": MANIFEST_FORMAT}),
+            &manifest,
+            &(),
+        )?;
+        for (e, src) in self
+            .files
+            .iter()
+            .filter(|(e, _)| e.in_memory.is_none() && !e.in_parent)
+        {
+            w.add_section(
+                kind::FILE,
+                &e.section,
+                serde_json::json!({"role": e.role, "name": e.name}),
+                src.source(),
+                progress,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> LiveTail<W> {
+    /// Writes the vmstate, one overlay per memory region (`overlays[i]`: the chunks its map
+    /// marks, read from the source at their region offsets), the disks and the index.
+    pub fn finish(
+        mut self,
+        vmstate: &[u8],
+        overlays: Vec<(crate::diff::ChunkMap, &dyn SectionSource)>,
+        disks: Vec<&dyn SectionSource>,
+        progress: &dyn Progress,
+    ) -> Result<PackSummary, VmPackError> {
+        if overlays.len() != self.memory.len() || disks.len() != self.disks.len() {
+            return Err(VmPackError::Usage(
+                "a live pack's tail does not match its manifest".into(),
+            ));
+        }
+        let w = &mut self.w;
+        w.add_section(
+            kind::VMSTATE,
+            VMSTATE_SECTION,
+            serde_json::json!({}),
+            &vmstate,
+            progress,
+        )?;
+        for (e, (map, src)) in self.memory.iter().zip(overlays) {
+            if map.region_size != e.size
+                || map.chunk_size != u64::from(self.memory_chunk)
+                || src.len() != e.size
+            {
+                return Err(VmPackError::Usage(format!(
+                    "the overlay of memory region {:#x} does not match it",
+                    e.gpa
+                )));
+            }
+            let name = e.overlay.as_deref().expect("a live pack's regions have overlays");
+            let d = crate::diff::DiffSource::new(src, map.clone());
+            w.add_section_with(
+                kind::MEMORY_DIFF,
+                name,
+                map.meta(e.gpa),
+                &d,
+                self.memory_chunk,
+                self.compression,
+                progress,
+            )?;
+        }
+        for (e, src) in self.disks.iter().zip(disks) {
+            if src.len() != e.virtual_size {
+                return Err(VmPackError::Usage(format!(
+                    "disk {} holds {} bytes, the manifest says {}",
+                    e.index,
+                    src.len(),
+                    e.virtual_size
+                )));
+            }
+            w.add_section(
+                kind::DISK,
+                &e.section,
+                serde_json::json!({
+                    "name": e.name,
+                    "format": e.format,
+                    "virtual_size": e.virtual_size,
+                    "read_only": e.read_only,
+                }),
+                src,
+                progress,
+            )?;
+        }
+        Ok(self.w.finish()?)
     }
 }
 
@@ -715,6 +865,30 @@ impl Manifest {
         Ok(m)
     }
 
+    /// Whether a memory region has a live save's overlay (FORMAT.md §12, "Live saves").
+    pub fn has_overlays(&self) -> bool {
+        self.memory.iter().any(|m| m.overlay.is_some())
+    }
+
+    /// Checks the manifest's overlays against header flag bit 1 (`flag`): a pack naming
+    /// overlays must set it (so that readers predating overlays refuse it), and one that sets
+    /// it must name an overlay for every memory region.
+    pub fn check_overlay_flag(&self, flag: bool, file: &str) -> Result<(), VmPackError> {
+        let all = !self.memory.is_empty() && self.memory.iter().all(|m| m.overlay.is_some());
+        if flag != all || (!flag && self.has_overlays()) {
+            return Err(VmPackError::Invalid {
+                file: file.to_string(),
+                section: MANIFEST_SECTION.to_string(),
+                message: if flag {
+                    "the header's overlay flag (bit 1) is set but not every memory region names an overlay".into()
+                } else {
+                    "memory overlays are named but the header's overlay flag (bit 1) is clear".into()
+                },
+            });
+        }
+        Ok(())
+    }
+
     /// Checks that every section the manifest names exists with the right kind and size.
     pub fn check_sections(&self, sections: &[SectionInfo], file: &str) -> Result<(), VmPackError> {
         let find = |name: &str, k: u16, size: Option<u64>| -> Result<(), VmPackError> {
@@ -762,6 +936,42 @@ impl Manifest {
             find(&d.section, kind::DISK, Some(d.virtual_size))?;
         }
         for m in &self.memory {
+            if let Some(o) = &m.overlay {
+                let invalid = |message: String| VmPackError::Invalid {
+                    file: file.to_string(),
+                    section: o.clone(),
+                    message,
+                };
+                if self.parent.is_some() {
+                    return Err(invalid("a diff pack cannot have memory overlays".into()));
+                }
+                let named_twice = self.memory.iter().any(|n| n.section == *o)
+                    || self.memory.iter().filter(|n| n.overlay.as_ref() == Some(o)).count() > 1
+                    || self.vmstate.as_ref() == Some(o)
+                    || self.disks.iter().any(|d| d.section == *o)
+                    || self.files.iter().any(|f| f.section == *o);
+                if named_twice {
+                    return Err(invalid("named twice by the manifest".into()));
+                }
+                let s = sections
+                    .iter()
+                    .find(|s| s.name == *o)
+                    .ok_or_else(|| invalid("named by the manifest but missing from the pack".into()))?;
+                if s.kind != kind::MEMORY_DIFF {
+                    return Err(invalid(format!(
+                        "kind {} where {} was expected",
+                        s.kind,
+                        kind::MEMORY_DIFF
+                    )));
+                }
+                let map = crate::diff::ChunkMap::from_section(s, m.size).map_err(invalid)?;
+                let base = sections.iter().find(|s| s.name == m.section);
+                if base.is_some_and(|b| u64::from(b.chunk_size) != map.chunk_size) {
+                    return Err(invalid(
+                        "its chunk size differs from its base memory section's".into(),
+                    ));
+                }
+            }
             if self.parent.is_none() {
                 find(&m.section, kind::MEMORY, Some(m.size))?;
                 continue;
@@ -866,8 +1076,12 @@ impl Manifest {
         if !reader.aligned() {
             return Some("decompress");
         }
-        for m in &self.memory {
-            let Some(s) = reader.section(&m.section) else {
+        for name in self
+            .memory
+            .iter()
+            .flat_map(|m| std::iter::once(&m.section).chain(m.overlay.as_ref()))
+        {
+            let Some(s) = reader.section(name) else {
                 return Some("decompress");
             };
             if reader
@@ -896,6 +1110,7 @@ impl VmPack {
         let file = path.display().to_string();
         let manifest = read_manifest(&reader, &file)?;
         manifest.check_sections(reader.sections(), &file)?;
+        manifest.check_overlay_flag(reader.overlays(), &file)?;
         manifest.check_memory(&file, &|name| {
             reader
                 .section(name)
@@ -1074,6 +1289,7 @@ pub fn extract_stream<R: io::Read>(
     progress: &dyn Progress,
 ) -> Result<(VmConfig, PackSummary), VmPackError> {
     let mut sr = StreamReader::new(input, name)?;
+    let overlay_flag = sr.overlays();
     let invalid = |section: &str, message: String| VmPackError::Invalid {
         file: name.to_string(),
         section: section.to_string(),
@@ -1135,6 +1351,7 @@ pub fn extract_stream<R: io::Read>(
             StreamEvent::SectionEnd(id) => {
                 if Some(id) == manifest_id && extractor.is_none() {
                     let m = Manifest::parse(&manifest_bytes, name)?;
+                    m.check_overlay_flag(overlay_flag, name)?;
                     extractor = Some(Extractor::new(dir, m.clone(), disk_format, name)?);
                     manifest = Some(m);
                 } else if let Some((sid, k)) = sink.take() {
@@ -1233,6 +1450,13 @@ impl Extractor {
         disk_format: Option<DiskFormat>,
         file: &str,
     ) -> Result<Extractor, VmPackError> {
+        if manifest.has_overlays() {
+            return Err(VmPackError::Invalid {
+                file: file.to_string(),
+                section: MANIFEST_SECTION.into(),
+                message: "a live save's pack (memory with overlays) cannot be unpacked or exported as it is; make an ordinary pack with `vmpack flatten` first".into(),
+            });
+        }
         if let Some(p) = &manifest.parent {
             return Err(VmPackError::Invalid {
                 file: file.to_string(),
@@ -1484,7 +1708,8 @@ mod tests {
             vec![MemoryEntry {
                 section: "memory/0".into(),
                 gpa: 0x10_0000,
-                size: 3 << 20
+                size: 3 << 20,
+                overlay: None,
             }]
         );
         assert_eq!(m.vmstate.as_deref(), Some(VMSTATE_SECTION));

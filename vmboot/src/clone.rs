@@ -150,6 +150,19 @@ pub(crate) fn tempfile_in(dir: &Path) -> Result<File> {
 
 fn expand(pack: &VmPack, out_path: &Path) -> Result<()> {
     let dir = out_path.parent().unwrap_or(Path::new("."));
+    if pack.manifest().has_overlays() {
+        // A live save's pack: its memory is the base with the overlay over it.
+        let chain = vmpack_formats::diff::Chain {
+            packs: vec![VmPack::open(pack.path())?],
+        };
+        let out =
+            File::create(out_path).with_context(|| format!("creating {}", out_path.display()))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, out);
+        crate::diff::flatten(&chain, dir, Compression::None, &mut w)?;
+        let out = w.into_inner().map_err(|e| e.into_error())?;
+        out.sync_all()?;
+        return Ok(());
+    }
     let manifest = pack.manifest();
     let reader = pack.reader();
     let cfg = pack.config()?;
@@ -193,6 +206,7 @@ fn expand(pack: &VmPack, out_path: &Path) -> Result<()> {
             .filter_map(|role| Some((role, manifest.file(role)?.in_memory?)))
             .collect(),
         diff: None,
+        live: false,
     };
     let opts = WriteOptions {
         compression: Compression::None,

@@ -73,7 +73,8 @@ pub fn intersect(ranges: &[Range<u64>], map: &ChunkMap) -> Vec<Range<u64>> {
 }
 
 /// One section over a RAM region: the pack of the chain (index, base first) it is in, its
-/// id there and, for a MEMORY_DIFF section, the chunks it holds (none: every chunk).
+/// id there and, for a MEMORY_DIFF section (a diff pack's memory or a live save's overlay),
+/// the chunks it holds (none: every chunk). A live save's pack gives two layers.
 struct Layer {
     pack: usize,
     section: u32,
@@ -133,6 +134,19 @@ fn region_layers(chain: &Chain) -> Result<Vec<RegionLayers>> {
                 section: s.id,
                 map,
             });
+            // A live save's overlay: its chunks win over the pack's own memory section.
+            if let Some(o) = &e.overlay {
+                let s = p.reader().section(o).ok_or_else(|| {
+                    Error::Refused(format!("{label}: section '{o}' is missing"))
+                })?;
+                let map = ChunkMap::from_section(s, m.size)
+                    .map_err(|msg| Error::Refused(format!("{label}: section '{o}': {msg}")))?;
+                layers.push(Layer {
+                    pack: k,
+                    section: s.id,
+                    map: Some(map),
+                });
+            }
         }
         if chain.packs[0].manifest().memory.len() != child.manifest().memory.len() {
             return Err(Error::Refused(format!(
@@ -485,6 +499,7 @@ pub fn flatten(
         memory_chunk_size: Some(crate::packs::MEMORY_CHUNK_SIZE),
         files_in_memory: Vec::new(),
         diff: None,
+        live: false,
     };
     let opts = WriteOptions {
         compression,

@@ -117,6 +117,11 @@ pub fn save(
     if let Some(e) = handle.memory_failure() {
         return Err(Error::Refused(e));
     }
+    // A live diff save keeps the copy below: its copy is only the chunks written since the
+    // parent. A full live save writes its base straight from guest RAM into the pack.
+    if diff_from.is_none() {
+        return save_overlay(handle, compression, level, max_pause, out);
+    }
     let mut prev = handle.dirty_mark()?;
     // Taken after the mark: a page that becomes resident (or is written) later is dirty.
     // A diff copies whole chunks (the pack stores chunks): first every chunk written since
@@ -280,6 +285,233 @@ pub fn save(
         }),
         mark: Some(mark),
     })
+}
+
+/// A full live save (FORMAT.md §12, "Live saves"): the pack's base memory sections are
+/// written straight from guest RAM while the guest runs (a dirty mark taken just before);
+/// the rounds then copy only the chunks written since that mark into a sparse buffer (each
+/// chunk whole the first time, then only its written pages), and the pause the last pages;
+/// the buffer becomes the overlays, written after the vmstate, then the frozen disks.
+fn save_overlay(
+    handle: &VmHandle,
+    compression: Compression,
+    level: Option<i32>,
+    max_pause: Duration,
+    out: &mut dyn Write,
+) -> Result<SaveStats> {
+    let regions = handle.raw_memory();
+    let cs = u64::from(MEMORY_CHUNK_SIZE);
+    let mut prev = handle.dirty_mark()?;
+    let t = Instant::now();
+    // Taken after the mark: a page that becomes resident later is dirty.
+    let base: Vec<LiveRam> = regions
+        .iter()
+        .zip(handle.memory_data_ranges())
+        .map(|(&(gpa, ptr, len), ranges)| LiveRam {
+            gpa,
+            ptr,
+            len,
+            ranges,
+        })
+        .collect();
+    let base_bytes: u64 = base
+        .iter()
+        .flat_map(|b| &b.ranges)
+        .map(|r| r.end - r.start)
+        .sum();
+    let memory: Vec<(u64, &dyn SectionSource)> = base
+        .iter()
+        .map(|b| (b.gpa, b as &dyn SectionSource))
+        .collect();
+    let head = crate::snapshot::write_live_head(
+        handle,
+        memory,
+        &handle.disk_sizes(),
+        compression,
+        level,
+        out,
+    );
+    let tail = match head {
+        Ok(h) => h,
+        Err(e) => {
+            handle.dirty_forget(prev);
+            return Err(e);
+        }
+    };
+    let base_time = t.elapsed();
+    let mut rounds = vec![LiveRound {
+        bytes: base_bytes,
+        ms: ms(base_time),
+    }];
+    let mut held: Vec<ChunkMap> = regions
+        .iter()
+        .map(|&(_, _, len)| ChunkMap::new(len as u64, cs))
+        .collect();
+    let buffer = regions
+        .iter()
+        .map(|&(gpa, _, len)| RamCopy::new(gpa, len))
+        .collect::<Result<Vec<_>>>();
+    let mut buffer = match buffer {
+        Ok(b) => b,
+        Err(e) => {
+            handle.dirty_forget(prev);
+            return Err(e);
+        }
+    };
+    // Until a round into the buffer was timed, the base pass's speed (hashing and writing
+    // included) is the estimate: slower than a copy, so at worst one round too many.
+    let (mut copied, mut copy_time) = (base_bytes, base_time);
+    let mut timed_copy = false;
+    let warning = loop {
+        let rate = copied as f64 / copy_time.as_secs_f64().max(1e-6);
+        let dirty = match handle.dirty_since(prev) {
+            Ok(d) => d.count() * PAGE,
+            Err(e) => {
+                handle.dirty_forget(prev);
+                return Err(e.into());
+            }
+        };
+        let last = rounds.last().map_or(0, |r| r.bytes);
+        match plan_next(rounds.len(), last, dirty, rate, max_pause) {
+            Next::Pause(w) => break w,
+            Next::Round => {
+                let held_bytes: u64 = held.iter().map(|m| m.section_size()).sum();
+                if !crate::snapshot::copy_fits(handle, Some(held_bytes + dirty)) {
+                    break Some(format!(
+                        "the chunks written since the base pass ({held_bytes} bytes held, about {dirty} more) would take more than half of this host's available memory: paused anyway"
+                    ));
+                }
+                let next = handle.dirty_mark()?;
+                let pages = handle.dirty_since(prev);
+                handle.dirty_forget(prev);
+                prev = next;
+                let runs = widen(region_runs(&pages?, &regions), Some(&mut held));
+                let t = Instant::now();
+                let n = copy_runs(&regions, &buffer, &runs);
+                rounds.push(LiveRound {
+                    bytes: n,
+                    ms: ms(t.elapsed()),
+                });
+                if !timed_copy {
+                    (copied, copy_time, timed_copy) = (0, Duration::ZERO, true);
+                }
+                copied += n;
+                copy_time += t.elapsed();
+            }
+        }
+    };
+
+    let t = Instant::now();
+    if let Err(e) = handle.pause() {
+        handle.dirty_forget(prev);
+        return Err(e.into());
+    }
+    let captured = (|| -> Result<_> {
+        let state = handle
+            .save_state()
+            .context("capturing vCPU and device state")?;
+        let disks = handle.freeze_disks()?;
+        // Guest memory now equals the pack being written: later diffs start here.
+        let mark = handle.dirty_mark()?;
+        let pages = handle.dirty_since(prev)?;
+        let runs = widen(region_runs(&pages, &regions), Some(&mut held));
+        let n = copy_runs(&regions, &buffer, &runs);
+        Ok((state, mark, n, disks))
+    })();
+    let resumed = handle.resume();
+    let pause = t.elapsed();
+    handle.dirty_forget(prev);
+    let (state, mark, final_bytes, disks) = captured?;
+    resumed?;
+    let state_bytes = serde_json::to_vec(&state).map_err(|source| Error::Encode {
+        what: "serializing the vm state".into(),
+        source,
+    })?;
+    for (b, m) in buffer.iter_mut().zip(&held) {
+        b.ranges = merge(
+            Vec::new(),
+            m.present().into_iter().map(|c| m.chunk_range(c)).collect(),
+        );
+    }
+    let overlays: Vec<(ChunkMap, &dyn SectionSource)> = held
+        .iter()
+        .cloned()
+        .zip(buffer.iter().map(|b| b as &dyn SectionSource))
+        .collect();
+    let disk_sources: Vec<&dyn SectionSource> =
+        disks.iter().map(|d| d as &dyn SectionSource).collect();
+    let written = tail.finish(&state_bytes, overlays, disk_sources, &());
+    let disk_kept_bytes = disks.iter().map(|d| d.kept_bytes()).sum();
+    drop(disks);
+    let summary = written?;
+    let pause_ms = ms(pause);
+    let met = pause_ms <= ms(max_pause);
+    let warning = match (met, warning) {
+        (true, _) => None,
+        (false, Some(w)) => Some(w),
+        (false, None) => Some(format!(
+            "the pause took {pause_ms:.1} ms, over the {:.1} ms target: the {final_bytes} bytes written since the last round and the device state took longer than estimated",
+            ms(max_pause)
+        )),
+    };
+    Ok(SaveStats {
+        pause_ms,
+        bytes: summary.bytes_written,
+        root_digest: hex::encode(summary.root_digest),
+        compress: compression,
+        parent: None,
+        diff_bytes: None,
+        disk_kept_bytes,
+        live: Some(LiveStats {
+            max_pause_ms: ms(max_pause),
+            max_pause_met: met,
+            rounds,
+            final_bytes,
+            warning,
+        }),
+        mark: Some(mark),
+    })
+}
+
+/// A guest RAM region read while the guest runs: a chunk may be torn, which is harmless
+/// because every page written after the dirty mark goes into the overlay.
+struct LiveRam {
+    gpa: u64,
+    ptr: *const u8,
+    len: usize,
+    ranges: Vec<Range<u64>>,
+}
+
+// SAFETY: the pointer is guest RAM, mapped for the VM's lifetime, which the save outlives
+// (it holds the handle); it is only read.
+unsafe impl Sync for LiveRam {}
+// SAFETY: see Sync.
+unsafe impl Send for LiveRam {}
+
+impl SectionSource for LiveRam {
+    fn len(&self) -> u64 {
+        self.len as u64
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.len as u64)
+            .ok_or_else(|| std::io::Error::other("read past the end of guest RAM"))?;
+        debug_assert!(end <= self.len as u64);
+        // SAFETY: inside the region (checked). The guest may write these bytes meanwhile:
+        // the copy then holds some mix, which the overlay supersedes (see the struct doc).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.add(offset as usize),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        Ok(())
+    }
+    fn data_ranges(&self) -> std::io::Result<Vec<Range<u64>>> {
+        Ok(self.ranges.clone())
+    }
 }
 
 fn ms(d: Duration) -> f64 {

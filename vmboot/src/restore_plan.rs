@@ -56,6 +56,14 @@ pub fn plan(path: &std::path::Path, parent: Option<&std::path::Path>) -> LazyPla
             .and_then(|c| {
                 crate::diff::chain_table(&c).map_err(|e| crate::error::Chain(&e).to_string())
             })
+    } else if m.has_overlays() {
+        // A live save's pack: base and overlay, the same table a restore serves.
+        plan.auto = eager;
+        vmpack_formats::diff::open_chain(path, None)
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                crate::diff::chain_table(&c).map_err(|e| crate::error::Chain(&e).to_string())
+            })
     } else {
         plan.auto = eager;
         m.memory

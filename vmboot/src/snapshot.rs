@@ -225,6 +225,7 @@ pub(crate) fn write_pack(
         memory_chunk_size: Some(MEMORY_CHUNK_SIZE),
         files_in_memory,
         diff,
+        live: false,
     };
     let counted = CountingWriter { inner: out, n: 0 };
     Ok(vmpack_formats::vm::write_vm_pack(
@@ -234,6 +235,54 @@ pub(crate) fn write_pack(
         &opts,
         &(),
     )?)
+}
+
+/// Writes the head of a live save's pack (FORMAT.md §12, "Live saves"): manifest, boot
+/// files and each region's base memory section from `memory` (the running guest's RAM);
+/// the returned tail writes the rest once the VM was paused. `disk_sizes` are the sizes of
+/// the disks the tail will be given.
+pub(crate) fn write_live_head<'o>(
+    handle: &VmHandle,
+    memory: MemorySources<'_>,
+    disk_sizes: &[u64],
+    compression: Compression,
+    level: Option<i32>,
+    out: &'o mut dyn Write,
+) -> Result<vmpack_formats::vm::LiveTail<&'o mut dyn Write>> {
+    let boot_sources = payload_sources(handle.boot_payload());
+    let boot: Vec<(&str, &dyn SectionSource)> =
+        boot_sources.iter().map(|(r, s)| (*r, &**s)).collect();
+    let sized: Vec<SizeOnly> = disk_sizes.iter().map(|&n| SizeOnly(n)).collect();
+    let opts = WriteOptions {
+        compression,
+        level,
+        aligned: compression == Compression::None,
+        ..WriteOptions::default()
+    };
+    let plan = VmPackPlan {
+        memory,
+        vmstate: Some(b"{}"),
+        disks: Some(sized.iter().map(|d| d as &dyn SectionSource).collect()),
+        files: Some(boot),
+        memory_chunk_size: Some(MEMORY_CHUNK_SIZE),
+        files_in_memory: Vec::new(),
+        diff: None,
+        live: true,
+    };
+    let prepared = vmpack_formats::vm::PreparedPack::new(handle.config(), plan)?;
+    Ok(prepared.write_head(out, &opts, &())?)
+}
+
+/// A disk's size for a live pack's manifest, written before the disk is frozen; never read.
+struct SizeOnly(u64);
+
+impl SectionSource for SizeOnly {
+    fn len(&self) -> u64 {
+        self.0
+    }
+    fn read_at(&self, _: &mut [u8], _: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other("a live pack's disk is read only after the pause"))
+    }
 }
 
 /// Whether guest RAM (`memory`, as `(gpa, contents)`) still holds the boot initrd byte for
@@ -663,6 +712,13 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
                 opts.parent.as_deref(),
             )?)
         }
+        // A live save's pack: a chain of one, whose memory is two layers (base, overlay).
+        None if manifest.has_overlays() => {
+            if matches!(opts.source, crate::vstate::lazy::ChunkSource::Fetch(_)) {
+                return Err(Error::Unsupported(format!("{label}: a live save's pack (memory with overlays) cannot be run from a registry; push a pack made by `vmpack flatten`")));
+            }
+            Some(vmpack_formats::diff::open_chain(path, None)?)
+        }
         None => None,
     };
     let eager_path = manifest.memory_restore_path(reader).unwrap_or("none");
@@ -674,8 +730,9 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         return Err(Error::Unsupported(format!("{label}: --memory lazy needs userfaultfd, which this process cannot use (vm.unprivileged_userfaultfd=1 or CAP_SYS_PTRACE); use --memory eager")));
     }
     let lazy = match opts.memory {
-        // A chain is served lazily only when asked: `auto` maps it (or unpacks it).
-        _ if chain.is_some() => opts.memory == MemoryPolicy::Lazy,
+        // A chain of diff packs is served lazily only when asked: `auto` maps it (or unpacks
+        // it); a live save's pack follows the rule of any single pack.
+        _ if manifest.parent.is_some() => opts.memory == MemoryPolicy::Lazy,
         _ if remote => true,
         MemoryPolicy::Eager => false,
         MemoryPolicy::Lazy => true,
@@ -745,12 +802,21 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
             opts.bench_timestamps.then(|| opts.report.clone()),
             &run.disks,
         )?;
-        ("lazy, layered over the parent packs", init)
+        (
+            if manifest.parent.is_some() {
+                "lazy, layered over the parent packs"
+            } else {
+                "lazy, base and overlay layered"
+            },
+            init,
+        )
     } else if let Some(chain) = &chain {
         let init = crate::diff::chain_memory(chain)?;
-        let how = match init {
-            GuestMemoryInit::MapLayers(_) => "mmap, layered over the parent packs",
-            _ => "decompress, layered over the parent packs",
+        let how = match (&init, manifest.parent.is_some()) {
+            (GuestMemoryInit::MapLayers(_), true) => "mmap, layered over the parent packs",
+            (GuestMemoryInit::MapLayers(_), false) => "mmap, base and overlay layered",
+            (_, true) => "decompress, layered over the parent packs",
+            (_, false) => "decompress, base and overlay layered",
         };
         (how, init)
     } else if lazy {
@@ -1359,6 +1425,9 @@ fn restore_stream<R: Read + 'static>(
     let mut disk_files: Vec<(usize, File, PathBuf)> = Vec::new();
     let mut staged: Option<crate::memory::StagedRam> = None;
     let mut memory_seen: Vec<String> = Vec::new();
+    // The open overlay section's chunk map and present chunks (FORMAT.md §12, "Live saves").
+    let mut overlay: Option<(vmpack_formats::diff::ChunkMap, Vec<u64>)> = None;
+    let overlay_flag = sr.overlays();
     loop {
         match sr.next_event()? {
             StreamEvent::Section(info) => {
@@ -1402,6 +1471,41 @@ fn restore_stream<R: Read + 'static>(
                             info.name, info.size
                         )));
                     }
+                }
+                overlay = None;
+                if let (kind::MEMORY_DIFF, Some(m)) = (info.kind, m) {
+                    let refuse = |why: &str| {
+                        Error::Refused(format!("{label}: section '{}': {why}", info.name))
+                    };
+                    let r = m
+                        .memory
+                        .iter()
+                        .find(|r| r.overlay.as_ref() == Some(&info.name))
+                        .ok_or_else(|| refuse("not an overlay the manifest names"))?;
+                    // The base is written whole (zero chunks as zeros): the overlay goes
+                    // over it, so it must come after it.
+                    if !memory_seen.contains(&r.section) {
+                        return Err(refuse(&format!(
+                            "comes before its base memory section '{}'",
+                            r.section
+                        )));
+                    }
+                    if memory_seen.contains(&info.name) {
+                        return Err(refuse("appears twice"));
+                    }
+                    let map = vmpack_formats::diff::ChunkMap::from_section(info, r.size)
+                        .map_err(|why| refuse(&why))?;
+                    gpa = r.gpa;
+                    memory_seen.push(info.name.clone());
+                    let fits = staged
+                        .as_mut()
+                        .and_then(|s| s.region_mut(gpa))
+                        .is_some_and(|reg| reg.len() as u64 >= r.size);
+                    if !fits {
+                        return Err(refuse(&format!("no RAM region of {} bytes at {gpa:#x}", r.size)));
+                    }
+                    let present = map.present();
+                    overlay = Some((map, present));
                 }
                 if let (kind::DISK, Some(m)) = (info.kind, m) {
                     let i = m
@@ -1454,6 +1558,28 @@ fn restore_stream<R: Read + 'static>(
                         f.write_all_at(data, offset)
                             .with_context(|| format!("writing {}", p.display()))?;
                     }
+                    kind::MEMORY_DIFF => {
+                        // An overlay chunk replaces its region chunk, zeros included.
+                        let (map, present) = overlay
+                            .as_ref()
+                            .ok_or_else(|| Error::Refused(format!("{label}: section '{name}': not an overlay the manifest names")))?;
+                        let at = map.region_offset(present, offset).ok_or_else(|| {
+                            Error::Refused(format!("{label}: section '{name}': chunk at {offset:#x} lies outside its chunk map"))
+                        })?;
+                        let region = staged
+                            .as_mut()
+                            .and_then(|s| s.region_mut(*gpa))
+                            .expect("region checked at section start");
+                        let end = at as usize + data.len();
+                        let dst = region.get_mut(at as usize..end).ok_or_else(|| {
+                            Error::Refused(format!("{label}: section '{name}': chunk at {offset:#x} runs past its RAM region"))
+                        })?;
+                        if zero {
+                            dst.fill(0);
+                        } else {
+                            dst.copy_from_slice(data);
+                        }
+                    }
                     kind::MEMORY => {
                         // Checked at the section start: the region exists and holds the
                         // section, whose chunks the stream reader keeps inside its size.
@@ -1497,6 +1623,7 @@ fn restore_stream<R: Read + 'static>(
                             )));
                         }
                         m.check_memory(label, &|_| None)?;
+                        m.check_overlay_flag(overlay_flag, label)?;
                         cfg = Some(pack_config(&m, label, &work.path)?);
                         manifest = Some(m);
                     }
@@ -1560,15 +1687,13 @@ fn restore_stream<R: Read + 'static>(
             )));
         }
     }
-    if let Some(m) = manifest
+    if let Some(name) = manifest
         .memory
         .iter()
-        .find(|m| !memory_seen.contains(&m.section))
+        .flat_map(|m| std::iter::once(&m.section).chain(m.overlay.as_ref()))
+        .find(|n| !memory_seen.contains(n))
     {
-        return Err(Error::Refused(format!(
-            "{label}: section '{}' is missing",
-            m.section
-        )));
+        return Err(Error::Refused(format!("{label}: section '{name}' is missing")));
     }
     let staged = staged.ok_or_else(|| {
         Error::Refused(format!(

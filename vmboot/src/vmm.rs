@@ -1041,6 +1041,12 @@ impl VmHandle {
         Ok(())
     }
 
+    /// Each virtio-blk disk's size, in config order (what [`VmHandle::freeze_disks`]'s
+    /// views will hold).
+    pub fn disk_sizes(&self) -> Vec<u64> {
+        self.devices.disks.iter().map(|d| d.size()).collect()
+    }
+
     /// Freezes every disk as it is now (call while paused), one view per `[[disk]]` in
     /// order, until the views are dropped; see `crate::disk_snapshot`.
     pub fn freeze_disks(&self) -> Result<Vec<crate::disk_snapshot::FrozenDisk>> {

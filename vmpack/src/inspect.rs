@@ -232,6 +232,7 @@ fn print_json(
         "lazy": lazy,
         "signatures": signatures(r),
         "saved_on": saved_on,
+        "overlays": overlays_json(r, m),
         "chain": match chain_json(&a.file, a.parent.as_deref()) {
             None => serde_json::Value::Null,
             Some(Ok(c)) => json!(c),
@@ -240,6 +241,33 @@ fn print_json(
     });
     crate::outln!("{}", escape_json(&serde_json::to_string_pretty(&out)?));
     Ok(())
+}
+
+/// A live save's overlays (FORMAT.md §12, "Live saves"), one per memory region:
+/// `{section, region, gpa, chunks, bytes}`; `null` for a pack without them.
+fn overlays_json(r: &PackReader, m: Option<&Manifest>) -> serde_json::Value {
+    let Some(m) = m.filter(|m| m.has_overlays()) else {
+        return serde_json::Value::Null;
+    };
+    let list: Vec<_> = m
+        .memory
+        .iter()
+        .filter_map(|e| {
+            let name = e.overlay.as_ref()?;
+            let s = r.section(name)?;
+            let chunks = vmpack_formats::diff::ChunkMap::from_section(s, e.size)
+                .map(|map| map.present().len())
+                .ok();
+            Some(json!({
+                "section": name,
+                "region": e.section,
+                "gpa": e.gpa,
+                "chunks": chunks,
+                "bytes": s.size,
+            }))
+        })
+        .collect();
+    json!(list)
 }
 
 /// The `lazy restore:` line of the text report.
@@ -314,6 +342,18 @@ fn text_report(
             "signatures:   {} (unchecked; `vmpack verify --allowed-signers FILE` checks them)",
             keys.join(", ")
         );
+    }
+    if let Some(list) = overlays_json(r, m).as_array() {
+        for o in list {
+            textln!(
+                out,
+                "overlay:      {} over {}: {} chunks, {} (written by the guest during a live save)",
+                o["section"].as_str().unwrap_or(""),
+                o["region"].as_str().unwrap_or(""),
+                o["chunks"],
+                human_bytes(o["bytes"].as_u64().unwrap_or(0))
+            );
+        }
     }
     if let Some(p) = m.and_then(|m| m.parent.as_ref()) {
         textln!(

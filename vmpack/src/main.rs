@@ -66,7 +66,8 @@ enum Command {
     Save(vm::SaveArgs),
     /// Resume a saved VM from a pack, in this process.
     Restore(vm::RestoreArgs),
-    /// Make a diff pack (`save --diff-from`) and its parents into one full pack.
+    /// Make a diff pack (`save --diff-from`) and its parents, or a live save's pack (base and
+    /// overlays), into one ordinary full pack.
     Flatten(flatten::FlattenArgs),
     /// Measure clone restore latency and memory against booting the same guest.
     BenchClones(bench::clones::BenchClonesArgs),

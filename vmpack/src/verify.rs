@@ -112,6 +112,7 @@ pub fn run(a: VerifyArgs) -> Result<()> {
 fn verify_stream(a: &VerifyArgs) -> Result<()> {
     let stdin = std::io::stdin();
     let mut sr = StreamReader::new(stdin.lock(), "<stdin>")?;
+    let overlay_flag = sr.overlays();
     let bar = Bar::new(None, "verifying", a.quiet);
     let mut manifest = Vec::new();
     let mut manifest_id = None;
@@ -141,6 +142,7 @@ fn verify_stream(a: &VerifyArgs) -> Result<()> {
                 }
                 let m = Manifest::parse(&manifest, "<stdin>")?;
                 m.check_sections(&summary.sections, "<stdin>")?;
+                m.check_overlay_flag(overlay_flag, "<stdin>")?;
                 m.check_memory("<stdin>", &|_| None)?;
                 if a.json {
                     crate::outln!(

@@ -36,6 +36,9 @@ pub(crate) const END_MAGIC: [u8; 8] = *b"\x89VMPEND\n";
 
 /// Header flag: uncompressed chunk payloads are 4 KiB-aligned.
 pub(crate) const FLAG_ALIGNED: u32 = 1;
+/// Header flag: the pack's guest memory has overlay sections (a live save, FORMAT.md §12
+/// "Live saves"); a reader that predates them refuses the pack instead of restoring the base.
+pub(crate) const FLAG_OVERLAYS: u32 = 2;
 /// Flag bits a reader must understand; bits 16..31 may be ignored.
 const REQUIRED_FLAGS_MASK: u32 = 0xffff;
 
@@ -60,12 +63,12 @@ fn corrupt(m: impl Into<String>) -> PackErrorKind {
     PackErrorKind::Corrupt(m.into())
 }
 
-pub(crate) fn encode_header(aligned: bool) -> [u8; HEADER_LEN] {
+pub(crate) fn encode_header(aligned: bool, overlays: bool) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..8].copy_from_slice(&MAGIC);
     h[8..10].copy_from_slice(&FORMAT_MAJOR.to_le_bytes());
     h[10..12].copy_from_slice(&FORMAT_MINOR.to_le_bytes());
-    let flags = if aligned { FLAG_ALIGNED } else { 0 };
+    let flags = if aligned { FLAG_ALIGNED } else { 0 } | if overlays { FLAG_OVERLAYS } else { 0 };
     h[12..16].copy_from_slice(&flags.to_le_bytes());
     h
 }
@@ -74,6 +77,7 @@ pub(crate) struct Header {
     pub major: u16,
     pub minor: u16,
     pub aligned: bool,
+    pub overlays: bool,
 }
 
 pub(crate) fn parse_header(h: &[u8]) -> Result<Header, PackErrorKind> {
@@ -86,7 +90,7 @@ pub(crate) fn parse_header(h: &[u8]) -> Result<Header, PackErrorKind> {
         return Err(PackErrorKind::UnsupportedVersion { major, minor });
     }
     let flags = u32_at(h, 12);
-    if flags & REQUIRED_FLAGS_MASK & !FLAG_ALIGNED != 0 {
+    if flags & REQUIRED_FLAGS_MASK & !(FLAG_ALIGNED | FLAG_OVERLAYS) != 0 {
         return Err(corrupt(format!("unknown required header flags {flags:#x}")));
     }
     if h[16..32].iter().any(|&b| b != 0) {
@@ -96,6 +100,7 @@ pub(crate) fn parse_header(h: &[u8]) -> Result<Header, PackErrorKind> {
         major,
         minor,
         aligned: flags & FLAG_ALIGNED != 0,
+        overlays: flags & FLAG_OVERLAYS != 0,
     })
 }
 

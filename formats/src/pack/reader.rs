@@ -45,6 +45,7 @@ pub struct PackReader {
     major: u16,
     minor: u16,
     aligned: bool,
+    overlays: bool,
     root: [u8; 32],
     index_offset: u64,
     descs: Vec<SectDesc>,
@@ -120,6 +121,7 @@ impl PackReader {
             major: h.major,
             minor: h.minor,
             aligned: h.aligned,
+            overlays: h.overlays,
             root: t.root,
             index_offset: t.index_offset,
             descs,
@@ -140,6 +142,10 @@ impl PackReader {
     }
     pub fn aligned(&self) -> bool {
         self.aligned
+    }
+    /// Header flag bit 1: guest memory has overlay sections (FORMAT.md §12, "Live saves").
+    pub fn overlays(&self) -> bool {
+        self.overlays
     }
     pub fn root_digest(&self) -> [u8; 32] {
         self.root

@@ -43,6 +43,7 @@ pub struct StreamReader<R: Read> {
     header: [u8; HEADER_LEN],
     version: (u16, u16),
     aligned: bool,
+    overlays: bool,
     descs: Vec<SectDesc>,
     info: Option<SectionInfo>,
     chunks: Vec<ChunkEntry>,
@@ -76,6 +77,7 @@ impl<R: Read> StreamReader<R> {
             header: [0; HEADER_LEN],
             version: (0, 0),
             aligned: false,
+            overlays: false,
             descs: Vec::new(),
             info: None,
             chunks: Vec::new(),
@@ -96,6 +98,7 @@ impl<R: Read> StreamReader<R> {
         s.header = h;
         s.version = (hd.major, hd.minor);
         s.aligned = hd.aligned;
+        s.overlays = hd.overlays;
         Ok(s)
     }
 
@@ -104,6 +107,10 @@ impl<R: Read> StreamReader<R> {
     }
     pub fn aligned(&self) -> bool {
         self.aligned
+    }
+    /// Header flag bit 1: guest memory has overlay sections (FORMAT.md §12, "Live saves").
+    pub fn overlays(&self) -> bool {
+        self.overlays
     }
     /// Bytes consumed so far.
     pub fn position(&self) -> u64 {

@@ -49,6 +49,12 @@ struct Done {
 
 impl<W: Write> PackWriter<W> {
     pub fn new(out: W, opts: WriteOptions) -> Result<Self, PackError> {
+        Self::with_flags(out, opts, false)
+    }
+
+    /// A writer whose header sets flag bit 1 (overlays: the manifest names memory overlay
+    /// sections, FORMAT.md §12 "Live saves") when `overlays`.
+    pub fn with_flags(out: W, opts: WriteOptions, overlays: bool) -> Result<Self, PackError> {
         let name = "<output>".to_string();
         layout::check_chunk_size(opts.chunk_size, opts.aligned)
             .map_err(|k| PackError::new(&name, invalid(k)))?;
@@ -57,7 +63,7 @@ impl<W: Write> PackWriter<W> {
         } else {
             opts.threads
         };
-        let header = layout::encode_header(opts.aligned);
+        let header = layout::encode_header(opts.aligned, overlays);
         let mut w = PackWriter {
             out: BufWriter::with_capacity(256 << 10, out),
             pos: 0,
