@@ -700,7 +700,10 @@ impl<W: Write> LiveTail<W> {
                     e.gpa
                 )));
             }
-            let name = e.overlay.as_deref().expect("a live pack's regions have overlays");
+            let name = e
+                .overlay
+                .as_deref()
+                .expect("a live pack's regions have overlays");
             let d = crate::diff::DiffSource::new(src, map.clone());
             w.add_section_with(
                 kind::MEMORY_DIFF,
@@ -882,7 +885,8 @@ impl Manifest {
                 message: if flag {
                     "the header's overlay flag (bit 1) is set but not every memory region names an overlay".into()
                 } else {
-                    "memory overlays are named but the header's overlay flag (bit 1) is clear".into()
+                    "memory overlays are named but the header's overlay flag (bit 1) is clear"
+                        .into()
                 },
             });
         }
@@ -946,17 +950,21 @@ impl Manifest {
                     return Err(invalid("a diff pack cannot have memory overlays".into()));
                 }
                 let named_twice = self.memory.iter().any(|n| n.section == *o)
-                    || self.memory.iter().filter(|n| n.overlay.as_ref() == Some(o)).count() > 1
+                    || self
+                        .memory
+                        .iter()
+                        .filter(|n| n.overlay.as_ref() == Some(o))
+                        .count()
+                        > 1
                     || self.vmstate.as_ref() == Some(o)
                     || self.disks.iter().any(|d| d.section == *o)
                     || self.files.iter().any(|f| f.section == *o);
                 if named_twice {
                     return Err(invalid("named twice by the manifest".into()));
                 }
-                let s = sections
-                    .iter()
-                    .find(|s| s.name == *o)
-                    .ok_or_else(|| invalid("named by the manifest but missing from the pack".into()))?;
+                let s = sections.iter().find(|s| s.name == *o).ok_or_else(|| {
+                    invalid("named by the manifest but missing from the pack".into())
+                })?;
                 if s.kind != kind::MEMORY_DIFF {
                     return Err(invalid(format!(
                         "kind {} where {} was expected",

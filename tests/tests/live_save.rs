@@ -170,7 +170,7 @@ fn live_save_of_a_guest_writing_memory_restores_exactly() {
     );
     let (code, orig) = a.finish();
 
-    // A live-saved pack is an ordinary pack: it verifies and restores by any path.
+    // A live-saved pack (base memory and an overlay) verifies and restores by any path.
     common::ok(&common::run(
         dir.path(),
         &["verify", pack.to_str().unwrap(), "--quiet"],
@@ -479,6 +479,20 @@ fn a_pack_with_memory_before_its_vmstate_restores_from_a_pipe_and_a_file() {
     let to = a.output().len();
     assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
     let (code, orig) = a.finish();
+    // A live save writes memory first itself, with an overlay; an ordinary pack (the
+    // flattened one) is what an older writer, or a tool, might reorder.
+    let flat = dir.path().join("flat.vmpack");
+    common::ok(&common::run(
+        dir.path(),
+        &[
+            "flatten",
+            saved.to_str().unwrap(),
+            "-o",
+            flat.to_str().unwrap(),
+            "--quiet",
+        ],
+    ));
+    let saved = flat;
     memory_first(&saved, &pack, true);
     // Every reader takes the sections in any order after the manifest (FORMAT.md §12).
     common::ok(&common::run(
@@ -553,4 +567,169 @@ fn a_pack_with_memory_before_its_vmstate_restores_from_a_pipe_and_a_file() {
         assert_eq!(r.status.code(), Some(0), "{memory}: {}", common::stderr(&r));
         assert_eq!(std::fs::read_to_string(&serial).unwrap(), after, "{memory}");
     }
+}
+
+/// The section names of `pack`, in file order.
+fn section_names(pack: &Path) -> Vec<String> {
+    let r = vmpack_formats::pack::PackReader::open(pack).unwrap();
+    r.sections().iter().map(|s| s.name.clone()).collect()
+}
+
+#[test]
+fn a_live_pack_holds_a_base_and_an_overlay_that_inspect_shows_and_flatten_folds() {
+    if !common::kvm_available("live save tests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pack = dir.path().join("live.vmpack");
+    let a = Running::start(dir.path());
+    a.wait_for("round 5 ok\n");
+    let from = a.output().len();
+    let o = save_args(&a.sock, pack.to_str().unwrap(), &["--quiet"])
+        .output()
+        .unwrap();
+    let to = a.output().len();
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    let (code, orig) = a.finish();
+
+    // FORMAT.md §12, "Live saves": manifest, files, memory, vmstate, overlays, disks.
+    let names = section_names(&pack);
+    let at = |n: &str| names.iter().position(|x| x == n).unwrap_or(usize::MAX);
+    assert_eq!(at("manifest"), 0, "{names:?}");
+    assert!(at("memory/0") < at("vmstate"), "{names:?}");
+    assert!(at("vmstate") < at("memory/0+"), "{names:?}");
+    assert!(at("memory/0+") < names.len(), "{names:?}");
+
+    // The guest rewrites every page each round: its overlay holds chunks.
+    let i = common::run(dir.path(), &["inspect", "--json", pack.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&common::ok(&i)).unwrap();
+    assert_eq!(v["manifest"]["memory"][0]["overlay"], "memory/0+", "{v}");
+    let ov = &v["overlays"][0];
+    assert_eq!(ov["section"], "memory/0+", "{v}");
+    assert_eq!(ov["region"], "memory/0", "{v}");
+    assert!(ov["chunks"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(
+        ov["bytes"].as_u64().unwrap(),
+        ov["chunks"].as_u64().unwrap() * (256 << 10),
+        "{v}"
+    );
+    let t = common::run(dir.path(), &["inspect", pack.to_str().unwrap()]);
+    assert!(common::ok(&t).contains("overlay:      memory/0+ over memory/0"));
+
+    // Unpack gives no half memory: it refuses, naming the command that makes a full pack.
+    let u = common::run(
+        dir.path(),
+        &[
+            "unpack",
+            pack.to_str().unwrap(),
+            "-o",
+            dir.path().join("u").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(u.status.code(), Some(1), "{}", common::stderr(&u));
+    assert!(
+        common::stderr(&u).contains("vmpack flatten"),
+        "{}",
+        common::stderr(&u)
+    );
+
+    // Flattened: an ordinary pack with the final memory, which continues exactly.
+    let flat = dir.path().join("flat.vmpack");
+    common::ok(&common::run(
+        dir.path(),
+        &[
+            "flatten",
+            pack.to_str().unwrap(),
+            "-o",
+            flat.to_str().unwrap(),
+            "--quiet",
+        ],
+    ));
+    let i = common::run(dir.path(), &["inspect", "--json", flat.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&common::ok(&i)).unwrap();
+    assert!(v["overlays"].is_null(), "{v}");
+    assert!(!section_names(&flat).iter().any(|n| n.ends_with('+')));
+    let serial = dir.path().join("flat.serial");
+    let r = Command::new(vmpack())
+        .arg("restore")
+        .arg(&flat)
+        .args(["--memory", "eager", "--quiet", "--serial-out"])
+        .arg(&serial)
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(0), "{}", common::stderr(&r));
+    let after = std::fs::read_to_string(&serial).unwrap();
+    check_continuation(code, &orig, &after, from, to);
+}
+
+#[test]
+fn an_altered_overlay_chunk_is_refused_naming_it() {
+    if !common::kvm_available("live save tests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pack = dir.path().join("live.vmpack");
+    let a = Running::start(dir.path());
+    a.wait_for("round 5 ok\n");
+    let o = save_args(&a.sock, pack.to_str().unwrap(), &["--quiet"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    let _ = a.finish();
+
+    // One byte of a stored overlay chunk, changed in place.
+    let (seq, at) = {
+        let r = vmpack_formats::pack::PackReader::open(&pack).unwrap();
+        let s = r.section("memory/0+").expect("an overlay section");
+        let e = r
+            .chunks(s.id)
+            .iter()
+            .find(|e| e.clen > 0)
+            .expect("a stored overlay chunk")
+            .clone();
+        (e.seq, e.payload_offset + u64::from(e.clen) / 2)
+    };
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .open(&pack)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+    }
+    let named = |o: &Output, what: &str| {
+        let e = common::stderr(o);
+        assert_eq!(o.status.code(), Some(1), "{what}: {e}");
+        assert!(
+            e.contains("live.vmpack")
+                && e.contains("'memory/0+'")
+                && e.contains(&format!("chunk {seq}")),
+            "{what} names the file, the overlay and the chunk: {e}"
+        );
+    };
+    named(
+        &common::run(dir.path(), &["verify", pack.to_str().unwrap()]),
+        "verify",
+    );
+    let r = Command::new(vmpack())
+        .arg("restore")
+        .arg(&pack)
+        .args(["--memory", "eager", "--quiet"])
+        .output()
+        .unwrap();
+    named(&r, "restore --memory eager");
+    let r = Command::new(vmpack())
+        .args(["restore", "-", "--quiet"])
+        .stdin(std::fs::File::open(&pack).unwrap())
+        .output()
+        .unwrap();
+    let e = common::stderr(&r);
+    assert_eq!(r.status.code(), Some(1), "restore -: {e}");
+    assert!(
+        e.contains("'memory/0+'"),
+        "restore - names the overlay: {e}"
+    );
 }

@@ -136,9 +136,10 @@ fn region_layers(chain: &Chain) -> Result<Vec<RegionLayers>> {
             });
             // A live save's overlay: its chunks win over the pack's own memory section.
             if let Some(o) = &e.overlay {
-                let s = p.reader().section(o).ok_or_else(|| {
-                    Error::Refused(format!("{label}: section '{o}' is missing"))
-                })?;
+                let s = p
+                    .reader()
+                    .section(o)
+                    .ok_or_else(|| Error::Refused(format!("{label}: section '{o}' is missing")))?;
                 let map = ChunkMap::from_section(s, m.size)
                     .map_err(|msg| Error::Refused(format!("{label}: section '{o}': {msg}")))?;
                 layers.push(Layer {

@@ -281,7 +281,9 @@ impl SectionSource for SizeOnly {
         self.0
     }
     fn read_at(&self, _: &mut [u8], _: u64) -> std::io::Result<()> {
-        Err(std::io::Error::other("a live pack's disk is read only after the pause"))
+        Err(std::io::Error::other(
+            "a live pack's disk is read only after the pause",
+        ))
     }
 }
 
@@ -1502,7 +1504,10 @@ fn restore_stream<R: Read + 'static>(
                         .and_then(|s| s.region_mut(gpa))
                         .is_some_and(|reg| reg.len() as u64 >= r.size);
                     if !fits {
-                        return Err(refuse(&format!("no RAM region of {} bytes at {gpa:#x}", r.size)));
+                        return Err(refuse(&format!(
+                            "no RAM region of {} bytes at {gpa:#x}",
+                            r.size
+                        )));
                     }
                     let present = map.present();
                     overlay = Some((map, present));
@@ -1560,9 +1565,11 @@ fn restore_stream<R: Read + 'static>(
                     }
                     kind::MEMORY_DIFF => {
                         // An overlay chunk replaces its region chunk, zeros included.
-                        let (map, present) = overlay
-                            .as_ref()
-                            .ok_or_else(|| Error::Refused(format!("{label}: section '{name}': not an overlay the manifest names")))?;
+                        let (map, present) = overlay.as_ref().ok_or_else(|| {
+                            Error::Refused(format!(
+                                "{label}: section '{name}': not an overlay the manifest names"
+                            ))
+                        })?;
                         let at = map.region_offset(present, offset).ok_or_else(|| {
                             Error::Refused(format!("{label}: section '{name}': chunk at {offset:#x} lies outside its chunk map"))
                         })?;
@@ -1693,7 +1700,9 @@ fn restore_stream<R: Read + 'static>(
         .flat_map(|m| std::iter::once(&m.section).chain(m.overlay.as_ref()))
         .find(|n| !memory_seen.contains(n))
     {
-        return Err(Error::Refused(format!("{label}: section '{name}' is missing")));
+        return Err(Error::Refused(format!(
+            "{label}: section '{name}' is missing"
+        )));
     }
     let staged = staged.ok_or_else(|| {
         Error::Refused(format!(
