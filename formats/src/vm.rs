@@ -1739,6 +1739,119 @@ mod tests {
     }
 
     #[test]
+    fn a_live_pack_layers_its_overlay_over_its_base() {
+        use crate::diff::{newest_owners, ChunkMap};
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = flat_cfg(dir.path());
+        const CS: usize = 64 << 10;
+        // The base pass reads memory as it was; chunks 1 and 3 change before the pause
+        // (chunk 3 to zeros), and the overlay holds their final bytes.
+        let base = vec![1u8; 16 * CS];
+        let mut fin = base.clone();
+        fin[CS..2 * CS].fill(9);
+        fin[3 * CS..4 * CS].fill(0);
+        let mut map = ChunkMap::new(fin.len() as u64, CS as u64);
+        map.set(1);
+        map.set(3);
+        let disk = {
+            let mut d = vec![0u8; 8 << 20];
+            d[5 << 20..(5 << 20) + 5].copy_from_slice(b"hello");
+            d
+        };
+        let plan = VmPackPlan {
+            memory: vec![(0, &base as &dyn SectionSource)],
+            vmstate: Some(b"{}"),
+            disks: Some(vec![&disk as &dyn SectionSource]),
+            memory_chunk_size: Some(CS as u32),
+            live: true,
+            ..VmPackPlan::default()
+        };
+        let opts = WriteOptions {
+            compression: crate::pack::Compression::None,
+            aligned: true,
+            ..WriteOptions::default()
+        };
+        let path = dir.path().join("live.vmpack");
+        let prepared = PreparedPack::new(&cfg, plan).unwrap();
+        let tail = prepared
+            .write_head(File::create(&path).unwrap(), &opts, &())
+            .unwrap();
+        tail.finish(
+            b"state",
+            vec![(map.clone(), &fin as &dyn SectionSource)],
+            vec![&disk as &dyn SectionSource],
+            &(),
+        )
+        .unwrap();
+
+        let p = VmPack::open(&path).unwrap();
+        let r = p.reader();
+        assert!(r.overlays(), "header flag bit 1");
+        let m = p.manifest();
+        assert_eq!(m.memory[0].overlay.as_deref(), Some("memory/0+"));
+        let names: Vec<&str> = r.sections().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "manifest",
+                "boot/image",
+                "memory/0",
+                "vmstate",
+                "memory/0+",
+                "disk/0"
+            ]
+        );
+        assert_eq!(m.memory_restore_path(r), Some("mmap"));
+        let o = r.section("memory/0+").unwrap();
+        let omap = ChunkMap::from_section(o, m.memory[0].size).unwrap();
+        assert_eq!(omap.present(), vec![1, 3]);
+        assert_eq!(o.size, 2 * CS as u64);
+
+        // Base then overlay, the overlay winning (§15's layering).
+        let b = r
+            .read_section(r.section("memory/0").unwrap().id, 1 << 30)
+            .unwrap();
+        let ov = r.read_section(o.id, 1 << 30).unwrap();
+        let owners = newest_owners(16, &[None, Some(&omap)]);
+        let mut layered = Vec::new();
+        for (c, owner) in owners.into_iter().enumerate() {
+            let (layer, seq) = owner.unwrap();
+            let (src, j) = if layer == 0 {
+                (&b, c)
+            } else {
+                (&ov, seq as usize)
+            };
+            layered.extend_from_slice(&src[j * CS..(j + 1) * CS]);
+        }
+        assert_eq!(layered, fin);
+        assert_eq!(b, base, "the base is what the base pass read");
+
+        // A live pack is unpacked only once flattened; the flag and the manifest agree.
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let e = p.extract_to_dir(&out, None, &()).err().unwrap().to_string();
+        assert!(e.contains("vmpack flatten"), "{e}");
+        let e = m
+            .check_overlay_flag(false, "live.vmpack")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("overlay flag (bit 1) is clear"), "{e}");
+        let mut ordinary = m.clone();
+        ordinary.memory[0].overlay = None;
+        assert!(ordinary.check_overlay_flag(true, "p").is_err());
+        ordinary.check_overlay_flag(false, "p").unwrap();
+        // An overlay must be a MEMORY_DIFF section with a valid map.
+        let mut bad = r.sections().to_vec();
+        let i = bad.iter().position(|s| s.name == "memory/0+").unwrap();
+        bad[i].kind = kind::MEMORY;
+        let e = m
+            .check_sections(&bad, "live.vmpack")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("section 'memory/0+': kind 4 where 6"), "{e}");
+    }
+
+    #[test]
     fn bad_manifests_name_file_and_section() {
         let dir = tempfile::tempdir().unwrap();
         let write = |name: &str, sections: &[(u16, &str, &[u8])]| {

@@ -54,3 +54,23 @@ fn incompressible_stored_raw() {
         assert_eq!(comp.compress(&data, &mut out).unwrap(), Codec::None);
     }
 }
+
+#[test]
+fn header_flag_bits_1_to_15_are_refused_unless_known() {
+    // Bit 1 (overlays) is known; an unknown required bit (here bit 2) is refused, which is
+    // what a reader from before bit 1 does to a live save's pack.
+    let h = super::layout::encode_header(true, true);
+    let parsed = super::layout::parse_header(&h).unwrap();
+    assert!(parsed.aligned && parsed.overlays);
+    let mut unknown = h;
+    unknown[12] |= 1 << 2;
+    let e = super::layout::parse_header(&unknown)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("unknown required header flags 0x7"), "{e}");
+    // Bits 16-31 are optional: ignored.
+    let mut optional = super::layout::encode_header(false, false);
+    optional[14] = 1;
+    assert!(!super::layout::parse_header(&optional).unwrap().overlays);
+}
