@@ -453,9 +453,10 @@ impl<'a> PreparedPack<'a> {
                 "a pack with memory overlays cannot be a diff pack".into(),
             ));
         }
-        // A diff pack's memory sections are partial, a live pack's base torn: a boot file
-        // is never recorded in them.
-        let files_in_memory = if plan.diff.is_some() || plan.live {
+        // A diff pack's memory sections are partial: a boot file is never recorded in them.
+        // (A live pack's base holds it where the writer checked that no chunk of it is in
+        // the overlay: FORMAT.md §12, "Live saves".)
+        let files_in_memory = if plan.diff.is_some() {
             &[][..]
         } else {
             &plan.files_in_memory[..]

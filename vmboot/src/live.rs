@@ -331,7 +331,7 @@ fn save_overlay(
         level,
         out,
     );
-    let tail = match head {
+    let (tail, initrd) = match head {
         Ok(h) => h,
         Err(e) => {
             handle.dirty_forget(prev);
@@ -432,6 +432,19 @@ fn save_overlay(
             Vec::new(),
             m.present().into_iter().map(|c| m.chunk_range(c)).collect(),
         );
+    }
+    // The manifest records the initrd in the base memory: true only if none of its chunks
+    // was written since the mark (their base bytes are then those of the pause).
+    if let Some((gpa, len)) = initrd {
+        let written = regions.iter().zip(&held).any(|(&(base, _, size), m)| {
+            let (start, end) = (gpa.max(base), (gpa + len).min(base + size as u64));
+            start < end && ((start - base) / cs..=(end - 1 - base) / cs).any(|c| m.get(c))
+        });
+        if written {
+            return Err(Error::Refused(format!(
+                "live save: the guest wrote into its initrd at {gpa:#x} (which this pack records in guest memory) while the pack was written; save again (the initrd is then stored as a file)"
+            )));
+        }
     }
     let overlays: Vec<(ChunkMap, &dyn SectionSource)> = held
         .iter()

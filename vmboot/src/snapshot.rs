@@ -240,7 +240,10 @@ pub(crate) fn write_pack(
 /// Writes the head of a live save's pack (FORMAT.md §12, "Live saves"): manifest, boot
 /// files and each region's base memory section from `memory` (the running guest's RAM);
 /// the returned tail writes the rest once the VM was paused. `disk_sizes` are the sizes of
-/// the disks the tail will be given.
+/// the disks the tail will be given. Also returns where the pack records the initrd in
+/// guest memory, if it does (call after the dirty mark: the record holds if none of those
+/// bytes is written before the pause, which the caller checks).
+#[allow(clippy::type_complexity)]
 pub(crate) fn write_live_head<'o>(
     handle: &VmHandle,
     memory: MemorySources<'_>,
@@ -248,7 +251,10 @@ pub(crate) fn write_live_head<'o>(
     compression: Compression,
     level: Option<i32>,
     out: &'o mut dyn Write,
-) -> Result<vmpack_formats::vm::LiveTail<&'o mut dyn Write>> {
+) -> Result<(
+    vmpack_formats::vm::LiveTail<&'o mut dyn Write>,
+    Option<(u64, u64)>,
+)> {
     let boot_sources = payload_sources(handle.boot_payload());
     let boot: Vec<(&str, &dyn SectionSource)> =
         boot_sources.iter().map(|(r, s)| (*r, &**s)).collect();
@@ -259,18 +265,26 @@ pub(crate) fn write_live_head<'o>(
         aligned: compression == Compression::None,
         ..WriteOptions::default()
     };
+    let initrd = match handle.initrd_at() {
+        Some((gpa, len)) if held_in_memory(&boot, &memory, gpa, len)? => Some((gpa, len)),
+        _ => None,
+    };
     let plan = VmPackPlan {
         memory,
         vmstate: Some(b"{}"),
         disks: Some(sized.iter().map(|d| d as &dyn SectionSource).collect()),
         files: Some(boot),
         memory_chunk_size: Some(MEMORY_CHUNK_SIZE),
-        files_in_memory: Vec::new(),
+        files_in_memory: initrd.map(|(gpa, _)| ("initrd", gpa)).into_iter().collect(),
         diff: None,
         live: true,
     };
     let prepared = vmpack_formats::vm::PreparedPack::new(handle.config(), plan)?;
-    Ok(prepared.write_head(out, &opts, &())?)
+    let recorded = prepared
+        .manifest()
+        .file("initrd")
+        .and_then(|f| Some((f.in_memory?, f.size)));
+    Ok((prepared.write_head(out, &opts, &())?, recorded))
 }
 
 /// A disk's size for a live pack's manifest, written before the disk is frozen; never read.
