@@ -616,6 +616,19 @@ fn a_live_pack_holds_a_base_and_an_overlay_that_inspect_shows_and_flatten_folds(
     let t = common::run(dir.path(), &["inspect", pack.to_str().unwrap()]);
     assert!(common::ok(&t).contains("overlay:      memory/0+ over memory/0"));
 
+    // Served lazily, each chunk from the layer that owns it.
+    let serial = dir.path().join("lazy.serial");
+    let r = Command::new(vmpack())
+        .arg("restore")
+        .arg(&pack)
+        .args(["--memory", "lazy", "--quiet", "--serial-out"])
+        .arg(&serial)
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(0), "{}", common::stderr(&r));
+    let lazy_after = std::fs::read_to_string(&serial).unwrap();
+    check_continuation(code, &orig, &lazy_after, from, to);
+
     // Unpack gives no half memory: it refuses, naming the command that makes a full pack.
     let u = common::run(
         dir.path(),
@@ -721,6 +734,23 @@ fn an_altered_overlay_chunk_is_refused_naming_it() {
         .output()
         .unwrap();
     named(&r, "restore --memory eager");
+    // Lazily: the chunk is checked when first touched, from the overlay that owns it; the VM
+    // stops (status 76) before the guest reads it.
+    let r = Command::new(vmpack())
+        .arg("restore")
+        .arg(&pack)
+        .args(["--memory", "lazy", "--quiet"])
+        .output()
+        .unwrap();
+    let e = common::stderr(&r);
+    assert_eq!(r.status.code(), Some(76), "restore --memory lazy: {e}");
+    assert!(
+        e.contains("live.vmpack")
+            && e.contains("section 'memory/0+'")
+            && e.contains(&format!("chunk {seq}"))
+            && e.contains("failed verification"),
+        "restore --memory lazy names the overlay's chunk: {e}"
+    );
     let r = Command::new(vmpack())
         .args(["restore", "-", "--quiet"])
         .stdin(std::fs::File::open(&pack).unwrap())
