@@ -545,6 +545,77 @@ fn vsock_vmpack_test_cases_talk_to_the_guest() {
     );
 }
 
+/// `vmpack test` over vsock with fresh clones and with `--reuse` (clones reset in place
+/// between cases): each case sees only the pack's keys, never another case's, and every
+/// case runs under a generation ID no other case (nor the saved VM) had, as fresh clones do.
+#[test]
+fn vsock_vmpack_test_cases_are_isolated_in_both_modes() {
+    if !kvm_available("vsock tests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let _ = vmpack();
+    let (r, api, sock) = boot(d);
+    let mut kv = connect(&sock, 5001);
+    assert_eq!(kv.ask("set saved yes"), "ok");
+    let genid0 = kv.ask("genid");
+    let pack = d.join("p.vmpack");
+    common::blk::save(d, &api, &pack, "stop");
+    let (code, _, err) = r.finish(TIMEOUT);
+    assert_eq!(code, 0, "{err}");
+
+    let n = 6;
+    let mut cases = String::from("timeout_ms = 20000\nchannel = \"vsock:5001\"\n");
+    for i in 0..n {
+        // The key of the case before (run earlier by the same clone with --reuse).
+        let other = (i + n - 1) % n;
+        cases.push_str(&format!(
+            "[[case]]\nname = \"own key {i}\"\nsteps = [\n\
+             {{ send = \"get k{other}\\n\", expect = \"^none\\n\" }},\n\
+             {{ send = \"set k{i} v{i}\\n\", expect = \"^ok\\n\" }},\n\
+             {{ send = \"get saved\\n\", expect = \"^yes\\n\" }},\n\
+             {{ send = \"genid\\n\", expect = \"^genid [0-9a-f]{{32}}\\n\" }},\n]\n\
+             [[case]]\nname = \"echo {i}\"\nchannel = \"vsock:5000\"\n\
+             send = \"echo {i}\\n\"\nexpect = \"^echo {i}\\n$\"\n"
+        ));
+    }
+    std::fs::write(d.join("cases.toml"), &cases).unwrap();
+    for mode in [&["-j", "3"][..], &["-j", "2", "--reuse"], &["--reuse"]] {
+        let mut args = vec!["test", "p.vmpack", "cases.toml", "--json"];
+        args.extend(mode);
+        let o = run(d, &args);
+        let j: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+        assert_eq!(
+            (j["passed"].as_u64(), j["failed"].as_u64()),
+            (Some(2 * n as u64), Some(0)),
+            "{mode:?}: {j}"
+        );
+        let clones = j["clones"].as_u64().unwrap();
+        match mode {
+            ["--reuse"] => assert_eq!(clones, 1, "one clone reset between all cases: {j}"),
+            [_, _, "--reuse"] => assert_eq!(clones, 2, "{j}"),
+            _ => {}
+        }
+        let mut ids: Vec<String> = j["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| {
+                let out = c["output"].as_str().unwrap();
+                out.lines()
+                    .find(|l| l.starts_with("genid "))
+                    .map(str::to_string)
+            })
+            .collect();
+        assert_eq!(ids.len(), n, "{j}");
+        ids.push(genid0.clone());
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), n + 1, "{mode:?}: a generation ID was shared: {ids:?}");
+    }
+}
+
 /// The host-process side of the benchmark: when `VSOCK_BENCH_ECHO` names a socket path, this
 /// test binary (re-run as a child) echoes every connection to it until killed.
 #[test]
