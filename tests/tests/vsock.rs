@@ -612,7 +612,11 @@ fn vsock_vmpack_test_cases_are_isolated_in_both_modes() {
         ids.push(genid0.clone());
         ids.sort();
         ids.dedup();
-        assert_eq!(ids.len(), n + 1, "{mode:?}: a generation ID was shared: {ids:?}");
+        assert_eq!(
+            ids.len(),
+            n + 1,
+            "{mode:?}: a generation ID was shared: {ids:?}"
+        );
     }
 }
 

@@ -1438,7 +1438,10 @@ mod tests {
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let mut b = [0u8; 16];
             // End of file, or ECONNRESET where bytes it sent were never read.
-            assert!(matches!(s.read(&mut b), Ok(0) | Err(_)), "a host end stays open");
+            assert!(
+                matches!(s.read(&mut b), Ok(0) | Err(_)),
+                "a host end stays open"
+            );
         }
         assert!(dev.conns.is_empty() && dev.handshakes.is_empty());
         assert_eq!((dev.rx_bytes, dev.tx_bytes), (1, 2));
