@@ -357,7 +357,12 @@ fn reset_figures(work: &WorkBase, kv: &Path, memory_mib: u64, n: usize) -> Resul
          separate pages (median of {n}):"
     );
     crate::outln!(
-        "restore                          memory path  paused     whole call  guest's next round"
+        "{:<31}  {:<11}  {:>9}  {:>10}  {:>18}",
+        "restore",
+        "memory path",
+        "paused",
+        "whole call",
+        "guest's next round"
     );
     let modes: [(&str, &Path, MemoryPolicy, bool); 5] = [
         ("uncompressed, mapped", &plain, MemoryPolicy::Eager, false),
@@ -400,7 +405,7 @@ fn reset_figures(work: &WorkBase, kv: &Path, memory_mib: u64, n: usize) -> Resul
         })?;
         c.stop()?;
         crate::outln!(
-            "{what:<31}  {path:<11}  {:>6.3} ms  {:>7.3} ms  {:>9.3} ms   ({} KiB put back)",
+            "{what:<31}  {path:<11}  {:>6.3} ms  {:>7.3} ms  {:>15.3} ms  ({} KiB put back)",
             f.pause_ms,
             f.call_ms,
             f.round_ms,
