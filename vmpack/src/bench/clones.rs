@@ -394,15 +394,18 @@ fn reset_figures(work: &WorkBase, kv: &Path, memory_mib: u64, n: usize) -> Resul
                 anyhow::bail!("{what}: {e}");
             }
         }
+        // A host connection open at each reset, for the reset to close.
+        let mut open = Vec::new();
         let f = measure_resets(&mut c, n, |_| {
             if vsock {
-                // A host connection for the reset to close.
-                std::os::unix::net::UnixStream::connect(&sock)
-                    .map(drop)
-                    .with_context(|| format!("connecting to {}", sock.display()))?;
+                open.push(
+                    std::os::unix::net::UnixStream::connect(&sock)
+                        .with_context(|| format!("connecting to {}", sock.display()))?,
+                );
             }
             Ok(())
         })?;
+        drop(open);
         c.stop()?;
         crate::outln!(
             "{what:<31}  {path:<11}  {:>6.3} ms  {:>7.3} ms  {:>15.3} ms  ({} KiB put back)",
