@@ -387,7 +387,7 @@ fn reset_figures(work: &WorkBase, kv: &Path, memory_mib: u64, n: usize) -> Resul
         if vsock {
             run.vsock_sock = Some(sock.clone());
         }
-        let (mut c, path) = restore(pack, usize::MAX - 20 - k, memory, run)?;
+        let (mut c, path) = restore(pack, usize::MAX / 2 + k, memory, run)?;
         if memory == MemoryPolicy::Lazy {
             // The figure is the reset's, not the prefetch's competing for the cores.
             if let Some(e) = c.handle().memory_failure() {
