@@ -25,7 +25,8 @@ pub struct BenchClonesArgs {
     /// Numbers of concurrent clones to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10, 100])]
     counts: Vec<usize>,
-    /// In-place resets to measure (the `dirty` guest writes 1 MiB in 256 runs before each),
+    /// In-place resets to measure for each way a restore fills memory and with a vsock
+    /// device and a generation ID (the `dirty` guest writes 1 MiB in 256 runs before each),
     /// and cases to run each way (fresh clone per case, one clone reset between cases).
     #[arg(long, default_value_t = 50)]
     resets: usize,
