@@ -353,10 +353,6 @@ impl SectionSource for RamCopy {
     fn len(&self) -> u64 {
         self.len as u64
     }
-    // A private copy no one writes once the pack is being written.
-    fn as_slice(&self) -> Option<&[u8]> {
-        Some(self.bytes())
-    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.bytes().read_at(buf, offset)
     }

@@ -18,13 +18,6 @@ pub trait SectionSource: Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// All the source's bytes in memory, for a source whose bytes do not change while the
-    /// pack is written: the writer then hashes and writes chunks from it in place instead of
-    /// copying each into a buffer first. A source that may change (guest memory of a running
-    /// VM) must return `None`, or a chunk's digest could differ from the bytes written.
-    fn as_slice(&self) -> Option<&[u8]> {
-        None
-    }
 }
 
 fn read_slice(data: &[u8], buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -45,9 +38,6 @@ impl SectionSource for [u8] {
     fn len(&self) -> u64 {
         <[u8]>::len(self) as u64
     }
-    fn as_slice(&self) -> Option<&[u8]> {
-        Some(self)
-    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         read_slice(self, buf, offset)
     }
@@ -57,9 +47,6 @@ impl SectionSource for Vec<u8> {
     fn len(&self) -> u64 {
         self.as_slice().len() as u64
     }
-    fn as_slice(&self) -> Option<&[u8]> {
-        Some(self)
-    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         read_slice(self, buf, offset)
     }
@@ -68,9 +55,6 @@ impl SectionSource for Vec<u8> {
 impl<T: SectionSource + ?Sized> SectionSource for &T {
     fn len(&self) -> u64 {
         (**self).len()
-    }
-    fn as_slice(&self) -> Option<&[u8]> {
-        (**self).as_slice()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         (**self).read_at(buf, offset)

@@ -39,9 +39,6 @@ struct Job {
 
 struct Done {
     seq: u64,
-    /// The payload (uncompressed) is the source's own bytes (`SectionSource::as_slice`),
-    /// not `buf`.
-    in_place: bool,
     ulen: u32,
     codec: Codec,
     sha256: [u8; 32],
@@ -304,7 +301,6 @@ impl<W: Write> PackWriter<W> {
                             seq,
                             Done {
                                 seq,
-                                in_place: false,
                                 ulen,
                                 codec: Codec::Zero,
                                 sha256: [0; 32],
@@ -320,9 +316,9 @@ impl<W: Write> PackWriter<W> {
                 let mut err = None;
                 while let Some(d) = pending.remove(&next_write) {
                     let ulen = d.ulen as u64;
-                    match self.write_chunk(desc, src, d) {
+                    match self.write_chunk(desc, d) {
                         Ok(bufs) => {
-                            if bufs.0.capacity() > 0 || bufs.1.capacity() > 0 {
+                            if bufs.0.capacity() > 0 {
                                 pool.push(bufs);
                             }
                         }
@@ -378,7 +374,6 @@ impl<W: Write> PackWriter<W> {
     fn write_chunk(
         &mut self,
         desc: &mut SectDesc,
-        src: &dyn SectionSource,
         d: Done,
     ) -> Result<(Vec<u8>, Vec<u8>), PackError> {
         if self.opts.aligned && d.codec == Codec::None {
@@ -395,15 +390,8 @@ impl<W: Write> PackWriter<W> {
                 self.put(&pad)?;
             }
         }
-        let own = match (d.in_place, src.as_slice()) {
-            (true, Some(s)) => in_place(s, d.seq * desc.chunk_size as u64, d.ulen),
-            _ => None,
-        };
         let payload: &[u8] = match d.codec {
-            Codec::None => match own {
-                Some(p) => p,
-                None => &d.buf[..d.ulen as usize],
-            },
+            Codec::None => &d.buf[..d.ulen as usize],
             Codec::Zero => &[],
             Codec::Deflate | Codec::Zstd => &d.cbuf,
         };
@@ -476,17 +464,10 @@ fn process(
     comp: &mut Compressor,
 ) -> Result<Done, (u64, u64, std::io::Error)> {
     let ulen = job.ulen as usize;
-    // Hashed (and written) where it lies when the source allows; else read into the buffer.
-    let slice = src.as_slice().and_then(|s| in_place(s, job.off, job.ulen));
-    let data: &[u8] = match slice {
-        Some(d) => d,
-        None => {
-            job.buf.resize(ulen, 0);
-            src.read_at(&mut job.buf[..ulen], job.off)
-                .map_err(|e| (job.seq, job.off, e))?;
-            &job.buf[..ulen]
-        }
-    };
+    job.buf.resize(ulen, 0);
+    src.read_at(&mut job.buf[..ulen], job.off)
+        .map_err(|e| (job.seq, job.off, e))?;
+    let data = &job.buf[..ulen];
     let (codec, sha256, crc) = if layout::is_zero(data) {
         (Codec::Zero, [0; 32], 0)
     } else {
@@ -503,7 +484,6 @@ fn process(
     };
     Ok(Done {
         seq: job.seq,
-        in_place: slice.is_some(),
         ulen: job.ulen,
         codec,
         sha256,
@@ -511,10 +491,4 @@ fn process(
         buf: job.buf,
         cbuf: job.cbuf,
     })
-}
-
-/// The chunk of `ulen` bytes at `off` of an in-memory source, if it lies within it.
-fn in_place(s: &[u8], off: u64, ulen: u32) -> Option<&[u8]> {
-    let start = usize::try_from(off).ok()?;
-    s.get(start..start.checked_add(ulen as usize)?)
 }
