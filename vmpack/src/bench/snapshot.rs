@@ -1113,7 +1113,8 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
     }
     crate::outln!();
     crate::outln!(
-        "Diff saves: `vmpack save --diff-from` the `none` pack, {} s after it (the guest idle \
+        "Diff saves: `vmpack save --diff-from` the `none` pack (plain: copies the chunks written \
+         since it before pausing, docs/CLI.md \"Diff packs\"), {} s after it (the guest idle \
          in between), then `--live --diff-from` it {} s after that; written = request to the \
          last byte written (`--json` written_ms), save = request to pack complete and synced \
          (`--json` milliseconds), process = the whole `vmpack save` command.",
@@ -1134,7 +1135,7 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
     );
     for r in &results {
         for (_, o) in &r.ours {
-            for (kind, d) in [("paused", &o.diff), ("live", &o.live_diff)] {
+            for (kind, d) in [("plain", &o.diff), ("live", &o.live_diff)] {
                 match d {
                     Some(Ok(s)) => crate::outln!(
                         "{:>6} {:>6} {:>7} {:>14.2} {:>8.2} {:>9.1} {:>10.1} {:>8.1} {:>11.1}",
