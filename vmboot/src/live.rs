@@ -2,10 +2,12 @@
 //! rounds while the guest runs, and the guest pauses only for the pages written since the
 //! last round and the device state (docs/ARCHITECTURE.md, "Live save").
 //!
-//! The rounds copy into a private copy of guest RAM, not into the pack: the pack is then
-//! written from that copy after the guest resumed, in the ordinary layout (vmstate before
-//! memory), so a live-saved pack is an ordinary pack that every reader, old or new, restores
-//! by every path (docs/FORMAT.md §12 says why).
+//! A full live save writes each RAM region into the pack straight from guest RAM while the
+//! guest runs (the base), and the rounds copy only the chunks written since into a sparse
+//! buffer, written after the pause as one overlay section per region (docs/FORMAT.md §12,
+//! "Live saves"): the saving process holds the guest's writes during the save, not a copy of
+//! its RAM. A live diff save copies the chunks written since its parent into a private copy
+//! and writes an ordinary diff pack from it after the pause.
 
 use crate::api::{LiveRound, LiveStats, SaveStats};
 use crate::packs::MEMORY_CHUNK_SIZE;
@@ -381,11 +383,24 @@ fn save_overlay(
                         "the chunks written since the base pass ({held_bytes} bytes held, about {dirty} more) would take more than half of this host's available memory: paused anyway"
                     ));
                 }
-                let next = handle.dirty_mark()?;
+                let next = match handle.dirty_mark() {
+                    Ok(n) => n,
+                    Err(e) => {
+                        handle.dirty_forget(prev);
+                        return Err(e.into());
+                    }
+                };
                 let pages = handle.dirty_since(prev);
                 handle.dirty_forget(prev);
                 prev = next;
-                let runs = widen(region_runs(&pages?, &regions), Some(&mut held));
+                let pages = match pages {
+                    Ok(p) => p,
+                    Err(e) => {
+                        handle.dirty_forget(prev);
+                        return Err(e.into());
+                    }
+                };
+                let runs = widen(region_runs(&pages, &regions), Some(&mut held));
                 let t = Instant::now();
                 let n = copy_runs(&regions, &buffer, &runs);
                 rounds.push(LiveRound {
