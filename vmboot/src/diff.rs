@@ -54,6 +54,37 @@ pub fn changed_chunks(handle: &VmHandle, mark: u64, chunk_size: u32) -> Result<V
     Ok(maps)
 }
 
+/// Per disk, the chunks (of `chunk_size` bytes) holding a block written since `mark`: what
+/// a diff pack stores of it. None stores the disk whole: its mark is not kept, or the disk
+/// has too many chunks for a diff section's bitmap.
+pub fn changed_disk_chunks(handle: &VmHandle, mark: u64, chunk_size: u32) -> Vec<Option<ChunkMap>> {
+    let cs = u64::from(chunk_size);
+    handle
+        .disk_written_since(mark)
+        .into_iter()
+        .map(|(size, bits)| {
+            let bits = bits?;
+            if !ChunkMap::fits_meta(size, cs) {
+                return None;
+            }
+            let mut m = ChunkMap::new(size, cs);
+            let block = crate::disk_snapshot::BLOCK_SIZE;
+            for (w, &word) in bits.iter().enumerate() {
+                let mut word = word;
+                while word != 0 {
+                    let b = u64::from(word.trailing_zeros());
+                    word &= word - 1;
+                    let at = (w as u64 * 64 + b) * block;
+                    if at < size {
+                        m.set_range(at, block.min(size - at));
+                    }
+                }
+            }
+            Some(m)
+        })
+        .collect()
+}
+
 /// `ranges` (sorted) cut down to the chunks `map` holds.
 pub fn intersect(ranges: &[Range<u64>], map: &ChunkMap) -> Vec<Range<u64>> {
     let mut out: Vec<Range<u64>> = Vec::new();

@@ -22,7 +22,7 @@ use vmpack_formats::pack::{
 };
 use vmpack_formats::vm::{Manifest, VmPack, VmPackPlan};
 
-use crate::packs::MEMORY_CHUNK_SIZE;
+use crate::packs::{DISK_CHUNK_SIZE, MEMORY_CHUNK_SIZE};
 use crate::persist::MAX_VMSTATE_LEN;
 use crate::verified_cache;
 
@@ -82,8 +82,15 @@ pub fn save_with(
             source,
         })?;
         let maps = match parent_mark {
-            Some(m) => Some(crate::diff::changed_chunks(handle, m, MEMORY_CHUNK_SIZE)?),
+            Some(m) => Some((
+                crate::diff::changed_chunks(handle, m, MEMORY_CHUNK_SIZE)?,
+                crate::diff::changed_disk_chunks(handle, m, DISK_CHUNK_SIZE),
+            )),
             None => None,
+        };
+        let (maps, disk_maps) = match maps {
+            Some((m, d)) => (Some(m), d),
+            None => (None, Vec::new()),
         };
         // Guest memory now equals the pack being written: later diffs start here.
         let mark = handle.dirty_mark().ok();
@@ -102,9 +109,9 @@ pub fn save_with(
             handle.flush_disks()?;
             None
         };
-        Ok((state_bytes, copy, maps, mark, disks))
+        Ok((state_bytes, copy, maps, mark, disks, disk_maps))
     })();
-    let (state_bytes, copy, maps, mark, disks) = match captured {
+    let (state_bytes, copy, maps, mark, disks, disk_maps) = match captured {
         Ok(c) => c,
         Err(e) => {
             if resume_after {
@@ -138,6 +145,7 @@ pub fn save_with(
                 &state_bytes,
                 (memory, disk_sources),
                 diff,
+                disk_maps,
                 compression,
                 level,
                 out,
@@ -159,6 +167,7 @@ pub fn save_with(
                 &state_bytes,
                 (memory, disk_sources),
                 diff,
+                disk_maps,
                 compression,
                 level,
                 out,
@@ -197,6 +206,7 @@ pub(crate) fn write_pack(
         vmpack_formats::diff::ParentRef,
         Vec<vmpack_formats::diff::ChunkMap>,
     )>,
+    disk_diff: Vec<Option<vmpack_formats::diff::ChunkMap>>,
     compression: Compression,
     level: Option<i32>,
     out: &mut dyn Write,
@@ -226,14 +236,14 @@ pub(crate) fn write_pack(
         files_in_memory,
         diff,
     };
+    let is_diff = plan.diff.is_some();
+    let mut prepared = vmpack_formats::vm::PreparedPack::new(handle.config(), plan)?;
+    // A diff pack stores each disk as the chunks written since the parent.
+    if is_diff && !disk_diff.is_empty() {
+        prepared.set_disk_diffs(disk_diff)?;
+    }
     let counted = CountingWriter { inner: out, n: 0 };
-    Ok(vmpack_formats::vm::write_vm_pack(
-        counted,
-        handle.config(),
-        plan,
-        &opts,
-        &(),
-    )?)
+    Ok(prepared.write(counted, &opts, "<output>", &())?)
 }
 
 /// Whether guest RAM (`memory`, as `(gpa, contents)`) still holds the boot initrd byte for
