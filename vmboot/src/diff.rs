@@ -15,7 +15,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use vmpack_formats::diff::{Chain, ChunkMap};
-use vmpack_formats::pack::{Codec, PackError, PackErrorKind};
+use vmpack_formats::pack::{ChunkEntry, Codec, PackError, PackErrorKind};
 use vmpack_formats::vm::VmPack;
 
 /// The refusal of a diff save against a pack this VM does not descend from.
@@ -399,6 +399,85 @@ pub fn spill_region(chain: &Chain, index: usize, file: &File) -> Result<Vec<Rang
     Ok(ranges)
 }
 
+/// Writes disk `index` of the chain's child into `file` (sized and empty): its layers
+/// oldest first (`Chain::disk_layers`), each disk diff's chunks (zero ones too) over the
+/// ones before. The chunks are not checked here: the packs were verified before.
+pub fn write_disk_layers(chain: &Chain, index: usize, file: &File) -> Result<()> {
+    for layer in chain.disk_layers(index)? {
+        let pack = &chain.packs[layer.pack];
+        let reader = pack.reader();
+        let label = pack.path().display().to_string();
+        let io = |e: std::io::Error| PackError::new(&label, PackErrorKind::Io(e));
+        let id = layer.section;
+        match &layer.map {
+            None => reader.for_each_chunk_parallel(id, false, 0, &|off, data| {
+                file.write_all_at(data, off).map_err(io)
+            })?,
+            Some(map) => {
+                let present = map.present();
+                let at = |off: u64| {
+                    map.region_offset(&present, off).ok_or_else(|| {
+                        io(std::io::Error::other("disk diff chunk outside its map"))
+                    })
+                };
+                reader.for_each_chunk_parallel(id, false, 0, &|off, data| {
+                    file.write_all_at(data, at(off)?).map_err(io)
+                })?;
+                let zeros = vec![0u8; reader.sections()[id as usize].chunk_size as usize];
+                for e in reader.chunks(id).iter().filter(|e| e.codec == Codec::Zero) {
+                    file.write_all_at(&zeros[..e.ulen as usize], at(e.offset)?)
+                        .map_err(io)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Disk `index` of the chain's child as `(pack, index entry)` per stored chunk, each from the
+/// newest pack of the chain holding it, the entry's `offset` set to its disk offset (what a
+/// lazy restore fills on first touch, checked against that pack's index). Zero chunks are
+/// left out. The layers must share one chunk size, so chunks never partly overlap.
+pub fn disk_chunks(chain: &Chain, index: usize) -> Result<Vec<(usize, ChunkEntry)>> {
+    let layers = chain.disk_layers(index)?;
+    let first = &layers[0];
+    let cs = u64::from(chain.packs[first.pack].reader().sections()[first.section as usize].chunk_size);
+    let size = chain.packs[first.pack].manifest().disks[index].virtual_size;
+    let mut owner: Vec<Option<(usize, ChunkEntry)>> = vec![None; size.div_ceil(cs.max(1)) as usize];
+    for l in &layers {
+        let pack = &chain.packs[l.pack];
+        let reader = pack.reader();
+        let label = pack.path().display();
+        let own = u64::from(reader.sections()[l.section as usize].chunk_size);
+        if own != cs {
+            return Err(Error::Refused(format!(
+                "{label}: the chunks of disk {index} ({own} bytes) differ in size from those of the pack it is layered on ({cs} bytes), so it cannot be filled on first touch; restore it with --memory eager or `vmpack flatten` it"
+            )));
+        }
+        let present = l.map.as_ref().map(|m| m.present());
+        for e in reader.chunks(l.section) {
+            let off = match (&l.map, &present) {
+                (Some(m), Some(p)) => m.region_offset(p, e.offset),
+                _ => Some(e.offset),
+            };
+            let Some(off) = off.filter(|&o| o % cs == 0 && o < size) else {
+                return Err(Error::Refused(format!(
+                    "{label}: disk {index} chunk {} at {:#x} lies outside its disk's chunk map",
+                    e.seq, e.offset
+                )));
+            };
+            let mut e = e.clone();
+            e.offset = off;
+            owner[(off / cs) as usize] = Some((l.pack, e));
+        }
+    }
+    Ok(owner
+        .into_iter()
+        .flatten()
+        .filter(|(_, e)| e.codec != Codec::Zero)
+        .collect())
+}
+
 /// The chain's base, opened again, after checking it holds every boot file the child
 /// lists (diff packs store none: they are the base's).
 pub fn base_with_files(chain: &Chain) -> Result<VmPack> {
@@ -429,7 +508,7 @@ pub fn flatten(
     compression: vmpack_formats::pack::Compression,
     out: &mut dyn std::io::Write,
 ) -> Result<vmpack_formats::pack::PackSummary> {
-    use crate::clone::{spill, tempfile_in, Spilled};
+    use crate::clone::{tempfile_in, Spilled};
     use vmpack_formats::pack::{SectionSource, WriteOptions};
     let child = chain.packs.last().expect("a chain holds the child");
     let manifest = child.manifest();
@@ -450,10 +529,22 @@ pub fn flatten(
             files.push((role, base.boot_file(role)?));
         }
     }
+    // Each disk whole: its layers written into a scratch file.
     let disks = manifest
         .disks
         .iter()
-        .map(|d| spill(child, &d.section, scratch))
+        .enumerate()
+        .map(|(i, d)| {
+            let file = tempfile_in(scratch)?;
+            file.set_len(d.virtual_size)?;
+            write_disk_layers(chain, i, &file)?;
+            let ranges = vmpack_formats::disk::seek_data_ranges(&file, d.virtual_size)?;
+            Ok(Spilled {
+                file,
+                len: d.virtual_size,
+                ranges,
+            })
+        })
         .collect::<Result<Vec<_>>>()?;
     let mut memory = Vec::new();
     for (i, m) in manifest.memory.iter().enumerate() {

@@ -668,10 +668,10 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
             if matches!(opts.source, crate::vstate::lazy::ChunkSource::Fetch(_)) {
                 return Err(Error::Unsupported(format!("{label}: a diff pack cannot be run from a registry (its memory is layered on its parent); pull it and its parents, or push a flattened pack")));
             }
-            Some(vmpack_formats::diff::open_chain(
+            Some(Arc::new(vmpack_formats::diff::open_chain(
                 path,
                 opts.parent.as_deref(),
-            )?)
+            )?))
         }
         None => None,
     };
@@ -737,12 +737,18 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     let (cfg, state) = checked_state(&pack, state_section, &label, &work.path)?;
     let warnings = check_host(&state, &cfg, &label)?;
     let mut run = opts.run;
-    if lazy {
+    match (lazy, &chain) {
         // The vCPUs start before the disks are copied: each is filled on first touch and in
         // the background (`vstate::lazy_disk`).
-        run.disks = lazy_disks(&pack, &work.path, &opts.source)?;
-    } else {
-        extract_disks(&pack, &work.path)?;
+        (true, None) => run.disks = lazy_disks(&pack, &work.path, &opts.source)?,
+        // A diff pack's disks: each chunk from the newest pack of the chain holding it.
+        (true, Some(chain)) => run.disks = lazy_chain_disks(chain, &work.path)?,
+        (false, None) => extract_disks(&pack, &work.path)?,
+        (false, Some(chain)) => {
+            for i in 0..manifest.disks.len() {
+                extract_chain_disk(chain, i, &disk_copy_path(&work.path, i), false)?;
+            }
+        }
     }
 
     let (memory_path, init) = if let (Some(chain), true) = (&chain, lazy) {
@@ -799,7 +805,12 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
             if let Some(d) = filled.get(i) {
                 d.fill_all()?;
             }
-            extract_disk(&pack, i, &disk_copy_path(&work_path, i), true).map_err(Into::into)
+            let copy = disk_copy_path(&work_path, i);
+            match &chain {
+                Some(chain) => extract_chain_disk(chain, i, &copy, true),
+                None => extract_disk(&pack, i, &copy, true),
+            }
+            .map_err(Into::into)
         }));
     }
     Ok((
@@ -878,6 +889,7 @@ fn verify_except_memory(reader: &vmpack_formats::pack::PackReader) -> Result<()>
             && s.kind != kind::MEMORY_DIFF
             && s.kind != kind::FILE
             && s.kind != kind::DISK
+            && s.kind != kind::DISK_DIFF
         {
             reader.for_each_chunk_parallel(s.id, true, 0, &|_, _| Ok(()))?;
         }
@@ -982,6 +994,72 @@ fn lazy_disks(
     Ok(crate::vstate::lazy_disk::LazyDisks(v))
 }
 
+/// A diff pack's disks as empty sparse private copies in `dir` that fill themselves from
+/// the chain, each chunk from the newest pack holding it.
+fn lazy_chain_disks(
+    chain: &Arc<vmpack_formats::diff::Chain>,
+    dir: &Path,
+) -> Result<crate::vstate::lazy_disk::LazyDisks> {
+    let child = chain.packs.last().expect("a chain holds the child");
+    let mut packs = Vec::with_capacity(chain.packs.len());
+    for p in &chain.packs {
+        // Shared handles on the same files, checked to be the packs the chain checked.
+        let again = VmPack::open(p.path())?;
+        if again.reader().root_digest() != p.reader().root_digest() {
+            return Err(Error::Refused(format!(
+                "{}: the file changed while it was being restored",
+                p.path().display()
+            )));
+        }
+        packs.push(Arc::new(again));
+    }
+    let mut v = Vec::new();
+    for (i, d) in child.manifest().disks.iter().enumerate() {
+        let chunks = crate::diff::disk_chunks(chain, i)?;
+        let copy = disk_copy_path(dir, i);
+        drop(sparse_file(&copy, d.virtual_size)?);
+        v.push(crate::vstate::lazy_disk::LazyDisk::layered(
+            i,
+            &copy,
+            d.read_only,
+            packs.clone(),
+            chunks,
+        )?);
+    }
+    Ok(crate::vstate::lazy_disk::LazyDisks(v))
+}
+
+/// Writes disk `i` of a diff pack, layered over its chain, to `copy` (see
+/// [`extract_disk`] for `replace`).
+fn extract_chain_disk(
+    chain: &vmpack_formats::diff::Chain,
+    i: usize,
+    copy: &Path,
+    replace: bool,
+) -> Result<()> {
+    let d = &chain.packs.last().expect("a chain holds the child").manifest().disks[i];
+    let f = open_disk_copy(copy, d.virtual_size, replace)?;
+    crate::diff::write_disk_layers(chain, i, &f)
+}
+
+/// The private copy of a disk of `size` bytes: a new sparse file, or with `replace` the
+/// existing `copy` emptied (the same inode, so a VM that has it open sees the new content).
+fn open_disk_copy(copy: &Path, size: u64, replace: bool) -> Result<File> {
+    if !replace {
+        return sparse_file(copy, size);
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = File::options()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(copy)
+        .with_context(|| format!("opening {}", copy.display()))?;
+    f.set_len(0)
+        .and_then(|()| f.set_len(size))
+        .with_context(|| format!("emptying {}", copy.display()))?;
+    Ok(f)
+}
+
 /// Writes every disk of the pack to its private raw copy in `dir` (where [`pack_config`]
 /// points the config), so the guest's writes never reach the pack.
 fn extract_disks(pack: &VmPack, dir: &Path) -> Result<()> {
@@ -1001,20 +1079,7 @@ fn extract_disk(pack: &VmPack, i: usize, copy: &Path, replace: bool) -> Result<(
     let s = reader
         .section(&d.section)
         .ok_or_else(|| Error::Refused(format!("{label}: section '{}' is missing", d.section)))?;
-    let f = if replace {
-        use std::os::unix::fs::OpenOptionsExt;
-        let f = File::options()
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(copy)
-            .with_context(|| format!("opening {}", copy.display()))?;
-        f.set_len(0)
-            .and_then(|()| f.set_len(d.virtual_size))
-            .with_context(|| format!("emptying {}", copy.display()))?;
-        f
-    } else {
-        sparse_file(copy, d.virtual_size)?
-    };
+    let f = open_disk_copy(copy, d.virtual_size, replace)?;
     reader.for_each_chunk_parallel(s.id, false, 0, &|off, data| {
         use std::os::unix::fs::FileExt;
         f.write_all_at(data, off)

@@ -42,10 +42,13 @@ pub struct LazyDisk {
     index: usize,
     copy: RawDisk,
     read_only: bool,
-    pack: Arc<VmPack>,
+    /// The pack, or a diff pack's chain (base first).
+    packs: Vec<Arc<VmPack>>,
+    /// Per chunk, the pack of `packs` it is read from.
+    owners: Vec<usize>,
     source: ChunkSource,
-    /// The disk's stored chunks, sorted by offset, disjoint, inside the disk (zero chunks
-    /// left out: the sparse copy reads as zeros there already).
+    /// The disk's stored chunks, sorted by offset (the disk offset), disjoint, inside the
+    /// disk (zero chunks left out: the sparse copy reads as zeros there already).
     chunks: Vec<ChunkEntry>,
     state: Vec<AtomicU8>,
     /// Chunks not present yet.
@@ -94,23 +97,54 @@ impl LazyDisk {
         let s = reader
             .section(section)
             .ok_or_else(|| Error::Layout(format!("{label}: section '{section}' is missing")))?;
+        let chunks = reader
+            .chunks(s.id)
+            .iter()
+            .filter(|e| e.codec != Codec::Zero)
+            .map(|e| (0, e.clone()))
+            .collect();
+        Self::build(index, copy, read_only, vec![pack], source, chunks)
+    }
+
+    /// A disk over `copy` that fills itself from several packs (a diff pack's chain): each
+    /// of `chunks` is `(index into packs, its index entry)` with the entry's `offset` the
+    /// disk offset it belongs at; zero chunks are left out (the sparse copy reads as zeros).
+    pub fn layered(
+        index: usize,
+        copy: &Path,
+        read_only: bool,
+        packs: Vec<Arc<VmPack>>,
+        chunks: Vec<(usize, ChunkEntry)>,
+    ) -> super::Result<Arc<LazyDisk>> {
+        Self::build(index, copy, read_only, packs, ChunkSource::PackFile, chunks)
+    }
+
+    fn build(
+        index: usize,
+        copy: &Path,
+        read_only: bool,
+        packs: Vec<Arc<VmPack>>,
+        source: ChunkSource,
+        mut chunks: Vec<(usize, ChunkEntry)>,
+    ) -> super::Result<Arc<LazyDisk>> {
+        use super::Error;
         // The copy is private: the restore writes the pack's chunks into it even when the
         // guest may not write.
         let copy = RawDisk::open(copy, false)?;
         let size = copy.virtual_size();
-        let mut chunks: Vec<ChunkEntry> = reader
-            .chunks(s.id)
-            .iter()
-            .filter(|e| e.codec != Codec::Zero)
-            .cloned()
-            .collect();
-        chunks.sort_by_key(|e| e.offset);
+        chunks.sort_by_key(|(_, e)| e.offset);
         let mut end = 0u64;
-        for e in &chunks {
+        for (k, e) in &chunks {
             let last = e.offset.checked_add(u64::from(e.ulen));
             if e.offset < end || last.is_none_or(|l| l > size) {
+                let p = packs.get(*k).map(|p| p.path().display().to_string());
+                let section = packs
+                    .get(*k)
+                    .and_then(|p| p.reader().sections().get(e.section as usize))
+                    .map_or("?".to_string(), |s| s.name.clone());
                 return Err(Error::Layout(format!(
-                    "{label}: section '{section}' chunk {} at {:#x} ({} bytes) overlaps another or lies outside the {size}-byte disk",
+                    "{}: section '{section}' chunk {} at {:#x} ({} bytes) overlaps another or lies outside the {size}-byte disk",
+                    p.unwrap_or_default(),
                     e.seq,
                     e.offset,
                     e.ulen
@@ -118,12 +152,14 @@ impl LazyDisk {
             }
             end = last.unwrap_or(end);
         }
+        let (owners, chunks): (Vec<usize>, Vec<ChunkEntry>) = chunks.into_iter().unzip();
         let state = chunks.iter().map(|_| AtomicU8::new(MISSING)).collect();
         Ok(Arc::new(LazyDisk {
             index,
             copy,
             read_only,
-            pack,
+            packs,
+            owners,
             source,
             left: AtomicU64::new(chunks.len() as u64),
             chunks,
@@ -258,7 +294,7 @@ impl LazyDisk {
                 }
             }
         }
-        let r = self.fill(&self.chunks[i]);
+        let r = self.fill(&self.chunks[i], &self.packs[self.owners[i]]);
         let state = match &r {
             Ok(()) => {
                 if self.left.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -281,7 +317,7 @@ impl LazyDisk {
         })
     }
 
-    fn fill(&self, e: &ChunkEntry) -> Result<(), String> {
+    fn fill(&self, e: &ChunkEntry, pack: &VmPack) -> Result<(), String> {
         if let Some(m) = self.failure() {
             return Err(m);
         }
@@ -305,7 +341,7 @@ impl LazyDisk {
             .and_then(|()| frame.try_reserve_exact(PackReader::frame_len(e)))
             .map_err(|x| format!("{range} could not be read (out of memory): {x}"))?;
         data.resize(e.ulen as usize, 0);
-        let reader: &PackReader = self.pack.reader();
+        let reader: &PackReader = pack.reader();
         reader
             .read_chunk_reusing(e, true, &mut data, &mut frame)
             .map_err(|x| format!("{range} failed verification before the guest read it: {x}"))?;
