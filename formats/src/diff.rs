@@ -332,7 +332,9 @@ impl Chain {
                     map: Some(map),
                 });
                 if k == 0 {
-                    return Err(invalid("a disk diff section in a pack without a parent".into()));
+                    return Err(invalid(
+                        "a disk diff section in a pack without a parent".into(),
+                    ));
                 }
                 k -= 1;
                 continue;

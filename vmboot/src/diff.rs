@@ -416,9 +416,8 @@ pub fn write_disk_layers(chain: &Chain, index: usize, file: &File) -> Result<()>
             Some(map) => {
                 let present = map.present();
                 let at = |off: u64| {
-                    map.region_offset(&present, off).ok_or_else(|| {
-                        io(std::io::Error::other("disk diff chunk outside its map"))
-                    })
+                    map.region_offset(&present, off)
+                        .ok_or_else(|| io(std::io::Error::other("disk diff chunk outside its map")))
                 };
                 reader.for_each_chunk_parallel(id, false, 0, &|off, data| {
                     file.write_all_at(data, at(off)?).map_err(io)
@@ -441,7 +440,8 @@ pub fn write_disk_layers(chain: &Chain, index: usize, file: &File) -> Result<()>
 pub fn disk_chunks(chain: &Chain, index: usize) -> Result<Vec<(usize, ChunkEntry)>> {
     let layers = chain.disk_layers(index)?;
     let first = &layers[0];
-    let cs = u64::from(chain.packs[first.pack].reader().sections()[first.section as usize].chunk_size);
+    let cs =
+        u64::from(chain.packs[first.pack].reader().sections()[first.section as usize].chunk_size);
     let size = chain.packs[first.pack].manifest().disks[index].virtual_size;
     let mut owner: Vec<Option<(usize, ChunkEntry)>> = vec![None; size.div_ceil(cs.max(1)) as usize];
     for l in &layers {

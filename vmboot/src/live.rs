@@ -8,8 +8,8 @@
 //! by every path (docs/FORMAT.md §12 says why).
 
 use crate::api::{LiveRound, LiveStats, SaveStats};
-use crate::packs::{DISK_CHUNK_SIZE, MEMORY_CHUNK_SIZE};
 use crate::packs::{Context, Error, Result};
+use crate::packs::{DISK_CHUNK_SIZE, MEMORY_CHUNK_SIZE};
 use crate::snapshot::{copy_fits, write_pack, RamCopy};
 use crate::vmm::VmHandle;
 use crate::vstate::dirty::{DirtyPages, PAGE};

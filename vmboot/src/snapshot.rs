@@ -1037,7 +1037,12 @@ fn extract_chain_disk(
     copy: &Path,
     replace: bool,
 ) -> Result<()> {
-    let d = &chain.packs.last().expect("a chain holds the child").manifest().disks[i];
+    let d = &chain
+        .packs
+        .last()
+        .expect("a chain holds the child")
+        .manifest()
+        .disks[i];
     let f = open_disk_copy(copy, d.virtual_size, replace)?;
     crate::diff::write_disk_layers(chain, i, &f)
 }

@@ -402,7 +402,9 @@ fn text_report(
                 let changed = r
                     .section(&d.section)
                     .and_then(|s| diff_chunks(s, Some(m)))
-                    .map(|(stored, of)| format!(", changed since the parent: {stored} of {of} chunks"))
+                    .map(|(stored, of)| {
+                        format!(", changed since the parent: {stored} of {of} chunks")
+                    })
                     .unwrap_or_default();
                 textln!(
                     out,
