@@ -456,6 +456,54 @@ mod tests {
     }
 
     #[test]
+    fn disk_diff_meta_roundtrips_and_hostile_ones_are_refused() {
+        let mut m = ChunkMap::new(3 * 4096 + 512, 4096);
+        m.set_range(3 * 4096, 1);
+        let meta = m.disk_meta("d.img", serde_json::json!("raw"), false);
+        let info = |meta: serde_json::Value, kind: u16, size: u64| SectionInfo {
+            id: 1,
+            kind,
+            name: "disk/0".into(),
+            meta,
+            size,
+            chunk_size: 4096,
+            stored_bytes: 0,
+            chunks: 1,
+            zero_chunks: 0,
+        };
+        let back =
+            ChunkMap::from_disk_section(&info(meta.clone(), kind::DISK_DIFF, 512), m.region_size)
+                .unwrap();
+        assert_eq!(back, m);
+        assert_eq!(meta["virtual_size"], 3 * 4096 + 512);
+        // Another disk size, another kind, a size the bitmap does not give.
+        assert!(
+            ChunkMap::from_disk_section(&info(meta.clone(), kind::DISK_DIFF, 512), 4 * 4096)
+                .unwrap_err()
+                .contains("virtual_size")
+        );
+        assert!(ChunkMap::from_disk_section(
+            &info(meta.clone(), kind::MEMORY_DIFF, 512),
+            m.region_size
+        )
+        .is_err());
+        assert!(
+            ChunkMap::from_disk_section(&info(meta, kind::DISK_DIFF, 4096), m.region_size)
+                .unwrap_err()
+                .contains("holds 4096 bytes")
+        );
+        assert!(ChunkMap::fits_meta(MAX_DIFF_CHUNKS << 20, 1 << 20));
+        assert!(!ChunkMap::fits_meta((MAX_DIFF_CHUNKS + 1) << 20, 1 << 20));
+        // The bitmap's hex and the other keys fit the meta limit.
+        let big = ChunkMap::new(MAX_DIFF_CHUNKS << 20, 1 << 20);
+        let name = "n".repeat(255);
+        let len = serde_json::to_vec(&big.disk_meta(&name, serde_json::json!("qcow2"), true))
+            .unwrap()
+            .len();
+        assert!(len <= crate::pack::MAX_META_LEN, "{len}");
+    }
+
+    #[test]
     fn parent_ref_checks() {
         let good = ParentRef {
             root_digest: "ab".repeat(32),

@@ -433,17 +433,18 @@ pub fn write_disk_layers(chain: &Chain, index: usize, file: &File) -> Result<()>
     Ok(())
 }
 
-/// Disk `index` of the chain's child as `(pack, index entry)` per stored chunk, each from the
-/// newest pack of the chain holding it, the entry's `offset` set to its disk offset (what a
-/// lazy restore fills on first touch, checked against that pack's index). Zero chunks are
+/// Disk `index` of the chain's child as `(pack, disk offset, index entry)` per stored chunk,
+/// each from the newest pack of the chain holding it (what a lazy restore fills on first
+/// touch, checked against that pack's index; the entry's own offset is within its section). Zero chunks are
 /// left out. The layers must share one chunk size, so chunks never partly overlap.
-pub fn disk_chunks(chain: &Chain, index: usize) -> Result<Vec<(usize, ChunkEntry)>> {
+pub fn disk_chunks(chain: &Chain, index: usize) -> Result<Vec<(usize, u64, ChunkEntry)>> {
     let layers = chain.disk_layers(index)?;
     let first = &layers[0];
     let cs =
         u64::from(chain.packs[first.pack].reader().sections()[first.section as usize].chunk_size);
     let size = chain.packs[first.pack].manifest().disks[index].virtual_size;
-    let mut owner: Vec<Option<(usize, ChunkEntry)>> = vec![None; size.div_ceil(cs.max(1)) as usize];
+    let mut owner: Vec<Option<(usize, u64, ChunkEntry)>> =
+        vec![None; size.div_ceil(cs.max(1)) as usize];
     for l in &layers {
         let pack = &chain.packs[l.pack];
         let reader = pack.reader();
@@ -466,15 +467,13 @@ pub fn disk_chunks(chain: &Chain, index: usize) -> Result<Vec<(usize, ChunkEntry
                     e.seq, e.offset
                 )));
             };
-            let mut e = e.clone();
-            e.offset = off;
-            owner[(off / cs) as usize] = Some((l.pack, e));
+            owner[(off / cs) as usize] = Some((l.pack, off, e.clone()));
         }
     }
     Ok(owner
         .into_iter()
         .flatten()
-        .filter(|(_, e)| e.codec != Codec::Zero)
+        .filter(|(_, _, e)| e.codec != Codec::Zero)
         .collect())
 }
 
@@ -588,4 +587,153 @@ pub fn flatten(
         &opts,
         &(),
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+    use vmpack_formats::config::VmConfig;
+    use vmpack_formats::diff::{open_chain, ParentRef};
+    use vmpack_formats::pack::{SectionSource, WriteOptions};
+    use vmpack_formats::vm::{PreparedPack, VmPackPlan};
+
+    const MIB: usize = 1 << 20;
+
+    /// A flat VM with one raw disk of `size` bytes, in its own folder under `dir`.
+    fn cfg(dir: &Path, size: usize) -> VmConfig {
+        std::fs::write(dir.join("g.bin"), b"\xf4").unwrap();
+        File::create(dir.join("d.img"))
+            .unwrap()
+            .set_len(size as u64)
+            .unwrap();
+        let text = "name = \"t\"\nmemory_mib = 1\n[flat]\nimage = \"g.bin\"\n\
+                    load_address = 0x1000\nentry = 0x1000\nmode = \"real\"\n\
+                    [[disk]]\npath = \"d.img\"\nformat = \"raw\"\n";
+        VmConfig::parse(text, &dir.join("vm.toml")).unwrap()
+    }
+
+    /// Writes pack `name` in `dir` with `disk` as its disk: whole, or with `parent` the
+    /// chunks `map` marks as a disk diff.
+    fn write(
+        dir: &Path,
+        name: &str,
+        disk: &[u8],
+        parent: Option<&Path>,
+        map: Option<ChunkMap>,
+    ) -> PathBuf {
+        let cfg = cfg(dir, disk.len());
+        let disk = disk.to_vec();
+        let src: &dyn SectionSource = &disk;
+        let diff = parent.map(|p| {
+            let root = VmPack::open(p).unwrap().reader().root_digest();
+            let file = p.file_name().unwrap().to_str().unwrap().to_string();
+            (
+                ParentRef {
+                    root_digest: hex::encode(root),
+                    file,
+                },
+                Vec::new(),
+            )
+        });
+        let plan = VmPackPlan {
+            disks: Some(vec![src]),
+            diff,
+            ..VmPackPlan::default()
+        };
+        let mut prepared = PreparedPack::new(&cfg, plan).unwrap();
+        if let Some(m) = map {
+            prepared.set_disk_diffs(vec![Some(m)]).unwrap();
+        }
+        let path = dir.join(name);
+        let opts = WriteOptions {
+            chunk_size: MIB as u32,
+            ..WriteOptions::default()
+        };
+        prepared
+            .write(File::create(&path).unwrap(), &opts, name, &())
+            .unwrap();
+        path
+    }
+
+    fn map(chunks: &[u64]) -> ChunkMap {
+        let mut m = ChunkMap::new(4 * MIB as u64, MIB as u64);
+        for &c in chunks {
+            m.set(c);
+        }
+        m
+    }
+
+    #[test]
+    fn disks_layer_over_the_chain_and_each_chunk_comes_from_the_newest_pack() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let base: Vec<u8> = (0..4 * MIB).map(|i| (i / 4096) as u8 | 1).collect();
+        let mut one = base.clone();
+        one[MIB..2 * MIB].fill(0x11);
+        one[3 * MIB..].fill(0);
+        let mut two = one.clone();
+        two[MIB + 5..MIB + 9].fill(0x22);
+        let b = write(dir, "base.vmpack", &base, None, None);
+        let d1 = write(dir, "d1.vmpack", &one, Some(&b), Some(map(&[1, 3])));
+        let d2 = write(dir, "d2.vmpack", &two, Some(&d1), Some(map(&[1])));
+        // The child stores one 1 MiB chunk of its 4 MiB disk.
+        let child = VmPack::open(&d2).unwrap();
+        let s = child.reader().section("disk/0").unwrap();
+        assert_eq!(
+            (s.kind, s.size),
+            (vmpack_formats::pack::kind::DISK_DIFF, MIB as u64)
+        );
+
+        let chain = open_chain(&d2, None).unwrap();
+        let layers = chain.disk_layers(0).unwrap();
+        assert_eq!(
+            layers.iter().map(|l| l.pack).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4 * MIB as u64).unwrap();
+        write_disk_layers(&chain, 0, &f).unwrap();
+        let mut got = vec![0u8; 4 * MIB];
+        f.read_exact_at(&mut got, 0).unwrap();
+        assert!(got == two, "the layered disk is the child's");
+
+        // Lazily: chunk 1 from d2, chunks 0 and 2 from the base, chunk 3 is d1's zero chunk.
+        let chunks = disk_chunks(&chain, 0).unwrap();
+        let owners: Vec<(usize, u64)> = chunks.iter().map(|(k, at, _)| (*k, *at)).collect();
+        assert_eq!(owners, vec![(0, 0), (2, MIB as u64), (0, 2 * MIB as u64)]);
+        for (k, at, e) in &chunks {
+            let mut data = vec![0u8; e.ulen as usize];
+            chain.packs[*k]
+                .reader()
+                .read_chunk_reusing(e, true, &mut data, &mut Vec::new())
+                .unwrap();
+            let at = *at as usize;
+            assert!(data == two[at..at + data.len()], "chunk at {at}");
+        }
+
+        // A disk diff over a parent disk of another size is refused, naming both packs.
+        let other = tmp.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::copy(&b, other.join("base.vmpack")).unwrap();
+        let mut big = base.clone();
+        big.resize(5 * MIB, 7);
+        let mut m = ChunkMap::new(5 * MIB as u64, MIB as u64);
+        m.set(4);
+        let bad = write(
+            &other,
+            "bad.vmpack",
+            &big,
+            Some(&other.join("base.vmpack")),
+            Some(m),
+        );
+        let chain = open_chain(&bad, None).unwrap();
+        let e = chain.disk_layers(0).unwrap_err().to_string();
+        assert!(
+            e.contains("base.vmpack")
+                && e.contains("disk 0 holds 4194304 bytes")
+                && e.contains("bad.vmpack"),
+            "{e}"
+        );
+    }
 }

@@ -44,11 +44,13 @@ pub struct LazyDisk {
     read_only: bool,
     /// The pack, or a diff pack's chain (base first).
     packs: Vec<Arc<VmPack>>,
-    /// Per chunk, the pack of `packs` it is read from.
-    owners: Vec<usize>,
+    /// Per chunk, the pack of `packs` it is read from and the disk offset it belongs at
+    /// (the entry's own offset is within its section, which for a disk diff is not the
+    /// disk's).
+    place: Vec<(usize, u64)>,
     source: ChunkSource,
-    /// The disk's stored chunks, sorted by offset (the disk offset), disjoint, inside the
-    /// disk (zero chunks left out: the sparse copy reads as zeros there already).
+    /// The disk's stored chunks, sorted by disk offset, disjoint, inside the disk (zero
+    /// chunks left out: the sparse copy reads as zeros there already).
     chunks: Vec<ChunkEntry>,
     state: Vec<AtomicU8>,
     /// Chunks not present yet.
@@ -101,20 +103,20 @@ impl LazyDisk {
             .chunks(s.id)
             .iter()
             .filter(|e| e.codec != Codec::Zero)
-            .map(|e| (0, e.clone()))
+            .map(|e| (0, e.offset, e.clone()))
             .collect();
         Self::build(index, copy, read_only, vec![pack], source, chunks)
     }
 
     /// A disk over `copy` that fills itself from several packs (a diff pack's chain): each
-    /// of `chunks` is `(index into packs, its index entry)` with the entry's `offset` the
-    /// disk offset it belongs at; zero chunks are left out (the sparse copy reads as zeros).
+    /// of `chunks` is `(index into packs, the disk offset it belongs at, its index entry)`;
+    /// zero chunks are left out (the sparse copy reads as zeros).
     pub fn layered(
         index: usize,
         copy: &Path,
         read_only: bool,
         packs: Vec<Arc<VmPack>>,
-        chunks: Vec<(usize, ChunkEntry)>,
+        chunks: Vec<(usize, u64, ChunkEntry)>,
     ) -> super::Result<Arc<LazyDisk>> {
         Self::build(index, copy, read_only, packs, ChunkSource::PackFile, chunks)
     }
@@ -125,18 +127,18 @@ impl LazyDisk {
         read_only: bool,
         packs: Vec<Arc<VmPack>>,
         source: ChunkSource,
-        mut chunks: Vec<(usize, ChunkEntry)>,
+        mut chunks: Vec<(usize, u64, ChunkEntry)>,
     ) -> super::Result<Arc<LazyDisk>> {
         use super::Error;
         // The copy is private: the restore writes the pack's chunks into it even when the
         // guest may not write.
         let copy = RawDisk::open(copy, false)?;
         let size = copy.virtual_size();
-        chunks.sort_by_key(|(_, e)| e.offset);
+        chunks.sort_by_key(|(_, at, _)| *at);
         let mut end = 0u64;
-        for (k, e) in &chunks {
-            let last = e.offset.checked_add(u64::from(e.ulen));
-            if e.offset < end || last.is_none_or(|l| l > size) {
+        for (k, at, e) in &chunks {
+            let last = at.checked_add(u64::from(e.ulen));
+            if *at < end || last.is_none_or(|l| l > size) {
                 let p = packs.get(*k).map(|p| p.path().display().to_string());
                 let section = packs
                     .get(*k)
@@ -146,20 +148,21 @@ impl LazyDisk {
                     "{}: section '{section}' chunk {} at {:#x} ({} bytes) overlaps another or lies outside the {size}-byte disk",
                     p.unwrap_or_default(),
                     e.seq,
-                    e.offset,
+                    at,
                     e.ulen
                 )));
             }
             end = last.unwrap_or(end);
         }
-        let (owners, chunks): (Vec<usize>, Vec<ChunkEntry>) = chunks.into_iter().unzip();
+        let (place, chunks): (Vec<(usize, u64)>, Vec<ChunkEntry>) =
+            chunks.into_iter().map(|(k, at, e)| ((k, at), e)).unzip();
         let state = chunks.iter().map(|_| AtomicU8::new(MISSING)).collect();
         Ok(Arc::new(LazyDisk {
             index,
             copy,
             read_only,
             packs,
-            owners,
+            place,
             source,
             left: AtomicU64::new(chunks.len() as u64),
             chunks,
@@ -259,12 +262,18 @@ impl LazyDisk {
             return Ok(());
         }
         let end = off.saturating_add(len);
+        // The last chunk starting at or before `off` may cover it.
         let first = self
-            .chunks
-            .partition_point(|e| e.offset + u64::from(e.ulen) <= off);
+            .place
+            .partition_point(|&(_, at)| at <= off)
+            .saturating_sub(1);
         for i in first..self.chunks.len() {
-            if self.chunks[i].offset >= end {
+            let at = self.place[i].1;
+            if at >= end {
                 break;
+            }
+            if at + u64::from(self.chunks[i].ulen) <= off {
+                continue;
             }
             self.load(i)?;
         }
@@ -294,7 +303,8 @@ impl LazyDisk {
                 }
             }
         }
-        let r = self.fill(&self.chunks[i], &self.packs[self.owners[i]]);
+        let (k, at) = self.place[i];
+        let r = self.fill(&self.chunks[i], &self.packs[k], at);
         let state = match &r {
             Ok(()) => {
                 if self.left.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -317,15 +327,15 @@ impl LazyDisk {
         })
     }
 
-    fn fill(&self, e: &ChunkEntry, pack: &VmPack) -> Result<(), String> {
+    fn fill(&self, e: &ChunkEntry, pack: &VmPack, at: u64) -> Result<(), String> {
         if let Some(m) = self.failure() {
             return Err(m);
         }
         let range = format!(
             "disk {} at {:#x}..{:#x}",
             self.index,
-            e.offset,
-            e.offset + u64::from(e.ulen)
+            at,
+            at + u64::from(e.ulen)
         );
         if let ChunkSource::Fetch(f) = &self.source {
             f.fetch(e).map_err(|x| {
@@ -345,7 +355,7 @@ impl LazyDisk {
         reader
             .read_chunk_reusing(e, true, &mut data, &mut frame)
             .map_err(|x| format!("{range} failed verification before the guest read it: {x}"))?;
-        vmpack_formats::disk::write_skipping_zeros(&self.copy, e.offset, &data)
+        vmpack_formats::disk::write_skipping_zeros(&self.copy, at, &data)
             .map_err(|x| format!("{range}: writing the private copy: {x}"))
     }
 
@@ -404,9 +414,10 @@ impl DiskImage for Image {
         let mut ranges: Vec<Range<u64>> = d
             .chunks
             .iter()
+            .zip(&d.place)
             .zip(&d.state)
             .filter(|(_, s)| s.load(Ordering::SeqCst) != PRESENT)
-            .map(|(e, _)| e.offset..e.offset + u64::from(e.ulen))
+            .map(|((e, (_, at)), _)| *at..at + u64::from(e.ulen))
             .collect();
         // After the list: a chunk filled meanwhile is then in the copy's ranges.
         ranges.extend(d.copy.data_ranges()?);
