@@ -241,7 +241,7 @@ pub fn save(
         .as_ref()
         .map(|m| m.iter().map(|m| m.section_size()).sum());
     let diff = match (diff_from, maps) {
-        (Some(p), Some(m)) => Some((p.clone(), m)),
+        (Some(p), Some(m)) => Some((p.clone(), m, disk_maps)),
         _ => None,
     };
     let written = write_pack(
@@ -249,7 +249,6 @@ pub fn save(
         &state_bytes,
         (memory, disk_sources),
         diff,
-        disk_maps,
         compression,
         level,
         out,

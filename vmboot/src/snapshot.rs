@@ -121,12 +121,12 @@ pub fn save_with(
         }
     };
     let diff = match (diff_from, maps) {
-        (Some(p), Some(m)) => Some((p.clone(), m)),
+        (Some(p), Some(m)) => Some((p.clone(), m, disk_maps)),
         _ => None,
     };
     let diff_bytes = diff
         .as_ref()
-        .map(|(_, m)| m.iter().map(|m| m.section_size()).sum());
+        .map(|(_, m, _)| m.iter().map(|m| m.section_size()).sum());
     let mut pause = None;
     if copy.is_some() {
         handle.resume()?;
@@ -145,7 +145,6 @@ pub fn save_with(
                 &state_bytes,
                 (memory, disk_sources),
                 diff,
-                disk_maps,
                 compression,
                 level,
                 out,
@@ -167,7 +166,6 @@ pub fn save_with(
                 &state_bytes,
                 (memory, disk_sources),
                 diff,
-                disk_maps,
                 compression,
                 level,
                 out,
@@ -195,6 +193,14 @@ pub fn save_with(
     })
 }
 
+/// What a diff pack stores: its parent, per RAM region the memory chunks, per disk the disk
+/// chunks (None: that disk whole).
+pub(crate) type DiffPlan = (
+    vmpack_formats::diff::ParentRef,
+    Vec<vmpack_formats::diff::ChunkMap>,
+    Vec<Option<vmpack_formats::diff::ChunkMap>>,
+);
+
 /// Guest RAM regions as `(gpa, contents)`.
 pub(crate) type MemorySources<'a> = Vec<(u64, &'a dyn SectionSource)>;
 
@@ -202,11 +208,7 @@ pub(crate) fn write_pack(
     handle: &VmHandle,
     state_bytes: &[u8],
     (memory, disks): (MemorySources<'_>, Vec<&dyn SectionSource>),
-    diff: Option<(
-        vmpack_formats::diff::ParentRef,
-        Vec<vmpack_formats::diff::ChunkMap>,
-    )>,
-    disk_diff: Vec<Option<vmpack_formats::diff::ChunkMap>>,
+    diff: Option<DiffPlan>,
     compression: Compression,
     level: Option<i32>,
     out: &mut dyn Write,
@@ -227,6 +229,10 @@ pub(crate) fn write_pack(
         }
         _ => Vec::new(),
     };
+    let (diff, disk_diff) = match diff {
+        Some((p, maps, disk_maps)) => (Some((p, maps)), disk_maps),
+        None => (None, Vec::new()),
+    };
     let plan = VmPackPlan {
         memory,
         vmstate: Some(state_bytes),
@@ -236,10 +242,9 @@ pub(crate) fn write_pack(
         files_in_memory,
         diff,
     };
-    let is_diff = plan.diff.is_some();
     let mut prepared = vmpack_formats::vm::PreparedPack::new(handle.config(), plan)?;
     // A diff pack stores each disk as the chunks written since the parent.
-    if is_diff && !disk_diff.is_empty() {
+    if !disk_diff.is_empty() {
         prepared.set_disk_diffs(disk_diff)?;
     }
     let counted = CountingWriter { inner: out, n: 0 };
