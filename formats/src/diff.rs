@@ -1,11 +1,12 @@
-//! Diff packs: a saved VM that stores only the guest memory chunks written since its parent
-//! pack, which it names by root digest (docs/FORMAT.md §15).
+//! Diff packs: a saved VM that stores only the guest memory and disk chunks written since
+//! its parent pack, which it names by root digest (docs/FORMAT.md §15).
 //!
 //! A diff pack is an ordinary VM pack whose manifest has a `parent` and whose memory
 //! sections have kind [`kind::MEMORY_DIFF`]: the section holds the present chunks of its
 //! RAM region one after the other, and its meta's `present` bitmap says which region chunk
-//! each one is. Everything else (manifest, boot files, vmstate, disks) is stored whole, so
-//! only memory is layered.
+//! each one is. A disk is a [`kind::DISK_DIFF`] section laid out the same way over the
+//! disk's chunks, or a whole DISK section. The manifest, boot files (the base's) and vmstate
+//! are not layered.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};

@@ -73,7 +73,8 @@ pub struct Manifest {
     /// Section holding the saved device/vCPU state, if any.
     #[serde(default)]
     pub vmstate: Option<String>,
-    /// For a diff pack: the pack whose memory this one's is layered on (docs/FORMAT.md §15).
+    /// For a diff pack: the pack whose memory and disks this one's are layered on
+    /// (docs/FORMAT.md §15).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<crate::diff::ParentRef>,
 }

@@ -1,10 +1,10 @@
-//! Diff packs on the VMM side: which memory chunks a diff save stores, and guest memory
-//! layered from a chain of packs on restore and flatten (docs/FORMAT.md §15).
+//! Diff packs on the VMM side: which memory and disk chunks a diff save stores, and guest
+//! memory and disks layered from a chain of packs on restore and flatten (docs/FORMAT.md §15).
 //!
-//! A diff pack stores the chunks written since the VM's memory equalled its parent: the
-//! dirty-page log (`vstate::dirty`) gives the pages written since a mark, and the VM keeps
-//! the mark of the pack it was restored from (mark 0) and of each pack it saved
-//! (`VmHandle::note_pack`).
+//! A diff pack stores the chunks written since the VM equalled its parent: the dirty-page
+//! log (`vstate::dirty`) gives the pages written since a mark, each disk's `DiskTrack` the
+//! blocks written since the same mark, and the VM keeps the mark of the pack it was restored
+//! from (mark 0) and of each pack it saved (`VmHandle::note_pack`).
 
 use crate::memory::GuestMemoryInit;
 use crate::packs::{Context, Error, Result};
