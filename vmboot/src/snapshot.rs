@@ -81,15 +81,11 @@ pub fn save_with(
             what: "serializing the vm state".into(),
             source,
         })?;
-        let maps = match parent_mark {
-            Some(m) => Some((
-                crate::diff::changed_chunks(handle, m, MEMORY_CHUNK_SIZE)?,
+        let (maps, disk_maps) = match parent_mark {
+            Some(m) => (
+                Some(crate::diff::changed_chunks(handle, m, MEMORY_CHUNK_SIZE)?),
                 crate::diff::changed_disk_chunks(handle, m, DISK_CHUNK_SIZE),
-            )),
-            None => None,
-        };
-        let (maps, disk_maps) = match maps {
-            Some((m, d)) => (Some(m), d),
+            ),
             None => (None, Vec::new()),
         };
         // Guest memory now equals the pack being written: later diffs start here.
