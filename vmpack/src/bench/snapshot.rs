@@ -204,6 +204,58 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Resets the peak resident size of process `pid` (`/proc/PID/clear_refs`, Linux ≥ 4.0) and
+/// returns its resident size now, in bytes; `None` where /proc does not allow it.
+fn rss_reset(pid: u32) -> Option<u64> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").ok()?;
+    proc_status_kb(pid, "VmRSS:")
+}
+
+/// The peak resident size of `pid` since the last [`rss_reset`], in bytes.
+fn rss_peak(pid: u32) -> Option<u64> {
+    proc_status_kb(pid, "VmHWM:")
+}
+
+fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let kb: u64 = line[key.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// The saving process's resident size before a save and its peak during it.
+#[derive(Clone, Copy, Default)]
+struct Rss {
+    before: u64,
+    peak: u64,
+}
+
+impl Rss {
+    /// `"+X MB"`: what the save added to the VM process's resident size at its peak.
+    fn extra(self) -> String {
+        if self.peak == 0 {
+            return "-".into();
+        }
+        format!("{:.0}", mb(self.peak.saturating_sub(self.before)))
+    }
+}
+
+/// Runs `f` (a save of the VM in process `pid`) and measures [`Rss`] around it.
+fn with_rss<T>(pid: u32, f: impl FnOnce() -> T) -> (T, Rss) {
+    let before = rss_reset(pid);
+    let r = f();
+    let rss = match (before, rss_peak(pid)) {
+        (Some(before), Some(peak)) => Rss { before, peak },
+        _ => Rss::default(),
+    };
+    (r, rss)
+}
+
 fn mb(bytes: u64) -> f64 {
     bytes as f64 / 1e6
 }
@@ -234,6 +286,8 @@ struct OursRow {
     live_diff: Option<Result<DiffSample, String>>,
     /// For the `none` compression: a live save (`--live`) after the diff save.
     live: Option<Result<LiveSample, String>>,
+    /// The VM process's resident size around this save.
+    rss: Rss,
     error: Option<String>,
 }
 
@@ -244,6 +298,8 @@ struct DiffSample {
     pause_ms: f64,
     /// `vmpack save --json`'s `milliseconds`: request to pack complete on disk.
     save_ms: f64,
+    /// `--json`'s `written_ms`: request to the last byte written, before the sync.
+    written_ms: f64,
     /// Process start to end of `vmpack save`.
     process_ms: f64,
     bytes: u64,
@@ -287,6 +343,7 @@ fn measure_diff(
     Ok(DiffSample {
         pause_ms: j["pause_ms"].as_f64().unwrap_or(f64::NAN),
         save_ms: j["milliseconds"].as_f64().unwrap_or(f64::NAN),
+        written_ms: j["written_ms"].as_f64().unwrap_or(f64::NAN),
         process_ms,
         bytes: j["bytes"].as_u64().unwrap_or(0),
         memory_bytes: st.last_save.and_then(|l| l.diff_bytes).unwrap_or(0),
@@ -299,6 +356,8 @@ struct LiveSample {
     pause_ms: f64,
     /// `vmpack save --json`'s `milliseconds`: request to pack complete on disk.
     save_ms: f64,
+    /// `--json`'s `written_ms`: request to the last byte written, before the sync.
+    written_ms: f64,
     /// Process start to end of `vmpack save`.
     process_ms: f64,
     rounds: usize,
@@ -306,6 +365,7 @@ struct LiveSample {
     precopy_bytes: u64,
     final_bytes: u64,
     met: bool,
+    rss: Rss,
 }
 
 fn measure_live(bins: &Bins, sock: &Path, out: &Path) -> Result<LiveSample> {
@@ -332,11 +392,13 @@ fn measure_live(bins: &Bins, sock: &Path, out: &Path) -> Result<LiveSample> {
     Ok(LiveSample {
         pause_ms: j["pause_ms"].as_f64().unwrap_or(f64::NAN),
         save_ms: j["milliseconds"].as_f64().unwrap_or(f64::NAN),
+        written_ms: j["written_ms"].as_f64().unwrap_or(f64::NAN),
         process_ms,
         rounds: rounds.len(),
         precopy_bytes: rounds.iter().filter_map(|r| r["bytes"].as_u64()).sum(),
         final_bytes: live["final_bytes"].as_u64().unwrap_or(0),
         met: live["max_pause_met"].as_bool().unwrap_or(false),
+        rss: Rss::default(),
     })
 }
 
@@ -415,20 +477,28 @@ fn measure_ours(
     for &c in comps {
         let pack = d.join(format!("guest-{}-{}-{c}.vmpack", g.mib, g.data_mib));
         let t = Instant::now();
-        let out = Command::new(&bins.vmpack)
-            .arg("save")
-            .arg("--api-sock")
-            .arg(&sock)
-            .arg("-o")
-            .arg(&pack)
-            .arg("--compress")
-            .arg(c.to_string())
-            .stdin(Stdio::null())
-            .output()
-            .context("running vmpack save")?;
+        let (out, rss) = with_rss(vm.child.id(), || {
+            Command::new(&bins.vmpack)
+                .arg("save")
+                .arg("--api-sock")
+                .arg(&sock)
+                .arg("-o")
+                .arg(&pack)
+                .arg("--compress")
+                .arg(c.to_string())
+                .arg("--json")
+                .stdin(Stdio::null())
+                .output()
+        });
+        let out = out.context("running vmpack save")?;
         let save_s = t.elapsed().as_secs_f64();
+        let written_ms = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|j| j["written_ms"].as_f64())
+            .unwrap_or(f64::NAN);
         let mut row = OursRow {
             save_s,
+            rss,
             ..Default::default()
         };
         if !out.status.success() {
@@ -445,10 +515,13 @@ fn measure_ours(
             .map(|l| l.bytes)
             .unwrap_or_else(|| std::fs::metadata(&pack).map_or(0, |m| m.len()));
         crate::note!(
-            "  save {c:<7} pause {:8.1} ms, wall {:6.2} s, {:8.1} MB",
+            "  save {c:<7} pause {:8.1} ms, written after {:6.2} s, wall {:6.2} s (synced), {:8.1} MB; vmboot resident {:.0} MB, +{} MB at its peak",
             row.pause_ms,
+            written_ms / 1000.0,
             save_s,
-            mb(row.bytes)
+            mb(row.bytes),
+            mb(rss.before),
+            rss.extra()
         );
         packs.push((c, pack, row));
     }
@@ -479,14 +552,19 @@ fn measure_ours(
             }
         }
         let out = d.join(format!("guest-{}-{}-live.vmpack", g.mib, g.data_mib));
-        let r = measure_live(bins, &sock, &out).map_err(|e| format!("{e:#}"));
+        let (r, rss) = with_rss(vm.child.id(), || measure_live(bins, &sock, &out));
+        let r = r
+            .map(|s| LiveSample { rss, ..s })
+            .map_err(|e| format!("{e:#}"));
         if let Ok(s) = &r {
             crate::note!(
-                "  live save: pause {:.1} ms, save {:.1} ms ({:.1} ms with the process), {} rounds",
+                "  live save: pause {:.1} ms, save {:.1} ms ({:.1} ms with the process), {} rounds; vmboot resident {:.0} MB, +{} MB at its peak",
                 s.pause_ms,
                 s.save_ms,
                 s.process_ms,
-                s.rounds
+                s.rounds,
+                mb(rss.before),
+                rss.extra()
             );
         }
         row.live = Some(r);
@@ -1101,35 +1179,39 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
     }
     crate::outln!();
     crate::outln!(
-        "Diff saves: `vmpack save --diff-from` the `none` pack, {} s after it (the guest idle \
-         in between), then `--live --diff-from` it {} s after that; save = request to pack \
-         complete (`--json` milliseconds), process = the whole `vmpack save` command.",
+        "Diff saves: `vmpack save --diff-from` the `none` pack (plain: copies the chunks written \
+         since it before pausing, docs/CLI.md \"Diff packs\"), {} s after it (the guest idle \
+         in between), then `--live --diff-from` it {} s after that; written = request to the \
+         last byte written (`--json` written_ms), save = request to pack complete and synced \
+         (`--json` milliseconds), process = the whole `vmpack save` command.",
         DIFF_AFTER.as_secs(),
         DIFF_AFTER.as_secs()
     );
     crate::outln!(
-        "{:>6} {:>6} {:>7} {:>14} {:>8} {:>9} {:>8} {:>11}",
+        "{:>6} {:>6} {:>7} {:>14} {:>8} {:>9} {:>10} {:>8} {:>11}",
         "guest",
         "data",
         "kind",
         "written MB",
         "size MB",
         "pause ms",
+        "written ms",
         "save ms",
         "process ms"
     );
     for r in &results {
         for (_, o) in &r.ours {
-            for (kind, d) in [("paused", &o.diff), ("live", &o.live_diff)] {
+            for (kind, d) in [("plain", &o.diff), ("live", &o.live_diff)] {
                 match d {
                     Some(Ok(s)) => crate::outln!(
-                        "{:>6} {:>6} {:>7} {:>14.2} {:>8.2} {:>9.1} {:>8.1} {:>11.1}",
+                        "{:>6} {:>6} {:>7} {:>14.2} {:>8.2} {:>9.1} {:>10.1} {:>8.1} {:>11.1}",
                         r.g.mib,
                         r.g.data_mib,
                         kind,
                         mb(s.memory_bytes),
                         mb(s.bytes),
                         s.pause_ms,
+                        s.written_ms,
                         s.save_ms,
                         s.process_ms
                     ),
@@ -1144,22 +1226,29 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
     crate::outln!();
     crate::outln!(
         "Live saves: `vmpack save --live` (pause target 20 ms) of the running guest after the \
-         diff saves; pause = guest stopped; save = request to pack complete and synced \
+         diff saves; pause = guest stopped; written = request to the last byte written, before \
+         the sync (`--json` written_ms); save = request to pack complete and synced \
          (`--json` milliseconds), process = the whole command; pre-copy = bytes the rounds \
-         copied while the guest ran, final = bytes copied during the pause. QEMU: its \
-         migration downtime and save time (no fsync)."
+         copied while the guest ran, final = bytes copied during the pause; RSS = the VM \
+         process's resident size before the save, +peak = what the save added to it at its \
+         peak (/proc VmHWM after clear_refs), also for the ordinary uncompressed save of the \
+         same guest (+ord). QEMU: its migration downtime and save time (no fsync)."
     );
     crate::outln!(
-        "{:>6} {:>6} {:>9} {:>8} {:>11} {:>7} {:>12} {:>9} {:>5} | {:>11} {:>7}",
+        "{:>6} {:>6} {:>9} {:>10} {:>8} {:>11} {:>7} {:>12} {:>9} {:>5} {:>7} {:>9} {:>8} | {:>11} {:>7}",
         "guest",
         "data",
         "pause ms",
+        "written ms",
         "save ms",
         "process ms",
         "rounds",
         "pre-copy MB",
         "final MB",
         "met",
+        "RSS MB",
+        "+peak MB",
+        "+ord MB",
         "QEMU down",
         "save s"
     );
@@ -1171,16 +1260,20 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
         for (_, o) in &r.ours {
             match &o.live {
                 Some(Ok(s)) => crate::outln!(
-                    "{:>6} {:>6} {:>9.1} {:>8.1} {:>11.1} {:>7} {:>12.1} {:>9.2} {:>5} | {:>11} {:>7}",
+                    "{:>6} {:>6} {:>9.1} {:>10.1} {:>8.1} {:>11.1} {:>7} {:>12.1} {:>9.2} {:>5} {:>7.0} {:>9} {:>8} | {:>11} {:>7}",
                     r.g.mib,
                     r.g.data_mib,
                     s.pause_ms,
+                    s.written_ms,
                     s.save_ms,
                     s.process_ms,
                     s.rounds,
                     mb(s.precopy_bytes),
                     mb(s.final_bytes),
                     if s.met { "yes" } else { "no" },
+                    mb(s.rss.before),
+                    s.rss.extra(),
+                    o.rss.extra(),
                     qd,
                     qs
                 ),
