@@ -121,11 +121,6 @@ impl DiskTrack {
     /// that has to go to a file goes to an unlinked temporary file in `spill_dir`. Call it
     /// while no request is in flight (the VM paused) for the view to be the guest's disk
     /// at one instant.
-    /// The disk's guest-visible size.
-    pub fn size(&self) -> u64 {
-        self.inner.virtual_size()
-    }
-
     pub fn freeze(self: &Arc<Self>, spill_dir: &Path) -> io::Result<FrozenDisk> {
         self.freeze_bounded(spill_dir, MEMORY_LIMIT)
     }

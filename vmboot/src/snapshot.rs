@@ -744,7 +744,7 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
             if matches!(opts.source, crate::vstate::lazy::ChunkSource::Fetch(_)) {
                 return Err(Error::Unsupported(format!("{label}: a live save's pack (memory with overlays) cannot be run from a registry; push a pack made by `vmpack flatten`")));
             }
-            Some(vmpack_formats::diff::open_chain(path, None)?)
+            Some(Arc::new(vmpack_formats::diff::open_chain(path, None)?))
         }
         None => None,
     };
