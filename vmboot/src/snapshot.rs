@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmpack_formats::config::{CpuTemplate, DiskFormat, VmConfig};
+use vmpack_formats::diff::ChunkMap;
 use vmpack_formats::pack::{
     Codec, Compression, PackError, SectionSource, StreamEvent, StreamReader, WriteOptions,
 };
@@ -1351,15 +1352,20 @@ fn restore_stream<R: Read + 'static>(
     let mut payload = BootPayload::default();
     let mut state: Option<ValidState> = None;
     let mut disk_files: Vec<(usize, File, PathBuf)> = Vec::new();
+    // A diff pack's parents (files): the chain, its base (the boot files) and what was
+    // said about their verification.
+    let mut parents: Option<(vmpack_formats::diff::Chain, VmPack)> = None;
+    let mut parents_verified = "";
+    let mut first_map = None;
     // Read up to the first memory section; RAM is allocated by then and filled in place.
     loop {
         match sr.next_event()? {
             StreamEvent::Section(info) => {
-                if info.kind == vmpack_formats::pack::kind::MEMORY {
+                if is_memory_kind(info.kind) {
                     let m = manifest.as_ref().ok_or_else(|| {
                         Error::Refused(format!("{label}: memory before manifest"))
                     })?;
-                    check_stream_memory(m, info, label)?;
+                    first_map = check_stream_memory(m, info, label)?;
                     current = Some((info.name.clone(), info.kind));
                     break;
                 }
@@ -1432,14 +1438,20 @@ fn restore_stream<R: Read + 'static>(
                 match kind {
                     vmpack_formats::pack::kind::MANIFEST => {
                         let m = Manifest::parse(&buf, label)?;
-                        if let Some(p) = &m.parent {
-                            return Err(Error::Refused(format!(
-                                "{label}: a diff pack (memory layered on {}, root digest {}) cannot be restored from a pipe; restore it from a file next to its parent, or `vmpack flatten` it first",
-                                vmpack_formats::vm::printable(&p.file),
-                                p.root_digest
-                            )));
-                        }
                         m.check_memory(label, &|_| None)?;
+                        if let Some(p) = &m.parent {
+                            // A pipe has no folder to find the parent in: the user names it.
+                            let Some(given) = opts.parent.as_deref() else {
+                                return Err(Error::Refused(format!(
+                                    "{label}: a diff pack (memory layered on {}, root digest {}) read from a pipe needs its parent: name it with --parent FILE",
+                                    vmpack_formats::vm::printable(&p.file),
+                                    p.root_digest
+                                )));
+                            };
+                            let (chain, base) = crate::diff::pipe_parents(label, &m, p, given)?;
+                            parents_verified = verify_parents(&chain, opts.verify)?;
+                            parents = Some((chain, base));
+                        }
                         cfg = Some(pack_config(&m, label, &work.path)?);
                         manifest = Some(m);
                     }
@@ -1490,7 +1502,11 @@ fn restore_stream<R: Read + 'static>(
             )));
         }
     }
-    for f in manifest.files.iter().filter(|f| f.in_memory.is_none()) {
+    for f in manifest
+        .files
+        .iter()
+        .filter(|f| f.in_memory.is_none() && !f.in_parent)
+    {
         let got = match f.role.as_str() {
             "kernel" => payload.kernel.is_some(),
             "initrd" => payload.initrd.is_some(),
@@ -1520,16 +1536,33 @@ fn restore_stream<R: Read + 'static>(
     let initrd = Arc::new(std::sync::OnceLock::new());
     let initrd_slot = initrd.clone();
     let manifest_mem = manifest.clone();
+    let (chain, base) = match parents {
+        Some((c, b)) => (Some(c), Some(b)),
+        None => (None, None),
+    };
+    let layered = chain.is_some();
     let init = GuestMemoryInit::fill::<Error, _>(move |regions| {
+        // A diff pack's memory starts as its parents' (verified above); the chunks it
+        // stores replace theirs as they stream past.
+        if let Some(chain) = &chain {
+            crate::diff::fill_from_chain(chain, regions)?;
+        }
         let mut section = first;
+        let mut map = first_map.map(|m| {
+            let present = m.present();
+            (m, present)
+        });
         loop {
             let ev = sr.next_event()?;
             match ev {
                 StreamEvent::Section(info) => {
-                    if info.kind != vmpack_formats::pack::kind::MEMORY {
+                    if !is_memory_kind(info.kind) {
                         return Err(Error::Refused(format!("{label_owned}: section '{}' after memory; expected memory sections last", info.name)));
                     }
-                    check_stream_memory(&manifest_mem, info, &label_owned)?;
+                    map = check_stream_memory(&manifest_mem, info, &label_owned)?.map(|m| {
+                        let present = m.present();
+                        (m, present)
+                    });
                     section = Some(info.name.clone());
                 }
                 StreamEvent::Chunk {
@@ -1548,11 +1581,22 @@ fn restore_stream<R: Read + 'static>(
                     let region = regions.iter_mut().find(|(g, _)| *g == gpa).ok_or_else(|| {
                         Error::Refused(format!("{label_owned}: no RAM region at {gpa:#x}"))
                     })?;
+                    // A diff section's chunk j is the j-th present region chunk, and a
+                    // zero one replaces the parents' bytes with zeros.
+                    let (offset, replace) = match &map {
+                        Some((m, present)) => {
+                            let at = m.region_offset(present, offset).ok_or_else(|| {
+                                Error::Refused(format!("{label_owned}: section '{name}': chunk at {offset:#x} lies outside its chunk map"))
+                            })?;
+                            (at, true)
+                        }
+                        None => (offset, false),
+                    };
                     let end = offset as usize + data.len();
                     if end > region.1.len() {
                         return Err(Error::Refused(format!("{label_owned}: section '{name}': chunk at {offset:#x} runs past its RAM region")));
                     }
-                    if !zero && data.iter().any(|&b| b != 0) {
+                    if replace || (!zero && data.iter().any(|&b| b != 0)) {
                         region.1[offset as usize..end].copy_from_slice(data);
                     }
                 }
@@ -1578,28 +1622,92 @@ fn restore_stream<R: Read + 'static>(
         }
     });
     let prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let files = BootFiles::Stream { payload, initrd };
+    let files = match base {
+        // A diff pack's boot files are its base's (the same VM's).
+        Some(base) => BootFiles::Pack(Arc::new(base)),
+        None => BootFiles::Stream { payload, initrd },
+    };
     let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, files, run))?;
     Ok((
         vm,
         RestoreInfo {
-            memory_path: "stream",
-            verified: "verified every chunk while streaming",
+            memory_path: if layered {
+                "stream, layered over the parent packs"
+            } else {
+                "stream"
+            },
+            verified: if layered {
+                parents_verified
+            } else {
+                "verified every chunk while streaming"
+            },
             prepare_ms,
             warnings,
         },
     ))
 }
 
+fn is_memory_kind(k: u16) -> bool {
+    k == vmpack_formats::pack::kind::MEMORY || k == vmpack_formats::pack::kind::MEMORY_DIFF
+}
+
+/// Verifies a diff pack's parents per `verify`, each recorded under its own file, as a file
+/// restore of the chain does; returns what restore says about verification.
+fn verify_parents(
+    chain: &vmpack_formats::diff::Chain,
+    verify: VerifyPolicy,
+) -> Result<&'static str> {
+    let mut all = true;
+    for p in &chain.packs {
+        let r = p.reader();
+        let always = verify == VerifyPolicy::Always;
+        if always || !verified_cache::is_verified(p.path(), r.root_digest()) {
+            r.verify(&())?;
+            if !always {
+                verified_cache::record(p.path(), r.root_digest());
+            }
+        } else {
+            all = false;
+        }
+    }
+    Ok(if all {
+        "verified every chunk while streaming and every chunk of the parent packs"
+    } else {
+        "verified every chunk while streaming; the parent packs verified on an earlier restore"
+    })
+}
+
 /// A memory section read from a stream must be one the manifest lists, with its size (the
 /// manifest's sizes were checked against the VM's memory), before any of its chunks is read.
+/// Returns a diff pack's chunk map of the section.
 fn check_stream_memory(
     m: &Manifest,
     info: &vmpack_formats::pack::SectionInfo,
     label: &str,
-) -> Result<()> {
+) -> Result<Option<ChunkMap>> {
+    let diff = m.parent.is_some();
+    if diff != (info.kind == vmpack_formats::pack::kind::MEMORY_DIFF) {
+        return Err(Error::Refused(format!(
+            "{label}: section '{}': kind {} in a {}",
+            info.name,
+            info.kind,
+            if diff {
+                "diff pack"
+            } else {
+                "pack without a parent"
+            }
+        )));
+    }
     match m.memory.iter().find(|r| r.section == info.name) {
-        Some(r) if r.size == info.size => Ok(()),
+        Some(r) if diff => ChunkMap::from_section(info, r.size)
+            .map(Some)
+            .map_err(|msg| {
+                Error::Refused(format!(
+                    "{label}: section '{}': {msg}; refused before reading it",
+                    info.name
+                ))
+            }),
+        Some(r) if r.size == info.size => Ok(None),
         Some(r) => Err(Error::Refused(format!(
             "{label}: section '{}': holds {} bytes, the manifest says {}; refused before reading it",
             info.name,
