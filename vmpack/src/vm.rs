@@ -567,6 +567,12 @@ fn is_reference(arg: &Path) -> Option<&str> {
 
 pub fn restore(mut a: RestoreArgs) -> Result<i32> {
     if let Some(r) = is_reference(&a.pack) {
+        if a.parent.is_some() {
+            return Err(crate::util::Usage(
+                "--parent names a file; a diff pack from a registry has its parents there".into(),
+            )
+            .into());
+        }
         if a.clones == 1 {
             return restore_remote(r.to_string(), a);
         }
@@ -731,6 +737,37 @@ fn restore_json(input: PackInput, a: RestoreArgs) -> Result<i32> {
     Ok(reason.code)
 }
 
+/// `vmpack restore REF` of a diff pack: the pack and its parents (which the registry names,
+/// docs/FORMAT.md §14) are pulled whole into a temporary folder under the cache folder,
+/// each fully verified, and the chain is restored from there as from files.
+fn restore_remote_chain(
+    r: String,
+    mut a: RestoreArgs,
+    client: &vmpack_registry::Client,
+    digest: &str,
+) -> Result<i32> {
+    let root = crate::environment::cache_root()
+        .context("no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let dir = tempfile::Builder::new()
+        .prefix(".remote-")
+        .tempdir_in(&root)
+        .with_context(|| format!("creating a temporary folder in {}", root.display()))?;
+    let child = dir.path().join(format!("{digest}.vmpack"));
+    let cache = crate::environment::chunk_cache()?;
+    let (_, secs) = crate::registry_cmd::pull_to(client, &cache, &child, a.quiet)
+        .map_err(|e| anyhow::anyhow!("{r}: {e:#}"))?;
+    if !a.quiet {
+        eprintln!(
+            "vmpack: {r}: a diff pack: it and its parent packs pulled and verified in {secs:.2} s; restoring the chain from files"
+        );
+    }
+    a.pack = child;
+    let code = restore(a);
+    drop(dir);
+    code
+}
+
 /// `vmpack restore REF`: the VM runs before its memory is downloaded (see `remote`).
 fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     let started = Instant::now();
@@ -764,6 +801,14 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
         guess = false;
     };
     local.phases.push(("tag confirmed", ms(started)));
+    let is_diff = vmpack_formats::vm::VmPack::open(&local.path)
+        .ok()
+        .is_some_and(|p| p.manifest().parent.is_some());
+    if is_diff {
+        let digest = local.digest().trim_start_matches("sha256:").to_string();
+        drop(local);
+        return restore_remote_chain(r, a, &client, &digest);
+    }
     if a.require_signature {
         let allowed = a
             .allowed_signers
