@@ -1711,7 +1711,7 @@ fn a_diff_chain_pushed_restored_and_pulled_through_a_registry() {
         wait_for(needle, Duration::from_secs(60), || {
             text().contains(needle) && UnixStream::connect(&sock).is_ok()
         });
-        save_to(d, &sock, &p(name), parent.map(|f| p(f)).as_deref(), then);
+        save_to(d, &sock, &p(name), parent.map(&p).as_deref(), then);
     }
     assert!(guest.wait().unwrap().success());
     let before = text();
