@@ -1770,6 +1770,24 @@ fn a_diff_chain_pushed_restored_and_pulled_through_a_registry() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read_to_string(p("pulled.serial")).unwrap(), after);
+    // Clones from the reference run from one pulled chain, in a folder of its own in the
+    // cache (other chains' parents may have the same names).
+    let o = vm(d, &["restore", &r, "--clones", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for i in 0..2 {
+        assert!(out.contains(&format!("[{i}] 300\n")), "{out}");
+    }
+    let chains: Vec<_> = std::fs::read_dir(d.join("cache/pulled"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(chains.len(), 1, "{chains:?}");
+    assert_eq!(
+        std::fs::read_dir(chains[0].path()).unwrap().count(),
+        3,
+        "the child and its two parents"
+    );
     // A file under a parent's name that is not that parent is never replaced.
     std::fs::create_dir(p("out2")).unwrap();
     std::fs::write(p("out2/d1.vmpack"), b"mine").unwrap();

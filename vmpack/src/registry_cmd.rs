@@ -450,15 +450,24 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .map(|n| n.saturating_mul(mul))
 }
 
+/// Files (not starting with '.') in `dir` and in its folders one level down (a pulled diff
+/// pack's chain), and their bytes.
 fn dir_usage(dir: &Path) -> (u64, u64) {
     let mut n = 0;
     let mut bytes = 0;
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
             if let Ok(m) = e.metadata() {
-                if m.is_file() && !e.file_name().to_string_lossy().starts_with('.') {
+                if m.is_file() {
                     n += 1;
                     bytes += m.len();
+                } else if m.is_dir() && dir.ends_with("pulled") {
+                    let (k, b) = dir_usage(&e.path());
+                    n += k;
+                    bytes += b;
                 }
             }
         }
@@ -530,6 +539,15 @@ pub fn run_cache(a: CacheArgs) -> Result<()> {
             for sub in ["expanded", "pulled"] {
                 if let Ok(rd) = std::fs::read_dir(root.join(sub)) {
                     for e in rd.flatten() {
+                        if e.metadata().is_ok_and(|m| m.is_dir()) {
+                            // A pulled diff pack with its parents.
+                            let (k, b) = dir_usage(&e.path());
+                            if std::fs::remove_dir_all(e.path()).is_ok() {
+                                packs += k;
+                                pack_bytes += b;
+                            }
+                            continue;
+                        }
                         let len = e.metadata().map(|m| m.len()).unwrap_or(0);
                         if std::fs::remove_file(e.path()).is_ok() {
                             packs += 1;
