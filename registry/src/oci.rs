@@ -975,3 +975,43 @@ pub fn pull(
         parent: pack.parent.clone(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_parent_is_checked_and_old_configs_have_none() {
+        let hex = "ab".repeat(32);
+        let good = ParentLink {
+            root_digest: format!("sha256:{hex}"),
+            digest: format!("sha256:{}", "01".repeat(32)),
+        };
+        assert!(good.check("r").is_ok());
+        for bad in [
+            ParentLink {
+                root_digest: hex.clone(),
+                ..good.clone()
+            },
+            ParentLink {
+                digest: format!("sha256:{}", "AB".repeat(32)),
+                ..good.clone()
+            },
+            ParentLink {
+                digest: "sha256:../x".into(),
+                ..good.clone()
+            },
+        ] {
+            let e = bad.check("reg/repo:t").unwrap_err().to_string();
+            assert!(e.contains("reg/repo:t") && e.contains("parent digest"), "{e}");
+        }
+        // A config without `parent` (every pack pushed before diff packs could be) reads as
+        // none, and one without a parent is written without the key.
+        let old = r#"{"format":"vmpack","mapping":1,"header":"","index_offset":0,"size":0,"root_digest":"sha256:x"}"#;
+        let c: PackConfig = serde_json::from_str(old).unwrap();
+        assert!(c.parent.is_none());
+        assert!(!serde_json::to_string(&c).unwrap().contains("parent"));
+        assert_eq!(root_tag(&hex), format!("vmpack-root-{hex}"));
+        assert!(root_tag(&hex).len() <= 128, "a tag is at most 128 characters");
+    }
+}
