@@ -1003,7 +1003,10 @@ mod tests {
             },
         ] {
             let e = bad.check("reg/repo:t").unwrap_err().to_string();
-            assert!(e.contains("reg/repo:t") && e.contains("parent digest"), "{e}");
+            assert!(
+                e.contains("reg/repo:t") && e.contains("parent digest"),
+                "{e}"
+            );
         }
         // A config without `parent` (every pack pushed before diff packs could be) reads as
         // none, and one without a parent is written without the key.
@@ -1012,6 +1015,9 @@ mod tests {
         assert!(c.parent.is_none());
         assert!(!serde_json::to_string(&c).unwrap().contains("parent"));
         assert_eq!(root_tag(&hex), format!("vmpack-root-{hex}"));
-        assert!(root_tag(&hex).len() <= 128, "a tag is at most 128 characters");
+        assert!(
+            root_tag(&hex).len() <= 128,
+            "a tag is at most 128 characters"
+        );
     }
 }
