@@ -654,16 +654,13 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     })?;
     let reader = pack.reader();
     let known = verified_cache::is_verified(path, reader.root_digest());
+    // With a fetcher (from a registry), every pack of the chain is a local skeleton its
+    // `ChunkFetch::fetch_from` fills, so the chain is served lazily.
     let chain = match manifest.parent {
-        Some(_) => {
-            if matches!(opts.source, crate::vstate::lazy::ChunkSource::Fetch(_)) {
-                return Err(Error::Unsupported(format!("{label}: a diff pack cannot be run from a registry (its memory is layered on its parent); pull it and its parents, or push a flattened pack")));
-            }
-            Some(vmpack_formats::diff::open_chain(
-                path,
-                opts.parent.as_deref(),
-            )?)
-        }
+        Some(_) => Some(vmpack_formats::diff::open_chain(
+            path,
+            opts.parent.as_deref(),
+        )?),
         None => None,
     };
     let eager_path = manifest.memory_restore_path(reader).unwrap_or("none");
@@ -675,9 +672,9 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         return Err(Error::Unsupported(format!("{label}: --memory lazy needs userfaultfd, which this process cannot use (vm.unprivileged_userfaultfd=1 or CAP_SYS_PTRACE); use --memory eager")));
     }
     let lazy = match opts.memory {
+        _ if remote => true,
         // A chain is served lazily only when asked: `auto` maps it (or unpacks it).
         _ if chain.is_some() => opts.memory == MemoryPolicy::Lazy,
-        _ if remote => true,
         MemoryPolicy::Eager => false,
         MemoryPolicy::Lazy => true,
         MemoryPolicy::Auto => {

@@ -273,20 +273,7 @@ pub fn pull_to(
                 vmpack_formats::diff::MAX_CHAIN
             );
         }
-        let Some(l) = link.take() else {
-            bail!(
-                "{what}: a diff pack whose parent ({}, root digest {}) the registry does not name; push the diff pack again with this vmpack (push sends the chain), or push a flattened pack",
-                vmpack_formats::vm::printable(&p.file),
-                p.root_digest
-            );
-        };
-        if l.root_digest != format!("sha256:{}", p.root_digest) {
-            bail!(
-                "{what}: the registry names a parent with root digest {}, the diff pack names sha256:{}; refused",
-                l.root_digest,
-                p.root_digest
-            );
-        }
+        let l = checked_link(&what, &p, link.take())?;
         // `p.file` was checked to be one plain file name when the manifest was read.
         if names.iter().any(|n| *n == *p.file) {
             bail!(
@@ -354,8 +341,32 @@ pub fn pull_to(
     Ok((report, t.elapsed().as_secs_f64()))
 }
 
+/// The registry's link to the parent `p` a diff pack (`what`) names, refused when missing
+/// or naming another root digest.
+pub(crate) fn checked_link(
+    what: &str,
+    p: &vmpack_formats::diff::ParentRef,
+    link: Option<vmpack_registry::ParentLink>,
+) -> Result<vmpack_registry::ParentLink> {
+    let Some(l) = link else {
+        bail!(
+            "{what}: a diff pack whose parent ({}, root digest {}) the registry does not name; push the diff pack again with this vmpack (push sends the chain), or push a flattened pack",
+            vmpack_formats::vm::printable(&p.file),
+            p.root_digest
+        );
+    };
+    if l.root_digest != format!("sha256:{}", p.root_digest) {
+        bail!(
+            "{what}: the registry names a parent with root digest {}, the diff pack names sha256:{}; refused",
+            l.root_digest,
+            p.root_digest
+        );
+    }
+    Ok(l)
+}
+
 /// The parent a VM pack's manifest names (none for a pack that is not a VM pack).
-fn parent_of(pack: &Path) -> Option<vmpack_formats::diff::ParentRef> {
+pub(crate) fn parent_of(pack: &Path) -> Option<vmpack_formats::diff::ParentRef> {
     vmpack_formats::vm::VmPack::open(pack)
         .ok()
         .and_then(|p| p.manifest().parent.clone())

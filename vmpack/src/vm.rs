@@ -737,37 +737,6 @@ fn restore_json(input: PackInput, a: RestoreArgs) -> Result<i32> {
     Ok(reason.code)
 }
 
-/// `vmpack restore REF` of a diff pack: the pack and its parents (which the registry names,
-/// docs/FORMAT.md §14) are pulled whole into a temporary folder under the cache folder,
-/// each fully verified, and the chain is restored from there as from files.
-fn restore_remote_chain(
-    r: String,
-    mut a: RestoreArgs,
-    client: &vmpack_registry::Client,
-    digest: &str,
-) -> Result<i32> {
-    let root = crate::environment::cache_root()
-        .context("no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
-    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    let dir = tempfile::Builder::new()
-        .prefix(".remote-")
-        .tempdir_in(&root)
-        .with_context(|| format!("creating a temporary folder in {}", root.display()))?;
-    let child = dir.path().join(format!("{digest}.vmpack"));
-    let cache = crate::environment::chunk_cache()?;
-    let (_, secs) = crate::registry_cmd::pull_to(client, &cache, &child, a.quiet)
-        .map_err(|e| anyhow::anyhow!("{r}: {e:#}"))?;
-    if !a.quiet {
-        eprintln!(
-            "vmpack: {r}: a diff pack: it and its parent packs pulled and verified in {secs:.2} s; restoring the chain from files"
-        );
-    }
-    a.pack = child;
-    let code = restore(a);
-    drop(dir);
-    code
-}
-
 /// `vmpack restore REF`: the VM runs before its memory is downloaded (see `remote`).
 fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     let started = Instant::now();
@@ -781,7 +750,8 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     let mut local = loop {
         let cache = crate::environment::chunk_cache()?;
         let mut local =
-            match crate::remote::prepare(client.clone(), cache, guess, all, started, a.quiet) {
+            match crate::remote::prepare(client.clone(), cache, guess, all, started, a.quiet, None)
+            {
                 Ok(l) => l,
                 // The cached manifest may name blobs the registry no longer has (the tag
                 // moved and they were collected): the registry's own manifest decides.
@@ -801,14 +771,72 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
         guess = false;
     };
     local.phases.push(("tag confirmed", ms(started)));
-    let is_diff = vmpack_formats::vm::VmPack::open(&local.path)
-        .ok()
-        .is_some_and(|p| p.manifest().parent.is_some());
-    if is_diff {
-        let digest = local.digest().trim_start_matches("sha256:").to_string();
-        drop(local);
-        return restore_remote_chain(r, a, &client, &digest);
+    // A diff pack: each parent the registry names gets a local skeleton beside the child's
+    // (under the name the child records), checked against the root digest the child names,
+    // and memory is served from the chain as from files.
+    let mut parents: Vec<crate::remote::RemotePackFile> = Vec::new();
+    let mut named = crate::registry_cmd::parent_of(&local.path);
+    let mut link = local.parent_link().cloned();
+    let mut what = r.clone();
+    let folder = local
+        .path
+        .parent()
+        .expect("the local file is in a folder")
+        .to_path_buf();
+    let mut names = vec!["pack.vmpack".to_string()];
+    while let Some(p) = named.take() {
+        if parents.len() >= vmpack_formats::diff::MAX_CHAIN {
+            bail!(
+                "{what}: the chain of parent packs is longer than {}",
+                vmpack_formats::diff::MAX_CHAIN
+            );
+        }
+        let l = crate::registry_cmd::checked_link(&what, &p, link.take())?;
+        if names.contains(&p.file) {
+            bail!(
+                "{what}: two packs of the chain are named {}",
+                vmpack_formats::vm::printable(&p.file)
+            );
+        }
+        names.push(p.file.clone());
+        let pref = vmpack_registry::Reference {
+            tag: None,
+            digest: Some(l.digest.clone()),
+            ..client.reference().clone()
+        };
+        what = pref.to_string();
+        let pc = Arc::new(vmpack_registry::Client::new(
+            &pref,
+            client.options().clone(),
+        )?);
+        let pf = crate::remote::prepare(
+            pc,
+            crate::environment::chunk_cache()?,
+            false,
+            all,
+            started,
+            a.quiet,
+            Some((&folder, &p.file)),
+        )?;
+        if hex::encode(pf.root_digest()) != p.root_digest {
+            bail!(
+                "{what}: root digest {}, the diff pack names {}; refused",
+                hex::encode(pf.root_digest()),
+                p.root_digest
+            );
+        }
+        named = crate::registry_cmd::parent_of(&pf.path);
+        link = pf.parent_link().cloned();
+        parents.push(pf);
     }
+    let fetcher: Arc<dyn vmboot::vstate::lazy::ChunkFetch> = if parents.is_empty() {
+        local.fetch.clone()
+    } else {
+        local.phases.push(("parent packs' skeletons", ms(started)));
+        let mut chain: Vec<_> = parents.iter().rev().map(|p| p.fetch.clone()).collect();
+        chain.push(local.fetch.clone());
+        Arc::new(crate::remote::ChainFetch(chain))
+    };
     if a.require_signature {
         let allowed = a
             .allowed_signers
@@ -863,7 +891,7 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
             source: if all {
                 vmboot::vstate::lazy::ChunkSource::PackFile
             } else {
-                vmboot::vstate::lazy::ChunkSource::Fetch(local.fetch.clone())
+                vmboot::vstate::lazy::ChunkSource::Fetch(fetcher)
             },
             parent: None,
         },
