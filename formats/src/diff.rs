@@ -283,9 +283,78 @@ pub fn open_chain(child: &Path, parent: Option<&Path>) -> Result<Chain, VmPackEr
     Ok(Chain { packs })
 }
 
+/// Where each chunk of a RAM region of `chunks` chunks comes from, given the region's
+/// layers oldest first: `None` holds every chunk (a MEMORY section), `Some(map)` the chunks
+/// its map marks (a MEMORY_DIFF section, whose j-th chunk is its j-th marked one). Each
+/// region chunk is `(layer, chunk number within that layer's section)` of the newest layer
+/// holding it, or `None` where no layer does (zeros). This is the layering of §15: later
+/// layers win.
+pub fn newest_owners(chunks: u64, layers: &[Option<&ChunkMap>]) -> Vec<Option<(usize, u64)>> {
+    let mut owner = vec![None; chunks as usize];
+    for (k, layer) in layers.iter().enumerate() {
+        match layer {
+            None => {
+                for (c, o) in owner.iter_mut().enumerate() {
+                    *o = Some((k, c as u64));
+                }
+            }
+            Some(map) => {
+                for (j, c) in map.present().into_iter().enumerate() {
+                    if let Some(o) = owner.get_mut(c as usize) {
+                        *o = Some((k, j as u64));
+                    }
+                }
+            }
+        }
+    }
+    owner
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_newest_layer_holding_a_chunk_wins() {
+        let map = |set: &[u64]| {
+            let mut m = ChunkMap::new(6 * 4096, 4096);
+            for &c in set {
+                m.set(c);
+            }
+            m
+        };
+        let (a, b) = (map(&[1, 4]), map(&[0, 4, 5]));
+        // A whole base, then two diffs: chunk 4 from the newest, 1 from the first diff.
+        assert_eq!(
+            newest_owners(6, &[None, Some(&a), Some(&b)]),
+            vec![
+                Some((2, 0)),
+                Some((1, 0)),
+                Some((0, 2)),
+                Some((0, 3)),
+                Some((2, 1)),
+                Some((2, 2))
+            ]
+        );
+        // Without a whole base, a chunk no layer holds has no owner (it reads as zeros).
+        assert_eq!(
+            newest_owners(6, &[Some(&a), Some(&b)]),
+            vec![
+                Some((1, 0)),
+                Some((0, 0)),
+                None,
+                None,
+                Some((1, 1)),
+                Some((1, 2))
+            ]
+        );
+        // A whole layer over diffs replaces them all.
+        assert_eq!(
+            newest_owners(2, &[Some(&map(&[0])), None]),
+            vec![Some((1, 0)), Some((1, 1))]
+        );
+        assert_eq!(newest_owners(0, &[None]), Vec::new());
+    }
 
     #[test]
     fn chunk_map_roundtrip_and_gather() {

@@ -534,8 +534,8 @@ impl<'a> PreparedPack<'a> {
                 progress,
             )?;
         }
-        // The state precedes disks and memory so that a restore reading a pipe knows the
-        // machine before the bulk of the bytes arrives.
+        // The state precedes disks and memory so that a restore reading a pipe can refuse
+        // a host that cannot run the guest before the bulk of the bytes arrives.
         if let Some(state) = self.vmstate {
             w.add_section(
                 kind::VMSTATE,

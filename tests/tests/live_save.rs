@@ -407,3 +407,150 @@ fn live_diff_save_restores_exactly_over_its_parent() {
     let after = std::fs::read_to_string(&serial).unwrap();
     check_continuation(code, &orig, &after, from, to);
 }
+
+/// Rewrites `src` into `dst` with its sections sorted by `rank` of their kind (then as they
+/// were), leaving out those ranked `None`.
+fn reorder(src: &Path, dst: &Path, rank: impl Fn(u16) -> Option<u8>) -> Vec<u16> {
+    use vmpack_formats::pack::{Compression, PackReader, PackWriter, SectionRange};
+    let r = PackReader::open(src).unwrap();
+    let mut order: Vec<_> = r
+        .sections()
+        .iter()
+        .filter_map(|s| Some((rank(s.kind)?, s.clone())))
+        .collect();
+    order.sort_by_key(|(k, s)| (*k, s.id));
+    let opts = vmpack_formats::pack::WriteOptions {
+        compression: Compression::None,
+        aligned: r.aligned(),
+        ..Default::default()
+    };
+    let mut w = PackWriter::new(std::fs::File::create(dst).unwrap(), opts).unwrap();
+    for (_, s) in &order {
+        let data = SectionRange::whole(&r, s.id);
+        w.add_section_with(
+            s.kind,
+            &s.name,
+            s.meta.clone(),
+            &data,
+            s.chunk_size,
+            Compression::None,
+            &(),
+        )
+        .unwrap();
+    }
+    w.finish().unwrap();
+    order.iter().map(|(_, s)| s.kind).collect()
+}
+
+/// The manifest and boot files, then memory, then the disks, the vmstate last; without
+/// memory if `!with_memory`.
+fn memory_first(src: &Path, dst: &Path, with_memory: bool) {
+    use vmpack_formats::pack::kind;
+    let kinds = reorder(src, dst, |k| match k {
+        kind::MANIFEST => Some(0),
+        kind::FILE => Some(1),
+        kind::MEMORY if with_memory => Some(2),
+        kind::MEMORY => None,
+        kind::DISK => Some(3),
+        _ => Some(4),
+    });
+    assert_eq!(kinds.last(), Some(&kind::VMSTATE), "{kinds:?}");
+    assert!(
+        !with_memory
+            || kinds.iter().position(|&k| k == kind::MEMORY)
+                < kinds.iter().position(|&k| k == kind::VMSTATE)
+    );
+}
+
+#[test]
+fn a_pack_with_memory_before_its_vmstate_restores_from_a_pipe_and_a_file() {
+    if !common::kvm_available("live save tests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("saved.vmpack");
+    let pack = dir.path().join("memfirst.vmpack");
+    let a = Running::start(dir.path());
+    a.wait_for("round 5 ok\n");
+    let from = a.output().len();
+    let o = save_args(&a.sock, saved.to_str().unwrap(), &["--quiet"])
+        .output()
+        .unwrap();
+    let to = a.output().len();
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    let (code, orig) = a.finish();
+    memory_first(&saved, &pack, true);
+    // Every reader takes the sections in any order after the manifest (FORMAT.md §12).
+    common::ok(&common::run(
+        dir.path(),
+        &["verify", pack.to_str().unwrap(), "--quiet"],
+    ));
+    common::ok(&common::run(
+        dir.path(),
+        &["inspect", pack.to_str().unwrap()],
+    ));
+    let unpacked = dir.path().join("unpacked");
+    let u = Command::new(vmpack())
+        .args(["unpack", "-", "--quiet", "-o"])
+        .arg(&unpacked)
+        .stdin(std::fs::File::open(&pack).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(u.status.code(), Some(0), "unpack -: {}", common::stderr(&u));
+    assert!(unpacked.join("vm.toml").is_file());
+
+    // From a pipe: memory is staged as it streams past, the vmstate read after it.
+    let serial = dir.path().join("b.serial");
+    let restore = Command::new(vmpack())
+        .args(["restore", "-", "--quiet", "--serial-out"])
+        .arg(&serial)
+        .stdin(std::fs::File::open(&pack).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(
+        restore.status.code(),
+        Some(0),
+        "{}",
+        common::stderr(&restore)
+    );
+    let after = std::fs::read_to_string(&serial).unwrap();
+    check_continuation(code, &orig, &after, from, to);
+
+    // A memory section the manifest lists but the stream lacks, and memory before the
+    // manifest, are refused by name.
+    let holed = dir.path().join("nomemory.vmpack");
+    memory_first(&saved, &holed, false);
+    let early = dir.path().join("early.vmpack");
+    reorder(&saved, &early, |k| {
+        Some(match k {
+            vmpack_formats::pack::kind::MEMORY => 0,
+            _ => 1,
+        })
+    });
+    for (p, why) in [
+        (&holed, "section 'memory/0' is missing"),
+        (&early, "section 'memory/0' before the manifest"),
+    ] {
+        let r = Command::new(vmpack())
+            .args(["restore", "-", "--quiet"])
+            .stdin(std::fs::File::open(p).unwrap())
+            .output()
+            .unwrap();
+        assert_eq!(r.status.code(), Some(1), "{}", common::stderr(&r));
+        assert!(common::stderr(&r).contains(why), "{}", common::stderr(&r));
+    }
+
+    // From the file: `auto` first (lazy where userfaultfd opens), then mapped.
+    for (i, memory) in ["auto", "eager"].iter().enumerate() {
+        let serial = dir.path().join(format!("f{i}.serial"));
+        let r = Command::new(vmpack())
+            .arg("restore")
+            .arg(&pack)
+            .args(["--memory", memory, "--quiet", "--serial-out"])
+            .arg(&serial)
+            .output()
+            .unwrap();
+        assert_eq!(r.status.code(), Some(0), "{memory}: {}", common::stderr(&r));
+        assert_eq!(std::fs::read_to_string(&serial).unwrap(), after, "{memory}");
+    }
+}

@@ -72,13 +72,28 @@ pub fn intersect(ranges: &[Range<u64>], map: &ChunkMap) -> Vec<Range<u64>> {
     out
 }
 
-/// One RAM region across a chain: per pack (base first) its memory section id and, for the
-/// diff packs, the chunks it holds.
+/// One section over a RAM region: the pack of the chain (index, base first) it is in, its
+/// id there and, for a MEMORY_DIFF section, the chunks it holds (none: every chunk).
+struct Layer {
+    pack: usize,
+    section: u32,
+    map: Option<ChunkMap>,
+}
+
+/// One RAM region across a chain: its layers, oldest first; each region chunk comes from
+/// the newest layer holding it (`vmpack_formats::diff::newest_owners`).
 struct RegionLayers {
     gpa: u64,
     size: u64,
-    /// `(section id, chunk map)`; the base pack has no map (it holds every chunk).
-    layers: Vec<(u32, Option<ChunkMap>)>,
+    layers: Vec<Layer>,
+}
+
+impl RegionLayers {
+    /// The newest `(layer, seq)` holding each region chunk of `chunk_size` bytes.
+    fn owners(&self, chunk_size: u64) -> Vec<Option<(usize, u64)>> {
+        let maps: Vec<Option<&ChunkMap>> = self.layers.iter().map(|l| l.map.as_ref()).collect();
+        vmpack_formats::diff::newest_owners(self.size.div_ceil(chunk_size), &maps)
+    }
 }
 
 /// Checks that every pack of the chain describes the same RAM regions as the child, and
@@ -113,7 +128,11 @@ fn region_layers(chain: &Chain) -> Result<Vec<RegionLayers>> {
                     Error::Refused(format!("{label}: section '{}': {msg}", e.section))
                 })?)
             };
-            layers.push((s.id, map));
+            layers.push(Layer {
+                pack: k,
+                section: s.id,
+                map,
+            });
         }
         if chain.packs[0].manifest().memory.len() != child.manifest().memory.len() {
             return Err(Error::Refused(format!(
@@ -138,8 +157,12 @@ fn mappable(chain: &Chain, regions: &[RegionLayers]) -> bool {
         if p.manifest().memory_restore_path(p.reader()) != Some("mmap") {
             return false;
         }
-        for r in regions {
-            sizes.push(p.reader().sections()[r.layers[k].0 as usize].chunk_size);
+        for l in regions
+            .iter()
+            .flat_map(|r| &r.layers)
+            .filter(|l| l.pack == k)
+        {
+            sizes.push(p.reader().sections()[l.section as usize].chunk_size);
         }
     }
     sizes.windows(2).all(|w| w[0] == w[1])
@@ -159,22 +182,21 @@ pub fn chain_memory(chain: &Chain) -> Result<GuestMemoryInit> {
         }
         for r in &regions {
             let base = chain.packs[0].reader();
-            let cs = u64::from(base.sections()[r.layers[0].0 as usize].chunk_size);
-            let n = r.size.div_ceil(cs) as usize;
-            // The newest pack holding each region chunk, and that chunk's seq in it.
-            let mut owner: Vec<(usize, u64)> = (0..n as u64).map(|c| (0, c)).collect();
-            for (k, (_, map)) in r.layers.iter().enumerate().skip(1) {
-                let map = map.as_ref().expect("diff layers have maps");
-                for (j, c) in map.present().into_iter().enumerate() {
-                    owner[c as usize] = (k, j as u64);
-                }
-            }
-            for (c, &(k, seq)) in owner.iter().enumerate() {
-                let reader = chain.packs[k].reader();
-                let e = &reader.chunks(r.layers[k].0)[seq as usize];
+            let cs = u64::from(base.sections()[r.layers[0].section as usize].chunk_size);
+            for (c, owner) in r.owners(cs).into_iter().enumerate() {
+                let Some((i, seq)) = owner else { continue };
+                let l = &r.layers[i];
+                let reader = chain.packs[l.pack].reader();
+                let e = reader.chunks(l.section).get(seq as usize).ok_or_else(|| {
+                    Error::Refused(format!(
+                        "{}: section {} has no chunk {seq}",
+                        chain.packs[l.pack].path().display(),
+                        l.section
+                    ))
+                })?;
                 if e.codec == Codec::None {
                     let len = (e.ulen as u64).div_ceil(4096) * 4096;
-                    layers[k]
+                    layers[l.pack]
                         .1
                         .push((r.gpa + c as u64 * cs, e.payload_offset, len));
                 }
@@ -231,7 +253,7 @@ pub fn chain_table(chain: &Chain) -> Result<ChunkTable> {
     let mut chunks = Vec::new();
     for r in &regions {
         let base = chain.packs[0].reader();
-        let cs = u64::from(base.sections()[r.layers[0].0 as usize].chunk_size);
+        let cs = u64::from(base.sections()[r.layers[0].section as usize].chunk_size);
         if cs == 0 || cs % 4096 != 0 {
             return Err(Error::Refused(format!(
                 "{}: memory chunks of {cs} bytes cannot be served on first touch",
@@ -239,18 +261,24 @@ pub fn chain_table(chain: &Chain) -> Result<ChunkTable> {
             )));
         }
         let mut owner: Vec<Option<PackChunk>> = vec![None; r.size.div_ceil(cs) as usize];
-        for (k, (id, map)) in r.layers.iter().enumerate() {
+        for Layer {
+            pack: k,
+            section: id,
+            map,
+        } in &r.layers
+        {
+            let (k, id) = (*k, *id);
             let pack = &chain.packs[k];
             let reader = pack.reader();
             let label = pack.path().display();
-            let own = u64::from(reader.sections()[*id as usize].chunk_size);
+            let own = u64::from(reader.sections()[id as usize].chunk_size);
             if own != cs || map.as_ref().is_some_and(|m| m.chunk_size != cs) {
                 return Err(Error::Refused(format!(
                     "{label}: its memory chunks ({own} bytes) differ in size from its base pack's ({cs} bytes), so it cannot be served on first touch; restore it with --memory eager or `vmpack flatten` it"
                 )));
             }
             let present = map.as_ref().map(|m| m.present());
-            for e in reader.chunks(*id) {
+            for e in reader.chunks(id) {
                 let off = match (map, &present) {
                     (Some(m), Some(p)) => m.region_offset(p, e.offset),
                     _ => Some(e.offset),
@@ -306,8 +334,13 @@ impl RegionWriter<'_> {
 /// Writes one region of the chain, base first, each diff pack's chunks (zero ones too)
 /// over the ones before.
 fn write_layers(chain: &Chain, r: &RegionLayers, out: &RegionWriter) -> Result<()> {
-    for (k, (id, map)) in r.layers.iter().enumerate() {
-        let pack = &chain.packs[k];
+    for Layer {
+        pack: k,
+        section: id,
+        map,
+    } in &r.layers
+    {
+        let pack = &chain.packs[*k];
         let reader = pack.reader();
         let label = pack.path().display().to_string();
         let io = |e: std::io::Error| PackError::new(&label, PackErrorKind::Io(e));
@@ -352,13 +385,12 @@ pub fn spill_region(chain: &Chain, index: usize, file: &File) -> Result<Vec<Rang
         _ => ranges.push(s..e),
     };
     let mut marks: Vec<Range<u64>> = base
-        .chunks(r.layers[0].0)
+        .chunks(r.layers[0].section)
         .iter()
         .filter(|e| e.codec != Codec::Zero)
         .map(|e| e.offset..e.offset + e.ulen as u64)
         .collect();
-    for (_, map) in r.layers.iter().skip(1) {
-        let map = map.as_ref().expect("diff layers have maps");
+    for map in r.layers.iter().skip(1).filter_map(|l| l.map.as_ref()) {
         marks.extend(map.present().into_iter().map(|c| map.chunk_range(c)));
     }
     marks.sort_by_key(|m| m.start);
@@ -445,13 +477,14 @@ pub fn pipe_parents(
 /// Fills `ram` (every region of the chain's newest pack, zeroed) with that pack's memory:
 /// the base's, each diff's chunks over it, in order (not verified here: the caller verifies
 /// the packs first).
-pub fn fill_from_chain(chain: &Chain, ram: &mut [(u64, &mut [u8])]) -> Result<()> {
+pub fn fill_from_chain(chain: &Chain, ram: &mut crate::memory::StagedRam) -> Result<()> {
     for r in &region_layers(chain)? {
-        let region = ram
-            .iter_mut()
-            .find(|(g, _)| *g == r.gpa)
-            .ok_or_else(|| Error::Refused(format!("no RAM region at {:#x}", r.gpa)))?;
-        let dst: &mut [u8] = region.1;
+        let dst = ram
+            .region_mut(r.gpa)
+            .filter(|d| d.len() as u64 >= r.size)
+            .ok_or_else(|| {
+                Error::Refused(format!("no RAM region of {} bytes at {:#x}", r.size, r.gpa))
+            })?;
         let out = RegionWriter::Slice(dst.as_mut_ptr() as usize, dst.len());
         write_layers(chain, r, &out)?;
     }

@@ -2,8 +2,8 @@
 //!
 //! The pack holds, after the manifest and boot files, the vCPU/device state (JSON, see
 //! `docs/FORMAT.md`), the disks as of the pause, and one section per guest RAM region.
-//! The state comes before memory so a restore reading from a pipe knows the machine before
-//! the bulk of the bytes arrives.
+//! The state comes before memory so a restore reading from a pipe refuses a host that cannot
+//! run the guest before the bulk of the bytes arrives (it takes memory first too).
 
 use crate::compat;
 use crate::memory::GuestMemoryInit;
@@ -1333,45 +1333,96 @@ impl SharedSlice {
 }
 
 /// Restore from a pipe: everything is verified as it streams past (there is no second
-/// reading), and the index at the end is checked before the VM runs.
+/// reading), and the index at the end is checked before the VM runs. After the manifest,
+/// sections may come in any order (docs/FORMAT.md §12): guest memory is staged in
+/// mappings of the VM's layout as its chunks arrive, whether the vmstate came before it
+/// or comes after, and moved into the VM once the stream ended.
 fn restore_stream<R: Read + 'static>(
     input: R,
     label: &str,
     opts: RestoreOptions,
 ) -> Result<(Vm, RestoreInfo)> {
+    use vmpack_formats::pack::kind;
     let started = Instant::now();
     let mut sr = StreamReader::new(input, label)?;
     let work = WorkDir::new(&opts.work_dir)?;
     let mut manifest: Option<Manifest> = None;
     let mut cfg: Option<VmConfig> = None;
-    let mut current: Option<(String, u16)> = None;
+    // The open section: name, kind, and for memory its region's gpa.
+    let mut current: Option<(String, u16, u64)> = None;
     let mut buf: Vec<u8> = Vec::new();
     let mut payload = BootPayload::default();
     let mut state: Option<ValidState> = None;
+    let mut warnings = Vec::new();
     let mut disk_files: Vec<(usize, File, PathBuf)> = Vec::new();
-    // A diff pack's parents (files): the chain, its base (the boot files) and what was
-    // said about their verification.
+    let mut staged: Option<crate::memory::StagedRam> = None;
+    let mut memory_seen: Vec<String> = Vec::new();
+    // A diff pack's parents (files): the chain and its base (the boot files), what was said
+    // about their verification, and the open MEMORY_DIFF section's chunk map.
     let mut parents: Option<(vmpack_formats::diff::Chain, VmPack)> = None;
     let mut parents_verified = "";
-    let mut first_map = None;
-    // Read up to the first memory section; RAM is allocated by then and filled in place.
+    let mut diff_map: Option<(ChunkMap, Vec<u64>)> = None;
     loop {
         match sr.next_event()? {
             StreamEvent::Section(info) => {
-                if is_memory_kind(info.kind) {
-                    let m = manifest.as_ref().ok_or_else(|| {
-                        Error::Refused(format!("{label}: memory before manifest"))
-                    })?;
-                    first_map = check_stream_memory(m, info, label)?;
-                    current = Some((info.name.clone(), info.kind));
-                    break;
-                }
-                current = Some((info.name.clone(), info.kind));
+                let m = match info.kind {
+                    kind::MANIFEST if manifest.is_some() => {
+                        return Err(Error::Refused(format!(
+                            "{label}: section '{}': a second manifest",
+                            info.name
+                        )))
+                    }
+                    kind::MANIFEST => None,
+                    _ => Some(manifest.as_ref().ok_or_else(|| {
+                        Error::Refused(format!(
+                            "{label}: section '{}' before the manifest",
+                            info.name
+                        ))
+                    })?),
+                };
+                let mut gpa = 0;
                 buf.clear();
-                if info.kind == vmpack_formats::pack::kind::DISK {
-                    let m = manifest
+                diff_map = None;
+                if let (kind::MEMORY | kind::MEMORY_DIFF, Some(m), Some(c)) =
+                    (info.kind, m, cfg.as_ref())
+                {
+                    diff_map = check_stream_memory(m, info, label)?.map(|map| {
+                        let present = map.present();
+                        (map, present)
+                    });
+                    gpa = m
+                        .memory
+                        .iter()
+                        .find(|r| r.section == info.name)
+                        .map_or(0, |r| r.gpa);
+                    memory_seen.push(info.name.clone());
+                    if staged.is_none() {
+                        let mut ram = crate::memory::StagedRam::new(&crate::memory::ram_layout(
+                            c.memory_bytes(),
+                        ))?;
+                        // A diff pack's memory starts as its parents' (verified at the
+                        // manifest); the chunks it stores replace theirs as they stream past.
+                        if let Some((chain, _)) = &parents {
+                            crate::diff::fill_from_chain(chain, &mut ram)?;
+                        }
+                        staged = Some(ram);
+                    }
+                    // A diff section holds the present chunks of the whole region.
+                    let needs = diff_map
                         .as_ref()
-                        .ok_or_else(|| Error::Refused(format!("{label}: disk before manifest")))?;
+                        .map_or(info.size, |(map, _)| map.region_size);
+                    let fits = staged
+                        .as_mut()
+                        .and_then(|s| s.region_mut(gpa))
+                        .is_some_and(|r| r.len() as u64 >= needs);
+                    if !fits {
+                        return Err(Error::Refused(format!(
+                            "{label}: section '{}': no RAM region of {} bytes at {gpa:#x}",
+                            info.name, info.size
+                        )));
+                    }
+                }
+                if let (kind::DISK, Some(m)) = (info.kind, m) {
                     let i = m
                         .disks
                         .iter()
@@ -1398,42 +1449,86 @@ fn restore_stream<R: Read + 'static>(
                     let f = sparse_file(&p, m.disks[i].virtual_size)?;
                     disk_files.push((i, f, p));
                 }
+                current = Some((info.name.clone(), info.kind, gpa));
             }
             StreamEvent::Chunk {
                 offset, data, zero, ..
             } => {
-                let (name, kind) = current
+                let (name, k, gpa) = current
                     .as_ref()
                     .ok_or_else(|| Error::Refused(format!("{label}: chunk outside a section")))?;
-                if *kind == vmpack_formats::pack::kind::DISK {
-                    use std::os::unix::fs::FileExt;
-                    let (_, f, p) = disk_files
-                        .last()
-                        .expect("disk file opened at section start");
-                    if !zero && data.iter().any(|&b| b != 0) {
+                if zero || data.iter().all(|&b| b == 0) {
+                    // Disk copies are sparse and RAM starts zeroed; small sections still
+                    // need their bytes.
+                    if matches!(*k, kind::DISK | kind::MEMORY) {
+                        continue;
+                    }
+                }
+                match *k {
+                    kind::DISK => {
+                        use std::os::unix::fs::FileExt;
+                        let (_, f, p) = disk_files
+                            .last()
+                            .expect("disk file opened at section start");
                         f.write_all_at(data, offset)
                             .with_context(|| format!("writing {}", p.display()))?;
                     }
-                } else {
-                    let limit = if *kind == vmpack_formats::pack::kind::FILE {
-                        vmpack_formats::vm::MAX_BOOT_FILE_LEN
-                    } else {
-                        MAX_VMSTATE_LEN
-                    };
-                    if buf.len() as u64 + data.len() as u64 > limit {
-                        return Err(Error::Refused(format!(
-                            "{label}: section '{name}' is larger than {limit} bytes"
-                        )));
+                    kind::MEMORY_DIFF => {
+                        // Chunk j is the j-th present region chunk; a zero one replaces the
+                        // parents' bytes with zeros.
+                        let (map, present) = diff_map.as_ref().ok_or_else(|| {
+                            Error::Refused(format!(
+                                "{label}: section '{name}' of kind {} outside a diff pack's memory",
+                                kind::MEMORY_DIFF
+                            ))
+                        })?;
+                        let at = map.region_offset(present, offset).ok_or_else(|| {
+                            Error::Refused(format!("{label}: section '{name}': chunk at {offset:#x} lies outside its chunk map"))
+                        })?;
+                        let region = staged
+                            .as_mut()
+                            .and_then(|s| s.region_mut(*gpa))
+                            .expect("region checked at section start");
+                        let end = at as usize + data.len();
+                        let dst = region.get_mut(at as usize..end).ok_or_else(|| {
+                            Error::Refused(format!("{label}: section '{name}': chunk at {offset:#x} runs past its RAM region"))
+                        })?;
+                        dst.copy_from_slice(data);
                     }
-                    buf.extend_from_slice(data);
+                    kind::MEMORY => {
+                        // Checked at the section start: the region exists and holds the
+                        // section, whose chunks the stream reader keeps inside its size.
+                        let region = staged
+                            .as_mut()
+                            .and_then(|s| s.region_mut(*gpa))
+                            .expect("region checked at section start");
+                        let end = offset as usize + data.len();
+                        let dst = region.get_mut(offset as usize..end).ok_or_else(|| {
+                            Error::Refused(format!("{label}: section '{name}': chunk at {offset:#x} runs past its RAM region"))
+                        })?;
+                        dst.copy_from_slice(data);
+                    }
+                    _ => {
+                        let limit = if *k == kind::FILE {
+                            vmpack_formats::vm::MAX_BOOT_FILE_LEN
+                        } else {
+                            MAX_VMSTATE_LEN
+                        };
+                        if buf.len() as u64 + data.len() as u64 > limit {
+                            return Err(Error::Refused(format!(
+                                "{label}: section '{name}' is larger than {limit} bytes"
+                            )));
+                        }
+                        buf.extend_from_slice(data);
+                    }
                 }
             }
             StreamEvent::SectionEnd(_) => {
-                let (name, kind) = current.take().ok_or_else(|| {
+                let (name, k, _) = current.take().ok_or_else(|| {
                     Error::Refused(format!("{label}: section end outside a section"))
                 })?;
-                match kind {
-                    vmpack_formats::pack::kind::MANIFEST => {
+                match k {
+                    kind::MANIFEST => {
                         let m = Manifest::parse(&buf, label)?;
                         m.check_memory(label, &|_| None)?;
                         if let Some(p) = &m.parent {
@@ -1452,10 +1547,8 @@ fn restore_stream<R: Read + 'static>(
                         cfg = Some(pack_config(&m, label, &work.path)?);
                         manifest = Some(m);
                     }
-                    vmpack_formats::pack::kind::FILE => {
-                        let m = manifest.as_ref().ok_or_else(|| {
-                            Error::Refused(format!("{label}: file before manifest"))
-                        })?;
+                    kind::FILE => {
+                        let m = manifest.as_ref().expect("checked at section start");
                         let role = m
                             .files
                             .iter()
@@ -1470,11 +1563,12 @@ fn restore_stream<R: Read + 'static>(
                             _ => {}
                         }
                     }
-                    vmpack_formats::pack::kind::VMSTATE => {
-                        let c = cfg.as_ref().ok_or_else(|| {
-                            Error::Refused(format!("{label}: vm state before manifest"))
-                        })?;
-                        state = Some(parse_state(&buf, label, &name, c)?);
+                    kind::VMSTATE => {
+                        let c = cfg.as_ref().expect("checked at section start");
+                        let s = parse_state(&buf, label, &name, c)?;
+                        // Refused as soon as it is known, not after the rest of the stream.
+                        warnings = check_host(&s, c, label)?;
+                        state = Some(s);
                     }
                     _ => {}
                 }
@@ -1485,16 +1579,16 @@ fn restore_stream<R: Read + 'static>(
     let manifest = manifest.ok_or_else(|| Error::Refused(format!("{label}: no manifest")))?;
     let state = state.ok_or_else(|| {
         Error::Refused(format!(
-            "{label}: the pack holds a VM at rest, not a saved one (no vmstate before memory)"
+            "{label}: the pack holds a VM at rest, not a saved one (no vmstate)"
         ))
     })?;
     let cfg = cfg.ok_or_else(|| Error::Refused(format!("{label}: no manifest")))?;
-    // Every disk and boot file comes from the stream: one that never arrived is missing,
-    // whatever the config says.
+    // Every disk, boot file and memory region comes from the stream: one that never
+    // arrived is missing, whatever the config says.
     for (i, d) in manifest.disks.iter().enumerate() {
         if !disk_files.iter().any(|(j, _, _)| *j == i) {
             return Err(Error::Refused(format!(
-                "{label}: section '{}' is missing before memory",
+                "{label}: section '{}' is missing",
                 d.section
             )));
         }
@@ -1512,118 +1606,48 @@ fn restore_stream<R: Read + 'static>(
         };
         if !got {
             return Err(Error::Refused(format!(
-                "{label}: section '{}' is missing before memory",
+                "{label}: section '{}' is missing",
                 f.section
             )));
         }
     }
-    let warnings = check_host(&state, &cfg, label)?;
-    let first = current.map(|(n, _)| n);
-    let label_owned = label.to_string();
-    let gpas: Vec<(String, u64)> = manifest
+    if let Some(m) = manifest
         .memory
         .iter()
-        .map(|m| (m.section.clone(), m.gpa))
-        .collect();
-    // An initrd the pack kept only in guest memory is copied out once memory is complete,
-    // so a later save of this VM still has it even if the guest overwrites that memory.
-    let initrd_in_ram = manifest
-        .file("initrd")
-        .and_then(|f| Some((f.in_memory?, f.size)));
+        .find(|m| !memory_seen.contains(&m.section))
+    {
+        return Err(Error::Refused(format!(
+            "{label}: section '{}' is missing",
+            m.section
+        )));
+    }
+    let staged = staged.ok_or_else(|| {
+        Error::Refused(format!(
+            "{label}: the pack holds a VM at rest, not a saved one (no memory)"
+        ))
+    })?;
+    // An initrd the pack kept only in guest memory is copied out now, so a later save of
+    // this VM still has it even if the guest overwrites that memory.
     let initrd = Arc::new(std::sync::OnceLock::new());
-    let initrd_slot = initrd.clone();
-    let manifest_mem = manifest.clone();
-    let (chain, base) = match parents {
-        Some((c, b)) => (Some(c), Some(b)),
-        None => (None, None),
-    };
-    let layered = chain.is_some();
-    let init = GuestMemoryInit::fill::<Error, _>(move |regions| {
-        // A diff pack's memory starts as its parents' (verified above); the chunks it
-        // stores replace theirs as they stream past.
-        if let Some(chain) = &chain {
-            crate::diff::fill_from_chain(chain, regions)?;
-        }
-        let mut section = first;
-        let mut map = first_map.map(|m| {
-            let present = m.present();
-            (m, present)
-        });
-        loop {
-            let ev = sr.next_event()?;
-            match ev {
-                StreamEvent::Section(info) => {
-                    if !is_memory_kind(info.kind) {
-                        return Err(Error::Refused(format!("{label_owned}: section '{}' after memory; expected memory sections last", info.name)));
-                    }
-                    map = check_stream_memory(&manifest_mem, info, &label_owned)?.map(|m| {
-                        let present = m.present();
-                        (m, present)
-                    });
-                    section = Some(info.name.clone());
-                }
-                StreamEvent::Chunk {
-                    offset, data, zero, ..
-                } => {
-                    let name = section.as_deref().unwrap_or("");
-                    let gpa = gpas
-                        .iter()
-                        .find(|(n, _)| n == name)
-                        .map(|(_, g)| *g)
-                        .ok_or_else(|| {
-                            Error::Refused(format!(
-                                "{label_owned}: section '{name}' is not in the manifest"
-                            ))
-                        })?;
-                    let region = regions.iter_mut().find(|(g, _)| *g == gpa).ok_or_else(|| {
-                        Error::Refused(format!("{label_owned}: no RAM region at {gpa:#x}"))
-                    })?;
-                    // A diff section's chunk j is the j-th present region chunk, and a
-                    // zero one replaces the parents' bytes with zeros.
-                    let (offset, replace) = match &map {
-                        Some((m, present)) => {
-                            let at = m.region_offset(present, offset).ok_or_else(|| {
-                                Error::Refused(format!("{label_owned}: section '{name}': chunk at {offset:#x} lies outside its chunk map"))
-                            })?;
-                            (at, true)
-                        }
-                        None => (offset, false),
-                    };
-                    let end = offset as usize + data.len();
-                    if end > region.1.len() {
-                        return Err(Error::Refused(format!("{label_owned}: section '{name}': chunk at {offset:#x} runs past its RAM region")));
-                    }
-                    if replace || (!zero && data.iter().any(|&b| b != 0)) {
-                        region.1[offset as usize..end].copy_from_slice(data);
-                    }
-                }
-                StreamEvent::SectionEnd(_) => section = None,
-                StreamEvent::End(_) => {
-                    if let Some((gpa, len)) = initrd_in_ram {
-                        let bytes = regions
-                            .iter()
-                            .find_map(|(base, ram)| {
-                                let off = usize::try_from(gpa.checked_sub(*base)?).ok()?;
-                                ram.get(off..off.checked_add(usize::try_from(len).ok()?)?)
-                            })
-                            .ok_or_else(|| {
-                                Error::Refused(format!(
-                                    "{label_owned}: the initrd at {gpa:#x} is not in guest RAM"
-                                ))
-                            })?;
-                        let _ = initrd_slot.set(bytes.to_vec());
-                    }
-                    return Ok(());
-                }
-            }
-        }
-    });
+    if let Some((gpa, len)) = manifest
+        .file("initrd")
+        .and_then(|f| Some((f.in_memory?, f.size)))
+    {
+        let bytes = staged.read(gpa, len).ok_or_else(|| {
+            Error::Refused(format!(
+                "{label}: the initrd at {gpa:#x} is not in guest RAM"
+            ))
+        })?;
+        let _ = initrd.set(bytes.to_vec());
+    }
     let prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let files = match base {
+    let layered = parents.is_some();
+    let files = match parents {
         // A diff pack's boot files are its base's (the same VM's).
-        Some(base) => BootFiles::Pack(Arc::new(base)),
+        Some((_, base)) => BootFiles::Pack(Arc::new(base)),
         None => BootFiles::Stream { payload, initrd },
     };
+    let init = GuestMemoryInit::Staged(staged);
     let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, files, run))?;
     Ok((
         vm,
@@ -1642,10 +1666,6 @@ fn restore_stream<R: Read + 'static>(
             warnings,
         },
     ))
-}
-
-fn is_memory_kind(k: u16) -> bool {
-    k == vmpack_formats::pack::kind::MEMORY || k == vmpack_formats::pack::kind::MEMORY_DIFF
 }
 
 /// Verifies a diff pack's parents per `verify`, each recorded under its own file, as a file

@@ -68,6 +68,9 @@ pub enum GuestMemoryInit {
         fill: FillFn,
         table: crate::vstate::lazy::ChunkTable,
     },
+    /// Memory filled before the VM existed (a pack read from a pipe whose memory may come
+    /// before its vmstate): its pages are moved into place, not copied.
+    Staged(StagedRam),
 }
 
 impl std::fmt::Debug for GuestMemoryInit {
@@ -83,6 +86,7 @@ impl std::fmt::Debug for GuestMemoryInit {
             GuestMemoryInit::Unpack { table, .. } => {
                 write!(f, "Unpack({} chunks)", table.chunks.len())
             }
+            GuestMemoryInit::Staged(s) => write!(f, "Staged({} regions)", s.regions.len()),
         }
     }
 }
@@ -255,6 +259,11 @@ impl GuestRam {
             }
             GuestMemoryInit::Lazy(src) => {
                 ram.lazy = Some(crate::vstate::lazy::LazyMemory::start(&host_regions, src)?);
+            }
+            GuestMemoryInit::Staged(mut staged) => {
+                for r in &ram.regions {
+                    staged.move_into(r)?;
+                }
             }
         }
         Ok(ram)
@@ -531,6 +540,114 @@ impl Drop for GuestRam {
     }
 }
 
+/// Guest RAM filled before its VM exists, in the layout the VM will have: private
+/// anonymous mappings like [`GuestRam`]'s, whose pages [`GuestMemoryInit::Staged`] moves
+/// into the guest's regions (`mremap`), so staging costs no second copy of memory.
+pub struct StagedRam {
+    regions: Vec<RawRegion>,
+}
+
+impl StagedRam {
+    /// Reserves `layout` (`(gpa, size)`, page-aligned, as [`GuestRam::new`] takes); untouched
+    /// pages take no memory.
+    pub fn new(layout: &[(u64, u64)]) -> Result<StagedRam> {
+        let mut staged = StagedRam {
+            regions: Vec::with_capacity(layout.len()),
+        };
+        for &(gpa, size) in layout {
+            let len = usize::try_from(size)
+                .map_err(|_| Error::Layout("guest RAM region too large".into()))?;
+            // SAFETY: a fresh anonymous mapping; no existing memory is affected.
+            let host = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if host == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("cannot reserve {} MiB of guest RAM", size >> 20));
+            }
+            staged.regions.push(RawRegion {
+                gpa,
+                host: host.cast(),
+                size: len,
+            });
+        }
+        Ok(staged)
+    }
+
+    /// The region that starts at `gpa`.
+    pub fn region_mut(&mut self, gpa: u64) -> Option<&mut [u8]> {
+        let r = self
+            .regions
+            .iter()
+            .find(|r| r.gpa == gpa && !r.host.is_null())?;
+        // SAFETY: the mapping is this struct's own and `&mut self` makes the borrow unique.
+        Some(unsafe { std::slice::from_raw_parts_mut(r.host, r.size) })
+    }
+
+    /// `len` bytes at `gpa`, if one region holds them all.
+    pub fn read(&self, gpa: u64, len: u64) -> Option<&[u8]> {
+        self.regions.iter().find_map(|r| {
+            let off = usize::try_from(gpa.checked_sub(r.gpa)?).ok()?;
+            let end = off.checked_add(usize::try_from(len).ok()?)?;
+            if r.host.is_null() || end > r.size {
+                return None;
+            }
+            // SAFETY: `off..end` lies inside the mapping, which lives as long as `self`.
+            Some(unsafe { std::slice::from_raw_parts(r.host.add(off), end - off) })
+        })
+    }
+
+    /// Puts the staged region at `to`'s gpa into `to`: its pages are moved over `to`'s
+    /// mapping (same size and flags), or copied where the kernel refuses the move.
+    fn move_into(&mut self, to: &RawRegion) -> Result<()> {
+        let Some(from) = self
+            .regions
+            .iter_mut()
+            .find(|r| r.gpa == to.gpa && !r.host.is_null())
+        else {
+            return Ok(());
+        };
+        if from.size == to.size {
+            // SAFETY: both are whole private anonymous mappings of `size` bytes made by
+            // this module; `to` is replaced by `from`'s pages, and `from` no longer exists
+            // afterwards (its pointer is cleared so Drop leaves it).
+            let moved = unsafe {
+                libc::mremap(
+                    from.host.cast(),
+                    from.size,
+                    to.size,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    to.host.cast::<libc::c_void>(),
+                )
+            };
+            if moved != libc::MAP_FAILED {
+                from.host = std::ptr::null_mut();
+                return Ok(());
+            }
+        }
+        let n = from.size.min(to.size);
+        // SAFETY: both mappings hold at least `n` bytes and are distinct.
+        unsafe { std::ptr::copy_nonoverlapping(from.host, to.host, n) };
+        Ok(())
+    }
+}
+
+impl Drop for StagedRam {
+    fn drop(&mut self) {
+        for r in self.regions.iter().filter(|r| !r.host.is_null()) {
+            // SAFETY: a mapping this struct made that was not moved away.
+            unsafe { libc::munmap(r.host.cast(), r.size) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -586,6 +703,25 @@ mod tests {
         .err()
         .unwrap();
         assert!(format!("{err:#}").contains("past the end"), "{err:#}");
+    }
+
+    #[test]
+    fn staged_memory_is_moved_into_the_guest() {
+        let layout = [(0, 1 << 20), (1 << 32, 64 << 10)];
+        let mut staged = StagedRam::new(&layout).unwrap();
+        staged.region_mut(0).unwrap()[0x1000] = 7;
+        staged.region_mut(1 << 32).unwrap()[(64 << 10) - 1] = 9;
+        assert!(
+            staged.region_mut(0x1000).is_none(),
+            "regions are found by their start"
+        );
+        assert_eq!(staged.read(0x1000, 2), Some(&[7u8, 0][..]));
+        assert_eq!(staged.read((1 << 20) - 1, 2), None);
+        let ram = GuestRam::new(&layout, GuestMemoryInit::Staged(staged)).unwrap();
+        assert_eq!(ram.read(0x1000, 2).unwrap(), vec![7, 0]);
+        assert_eq!(ram.read((1 << 32) + (64 << 10) - 1, 1).unwrap(), vec![9]);
+        ram.write(0x2000, &[3]).unwrap();
+        assert_eq!(ram.read(0x2000, 1).unwrap(), vec![3]);
     }
 }
 

@@ -204,6 +204,58 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Resets the peak resident size of process `pid` (`/proc/PID/clear_refs`, Linux ≥ 4.0) and
+/// returns its resident size now, in bytes; `None` where /proc does not allow it.
+fn rss_reset(pid: u32) -> Option<u64> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").ok()?;
+    proc_status_kb(pid, "VmRSS:")
+}
+
+/// The peak resident size of `pid` since the last [`rss_reset`], in bytes.
+fn rss_peak(pid: u32) -> Option<u64> {
+    proc_status_kb(pid, "VmHWM:")
+}
+
+fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let kb: u64 = line[key.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// The saving process's resident size before a save and its peak during it.
+#[derive(Clone, Copy, Default)]
+struct Rss {
+    before: u64,
+    peak: u64,
+}
+
+impl Rss {
+    /// `"+X MB"`: what the save added to the VM process's resident size at its peak.
+    fn extra(self) -> String {
+        if self.peak == 0 {
+            return "-".into();
+        }
+        format!("{:.0}", mb(self.peak.saturating_sub(self.before)))
+    }
+}
+
+/// Runs `f` (a save of the VM in process `pid`) and measures [`Rss`] around it.
+fn with_rss<T>(pid: u32, f: impl FnOnce() -> T) -> (T, Rss) {
+    let before = rss_reset(pid);
+    let r = f();
+    let rss = match (before, rss_peak(pid)) {
+        (Some(before), Some(peak)) => Rss { before, peak },
+        _ => Rss::default(),
+    };
+    (r, rss)
+}
+
 fn mb(bytes: u64) -> f64 {
     bytes as f64 / 1e6
 }
@@ -234,6 +286,8 @@ struct OursRow {
     live_diff: Option<Result<DiffSample, String>>,
     /// For the `none` compression: a live save (`--live`) after the diff save.
     live: Option<Result<LiveSample, String>>,
+    /// The VM process's resident size around this save.
+    rss: Rss,
     error: Option<String>,
 }
 
@@ -306,6 +360,7 @@ struct LiveSample {
     precopy_bytes: u64,
     final_bytes: u64,
     met: bool,
+    rss: Rss,
 }
 
 fn measure_live(bins: &Bins, sock: &Path, out: &Path) -> Result<LiveSample> {
@@ -337,6 +392,7 @@ fn measure_live(bins: &Bins, sock: &Path, out: &Path) -> Result<LiveSample> {
         precopy_bytes: rounds.iter().filter_map(|r| r["bytes"].as_u64()).sum(),
         final_bytes: live["final_bytes"].as_u64().unwrap_or(0),
         met: live["max_pause_met"].as_bool().unwrap_or(false),
+        rss: Rss::default(),
     })
 }
 
@@ -415,20 +471,23 @@ fn measure_ours(
     for &c in comps {
         let pack = d.join(format!("guest-{}-{}-{c}.vmpack", g.mib, g.data_mib));
         let t = Instant::now();
-        let out = Command::new(&bins.vmpack)
-            .arg("save")
-            .arg("--api-sock")
-            .arg(&sock)
-            .arg("-o")
-            .arg(&pack)
-            .arg("--compress")
-            .arg(c.to_string())
-            .stdin(Stdio::null())
-            .output()
-            .context("running vmpack save")?;
+        let (out, rss) = with_rss(vm.child.id(), || {
+            Command::new(&bins.vmpack)
+                .arg("save")
+                .arg("--api-sock")
+                .arg(&sock)
+                .arg("-o")
+                .arg(&pack)
+                .arg("--compress")
+                .arg(c.to_string())
+                .stdin(Stdio::null())
+                .output()
+        });
+        let out = out.context("running vmpack save")?;
         let save_s = t.elapsed().as_secs_f64();
         let mut row = OursRow {
             save_s,
+            rss,
             ..Default::default()
         };
         if !out.status.success() {
@@ -445,10 +504,12 @@ fn measure_ours(
             .map(|l| l.bytes)
             .unwrap_or_else(|| std::fs::metadata(&pack).map_or(0, |m| m.len()));
         crate::note!(
-            "  save {c:<7} pause {:8.1} ms, wall {:6.2} s, {:8.1} MB",
+            "  save {c:<7} pause {:8.1} ms, wall {:6.2} s, {:8.1} MB; vmboot resident {:.0} MB, +{} MB at its peak",
             row.pause_ms,
             save_s,
-            mb(row.bytes)
+            mb(row.bytes),
+            mb(rss.before),
+            rss.extra()
         );
         packs.push((c, pack, row));
     }
@@ -479,14 +540,19 @@ fn measure_ours(
             }
         }
         let out = d.join(format!("guest-{}-{}-live.vmpack", g.mib, g.data_mib));
-        let r = measure_live(bins, &sock, &out).map_err(|e| format!("{e:#}"));
+        let (r, rss) = with_rss(vm.child.id(), || measure_live(bins, &sock, &out));
+        let r = r
+            .map(|s| LiveSample { rss, ..s })
+            .map_err(|e| format!("{e:#}"));
         if let Ok(s) = &r {
             crate::note!(
-                "  live save: pause {:.1} ms, save {:.1} ms ({:.1} ms with the process), {} rounds",
+                "  live save: pause {:.1} ms, save {:.1} ms ({:.1} ms with the process), {} rounds; vmboot resident {:.0} MB, +{} MB at its peak",
                 s.pause_ms,
                 s.save_ms,
                 s.process_ms,
-                s.rounds
+                s.rounds,
+                mb(rss.before),
+                rss.extra()
             );
         }
         row.live = Some(r);
@@ -1146,11 +1212,13 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
         "Live saves: `vmpack save --live` (pause target 20 ms) of the running guest after the \
          diff saves; pause = guest stopped; save = request to pack complete and synced \
          (`--json` milliseconds), process = the whole command; pre-copy = bytes the rounds \
-         copied while the guest ran, final = bytes copied during the pause. QEMU: its \
-         migration downtime and save time (no fsync)."
+         copied while the guest ran, final = bytes copied during the pause; RSS = the VM \
+         process's resident size before the save, +peak = what the save added to it at its \
+         peak (/proc VmHWM after clear_refs), also for the ordinary uncompressed save of the \
+         same guest (+ord). QEMU: its migration downtime and save time (no fsync)."
     );
     crate::outln!(
-        "{:>6} {:>6} {:>9} {:>8} {:>11} {:>7} {:>12} {:>9} {:>5} | {:>11} {:>7}",
+        "{:>6} {:>6} {:>9} {:>8} {:>11} {:>7} {:>12} {:>9} {:>5} {:>7} {:>9} {:>8} | {:>11} {:>7}",
         "guest",
         "data",
         "pause ms",
@@ -1160,6 +1228,9 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
         "pre-copy MB",
         "final MB",
         "met",
+        "RSS MB",
+        "+peak MB",
+        "+ord MB",
         "QEMU down",
         "save s"
     );
@@ -1171,7 +1242,7 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
         for (_, o) in &r.ours {
             match &o.live {
                 Some(Ok(s)) => crate::outln!(
-                    "{:>6} {:>6} {:>9.1} {:>8.1} {:>11.1} {:>7} {:>12.1} {:>9.2} {:>5} | {:>11} {:>7}",
+                    "{:>6} {:>6} {:>9.1} {:>8.1} {:>11.1} {:>7} {:>12.1} {:>9.2} {:>5} {:>7.0} {:>9} {:>8} | {:>11} {:>7}",
                     r.g.mib,
                     r.g.data_mib,
                     s.pause_ms,
@@ -1181,6 +1252,9 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
                     mb(s.precopy_bytes),
                     mb(s.final_bytes),
                     if s.met { "yes" } else { "no" },
+                    mb(s.rss.before),
+                    s.rss.extra(),
+                    o.rss.extra(),
                     qd,
                     qs
                 ),
