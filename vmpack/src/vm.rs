@@ -971,6 +971,14 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     }
     if !a.quiet {
         eprintln!("vmpack: {r}: {}", counters.summary());
+        // A chain's parents count their own chunks (the lines above are the child's).
+        for p in &parents {
+            eprintln!(
+                "vmpack: {r}: parent pack {}: {}",
+                p.digest(),
+                p.fetch.counters.summary()
+            );
+        }
         let mut t = format!("vCPUs started {vcpus_ms:.1} ms after the command");
         if let Some((at, bytes)) = first_line.get() {
             t += &format!(
