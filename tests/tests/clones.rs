@@ -97,7 +97,8 @@ fn pin(ns: &Netns, tap: &str, mac: &str) {
 /// own), MAC, vsock socket and generation ID: for every clone i, UDP echo through tap i is
 /// answered from MAC i, a frame to the next clone's MAC is ignored, vsock echo through
 /// socket i works, and the generation ID the guest reads equals `GET /vm`'s; all ten IDs
-/// differ from each other and from the parent's.
+/// differ from each other and from the parent's. Clone 0 reset in place keeps its tap, MAC
+/// and socket and gets an eleventh ID.
 #[test]
 fn clones_ten_with_all_four_identities() {
     if !can_run("the four-identity clone test") {
@@ -193,6 +194,38 @@ fn clones_ten_with_all_four_identities() {
         );
         ids.push(id.trim_end().to_string());
     }
+    // A clone reset in place keeps its own tap, MAC and socket, as it was restored with,
+    // and gets a generation ID no clone had, as a fresh clone would.
+    let (ns, vs) = (&nss[0], d.join("v0.sock"));
+    let api = PathBuf::from(format!("{}.0", csock.display()));
+    let (_r, _w) = connect(&vs, 5001);
+    let (code, body) = http(&api, "PUT", "/vm/reset", b"");
+    assert_eq!(code, 200, "{body}");
+    let (mut r, mut w) = connect(&vs, 5001);
+    w.write_all(b"genid\n").unwrap();
+    let mut id = String::new();
+    r.read_line(&mut id).unwrap();
+    assert!(
+        ns.within(|| udp_echo(b"after the reset", 10)),
+        "clone 0 after its reset"
+    );
+    assert_eq!(ns.guest_mac(), Some(mac(0)), "clone 0 after its reset");
+    let (code, body) = http(&api, "GET", "/vm", b"");
+    assert_eq!(code, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        id.trim_end(),
+        format!("genid {}", info["vmgenid"][0]["id"].as_str().unwrap())
+    );
+    assert_eq!(info["vmgenid"][0]["generation"], 1);
+    assert_eq!(
+        (&info["net"][0]["mac"], &info["vsock"][0]["uds_path"]),
+        (
+            &serde_json::json!(mac(0)),
+            &serde_json::json!(vs.to_str().unwrap())
+        )
+    );
+    ids.push(id.trim_end().to_string());
     for i in 0..N {
         let api = PathBuf::from(format!("{}.{i}", csock.display()));
         let (code, body) = http(&api, "PUT", "/vm/shutdown", b"");
@@ -202,7 +235,7 @@ fn clones_ten_with_all_four_identities() {
     let mut distinct = ids.clone();
     distinct.sort();
     distinct.dedup();
-    assert_eq!(distinct.len(), N, "generation IDs: {ids:?}");
+    assert_eq!(distinct.len(), N + 1, "generation IDs: {ids:?}");
     assert!(ids.iter().all(|g| g.len() == 38), "{ids:?}");
 }
 

@@ -154,6 +154,12 @@ fn live_save_of_a_guest_writing_memory_restores_exactly() {
     let out = common::ok(&o);
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("save --json");
     assert_eq!(v["vm"], "resumed");
+    // Written (page cache), then synced and renamed: the second includes the first.
+    let (written, total) = (v["written_ms"].as_f64(), v["milliseconds"].as_f64());
+    assert!(
+        matches!((written, total), (Some(w), Some(t)) if w > 0.0 && w <= t),
+        "written_ms within milliseconds: {v}"
+    );
     let live = &v["live"];
     let rounds = live["rounds"].as_array().expect("live.rounds");
     assert!(!rounds.is_empty(), "at least the first full copy: {v}");

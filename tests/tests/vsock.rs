@@ -287,6 +287,123 @@ fn vsock_save_mid_traffic_restore_resets_and_answers_again() {
     assert!(!p.exists());
 }
 
+/// Waits until `text` occurs `n` times in the VM's serial output.
+fn wait_count(r: &Running, text: &str, n: usize) {
+    let deadline = Instant::now() + TIMEOUT;
+    while r.out.lock().unwrap().matches(text).count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{text:?} x{n}: {}",
+            r.out.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The host end of a connection the reset closed: end of file (or ECONNRESET where bytes
+/// it sent were never read), never an answer.
+fn assert_closed(s: &mut impl Read) {
+    let mut b = [0u8; 64];
+    match s.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the host end is still open: {other:?}"),
+    }
+}
+
+/// `PUT /vm/reset` of a restored VM with virtio-vsock and a generation ID: each reset gives
+/// what a fresh restore of the pack gives (the guest hears a reset for the connections open
+/// at the save, its key-value store is the pack's, the generation is the pack's + 1 with a
+/// new ID), every host connection made since (either way) is closed, and the socket keeps
+/// answering.
+#[test]
+fn vsock_reset_in_place_is_a_fresh_restore() {
+    if !kvm_available("vsock tests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let _ = vmpack();
+    let (r, api, sock) = boot(d);
+    let mut kv = connect(&sock, 5001);
+    assert_eq!(kv.ask("set k saved"), "ok");
+    let genid0 = kv.ask("genid");
+    let pack = d.join("p.vmpack");
+    common::blk::save(d, &api, &pack, "stop");
+    let (code, _, err) = r.finish(TIMEOUT);
+    assert_eq!(code, 0, "{err}");
+
+    let sock2 = d.join("r.sock");
+    let api2 = d.join("api2.sock");
+    let r2 = spawn(
+        &[
+            "restore",
+            "--quiet",
+            "--vsock-sock",
+            sock2.to_str().unwrap(),
+            "--api-sock",
+            api2.to_str().unwrap(),
+            pack.to_str().unwrap(),
+        ],
+        d,
+    );
+    let saved_reset = format!("closed {} reset\n", kv.host_port);
+    let listener = UnixListener::bind(d.join("r.sock_7000")).unwrap();
+    let mut ids = vec![genid0];
+    for round in 1..=3 {
+        // The guest hears of the connection open at the save, as after the restore.
+        wait_count(&r2, &saved_reset, round);
+        let mut kv2 = connect(&sock2, 5001);
+        assert_eq!(kv2.ask("get k"), "saved", "round {round}");
+        assert_eq!(kv2.ask("set k changed"), "ok");
+        assert_eq!(kv2.ask("get k"), "changed");
+        let genid = kv2.ask("genid");
+        assert!(!ids.contains(&genid), "round {round}: {genid} reused");
+        ids.push(genid.clone());
+        let info = vm_info(&api2);
+        let g = &info["vmgenid"][0];
+        assert_eq!(genid, format!("genid {}", g["id"].as_str().unwrap()));
+        assert_eq!(g["generation"], 1, "a restore's generation, every round");
+        // guest → host, and an echo left open.
+        assert_eq!(kv2.ask("dial 7000"), "dialing 7000");
+        let (mut dialed, _) = listener.accept().unwrap();
+        dialed.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut line = String::new();
+        BufReader::new(dialed.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "hello from cid 3\n");
+        let mut echo = connect(&sock2, 5000);
+        echo.echo(b"before the reset\n");
+        assert_eq!(vm_info(&api2)["vsock"][0]["connections"], 3);
+        // A connection still in the socket's backlog at the reset goes too.
+        let mut waiting = UnixStream::connect(&sock2).unwrap();
+        waiting.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+
+        let (code, body) = http(&api2, "PUT", "/vm/reset", b"");
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(v["pages"].as_u64().unwrap() > 0, "{v}");
+        for s in [&mut kv2.w, &mut echo.w, &mut dialed, &mut waiting] {
+            assert_closed(s);
+        }
+        let info = vm_info(&api2);
+        assert_eq!(info["vsock"][0]["connections"], 0, "{info}");
+        assert_eq!(info["vsock"][0]["uds_path"], sock2.to_str().unwrap());
+    }
+    wait_count(&r2, &saved_reset, 4);
+    // The guest never heard of the connections made after the restore being reset: it
+    // went back to before them.
+    let out = r2.out.lock().unwrap().clone();
+    assert_eq!(out.matches("closed 1073741825 reset").count(), 0, "{out}");
+    let mut kv3 = connect(&sock2, 5001);
+    assert_eq!(kv3.ask("get k"), "saved");
+    stop(&api2);
+    let (code, _, err) = r2.finish(TIMEOUT);
+    assert_eq!(code, 0, "{err}");
+    assert!(!sock2.exists());
+}
+
 /// `vmpack restore PACK --clones 10 --vsock-sock 'v%d.sock'`: every clone listens on its
 /// own socket, keeps its own state and has its own generation ID (read from the guest).
 #[test]
@@ -426,6 +543,81 @@ fn vsock_vmpack_test_cases_talk_to_the_guest() {
         "{}",
         stderr(&o)
     );
+}
+
+/// `vmpack test` over vsock with fresh clones and with `--reuse` (clones reset in place
+/// between cases): each case sees only the pack's keys, never another case's, and every
+/// case runs under a generation ID no other case (nor the saved VM) had, as fresh clones do.
+#[test]
+fn vsock_vmpack_test_cases_are_isolated_in_both_modes() {
+    if !kvm_available("vsock tests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let _ = vmpack();
+    let (r, api, sock) = boot(d);
+    let mut kv = connect(&sock, 5001);
+    assert_eq!(kv.ask("set saved yes"), "ok");
+    let genid0 = kv.ask("genid");
+    let pack = d.join("p.vmpack");
+    common::blk::save(d, &api, &pack, "stop");
+    let (code, _, err) = r.finish(TIMEOUT);
+    assert_eq!(code, 0, "{err}");
+
+    let n = 6;
+    let mut cases = String::from("timeout_ms = 20000\nchannel = \"vsock:5001\"\n");
+    for i in 0..n {
+        // The key of the case before (run earlier by the same clone with --reuse).
+        let other = (i + n - 1) % n;
+        cases.push_str(&format!(
+            "[[case]]\nname = \"own key {i}\"\nsteps = [\n\
+             {{ send = \"get k{other}\\n\", expect = \"^none\\n\" }},\n\
+             {{ send = \"set k{i} v{i}\\n\", expect = \"^ok\\n\" }},\n\
+             {{ send = \"get saved\\n\", expect = \"^yes\\n\" }},\n\
+             {{ send = \"genid\\n\", expect = \"^genid [0-9a-f]{{32}}\\n\" }},\n]\n\
+             [[case]]\nname = \"echo {i}\"\nchannel = \"vsock:5000\"\n\
+             send = \"echo {i}\\n\"\nexpect = \"^echo {i}\\n$\"\n"
+        ));
+    }
+    std::fs::write(d.join("cases.toml"), &cases).unwrap();
+    for mode in [&["-j", "3"][..], &["-j", "2", "--reuse"], &["--reuse"]] {
+        let mut args = vec!["test", "p.vmpack", "cases.toml", "--json"];
+        args.extend(mode);
+        let o = run(d, &args);
+        let j: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+        assert_eq!(
+            (j["passed"].as_u64(), j["failed"].as_u64()),
+            (Some(2 * n as u64), Some(0)),
+            "{mode:?}: {j}"
+        );
+        let clones = j["clones"].as_u64().unwrap();
+        match mode {
+            ["--reuse"] => assert_eq!(clones, 1, "one clone reset between all cases: {j}"),
+            [_, _, "--reuse"] => assert_eq!(clones, 2, "{j}"),
+            _ => {}
+        }
+        let mut ids: Vec<String> = j["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| {
+                let out = c["output"].as_str().unwrap();
+                out.lines()
+                    .find(|l| l.starts_with("genid "))
+                    .map(str::to_string)
+            })
+            .collect();
+        assert_eq!(ids.len(), n, "{j}");
+        ids.push(genid0.clone());
+        ids.sort();
+        ids.dedup();
+        assert_eq!(
+            ids.len(),
+            n + 1,
+            "{mode:?}: a generation ID was shared: {ids:?}"
+        );
+    }
 }
 
 /// The host-process side of the benchmark: when `VSOCK_BENCH_ECHO` names a socket path, this

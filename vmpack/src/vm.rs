@@ -358,6 +358,8 @@ pub fn save(a: SaveArgs) -> Result<()> {
         max_pause_ms: a.max_pause,
     };
     let t = Instant::now();
+    // When the last byte was in the file (page cache), before the sync.
+    let mut written = None;
     let result = (|| -> Result<u64> {
         match out.take() {
             None => {
@@ -369,10 +371,11 @@ pub fn save(a: SaveArgs) -> Result<()> {
                 Ok(n)
             }
             Some(mut out) => {
-                let n = client.save(&body, out.file())?;
-                out.file()
-                    .flush()
+                let mut w = out.write_behind();
+                let n = client.save(&body, &mut w)?;
+                w.flush()
                     .with_context(|| format!("writing {}", output.display()))?;
+                written = Some(t.elapsed());
                 // A stream cut short (the VM died mid-save) is caught here, before the
                 // rename: the trailer and index digest prove the pack arrived whole. A
                 // device target (`-o /dev/null`) has nothing to read back.
@@ -419,6 +422,7 @@ pub fn save(a: SaveArgs) -> Result<()> {
                 "output": a.output.as_ref().map(|o| o.display().to_string()),
                 "bytes": bytes,
                 "milliseconds": wall.as_secs_f64() * 1000.0,
+                "written_ms": written.map(|w| w.as_secs_f64() * 1000.0),
                 "pause_ms": last_save.as_ref().map(|l| l.pause_ms),
                 "root_digest": last_save.as_ref().map(|l| &l.root_digest),
                 "parent": diff_from.as_ref().map(|p| &p.root_digest),
@@ -436,8 +440,15 @@ pub fn save(a: SaveArgs) -> Result<()> {
             Some(p) => format!("a diff pack against {} ({})", p.file, p.root_digest),
             None => "the VM".to_string(),
         };
+        let synced = match written {
+            Some(w) => format!(
+                " ({:.1} ms to write it, the rest to sync it to disk)",
+                w.as_secs_f64() * 1000.0
+            ),
+            None => String::new(),
+        };
         eprintln!(
-            "vmpack: saved {what}, {}, to {place} in {:.1} ms; guest paused {pause:.1} ms for the capture; root digest {digest}; VM {}",
+            "vmpack: saved {what}, {}, to {place} in {:.1} ms{synced}; guest paused {pause:.1} ms for the capture; root digest {digest}; VM {}",
             human_bytes(bytes),
             wall.as_secs_f64() * 1000.0,
             if stop { "stopped" } else { "resumed" }

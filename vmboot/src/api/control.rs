@@ -134,6 +134,25 @@ impl VmControl for VmHandle {
                 req.diff_from.as_ref(),
                 out,
             ),
+            // A diff save of a VM that runs on copies the chunks written since the parent
+            // while the guest runs, as a live diff save does: the pause then holds the device
+            // state and the pages written during that copy, not the copy of every chunk.
+            None if resume && req.diff_from.is_some() => {
+                crate::live::save(
+                    self,
+                    compression,
+                    req.level,
+                    resume,
+                    std::time::Duration::from_millis(super::types::DEFAULT_MAX_PAUSE_MS),
+                    req.diff_from.as_ref(),
+                    out,
+                )
+                .map(|mut st| {
+                    // Not a `--live` save: no pause target was asked for, none is reported.
+                    st.live = None;
+                    st
+                })
+            }
             None => crate::snapshot::save_with(
                 self,
                 compression,

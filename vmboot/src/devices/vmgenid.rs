@@ -11,7 +11,8 @@
 //!   adds an ACPI Generic Event Device `\_SB.GED0` (`ACPI0013`) on the device's GSI whose
 //!   `_EVT` does `Notify (\_SB.VGEN, 0x80)`.
 //! - A boot writes a fresh random ID; every restore (and so every clone) writes another one
-//!   and pulses the GSI, so the guest is notified.
+//!   and pulses the GSI, so the guest is notified. A reset in place (`PUT /vm/reset`) is a
+//!   restore of the same pack: the pack's generation + 1, another fresh ID, the same pulse.
 
 use super::{Context, Error, Result};
 use crate::device_manager::{AcpiId, DeviceInfo, DeviceManager};
@@ -37,7 +38,24 @@ pub struct VmGenIdState {
 pub struct VmGenId {
     gsi: u32,
     state: Mutex<(VmGenIdState, [u8; 16])>,
-    _irq: EventFd,
+    irq: EventFd,
+    mem: GuestMemoryMmap,
+}
+
+/// Writes `id` where the guest reads it.
+fn write_id(mem: &GuestMemoryMmap, id: &[u8; 16]) -> Result<()> {
+    mem.write_slice(id, GuestAddress(ADDR))
+        .map_err(|source| Error::GuestMemory {
+            what: "writing the VM generation ID into guest memory".into(),
+            source,
+        })
+}
+
+/// Tells the guest the ID changed. Edge-triggered: the GED's `_EVT` runs once and notifies
+/// `\_SB.VGEN`.
+fn notify(irq: &EventFd) -> Result<()> {
+    irq.write(1)
+        .context("raising the VM generation ID notification")
 }
 
 fn fresh_id() -> Result<[u8; 16]> {
@@ -78,6 +96,26 @@ impl VmDevice for VmGenId {
         DeviceState::new(id, self)
     }
 
+    /// As a restore of the pack: its generation + 1, a fresh ID (written after the reset put
+    /// the pack's memory back, so the guest never reads an ID of an earlier run), and the
+    /// notification. Its vmstate holds no ID, so clones and resets never share one.
+    fn reset_to(&self, state: &DeviceState) -> Result<()> {
+        let saved = state.decode::<VmGenId>()?;
+        let id = fresh_id()?;
+        write_id(&self.mem, &id)?;
+        *crate::devices::bus::lock(&self.state) = (
+            VmGenIdState {
+                generation: saved.generation + 1,
+            },
+            id,
+        );
+        notify(&self.irq)
+    }
+
+    fn resettable(&self) -> bool {
+        true
+    }
+
     fn status(&self) -> Option<crate::api::DeviceStatus> {
         let s = crate::devices::bus::lock(&self.state);
         Some(crate::api::DeviceStatus::VmGenId(
@@ -108,11 +146,7 @@ pub fn attach(
         state.generation += 1;
     }
     let id = fresh_id()?;
-    mem.write_slice(&id, GuestAddress(ADDR))
-        .map_err(|source| Error::GuestMemory {
-            what: "writing the VM generation ID into guest memory".into(),
-            source,
-        })?;
+    write_id(mem, &id)?;
     let irq = EventFd::new(libc::EFD_NONBLOCK).context("vmgenid eventfd")?;
     let gsi = dm.add_platform(
         DeviceInfo {
@@ -125,14 +159,13 @@ pub fn attach(
             Ok(Arc::new(VmGenId {
                 gsi,
                 state: Mutex::new((state, id)),
-                _irq: irq.try_clone().context("vmgenid eventfd")?,
+                irq: irq.try_clone().context("vmgenid eventfd")?,
+                mem: mem.clone(),
             }) as Arc<dyn VmDevice>)
         },
     )?;
     if restored {
-        // Edge-triggered: the GED's _EVT runs once and notifies \_SB.VGEN.
-        irq.write(1)
-            .context("raising the VM generation ID notification")?;
+        notify(&irq)?;
     }
     let _ = gsi;
     Ok(())

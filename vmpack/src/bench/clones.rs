@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmboot::console::{Console, SerialLog};
+use vmboot::snapshot::{MemoryPolicy, PackInput, RestoreOptions, VerifyPolicy};
 use vmboot::{BootPayload, RunOptions, SerialSink, Vm};
 use vmpack_formats::config::VmConfig;
 use vmpack_formats::pack::Compression;
@@ -24,7 +25,8 @@ pub struct BenchClonesArgs {
     /// Numbers of concurrent clones to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10, 100])]
     counts: Vec<usize>,
-    /// In-place resets to measure (the `dirty` guest writes 1 MiB in 256 runs before each),
+    /// In-place resets to measure for each way a restore fills memory and with a vsock
+    /// device and a generation ID (the `dirty` guest writes 1 MiB in 256 runs before each),
     /// and cases to run each way (fresh clone per case, one clone reset between cases).
     #[arg(long, default_value_t = 50)]
     resets: usize,
@@ -227,57 +229,193 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// The in-place reset (`PUT /vm/reset`): its pause with 1 MiB written, and kvstore cases
-/// per second with a fresh clone per case against one clone reset between cases.
-fn reset_figures(work: &WorkBase, kv: &Path, memory_mib: u64, n: usize) -> Result<()> {
-    let dir = work.clone_dir(usize::MAX - 1)?;
-    let disk = dir.join("dirty-disk.img");
+/// Boots the `dirty` guest (with a vsock device and a generation ID if `devices`) and saves
+/// it once per compression in `packs`, each into its path.
+fn dirty_packs(
+    dir: &Path,
+    memory_mib: u64,
+    devices: bool,
+    packs: &[(Compression, &Path)],
+) -> Result<()> {
+    let disk = dir.join(format!("dirty-disk-{devices}.img"));
     std::fs::write(&disk, vec![0u8; 64 << 10])?;
+    let extra = if devices {
+        format!(
+            "vmgenid = true\n[vsock]\ncid = 3\nuds_path = \"{}\"\n",
+            dir.join("dirty-boot.sock").display()
+        )
+    } else {
+        String::new()
+    };
     let text = format!(
-        "name = \"dirty\"\nmemory_mib = {memory_mib}\n[flat]\nimage = \"dirty.bin\"\n\
+        "name = \"dirty\"\nmemory_mib = {memory_mib}\n{extra}[flat]\nimage = \"dirty.bin\"\n\
          load_address = 0x100000\nentry = 0x100000\nmode = \"long\"\n\
          [[disk]]\npath = \"{}\"\nformat = \"raw\"\n",
         disk.display()
     );
     let cfg = VmConfig::parse(&text, &dir.join("dirty.toml"))?;
-    let pack = dir.join("dirty.vmpack");
-    {
-        let log = SerialLog::new();
-        let payload = BootPayload {
-            image: Some(vmboot::samples::DIRTY.to_vec()),
-            ..Default::default()
-        };
-        let mut c = Console::start(Vm::create(&cfg, payload, &console_opts(&log))?)?;
-        c.expect("ready\n", TIMEOUT)?;
-        let mut f = std::fs::File::create(&pack)?;
-        vmboot::snapshot::save(c.handle(), Compression::None, None, false, &mut f)?;
-        f.sync_all()?;
-        c.stop()?;
-    }
-    let src = prepare_source(&pack, true)?;
-    let quiet = || RunOptions {
-        serial_out: SerialSink::None,
+    let log = SerialLog::new();
+    let payload = BootPayload {
+        image: Some(vmboot::samples::DIRTY.to_vec()),
         ..Default::default()
     };
-    let mut c = start_clone(&src, work, usize::MAX - 2, quiet())?;
-    let (mut pause, mut wall, mut pages) = (Vec::new(), Vec::new(), 0);
+    let mut c = Console::start(Vm::create(&cfg, payload, &console_opts(&log))?)?;
+    c.expect("ready\n", TIMEOUT)?;
+    for (i, (compression, path)) in packs.iter().enumerate() {
+        let mut f = std::fs::File::create(path)?;
+        let resume = i + 1 < packs.len();
+        vmboot::snapshot::save(c.handle(), *compression, None, resume, &mut f)?;
+        f.sync_all()?;
+    }
+    c.stop()?;
+    Ok(())
+}
+
+/// One reset figure: `n` rounds of the guest writing 1 MiB (256 separate pages), then a
+/// reset; medians of the reset's pause, of the whole call, and of the guest's round after
+/// a reset (which pays for pages a lazy restore serves again). `before_reset` runs just
+/// before each reset.
+struct ResetFigure {
+    pause_ms: f64,
+    call_ms: f64,
+    round_ms: f64,
+    pages: u64,
+}
+
+fn measure_resets(
+    c: &mut Console,
+    n: usize,
+    mut before_reset: impl FnMut(&Console) -> Result<()>,
+) -> Result<ResetFigure> {
+    let (mut pause, mut wall, mut round, mut pages) = (Vec::new(), Vec::new(), Vec::new(), 0);
     for _ in 0..n {
+        let t = Instant::now();
         c.send("w")?;
         c.expect("wrote\n", TIMEOUT)?;
+        round.push(t.elapsed().as_secs_f64() * 1000.0);
+        before_reset(c)?;
         let t = Instant::now();
         let s = c.reset()?;
         wall.push(t.elapsed().as_secs_f64() * 1000.0);
         pause.push(s.pause_ms);
         pages = s.pages;
     }
-    c.stop()?;
-    crate::outln!(
-        "\nin-place reset of the {memory_mib} MiB dirty guest after it wrote {} KiB ({n} runs): \
-         median {:.3} ms paused, {:.3} ms for the whole call",
-        pages * 4,
-        median(pause),
-        median(wall)
+    Ok(ResetFigure {
+        pause_ms: median(pause),
+        call_ms: median(wall),
+        // The first round ran on a fresh restore, not after a reset.
+        round_ms: median(round.split_off(1.min(round.len()))),
+        pages,
+    })
+}
+
+/// The in-place reset (`PUT /vm/reset`): its pause with 1 MiB written, for each way a
+/// restore fills memory and with a vsock device and a generation ID, and kvstore cases per
+/// second with a fresh clone per case against one clone reset between cases.
+fn reset_figures(work: &WorkBase, kv: &Path, memory_mib: u64, n: usize) -> Result<()> {
+    let dir = work.clone_dir(usize::MAX - 1)?;
+    let (plain, zstd, devices) = (
+        dir.join("dirty.vmpack"),
+        dir.join("dirty-zstd.vmpack"),
+        dir.join("dirty-vsock.vmpack"),
     );
+    dirty_packs(
+        &dir,
+        memory_mib,
+        false,
+        &[(Compression::None, &plain), (Compression::Zstd, &zstd)],
+    )?;
+    dirty_packs(&dir, memory_mib, true, &[(Compression::None, &devices)])?;
+    let quiet = || RunOptions {
+        serial_out: SerialSink::None,
+        ..Default::default()
+    };
+    let restore = |pack: &Path, i: usize, memory: MemoryPolicy, run: RunOptions| {
+        // Mapped as `vmpack test` maps it (verified once); the others read the pack itself
+        // (the zstd one decompressed whole, or either one served lazily).
+        let pack = if memory == MemoryPolicy::Eager && pack != zstd.as_path() {
+            prepare_source(pack, true)?
+        } else {
+            pack.to_path_buf()
+        };
+        let (c, info) = Console::restore(
+            PackInput::File(pack),
+            RestoreOptions {
+                report: Default::default(),
+                bench_timestamps: false,
+                verify: VerifyPolicy::Auto,
+                memory,
+                run,
+                work_dir: work.clone_dir(i)?,
+                source: Default::default(),
+                parent: None,
+            },
+        )?;
+        anyhow::Ok((c, info.memory_path))
+    };
+    crate::outln!(
+        "\nin-place reset of the {memory_mib} MiB dirty guest after it wrote 1 MiB in 256 \
+         separate pages (median of {n}):"
+    );
+    crate::outln!(
+        "{:<31}  {:<11}  {:>9}  {:>10}  {:>18}",
+        "restore",
+        "memory path",
+        "paused",
+        "whole call",
+        "guest's next round"
+    );
+    let modes: [(&str, &Path, MemoryPolicy, bool); 5] = [
+        ("uncompressed, mapped", &plain, MemoryPolicy::Eager, false),
+        ("uncompressed, lazy", &plain, MemoryPolicy::Lazy, false),
+        (
+            "zstd, eager (decompressed)",
+            &zstd,
+            MemoryPolicy::Eager,
+            false,
+        ),
+        ("zstd, lazy", &zstd, MemoryPolicy::Lazy, false),
+        (
+            "mapped, vsock + vmgenid",
+            &devices,
+            MemoryPolicy::Eager,
+            true,
+        ),
+    ];
+    for (k, (what, pack, memory, vsock)) in modes.into_iter().enumerate() {
+        let mut run = quiet();
+        let sock = dir.join(format!("reset-{k}.sock"));
+        if vsock {
+            run.vsock_sock = Some(sock.clone());
+        }
+        let (mut c, path) = restore(pack, usize::MAX / 2 + k, memory, run)?;
+        if memory == MemoryPolicy::Lazy {
+            // The figure is the reset's, not the prefetch's competing for the cores.
+            if let Some(e) = c.handle().memory_failure() {
+                anyhow::bail!("{what}: {e}");
+            }
+        }
+        // A host connection open at each reset, for the reset to close.
+        let mut open = Vec::new();
+        let f = measure_resets(&mut c, n, |_| {
+            if vsock {
+                open.push(
+                    std::os::unix::net::UnixStream::connect(&sock)
+                        .with_context(|| format!("connecting to {}", sock.display()))?,
+                );
+            }
+            Ok(())
+        })?;
+        drop(open);
+        c.stop()?;
+        crate::outln!(
+            "{what:<31}  {path:<11}  {:>6.3} ms  {:>7.3} ms  {:>15.3} ms  ({} KiB put back)",
+            f.pause_ms,
+            f.call_ms,
+            f.round_ms,
+            f.pages * 4
+        );
+    }
 
     // The same kvstore cases, one after the other, each way.
     let case = |c: &mut Console, i: usize| -> Result<()> {

@@ -298,6 +298,8 @@ struct DiffSample {
     pause_ms: f64,
     /// `vmpack save --json`'s `milliseconds`: request to pack complete on disk.
     save_ms: f64,
+    /// `--json`'s `written_ms`: request to the last byte written, before the sync.
+    written_ms: f64,
     /// Process start to end of `vmpack save`.
     process_ms: f64,
     bytes: u64,
@@ -341,6 +343,7 @@ fn measure_diff(
     Ok(DiffSample {
         pause_ms: j["pause_ms"].as_f64().unwrap_or(f64::NAN),
         save_ms: j["milliseconds"].as_f64().unwrap_or(f64::NAN),
+        written_ms: j["written_ms"].as_f64().unwrap_or(f64::NAN),
         process_ms,
         bytes: j["bytes"].as_u64().unwrap_or(0),
         memory_bytes: st.last_save.and_then(|l| l.diff_bytes).unwrap_or(0),
@@ -353,6 +356,8 @@ struct LiveSample {
     pause_ms: f64,
     /// `vmpack save --json`'s `milliseconds`: request to pack complete on disk.
     save_ms: f64,
+    /// `--json`'s `written_ms`: request to the last byte written, before the sync.
+    written_ms: f64,
     /// Process start to end of `vmpack save`.
     process_ms: f64,
     rounds: usize,
@@ -387,6 +392,7 @@ fn measure_live(bins: &Bins, sock: &Path, out: &Path) -> Result<LiveSample> {
     Ok(LiveSample {
         pause_ms: j["pause_ms"].as_f64().unwrap_or(f64::NAN),
         save_ms: j["milliseconds"].as_f64().unwrap_or(f64::NAN),
+        written_ms: j["written_ms"].as_f64().unwrap_or(f64::NAN),
         process_ms,
         rounds: rounds.len(),
         precopy_bytes: rounds.iter().filter_map(|r| r["bytes"].as_u64()).sum(),
@@ -480,11 +486,16 @@ fn measure_ours(
                 .arg(&pack)
                 .arg("--compress")
                 .arg(c.to_string())
+                .arg("--json")
                 .stdin(Stdio::null())
                 .output()
         });
         let out = out.context("running vmpack save")?;
         let save_s = t.elapsed().as_secs_f64();
+        let written_ms = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|j| j["written_ms"].as_f64())
+            .unwrap_or(f64::NAN);
         let mut row = OursRow {
             save_s,
             rss,
@@ -504,8 +515,9 @@ fn measure_ours(
             .map(|l| l.bytes)
             .unwrap_or_else(|| std::fs::metadata(&pack).map_or(0, |m| m.len()));
         crate::note!(
-            "  save {c:<7} pause {:8.1} ms, wall {:6.2} s, {:8.1} MB; vmboot resident {:.0} MB, +{} MB at its peak",
+            "  save {c:<7} pause {:8.1} ms, written after {:6.2} s, wall {:6.2} s (synced), {:8.1} MB; vmboot resident {:.0} MB, +{} MB at its peak",
             row.pause_ms,
+            written_ms / 1000.0,
             save_s,
             mb(row.bytes),
             mb(rss.before),
@@ -1167,35 +1179,39 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
     }
     crate::outln!();
     crate::outln!(
-        "Diff saves: `vmpack save --diff-from` the `none` pack, {} s after it (the guest idle \
-         in between), then `--live --diff-from` it {} s after that; save = request to pack \
-         complete (`--json` milliseconds), process = the whole `vmpack save` command.",
+        "Diff saves: `vmpack save --diff-from` the `none` pack (plain: copies the chunks written \
+         since it before pausing, docs/CLI.md \"Diff packs\"), {} s after it (the guest idle \
+         in between), then `--live --diff-from` it {} s after that; written = request to the \
+         last byte written (`--json` written_ms), save = request to pack complete and synced \
+         (`--json` milliseconds), process = the whole `vmpack save` command.",
         DIFF_AFTER.as_secs(),
         DIFF_AFTER.as_secs()
     );
     crate::outln!(
-        "{:>6} {:>6} {:>7} {:>14} {:>8} {:>9} {:>8} {:>11}",
+        "{:>6} {:>6} {:>7} {:>14} {:>8} {:>9} {:>10} {:>8} {:>11}",
         "guest",
         "data",
         "kind",
         "written MB",
         "size MB",
         "pause ms",
+        "written ms",
         "save ms",
         "process ms"
     );
     for r in &results {
         for (_, o) in &r.ours {
-            for (kind, d) in [("paused", &o.diff), ("live", &o.live_diff)] {
+            for (kind, d) in [("plain", &o.diff), ("live", &o.live_diff)] {
                 match d {
                     Some(Ok(s)) => crate::outln!(
-                        "{:>6} {:>6} {:>7} {:>14.2} {:>8.2} {:>9.1} {:>8.1} {:>11.1}",
+                        "{:>6} {:>6} {:>7} {:>14.2} {:>8.2} {:>9.1} {:>10.1} {:>8.1} {:>11.1}",
                         r.g.mib,
                         r.g.data_mib,
                         kind,
                         mb(s.memory_bytes),
                         mb(s.bytes),
                         s.pause_ms,
+                        s.written_ms,
                         s.save_ms,
                         s.process_ms
                     ),
@@ -1210,7 +1226,8 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
     crate::outln!();
     crate::outln!(
         "Live saves: `vmpack save --live` (pause target 20 ms) of the running guest after the \
-         diff saves; pause = guest stopped; save = request to pack complete and synced \
+         diff saves; pause = guest stopped; written = request to the last byte written, before \
+         the sync (`--json` written_ms); save = request to pack complete and synced \
          (`--json` milliseconds), process = the whole command; pre-copy = bytes the rounds \
          copied while the guest ran, final = bytes copied during the pause; RSS = the VM \
          process's resident size before the save, +peak = what the save added to it at its \
@@ -1218,10 +1235,11 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
          same guest (+ord). QEMU: its migration downtime and save time (no fsync)."
     );
     crate::outln!(
-        "{:>6} {:>6} {:>9} {:>8} {:>11} {:>7} {:>12} {:>9} {:>5} {:>7} {:>9} {:>8} | {:>11} {:>7}",
+        "{:>6} {:>6} {:>9} {:>10} {:>8} {:>11} {:>7} {:>12} {:>9} {:>5} {:>7} {:>9} {:>8} | {:>11} {:>7}",
         "guest",
         "data",
         "pause ms",
+        "written ms",
         "save ms",
         "process ms",
         "rounds",
@@ -1242,10 +1260,11 @@ pub fn run(a: BenchSnapshotArgs) -> Result<()> {
         for (_, o) in &r.ours {
             match &o.live {
                 Some(Ok(s)) => crate::outln!(
-                    "{:>6} {:>6} {:>9.1} {:>8.1} {:>11.1} {:>7} {:>12.1} {:>9.2} {:>5} {:>7.0} {:>9} {:>8} | {:>11} {:>7}",
+                    "{:>6} {:>6} {:>9.1} {:>10.1} {:>8.1} {:>11.1} {:>7} {:>12.1} {:>9.2} {:>5} {:>7.0} {:>9} {:>8} | {:>11} {:>7}",
                     r.g.mib,
                     r.g.data_mib,
                     s.pause_ms,
+                    s.written_ms,
                     s.save_ms,
                     s.process_ms,
                     s.rounds,

@@ -17,7 +17,9 @@
 //! Connections are not saved: the host ends of the sockets belong to the saving process. A
 //! restore sends the guest a reset (`VIRTIO_VSOCK_OP_RST`) for every connection open at the
 //! save and a `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue (for drivers that keep
-//! event buffers posted, as Linux does), as Firecracker does.
+//! event buffers posted, as Linux does), as Firecracker does. A reset in place
+//! (`PUT /vm/reset`) does the same on the socket it has: every host connection made since
+//! is closed, and the listener stays.
 //!
 //! A thread of the device's own waits (edge-triggered epoll) on the listening socket and
 //! every host stream and hands the receive queue to the shared worker's code path
@@ -381,6 +383,40 @@ impl Vsock {
             v.push_control(h);
         }
         Ok(v)
+    }
+
+    /// Back to `s` in place, as [`Vsock::restored`] would build it but on the same socket:
+    /// every host connection goes (accepted ones, unfinished `CONNECT` lines and those still
+    /// waiting in the listener's backlog: their host ends see the connection closed), and
+    /// the guest hears a reset for each connection open at the save and the transport
+    /// reset event. The listener stays, so connections made after the reset are served.
+    fn reset_to_saved(&mut self, s: &VirtioVsockState) -> Result<()> {
+        if s.cid != self.cid {
+            return Err(Error::InvalidState(format!(
+                "saved vsock CID {} differs from this device's {}",
+                s.cid, self.cid
+            )));
+        }
+        self.conns.clear();
+        self.handshakes.clear();
+        loop {
+            match self.backend.listener.accept() {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        self.control.clear();
+        self.next_host_port = FIRST_HOST_PORT;
+        self.cursor = (0, 0);
+        self.rx_bytes = s.rx_bytes;
+        self.tx_bytes = s.tx_bytes;
+        self.reset_event = true;
+        for &(host, guest) in &s.connections {
+            let h = self.hdr(host, guest, OP_RST);
+            self.push_control(h);
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -981,6 +1017,19 @@ impl VmDevice for VsockHandle {
         })
     }
 
+    /// Back to the pack's device as a fresh restore builds it (see `Vsock::reset_to_saved`),
+    /// keeping the socket, its listener and the backend thread. The receive and event
+    /// queues are served when the VM resumes (its kick), or now if it is running.
+    fn reset_to(&self, state: &DeviceState) -> Result<()> {
+        let s = state.decode::<Arc<VsockHandle>>()?;
+        VirtioMmio::reset_to(self, &s.transport, |d| d.reset_to_saved(&s))?;
+        Ok(())
+    }
+
+    fn resettable(&self) -> bool {
+        true
+    }
+
     /// The VM ended: the host ends of every connection close and the socket goes now, not
     /// whenever the last reference to the device does.
     fn stop(&self) {
@@ -1350,6 +1399,65 @@ mod tests {
             }
         }
         assert!(reset, "a guest ignoring its credit is reset");
+    }
+
+    /// A reset in place ends every host connection made since (established, mid-`CONNECT`,
+    /// still in the backlog), tells the guest what a fresh restore tells it, and keeps the
+    /// socket listening.
+    #[test]
+    fn reset_in_place_closes_host_connections_and_keeps_listening() {
+        let (dir, m) = (tempfile::tempdir().unwrap(), mem());
+        let (mut dev, path) = device(&dir);
+        let mut rig = Rig::new(&m);
+        let mut host = UnixStream::connect(&path).unwrap();
+        host.write_all(b"CONNECT 5000\n").unwrap();
+        let (req, _) = rig.expect(&mut dev);
+        let hp = req.src_port;
+        rig.send(&mut dev, guest(hp, 5000, OP_RESPONSE), &[]);
+        assert_eq!(read_line(&mut host), format!("OK {hp}"));
+        let listener = UnixListener::bind(format!("{}_6000", path.display())).unwrap();
+        rig.send(&mut dev, guest(6000, 1234, OP_REQUEST), &[]);
+        assert_eq!(rig.expect(&mut dev).0.op, OP_RESPONSE);
+        let (mut dialed, _) = listener.accept().unwrap();
+        // Half a CONNECT line (accepted by the device), and one not accepted yet.
+        let mut half = UnixStream::connect(&path).unwrap();
+        half.write_all(b"CONN").unwrap();
+        dev.poll_host();
+        assert_eq!(dev.handshakes.len(), 1);
+        let mut queued = UnixStream::connect(&path).unwrap();
+
+        let saved = VirtioVsockState {
+            transport: MmioTransportState::default(),
+            cid: CID,
+            connections: vec![(6000, 77)],
+            rx_bytes: 1,
+            tx_bytes: 2,
+        };
+        dev.reset_to_saved(&saved).unwrap();
+        for s in [&mut host, &mut dialed, &mut half, &mut queued] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut b = [0u8; 16];
+            // End of file, or ECONNRESET where bytes it sent were never read.
+            assert!(
+                matches!(s.read(&mut b), Ok(0) | Err(_)),
+                "a host end stays open"
+            );
+        }
+        assert!(dev.conns.is_empty() && dev.handshakes.is_empty());
+        assert_eq!((dev.rx_bytes, dev.tx_bytes), (1, 2));
+        assert!(dev.reset_event);
+        // The guest hears of the pack's connection only, not of those made since.
+        let (h, _) = rig.expect(&mut dev);
+        assert_eq!((h.op, h.src_port, h.dst_port), (OP_RST, 6000, 77));
+        assert!(rig.recv(&mut dev).is_none());
+        // The socket still listens; host ports start over as on a fresh restore.
+        let mut again = UnixStream::connect(&path).unwrap();
+        again.write_all(b"CONNECT 5000\n").unwrap();
+        let (req, _) = rig.expect(&mut dev);
+        assert_eq!((req.op, req.src_port), (OP_REQUEST, FIRST_HOST_PORT));
+        let mut bad = saved.clone();
+        bad.cid = CID + 1;
+        assert!(dev.reset_to_saved(&bad).is_err());
     }
 
     #[test]
