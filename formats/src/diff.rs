@@ -1,11 +1,12 @@
-//! Diff packs: a saved VM that stores only the guest memory chunks written since its parent
-//! pack, which it names by root digest (docs/FORMAT.md §15).
+//! Diff packs: a saved VM that stores only the guest memory and disk chunks written since
+//! its parent pack, which it names by root digest (docs/FORMAT.md §15).
 //!
 //! A diff pack is an ordinary VM pack whose manifest has a `parent` and whose memory
 //! sections have kind [`kind::MEMORY_DIFF`]: the section holds the present chunks of its
 //! RAM region one after the other, and its meta's `present` bitmap says which region chunk
-//! each one is. Everything else (manifest, boot files, vmstate, disks) is stored whole, so
-//! only memory is layered.
+//! each one is. A disk is a [`kind::DISK_DIFF`] section laid out the same way over the
+//! disk's chunks, or a whole DISK section. The manifest, boot files (the base's) and vmstate
+//! are not layered.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -132,27 +133,67 @@ impl ChunkMap {
 
     /// Reads and checks a diff section's meta against its manifest entry.
     pub fn from_section(s: &SectionInfo, region_size: u64) -> Result<ChunkMap, String> {
-        if s.kind != kind::MEMORY_DIFF {
+        Self::parse(s, kind::MEMORY_DIFF, "region_size", region_size)
+    }
+
+    /// The meta of a disk diff section (kind [`kind::DISK_DIFF`]): the DISK section's meta
+    /// plus the `present` bitmap over the disk's chunks.
+    pub fn disk_meta(
+        &self,
+        name: &str,
+        format: serde_json::Value,
+        read_only: bool,
+    ) -> serde_json::Value {
+        serde_json::json!({
+            "name": name,
+            "format": format,
+            "virtual_size": self.region_size,
+            "read_only": read_only,
+            "present": hex::encode(&self.bits),
+        })
+    }
+
+    /// Reads and checks a disk diff section's meta against the manifest's disk size.
+    pub fn from_disk_section(s: &SectionInfo, virtual_size: u64) -> Result<ChunkMap, String> {
+        Self::parse(s, kind::DISK_DIFF, "virtual_size", virtual_size)
+    }
+
+    /// Whether the meta of a diff section over `size` bytes in chunks of `chunk_size` fits
+    /// the meta limit; a writer stores a larger disk whole.
+    pub fn fits_meta(size: u64, chunk_size: u64) -> bool {
+        chunk_size > 0 && size.div_ceil(chunk_size) <= MAX_DIFF_CHUNKS
+    }
+
+    fn parse(s: &SectionInfo, want: u16, size_key: &str, size: u64) -> Result<ChunkMap, String> {
+        let what = if want == kind::DISK_DIFF {
+            "a diff pack's changed disk"
+        } else {
+            "a diff pack's memory"
+        };
+        if s.kind != want {
             return Err(format!(
-                "kind {} where {} (a diff pack's memory) was expected",
-                s.kind,
-                kind::MEMORY_DIFF
+                "kind {} where {want} ({what}) was expected",
+                s.kind
             ));
         }
-        if s.meta.get("region_size").and_then(|v| v.as_u64()) != Some(region_size) {
+        if s.meta.get(size_key).and_then(|v| v.as_u64()) != Some(size) {
             return Err(format!(
-                "meta region_size does not match the manifest's {region_size}"
+                "meta {size_key} does not match the manifest's {size}"
             ));
         }
+        let region_size = size;
         let hex_bits = s
             .meta
             .get("present")
             .and_then(|v| v.as_str())
             .ok_or("meta has no 'present' chunk bitmap")?;
+        if s.chunk_size == 0 {
+            return Err("chunk size 0".into());
+        }
         let mut map = ChunkMap::new(region_size, u64::from(s.chunk_size));
         if hex_bits.len() != map.bits.len() * 2 {
             return Err(format!(
-                "meta 'present' has {} hex digits where a region of {region_size} bytes in {} byte chunks needs {}",
+                "meta 'present' has {} hex digits where {region_size} bytes in {} byte chunks need {}",
                 hex_bits.len(),
                 s.chunk_size,
                 map.bits.len() * 2
@@ -173,6 +214,10 @@ impl ChunkMap {
         Ok(map)
     }
 }
+
+/// Most chunks a diff section's bitmap covers: its hex fits the 64 KiB meta limit with
+/// room for the other keys.
+pub const MAX_DIFF_CHUNKS: u64 = 253_952;
 
 /// A region's present chunks one after the other: what a diff section stores.
 pub struct DiffSource<'a> {
@@ -229,6 +274,80 @@ impl SectionSource for DiffSource<'_> {
                 }
             }
         }
+        Ok(out)
+    }
+}
+
+/// One layer of a disk across a chain: the pack (index into [`Chain::packs`]), its section
+/// for the disk and, for a disk diff section, the chunks it holds.
+#[derive(Clone, Debug)]
+pub struct DiskLayer {
+    pub pack: usize,
+    pub section: u32,
+    pub map: Option<ChunkMap>,
+}
+
+impl Chain {
+    /// Disk `index` of the chain's child as layers, oldest first: the newest pack that
+    /// stores the disk whole (kind DISK), then each newer pack's disk diff section. A disk
+    /// diff whose parent has no such disk, or one of another size or read-only flag, is
+    /// refused by name.
+    pub fn disk_layers(&self, index: usize) -> Result<Vec<DiskLayer>, VmPackError> {
+        let mut out = Vec::new();
+        let mut k = self.packs.len() - 1;
+        loop {
+            let p = &self.packs[k];
+            let file = p.path().display().to_string();
+            let d = p.manifest().disks.get(index).ok_or_else(|| VmPackError::Invalid {
+                file: file.clone(),
+                section: "manifest".into(),
+                message: format!("has no disk {index}, which its diff pack's disk diff section is layered on"),
+            })?;
+            let invalid = |message: String| VmPackError::Invalid {
+                file: file.clone(),
+                section: d.section.clone(),
+                message,
+            };
+            let s = p
+                .reader()
+                .section(&d.section)
+                .ok_or_else(|| invalid("named by the manifest but missing from the pack".into()))?;
+            if let Some(newer) = out.last().map(|l: &DiskLayer| &self.packs[l.pack]) {
+                let nd = &newer.manifest().disks[index];
+                if nd.virtual_size != d.virtual_size || nd.read_only != d.read_only {
+                    return Err(invalid(format!(
+                        "disk {index} holds {} bytes (read_only {}), but the disk diff of {} is layered on one of {} bytes (read_only {})",
+                        d.virtual_size,
+                        d.read_only,
+                        newer.path().display(),
+                        nd.virtual_size,
+                        nd.read_only
+                    )));
+                }
+            }
+            if s.kind == kind::DISK_DIFF {
+                let map = ChunkMap::from_disk_section(s, d.virtual_size).map_err(invalid)?;
+                out.push(DiskLayer {
+                    pack: k,
+                    section: s.id,
+                    map: Some(map),
+                });
+                if k == 0 {
+                    return Err(invalid(
+                        "a disk diff section in a pack without a parent".into(),
+                    ));
+                }
+                k -= 1;
+                continue;
+            }
+            out.push(DiskLayer {
+                pack: k,
+                section: s.id,
+                map: None,
+            });
+            break;
+        }
+        out.reverse();
         Ok(out)
     }
 }
@@ -404,6 +523,54 @@ mod tests {
         let mut wrong_kind = info(m.meta(0), 4096);
         wrong_kind.kind = kind::MEMORY;
         assert!(ChunkMap::from_section(&wrong_kind, 8 * 4096).is_err());
+    }
+
+    #[test]
+    fn disk_diff_meta_roundtrips_and_hostile_ones_are_refused() {
+        let mut m = ChunkMap::new(3 * 4096 + 512, 4096);
+        m.set_range(3 * 4096, 1);
+        let meta = m.disk_meta("d.img", serde_json::json!("raw"), false);
+        let info = |meta: serde_json::Value, kind: u16, size: u64| SectionInfo {
+            id: 1,
+            kind,
+            name: "disk/0".into(),
+            meta,
+            size,
+            chunk_size: 4096,
+            stored_bytes: 0,
+            chunks: 1,
+            zero_chunks: 0,
+        };
+        let back =
+            ChunkMap::from_disk_section(&info(meta.clone(), kind::DISK_DIFF, 512), m.region_size)
+                .unwrap();
+        assert_eq!(back, m);
+        assert_eq!(meta["virtual_size"], 3 * 4096 + 512);
+        // Another disk size, another kind, a size the bitmap does not give.
+        assert!(
+            ChunkMap::from_disk_section(&info(meta.clone(), kind::DISK_DIFF, 512), 4 * 4096)
+                .unwrap_err()
+                .contains("virtual_size")
+        );
+        assert!(ChunkMap::from_disk_section(
+            &info(meta.clone(), kind::MEMORY_DIFF, 512),
+            m.region_size
+        )
+        .is_err());
+        assert!(
+            ChunkMap::from_disk_section(&info(meta, kind::DISK_DIFF, 4096), m.region_size)
+                .unwrap_err()
+                .contains("holds 4096 bytes")
+        );
+        assert!(ChunkMap::fits_meta(MAX_DIFF_CHUNKS << 20, 1 << 20));
+        assert!(!ChunkMap::fits_meta((MAX_DIFF_CHUNKS + 1) << 20, 1 << 20));
+        // The bitmap's hex and the other keys fit the meta limit.
+        let big = ChunkMap::new(MAX_DIFF_CHUNKS << 20, 1 << 20);
+        let name = "n".repeat(255);
+        let len = serde_json::to_vec(&big.disk_meta(&name, serde_json::json!("qcow2"), true))
+            .unwrap()
+            .len();
+        assert!(len <= crate::pack::MAX_META_LEN, "{len}");
     }
 
     #[test]

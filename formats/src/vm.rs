@@ -73,7 +73,8 @@ pub struct Manifest {
     /// Section holding the saved device/vCPU state, if any.
     #[serde(default)]
     pub vmstate: Option<String>,
-    /// For a diff pack: the pack whose memory this one's is layered on (docs/FORMAT.md §15).
+    /// For a diff pack: the pack whose memory and disks this one's are layered on
+    /// (docs/FORMAT.md §15).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<crate::diff::ParentRef>,
 }
@@ -183,6 +184,8 @@ pub struct PreparedPack<'a> {
     vmstate: Option<&'a [u8]>,
     memory_chunk_size: Option<u32>,
     diff: Option<Vec<crate::diff::ChunkMap>>,
+    /// Per disk of a diff pack, the chunks to store (None: the disk whole).
+    disk_diff: Vec<Option<crate::diff::ChunkMap>>,
 }
 
 enum BootInput<'a> {
@@ -483,7 +486,36 @@ impl<'a> PreparedPack<'a> {
             vmstate: plan.vmstate,
             memory_chunk_size: plan.memory_chunk_size,
             diff: plan.diff.map(|(_, maps)| maps),
+            disk_diff: Vec::new(),
         })
+    }
+
+    /// Stores the disks of a diff pack as the chunks `maps` marks (one entry per disk; None
+    /// stores that disk whole), each section in chunks of its map's chunk size.
+    pub fn set_disk_diffs(
+        &mut self,
+        maps: Vec<Option<crate::diff::ChunkMap>>,
+    ) -> Result<(), VmPackError> {
+        let usage = |m: &str| Err(VmPackError::Usage(m.into()));
+        if self.manifest.parent.is_none() {
+            return usage("disk diffs in a pack without a parent");
+        }
+        if maps.len() != self.disks.len() {
+            return usage("disk diff maps do not match the disks");
+        }
+        for (m, (e, _)) in maps.iter().zip(&self.disks) {
+            let Some(m) = m else { continue };
+            let cs = m.chunk_size;
+            if m.region_size != e.virtual_size
+                || cs < u64::from(crate::pack::MIN_CHUNK_SIZE)
+                || cs > u64::from(crate::pack::MAX_CHUNK_SIZE)
+                || !crate::diff::ChunkMap::fits_meta(m.region_size, cs)
+            {
+                return usage("a disk diff map does not fit its disk");
+            }
+        }
+        self.disk_diff = maps;
+        Ok(())
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -497,7 +529,15 @@ impl<'a> PreparedPack<'a> {
             .filter(|(e, _)| e.in_memory.is_none() && !e.in_parent)
             .map(|(e, _)| e.size)
             .sum::<u64>()
-            + self.disks.iter().map(|(e, _)| e.virtual_size).sum::<u64>()
+            + self
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(i, (e, _))| match self.disk_diff.get(i) {
+                    Some(Some(m)) => m.section_size(),
+                    _ => e.virtual_size,
+                })
+                .sum::<u64>()
             + self.memory.iter().map(|(e, _)| e.size).sum::<u64>()
             + self.vmstate.map_or(0, |v| v.len() as u64)
     }
@@ -545,7 +585,20 @@ impl<'a> PreparedPack<'a> {
                 progress,
             )?;
         }
-        for (e, src) in &self.disks {
+        for (i, (e, src)) in self.disks.iter().enumerate() {
+            if let Some(Some(map)) = self.disk_diff.get(i) {
+                let d = crate::diff::DiffSource::new(src.source(), map.clone());
+                w.add_section_with(
+                    kind::DISK_DIFF,
+                    &e.section,
+                    map.disk_meta(&e.name, serde_json::json!(e.format), e.read_only),
+                    &d,
+                    map.chunk_size as u32,
+                    opts.compression,
+                    progress,
+                )?;
+                continue;
+            }
             w.add_section(
                 kind::DISK,
                 &e.section,
@@ -759,7 +812,22 @@ impl Manifest {
             }
         }
         for d in &self.disks {
-            find(&d.section, kind::DISK, Some(d.virtual_size))?;
+            let diff = sections
+                .iter()
+                .find(|s| s.name == d.section && s.kind == kind::DISK_DIFF);
+            match diff {
+                // Only a diff pack may store a disk as the chunks written since its parent.
+                Some(s) if self.parent.is_some() => {
+                    crate::diff::ChunkMap::from_disk_section(s, d.virtual_size).map_err(
+                        |message| VmPackError::Invalid {
+                            file: file.to_string(),
+                            section: d.section.clone(),
+                            message,
+                        },
+                    )?;
+                }
+                _ => find(&d.section, kind::DISK, Some(d.virtual_size))?,
+            }
         }
         for m in &self.memory {
             if self.parent.is_none() {

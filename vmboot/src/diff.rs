@@ -1,10 +1,10 @@
-//! Diff packs on the VMM side: which memory chunks a diff save stores, and guest memory
-//! layered from a chain of packs on restore and flatten (docs/FORMAT.md §15).
+//! Diff packs on the VMM side: which memory and disk chunks a diff save stores, and guest
+//! memory and disks layered from a chain of packs on restore and flatten (docs/FORMAT.md §15).
 //!
-//! A diff pack stores the chunks written since the VM's memory equalled its parent: the
-//! dirty-page log (`vstate::dirty`) gives the pages written since a mark, and the VM keeps
-//! the mark of the pack it was restored from (mark 0) and of each pack it saved
-//! (`VmHandle::note_pack`).
+//! A diff pack stores the chunks written since the VM equalled its parent: the dirty-page
+//! log (`vstate::dirty`) gives the pages written since a mark, each disk's `DiskTrack` the
+//! blocks written since the same mark, and the VM keeps the mark of the pack it was restored
+//! from (mark 0) and of each pack it saved (`VmHandle::note_pack`).
 
 use crate::memory::GuestMemoryInit;
 use crate::packs::{Context, Error, Result};
@@ -15,7 +15,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use vmpack_formats::diff::{Chain, ChunkMap, ParentRef};
-use vmpack_formats::pack::{Codec, PackError, PackErrorKind};
+use vmpack_formats::pack::{ChunkEntry, Codec, PackError, PackErrorKind};
 use vmpack_formats::vm::{Manifest, VmPack};
 
 /// The refusal of a diff save against a pack this VM does not descend from.
@@ -52,6 +52,37 @@ pub fn changed_chunks(handle: &VmHandle, mark: u64, chunk_size: u32) -> Result<V
         maps.push(m);
     }
     Ok(maps)
+}
+
+/// Per disk, the chunks (of `chunk_size` bytes) holding a block written since `mark`: what
+/// a diff pack stores of it. None stores the disk whole: its mark is not kept, or the disk
+/// has too many chunks for a diff section's bitmap.
+pub fn changed_disk_chunks(handle: &VmHandle, mark: u64, chunk_size: u32) -> Vec<Option<ChunkMap>> {
+    let cs = u64::from(chunk_size);
+    handle
+        .disk_written_since(mark)
+        .into_iter()
+        .map(|(size, bits)| {
+            let bits = bits?;
+            if !ChunkMap::fits_meta(size, cs) {
+                return None;
+            }
+            let mut m = ChunkMap::new(size, cs);
+            let block = crate::disk_snapshot::BLOCK_SIZE;
+            for (w, &word) in bits.iter().enumerate() {
+                let mut word = word;
+                while word != 0 {
+                    let b = u64::from(word.trailing_zeros());
+                    word &= word - 1;
+                    let at = (w as u64 * 64 + b) * block;
+                    if at < size {
+                        m.set_range(at, block.min(size - at));
+                    }
+                }
+            }
+            Some(m)
+        })
+        .collect()
 }
 
 /// `ranges` (sorted) cut down to the chunks `map` holds.
@@ -400,6 +431,84 @@ pub fn spill_region(chain: &Chain, index: usize, file: &File) -> Result<Vec<Rang
     Ok(ranges)
 }
 
+/// Writes disk `index` of the chain's child into `file` (sized and empty): its layers
+/// oldest first (`Chain::disk_layers`), each disk diff's chunks (zero ones too) over the
+/// ones before. The chunks are not checked here: the packs were verified before.
+pub fn write_disk_layers(chain: &Chain, index: usize, file: &File) -> Result<()> {
+    for layer in chain.disk_layers(index)? {
+        let pack = &chain.packs[layer.pack];
+        let reader = pack.reader();
+        let label = pack.path().display().to_string();
+        let io = |e: std::io::Error| PackError::new(&label, PackErrorKind::Io(e));
+        let id = layer.section;
+        match &layer.map {
+            None => reader.for_each_chunk_parallel(id, false, 0, &|off, data| {
+                file.write_all_at(data, off).map_err(io)
+            })?,
+            Some(map) => {
+                let present = map.present();
+                let at = |off: u64| {
+                    map.region_offset(&present, off)
+                        .ok_or_else(|| io(std::io::Error::other("disk diff chunk outside its map")))
+                };
+                reader.for_each_chunk_parallel(id, false, 0, &|off, data| {
+                    file.write_all_at(data, at(off)?).map_err(io)
+                })?;
+                let zeros = vec![0u8; reader.sections()[id as usize].chunk_size as usize];
+                for e in reader.chunks(id).iter().filter(|e| e.codec == Codec::Zero) {
+                    file.write_all_at(&zeros[..e.ulen as usize], at(e.offset)?)
+                        .map_err(io)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Disk `index` of the chain's child as `(pack, disk offset, index entry)` per stored chunk,
+/// each from the newest pack of the chain holding it (what a lazy restore fills on first
+/// touch, checked against that pack's index; the entry's own offset is within its section). Zero chunks are
+/// left out. The layers must share one chunk size, so chunks never partly overlap.
+pub fn disk_chunks(chain: &Chain, index: usize) -> Result<Vec<(usize, u64, ChunkEntry)>> {
+    let layers = chain.disk_layers(index)?;
+    let first = &layers[0];
+    let cs =
+        u64::from(chain.packs[first.pack].reader().sections()[first.section as usize].chunk_size);
+    let size = chain.packs[first.pack].manifest().disks[index].virtual_size;
+    let mut owner: Vec<Option<(usize, u64, ChunkEntry)>> =
+        vec![None; size.div_ceil(cs.max(1)) as usize];
+    for l in &layers {
+        let pack = &chain.packs[l.pack];
+        let reader = pack.reader();
+        let label = pack.path().display();
+        let own = u64::from(reader.sections()[l.section as usize].chunk_size);
+        if own != cs {
+            return Err(Error::Refused(format!(
+                "{label}: the chunks of disk {index} ({own} bytes) differ in size from those of the pack it is layered on ({cs} bytes), so it cannot be filled on first touch; restore it with --memory eager or `vmpack flatten` it"
+            )));
+        }
+        let present = l.map.as_ref().map(|m| m.present());
+        for e in reader.chunks(l.section) {
+            let off = match (&l.map, &present) {
+                (Some(m), Some(p)) => m.region_offset(p, e.offset),
+                _ => Some(e.offset),
+            };
+            let Some(off) = off.filter(|&o| o % cs == 0 && o < size) else {
+                return Err(Error::Refused(format!(
+                    "{label}: disk {index} chunk {} at {:#x} lies outside its disk's chunk map",
+                    e.seq, e.offset
+                )));
+            };
+            owner[(off / cs) as usize] = Some((l.pack, off, e.clone()));
+        }
+    }
+    Ok(owner
+        .into_iter()
+        .flatten()
+        .filter(|(_, _, e)| e.codec != Codec::Zero)
+        .collect())
+}
+
 /// The chain's base, opened again, after checking it holds every boot file the child
 /// lists (diff packs store none: they are the base's).
 pub fn base_with_files(chain: &Chain) -> Result<VmPack> {
@@ -501,7 +610,7 @@ pub fn flatten(
     compression: vmpack_formats::pack::Compression,
     out: &mut dyn std::io::Write,
 ) -> Result<vmpack_formats::pack::PackSummary> {
-    use crate::clone::{spill, tempfile_in, Spilled};
+    use crate::clone::{tempfile_in, Spilled};
     use vmpack_formats::pack::{SectionSource, WriteOptions};
     let child = chain.packs.last().expect("a chain holds the child");
     let manifest = child.manifest();
@@ -522,10 +631,22 @@ pub fn flatten(
             files.push((role, base.boot_file(role)?));
         }
     }
+    // Each disk whole: its layers written into a scratch file.
     let disks = manifest
         .disks
         .iter()
-        .map(|d| spill(child, &d.section, scratch))
+        .enumerate()
+        .map(|(i, d)| {
+            let file = tempfile_in(scratch)?;
+            file.set_len(d.virtual_size)?;
+            write_disk_layers(chain, i, &file)?;
+            let ranges = vmpack_formats::disk::seek_data_ranges(&file, d.virtual_size)?;
+            Ok(Spilled {
+                file,
+                len: d.virtual_size,
+                ranges,
+            })
+        })
         .collect::<Result<Vec<_>>>()?;
     let mut memory = Vec::new();
     for (i, m) in manifest.memory.iter().enumerate() {
@@ -569,4 +690,153 @@ pub fn flatten(
         &opts,
         &(),
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+    use vmpack_formats::config::VmConfig;
+    use vmpack_formats::diff::{open_chain, ParentRef};
+    use vmpack_formats::pack::{SectionSource, WriteOptions};
+    use vmpack_formats::vm::{PreparedPack, VmPackPlan};
+
+    const MIB: usize = 1 << 20;
+
+    /// A flat VM with one raw disk of `size` bytes, in its own folder under `dir`.
+    fn cfg(dir: &Path, size: usize) -> VmConfig {
+        std::fs::write(dir.join("g.bin"), b"\xf4").unwrap();
+        File::create(dir.join("d.img"))
+            .unwrap()
+            .set_len(size as u64)
+            .unwrap();
+        let text = "name = \"t\"\nmemory_mib = 1\n[flat]\nimage = \"g.bin\"\n\
+                    load_address = 0x1000\nentry = 0x1000\nmode = \"real\"\n\
+                    [[disk]]\npath = \"d.img\"\nformat = \"raw\"\n";
+        VmConfig::parse(text, &dir.join("vm.toml")).unwrap()
+    }
+
+    /// Writes pack `name` in `dir` with `disk` as its disk: whole, or with `parent` the
+    /// chunks `map` marks as a disk diff.
+    fn write(
+        dir: &Path,
+        name: &str,
+        disk: &[u8],
+        parent: Option<&Path>,
+        map: Option<ChunkMap>,
+    ) -> PathBuf {
+        let cfg = cfg(dir, disk.len());
+        let disk = disk.to_vec();
+        let src: &dyn SectionSource = &disk;
+        let diff = parent.map(|p| {
+            let root = VmPack::open(p).unwrap().reader().root_digest();
+            let file = p.file_name().unwrap().to_str().unwrap().to_string();
+            (
+                ParentRef {
+                    root_digest: hex::encode(root),
+                    file,
+                },
+                Vec::new(),
+            )
+        });
+        let plan = VmPackPlan {
+            disks: Some(vec![src]),
+            diff,
+            ..VmPackPlan::default()
+        };
+        let mut prepared = PreparedPack::new(&cfg, plan).unwrap();
+        if let Some(m) = map {
+            prepared.set_disk_diffs(vec![Some(m)]).unwrap();
+        }
+        let path = dir.join(name);
+        let opts = WriteOptions {
+            chunk_size: MIB as u32,
+            ..WriteOptions::default()
+        };
+        prepared
+            .write(File::create(&path).unwrap(), &opts, name, &())
+            .unwrap();
+        path
+    }
+
+    fn map(chunks: &[u64]) -> ChunkMap {
+        let mut m = ChunkMap::new(4 * MIB as u64, MIB as u64);
+        for &c in chunks {
+            m.set(c);
+        }
+        m
+    }
+
+    #[test]
+    fn disks_layer_over_the_chain_and_each_chunk_comes_from_the_newest_pack() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let base: Vec<u8> = (0..4 * MIB).map(|i| (i / 4096) as u8 | 1).collect();
+        let mut one = base.clone();
+        one[MIB..2 * MIB].fill(0x11);
+        one[3 * MIB..].fill(0);
+        let mut two = one.clone();
+        two[MIB + 5..MIB + 9].fill(0x22);
+        let b = write(dir, "base.vmpack", &base, None, None);
+        let d1 = write(dir, "d1.vmpack", &one, Some(&b), Some(map(&[1, 3])));
+        let d2 = write(dir, "d2.vmpack", &two, Some(&d1), Some(map(&[1])));
+        // The child stores one 1 MiB chunk of its 4 MiB disk.
+        let child = VmPack::open(&d2).unwrap();
+        let s = child.reader().section("disk/0").unwrap();
+        assert_eq!(
+            (s.kind, s.size),
+            (vmpack_formats::pack::kind::DISK_DIFF, MIB as u64)
+        );
+
+        let chain = open_chain(&d2, None).unwrap();
+        let layers = chain.disk_layers(0).unwrap();
+        assert_eq!(
+            layers.iter().map(|l| l.pack).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4 * MIB as u64).unwrap();
+        write_disk_layers(&chain, 0, &f).unwrap();
+        let mut got = vec![0u8; 4 * MIB];
+        f.read_exact_at(&mut got, 0).unwrap();
+        assert!(got == two, "the layered disk is the child's");
+
+        // Lazily: chunk 1 from d2, chunks 0 and 2 from the base, chunk 3 is d1's zero chunk.
+        let chunks = disk_chunks(&chain, 0).unwrap();
+        let owners: Vec<(usize, u64)> = chunks.iter().map(|(k, at, _)| (*k, *at)).collect();
+        assert_eq!(owners, vec![(0, 0), (2, MIB as u64), (0, 2 * MIB as u64)]);
+        for (k, at, e) in &chunks {
+            let mut data = vec![0u8; e.ulen as usize];
+            chain.packs[*k]
+                .reader()
+                .read_chunk_reusing(e, true, &mut data, &mut Vec::new())
+                .unwrap();
+            let at = *at as usize;
+            assert!(data == two[at..at + data.len()], "chunk at {at}");
+        }
+
+        // A disk diff over a parent disk of another size is refused, naming both packs.
+        let other = tmp.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::copy(&b, other.join("base.vmpack")).unwrap();
+        let mut big = base.clone();
+        big.resize(5 * MIB, 7);
+        let mut m = ChunkMap::new(5 * MIB as u64, MIB as u64);
+        m.set(4);
+        let bad = write(
+            &other,
+            "bad.vmpack",
+            &big,
+            Some(&other.join("base.vmpack")),
+            Some(m),
+        );
+        let chain = open_chain(&bad, None).unwrap();
+        let e = chain.disk_layers(0).unwrap_err().to_string();
+        assert!(
+            e.contains("base.vmpack")
+                && e.contains("disk 0 holds 4194304 bytes")
+                && e.contains("bad.vmpack"),
+            "{e}"
+        );
+    }
 }

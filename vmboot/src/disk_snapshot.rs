@@ -14,7 +14,7 @@
 //! written) breaks the view: the guest's write still happens, and the save reading the view
 //! fails, which leaves the VM running.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::ops::Range;
@@ -29,6 +29,9 @@ use vmpack_formats::pack::SectionSource;
 /// The unit in which a frozen view keeps old content.
 pub const BLOCK_SIZE: u64 = 64 << 10;
 
+/// How many disk marks besides mark 0 are kept: as many as the memory marks they go with.
+pub const MAX_MARKS: usize = crate::vstate::dirty::MAX_MARKS;
+
 /// Old content a frozen view keeps in memory, per disk, before it goes to a temporary file.
 pub const MEMORY_LIMIT: usize = 64 << 20;
 
@@ -41,9 +44,41 @@ pub struct DiskTrack {
     state: RwLock<Track>,
 }
 
-#[derive(Default)]
 struct Track {
     frozen: Option<Frozen>,
+    /// Per dirty mark (the numbers of the VM's memory marks, `vstate::dirty`), one bit per
+    /// block written since: mark 0 first (the disk as the VM started), then the newest
+    /// [`MAX_MARKS`]. Grown on demand, so an unwritten disk costs nothing.
+    marks: VecDeque<(u64, Vec<u64>)>,
+}
+
+impl Default for Track {
+    fn default() -> Track {
+        Track {
+            frozen: None,
+            marks: VecDeque::from([(0, Vec::new())]),
+        }
+    }
+}
+
+impl Track {
+    /// Notes a change of `off..off + len` (clamped to `size`) in every kept mark.
+    fn note_written(&mut self, off: u64, len: u64, size: u64) {
+        let end = off.saturating_add(len).min(size);
+        if len == 0 || off >= end {
+            return;
+        }
+        let (first, last) = (off / BLOCK_SIZE, (end - 1) / BLOCK_SIZE);
+        for (_, bits) in self.marks.iter_mut() {
+            let words = (last / 64 + 1) as usize;
+            if bits.len() < words {
+                bits.resize(words, 0);
+            }
+            for b in first..=last {
+                bits[(b / 64) as usize] |= 1 << (b % 64);
+            }
+        }
+    }
 }
 
 /// The content of the disk as of a freeze, where it differs from the live image.
@@ -178,7 +213,53 @@ impl DiskTrack {
         if let Some(f) = t.frozen.as_mut() {
             self.keep(f, off, len);
         }
+        // Counted even if the change fails: the block may have changed partly.
+        t.note_written(off, len, self.inner.virtual_size());
         op(self.inner.as_ref())
+    }
+
+    /// Starts disk mark `id` (the number of the memory mark taken at the same instant):
+    /// from now, every block written is added to it. Call it while no request is in flight
+    /// (the VM paused) for the mark to be the disk at one instant.
+    pub fn mark(&self, id: u64) {
+        let mut t = self.write();
+        t.marks.retain(|(m, _)| *m != id || id == 0);
+        if id != 0 {
+            t.marks.push_back((id, Vec::new()));
+        }
+        while t.marks.len() > MAX_MARKS + 1 {
+            t.marks.remove(1);
+        }
+    }
+
+    /// Drops mark `id` (mark 0 stays).
+    pub fn forget(&self, id: u64) {
+        if id != 0 {
+            self.write().marks.retain(|(m, _)| *m != id);
+        }
+    }
+
+    /// After the disk was put back to its state at mark 0 (a reset): every other mark is
+    /// dropped and nothing counts as written.
+    pub fn reset_marks(&self) {
+        let mut t = self.write();
+        t.marks.truncate(1);
+        t.marks[0].1.clear();
+    }
+
+    /// The blocks of [`BLOCK_SIZE`] bytes written since mark `id` (bit `b % 64` of word
+    /// `b / 64` = block `b`; words past the end are zero), or None if the mark is not kept.
+    pub fn written_since(&self, id: u64) -> Option<Vec<u64>> {
+        self.read()
+            .marks
+            .iter()
+            .find(|(m, _)| *m == id)
+            .map(|(_, bits)| bits.clone())
+    }
+
+    /// The disk's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.virtual_size()
     }
 }
 
@@ -515,6 +596,36 @@ mod tests {
         disk.write_at(&pattern(300_000, 8), 100_000).unwrap();
         disk.write_at(&pattern(4096, 9), size - 4096).unwrap();
         assert_eq!(whole(&view), before);
+    }
+
+    #[test]
+    fn marks_count_writes_discards_and_write_zeroes_per_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 2 << 20;
+        let (disk, t, _) = disk(dir.path(), size);
+        let mut buf = vec![0u8; 4096];
+        disk.read_at(&mut buf, 0).unwrap();
+        assert_eq!(t.written_since(0), Some(vec![]), "reads count for nothing");
+        disk.write_at(&[1; 512], BLOCK_SIZE - 256).unwrap();
+        t.mark(1);
+        disk.discard(3 * BLOCK_SIZE, 1).unwrap();
+        t.mark(2);
+        disk.write_zeroes(size - 1, 1).unwrap();
+        let last = (size - 1) / BLOCK_SIZE;
+        assert_eq!(t.written_since(0).unwrap()[0], 0b1011 | 1 << last);
+        assert_eq!(t.written_since(1).unwrap()[0], 0b1000 | 1 << last);
+        assert_eq!(t.written_since(2).unwrap()[0], 1 << last);
+        assert_eq!(t.written_since(3), None);
+        t.forget(1);
+        assert_eq!(t.written_since(1), None);
+        for id in 3..3 + MAX_MARKS as u64 {
+            t.mark(id);
+        }
+        assert_eq!(t.written_since(2), None, "older marks are dropped");
+        assert!(t.written_since(0).is_some(), "mark 0 stays");
+        t.reset_marks();
+        assert_eq!(t.written_since(0), Some(vec![]));
+        assert_eq!(t.written_since(3), None);
     }
 
     #[test]

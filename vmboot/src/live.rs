@@ -8,8 +8,8 @@
 //! by every path (docs/FORMAT.md §12 says why).
 
 use crate::api::{LiveRound, LiveStats, SaveStats};
-use crate::packs::MEMORY_CHUNK_SIZE;
 use crate::packs::{Context, Error, Result};
+use crate::packs::{DISK_CHUNK_SIZE, MEMORY_CHUNK_SIZE};
 use crate::snapshot::{copy_fits, write_pack, RamCopy};
 use crate::vmm::VmHandle;
 use crate::vstate::dirty::{DirtyPages, PAGE};
@@ -212,13 +212,17 @@ pub fn save(
             }
             None => None,
         };
+        let disk_maps = match parent_mark {
+            Some(m) => crate::diff::changed_disk_chunks(handle, m, DISK_CHUNK_SIZE),
+            None => Vec::new(),
+        };
         let n = copy_runs(&regions, &copies, &runs);
-        Ok((state, mark, runs, n, disks, maps))
+        Ok((state, mark, runs, n, (disks, disk_maps), maps))
     })();
     let resumed = handle.resume();
     let pause = t.elapsed();
     handle.dirty_forget(prev);
-    let (state, mark, runs, final_bytes, disks, maps) = captured?;
+    let (state, mark, runs, final_bytes, (disks, disk_maps), maps) = captured?;
     resumed?;
     // Serialized after the pause: the captured state is a plain value.
     let state_bytes = serde_json::to_vec(&state).map_err(|source| Error::Encode {
@@ -237,7 +241,7 @@ pub fn save(
         .as_ref()
         .map(|m| m.iter().map(|m| m.section_size()).sum());
     let diff = match (diff_from, maps) {
-        (Some(p), Some(m)) => Some((p.clone(), m)),
+        (Some(p), Some(m)) => Some((p.clone(), m, disk_maps)),
         _ => None,
     };
     let written = write_pack(

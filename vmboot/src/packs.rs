@@ -129,6 +129,10 @@ impl<T> Context<T> for std::result::Result<T, vmpack_formats::pack::PackError> {
 /// stored whole, and on the mmap restore path every non-zero chunk is one mapping.
 pub const MEMORY_CHUNK_SIZE: u32 = 256 << 10;
 
+/// Chunk size of a diff pack's disk diff sections: the chunk size saves write disks in,
+/// so a chain's disk chunks line up and a lazy restore serves each from one pack.
+pub const DISK_CHUNK_SIZE: u32 = vmpack_formats::pack::DEFAULT_CHUNK_SIZE;
+
 #[cfg(test)]
 mod tests {
     use super::*;

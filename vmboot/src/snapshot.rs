@@ -23,7 +23,7 @@ use vmpack_formats::pack::{
 };
 use vmpack_formats::vm::{Manifest, VmPack, VmPackPlan};
 
-use crate::packs::MEMORY_CHUNK_SIZE;
+use crate::packs::{DISK_CHUNK_SIZE, MEMORY_CHUNK_SIZE};
 use crate::persist::MAX_VMSTATE_LEN;
 use crate::verified_cache;
 
@@ -82,9 +82,12 @@ pub fn save_with(
             what: "serializing the vm state".into(),
             source,
         })?;
-        let maps = match parent_mark {
-            Some(m) => Some(crate::diff::changed_chunks(handle, m, MEMORY_CHUNK_SIZE)?),
-            None => None,
+        let (maps, disk_maps) = match parent_mark {
+            Some(m) => (
+                Some(crate::diff::changed_chunks(handle, m, MEMORY_CHUNK_SIZE)?),
+                crate::diff::changed_disk_chunks(handle, m, DISK_CHUNK_SIZE),
+            ),
+            None => (None, Vec::new()),
         };
         // Guest memory now equals the pack being written: later diffs start here.
         let mark = handle.dirty_mark().ok();
@@ -103,9 +106,9 @@ pub fn save_with(
             handle.flush_disks()?;
             None
         };
-        Ok((state_bytes, copy, maps, mark, disks))
+        Ok((state_bytes, copy, maps, mark, disks, disk_maps))
     })();
-    let (state_bytes, copy, maps, mark, disks) = match captured {
+    let (state_bytes, copy, maps, mark, disks, disk_maps) = match captured {
         Ok(c) => c,
         Err(e) => {
             if resume_after {
@@ -115,12 +118,12 @@ pub fn save_with(
         }
     };
     let diff = match (diff_from, maps) {
-        (Some(p), Some(m)) => Some((p.clone(), m)),
+        (Some(p), Some(m)) => Some((p.clone(), m, disk_maps)),
         _ => None,
     };
     let diff_bytes = diff
         .as_ref()
-        .map(|(_, m)| m.iter().map(|m| m.section_size()).sum());
+        .map(|(_, m, _)| m.iter().map(|m| m.section_size()).sum());
     let mut pause = None;
     if copy.is_some() {
         handle.resume()?;
@@ -187,6 +190,14 @@ pub fn save_with(
     })
 }
 
+/// What a diff pack stores: its parent, per RAM region the memory chunks, per disk the disk
+/// chunks (None: that disk whole).
+pub(crate) type DiffPlan = (
+    vmpack_formats::diff::ParentRef,
+    Vec<vmpack_formats::diff::ChunkMap>,
+    Vec<Option<vmpack_formats::diff::ChunkMap>>,
+);
+
 /// Guest RAM regions as `(gpa, contents)`.
 pub(crate) type MemorySources<'a> = Vec<(u64, &'a dyn SectionSource)>;
 
@@ -194,10 +205,7 @@ pub(crate) fn write_pack(
     handle: &VmHandle,
     state_bytes: &[u8],
     (memory, disks): (MemorySources<'_>, Vec<&dyn SectionSource>),
-    diff: Option<(
-        vmpack_formats::diff::ParentRef,
-        Vec<vmpack_formats::diff::ChunkMap>,
-    )>,
+    diff: Option<DiffPlan>,
     compression: Compression,
     level: Option<i32>,
     out: &mut dyn Write,
@@ -218,6 +226,10 @@ pub(crate) fn write_pack(
         }
         _ => Vec::new(),
     };
+    let (diff, disk_diff) = match diff {
+        Some((p, maps, disk_maps)) => (Some((p, maps)), disk_maps),
+        None => (None, Vec::new()),
+    };
     let plan = VmPackPlan {
         memory,
         vmstate: Some(state_bytes),
@@ -227,14 +239,13 @@ pub(crate) fn write_pack(
         files_in_memory,
         diff,
     };
+    let mut prepared = vmpack_formats::vm::PreparedPack::new(handle.config(), plan)?;
+    // A diff pack stores each disk as the chunks written since the parent.
+    if !disk_diff.is_empty() {
+        prepared.set_disk_diffs(disk_diff)?;
+    }
     let counted = CountingWriter { inner: out, n: 0 };
-    Ok(vmpack_formats::vm::write_vm_pack(
-        counted,
-        handle.config(),
-        plan,
-        &opts,
-        &(),
-    )?)
+    Ok(prepared.write(counted, &opts, "<output>", &())?)
 }
 
 /// Whether guest RAM (`memory`, as `(gpa, contents)`) still holds the boot initrd byte for
@@ -657,10 +668,10 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     // With a fetcher (from a registry), every pack of the chain is a local skeleton its
     // `ChunkFetch::fetch_from` fills, so the chain is served lazily.
     let chain = match manifest.parent {
-        Some(_) => Some(vmpack_formats::diff::open_chain(
+        Some(_) => Some(Arc::new(vmpack_formats::diff::open_chain(
             path,
             opts.parent.as_deref(),
-        )?),
+        )?)),
         None => None,
     };
     let eager_path = manifest.memory_restore_path(reader).unwrap_or("none");
@@ -725,12 +736,18 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     let (cfg, state) = checked_state(&pack, state_section, &label, &work.path)?;
     let warnings = check_host(&state, &cfg, &label)?;
     let mut run = opts.run;
-    if lazy {
+    match (lazy, &chain) {
         // The vCPUs start before the disks are copied: each is filled on first touch and in
         // the background (`vstate::lazy_disk`).
-        run.disks = lazy_disks(&pack, &work.path, &opts.source)?;
-    } else {
-        extract_disks(&pack, &work.path)?;
+        (true, None) => run.disks = lazy_disks(&pack, &work.path, &opts.source)?,
+        // A diff pack's disks: each chunk from the newest pack of the chain holding it.
+        (true, Some(chain)) => run.disks = lazy_chain_disks(chain, &work.path)?,
+        (false, None) => extract_disks(&pack, &work.path)?,
+        (false, Some(chain)) => {
+            for i in 0..manifest.disks.len() {
+                extract_chain_disk(chain, i, &disk_copy_path(&work.path, i), false)?;
+            }
+        }
     }
 
     let (memory_path, init) = if let (Some(chain), true) = (&chain, lazy) {
@@ -787,7 +804,12 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
             if let Some(d) = filled.get(i) {
                 d.fill_all()?;
             }
-            extract_disk(&pack, i, &disk_copy_path(&work_path, i), true).map_err(Into::into)
+            let copy = disk_copy_path(&work_path, i);
+            match &chain {
+                Some(chain) => extract_chain_disk(chain, i, &copy, true),
+                None => extract_disk(&pack, i, &copy, true),
+            }
+            .map_err(Into::into)
         }));
     }
     Ok((
@@ -866,6 +888,7 @@ fn verify_except_memory(reader: &vmpack_formats::pack::PackReader) -> Result<()>
             && s.kind != kind::MEMORY_DIFF
             && s.kind != kind::FILE
             && s.kind != kind::DISK
+            && s.kind != kind::DISK_DIFF
         {
             reader.for_each_chunk_parallel(s.id, true, 0, &|_, _| Ok(()))?;
         }
@@ -970,6 +993,77 @@ fn lazy_disks(
     Ok(crate::vstate::lazy_disk::LazyDisks(v))
 }
 
+/// A diff pack's disks as empty sparse private copies in `dir` that fill themselves from
+/// the chain, each chunk from the newest pack holding it.
+fn lazy_chain_disks(
+    chain: &Arc<vmpack_formats::diff::Chain>,
+    dir: &Path,
+) -> Result<crate::vstate::lazy_disk::LazyDisks> {
+    let child = chain.packs.last().expect("a chain holds the child");
+    let mut packs = Vec::with_capacity(chain.packs.len());
+    for p in &chain.packs {
+        // Shared handles on the same files, checked to be the packs the chain checked.
+        let again = VmPack::open(p.path())?;
+        if again.reader().root_digest() != p.reader().root_digest() {
+            return Err(Error::Refused(format!(
+                "{}: the file changed while it was being restored",
+                p.path().display()
+            )));
+        }
+        packs.push(Arc::new(again));
+    }
+    let mut v = Vec::new();
+    for (i, d) in child.manifest().disks.iter().enumerate() {
+        let chunks = crate::diff::disk_chunks(chain, i)?;
+        let copy = disk_copy_path(dir, i);
+        drop(sparse_file(&copy, d.virtual_size)?);
+        v.push(crate::vstate::lazy_disk::LazyDisk::layered(
+            i,
+            &copy,
+            d.read_only,
+            packs.clone(),
+            chunks,
+        )?);
+    }
+    Ok(crate::vstate::lazy_disk::LazyDisks(v))
+}
+
+/// Writes disk `i` of a diff pack, layered over its chain, to `copy` (see
+/// [`extract_disk`] for `replace`).
+fn extract_chain_disk(
+    chain: &vmpack_formats::diff::Chain,
+    i: usize,
+    copy: &Path,
+    replace: bool,
+) -> Result<()> {
+    let d = &chain
+        .packs
+        .last()
+        .expect("a chain holds the child")
+        .manifest()
+        .disks[i];
+    let f = open_disk_copy(copy, d.virtual_size, replace)?;
+    crate::diff::write_disk_layers(chain, i, &f)
+}
+
+/// The private copy of a disk of `size` bytes: a new sparse file, or with `replace` the
+/// existing `copy` emptied (the same inode, so a VM that has it open sees the new content).
+fn open_disk_copy(copy: &Path, size: u64, replace: bool) -> Result<File> {
+    if !replace {
+        return sparse_file(copy, size);
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = File::options()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(copy)
+        .with_context(|| format!("opening {}", copy.display()))?;
+    f.set_len(0)
+        .and_then(|()| f.set_len(size))
+        .with_context(|| format!("emptying {}", copy.display()))?;
+    Ok(f)
+}
+
 /// Writes every disk of the pack to its private raw copy in `dir` (where [`pack_config`]
 /// points the config), so the guest's writes never reach the pack.
 fn extract_disks(pack: &VmPack, dir: &Path) -> Result<()> {
@@ -989,20 +1083,7 @@ fn extract_disk(pack: &VmPack, i: usize, copy: &Path, replace: bool) -> Result<(
     let s = reader
         .section(&d.section)
         .ok_or_else(|| Error::Refused(format!("{label}: section '{}' is missing", d.section)))?;
-    let f = if replace {
-        use std::os::unix::fs::OpenOptionsExt;
-        let f = File::options()
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(copy)
-            .with_context(|| format!("opening {}", copy.display()))?;
-        f.set_len(0)
-            .and_then(|()| f.set_len(d.virtual_size))
-            .with_context(|| format!("emptying {}", copy.display()))?;
-        f
-    } else {
-        sparse_file(copy, d.virtual_size)?
-    };
+    let f = open_disk_copy(copy, d.virtual_size, replace)?;
     reader.for_each_chunk_parallel(s.id, false, 0, &|off, data| {
         use std::os::unix::fs::FileExt;
         f.write_all_at(data, off)
@@ -1421,6 +1502,12 @@ fn restore_stream<R: Read + 'static>(
                             info.name, info.size
                         )));
                     }
+                }
+                if info.kind == kind::DISK_DIFF {
+                    return Err(Error::Refused(format!(
+                        "{label}: section '{}': a disk stored as a diff of the parent's cannot be restored from a pipe; restore the pack file, or `vmpack flatten` it first",
+                        info.name
+                    )));
                 }
                 if let (kind::DISK, Some(m)) = (info.kind, m) {
                     let i = m

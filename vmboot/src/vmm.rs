@@ -951,6 +951,10 @@ impl VmHandle {
                     disks += 1;
                 }
             }
+            // Every disk is the pack's again, as memory is at its mark 0.
+            for d in &self.devices.disks {
+                d.reset_marks();
+            }
             Ok((pages, disks))
         })();
         match r {
@@ -988,7 +992,24 @@ impl VmHandle {
 
     /// Starts a new dirty-page mark and returns its number (see `vstate::dirty`).
     pub fn dirty_mark(&self) -> Result<u64> {
-        Ok(self.mem.dirty_mark(&self.vm.fd)?)
+        let id = self.mem.dirty_mark(&self.vm.fd)?;
+        // Each disk counts the blocks written since the same mark (`disk_snapshot`).
+        for d in &self.devices.disks {
+            d.mark(id);
+        }
+        Ok(id)
+    }
+
+    /// Per disk, the blocks written since `mark` (see [`DiskTrack::written_since`]), with
+    /// the disk's size; None for a disk whose mark is not kept.
+    ///
+    /// [`DiskTrack::written_since`]: crate::disk_snapshot::DiskTrack::written_since
+    pub fn disk_written_since(&self, mark: u64) -> Vec<(u64, Option<Vec<u64>>)> {
+        self.devices
+            .disks
+            .iter()
+            .map(|d| (d.size(), d.written_since(mark)))
+            .collect()
     }
 
     /// The guest pages written (by vCPUs or devices) since `mark`; mark 0 is the state the
@@ -999,7 +1020,10 @@ impl VmHandle {
 
     /// Drops a dirty mark no one needs any more (a live save's rounds).
     pub fn dirty_forget(&self, mark: u64) {
-        self.mem.dirty_forget(mark)
+        self.mem.dirty_forget(mark);
+        for d in &self.devices.disks {
+            d.forget(mark);
+        }
     }
 
     /// `(gpa, host address, size)` of every RAM region. The memory lives as long as the VM;

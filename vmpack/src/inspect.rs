@@ -61,8 +61,28 @@ fn kind_name(k: u16) -> String {
         kind::MEMORY => "memory".into(),
         kind::VMSTATE => "vmstate".into(),
         kind::MEMORY_DIFF => "memory-diff".into(),
+        kind::DISK_DIFF => "disk-diff".into(),
         other => format!("{other:#06x}"),
     }
+}
+
+/// For a diff section (memory or disk): `(chunks stored, chunks of the region or disk)`,
+/// from its `present` bitmap; None for any other section or an unreadable bitmap.
+fn diff_chunks(s: &SectionInfo, m: Option<&Manifest>) -> Option<(u64, u64)> {
+    use vmpack_formats::diff::ChunkMap;
+    let m = m?;
+    let map = match s.kind {
+        kind::DISK_DIFF => {
+            let d = m.disks.iter().find(|d| d.section == s.name)?;
+            ChunkMap::from_disk_section(s, d.virtual_size).ok()?
+        }
+        kind::MEMORY_DIFF => {
+            let r = m.memory.iter().find(|r| r.section == s.name)?;
+            ChunkMap::from_section(s, r.size).ok()?
+        }
+        _ => return None,
+    };
+    Some((map.present().len() as u64, map.chunks()))
 }
 
 fn ratio(s: &SectionInfo) -> f64 {
@@ -211,6 +231,9 @@ fn print_json(
         .map(|s| {
             let mut v = serde_json::to_value(s).unwrap_or_default();
             v["kind_name"] = json!(kind_name(s.kind));
+            if let Some((stored, of)) = diff_chunks(s, m) {
+                v["diff_chunks"] = json!({"stored": stored, "of": of});
+            }
             v["ratio"] = if ratio(s) == f64::MAX {
                 serde_json::Value::Null
             } else {
@@ -318,7 +341,7 @@ fn text_report(
     if let Some(p) = m.and_then(|m| m.parent.as_ref()) {
         textln!(
             out,
-            "diff of:      {} (root digest {}): memory holds only what changed since",
+            "diff of:      {} (root digest {}): memory and disks hold only what changed since",
             p.file,
             p.root_digest
         );
@@ -376,9 +399,16 @@ fn text_report(
         if !m.disks.is_empty() {
             textln!(out, "disks:");
             for d in &m.disks {
+                let changed = r
+                    .section(&d.section)
+                    .and_then(|s| diff_chunks(s, Some(m)))
+                    .map(|(stored, of)| {
+                        format!(", changed since the parent: {stored} of {of} chunks")
+                    })
+                    .unwrap_or_default();
                 textln!(
                     out,
-                    "  {:<7} {:<24} {:>10}  {} {} [{}]",
+                    "  {:<7} {:<24} {:>10}  {} {} [{}]{changed}",
                     d.index,
                     d.name,
                     human_bytes(d.virtual_size),

@@ -69,8 +69,8 @@ pub struct SaveArgs {
         ),
     )]
     then: AfterSave,
-    /// Write a diff pack: only the memory chunks written since the VM was restored from,
-    /// or last saved to, PARENT (which the pack names by file name and root digest).
+    /// Write a diff pack: only the memory and disk chunks written since the VM was restored
+    /// from, or last saved to, PARENT (which the pack names by file name and root digest).
     #[arg(long, value_name = "PARENT", conflicts_with = "push")]
     diff_from: Option<PathBuf>,
     /// Live save: copy guest memory in rounds while the guest runs, then pause only for the

@@ -67,6 +67,9 @@ pub mod kind {
     /// Guest memory of a diff pack: only the chunks written since the parent pack, packed
     /// densely, with a bitmap in the meta saying where each goes (`vm::diff`).
     pub const MEMORY_DIFF: u16 = 6;
+    /// A disk of a diff pack: only the chunks written since the parent pack, packed
+    /// densely, with a bitmap in the meta saying where each goes (`vm::diff`).
+    pub const DISK_DIFF: u16 = 7;
 
     /// First optional kind.
     pub const OPTIONAL_BASE: u16 = 0x8000;
@@ -75,7 +78,7 @@ pub mod kind {
     pub fn is_known(kind: u16) -> bool {
         matches!(
             kind,
-            MANIFEST | FILE | DISK | MEMORY | VMSTATE | MEMORY_DIFF
+            MANIFEST | FILE | DISK | MEMORY | VMSTATE | MEMORY_DIFF | DISK_DIFF
         )
     }
 

@@ -42,10 +42,15 @@ pub struct LazyDisk {
     index: usize,
     copy: RawDisk,
     read_only: bool,
-    pack: Arc<VmPack>,
+    /// The pack, or a diff pack's chain (base first).
+    packs: Vec<Arc<VmPack>>,
+    /// Per chunk, the pack of `packs` it is read from and the disk offset it belongs at
+    /// (the entry's own offset is within its section, which for a disk diff is not the
+    /// disk's).
+    place: Vec<(usize, u64)>,
     source: ChunkSource,
-    /// The disk's stored chunks, sorted by offset, disjoint, inside the disk (zero chunks
-    /// left out: the sparse copy reads as zeros there already).
+    /// The disk's stored chunks, sorted by disk offset, disjoint, inside the disk (zero
+    /// chunks left out: the sparse copy reads as zeros there already).
     chunks: Vec<ChunkEntry>,
     state: Vec<AtomicU8>,
     /// Chunks not present yet.
@@ -94,36 +99,70 @@ impl LazyDisk {
         let s = reader
             .section(section)
             .ok_or_else(|| Error::Layout(format!("{label}: section '{section}' is missing")))?;
+        let chunks = reader
+            .chunks(s.id)
+            .iter()
+            .filter(|e| e.codec != Codec::Zero)
+            .map(|e| (0, e.offset, e.clone()))
+            .collect();
+        Self::build(index, copy, read_only, vec![pack], source, chunks)
+    }
+
+    /// A disk over `copy` that fills itself from several packs (a diff pack's chain): each
+    /// of `chunks` is `(index into packs, the disk offset it belongs at, its index entry)`;
+    /// zero chunks are left out (the sparse copy reads as zeros).
+    pub fn layered(
+        index: usize,
+        copy: &Path,
+        read_only: bool,
+        packs: Vec<Arc<VmPack>>,
+        chunks: Vec<(usize, u64, ChunkEntry)>,
+    ) -> super::Result<Arc<LazyDisk>> {
+        Self::build(index, copy, read_only, packs, ChunkSource::PackFile, chunks)
+    }
+
+    fn build(
+        index: usize,
+        copy: &Path,
+        read_only: bool,
+        packs: Vec<Arc<VmPack>>,
+        source: ChunkSource,
+        mut chunks: Vec<(usize, u64, ChunkEntry)>,
+    ) -> super::Result<Arc<LazyDisk>> {
+        use super::Error;
         // The copy is private: the restore writes the pack's chunks into it even when the
         // guest may not write.
         let copy = RawDisk::open(copy, false)?;
         let size = copy.virtual_size();
-        let mut chunks: Vec<ChunkEntry> = reader
-            .chunks(s.id)
-            .iter()
-            .filter(|e| e.codec != Codec::Zero)
-            .cloned()
-            .collect();
-        chunks.sort_by_key(|e| e.offset);
+        chunks.sort_by_key(|(_, at, _)| *at);
         let mut end = 0u64;
-        for e in &chunks {
-            let last = e.offset.checked_add(u64::from(e.ulen));
-            if e.offset < end || last.is_none_or(|l| l > size) {
+        for (k, at, e) in &chunks {
+            let last = at.checked_add(u64::from(e.ulen));
+            if *at < end || last.is_none_or(|l| l > size) {
+                let p = packs.get(*k).map(|p| p.path().display().to_string());
+                let section = packs
+                    .get(*k)
+                    .and_then(|p| p.reader().sections().get(e.section as usize))
+                    .map_or("?".to_string(), |s| s.name.clone());
                 return Err(Error::Layout(format!(
-                    "{label}: section '{section}' chunk {} at {:#x} ({} bytes) overlaps another or lies outside the {size}-byte disk",
+                    "{}: section '{section}' chunk {} at {:#x} ({} bytes) overlaps another or lies outside the {size}-byte disk",
+                    p.unwrap_or_default(),
                     e.seq,
-                    e.offset,
+                    at,
                     e.ulen
                 )));
             }
             end = last.unwrap_or(end);
         }
+        let (place, chunks): (Vec<(usize, u64)>, Vec<ChunkEntry>) =
+            chunks.into_iter().map(|(k, at, e)| ((k, at), e)).unzip();
         let state = chunks.iter().map(|_| AtomicU8::new(MISSING)).collect();
         Ok(Arc::new(LazyDisk {
             index,
             copy,
             read_only,
-            pack,
+            packs,
+            place,
             source,
             left: AtomicU64::new(chunks.len() as u64),
             chunks,
@@ -223,12 +262,18 @@ impl LazyDisk {
             return Ok(());
         }
         let end = off.saturating_add(len);
+        // The last chunk starting at or before `off` may cover it.
         let first = self
-            .chunks
-            .partition_point(|e| e.offset + u64::from(e.ulen) <= off);
+            .place
+            .partition_point(|&(_, at)| at <= off)
+            .saturating_sub(1);
         for i in first..self.chunks.len() {
-            if self.chunks[i].offset >= end {
+            let at = self.place[i].1;
+            if at >= end {
                 break;
+            }
+            if at + u64::from(self.chunks[i].ulen) <= off {
+                continue;
             }
             self.load(i)?;
         }
@@ -258,7 +303,8 @@ impl LazyDisk {
                 }
             }
         }
-        let r = self.fill(&self.chunks[i]);
+        let (k, at) = self.place[i];
+        let r = self.fill(&self.chunks[i], &self.packs[k], at);
         let state = match &r {
             Ok(()) => {
                 if self.left.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -281,15 +327,15 @@ impl LazyDisk {
         })
     }
 
-    fn fill(&self, e: &ChunkEntry) -> Result<(), String> {
+    fn fill(&self, e: &ChunkEntry, pack: &VmPack, at: u64) -> Result<(), String> {
         if let Some(m) = self.failure() {
             return Err(m);
         }
         let range = format!(
             "disk {} at {:#x}..{:#x}",
             self.index,
-            e.offset,
-            e.offset + u64::from(e.ulen)
+            at,
+            at + u64::from(e.ulen)
         );
         if let ChunkSource::Fetch(f) = &self.source {
             f.fetch(e).map_err(|x| {
@@ -305,11 +351,11 @@ impl LazyDisk {
             .and_then(|()| frame.try_reserve_exact(PackReader::frame_len(e)))
             .map_err(|x| format!("{range} could not be read (out of memory): {x}"))?;
         data.resize(e.ulen as usize, 0);
-        let reader: &PackReader = self.pack.reader();
+        let reader: &PackReader = pack.reader();
         reader
             .read_chunk_reusing(e, true, &mut data, &mut frame)
             .map_err(|x| format!("{range} failed verification before the guest read it: {x}"))?;
-        vmpack_formats::disk::write_skipping_zeros(&self.copy, e.offset, &data)
+        vmpack_formats::disk::write_skipping_zeros(&self.copy, at, &data)
             .map_err(|x| format!("{range}: writing the private copy: {x}"))
     }
 
@@ -368,9 +414,10 @@ impl DiskImage for Image {
         let mut ranges: Vec<Range<u64>> = d
             .chunks
             .iter()
+            .zip(&d.place)
             .zip(&d.state)
             .filter(|(_, s)| s.load(Ordering::SeqCst) != PRESENT)
-            .map(|(e, _)| e.offset..e.offset + u64::from(e.ulen))
+            .map(|((e, (_, at)), _)| *at..at + u64::from(e.ulen))
             .collect();
         // After the list: a chunk filled meanwhile is then in the copy's ranges.
         ranges.extend(d.copy.data_ranges()?);
