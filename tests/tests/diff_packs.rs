@@ -638,9 +638,29 @@ fn disk_diffs_store_only_written_chunks_and_a_depth_3_chain_restores_the_disk_ex
         assert_eq!(all, (1..=3000).collect::<Vec<u64>>(), "{args:?}");
         ends.push(after);
     }
+    // From a pipe, the parent named: the disk starts as the parents' and the child's
+    // chunks land over it as they stream past.
+    let o = common::run_with_stdin(
+        dir,
+        &[
+            "restore",
+            "-",
+            "--parent",
+            "d2.vmpack",
+            "--serial-out",
+            p("s.serial").to_str().unwrap(),
+        ],
+        &std::fs::read(p("d3.vmpack")).unwrap(),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    let after = std::fs::read_to_string(p("s.serial")).unwrap();
+    let all = rounds(&format!("{before}{after}"));
+    assert_eq!(all, (1..=3000).collect::<Vec<u64>>(), "from a pipe");
+    ends.push(after);
     let ends: Vec<String> = ends;
     assert!(ends[0].lines().last().unwrap().starts_with("sum="));
     assert_eq!(ends[0], ends[1], "eager and lazy restores of the chain");
+    assert_eq!(ends[0], ends[2], "eager and piped restores of the chain");
     let (code, err) = restore_to_end(&p("full3.vmpack"), &p("f.serial"), &[]);
     assert_eq!(code, Some(0), "{err}");
     let full_end = std::fs::read_to_string(p("f.serial")).unwrap();

@@ -1503,13 +1503,7 @@ fn restore_stream<R: Read + 'static>(
                         )));
                     }
                 }
-                if info.kind == kind::DISK_DIFF {
-                    return Err(Error::Refused(format!(
-                        "{label}: section '{}': a disk stored as a diff of the parent's cannot be restored from a pipe; restore the pack file, or `vmpack flatten` it first",
-                        info.name
-                    )));
-                }
-                if let (kind::DISK, Some(m)) = (info.kind, m) {
+                if let (kind::DISK | kind::DISK_DIFF, Some(m)) = (info.kind, m) {
                     let i = m
                         .disks
                         .iter()
@@ -1520,7 +1514,7 @@ fn restore_stream<R: Read + 'static>(
                                 info.name
                             ))
                         })?;
-                    if info.size != m.disks[i].virtual_size {
+                    if info.kind == kind::DISK && info.size != m.disks[i].virtual_size {
                         return Err(Error::Refused(format!(
                             "{label}: section '{}' holds {} bytes, the manifest says {}",
                             info.name, info.size, m.disks[i].virtual_size
@@ -1534,6 +1528,27 @@ fn restore_stream<R: Read + 'static>(
                     }
                     let p = disk_copy_path(&work.path, i);
                     let f = sparse_file(&p, m.disks[i].virtual_size)?;
+                    if info.kind == kind::DISK_DIFF {
+                        // The parents' disk (verified at the manifest) first; the chunks
+                        // this pack stores replace theirs as they stream past.
+                        let Some((chain, _)) = &parents else {
+                            return Err(Error::Refused(format!(
+                                "{label}: section '{}': kind {} in a pack without a parent",
+                                info.name,
+                                kind::DISK_DIFF
+                            )));
+                        };
+                        let map = ChunkMap::from_disk_section(info, m.disks[i].virtual_size)
+                            .map_err(|msg| {
+                                Error::Refused(format!(
+                                    "{label}: section '{}': {msg}; refused before reading it",
+                                    info.name
+                                ))
+                            })?;
+                        crate::diff::write_disk_layers(chain, i, &f)?;
+                        let present = map.present();
+                        diff_map = Some((map, present));
+                    }
                     disk_files.push((i, f, p));
                 }
                 current = Some((info.name.clone(), info.kind, gpa));
@@ -1558,6 +1573,20 @@ fn restore_stream<R: Read + 'static>(
                             .last()
                             .expect("disk file opened at section start");
                         f.write_all_at(data, offset)
+                            .with_context(|| format!("writing {}", p.display()))?;
+                    }
+                    kind::DISK_DIFF => {
+                        use std::os::unix::fs::FileExt;
+                        // As for memory: chunk j is the j-th present disk chunk, and a zero
+                        // one replaces the parents' bytes with zeros.
+                        let (map, present) = diff_map.as_ref().expect("map read at section start");
+                        let at = map.region_offset(present, offset).ok_or_else(|| {
+                            Error::Refused(format!("{label}: section '{name}': chunk at {offset:#x} lies outside its chunk map"))
+                        })?;
+                        let (_, f, p) = disk_files
+                            .last()
+                            .expect("disk file opened at section start");
+                        f.write_all_at(data, at)
                             .with_context(|| format!("writing {}", p.display()))?;
                     }
                     kind::MEMORY_DIFF => {
