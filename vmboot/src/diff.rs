@@ -263,15 +263,11 @@ pub fn chain_memory(chain: &Chain) -> Result<GuestMemoryInit> {
     })
 }
 
-/// Every chunk of the child's memory, each from the newest pack of the chain that holds it:
-/// what a lazy restore of a diff pack serves (and verifies) on first touch. The packs must
-/// share one memory chunk size, so the chunks of different packs never partly overlap.
-pub fn chain_table(chain: &Chain) -> Result<ChunkTable> {
-    let regions = region_layers(chain)?;
+/// The chain's packs opened again as shared handles (what lazy memory and disks keep for
+/// their fetches), each checked to be the file the chain checked: the same root digest.
+pub fn shared_packs(chain: &Chain) -> Result<Vec<Arc<VmPack>>> {
     let mut packs = Vec::with_capacity(chain.packs.len());
     for p in &chain.packs {
-        // The chain's packs were opened (and their digests checked) by value; the table
-        // needs shared ones: the same file, the same index.
         let again = VmPack::open(p.path())?;
         if again.reader().root_digest() != p.reader().root_digest() {
             return Err(Error::Refused(format!(
@@ -281,6 +277,15 @@ pub fn chain_table(chain: &Chain) -> Result<ChunkTable> {
         }
         packs.push(Arc::new(again));
     }
+    Ok(packs)
+}
+
+/// Every chunk of the child's memory, each from the newest pack of the chain that holds it:
+/// what a lazy restore of a diff pack serves (and verifies) on first touch. The packs must
+/// share one memory chunk size, so the chunks of different packs never partly overlap.
+pub fn chain_table(chain: &Chain) -> Result<ChunkTable> {
+    let regions = region_layers(chain)?;
+    let packs = shared_packs(chain)?;
     let mut chunks = Vec::new();
     for r in &regions {
         let base = chain.packs[0].reader();

@@ -332,24 +332,11 @@ impl RamCopy {
     /// An empty (all zero, nothing resident) private copy of a region of `len` bytes at
     /// `gpa`, holding data nowhere yet.
     pub(crate) fn new(gpa: u64, len: usize) -> Result<RamCopy> {
-        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error())
-                .context("mapping a copy of guest RAM for the save");
-        }
+        let ptr = crate::vstate::memory::map_anonymous(len)
+            .context("mapping a copy of guest RAM for the save")?;
         Ok(RamCopy {
             gpa,
-            ptr: ptr.cast(),
+            ptr,
             len,
             ranges: Vec::new(),
         })
@@ -1000,18 +987,7 @@ fn lazy_chain_disks(
     dir: &Path,
 ) -> Result<crate::vstate::lazy_disk::LazyDisks> {
     let child = chain.packs.last().expect("a chain holds the child");
-    let mut packs = Vec::with_capacity(chain.packs.len());
-    for p in &chain.packs {
-        // Shared handles on the same files, checked to be the packs the chain checked.
-        let again = VmPack::open(p.path())?;
-        if again.reader().root_digest() != p.reader().root_digest() {
-            return Err(Error::Refused(format!(
-                "{}: the file changed while it was being restored",
-                p.path().display()
-            )));
-        }
-        packs.push(Arc::new(again));
-    }
+    let packs = crate::diff::shared_packs(chain)?;
     let mut v = Vec::new();
     for (i, d) in child.manifest().disks.iter().enumerate() {
         let chunks = crate::diff::disk_chunks(chain, i)?;
