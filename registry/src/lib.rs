@@ -15,6 +15,7 @@ pub mod signature;
 pub use cache::ChunkCache;
 pub use client::{Client, ClientOptions, Credentials};
 pub use oci::{
-    fetch_chunk, pull, push, resolve, resolve_cached, PullReport, PushReport, RemotePack,
+    fetch_chunk, pull, push, resolve, resolve_cached, root_tag, ParentLink, PullReport, PushReport,
+    RemotePack,
 };
 pub use reference::Reference;

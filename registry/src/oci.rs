@@ -63,6 +63,40 @@ pub struct PackConfig {
     /// Bodies of the pack's `SIGN` frames, base64 (standard alphabet, padded), in order.
     #[serde(default)]
     pub signatures: Vec<String>,
+    /// For a diff pack: where its parent is in the same repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentLink>,
+}
+
+/// Where a diff pack's parent is: in the same repository, by the digest of what its own
+/// tag points to (docs/FORMAT.md §14, "Diff packs").
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ParentLink {
+    /// `sha256:` + the parent's root digest (which the diff pack's manifest names too).
+    pub root_digest: String,
+    /// `sha256:` digest of the parent's head manifest or image index.
+    pub digest: String,
+}
+
+impl ParentLink {
+    fn check(&self, what: &str) -> Result<()> {
+        for d in [&self.root_digest, &self.digest] {
+            let ok = d.strip_prefix("sha256:").is_some_and(|h| {
+                h.len() == 64
+                    && h.bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            });
+            if !ok {
+                bail!("{what}: the config's parent digest '{}' is not sha256:<64 lowercase hex digits>", d.escape_debug());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The tag a diff pack's parent is pushed under: `vmpack-root-` + its root digest's hex.
+pub fn root_tag(root_hex: &str) -> String {
+    format!("vmpack-root-{root_hex}")
 }
 
 fn other(s: &str) -> MediaType {
@@ -157,15 +191,20 @@ pub struct PushReport {
     pub signatures: u64,
     /// Whether the registry has the referrers API (false: the tag fallback was used).
     pub referrers_api: Option<bool>,
+    /// For a diff pack: its parent, as the config names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentLink>,
 }
 
 /// Pushes the pack at `path` to the client's reference (which must carry a tag).
 /// `verify` sees the full verification, `progress` the bytes of blobs handled.
 /// Blobs the repository lacks are mounted from repository `mount_from` of the same registry
 /// where the registry can (cross-repository blob mount), else uploaded.
+/// A diff pack names its parent with `parent` (pushed before it, in the same repository).
 pub fn push(
     path: &Path,
     client: &Client,
+    parent: Option<&ParentLink>,
     mount_from: Option<&str>,
     verify: &dyn Progress,
     progress: &dyn Progress,
@@ -223,6 +262,7 @@ pub fn push(
             .iter()
             .map(|s| base64::engine::general_purpose::STANDARD.encode(s))
             .collect(),
+        parent: parent.cloned(),
     };
     let config_bytes = serde_json::to_vec(&config)?;
     let config_digest = sha256_digest(&config_bytes);
@@ -403,6 +443,7 @@ pub fn push(
         manifests,
         signatures: skel.signatures().len() as u64,
         referrers_api,
+        parent: config.parent,
     })
 }
 
@@ -586,6 +627,9 @@ pub struct RemotePack {
     /// `config and index` (for `restore REF`'s timing line).
     pub timings: Vec<(&'static str, f64)>,
     pub skeleton: Skeleton,
+    /// For a diff pack: its parent, as the config names it (checked against the pack's own
+    /// manifest by the caller).
+    pub parent: Option<ParentLink>,
     /// The blob of every non-zero chunk, keyed by the chunk's payload file offset.
     blobs: HashMap<u64, (String, u64)>,
 }
@@ -673,6 +717,9 @@ pub fn resolve_cached(
             cfg.root_digest
         );
     }
+    if let Some(p) = &cfg.parent {
+        p.check(&what)?;
+    }
     let header: [u8; 32] = hex::decode(&cfg.header)
         .ok()
         .and_then(|h| h.try_into().ok())
@@ -728,6 +775,7 @@ pub fn resolve_cached(
         confirmed,
         timings,
         skeleton,
+        parent: cfg.parent,
         blobs,
     })
 }
@@ -812,6 +860,9 @@ pub struct PullReport {
     /// Blobs the local chunk cache already held.
     pub cached_blobs: u64,
     pub cached_bytes: u64,
+    /// For a diff pack: its parent, as the config names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentLink>,
 }
 
 /// Pulls the client's reference into `out`: chunks missing from `cache` are downloaded
@@ -921,5 +972,52 @@ pub fn pull(
         fetched_bytes: fetched.into_inner(),
         cached_blobs: (unique.len() - missing.len()) as u64,
         cached_bytes,
+        parent: pack.parent.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_parent_is_checked_and_old_configs_have_none() {
+        let hex = "ab".repeat(32);
+        let good = ParentLink {
+            root_digest: format!("sha256:{hex}"),
+            digest: format!("sha256:{}", "01".repeat(32)),
+        };
+        assert!(good.check("r").is_ok());
+        for bad in [
+            ParentLink {
+                root_digest: hex.clone(),
+                ..good.clone()
+            },
+            ParentLink {
+                digest: format!("sha256:{}", "AB".repeat(32)),
+                ..good.clone()
+            },
+            ParentLink {
+                digest: "sha256:../x".into(),
+                ..good.clone()
+            },
+        ] {
+            let e = bad.check("reg/repo:t").unwrap_err().to_string();
+            assert!(
+                e.contains("reg/repo:t") && e.contains("parent digest"),
+                "{e}"
+            );
+        }
+        // A config without `parent` (every pack pushed before diff packs could be) reads as
+        // none, and one without a parent is written without the key.
+        let old = r#"{"format":"vmpack","mapping":1,"header":"","index_offset":0,"size":0,"root_digest":"sha256:x"}"#;
+        let c: PackConfig = serde_json::from_str(old).unwrap();
+        assert!(c.parent.is_none());
+        assert!(!serde_json::to_string(&c).unwrap().contains("parent"));
+        assert_eq!(root_tag(&hex), format!("vmpack-root-{hex}"));
+        assert!(
+            root_tag(&hex).len() <= 128,
+            "a tag is at most 128 characters"
+        );
+    }
 }

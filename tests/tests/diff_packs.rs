@@ -322,16 +322,162 @@ fn diff_of_a_restored_vm_is_small_and_its_memory_exact() {
     assert!(std::fs::read_to_string(p("d.serial"))
         .unwrap()
         .contains("memtest: 7680 pages ok"));
-    // A pipe cannot be layered: refused by name.
+    // From a pipe the parent is named with --parent; without it the pack is refused.
     let o = common::run_with_stdin(
         dir,
         &["restore", "-"],
         &std::fs::read(p("x.vmpack")).unwrap(),
     );
     assert!(
-        common::fails(&o).contains("cannot be restored from a pipe"),
+        common::fails(&o).contains("read from a pipe needs its parent: name it with --parent FILE"),
         "{}",
         common::stderr(&o)
+    );
+}
+
+/// `save --diff-from P -o - | restore - --parent P`: the chain's memory from the parent
+/// files, the child's chunks over it as they stream past.
+#[test]
+fn a_depth_2_chain_restores_from_a_pipe_with_its_parent_named() {
+    if !common::kvm_available("diff pack tests") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let p = |n: &str| dir.join(n);
+    let a = Running::start(dir, "counter64.toml", "a");
+    a.wait_for("\n10\n");
+    a.save_ok(&p("base.vmpack"), None, "resume");
+    a.wait_for("\n20\n");
+    a.save_ok(&p("d1.vmpack"), Some(&p("base.vmpack")), "resume");
+    a.wait_for("\n30\n");
+    // The child itself goes through a pipe: `save -o -` into `restore -`.
+    let o = Command::new(vmpack())
+        .args(["save", "--api-sock"])
+        .arg(&a.sock)
+        .args(["-o", "-", "--then", "stop", "--diff-from"])
+        .arg(p("d1.vmpack"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let child = o.stdout;
+    let (code, err) = a.finish();
+    assert_eq!(code, 0, "{err}");
+    let before = std::fs::read_to_string(p("a.serial")).unwrap();
+    std::fs::write(p("d2.vmpack"), &child).unwrap();
+    let d1_root = root_digest(&p("d1.vmpack"));
+
+    // The parent is elsewhere: its own parent is found next to it.
+    std::fs::create_dir(p("far")).unwrap();
+    std::fs::rename(p("d1.vmpack"), p("far/d1.vmpack")).unwrap();
+    std::fs::rename(p("base.vmpack"), p("far/base.vmpack")).unwrap();
+    let serial = p("b.serial");
+    let o = common::run_with_stdin(
+        dir,
+        &[
+            "restore",
+            "-",
+            "--parent",
+            "far/d1.vmpack",
+            "--serial-out",
+            serial.to_str().unwrap(),
+        ],
+        &child,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    assert!(
+        common::stderr(&o).contains("memory: stream, layered over the parent packs"),
+        "{}",
+        common::stderr(&o)
+    );
+    let after = std::fs::read_to_string(&serial).unwrap();
+    assert!(!after.is_empty());
+    assert_eq!(
+        format!("{before}{after}"),
+        counter_text(300),
+        "the piped child over its parents continues the count exactly"
+    );
+    // vmboot reads the same pipe the same way.
+    let mut c = Command::new(bin("vmboot"))
+        .current_dir(dir)
+        .args([
+            "restore",
+            "-",
+            "--parent",
+            "far/d1.vmpack",
+            "--serial-out",
+            "v.serial",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = c.stdin.take().unwrap();
+        stdin.write_all(&child).unwrap();
+    }
+    let o = c.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(p("v.serial")).unwrap(), after);
+
+    // Without --parent, or with a parent of another root digest: refused by name, no VM.
+    let x = p("x.serial");
+    let args = |parent: Option<&str>| {
+        let mut v = vec!["restore", "-", "--serial-out", x.to_str().unwrap()];
+        if let Some(f) = parent {
+            v.extend(["--parent", f]);
+        }
+        v.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |parent: Option<&str>| {
+        let a = args(parent);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        common::run_with_stdin(dir, &a, &child)
+    };
+    let err = common::fails(&run(None));
+    assert!(
+        err.contains("a diff pack (memory layered on d1.vmpack, root digest ")
+            && err.contains(&d1_root)
+            && err.contains("read from a pipe needs its parent: name it with --parent FILE"),
+        "{err}"
+    );
+    let err = common::fails(&run(Some("far/base.vmpack")));
+    assert!(
+        err.contains(&format!(
+            "parent pack far/base.vmpack is not the one it was saved against: root digest {}, expected {d1_root}",
+            root_digest(&p("far/base.vmpack"))
+        )),
+        "{err}"
+    );
+    let err = common::fails(&run(Some("nothere.vmpack")));
+    assert!(
+        err.contains("its parent pack nothere.vmpack is missing") && err.contains(&d1_root),
+        "{err}"
+    );
+    assert!(
+        !std::fs::read_to_string(&x)
+            .unwrap_or_default()
+            .contains('1'),
+        "no guest ran"
+    );
+    // An ordinary pack through a pipe is unchanged by --parent's absence.
+    let o = common::run_with_stdin(
+        dir,
+        &["restore", "-", "--serial-out", "f.serial"],
+        &std::fs::read(p("far/base.vmpack")).unwrap(),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    let full = std::fs::read_to_string(p("f.serial")).unwrap();
+    assert!(
+        full.ends_with("\n300\n") && counter_text(300).ends_with(&full),
+        "{full}"
     );
 }
 
@@ -492,9 +638,29 @@ fn disk_diffs_store_only_written_chunks_and_a_depth_3_chain_restores_the_disk_ex
         assert_eq!(all, (1..=3000).collect::<Vec<u64>>(), "{args:?}");
         ends.push(after);
     }
+    // From a pipe, the parent named: the disk starts as the parents' and the child's
+    // chunks land over it as they stream past.
+    let o = common::run_with_stdin(
+        dir,
+        &[
+            "restore",
+            "-",
+            "--parent",
+            "d2.vmpack",
+            "--serial-out",
+            p("s.serial").to_str().unwrap(),
+        ],
+        &std::fs::read(p("d3.vmpack")).unwrap(),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    let after = std::fs::read_to_string(p("s.serial")).unwrap();
+    let all = rounds(&format!("{before}{after}"));
+    assert_eq!(all, (1..=3000).collect::<Vec<u64>>(), "from a pipe");
+    ends.push(after);
     let ends: Vec<String> = ends;
     assert!(ends[0].lines().last().unwrap().starts_with("sum="));
     assert_eq!(ends[0], ends[1], "eager and lazy restores of the chain");
+    assert_eq!(ends[0], ends[2], "eager and piped restores of the chain");
     let (code, err) = restore_to_end(&p("full3.vmpack"), &p("f.serial"), &[]);
     assert_eq!(code, Some(0), "{err}");
     let full_end = std::fs::read_to_string(p("f.serial")).unwrap();

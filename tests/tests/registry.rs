@@ -1653,3 +1653,263 @@ fn restore_from_a_reference_fetches_the_disk_on_demand() {
     assert!(err.contains("disk 0 at 0xa00000..0xb00000"), "{err}");
     assert!(err.contains("failed verification"), "{err}");
 }
+
+/// `vmpack save` of the VM behind `sock` into `out`, optionally `--diff-from PARENT`.
+fn save_to(dir: &Path, sock: &Path, out: &Path, diff_from: Option<&Path>, then: &str) {
+    let mut args = vec![
+        "save",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--then",
+        then,
+        "-q",
+    ];
+    if let Some(p) = diff_from {
+        args.extend(["--diff-from", p.to_str().unwrap()]);
+    }
+    ok(&vm(dir, &args));
+}
+
+/// A chain of diff packs through a registry: `push CHILD REF` sends its parents first (each
+/// tagged by its root digest) and names the parent in the child's config; `restore REF`
+/// continues exactly; `pull REF` writes the child with its parents next to it under the
+/// names its manifest gives, and that chain verifies and restores exactly; a parent's blob
+/// altered in the registry is refused naming the parent and the chunk.
+#[test]
+fn a_diff_chain_pushed_restored_and_pulled_through_a_registry() {
+    if !kvm_available("the diff-chain registry test")
+        || !have("docker-registry", "the diff-chain registry test")
+    {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let reg = Registry::start(&d.join("reg"), None);
+    let p = |n: &str| d.join(n);
+    let sock = p("a.sock");
+    let serial = p("a.serial");
+    let _ = vmpack();
+    let mut guest = Command::new(bin("vmboot"))
+        .arg("run")
+        .arg(samples_dir().join("counter64.toml"))
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--serial-out")
+        .arg(&serial)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let text = || std::fs::read_to_string(&serial).unwrap_or_default();
+    for (needle, name, parent, then) in [
+        ("\n10\n", "base.vmpack", None, "resume"),
+        ("\n20\n", "d1.vmpack", Some("base.vmpack"), "resume"),
+        ("\n30\n", "d2.vmpack", Some("d1.vmpack"), "stop"),
+    ] {
+        wait_for(needle, Duration::from_secs(60), || {
+            text().contains(needle) && UnixStream::connect(&sock).is_ok()
+        });
+        save_to(d, &sock, &p(name), parent.map(&p).as_deref(), then);
+    }
+    assert!(guest.wait().unwrap().success());
+    let before = text();
+    let root = |f: &Path| {
+        hex::encode(
+            vmpack_formats::pack::PackReader::open(f)
+                .unwrap()
+                .root_digest(),
+        )
+    };
+
+    let r = format!("{}/team/chain:v1", reg.host());
+    let o = vm(d, &["push", "d2.vmpack", &r, "--json"]);
+    let j = json(&o);
+    assert_eq!(
+        j["parent"]["root_digest"],
+        format!("sha256:{}", root(&p("d1.vmpack"))),
+        "{j}"
+    );
+    let err = stderr(&o);
+    for f in ["base.vmpack", "d1.vmpack"] {
+        let tag = format!("{}/team/chain:vmpack-root-{}", reg.host(), root(&p(f)));
+        assert!(
+            err.contains(&format!("pushed the parent pack {f} as {tag}")),
+            "{err}"
+        );
+    }
+
+    // Restored straight from the reference: the chain comes from the registry.
+    let (o, after) = restore_ref(d, "r", &r);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("memory: lazy, layered over the parent packs"),
+        "{err}"
+    );
+    assert_eq!(
+        format!("{before}{after}"),
+        (1..=300).map(|i| format!("{i}\n")).collect::<String>(),
+        "{err}"
+    );
+
+    // --memory eager: every pack of the chain fetched whole first, then layered.
+    let serial = d.join("e.serial");
+    let o = vm(
+        d,
+        &[
+            "restore",
+            &r,
+            "--memory",
+            "eager",
+            "--serial-out",
+            serial.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&serial).unwrap(), after);
+
+    // Pulled: the child, and its parents beside it under the names the manifests give.
+    std::fs::create_dir(p("out")).unwrap();
+    ok(&vm(d, &["pull", &r, "-o", "out/child.vmpack", "-q"]));
+    for f in ["base.vmpack", "d1.vmpack"] {
+        same_file(&p(f), &p("out").join(f));
+    }
+    same_file(&p("d2.vmpack"), &p("out/child.vmpack"));
+    ok(&vm(d, &["verify", "out/child.vmpack"]));
+    let o = vm(
+        d,
+        &[
+            "restore",
+            "out/child.vmpack",
+            "--serial-out",
+            "pulled.serial",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(p("pulled.serial")).unwrap(), after);
+    // Clones from the reference run from one pulled chain, in a folder of its own in the
+    // cache (other chains' parents may have the same names).
+    let o = vm(d, &["restore", &r, "--clones", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for i in 0..2 {
+        assert!(out.contains(&format!("[{i}] 300\n")), "{out}");
+    }
+    let chains: Vec<_> = std::fs::read_dir(d.join("cache/pulled"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(chains.len(), 1, "{chains:?}");
+    assert_eq!(
+        std::fs::read_dir(chains[0].path()).unwrap().count(),
+        3,
+        "the child and its two parents"
+    );
+    // A file under a parent's name that is not that parent is never replaced.
+    std::fs::create_dir(p("out2")).unwrap();
+    std::fs::write(p("out2/d1.vmpack"), b"mine").unwrap();
+    let e = fails(&vm(d, &["pull", &r, "-o", "out2/child.vmpack", "-q"]));
+    assert!(e.contains("exists and is not the parent pack"), "{e}");
+    assert_eq!(std::fs::read(p("out2/d1.vmpack")).unwrap(), b"mine");
+    assert!(!p("out2/child.vmpack").exists());
+
+    // A blob of a base altered in the registry's storage: one no other pack shares, of a
+    // region chunk the diff does not replace (so a lazy restore reads it from the base).
+    // memtest fills 30 MiB, then checks it: its base holds chunks no diff replaces.
+    let msock = p("m.sock");
+    let mserial = p("m.serial");
+    let mut guest = Command::new(bin("vmboot"))
+        .arg("run")
+        .arg(samples_dir().join("memtest.toml"))
+        .arg("--api-sock")
+        .arg(&msock)
+        .arg("--serial-out")
+        .arg(&mserial)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("memtest to fill", Duration::from_secs(60), || {
+        std::fs::read_to_string(&mserial)
+            .unwrap_or_default()
+            .contains("filled")
+            && UnixStream::connect(&msock).is_ok()
+    });
+    save_to(d, &msock, &p("mbase.vmpack"), None, "resume");
+    save_to(
+        d,
+        &msock,
+        &p("mdiff.vmpack"),
+        Some(&p("mbase.vmpack")),
+        "stop",
+    );
+    assert!(guest.wait().unwrap().success());
+    let r = format!("{}/team/chain:memtest", reg.host());
+    ok(&vm(d, &["push", "mdiff.vmpack", &r, "-q"]));
+    let diff = vmpack_formats::vm::VmPack::open(&p("mdiff.vmpack")).unwrap();
+    let m = &diff.manifest().memory[0];
+    let ds = diff.reader().section(&m.section).unwrap();
+    let map = vmpack_formats::diff::ChunkMap::from_section(ds, m.size).unwrap();
+    let newer: Vec<String> = diff
+        .reader()
+        .chunks(ds.id)
+        .iter()
+        .map(|e| hex::encode(e.sha256))
+        .collect();
+    let rd = vmpack_formats::pack::PackReader::open(&p("mbase.vmpack")).unwrap();
+    let cs = u64::from(rd.section("memory/0").unwrap().chunk_size);
+    let (seq, e) = rd
+        .chunks(rd.section("memory/0").unwrap().id)
+        .iter()
+        .enumerate()
+        .find(|(_, e)| {
+            e.clen > 0 && !newer.contains(&hex::encode(e.sha256)) && !map.get(e.offset / cs)
+        })
+        .expect("a base chunk of its own");
+    let hex = hex::encode(e.sha256);
+    let data = reg
+        .blob_files()
+        .into_iter()
+        .find(|b| b.parent().unwrap().file_name().unwrap().to_str() == Some(hex.as_str()))
+        .expect("the chunk's blob in the registry's storage");
+    let mut bytes = std::fs::read(&data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&data, bytes).unwrap();
+    std::fs::create_dir(p("out3")).unwrap();
+    let fresh = p("cache2");
+    let o = vm_env(
+        d,
+        &["pull", &r, "-o", "out3/child.vmpack", "-q"],
+        &[("VMPACK_CACHE_DIR", fresh.to_str().unwrap())],
+    );
+    let e = fails(&o);
+    assert!(
+        e.contains(&format!("section 'memory/0' chunk {seq}")),
+        "{e}"
+    );
+    assert!(e.contains(&hex), "{e}");
+    assert!(e.contains("/team/chain@sha256:"), "{e}");
+    assert_eq!(std::fs::read_dir(p("out3")).unwrap().count(), 0);
+    // restore REF, with an empty cache too: the chain is served on first touch, and the
+    // altered chunk (reached by the guest or the prefetch) stops the VM naming the parent's
+    // reference and the chunk, before the guest reads it.
+    let o = vm_env(
+        d,
+        &["restore", &r, "--serial-out", "bad.serial"],
+        &[("VMPACK_CACHE_DIR", p("cache3").to_str().unwrap())],
+    );
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(76), "{e}");
+    assert!(
+        e.contains(&format!("section 'memory/0' chunk {seq}"))
+            && e.contains(&hex)
+            && e.contains("/team/chain@sha256:"),
+        "{e}"
+    );
+    assert!(!std::fs::read_to_string(p("bad.serial"))
+        .unwrap_or_default()
+        .contains("pages ok"));
+}

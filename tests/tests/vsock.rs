@@ -78,6 +78,20 @@ fn vm_info(api: &Path) -> serde_json::Value {
     assert_eq!(code, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }
+/// Boots the rsvsock guest, sets `key` to `value` in its store over vsock, saves it to
+/// `p.vmpack` and stops it: the pack, the guest's generation ID line at the save and the
+/// host port of the connection that set the key (open in the pack).
+fn saved_with_key(d: &Path, key: &str, value: &str) -> (PathBuf, String, u32) {
+    let (r, api, sock) = boot(d);
+    let mut kv = connect(&sock, 5001);
+    assert_eq!(kv.ask(&format!("set {key} {value}")), "ok");
+    let genid = kv.ask("genid");
+    let pack = d.join("p.vmpack");
+    common::blk::save(d, &api, &pack, "stop");
+    let (code, _, err) = r.finish(TIMEOUT);
+    assert_eq!(code, 0, "{err}");
+    (pack, genid, kv.host_port)
+}
 
 fn boot(dir: &Path) -> (Running, PathBuf, PathBuf) {
     let cfg = config(dir, 3);
@@ -324,14 +338,7 @@ fn vsock_reset_in_place_is_a_fresh_restore() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let _ = vmpack();
-    let (r, api, sock) = boot(d);
-    let mut kv = connect(&sock, 5001);
-    assert_eq!(kv.ask("set k saved"), "ok");
-    let genid0 = kv.ask("genid");
-    let pack = d.join("p.vmpack");
-    common::blk::save(d, &api, &pack, "stop");
-    let (code, _, err) = r.finish(TIMEOUT);
-    assert_eq!(code, 0, "{err}");
+    let (pack, genid0, kv_port) = saved_with_key(d, "k", "saved");
 
     let sock2 = d.join("r.sock");
     let api2 = d.join("api2.sock");
@@ -347,7 +354,7 @@ fn vsock_reset_in_place_is_a_fresh_restore() {
         ],
         d,
     );
-    let saved_reset = format!("closed {} reset\n", kv.host_port);
+    let saved_reset = format!("closed {kv_port} reset\n");
     let listener = UnixListener::bind(d.join("r.sock_7000")).unwrap();
     let mut ids = vec![genid0];
     for round in 1..=3 {
@@ -414,14 +421,7 @@ fn vsock_clones_each_get_their_own_socket() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let _ = vmpack();
-    let (r, api, sock) = boot(d);
-    let mut kv = connect(&sock, 5001);
-    assert_eq!(kv.ask("set who parent"), "ok");
-    let parent_id = kv.ask("genid");
-    let pack = d.join("p.vmpack");
-    common::blk::save(d, &api, &pack, "stop");
-    let (code, _, err) = r.finish(TIMEOUT);
-    assert_eq!(code, 0, "{err}");
+    let (pack, parent_id, kv_port) = saved_with_key(d, "who", "parent");
 
     const N: usize = 10;
     let child = Command::new(vmpack())
@@ -443,7 +443,7 @@ fn vsock_clones_each_get_their_own_socket() {
         .unwrap();
     let clones = common::blk::Running::from_child(child);
     for i in 0..N {
-        clones.wait_for(&format!("[{i}] closed {} reset\n", kv.host_port), TIMEOUT);
+        clones.wait_for(&format!("[{i}] closed {kv_port} reset\n"), TIMEOUT);
     }
     let mut conns: Vec<Conn> = (0..N)
         .map(|i| connect(&d.join(format!("c{i}.sock")), 5001))
@@ -556,14 +556,7 @@ fn vsock_vmpack_test_cases_are_isolated_in_both_modes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let _ = vmpack();
-    let (r, api, sock) = boot(d);
-    let mut kv = connect(&sock, 5001);
-    assert_eq!(kv.ask("set saved yes"), "ok");
-    let genid0 = kv.ask("genid");
-    let pack = d.join("p.vmpack");
-    common::blk::save(d, &api, &pack, "stop");
-    let (code, _, err) = r.finish(TIMEOUT);
-    assert_eq!(code, 0, "{err}");
+    let (_, genid0, _) = saved_with_key(d, "saved", "yes");
 
     let n = 6;
     let mut cases = String::from("timeout_ms = 20000\nchannel = \"vsock:5001\"\n");

@@ -14,9 +14,9 @@ use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use vmpack_formats::diff::{Chain, ChunkMap};
+use vmpack_formats::diff::{Chain, ChunkMap, ParentRef};
 use vmpack_formats::pack::{ChunkEntry, Codec, PackError, PackErrorKind};
-use vmpack_formats::vm::VmPack;
+use vmpack_formats::vm::{Manifest, VmPack};
 
 /// The refusal of a diff save against a pack this VM does not descend from.
 pub fn unknown_parent(root: &str) -> Error {
@@ -278,15 +278,11 @@ pub fn chain_memory(chain: &Chain) -> Result<GuestMemoryInit> {
     })
 }
 
-/// Every chunk of the child's memory, each from the newest pack of the chain that holds it:
-/// what a lazy restore of a diff pack serves (and verifies) on first touch. The packs must
-/// share one memory chunk size, so the chunks of different packs never partly overlap.
-pub fn chain_table(chain: &Chain) -> Result<ChunkTable> {
-    let regions = region_layers(chain)?;
+/// The chain's packs opened again as shared handles (what lazy memory and disks keep for
+/// their fetches), each checked to be the file the chain checked: the same root digest.
+pub fn shared_packs(chain: &Chain) -> Result<Vec<Arc<VmPack>>> {
     let mut packs = Vec::with_capacity(chain.packs.len());
     for p in &chain.packs {
-        // The chain's packs were opened (and their digests checked) by value; the table
-        // needs shared ones: the same file, the same index.
         let again = VmPack::open(p.path())?;
         if again.reader().root_digest() != p.reader().root_digest() {
             return Err(Error::Refused(format!(
@@ -296,6 +292,15 @@ pub fn chain_table(chain: &Chain) -> Result<ChunkTable> {
         }
         packs.push(Arc::new(again));
     }
+    Ok(packs)
+}
+
+/// Every chunk of the child's memory, each from the newest pack of the chain that holds it:
+/// what a lazy restore of a diff pack serves (and verifies) on first touch. The packs must
+/// share one memory chunk size, so the chunks of different packs never partly overlap.
+pub fn chain_table(chain: &Chain) -> Result<ChunkTable> {
+    let regions = region_layers(chain)?;
+    let packs = shared_packs(chain)?;
     let mut chunks = Vec::new();
     for r in &regions {
         let base = chain.packs[0].reader();
@@ -528,13 +533,18 @@ pub fn disk_chunks(chain: &Chain, index: usize) -> Result<Vec<(usize, u64, Chunk
 /// lists (diff packs store none: they are the base's).
 pub fn base_with_files(chain: &Chain) -> Result<VmPack> {
     let child = chain.packs.last().expect("a chain holds the child");
+    base_holding(chain, child.manifest(), &child.path().display().to_string())
+}
+
+/// The base of `chain` opened again, checked to hold every boot file `child` (labelled
+/// `label`) lists.
+fn base_holding(chain: &Chain, child: &Manifest, label: &str) -> Result<VmPack> {
     let base = VmPack::open(chain.packs[0].path())?;
-    for f in &child.manifest().files {
+    for f in &child.files {
         let b = base.manifest().file(&f.role);
         if b.is_none_or(|b| b.size != f.size || b.in_parent) {
             return Err(Error::Refused(format!(
-                "{}: its {} file ({} bytes) is not in its base pack {}",
-                child.path().display(),
+                "{label}: its {} file ({} bytes) is not in its base pack {}",
                 f.role,
                 f.size,
                 base.path().display()
@@ -542,6 +552,72 @@ pub fn base_with_files(chain: &Chain) -> Result<VmPack> {
         }
     }
     Ok(base)
+}
+
+/// The parents of a diff pack read from a pipe (so not a file to look next to): `parent`,
+/// named by the user, and its own parents next to it, each checked against the root digest
+/// its child names; then the child's RAM regions against theirs and its boot files against
+/// the base's. Returns the chain (`parent` last) and its base. Nothing of the child's memory
+/// has been read yet.
+pub fn pipe_parents(
+    label: &str,
+    child: &Manifest,
+    named: &ParentRef,
+    parent: &std::path::Path,
+) -> Result<(Chain, VmPack)> {
+    if !parent.exists() {
+        return Err(Error::Refused(format!(
+            "{label}: its parent pack {} is missing (root digest {})",
+            parent.display(),
+            named.root_digest
+        )));
+    }
+    let chain = vmpack_formats::diff::open_chain(parent, None)?;
+    let last = chain.packs.last().expect("a chain holds its child");
+    let actual = hex::encode(last.reader().root_digest());
+    if actual != named.root_digest {
+        return Err(Error::Refused(format!(
+            "{label}: parent pack {} is not the one it was saved against: root digest {actual}, expected {}",
+            parent.display(),
+            named.root_digest
+        )));
+    }
+    let mut ours: Vec<(u64, u64)> = child.memory.iter().map(|m| (m.gpa, m.size)).collect();
+    let mut theirs: Vec<(u64, u64)> = last
+        .manifest()
+        .memory
+        .iter()
+        .map(|m| (m.gpa, m.size))
+        .collect();
+    ours.sort_unstable();
+    theirs.sort_unstable();
+    if ours != theirs {
+        return Err(Error::Refused(format!(
+            "{label}: its memory regions differ from those of its parent pack {}",
+            parent.display()
+        )));
+    }
+    // Checks the chain's own regions agree, before any RAM exists.
+    region_layers(&chain)?;
+    let base = base_holding(&chain, child, label)?;
+    Ok((chain, base))
+}
+
+/// Fills `ram` (every region of the chain's newest pack, zeroed) with that pack's memory:
+/// the base's, each diff's chunks over it, in order (not verified here: the caller verifies
+/// the packs first).
+pub fn fill_from_chain(chain: &Chain, ram: &mut crate::memory::StagedRam) -> Result<()> {
+    for r in &region_layers(chain)? {
+        let dst = ram
+            .region_mut(r.gpa)
+            .filter(|d| d.len() as u64 >= r.size)
+            .ok_or_else(|| {
+                Error::Refused(format!("no RAM region of {} bytes at {:#x}", r.size, r.gpa))
+            })?;
+        let out = RegionWriter::Slice(dst.as_mut_ptr() as usize, dst.len());
+        write_layers(chain, r, &out)?;
+    }
+    Ok(())
 }
 
 /// Writes the chain's child as one full pack to `out`: its manifest's config, boot files,

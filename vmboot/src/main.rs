@@ -60,6 +60,11 @@ enum Cmd {
         /// Print nothing but errors and warnings.
         #[arg(long, short)]
         quiet: bool,
+        /// For a diff pack: its parent pack, instead of the file its manifest names in its
+        /// folder (the root digest must still match); needed when the pack is read from
+        /// standard input.
+        #[arg(long, value_name = "FILE")]
+        parent: Option<PathBuf>,
     },
     /// Measure the time from process start to the guest's first instruction for several
     /// guest sizes (anonymous MAP_NORESERVE memory, so large guests cost little).
@@ -314,6 +319,7 @@ fn main() {
             verify,
             memory,
             quiet,
+            parent,
         } => {
             use vmboot::snapshot::{
                 restore_and_run, PackInput, Reporter, RestoreEvent, RestoreOptions,
@@ -350,7 +356,7 @@ fn main() {
                     run,
                     work_dir: std::env::temp_dir(),
                     source: Default::default(),
-                    parent: None,
+                    parent,
                 },
             )
             .map(|reason| {

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmpack_formats::config::{CpuTemplate, DiskFormat, VmConfig};
+use vmpack_formats::diff::ChunkMap;
 use vmpack_formats::pack::{
     Codec, Compression, PackError, SectionSource, StreamEvent, StreamReader, WriteOptions,
 };
@@ -396,24 +397,11 @@ impl RamCopy {
     /// An empty (all zero, nothing resident) private copy of a region of `len` bytes at
     /// `gpa`, holding data nowhere yet.
     pub(crate) fn new(gpa: u64, len: usize) -> Result<RamCopy> {
-        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error())
-                .context("mapping a copy of guest RAM for the save");
-        }
+        let ptr = crate::vstate::memory::map_anonymous(len)
+            .context("mapping a copy of guest RAM for the save")?;
         Ok(RamCopy {
             gpa,
-            ptr: ptr.cast(),
+            ptr,
             len,
             ranges: Vec::new(),
         })
@@ -729,16 +717,13 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
     })?;
     let reader = pack.reader();
     let known = verified_cache::is_verified(path, reader.root_digest());
+    // With a fetcher (from a registry), every pack of the chain is a local skeleton its
+    // `ChunkFetch::fetch_from` fills, so the chain is served lazily.
     let chain = match manifest.parent {
-        Some(_) => {
-            if matches!(opts.source, crate::vstate::lazy::ChunkSource::Fetch(_)) {
-                return Err(Error::Unsupported(format!("{label}: a diff pack cannot be run from a registry (its memory is layered on its parent); pull it and its parents, or push a flattened pack")));
-            }
-            Some(Arc::new(vmpack_formats::diff::open_chain(
-                path,
-                opts.parent.as_deref(),
-            )?))
-        }
+        Some(_) => Some(Arc::new(vmpack_formats::diff::open_chain(
+            path,
+            opts.parent.as_deref(),
+        )?)),
         // A live save's pack: a chain of one, whose memory is two layers (base, overlay).
         None if manifest.has_overlays() => {
             if matches!(opts.source, crate::vstate::lazy::ChunkSource::Fetch(_)) {
@@ -757,10 +742,10 @@ fn restore_file(path: &Path, opts: RestoreOptions) -> Result<(Vm, RestoreInfo)> 
         return Err(Error::Unsupported(format!("{label}: --memory lazy needs userfaultfd, which this process cannot use (vm.unprivileged_userfaultfd=1 or CAP_SYS_PTRACE); use --memory eager")));
     }
     let lazy = match opts.memory {
+        _ if remote => true,
         // A chain of diff packs is served lazily only when asked: `auto` maps it (or unpacks
         // it); a live save's pack follows the rule of any single pack.
         _ if manifest.parent.is_some() => opts.memory == MemoryPolicy::Lazy,
-        _ if remote => true,
         MemoryPolicy::Eager => false,
         MemoryPolicy::Lazy => true,
         MemoryPolicy::Auto => {
@@ -1084,18 +1069,7 @@ fn lazy_chain_disks(
     dir: &Path,
 ) -> Result<crate::vstate::lazy_disk::LazyDisks> {
     let child = chain.packs.last().expect("a chain holds the child");
-    let mut packs = Vec::with_capacity(chain.packs.len());
-    for p in &chain.packs {
-        // Shared handles on the same files, checked to be the packs the chain checked.
-        let again = VmPack::open(p.path())?;
-        if again.reader().root_digest() != p.reader().root_digest() {
-            return Err(Error::Refused(format!(
-                "{}: the file changed while it was being restored",
-                p.path().display()
-            )));
-        }
-        packs.push(Arc::new(again));
-    }
+    let packs = crate::diff::shared_packs(chain)?;
     let mut v = Vec::new();
     for (i, d) in child.manifest().disks.iter().enumerate() {
         let chunks = crate::diff::disk_chunks(chain, i)?;
@@ -1522,8 +1496,12 @@ fn restore_stream<R: Read + 'static>(
     let mut disk_files: Vec<(usize, File, PathBuf)> = Vec::new();
     let mut staged: Option<crate::memory::StagedRam> = None;
     let mut memory_seen: Vec<String> = Vec::new();
-    // The open overlay section's chunk map and present chunks (FORMAT.md §12, "Live saves").
-    let mut overlay: Option<(vmpack_formats::diff::ChunkMap, Vec<u64>)> = None;
+    // A diff pack's parents (files): the chain and its base (the boot files), what was said
+    // about their verification, and the open MEMORY_DIFF section's chunk map.
+    let mut parents: Option<(vmpack_formats::diff::Chain, VmPack)> = None;
+    let mut parents_verified = "";
+    let mut diff_map: Option<(ChunkMap, Vec<u64>)> = None;
+    // Header flag bit 1: the manifest names memory overlays (FORMAT.md §12, "Live saves").
     let overlay_flag = sr.overlays();
     loop {
         match sr.next_event()? {
@@ -1545,40 +1523,18 @@ fn restore_stream<R: Read + 'static>(
                 };
                 let mut gpa = 0;
                 buf.clear();
-                if let (kind::MEMORY, Some(m), Some(c)) = (info.kind, m, cfg.as_ref()) {
-                    check_stream_memory(m, info, label)?;
-                    gpa = m
-                        .memory
-                        .iter()
-                        .find(|r| r.section == info.name)
-                        .map_or(0, |r| r.gpa);
-                    memory_seen.push(info.name.clone());
-                    if staged.is_none() {
-                        staged = Some(crate::memory::StagedRam::new(&crate::memory::ram_layout(
-                            c.memory_bytes(),
-                        ))?);
-                    }
-                    let fits = staged
-                        .as_mut()
-                        .and_then(|s| s.region_mut(gpa))
-                        .is_some_and(|r| r.len() as u64 >= info.size);
-                    if !fits {
-                        return Err(Error::Refused(format!(
-                            "{label}: section '{}': no RAM region of {} bytes at {gpa:#x}",
-                            info.name, info.size
-                        )));
-                    }
-                }
-                overlay = None;
-                if let (kind::MEMORY_DIFF, Some(m)) = (info.kind, m) {
+                diff_map = None;
+                // A live save's overlay (FORMAT.md §12, "Live saves"): its chunks go over its
+                // base, already staged.
+                let overlay_of = m.and_then(|m| {
+                    m.memory.iter().find(|r| {
+                        info.kind == kind::MEMORY_DIFF && r.overlay.as_ref() == Some(&info.name)
+                    })
+                });
+                if let Some(r) = overlay_of {
                     let refuse = |why: &str| {
                         Error::Refused(format!("{label}: section '{}': {why}", info.name))
                     };
-                    let r = m
-                        .memory
-                        .iter()
-                        .find(|r| r.overlay.as_ref() == Some(&info.name))
-                        .ok_or_else(|| refuse("not an overlay the manifest names"))?;
                     // The base is written whole (zero chunks as zeros): the overlay goes
                     // over it, so it must come after it.
                     if !memory_seen.contains(&r.section) {
@@ -1590,8 +1546,7 @@ fn restore_stream<R: Read + 'static>(
                     if memory_seen.contains(&info.name) {
                         return Err(refuse("appears twice"));
                     }
-                    let map = vmpack_formats::diff::ChunkMap::from_section(info, r.size)
-                        .map_err(|why| refuse(&why))?;
+                    let map = ChunkMap::from_section(info, r.size).map_err(|why| refuse(&why))?;
                     gpa = r.gpa;
                     memory_seen.push(info.name.clone());
                     let fits = staged
@@ -1605,9 +1560,47 @@ fn restore_stream<R: Read + 'static>(
                         )));
                     }
                     let present = map.present();
-                    overlay = Some((map, present));
+                    diff_map = Some((map, present));
+                } else if let (kind::MEMORY | kind::MEMORY_DIFF, Some(m), Some(c)) =
+                    (info.kind, m, cfg.as_ref())
+                {
+                    diff_map = check_stream_memory(m, info, label)?.map(|map| {
+                        let present = map.present();
+                        (map, present)
+                    });
+                    gpa = m
+                        .memory
+                        .iter()
+                        .find(|r| r.section == info.name)
+                        .map_or(0, |r| r.gpa);
+                    memory_seen.push(info.name.clone());
+                    if staged.is_none() {
+                        let mut ram = crate::memory::StagedRam::new(&crate::memory::ram_layout(
+                            c.memory_bytes(),
+                        ))?;
+                        // A diff pack's memory starts as its parents' (verified at the
+                        // manifest); the chunks it stores replace theirs as they stream past.
+                        if let Some((chain, _)) = &parents {
+                            crate::diff::fill_from_chain(chain, &mut ram)?;
+                        }
+                        staged = Some(ram);
+                    }
+                    // A diff section holds the present chunks of the whole region.
+                    let needs = diff_map
+                        .as_ref()
+                        .map_or(info.size, |(map, _)| map.region_size);
+                    let fits = staged
+                        .as_mut()
+                        .and_then(|s| s.region_mut(gpa))
+                        .is_some_and(|r| r.len() as u64 >= needs);
+                    if !fits {
+                        return Err(Error::Refused(format!(
+                            "{label}: section '{}': no RAM region of {} bytes at {gpa:#x}",
+                            info.name, info.size
+                        )));
+                    }
                 }
-                if let (kind::DISK, Some(m)) = (info.kind, m) {
+                if let (kind::DISK | kind::DISK_DIFF, Some(m)) = (info.kind, m) {
                     let i = m
                         .disks
                         .iter()
@@ -1618,7 +1611,7 @@ fn restore_stream<R: Read + 'static>(
                                 info.name
                             ))
                         })?;
-                    if info.size != m.disks[i].virtual_size {
+                    if info.kind == kind::DISK && info.size != m.disks[i].virtual_size {
                         return Err(Error::Refused(format!(
                             "{label}: section '{}' holds {} bytes, the manifest says {}",
                             info.name, info.size, m.disks[i].virtual_size
@@ -1632,6 +1625,27 @@ fn restore_stream<R: Read + 'static>(
                     }
                     let p = disk_copy_path(&work.path, i);
                     let f = sparse_file(&p, m.disks[i].virtual_size)?;
+                    if info.kind == kind::DISK_DIFF {
+                        // The parents' disk (verified at the manifest) first; the chunks
+                        // this pack stores replace theirs as they stream past.
+                        let Some((chain, _)) = &parents else {
+                            return Err(Error::Refused(format!(
+                                "{label}: section '{}': kind {} in a pack without a parent",
+                                info.name,
+                                kind::DISK_DIFF
+                            )));
+                        };
+                        let map = ChunkMap::from_disk_section(info, m.disks[i].virtual_size)
+                            .map_err(|msg| {
+                                Error::Refused(format!(
+                                    "{label}: section '{}': {msg}; refused before reading it",
+                                    info.name
+                                ))
+                            })?;
+                        crate::diff::write_disk_layers(chain, i, &f)?;
+                        let present = map.present();
+                        diff_map = Some((map, present));
+                    }
                     disk_files.push((i, f, p));
                 }
                 current = Some((info.name.clone(), info.kind, gpa));
@@ -1658,11 +1672,27 @@ fn restore_stream<R: Read + 'static>(
                         f.write_all_at(data, offset)
                             .with_context(|| format!("writing {}", p.display()))?;
                     }
+                    kind::DISK_DIFF => {
+                        use std::os::unix::fs::FileExt;
+                        // As for memory: chunk j is the j-th present disk chunk, and a zero
+                        // one replaces the parents' bytes with zeros.
+                        let (map, present) = diff_map.as_ref().expect("map read at section start");
+                        let at = map.region_offset(present, offset).ok_or_else(|| {
+                            Error::Refused(format!("{label}: section '{name}': chunk at {offset:#x} lies outside its chunk map"))
+                        })?;
+                        let (_, f, p) = disk_files
+                            .last()
+                            .expect("disk file opened at section start");
+                        f.write_all_at(data, at)
+                            .with_context(|| format!("writing {}", p.display()))?;
+                    }
                     kind::MEMORY_DIFF => {
-                        // An overlay chunk replaces its region chunk, zeros included.
-                        let (map, present) = overlay.as_ref().ok_or_else(|| {
+                        // Chunk j is the j-th present region chunk; a zero one replaces the
+                        // parents' bytes with zeros.
+                        let (map, present) = diff_map.as_ref().ok_or_else(|| {
                             Error::Refused(format!(
-                                "{label}: section '{name}': not an overlay the manifest names"
+                                "{label}: section '{name}' of kind {} outside a diff pack's memory",
+                                kind::MEMORY_DIFF
                             ))
                         })?;
                         let at = map.region_offset(present, offset).ok_or_else(|| {
@@ -1676,11 +1706,7 @@ fn restore_stream<R: Read + 'static>(
                         let dst = region.get_mut(at as usize..end).ok_or_else(|| {
                             Error::Refused(format!("{label}: section '{name}': chunk at {offset:#x} runs past its RAM region"))
                         })?;
-                        if zero {
-                            dst.fill(0);
-                        } else {
-                            dst.copy_from_slice(data);
-                        }
+                        dst.copy_from_slice(data);
                     }
                     kind::MEMORY => {
                         // Checked at the section start: the region exists and holds the
@@ -1717,15 +1743,21 @@ fn restore_stream<R: Read + 'static>(
                 match k {
                     kind::MANIFEST => {
                         let m = Manifest::parse(&buf, label)?;
-                        if let Some(p) = &m.parent {
-                            return Err(Error::Refused(format!(
-                                "{label}: a diff pack (memory layered on {}, root digest {}) cannot be restored from a pipe; restore it from a file next to its parent, or `vmpack flatten` it first",
-                                vmpack_formats::vm::printable(&p.file),
-                                p.root_digest
-                            )));
-                        }
                         m.check_memory(label, &|_| None)?;
                         m.check_overlay_flag(overlay_flag, label)?;
+                        if let Some(p) = &m.parent {
+                            // A pipe has no folder to find the parent in: the user names it.
+                            let Some(given) = opts.parent.as_deref() else {
+                                return Err(Error::Refused(format!(
+                                    "{label}: a diff pack (memory layered on {}, root digest {}) read from a pipe needs its parent: name it with --parent FILE",
+                                    vmpack_formats::vm::printable(&p.file),
+                                    p.root_digest
+                                )));
+                            };
+                            let (chain, base) = crate::diff::pipe_parents(label, &m, p, given)?;
+                            parents_verified = verify_parents(&chain, opts.verify)?;
+                            parents = Some((chain, base));
+                        }
                         cfg = Some(pack_config(&m, label, &work.path)?);
                         manifest = Some(m);
                     }
@@ -1775,7 +1807,11 @@ fn restore_stream<R: Read + 'static>(
             )));
         }
     }
-    for f in manifest.files.iter().filter(|f| f.in_memory.is_none()) {
+    for f in manifest
+        .files
+        .iter()
+        .filter(|f| f.in_memory.is_none() && !f.in_parent)
+    {
         let got = match f.role.as_str() {
             "kernel" => payload.kernel.is_some(),
             "initrd" => payload.initrd.is_some(),
@@ -1819,29 +1855,90 @@ fn restore_stream<R: Read + 'static>(
         let _ = initrd.set(bytes.to_vec());
     }
     let prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let files = BootFiles::Stream { payload, initrd };
+    let layered = parents.is_some();
+    let files = match parents {
+        // A diff pack's boot files are its base's (the same VM's).
+        Some((_, base)) => BootFiles::Pack(Arc::new(base)),
+        None => BootFiles::Stream { payload, initrd },
+    };
     let init = GuestMemoryInit::Staged(staged);
     let vm = work.hand_over(opts.run, |run| Vm::restore(&cfg, state, init, files, run))?;
     Ok((
         vm,
         RestoreInfo {
-            memory_path: "stream",
-            verified: "verified every chunk while streaming",
+            memory_path: if layered {
+                "stream, layered over the parent packs"
+            } else {
+                "stream"
+            },
+            verified: if layered {
+                parents_verified
+            } else {
+                "verified every chunk while streaming"
+            },
             prepare_ms,
             warnings,
         },
     ))
 }
 
+/// Verifies a diff pack's parents per `verify`, each recorded under its own file, as a file
+/// restore of the chain does; returns what restore says about verification.
+fn verify_parents(
+    chain: &vmpack_formats::diff::Chain,
+    verify: VerifyPolicy,
+) -> Result<&'static str> {
+    let mut all = true;
+    for p in &chain.packs {
+        let r = p.reader();
+        let always = verify == VerifyPolicy::Always;
+        if always || !verified_cache::is_verified(p.path(), r.root_digest()) {
+            r.verify(&())?;
+            if !always {
+                verified_cache::record(p.path(), r.root_digest());
+            }
+        } else {
+            all = false;
+        }
+    }
+    Ok(if all {
+        "verified every chunk while streaming and every chunk of the parent packs"
+    } else {
+        "verified every chunk while streaming; the parent packs verified on an earlier restore"
+    })
+}
+
 /// A memory section read from a stream must be one the manifest lists, with its size (the
 /// manifest's sizes were checked against the VM's memory), before any of its chunks is read.
+/// Returns a diff pack's chunk map of the section.
 fn check_stream_memory(
     m: &Manifest,
     info: &vmpack_formats::pack::SectionInfo,
     label: &str,
-) -> Result<()> {
+) -> Result<Option<ChunkMap>> {
+    let diff = m.parent.is_some();
+    if diff != (info.kind == vmpack_formats::pack::kind::MEMORY_DIFF) {
+        return Err(Error::Refused(format!(
+            "{label}: section '{}': kind {} in a {}",
+            info.name,
+            info.kind,
+            if diff {
+                "diff pack"
+            } else {
+                "pack without a parent"
+            }
+        )));
+    }
     match m.memory.iter().find(|r| r.section == info.name) {
-        Some(r) if r.size == info.size => Ok(()),
+        Some(r) if diff => ChunkMap::from_section(info, r.size)
+            .map(Some)
+            .map_err(|msg| {
+                Error::Refused(format!(
+                    "{label}: section '{}': {msg}; refused before reading it",
+                    info.name
+                ))
+            }),
+        Some(r) if r.size == info.size => Ok(None),
         Some(r) => Err(Error::Refused(format!(
             "{label}: section '{}': holds {} bytes, the manifest says {}; refused before reading it",
             info.name,

@@ -121,8 +121,47 @@ pub fn run_push(a: PushArgs) -> Result<()> {
     Ok(())
 }
 
-/// Pushes with progress bars; shared with `save --push`.
+/// Pushes with progress bars; shared with `save --push`. A diff pack's parents (the files
+/// next to it, as a restore finds them) are pushed first, base first, each tagged
+/// `vmpack-root-<its root digest>` in the same repository, and each child's config names
+/// its parent's manifest digest (docs/FORMAT.md §14, "Diff packs").
 pub fn push_file(pack: &Path, client: &Client, quiet: bool) -> Result<vmpack_registry::PushReport> {
+    let is_diff = parent_of(pack).is_some();
+    let mut link = None;
+    if is_diff {
+        let chain = vmpack_formats::diff::open_chain(pack, None)?;
+        for p in &chain.packs[..chain.packs.len() - 1] {
+            let root = hex::encode(p.reader().root_digest());
+            let reference = Reference {
+                tag: Some(vmpack_registry::root_tag(&root)),
+                digest: None,
+                ..client.reference().clone()
+            };
+            let c = Client::new(&reference, client.options().clone())?;
+            let r = push_one(p.path(), &c, link.as_ref(), quiet)?;
+            if !quiet {
+                eprintln!(
+                    "vmpack: pushed the parent pack {} as {} ({})",
+                    p.path().display(),
+                    r.reference,
+                    r.digest
+                );
+            }
+            link = Some(vmpack_registry::ParentLink {
+                root_digest: r.root_digest,
+                digest: r.digest,
+            });
+        }
+    }
+    push_one(pack, client, link.as_ref(), quiet)
+}
+
+fn push_one(
+    pack: &Path,
+    client: &Client,
+    parent: Option<&vmpack_registry::ParentLink>,
+    quiet: bool,
+) -> Result<vmpack_registry::PushReport> {
     let reader = PackReader::open(pack)?;
     let total: u64 = reader.sections().iter().map(|s| s.size).sum();
     let stored = reader.file_size();
@@ -137,7 +176,7 @@ pub fn push_file(pack: &Path, client: &Client, quiet: bool) -> Result<vmpack_reg
     let from = cache
         .as_ref()
         .and_then(|c| c.recent_repository(&reference.registry, &reference.repository));
-    let r = vmpack_registry::push(pack, client, from.as_deref(), &verify, &bar)
+    let r = vmpack_registry::push(pack, client, parent, from.as_deref(), &verify, &bar)
         .with_context(|| format!("pushing {} to {}", pack.display(), client.reference()))?;
     if let Some(c) = &cache {
         c.remember_repository(&reference.registry, &reference.repository);
@@ -204,7 +243,11 @@ pub fn run_pull(a: PullArgs) -> Result<()> {
     Ok(())
 }
 
-/// Pulls into `output` (written under a temporary name, fully verified, then renamed).
+/// Pulls into `output` (written under a temporary name, fully verified, then renamed). A
+/// diff pack's parents are pulled next to it, each under the file name its child's manifest
+/// names (`parent.file`: a plain name, so always in `output`'s folder), each checked
+/// against the root digest its child names; a file already there with that root digest is
+/// kept, any other is refused. Nothing takes its name until the whole chain is verified.
 pub fn pull_to(
     client: &Client,
     cache: &ChunkCache,
@@ -212,6 +255,130 @@ pub fn pull_to(
     quiet: bool,
 ) -> Result<(vmpack_registry::PullReport, f64)> {
     let t = Instant::now();
+    let (report, out) = pull_one(client, cache, output, quiet)?;
+    let folder = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut names: Vec<std::ffi::OsString> =
+        output.file_name().into_iter().map(Into::into).collect();
+    let mut named = parent_of(out.temp_path());
+    let mut link = report.parent.clone();
+    let mut what = client.reference().to_string();
+    let mut files = vec![(out, output.to_path_buf())];
+    while let Some(p) = named.take() {
+        if files.len() > vmpack_formats::diff::MAX_CHAIN {
+            bail!(
+                "{what}: the chain of parent packs is longer than {}",
+                vmpack_formats::diff::MAX_CHAIN
+            );
+        }
+        let l = checked_link(&what, &p, link.take())?;
+        // `p.file` was checked to be one plain file name when the manifest was read.
+        if names.iter().any(|n| *n == *p.file) {
+            bail!(
+                "{what}: two packs of the chain are named {}; pull them one by one",
+                vmpack_formats::vm::printable(&p.file)
+            );
+        }
+        names.push(p.file.clone().into());
+        let target = folder.join(&p.file);
+        let reference = Reference {
+            tag: None,
+            digest: Some(l.digest.clone()),
+            ..client.reference().clone()
+        };
+        let pc = Client::new(&reference, client.options().clone())?;
+        what = reference.to_string();
+        if std::fs::symlink_metadata(&target).is_ok() {
+            let have = PackReader::open(&target)
+                .ok()
+                .map(|r| hex::encode(r.root_digest()));
+            if have.as_deref() != Some(p.root_digest.as_str()) {
+                bail!(
+                    "{what}: {} exists and is not the parent pack (root digest {}); move it away or pull into another folder",
+                    target.display(),
+                    p.root_digest
+                );
+            }
+            if !quiet {
+                eprintln!(
+                    "vmpack: {}: already here (root digest {}); kept",
+                    target.display(),
+                    p.root_digest
+                );
+            }
+            let remote = vmpack_registry::resolve(&pc)?;
+            named = parent_of(&target);
+            link = remote.parent;
+            continue;
+        }
+        let (r, f) = pull_one(&pc, cache, &target, quiet)?;
+        if r.root_digest != format!("sha256:{}", p.root_digest) {
+            bail!(
+                "{what}: root digest {}, the diff pack names sha256:{}; refused",
+                r.root_digest,
+                p.root_digest
+            );
+        }
+        named = parent_of(f.temp_path());
+        link = r.parent.clone();
+        if !quiet {
+            eprintln!(
+                "vmpack: pulled the parent pack {what} to {}",
+                target.display()
+            );
+        }
+        files.push((f, target));
+    }
+    // Parents first: a child never has its name without its parents.
+    for (f, path) in files.into_iter().rev() {
+        let root = PackReader::open(f.temp_path())?.root_digest();
+        f.commit()?;
+        // Checked just now: the first restore need not check again.
+        vmboot::verified_cache::record(&path, root);
+    }
+    Ok((report, t.elapsed().as_secs_f64()))
+}
+
+/// The registry's link to the parent `p` a diff pack (`what`) names, refused when missing
+/// or naming another root digest.
+pub(crate) fn checked_link(
+    what: &str,
+    p: &vmpack_formats::diff::ParentRef,
+    link: Option<vmpack_registry::ParentLink>,
+) -> Result<vmpack_registry::ParentLink> {
+    let Some(l) = link else {
+        bail!(
+            "{what}: a diff pack whose parent ({}, root digest {}) the registry does not name; push the diff pack again with this vmpack (push sends the chain), or push a flattened pack",
+            vmpack_formats::vm::printable(&p.file),
+            p.root_digest
+        );
+    };
+    if l.root_digest != format!("sha256:{}", p.root_digest) {
+        bail!(
+            "{what}: the registry names a parent with root digest {}, the diff pack names sha256:{}; refused",
+            l.root_digest,
+            p.root_digest
+        );
+    }
+    Ok(l)
+}
+
+/// The parent a VM pack's manifest names (none for a pack that is not a VM pack).
+pub(crate) fn parent_of(pack: &Path) -> Option<vmpack_formats::diff::ParentRef> {
+    vmpack_formats::vm::VmPack::open(pack)
+        .ok()
+        .and_then(|p| p.manifest().parent.clone())
+}
+
+/// One pack into a temporary file for `output`, fully verified, not yet renamed.
+fn pull_one(
+    client: &Client,
+    cache: &ChunkCache,
+    output: &Path,
+    quiet: bool,
+) -> Result<(vmpack_registry::PullReport, AtomicFile)> {
     let mut out = AtomicFile::create(output)?;
     let bar = Bar::new(None, "pulling", quiet);
     let report = {
@@ -237,12 +404,8 @@ pub fn pull_to(
             client.reference()
         );
     }
-    let root = reader.root_digest();
     drop(reader);
-    out.commit()?;
-    // Checked just now: the first restore need not check again.
-    vmboot::verified_cache::record(output, root);
-    Ok((report, t.elapsed().as_secs_f64()))
+    Ok((report, out))
 }
 
 #[derive(Args)]
@@ -298,15 +461,24 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .map(|n| n.saturating_mul(mul))
 }
 
+/// Files (not starting with '.') in `dir` and in its folders one level down (a pulled diff
+/// pack's chain), and their bytes.
 fn dir_usage(dir: &Path) -> (u64, u64) {
     let mut n = 0;
     let mut bytes = 0;
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
             if let Ok(m) = e.metadata() {
-                if m.is_file() && !e.file_name().to_string_lossy().starts_with('.') {
+                if m.is_file() {
                     n += 1;
                     bytes += m.len();
+                } else if m.is_dir() && dir.ends_with("pulled") {
+                    let (k, b) = dir_usage(&e.path());
+                    n += k;
+                    bytes += b;
                 }
             }
         }
@@ -378,6 +550,15 @@ pub fn run_cache(a: CacheArgs) -> Result<()> {
             for sub in ["expanded", "pulled"] {
                 if let Ok(rd) = std::fs::read_dir(root.join(sub)) {
                     for e in rd.flatten() {
+                        if e.metadata().is_ok_and(|m| m.is_dir()) {
+                            // A pulled diff pack with its parents.
+                            let (k, b) = dir_usage(&e.path());
+                            if std::fs::remove_dir_all(e.path()).is_ok() {
+                                packs += k;
+                                pack_bytes += b;
+                            }
+                            continue;
+                        }
                         let len = e.metadata().map(|m| m.len()).unwrap_or(0);
                         if std::fs::remove_file(e.path()).is_ok() {
                             packs += 1;

@@ -180,7 +180,7 @@ pub struct RemotePackFile {
     /// The digest the tag was taken to point to (the cached one) and the registry's answer,
     /// to be checked by [`RemotePackFile::confirmed`].
     confirm: Option<(String, std::thread::JoinHandle<Result<Option<String>>>)>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 /// A `Write` over the local pack file for the skeleton's frames. Bytes written while `skip`
@@ -278,6 +278,9 @@ fn is_zero(b: &[u8]) -> bool {
 
 /// Resolves the reference, then writes the local pack file: everything but the memory
 /// payloads, which [`RegistryFetch`] fills on demand. `all` fetches memory too (eager).
+///
+/// `beside`: for a diff pack's parent, the folder of its child's local file and the file
+/// name the child records for it (the folder then goes with the child's file).
 pub fn prepare(
     client: Arc<Client>,
     cache: ChunkCache,
@@ -285,6 +288,7 @@ pub fn prepare(
     all: bool,
     started: std::time::Instant,
     quiet: bool,
+    beside: Option<(&std::path::Path, &str)>,
 ) -> Result<RemotePackFile> {
     let ms = || started.elapsed().as_secs_f64() * 1000.0;
     let mut phases = vec![("client", ms())];
@@ -300,14 +304,21 @@ pub fn prepare(
         });
         (digest, handle)
     });
-    let root = crate::environment::cache_root()
-        .context("no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
-    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    let dir = tempfile::Builder::new()
-        .prefix(".remote-")
-        .tempdir_in(&root)
-        .with_context(|| format!("creating a temporary folder in {}", root.display()))?;
-    let path = dir.path().join("pack.vmpack");
+    let (dir, path) = match beside {
+        Some((folder, name)) => (None, folder.join(name)),
+        None => {
+            let root = crate::environment::cache_root()
+                .context("no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
+            std::fs::create_dir_all(&root)
+                .with_context(|| format!("creating {}", root.display()))?;
+            let dir = tempfile::Builder::new()
+                .prefix(".remote-")
+                .tempdir_in(&root)
+                .with_context(|| format!("creating a temporary folder in {}", root.display()))?;
+            let path = dir.path().join("pack.vmpack");
+            (Some(dir), path)
+        }
+    };
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -324,7 +335,12 @@ pub fn prepare(
             .map(|s| s.kind == k && !all)
             .collect()
     };
-    let (memory, disk) = (of_kind(kind::MEMORY), of_kind(kind::DISK));
+    let memory: Vec<bool> = of_kind(kind::MEMORY)
+        .iter()
+        .zip(of_kind(kind::MEMORY_DIFF))
+        .map(|(a, b)| *a || b)
+        .collect();
+    let disk = of_kind(kind::DISK);
     let on_demand: Vec<bool> = memory.iter().zip(&disk).map(|(m, d)| m | d).collect();
     let count = |of: &[bool]| {
         remote
@@ -464,5 +480,36 @@ impl RemotePackFile {
 
     pub fn root_digest(&self) -> [u8; 32] {
         self.fetch.remote.skeleton.root_digest()
+    }
+}
+
+impl RemotePackFile {
+    /// For a diff pack: its parent as the registry's config names it (untrusted: checked
+    /// against the pack's own manifest by the caller).
+    pub fn parent_link(&self) -> Option<&vmpack_registry::ParentLink> {
+        self.fetch.remote.parent.as_ref()
+    }
+}
+
+/// The fetchers of a chain restored from a registry, base first (the order of the lazy
+/// restore's `ChunkTable::packs`): a chunk of pack k comes through fetcher k; the restored
+/// pack, the last, serves its own disks.
+pub struct ChainFetch(pub Vec<Arc<RegistryFetch>>);
+
+impl vmboot::vstate::lazy::ChunkFetch for ChainFetch {
+    fn fetch(&self, e: &ChunkEntry) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let f = self.0.last().expect("a chain has its child");
+        f.fetch_chunk(e).map_err(Into::into)
+    }
+    fn fetch_from(
+        &self,
+        pack: usize,
+        e: &ChunkEntry,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let f = self
+            .0
+            .get(pack)
+            .ok_or_else(|| anyhow!("no pack {pack} in the chain"))?;
+        f.fetch_chunk(e).map_err(Into::into)
     }
 }

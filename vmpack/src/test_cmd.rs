@@ -524,17 +524,29 @@ pub fn pulled_pack(
         .ok_or_else(|| anyhow!("{reference}: not found in the registry"))?;
     let root = crate::environment::cache_root()
         .context("no cache folder: set VMPACK_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
-    let dir = root.join("pulled");
+    let cache = crate::environment::chunk_cache()?;
+    let hex = top.digest.trim_start_matches("sha256:");
+    let mut dir = root.join("pulled");
+    // A diff pack's parents land beside it under the names it records: a folder of its own
+    // keeps them apart from other chains' parents of the same name.
+    let by_digest = vmpack_registry::Reference {
+        tag: None,
+        digest: Some(top.digest.clone()),
+        ..reference.clone()
+    };
+    let pinned = vmpack_registry::Client::new(&by_digest, client.options().clone())?;
+    if vmpack_registry::resolve_cached(&pinned, Some(&cache), false)?
+        .parent
+        .is_some()
+    {
+        dir = dir.join(hex);
+    }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let target = dir.join(format!(
-        "{}.vmpack",
-        top.digest.trim_start_matches("sha256:")
-    ));
+    let target = dir.join(format!("{hex}.vmpack"));
     if vmpack_formats::pack::PackReader::open(&target).is_ok() {
         return Ok(target);
     }
-    let cache = crate::environment::chunk_cache()?;
-    let (r, secs) = crate::registry_cmd::pull_to(&client, &cache, &target, quiet)?;
+    let (r, secs) = crate::registry_cmd::pull_to(&pinned, &cache, &target, quiet)?;
     if !quiet {
         eprintln!(
             "vmpack: pulled {reference} in {secs:.2} s: fetched {} blobs, {} from the chunk cache",

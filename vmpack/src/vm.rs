@@ -578,6 +578,12 @@ fn is_reference(arg: &Path) -> Option<&str> {
 
 pub fn restore(mut a: RestoreArgs) -> Result<i32> {
     if let Some(r) = is_reference(&a.pack) {
+        if a.parent.is_some() {
+            return Err(crate::util::Usage(
+                "--parent names a file; a diff pack from a registry has its parents there".into(),
+            )
+            .into());
+        }
         if a.clones == 1 {
             return restore_remote(r.to_string(), a);
         }
@@ -755,7 +761,8 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     let mut local = loop {
         let cache = crate::environment::chunk_cache()?;
         let mut local =
-            match crate::remote::prepare(client.clone(), cache, guess, all, started, a.quiet) {
+            match crate::remote::prepare(client.clone(), cache, guess, all, started, a.quiet, None)
+            {
                 Ok(l) => l,
                 // The cached manifest may name blobs the registry no longer has (the tag
                 // moved and they were collected): the registry's own manifest decides.
@@ -775,6 +782,72 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
         guess = false;
     };
     local.phases.push(("tag confirmed", ms(started)));
+    // A diff pack: each parent the registry names gets a local skeleton beside the child's
+    // (under the name the child records), checked against the root digest the child names,
+    // and memory is served from the chain as from files.
+    let mut parents: Vec<crate::remote::RemotePackFile> = Vec::new();
+    let mut named = crate::registry_cmd::parent_of(&local.path);
+    let mut link = local.parent_link().cloned();
+    let mut what = r.clone();
+    let folder = local
+        .path
+        .parent()
+        .expect("the local file is in a folder")
+        .to_path_buf();
+    let mut names = vec!["pack.vmpack".to_string()];
+    while let Some(p) = named.take() {
+        if parents.len() >= vmpack_formats::diff::MAX_CHAIN {
+            bail!(
+                "{what}: the chain of parent packs is longer than {}",
+                vmpack_formats::diff::MAX_CHAIN
+            );
+        }
+        let l = crate::registry_cmd::checked_link(&what, &p, link.take())?;
+        if names.contains(&p.file) {
+            bail!(
+                "{what}: two packs of the chain are named {}",
+                vmpack_formats::vm::printable(&p.file)
+            );
+        }
+        names.push(p.file.clone());
+        let pref = vmpack_registry::Reference {
+            tag: None,
+            digest: Some(l.digest.clone()),
+            ..client.reference().clone()
+        };
+        what = pref.to_string();
+        let pc = Arc::new(vmpack_registry::Client::new(
+            &pref,
+            client.options().clone(),
+        )?);
+        let pf = crate::remote::prepare(
+            pc,
+            crate::environment::chunk_cache()?,
+            false,
+            all,
+            started,
+            a.quiet,
+            Some((&folder, &p.file)),
+        )?;
+        if hex::encode(pf.root_digest()) != p.root_digest {
+            bail!(
+                "{what}: root digest {}, the diff pack names {}; refused",
+                hex::encode(pf.root_digest()),
+                p.root_digest
+            );
+        }
+        named = crate::registry_cmd::parent_of(&pf.path);
+        link = pf.parent_link().cloned();
+        parents.push(pf);
+    }
+    let fetcher: Arc<dyn vmboot::vstate::lazy::ChunkFetch> = if parents.is_empty() {
+        local.fetch.clone()
+    } else {
+        local.phases.push(("parent packs' skeletons", ms(started)));
+        let mut chain: Vec<_> = parents.iter().rev().map(|p| p.fetch.clone()).collect();
+        chain.push(local.fetch.clone());
+        Arc::new(crate::remote::ChainFetch(chain))
+    };
     if a.require_signature {
         let allowed = a
             .allowed_signers
@@ -829,7 +902,7 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
             source: if all {
                 vmboot::vstate::lazy::ChunkSource::PackFile
             } else {
-                vmboot::vstate::lazy::ChunkSource::Fetch(local.fetch.clone())
+                vmboot::vstate::lazy::ChunkSource::Fetch(fetcher)
             },
             parent: None,
         },
@@ -909,6 +982,14 @@ fn restore_remote(r: String, a: RestoreArgs) -> Result<i32> {
     }
     if !a.quiet {
         eprintln!("vmpack: {r}: {}", counters.summary());
+        // A chain's parents count their own chunks (the lines above are the child's).
+        for p in &parents {
+            eprintln!(
+                "vmpack: {r}: parent pack {}: {}",
+                p.digest(),
+                p.fetch.counters.summary()
+            );
+        }
         let mut t = format!("vCPUs started {vcpus_ms:.1} ms after the command");
         if let Some((at, bytes)) = first_line.get() {
             t += &format!(

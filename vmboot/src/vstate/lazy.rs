@@ -90,6 +90,17 @@ struct UffdMsg {
 pub trait ChunkFetch: Send + Sync {
     /// Writes the stored payload of `e` at its payload offset in the pack file.
     fn fetch(&self, e: &ChunkEntry) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+    /// The same for a chunk of pack `pack` of a chain (`ChunkTable::packs`, base first);
+    /// [`ChunkFetch::fetch`] is for the restored pack itself (its disks, a pack alone).
+    fn fetch_from(
+        &self,
+        pack: usize,
+        e: &ChunkEntry,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let _ = pack;
+        self.fetch(e)
+    }
 }
 
 /// Where the bytes of memory chunks come from: the pack file itself, or a fetcher that
@@ -684,7 +695,7 @@ impl Shared {
             let reader: &PackReader = self.packs[c.pack].reader();
             let fetched = match &self.source {
                 ChunkSource::PackFile => Ok(()),
-                ChunkSource::Fetch(f) => f.fetch(&c.entry),
+                ChunkSource::Fetch(f) => f.fetch_from(c.pack, &c.entry),
             };
             let read = match fetched {
                 Ok(()) => reader

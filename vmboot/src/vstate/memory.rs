@@ -97,6 +97,43 @@ struct RawRegion {
     size: usize,
 }
 
+impl RawRegion {
+    /// A fresh private anonymous mapping of `size` bytes for guest RAM at `gpa`; untouched
+    /// pages take no memory (`MAP_NORESERVE`).
+    fn reserve(gpa: u64, size: u64) -> Result<RawRegion> {
+        let len = usize::try_from(size)
+            .map_err(|_| Error::Layout("guest RAM region too large".into()))?;
+        let host = map_anonymous(len)
+            .with_context(|| format!("cannot reserve {} MiB of guest RAM", size >> 20))?;
+        Ok(RawRegion {
+            gpa,
+            host,
+            size: len,
+        })
+    }
+}
+
+/// A fresh private anonymous read-write mapping of `len` bytes that takes no memory until
+/// touched (`MAP_NORESERVE`): guest RAM, staged RAM, a save's copy of RAM. The caller owns
+/// it and unmaps it.
+pub(crate) fn map_anonymous(len: usize) -> std::io::Result<*mut u8> {
+    // SAFETY: a fresh anonymous mapping; no existing memory is affected.
+    let host = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if host == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(host.cast())
+}
+
 /// Guest RAM owned by vmboot. The mappings live until this is dropped.
 pub struct GuestRam {
     // Declared before `regions` so vm-memory's (non-owning) views are dropped first.
@@ -174,28 +211,7 @@ impl GuestRam {
                     "guest RAM region {gpa:#x}+{size:#x} is not page-aligned"
                 )));
             }
-            let len = usize::try_from(size)
-                .map_err(|_| Error::Layout("guest RAM region too large".into()))?;
-            // SAFETY: a fresh anonymous mapping; no existing memory is affected.
-            let host = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            if host == libc::MAP_FAILED {
-                return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("cannot reserve {} MiB of guest RAM", size >> 20));
-            }
-            ram.regions.push(RawRegion {
-                gpa,
-                host: host.cast(),
-                size: len,
-            });
+            ram.regions.push(RawRegion::reserve(gpa, size)?);
         }
         let mut views = Vec::with_capacity(ram.regions.len());
         for r in &ram.regions {
@@ -555,28 +571,7 @@ impl StagedRam {
             regions: Vec::with_capacity(layout.len()),
         };
         for &(gpa, size) in layout {
-            let len = usize::try_from(size)
-                .map_err(|_| Error::Layout("guest RAM region too large".into()))?;
-            // SAFETY: a fresh anonymous mapping; no existing memory is affected.
-            let host = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            if host == libc::MAP_FAILED {
-                return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("cannot reserve {} MiB of guest RAM", size >> 20));
-            }
-            staged.regions.push(RawRegion {
-                gpa,
-                host: host.cast(),
-                size: len,
-            });
+            staged.regions.push(RawRegion::reserve(gpa, size)?);
         }
         Ok(staged)
     }
