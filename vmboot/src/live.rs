@@ -265,6 +265,34 @@ pub fn save(
     drop(disks);
     let summary = written?;
     let pause_ms = ms(pause);
+    Ok(SaveStats {
+        pause_ms,
+        bytes: summary.bytes_written,
+        root_digest: hex::encode(summary.root_digest),
+        compress: compression,
+        parent: diff_from.map(|p| p.root_digest.clone()),
+        diff_bytes,
+        disk_kept_bytes,
+        live: Some(live_stats(
+            pause_ms,
+            max_pause,
+            rounds,
+            final_bytes,
+            warning,
+        )),
+        mark: Some(mark),
+    })
+}
+
+/// A live save's figures: the pause against its target, and the warning a missed target
+/// carries (the fallback's own, else the pause's).
+fn live_stats(
+    pause_ms: f64,
+    max_pause: Duration,
+    rounds: Vec<LiveRound>,
+    final_bytes: u64,
+    warning: Option<String>,
+) -> LiveStats {
     let met = pause_ms <= ms(max_pause);
     let warning = match (met, warning) {
         (true, _) => None,
@@ -274,23 +302,13 @@ pub fn save(
             ms(max_pause)
         )),
     };
-    Ok(SaveStats {
-        pause_ms,
-        bytes: summary.bytes_written,
-        root_digest: hex::encode(summary.root_digest),
-        compress: compression,
-        parent: diff_from.map(|p| p.root_digest.clone()),
-        diff_bytes,
-        disk_kept_bytes,
-        live: Some(LiveStats {
-            max_pause_ms: ms(max_pause),
-            max_pause_met: met,
-            rounds,
-            final_bytes,
-            warning,
-        }),
-        mark: Some(mark),
-    })
+    LiveStats {
+        max_pause_ms: ms(max_pause),
+        max_pause_met: met,
+        rounds,
+        final_bytes,
+        warning,
+    }
 }
 
 /// A full live save (FORMAT.md §12, "Live saves"): the pack's base memory sections are
@@ -477,15 +495,6 @@ fn save_overlay(
     drop(disks);
     let summary = written?;
     let pause_ms = ms(pause);
-    let met = pause_ms <= ms(max_pause);
-    let warning = match (met, warning) {
-        (true, _) => None,
-        (false, Some(w)) => Some(w),
-        (false, None) => Some(format!(
-            "the pause took {pause_ms:.1} ms, over the {:.1} ms target: the {final_bytes} bytes written since the last round and the device state took longer than estimated",
-            ms(max_pause)
-        )),
-    };
     Ok(SaveStats {
         pause_ms,
         bytes: summary.bytes_written,
@@ -494,13 +503,13 @@ fn save_overlay(
         parent: None,
         diff_bytes: None,
         disk_kept_bytes,
-        live: Some(LiveStats {
-            max_pause_ms: ms(max_pause),
-            max_pause_met: met,
+        live: Some(live_stats(
+            pause_ms,
+            max_pause,
             rounds,
             final_bytes,
             warning,
-        }),
+        )),
         mark: Some(mark),
     })
 }
